@@ -1,0 +1,420 @@
+"""A lazy HL7 v2 message: segments are split on first use, fields on first read.
+
+The MLLP hot path reads only the MSH header, so it pays for one line of splitting; the
+mapping layer reads what its tables name. Unchanged messages serialise to their original
+bytes; changed segments are rebuilt with the message's own delimiters and terminators.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gateway.hl7.charset import UTF8_BOM, codec_for, decode
+from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
+from gateway.hl7.errors import ErrorCode, Hl7ParseError, Location
+from gateway.hl7.escape import escape, unescape
+
+_TERMINATOR = re.compile(r"(\r\n|\r|\n)")
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
+_PATH = re.compile(
+    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
+    r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
+)
+
+SUPPORTED_VERSIONS = frozenset(
+    {"2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8",
+     "2.8.1", "2.8.2"}
+)
+ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
+
+
+@dataclass(frozen=True, slots=True)
+class TerserPath:
+    """`PID-5.1`, `PID-3(2).4`, `OBX[3]-5`: segment, occurrence, field, repetition, parts."""
+
+    segment: str
+    occurrence: int = 1
+    field: int | None = None
+    repetition: int = 1
+    component: int | None = None
+    subcomponent: int | None = None
+
+
+@lru_cache(maxsize=4096)
+def parse_path(path: str) -> TerserPath:
+    match = _PATH.match(path)
+    if match is None:
+        raise ValueError(f"not a terser path: {path!r}")
+    g = match.groupdict()
+    numbers = [int(g[k]) for k in ("occ", "field", "rep", "comp", "sub") if g[k] is not None]
+    if any(n < 1 for n in numbers) and not (g["field"] == "0" and g["seg"]):
+        raise ValueError(f"terser path positions start at 1: {path!r}")
+    return TerserPath(
+        segment=g["seg"],
+        occurrence=int(g["occ"] or 1),
+        field=int(g["field"]) if g["field"] else None,
+        repetition=int(g["rep"] or 1),
+        component=int(g["comp"]) if g["comp"] else None,
+        subcomponent=int(g["sub"]) if g["sub"] else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The MSH fields the gateway itself acts on, in their wire (escaped) form."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    message_code: str
+    trigger_event: str
+    message_structure: str
+    control_id: str
+    processing_id: str
+    version: str
+    accept_ack_type: str
+    application_ack_type: str
+    charset: str
+
+    @property
+    def message_type(self) -> str:
+        return f"{self.message_code}^{self.trigger_event}" if self.trigger_event else (
+            self.message_code
+        )
+
+    @property
+    def enhanced_mode(self) -> bool:
+        """HL7 v2.5.1 §2.9.3: enhanced acknowledgement when MSH-15 or MSH-16 is valued."""
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+
+class Message:
+    """One HL7 v2 message, decoded to text, split lazily."""
+
+    __slots__ = ("delimiters", "charset", "_raw", "_text", "_segments", "_terminators",
+                 "_fields", "_dirty", "_header")
+
+    def __init__(self, text: str, delimiters: Delimiters, charset: str,
+                 raw: bytes | None = None) -> None:
+        self.delimiters = delimiters
+        self.charset = charset
+        self._raw = raw
+        self._text = text
+        self._segments: list[str] | None = None
+        self._terminators: list[str] = []
+        self._fields: dict[int, list[str]] = {}
+        self._dirty: set[int] = set()
+        self._header: Header | None = None
+
+    # -- segments -----------------------------------------------------------------------
+
+    def _split(self) -> list[str]:
+        if self._segments is None:
+            parts = _TERMINATOR.split(self._text)
+            segments = parts[0::2]
+            terminators = parts[1::2]
+            if segments and segments[-1] == "":
+                segments.pop()
+            else:
+                terminators.append("")
+            self._segments = segments
+            self._terminators = terminators
+        return self._segments
+
+    @property
+    def segment_ids(self) -> list[str]:
+        return [s[:3] for s in self._split()]
+
+    def __len__(self) -> int:
+        return len(self._split())
+
+    def _index_of(self, name: str, occurrence: int) -> int | None:
+        if name == "MSH" and occurrence == 1 and self._segments is None:
+            return 0 if self._text.startswith("MSH") else None
+        seen = 0
+        for i, seg in enumerate(self._split()):
+            if seg.startswith(name) and (len(seg) == 3 or seg[3] == self.delimiters.field):
+                seen += 1
+                if seen == occurrence:
+                    return i
+        return None
+
+    def _fields_at(self, index: int) -> list[str]:
+        fields = self._fields.get(index)
+        if fields is None:
+            if index == 0 and self._segments is None:
+                end = _first_terminator(self._text)
+                seg = self._text[:end]
+            else:
+                seg = self._split()[index]
+            fields = seg.split(self.delimiters.field)
+            if seg.startswith(HEADER_SEGMENTS):
+                # MSH-1 is the separator itself, so MSH-n sits at split index n-1.
+                fields.insert(1, self.delimiters.field)
+            self._fields[index] = fields
+        return fields
+
+    def segments(self, name: str | None = None) -> Iterator[Segment]:
+        """Every segment (or every one with this id), in message order."""
+        counts: dict[str, int] = {}
+        for i, seg in enumerate(self._split()):
+            seg_id = seg[:3]
+            counts[seg_id] = counts.get(seg_id, 0) + 1
+            if name is None or seg_id == name:
+                yield Segment(self, i, seg_id, counts[seg_id])
+
+    def segment(self, name: str, occurrence: int = 1) -> Segment | None:
+        index = self._index_of(name, occurrence)
+        return None if index is None else Segment(self, index, name, occurrence)
+
+    # -- terser access ------------------------------------------------------------------
+
+    def get(self, path: str) -> str:
+        """The unescaped value at a terser path; '' when absent. `PID-5` reads `PID-5.1`."""
+        p = parse_path(path)
+        index = self._index_of(p.segment, p.occurrence)
+        if index is None or p.field is None:
+            return ""
+        raw = self._raw_value(index, p)
+        return unescape(raw, self.delimiters, self.charset)
+
+    def get_raw(self, path: str) -> str:
+        """The escaped wire text at a terser path (whole field when no component is named)."""
+        p = parse_path(path)
+        index = self._index_of(p.segment, p.occurrence)
+        if index is None or p.field is None:
+            return ""
+        fields = self._fields_at(index)
+        if p.field >= len(fields):
+            return ""
+        if p.component is None and p.repetition == 1:
+            return fields[p.field]
+        return self._raw_value(index, p, whole_repetition=p.component is None)
+
+    def _raw_value(self, index: int, p: TerserPath, whole_repetition: bool = False) -> str:
+        assert p.field is not None
+        fields = self._fields_at(index)
+        if p.field >= len(fields):
+            return ""
+        value = fields[p.field]
+        if index == 0 and p.field in (1, 2) and self._is_header(index):
+            return value
+        d = self.delimiters
+        reps = value.split(d.repetition)
+        if p.repetition > len(reps):
+            return ""
+        rep = reps[p.repetition - 1]
+        if whole_repetition:
+            return rep
+        comps = rep.split(d.component)
+        comp_no = p.component or 1
+        if comp_no > len(comps):
+            return ""
+        comp = comps[comp_no - 1]
+        subs = comp.split(d.subcomponent)
+        sub_no = p.subcomponent or 1
+        return subs[sub_no - 1] if sub_no <= len(subs) else ""
+
+    def _is_header(self, index: int) -> bool:
+        seg = self._segments[index] if self._segments is not None else self._text
+        return seg.startswith(HEADER_SEGMENTS)
+
+    def set(self, path: str, value: str) -> None:
+        """Write a value at a terser path, escaping it and growing the structure as needed."""
+        p = parse_path(path)
+        if p.field is None:
+            raise ValueError(f"set needs a field: {path!r}")
+        index = self._index_of(p.segment, p.occurrence)
+        if index is None:
+            raise KeyError(f"no segment {p.segment}[{p.occurrence}] in the message")
+        if p.segment in HEADER_SEGMENTS and p.field in (1, 2):
+            raise ValueError("the delimiters in MSH-1 and MSH-2 cannot be changed by set")
+        self._split()
+        fields = self._fields_at(index)
+        d = self.delimiters
+        while len(fields) <= p.field:
+            fields.append("")
+        reps = fields[p.field].split(d.repetition)
+        while len(reps) < p.repetition:
+            reps.append("")
+        encoded = escape(value, d)
+        if p.component is None:
+            reps[p.repetition - 1] = encoded
+        else:
+            comps = reps[p.repetition - 1].split(d.component)
+            while len(comps) < p.component:
+                comps.append("")
+            if p.subcomponent is None:
+                comps[p.component - 1] = encoded
+            else:
+                subs = comps[p.component - 1].split(d.subcomponent)
+                while len(subs) < p.subcomponent:
+                    subs.append("")
+                subs[p.subcomponent - 1] = encoded
+                comps[p.component - 1] = d.subcomponent.join(subs)
+            reps[p.repetition - 1] = d.component.join(comps)
+        fields[p.field] = d.repetition.join(reps)
+        self._dirty.add(index)
+
+    # -- header ---------------------------------------------------------------------------
+
+    @property
+    def header(self) -> Header:
+        if self._header is None:
+            self._header = _read_header(self)
+        return self._header
+
+    # -- serialisation --------------------------------------------------------------------
+
+    def to_text(self) -> str:
+        if not self._dirty:
+            return self._text
+        segments = self._split()
+        out: list[str] = []
+        for i, seg in enumerate(segments):
+            if i in self._dirty:
+                fields = self._fields[i]
+                if seg.startswith(HEADER_SEGMENTS):
+                    fields = [fields[0], *fields[2:]]
+                seg = self.delimiters.field.join(fields)
+            out.append(seg)
+            out.append(self._terminators[i])
+        return "".join(out)
+
+    def encode(self) -> bytes:
+        """The message as bytes: the original bytes when nothing was changed."""
+        if not self._dirty and self._raw is not None:
+            return self._raw
+        return self.to_text().encode(self.charset)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A view on one segment of a message."""
+
+    message: Message
+    index: int
+    id: str
+    occurrence: int
+
+    def field(self, number: int) -> str:
+        """The escaped wire text of a field ('' when absent)."""
+        fields = self.message._fields_at(self.index)
+        return fields[number] if number < len(fields) else ""
+
+    @property
+    def field_count(self) -> int:
+        return len(self.message._fields_at(self.index)) - 1
+
+    def get(self, field: int, repetition: int = 1, component: int = 1,
+            subcomponent: int = 1) -> str:
+        p = TerserPath(self.id, self.occurrence, field, repetition, component, subcomponent)
+        raw = self.message._raw_value(self.index, p)
+        return unescape(raw, self.message.delimiters, self.message.charset)
+
+
+def _first_terminator(text: str) -> int:
+    ends = [i for i in (text.find("\r"), text.find("\n")) if i >= 0]
+    return min(ends) if ends else len(text)
+
+
+def _read_header(msg: Message) -> Header:
+    fields = msg._fields_at(0)
+
+    def f(n: int) -> str:
+        return fields[n] if n < len(fields) else ""
+
+    d = msg.delimiters
+
+    def comp(value: str, n: int) -> str:
+        parts = value.split(d.repetition, 1)[0].split(d.component)
+        return parts[n - 1] if n <= len(parts) else ""
+
+    msh9 = f(9)
+    return Header(
+        sending_application=f(3),
+        sending_facility=f(4),
+        receiving_application=f(5),
+        receiving_facility=f(6),
+        message_code=comp(msh9, 1),
+        trigger_event=comp(msh9, 2),
+        message_structure=comp(msh9, 3),
+        control_id=f(10),
+        processing_id=comp(f(11), 1),
+        version=comp(f(12), 1),
+        accept_ack_type=f(15),
+        application_ack_type=f(16),
+        charset=f(18).split(d.repetition, 1)[0],
+    )
+
+
+def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
+    """Decode and lazily parse one message; checks only what every later step relies on.
+
+    Raises Hl7ParseError naming the location for bytes that are not an HL7 v2 message,
+    a broken MSH-1/MSH-2, an unsupported MSH-18 or bytes that do not decode.
+    """
+    raw = data
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+        default_charset = "utf-8"
+    start = _skip_blank(data)
+    if data[start : start + 3] != b"MSH":
+        raise Hl7ParseError(
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            "message does not start with an MSH segment",
+            Location("MSH", 1),
+            reject=True,
+        )
+    data = data[start:]
+    line_end = _first_terminator_bytes(data)
+    first_line = data[:line_end].decode("latin-1")
+    delimiters = Delimiters.from_header(first_line)
+    msh_fields = first_line.split(delimiters.field)
+    msh18 = msh_fields[17] if len(msh_fields) > 17 else ""
+    codec = codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
+    text = decode(data, codec)
+    return Message(text, delimiters, codec, raw)
+
+
+def check_header(header: Header) -> None:
+    """Refuse a header the gateway cannot acknowledge or route (MSH-9, -10, -12, -15, -16)."""
+    if not header.message_code:
+        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-9 message type is empty",
+                            Location("MSH", 1, 9), reject=True)
+    if not header.control_id:
+        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING,
+                            "MSH-10 message control id is empty",
+                            Location("MSH", 1, 10), reject=True)
+    if not header.version:
+        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-12 version id is empty",
+                            Location("MSH", 1, 12), reject=True)
+    if header.version not in SUPPORTED_VERSIONS:
+        raise Hl7ParseError(ErrorCode.UNSUPPORTED_VERSION_ID,
+                            f"MSH-12 version '{header.version[:16]}' is not supported",
+                            Location("MSH", 1, 12), reject=True)
+    for number, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
+        if value and value not in ACK_TYPES:
+            raise Hl7ParseError(ErrorCode.TABLE_VALUE_NOT_FOUND,
+                                f"MSH-{number} '{value[:8]}' is not one of AL, NE, ER, SU",
+                                Location("MSH", 1, number))
+
+
+def _skip_blank(data: bytes) -> int:
+    i = 0
+    while i < len(data) and data[i] in b" \t\r\n":
+        i += 1
+    return i
+
+
+def _first_terminator_bytes(data: bytes) -> int:
+    ends = [i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0]
+    return min(ends) if ends else len(data)
+
+
+def is_segment_id(text: str) -> bool:
+    return _SEGMENT_ID.fullmatch(text) is not None
