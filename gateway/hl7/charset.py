@@ -42,7 +42,7 @@ def codec_for(charset: str, default: str) -> str:
     if codec is None:
         raise Hl7ParseError(
             ErrorCode.TABLE_VALUE_NOT_FOUND,
-            f"MSH-18 character set '{name[:32]}' is not supported",
+            f"character set '{name[:32]}' is not supported",
             Location("MSH", 1, 18),
             reject=True,
         )

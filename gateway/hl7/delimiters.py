@@ -38,7 +38,7 @@ class Delimiters:
         if field.isalnum() or field in " \r\n":
             raise Hl7ParseError(
                 ErrorCode.DATA_TYPE_ERROR,
-                f"{name}-1 field separator must be a punctuation character",
+                "field separator must be a punctuation character",
                 Location(name, 1, 1),
                 reject=True,
             )
@@ -47,7 +47,7 @@ class Delimiters:
         if len(encoding) not in (4, 5):
             raise Hl7ParseError(
                 ErrorCode.DATA_TYPE_ERROR,
-                f"{name}-2 must hold 4 encoding characters (5 with truncation), "
+                "must hold 4 encoding characters (5 with truncation), "
                 f"found {len(encoding)}",
                 Location(name, 1, 2),
                 reject=True,
@@ -56,7 +56,7 @@ class Delimiters:
         if len(set(chars)) != len(chars) or any(c.isalnum() or c in " \r\n" for c in chars):
             raise Hl7ParseError(
                 ErrorCode.DATA_TYPE_ERROR,
-                f"{name}-2 encoding characters must be distinct punctuation characters",
+                "encoding characters must be distinct punctuation characters",
                 Location(name, 1, 2),
                 reject=True,
             )

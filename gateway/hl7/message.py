@@ -384,23 +384,23 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
 def check_header(header: Header) -> None:
     """Refuse a header the gateway cannot acknowledge or route (MSH-9, -10, -12, -15, -16)."""
     if not header.message_code:
-        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-9 message type is empty",
+        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "message type is empty",
                             Location("MSH", 1, 9), reject=True)
     if not header.control_id:
         raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING,
-                            "MSH-10 message control id is empty",
+                            "message control id is empty",
                             Location("MSH", 1, 10), reject=True)
     if not header.version:
-        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-12 version id is empty",
+        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "version id is empty",
                             Location("MSH", 1, 12), reject=True)
     if header.version not in SUPPORTED_VERSIONS:
         raise Hl7ParseError(ErrorCode.UNSUPPORTED_VERSION_ID,
-                            f"MSH-12 version '{header.version[:16]}' is not supported",
+                            f"version '{header.version[:16]}' is not supported",
                             Location("MSH", 1, 12), reject=True)
     for number, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
         if value and value not in ACK_TYPES:
             raise Hl7ParseError(ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                f"MSH-{number} '{value[:8]}' is not one of AL, NE, ER, SU",
+                                f"acknowledgment type '{value[:8]}' is not one of AL, NE, ER, SU",
                                 Location("MSH", 1, number))
 
 
