@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from gateway.hl7.errors import ErrorCode, Hl7ParseError, Location
 
 # HL7 table 0211 value -> Python codec. Only sets whose bytes keep the MSH segment ASCII
@@ -31,18 +33,28 @@ CHARSETS: dict[str, str] = {
 }
 
 UTF8_BOM = b"\xef\xbb\xbf"
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+# What a table 0211 value looks like. Anything else is not echoed in an error: when a
+# sender's segment terminators are broken, "MSH-18" can be a patient's name.
+_CHARSET_LIKE = re.compile(r"[A-Z0-9][A-Z0-9 /._-]{0,23}")
 
 
 def codec_for(charset: str, default: str) -> str:
-    """The Python codec for an MSH-18 value; `default` when the field is empty."""
+    """The Python codec for an MSH-18 value; `default` when the field is empty.
+
+    `default` may be a Python codec name ("utf-8") or a table 0211 value ("8859/1").
+    """
     name = charset.strip()
     if not name:
-        return default
+        return CHARSETS.get(default.strip().upper(), default)
     codec = CHARSETS.get(name.upper())
     if codec is None:
+        shown = f"'{name}'" if _CHARSET_LIKE.fullmatch(name) else "(value not shown)"
         raise Hl7ParseError(
             ErrorCode.TABLE_VALUE_NOT_FOUND,
-            f"character set '{name[:32]}' is not supported",
+            f"character set {shown} is not supported",
             Location("MSH", 1, 18),
             reject=True,
         )
@@ -50,12 +62,18 @@ def codec_for(charset: str, default: str) -> str:
 
 
 def decode(data: bytes, codec: str) -> str:
-    """Decode message bytes strictly, naming the first bad byte offset (never its value)."""
+    """Decode message bytes strictly, naming where the first bad byte is (never its value).
+
+    The location is MSH-18, the declaration the bytes contradict; the reason says which
+    segment (by number, not content) holds the byte.
+    """
     try:
         return data.decode(codec)
     except UnicodeDecodeError as exc:
+        segment = len(_LINE_BREAK.findall(data, 0, exc.start)) + 1
         raise Hl7ParseError(
             ErrorCode.DATA_TYPE_ERROR,
-            f"message bytes are not valid {codec} (first bad byte at offset {exc.start})",
+            f"message bytes are not valid {codec} (first bad byte in segment {segment}, "
+            f"offset {exc.start})",
             Location("MSH", 1, 18),
         ) from None

@@ -44,6 +44,13 @@ class Delimiters:
             )
         end = segment.find(field, 4)
         encoding = segment[4:] if end < 0 else segment[4:end]
+        if not encoding:
+            raise Hl7ParseError(
+                ErrorCode.REQUIRED_FIELD_MISSING,
+                "encoding characters are missing",
+                Location(name, 1, 2),
+                reject=True,
+            )
         if len(encoding) not in (4, 5):
             raise Hl7ParseError(
                 ErrorCode.DATA_TYPE_ERROR,

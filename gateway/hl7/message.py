@@ -29,6 +29,9 @@ SUPPORTED_VERSIONS = frozenset(
      "2.8.1", "2.8.2"}
 )
 ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
+# What an MSH-12 version id or an MSH-15/16 code looks like; anything else is not echoed.
+_VERSION_LIKE = re.compile(r"\d\.\d{1,2}(?:\.\d{1,2})?")
+_ACK_LIKE = re.compile(r"[A-Z]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,8 @@ class TerserPath:
     repetition: int = 1
     component: int | None = None
     subcomponent: int | None = None
+    # `PID-3(1)` names the first repetition; plain `PID-3` names the whole field.
+    explicit_repetition: bool = False
 
 
 @lru_cache(maxsize=4096)
@@ -49,16 +54,19 @@ def parse_path(path: str) -> TerserPath:
     if match is None:
         raise ValueError(f"not a terser path: {path!r}")
     g = match.groupdict()
-    numbers = [int(g[k]) for k in ("occ", "field", "rep", "comp", "sub") if g[k] is not None]
-    if any(n < 1 for n in numbers) and not (g["field"] == "0" and g["seg"]):
+    # Field 0 is the segment id itself (readable, not writable); every other position
+    # counts from 1.
+    numbers = [int(g[k]) for k in ("occ", "rep", "comp", "sub") if g[k] is not None]
+    if any(n < 1 for n in numbers):
         raise ValueError(f"terser path positions start at 1: {path!r}")
     return TerserPath(
         segment=g["seg"],
         occurrence=int(g["occ"] or 1),
-        field=int(g["field"]) if g["field"] else None,
+        field=int(g["field"]) if g["field"] is not None else None,
         repetition=int(g["rep"] or 1),
         component=int(g["comp"]) if g["comp"] else None,
         subcomponent=int(g["sub"]) if g["sub"] else None,
+        explicit_repetition=g["rep"] is not None,
     )
 
 
@@ -127,10 +135,11 @@ class Message:
 
     @property
     def segment_ids(self) -> list[str]:
-        return [s[:3] for s in self._split()]
+        return [s[:3] for s in self._split() if not _is_blank(s)]
 
     def __len__(self) -> int:
-        return len(self._split())
+        """The number of segments; blank lines between segments are not segments."""
+        return sum(1 for s in self._split() if not _is_blank(s))
 
     def _index_of(self, name: str, occurrence: int) -> int | None:
         if name == "MSH" and occurrence == 1 and self._segments is None:
@@ -162,6 +171,10 @@ class Message:
         """Every segment (or every one with this id), in message order."""
         counts: dict[str, int] = {}
         for i, seg in enumerate(self._split()):
+            if _is_blank(seg):
+                # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
+                # round trip but are not segments.
+                continue
             seg_id = seg[:3]
             counts[seg_id] = counts.get(seg_id, 0) + 1
             if name is None or seg_id == name:
@@ -180,10 +193,18 @@ class Message:
         if index is None or p.field is None:
             return ""
         raw = self._raw_value(index, p)
+        if p.field in (1, 2) and self._is_header(index):
+            # MSH-1 and MSH-2 are the delimiters themselves, never escaped.
+            return raw
         return unescape(raw, self.delimiters, self.charset)
 
     def get_raw(self, path: str) -> str:
-        """The escaped wire text at a terser path (whole field when no component is named)."""
+        """The escaped wire text at a terser path, as deep as the path goes.
+
+        `PID-3` is the whole field (every repetition), `PID-3(1)` its first repetition,
+        `PID-3.4` the whole fourth component (with its subcomponents), `PID-3.4.2` one
+        subcomponent. MSH-1 and MSH-2 are the delimiters as written.
+        """
         p = parse_path(path)
         index = self._index_of(p.segment, p.occurrence)
         if index is None or p.field is None:
@@ -191,30 +212,37 @@ class Message:
         fields = self._fields_at(index)
         if p.field >= len(fields):
             return ""
-        if p.component is None and p.repetition == 1:
+        if p.component is None and not p.explicit_repetition:
             return fields[p.field]
-        return self._raw_value(index, p, whole_repetition=p.component is None)
+        return self._raw_value(index, p, leaf=False)
 
-    def _raw_value(self, index: int, p: TerserPath, whole_repetition: bool = False) -> str:
+    def _raw_value(self, index: int, p: TerserPath, leaf: bool = True) -> str:
+        """The wire text at `p`; with `leaf`, unnamed parts default to the first one.
+
+        `leaf` is what `get` needs (`PID-5` reads `PID-5.1.1`); without it the path stops
+        where it stops (`PID-5.1` is the whole component, `PID-5(2)` the whole repetition).
+        """
         assert p.field is not None
         fields = self._fields_at(index)
         if p.field >= len(fields):
             return ""
         value = fields[p.field]
-        if index == 0 and p.field in (1, 2) and self._is_header(index):
+        if p.field in (1, 2) and self._is_header(index):
             return value
         d = self.delimiters
         reps = value.split(d.repetition)
         if p.repetition > len(reps):
             return ""
         rep = reps[p.repetition - 1]
-        if whole_repetition:
+        if p.component is None and not leaf:
             return rep
         comps = rep.split(d.component)
         comp_no = p.component or 1
         if comp_no > len(comps):
             return ""
         comp = comps[comp_no - 1]
+        if p.subcomponent is None and not leaf:
+            return comp
         subs = comp.split(d.subcomponent)
         sub_no = p.subcomponent or 1
         return subs[sub_no - 1] if sub_no <= len(subs) else ""
@@ -224,15 +252,21 @@ class Message:
         return seg.startswith(HEADER_SEGMENTS)
 
     def set(self, path: str, value: str) -> None:
-        """Write a value at a terser path, escaping it and growing the structure as needed."""
+        """Write a value at a terser path, escaping it and growing the structure as needed.
+
+        A segment the message does not have yet is appended at its end (segment order is
+        the message structure's business, which this codec does not know). CR LF in the
+        value is written as one line break (`\\.br\\`), so it reads back as LF.
+        """
         p = parse_path(path)
-        if p.field is None:
+        if p.field is None or p.field < 1:
             raise ValueError(f"set needs a field: {path!r}")
-        index = self._index_of(p.segment, p.occurrence)
-        if index is None:
-            raise KeyError(f"no segment {p.segment}[{p.occurrence}] in the message")
         if p.segment in HEADER_SEGMENTS and p.field in (1, 2):
             raise ValueError("the delimiters in MSH-1 and MSH-2 cannot be changed by set")
+        self._check_encodable(value, path)
+        index = self._index_of(p.segment, p.occurrence)
+        if index is None:
+            index = self._append_segments(p.segment, p.occurrence)
         self._split()
         fields = self._fields_at(index)
         d = self.delimiters
@@ -259,6 +293,40 @@ class Message:
             reps[p.repetition - 1] = d.component.join(comps)
         fields[p.field] = d.repetition.join(reps)
         self._dirty.add(index)
+        if index == 0:
+            self._header = None  # MSH changed: the cached header would be stale
+
+    def _check_encodable(self, value: str, path: str) -> None:
+        """Refuse now, naming the path, what `encode` could not write in the message charset."""
+        try:
+            value.encode(self.charset)
+        except UnicodeEncodeError as exc:
+            # The reason names the position, never the value (it may be PHI).
+            raise ValueError(
+                f"{path}: character at position {exc.start} cannot be written in the "
+                f"message's character set {self.charset}"
+            ) from None
+
+    def _append_segments(self, name: str, occurrence: int) -> int:
+        """Append empty `name` segments up to `occurrence`; the index of the last one."""
+        if name in HEADER_SEGMENTS or not is_segment_id(name):
+            raise KeyError(f"no segment {name}[{occurrence}] in the message")
+        segments = self._split()
+        present = sum(1 for s in segments
+                      if s.startswith(name) and (len(s) == 3 or s[3] == self.delimiters.field))
+        # New segments end like the message's segments do, and the message keeps its
+        # final terminator (or its lack of one).
+        terminator = next((t for t in self._terminators if t), "\r")
+        for _ in range(occurrence - present):
+            last = self._terminators[-1] if self._terminators else ""
+            if self._terminators and not last:
+                self._terminators[-1] = terminator
+            segments.append(name)
+            self._terminators.append(last)
+            index = len(segments) - 1
+            self._fields[index] = [name]
+            self._dirty.add(index)
+        return len(segments) - 1
 
     # -- header ---------------------------------------------------------------------------
 
@@ -289,7 +357,9 @@ class Message:
         """The message as bytes: the original bytes when nothing was changed."""
         if not self._dirty and self._raw is not None:
             return self._raw
-        return self.to_text().encode(self.charset)
+        # Whatever preceded MSH (a byte-order mark, blank lines) is kept as it came.
+        prefix = self._raw[: _header_offset(self._raw)] if self._raw is not None else b""
+        return prefix + self.to_text().encode(self.charset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +385,10 @@ class Segment:
         p = TerserPath(self.id, self.occurrence, field, repetition, component, subcomponent)
         raw = self.message._raw_value(self.index, p)
         return unescape(raw, self.message.delimiters, self.message.charset)
+
+
+def _is_blank(segment: str) -> bool:
+    return not segment or segment.isspace()
 
 
 def _first_terminator(text: str) -> int:
@@ -360,13 +434,14 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     """
     raw = data
     if data.startswith(UTF8_BOM):
-        data = data[len(UTF8_BOM):]
+        # A UTF-8 byte-order mark says what the bytes are; MSH-18, when valued, still rules.
         default_charset = "utf-8"
-    start = _skip_blank(data)
+    start = _header_offset(data)
     if data[start : start + 3] != b"MSH":
         raise Hl7ParseError(
             ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            "message does not start with an MSH segment",
+            "message is empty" if start == len(data)
+            else "message does not start with an MSH segment",
             Location("MSH", 1),
             reject=True,
         )
@@ -395,17 +470,28 @@ def check_header(header: Header) -> None:
                             Location("MSH", 1, 12), reject=True)
     if header.version not in SUPPORTED_VERSIONS:
         raise Hl7ParseError(ErrorCode.UNSUPPORTED_VERSION_ID,
-                            f"version '{header.version[:16]}' is not supported",
+                            f"version {_shown(header.version, _VERSION_LIKE)} is not supported",
                             Location("MSH", 1, 12), reject=True)
     for number, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
         if value and value not in ACK_TYPES:
             raise Hl7ParseError(ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                f"acknowledgment type '{value[:8]}' is not one of AL, NE, ER, SU",
+                                f"acknowledgment type {_shown(value, _ACK_LIKE)} is not one of "
+                                "AL, NE, ER, SU",
                                 Location("MSH", 1, number))
 
 
-def _skip_blank(data: bytes) -> int:
-    i = 0
+def _shown(value: str, pattern: re.Pattern[str]) -> str:
+    """A header value for an error reason, only when it cannot be anything but what it claims.
+
+    When a sender's segment terminators are broken, the "MSH" line runs on into PID and
+    MSH-12 or MSH-15 can hold a patient's name or identifier: those are never echoed.
+    """
+    return f"'{value}'" if pattern.fullmatch(value) else "(value not shown)"
+
+
+def _header_offset(data: bytes) -> int:
+    """Where MSH should start: after a UTF-8 byte-order mark and blank lines."""
+    i = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     while i < len(data) and data[i] in b" \t\r\n":
         i += 1
     return i

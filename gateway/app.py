@@ -1,0 +1,131 @@
+"""Composition: wire settings into one aiohttp application that hosts every listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.edge import http
+from gateway.edge.ingest import Ingest
+from gateway.edge.mllp import MllpServer
+from gateway.edge.tls import SenderRule, sender_check, server_context
+from gateway.store import SqliteInbox
+from gateway.telemetry import Telemetry, configure
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+MLLP = web.AppKey("mllp", MllpServer)
+MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
+
+INBOX_FILE = "inbox.db"
+
+
+def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.Application:
+    """The application: HTTP routes plus the store and MLLP listener in its cleanup context."""
+    app = web.Application(client_max_size=settings.mllp.max_frame_bytes)
+    app[SETTINGS] = settings
+    app[TELEMETRY] = telemetry or configure(
+        settings.telemetry.exporter, settings.telemetry.service_name,
+        settings.telemetry.otlp_endpoint)
+    app.add_routes(http.routes)
+    app.cleanup_ctx.append(_store_and_mllp)
+    return app
+
+
+async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = settings.store
+    inbox = await SqliteInbox.open(
+        store.data_dir / INBOX_FILE,
+        synchronous=store.synchronous,
+        dedup_window=timedelta(days=store.dedup_window_days),
+        max_batch=store.max_batch,
+    )
+    app[http.INBOX] = inbox
+    server = _mllp_server(settings, inbox, app[TELEMETRY])
+    app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
+    app[MLLP] = server
+    expiry = asyncio.create_task(_expire_dedup_keys(inbox), name="dedup-expiry")
+    try:
+        yield
+    finally:
+        expiry.cancel()
+        # Order matters: finish and answer what is in flight, then close the store.
+        await server.stop(timeout=settings.server.shutdown_timeout)
+        await inbox.close()
+        app[TELEMETRY].shutdown()
+
+
+def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry) -> MllpServer:
+    mllp = settings.mllp
+    tls = mllp.tls
+    context = None
+    check = None
+    if tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        context = server_context(tls.cert_file, tls.key_file, tls.client_ca_file,
+                                 tls.require_client_cert)
+        if tls.allowed_senders:
+            check = sender_check(
+                SenderRule(s.subject, s.sending_application, s.sending_facility)
+                for s in tls.allowed_senders)
+    ingest = Ingest(inbox, telemetry, validation=mllp.validation,
+                    default_charset=mllp.default_charset, sender_check=check)
+    return MllpServer(
+        ingest,
+        max_frame_bytes=mllp.max_frame_bytes,
+        idle_timeout=mllp.idle_timeout,
+        max_connections=mllp.max_connections,
+        max_in_flight=mllp.max_in_flight_per_connection,
+        ssl_context=context,
+    )
+
+
+async def _expire_dedup_keys(inbox: SqliteInbox) -> None:
+    while True:
+        await asyncio.sleep(3600)
+        try:
+            await inbox.expire_dedup_keys()
+        except Exception as exc:  # a failed housekeeping pass is retried next hour
+            log.warning("duplicate-key expiry failed: %s", type(exc).__name__)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
+    app = build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.server.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
+                       reuse_address=True)
+    await site.start()
+    http_host, http_port = _bound_address(site)
+    mllp_host, mllp_port = app[MLLP_ADDRESS]
+    sys.stdout.write(f"isthmus listening mllp={mllp_host}:{mllp_port} "
+                     f"http={http_host}:{http_port}\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing messages in flight")
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _bound_address(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server  # aiohttp exposes the bound sockets only here
+    assert isinstance(server, asyncio.base_events.Server)
+    host, port = server.sockets[0].getsockname()[:2]
+    return str(host), int(port)

@@ -1,0 +1,185 @@
+"""Configuration: one TOML file, environment overrides and CLI flags, validated once.
+
+Precedence, lowest first: built-in defaults, the TOML file (`--config` or ISTHMUS_CONFIG),
+environment variables `ISTHMUS_<SECTION>__<KEY>`, command-line flags. Every setting has a
+default, so the gateway runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "ISTHMUS_"
+CONFIG_ENV = "ISTHMUS_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    # SIGTERM/SIGINT: stop accepting, finish messages in flight, close the store, exit.
+    shutdown_timeout: float = Field(default=8.0, gt=0, le=60)
+
+
+class AllowedSender(_Section):
+    """An mTLS client certificate subject and the MSH-3/MSH-4 it may send as."""
+
+    subject: str = Field(min_length=1, description="e.g. 'CN=lab.example,O=Example Lab'")
+    sending_application: str = Field(min_length=1)
+    sending_facility: str = "*"
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+    allowed_senders: tuple[AllowedSender, ...] = ()
+
+    @model_validator(mode="after")
+    def _files_present(self) -> TlsConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("cert_file and key_file are required when TLS is enabled")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("client_ca_file is required when require_client_cert is true")
+        if self.allowed_senders and not self.require_client_cert:
+            raise ValueError("allowed_senders needs require_client_cert = true")
+        return self
+
+
+class MllpConfig(_Section):
+    port: int = Field(default=2575, ge=0, le=65535)
+    max_frame_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    idle_timeout: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=10_000, ge=1)
+    # Frames read ahead of their ACK on one connection before we stop reading from it.
+    max_in_flight_per_connection: int = Field(default=256, ge=1)
+    default_charset: str = "utf-8"
+    validation: Literal["header", "standard", "strict"] = "standard"
+    tls: TlsConfig = TlsConfig()
+
+    @model_validator(mode="after")
+    def _charset_known(self) -> MllpConfig:
+        import codecs
+
+        try:
+            codecs.lookup(self.default_charset)
+        except LookupError:
+            raise ValueError(f"default_charset '{self.default_charset}' is not a known "
+                             "character set") from None
+        return self
+
+
+class StoreConfig(_Section):
+    data_dir: Path = Path("./var")
+    # SQLite WAL: 'full' fsyncs the WAL on every (group) commit and survives power loss;
+    # 'normal' survives a process crash but may lose the last commits on power loss.
+    synchronous: Literal["normal", "full", "extra"] = "full"
+    dedup_window_days: float = Field(default=7.0, gt=0)
+    max_batch: int = Field(default=512, ge=1, le=2000)
+
+
+class TelemetryConfig(_Section):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318"
+    service_name: str = "isthmus"
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Section):
+    server: ServerConfig = ServerConfig()
+    mllp: MllpConfig = MllpConfig()
+    store: StoreConfig = StoreConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    log: LogConfig = LogConfig()
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the key and the reason."""
+
+
+def load_settings(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and flag overrides (dotted keys)."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "defaults"
+    file_path = path or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
+    if file_path is not None:
+        data = _read_toml(file_path)
+        source = str(file_path)
+    for dotted, value in _env_overrides(env).items():
+        _put(data, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _put(data, dotted, value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
+            continue
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        found[dotted] = _env_value(raw)
+    return found
+
+
+def _env_value(raw: str) -> Any:
+    """Read an environment value as a TOML value when it is one (42, true, [..]), else text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _put(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown setting"
+        lines.append(f"config error: {key}: {reason} (from {source})")
+    return "\n".join(lines)

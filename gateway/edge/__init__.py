@@ -1,0 +1,1 @@
+"""The edge: the MLLP listener and the HTTP routes. Framing, authentication, answering."""

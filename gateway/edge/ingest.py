@@ -1,0 +1,255 @@
+"""Turn one MLLP frame into a durable inbox row and the acknowledgement to send back.
+
+The order is the durability contract: parse and check, build the ACK, commit message and
+ACK together, and only then release the ACK to the connection. A store failure answers AR
+("resend later"); a duplicate answers the ACK stored with the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from opentelemetry import trace
+
+from gateway.hl7.ack import (
+    APPLICATION_REJECT,
+    COMMIT_REJECT,
+    ack_code,
+    build_ack,
+    should_send_accept_ack,
+)
+from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
+from gateway.hl7.errors import ErrorCode, Hl7Error, Location
+from gateway.hl7.message import Header, Message, check_header, parse_message
+from gateway.hl7.mllp import FrameTooLarge
+from gateway.hl7.validate import validate
+from gateway.store import InboundMessage, SqliteInbox, Stored, StoreUnavailable
+from gateway.telemetry import Telemetry, set_attributes
+
+log = logging.getLogger(__name__)
+
+Reply = bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection: address and, with mTLS, the subject."""
+
+    address: str
+    tls_subject: str | None = None
+
+
+# Decides whether a (verified) certificate subject may send as this MSH-3/MSH-4.
+SenderCheck = Callable[[Peer, Header], bool]
+
+
+class ControlIds:
+    """Control ids for our own ACKs: unique per process start, short, no clock needed."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(4).hex().upper()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"ISM{self._prefix}{next(self._counter):010d}"
+
+
+class Ingest:
+    """The MLLP message handler: frame in, future ACK bytes out (None: send nothing)."""
+
+    def __init__(
+        self,
+        inbox: SqliteInbox,
+        telemetry: Telemetry,
+        *,
+        validation: str = "standard",
+        default_charset: str = "utf-8",
+        sender_check: SenderCheck | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._inbox = inbox
+        self._tracer = telemetry.tracer
+        self._validation = validation
+        self._default_charset = default_charset
+        self._sender_check = sender_check
+        self._clock = clock
+        self._control_ids = ControlIds()
+        meter = telemetry.meter
+        self._messages = meter.create_counter(
+            "isthmus.mllp.messages", description="MLLP messages answered, by ACK code")
+        self._bytes = meter.create_histogram(
+            "isthmus.mllp.message_bytes", unit="By", description="MLLP message sizes")
+
+    def handle(self, frame: bytes | FrameTooLarge, peer: Peer) -> asyncio.Future[Reply]:
+        """Start handling one frame; the future resolves to the bytes to send back."""
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        span = self._tracer.start_span("mllp.message")
+        if isinstance(frame, FrameTooLarge):
+            self._refuse_oversize(frame, span, reply)
+            return reply
+        set_attributes(span, {"mllp.frame_bytes": len(frame)})
+        try:
+            message = self._parse(frame, span)
+        except Hl7Error as error:
+            self._answer_errors(span, reply, salvage_header(frame), [error])
+            return reply
+        try:
+            check_header(message.header)
+        except Hl7Error as error:
+            self._answer_errors(span, reply, message, [error])
+            return reply
+        header = message.header
+        set_attributes(span, {
+            "hl7.message_type": header.message_type,
+            "hl7.control_id": header.control_id,
+            "hl7.version": header.version,
+            "hl7.sending_application": header.sending_application,
+            "hl7.sending_facility": header.sending_facility,
+            "hl7.enhanced_mode": header.enhanced_mode,
+        })
+        errors = self._check(message, peer)
+        if errors:
+            self._answer_errors(span, reply, message, errors)
+            return reply
+        self._store(message, frame, peer, span, reply)
+        return reply
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _parse(self, frame: bytes, span: trace.Span) -> Message:
+        with self._tracer.start_as_current_span("hl7.parse",
+                                                context=trace.set_span_in_context(span)):
+            message = parse_message(frame, self._default_charset)
+            message.header  # noqa: B018 - reading MSH is part of the parse step
+            return message
+
+    def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
+        header = message.header
+        if self._sender_check is not None and not self._sender_check(peer, header):
+            return [Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                             "the client certificate may not send as this MSH-3/MSH-4",
+                             Location("MSH", 1, 3), reject=True)]
+        if _holds_several_messages(message):
+            return [Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                             "one MLLP frame must carry exactly one message",
+                             Location("MSH", 2), reject=True)]
+        return validate(message, self._validation)
+
+    def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
+               reply: asyncio.Future[Reply]) -> None:
+        header = message.header
+        code = ack_code((), header.enhanced_mode)
+        ack = self._ack_text(span, message, header, code, ()).encode(message.charset)
+        inbound = InboundMessage(
+            sending_application=header.sending_application,
+            sending_facility=header.sending_facility,
+            control_id=header.control_id,
+            message_type=header.message_type,
+            version=header.version,
+            peer=peer.address,
+            raw=frame,
+            ack=ack,
+            received_at=self._clock(),
+        )
+        store_span = self._tracer.start_span("inbox.store",
+                                             context=trace.set_span_in_context(span))
+        stored = self._inbox.submit(inbound)
+
+        def committed(done: asyncio.Future[Stored]) -> None:
+            store_span.end()
+            try:
+                result = done.result()
+            except StoreUnavailable:
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "the message could not be stored; resend later",
+                                 reject=True)
+                self._answer_errors(span, reply, message, [error])
+                return
+            set_attributes(span, {"store.inbox_id": result.inbox_id,
+                                  "hl7.duplicate": result.duplicate})
+            send = should_send_accept_ack(header.accept_ack_type, code) or (
+                not header.enhanced_mode)
+            self._finish(span, reply, result.ack if send else None, code, len(frame))
+
+        stored.add_done_callback(committed)
+
+    def _refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
+                         reply: asyncio.Future[Reply]) -> None:
+        error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                         f"frame larger than the {frame.limit} byte limit",
+                         reject=True)
+        self._answer_errors(span, reply, salvage_header(frame.head), [error])
+
+    def _answer_errors(self, span: trace.Span, reply: asyncio.Future[Reply],
+                       message: Message | None, errors: list[Hl7Error]) -> None:
+        header = _header_or_none(message)
+        enhanced = header.enhanced_mode if header else False
+        code = ack_code(errors, enhanced)
+        first = errors[0]
+        set_attributes(span, {"hl7.error_code": int(first.code),
+                              "hl7.error_location": str(first.location or "")})
+        log.info("refused MLLP message: %s %s (%s)", code, first.location or "-",
+                 first.code.text)
+        text = self._ack_text(span, message, header, code, errors)
+        charset = message.charset if message is not None else "utf-8"
+        send = not enhanced or should_send_accept_ack(
+            header.accept_ack_type if header else "", code)
+        self._finish(span, reply, text.encode(charset, "replace") if send else None, code, 0)
+
+    def _ack_text(self, span: trace.Span, message: Message | None, header: Header | None,
+                  code: str, errors: tuple[Hl7Error, ...] | list[Hl7Error]) -> str:
+        delimiters: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
+        with self._tracer.start_as_current_span("mllp.ack",
+                                                context=trace.set_span_in_context(span)):
+            return build_ack(header, code, errors, control_id=self._control_ids.next(),
+                             now=self._clock(), delimiters=delimiters)
+
+    def _finish(self, span: trace.Span, reply: asyncio.Future[Reply], ack: Reply, code: str,
+                size: int) -> None:
+        outcome = "rejected" if code in (APPLICATION_REJECT, COMMIT_REJECT) else code
+        set_attributes(span, {"hl7.ack_code": code, "outcome": outcome})
+        self._messages.add(1, {"hl7.ack_code": code})
+        if size:
+            self._bytes.record(size)
+        span.end()
+        if not reply.done():
+            reply.set_result(ack)
+
+
+def _header_or_none(message: Message | None) -> Header | None:
+    if message is None:
+        return None
+    try:
+        return message.header
+    except Hl7Error:
+        return None
+
+
+def salvage_header(data: bytes) -> Message | None:
+    """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
+
+    Read as latin-1, which decodes any byte: MSH fields the ACK echoes are ASCII in practice.
+    """
+    start = len(data) - len(data.lstrip(b"\xef\xbb\xbf \t\r\n"))
+    line = data[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if not line.startswith(b"MSH"):
+        return None
+    text = line.decode("latin-1")
+    try:
+        delimiters = Delimiters.from_header(text)
+    except Hl7Error:
+        return None
+    return Message(text, delimiters, "latin-1")
+
+
+def _holds_several_messages(message: Message) -> bool:
+    """A second MSH at the start of a line: a batch or two messages in one frame."""
+    text = message.to_text()
+    return "\rMSH" in text or "\nMSH" in text

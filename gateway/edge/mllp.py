@@ -1,0 +1,226 @@
+"""The MLLP listener: accept connections, reassemble frames, answer in order.
+
+One asyncio Protocol per connection, no task per message: frames are handed to the ingest
+handler as they complete and their ACKs written strictly in arrival order as they resolve
+(pipelining). A connection that sends faster than its ACKs resolve, or stops reading its
+ACKs, is paused on its own; every other connection carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+from gateway.edge.ingest import Ingest, Peer, Reply
+from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+
+log = logging.getLogger(__name__)
+
+
+class MllpServer:
+    """Owns the listening socket and the live connections."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        *,
+        max_frame_bytes: int,
+        idle_timeout: float,
+        max_connections: int,
+        max_in_flight: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._ingest = ingest
+        self.max_frame_bytes = max_frame_bytes
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self._connections: set[MllpConnection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.skipped_bytes = 0
+
+    @property
+    def ingest(self) -> Ingest:
+        return self._ingest
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: MllpConnection(self), host, port, ssl=self._ssl, backlog=1024,
+            reuse_address=True,
+        )
+        self._sweeper = asyncio.create_task(self._sweep_idle(), name="mllp-idle-sweeper")
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    def register(self, conn: MllpConnection) -> bool:
+        if len(self._connections) >= self.max_connections:
+            return False
+        self._connections.add(conn)
+        return True
+
+    def unregister(self, conn: MllpConnection) -> None:
+        self._connections.discard(conn)
+        self.skipped_bytes += conn.decoder.skipped_bytes
+
+    async def _sweep_idle(self) -> None:
+        interval = max(0.05, min(self.idle_timeout / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self.idle_timeout
+            for conn in list(self._connections):
+                if conn.idle_since(deadline):
+                    conn.close("idle timeout")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let in-flight messages finish and their ACKs go out, close all."""
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._connections):
+            conn.stop_reading()
+        deadline = time.monotonic() + timeout
+        while any(conn.busy for conn in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.close("shutting down")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+        except TimeoutError:
+            log.warning("MLLP listener did not close within 1 s")
+        self._server = None
+
+
+class MllpConnection(asyncio.Protocol):
+    """One client connection: frames in, ACKs out in the same order."""
+
+    def __init__(self, server: MllpServer) -> None:
+        self._server = server
+        self.decoder = FrameDecoder(server.max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._peer = Peer("unknown")
+        self._replies: deque[asyncio.Future[Reply]] = deque()
+        self._last_activity = time.monotonic()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._stopped = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = Peer(_address(transport.get_extra_info("peername")),
+                          _tls_subject(transport.get_extra_info("peercert")))
+        if not self._server.register(self):
+            log.warning("MLLP connection refused: %d connections open",
+                        self._server.max_connections)
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.unregister(self)
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        for item in self.decoder.feed(data):
+            self._dispatch(item)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its ACKs: stop reading its messages until it does.
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -- frames and replies ---------------------------------------------------------------
+
+    def _dispatch(self, item: bytes | FrameTooLarge) -> None:
+        reply = self._server.ingest.handle(item, self._peer)
+        self._replies.append(reply)
+        if reply.done() and len(self._replies) == 1:
+            self._flush()
+        else:
+            reply.add_done_callback(self._on_reply)
+            self._update_reading()
+
+    def _on_reply(self, _: asyncio.Future[Reply]) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write every ACK at the head of the queue that is ready, in arrival order."""
+        replies = self._replies
+        out: list[bytes] = []
+        while replies and replies[0].done():
+            ack = replies.popleft().result()
+            if ack is not None:
+                out.append(frame(ack))
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+            self._last_activity = time.monotonic()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._transport is None or self._stopped:
+            return
+        should_pause = self._writing_paused or len(self._replies) >= self._server.max_in_flight
+        if should_pause and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+        elif not should_pause and self._reading_paused:
+            self._transport.resume_reading()
+            self._reading_paused = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Messages in flight: received, not yet answered."""
+        return bool(self._replies)
+
+    def idle_since(self, deadline: float) -> bool:
+        return not self._replies and self._last_activity < deadline
+
+    def stop_reading(self) -> None:
+        self._stopped = True
+        if self._transport is not None and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    def close(self, why: str) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            log.debug("closing MLLP connection from %s: %s", self._peer.address, why)
+            self._transport.close()
+
+
+def _address(peername: Any) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return str(peername)
+
+
+def _tls_subject(cert: Any) -> str | None:
+    """'CN=lab.example,O=Example Lab' from a verified peer certificate, else None."""
+    if not isinstance(cert, dict) or "subject" not in cert:
+        return None
+    parts = []
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+    for rdn in cert["subject"]:
+        for key, value in rdn:
+            parts.append(f"{short.get(key, key)}={value}")
+    return ",".join(parts)

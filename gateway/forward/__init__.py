@@ -1,0 +1,1 @@
+"""Forwarding: backends behind one interface. So far: the MLLP client used by `isthmus send`."""

@@ -1,0 +1,7 @@
+"""HL7 v2 codec: lazy parsing, terser access, escapes, charsets, batches, ACKs, MLLP framing."""
+
+from gateway.hl7.errors import ErrorCode, Hl7Error, Hl7ParseError, Location
+from gateway.hl7.message import Header, Message, check_header, parse_message
+
+__all__ = ["ErrorCode", "Header", "Hl7Error", "Hl7ParseError", "Location", "Message",
+           "check_header", "parse_message"]

@@ -1,0 +1,304 @@
+"""The durable inbox: every accepted inbound message, committed before it is acknowledged.
+
+Concurrent messages are group-committed: while one commit is on disk the next batch
+gathers, and the whole batch is written by one multi-row INSERT (one transaction, one
+WAL sync). Duplicates, keyed on sender application, sender facility and control id, are
+detected by a unique index in the same statement, so a resend after a crash or restart
+gets back the acknowledgement that was stored with the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+from gateway.store.errors import StoreUnavailable
+from gateway.store.sqlite import open_database
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at TEXT NOT NULL,
+    sending_application TEXT NOT NULL,
+    sending_facility TEXT NOT NULL,
+    control_id TEXT NOT NULL,
+    message_type TEXT NOT NULL,
+    version TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    ack BLOB NOT NULL,
+    -- NULL once the message is older than the duplicate window, so the key may recur.
+    dedup_key TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
+            "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key")
+_ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
+# SQLite allows 32766 bound parameters per statement.
+_MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
+
+ACCEPTED = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """What the edge hands the inbox: identity, routing facts and the raw bytes."""
+
+    sending_application: str
+    sending_facility: str
+    control_id: str
+    message_type: str
+    version: str
+    peer: str
+    raw: bytes
+    ack: bytes
+    received_at: datetime
+
+    @property
+    def dedup_key(self) -> str:
+        # Unit separators cannot occur in HL7 text, so the three parts never run together.
+        return f"{self.sending_application}\x1f{self.sending_facility}\x1f{self.control_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The outcome of accepting one message: its inbox id and the ACK to send."""
+
+    inbox_id: int
+    ack: bytes
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """One inbox row as listed to operators: no PHI (no raw message, no patient data)."""
+
+    id: int
+    received_at: str
+    sending_application: str
+    sending_facility: str
+    control_id: str
+    message_type: str
+    version: str
+    peer: str
+    size: int
+    status: str
+
+
+_Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
+
+
+class SqliteInbox:
+    """Inbox on an aiosqlite (WAL) database with a single group-committing writer."""
+
+    def __init__(self, db: aiosqlite.Connection, dedup_window: timedelta,
+                 max_batch: int) -> None:
+        self._db = db
+        self._dedup_window = dedup_window
+        self._max_batch = min(max_batch, _MAX_ROWS_PER_STATEMENT)
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._batches = 0
+
+    @classmethod
+    async def open(cls, path: Path,
+                   synchronous: Literal["normal", "full", "extra"] = "full",
+                   dedup_window: timedelta = timedelta(days=7),
+                   max_batch: int = 512) -> SqliteInbox:
+        db = await open_database(path, synchronous)
+        await db.executescript(_SCHEMA)
+        inbox = cls(db, dedup_window, max_batch)
+        await inbox.expire_dedup_keys()
+        inbox._writer = asyncio.create_task(inbox._write_loop(), name="inbox-writer")
+        return inbox
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
+        """Queue a message for the next group commit; the future resolves once durable."""
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_exception(StoreUnavailable("the inbox is closing"))
+            return future
+        self._pending.append((message, future))
+        self._wakeup.set()
+        return future
+
+    async def accept(self, message: InboundMessage) -> Stored:
+        return await self.submit(message)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._commit(batch)
+            if self._closing:
+                return
+
+    async def _commit(self, batch: Sequence[_Pending]) -> None:
+        try:
+            results = await self._insert(batch)
+        except Exception as exc:  # any failure to commit means: not durable, not accepted
+            log.error("inbox commit failed for a batch of %d: %s", len(batch),
+                      type(exc).__name__)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable("the inbox could not commit"))
+            return
+        self._batches += 1
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _insert(self, batch: Sequence[_Pending]) -> list[Stored]:
+        messages = [m for m, _ in batch]
+        inserted = await self._insert_rows(messages)
+        results: list[Stored] = []
+        claimed: set[str] = set()
+        for m in messages:
+            key = m.dedup_key
+            if key in inserted and key not in claimed:
+                claimed.add(key)
+                results.append(Stored(inserted[key], m.ack, duplicate=False))
+            else:
+                # Already stored: by an earlier batch, or earlier in this one.
+                results.append(await self._original(m))
+        return results
+
+    async def _insert_rows(self, messages: Sequence[InboundMessage]) -> dict[str, int]:
+        """Insert the rows whose keys are new; returns dedup key -> inbox id for those."""
+        params: list[object] = []
+        for m in messages:
+            params.extend((
+                _timestamp(m.received_at), m.sending_application, m.sending_facility,
+                m.control_id, m.message_type, m.version, m.peer, len(m.raw), ACCEPTED,
+                m.raw, m.ack, m.dedup_key,
+            ))
+        # One statement in autocommit mode is one transaction: all rows or none.
+        sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
+               + ",".join([_ROW_SQL] * len(messages))
+               + " ON CONFLICT(dedup_key) DO NOTHING RETURNING id, dedup_key")
+        rows = await self._db.execute_fetchall(sql, params)
+        return {str(key): int(row_id) for row_id, key in rows}
+
+    async def _original(self, message: InboundMessage) -> Stored:
+        """The stored row a duplicate repeats, or a fresh insert if its key has expired."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT id, ack, received_at FROM inbox WHERE dedup_key = ?",
+            (message.dedup_key,),
+        ))
+        if rows:
+            row_id, ack, received_at = rows[0]
+            if str(received_at) >= _timestamp(self._dedup_cutoff()):
+                return Stored(int(row_id), bytes(ack), duplicate=True)
+            await self._db.execute("UPDATE inbox SET dedup_key = NULL WHERE id = ?", (row_id,))
+        inserted = await self._insert_rows([message])
+        return Stored(inserted[message.dedup_key], message.ack, duplicate=False)
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def _dedup_cutoff(self) -> datetime:
+        return datetime.now(UTC) - self._dedup_window
+
+    async def expire_dedup_keys(self) -> int:
+        """Release the duplicate keys of messages older than the window; returns how many."""
+        cursor = await self._db.execute(
+            "UPDATE inbox SET dedup_key = NULL WHERE dedup_key IS NOT NULL AND received_at < ?",
+            (_timestamp(self._dedup_cutoff()),),
+        )
+        return cursor.rowcount
+
+    async def probe_writable(self) -> None:
+        """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
+        try:
+            await self._db.execute(
+                "INSERT INTO store_meta (key, value) VALUES ('ready_probe', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_timestamp(datetime.now(UTC)),),
+            )
+        except Exception as exc:
+            raise StoreUnavailable(f"the inbox is not writable: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the database."""
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+        await self._db.close()
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def list(self, limit: int = 50, status: str | None = None) -> list[InboxEntry]:
+        return await list_entries(self._db, limit, status)
+
+    async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+        return await get_entry(self._db, inbox_id)
+
+    async def count(self) -> int:
+        rows = list(await self._db.execute_fetchall("SELECT count(*) FROM inbox"))
+        return int(rows[0][0])
+
+    @property
+    def batches_committed(self) -> int:
+        return self._batches
+
+
+_ENTRY_COLUMNS = ("id, received_at, sending_application, sending_facility, control_id, "
+                  "message_type, version, peer, size, status")
+
+
+async def list_entries(db: aiosqlite.Connection, limit: int,
+                       status: str | None) -> list[InboxEntry]:
+    if status:
+        rows = await db.execute_fetchall(
+            f"SELECT {_ENTRY_COLUMNS} FROM inbox WHERE status = ? ORDER BY id DESC LIMIT ?",
+            (status, limit))
+    else:
+        rows = await db.execute_fetchall(
+            f"SELECT {_ENTRY_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?", (limit,))
+    return [InboxEntry(*row) for row in rows]
+
+
+async def get_entry(db: aiosqlite.Connection,
+                    inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+    rows = list(await db.execute_fetchall(
+        f"SELECT {_ENTRY_COLUMNS}, raw, ack FROM inbox WHERE id = ?", (inbox_id,)))
+    if not rows:
+        return None
+    row = rows[0]
+    return InboxEntry(*row[:10]), bytes(row[10]), bytes(row[11])
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def read_entries(path: Path, limit: int = 50, status: str | None = None) -> list[InboxEntry]:
+    """List inbox entries from a database file, read-only (safe beside a running gateway)."""
+    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return await list_entries(db, limit, status)
+
+
+async def read_entry(path: Path, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return await get_entry(db, inbox_id)

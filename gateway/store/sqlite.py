@@ -1,0 +1,27 @@
+"""Opening the embedded SQLite database the way every store in this package needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+
+async def open_database(
+    path: Path, synchronous: Literal["normal", "full", "extra"] = "full"
+) -> aiosqlite.Connection:
+    """Open (creating) a WAL database in autocommit mode.
+
+    Autocommit: each statement is its own transaction, so a multi-row INSERT commits
+    atomically in one round trip to the database thread. WAL lets readers (the CLI, health
+    checks) run beside the writer. `synchronous` decides when the WAL reaches the disk:
+    FULL syncs on every commit (survives power loss), NORMAL only at checkpoints (survives
+    a process crash, may lose the last commits on power loss).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    await db.execute("PRAGMA busy_timeout=5000")
+    return db
