@@ -52,7 +52,11 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
     )
     app[http.INBOX] = inbox
     server = _mllp_server(settings, inbox, app[TELEMETRY])
-    app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
+    try:
+        app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
+    except BaseException:
+        await inbox.close()
+        raise
     app[MLLP] = server
     expiry = asyncio.create_task(_expire_dedup_keys(inbox), name="dedup-expiry")
     try:
@@ -101,25 +105,27 @@ async def _expire_dedup_keys(inbox: SqliteInbox) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
-    app = build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=settings.server.shutdown_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
-                       reuse_address=True)
-    await site.start()
-    http_host, http_port = _bound_address(site)
-    mllp_host, mllp_port = app[MLLP_ADDRESS]
-    sys.stdout.write(f"isthmus listening mllp={mllp_host}:{mllp_port} "
-                     f"http={http_host}:{http_port}\n")
-    sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: finishing messages in flight")
-    await runner.cleanup()
+    app = build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.server.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
+                           reuse_address=True)
+        await site.start()
+        http_host, http_port = _bound_address(site)
+        mllp_host, mllp_port = app[MLLP_ADDRESS]
+        sys.stdout.write(f"isthmus listening mllp={mllp_host}:{mllp_port} "
+                         f"http={http_host}:{http_port}\n")
+        sys.stdout.flush()
+        await stop.wait()
+        log.info("shutting down: finishing messages in flight")
+    finally:
+        await runner.cleanup()
     log.info("stopped")
     return 0
 

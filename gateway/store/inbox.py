@@ -115,6 +115,7 @@ class SqliteInbox:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._batches = 0
+        self._committed = 0
 
     @classmethod
     async def open(cls, path: Path,
@@ -165,6 +166,7 @@ class SqliteInbox:
                     future.set_exception(StoreUnavailable("the inbox could not commit"))
             return
         self._batches += 1
+        self._committed += len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -245,6 +247,9 @@ class SqliteInbox:
         if self._writer is not None:
             await self._writer
         await self._db.close()
+        if self._batches:
+            log.info("inbox closed: %d messages in %d group commits (%.1f per commit)",
+                     self._committed, self._batches, self._committed / self._batches)
 
     # -- reading ------------------------------------------------------------------------
 

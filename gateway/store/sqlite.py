@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 import aiosqlite
+
+# aiosqlite logs every statement with its parameters at DEBUG: those parameters are whole
+# messages, so its logger is capped whatever level the operator chooses.
+logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 async def open_database(

@@ -1,0 +1,69 @@
+"""Configuration: defaults, file, environment, flags, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load_settings(None, environ={})
+    assert settings.mllp.port == 2575
+    assert settings.server.http_port == 8080
+    assert settings.store.data_dir == Path("./var")
+    assert settings.store.synchronous == "full"
+    assert settings.store.dedup_window_days == 7
+    assert settings.mllp.max_frame_bytes == 10 * 1024 * 1024
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "isthmus.toml"
+    path.write_text('[mllp]\nport = 3000\nidle_timeout = 10\n[server]\nhttp_port = 9000\n')
+    settings = load_settings(
+        path, environ={"ISTHMUS_MLLP__PORT": "4000", "ISTHMUS_STORE__SYNCHRONOUS": "normal"},
+        overrides={"mllp.port": 5000, "server.host": None})
+    assert settings.mllp.port == 5000
+    assert settings.mllp.idle_timeout == 10
+    assert settings.server.http_port == 9000
+    assert settings.store.synchronous == "normal"
+    assert settings.server.host == "0.0.0.0"
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "isthmus.toml"
+    path.write_text('[mllp]\nvalidation = "strict"\n')
+    assert load_settings(None, environ={"ISTHMUS_CONFIG": str(path)}).mllp.validation == "strict"
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[mllp]\nport = -1\n", "mllp.port"),
+        ("[mllp]\nport = \"many\"\n", "mllp.port"),
+        ("[mllp]\nportt = 1\n", "mllp.portt: unknown setting"),
+        ("[store]\nsynchronous = \"off\"\n", "store.synchronous"),
+        ("[mllp]\ndefault_charset = \"klingon\"\n", "klingon"),
+        ("[mllp.tls]\nenabled = true\n", "cert_file and key_file are required"),
+        ("[telemetry]\nexporter = \"zipkin\"\n", "telemetry.exporter"),
+        ("[mllp\n", "isthmus.toml"),
+    ],
+)
+def test_bad_settings_name_the_key_and_reason(tmp_path: Path, toml: str, needle: str) -> None:
+    path = tmp_path / "isthmus.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert needle in str(caught.value)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml", environ={})
+
+
+def test_bad_environment_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="mllp.max_frame_bytes"):
+        load_settings(None, environ={"ISTHMUS_MLLP__MAX_FRAME_BYTES": "tiny"})

@@ -1,0 +1,78 @@
+"""Spans for every MLLP message, with children for parse, store and ACK, and no PHI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from conftest import MllpPeer, message, start_gateway, with_control_id
+from gateway.telemetry import configure, safe_attributes, set_attributes
+
+ADT = message("adt_a01.hl7")
+PHI = ("CANARYFAMILY", "MRN-100001", "19800102", "Example Street", "555")
+
+
+async def test_each_message_has_a_span_with_parse_store_and_ack_children(
+        tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    gw = await start_gateway(tmp_path / "var", telemetry=configure("none",
+                                                                   span_exporter=exporter))
+    try:
+        peer = await MllpPeer.open(gw.mllp_port)
+        await peer.request(with_control_id(ADT, "SPAN-1"))
+        await peer.request(b"MSH|^~\\&|A|B|C|D|20261126||ADT^A01|SPAN-BAD|P|9.9\r"
+                           b"PID|1||MRN-100001||CANARYFAMILY^Jane\r")
+        await peer.close()
+    finally:
+        await gw.runner.cleanup()
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.name == "mllp.message"]
+    assert len(roots) == 2
+    good = next(s for s in roots if s.attributes and s.attributes["hl7.control_id"] == "SPAN-1")
+    assert good.attributes is not None
+    assert good.attributes["hl7.message_type"] == "ADT^A01"
+    assert good.attributes["hl7.ack_code"] == "AA"
+    assert good.attributes["hl7.sending_application"] == "SYNTHLAB"
+    children = {s.name for s in spans if s.parent is not None
+                and s.parent.span_id == good.context.span_id}
+    assert children == {"hl7.parse", "inbox.store", "mllp.ack"}
+    bad = next(s for s in roots if s is not good)
+    assert bad.attributes is not None and bad.attributes["hl7.ack_code"] == "AR"
+    assert bad.attributes["hl7.error_code"] == 203
+    # No PHI anywhere in what the spans carry.
+    dumped = json.dumps([json.loads(s.to_json()) for s in spans])
+    for canary in PHI:
+        assert canary not in dumped
+
+
+def test_attribute_outside_the_allow_list_is_refused() -> None:
+    with pytest.raises(KeyError, match="allow-list"):
+        safe_attributes({"patient.name": "CANARYFAMILY"})
+    tracer = configure("none").tracer
+    span = tracer.start_span("x")
+    with pytest.raises(KeyError):
+        set_attributes(span, {"pid.5": "CANARYFAMILY"})
+
+
+def test_long_values_are_bounded() -> None:
+    assert safe_attributes({"hl7.control_id": "x" * 500})["hl7.control_id"] == "x" * 64
+
+
+async def test_logs_of_a_refused_message_hold_no_phi(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    gw = await start_gateway(tmp_path / "var")
+    try:
+        peer = await MllpPeer.open(gw.mllp_port)
+        await peer.request(b"MSH|^~\\&|A|B|C|D|20261126||ADT^A01|LOG-1|P|2.5||||||"
+                           b"UNICODE UTF-8\rPID|1||MRN-100001||CANARYFAMILY^\xff\r")
+        await peer.request(with_control_id(ADT, "LOG-2"))
+        await peer.close()
+    finally:
+        await gw.runner.cleanup()
+    assert "refused MLLP message" in caplog.text
+    for canary in PHI:
+        assert canary not in caplog.text
