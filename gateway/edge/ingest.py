@@ -124,11 +124,13 @@ class Ingest:
     # -- steps --------------------------------------------------------------------------
 
     def _parse(self, frame: bytes, span: trace.Span) -> Message:
-        with self._tracer.start_as_current_span("hl7.parse",
-                                                context=trace.set_span_in_context(span)):
+        child = self._tracer.start_span("hl7.parse", context=trace.set_span_in_context(span))
+        try:
             message = parse_message(frame, self._default_charset)
             message.header  # noqa: B018 - reading MSH is part of the parse step
             return message
+        finally:
+            child.end()
 
     def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
         header = message.header
@@ -206,10 +208,12 @@ class Ingest:
     def _ack_text(self, span: trace.Span, message: Message | None, header: Header | None,
                   code: str, errors: tuple[Hl7Error, ...] | list[Hl7Error]) -> str:
         delimiters: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
-        with self._tracer.start_as_current_span("mllp.ack",
-                                                context=trace.set_span_in_context(span)):
+        child = self._tracer.start_span("mllp.ack", context=trace.set_span_in_context(span))
+        try:
             return build_ack(header, code, errors, control_id=self._control_ids.next(),
                              now=self._clock(), delimiters=delimiters)
+        finally:
+            child.end()
 
     def _finish(self, span: trace.Span, reply: asyncio.Future[Reply], ack: Reply, code: str,
                 size: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
@@ -80,7 +81,7 @@ def build_ack(
         header.receiving_facility if header else "",
         header.sending_application if header else "",
         header.sending_facility if header else "",
-        now.strftime("%Y%m%d%H%M%S") + _offset(now),
+        hl7_timestamp(now),
         "",
         _message_type(version, trigger, d),
         escape(control_id, d),
@@ -106,9 +107,14 @@ def _message_type(version: str, trigger: str, d: Delimiters) -> str:
     )
 
 
-def _offset(now: datetime) -> str:
-    offset = now.strftime("%z")
-    return offset if offset else ""
+@lru_cache(maxsize=4)
+def _second_stamp(second: datetime) -> str:
+    return second.strftime("%Y%m%d%H%M%S%z")
+
+
+def hl7_timestamp(now: datetime) -> str:
+    """DTM to the second with the UTC offset; cached per second (strftime is slow)."""
+    return _second_stamp(now.replace(microsecond=0))
 
 
 def _summary(error: Hl7Error) -> str:

@@ -295,7 +295,13 @@ async def get_entry(db: aiosqlite.Connection,
 
 
 def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC ISO 8601 with microseconds: fixed width, so text order is time order."""
+    if moment.utcoffset() != _ZERO:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+_ZERO = timedelta(0)
 
 
 async def read_entries(path: Path, limit: int = 50, status: str | None = None) -> list[InboxEntry]:
