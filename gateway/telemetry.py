@@ -7,12 +7,18 @@ name is a programming error and raises, so a test catches it before a deployment
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -104,16 +110,29 @@ def configure(
     if span_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     elif exporter == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     elif exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    meter_provider = MeterProvider(resource=resource)
+    meter_provider = MeterProvider(resource=resource, metric_readers=_metric_readers(
+        exporter, otlp_endpoint))
     return Telemetry(
         tracer=provider.get_tracer(TRACER_NAME),
         meter=meter_provider.get_meter(TRACER_NAME),
         tracer_provider=provider,
         meter_provider=meter_provider,
     )
+
+
+def _metric_readers(exporter: str, otlp_endpoint: str) -> list[MetricReader]:
+    if exporter == "console":
+        return [PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr),
+                                              export_interval_millis=60_000)]
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        endpoint = otlp_endpoint.rstrip("/") + "/v1/metrics"
+        return [PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint))]
+    return []

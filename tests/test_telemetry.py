@@ -76,3 +76,15 @@ async def test_logs_of_a_refused_message_hold_no_phi(tmp_path: Path,
     assert "refused MLLP message" in caplog.text
     for canary in PHI:
         assert canary not in caplog.text
+
+
+def test_console_exporter_prints_spans_to_stderr_never_stdout(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    telemetry = configure("console")
+    span = telemetry.tracer.start_span("mllp.message")
+    set_attributes(span, {"hl7.control_id": "CONSOLE-1"})
+    span.end()
+    telemetry.shutdown()
+    captured = capsys.readouterr()
+    assert "CONSOLE-1" in captured.err
+    assert captured.out == ""  # stdout carries only the listening line
