@@ -16,6 +16,7 @@ from gateway.edge import http
 from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
+from gateway.hl7.definitions import preload as preload_definitions
 from gateway.store import SqliteInbox
 from gateway.telemetry import Telemetry, configure
 
@@ -44,6 +45,9 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
 async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = settings.store
+    if settings.mllp.validation != "header":
+        # Compile the HL7 definitions off the event loop now, not on the first message.
+        await asyncio.get_running_loop().run_in_executor(None, preload_definitions)
     inbox = await SqliteInbox.open(
         store.data_dir / INBOX_FILE,
         synchronous=store.synchronous,

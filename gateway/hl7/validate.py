@@ -6,9 +6,9 @@ Levels, chosen per listener:
 - "standard", the MLLP default and on its hot path: the message type (table 0076) and
   trigger event (table 0003) and every segment id are defined by HL7 or site-defined (Z).
   Reads only MSH-9 (and EVN-1 when MSH-9 has no event) and the segment ids. It refuses only
-  what HL7 does not define at all: a type, event or segment that a later HL7 version
-  defines is accepted, as senders backport them (the v2-to-FHIR IG's v2.5.1 messages carry
-  PRT, defined from v2.7).
+  what HL7 does not define at all: a type, event or segment defined by another HL7 version
+  than the message's is accepted, as senders backport them (the v2-to-FHIR IG's v2.5.1
+  messages carry PRT, defined from v2.7).
 - "strict": the message's own version must define its type, event and segments, and every
   segment it defines is checked field by field: required fields, repetition limits,
   primitive formats (NM, SI, DT, DTM, TS.1, TM) and ID/IS values against HL7 tables.
@@ -85,9 +85,11 @@ def validate(message: Message, level: str = "standard") -> list[Hl7Error]:
     defs = definitions(version)
     strict = level == "strict"
     found = _check_message_type(message, defs, strict)
-    found.extend(_check_segment_ids(message.segment_ids, defs, strict))
+    found.extend(_check_segment_ids(message, defs, strict))
     if strict:
         found.extend(_check_fields(message, defs, MAX_ERRORS - len(found)))
+    if not found:
+        return []
     found.sort(key=lambda item: item.order)
     return [item.error for item in found[:MAX_ERRORS]]
 
@@ -99,44 +101,49 @@ def _check_message_type(message: Message, defs: Definitions, strict: bool) -> li
     """Table 0076 for MSH-9.1 and table 0003 for the event; Z codes are site-defined."""
     found: list[_Found] = []
     code = message.header.message_code
-    if not (_site_defined(code) or _code_known(code, defs, strict)):
+    if not (code in defs.message_codes or _site_defined(code)
+            or _code_known_elsewhere(code, strict)):
         found.append(_Found(0, Hl7Error(
             ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-            f"message type {_name_code(code)} is not in HL7 table {MESSAGE_TYPE_TABLE} "
-            f"of v{defs.version}",
+            f"message type {_name_code(code)} is not in HL7 table {MESSAGE_TYPE_TABLE}"
+            + _scope(defs, strict),
             Location("MSH", 1, 9, component=1), reject=True)))
     if code == "ACK" or _site_defined(code):
         # An ACK may carry any event or none; a site-defined message, site-defined events.
         return found
-    event, index, location = _trigger_event(message)
-    if not event:
-        if strict and defs.version not in _EVENT_OPTIONAL_VERSIONS:
-            found.append(_Found(0, Hl7Error(
-                ErrorCode.REQUIRED_FIELD_MISSING, "trigger event is empty",
-                Location("MSH", 1, 9, component=2))))
-    elif not (_site_defined(event) or _event_known(event, defs, strict)):
+    if (strict and not message.header.trigger_event
+            and defs.version not in _EVENT_OPTIONAL_VERSIONS):
+        found.append(_Found(0, Hl7Error(
+            ErrorCode.REQUIRED_FIELD_MISSING, "trigger event is empty",
+            Location("MSH", 1, 9, component=2))))
+    event, evn = _trigger_event(message)
+    if event in defs.trigger_events or not event:
+        return found
+    if not (_site_defined(event) or _event_known_elsewhere(event, strict)):
+        index, location = ((evn.index, Location("EVN", 1, 1)) if evn is not None
+                           else (0, Location("MSH", 1, 9, component=2)))
         found.append(_Found(index, Hl7Error(
             ErrorCode.UNSUPPORTED_EVENT_CODE,
-            f"trigger event {_name_code(event)} is not in HL7 table {EVENT_TYPE_TABLE} "
-            f"of v{defs.version}",
+            f"trigger event {_name_code(event)} is not in HL7 table {EVENT_TYPE_TABLE}"
+            + _scope(defs, strict),
             location, reject=True)))
     return found
 
 
-def _trigger_event(message: Message) -> tuple[str, int, Location]:
-    """The event, the index of the segment holding it, and its location.
+def _trigger_event(message: Message) -> tuple[str, Segment | None]:
+    """The event, and the EVN segment when the event was read from there.
 
     MSH-9.2 when valued; else EVN-1, where HL7 v2.1/v2.2 carry it (MSH-9 holds only the
     message code there) and later versions keep it for backward compatibility.
     """
     event = message.header.trigger_event
     if event:
-        return event, 0, Location("MSH", 1, 9, component=2)
+        return event, None
     evn = message.segment("EVN")
     if evn is None:
-        return "", 0, Location("MSH", 1, 9, component=2)
+        return "", None
     first = evn.field(1).split(message.delimiters.repetition, 1)[0]
-    return first.split(message.delimiters.component, 1)[0], evn.index, Location("EVN", 1, 1)
+    return first.split(message.delimiters.component, 1)[0], evn
 
 
 def _site_defined(code: str) -> bool:
@@ -144,16 +151,18 @@ def _site_defined(code: str) -> bool:
     return code.startswith("Z")
 
 
-def _code_known(code: str, defs: Definitions, strict: bool) -> bool:
-    if code in defs.message_codes:
-        return True
+def _code_known_elsewhere(code: str, strict: bool) -> bool:
+    """Standard also accepts a message code that another HL7 version defines."""
     return not strict and code in known_anywhere().message_codes
 
 
-def _event_known(event: str, defs: Definitions, strict: bool) -> bool:
-    if event in defs.trigger_events:
-        return True
+def _event_known_elsewhere(event: str, strict: bool) -> bool:
+    """Standard also accepts an event that another HL7 version defines."""
     return not strict and event in known_anywhere().trigger_events
+
+
+def _scope(defs: Definitions, strict: bool) -> str:
+    return f" of v{defs.version}" if strict else " of any HL7 version"
 
 
 def _name_code(code: str) -> str:
@@ -163,33 +172,48 @@ def _name_code(code: str) -> str:
 # -- segment ids ---------------------------------------------------------------------------
 
 
-def _check_segment_ids(ids: list[str], defs: Definitions, strict: bool) -> list[_Found]:
-    """A 100 error for each segment whose id HL7 does not define (the hot path: set lookups)."""
+def _check_segment_ids(message: Message, defs: Definitions, strict: bool) -> list[_Found]:
+    """A 100 error for each segment whose id HL7 does not define.
+
+    The hot path is one set lookup per segment on the codec's 3-character ids; only an id
+    that is neither known nor site-defined (or, in strict, every segment) has its whole id
+    read, which the error needs anyway.
+    """
     known = defs.segment_ids
+    if not strict:
+        ids = message.segment_ids
+        if known.issuperset(ids) or all(_plausible(seg_id, known) for seg_id in ids):
+            return []
     found: list[_Found] = []
-    for index, seg_id in enumerate(ids):
-        if seg_id not in known:
-            error = _segment_id_error(ids, index, defs, strict)
+    for position, segment in enumerate(message.segments(), start=1):
+        if strict or not _plausible(segment.id, known):
+            error = _segment_id_error(segment, position, defs, strict)
             if error is not None:
-                found.append(_Found(index, error))
+                found.append(_Found(segment.index, error))
     return found
 
 
-def _segment_id_error(ids: list[str], index: int, defs: Definitions,
+def _plausible(seg_id: str, known: frozenset[str]) -> bool:
+    """A 3-character id standard accepts without a closer look: known or a Z-segment."""
+    return seg_id in known or (seg_id[:1] == "Z" and _SEGMENT_ID.fullmatch(seg_id) is not None)
+
+
+def _segment_id_error(segment: Segment, position: int, defs: Definitions,
                       strict: bool) -> Hl7Error | None:
-    seg_id = ids[index]
-    if not seg_id.strip():
-        return None  # a blank line between segments carries nothing to refuse
+    """The 100 error for one segment (its 1-based `position` among all), if its id is wrong."""
+    seg_id = segment.field(0)  # the text before the first field separator
+    if seg_id in defs.segment_ids or not seg_id.strip():
+        return None
     if not _SEGMENT_ID.fullmatch(seg_id):
-        # Not an id, possibly the start of a value (text broken over lines): never echo it;
-        # the location names the segment's position in the message instead.
+        # Not an id, possibly text broken over lines: never echo it (it may be PHI); the
+        # location names the segment's position in the message instead.
         return Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                        f"segment {index + 1} of the message does not start with a segment "
-                        "id (A-Z, then two of A-Z or 0-9)",
-                        Location("", index + 1))
+                        f"segment {position} of the message does not start with a "
+                        "segment id (A-Z, then two of A-Z or 0-9)",
+                        Location("", position))
     if _site_defined(seg_id):
         return None
-    location = Location(seg_id, ids[: index + 1].count(seg_id))
+    location = Location(seg_id, segment.occurrence)
     if seg_id not in known_anywhere().segment_ids:
         return Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
                         "segment id is not defined in any HL7 version", location)
@@ -211,8 +235,8 @@ def _check_fields(message: Message, defs: Definitions, budget: int) -> list[_Fou
         return found
     for segment in message.segments():
         definition = defs.segments.get(segment.id)
-        if definition is None:
-            continue
+        if definition is None or segment.field(0) != segment.id:
+            continue  # unknown ids were reported by _check_segment_ids
         for error in _segment_errors(segment, definition, defs.tables, message.delimiters):
             found.append(_Found(segment.index, error))
             if len(found) >= budget:
