@@ -7,7 +7,7 @@ import re
 from gateway.hl7.charset import UTF8_BOM
 
 # A segment starts a new unit when it follows a terminator (or starts the data) and its id
-# is a whole segment id: a Z-segment such as "MSHX" or a text line starting "BTS..." is not.
+# is the whole word: a line of text that merely begins with "MSH" or "BTS" starts nothing.
 _UNIT_START = re.compile(
     rb"(?:^|(?<=\r)|(?<=\n))(?=(?:MSH|FHS|BHS|BTS|FTS)(?:[^A-Za-z0-9]|\Z))"
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 
 from gateway.hl7.errors import ErrorCode, Hl7ParseError, Location
@@ -36,9 +37,9 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
-# What a table 0211 value looks like. Anything else is not echoed in an error: when a
-# sender's segment terminators are broken, "MSH-18" can be a patient's name.
-_CHARSET_LIKE = re.compile(r"[A-Z0-9][A-Z0-9 /._-]{0,23}")
+# When a sender's segment terminators are broken, "MSH-18" can be a patient's name: an
+# unsupported value is echoed in an error only when it is recognisably an encoding name.
+_ENCODING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,23}")
 
 
 def codec_for(charset: str, default: str) -> str:
@@ -51,14 +52,27 @@ def codec_for(charset: str, default: str) -> str:
         return CHARSETS.get(default.strip().upper(), default)
     codec = CHARSETS.get(name.upper())
     if codec is None:
-        shown = f"'{name}'" if _CHARSET_LIKE.fullmatch(name) else "(value not shown)"
         raise Hl7ParseError(
             ErrorCode.TABLE_VALUE_NOT_FOUND,
-            f"character set {shown} is not supported",
+            f"character set {_shown(name)} is not supported",
             Location("MSH", 1, 18),
             reject=True,
         )
     return codec
+
+
+def _shown(name: str) -> str:
+    """The MSH-18 value for an error reason: quoted if it names a known encoding with a
+    number in it (UTF-8, WINDOWS-1252, LATIN1), otherwise withheld. Codec aliases without a
+    digit ("ARABIC", "GREEK") are also languages, which a run-on PID could put here."""
+    if _ENCODING_NAME.fullmatch(name) and any(c.isdigit() for c in name):
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            pass
+        else:
+            return f"'{name}'"
+    return "(value not shown; see HL7 table 0211)"
 
 
 def decode(data: bytes, codec: str) -> str:

@@ -135,7 +135,8 @@ class Message:
 
     @property
     def segment_ids(self) -> list[str]:
-        return [s[:3] for s in self._split() if not _is_blank(s)]
+        field = self.delimiters.field
+        return [s.partition(field)[0] for s in self._split() if not _is_blank(s)]
 
     def __len__(self) -> int:
         """The number of segments; blank lines between segments are not segments."""
@@ -170,12 +171,14 @@ class Message:
     def segments(self, name: str | None = None) -> Iterator[Segment]:
         """Every segment (or every one with this id), in message order."""
         counts: dict[str, int] = {}
+        field = self.delimiters.field
         for i, seg in enumerate(self._split()):
             if _is_blank(seg):
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
-            seg_id = seg[:3]
+            # The id is everything before the first separator: 'PIDX|' is not a PID.
+            seg_id = seg.partition(field)[0]
             counts[seg_id] = counts.get(seg_id, 0) + 1
             if name is None or seg_id == name:
                 yield Segment(self, i, seg_id, counts[seg_id])
@@ -382,8 +385,11 @@ class Segment:
 
     def get(self, field: int, repetition: int = 1, component: int = 1,
             subcomponent: int = 1) -> str:
+        """The unescaped value of one subcomponent ('' when absent)."""
         p = TerserPath(self.id, self.occurrence, field, repetition, component, subcomponent)
         raw = self.message._raw_value(self.index, p)
+        if field in (1, 2) and self.id in HEADER_SEGMENTS:
+            return raw  # the delimiters themselves
         return unescape(raw, self.message.delimiters, self.message.charset)
 
 
