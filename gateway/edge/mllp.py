@@ -58,6 +58,9 @@ class MllpServer:
         self._server = await loop.create_server(
             lambda: MllpConnection(self), host, port, ssl=self._ssl, backlog=1024,
             reuse_address=True,
+            # A client that connects and never completes the handshake is not yet a
+            # connection the idle sweeper sees; bound it here instead of asyncio's 60 s.
+            ssl_handshake_timeout=min(self.idle_timeout, 10.0) if self._ssl else None,
         )
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="mllp-idle-sweeper")
         sockname = self._server.sockets[0].getsockname()
@@ -213,14 +216,28 @@ def _address(peername: Any) -> str:
     return str(peername)
 
 
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+
+
 def _tls_subject(cert: Any) -> str | None:
-    """'CN=lab.example,O=Example Lab' from a verified peer certificate, else None."""
+    """'CN=lab.example,O=Example Lab' from a verified peer certificate, else None.
+
+    Values are escaped as RFC 4514 says, so a common name holding ',O=…' cannot pose as
+    another subject on the allow-list.
+    """
     if not isinstance(cert, dict) or "subject" not in cert:
         return None
-    parts = []
-    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
-    for rdn in cert["subject"]:
-        for key, value in rdn:
-            parts.append(f"{short.get(key, key)}={value}")
-    return ",".join(parts)
+    return ",".join(
+        "+".join(f"{_SHORT_NAMES.get(key, key)}={_rfc4514_escape(value)}" for key, value in rdn)
+        for rdn in cert["subject"]
+    )
+
+
+def _rfc4514_escape(value: str) -> str:
+    out = "".join("\\" + ch if ch in ',+"\\<>;=' else ch for ch in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
