@@ -121,7 +121,7 @@ async def serve(settings: Settings) -> int:
         site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
                            reuse_address=True)
         await site.start()
-        http_host, http_port = _bound_address(site)
+        http_host, http_port = runner.addresses[0][:2]
         mllp_host, mllp_port = app[MLLP_ADDRESS]
         sys.stdout.write(f"isthmus listening mllp={mllp_host}:{mllp_port} "
                          f"http={http_host}:{http_port}\n")
@@ -132,10 +132,3 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
-
-
-def _bound_address(site: web.TCPSite) -> tuple[str, int]:
-    server = site._server  # aiohttp exposes the bound sockets only here
-    assert isinstance(server, asyncio.base_events.Server)
-    host, port = server.sockets[0].getsockname()[:2]
-    return str(host), int(port)

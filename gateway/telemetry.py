@@ -84,6 +84,11 @@ class Telemetry:
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
 
+    @property
+    def recording(self) -> bool:
+        """Whether spans go anywhere; when not, callers may skip creating them."""
+        return self.tracer_provider is not None
+
     def shutdown(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()

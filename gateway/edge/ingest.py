@@ -75,6 +75,7 @@ class Ingest:
     ) -> None:
         self._inbox = inbox
         self._tracer = telemetry.tracer
+        self._recording = telemetry.recording
         self._validation = validation
         self._default_charset = default_charset
         self._sender_check = sender_check
@@ -90,7 +91,7 @@ class Ingest:
         """Start handling one frame; the future resolves to the bytes to send back."""
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Reply] = loop.create_future()
-        span = self._tracer.start_span("mllp.message")
+        span = self._span("mllp.message")
         if isinstance(frame, FrameTooLarge):
             self._refuse_oversize(frame, span, reply)
             return reply
@@ -123,8 +124,15 @@ class Ingest:
 
     # -- steps --------------------------------------------------------------------------
 
+    def _span(self, name: str, parent: trace.Span | None = None) -> trace.Span:
+        """A span, or the shared non-recording one when nothing exports (no cost at all)."""
+        if not self._recording:
+            return trace.INVALID_SPAN
+        context = trace.set_span_in_context(parent) if parent is not None else None
+        return self._tracer.start_span(name, context=context)
+
     def _parse(self, frame: bytes, span: trace.Span) -> Message:
-        child = self._tracer.start_span("hl7.parse", context=trace.set_span_in_context(span))
+        child = self._span("hl7.parse", span)
         try:
             message = parse_message(frame, self._default_charset)
             message.header  # noqa: B018 - reading MSH is part of the parse step
@@ -148,7 +156,8 @@ class Ingest:
                reply: asyncio.Future[Reply]) -> None:
         header = message.header
         code = ack_code((), header.enhanced_mode)
-        ack = self._ack_text(span, message, header, code, ()).encode(message.charset)
+        now = self._clock()
+        ack = self._ack_text(span, message, header, code, (), now).encode(message.charset)
         inbound = InboundMessage(
             sending_application=header.sending_application,
             sending_facility=header.sending_facility,
@@ -158,10 +167,9 @@ class Ingest:
             peer=peer.address,
             raw=frame,
             ack=ack,
-            received_at=self._clock(),
+            received_at=now,
         )
-        store_span = self._tracer.start_span("inbox.store",
-                                             context=trace.set_span_in_context(span))
+        store_span = self._span("inbox.store", span)
         stored = self._inbox.submit(inbound)
 
         def committed(done: asyncio.Future[Stored]) -> None:
@@ -199,19 +207,20 @@ class Ingest:
                               "hl7.error_location": str(first.location or "")})
         log.info("refused MLLP message: %s %s (%s)", code, first.location or "-",
                  first.code.text)
-        text = self._ack_text(span, message, header, code, errors)
+        text = self._ack_text(span, message, header, code, errors, self._clock())
         charset = message.charset if message is not None else "utf-8"
         send = not enhanced or should_send_accept_ack(
             header.accept_ack_type if header else "", code)
         self._finish(span, reply, text.encode(charset, "replace") if send else None, code, 0)
 
     def _ack_text(self, span: trace.Span, message: Message | None, header: Header | None,
-                  code: str, errors: tuple[Hl7Error, ...] | list[Hl7Error]) -> str:
+                  code: str, errors: tuple[Hl7Error, ...] | list[Hl7Error],
+                  now: datetime) -> str:
         delimiters: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
-        child = self._tracer.start_span("mllp.ack", context=trace.set_span_in_context(span))
+        child = self._span("mllp.ack", span)
         try:
             return build_ack(header, code, errors, control_id=self._control_ids.next(),
-                             now=self._clock(), delimiters=delimiters)
+                             now=now, delimiters=delimiters)
         finally:
             child.end()
 

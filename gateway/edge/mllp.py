@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from gateway.edge.ingest import Ingest, Peer, Reply
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
@@ -123,7 +123,8 @@ class MllpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (asyncio's or uvloop's, which does not subclass asyncio's).
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._peer = Peer(_address(transport.get_extra_info("peername")),
                           _tls_subject(transport.get_extra_info("peercert")))

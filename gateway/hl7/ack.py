@@ -72,29 +72,41 @@ def build_ack(
     """
     d = delimiters
     version = header.version if header and header.version in SUPPORTED_VERSIONS else "2.5.1"
-    trigger = header.trigger_event if header else ""
-    msh = [
-        "MSH",
-        d.encoding_characters,
+    head, tail = _msh_around_control_id(
+        d,
         header.receiving_application if header and header.receiving_application
         else sending_application,
         header.receiving_facility if header else "",
         header.sending_application if header else "",
         header.sending_facility if header else "",
-        hl7_timestamp(now),
-        "",
-        _message_type(version, trigger, d),
-        escape(control_id, d),
+        header.trigger_event if header else "",
         header.processing_id if header and header.processing_id else "P",
         version,
-    ]
+    )
+    msh = (f"{head[0]}{hl7_timestamp(now)}{head[1]}{escape(control_id, d)}{tail}")
     msa = ["MSA", code, header.control_id if header else ""]
     if errors and not _version_at_least(version, "2.7"):
         # MSA-3 (text message) is what many older receivers show to their operators.
         msa.append(escape(_summary(errors[0]), d))
-    segments = [d.field.join(msh), d.field.join(msa)]
+    segments = [msh, d.field.join(msa)]
     segments.extend(_err_segment(e, version, d) for e in errors)
     return "\r".join(segments) + "\r"
+
+
+@lru_cache(maxsize=1024)
+def _msh_around_control_id(d: Delimiters, sending_app: str, sending_facility: str,
+                           receiving_app: str, receiving_facility: str, trigger: str,
+                           processing_id: str, version: str) -> tuple[tuple[str, str], str]:
+    """The fixed parts of an ACK's MSH for one conversation, around MSH-7 and MSH-10.
+
+    Senders reuse the same few headers for every message, so this is built once per
+    sender and event rather than per message.
+    """
+    before_time = d.field.join(["MSH", d.encoding_characters, sending_app, sending_facility,
+                                receiving_app, receiving_facility, ""])
+    between = d.field.join(["", "", _message_type(version, trigger, d), ""])
+    after = d.field.join(["", processing_id, version])
+    return (before_time, between), after
 
 
 def _message_type(version: str, trigger: str, d: Delimiters) -> str:

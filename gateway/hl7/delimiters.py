@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gateway.hl7.errors import ErrorCode, Hl7ParseError, Location
 
@@ -26,6 +27,14 @@ class Delimiters:
     @classmethod
     def from_header(cls, segment: str) -> Delimiters:
         """Read MSH-1/MSH-2 from the start of a header segment, refusing what cannot work."""
+        if len(segment) > 4:
+            # Only 'MSH|^~\&|' decides: senders repeat the same few, so checks run once each.
+            end = segment.find(segment[3], 4)
+            return _from_prefix(segment if end < 0 else segment[: end + 1])
+        return _from_prefix(segment)
+
+    @classmethod
+    def _parse(cls, segment: str) -> Delimiters:
         name = segment[:3]
         if len(segment) < 4:
             raise Hl7ParseError(
@@ -75,6 +84,11 @@ class Delimiters:
             subcomponent=encoding[3],
             truncation=encoding[4] if len(encoding) == 5 else "",
         )
+
+
+@lru_cache(maxsize=256)
+def _from_prefix(prefix: str) -> Delimiters:
+    return Delimiters._parse(prefix)
 
 
 DEFAULT_DELIMITERS = Delimiters()

@@ -404,32 +404,30 @@ def _first_terminator(text: str) -> int:
 
 def _read_header(msg: Message) -> Header:
     fields = msg._fields_at(0)
-
-    def f(n: int) -> str:
-        return fields[n] if n < len(fields) else ""
-
+    if len(fields) < 19:
+        fields = fields + [""] * (19 - len(fields))
     d = msg.delimiters
-
-    def comp(value: str, n: int) -> str:
-        parts = value.split(d.repetition, 1)[0].split(d.component)
-        return parts[n - 1] if n <= len(parts) else ""
-
-    msh9 = f(9)
+    msh9 = fields[9].split(d.repetition, 1)[0].split(d.component, 3)
+    msh9 += [""] * (3 - len(msh9))
     return Header(
-        sending_application=f(3),
-        sending_facility=f(4),
-        receiving_application=f(5),
-        receiving_facility=f(6),
-        message_code=comp(msh9, 1),
-        trigger_event=comp(msh9, 2),
-        message_structure=comp(msh9, 3),
-        control_id=f(10),
-        processing_id=comp(f(11), 1),
-        version=comp(f(12), 1),
-        accept_ack_type=f(15),
-        application_ack_type=f(16),
-        charset=f(18).split(d.repetition, 1)[0],
+        sending_application=fields[3],
+        sending_facility=fields[4],
+        receiving_application=fields[5],
+        receiving_facility=fields[6],
+        message_code=msh9[0],
+        trigger_event=msh9[1],
+        message_structure=msh9[2],
+        control_id=fields[10],
+        processing_id=_first_component(fields[11], d),
+        version=_first_component(fields[12], d),
+        accept_ack_type=fields[15],
+        application_ack_type=fields[16],
+        charset=fields[18].split(d.repetition, 1)[0],
     )
+
+
+def _first_component(value: str, d: Delimiters) -> str:
+    return value.split(d.repetition, 1)[0].split(d.component, 1)[0]
 
 
 def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
