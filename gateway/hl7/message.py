@@ -275,26 +275,18 @@ class Message:
         d = self.delimiters
         while len(fields) <= p.field:
             fields.append("")
-        reps = fields[p.field].split(d.repetition)
-        while len(reps) < p.repetition:
-            reps.append("")
         encoded = escape(value, d)
+        field_text = fields[p.field]
         if p.component is None:
-            reps[p.repetition - 1] = encoded
+            new_rep = encoded
         else:
-            comps = reps[p.repetition - 1].split(d.component)
-            while len(comps) < p.component:
-                comps.append("")
-            if p.subcomponent is None:
-                comps[p.component - 1] = encoded
-            else:
-                subs = comps[p.component - 1].split(d.subcomponent)
-                while len(subs) < p.subcomponent:
-                    subs.append("")
-                subs[p.subcomponent - 1] = encoded
-                comps[p.component - 1] = d.subcomponent.join(subs)
-            reps[p.repetition - 1] = d.component.join(comps)
-        fields[p.field] = d.repetition.join(reps)
+            rep_text = _part(field_text, d.repetition, p.repetition)
+            new_comp = encoded
+            if p.subcomponent is not None:
+                comp_text = _part(rep_text, d.component, p.component)
+                new_comp = _with_part(comp_text, d.subcomponent, p.subcomponent, encoded)
+            new_rep = _with_part(rep_text, d.component, p.component, new_comp)
+        fields[p.field] = _with_part(field_text, d.repetition, p.repetition, new_rep)
         self._dirty.add(index)
         if index == 0:
             self._header = None  # MSH changed: the cached header would be stale
@@ -391,6 +383,20 @@ class Segment:
         if field in (1, 2) and self.id in HEADER_SEGMENTS:
             return raw  # the delimiters themselves
         return unescape(raw, self.message.delimiters, self.message.charset)
+
+
+def _part(text: str, separator: str, position: int) -> str:
+    """The 1-based `position`-th part of `text` ('' past the end)."""
+    parts = text.split(separator)
+    return parts[position - 1] if position <= len(parts) else ""
+
+
+def _with_part(text: str, separator: str, position: int, value: str) -> str:
+    """`text` with its `position`-th part replaced, padding with empty parts as needed."""
+    parts = text.split(separator)
+    parts.extend([""] * (position - len(parts)))
+    parts[position - 1] = value
+    return separator.join(parts)
 
 
 def _is_blank(segment: str) -> bool:
