@@ -144,15 +144,17 @@ class MllpPeer:
             pass
 
 
-def segments(ack: bytes) -> dict[str, list[list[str]]]:
+def segments(ack: bytes, encoding: str = "utf-8") -> dict[str, list[list[str]]]:
     """ACK segments by id, each as its list of fields (MSH numbered like the standard)."""
     out: dict[str, list[list[str]]] = {}
-    for seg in ack.decode().split("\r"):
+    text = ack.decode(encoding)
+    separator = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+    for seg in text.split("\r"):
         if not seg:
             continue
-        fields = seg.split("|")
+        fields = seg.split(separator)
         if seg.startswith("MSH"):
-            fields.insert(1, "|")
+            fields.insert(1, separator)
         out.setdefault(seg[:3], []).append(fields)
     return out
 

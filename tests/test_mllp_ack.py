@@ -152,3 +152,16 @@ async def test_pre_25_versions_get_err_1_and_msa_3(gateway: RunningGateway) -> N
     assert "MSH-18" in ack["MSA"][0][3]
     assert ack["ERR"][0][1] == "MSH^1^18^102&Data type error&HL70357"
     await peer.close()
+
+
+async def test_ack_declares_and_uses_the_inbound_character_set(
+        gateway: RunningGateway) -> None:
+    raw = ("MSH|^~\\&|LABO|HÔPITAL|ISTHMUS|GW|20261126||ADT^A01|LATIN-1|P|2.5||||||8859/1\r"
+           "PID|1||M1||DURAND^Zoé\r").encode("iso-8859-1")
+    peer = await MllpPeer.open(gateway.mllp_port)
+    ack = await peer.request(raw)
+    msh = segments(ack, "iso-8859-1")["MSH"][0]
+    assert msh[5] == "LABO" and msh[6] == "HÔPITAL"
+    assert msh[18] == "8859/1"
+    assert "HÔPITAL".encode("iso-8859-1") in ack
+    await peer.close()

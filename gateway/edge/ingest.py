@@ -89,23 +89,38 @@ class Ingest:
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer) -> asyncio.Future[Reply]:
         """Start handling one frame; the future resolves to the bytes to send back."""
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[Reply] = loop.create_future()
+        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         span = self._span("mllp.message")
+        try:
+            self._handle(frame, peer, span, reply)
+        except Exception as exc:
+            # A bug must cost one message an AR, never the connection or the process. The
+            # exception text may quote message content, so only its type and place are logged.
+            log.error("internal error on an MLLP message: %s at %s", type(exc).__name__,
+                      _where(exc))
+            if not reply.done():
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "internal error; the message was not accepted", reject=True)
+                self._answer_errors(span, reply, salvage_header(
+                    frame.head if isinstance(frame, FrameTooLarge) else frame), [error])
+        return reply
+
+    def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
+                reply: asyncio.Future[Reply]) -> None:
         if isinstance(frame, FrameTooLarge):
             self._refuse_oversize(frame, span, reply)
-            return reply
+            return
         set_attributes(span, {"mllp.frame_bytes": len(frame)})
         try:
             message = self._parse(frame, span)
         except Hl7Error as error:
             self._answer_errors(span, reply, salvage_header(frame), [error])
-            return reply
+            return
         try:
             check_header(message.header)
         except Hl7Error as error:
             self._answer_errors(span, reply, message, [error])
-            return reply
+            return
         header = message.header
         set_attributes(span, {
             "hl7.message_type": header.message_type,
@@ -118,9 +133,8 @@ class Ingest:
         errors = self._check(message, peer)
         if errors:
             self._answer_errors(span, reply, message, errors)
-            return reply
+            return
         self._store(message, frame, peer, span, reply)
-        return reply
 
     # -- steps --------------------------------------------------------------------------
 
@@ -173,6 +187,15 @@ class Ingest:
         stored = self._inbox.submit(inbound)
 
         def committed(done: asyncio.Future[Stored]) -> None:
+            try:
+                answer(done)
+            except Exception as exc:  # the message may be stored: a resend gets its ACK
+                log.error("internal error answering a stored MLLP message: %s at %s",
+                          type(exc).__name__, _where(exc))
+                if not reply.done():
+                    reply.set_result(None)
+
+        def answer(done: asyncio.Future[Stored]) -> None:
             store_span.end()
             try:
                 result = done.result()
@@ -248,18 +271,29 @@ def _header_or_none(message: Message | None) -> Header | None:
 def salvage_header(data: bytes) -> Message | None:
     """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
 
-    Read as latin-1, which decodes any byte: MSH fields the ACK echoes are ASCII in practice.
+    Read as ASCII with replacement: MSH fields the ACK echoes are ASCII in practice, and a
+    byte that is not comes back as '?' rather than as garbage in the answer.
     """
     start = len(data) - len(data.lstrip(b"\xef\xbb\xbf \t\r\n"))
     line = data[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
     if not line.startswith(b"MSH"):
         return None
-    text = line.decode("latin-1")
+    text = line.decode("ascii", "replace").replace("\ufffd", "?")
     try:
         delimiters = Delimiters.from_header(text)
     except Hl7Error:
         return None
-    return Message(text, delimiters, "latin-1")
+    return Message(text, delimiters, "ascii")
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where an exception was raised, for logs that must not quote its text."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 def _holds_several_messages(message: Message) -> bool:

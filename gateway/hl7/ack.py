@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 
+from gateway.hl7.charset import CHARSETS
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.escape import escape
@@ -80,8 +81,11 @@ def build_ack(
         header.sending_application if header else "",
         header.sending_facility if header else "",
         header.trigger_event if header else "",
-        header.processing_id if header and header.processing_id else "P",
+        # HL7 table 0103; anything else would echo junk back into the ACK.
+        header.processing_id if header and header.processing_id in ("P", "T", "D") else "P",
         version,
+        # The ACK is written in the inbound character set, so it says which one (MSH-18).
+        header.charset if header and header.charset.strip().upper() in CHARSETS else "",
     )
     msh = (f"{head[0]}{hl7_timestamp(now)}{head[1]}{escape(control_id, d)}{tail}")
     msa = ["MSA", code, header.control_id if header else ""]
@@ -96,7 +100,8 @@ def build_ack(
 @lru_cache(maxsize=1024)
 def _msh_around_control_id(d: Delimiters, sending_app: str, sending_facility: str,
                            receiving_app: str, receiving_facility: str, trigger: str,
-                           processing_id: str, version: str) -> tuple[tuple[str, str], str]:
+                           processing_id: str, version: str,
+                           charset: str) -> tuple[tuple[str, str], str]:
     """The fixed parts of an ACK's MSH for one conversation, around MSH-7 and MSH-10.
 
     Senders reuse the same few headers for every message, so this is built once per
@@ -106,6 +111,8 @@ def _msh_around_control_id(d: Delimiters, sending_app: str, sending_facility: st
                                 receiving_app, receiving_facility, ""])
     between = d.field.join(["", "", _message_type(version, trigger, d), ""])
     after = d.field.join(["", processing_id, version])
+    if charset:
+        after += d.field * 6 + charset
     return (before_time, between), after
 
 
