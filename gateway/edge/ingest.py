@@ -122,14 +122,15 @@ class Ingest:
             self._answer_errors(span, reply, message, [error])
             return
         header = message.header
-        set_attributes(span, {
-            "hl7.message_type": header.message_type,
-            "hl7.control_id": header.control_id,
-            "hl7.version": header.version,
-            "hl7.sending_application": header.sending_application,
-            "hl7.sending_facility": header.sending_facility,
-            "hl7.enhanced_mode": header.enhanced_mode,
-        })
+        if self._recording:
+            set_attributes(span, {
+                "hl7.message_type": header.message_type,
+                "hl7.control_id": header.control_id,
+                "hl7.version": header.version,
+                "hl7.sending_application": header.sending_application,
+                "hl7.sending_facility": header.sending_facility,
+                "hl7.enhanced_mode": header.enhanced_mode,
+            })
         errors = self._check(message, peer)
         if errors:
             self._answer_errors(span, reply, message, errors)

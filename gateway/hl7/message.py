@@ -122,9 +122,15 @@ class Message:
 
     def _split(self) -> list[str]:
         if self._segments is None:
-            parts = _TERMINATOR.split(self._text)
-            segments = parts[0::2]
-            terminators = parts[1::2]
+            text = self._text
+            if "\n" not in text:
+                # The common case, CR only: a plain split is several times faster.
+                segments = text.split("\r")
+                terminators = ["\r"] * (len(segments) - 1)
+            else:
+                parts = _TERMINATOR.split(text)
+                segments = parts[0::2]
+                terminators = parts[1::2]
             if segments and segments[-1] == "":
                 segments.pop()
             else:
