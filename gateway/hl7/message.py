@@ -142,7 +142,7 @@ class Message:
     @property
     def segment_ids(self) -> list[str]:
         field = self.delimiters.field
-        return [s.partition(field)[0] for s in self._split() if not _is_blank(s)]
+        return [s.partition(field)[0] for s in self._split() if s and not s.isspace()]
 
     def __len__(self) -> int:
         """The number of segments; blank lines between segments are not segments."""
