@@ -159,12 +159,12 @@ async def test_client_that_never_reads_acks_does_not_block_others(
 
 
 async def test_many_concurrent_connections(gateway: RunningGateway) -> None:
-    peers = await asyncio.gather(*(MllpPeer.open(gateway.mllp_port) for _ in range(1000)))
+    peers = await asyncio.gather(*(MllpPeer.open(gateway.mllp_port) for _ in range(2000)))
 
     async def one(i: int, peer: MllpPeer) -> str:
         return msa(await peer.request(with_control_id(ADT, f"CONC-{i}"), timeout=30))[1]
 
     codes = await asyncio.gather(*(one(i, p) for i, p in enumerate(peers)))
-    assert codes == ["AA"] * 1000
-    assert await gateway.inbox.count() == 1000
+    assert codes == ["AA"] * 2000
+    assert await gateway.inbox.count() == 2000
     await asyncio.gather(*(p.close() for p in peers))
