@@ -168,3 +168,24 @@ async def test_many_concurrent_connections(gateway: RunningGateway) -> None:
     assert codes == ["AA"] * 2000
     assert await gateway.inbox.count() == 2000
     await asyncio.gather(*(p.close() for p in peers))
+
+
+async def test_connections_beyond_the_limit_are_refused_others_keep_working(
+        tmp_path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    gw = await start_gateway(tmp_path / "var", **{"mllp.max_connections": 5})
+    try:
+        peers = [await MllpPeer.open(gw.mllp_port) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        extra = await MllpPeer.open(gw.mllp_port)
+        try:
+            assert await extra.closed_by_peer(timeout=5)
+        except ConnectionResetError:
+            pass  # an abort may arrive as a reset: refused either way
+        assert msa(await peers[0].request(with_control_id(ADT, "WITHIN-LIMIT")))[1] == "AA"
+        for peer in peers:
+            await peer.close()
+    finally:
+        await gw.runner.cleanup()
