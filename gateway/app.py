@@ -95,6 +95,7 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry) -
         max_connections=mllp.max_connections,
         max_in_flight=mllp.max_in_flight_per_connection,
         ssl_context=context,
+        meter=telemetry.meter,
     )
 
 

@@ -101,14 +101,16 @@ def configure(
     service_name: str = "isthmus",
     otlp_endpoint: str = "",
     span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
 ) -> Telemetry:
     """Build the tracer and meter for one app.
 
     With no exporter the API's no-op tracer and meter are used, so unexported spans cost
-    close to nothing on the hot path. `span_exporter` lets tests collect spans in memory.
+    close to nothing on the hot path. `span_exporter` and `metric_reader` let tests collect
+    spans and metrics in memory.
     Providers are not installed globally, so several apps (tests) can live in one process.
     """
-    if exporter == "none" and span_exporter is None:
+    if exporter == "none" and span_exporter is None and metric_reader is None:
         return Telemetry(trace.NoOpTracer(), metrics.NoOpMeter(TRACER_NAME))
     resource = Resource.create({"service.name": service_name})
     provider = TracerProvider(resource=resource)
@@ -121,8 +123,10 @@ def configure(
 
         endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    meter_provider = MeterProvider(resource=resource, metric_readers=_metric_readers(
-        exporter, otlp_endpoint))
+    readers = _metric_readers(exporter, otlp_endpoint)
+    if metric_reader is not None:
+        readers.append(metric_reader)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     return Telemetry(
         tracer=provider.get_tracer(TRACER_NAME),
         meter=meter_provider.get_meter(TRACER_NAME),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import MllpPeer, message, start_gateway, with_control_id
@@ -88,3 +90,33 @@ def test_console_exporter_prints_spans_to_stderr_never_stdout(
     captured = capsys.readouterr()
     assert "CONSOLE-1" in captured.err
     assert captured.out == ""  # stdout carries only the listening line
+
+
+async def test_metrics_count_answers_connections_and_skipped_bytes(tmp_path: Path) -> None:
+    reader = InMemoryMetricReader()
+    gw = await start_gateway(tmp_path / "var", telemetry=configure(
+        "none", span_exporter=InMemorySpanExporter(), metric_reader=reader))
+    try:
+        peer = await MllpPeer.open(gw.mllp_port)
+        await peer.send_raw(b"junk!")
+        await peer.request(with_control_id(ADT, "METRIC-1"))
+        await peer.request(b"not hl7")
+        await peer.close()
+        await asyncio.sleep(0.05)
+    finally:
+        await gw.runner.cleanup()
+    points: dict[tuple[str, tuple[tuple[str, object], ...]], float] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    key = (metric.name, tuple(sorted(point.attributes.items())))
+                    points[key] = getattr(point, "value", getattr(point, "count", 0))
+    assert points[("isthmus.mllp.messages", (("hl7.ack_code", "AA"),))] == 1
+    assert points[("isthmus.mllp.messages", (("hl7.ack_code", "AR"),))] == 1
+    assert points[("isthmus.mllp.skipped_bytes", ())] == len(b"junk!")
+    assert points[("isthmus.mllp.connections", ())] == 0
+    # Metric labels carry codes, never message content.
+    assert "CANARYFAMILY" not in repr(points)

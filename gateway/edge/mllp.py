@@ -15,6 +15,8 @@ import time
 from collections import deque
 from typing import Any, cast
 
+from opentelemetry import metrics
+
 from gateway.edge.ingest import Ingest, Peer, Reply
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
 
@@ -33,6 +35,7 @@ class MllpServer:
         max_connections: int,
         max_in_flight: int,
         ssl_context: ssl.SSLContext | None = None,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self._ingest = ingest
         self.max_frame_bytes = max_frame_bytes
@@ -44,6 +47,14 @@ class MllpServer:
         self._connections: set[MllpConnection] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.skipped_bytes = 0
+        meter = meter or metrics.NoOpMeter("isthmus")
+        self._open_connections = meter.create_up_down_counter(
+            "isthmus.mllp.connections", description="open MLLP connections")
+        self._refused = meter.create_counter(
+            "isthmus.mllp.connections_refused", description="connections over the limit")
+        self._skipped = meter.create_counter(
+            "isthmus.mllp.skipped_bytes", unit="By",
+            description="bytes received outside MLLP frames (discarded)")
 
     @property
     def ingest(self) -> Ingest:
@@ -68,13 +79,24 @@ class MllpServer:
 
     def register(self, conn: MllpConnection) -> bool:
         if len(self._connections) >= self.max_connections:
+            self._refused.add(1)
             return False
         self._connections.add(conn)
+        self._open_connections.add(1)
         return True
 
     def unregister(self, conn: MllpConnection) -> None:
+        if conn not in self._connections:
+            return
         self._connections.discard(conn)
-        self.skipped_bytes += conn.decoder.skipped_bytes
+        self._open_connections.add(-1)
+        skipped = conn.decoder.skipped_bytes
+        if skipped:
+            self.skipped_bytes += skipped
+            self._skipped.add(skipped)
+            # A count only: the bytes themselves may be message content.
+            log.info("MLLP connection from %s sent %d bytes outside frames (discarded)",
+                     conn.peer.address, skipped)
 
     async def _sweep_idle(self) -> None:
         interval = max(0.05, min(self.idle_timeout / 4, 5.0))
@@ -119,6 +141,10 @@ class MllpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._stopped = False
+
+    @property
+    def peer(self) -> Peer:
+        return self._peer
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
