@@ -55,8 +55,8 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         max_batch=store.max_batch,
     )
     app[http.INBOX] = inbox
-    server = _mllp_server(settings, inbox, app[TELEMETRY])
     try:
+        server = _mllp_server(settings, inbox, app[TELEMETRY])
         app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     except BaseException:
         await inbox.close()

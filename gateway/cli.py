@@ -91,8 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log.level)
     try:
         return asyncio.run(serve(settings))
+    except ssl.SSLError as exc:
+        print(f"isthmus: mllp.tls certificate or key is unusable: {exc.reason or exc}",
+              file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"isthmus: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        print(f"isthmus: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

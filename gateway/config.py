@@ -54,6 +54,11 @@ class TlsConfig(_Section):
             raise ValueError("client_ca_file is required when require_client_cert is true")
         if self.allowed_senders and not self.require_client_cert:
             raise ValueError("allowed_senders needs require_client_cert = true")
+        if self.enabled:
+            for name in ("cert_file", "key_file", "client_ca_file"):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise ValueError(f"{name} {path} is not a readable file")
         return self
 
 

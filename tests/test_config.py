@@ -67,3 +67,28 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_bad_environment_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match="mllp.max_frame_bytes"):
         load_settings(None, environ={"ISTHMUS_MLLP__MAX_FRAME_BYTES": "tiny"})
+
+
+def test_tls_files_must_exist(tmp_path: Path) -> None:
+    path = tmp_path / "isthmus.toml"
+    path.write_text(f'[mllp.tls]\nenabled = true\ncert_file = "{tmp_path}/nope.pem"\n'
+                    f'key_file = "{tmp_path}/nope.key"\n')
+    with pytest.raises(ConfigError, match="cert_file .*nope.pem is not a readable file"):
+        load_settings(path, environ={})
+
+
+def test_unusable_tls_material_stops_the_start_cleanly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not a certificate")
+    config = tmp_path / "isthmus.toml"
+    config.write_text(f'[mllp.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{cert}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--host",
+         "127.0.0.1", "--mllp-port", "0", "--http-port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "certificate or key is unusable" in result.stderr
+    assert "isthmus listening" not in result.stdout
