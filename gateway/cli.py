@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import ssl
 import sys
 from collections.abc import Sequence
@@ -96,7 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"isthmus: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"isthmus: cannot start: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"isthmus: the store in {settings.store.data_dir} cannot be opened: {exc}",
+              file=sys.stderr)
         return 1
 
 

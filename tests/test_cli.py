@@ -205,3 +205,24 @@ def test_incomplete_commands_print_help_and_fail(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "gateway", *args],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("kind", ["corrupt store", "data dir is a file"])
+def test_serve_refuses_an_unusable_data_dir_clearly(tmp_path: Path, kind: str) -> None:
+    if kind == "corrupt store":
+        data_dir = tmp_path / "var"
+        data_dir.mkdir()
+        (data_dir / "inbox.db").write_bytes(b"this is not an SQLite database " * 8)
+        expected = "cannot be opened"
+    else:
+        data_dir = tmp_path / "afile"
+        data_dir.write_text("")
+        expected = "cannot start"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--mllp-port", "0",
+         "--http-port", "0", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "isthmus listening" not in result.stdout
