@@ -123,9 +123,13 @@ class SqliteInbox:
                    dedup_window: timedelta = timedelta(days=7),
                    max_batch: int = 512) -> SqliteInbox:
         db = await open_database(path, synchronous)
-        await db.executescript(_SCHEMA)
         inbox = cls(db, dedup_window, max_batch)
-        await inbox.expire_dedup_keys()
+        try:
+            await db.executescript(_SCHEMA)
+            await inbox.expire_dedup_keys()
+        except BaseException:
+            await db.close()
+            raise
         inbox._writer = asyncio.create_task(inbox._write_loop(), name="inbox-writer")
         return inbox
 

@@ -26,7 +26,11 @@ async def open_database(
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA journal_mode=WAL")
-    await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    await db.execute("PRAGMA busy_timeout=5000")
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        await db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        await db.close()  # its thread would otherwise keep the process alive
+        raise
     return db
