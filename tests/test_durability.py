@@ -149,3 +149,18 @@ async def test_messages_in_flight_are_answered_on_shutdown(tmp_path: Path) -> No
     assert set(answered) <= set(stored)
     assert len(stored) == len(set(stored))
     await peer.close()
+
+
+async def test_large_messages_are_committed_in_bounded_batches(tmp_path: Path) -> None:
+    inbox = await SqliteInbox.open(tmp_path / "inbox.db", "normal")
+    try:
+        big = b"MSH|" + b"x" * (9 * 1024 * 1024)
+        messages = [InboundMessage("APP", "FAC", f"BIG-{i}", "ORU^R01", "2.5", "peer", big,
+                                   b"ACK", datetime.now(UTC)) for i in range(8)]
+        stored = await asyncio.gather(*(inbox.accept(m) for m in messages))
+        assert [s.duplicate for s in stored] == [False] * 8
+        assert await inbox.count() == 8
+        # 72 MiB cannot go in one 32 MiB-bounded commit.
+        assert inbox.batches_committed >= 3
+    finally:
+        await inbox.close()

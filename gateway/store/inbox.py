@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 _COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
             "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key")
 _ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
+# One commit carries at most this many message bytes, so a run of large messages (up to
+# the 10 MiB frame limit each) is written in several statements, not one huge one.
+_MAX_BATCH_BYTES = 32 * 1024 * 1024
 # SQLite allows 32766 bound parameters per statement.
 _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 
@@ -153,11 +156,23 @@ class SqliteInbox:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+                batch = self._next_batch()
                 await self._commit(batch)
             if self._closing:
                 return
+
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest pending messages, bounded in count and in bytes (large messages)."""
+        size = 0
+        count = 0
+        for message, _ in self._pending:
+            if count == self._max_batch or (count and size + len(message.raw) > _MAX_BATCH_BYTES):
+                break
+            size += len(message.raw)
+            count += 1
+        batch = self._pending[:count]
+        del self._pending[:count]
+        return batch
 
     async def _commit(self, batch: Sequence[_Pending]) -> None:
         try:
