@@ -30,7 +30,20 @@ if TYPE_CHECKING:
     from gateway.telemetry import Telemetry
 
 MESSAGES = Path(__file__).parent / "messages"
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "messages"
+
+
+def _reference_corpus() -> Path:
+    """The shared HL7 corpus: $ISTHMUS_REFERENCE_MESSAGES, ../shared next to the checkout,
+    or the workplace's /work/shared (a clone elsewhere still finds it)."""
+    candidates = [
+        Path(os.environ.get("ISTHMUS_REFERENCE_MESSAGES", "/nonexistent")),
+        Path(__file__).resolve().parents[2] / "shared" / "reference" / "messages",
+        Path("/work/shared/reference/messages"),
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[1])
+
+
+REFERENCE = _reference_corpus()
 LISTENING = re.compile(r"^isthmus listening mllp=(?P<mh>[^:]+):(?P<mp>\d+) "
                        r"http=(?P<hh>[^:]+):(?P<hp>\d+)$")
 

@@ -31,12 +31,13 @@ import pytest
 from hl7apy.parser import get_message_info, parse_segment
 from hl7apy.parser import parse_message as hl7apy_parse_message
 
+from conftest import REFERENCE
 from gateway.hl7.batch import split_messages
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7ParseError
 from gateway.hl7.message import Message, Segment, check_header, parse_message, parse_path
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "messages"
+CORPUS = REFERENCE
 FIXTURES = Path(__file__).parent / "messages"
 
 # -- what is expected where hl7apy and we differ from the plain "both parse, both agree" ------

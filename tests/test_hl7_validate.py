@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REFERENCE
 from gateway.hl7.batch import split_messages
 from gateway.hl7.definitions import FieldDef, definitions, library_version
 from gateway.hl7.errors import ErrorCode, Hl7Error
@@ -17,7 +18,6 @@ from gateway.hl7.message import Message, check_header, parse_message
 from gateway.hl7.validate import MAX_ERRORS, validate
 
 MESSAGES = Path(__file__).parent / "messages"
-REFERENCE = Path("/work/shared/reference/messages")
 CANARIES = ("CANARYSMITH", "19851345")
 
 
