@@ -94,6 +94,7 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry) -
         idle_timeout=mllp.idle_timeout,
         max_connections=mllp.max_connections,
         max_in_flight=mllp.max_in_flight_per_connection,
+        max_buffered_bytes=mllp.max_buffered_bytes,
         ssl_context=context,
         meter=telemetry.meter,
     )

@@ -65,6 +65,9 @@ class TlsConfig(_Section):
 class MllpConfig(_Section):
     port: int = Field(default=2575, ge=0, le=65535)
     max_frame_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # Unfinished frames held in memory across all connections; past it, the frame that
+    # crossed the line is refused with AR ("resend later").
+    max_buffered_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     idle_timeout: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=10_000, ge=1)
     # Frames read ahead of their ACK on one connection before we stop reading from it.
@@ -72,6 +75,12 @@ class MllpConfig(_Section):
     default_charset: str = "utf-8"
     validation: Literal["header", "standard", "strict"] = "standard"
     tls: TlsConfig = TlsConfig()
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_frame(self) -> MllpConfig:
+        if self.max_buffered_bytes < self.max_frame_bytes:
+            raise ValueError("max_buffered_bytes must be at least max_frame_bytes")
+        return self
 
     @model_validator(mode="after")
     def _charset_known(self) -> MllpConfig:

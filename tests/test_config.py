@@ -48,6 +48,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("[mllp]\ndefault_charset = \"klingon\"\n", "klingon"),
         ("[mllp.tls]\nenabled = true\n", "cert_file and key_file are required"),
         ("[telemetry]\nexporter = \"zipkin\"\n", "telemetry.exporter"),
+        ("[mllp]\nmax_buffered_bytes = 2048\n", "at least max_frame_bytes"),
         ("[mllp\n", "isthmus.toml"),
     ],
 )

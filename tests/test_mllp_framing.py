@@ -189,3 +189,34 @@ async def test_connections_beyond_the_limit_are_refused_others_keep_working(
             await peer.close()
     finally:
         await gw.runner.cleanup()
+
+
+async def test_unfinished_frames_across_connections_are_bounded_in_memory(
+        tmp_path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    gw = await start_gateway(tmp_path / "var", **{"mllp.max_frame_bytes": 64 * 1024,
+                                                  "mllp.max_buffered_bytes": 100 * 1024})
+    try:
+        first = await MllpPeer.open(gw.mllp_port)
+        second = await MllpPeer.open(gw.mllp_port)
+        body = b"NTE|1||" + b"x" * 60_000 + b"\r"
+        first_frame = frame(with_control_id(ADT, "HELD-1") + body)
+        second_frame = frame(with_control_id(ADT, "DROPPED-1") + body)
+        await first.send_raw(first_frame[:-10])  # ~60 KiB held, unfinished
+        await asyncio.sleep(0.05)
+        await second.send_raw(second_frame[:-10])  # pushes the total past 100 KiB
+        refused = segments(await second.reply())
+        assert refused["MSA"][0][1:3] == ["AR", "DROPPED-1"]
+        assert "resend later" in refused["ERR"][0][8]
+        await second.send_raw(second_frame[-10:])  # the rest of the dropped frame: ignored
+        assert msa(await second.request(with_control_id(ADT, "SMALL-2")))[1] == "AA"
+        await first.send_raw(first_frame[-10:])  # the held frame completes normally
+        assert msa(await first.reply())[1:3] == ["AA", "HELD-1"]
+        assert gw.mllp.buffered_bytes == 0
+        assert {r.control_id for r in await gw.inbox.list(10)} == {"HELD-1", "SMALL-2"}
+        await first.close()
+        await second.close()
+    finally:
+        await gw.runner.cleanup()

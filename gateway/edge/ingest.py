@@ -216,9 +216,9 @@ class Ingest:
 
     def _refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
                          reply: asyncio.Future[Reply]) -> None:
-        error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
-                         f"frame larger than the {frame.limit} byte limit",
-                         reject=True)
+        reason = (f"frame larger than the {frame.limit} byte limit" if frame.scope == "frame"
+                  else "the gateway is holding too much unfinished data; resend later")
+        error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason, reject=True)
         self._answer_errors(span, reply, salvage_header(frame.head), [error])
 
     def _answer_errors(self, span: trace.Span, reply: asyncio.Future[Reply],

@@ -34,6 +34,7 @@ class MllpServer:
         idle_timeout: float,
         max_connections: int,
         max_in_flight: int,
+        max_buffered_bytes: int = 256 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
         meter: metrics.Meter | None = None,
     ) -> None:
@@ -42,6 +43,9 @@ class MllpServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
+        self.max_buffered_bytes = max_buffered_bytes
+        # Bytes of unfinished frames held across all connections (memory bound).
+        self.buffered_bytes = 0
         self._ssl = ssl_context
         self._server: asyncio.Server | None = None
         self._connections: set[MllpConnection] = set()
@@ -89,6 +93,7 @@ class MllpServer:
         if conn not in self._connections:
             return
         self._connections.discard(conn)
+        self.buffered_bytes -= conn.decoder.buffered
         self._open_connections.add(-1)
         skipped = conn.decoder.skipped_bytes
         if skipped:
@@ -165,7 +170,18 @@ class MllpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
-        for item in self.decoder.feed(data):
+        server = self._server
+        before = self.decoder.buffered
+        items = self.decoder.feed(data)
+        server.buffered_bytes += self.decoder.buffered - before
+        if server.buffered_bytes > server.max_buffered_bytes:
+            # This connection pushed the total over: its unfinished frame is the one refused.
+            held = self.decoder.buffered
+            dropped = self.decoder.abandon()
+            if dropped is not None:
+                server.buffered_bytes -= held
+                items.append(dropped)
+        for item in items:
             self._dispatch(item)
 
     def pause_writing(self) -> None:

@@ -29,6 +29,9 @@ class FrameTooLarge:
 
     limit: int
     head: bytes = b""
+    # "frame": this frame passed the per-frame limit; "gateway": partial frames across all
+    # connections passed the gateway's memory limit and this one was dropped to stay under.
+    scope: str = "frame"
 
 
 class FrameDecoder:
@@ -112,6 +115,15 @@ class FrameDecoder:
             out.append(FrameTooLarge(self.max_frame_bytes, head))
             return
         self._buf += chunk
+
+    def abandon(self) -> FrameTooLarge | None:
+        """Drop the partial frame being buffered (memory pressure); the rest is discarded."""
+        if not self._in_frame or self._discarding or not self._buf:
+            return None
+        head = bytes(self._buf[:_HEAD_BYTES])
+        self._buf.clear()
+        self._discarding = True
+        return FrameTooLarge(self.max_frame_bytes, head, scope="gateway")
 
     def _close(self, out: list[bytes | FrameTooLarge], with_trailing_fs: bool) -> None:
         if not self._discarding:
