@@ -167,12 +167,13 @@ async def _send_all(host: str, port: int, timeout: float, context: ssl.SSLContex
 
 
 def _control_id(raw: bytes) -> str:
-    """MSH-10 for display, without a full parse ('-' when it cannot be read)."""
-    line = raw.lstrip(b"\xef\xbb\xbf \r\n").split(b"\r", 1)[0].split(b"\n", 1)[0]
-    if not line.startswith(b"MSH") or len(line) < 4:
+    """MSH-10 for display, read from the MSH line alone ('-' when it cannot be read)."""
+    from gateway.hl7.message import salvage_header
+
+    msh = salvage_header(raw)
+    if msh is None or not msh.header.control_id:
         return "-"
-    fields = line.decode("latin-1").split(line.decode("latin-1")[3])
-    return fields[9] if len(fields) > 9 and fields[9] else "-"
+    return msh.header.control_id
 
 
 # -- inbox ------------------------------------------------------------------------------

@@ -26,7 +26,13 @@ from gateway.hl7.ack import (
 )
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
-from gateway.hl7.message import Header, Message, check_header, parse_message
+from gateway.hl7.message import (
+    Header,
+    Message,
+    check_header,
+    parse_message,
+    salvage_header,
+)
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.hl7.validate import validate
 from gateway.store import InboundMessage, SqliteInbox, Stored, StoreUnavailable
@@ -267,24 +273,6 @@ def _header_or_none(message: Message | None) -> Header | None:
         return message.header
     except Hl7Error:
         return None
-
-
-def salvage_header(data: bytes) -> Message | None:
-    """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
-
-    Read as ASCII with replacement: MSH fields the ACK echoes are ASCII in practice, and a
-    byte that is not comes back as '?' rather than as garbage in the answer.
-    """
-    start = len(data) - len(data.lstrip(b"\xef\xbb\xbf \t\r\n"))
-    line = data[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
-    if not line.startswith(b"MSH"):
-        return None
-    text = line.decode("ascii", "replace").replace("\ufffd", "?")
-    try:
-        delimiters = Delimiters.from_header(text)
-    except Hl7Error:
-        return None
-    return Message(text, delimiters, "ascii")
 
 
 def _where(exc: BaseException) -> str:

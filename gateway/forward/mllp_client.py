@@ -6,6 +6,8 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
+from gateway.hl7.errors import Hl7Error
+from gateway.hl7.message import parse_message
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
 
 MAX_ACK_BYTES = 1024 * 1024
@@ -66,13 +68,9 @@ class MllpClient:
 
 
 def parse_ack(reply: bytes) -> AckResult:
-    """Read MSA-1/MSA-2 from an ACK without a full parse; code '' when there is no MSA."""
-    text = reply.decode("utf-8", "replace")
-    field_sep = text[3:4] if text.startswith("MSH") else "|"
-    for segment in text.replace("\n", "\r").split("\r"):
-        if segment.startswith("MSA"):
-            fields = segment.split(field_sep)
-            code = fields[1] if len(fields) > 1 else ""
-            control_id = fields[2] if len(fields) > 2 else ""
-            return AckResult(code, control_id, reply)
-    return AckResult("", "", reply)
+    """MSA-1 and MSA-2 of a reply; code '' when it is not a readable ACK (never a success)."""
+    try:
+        ack = parse_message(reply)
+    except Hl7Error:
+        return AckResult("", "", reply)
+    return AckResult(ack.get("MSA-1"), ack.get("MSA-2"), reply)

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from gateway.hl7.charset import UTF8_BOM, codec_for, decode
 from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
-from gateway.hl7.errors import ErrorCode, Hl7ParseError, Location
+from gateway.hl7.errors import ErrorCode, Hl7Error, Hl7ParseError, Location
 from gateway.hl7.escape import escape, unescape
 
 _TERMINATOR = re.compile(r"(\r\n|\r|\n)")
@@ -470,6 +470,24 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     codec = codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
     text = decode(data, codec)
     return Message(text, delimiters, codec, raw)
+
+
+def salvage_header(data: bytes) -> Message | None:
+    """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
+
+    Read as ASCII with replacement: MSH fields the ACK echoes are ASCII in practice, and a
+    byte that is not comes back as '?' rather than as garbage in the answer.
+    """
+    start = len(data) - len(data.lstrip(b"\xef\xbb\xbf \t\r\n"))
+    line = data[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if not line.startswith(b"MSH"):
+        return None
+    text = line.decode("ascii", "replace").replace("\ufffd", "?")
+    try:
+        delimiters = Delimiters.from_header(text)
+    except Hl7Error:
+        return None
+    return Message(text, delimiters, "ascii")
 
 
 def check_header(header: Header) -> None:
