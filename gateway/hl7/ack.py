@@ -15,7 +15,7 @@ from gateway.hl7.charset import CHARSETS
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.escape import escape
-from gateway.hl7.message import SUPPORTED_VERSIONS, Header
+from gateway.hl7.message import SUPPORTED_VERSIONS, VERSIONS, Header
 
 # Acknowledgment codes, HL7 table 0008.
 APPLICATION_ACCEPT = "AA"
@@ -25,14 +25,12 @@ COMMIT_ACCEPT = "CA"
 COMMIT_ERROR = "CE"
 COMMIT_REJECT = "CR"
 
-_VERSION_ORDER = ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
-                  "2.8", "2.8.1", "2.8.2"]
+_VERSION_RANK = {version: rank for rank, version in enumerate(VERSIONS)}
 
 
 def _version_at_least(version: str, floor: str) -> bool:
-    if version not in _VERSION_ORDER:
-        return True
-    return _VERSION_ORDER.index(version) >= _VERSION_ORDER.index(floor)
+    rank = _VERSION_RANK.get(version)
+    return rank is None or rank >= _VERSION_RANK[floor]
 
 
 def ack_code(errors: Sequence[Hl7Error], enhanced: bool) -> str:

@@ -17,15 +17,14 @@ from functools import cache
 from types import MappingProxyType, ModuleType
 from typing import Any
 
+from gateway.hl7.message import VERSIONS
+
 # MSH-12 version -> the hl7apy library that defines it. hl7apy 1.3.5 ships no v2.7.1
 # library; 2.7.1 is a technical correction of 2.7 (same segments, fields and message
 # types), so it reads the 2.7 definitions.
-LIBRARY_FOR_VERSION: Mapping[str, str] = MappingProxyType({
-    "2.1": "2.1", "2.2": "2.2", "2.3": "2.3", "2.3.1": "2.3.1", "2.4": "2.4", "2.5": "2.5",
-    "2.5.1": "2.5.1", "2.6": "2.6", "2.7": "2.7", "2.7.1": "2.7", "2.8": "2.8",
-    "2.8.1": "2.8.1", "2.8.2": "2.8.2",
-})
-VERSIONS: tuple[str, ...] = tuple(LIBRARY_FOR_VERSION)
+_LIBRARY_SUBSTITUTES = {"2.7.1": "2.7"}
+LIBRARY_FOR_VERSION: Mapping[str, str] = MappingProxyType(
+    {version: _LIBRARY_SUBSTITUTES.get(version, version) for version in VERSIONS})
 
 # hl7apy ships HL7 tables from v2.3.1 on. For 2.1-2.3 the known message types and events
 # are those their own message definitions name plus 2.3.1's tables 0076 and 0003: a

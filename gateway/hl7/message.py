@@ -24,10 +24,10 @@ _PATH = re.compile(
     r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
 )
 
-SUPPORTED_VERSIONS = frozenset(
-    {"2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8",
-     "2.8.1", "2.8.2"}
-)
+# Every HL7 v2 version the gateway accepts (MSH-12), oldest first.
+VERSIONS: tuple[str, ...] = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6",
+                             "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
+SUPPORTED_VERSIONS = frozenset(VERSIONS)
 ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
 # What an MSH-12 version id or an MSH-15/16 code looks like; anything else is not echoed.
 _VERSION_LIKE = re.compile(r"\d\.\d{1,2}(?:\.\d{1,2})?")
