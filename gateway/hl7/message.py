@@ -381,6 +381,14 @@ class Segment:
     def field_count(self) -> int:
         return len(self.message._fields_at(self.index)) - 1
 
+    @property
+    def fields(self) -> list[str]:
+        """The escaped wire text of every field, index n holding field n (index 0: the id).
+
+        The list is the message's own cache: read it, do not change it.
+        """
+        return self.message._fields_at(self.index)
+
     def get(self, field: int, repetition: int = 1, component: int = 1,
             subcomponent: int = 1) -> str:
         """The unescaped value of one subcomponent ('' when absent)."""

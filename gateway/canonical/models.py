@@ -1,0 +1,66 @@
+"""Pydantic models of what crosses the gateway, each carrying its provenance.
+
+A `Resource` is one clinical or administrative record (a Patient, an Encounter, an
+Observation ...) whose content uses FHIR R4 element names, so that every consumer reads one
+vocabulary; what makes it canonical rather than FHIR is that it says where it came from
+(the source system, the control id, when it was received and last changed) and which
+business identifier makes it the same record next time. The models know nothing of HL7
+or FHIR wire formats: the mapping layer fills them, codecs write them out.
+
+The engine builds these with `model_construct` (its compiled tables guarantee the shape);
+`model_validate` is there for input that did not come from the engine.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Provenance(BaseModel):
+    """Where a record came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_application: str = Field(description="MSH-3, or the FHIR client id")
+    source_facility: str = Field(description="MSH-4")
+    control_id: str = Field(description="MSH-10: the source message")
+    message_type: str = Field(description="ADT^A01, ORU^R01 ...")
+    received_at: datetime
+    last_updated: datetime
+
+
+class BusinessKey(BaseModel):
+    """The identifier that makes a record the same record across messages."""
+
+    model_config = ConfigDict(frozen=True)
+
+    system: str = ""
+    value: str
+
+
+class Resource(BaseModel):
+    """One record. `content` holds its elements by FHIR R4 name (no id, no meta)."""
+
+    resource_type: str
+    id: str = Field(description="deterministic: the same source gives the same id")
+    primary: bool = Field(description="made from a segment (True) or only referred to")
+    key: BusinessKey | None = None
+    content: dict[str, Any]
+    provenance: Provenance
+
+
+class Translation(BaseModel):
+    """Everything one source message says, and what of it was not mapped."""
+
+    provenance: Provenance
+    resources: list[Resource]
+    unmapped: dict[str, int] = Field(
+        default_factory=dict, description="location (PID-10, ZPI) -> occurrences; no values")
+    z_segments: int = 0
+
+    @property
+    def unmapped_count(self) -> int:
+        return sum(self.unmapped.values())

@@ -1,0 +1,95 @@
+"""Canonical Translation to a FHIR R4 transaction Bundle, and Bundle JSON bytes.
+
+Each primary resource is a conditional update on its business identifier
+(`PUT Patient?identifier=system|value`), so a resend updates instead of duplicating;
+resources only referred to (a Practitioner from an XCN) are created if absent
+(`ifNoneExist`), so a message never overwrites a richer record with its fragment; a
+resource without a usable identifier is PUT at its deterministic id. A Provenance entry
+names the source message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from gateway.canonical import Resource, Translation
+
+Json = dict[str, Any]
+
+PROVENANCE_SENDER_SYSTEM = "urn:isthmus:hl7v2:sender"
+PROVENANCE_MESSAGE_SYSTEM = "urn:isthmus:hl7v2:control-id"
+_SAFE = "/:@!$'()*,;=.-_~"  # what may stay unescaped in a search value (not & + # |)
+
+
+def to_bundle(translation: Translation) -> Json:
+    entries = [_entry(resource) for resource in translation.resources]
+    entries.append(_provenance_entry(translation))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def dumps(document: Json, pretty: bool = False) -> bytes:
+    option = orjson.OPT_INDENT_2 if pretty else 0
+    return orjson.dumps(document, default=_json_default, option=option)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # A raw fragment keeps the sender's precision ('1.50' is not 1.5 in FHIR).
+        return orjson.Fragment(str(value).encode())
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _entry(resource: Resource) -> Json:
+    body: Json = {"resourceType": resource.resource_type}
+    key = resource.key
+    if key is not None and key.system:
+        search = f"identifier={quote(key.system, _SAFE)}|{quote(key.value, _SAFE)}"
+        if resource.primary:
+            request = {"method": "PUT", "url": f"{resource.resource_type}?{search}"}
+        else:
+            request = {"method": "POST", "url": resource.resource_type, "ifNoneExist": search}
+    else:
+        body["id"] = resource.id
+        request = {"method": "PUT", "url": f"{resource.resource_type}/{resource.id}"}
+    body.update(resource.content)
+    return {"fullUrl": f"urn:uuid:{resource.id}", "resource": body, "request": request}
+
+
+def _provenance_entry(translation: Translation) -> Json:
+    source = translation.provenance
+    recorded = source.received_at.isoformat(timespec="milliseconds")
+    sender = f"{source.source_application}^{source.source_facility}".strip("^")
+    provenance: Json = {
+        "resourceType": "Provenance",
+        "target": [{"reference": f"urn:uuid:{r.id}"} for r in translation.resources],
+        "recorded": recorded,
+        "activity": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+            "code": "UPDATE"}]},
+        "agent": [{
+            "type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                "code": "author"}]},
+            "who": {"identifier": {"system": PROVENANCE_SENDER_SYSTEM, "value": sender},
+                    "display": sender},
+        }],
+        "entity": [{
+            "role": "source",
+            "what": {"identifier": {"system": PROVENANCE_MESSAGE_SYSTEM,
+                                    "value": source.control_id},
+                     "display": source.message_type},
+        }],
+    }
+    return {"fullUrl": "urn:uuid:" + _provenance_id(translation), "resource": provenance,
+            "request": {"method": "POST", "url": "Provenance"}}
+
+
+def _provenance_id(translation: Translation) -> str:
+    source = translation.provenance
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "isthmus:provenance:" + "|".join(
+        (source.source_application, source.source_facility, source.control_id))))

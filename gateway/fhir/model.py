@@ -1,0 +1,147 @@
+"""What the FHIR R4 model allows: element paths, their types and cardinality.
+
+The answers come from the fhir.resources R4B models (wire-compatible with R4 for what we
+use), read once per path and cached, so table checks at start-up cost nothing per message.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+
+# Python types that carry no FHIR type annotation of their own.
+_PLAIN_PRIMITIVES: dict[Any, str] = {bool: "boolean", str: "string", int: "integer"}
+_STEP = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:\[(\d+)\])?$")
+
+
+class UnknownElement(ValueError):
+    """A path that the FHIR R4 model does not define."""
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    """One element of the model: its FHIR type and whether it repeats."""
+
+    type: str  # "HumanName", "date", "code", "Reference", "Patient" (a resource) ...
+    repeats: bool
+    reference_targets: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()  # the required binding's codes, for code elements that have one
+
+    @property
+    def is_primitive(self) -> bool:
+        return self.type[:1].islower()
+
+
+@lru_cache(maxsize=None)
+def is_resource_type(name: str) -> bool:
+    try:
+        model = get_fhir_model_class(name)
+    except (KeyError, ValueError, AttributeError):
+        return False
+    from fhir.resources.R4B.resource import Resource
+
+    return issubclass(model, Resource)
+
+
+@lru_cache(maxsize=None)
+def is_type(name: str) -> bool:
+    """A FHIR data type or resource name the model knows ('HumanName', 'Patient', 'date')."""
+    if name in PRIMITIVE_TYPES:
+        return True
+    try:
+        get_fhir_model_class(name)
+    except (KeyError, ValueError, AttributeError):
+        return False
+    return True
+
+
+PRIMITIVE_TYPES = frozenset({
+    "boolean", "integer", "string", "decimal", "uri", "url", "canonical", "base64Binary",
+    "instant", "date", "dateTime", "time", "code", "oid", "id", "markdown", "unsignedInt",
+    "positiveInt", "uuid", "xhtml",
+})
+
+
+def element(root: str, path: str) -> Element:
+    """The element at a dotted path below a type ('name.given', 'extension[1].valueString').
+
+    Instance markers ([1], [2]) are accepted and ignored here: they say which instance a
+    table row writes, not what the model allows.
+    """
+    return _element(root, tuple(path.split(".")))
+
+
+@lru_cache(maxsize=None)
+def _element(root: str, steps: tuple[str, ...]) -> Element:
+    current = Element(root, repeats=False)
+    for step in steps:
+        match = _STEP.match(step)
+        if match is None:
+            raise UnknownElement(f"'{step}' is not an element name")
+        if current.is_primitive:
+            if match.group(1) in ("extension", "id"):
+                current = _child("Element", match.group(1))
+                continue
+            raise UnknownElement(f"{current.type} is a primitive; it has no '{step}'")
+        current = _child(current.type, match.group(1))
+    return current
+
+
+def _child(type_name: str, name: str) -> Element:
+    try:
+        model = get_fhir_model_class(type_name)
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise UnknownElement(f"unknown FHIR type {type_name}") from exc
+    field = model.model_fields.get(name) or _by_alias(model.model_fields, name)
+    if field is None or name.endswith("__ext") or name == "fhir_comments":
+        raise UnknownElement(f"{type_name} has no element '{name}'")
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    targets = tuple(typing.cast(list[str], extra.get("enum_reference_types", [])))
+    codes = tuple(typing.cast(list[str], extra.get("enum_values", [])))
+    if any(not code or code == "+" for code in codes):
+        codes = ()  # the model's list is cut short (e.g. 'entered-in-error | unknown +')
+    inner, repeats = _unwrap(field.annotation)
+    return Element(_type_name(inner), repeats, targets, codes)
+
+
+def _by_alias(fields: dict[str, Any], name: str) -> Any:
+    """Elements named like Python keywords ('class') are stored as 'class_fhir'."""
+    for field in fields.values():
+        if field.alias == name:
+            return field
+    return None
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """Strip Optional[...] and List[...]: the element type, and whether it repeats."""
+    repeats = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0]
+        elif origin is list:
+            repeats = True
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return annotation, repeats
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        for meta in typing.get_args(annotation)[1:]:
+            name = type(meta).__name__
+            if name in ("EncodedBytes",):
+                continue
+            return name[0].lower() + name[1:]
+    if annotation in _PLAIN_PRIMITIVES:
+        return _PLAIN_PRIMITIVES[annotation]
+    klass = getattr(annotation, "get_model_klass", None)
+    if klass is not None:
+        return str(klass().__name__)
+    raise UnknownElement(f"cannot read the FHIR type of {annotation!r}")

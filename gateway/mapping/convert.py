@@ -1,0 +1,244 @@
+"""HL7 v2 text to FHIR primitive values, and back: the value formats the tables rely on.
+
+Each converter takes the unescaped v2 text (never empty) and returns the JSON value for the
+FHIR primitive, or raises ConversionError saying why. Dates keep their precision (YYYY,
+YYYYMM stay a year, a year-month) and their time-zone offset; a time of day without an
+offset gets the configured site offset, because FHIR requires one and guessing UTC would
+move the instant.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import re
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+_DTM = re.compile(
+    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?)?)?"
+    r"([+-]\d{4})?$")
+MSH7_OFFSET = re.compile(r"\d{4,14}(?:\.\d{1,4})?([+-])(\d{2})(\d{2})$")
+_TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?([+-]\d{4})?$")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)$")
+_INTEGER = re.compile(r"[+-]?\d+$")
+_CODE_SPACES = re.compile(r"\s+")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}$")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+$")
+
+
+class ConversionError(ValueError):
+    """A v2 value that has no faithful FHIR form. `reason` never quotes the value."""
+
+    def __init__(self, reason: str, value: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.value = value
+
+
+Converter = Callable[[str], Any]
+
+
+class Converters:
+    """The converters for one site: the time-zone offset for local times is site policy."""
+
+    def __init__(self, default_offset: str = "+00:00") -> None:
+        if not re.fullmatch(r"[+-]\d{2}:\d{2}", default_offset):
+            raise ValueError("the default offset must look like +01:00")
+        self.default_offset = default_offset
+        self._by_type: dict[str, Converter] = {
+            "string": to_string, "markdown": to_string, "code": to_code, "id": to_id,
+            "uri": to_uri, "url": to_uri, "canonical": to_uri, "oid": to_uri, "uuid": to_uri,
+            "decimal": to_decimal, "integer": to_integer, "unsignedInt": to_unsigned_int,
+            "positiveInt": to_positive_int, "boolean": to_boolean, "date": to_date,
+            "dateTime": self.to_date_time, "instant": self.to_instant, "time": to_time,
+            "base64Binary": to_base64,
+        }
+
+    def for_type(self, fhir_type: str) -> Converter:
+        try:
+            return self._by_type[fhir_type]
+        except KeyError:
+            raise KeyError(f"no converter to the FHIR type {fhir_type}") from None
+
+    def to_date_time(self, text: str) -> str:
+        return date_time(text, self.default_offset, "dateTime")
+
+    def to_instant(self, text: str) -> str:
+        return date_time(text, self.default_offset, "instant")
+
+
+def to_string(text: str) -> str:
+    return text
+
+
+def to_code(text: str) -> str:
+    # FHIR codes have no leading, trailing or doubled whitespace.
+    code = _CODE_SPACES.sub(" ", text.strip())
+    if not code:
+        raise ConversionError("is not a valid code", text)
+    return code
+
+
+def to_id(text: str) -> str:
+    if not _ID.match(text):
+        raise ConversionError("is not a valid id (letters, digits, '-', '.', up to 64)", text)
+    return text
+
+
+def to_uri(text: str) -> str:
+    if any(c.isspace() for c in text):
+        raise ConversionError("is not a valid URI (it contains white space)", text)
+    return text
+
+
+def to_decimal(text: str) -> Decimal:
+    # Decimal keeps the sender's precision: '1.50' stays 1.50 on the wire.
+    value = text.strip()
+    if not _NUMBER.match(value):
+        raise ConversionError("is not a valid number", text)
+    try:
+        return Decimal(value)
+    except InvalidOperation:  # pragma: no cover - the pattern admits only valid numbers
+        raise ConversionError("is not a valid number", text) from None
+
+
+def to_integer(text: str) -> int:
+    value = text.strip()
+    if not _INTEGER.match(value):
+        raise ConversionError("is not a valid integer", text)
+    number = int(value)
+    if not -2**31 <= number < 2**31:
+        raise ConversionError("is out of the 32-bit integer range", text)
+    return number
+
+
+def to_unsigned_int(text: str) -> int:
+    number = to_integer(text)
+    if number < 0:
+        raise ConversionError("is not a valid non-negative integer", text)
+    return number
+
+
+def to_positive_int(text: str) -> int:
+    number = to_integer(text)
+    if number < 1:
+        raise ConversionError("is not a valid positive integer", text)
+    return number
+
+
+_TRUE = frozenset({"Y", "YES", "TRUE", "T", "1"})
+_FALSE = frozenset({"N", "NO", "FALSE", "F", "0"})
+
+
+def to_boolean(text: str) -> bool:
+    value = text.strip().upper()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConversionError("is not a valid yes/no value", text)
+
+
+def to_date(text: str) -> str:
+    """DT or DTM to a FHIR date, keeping YYYY and YYYY-MM precision; a time is dropped."""
+    match = _DTM.match(text.strip())
+    if match is None:
+        raise ConversionError("is not a valid date", text)
+    year, month, day = match.group(1, 2, 3)
+    _check_date(text, year, month, day)
+    return "-".join(p for p in (year, month, day) if p)
+
+
+def to_time(text: str) -> str:
+    match = _TM.match(text.strip())
+    if match is None:
+        raise ConversionError("is not a valid time", text)
+    hour, minute, second, fraction = match.group(1, 2, 3, 4)
+    _check_time(text, hour, minute, second)
+    return f"{hour}:{minute or '00'}:{second or '00'}" + (f".{fraction}" if fraction else "")
+
+
+def to_base64(text: str) -> str:
+    value = "".join(text.split())
+    if not _BASE64.match(text) or not value:
+        raise ConversionError("is not valid base64", text)
+    try:
+        base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ConversionError("is not valid base64", text) from None
+    return value
+
+
+def date_time(text: str, default_offset: str, kind: str) -> str:
+    """DTM to a FHIR dateTime or instant; `default_offset` for a time sent without one."""
+    match = _DTM.match(text.strip())
+    if match is None:
+        raise ConversionError(f"is not a valid {'date/time' if kind == 'dateTime' else kind}",
+                              text)
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    _check_date(text, year, month, day)
+    if hour is None:
+        if kind == "instant":
+            raise ConversionError("is not precise enough for an instant (needs a time)", text)
+        return "-".join(p for p in (year, month, day) if p)
+    if day is None:  # pragma: no cover - the pattern nests, so an hour implies a day
+        raise ConversionError("is not a valid date/time", text)
+    _check_time(text, hour, minute, second)
+    # FHIR dateTime with a time needs seconds and an offset; v2 may send neither.
+    clock = f"{hour}:{minute or '00'}:{second or '00'}" + (f".{fraction}" if fraction else "")
+    zone = f"{offset[:3]}:{offset[3:]}" if offset else default_offset
+    if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise ConversionError("has an invalid time-zone offset", text)
+    return f"{year}-{month}-{day}T{clock}{zone}"
+
+
+def _check_date(text: str, year: str, month: str | None, day: str | None) -> None:
+    if month is not None and not 1 <= int(month) <= 12:
+        raise ConversionError("is not a valid date", text)
+    if day is not None and month is not None:
+        last = calendar.monthrange(int(year), int(month))[1]
+        if not 1 <= int(day) <= last:
+            raise ConversionError("is not a valid date", text)
+
+
+def _check_time(text: str, hour: str, minute: str | None, second: str | None) -> None:
+    if int(hour) > 23 or (minute is not None and int(minute) > 59) or (
+            second is not None and int(second) > 60):
+        raise ConversionError("is not a valid time", text)
+
+
+# -- FHIR to v2 -----------------------------------------------------------------------------
+
+_FHIR_DATE_TIME = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+def from_date_time(value: str) -> str:
+    """A FHIR date, dateTime or instant as v2 DTM, keeping precision and offset."""
+    match = _FHIR_DATE_TIME.match(value)
+    if match is None:
+        raise ConversionError("is not a valid FHIR date/time", value)
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    text = year + (month or "") + (day or "") + (hour or "") + (minute or "")
+    if second is not None and (second != "00" or fraction):
+        text += second + (f".{fraction[:4]}" if fraction else "")
+    elif hour is not None:
+        text += second or ""
+    if zone:
+        text += "+0000" if zone == "Z" else zone.replace(":", "")
+    return text
+
+
+def from_time(value: str) -> str:
+    return value.replace(":", "")
+
+
+def from_value(value: Any) -> str:
+    """Any FHIR primitive as v2 text (dates are handled by from_date_time)."""
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    return str(value)

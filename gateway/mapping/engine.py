@@ -1,0 +1,109 @@
+"""The translator: HL7 v2 message in, canonical Translation out, through compiled tables."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.canonical import BusinessKey, Provenance, Resource, Translation
+from gateway.hl7.message import Message
+from gateway.mapping.compiler import Compiled, compile_tables
+from gateway.mapping.convert import Converters
+from gateway.mapping.errors import UnsupportedMessage
+from gateway.mapping.runtime import ID_NAMESPACE, Draft, Run
+from gateway.mapping.tables import SHIPPED, read_tables
+
+
+class Translator:
+    """Compiled tables, ready to translate any number of messages (thread-safe: no state)."""
+
+    def __init__(self, compiled: Compiled, default_offset: str = "+00:00") -> None:
+        self._compiled = compiled
+        self._default_offset = default_offset
+
+    @classmethod
+    def load(cls, directory: Path = SHIPPED, site: Path | None = None,
+             default_offset: str = "+00:00") -> Translator:
+        """Read, check and compile the tables; raises TableErrors naming file:line."""
+        converters = Converters(default_offset)
+        return cls(compile_tables(read_tables(directory, site), converters), default_offset)
+
+    @property
+    def message_types(self) -> list[str]:
+        return sorted(self._compiled.events)
+
+    def supports(self, message_type: str) -> bool:
+        return message_type in self._compiled.events
+
+    def translate(self, message: Message, received_at: datetime | None = None) -> Translation:
+        """The canonical form of one message; raises TranslationError naming the location."""
+        header = message.header
+        translate = self._compiled.events.get(header.message_type)
+        if translate is None:
+            raise UnsupportedMessage(header.message_type)
+        run = Run(message, self._default_offset)
+        translate(run)
+        now = datetime.now(UTC)
+        provenance = Provenance.model_construct(
+            source_application=run.text(header.sending_application),
+            source_facility=run.text(header.sending_facility),
+            control_id=run.text(header.control_id),
+            message_type=header.message_type,
+            received_at=received_at or now,
+            last_updated=now,
+        )
+        resources = _finish(run, provenance)
+        return Translation.model_construct(
+            provenance=provenance, resources=resources, unmapped=dict(run.unmapped),
+            z_segments=run.z_segments)
+
+
+def _finish(run: Run, provenance: Provenance) -> list[Resource]:
+    """Give every resource its identity and id, then resolve the references between them."""
+    sender = f"{provenance.source_application}|{provenance.source_facility}"
+    for draft in run.drafts:
+        draft.key = _business_key(draft)
+        draft.full_url = str(_resource_id(draft, sender, provenance.control_id))
+    for ref, target in run.pending_refs:
+        ref["reference"] = f"urn:uuid:{target.full_url}"
+    return [
+        Resource.model_construct(
+            resource_type=d.resource_type, id=d.full_url, primary=d.primary,
+            key=BusinessKey.model_construct(system=d.key[0], value=d.key[1]) if d.key else None,
+            content=d.content, provenance=provenance)
+        for d in run.drafts
+    ]
+
+
+def _business_key(draft: Draft) -> tuple[str, str] | None:
+    identifiers = draft.content.get("identifier")
+    if not identifiers:
+        return None
+    if isinstance(identifiers, dict):  # a single-valued identifier (e.g. Appointment? no)
+        identifiers = [identifiers]
+    best: tuple[str, str] | None = None
+    for identifier in identifiers:
+        value = identifier.get("value")
+        if not value:
+            continue
+        system = identifier.get("system", "")
+        if system:
+            return system, value
+        best = best or ("", value)
+    return best
+
+
+def _resource_id(draft: Draft, sender: str, control_id: str) -> uuid.UUID:
+    """Stable ids: by business identifier when there is one, else by source position.
+
+    Without a system an identifier is only unique at its sender, so the sender is part of
+    the name; without any identifier, the same message (sender + control id) resent gives
+    the same ids, so a resend updates instead of duplicating.
+    """
+    if draft.key is not None:
+        system, value = draft.key
+        scope = system or sender
+        return uuid.uuid5(ID_NAMESPACE, f"{draft.resource_type}|{scope}|{value}")
+    return uuid.uuid5(ID_NAMESPACE,
+                      f"{draft.resource_type}|{sender}|{control_id}|{draft.ordinal}")

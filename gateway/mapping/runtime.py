@@ -1,0 +1,114 @@
+"""The state of one translation: the message being read, and the resources being built.
+
+Compiled tables (compiler.py) are closures over these objects; nothing here interprets
+table text.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+from gateway.hl7.delimiters import Delimiters
+from gateway.hl7.escape import unescape
+from gateway.hl7.message import Message
+from gateway.mapping.convert import MSH7_OFFSET
+
+Json = dict[str, Any]
+
+# uuid5 namespace for every id Isthmus derives (fixed forever: ids must stay stable).
+ID_NAMESPACE = uuid.UUID("6c1d3f2e-6f0b-5e4a-9a57-1d2f0e8b4c11")
+
+
+class Draft:
+    """A resource being built: its type, content, identity and place in the bundle."""
+
+    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key")
+
+    def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int) -> None:
+        self.resource_type = resource_type
+        self.content = content
+        self.primary = primary
+        self.ordinal = ordinal
+        self.full_url = ""
+        self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
+
+
+class Run:
+    """One message's translation: reading helpers and the resources produced so far."""
+
+    __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
+                 "_referenced", "pending_refs", "offset")
+
+    def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
+        self.message = message
+        self.d: Delimiters = message.delimiters
+        self.charset = message.charset
+        self.drafts: list[Draft] = []
+        self.current: dict[str, Draft] = {}
+        self.unmapped: Counter[str] = Counter()
+        self.z_segments = 0
+        self._referenced: dict[str, Draft] = {}
+        # References whose target's fullUrl is known only once every id is (at the end).
+        self.pending_refs: list[tuple[Json, Draft]] = []
+        # A local time without an offset is read in the sender's zone: MSH-7's offset when
+        # the sender gave one, else the site's configured offset.
+        self.offset = _offset_of(message.get("MSH-7")) or default_offset
+
+    def text(self, raw: str) -> str:
+        return unescape(raw, self.d, self.charset) if self.d.escape in raw else raw
+
+    def new_draft(self, resource_type: str, primary: bool = True) -> Draft:
+        ordinal = sum(1 for d in self.drafts if d.resource_type == resource_type)
+        draft = Draft(resource_type, {}, primary, ordinal)
+        self.drafts.append(draft)
+        return draft
+
+    def reference_to(self, resource_type: str, content: Json) -> Json:
+        """Add a resource that another one points at (a Practitioner from an XCN, ...),
+        once per identity within the message, and return the reference to it."""
+        identity = _identity_text(resource_type, content)
+        draft = self._referenced.get(identity)
+        if draft is None:
+            draft = Draft(resource_type, content, False,
+                          sum(1 for d in self.drafts if d.resource_type == resource_type))
+            self.drafts.append(draft)
+            self._referenced[identity] = draft
+        else:
+            _merge(draft.content, content)
+        return self.reference(draft)
+
+    def reference(self, target: Draft) -> Json:
+        """A Reference to a resource of this message, resolved when the ids are known."""
+        ref: Json = {"reference": ""}
+        self.pending_refs.append((ref, target))
+        return ref
+
+
+def _identity_text(resource_type: str, content: Json) -> str:
+    for identifier in content.get("identifier", ()):
+        value = identifier.get("value")
+        if value:
+            return f"{resource_type}|{identifier.get('system', '')}|{value}"
+    name = content.get("name")
+    return f"{resource_type}|~{name!r}"
+
+
+def _merge(into: Json, other: Json) -> None:
+    for key, value in other.items():
+        if key not in into:
+            into[key] = value
+
+
+def _offset_of(msh7: str) -> str:
+    match = MSH7_OFFSET.match(msh7)
+    return f"{match.group(1)}{match.group(2)}:{match.group(3)}" if match else ""
+
+
+def leaf(raw: str, separators: str) -> str:
+    """The first part of a value at the deepest level (no further components)."""
+    for sep in separators:
+        if sep in raw:
+            raw = raw.split(sep, 1)[0]
+    return raw

@@ -1,0 +1,212 @@
+"""Reading the table files of `mappings/` (and a site's overrides) into rows with file:line.
+
+Layout of a table directory (mappings/README.md is the analyst's guide):
+
+    events.csv              message type (ADT^A01) -> message map
+    messages/<NAME>.csv     which segment becomes which resource, and how they link
+    segments/<SEG>-<Type>.csv    a segment's fields -> elements of a FHIR resource
+    datatypes/<DT>-<Type>.csv    a data type's components -> elements of a FHIR type
+    vocabulary/<Name>.csv   v2 codes -> FHIR codes
+
+A site directory with the same layout replaces shipped tables file by file (same relative
+path) and adds new ones.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.mapping.errors import TableError
+
+SHIPPED = Path(__file__).resolve().parent.parent.parent / "mappings"
+
+MAP_COLUMNS = ("source", "condition", "target", "type", "map", "vocabulary", "value", "note")
+MESSAGE_COLUMNS = ("segment", "after", "resource", "instance", "map", "links", "condition",
+                   "note")
+VOCABULARY_COLUMNS = ("code", "display", "fhir_code", "fhir_display", "fhir_system", "note")
+EVENT_COLUMNS = ("message_type", "map", "note")
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    file: str
+    line: int
+
+    def error(self, reason: str) -> TableError:
+        return TableError(self.file, self.line, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class MapRow:
+    """One row of a segment or data-type table."""
+
+    where: Where
+    source: str
+    condition: str
+    target: str
+    type: str
+    map: str
+    vocabulary: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMap:
+    """A segment table (PID-Patient) or a data-type table (CX-Identifier)."""
+
+    name: str
+    kind: str  # "segment" | "datatype"
+    v2_type: str  # PID, CX
+    target_type: str  # Patient, Identifier, uri
+    file: str
+    rows: tuple[MapRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    where: Where
+    segment: str
+    after: str
+    resource: str
+    instance: str  # "new" | "current"
+    map: str
+    links: str
+    condition: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMap:
+    name: str
+    file: str
+    rows: tuple[MessageRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VocabularyRow:
+    where: Where
+    code: str
+    display: str
+    fhir_code: str
+    fhir_display: str
+    fhir_system: str
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    name: str
+    file: str
+    rows: tuple[VocabularyRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    where: Where
+    message_type: str
+    map: str
+
+
+@dataclass
+class TableSet:
+    """Every table, by name, as read from disk (not yet checked)."""
+
+    events: list[EventRow] = field(default_factory=list)
+    messages: dict[str, MessageMap] = field(default_factory=dict)
+    segments: dict[str, FieldMap] = field(default_factory=dict)
+    datatypes: dict[str, FieldMap] = field(default_factory=dict)
+    vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+
+
+def table_files(directory: Path, site: Path | None = None) -> dict[str, Path]:
+    """Relative path -> file, site files replacing shipped ones of the same name."""
+    files: dict[str, Path] = {}
+    for root in (directory, site):
+        if root is None:
+            continue
+        if not root.is_dir():
+            raise TableError(root, 0, "is not a directory of mapping tables")
+        for path in sorted(root.rglob("*.csv")):
+            files[path.relative_to(root).as_posix()] = path
+    return files
+
+
+def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet:
+    tables = TableSet()
+    for relative, path in sorted(table_files(directory, site).items()):
+        folder, _, name = relative.rpartition("/")
+        stem = name[:-4]
+        if folder == "" and name == "events.csv":
+            tables.events.extend(_events(path))
+        elif folder == "messages":
+            tables.messages[stem] = MessageMap(stem, str(path), tuple(_message_rows(path)))
+        elif folder in ("segments", "datatypes"):
+            v2_type, _, target = stem.partition("-")
+            if not target:
+                raise TableError(path, 0, "a table name is <V2 TYPE>-<FHIR TYPE>, e.g. "
+                                          "PID-Patient or CX-Identifier")
+            target_type = target.split("-")[0].split(".")[0]
+            kind = "segment" if folder == "segments" else "datatype"
+            bucket = tables.segments if kind == "segment" else tables.datatypes
+            bucket[stem] = FieldMap(stem, kind, v2_type, target_type, str(path),
+                                    tuple(_map_rows(path)))
+        elif folder == "vocabulary":
+            tables.vocabularies[stem] = Vocabulary(stem, str(path),
+                                                   tuple(_vocabulary_rows(path)))
+        else:
+            raise TableError(path, 0, "is not in a known table folder (events.csv, "
+                                      "messages/, segments/, datatypes/, vocabulary/)")
+    return tables
+
+
+def _records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict[str, str]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TableError(path, 0, f"cannot be read: {exc}") from None
+    reader = csv.reader(text.splitlines(keepends=True))
+    header = next(reader, None)
+    if header is None:
+        raise TableError(path, 1, "is empty (a header row is required)")
+    names = [h.strip() for h in header]
+    unknown = [n for n in names if n not in columns]
+    missing = [c for c in columns if c not in names and c != "note"]
+    if unknown or missing:
+        raise TableError(path, 1, "header must be " + ",".join(columns) + (
+            f" (unknown: {', '.join(unknown)})" if unknown else "") + (
+            f" (missing: {', '.join(missing)})" if missing else ""))
+    line = 1
+    for cells in reader:
+        line = reader.line_num
+        if not cells or all(not c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
+            continue
+        if len(cells) > len(names):
+            raise TableError(path, line, f"has {len(cells)} cells; the header has "
+                                         f"{len(names)} (quote values holding commas)")
+        record = {c: "" for c in columns}
+        record.update({n: v.strip() for n, v in zip(names, cells, strict=False)})
+        yield Where(str(path), line), record
+
+
+def _map_rows(path: Path) -> Iterator[MapRow]:
+    for where, r in _records(path, MAP_COLUMNS):
+        yield MapRow(where, r["source"], r["condition"], r["target"], r["type"], r["map"],
+                     r["vocabulary"], r["value"])
+
+
+def _message_rows(path: Path) -> Iterator[MessageRow]:
+    for where, r in _records(path, MESSAGE_COLUMNS):
+        yield MessageRow(where, r["segment"], r["after"], r["resource"],
+                         r["instance"] or "new", r["map"], r["links"], r["condition"])
+
+
+def _vocabulary_rows(path: Path) -> Iterator[VocabularyRow]:
+    for where, r in _records(path, VOCABULARY_COLUMNS):
+        yield VocabularyRow(where, r["code"], r["display"], r["fhir_code"], r["fhir_display"],
+                            r["fhir_system"])
+
+
+def _events(path: Path) -> Iterator[EventRow]:
+    for where, r in _records(path, EVENT_COLUMNS):
+        yield EventRow(where, r["message_type"], r["map"])
