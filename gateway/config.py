@@ -103,6 +103,19 @@ class StoreConfig(_Section):
     max_batch: int = Field(default=512, ge=1, le=2000)
 
 
+class MappingConfig(_Section):
+    tables_dir: Path | None = Field(
+        default=None, description="the mapping tables; default: the shipped mappings/")
+    site_dir: Path | None = Field(
+        default=None, description="a site's tables, replacing or adding shipped ones by name")
+    default_offset: str = Field(
+        default="+00:00", pattern=r"^[+-]\d{2}:\d{2}$",
+        description="time-zone offset for local times when MSH-7 carries none")
+    strict: bool = Field(
+        default=False, description="validate every produced resource (slow; for new tables)")
+    translate_on_ingest: bool = True
+
+
 class TelemetryConfig(_Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4318"
@@ -117,6 +130,7 @@ class Settings(_Section):
     server: ServerConfig = ServerConfig()
     mllp: MllpConfig = MllpConfig()
     store: StoreConfig = StoreConfig()
+    mapping: MappingConfig = MappingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     log: LogConfig = LogConfig()
 

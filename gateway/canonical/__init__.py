@@ -1,5 +1,5 @@
 """The canonical model: what crosses the gateway, with where it came from."""
 
-from gateway.canonical.models import BusinessKey, Provenance, Resource, Translation
+from gateway.canonical.models import BusinessKey, Provenance, Resource, Translation, trusted
 
-__all__ = ["BusinessKey", "Provenance", "Resource", "Translation"]
+__all__ = ["BusinessKey", "Provenance", "Resource", "Translation", "trusted"]

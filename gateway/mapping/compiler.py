@@ -219,8 +219,11 @@ class _Compiler:
             scope = Scope(parts, seps, run)
             out: Json = {}
             inst: dict[str, Json] = {}
-            for group in groups:
-                group(scope, inst, out, location)
+            count = len(parts)
+            for index, group in groups:
+                # An empty component costs one comparison, not a call (most are empty).
+                if index < 0 or (index < count and parts[index]):
+                    group(scope, inst, out, location)
             if primitive:
                 return out.get("$value")
             return out or None
@@ -249,8 +252,10 @@ class _Compiler:
         def apply(fields: list[str], run: Run, content: Json) -> None:
             scope = Scope(fields, "", run)
             inst: dict[str, Json] = {}
-            for group in groups:
-                group(scope, inst, content, segment_id)
+            count = len(fields)
+            for index, group in groups:
+                if index < 0 or (index < count and fields[index]):
+                    group(scope, inst, content, segment_id)
 
         self.segment_fns[name] = (apply, read)
         return self.segment_fns[name]
@@ -266,7 +271,18 @@ class _Compiler:
 
     # -- rows, grouped by source ----------------------------------------------------------
 
-    def _groups(self, table: FieldMap) -> list[Group]:
+    def _groups(self, table: FieldMap) -> list[tuple[int, Group]]:
+        """Groups in table order, each with the index of the part it reads (-1: always run)."""
+        indexed = []
+        for source, group in self._source_groups(table):
+            if source is None or (table.kind == "segment" and source.segment != table.v2_type):
+                index = -1
+            else:
+                index = source.field - 1 if table.kind == "datatype" else source.field
+            indexed.append((index, group))
+        return indexed
+
+    def _source_groups(self, table: FieldMap) -> list[tuple[V2Path | None, Group]]:
         """Rows sharing a source run together per repetition, sharing new instances."""
         by_source: dict[str, list[MapRow]] = {}
         for row in table.rows:
@@ -278,7 +294,7 @@ class _Compiler:
             if source and path is None:
                 continue
             compiled = [r for r in (self._row(row, table, path) for row in rows) if r]
-            groups.append(self._group(table, path, compiled))
+            groups.append((path, self._group(table, path, compiled)))
         return groups
 
     def _check_duplicates(self, table: FieldMap) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.canonical import BusinessKey, Provenance, Resource, Translation
+from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted
 from gateway.hl7.message import Message
 from gateway.mapping.compiler import Compiled, compile_tables
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import ID_NAMESPACE, Draft, Run
+from gateway.mapping.runtime import Draft, Run, name_uuid
 from gateway.mapping.tables import SHIPPED, read_tables
 
 
@@ -45,7 +44,8 @@ class Translator:
         run = Run(message, self._default_offset)
         translate(run)
         now = datetime.now(UTC)
-        provenance = Provenance.model_construct(
+        provenance = trusted(
+            Provenance,
             source_application=run.text(header.sending_application),
             source_facility=run.text(header.sending_facility),
             control_id=run.text(header.control_id),
@@ -54,7 +54,8 @@ class Translator:
             last_updated=now,
         )
         resources = _finish(run, provenance)
-        return Translation.model_construct(
+        return trusted(
+            Translation,
             provenance=provenance, resources=resources, unmapped=dict(run.unmapped),
             z_segments=run.z_segments)
 
@@ -64,13 +65,13 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     sender = f"{provenance.source_application}|{provenance.source_facility}"
     for draft in run.drafts:
         draft.key = _business_key(draft)
-        draft.full_url = str(_resource_id(draft, sender, provenance.control_id))
+        draft.full_url = _resource_id(draft, sender, provenance.control_id)
     for ref, target in run.pending_refs:
         ref["reference"] = f"urn:uuid:{target.full_url}"
     return [
-        Resource.model_construct(
-            resource_type=d.resource_type, id=d.full_url, primary=d.primary,
-            key=BusinessKey.model_construct(system=d.key[0], value=d.key[1]) if d.key else None,
+        trusted(
+            Resource, resource_type=d.resource_type, id=d.full_url, primary=d.primary,
+            key=trusted(BusinessKey, system=d.key[0], value=d.key[1]) if d.key else None,
             content=d.content, provenance=provenance)
         for d in run.drafts
     ]
@@ -94,7 +95,7 @@ def _business_key(draft: Draft) -> tuple[str, str] | None:
     return best
 
 
-def _resource_id(draft: Draft, sender: str, control_id: str) -> uuid.UUID:
+def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
     """Stable ids: by business identifier when there is one, else by source position.
 
     Without a system an identifier is only unique at its sender, so the sender is part of
@@ -104,6 +105,5 @@ def _resource_id(draft: Draft, sender: str, control_id: str) -> uuid.UUID:
     if draft.key is not None:
         system, value = draft.key
         scope = system or sender
-        return uuid.uuid5(ID_NAMESPACE, f"{draft.resource_type}|{scope}|{value}")
-    return uuid.uuid5(ID_NAMESPACE,
-                      f"{draft.resource_type}|{sender}|{control_id}|{draft.ordinal}")
+        return name_uuid(f"{draft.resource_type}|{scope}|{value}")
+    return name_uuid(f"{draft.resource_type}|{sender}|{control_id}|{draft.ordinal}")
