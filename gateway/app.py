@@ -17,6 +17,8 @@ from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
 from gateway.hl7.definitions import preload as preload_definitions
+from gateway.mapping.engine import Translator
+from gateway.mapping.tables import SHIPPED
 from gateway.store import SqliteInbox
 from gateway.telemetry import Telemetry, configure
 
@@ -26,6 +28,7 @@ SETTINGS = web.AppKey("settings", Settings)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 MLLP = web.AppKey("mllp", MllpServer)
 MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
+TRANSLATOR = web.AppKey("translator", Translator)
 
 INBOX_FILE = "inbox.db"
 
@@ -48,6 +51,9 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
     if settings.mllp.validation != "header":
         # Compile the HL7 definitions off the event loop now, not on the first message.
         await asyncio.get_running_loop().run_in_executor(None, preload_definitions)
+    # A bad table stops the start here (TableErrors: file:line: reason), before listening.
+    app[TRANSLATOR] = await asyncio.get_running_loop().run_in_executor(
+        None, load_translator, settings)
     inbox = await SqliteInbox.open(
         store.data_dir / INBOX_FILE,
         synchronous=store.synchronous,
@@ -56,7 +62,7 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
     )
     app[http.INBOX] = inbox
     try:
-        server = _mllp_server(settings, inbox, app[TELEMETRY])
+        server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR])
         app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     except BaseException:
         await inbox.close()
@@ -73,7 +79,14 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         app[TELEMETRY].shutdown()
 
 
-def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry) -> MllpServer:
+def load_translator(settings: Settings) -> Translator:
+    mapping = settings.mapping
+    return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
+                           mapping.default_offset)
+
+
+def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
+                 translator: Translator) -> MllpServer:
     mllp = settings.mllp
     tls = mllp.tls
     context = None
@@ -87,7 +100,9 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry) -
                 SenderRule(s.subject, s.sending_application, s.sending_facility)
                 for s in tls.allowed_senders)
     ingest = Ingest(inbox, telemetry, validation=mllp.validation,
-                    default_charset=mllp.default_charset, sender_check=check)
+                    default_charset=mllp.default_charset, sender_check=check,
+                    translator=translator if settings.mapping.translate_on_ingest else None,
+                    strict=settings.mapping.strict)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

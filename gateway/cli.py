@@ -1,4 +1,4 @@
-"""The `isthmus` command line: serve, send, inbox."""
+"""The `isthmus` command line: serve, send, inbox, translate, mappings."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ def _parser() -> argparse.ArgumentParser:
     show = inbox_sub.add_parser("show", help="one message, with its ACK")
     show.add_argument("id", type=int)
     show.set_defaults(run=_inbox_show)
+    replay = inbox_sub.add_parser(
+        "replay", help="translate stored messages again (after a table is fixed)")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="one inbox id")
+    which.add_argument("--failed", action="store_true",
+                       help="every message that failed or had no table")
+    replay.set_defaults(run=_inbox_replay)
+
+    translate = sub.add_parser(
+        "translate", help="HL7 v2 to FHIR R4 Bundles, or FHIR R4 to HL7 v2, on stdout")
+    translate.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                           help="input file; '-' or nothing reads stdin")
+    translate.add_argument("--to", choices=("fhir", "hl7"),
+                           help="output format (default: the other one than the input)")
+    translate.add_argument("--pretty", action="store_true", help="indented JSON")
+    translate.add_argument("--event", help="v2 event for FHIR input, e.g. A28 or S14")
+    translate.set_defaults(run=_translate)
+
+    mappings = sub.add_parser("mappings", help="the mapping tables")
+    mappings_sub = mappings.add_subparsers(metavar="ACTION")
+    check = mappings_sub.add_parser(
+        "check", help="check the tables (and a site's overrides) as a start-up would")
+    check.add_argument("dir", nargs="?", type=Path, metavar="DIR",
+                       help="a site directory overriding the shipped tables")
+    check.add_argument("--tables", type=Path, help="check this table set instead of the shipped")
+    check.set_defaults(run=_mappings_check)
     return parser
 
 
@@ -84,6 +110,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve
+    from gateway.mapping.errors import TableError, TableErrors
 
     settings = _settings(args, **{
         "server.host": args.host, "mllp.port": args.mllp_port,
@@ -104,6 +131,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"isthmus: the store in {settings.store.data_dir} cannot be opened: {exc}",
               file=sys.stderr)
         return 1
+    except (TableErrors, TableError) as exc:
+        print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
+        return 2
 
 
 # -- send -------------------------------------------------------------------------------
@@ -222,3 +252,168 @@ def _inbox_show(args: argparse.Namespace) -> int:
 def _readable(raw: bytes) -> str:
     text = raw.decode("utf-8", "replace")
     return text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+
+
+# -- inbox replay -----------------------------------------------------------------------
+
+
+def _inbox_replay(args: argparse.Namespace) -> int:
+    from gateway.app import load_translator
+    from gateway.store.inbox import read_raw, record_outcomes
+
+    settings = _settings(args, **{"store.data_dir": args.data_dir})
+    path = _inbox_db(args)
+    translator = _translator_or_exit(lambda: load_translator(settings))
+    if translator is None:
+        return 2
+    rows = asyncio.run(read_raw(path, None if args.failed else [args.id]))
+    if not rows and not args.failed:
+        print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
+        return 1
+    outcomes = [(row_id, *_replay_one(translator, raw)) for row_id, raw in rows]
+    asyncio.run(record_outcomes(path, outcomes))
+    for row_id, status, error in outcomes:
+        print(f"{row_id} {status}" + (f" {error}" if error else ""))
+    return 0 if all(status == "translated" for _, status, _ in outcomes) else 1
+
+
+def _replay_one(translator: Any, raw: bytes) -> tuple[str, str]:
+    from gateway.hl7.errors import Hl7Error
+    from gateway.hl7.message import parse_message
+    from gateway.mapping.errors import TranslationError, UnsupportedMessage
+
+    try:
+        translator.translate(parse_message(raw))
+    except UnsupportedMessage as exc:
+        return "unsupported", exc.safe_text
+    except TranslationError as exc:
+        return "failed", exc.safe_text
+    except Hl7Error as exc:
+        return "failed", exc.reason
+    return "translated", ""
+
+
+def _translator_or_exit(load: Any) -> Any:
+    from gateway.mapping.errors import TableError, TableErrors
+
+    try:
+        return load()
+    except (TableErrors, TableError) as exc:
+        print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
+        return None
+
+
+# -- translate --------------------------------------------------------------------------
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from gateway.app import load_translator
+
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"isthmus translate: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    looks_like_json = data.lstrip()[:1] in (b"{", b"[")
+    target = args.to or ("hl7" if looks_like_json else "fhir")
+    settings = _settings(args)
+    if target == "hl7":
+        return _fhir_to_hl7(data, args.event)
+    translator = _translator_or_exit(lambda: load_translator(settings))
+    if translator is None:
+        return 2
+    return _hl7_to_fhir(translator, data, args.pretty)
+
+
+def _hl7_to_fhir(translator: Any, data: bytes, pretty: bool) -> int:
+    from gateway.fhir.bundle import dumps, to_bundle
+    from gateway.hl7.batch import split_messages
+    from gateway.hl7.errors import Hl7Error
+    from gateway.hl7.message import check_header, parse_message
+    from gateway.mapping.errors import TranslationError
+
+    bundles = []
+    try:
+        messages = split_messages(data)
+    except Hl7Error as exc:
+        print(f"isthmus translate: {exc.location or 'input'}: {exc.reason}", file=sys.stderr)
+        return 2
+    if not messages:
+        print("isthmus translate: the input holds no HL7 v2 message", file=sys.stderr)
+        return 2
+    for number, raw in enumerate(messages, 1):
+        prefix = f"message {number}: " if len(messages) > 1 else ""
+        try:
+            message = parse_message(raw)
+            check_header(message.header)
+            bundles.append(to_bundle(translator.translate(message)))
+        except Hl7Error as exc:
+            where = f"{exc.location}: " if exc.location else ""
+            print(f"isthmus translate: {prefix}{where}{exc.reason}", file=sys.stderr)
+            return 2
+        except TranslationError as exc:
+            print(f"isthmus translate: {prefix}{exc}", file=sys.stderr)
+            return 2
+    document: Any = bundles[0] if len(bundles) == 1 else bundles
+    sys.stdout.buffer.write(dumps(document, pretty=pretty) + b"\n")
+    return 0
+
+
+def _fhir_to_hl7(data: bytes, event: str | None) -> int:
+    import orjson
+
+    try:
+        from gateway.mapping.reverse import Reverser
+    except ImportError:
+        print("isthmus translate: FHIR to HL7 v2 is not available in this build",
+              file=sys.stderr)
+        return 2
+    from gateway.mapping.errors import TableError, TableErrors, TranslationError
+
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        print(f"isthmus translate: the input is not JSON (line {exc.lineno}, column "
+              f"{exc.colno})", file=sys.stderr)
+        return 2
+    if not isinstance(document, dict):
+        print("isthmus translate: expected a FHIR resource or Bundle (a JSON object)",
+              file=sys.stderr)
+        return 2
+    try:
+        reverser = Reverser.load()
+        messages = reverser.to_v2(document, event=event)
+    except (TableErrors, TableError) as exc:
+        print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
+        return 2
+    except (TranslationError, ValueError) as exc:
+        print(f"isthmus translate: {exc}", file=sys.stderr)
+        return 2
+    for message in messages:
+        sys.stdout.write(message.replace("\r", "\n") if sys.stdout.isatty() else message)
+        sys.stdout.write("\n")
+    return 0
+
+
+# -- mappings check ---------------------------------------------------------------------
+
+
+def _mappings_check(args: argparse.Namespace) -> int:
+    from gateway.mapping.engine import Translator
+    from gateway.mapping.errors import TableError, TableErrors
+    from gateway.mapping.tables import SHIPPED
+
+    tables = args.tables or SHIPPED
+    try:
+        translator = Translator.load(tables, args.dir)
+    except TableErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"{len(exc.errors)} problem(s) found", file=sys.stderr)
+        return 2
+    except TableError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"ok: {len(translator.message_types)} message types "
+          f"({', '.join(translator.message_types)})")
+    return 0

@@ -47,6 +47,10 @@ SAFE_ATTRIBUTES = frozenset({
     "mllp.tls",
     "store.batch_size",
     "store.inbox_id",
+    "mapping.status",
+    "mapping.resources",
+    "mapping.unmapped",
+    "mapping.z_segments",
     "outcome",
 })
 

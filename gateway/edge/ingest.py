@@ -15,8 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
 from opentelemetry import trace
 
+from gateway.canonical import Translation
+from gateway.fhir.bundle import dumps, to_bundle
+from gateway.fhir.validate import InvalidResource, validate_resource
 from gateway.hl7.ack import (
     APPLICATION_REJECT,
     COMMIT_REJECT,
@@ -35,7 +39,10 @@ from gateway.hl7.message import (
 )
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.hl7.validate import validate
+from gateway.mapping.engine import Translator
+from gateway.mapping.errors import TranslationError, UnsupportedMessage
 from gateway.store import InboundMessage, SqliteInbox, Stored, StoreUnavailable
+from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED, UNSUPPORTED
 from gateway.telemetry import Telemetry, set_attributes
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,8 @@ class Ingest:
         validation: str = "standard",
         default_charset: str = "utf-8",
         sender_check: SenderCheck | None = None,
+        translator: Translator | None = None,
+        strict: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._inbox = inbox
@@ -85,6 +94,8 @@ class Ingest:
         self._validation = validation
         self._default_charset = default_charset
         self._sender_check = sender_check
+        self._translator = translator
+        self._strict = strict
         self._clock = clock
         self._control_ids = ControlIds()
         meter = telemetry.meter
@@ -176,9 +187,14 @@ class Ingest:
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
                reply: asyncio.Future[Reply]) -> None:
         header = message.header
-        code = ack_code((), header.enhanced_mode)
         now = self._clock()
-        ack = self._ack_text(span, message, header, code, (), now).encode(message.charset)
+        status, error = self._translate(message, span, now)
+        # Original mode answers the application outcome: AE names what could not be
+        # translated. Enhanced mode's accept ACK answers only the commit (CA); the outcome
+        # stays in the inbox, marked for replay.
+        errors = [error] if error is not None and not header.enhanced_mode else []
+        code = ack_code(errors, header.enhanced_mode)
+        ack = self._ack_text(span, message, header, code, errors, now).encode(message.charset)
         inbound = InboundMessage(
             sending_application=header.sending_application,
             sending_facility=header.sending_facility,
@@ -189,6 +205,8 @@ class Ingest:
             raw=frame,
             ack=ack,
             received_at=now,
+            status=status,
+            error=error.reason if error is not None else "",
         )
         store_span = self._span("inbox.store", span)
         stored = self._inbox.submit(inbound)
@@ -219,6 +237,42 @@ class Ingest:
             self._finish(span, reply, result.ack if send else None, code, len(frame))
 
         stored.add_done_callback(committed)
+
+    def _translate(self, message: Message, span: trace.Span,
+                   now: datetime) -> tuple[str, Hl7Error | None]:
+        """Translate before the commit (it is CPU only), so message, ACK and outcome are
+        stored together in one write; a failure is stored too, for replay."""
+        if self._translator is None:
+            return ACCEPTED, None
+        child = self._span("mapping.translate", span)
+        try:
+            translation = self._translator.translate(message, now)
+            if self._strict:
+                check_bundle(translation)
+        except UnsupportedMessage:
+            set_attributes(span, {"mapping.status": UNSUPPORTED})
+            return UNSUPPORTED, None
+        except TranslationError as exc:
+            set_attributes(span, {"mapping.status": FAILED})
+            log.info("could not translate an MLLP message: %s", exc.safe_text)
+            return FAILED, translation_error(exc)
+        except Exception as exc:  # a table or engine bug costs this message, not the edge
+            log.error("internal error translating an MLLP message: %s at %s",
+                      type(exc).__name__, _where(exc))
+            return FAILED, Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                    "internal error while translating")
+        finally:
+            child.end()
+        if self._recording:
+            set_attributes(span, {"mapping.status": TRANSLATED,
+                                  "mapping.resources": len(translation.resources),
+                                  "mapping.unmapped": translation.unmapped_count,
+                                  "mapping.z_segments": translation.z_segments})
+        if translation.unmapped and log.isEnabledFor(logging.DEBUG):
+            # Locations and counts only: never a value.
+            log.debug("unmapped in %s: %s", translation.provenance.message_type,
+                      ", ".join(f"{k}x{v}" for k, v in sorted(translation.unmapped.items())))
+        return TRANSLATED, None
 
     def _refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
                          reply: asyncio.Future[Reply]) -> None:
@@ -289,3 +343,28 @@ def _holds_several_messages(message: Message) -> bool:
     """A second MSH at the start of a line: a batch or two messages in one frame."""
     text = message.to_text()
     return "\rMSH" in text or "\nMSH" in text
+
+
+def translation_error(exc: TranslationError) -> Hl7Error:
+    """The ERR for a message that could not be translated: where, and why (no value)."""
+    code = ErrorCode.DATA_TYPE_ERROR if exc.value is not None else (
+        ErrorCode.APPLICATION_INTERNAL_ERROR)
+    return Hl7Error(code, exc.safe_text, _location(exc))
+
+
+def _location(exc: TranslationError) -> Location | None:
+    segment, _, rest = exc.location.partition("-")
+    numbers = [int(n) for n in rest.split(".") if n.isdigit()]
+    if len(segment) != 3 or not numbers:
+        return None
+    return Location(segment, exc.sequence, numbers[0],
+                    numbers[1] if len(numbers) > 1 else None,
+                    subcomponent=numbers[2] if len(numbers) > 2 else None)
+
+
+def check_bundle(translation: Translation) -> None:
+    """Strict mode: validate the whole output with the R4 models (slow; for new tables)."""
+    try:
+        validate_resource(orjson.loads(dumps(to_bundle(translation))))
+    except InvalidResource as exc:
+        raise TranslationError("", f"the output is not valid FHIR R4 ({exc})") from None

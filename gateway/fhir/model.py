@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -37,7 +37,7 @@ class Element:
         return self.type[:1].islower()
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_resource_type(name: str) -> bool:
     try:
         model = get_fhir_model_class(name)
@@ -48,7 +48,7 @@ def is_resource_type(name: str) -> bool:
     return issubclass(model, Resource)
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_type(name: str) -> bool:
     """A FHIR data type or resource name the model knows ('HumanName', 'Patient', 'date')."""
     if name in PRIMITIVE_TYPES:
@@ -76,7 +76,7 @@ def element(root: str, path: str) -> Element:
     return _element(root, tuple(path.split(".")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _element(root: str, steps: tuple[str, ...]) -> Element:
     current = Element(root, repeats=False)
     for step in steps:

@@ -452,7 +452,7 @@ class _Compiler:
         except ConditionError as exc:
             self.errors.append(where.error(f"condition: {exc}"))
             return None
-        return predicate  # type: ignore[return-value]
+        return predicate
 
     def _getter(self, path: V2Path, table: FieldMap) -> Callable[[Scope], str]:
         """Read a location as unescaped text, for conditions and value templates."""
@@ -726,8 +726,7 @@ class _Compiler:
 
     # -- setters -----------------------------------------------------------------------------
 
-    def _setter(self, table: FieldMap, row: MapRow
-                ) -> Callable[[Json, dict[str, Json], Any], None] | None:
+    def _setter(self, table: FieldMap, row: MapRow) -> Setter | None:
         if row.target == "$value":
             def set_value(out: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
                           value: Any) -> None:
@@ -854,13 +853,18 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
                 continue
             fields = segment.fields
             read: set[int] = set()
-            for step in steps:
-                if step.after and step.after != anchor:
-                    continue
-                if step.condition is not None and not step.condition(Scope(fields, "", run)):
-                    continue
-                _apply_step(step, fields, run)
-                read |= step.read
+            try:
+                for step in steps:
+                    if step.after and step.after != anchor:
+                        continue
+                    if step.condition is not None and not step.condition(
+                            Scope(fields, "", run)):
+                        continue
+                    _apply_step(step, fields, run)
+                    read |= step.read
+            except TranslationError as exc:
+                exc.sequence = segment.occurrence
+                raise
             if read:
                 for number in range(1, len(fields)):
                     value = fields[number]

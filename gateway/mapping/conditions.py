@@ -86,7 +86,8 @@ class _Parser:
 
     def take(self, expected: str | None = None) -> _Token:
         if self.position >= len(self.tokens):
-            raise ConditionError(f"the condition ends early{' (expected ' + expected + ')' if expected else ''}")
+            wanted = f" (expected {expected})" if expected else ""
+            raise ConditionError(f"the condition ends early{wanted}")
         token = self.tokens[self.position]
         if expected is not None and (token.text.upper() if token.kind == "word"
                                      else token.text) != expected:

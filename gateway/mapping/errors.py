@@ -36,11 +36,24 @@ class TranslationError(ValueError):
         self.location = location
         self.reason = reason
         self.value = value
+        self.sequence = 1  # which occurrence of the segment (OBX[3]), set by the engine
+
+    @property
+    def where(self) -> str:
+        """The location with the segment's occurrence when it is not the first: OBX[3]-5."""
+        if self.sequence > 1 and "-" in self.location:
+            segment, _, rest = self.location.partition("-")
+            return f"{segment}[{self.sequence}]-{rest}"
+        return self.location
+
+    def __str__(self) -> str:
+        shown = f"'{self.value}' {self.reason}" if self.value is not None else self.reason
+        return f"{self.where}: {shown}" if self.location else shown
 
     @property
     def safe_text(self) -> str:
-        return f"{self.location}: value {self.reason}" if self.value is not None else (
-            f"{self.location}: {self.reason}" if self.location else self.reason)
+        return f"{self.where}: value {self.reason}" if self.value is not None else (
+            f"{self.where}: {self.reason}" if self.location else self.reason)
 
 
 class UnsupportedMessage(TranslationError):

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     status TEXT NOT NULL,
     raw BLOB NOT NULL,
     ack BLOB NOT NULL,
+    -- Why translation failed: a location and a reason, never a value (no PHI).
+    error TEXT NOT NULL DEFAULT '',
     -- NULL once the message is older than the duplicate window, so the key may recur.
     dedup_key TEXT UNIQUE
 );
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 """
 
 _COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
-            "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key")
+            "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key",
+            "error")
 _ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
 # One commit carries at most this many message bytes, so a run of large messages (up to
 # the 10 MiB frame limit each) is written in several statements, not one huge one.
@@ -54,7 +57,13 @@ _MAX_BATCH_BYTES = 32 * 1024 * 1024
 # SQLite allows 32766 bound parameters per statement.
 _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 
+# Inbox statuses: stored only (translation off), translated, could not be translated, or
+# of a message type no table maps. `failed` and `unsupported` can be replayed.
 ACCEPTED = "accepted"
+TRANSLATED = "translated"
+FAILED = "failed"
+UNSUPPORTED = "unsupported"
+REPLAYABLE = (FAILED, UNSUPPORTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,8 @@ class InboundMessage:
     raw: bytes
     ack: bytes
     received_at: datetime
+    status: str = ACCEPTED
+    error: str = ""
 
     @property
     def dedup_key(self) -> str:
@@ -100,6 +111,7 @@ class InboxEntry:
     peer: str
     size: int
     status: str
+    error: str = ""
 
 
 _Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
@@ -129,6 +141,7 @@ class SqliteInbox:
         inbox = cls(db, dedup_window, max_batch)
         try:
             await db.executescript(_SCHEMA)
+            await _migrate(db)
             await inbox.expire_dedup_keys()
         except BaseException:
             await db.close()
@@ -211,8 +224,8 @@ class SqliteInbox:
         for m in messages:
             params.extend((
                 _timestamp(m.received_at), m.sending_application, m.sending_facility,
-                m.control_id, m.message_type, m.version, m.peer, len(m.raw), ACCEPTED,
-                m.raw, m.ack, m.dedup_key,
+                m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
+                m.raw, m.ack, m.dedup_key, m.error,
             ))
         # One statement in autocommit mode is one transaction: all rows or none.
         sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
@@ -288,7 +301,7 @@ class SqliteInbox:
 
 
 _ENTRY_COLUMNS = ("id, received_at, sending_application, sending_facility, control_id, "
-                  "message_type, version, peer, size, status")
+                  "message_type, version, peer, size, status, error")
 
 
 async def list_entries(db: aiosqlite.Connection, limit: int,
@@ -310,7 +323,7 @@ async def get_entry(db: aiosqlite.Connection,
     if not rows:
         return None
     row = rows[0]
-    return InboxEntry(*row[:10]), bytes(row[10]), bytes(row[11])
+    return InboxEntry(*row[:11]), bytes(row[11]), bytes(row[12])
 
 
 def _timestamp(moment: datetime) -> str:
@@ -332,3 +345,34 @@ async def read_entries(path: Path, limit: int = 50, status: str | None = None) -
 async def read_entry(path: Path, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
     async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
         return await get_entry(db, inbox_id)
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring an inbox made by an older version up to this schema (columns only added)."""
+    columns = {str(row[1]) for row in await db.execute_fetchall("PRAGMA table_info(inbox)")}
+    if "error" not in columns:
+        await db.execute("ALTER TABLE inbox ADD COLUMN error TEXT NOT NULL DEFAULT ''")
+
+
+async def read_raw(path: Path, ids: Sequence[int] | None,
+                   statuses: Sequence[str] = REPLAYABLE) -> list[tuple[int, bytes]]:
+    """(id, raw message) for the given ids, or for every row in `statuses` (ids None)."""
+    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
+        if ids is not None:
+            marks = ",".join("?" * len(ids))
+            rows = await db.execute_fetchall(
+                f"SELECT id, raw FROM inbox WHERE id IN ({marks}) ORDER BY id", list(ids))
+        else:
+            marks = ",".join("?" * len(statuses))
+            rows = await db.execute_fetchall(
+                f"SELECT id, raw FROM inbox WHERE status IN ({marks}) ORDER BY id",
+                list(statuses))
+        return [(int(row_id), bytes(raw)) for row_id, raw in rows]
+
+
+async def record_outcomes(path: Path, outcomes: Sequence[tuple[int, str, str]]) -> None:
+    """Set (id, status, error) after a replay, in one transaction (beside a live gateway)."""
+    async with aiosqlite.connect(path, timeout=30) as db:
+        await db.executemany("UPDATE inbox SET status = ?, error = ? WHERE id = ?",
+                             [(status, error, row_id) for row_id, status, error in outcomes])
+        await db.commit()
