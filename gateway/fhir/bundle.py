@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import orjson
 
-from gateway.canonical import Resource, Translation
+from gateway.canonical import Provenance, Resource, Translation
 
 Json = dict[str, Any]
 
@@ -63,7 +63,7 @@ def _entry(resource: Resource) -> Json:
 def _provenance_entry(translation: Translation) -> Json:
     source = translation.provenance
     recorded = source.received_at.isoformat(timespec="milliseconds")
-    sender = f"{source.source_application}^{source.source_facility}".strip("^")
+    sender = f"{source.source_application}^{source.source_facility}".strip("^ ") or "unknown"
     provenance: Json = {
         "resourceType": "Provenance",
         "target": [{"reference": f"urn:uuid:{r.id}"} for r in translation.resources],
@@ -78,15 +78,18 @@ def _provenance_entry(translation: Translation) -> Json:
             "who": {"identifier": {"system": PROVENANCE_SENDER_SYSTEM, "value": sender},
                     "display": sender},
         }],
-        "entity": [{
-            "role": "source",
-            "what": {"identifier": {"system": PROVENANCE_MESSAGE_SYSTEM,
-                                    "value": source.control_id},
-                     "display": source.message_type},
-        }],
+        "entity": [{"role": "source", "what": _source_message(source)}],
     }
     return {"fullUrl": "urn:uuid:" + _provenance_id(translation), "resource": provenance,
             "request": {"method": "POST", "url": "Provenance"}}
+
+
+def _source_message(source: Provenance) -> Json:
+    what: Json = {"display": source.message_type or "HL7 v2 message"}
+    if source.control_id.strip():  # MSH-10 is required, yet some senders leave it empty
+        what["identifier"] = {"system": PROVENANCE_MESSAGE_SYSTEM,
+                              "value": source.control_id.strip()}
+    return what
 
 
 def _provenance_id(translation: Translation) -> str:

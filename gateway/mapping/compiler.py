@@ -80,7 +80,8 @@ class Scope:
         self.src_tag = "@#1"
 
 
-Row = Callable[[Scope, str, str, str, dict[str, Json], Json], None]
+# A row returns whether it applied (its condition held), written or not.
+Row = Callable[[Scope, str, str, str, dict[str, Json], Json], bool]
 Group = Callable[[Scope, dict[str, Json], Json, str], None]
 Setter = Callable[[Json, dict[str, Json], str, str, Any], None]
 
@@ -293,9 +294,35 @@ class _Compiler:
             path = self._parse_source(source, table, rows[0].where) if source else None
             if source and path is None:
                 continue
-            compiled = [r for r in (self._row(row, table, path) for row in rows) if r]
-            groups.append((path, self._group(table, path, compiled)))
+            compiled = self._compile_rows(rows, table, path)
+            # A field whose every row is conditional is counted as unmapped when none
+            # applies, unless a documentation row (no target) says it may be left out.
+            count_unmatched = bool(compiled) and all(
+                r.condition for r in rows if r.target) and all(r.target for r in rows)
+            groups.append((path, self._group(table, path, compiled, count_unmatched)))
         return groups
+
+    def _compile_rows(self, rows: list[MapRow], table: FieldMap,
+                      path: V2Path | None) -> list[Row]:
+        """Value rows first, then constants. A constant for an element that a value row of
+        the group makes (location.status beside location.location) only fills that
+        element in when it exists: it never makes a half element of its own."""
+        values = [r for r in rows if not r.value or "{" in r.value]
+        constants = [r for r in rows if r.value and "{" not in r.value]
+        made = {first for r in values if r.target
+                if (first := _first_repeating(table.target_type, r.target)) is not None}
+        compiled: list[Row] = []
+        for row in values:
+            applied = self._row(row, table, path)
+            if applied is not None:
+                compiled.append(applied)
+        for row in constants:
+            applied = self._row(row, table, path)
+            if applied is None:
+                continue
+            first = _first_repeating(table.target_type, row.target) if row.target else None
+            compiled.append(_only_into_existing(applied, first) if first in made else applied)
+        return compiled
 
     def _check_duplicates(self, table: FieldMap) -> None:
         seen: dict[tuple[str, str, str, str], MapRow] = {}
@@ -392,17 +419,20 @@ class _Compiler:
 
         if condition is None:
             def apply(scope: Scope, raw: str, seps: str, location: str,
-                      inst: dict[str, Json], out: Json) -> None:
+                      inst: dict[str, Json], out: Json) -> bool:
                 value = produce(scope, raw, seps, location)
                 if value is not None:
                     setter(out, inst, scope.rep_tag, scope.src_tag, value)
+                return True
         else:
             def apply(scope: Scope, raw: str, seps: str, location: str,
-                      inst: dict[str, Json], out: Json) -> None:
-                if condition(scope):
-                    value = produce(scope, raw, seps, location)
-                    if value is not None:
-                        setter(out, inst, scope.rep_tag, scope.src_tag, value)
+                      inst: dict[str, Json], out: Json) -> bool:
+                if not condition(scope):
+                    return False
+                value = produce(scope, raw, seps, location)
+                if value is not None:
+                    setter(out, inst, scope.rep_tag, scope.src_tag, value)
+                return True
         return apply
 
     def _target_element(self, table: FieldMap, row: MapRow) -> fhir_model.Element | None:
@@ -474,7 +504,8 @@ class _Compiler:
             segment_id = path.segment
 
             def other(scope: Scope) -> str:
-                segment = scope.run.message.segment(segment_id)
+                segment = scope.run.latest.get(segment_id) or scope.run.message.segment(
+                    segment_id)
                 if segment is None:
                     return ""
                 return scope.run.text(_descend(_first_rep(segment.field(f), scope.run),
@@ -651,7 +682,8 @@ class _Compiler:
 
     # -- a group of rows with one source --------------------------------------------------
 
-    def _group(self, table: FieldMap, source: V2Path | None, rows: list[Row]) -> Group:
+    def _group(self, table: FieldMap, source: V2Path | None, rows: list[Row],
+               count_unmatched: bool = False) -> Group:
         if source is None:
             def constants(scope: Scope, inst: dict[str, Json], out: Json,
                           location: str) -> None:
@@ -689,7 +721,8 @@ class _Compiler:
             other_tag = f"@{location}#1"
 
             def elsewhere(scope: Scope, inst: dict[str, Json], out: Json, _: str) -> None:
-                segment = scope.run.message.segment(segment_id)
+                segment = scope.run.latest.get(segment_id) or scope.run.message.segment(
+                    segment_id)
                 if segment is None:
                     return
                 run = scope.run
@@ -719,8 +752,15 @@ class _Compiler:
                 scope.rep = rep
                 scope.rep_tag, scope.src_tag = tags[n] if n < 100 else (
                     f"#{n + 1}", f"@{location}#{n + 1}")
-                for row in rows:
-                    row(scope, raw, seps, location, inst, out)
+                if count_unmatched:
+                    applied = False
+                    for row in rows:
+                        applied = row(scope, raw, seps, location, inst, out) or applied
+                    if not applied:
+                        run.unmapped[location] += 1
+                else:
+                    for row in rows:
+                        row(scope, raw, seps, location, inst, out)
             scope.rep_field = 0
         return repetitions
 
@@ -842,6 +882,9 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
         anchor = ""
         for segment in run.message.segments():
             segment_id = segment.id
+            # Another segment's field is read from its nearest occurrence so far (the OBR
+            # above an OBX), so each occurrence is remembered as it goes by.
+            run.latest[segment_id] = segment
             if segment_id != last_id:
                 anchor, last_id = last_id, segment_id
             steps = by_segment.get(segment_id)
@@ -853,6 +896,7 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
                 continue
             fields = segment.fields
             read: set[int] = set()
+            applied = False
             try:
                 for step in steps:
                     if step.after and step.after != anchor:
@@ -862,9 +906,16 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
                         continue
                     _apply_step(step, fields, run)
                     read |= step.read
+                    applied = True
             except TranslationError as exc:
                 exc.sequence = segment.occurrence
                 raise
+            if not applied:  # rows exist, but none for this place in the message
+                if segment_id[0] == "Z":
+                    run.z_segments += 1
+                else:
+                    run.unmapped[segment_id] += 1
+                continue
             if read:
                 for number in range(1, len(fields)):
                     value = fields[number]
@@ -885,19 +936,21 @@ def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
         return  # an empty segment makes no resource
     draft = run.new_draft(step.resource)
     draft.content = content
-    inst: dict[str, Json] = {}
+    # One instance map per owner: the links of a row that write one owner's repeating
+    # element (Patient.link.other and Patient.link.type) fill one instance of it.
+    insts: dict[int, dict[str, Json]] = {}
     for link in step.links:
         owner = draft if link.owner is None else run.current.get(link.owner)
         if owner is None:
             continue
+        inst = insts.setdefault(id(owner), {})
         if link.refers_to is None:
-            link.setter(owner.content, inst if owner is draft else {}, "", "", link.constant)
+            link.setter(owner.content, inst, "", "", link.constant)
             continue
         target = draft if link.refers_to == "this" else run.current.get(link.refers_to)
         if target is None or target is owner:
             continue
-        link.setter(owner.content, inst if owner is draft else {}, "", "",
-                    run.reference(target))
+        link.setter(owner.content, inst, "", "", run.reference(target))
     run.current[step.resource] = draft
 
 
@@ -930,6 +983,39 @@ def _below(run: Run, component: int, subcomponent: int) -> str:
     if component:
         return run.d.subcomponent
     return run.d.component + run.d.subcomponent
+
+
+def _first_repeating(root: str, path: str) -> tuple[str, bool] | None:
+    """The path prefix up to the first repeating element, and whether it is indexed."""
+    node_type = root
+    prefix = ""
+    indexed = False
+    for part in path.split("."):
+        match = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*)(?:\[(\d+)\])?", part)
+        if match is None:
+            return None
+        indexed = indexed or match.group(2) is not None
+        try:
+            element = fhir_model.element(node_type, match.group(1))
+        except fhir_model.UnknownElement:
+            return None
+        prefix = f"{prefix}.{part}" if prefix else part
+        if element.repeats:
+            return prefix, indexed
+        node_type = element.type
+    return None
+
+
+def _only_into_existing(row: Row, first: tuple[str, bool] | None) -> Row:
+    assert first is not None
+    prefix, indexed = first
+
+    def apply(scope: Scope, raw: str, seps: str, location: str, inst: dict[str, Json],
+              out: Json) -> bool:
+        if prefix + (scope.rep_tag if indexed else scope.src_tag) not in inst:
+            return False
+        return row(scope, raw, seps, location, inst, out)
+    return apply
 
 
 def _strip_indexes(path: str) -> str:

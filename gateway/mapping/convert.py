@@ -83,13 +83,15 @@ def to_code(text: str) -> str:
 
 
 def to_id(text: str) -> str:
+    text = text.strip()
     if not _ID.match(text):
         raise ConversionError("is not a valid id (letters, digits, '-', '.', up to 64)", text)
     return text
 
 
 def to_uri(text: str) -> str:
-    if any(c.isspace() for c in text):
+    text = text.strip()  # senders pad values; a URI never starts or ends with a space
+    if not text or any(c.isspace() for c in text):
         raise ConversionError("is not a valid URI (it contains white space)", text)
     return text
 

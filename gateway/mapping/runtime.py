@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.escape import unescape
-from gateway.hl7.message import Message
+from gateway.hl7.message import Message, Segment
 from gateway.mapping.convert import MSH7_OFFSET
 
 Json = dict[str, Any]
@@ -50,7 +50,7 @@ class Run:
     """One message's translation: reading helpers and the resources produced so far."""
 
     __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
-                 "_referenced", "pending_refs", "offset")
+                 "_referenced", "pending_refs", "offset", "latest")
 
     def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
         self.message = message
@@ -66,6 +66,8 @@ class Run:
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
         self.offset = _offset_of(message.get("MSH-7")) or default_offset
+        # The latest segment of each id read so far (fields of other segments come from it).
+        self.latest: dict[str, Segment] = {}
 
     def text(self, raw: str) -> str:
         return unescape(raw, self.d, self.charset) if self.d.escape in raw else raw
