@@ -1,0 +1,253 @@
+"""Translation speed: HL7 v2 message in, FHIR R4 transaction Bundle JSON out, on one core.
+
+    python bench/translate.py [--seconds S] [--no-peer]
+
+For each message type it prints translations per second and the time per message for
+Isthmus (parse + translate through the compiled tables + Bundle + JSON bytes). In the same
+run it measures the PyPI package hl7v2-fhir-bridge on the message types it supports (ADT,
+ORM, ORU), installed in its own virtual environment under bench/.peer-venv (created on
+first use; not a dependency of Isthmus), once with its default pipeline (convert +
+fhir.resources validation) and once convert-only, and prints the ratio.
+
+Targets (issue 3): >= 10,000 ADT^A01/s and >= 5,000 ORU^R01 (10 OBX)/s on one core.
+Messages are synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PEER_VENV = ROOT / "bench" / ".peer-venv"
+PEER_PACKAGE = "hl7v2-fhir-bridge==0.1.0"
+
+MSH = "MSH|^~\\&|SYNTHADT|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000+0100||{type}|{id}|P|2.5.1"
+
+ADT_A01 = "\r".join([
+    MSH.format(type="ADT^A01^ADT_A01", id="BENCH-ADT-1"),
+    "EVN|A01|20261126082900+0100",
+    "PID|1||MRN-100001^^^SYNTHHOSP^MR~SSN-000^^^SSA^SS||CANARYFAMILY^Jane^Quinn^^Dr^^L~"
+    "CANARYALIAS^J^^^^^A||19800102|F|||12 Example Street^Apt 4^Springfield^ST^12345^USA^H~"
+    "PO Box 9^^Springfield^ST^12345^USA^M||^PRN^PH^^1^555^0100001~^NET^Internet^"
+    "jane@example.invalid|^WPN^PH^^1^555^0100002|en^English^ISO639|M^Married^HL70002|||"
+    "999-00-0000",
+    "NK1|1|CANARYFAMILY^John|SPO^Spouse^HL70063|12 Example Street^^Springfield^ST^12345|"
+    "^PRN^PH^^1^555^0100003",
+    "PV1|1|I|WARD1^101^A^SYNTHHOSP||||1234^Attending^Alex^^^Dr|5678^Referring^Rae|||MED||||"
+    "ADM|||9012^Admitting^Ari|||VN-0001^^^SYNTHHOSP^VN|||||||||||||||||||||||||"
+    "20261126082900+0100",
+    "AL1|1|DA|PCN^Penicillin^L|SV|Hives",
+    "DG1|1||I10^Essential hypertension^I10||20261126|A",
+]) + "\r"
+
+ORU_R01 = "\r".join([
+    MSH.format(type="ORU^R01^ORU_R01", id="BENCH-ORU-1"),
+    "PID|1||MRN-100001^^^SYNTHHOSP^MR||CANARYFAMILY^Jane||19800102|F",
+    "PV1|1|O|CLINIC1",
+    "ORC|RE|PLC-1^SYNTHEHR|FIL-1^SYNTHLAB||CM",
+    "OBR|1|PLC-1^SYNTHEHR|FIL-1^SYNTHLAB|24323-8^Comprehensive metabolic panel^LN|||"
+    "20261126080000+0100|||||||||1234^Orderer^Olu||||||20261126090000+0100|||F",
+    *[f"OBX|{n}|NM|{code}^{name}^LN||{value}|{unit}^{unit}^UCUM|{ref}|{flag}|||F|||"
+      "20261126080000+0100"
+      for n, (code, name, value, unit, ref, flag) in enumerate([
+          ("2345-7", "Glucose", "95", "mg/dL", "70-99", "N"),
+          ("2160-0", "Creatinine", "1.10", "mg/dL", "0.6-1.3", "N"),
+          ("3094-0", "Urea nitrogen", "18", "mg/dL", "7-20", "N"),
+          ("2951-2", "Sodium", "141", "mmol/L", "136-145", "N"),
+          ("2823-3", "Potassium", "5.6", "mmol/L", "3.5-5.1", "H"),
+          ("2075-0", "Chloride", "101", "mmol/L", "98-107", "N"),
+          ("2028-9", "Carbon dioxide", "24", "mmol/L", "22-29", "N"),
+          ("17861-6", "Calcium", "9.6", "mg/dL", "8.6-10.3", "N"),
+          ("2885-2", "Protein", "7.1", "g/dL", "6.0-8.3", "N"),
+          ("1751-7", "Albumin", "4.2", "g/dL", "3.5-5.2", "N"),
+      ], 1)],
+]) + "\r"
+
+ORM_O01 = "\r".join([
+    MSH.format(type="ORM^O01^ORM_O01", id="BENCH-ORM-1"),
+    "PID|1||MRN-100001^^^SYNTHHOSP^MR||CANARYFAMILY^Jane||19800102|F",
+    "PV1|1|O|CLINIC1",
+    "ORC|NW|PLC-2^SYNTHEHR|FIL-2^SYNTHRIS||SC||||20261126080000+0100|||1234^Orderer^Olu",
+    "OBR|1|PLC-2^SYNTHEHR|FIL-2^SYNTHRIS|71045^Chest X-ray 1 view^C4|||"
+    "20261126080000+0100|||||||||1234^Orderer^Olu",
+]) + "\r"
+
+SIU_S12 = "\r".join([
+    MSH.format(type="SIU^S12^SIU_S12", id="BENCH-SIU-1"),
+    "SCH|APT-1^SYNTHEHR|APT-1F^SYNTHSCHED|||||ROUTINE^Routine visit|CHECKUP^Check-up|30|min|"
+    "^^30^20261201090000+0100^20261201093000+0100|||||1234^Scheduler^Sam|||||||||Booked",
+    "PID|1||MRN-100001^^^SYNTHHOSP^MR||CANARYFAMILY^Jane||19800102|F",
+    "RGS|1",
+    "AIS|1||CHECKUP^Check-up|20261201090000+0100|||30|min",
+    "AIP|1||1234^Attending^Alex|PRACT",
+    "AIL|1||CLINIC1^^^SYNTHHOSP",
+]) + "\r"
+
+VXU_V04 = "\r".join([
+    MSH.format(type="VXU^V04^VXU_V04", id="BENCH-VXU-1"),
+    "PID|1||MRN-100001^^^SYNTHHOSP^MR||CANARYFAMILY^Jane||19800102|F",
+    "ORC|RE||IMM-1^SYNTHEHR",
+    "RXA|0|1|20261126090000+0100|20261126090000+0100|141^Influenza, seasonal^CVX|0.5|mL^mL^UCUM"
+    "||00^New record^NIP001|1234^Nurse^Nia|||||LOT-123|20271231|SKB^GlaxoSmithKline^MVX|||CP|A",
+    "RXR|C28161^Intramuscular^NCIT|LD^Left deltoid^HL70163",
+]) + "\r"
+
+MESSAGES: dict[str, str] = {
+    "ADT^A01": ADT_A01, "ORU^R01 (10 OBX)": ORU_R01, "ORM^O01": ORM_O01,
+    "SIU^S12": SIU_S12, "VXU^V04": VXU_V04,
+}
+PEER_SUPPORTS = ("ADT^A01", "ORU^R01 (10 OBX)", "ORM^O01")
+
+
+def rate(work: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """(operations per second, microseconds per operation), after a short warm-up."""
+    for _ in range(50):
+        work()
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(100):
+            work()
+        count += 100
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    elapsed = now - start
+    return count / elapsed, elapsed / count * 1e6
+
+
+def measure_isthmus(seconds: float) -> dict[str, tuple[float, float] | str]:
+    from gateway.fhir.bundle import dumps, to_bundle
+    from gateway.hl7.message import parse_message
+    from gateway.mapping.engine import Translator
+    from gateway.mapping.errors import TranslationError
+
+    translator = Translator.load()
+    results: dict[str, tuple[float, float] | str] = {}
+    for name, text in MESSAGES.items():
+        raw = text.encode()
+        try:
+            translator.translate(parse_message(raw))
+        except TranslationError as exc:
+            results[name] = f"not translated: {exc}"
+            continue
+
+        def work(raw: bytes = raw) -> bytes:
+            return dumps(to_bundle(translator.translate(parse_message(raw))))
+        results[name] = rate(work, seconds)
+    return results
+
+
+PEER_SCRIPT = r"""
+import json, sys, time
+from datetime import datetime, timezone
+from v2fhir.config import Config
+from v2fhir.convert import convert
+from v2fhir.hl7.parser import parse_bytes
+from v2fhir.validate import validate_bundle
+
+def rate(work, seconds):
+    for _ in range(20):
+        work()
+    count, start = 0, time.perf_counter()
+    while True:
+        for _ in range(20):
+            work()
+        count += 20
+        now = time.perf_counter()
+        if now - start >= seconds:
+            return count / (now - start), (now - start) / count * 1e6
+
+messages = json.load(open(sys.argv[1]))
+seconds = float(sys.argv[2])
+cfg = Config()
+now = datetime(2026, 11, 26, tzinfo=timezone.utc)
+out = {}
+for name, text in messages.items():
+    raw = text.encode()
+    try:
+        convert(parse_bytes(raw), cfg, now)
+    except Exception as exc:
+        out[name] = {"error": type(exc).__name__ + ": " + str(exc)[:120]}
+        continue
+    def convert_only(raw=raw):
+        return json.dumps(convert(parse_bytes(raw), cfg, now).bundle)
+    def default_pipeline(raw=raw):
+        bundle = convert(parse_bytes(raw), cfg, now).bundle
+        validate_bundle(bundle)
+        return json.dumps(bundle)
+    out[name] = {"default": rate(default_pipeline, seconds),
+                 "convert_only": rate(convert_only, seconds)}
+print(json.dumps(out))
+"""
+
+
+def peer_python() -> Path:
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {PEER_VENV.relative_to(ROOT)} with {PEER_PACKAGE} ...", file=sys.stderr)
+        venv.create(PEER_VENV, with_pip=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", PEER_PACKAGE],
+                       check=True)
+    return python
+
+
+def measure_peer(seconds: float) -> dict[str, dict[str, object]]:
+    python = peer_python()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({name: MESSAGES[name] for name in PEER_SUPPORTS}, handle)
+    try:
+        done = subprocess.run([str(python), "-c", PEER_SCRIPT, handle.name, str(seconds)],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    finally:
+        os.unlink(handle.name)
+    result: dict[str, dict[str, object]] = json.loads(done.stdout)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--no-peer", action="store_true", help="skip hl7v2-fhir-bridge")
+    args = parser.parse_args()
+
+    ours = measure_isthmus(args.seconds)
+    peer = {} if args.no_peer else measure_peer(args.seconds)
+    print(f"{'message type':<18} {'isthmus msg/s':>14} {'us/msg':>8} | "
+          f"{'bridge msg/s':>12} {'(no validation)':>15} | {'ratio':>6} {'(vs no val.)':>12}")
+    for name in MESSAGES:
+        mine = ours[name]
+        if isinstance(mine, str):
+            print(f"{name:<18} {mine}")
+            continue
+        line = f"{name:<18} {mine[0]:>14,.0f} {mine[1]:>8.1f} |"
+        theirs = peer.get(name)
+        if theirs is None:
+            line += f" {'-':>12} {'-':>15} |"
+        elif "error" in theirs:
+            line += f" {'error':>12} {str(theirs['error'])[:15]:>15} |"
+        else:
+            default = theirs["default"]
+            only = theirs["convert_only"]
+            assert isinstance(default, list) and isinstance(only, list)
+            line += (f" {default[0]:>12,.0f} {only[0]:>15,.0f} | {mine[0] / default[0]:>5.1f}x "
+                     f"{mine[0] / only[0]:>11.1f}x")
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
