@@ -11,7 +11,8 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/isthmus --create-home isthm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install . && rm -rf /app/gateway /root/.cache
+COPY mappings ./mappings
+RUN pip install . && rm -rf /app/gateway /app/mappings /root/.cache
 
 USER isthmus
 EXPOSE 2575 8080

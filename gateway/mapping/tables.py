@@ -15,19 +15,33 @@ path) and adds new ones.
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.mapping.errors import TableError
+from gateway.mapping.errors import TableError, TableErrors
 
-SHIPPED = Path(__file__).resolve().parent.parent.parent / "mappings"
+
+
+def _shipped() -> Path:
+    """The tables shipped with Isthmus: the checkout's mappings/ (editable install, tests),
+    else the copy a wheel installs under <prefix>/share/isthmus/mappings."""
+    checkout = Path(__file__).resolve().parent.parent.parent / "mappings"
+    if (checkout / "events.csv").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "isthmus" / "mappings"
+
+
+SHIPPED = _shipped()
 
 MAP_COLUMNS = ("source", "condition", "target", "type", "map", "vocabulary", "value", "note")
 MESSAGE_COLUMNS = ("segment", "after", "resource", "instance", "map", "links", "condition",
                    "note")
 VOCABULARY_COLUMNS = ("code", "display", "fhir_code", "fhir_display", "fhir_system", "note")
 EVENT_COLUMNS = ("message_type", "map", "note")
+OUTBOUND_FILE = "outbound.csv"
+OUTBOUND_FOLDER = "outbound"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,31 +147,49 @@ def table_files(directory: Path, site: Path | None = None) -> dict[str, Path]:
 
 
 def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet:
+    """Every table file read; TableErrors lists every file that cannot be, not just the first."""
     tables = TableSet()
+    errors: list[TableError] = []
     for relative, path in sorted(table_files(directory, site).items()):
-        folder, _, name = relative.rpartition("/")
-        stem = name[:-4]
-        if folder == "" and name == "events.csv":
-            tables.events.extend(_events(path))
-        elif folder == "messages":
-            tables.messages[stem] = MessageMap(stem, str(path), tuple(_message_rows(path)))
-        elif folder in ("segments", "datatypes"):
-            v2_type, _, target = stem.partition("-")
-            if not target:
-                raise TableError(path, 0, "a table name is <V2 TYPE>-<FHIR TYPE>, e.g. "
-                                          "PID-Patient or CX-Identifier")
-            target_type = target.split("-")[0].split(".")[0]
-            kind = "segment" if folder == "segments" else "datatype"
-            bucket = tables.segments if kind == "segment" else tables.datatypes
-            bucket[stem] = FieldMap(stem, kind, v2_type, target_type, str(path),
-                                    tuple(_map_rows(path)))
-        elif folder == "vocabulary":
-            tables.vocabularies[stem] = Vocabulary(stem, str(path),
-                                                   tuple(_vocabulary_rows(path)))
-        else:
-            raise TableError(path, 0, "is not in a known table folder (events.csv, "
-                                      "messages/, segments/, datatypes/, vocabulary/)")
+        if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
+            continue  # FHIR -> v2 message definitions: read by gateway.mapping.outbound
+        try:
+            _read_table(tables, relative, path)
+        except TableError as exc:
+            errors.append(exc)
+    if errors:
+        raise TableErrors(errors)
     return tables
+
+
+def _read_table(tables: TableSet, relative: str, path: Path) -> None:
+    folder, _, name = relative.rpartition("/")
+    stem = name[:-4]
+    if folder == "" and name == "events.csv":
+        tables.events.extend(_events(path))
+    elif folder == "messages":
+        tables.messages[stem] = MessageMap(stem, str(path), tuple(_message_rows(path)))
+    elif folder in ("segments", "datatypes"):
+        v2_type, _, target = stem.partition("-")
+        if not target:
+            raise TableError(path, 0, "a table name is <V2 TYPE>-<FHIR TYPE>, e.g. "
+                                      "PID-Patient or CX-Identifier")
+        target_type = target.split("-")[0].split(".")[0]
+        kind = "segment" if folder == "segments" else "datatype"
+        bucket = tables.segments if kind == "segment" else tables.datatypes
+        bucket[stem] = FieldMap(stem, kind, v2_type, target_type, str(path),
+                                tuple(_map_rows(path)))
+    elif folder == "vocabulary":
+        tables.vocabularies[stem] = Vocabulary(stem, str(path),
+                                               tuple(_vocabulary_rows(path)))
+    else:
+        raise TableError(path, 0, "is not in a known table folder (events.csv, "
+                                  "messages/, segments/, datatypes/, vocabulary/)")
+
+
+def records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict[str, str]]]:
+    """The rows of a CSV table as column -> text, each with its file:line."""
+    return _records(path, columns)
 
 
 def _records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict[str, str]]]:
