@@ -25,6 +25,7 @@ _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?([+-]\d{4})?$"
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)$")
 _INTEGER = re.compile(r"[+-]?\d+$")
 _CODE_SPACES = re.compile(r"\s+")
+_SPACE = re.compile(r"\s")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}$")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+$")
 
@@ -76,7 +77,9 @@ def to_string(text: str) -> str:
 
 def to_code(text: str) -> str:
     # FHIR codes have no leading, trailing or doubled whitespace.
-    code = _CODE_SPACES.sub(" ", text.strip())
+    code = text.strip()
+    if "  " in code or "\t" in code or "\n" in code or "\r" in code:
+        code = _CODE_SPACES.sub(" ", code)
     if not code:
         raise ConversionError("is not a valid code", text)
     return code
@@ -91,7 +94,7 @@ def to_id(text: str) -> str:
 
 def to_uri(text: str) -> str:
     text = text.strip()  # senders pad values; a URI never starts or ends with a space
-    if not text or any(c.isspace() for c in text):
+    if not text or _SPACE.search(text):
         raise ConversionError("is not a valid URI (it contains white space)", text)
     return text
 
@@ -172,6 +175,11 @@ def to_base64(text: str) -> str:
     except binascii.Error:
         raise ConversionError("is not valid base64", text) from None
     return value
+
+
+def encode_base64(text: str) -> str:
+    """Text (already unescaped) as base64 of its UTF-8 bytes, for Attachment.data."""
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def date_time(text: str, default_offset: str, kind: str) -> str:
