@@ -20,7 +20,7 @@ from gateway.fhir import model as fhir_model
 from gateway.hl7.definitions import definitions
 from gateway.mapping import v2types
 from gateway.mapping.conditions import ConditionError, Getter, compile_condition
-from gateway.mapping.convert import ConversionError, Converters, date_time
+from gateway.mapping.convert import ConversionError, Converters, date_time, encode_base64, to_string
 from gateway.mapping.errors import TableError, TableErrors, TranslationError
 from gateway.mapping.runtime import Json, Run, leaf
 from gateway.mapping.tables import (
@@ -460,7 +460,8 @@ class _Compiler:
                 self.errors.append(row.where.error(
                     f"type mismatch: {row.target} may not refer to {reference.group(1)} "
                     f"(only {', '.join(element.reference_targets)})"))
-        elif declared != element.type:
+        elif declared != element.type and not (declared == "string" and
+                                               element.type == "base64Binary"):
             self.errors.append(row.where.error(
                 f"type mismatch: {row.target} is {element.type}, the row says "
                 f"'{declared or '(empty)'}'"))
@@ -508,8 +509,8 @@ class _Compiler:
                     segment_id)
                 if segment is None:
                     return ""
-                return scope.run.text(_descend(_first_rep(segment.field(f), scope.run),
-                                               scope.run, c, s))
+                raw = _descend(_first_rep(segment.field(f), scope.run), scope.run, c, s)
+                return "" if raw == _NULL else scope.run.text(raw)
             return other
 
         def own(scope: Scope) -> str:
@@ -518,7 +519,9 @@ class _Compiler:
             else:
                 parts = scope.parts
                 raw = _first_rep(parts[f] if f < len(parts) else "", scope.run)
-            return scope.run.text(_descend(raw, scope.run, c, s))
+            raw = _descend(raw, scope.run, c, s)
+            # The explicit null "" is no value: not VALUED, and nothing for a template.
+            return "" if raw == _NULL else scope.run.text(raw)
         return own
 
     # -- producing a value ---------------------------------------------------------------
@@ -591,14 +594,20 @@ class _Compiler:
     def _primitive(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
                    ) -> Callable[[Scope, str, str, str], Any] | None:
         try:
-            convert = self.converters.for_type(element.type)
+            # `string` declared for a base64Binary target: the v2 value is text (a TX
+            # line, ED sent as ASCII), so it is encoded rather than checked as base64.
+            convert = encode_base64 if element.type == "base64Binary" and \
+                row.type == "string" else self.converters.for_type(element.type)
         except KeyError as exc:
             self.errors.append(row.where.error(str(exc.args[0])))
             return None
         codes = frozenset(element.codes)
         target = row.target
         if vocab is not None:
-            bad = [c for c, _, _ in vocab.exact.values() if codes and c not in codes]
+            # A wildcard row (`*` -> unknown) gives its code as surely as an exact one does;
+            # only a code built from the message ({*}, {code}) is checked per message.
+            given = [*vocab.exact.values(), *(t for _, t in vocab.prefixes)]
+            bad = [c for c, _, _ in given if codes and c not in codes and "{" not in c]
             if bad:
                 self.errors.append(row.where.error(
                     f"type mismatch: vocabulary {vocab.name} gives {bad[0]!r}, which is not "
@@ -607,12 +616,22 @@ class _Compiler:
 
         zoned = element.type in ("dateTime", "instant")
         kind = element.type
+        if convert is to_string and vocab is None and not codes:
+            def produce_text(scope: Scope, raw: str, seps: str, location: str) -> Any:
+                # Most rows are plain text: nothing to convert, look up or check.
+                text = leaf(raw, seps) if seps else raw
+                if not text or text == _NULL:
+                    return None
+                return scope.run.text(text)
+            return produce_text
 
         def produce(scope: Scope, raw: str, seps: str, location: str) -> Any:
             text = leaf(raw, seps) if seps else raw
             if not text or text == _NULL:
                 return None
             text = scope.run.text(text)
+            if text.isspace():
+                return None  # padding only: not a value (a code or date cannot be blank)
             if zoned:
                 try:
                     return date_time(text, scope.run.offset, kind)
@@ -1051,6 +1070,16 @@ def compile_setter(root: str, path: str) -> Setter:
         steps.append((key, prefix, element.repeats, indexed))
         node_type = element.type
     *walk, (last_key, last_prefix, last_repeats, last_indexed) = steps
+    if not walk and not last_repeats:
+        # The most common shape (gender, birthDate, status): one single-valued element.
+        def set_single(node: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
+                       value: Any) -> None:
+            current = node.get(last_key)
+            if current is None:
+                node[last_key] = value
+            elif isinstance(current, dict) and isinstance(value, dict):
+                _fill(current, value)
+        return set_single
 
     def set_value(node: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
                   value: Any) -> None:

@@ -93,10 +93,14 @@ def to_id(text: str) -> str:
 
 
 def to_uri(text: str) -> str:
-    text = text.strip()  # senders pad values; a URI never starts or ends with a space
-    if not text or _SPACE.search(text):
-        raise ConversionError("is not a valid URI (it contains white space)", text)
-    return text
+    value = text.strip()  # senders pad values; a URI never starts or ends with a space
+    if not value:
+        raise ConversionError("is not a valid URI", text)
+    if _SPACE.search(value):
+        # A namespace id such as 'NORTH HOSPITAL' used as an identifier system: spaces are
+        # percent-encoded (reversibly) rather than failing the whole message.
+        value = _SPACE.sub(lambda m: f"%{ord(m.group()):02X}", value)
+    return value
 
 
 def to_decimal(text: str) -> Decimal:
