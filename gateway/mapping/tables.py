@@ -23,7 +23,6 @@ from pathlib import Path
 from gateway.mapping.errors import TableError, TableErrors
 
 
-
 def _shipped() -> Path:
     """The tables shipped with Isthmus: the checkout's mappings/ (editable install, tests),
     else the copy a wheel installs under <prefix>/share/isthmus/mappings."""
