@@ -908,7 +908,7 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
                 anchor, last_id = last_id, segment_id
             steps = by_segment.get(segment_id)
             if steps is None:
-                if segment_id[0] == "Z":
+                if segment_id.startswith("Z"):
                     run.z_segments += 1
                 elif segment_id != "MSH":
                     run.unmapped[segment_id] += 1
@@ -930,7 +930,7 @@ def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
                 exc.sequence = segment.occurrence
                 raise
             if not applied:  # rows exist, but none for this place in the message
-                if segment_id[0] == "Z":
+                if segment_id.startswith("Z"):
                     run.z_segments += 1
                 else:
                     run.unmapped[segment_id] += 1
@@ -952,7 +952,10 @@ def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
     content: Json = {}
     step.apply(fields, run, content)
     if not content:
-        return  # an empty segment makes no resource
+        # An empty segment makes no resource, and ends the previous one's turn: the RXE
+        # after an empty ORC must not write into the order before it.
+        run.current.pop(step.resource, None)
+        return
     draft = run.new_draft(step.resource)
     draft.content = content
     # One instance map per owner: the links of a row that write one owner's repeating

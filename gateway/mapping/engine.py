@@ -63,8 +63,18 @@ class Translator:
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     """Give every resource its identity and id, then resolve the references between them."""
     sender = f"{provenance.source_application}|{provenance.source_facility}"
+    keys: set[tuple[str, str, str]] = set()
     for draft in run.drafts:
         draft.key = _business_key(draft)
+        if draft.key is not None and draft.primary:
+            # Two resources of one message claiming one business identifier (a sender
+            # reusing a filler id) cannot both be that record: the later ones are kept
+            # under their own ids rather than sent as clashing conditional updates.
+            claim = (draft.resource_type, *draft.key)
+            if claim in keys:
+                draft.key = None
+                run.unmapped[f"{draft.resource_type}.identifier (repeated)"] += 1
+            keys.add(claim)
         draft.full_url = _resource_id(draft, sender, provenance.control_id)
     for ref, target in run.pending_refs:
         ref["reference"] = f"urn:uuid:{target.full_url}"

@@ -62,3 +62,14 @@ class UnsupportedMessage(TranslationError):
     def __init__(self, message_type: str) -> None:
         super().__init__("MSH-9", f"message type {message_type or '(empty)'} is not supported")
         self.message_type = message_type
+
+
+class UnsupportedResource(TranslationError):
+    """A FHIR resource (or Bundle) that no outbound table turns into an HL7 v2 message."""
+
+    def __init__(self, resource_type: str, reason: str = "") -> None:
+        super().__init__(
+            "resourceType",
+            reason or f"no HL7 v2 message is defined for resource type "
+                      f"{resource_type or '(none)'}")
+        self.resource_type = resource_type

@@ -11,6 +11,8 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import orjson
+
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.escape import unescape
 from gateway.hl7.message import Message, Segment
@@ -104,8 +106,10 @@ def _identity_text(resource_type: str, content: Json) -> str:
         value = identifier.get("value")
         if value:
             return f"{resource_type}|{identifier.get('system', '')}|{value}"
-    name = content.get("name")
-    return f"{resource_type}|~{name!r}"
+    # Without an identifier only an identical resource is the same one (two beds of a ward,
+    # a facility and a point of care sharing a name, stay apart).
+    return f"{resource_type}|~" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS,
+                                               default=str).decode()
 
 
 def _merge(into: Json, other: Json) -> None:
