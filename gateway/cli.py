@@ -403,9 +403,12 @@ def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.mapping.errors import TableError, TableErrors
     from gateway.mapping.tables import SHIPPED
 
+    from gateway.mapping.reverse import Reverser
+
     tables = args.tables or SHIPPED
     try:
         translator = Translator.load(tables, args.dir)
+        reverser = Reverser.load(tables, args.dir)
     except TableErrors as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -416,4 +419,6 @@ def _mappings_check(args: argparse.Namespace) -> int:
         return 2
     print(f"ok: {len(translator.message_types)} message types "
           f"({', '.join(translator.message_types)})")
+    outbound = sorted(reverser.message_types.items())
+    print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
     return 0
