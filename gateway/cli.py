@@ -401,9 +401,8 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
 def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TableError, TableErrors
-    from gateway.mapping.tables import SHIPPED
-
     from gateway.mapping.reverse import Reverser
+    from gateway.mapping.tables import SHIPPED
 
     tables = args.tables or SHIPPED
     try:

@@ -102,6 +102,8 @@ def _child(type_name: str, name: str) -> Element:
         raise UnknownElement(f"{type_name} has no element '{name}'")
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     targets = tuple(typing.cast(list[str], extra.get("enum_reference_types", [])))
+    if targets == ("Resource",):
+        targets = ()  # Reference(Any): every resource type may be the target
     codes = tuple(typing.cast(list[str], extra.get("enum_values", [])))
     if any(not code or code == "+" for code in codes):
         codes = ()  # the model's list is cut short (e.g. 'entered-in-error | unknown +')

@@ -66,9 +66,10 @@ class V2Path:
 class Scope:
     """What a row reads: the parts at its level, and the repetition being mapped."""
 
-    __slots__ = ("parts", "seps", "run", "rep_field", "rep", "rep_tag", "src_tag")
+    __slots__ = ("parts", "seps", "run", "rep_field", "rep", "rep_tag", "src_tag", "memo")
 
     def __init__(self, parts: list[str], seps: str, run: Run) -> None:
+        self.memo: dict[tuple[int, int, int], str] = {}
         self.parts = parts
         self.seps = seps
         self.run = run
@@ -417,7 +418,15 @@ class _Compiler:
         if len(self.errors) > before or setter is None or produce is None:
             return None
 
-        if condition is None:
+        if condition is None and getattr(produce, "plain_text", False):
+            def apply(scope: Scope, raw: str, seps: str, location: str,
+                      inst: dict[str, Json], out: Json) -> bool:
+                # The commonest row, fused: plain text, no condition (one call, not three).
+                text = leaf(raw, seps) if seps else raw
+                if text and text != _NULL:
+                    setter(out, inst, scope.rep_tag, scope.src_tag, scope.run.text(text))
+                return True
+        elif condition is None:
             def apply(scope: Scope, raw: str, seps: str, location: str,
                       inst: dict[str, Json], out: Json) -> bool:
                 value = produce(scope, raw, seps, location)
@@ -513,15 +522,23 @@ class _Compiler:
                 return "" if raw == _NULL else scope.run.text(raw)
             return other
 
+        key = (f, c, s)
+
         def own(scope: Scope) -> str:
             if scope.rep_field == f:
-                raw = scope.rep
-            else:
+                raw = _descend(scope.rep, scope.run, c, s)
+                return "" if raw == _NULL else scope.run.text(raw)
+            # Another field of this segment does not change while the segment is mapped,
+            # and conditions read the same one over and over (OBX-2 for every value row).
+            memo = scope.memo
+            value = memo.get(key)
+            if value is None:
                 parts = scope.parts
                 raw = _first_rep(parts[f] if f < len(parts) else "", scope.run)
-            raw = _descend(raw, scope.run, c, s)
-            # The explicit null "" is no value: not VALUED, and nothing for a template.
-            return "" if raw == _NULL else scope.run.text(raw)
+                raw = _descend(raw, scope.run, c, s)
+                # The explicit null "" is no value: not VALUED, and nothing for a template.
+                value = memo[key] = "" if raw == _NULL else scope.run.text(raw)
+            return value
         return own
 
     # -- producing a value ---------------------------------------------------------------
@@ -623,6 +640,7 @@ class _Compiler:
                 if not text or text == _NULL:
                     return None
                 return scope.run.text(text)
+            produce_text.plain_text = True  # type: ignore[attr-defined]
             return produce_text
 
         def produce(scope: Scope, raw: str, seps: str, location: str) -> Any:
@@ -761,13 +779,14 @@ class _Compiler:
             if not field or field == _NULL:
                 return
             run = scope.run
-            reps = field.split(run.d.repetition) if run.d.repetition in field else [field]
+            repetition = run.d.repetition
+            reps = field.split(repetition) if repetition in field else (field,)
             seps = _below(run, c, s)
+            scope.rep_field = f
             for n, rep in enumerate(reps):
                 raw = _descend(rep, run, c, s) if c else rep
                 if not raw or raw == _NULL:
                     continue
-                scope.rep_field = f
                 scope.rep = rep
                 scope.rep_tag, scope.src_tag = tags[n] if n < 100 else (
                     f"#{n + 1}", f"@{location}#{n + 1}")

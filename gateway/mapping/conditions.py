@@ -102,6 +102,9 @@ class _Parser:
             terms.append(self.term())
         if len(terms) == 1:
             return terms[0]
+        if len(terms) == 2:
+            first, second = terms
+            return lambda ctx: first(ctx) or second(ctx)
         return lambda ctx: any(term(ctx) for term in terms)
 
     def term(self) -> Predicate:
@@ -113,6 +116,9 @@ class _Parser:
             factors.append(self.factor())
         if len(factors) == 1:
             return factors[0]
+        if len(factors) == 2:
+            left, right = factors
+            return lambda ctx: left(ctx) and right(ctx)
         return lambda ctx: all(factor(ctx) for factor in factors)
 
     def factor(self) -> Predicate:
