@@ -52,7 +52,7 @@ class Run:
     """One message's translation: reading helpers and the resources produced so far."""
 
     __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
-                 "_referenced", "pending_refs", "offset", "latest")
+                 "_referenced", "pending_refs", "offset", "latest", "_ordinals")
 
     def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
         self.message = message
@@ -65,6 +65,7 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
+        self._ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
         self.offset = _offset_of(message.get("MSH-7")) or default_offset
@@ -75,10 +76,15 @@ class Run:
         return unescape(raw, self.d, self.charset) if self.d.escape in raw else raw
 
     def new_draft(self, resource_type: str, primary: bool = True) -> Draft:
-        ordinal = sum(1 for d in self.drafts if d.resource_type == resource_type)
-        draft = Draft(resource_type, {}, primary, ordinal)
+        draft = Draft(resource_type, {}, primary, self._ordinal(resource_type))
         self.drafts.append(draft)
         return draft
+
+    def _ordinal(self, resource_type: str) -> int:
+        """How many resources of this type came before (stable ids by position)."""
+        ordinal = self._ordinals.get(resource_type, 0)
+        self._ordinals[resource_type] = ordinal + 1
+        return ordinal
 
     def reference_to(self, resource_type: str, content: Json) -> Json:
         """Add a resource that another one points at (a Practitioner from an XCN, ...),
@@ -86,8 +92,7 @@ class Run:
         identity = _identity_text(resource_type, content)
         draft = self._referenced.get(identity)
         if draft is None:
-            draft = Draft(resource_type, content, False,
-                          sum(1 for d in self.drafts if d.resource_type == resource_type))
+            draft = Draft(resource_type, content, False, self._ordinal(resource_type))
             self.drafts.append(draft)
             self._referenced[identity] = draft
         else:
