@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck pytest bench bench-translate clean
+.PHONY: run test lint typecheck pytest bench bench-translate bench-audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(STAMP_RUN)
 
 bench-translate: $(STAMP_RUN)
 	$(BIN)/python bench/translate.py
+
+bench-audit: $(STAMP_RUN)
+	$(BIN)/python bench/audit.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
+from opentelemetry import metrics
 
+from gateway.audit import AUDIT_FILE, AuditKeys, AuditLog, load_keys
 from gateway.config import Settings
-from gateway.edge import http
+from gateway.edge import audit_http, http
 from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
@@ -31,6 +34,7 @@ MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
 TRANSLATOR = web.AppKey("translator", Translator)
 
 INBOX_FILE = "inbox.db"
+KEYS_DIR = "keys"
 
 
 def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.Application:
@@ -41,6 +45,10 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
         settings.telemetry.exporter, settings.telemetry.service_name,
         settings.telemetry.otlp_endpoint)
     app.add_routes(http.routes)
+    app.add_routes(audit_http.routes)
+    app[audit_http.REVIEWERS] = tuple(
+        audit_http.Reviewer(r.name, bytes.fromhex(r.token_sha256), frozenset(r.roles),
+                            r.decrypt) for r in settings.audit.reviewers)
     app.cleanup_ctx.append(_store_and_mllp)
     return app
 
@@ -54,29 +62,90 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
     # A bad table stops the start here (TableErrors: file:line: reason), before listening.
     app[TRANSLATOR] = await asyncio.get_running_loop().run_in_executor(
         None, load_translator, settings)
-    inbox = await SqliteInbox.open(
-        store.data_dir / INBOX_FILE,
-        synchronous=store.synchronous,
-        dedup_window=timedelta(days=store.dedup_window_days),
-        max_batch=store.max_batch,
-    )
+    audit = (await open_audit(settings, app[TELEMETRY].meter) if settings.audit.enabled
+             else None)
+    try:
+        inbox = await SqliteInbox.open(
+            store.data_dir / INBOX_FILE,
+            synchronous=store.synchronous,
+            dedup_window=timedelta(days=store.dedup_window_days),
+            max_batch=store.max_batch,
+        )
+    except BaseException:
+        if audit is not None:
+            await audit.close()
+        raise
     app[http.INBOX] = inbox
     try:
-        server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR])
+        server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR], audit)
         app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     except BaseException:
         await inbox.close()
+        if audit is not None:
+            await audit.close()
         raise
     app[MLLP] = server
-    expiry = asyncio.create_task(_expire_dedup_keys(inbox), name="dedup-expiry")
+    housekeeping = [asyncio.create_task(_expire_dedup_keys(inbox), name="dedup-expiry")]
+    if audit is not None:
+        app[audit_http.AUDIT] = audit
+        if settings.audit.retention_days:
+            housekeeping.append(asyncio.create_task(
+                _audit_retention(audit, settings.audit.retention_days), name="audit-retention"))
     try:
         yield
     finally:
-        expiry.cancel()
-        # Order matters: finish and answer what is in flight, then close the store.
+        for task in housekeeping:
+            task.cancel()
+        # Order matters: finish and answer what is in flight, then close the stores; the
+        # audit log last, with a signed checkpoint over everything recorded.
         await server.stop(timeout=settings.server.shutdown_timeout)
         await inbox.close()
+        if audit is not None:
+            await audit.close()
         app[TELEMETRY].shutdown()
+
+
+def audit_keys(settings: Settings, *, create: bool = False,
+               need_data_keys: bool = True) -> AuditKeys:
+    """The audit keys the settings name; `create` (serve only) generates missing defaults."""
+    audit = settings.audit
+    directory = settings.store.data_dir / KEYS_DIR
+    keys, generated = load_keys(
+        default_dir=directory,
+        key_file=audit.key_file,
+        keys_text=audit.keys.get_secret_value() if audit.keys else None,
+        signing_key_file=audit.signing_key_file,
+        signing_key_text=audit.signing_key.get_secret_value() if audit.signing_key else None,
+        trusted_public_key_files=audit.trusted_public_key_files,
+        create=create, need_data_keys=need_data_keys)
+    if generated:
+        log.warning("no audit keys configured: generated %s in %s (owner-only). Keep a copy "
+                    "apart from the data, or set audit.key_file and audit.signing_key_file; "
+                    "see README, Audit trail", " and ".join(p.name for p in generated),
+                    directory)
+    return keys
+
+
+async def open_audit(settings: Settings, meter: metrics.Meter | None = None, *,
+                     gateway: bool = True) -> AuditLog:
+    """The audit log in the data dir: the gateway's (signing checkpoints) or a tool's."""
+    audit = settings.audit
+    return await AuditLog.open(
+        settings.store.data_dir / AUDIT_FILE, audit_keys(settings, create=gateway),
+        synchronous=settings.store.synchronous, max_batch=audit.max_batch,
+        checkpoint_interval=audit.checkpoint_interval,
+        checkpoint_every=audit.checkpoint_every,
+        server=f"{settings.telemetry.service_name}@{socket.gethostname()}",
+        meter=meter, checkpoints=gateway)
+
+
+async def _audit_retention(audit: AuditLog, days: float) -> None:
+    while True:
+        try:
+            await audit.purge(datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # retried tomorrow; verify shows what is wrong
+            log.error("audit retention purge failed: %s", type(exc).__name__)
+        await asyncio.sleep(86_400)
 
 
 def load_translator(settings: Settings) -> Translator:
@@ -86,7 +155,7 @@ def load_translator(settings: Settings) -> Translator:
 
 
 def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
-                 translator: Translator) -> MllpServer:
+                 translator: Translator, audit: AuditLog | None = None) -> MllpServer:
     mllp = settings.mllp
     tls = mllp.tls
     context = None
@@ -102,7 +171,7 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
     ingest = Ingest(inbox, telemetry, validation=mllp.validation,
                     default_charset=mllp.default_charset, sender_check=check,
                     translator=translator if settings.mapping.translate_on_ingest else None,
-                    strict=settings.mapping.strict)
+                    strict=settings.mapping.strict, audit=audit)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

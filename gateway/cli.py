@@ -1,4 +1,4 @@
-"""The `isthmus` command line: serve, send, inbox, translate, mappings."""
+"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit."""
 
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a site directory overriding the shipped tables")
     check.add_argument("--tables", type=Path, help="check this table set instead of the shipped")
     check.set_defaults(run=_mappings_check)
+    _audit_parser(sub)
     return parser
 
 
@@ -110,6 +111,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve
+    from gateway.audit import AuditIntegrityError, AuditKeyError
     from gateway.mapping.errors import TableError, TableErrors
 
     settings = _settings(args, **{
@@ -134,6 +136,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (TableErrors, TableError) as exc:
         print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
         return 2
+    except (AuditKeyError, AuditIntegrityError) as exc:
+        print(f"isthmus: the audit trail cannot be opened: {exc}", file=sys.stderr)
+        return 1
 
 
 # -- send -------------------------------------------------------------------------------
@@ -240,6 +245,10 @@ def _inbox_show(args: argparse.Namespace) -> int:
         print(f"isthmus inbox show: no message with id {args.id}", file=sys.stderr)
         return 1
     entry, raw, ack = found
+    refused = _record_accesses(args, [_message_access("read", args.id, raw, entry.control_id)])
+    if refused is not None:
+        print(f"isthmus inbox show: {refused}; the message is not shown", file=sys.stderr)
+        return 1
     for name in entry.__slots__:
         print(f"{name}: {getattr(entry, name)}")
     print("message:")
@@ -271,6 +280,12 @@ def _inbox_replay(args: argparse.Namespace) -> int:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     outcomes = [(row_id, *_replay_one(translator, raw)) for row_id, raw in rows]
+    refused = _record_accesses(args, [
+        _message_access("translate", row_id, raw, outcome=status)
+        for (row_id, raw), (_, status, _) in zip(rows, outcomes, strict=True)])
+    if refused is not None:
+        print(f"isthmus inbox replay: {refused}; nothing was replayed", file=sys.stderr)
+        return 1
     asyncio.run(record_outcomes(path, outcomes))
     for row_id, status, error in outcomes:
         print(f"{row_id} {status}" + (f" {error}" if error else ""))
@@ -420,4 +435,232 @@ def _mappings_check(args: argparse.Namespace) -> int:
           f"({', '.join(translator.message_types)})")
     outbound = sorted(reverser.message_types.items())
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
+    return 0
+
+
+# -- audit ------------------------------------------------------------------------------
+
+_EXPORT_PURPOSE = "HCOMPL"  # v3 ActReason: health compliance
+
+
+def _audit_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the audit trail: verify it, export it for review")
+    audit.add_argument("--data-dir", type=Path, help="where the store lives (store.data_dir)")
+    actions = audit.add_subparsers(metavar="ACTION")
+    verify = actions.add_parser(
+        "verify", help="check the audit trail, or an export of it, has not been altered")
+    verify.add_argument("--file", type=Path, metavar="EXPORT",
+                        help="an export to verify offline (needs --public-key)")
+    verify.add_argument("--public-key", type=Path, action="append", metavar="KEY",
+                        help="the gateway's public key (PEM); repeat for rotated keys")
+    verify.set_defaults(run=_audit_verify)
+    export = actions.add_parser(
+        "export", help="records in a period as FHIR AuditEvents or CSV, on stdout")
+    export.add_argument("--from", dest="start", required=True, metavar="T",
+                        help="ISO 8601 date or time (UTC unless an offset is given)")
+    export.add_argument("--to", dest="end", required=True, metavar="T",
+                        help="end of the period, exclusive (a date includes that day)")
+    export.add_argument("--patient", metavar="REF",
+                        help="'AUTHORITY|ID', 'Patient/ID', or an identifier alone")
+    export.add_argument("--client", metavar="ID", help="client id (e.g. 'LAB|HOSP' or 'LAB')")
+    export.add_argument("--action", metavar="A",
+                        help="ingest, translate, read, search, create, update, delete, "
+                             "deliver, token or export")
+    export.add_argument("--format", required=True, choices=("ndjson", "bundle", "csv"))
+    export.add_argument("--decrypt", action="store_true",
+                        help="show PHI decrypted (needs the audit data keys)")
+    export.set_defaults(run=_audit_export)
+    new_key = actions.add_parser(
+        "new-key", help="print a new audit data key line, for key rotation")
+    new_key.set_defaults(run=_audit_new_key)
+    public_key = actions.add_parser(
+        "public-key", help="print the public key reviewers verify exports with")
+    public_key.set_defaults(run=_audit_public_key)
+
+
+def _audit_settings(args: argparse.Namespace) -> Settings:
+    return _settings(args, **{"store.data_dir": getattr(args, "data_dir", None)})
+
+
+def _audit_db(settings: Settings) -> Path:
+    from gateway.audit import AUDIT_FILE
+
+    path = settings.store.data_dir / AUDIT_FILE
+    if not path.exists():
+        raise ConfigError(f"no audit trail at {path} (set --data-dir or store.data_dir)")
+    return path
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.app import audit_keys
+    from gateway.audit import AuditKeyError, verify_store
+    from gateway.audit.export import verify_export
+    from gateway.audit.keys import key_id, read_public_keys
+
+    if args.file is not None and not args.public_key:
+        print("isthmus audit verify: --file needs --public-key KEY, the public key of the "
+              "gateway that made the export", file=sys.stderr)
+        return 2
+    try:
+        trusted = {key_id(k): k for path in args.public_key or ()
+                   for k in read_public_keys(path)}
+        if args.file is not None:
+            report = verify_export(args.file.read_bytes(), trusted)
+        else:
+            settings = _audit_settings(args)
+            path = _audit_db(settings)
+            signing = None
+            if not trusted:
+                keys = audit_keys(settings, need_data_keys=False)
+                trusted, signing = dict(keys.trusted), keys.signing
+            report = asyncio.run(verify_store(path, trusted, signing))
+            if signing is None:
+                print("note: record MACs not checked (they need the signing key); the chain "
+                      "and the signed checkpoints were")
+    except (AuditKeyError, OSError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        print(f"isthmus audit verify: {where}{text}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    problems = report.sorted_problems()
+    for problem in problems[1:20]:
+        print(f"  also {problem}")
+    if len(problems) > 20:
+        print(f"  and {len(problems) - 20} more")
+    return 0 if report.ok else 1
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from gateway.audit import AuditIntegrityError, AuditKeyError, QueryError, build_query
+
+    settings = _audit_settings(args)
+    try:
+        query = build_query(args.start, args.end, args.patient, args.client, args.action,
+                            names=("--from", "--to", "--patient", "--client", "--action"))
+    except QueryError as exc:
+        print(f"isthmus audit export: {exc}", file=sys.stderr)
+        return 2
+    _audit_db(settings)
+    try:
+        return asyncio.run(_export(settings, query, args.format, args.decrypt))
+    except AuditKeyError as exc:
+        print(f"isthmus audit export: {exc}", file=sys.stderr)
+        return 2
+    except AuditIntegrityError as exc:
+        print(f"isthmus audit export: the audit trail does not verify ({exc}); run "
+              "`isthmus audit verify`. Nothing was exported.", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, OSError) as exc:
+        print(f"isthmus audit export: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _export(settings: Settings, query: Any, fmt: str, decrypt: bool) -> int:
+    from gateway.app import open_audit
+    from gateway.audit import Action, AuditRecord
+    from gateway.audit.export import export
+    from gateway.store import StoreUnavailable
+
+    user, host = _who()
+    audit = await open_audit(settings, gateway=False)
+    try:
+        # Fail closed: the export is on record before a byte of it is written.
+        try:
+            await audit.record(AuditRecord(
+                Action.EXPORT, client_id="isthmus-cli", user=user, peer=host,
+                resource_type="AuditEvent", patient=query.patient, query=query.text(),
+                query_shape=query.text(with_patient=False), purpose=_EXPORT_PURPOSE,
+                detail=f"{fmt}{' decrypted' if decrypt else ''}"))
+        except StoreUnavailable:
+            print("isthmus audit export: the export could not be recorded in the audit "
+                  "trail; nothing was exported", file=sys.stderr)
+            return 1
+        covered = await audit.seal_head()
+        out = sys.stdout.buffer
+        result = await export(audit, query, fmt, out.write, covered_through=covered,
+                              decrypt=decrypt, exporter=f"cli:{user}@{host}")
+        out.flush()
+    finally:
+        await audit.close()
+    print(f"isthmus audit export: {result.records} records", file=sys.stderr)
+    if result.undecryptable:
+        print(f"isthmus audit export: {result.undecryptable} records could not be decrypted "
+              "(their data key is not loaded); shown encrypted", file=sys.stderr)
+    return 0
+
+
+def _who() -> tuple[str, str]:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return user, socket.gethostname()
+
+
+def _message_access(action: str, inbox_id: int, raw: bytes, control_id: str = "",
+                    outcome: str = "success") -> Any:
+    """The record of an operator's access to a stored message (the patient from PID-3)."""
+    from gateway.audit import Action, AuditRecord, reference_from_v2
+    from gateway.hl7.message import parse_message
+
+    try:
+        patient = reference_from_v2(parse_message(raw))
+    except Exception:  # noqa: BLE001 - a stored message that does not parse has no patient
+        patient = None
+    user, host = _who()
+    return AuditRecord(Action(action), "success" if outcome == "translated" else outcome,
+                       client_id="isthmus-cli", user=user, peer=host,
+                       resource_type="hl7v2-message", resource_id=str(inbox_id),
+                       control_id=control_id, patient=patient)
+
+
+def _record_accesses(args: argparse.Namespace, records: list[Any]) -> str | None:
+    """Record operator accesses before they happen; the reason when that is not possible."""
+    from gateway.app import open_audit
+    from gateway.audit import AuditIntegrityError, AuditKeyError
+    from gateway.store import StoreUnavailable
+
+    settings = _audit_settings(args)
+    if not settings.audit.enabled or not records:
+        return None
+
+    async def record() -> None:
+        audit = await open_audit(settings, gateway=False)
+        try:
+            for future in [audit.submit(r) for r in records]:
+                await future
+        finally:
+            await audit.close()
+
+    try:
+        asyncio.run(record())
+    except (AuditKeyError, AuditIntegrityError, StoreUnavailable, sqlite3.Error,
+            OSError) as exc:
+        reason = exc if isinstance(exc, AuditKeyError) else type(exc).__name__
+        return f"the access could not be recorded in the audit trail ({reason})"
+    return None
+
+
+def _audit_new_key(args: argparse.Namespace) -> int:
+    from gateway.audit.keys import new_data_key_line
+
+    print(new_data_key_line())
+    return 0
+
+
+def _audit_public_key(args: argparse.Namespace) -> int:
+    from gateway.app import audit_keys
+    from gateway.audit import AuditKeyError
+    from gateway.audit.keys import public_pem
+
+    try:
+        keys = audit_keys(_audit_settings(args), need_data_keys=False)
+    except AuditKeyError as exc:
+        print(f"isthmus audit public-key: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(public_pem(keys.signing.public))
     return 0

@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "ISTHMUS_"
 CONFIG_ENV = "ISTHMUS_CONFIG"
@@ -116,6 +124,56 @@ class MappingConfig(_Section):
     translate_on_ingest: bool = True
 
 
+class AuditReviewer(_Section):
+    """A credential for GET /audit/AuditEvent: a bearer token, stored only as its SHA-256."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    token_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$",
+                              description="hex SHA-256 of the bearer token")
+    roles: tuple[str, ...] = ("audit.read",)
+    decrypt: bool = Field(default=False, description="may ask for PHI decrypted")
+
+
+class AuditConfig(_Section):
+    enabled: bool = True
+    # Data keys (AES-256, for PHI in records): a key file, or the keys themselves (e.g.
+    # ISTHMUS_AUDIT__KEYS="id:base64,id:base64"). Neither: <data_dir>/keys/, generated.
+    key_file: Path | None = None
+    keys: SecretStr | None = None
+    # The Ed25519 key that signs checkpoints and exports: PEM file, or PEM/base64 text.
+    signing_key_file: Path | None = None
+    signing_key: SecretStr | None = None
+    # Public keys of earlier signing keys, so checkpoints they signed still verify.
+    trusted_public_key_files: tuple[Path, ...] = ()
+    checkpoint_interval: float = Field(default=300.0, gt=0, le=86_400)
+    checkpoint_every: int = Field(default=10_000, ge=1)
+    # Records older than this are purged (the chain stays verifiable); 0 keeps everything.
+    retention_days: float = Field(default=2190.0, ge=0)
+    max_batch: int = Field(default=1024, ge=1, le=2900)
+    reviewers: tuple[AuditReviewer, ...] = ()
+
+    @field_validator("key_file", "signing_key_file")
+    @classmethod
+    def _file_present(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+    @field_validator("trusted_public_key_files")
+    @classmethod
+    def _files_present(cls, paths: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in paths:
+            cls._file_present(path)
+        return paths
+
+    @field_validator("reviewers")
+    @classmethod
+    def _names_unique(cls, reviewers: tuple[AuditReviewer, ...]) -> tuple[AuditReviewer, ...]:
+        if len({r.name for r in reviewers}) != len(reviewers):
+            raise ValueError("reviewer names must be unique")
+        return reviewers
+
+
 class TelemetryConfig(_Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4318"
@@ -131,6 +189,7 @@ class Settings(_Section):
     mllp: MllpConfig = MllpConfig()
     store: StoreConfig = StoreConfig()
     mapping: MappingConfig = MappingConfig()
+    audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     log: LogConfig = LogConfig()
 

@@ -41,7 +41,8 @@ async def test_each_message_has_a_span_with_parse_store_and_ack_children(
     assert good.attributes["hl7.sending_application"] == "SYNTHLAB"
     children = {s.name for s in spans if s.parent is not None
                 and s.parent.span_id == good.context.span_id}
-    assert children == {"hl7.parse", "mapping.translate", "inbox.store", "mllp.ack"}
+    assert children == {"hl7.parse", "mapping.translate", "inbox.store", "audit.append",
+                        "mllp.ack"}
     assert good.attributes["mapping.status"] == "translated"
     assert good.attributes["mapping.resources"] >= 2  # Patient, Encounter, ...
     assert isinstance(good.attributes["mapping.unmapped"], int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.edge.audit_http import AUDIT
 from gateway.store import SqliteInbox, StoreUnavailable
 
 INBOX = web.AppKey("inbox", SqliteInbox)
@@ -19,7 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the inbox takes a real write, so a positive ACK could be given now."""
+    """Ready: the inbox (and the audit trail) take a real write, so a positive ACK could
+    be given now."""
     inbox = request.app.get(INBOX)
     if inbox is None:
         return web.json_response({"status": "starting"}, status=503)
@@ -27,4 +29,10 @@ async def readyz(request: web.Request) -> web.Response:
         await inbox.probe_writable()
     except StoreUnavailable:
         return web.json_response({"status": "store not writable"}, status=503)
+    audit = request.app.get(AUDIT)
+    if audit is not None:
+        try:
+            await audit.probe_writable()
+        except StoreUnavailable:
+            return web.json_response({"status": "audit trail not writable"}, status=503)
     return web.json_response({"status": "ready"})

@@ -3,6 +3,10 @@
 The order is the durability contract: parse and check, build the ACK, commit message and
 ACK together, and only then release the ACK to the connection. A store failure answers AR
 ("resend later"); a duplicate answers the ACK stored with the original.
+
+Every message answered is also an access to PHI and gets an audit record. The record is
+committed beside the inbox row (another file, its own group commit, at the same time) and
+the ACK waits for both: a message whose access could not be recorded gets AR, never AA.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from datetime import UTC, datetime
 import orjson
 from opentelemetry import trace
 
+from gateway.audit import AuditLog
+from gateway.audit.hl7v2 import message_access, outcome
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import InvalidResource, validate_resource
@@ -86,9 +92,11 @@ class Ingest:
         sender_check: SenderCheck | None = None,
         translator: Translator | None = None,
         strict: bool = False,
+        audit: AuditLog | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._inbox = inbox
+        self._audit = audit
         self._tracer = telemetry.tracer
         self._recording = telemetry.recording
         self._validation = validation
@@ -119,24 +127,24 @@ class Ingest:
                 error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
                                  "internal error; the message was not accepted", reject=True)
                 self._answer_errors(span, reply, salvage_header(
-                    frame.head if isinstance(frame, FrameTooLarge) else frame), [error])
+                    frame.head if isinstance(frame, FrameTooLarge) else frame), [error], peer)
         return reply
 
     def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
                 reply: asyncio.Future[Reply]) -> None:
         if isinstance(frame, FrameTooLarge):
-            self._refuse_oversize(frame, span, reply)
+            self._refuse_oversize(frame, span, reply, peer)
             return
         set_attributes(span, {"mllp.frame_bytes": len(frame)})
         try:
             message = self._parse(frame, span)
         except Hl7Error as error:
-            self._answer_errors(span, reply, salvage_header(frame), [error])
+            self._answer_errors(span, reply, salvage_header(frame), [error], peer)
             return
         try:
             check_header(message.header)
         except Hl7Error as error:
-            self._answer_errors(span, reply, message, [error])
+            self._answer_errors(span, reply, message, [error], peer)
             return
         header = message.header
         if self._recording:
@@ -150,7 +158,7 @@ class Ingest:
             })
         errors = self._check(message, peer)
         if errors:
-            self._answer_errors(span, reply, message, errors)
+            self._answer_errors(span, reply, message, errors, peer)
             return
         self._store(message, frame, peer, span, reply)
 
@@ -210,6 +218,15 @@ class Ingest:
         )
         store_span = self._span("inbox.store", span)
         stored = self._inbox.submit(inbound)
+        audited = None
+        if self._audit is not None:
+            audit_span = self._span("audit.append", span)
+            audited = self._audit.submit(message_access(
+                message, peer=peer.address, tls_subject=peer.tls_subject,
+                outcome=outcome(code, int(errors[0].code) if errors else None), time=now,
+                trace_id=span.get_span_context().trace_id, detail=_DETAIL.get(status, "")))
+            if self._recording:
+                audited.add_done_callback(lambda _: audit_span.end())
 
         def committed(done: asyncio.Future[Stored]) -> None:
             try:
@@ -222,12 +239,21 @@ class Ingest:
 
         def answer(done: asyncio.Future[Stored]) -> None:
             store_span.end()
+            unrecorded = audited is not None and _failed(audited)
             try:
                 result = done.result()
             except StoreUnavailable:
                 error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
                                  "the message could not be stored; resend later",
                                  reject=True)
+                self._answer_errors(span, reply, message, [error], peer)
+                return
+            if unrecorded:
+                # Fail closed: stored, but an unrecorded access is never acknowledged; the
+                # resend is answered as a duplicate once the audit trail takes it.
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "the message could not be recorded in the audit trail; "
+                                 "resend later", reject=True)
                 self._answer_errors(span, reply, message, [error])
                 return
             set_attributes(span, {"store.inbox_id": result.inbox_id,
@@ -236,7 +262,10 @@ class Ingest:
                 not header.enhanced_mode)
             self._finish(span, reply, result.ack if send else None, code, len(frame))
 
-        stored.add_done_callback(committed)
+        if audited is None:
+            stored.add_done_callback(committed)
+        else:
+            _when_both(stored, audited, committed)
 
     def _translate(self, message: Message, span: trace.Span,
                    now: datetime) -> tuple[str, Hl7Error | None]:
@@ -275,14 +304,16 @@ class Ingest:
         return TRANSLATED, None
 
     def _refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
-                         reply: asyncio.Future[Reply]) -> None:
+                         reply: asyncio.Future[Reply], peer: Peer) -> None:
         reason = (f"frame larger than the {frame.limit} byte limit" if frame.scope == "frame"
                   else "the gateway is holding too much unfinished data; resend later")
         error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason, reject=True)
-        self._answer_errors(span, reply, salvage_header(frame.head), [error])
+        self._answer_errors(span, reply, salvage_header(frame.head), [error], peer)
 
     def _answer_errors(self, span: trace.Span, reply: asyncio.Future[Reply],
-                       message: Message | None, errors: list[Hl7Error]) -> None:
+                       message: Message | None, errors: list[Hl7Error],
+                       peer: Peer | None = None) -> None:
+        """Answer AE/AR (CE/CR); with `peer`, once the refusal is in the audit trail."""
         header = _header_or_none(message)
         enhanced = header.enhanced_mode if header else False
         code = ack_code(errors, enhanced)
@@ -295,7 +326,27 @@ class Ingest:
         charset = message.charset if message is not None else "utf-8"
         send = not enhanced or should_send_accept_ack(
             header.accept_ack_type if header else "", code)
-        self._finish(span, reply, text.encode(charset, "replace") if send else None, code, 0)
+        ack = text.encode(charset, "replace") if send else None
+        if self._audit is None or peer is None:
+            self._finish(span, reply, ack, code, 0)
+            return
+        try:
+            audited = self._audit.submit(message_access(
+                message, peer=peer.address, tls_subject=peer.tls_subject,
+                outcome=outcome(code, int(first.code)), time=self._clock(),
+                trace_id=span.get_span_context().trace_id))
+        except Exception as exc:  # the refusal goes out regardless: it grants nothing
+            log.error("could not record a refused MLLP message: %s at %s",
+                      type(exc).__name__, _where(exc))
+            self._finish(span, reply, ack, code, 0)
+            return
+        # A refusal grants no access, so it goes out even if its record fails (logged by
+        # the audit writer); it waits only to keep the record before the answer.
+        def recorded(done: asyncio.Future[tuple[int, bytes]]) -> None:
+            _failed(done)
+            self._finish(span, reply, ack, code, 0)
+
+        audited.add_done_callback(recorded)
 
     def _ack_text(self, span: trace.Span, message: Message | None, header: Header | None,
                   code: str, errors: tuple[Hl7Error, ...] | list[Hl7Error],
@@ -318,6 +369,29 @@ class Ingest:
         span.end()
         if not reply.done():
             reply.set_result(ack)
+
+
+# The translation outcome, as the audit record's note.
+_DETAIL = {TRANSLATED: "translated", FAILED: "translation failed", UNSUPPORTED: "not mapped"}
+
+
+def _failed(future: asyncio.Future[tuple[int, bytes]]) -> bool:
+    """Whether an audit append failed (and its exception is taken, so it is not logged)."""
+    return future.cancelled() or future.exception() is not None
+
+
+def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int, bytes]],
+               then: Callable[[asyncio.Future[Stored]], None]) -> None:
+    """Call `then(stored)` once the inbox commit and the audit commit have both finished."""
+    remaining = [2]
+
+    def one_done(_: object) -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            then(stored)
+
+    stored.add_done_callback(one_done)
+    audited.add_done_callback(one_done)
 
 
 def _header_or_none(message: Message | None) -> Header | None:

@@ -1,6 +1,16 @@
-"""Persistence behind small interfaces: the inbox (this issue), later outbox and FHIR store."""
+"""Persistence behind small interfaces: the inbox, the audit log; later outbox and FHIR store."""
 
+from gateway.store.audit import (
+    AuditFilter,
+    AuditRow,
+    AuditStore,
+    CheckpointRow,
+    SqliteAuditStore,
+    StoredAuditRow,
+)
 from gateway.store.errors import StoreUnavailable
 from gateway.store.inbox import InboundMessage, InboxEntry, SqliteInbox, Stored
 
-__all__ = ["InboundMessage", "InboxEntry", "SqliteInbox", "StoreUnavailable", "Stored"]
+__all__ = ["AuditFilter", "AuditRow", "AuditStore", "CheckpointRow", "InboundMessage",
+           "InboxEntry", "SqliteAuditStore", "StoreUnavailable", "Stored", "StoredAuditRow",
+           "SqliteInbox"]
