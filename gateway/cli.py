@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sqlite3
 import ssl
 import sys
@@ -551,6 +552,10 @@ def _audit_export(args: argparse.Namespace) -> int:
         print(f"isthmus audit export: the audit trail does not verify ({exc}); run "
               "`isthmus audit verify`. Nothing was exported.", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error of the export.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (sqlite3.Error, OSError) as exc:
         print(f"isthmus audit export: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
