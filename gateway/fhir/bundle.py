@@ -10,7 +10,6 @@ names the source message.
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +17,7 @@ from urllib.parse import quote
 import orjson
 
 from gateway.canonical import Provenance, Resource, Translation
+from gateway.canonical.ids import name_uuid
 
 Json = dict[str, Any]
 
@@ -94,5 +94,5 @@ def _source_message(source: Provenance) -> Json:
 
 def _provenance_id(translation: Translation) -> str:
     source = translation.provenance
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "isthmus:provenance:" + "|".join(
-        (source.source_application, source.source_facility, source.control_id))))
+    return name_uuid("Provenance|" + "|".join(
+        (source.source_application, source.source_facility, source.control_id)))

@@ -6,11 +6,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted
+from gateway.canonical.ids import name_uuid
 from gateway.hl7.message import Message
 from gateway.mapping.compiler import Compiled, compile_tables
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Run, name_uuid
+from gateway.mapping.runtime import Draft, Run
 from gateway.mapping.tables import SHIPPED, read_tables
 
 
