@@ -115,7 +115,7 @@ def test_a01_patient_coded_fields_and_extensions(a01: Json) -> None:
         "system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M",
         "display": "Married"}
     assert patient["communication"] == [{"language": {
-        "coding": [{"code": "en", "display": "English", "system": "ISO639"}],
+        "coding": [{"code": "en", "display": "English", "system": "urn:ietf:bcp:47"}],
         "text": "English"}}]
     assert by_url(patient, EXT + "patient-mothersMaidenName")["valueString"] == "CANARYMAIDEN"
     religion = by_url(patient, EXT + "patient-religion")["valueCodeableConcept"]
@@ -450,6 +450,21 @@ def test_update_of_the_same_patient_and_visit_keeps_their_ids(a01: Json) -> None
                                               b"ADT^A08^ADT_A01|CTRL-A08-0001"))
     for resource_type in ("Patient", "Encounter", "Condition"):
         assert ref(update, one(update, resource_type)) == ref(a01, one(a01, resource_type))
+
+
+def test_locations_without_identifiers_keep_their_ids_across_messages(a01: Json) -> None:
+    # Another message (an A08, another control id) names the same ward and bed: the
+    # Locations are the same records, not new ones per message; another bed is another.
+    update = translate(message("a01").replace(b"ADT^A01^ADT_A01|CTRL-A01-0001",
+                                              b"ADT^A08^ADT_A01|CTRL-A08-0001"))
+    before = {r.get("name", "") + "/" + r.get("description", ""): ref(a01, r)
+              for r in resources(a01, "Location")}
+    after = {r.get("name", "") + "/" + r.get("description", ""): ref(update, r)
+             for r in resources(update, "Location")}
+    assert before and before == after
+    for entry in update["entry"]:
+        if entry["resource"]["resourceType"] == "Location":
+            assert entry["request"]["url"] == "Location/" + entry["resource"]["id"]
 
 
 def test_iam_allergy_with_identifier_and_dates() -> None:

@@ -180,3 +180,4 @@ async def test_translation_can_be_turned_off(tmp_path: Path) -> None:
     assert ack["MSA"][0][1] == "AA"
     entries = await read_entries(tmp_path / "var" / INBOX_FILE)
     assert entries[0].status == "accepted"
+

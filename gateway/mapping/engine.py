@@ -110,11 +110,15 @@ def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
     """Stable ids: by business identifier when there is one, else by source position.
 
     Without a system an identifier is only unique at its sender, so the sender is part of
-    the name; without any identifier, the same message (sender + control id) resent gives
-    the same ids, so a resend updates instead of duplicating.
+    the name. A resource only referred to (a ward from PV1-3) without an identifier is named
+    by its content at that sender, so every message naming that ward names the same
+    Location instead of adding one. Otherwise the same message (sender + control id) resent
+    gives the same ids, so a resend updates instead of duplicating.
     """
     if draft.key is not None:
         system, value = draft.key
         scope = system or sender
         return name_uuid(f"{draft.resource_type}|{scope}|{value}")
+    if draft.identity:
+        return name_uuid(f"{sender}|{draft.identity}")
     return name_uuid(f"{draft.resource_type}|{sender}|{control_id}|{draft.ordinal}")

@@ -23,7 +23,8 @@ Json = dict[str, Any]
 class Draft:
     """A resource being built: its type, content, identity and place in the bundle."""
 
-    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key")
+    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key",
+                 "identity")
 
     def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int) -> None:
         self.resource_type = resource_type
@@ -32,6 +33,7 @@ class Draft:
         self.ordinal = ordinal
         self.full_url = ""
         self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
+        self.identity = ""  # a referred-to resource: what makes it the same one next time
 
 
 class Run:
@@ -79,6 +81,7 @@ class Run:
         draft = self._referenced.get(identity)
         if draft is None:
             draft = Draft(resource_type, content, False, self._ordinal(resource_type))
+            draft.identity = identity
             self.drafts.append(draft)
             self._referenced[identity] = draft
         else:
