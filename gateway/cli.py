@@ -273,7 +273,7 @@ def _inbox_replay(args: argparse.Namespace) -> int:
 
     settings = _settings(args, **{"store.data_dir": args.data_dir})
     path = _inbox_db(args)
-    translator = _translator_or_exit(lambda: load_translator(settings))
+    translator = _tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
     rows = asyncio.run(read_raw(path, None if args.failed else [args.id]))
@@ -309,7 +309,8 @@ def _replay_one(translator: Any, raw: bytes) -> tuple[str, str]:
     return "translated", ""
 
 
-def _translator_or_exit(load: Any) -> Any:
+def _tables_or_exit(load: Any) -> Any:
+    """Whatever `load` builds from the tables, or None after saying which are unusable."""
     from gateway.mapping.errors import TableError, TableErrors
 
     try:
@@ -335,7 +336,7 @@ def _translate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if target == "hl7":
         return _fhir_to_hl7(data, args.event)
-    translator = _translator_or_exit(lambda: load_translator(settings))
+    translator = _tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
     return _hl7_to_fhir(translator, data, args.pretty)
@@ -384,7 +385,7 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
         print("isthmus translate: FHIR to HL7 v2 is not available in this build",
               file=sys.stderr)
         return 2
-    from gateway.mapping.errors import TableError, TableErrors, TranslationError
+    from gateway.mapping.errors import TranslationError
 
     try:
         document = orjson.loads(data)
@@ -396,12 +397,11 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
         print("isthmus translate: expected a FHIR resource or Bundle (a JSON object)",
               file=sys.stderr)
         return 2
-    try:
-        reverser = Reverser.load()
-        messages = reverser.to_v2(document, event=event)
-    except (TableErrors, TableError) as exc:
-        print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
+    reverser = _tables_or_exit(Reverser.load)
+    if reverser is None:
         return 2
+    try:
+        messages = reverser.to_v2(document, event=event)
     except (TranslationError, ValueError) as exc:
         print(f"isthmus translate: {exc}", file=sys.stderr)
         return 2

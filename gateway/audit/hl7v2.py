@@ -12,8 +12,7 @@ from datetime import datetime
 
 from gateway.audit.patient import reference_from_v2
 from gateway.audit.record import SUCCESS, Action, AuditRecord
-from gateway.hl7.errors import Hl7Error
-from gateway.hl7.message import Header, Message
+from gateway.hl7.message import Message, header_or_none
 
 _POSITIVE = frozenset({"AA", "CA"})
 _MAX = 256  # header values come from the sender: bounded, whatever they hold
@@ -30,7 +29,7 @@ def message_access(message: Message | None, *, peer: str, tls_subject: str | Non
                    outcome: str, time: datetime, trace_id: int = 0,
                    detail: str = "") -> AuditRecord:
     """The record of one HL7 v2 message received (refused ones too)."""
-    header = _header(message)
+    header = header_or_none(message)
     app = header.sending_application[:_MAX] if header else ""
     facility = header.sending_facility[:_MAX] if header else ""
     return AuditRecord(
@@ -46,12 +45,3 @@ def message_access(message: Message | None, *, peer: str, tls_subject: str | Non
         trace_id=f"{trace_id:032x}" if trace_id else "",
         detail=detail,
     )
-
-
-def _header(message: Message | None) -> Header | None:
-    if message is None:
-        return None
-    try:
-        return message.header
-    except Hl7Error:
-        return None

@@ -40,6 +40,7 @@ from gateway.hl7.message import (
     Header,
     Message,
     check_header,
+    header_or_none,
     parse_message,
     salvage_header,
 )
@@ -314,7 +315,7 @@ class Ingest:
                        message: Message | None, errors: list[Hl7Error],
                        peer: Peer | None = None) -> None:
         """Answer AE/AR (CE/CR); with `peer`, once the refusal is in the audit trail."""
-        header = _header_or_none(message)
+        header = header_or_none(message)
         enhanced = header.enhanced_mode if header else False
         code = ack_code(errors, enhanced)
         first = errors[0]
@@ -392,15 +393,6 @@ def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int
 
     stored.add_done_callback(one_done)
     audited.add_done_callback(one_done)
-
-
-def _header_or_none(message: Message | None) -> Header | None:
-    if message is None:
-        return None
-    try:
-        return message.header
-    except Hl7Error:
-        return None
 
 
 def _where(exc: BaseException) -> str:

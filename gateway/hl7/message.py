@@ -480,6 +480,16 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     return Message(text, delimiters, codec, raw)
 
 
+def header_or_none(message: Message | None) -> Header | None:
+    """The header of a message that may have none worth reading (for answers and records)."""
+    if message is None:
+        return None
+    try:
+        return message.header
+    except Hl7Error:
+        return None
+
+
 def salvage_header(data: bytes) -> Message | None:
     """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
 

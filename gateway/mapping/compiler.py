@@ -602,10 +602,7 @@ class _Compiler:
             if not all(values):
                 return None  # a template is only as good as every value it quotes
             text = "".join(p if i % 2 == 0 else values[i // 2] for i, p in enumerate(pieces))
-            try:
-                return convert(text)
-            except ConversionError as exc:
-                raise TranslationError(location, exc.reason, text) from None
+            return _converted(convert, text, location)
         return template
 
     def _primitive(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
@@ -664,10 +661,7 @@ class _Compiler:
                 # is; it is left out and counted, never silently invented or dropped.
                 scope.run.unmapped[location] += 1
                 return None
-            try:
-                return convert(text)
-            except ConversionError as exc:
-                raise TranslationError(location, exc.reason, text) from None
+            return _converted(convert, text, location)
         return produce
 
     def _mapped(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
@@ -993,6 +987,14 @@ def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
             continue
         link.setter(owner.content, inst, "", "", run.reference(target))
     run.current[step.resource] = draft
+
+
+def _converted(convert: Callable[[str], Any], text: str, location: str) -> Any:
+    """The converted value, or a TranslationError naming where (and, for the CLI, what)."""
+    try:
+        return convert(text)
+    except ConversionError as exc:
+        raise TranslationError(location, exc.reason, text) from None
 
 
 def _first_rep(field: str, run: Run) -> str:
