@@ -174,6 +174,93 @@ class AuditConfig(_Section):
         return reviewers
 
 
+class FhirConfig(_Section):
+    """The FHIR R4 REST edge at /fhir on the HTTP port."""
+
+    enabled: bool = True
+    # The public base URL (e.g. https://gw.example/fhir) for fullUrls and paging links;
+    # empty: taken from each request's scheme and Host.
+    base_url: str = ""
+    # Checked before a body is parsed: size, then nesting depth and array lengths.
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_depth: int = Field(default=32, ge=4, le=256)
+    max_array_items: int = Field(default=10_000, ge=10)
+    default_count: int = Field(default=50, ge=1)
+    max_count: int = Field(default=1000, ge=1)
+    max_bundle_entries: int = Field(default=1000, ge=1)
+    # Record every read and search in the audit trail, and serve only once it is durable.
+    audit_reads: bool = True
+
+
+class ClientConfig(_Section):
+    """A registered SMART Backend Services client ([[auth.clients]])."""
+
+    client_id: str = Field(min_length=1, max_length=128)
+    jwks_file: Path | None = None
+    public_key_file: Path | None = None
+    scopes: tuple[str, ...] = ()
+    profile: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ClientConfig:
+        if (self.jwks_file is None) == (self.public_key_file is None):
+            raise ValueError("give exactly one of jwks_file or public_key_file")
+        for path in (self.jwks_file, self.public_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        return self
+
+
+class IssuerConfig(_Section):
+    """An external authorization server whose access tokens are accepted ([[auth.issuers]])."""
+
+    issuer: str = Field(min_length=1)
+    jwks_file: Path
+    audience: str = Field(min_length=1)
+    # The claim naming the client (defaults to client_id, then azp, then sub).
+    client_claim: str = "client_id"
+    # Scopes the issuer may grant through this gateway; a token's scopes are cut to these.
+    allowed_scopes: tuple[str, ...] = ("system/*.rs",)
+    profile: str | None = None
+
+    @field_validator("jwks_file")
+    @classmethod
+    def _file_present(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+
+class ApiKeyConfig(_Section):
+    """A static API key ([[auth.api_keys]]), stored only as its SHA-256."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    key_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    scopes: tuple[str, ...] = ()
+    profile: str | None = None
+
+
+class AuthConfig(_Section):
+    # Without credentials every FHIR request but metadata answers 401, unless this is set.
+    anonymous: bool = False
+    anonymous_scopes: tuple[str, ...] = ("system/*.rs",)
+    token_lifetime: int = Field(default=300, ge=30, le=300)
+    # The issuer and audience of our own access tokens; empty: derived from the request.
+    issuer: str = ""
+    # EC P-384 key signing our access tokens (PEM); none: generated in <data_dir>/keys.
+    signing_key_file: Path | None = None
+    clients: tuple[ClientConfig, ...] = ()
+    issuers: tuple[IssuerConfig, ...] = ()
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthConfig:
+        ids = [c.client_id for c in self.clients] + [k.name for k in self.api_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("client ids and API key names must be unique")
+        return self
+
+
 class TelemetryConfig(_Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4318"
@@ -190,8 +277,22 @@ class Settings(_Section):
     store: StoreConfig = StoreConfig()
     mapping: MappingConfig = MappingConfig()
     audit: AuditConfig = AuditConfig()
+    fhir: FhirConfig = FhirConfig()
+    auth: AuthConfig = AuthConfig()
+    # Minimum-necessary task profiles: profile -> resource type -> elements it may see
+    # (["*"]: the whole resource). A type a profile does not list is refused.
+    profiles: dict[str, dict[str, tuple[str, ...]]] = {}
     telemetry: TelemetryConfig = TelemetryConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _profiles_exist(self) -> Settings:
+        named = [c.profile for c in self.auth.clients] + [
+            i.profile for i in self.auth.issuers] + [k.profile for k in self.auth.api_keys]
+        for profile in named:
+            if profile is not None and profile not in self.profiles:
+                raise ValueError(f"auth: profile '{profile}' is not defined under [profiles]")
+        return self
 
 
 class ConfigError(Exception):

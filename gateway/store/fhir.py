@@ -1,0 +1,284 @@
+"""The FHIR resource store's interface: what the layers above may ask, in plain data.
+
+Nothing here knows SQLite. The embedded implementation is `fhir_sqlite.SqliteFhirStore`;
+a PostgreSQL one (several gateways behind one load balancer) satisfies the same
+`FhirStore` protocol. Search is expressed as `SearchQuery` data built by the FHIR codec
+(`gateway.fhir.search`) and index rows come from an `Indexer` the composition passes in,
+so the store never needs to know FHIR search parameter definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# -- index rows, computed from a resource by the Indexer on every write ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIndex:
+    """identifier, code, status, gender, telecom (phone/email): system|code pairs."""
+
+    param: str
+    system: str | None  # None: the element carries no system
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class StringIndex:
+    """name, family, given, address-postalcode: `normalized` is lower-case, accents
+    removed (default and :contains matching); `exact` is the value as stored (:exact)."""
+
+    param: str
+    normalized: str
+    exact: str
+
+
+@dataclass(frozen=True, slots=True)
+class DateIndex:
+    """birthdate, date, _lastUpdated: the instant range [low, high] the value covers, as
+    fixed-width UTC text 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (text order is time order)."""
+
+    param: str
+    low: str
+    high: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceIndex:
+    """patient, subject, performer...: the target as 'Type/id' (local references only)."""
+
+    param: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityIndex:
+    """value-quantity: the number with its unit system and code."""
+
+    param: str
+    value: float
+    system: str | None
+    code: str | None
+
+
+IndexEntry = TokenIndex | StringIndex | DateIndex | ReferenceIndex | QuantityIndex
+
+# Called with (resource_type, resource as a dict, including id and meta) on every write.
+Indexer = Callable[[str, dict[str, Any]], Sequence[IndexEntry]]
+
+# -- search ---------------------------------------------------------------------------------
+
+Prefix = Literal["eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMatch:
+    """system None: any system; system "": no system (`|code`); code None: any code of the
+    system (`system|`)."""
+
+    param: str
+    system: str | None
+    code: str | None
+    negate: bool = False  # :not
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    param: str
+    value: str  # already normalised for "start"/"contains"; as given for "exact"
+    mode: Literal["start", "exact", "contains"] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class DateMatch:
+    """The search value's own range [low, high] and the prefix comparing it to the index
+    range, as FHIR R4 §3.1.1.4.2.2 defines (eq: index range within the value's range)."""
+
+    param: str
+    prefix: Prefix
+    low: str
+    high: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceMatch:
+    param: str
+    target: str  # 'Type/id'
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityMatch:
+    param: str
+    prefix: Prefix
+    value: float
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MissingMatch:
+    """:missing=true (no index row for the param) or :missing=false (at least one)."""
+
+    param: str
+    missing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IdMatch:
+    """_id: the resource's logical id."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LastUpdatedMatch:
+    prefix: Prefix
+    low: str
+    high: str
+
+
+Match = (TokenMatch | StringMatch | DateMatch | ReferenceMatch | QuantityMatch | MissingMatch
+         | IdMatch | LastUpdatedMatch)
+# One search parameter occurrence: its comma-separated values, OR-ed.
+Clause = tuple[Match, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """`param` is an indexed parameter name, or '_id' or '_lastUpdated'."""
+
+    param: str
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """Clauses AND-ed; each clause's matches OR-ed. Results in `sort` order, then by
+    last-updated and id so that paging is stable. `count` None: no limit."""
+
+    resource_type: str
+    clauses: tuple[Clause, ...] = ()
+    sort: tuple[SortKey, ...] = ()
+    count: int | None = None
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """One version of a resource as stored: `body` is the exact JSON served on read, with
+    id, meta.versionId and meta.lastUpdated already in it. A deletion is a version with
+    `deleted` True and an empty body."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: str  # FHIR instant, UTC, e.g. '2026-11-26T15:28:09.123456Z'
+    deleted: bool
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    resources: list[StoredResource]
+    total: int | None  # set when the query asked for it
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """One entry of a transaction or batch, or a single REST write.
+
+    POST: create; `id` is assigned by the store unless given; `condition` is If-None-Exist.
+    PUT: update (or create at that id); `condition` makes it a conditional update (no
+    `id` then); `if_match` a version for optimistic locking (412 on mismatch).
+    DELETE: by `id`, or conditional by `condition`.
+    `full_url`: the entry's fullUrl ('urn:uuid:...'), so references to it in other entries
+    of the same transaction are rewritten to the final 'Type/id'.
+    """
+
+    method: Literal["POST", "PUT", "DELETE"]
+    resource_type: str
+    id: str | None = None
+    resource: dict[str, Any] | None = None
+    condition: SearchQuery | None = None
+    if_match: int | None = None
+    full_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """status: 201 created, 200 updated (or matched by If-None-Exist / unchanged content),
+    204 deleted (or nothing to delete). `stored` is the resulting version (None after a
+    delete). `changed` False when nothing was written (a matched If-None-Exist, or an update
+    whose content equals the current version's, so a resent message adds no version)."""
+
+    status: int
+    stored: StoredResource | None
+    changed: bool = True
+
+
+class WriteConflict(Exception):
+    """A write that cannot be applied as asked; `status` is the HTTP answer, `reason` holds
+    no PHI (it names the entry index and the rule, never a value)."""
+
+    def __init__(self, status: Literal[400, 404, 409, 410, 412, 422], reason: str,
+                 entry: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.entry = entry
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """Instance history (type and id), type history (type), or system history (neither)."""
+
+    resource_type: str | None = None
+    id: str | None = None
+    since: str | None = None  # instant; versions last updated at or after it
+    count: int = 50
+    offset: int = 0
+
+
+@dataclass
+class StoreStats:
+    resources: int = 0
+    versions: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class FhirStore(Protocol):
+    """Versioned FHIR resources with search indexes; every method is safe to call
+    concurrently. Writes in one `transact` call are atomic when `atomic` is True (a
+    transaction Bundle) and independent otherwise (a batch Bundle)."""
+
+    async def read(self, resource_type: str, id: str) -> StoredResource | None:
+        """The current version (possibly a deletion marker), or None if never stored."""
+
+    async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        ...
+
+    async def search(self, query: SearchQuery, *, total: bool = False) -> SearchPage:
+        """Current, non-deleted versions matching the query."""
+
+    async def count(self, query: SearchQuery) -> int:
+        ...
+
+    async def history(self, query: HistoryQuery) -> SearchPage:
+        """Versions newest first; total always set."""
+
+    async def transact(self, writes: Sequence[WriteRequest], *,
+                       atomic: bool = True) -> list[WriteOutcome | WriteConflict]:
+        """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
+        entry index). Not atomic: each entry on its own; a failed entry's slot holds its
+        WriteConflict."""
+
+    async def probe_writable(self) -> None:
+        """Raise StoreUnavailable if a write could not be committed now."""
+
+    async def close(self) -> None:
+        ...
