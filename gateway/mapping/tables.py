@@ -41,6 +41,8 @@ VOCABULARY_COLUMNS = ("code", "display", "fhir_code", "fhir_display", "fhir_syst
 EVENT_COLUMNS = ("message_type", "map", "note")
 OUTBOUND_FILE = "outbound.csv"
 OUTBOUND_FOLDER = "outbound"
+# FHIR search parameter definitions: read by gateway.fhir.search, not a v2 mapping table.
+SEARCH_FILE = "search-parameters.csv"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
     for relative, path in sorted(table_files(directory, site).items()):
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
             continue  # FHIR -> v2 message definitions: read by gateway.mapping.outbound
+        if relative == SEARCH_FILE:
+            continue
         try:
             _read_table(tables, relative, path)
         except TableError as exc:
