@@ -6,10 +6,18 @@ converters are what keep ordinary output valid.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+# Path steps are element names or list indexes; a key of any other shape (it came from the
+# input) is not repeated. 'root' and '__root__' are fhir.resources' model-level markers.
+_STEP = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}")
+_NOT_STEPS = frozenset({"root", "__root__"})
+_MAX_LEAVES = 200
 
 
 class InvalidResource(ValueError):
@@ -34,6 +42,39 @@ def validate_resource(resource: dict[str, Any]) -> None:
     try:
         model.model_validate(resource)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        path = ".".join(str(p) for p in first["loc"] if p != "__root__")
-        raise InvalidResource(resource_type, path, first["msg"]) from None
+        first = exc.errors(include_url=False)[0]
+        path = ".".join(_step(p) for p in first["loc"] if p not in _NOT_STEPS)
+        raise InvalidResource(resource_type, path, _reason(first)) from None
+    except (KeyError, TypeError):
+        # fhir.resources looks a nested resource's model up by its resourceType outside
+        # pydantic, so an unknown or non-string type escapes as KeyError (quoting it).
+        raise InvalidResource(resource_type, "", "a nested resource has an unknown or "
+                              "invalid resourceType") from None
+
+
+def _step(part: int | str) -> str:
+    return str(part) if isinstance(part, int) or _STEP.fullmatch(part) else "?"
+
+
+def _reason(error: ErrorDetails) -> str:
+    """pydantic's message without the input: no known validator quotes it, but a custom
+    ValueError may, and this text goes to callers."""
+    reason = error["msg"].removeprefix("Value error, ")
+    for text in _strings(error.get("input"), [_MAX_LEAVES]):
+        if len(text) >= 3 and text in reason:
+            reason = reason.replace(text, "[value]")
+    return reason
+
+
+def _strings(value: Any, budget: list[int]) -> list[str]:
+    """String leaves of the input (bounded: a root error's input is the whole resource)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item, budget)]
+    return []
