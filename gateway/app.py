@@ -11,18 +11,38 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from opentelemetry import metrics
 
-from gateway.audit import AUDIT_FILE, AuditKeys, AuditLog, load_keys
-from gateway.config import Settings
-from gateway.edge import audit_http, http
+from gateway.audit import AUDIT_FILE, Action, AuditKeys, AuditLog, AuditRecord, load_keys
+from gateway.config import ClientConfig, IssuerConfig, Settings
+from gateway.edge import audit_http, fhir_http, http
+from gateway.edge.auth import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
+from gateway.edge.auth import (
+    ApiKey,
+    Authenticator,
+    AuthorizationServer,
+    AuthSetupError,
+    Client,
+    ExternalIssuer,
+    TokenHook,
+    checked_scopes,
+    install_auth,
+    load_signing_key,
+)
 from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
+from gateway.fhir.search import TABLE as SEARCH_TABLE
+from gateway.fhir.search import SearchRegistry
+from gateway.forward.local import LocalApplier
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
+from gateway.policy import KeySet, load_jwks, patient_reference, public_key_from_pem
+from gateway.policy.profiles import Profile, load_profiles
 from gateway.store import SqliteInbox
+from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.telemetry import Telemetry, configure
 
 log = logging.getLogger(__name__)
@@ -32,14 +52,19 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)
 MLLP = web.AppKey("mllp", MllpServer)
 MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
 TRANSLATOR = web.AppKey("translator", Translator)
+APPLIER = web.AppKey("applier", LocalApplier)
+PROFILES = web.AppKey("profiles", dict[str, Profile])
 
 INBOX_FILE = "inbox.db"
+FHIR_FILE = "fhir.db"
 KEYS_DIR = "keys"
 
 
 def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.Application:
     """The application: HTTP routes plus the store and MLLP listener in its cleanup context."""
-    app = web.Application(client_max_size=settings.mllp.max_frame_bytes)
+    app = web.Application(client_max_size=max(settings.mllp.max_frame_bytes,
+                                              settings.fhir.max_body_bytes),
+                          middlewares=[fhir_http.errors])
     app[SETTINGS] = settings
     app[TELEMETRY] = telemetry or configure(
         settings.telemetry.exporter, settings.telemetry.service_name,
@@ -49,8 +74,91 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     app[audit_http.REVIEWERS] = tuple(
         audit_http.Reviewer(r.name, bytes.fromhex(r.token_sha256), frozenset(r.roles),
                             r.decrypt) for r in settings.audit.reviewers)
+    # The profiles are checked against the R4 model now: a typo stops the start.
+    app[PROFILES] = load_profiles(settings.profiles)
+    setup_auth(app, settings, on_token=_token_auditor(app))
+    if settings.fhir.enabled:
+        app.add_routes(fhir_http.routes)
     app.cleanup_ctx.append(_store_and_mllp)
     return app
+
+
+def setup_auth(app: web.Application, settings: Settings, *,
+               on_token: TokenHook | None = None) -> None:
+    """The authorization server and authenticator from the `auth` settings, on the app."""
+    auth = settings.auth
+    default_key = settings.store.data_dir / KEYS_DIR / TOKEN_SIGNING_KEY_FILE
+    if auth.signing_key_file is None and not auth.clients and not default_key.exists():
+        # No registered client, so no token is ever issued: no key file to create.
+        signing_key = ec.generate_private_key(ec.SECP384R1())
+    else:
+        signing_key = load_signing_key(auth.signing_key_file, settings.store.data_dir)
+    server = AuthorizationServer(
+        [_client(i, c) for i, c in enumerate(auth.clients)], signing_key, issuer=auth.issuer,
+        fhir_base=settings.fhir.base_url, token_lifetime=auth.token_lifetime,
+        on_token=on_token)
+    api_keys = [ApiKey(k.name, bytes.fromhex(k.key_sha256),
+                       checked_scopes(k.scopes, f"auth.api_keys[{i}]"), k.profile)
+                for i, k in enumerate(auth.api_keys)]
+    anonymous = (checked_scopes(auth.anonymous_scopes, "auth.anonymous_scopes")
+                 if auth.anonymous else None)
+    install_auth(app, server, Authenticator(
+        server, issuers=[_issuer(i, c) for i, c in enumerate(auth.issuers)],
+        api_keys=api_keys, anonymous=anonymous))
+
+
+def _token_auditor(app: web.Application) -> TokenHook:
+    """Every token issued or refused goes into the audit trail (the log opens later)."""
+    async def record(client_id: str, outcome: str, peer: str) -> None:
+        audit = app.get(audit_http.AUDIT)
+        if audit is not None:
+            await audit.record(AuditRecord(Action.TOKEN, outcome, client_id=client_id,
+                                           peer=peer))
+    return record
+
+
+def _client(index: int, config: ClientConfig) -> Client:
+    where = f"auth.clients[{index}] ({config.client_id})"
+    try:
+        if config.jwks_file is not None:
+            keys = load_jwks(config.jwks_file)
+        else:
+            assert config.public_key_file is not None  # config guarantees exactly one
+            keys = KeySet.of(public_key_from_pem(config.public_key_file.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise AuthSetupError(f"{where}: {exc}") from None
+    checked_scopes(config.scopes, where)
+    patient = patient_reference(config.patient) if config.patient else None
+    return Client(config.client_id, keys, config.scopes, config.profile, patient)
+
+
+def _issuer(index: int, config: IssuerConfig) -> ExternalIssuer:
+    where = f"auth.issuers[{index}] ({config.issuer})"
+    try:
+        keys = load_jwks(config.jwks_file)
+    except ValueError as exc:
+        raise AuthSetupError(f"{where}: {exc}") from None
+    checked_scopes(config.allowed_scopes, where)
+    return ExternalIssuer(config.issuer, keys, config.audience, config.client_claim,
+                          config.allowed_scopes, config.profile)
+
+
+def search_registry(settings: Settings) -> SearchRegistry:
+    """The search parameter table: the site's copy if it has one, else the shipped one."""
+    mapping = settings.mapping
+    site = mapping.site_dir / SEARCH_TABLE if mapping.site_dir is not None else None
+    if site is not None and site.is_file():
+        return SearchRegistry.load(site)
+    return SearchRegistry.load((mapping.tables_dir or SHIPPED) / SEARCH_TABLE)
+
+
+def fhir_limits(settings: Settings) -> fhir_http.FhirLimits:
+    fhir = settings.fhir
+    return fhir_http.FhirLimits(
+        base_url=fhir.base_url, max_body_bytes=fhir.max_body_bytes, max_depth=fhir.max_depth,
+        max_array_items=fhir.max_array_items, default_count=fhir.default_count,
+        max_count=fhir.max_count, max_bundle_entries=fhir.max_bundle_entries,
+        audit_reads=fhir.audit_reads, rate_limit_per_client=fhir.rate_limit_per_client)
 
 
 async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
@@ -76,10 +184,32 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
             await audit.close()
         raise
     app[http.INBOX] = inbox
+    registry = await asyncio.get_running_loop().run_in_executor(
+        None, search_registry, settings)
     try:
-        server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR], audit)
+        fhir_store = await SqliteFhirStore.open(store.data_dir / FHIR_FILE, registry.index,
+                                                synchronous=store.synchronous)
+    except BaseException:
+        await inbox.close()
+        if audit is not None:
+            await audit.close()
+        raise
+    profiles: dict[str, Profile] = app[PROFILES]
+    app[fhir_http.FHIR] = fhir_http.FhirApi.build(
+        fhir_store, registry, app[TELEMETRY], fhir_limits(settings), profiles, audit)
+    applier = None
+    if settings.fhir.enabled and settings.mapping.translate_on_ingest:
+        applier = LocalApplier(fhir_store, registry, inbox, app[TRANSLATOR])
+        applier.start()
+        app[APPLIER] = applier
+    try:
+        server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR], audit,
+                              applier)
         app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     except BaseException:
+        if applier is not None:
+            await applier.close()
+        await fhir_store.close()
         await inbox.close()
         if audit is not None:
             await audit.close()
@@ -99,6 +229,9 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         # Order matters: finish and answer what is in flight, then close the stores; the
         # audit log last, with a signed checkpoint over everything recorded.
         await server.stop(timeout=settings.server.shutdown_timeout)
+        if applier is not None:
+            await applier.close()
+        await fhir_store.close()
         await inbox.close()
         if audit is not None:
             await audit.close()
@@ -155,7 +288,8 @@ def load_translator(settings: Settings) -> Translator:
 
 
 def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
-                 translator: Translator, audit: AuditLog | None = None) -> MllpServer:
+                 translator: Translator, audit: AuditLog | None = None,
+                 applier: LocalApplier | None = None) -> MllpServer:
     mllp = settings.mllp
     tls = mllp.tls
     context = None
@@ -171,7 +305,8 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
     ingest = Ingest(inbox, telemetry, validation=mllp.validation,
                     default_charset=mllp.default_charset, sender_check=check,
                     translator=translator if settings.mapping.translate_on_ingest else None,
-                    strict=settings.mapping.strict, audit=audit)
+                    strict=settings.mapping.strict, audit=audit,
+                    applied=applier.submit if applier is not None else None)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

@@ -102,9 +102,13 @@ def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
 
 
 def _configure_logging(level: str) -> None:
+    from gateway.policy.redact import install
+
     logging.basicConfig(
         stream=sys.stderr, level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every line that leaves the process goes through the PHI filter, whatever logs it.
+    install()
 
 
 # -- serve ------------------------------------------------------------------------------

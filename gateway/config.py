@@ -190,6 +190,8 @@ class FhirConfig(_Section):
     max_bundle_entries: int = Field(default=1000, ge=1)
     # Record every read and search in the audit trail, and serve only once it is durable.
     audit_reads: bool = True
+    # Requests per second each client may make (token bucket, burst = 2 s worth); 0: off.
+    rate_limit_per_client: float = Field(default=0.0, ge=0)
 
 
 class ClientConfig(_Section):
@@ -200,6 +202,9 @@ class ClientConfig(_Section):
     public_key_file: Path | None = None
     scopes: tuple[str, ...] = ()
     profile: str | None = None
+    # A client acting for one patient (e.g. a patient-facing service): its patient/ scopes
+    # are confined to this patient's compartment ('Patient/123' or '123').
+    patient: str | None = Field(default=None, pattern=r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ClientConfig:

@@ -51,6 +51,12 @@ SAFE_ATTRIBUTES = frozenset({
     "mapping.resources",
     "mapping.unmapped",
     "mapping.z_segments",
+    "fhir.interaction",
+    "fhir.resource_type",
+    "fhir.client_id",
+    "fhir.entries",
+    "http.response.status_code",
+    "store.applied",
     "outcome",
 })
 

@@ -177,7 +177,7 @@ async def test_inbox_list_shows_no_phi_and_show_gives_the_message(
     data_dir = str(gateway.data_dir)
     code, listing, err = await isthmus("inbox", "--data-dir", data_dir, "list")
     assert code == 0, err
-    assert "CTRL-ADT-0001" in listing and "ADT^A01" in listing and "translated" in listing
+    assert "CTRL-ADT-0001" in listing and "ADT^A01" in listing and "applied" in listing
     assert "SYNTHLAB/SYNTHHOSP" in listing
     for phi in ("CANARYFAMILY", "MRN-100001", "19800102", "Example Street"):
         assert phi not in listing

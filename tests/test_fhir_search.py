@@ -132,7 +132,7 @@ def test_table_defines_the_parameters_clients_use(registry: SearchRegistry,
     ("Slot", ()),
     ("Practitioner", ()),
     ("Location", ()),
-    ("Coverage", ()),
+    ("Basic", ()),
 ])
 def test_compartment_params_follow_r4_compartment_definition(
         registry: SearchRegistry, resource_type: str, expected: tuple[str, ...]) -> None:
@@ -158,7 +158,7 @@ def test_params_carry_definition_for_capability_statement(registry: SearchRegist
     subject = registry.params("Observation")["subject"]
     assert (subject.type, subject.targets[0], subject.compartment) == (
         "reference", "Patient", True)
-    assert registry.params("Coverage") == {}
+    assert registry.params("Basic") == {}
 
 
 HEADER = "resource,name,type,path,targets,compartment\n"
@@ -692,8 +692,8 @@ def test_lenient_ignores_unknown_parameters_without_naming_them(
      "Observation:encounter"),
     ("_revinclude=Observation:subject:Group", "Patient", "_revinclude",
      "refer to Patient", "subject:Group"),
-    ("_revinclude=Coverage:beneficiary", "Patient", "_revinclude", "not a reference",
-     "Coverage:beneficiary"),
+    ("_revinclude=Basic:subject", "Patient", "_revinclude", "not a reference",
+     "Basic:subject"),
     ("_elements=ssn", "Patient", "_elements", "top-level elements", "ssn"),
     ("_elements=name.family", "Patient", "_elements", "top-level elements", "name.family"),
     ("_summary=true", "Patient", "_summary", "not supported", "_summary=true"),
@@ -701,7 +701,7 @@ def test_lenient_ignores_unknown_parameters_without_naming_them(
     ("_summary=data", "Patient", "_summary", "not supported", "_summary=data"),
     ("_summary=maybe", "Patient", "_summary", "count or false", "maybe"),
     ("_total=exact", "Patient", "_total", "none, estimate or accurate", "exact"),
-    ("gender=female", "Coverage", "_type", "not searchable", "female"),
+    ("gender=female", "Basic", "_type", "not searchable", "female"),
 ])
 def test_refused_search_names_rule_not_value(registry: SearchRegistry, query: str,
                                              resource_type: str, param: str, rule: str,

@@ -543,7 +543,8 @@ def test_the_provenance_names_the_source_message(translator: Translator) -> None
     provenance_entry = document["entry"][-1]
     provenance = provenance_entry["resource"]
     assert provenance["resourceType"] == "Provenance"
-    assert provenance_entry["request"] == {"method": "POST", "url": "Provenance"}
+    assert provenance_entry["request"] == {
+        "method": "PUT", "url": f"Provenance/{provenance_entry['resource']['id']}"}
     what = provenance["entity"][0]["what"]
     assert what["identifier"]["value"] == "CTRL-1"
     assert what["display"] == "ADT^A01"

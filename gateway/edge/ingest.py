@@ -94,9 +94,12 @@ class Ingest:
         translator: Translator | None = None,
         strict: bool = False,
         audit: AuditLog | None = None,
+        applied: Callable[[int, Translation], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._inbox = inbox
+        # Handed each newly committed translation (the local FHIR store's applier).
+        self._applied = applied
         self._audit = audit
         self._tracer = telemetry.tracer
         self._recording = telemetry.recording
@@ -197,7 +200,7 @@ class Ingest:
                reply: asyncio.Future[Reply]) -> None:
         header = message.header
         now = self._clock()
-        status, error = self._translate(message, span, now)
+        status, error, translation = self._translate(message, span, now)
         # Original mode answers the application outcome: AE names what could not be
         # translated. Enhanced mode's accept ACK answers only the commit (CA); the outcome
         # stays in the inbox, marked for replay.
@@ -259,6 +262,8 @@ class Ingest:
                 return
             set_attributes(span, {"store.inbox_id": result.inbox_id,
                                   "hl7.duplicate": result.duplicate})
+            if translation is not None and not result.duplicate and self._applied is not None:
+                self._applied(result.inbox_id, translation)
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
             self._finish(span, reply, result.ack if send else None, code, len(frame))
@@ -269,11 +274,11 @@ class Ingest:
             _when_both(stored, audited, committed)
 
     def _translate(self, message: Message, span: trace.Span,
-                   now: datetime) -> tuple[str, Hl7Error | None]:
+                   now: datetime) -> tuple[str, Hl7Error | None, Translation | None]:
         """Translate before the commit (it is CPU only), so message, ACK and outcome are
         stored together in one write; a failure is stored too, for replay."""
         if self._translator is None:
-            return ACCEPTED, None
+            return ACCEPTED, None, None
         child = self._span("mapping.translate", span)
         try:
             translation = self._translator.translate(message, now)
@@ -281,16 +286,16 @@ class Ingest:
                 check_bundle(translation)
         except UnsupportedMessage:
             set_attributes(span, {"mapping.status": UNSUPPORTED})
-            return UNSUPPORTED, None
+            return UNSUPPORTED, None, None
         except TranslationError as exc:
             set_attributes(span, {"mapping.status": FAILED})
             log.info("could not translate an MLLP message: %s", exc.safe_text)
-            return FAILED, translation_error(exc)
+            return FAILED, translation_error(exc), None
         except Exception as exc:  # a table or engine bug costs this message, not the edge
             log.error("internal error translating an MLLP message: %s at %s",
                       type(exc).__name__, _where(exc))
             return FAILED, Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                    "internal error while translating")
+                                    "internal error while translating"), None
         finally:
             child.end()
         if self._recording:
@@ -302,7 +307,7 @@ class Ingest:
             # Locations and counts only: never a value.
             log.debug("unmapped in %s: %s", translation.provenance.message_type,
                       ", ".join(f"{k}x{v}" for k, v in sorted(translation.unmapped.items())))
-        return TRANSLATED, None
+        return TRANSLATED, None, translation
 
     def _refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
                          reply: asyncio.Future[Reply], peer: Peer) -> None:

@@ -65,7 +65,6 @@ def _provenance_entry(translation: Translation) -> Json:
     recorded = source.received_at.isoformat(timespec="milliseconds")
     sender = f"{source.source_application}^{source.source_facility}".strip("^ ") or "unknown"
     provenance: Json = {
-        "resourceType": "Provenance",
         "target": [{"reference": f"urn:uuid:{r.id}"} for r in translation.resources],
         "recorded": recorded,
         "activity": {"coding": [{
@@ -80,8 +79,12 @@ def _provenance_entry(translation: Translation) -> Json:
         }],
         "entity": [{"role": "source", "what": _source_message(source)}],
     }
-    return {"fullUrl": "urn:uuid:" + _provenance_id(translation), "resource": provenance,
-            "request": {"method": "POST", "url": "Provenance"}}
+    # PUT at an id derived from the message: applying the same message again (a crash
+    # between commit and apply) rewrites the same Provenance instead of adding one.
+    provenance_id = _provenance_id(translation)
+    provenance = {"resourceType": "Provenance", "id": provenance_id, **provenance}
+    return {"fullUrl": "urn:uuid:" + provenance_id, "resource": provenance,
+            "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
 
 
 def _source_message(source: Provenance) -> Json:

@@ -9,8 +9,10 @@ from gateway.store.audit import (
     StoredAuditRow,
 )
 from gateway.store.errors import StoreUnavailable
+from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import InboundMessage, InboxEntry, SqliteInbox, Stored
 
 __all__ = ["AuditFilter", "AuditRow", "AuditStore", "CheckpointRow", "InboundMessage",
            "InboxEntry", "SqliteAuditStore", "StoreUnavailable", "Stored", "StoredAuditRow",
-           "SqliteInbox"]
+           "SqliteInbox",
+           "SqliteFhirStore"]

@@ -57,10 +57,13 @@ _MAX_BATCH_BYTES = 32 * 1024 * 1024
 # SQLite allows 32766 bound parameters per statement.
 _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 
-# Inbox statuses: stored only (translation off), translated, could not be translated, or
-# of a message type no table maps. `failed` and `unsupported` can be replayed.
+# Inbox statuses: stored only (translation off), translated (not yet in the FHIR store),
+# applied to the FHIR store, could not be translated or applied, or of a message type no
+# table maps. `failed` and `unsupported` can be replayed; `translated` rows are applied by
+# the running gateway (at start-up too, so a crash between commit and apply loses nothing).
 ACCEPTED = "accepted"
 TRANSLATED = "translated"
+APPLIED = "applied"
 FAILED = "failed"
 UNSUPPORTED = "unsupported"
 REPLAYABLE = (FAILED, UNSUPPORTED)
@@ -115,6 +118,7 @@ class InboxEntry:
 
 
 _Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
+_RawRows = list[tuple[int, bytes]]  # (inbox id, raw message)
 
 
 class SqliteInbox:
@@ -294,6 +298,30 @@ class SqliteInbox:
     async def count(self) -> int:
         rows = list(await self._db.execute_fetchall("SELECT count(*) FROM inbox"))
         return int(rows[0][0])
+
+    async def with_status(self, status: str, limit: int = 500,
+                          after: int = 0) -> _RawRows:
+        """(id, raw) of the oldest rows in one status, after an id, for the applier."""
+        rows = await self._db.execute_fetchall(
+            "SELECT id, raw FROM inbox WHERE status = ? AND id > ? ORDER BY id LIMIT ?",
+            (status, after, limit))
+        return [(int(row_id), bytes(raw)) for row_id, raw in rows]
+
+    async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
+        """Set (id, status, error) for several rows: one statement per distinct outcome.
+
+        One statement each, never BEGIN ... COMMIT: this connection is shared with the
+        group-committing writer, whose inserts must not ride in another transaction.
+        """
+        groups: dict[tuple[str, str], list[int]] = {}
+        for row_id, status, error in outcomes:
+            groups.setdefault((status, error), []).append(row_id)
+        for (status, error), ids in groups.items():
+            for start in range(0, len(ids), 30_000):
+                chunk = ids[start:start + 30_000]
+                await self._db.execute(
+                    f"UPDATE inbox SET status = ?, error = ? WHERE id IN "
+                    f"({','.join('?' * len(chunk))})", (status, error, *chunk))
 
     @property
     def batches_committed(self) -> int:

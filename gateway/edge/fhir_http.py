@@ -1,0 +1,1008 @@
+"""The FHIR R4 REST routes at /fhir: authenticate, authorise, answer from the store.
+
+Every interaction goes the same way: who is calling (SMART token, external token, API
+key), whether their scopes allow this interaction on this type, which patient's
+compartment confines them, which minimum-necessary profile cuts what they see. Reads serve
+the stored JSON bytes as they are; only a profile or `_elements` makes us parse and
+re-serialise. Every access is recorded in the audit trail before the answer leaves (fail
+closed: 503 if it cannot be recorded). Every refusal is an OperationOutcome, answered in
+one place (`_errors`), with no patient data in its text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+from multidict import MultiDict
+from opentelemetry import trace
+
+from gateway.audit import Action, AuditLog, AuditRecord
+from gateway.edge.auth import AuthError, principal_for
+from gateway.fhir.capability import capability_statement
+from gateway.fhir.guard import BodyError, check_and_parse, validate_incoming
+from gateway.fhir.outcome import FHIR_JSON, FhirError, information, operation_outcome
+from gateway.fhir.outcome import outcome_bytes as _outcome_bytes
+from gateway.fhir.search import (
+    ParsedSearch,
+    SearchError,
+    SearchRegistry,
+    UnsupportedFormat,
+)
+from gateway.fhir.transaction import Entry, parse_bundle, parse_etag, write_request
+from gateway.fhir.validate import InvalidResource
+from gateway.policy import Principal, Profile
+from gateway.store import StoreUnavailable
+from gateway.store.fhir import (
+    FhirStore,
+    HistoryQuery,
+    IdMatch,
+    Match,
+    ReferenceIndex,
+    ReferenceMatch,
+    SearchQuery,
+    StoredResource,
+    WriteConflict,
+    WriteOutcome,
+    WriteRequest,
+)
+from gateway.telemetry import Telemetry, set_attributes
+
+log = logging.getLogger(__name__)
+
+_JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+_SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+              "code": "SUBSETTED"}
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
+            403: "Forbidden", 404: "Not Found", 409: "Conflict", 410: "Gone",
+            412: "Precondition Failed", 422: "Unprocessable Entity"}
+_ACTIONS = {"POST": Action.CREATE, "PUT": Action.UPDATE, "DELETE": Action.DELETE}
+
+
+@dataclass(frozen=True, slots=True)
+class FhirLimits:
+    """The edge's limits, from the `fhir` config section (the edge does not read config)."""
+
+    base_url: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_depth: int = 32
+    max_array_items: int = 10_000
+    default_count: int = 50
+    max_count: int = 1000
+    max_bundle_entries: int = 1000
+    audit_reads: bool = True
+    rate_limit_per_client: float = 0.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class FhirApi:
+    """Everything the routes need, built once by the composition."""
+
+    store: FhirStore
+    registry: SearchRegistry
+    telemetry: Telemetry
+    limits: FhirLimits = FhirLimits()
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    audit: AuditLog | None = None
+    types: frozenset[str] = frozenset()
+    capability: bytes = b""
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, store: FhirStore, registry: SearchRegistry, telemetry: Telemetry,
+              limits: FhirLimits, profiles: Mapping[str, Profile],
+              audit: AuditLog | None, extra_types: Iterable[str] = ()) -> FhirApi:
+        types = frozenset(registry.types()) | frozenset(extra_types)
+        api = cls(store, registry, telemetry, limits, profiles, audit, types)
+        api.capability = orjson.dumps(capability_statement(registry, types))
+        return api
+
+    # -- who may do what --------------------------------------------------------------
+
+    def throttle(self, principal: Principal) -> None:
+        """Token bucket per client: 429 with Retry-After when it runs dry."""
+        rate = self.limits.rate_limit_per_client
+        if not rate:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(principal.client_id)
+        burst = max(2 * rate, 1.0)
+        if bucket is None:
+            bucket = self._buckets[principal.client_id] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < 1:
+            wait = max(1, int((1 - bucket.tokens) / rate + 0.999))
+            raise FhirError(429, "too many requests for this client; retry later",
+                            headers={"Retry-After": str(wait)})
+        bucket.tokens -= 1
+
+    def check_type(self, resource_type: str) -> None:
+        if resource_type not in self.types:
+            raise FhirError(404, f"resource type {resource_type} is not supported here",
+                            code="not-supported")
+
+    def profile(self, principal: Principal) -> Profile | None:
+        return self.profiles.get(principal.profile) if principal.profile else None
+
+    def authorize(self, principal: Principal, interaction: str, resource_type: str) -> None:
+        """403 unless a scope permits the interaction and the profile shows the type."""
+        if not principal.scopes.permits(interaction, resource_type):
+            raise FhirError(403, f"no granted scope permits {interaction} on {resource_type}")
+        profile = self.profile(principal)
+        if profile is not None and not profile.allows_type(resource_type):
+            raise FhirError(403, f"the task profile '{profile.name}' does not include "
+                            f"{resource_type}")
+        if principal.scopes.is_patient_context(resource_type) and principal.patient is None:
+            raise FhirError(403, "a patient-level scope needs a patient context")
+
+    def confined_to(self, principal: Principal, resource_type: str) -> str | None:
+        """The patient ('Patient/123') whose compartment confines this type, if any."""
+        if principal.patient is None or not principal.scopes.is_patient_context(resource_type):
+            return None
+        if resource_type != "Patient" and not self.registry.compartment_params(resource_type):
+            return None  # outside the patient compartment (Practitioner, Location...)
+        return principal.patient
+
+    def compartment_clause(self, resource_type: str, patient: str) -> tuple[Match, ...]:
+        if resource_type == "Patient":
+            return (IdMatch(patient.partition("/")[2]),)
+        return tuple(ReferenceMatch(param, patient)
+                     for param in self.registry.compartment_params(resource_type))
+
+    def patients_of(self, resource_type: str, resource: Mapping[str, Any]) -> set[str]:
+        """The patients ('Patient/id') whose compartment holds this resource."""
+        if resource_type == "Patient":
+            return {f"Patient/{resource.get('id')}"}
+        params = self.registry.compartment_params(resource_type)
+        if not params:
+            return set()
+        return {entry.target for entry in self.registry.index(resource_type, dict(resource))
+                if isinstance(entry, ReferenceIndex) and entry.param in params
+                and entry.target.startswith("Patient/")}
+
+    def in_compartment(self, resource_type: str, resource: Mapping[str, Any],
+                       patient: str) -> bool:
+        return patient in self.patients_of(resource_type, resource)
+
+    def scope_clauses(self, principal: Principal, interaction: str,
+                      resource_type: str) -> tuple[tuple[Match, ...], ...]:
+        """`?param=value` constraints on the granted scopes, as search clauses."""
+        alternatives = principal.scopes.constraints_for(interaction, resource_type)
+        if not alternatives:
+            return ()
+        if len(alternatives) == 1:
+            params = list(alternatives[0])
+            return self.registry.parse(resource_type, params, default_count=1,
+                                       max_count=1).query.clauses
+        # Several alternatives: OR of single-parameter constraints is one clause; anything
+        # richer cannot be expressed and is refused rather than widened.
+        matches: list[Match] = []
+        for alternative in alternatives:
+            if len(alternative) != 1:
+                raise FhirError(403, "the granted scopes' constraints are too complex to "
+                                "apply to this search")
+            parsed = self.registry.parse(resource_type, list(alternative), default_count=1,
+                                         max_count=1)
+            for clause in parsed.query.clauses:
+                matches.extend(clause)
+        return (tuple(matches),)
+
+    # -- shaping what goes out ----------------------------------------------------------
+
+    def shaped(self, principal: Principal, stored: StoredResource,
+               elements: Sequence[str] | None = None) -> bytes:
+        """The stored bytes, cut by the profile and `_elements` when either applies."""
+        profile = self.profile(principal)
+        whole = profile is None or profile.is_whole(stored.resource_type)
+        if whole and not elements:
+            return stored.body
+        resource: dict[str, Any] = orjson.loads(stored.body)
+        if not whole:
+            assert profile is not None
+            resource = profile.filter(resource)
+        if elements:
+            resource = _only_elements(resource, elements)
+        return orjson.dumps(resource)
+
+    def base(self, request: web.Request) -> str:
+        return self.limits.base_url.rstrip("/") or f"{request.scheme}://{request.host}/fhir"
+
+    # -- the audit trail ---------------------------------------------------------------
+
+    async def record(self, records: Sequence[AuditRecord]) -> None:
+        """Commit the access records before answering; 503 if they cannot be kept."""
+        if self.audit is None or not records:
+            return
+        futures = [self.audit.submit(r) for r in records]
+        for future in futures:
+            try:
+                await future
+            except StoreUnavailable:
+                raise FhirError(503, "the access could not be recorded; try again later",
+                                headers={"Retry-After": "5"}) from None
+
+
+FHIR = web.AppKey("fhir", FhirApi)
+routes = web.RouteTableDef()
+
+
+# -- helpers shared by the handlers ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request's context: the caller, and what the audit records will say."""
+
+    api: FhirApi
+    request: web.Request
+    principal: Principal
+    interaction: str = ""
+    resource_type: str = ""
+
+
+async def _call(request: web.Request, interaction: str, resource_type: str = "") -> _Call:
+    api = request.app[FHIR]
+    _check_format(request)
+    principal = await principal_for(request)
+    api.throttle(principal)
+    if resource_type:
+        api.check_type(resource_type)
+    set_attributes(trace.get_current_span(), {
+        "fhir.interaction": interaction, "fhir.resource_type": resource_type,
+        "fhir.client_id": principal.client_id})
+    return _Call(api, request, principal, interaction, resource_type)
+
+
+def _check_format(request: web.Request) -> None:
+    """JSON only: XML (by _format, Accept or Content-Type) answers 415."""
+    wanted = request.query.get("_format", "")
+    accept = request.headers.get("Accept", "")
+    if "xml" in wanted or ("xml" in accept and "json" not in accept):
+        raise FhirError(415, "only JSON is supported (application/fhir+json)")
+
+
+def _access(call: _Call, action: Action, outcome: str = "success", *,
+            resource_type: str | None = None, resource_id: str | None = None,
+            patient: str | None = None, query: str | None = None,
+            query_shape: str = "") -> AuditRecord:
+    principal = call.principal
+    profile = principal.profile or ""
+    span = trace.get_current_span().get_span_context()
+    return AuditRecord(
+        action=action, outcome=outcome, client_id=principal.client_id,
+        peer=call.request.remote or "",
+        resource_type=resource_type if resource_type is not None else call.resource_type,
+        resource_id=resource_id, patient=patient, query=query, query_shape=query_shape,
+        purpose=profile, profile=profile, control_id=call.request.headers.get(
+            "X-Request-Id", "")[:64],
+        trace_id=format(span.trace_id, "032x") if span.is_valid else "")
+
+
+def _resource_answer(stored: StoredResource, body: bytes, status: int = 200,
+                     location: str | None = None) -> web.Response:
+    headers = {"ETag": f'W/"{stored.version}"',
+               "Last-Modified": _http_date(stored.last_updated)}
+    if location:
+        headers["Location"] = location
+    return web.Response(body=body, status=status, headers=headers,
+                        content_type=FHIR_JSON)
+
+
+def _http_date(instant: str) -> str:
+    from datetime import datetime
+
+    return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")),
+                           usegmt=True)
+
+
+def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[str, Any]:
+    """_elements: the named top-level elements plus resourceType, id and meta, tagged."""
+    keep = {"resourceType", "id", "meta", *elements}
+    out = {k: v for k, v in resource.items() if k in keep}
+    if len(out) < len(resource):
+        meta = dict(out.get("meta") or {})
+        tags = [t for t in meta.get("tag", []) if t.get("code") != "SUBSETTED"]
+        meta["tag"] = [*tags, _SUBSETTED]
+        out["meta"] = meta
+    return out
+
+
+def _prefer_return(request: web.Request) -> str:
+    prefer = request.headers.get("Prefer", "")
+    for part in prefer.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
+def _lenient(request: web.Request) -> bool:
+    return "handling=lenient" in request.headers.get("Prefer", "").replace(" ", "")
+
+
+async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+    """The JSON body, refused by size before it is read and by shape before it is parsed."""
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if "xml" in ctype:
+        raise FhirError(415, "only JSON is supported (application/fhir+json)")
+    if ctype and ctype not in _JSON_TYPES:
+        raise FhirError(415, "send application/fhir+json")
+    if request.content_length is not None and request.content_length > limit:
+        raise FhirError(413, f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise FhirError(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    api = request.app[FHIR]
+    try:
+        return check_and_parse(b"".join(chunks), max_bytes=limit,
+                               max_depth=api.limits.max_depth,
+                               max_array_items=api.limits.max_array_items)
+    except BodyError as exc:
+        raise FhirError(exc.status, exc.reason) from None
+
+
+def _validated(resource: dict[str, Any], resource_type: str, where: str = "") -> None:
+    try:
+        validate_incoming(resource, resource_type)
+    except BodyError as exc:
+        raise FhirError(exc.status, exc.reason) from None
+    except InvalidResource as exc:
+        path = f"{exc.resource_type}.{exc.path}" if exc.path else exc.resource_type
+        expression = f"{where}.{path}" if where else path
+        raise FhirError(422, f"{expression}: {exc.reason}", expression,
+                        code="structure") from None
+
+
+def _search_params(request: web.Request, form: MultiDict[str] | None = None
+                   ) -> list[tuple[str, str]]:
+    params = list(request.query.items())
+    if form is not None:
+        params.extend(form.items())
+    return params
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+@routes.get("/fhir/metadata")
+async def metadata(request: web.Request) -> web.Response:
+    """The CapabilityStatement: open, like the SMART well-known document."""
+    _check_format(request)
+    return web.Response(body=request.app[FHIR].capability, content_type=FHIR_JSON)
+
+
+@routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
+async def read(request: web.Request) -> web.StreamResponse:
+    call = await _call(request, "read", request.match_info["type"])
+    stored = await _readable(call, request.match_info["id"])
+    etag = f'W/"{stored.version}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    body = call.api.shaped(call.principal, stored, _elements_param(request))
+    return _resource_answer(stored, body)
+
+
+async def _readable(call: _Call, id_: str, version: int | None = None) -> StoredResource:
+    """The resource if it exists, is not deleted and lies in the caller's compartment;
+    another patient's resource answers 404 exactly like one that does not exist."""
+    api, type_ = call.api, call.resource_type
+    api.authorize(call.principal, call.interaction, type_)
+    stored = (await api.store.read(type_, id_) if version is None
+              else await api.store.vread(type_, id_, version))
+    patient = api.confined_to(call.principal, type_)
+    if stored is None:
+        await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}")])
+        raise _unknown(type_)
+    resource: dict[str, Any] = {} if stored.deleted else orjson.loads(stored.body)
+    if patient is not None and (stored.deleted
+                                or not api.in_compartment(type_, resource, patient)):
+        # Whose a deleted version was cannot be shown either: both answer 404.
+        await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}",
+                                  patient=patient)])
+        raise _unknown(type_)
+    if stored.deleted:
+        await api.record([_access(call, Action.READ, "410", resource_id=f"{type_}/{id_}")])
+        raise FhirError(410, f"this {type_} was deleted")
+    await _check_scope_constraints(call, id_)
+    patients = api.patients_of(type_, resource)
+    if api.limits.audit_reads:
+        await api.record([_access(call, Action.READ, resource_id=f"{type_}/{id_}",
+                                  patient=next(iter(sorted(patients)), None))])
+    return stored
+
+
+async def _check_scope_constraints(call: _Call, id_: str) -> None:
+    """A scope granted with `?param=value` permits reading only what matches it."""
+    clauses = call.api.scope_clauses(call.principal, "read", call.resource_type)
+    if not clauses:
+        return
+    query = SearchQuery(call.resource_type, ((IdMatch(id_),), *clauses), count=1)
+    if not await call.api.store.count(query):
+        raise _unknown(call.resource_type)
+
+
+def _unknown(resource_type: str) -> FhirError:
+    return FhirError(404, f"no {resource_type} with this id is known")
+
+
+def _elements_param(request: web.Request) -> list[str] | None:
+    raw = request.query.get("_elements")
+    if not raw:
+        return None
+    return [e.strip() for e in raw.split(",") if e.strip()]
+
+
+@routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}/_history/{vid:\d{1,18}}")
+async def vread(request: web.Request) -> web.StreamResponse:
+    call = await _call(request, "vread", request.match_info["type"])
+    stored = await _readable(call, request.match_info["id"], int(request.match_info["vid"]))
+    return _resource_answer(stored, call.api.shaped(call.principal, stored))
+
+
+@routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}/_history")
+async def instance_history(request: web.Request) -> web.Response:
+    call = await _call(request, "history", request.match_info["type"])
+    id_ = request.match_info["id"]
+    api = call.api
+    api.authorize(call.principal, "read", call.resource_type)
+    current = await api.store.read(call.resource_type, id_)
+    if current is None:
+        raise _unknown(call.resource_type)
+    patient = api.confined_to(call.principal, call.resource_type)
+    if patient is not None:
+        # The compartment of the latest live version decides, as for a read.
+        page = await api.store.history(HistoryQuery(call.resource_type, id_, count=1000))
+        live = [v for v in page.resources if not v.deleted]
+        if not live or not api.in_compartment(call.resource_type,
+                                               orjson.loads(live[0].body), patient):
+            raise _unknown(call.resource_type)
+    return await _history(call, HistoryQuery(call.resource_type, id_), id_)
+
+
+@routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/_history")
+async def type_history(request: web.Request) -> web.Response:
+    call = await _call(request, "history-type", request.match_info["type"])
+    call.api.authorize(call.principal, "search", call.resource_type)
+    if call.api.confined_to(call.principal, call.resource_type) is not None:
+        raise FhirError(403, "type history is not available to patient-level scopes")
+    return await _history(call, HistoryQuery(call.resource_type), None)
+
+
+async def _history(call: _Call, base_query: HistoryQuery, id_: str | None) -> web.Response:
+    request, api = call.request, call.api
+    count = _int_param(request, "_count", api.limits.default_count, api.limits.max_count)
+    offset = _int_param(request, "_offset", 0, 10**9)
+    since = request.query.get("_since")
+    query = HistoryQuery(base_query.resource_type, base_query.id, since=since,
+                         count=count, offset=offset)
+    page = await api.store.history(query)
+    base = api.base(request)
+    entries = []
+    for version in page.resources:
+        url = f"{base}/{version.resource_type}/{version.id}"
+        method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
+        parts = [b'{"fullUrl":', orjson.dumps(url)]
+        if not version.deleted:
+            parts += [b',"resource":', api.shaped(call.principal, version)]
+        parts += [b',"request":', orjson.dumps({"method": method, "url": (
+            f"{version.resource_type}/{version.id}" if method != "POST"
+            else version.resource_type)}), b',"response":', orjson.dumps({
+                "status": "410 Gone" if version.deleted else "200 OK",
+                "etag": f'W/"{version.version}"', "lastModified": version.last_updated}),
+            b"}"]
+        entries.append(b"".join(parts))
+    links = _links(request, base, offset, count, page.total or 0)
+    await api.record([_access(call, Action.READ, resource_id=(
+        f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history")])
+    return _bundle("history", entries, links, page.total)
+
+
+def _int_param(request: web.Request, name: str, default: int, ceiling: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise FhirError(400, f"{name} must be a non-negative integer", name)
+    return min(int(raw), ceiling)
+
+
+def _links(request: web.Request, base: str, offset: int, count: int,
+           total: int | None, has_more: bool | None = None) -> list[tuple[str, str]]:
+    path = base + request.path[len("/fhir"):] if request.path.startswith("/fhir") else base
+    params = [(k, v) for k, v in request.query.items() if k != "_offset"]
+    links = [("self", _url(path, params + ([("_offset", str(offset))] if offset else [])))]
+    more = has_more if has_more is not None else (total is not None
+                                                  and offset + count < total)
+    if more and count:
+        links.append(("next", _url(path, params + [("_offset", str(offset + count))])))
+    if offset and count:
+        links.append(("previous", _url(path, params + [
+            ("_offset", str(max(0, offset - count)))])))
+    return links
+
+
+def _url(path: str, params: list[tuple[str, str]]) -> str:
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def _bundle(kind: str, entries: Sequence[bytes], links: Sequence[tuple[str, str]],
+            total: int | None) -> web.Response:
+    """A Bundle whose entries are spliced in as bytes (stored resources are not re-read)."""
+    head: dict[str, Any] = {"resourceType": "Bundle", "type": kind}
+    if total is not None:
+        head["total"] = total
+    if links:
+        head["link"] = [{"relation": rel, "url": url} for rel, url in links]
+    prefix = orjson.dumps(head)[:-1]
+    body = prefix + b',"entry":[' + b",".join(entries) + b"]}" if entries else \
+        orjson.dumps(head)
+    return web.Response(body=body, content_type=FHIR_JSON)
+
+
+# -- search ---------------------------------------------------------------------------------
+
+
+@routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}")
+async def search(request: web.Request) -> web.Response:
+    call = await _call(request, "search", request.match_info["type"])
+    return await _search(call, _search_params(request))
+
+
+@routes.post(r"/fhir/{type:[A-Z][A-Za-z]+}/_search")
+async def search_post(request: web.Request) -> web.Response:
+    call = await _call(request, "search", request.match_info["type"])
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise FhirError(415, "POST _search takes application/x-www-form-urlencoded")
+    if request.content_length is not None and \
+            request.content_length > call.api.limits.max_body_bytes:
+        raise FhirError(413, "the search form is too large")
+    form = await request.post()
+    fields: MultiDict[str] = MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+    return await _search(call, _search_params(request, fields))
+
+
+async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
+    api, principal, type_ = call.api, call.principal, call.resource_type
+    api.authorize(principal, "search", type_)
+    parsed = _parse(api, type_, params, _lenient(call.request))
+    _check_profile_search(api, principal, type_, parsed)
+    query = _confined(call, type_, parsed.query)
+    page_size = query.count if query.count is not None else api.limits.default_count
+    if parsed.summary_count:
+        total = await api.store.count(query)
+        await api.record([_search_access(call, params, parsed, patient=None)])
+        return _bundle("searchset", [], [], total)
+    window = SearchQuery(query.resource_type, query.clauses, query.sort, page_size + 1,
+                         query.offset)
+    page = await api.store.search(window, total=parsed.total)
+    matches = page.resources[:page_size]
+    has_more = len(page.resources) > page_size
+    base = api.base(call.request)
+    entries = [_search_entry(api, principal, base, stored, "match", parsed.elements)
+               for stored in matches]
+    included = await _includes(call, parsed, matches)
+    entries += [_search_entry(api, principal, base, stored, "include", None)
+                for stored in included]
+    links = _links(call.request, base, query.offset, page_size, page.total, has_more)
+    patient = api.confined_to(principal, type_)
+    if patient is None and type_ == "Patient" and len(matches) == 1:
+        patient = f"Patient/{matches[0].id}"
+    await api.record([_search_access(call, params, parsed, patient=patient)])
+    return _bundle("searchset", entries, links, page.total)
+
+
+def _parse(api: FhirApi, type_: str, params: list[tuple[str, str]],
+           lenient: bool) -> ParsedSearch:
+    try:
+        return api.registry.parse(type_, params, default_count=api.limits.default_count,
+                                  max_count=api.limits.max_count, lenient=lenient)
+    except UnsupportedFormat:
+        raise FhirError(415, "only JSON is supported (application/fhir+json)") from None
+    except SearchError as exc:
+        raise FhirError(400, str(exc), exc.param) from None
+
+
+def _check_profile_search(api: FhirApi, principal: Principal, type_: str,
+                          parsed: ParsedSearch) -> None:
+    """A task profile refuses a search on anything it may not see."""
+    profile = api.profile(principal)
+    if profile is None:
+        return
+    for param in sorted(parsed.params):
+        if param in ("_id", "_lastUpdated"):
+            continue
+        if not profile.permits_search(type_, api.registry.element_roots(type_, param)):
+            raise FhirError(403, f"search parameter {param} is outside the task profile "
+                            f"'{profile.name}'", param)
+
+
+def _confined(call: _Call, type_: str, query: SearchQuery) -> SearchQuery:
+    """The query cut to the caller's patient compartment and scope constraints."""
+    api = call.api
+    clauses = list(query.clauses)
+    clauses.extend(api.scope_clauses(call.principal, "search", type_))
+    patient = api.confined_to(call.principal, type_)
+    if patient is not None:
+        clauses.append(api.compartment_clause(type_, patient))
+    return SearchQuery(type_, tuple(clauses), query.sort, query.count, query.offset)
+
+
+def _search_entry(api: FhirApi, principal: Principal, base: str, stored: StoredResource,
+                  mode: str, elements: Sequence[str] | None) -> bytes:
+    url = f"{base}/{stored.resource_type}/{stored.id}"
+    return b"".join((b'{"fullUrl":', orjson.dumps(url), b',"resource":',
+                     api.shaped(principal, stored, elements),
+                     b',"search":{"mode":"', mode.encode(), b'"}}'))
+
+
+async def _includes(call: _Call, parsed: ParsedSearch,
+                    matches: Sequence[StoredResource]) -> list[StoredResource]:
+    """_include and _revinclude targets the caller may also see (each checked itself)."""
+    if not matches or not (parsed.includes or parsed.revincludes):
+        return []
+    api = call.api
+    found: dict[tuple[str, str], StoredResource] = {}
+    seen = {(m.resource_type, m.id) for m in matches}
+    parsed_matches = [(m, orjson.loads(m.body)) for m in matches]
+    for include in parsed.includes:
+        targets: set[str] = set()
+        for stored, resource in parsed_matches:
+            for entry in api.registry.index(stored.resource_type, resource):
+                if isinstance(entry, ReferenceIndex) and entry.param == include.param:
+                    targets.add(entry.target)
+        for target in sorted(targets):
+            type_, _, id_ = target.partition("/")
+            if include.target_type and type_ != include.target_type:
+                continue
+            await _add_visible(call, type_, (IdMatch(id_),), found, seen)
+    for include in parsed.revincludes:
+        refs = tuple(ReferenceMatch(include.param, f"{m.resource_type}/{m.id}")
+                     for m in matches)
+        await _add_visible(call, include.source_type, refs, found, seen)
+    return list(found.values())
+
+
+async def _add_visible(call: _Call, type_: str, clause: tuple[Match, ...],
+                       found: dict[tuple[str, str], StoredResource],
+                       seen: set[tuple[str, str]]) -> None:
+    api = call.api
+    if type_ not in api.types:
+        return
+    # An included type is checked like a search of its own: scopes, profile, compartment.
+    api.authorize(call.principal, "search", type_)
+    query = _confined(call, type_, SearchQuery(type_, (clause,),
+                                               count=api.limits.max_count))
+    page = await api.store.search(query)
+    for stored in page.resources:
+        key = (stored.resource_type, stored.id)
+        if key not in seen:
+            seen.add(key)
+            found[key] = stored
+
+
+def _search_access(call: _Call, params: Sequence[tuple[str, str]], parsed: ParsedSearch,
+                   patient: str | None) -> AuditRecord:
+    return _access(call, Action.SEARCH, query=urlencode(list(params)),
+                   query_shape=parsed.shape, patient=patient)
+
+
+# -- writes -----------------------------------------------------------------------------------
+
+
+@routes.post(r"/fhir/{type:[A-Z][A-Za-z]+}")
+async def create(request: web.Request) -> web.Response:
+    call = await _call(request, "create", request.match_info["type"])
+    resource = await _body(request, call.api.limits.max_body_bytes)
+    _validated(resource, call.resource_type)
+    resource.pop("id", None)  # FHIR R4 http.html#create: the server assigns the id
+    condition = request.headers.get("If-None-Exist")
+    entry = Entry(0, "POST", call.resource_type, None, (), resource, None, None,
+                  tuple(_query_pairs(condition)) if condition else (), call.resource_type)
+    return await _write(call, entry)
+
+
+@routes.put(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
+async def update(request: web.Request) -> web.Response:
+    call = await _call(request, "update", request.match_info["type"])
+    id_ = request.match_info["id"]
+    resource = await _body(request, call.api.limits.max_body_bytes)
+    _validated(resource, call.resource_type)
+    if resource.get("id") != id_:
+        raise FhirError(400, "the resource id must match the id in the URL",
+                        f"{call.resource_type}.id")
+    entry = Entry(0, "PUT", call.resource_type, id_, (), resource, None,
+                  _if_match(request), (), f"{call.resource_type}/{id_}")
+    return await _write(call, entry)
+
+
+@routes.put(r"/fhir/{type:[A-Z][A-Za-z]+}")
+async def conditional_update(request: web.Request) -> web.Response:
+    call = await _call(request, "update", request.match_info["type"])
+    params = tuple(request.query.items())
+    if not params:
+        raise FhirError(400, "a conditional update needs search parameters")
+    resource = await _body(request, call.api.limits.max_body_bytes)
+    _validated(resource, call.resource_type)
+    entry = Entry(0, "PUT", call.resource_type, None, params, resource, None,
+                  _if_match(request), (), call.resource_type)
+    return await _write(call, entry)
+
+
+@routes.delete(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
+async def delete(request: web.Request) -> web.Response:
+    call = await _call(request, "delete", request.match_info["type"])
+    id_ = request.match_info["id"]
+    entry = Entry(0, "DELETE", call.resource_type, id_, (), None, None, _if_match(request),
+                  (), f"{call.resource_type}/{id_}")
+    return await _write(call, entry)
+
+
+@routes.delete(r"/fhir/{type:[A-Z][A-Za-z]+}")
+async def conditional_delete(request: web.Request) -> web.Response:
+    call = await _call(request, "delete", request.match_info["type"])
+    params = tuple(request.query.items())
+    if not params:
+        raise FhirError(400, "a conditional delete needs search parameters")
+    entry = Entry(0, "DELETE", call.resource_type, None, params, None, None, None, (),
+                  call.resource_type)
+    return await _write(call, entry)
+
+
+def _query_pairs(text: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(text.lstrip("?"), keep_blank_values=True)
+
+
+def _if_match(request: web.Request) -> int | None:
+    value = request.headers.get("If-Match")
+    return parse_etag(value, "If-Match") if value else None
+
+
+async def _write(call: _Call, entry: Entry) -> web.Response:
+    api = call.api
+    interaction = {"POST": "create", "PUT": "update", "DELETE": "delete"}[entry.method]
+    api.authorize(call.principal, interaction, entry.resource_type)
+    write = await _checked_write(call, entry, "")
+    try:
+        [result] = await api.store.transact([write])
+    except WriteConflict as conflict:
+        await api.record([_access(call, _ACTIONS[entry.method], str(conflict.status),
+                                  resource_id=_target(entry))])
+        raise FhirError(conflict.status, conflict.reason) from None
+    assert isinstance(result, WriteOutcome)
+    stored = result.stored
+    patients = set()
+    if stored is not None and not stored.deleted:
+        patients = api.patients_of(stored.resource_type, orjson.loads(stored.body))
+    await api.record([_access(
+        call, _ACTIONS[entry.method], resource_id=(
+            f"{stored.resource_type}/{stored.id}" if stored else _target(entry)),
+        patient=next(iter(sorted(patients)), None))])
+    if stored is None or entry.method == "DELETE":
+        return web.Response(status=204)
+    base = api.base(call.request)
+    location = f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}"
+    prefer = _prefer_return(call.request)
+    if prefer == "minimal":
+        response = web.Response(status=result.status)
+    elif prefer == "OperationOutcome":
+        response = web.Response(body=orjson.dumps(information(
+            f"{entry.method} {_REASONS.get(result.status, '')}".strip())),
+            status=result.status, content_type=FHIR_JSON)
+    else:
+        return _resource_answer(stored, api.shaped(call.principal, stored), result.status,
+                                location if result.status == 201 else None)
+    response.headers["ETag"] = f'W/"{stored.version}"'
+    response.headers["Last-Modified"] = _http_date(stored.last_updated)
+    if result.status == 201:
+        response.headers["Location"] = location
+    return response
+
+
+def _target(entry: Entry) -> str | None:
+    return f"{entry.resource_type}/{entry.id}" if entry.id else None
+
+
+async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
+    """The store write for an entry, after the compartment checks a patient scope needs."""
+    api = call.api
+    try:
+        write = write_request(api.registry, entry)
+    except SearchError as exc:
+        raise FhirError(400, f"{where}{exc}", exc.param) from None
+    patient = api.confined_to(call.principal, entry.resource_type)
+    if patient is None:
+        return write
+    if entry.resource is not None and not api.in_compartment(
+            entry.resource_type, entry.resource, patient):
+        raise FhirError(403, f"{where}a patient-level scope may only write resources in "
+                        "its patient's compartment")
+    if entry.id is not None:
+        current = await api.store.read(entry.resource_type, entry.id)
+        if current is not None and not current.deleted and not api.in_compartment(
+                entry.resource_type, orjson.loads(current.body), patient):
+            raise FhirError(404, f"{where}no {entry.resource_type} with this id is known")
+    elif write.condition is not None and entry.method != "POST":
+        clauses = (*write.condition.clauses,
+                   api.compartment_clause(entry.resource_type, patient))
+        write = WriteRequest(write.method, write.resource_type, write.id, write.resource,
+                             SearchQuery(entry.resource_type, clauses), write.if_match,
+                             write.full_url)
+    return write
+
+
+# -- batch and transaction ------------------------------------------------------------------
+
+
+_INTERACTION = {"POST": "create", "PUT": "update", "DELETE": "delete"}
+
+
+@routes.post("/fhir")
+@routes.post("/fhir/")
+async def batch_or_transaction(request: web.Request) -> web.Response:
+    call = await _call(request, "batch")
+    api = call.api
+    bundle = await _body(request, api.limits.max_body_bytes)
+    if bundle.get("resourceType") != "Bundle":
+        raise FhirError(400, "POST to the base takes a batch or transaction Bundle",
+                        "Bundle.resourceType")
+    kind, entries = parse_bundle(bundle, api.limits.max_bundle_entries)
+    atomic = kind == "transaction"
+    answers: list[bytes | None] = [None] * len(entries)
+    writes: list[tuple[Entry, WriteRequest]] = []
+    for entry in entries:
+        if entry.method == "GET":
+            continue
+        where = f"Bundle.entry[{entry.index}]: "
+        try:
+            api.check_type(entry.resource_type)
+            api.authorize(call.principal, _INTERACTION[entry.method], entry.resource_type)
+            if entry.resource is not None:
+                _validated(entry.resource, entry.resource_type,
+                           f"Bundle.entry[{entry.index}].resource")
+            writes.append((entry, await _checked_write(call, entry, where)))
+        except FhirError as exc:
+            if atomic:
+                raise FhirError(exc.status, exc.reason if exc.reason.startswith("Bundle")
+                                else where + exc.reason, exc.expression) from None
+            answers[entry.index] = _error_entry(exc.status, exc.reason)
+    outcomes: list[WriteOutcome | WriteConflict] = []
+    if writes:
+        try:
+            outcomes = await api.store.transact([w for _, w in writes], atomic=atomic)
+        except WriteConflict as conflict:
+            index = writes[conflict.entry][0].index if conflict.entry is not None else None
+            raise FhirError(conflict.status, (f"Bundle.entry[{index}]: " if index is not None
+                                              else "") + conflict.reason) from None
+    base = api.base(request)
+    records = []
+    for (entry, _), result in zip(writes, outcomes, strict=True):
+        action = _ACTIONS[entry.method]
+        if isinstance(result, WriteConflict):
+            answers[entry.index] = _error_entry(result.status, result.reason)
+            records.append(_access(call, action, str(result.status),
+                                   resource_type=entry.resource_type,
+                                   resource_id=_target(entry)))
+            continue
+        answers[entry.index] = _write_entry(api, call.principal, base, result)
+        stored = result.stored
+        records.append(_access(call, action, resource_type=entry.resource_type,
+                               resource_id=(f"{stored.resource_type}/{stored.id}"
+                                            if stored else _target(entry))))
+    await api.record(records)
+    for entry in entries:
+        if entry.method == "GET":
+            answers[entry.index] = await _get_entry(call, entry)
+    return _bundle(f"{kind}-response", [a or b"{}" for a in answers], [], None)
+
+
+def _write_entry(api: FhirApi, principal: Principal, base: str,
+                 result: WriteOutcome) -> bytes:
+    stored = result.stored
+    response: dict[str, Any] = {"status": f"{result.status} {_REASONS.get(result.status, '')}"
+                                .strip()}
+    if stored is None:
+        return b'{"response":' + orjson.dumps(response) + b"}"
+    response["location"] = f"{stored.resource_type}/{stored.id}/_history/{stored.version}"
+    response["etag"] = f'W/"{stored.version}"'
+    response["lastModified"] = stored.last_updated
+    return b"".join((b'{"fullUrl":', orjson.dumps(f"{base}/{stored.resource_type}/"
+                                                   f"{stored.id}"),
+                     b',"resource":', api.shaped(principal, stored),
+                     b',"response":', orjson.dumps(response), b"}"))
+
+
+def _error_entry(status: int, reason: str) -> bytes:
+    return orjson.dumps({"response": {
+        "status": f"{status} {_REASONS.get(status, '')}".strip(),
+        "outcome": operation_outcome(status, reason)}})
+
+
+async def _get_entry(call: _Call, entry: Entry) -> bytes:
+    """A GET inside a batch: a read or a search, answered like its own request."""
+    sub = _Call(call.api, call.request, call.principal,
+                "read" if entry.id else "search", entry.resource_type)
+    try:
+        call.api.check_type(entry.resource_type)
+        if entry.id is not None:
+            stored = await _readable(sub, entry.id)
+            body = call.api.shaped(call.principal, stored)
+            return b"".join((b'{"resource":', body, b',"response":', orjson.dumps({
+                "status": "200 OK", "etag": f'W/"{stored.version}"',
+                "lastModified": stored.last_updated}), b"}"))
+        response = await _search(sub, list(entry.params))
+        assert isinstance(response.body, bytes)
+        return b'{"resource":' + response.body + b',"response":{"status":"200 OK"}}'
+    except FhirError as exc:
+        return _error_entry(exc.status, exc.reason)
+
+
+# -- errors: one place turns every refusal into an OperationOutcome --------------------------
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure under /fhir answers an OperationOutcome; others pass untouched."""
+    if not request.path.startswith("/fhir"):
+        return await handler(request)
+    telemetry = request.app[FHIR].telemetry if FHIR in request.app else None
+    tracer = telemetry.tracer if telemetry is not None else trace.NoOpTracer()
+    with tracer.start_as_current_span("fhir.request", kind=trace.SpanKind.SERVER) as span:
+        response = await _answer(request, handler)
+        set_attributes(span, {"http.response.status_code": response.status})
+        return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except FhirError as exc:
+        return _outcome(exc.status, exc.reason, exc.expression, exc.code, exc.headers)
+    except AuthError as exc:
+        headers = {"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else {}
+        return _outcome(exc.status, exc.reason, headers=headers)
+    except StoreUnavailable:
+        return _outcome(503, "the store is unavailable; try again later",
+                        headers={"Retry-After": "5"})
+    except web.HTTPMethodNotAllowed:
+        return _outcome(405, f"{request.method} is not supported on this URL")
+    except web.HTTPNotFound:
+        return _outcome(404, "no FHIR interaction is defined at this URL")
+    except web.HTTPRequestEntityTooLarge:
+        return _outcome(413, "the body is too large")
+    except web.HTTPException as exc:
+        return _outcome(exc.status, exc.reason or "refused")
+    except Exception as exc:  # the caller gets a 500; the type alone goes to the log
+        log.error("FHIR %s failed: %s", request.method, type(exc).__name__)
+        return _outcome(500, "internal error; the request was not completed")
+
+
+def _outcome(status: int, reason: str, expression: str | None = None,
+             code: str | None = None, headers: Mapping[str, str] | None = None
+             ) -> web.Response:
+    body = _outcome_bytes(FhirError(status, reason, expression, code))
+    return web.Response(body=body, status=status, headers=dict(headers or {}),
+                        content_type=FHIR_JSON)

@@ -1,0 +1,196 @@
+"""The local-store backend: translated HL7 messages applied to the embedded FHIR store.
+
+The inbox row is committed (and acknowledged) first; applying its Bundle comes after, in
+inbox order, so messages about one patient land in the order they arrived. Every write is
+conditional (update on the business identifier, create-if-absent, PUT at a deterministic
+id), and an update that changes nothing adds no version, so applying a message twice
+(a crash after the store committed but before the inbox row said so) changes nothing.
+Rows still marked `translated` are picked up at start-up and by a periodic sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.canonical import Translation
+from gateway.fhir.bundle import to_bundle
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.search import SearchError, SearchRegistry
+from gateway.fhir.transaction import parse_bundle, write_request
+from gateway.hl7.errors import Hl7Error
+from gateway.hl7.message import parse_message
+from gateway.mapping.engine import Translator
+from gateway.mapping.errors import TranslationError, UnsupportedMessage
+from gateway.store import SqliteInbox, StoreUnavailable
+from gateway.store.fhir import FhirStore, WriteConflict, WriteRequest
+from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, UNSUPPORTED
+
+log = logging.getLogger(__name__)
+
+_URN = "urn:uuid:"
+
+
+def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[WriteRequest]:
+    """The store writes for a translated message's transaction Bundle.
+
+    A conditional update that creates takes the entry's deterministic id (its urn:uuid),
+    so the same message gives the same resource ids on every gateway instance.
+    """
+    _, entries = parse_bundle(bundle, max_entries=100_000)
+    writes = []
+    for entry in entries:
+        write = write_request(registry, entry)
+        if (write.method == "PUT" and write.id is None and write.resource is not None
+                and "id" not in write.resource and entry.full_url
+                and entry.full_url.startswith(_URN)):
+            write = WriteRequest(write.method, write.resource_type, None,
+                                 {**write.resource, "id": entry.full_url[len(_URN):]},
+                                 write.condition, write.if_match, write.full_url)
+        writes.append(write)
+    return writes
+
+
+class LocalApplier:
+    """Applies translated inbox rows to the FHIR store, in inbox order, exactly once."""
+
+    def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: SqliteInbox,
+                 translator: Translator, *, sweep_interval: float = 30.0,
+                 max_batch: int = 256) -> None:
+        self._store = store
+        self._registry = registry
+        self._inbox = inbox
+        self._translator = translator
+        self._sweep_interval = sweep_interval
+        self._max_batch = max_batch
+        self._queue: list[tuple[int, Translation]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.applied = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="local-applier")
+
+    def submit(self, inbox_id: int, translation: Translation) -> None:
+        """Queue a committed, translated message (the ACK has gone or is going out)."""
+        if not self._closing:
+            self._queue.append((inbox_id, translation))
+            self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is applied (tests, shutdown)."""
+        while self._queue or self._wakeup.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Apply what is queued, then stop; what is left is swept at the next start."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except TimeoutError:
+                log.warning("local store applier stopped with %d messages queued; they are "
+                            "applied at the next start", len(self._queue))
+
+    async def _run(self) -> None:
+        await self._sweep()  # rows a crash left between commit and apply
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._sweep_interval)
+            except TimeoutError:
+                if not self._queue:
+                    await self._sweep()
+                continue
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._queue[:self._max_batch]
+                del self._queue[:len(batch)]
+                await self._apply(batch)
+            if self._closing:
+                return
+
+    async def _sweep(self) -> None:
+        """Re-translate and apply rows still marked `translated` (oldest first)."""
+        after = 0
+        try:
+            while not self._closing:
+                rows = await self._inbox.with_status(TRANSLATED, self._max_batch, after)
+                if not rows:
+                    return
+                after = rows[-1][0]
+                batch: list[tuple[int, Translation]] = []
+                outcomes: list[tuple[int, str, str]] = []
+                for row_id, raw in rows:
+                    translation, problem = self._retranslate(raw)
+                    if translation is None:
+                        outcomes.append((row_id, problem[0], problem[1]))
+                    else:
+                        batch.append((row_id, translation))
+                await self._inbox.set_statuses(outcomes)
+                await self._apply(batch)
+        except StoreUnavailable:
+            log.error("local store applier: the inbox is unavailable; retrying later")
+        except Exception as exc:  # a sweep bug must not stop live applies
+            log.error("local store sweep failed: %s", type(exc).__name__)
+
+    def _retranslate(self, raw: bytes) -> tuple[Translation | None, tuple[str, str]]:
+        try:
+            message = parse_message(raw)
+            return self._translator.translate(message, datetime.now(UTC)), ("", "")
+        except UnsupportedMessage:
+            return None, (UNSUPPORTED, "")
+        except TranslationError as exc:
+            return None, (FAILED, exc.safe_text)
+        except Hl7Error as exc:
+            return None, (FAILED, exc.reason)
+
+    async def _apply(self, batch: Sequence[tuple[int, Translation]]) -> None:
+        """Apply each message as its own transaction; record the outcomes in the inbox."""
+        if not batch:
+            return
+        outcomes: list[tuple[int, str, str]] = []
+        # Submitted together so the store can group-commit them; it applies them in
+        # submission order, which keeps each patient's messages in arrival order.
+        results = await asyncio.gather(*(self._apply_one(t) for _, t in batch),
+                                       return_exceptions=True)
+        for (inbox_id, _), result in zip(batch, results, strict=True):
+            if isinstance(result, StoreUnavailable):
+                # Not applied and not marked: the next sweep tries again.
+                log.error("local store unavailable; inbox %d stays translated", inbox_id)
+                continue
+            if isinstance(result, BaseException):
+                self.failed += 1
+                reason = _reason(result)
+                log.warning("inbox %d could not be applied to the FHIR store: %s",
+                            inbox_id, reason)
+                outcomes.append((inbox_id, FAILED, reason))
+            else:
+                self.applied += 1
+                outcomes.append((inbox_id, APPLIED, ""))
+        try:
+            await self._inbox.set_statuses(outcomes)
+        except Exception as exc:  # applied but unmarked: re-applying later changes nothing
+            log.error("could not mark %d inbox rows applied: %s", len(outcomes),
+                      type(exc).__name__)
+
+    async def _apply_one(self, translation: Translation) -> None:
+        writes = bundle_writes(self._registry, to_bundle(translation))
+        await self._store.transact(writes, atomic=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """A reason safe to store and show: the rule broken, never a value."""
+    if isinstance(exc, WriteConflict):
+        return f"store refused: {exc.reason}"
+    if isinstance(exc, FhirError):
+        return f"store refused: {exc.reason}"
+    if isinstance(exc, SearchError):
+        return "store refused: a conditional reference could not be read"
+    return f"internal error applying to the store ({type(exc).__name__})"
