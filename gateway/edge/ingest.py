@@ -28,11 +28,14 @@ from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import InvalidResource, validate_resource
 from gateway.hl7.ack import (
+    APPLICATION_ACCEPT,
+    APPLICATION_ERROR,
     APPLICATION_REJECT,
     COMMIT_REJECT,
     ack_code,
     build_ack,
     should_send_accept_ack,
+    should_send_application_ack,
 )
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
@@ -55,6 +58,12 @@ from gateway.telemetry import Telemetry, set_attributes
 log = logging.getLogger(__name__)
 
 Reply = bytes | None
+# Sends an unsolicited frame on the connection a message came in on (if still open).
+Push = Callable[[bytes], None]
+# Called when a translated message has been applied: None, or the problem (enhanced mode).
+Outcome = Callable[["Hl7Error | None"], None]
+# Hands a committed translation on to be applied (the local FHIR store's applier).
+Applied = Callable[[int, Translation, "Outcome | None"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +103,7 @@ class Ingest:
         translator: Translator | None = None,
         strict: bool = False,
         audit: AuditLog | None = None,
-        applied: Callable[[int, Translation], None] | None = None,
+        applied: Applied | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._inbox = inbox
@@ -116,12 +125,17 @@ class Ingest:
         self._bytes = meter.create_histogram(
             "isthmus.mllp.message_bytes", unit="By", description="MLLP message sizes")
 
-    def handle(self, frame: bytes | FrameTooLarge, peer: Peer) -> asyncio.Future[Reply]:
-        """Start handling one frame; the future resolves to the bytes to send back."""
+    def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
+               push: Push | None = None) -> asyncio.Future[Reply]:
+        """Start handling one frame; the future resolves to the bytes to send back.
+
+        `push` sends a later, unsolicited message on the same connection: the enhanced-mode
+        application ACK, once the outcome of processing is known.
+        """
         reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         span = self._span("mllp.message")
         try:
-            self._handle(frame, peer, span, reply)
+            self._handle(frame, peer, span, reply, push)
         except Exception as exc:
             # A bug must cost one message an AR, never the connection or the process. The
             # exception text may quote message content, so only its type and place are logged.
@@ -135,7 +149,7 @@ class Ingest:
         return reply
 
     def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
-                reply: asyncio.Future[Reply]) -> None:
+                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
         if isinstance(frame, FrameTooLarge):
             self._refuse_oversize(frame, span, reply, peer)
             return
@@ -164,7 +178,7 @@ class Ingest:
         if errors:
             self._answer_errors(span, reply, message, errors, peer)
             return
-        self._store(message, frame, peer, span, reply)
+        self._store(message, frame, peer, span, reply, push)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -197,13 +211,13 @@ class Ingest:
         return validate(message, self._validation)
 
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
-               reply: asyncio.Future[Reply]) -> None:
+               reply: asyncio.Future[Reply], push: Push | None = None) -> None:
         header = message.header
         now = self._clock()
         status, error, translation = self._translate(message, span, now)
         # Original mode answers the application outcome: AE names what could not be
         # translated. Enhanced mode's accept ACK answers only the commit (CA); the outcome
-        # stays in the inbox, marked for replay.
+        # follows as the application ACK (MSH-16) and stays in the inbox for replay.
         errors = [error] if error is not None and not header.enhanced_mode else []
         code = ack_code(errors, header.enhanced_mode)
         ack = self._ack_text(span, message, header, code, errors, now).encode(message.charset)
@@ -247,31 +261,62 @@ class Ingest:
             try:
                 result = done.result()
             except StoreUnavailable:
-                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                 "the message could not be stored; resend later",
-                                 reject=True)
-                self._answer_errors(span, reply, message, [error], peer)
+                refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                   "the message could not be stored; resend later",
+                                   reject=True)
+                self._answer_errors(span, reply, message, [refusal], peer)
                 return
             if unrecorded:
                 # Fail closed: stored, but an unrecorded access is never acknowledged; the
                 # resend is answered as a duplicate once the audit trail takes it.
-                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                 "the message could not be recorded in the audit trail; "
-                                 "resend later", reject=True)
-                self._answer_errors(span, reply, message, [error])
+                refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                   "the message could not be recorded in the audit trail; "
+                                   "resend later", reject=True)
+                self._answer_errors(span, reply, message, [refusal])
                 return
             set_attributes(span, {"store.inbox_id": result.inbox_id,
                                   "hl7.duplicate": result.duplicate})
-            if translation is not None and not result.duplicate and self._applied is not None:
-                self._applied(result.inbox_id, translation)
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
             self._finish(span, reply, result.ack if send else None, code, len(frame))
+            if not result.duplicate:
+                # After the commit ACK is queued, so an application ACK can only follow it.
+                self._process(message, status, error, translation, result.inbox_id,
+                              push if header.enhanced_mode else None)
 
         if audited is None:
             stored.add_done_callback(committed)
         else:
             _when_both(stored, audited, committed)
+
+    def _process(self, message: Message, status: str, error: Hl7Error | None,
+                 translation: Translation | None, inbox_id: int, push: Push | None) -> None:
+        """After the commit: hand the translation on to be applied; in enhanced mode, send
+        the application ACK (MSH-16) once the outcome is known."""
+        def outcome(problem: Hl7Error | None) -> None:
+            if push is not None:
+                self._send_application_ack(message, problem, push)
+
+        if translation is not None and self._applied is not None:
+            self._applied(inbox_id, translation, outcome if push is not None else None)
+        elif push is not None:
+            # Nothing left to do (not translated, not mapped, or no store): the outcome is
+            # known now. A message no table maps is accepted, as in original mode.
+            outcome(error if status == FAILED else None)
+
+    def _send_application_ack(self, message: Message, problem: Hl7Error | None,
+                              push: Push) -> None:
+        header = message.header
+        code = APPLICATION_ERROR if problem is not None else APPLICATION_ACCEPT
+        if not should_send_application_ack(header.application_ack_type, code):
+            return
+        errors = [problem] if problem is not None else []
+        try:
+            text = build_ack(header, code, errors, control_id=self._control_ids.next(),
+                             now=self._clock(), delimiters=message.delimiters)
+            push(text.encode(message.charset))
+        except Exception as exc:  # the outcome stays in the inbox; the ACK is a courtesy
+            log.error("could not send an application ACK: %s", type(exc).__name__)
 
     def _translate(self, message: Message, span: trace.Span,
                    now: datetime) -> tuple[str, Hl7Error | None, Translation | None]:

@@ -196,13 +196,24 @@ class MllpConnection(asyncio.Protocol):
     # -- frames and replies ---------------------------------------------------------------
 
     def _dispatch(self, item: bytes | FrameTooLarge) -> None:
-        reply = self._server.ingest.handle(item, self._peer)
+        reply = self._server.ingest.handle(item, self._peer, self.push)
         self._replies.append(reply)
         if reply.done() and len(self._replies) == 1:
             self._flush()
         else:
             reply.add_done_callback(self._on_reply)
             self._update_reading()
+
+    def push(self, message: bytes) -> None:
+        """Send an unsolicited message (an application ACK) after every answer already
+        queued, if the connection is open; if closed, the outcome stays in the inbox."""
+        if self._transport is None or self._transport.is_closing():
+            log.info("application ACK not sent: the sender's connection is closed")
+            return
+        ready: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        ready.set_result(message)
+        self._replies.append(ready)
+        self._flush()
 
     def _on_reply(self, _: asyncio.Future[Reply]) -> None:
         self._flush()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from gateway.fhir.bundle import to_bundle
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.fhir.transaction import parse_bundle, write_request
-from gateway.hl7.errors import Hl7Error
+from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import parse_message
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TranslationError, UnsupportedMessage
@@ -30,6 +30,9 @@ from gateway.store.fhir import FhirStore, WriteConflict, WriteRequest
 from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, UNSUPPORTED
 
 log = logging.getLogger(__name__)
+
+# Told the result of applying one message: None, or the problem (for the application ACK).
+Outcome = Callable[[Hl7Error | None], None]
 
 _URN = "urn:uuid:"
 
@@ -66,25 +69,31 @@ class LocalApplier:
         self._translator = translator
         self._sweep_interval = sweep_interval
         self._max_batch = max_batch
-        self._queue: list[tuple[int, Translation]] = []
+        self._queue: list[tuple[int, Translation, Outcome | None]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # True while a batch (or the start-up sweep) is being applied: the queue is
+        # already empty then, yet drain() must still wait.
+        self._busy = False
         self.applied = 0
         self.failed = 0
 
     def start(self) -> None:
+        self._busy = True  # the start-up sweep comes first
         self._task = asyncio.create_task(self._run(), name="local-applier")
 
-    def submit(self, inbox_id: int, translation: Translation) -> None:
-        """Queue a committed, translated message (the ACK has gone or is going out)."""
+    def submit(self, inbox_id: int, translation: Translation,
+               outcome: Outcome | None = None) -> None:
+        """Queue a committed, translated message (the ACK has gone or is going out);
+        `outcome` is told the result (None: applied) for the application ACK."""
         if not self._closing:
-            self._queue.append((inbox_id, translation))
+            self._queue.append((inbox_id, translation, outcome))
             self._wakeup.set()
 
     async def drain(self) -> None:
         """Wait until everything queued so far is applied (tests, shutdown)."""
-        while self._queue or self._wakeup.is_set():
+        while self._queue or self._wakeup.is_set() or self._busy:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0)
 
@@ -101,6 +110,7 @@ class LocalApplier:
 
     async def _run(self) -> None:
         await self._sweep()  # rows a crash left between commit and apply
+        self._busy = False
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._sweep_interval)
@@ -109,10 +119,14 @@ class LocalApplier:
                     await self._sweep()
                 continue
             self._wakeup.clear()
-            while self._queue:
-                batch = self._queue[:self._max_batch]
-                del self._queue[:len(batch)]
-                await self._apply(batch)
+            self._busy = True
+            try:
+                while self._queue:
+                    batch = self._queue[:self._max_batch]
+                    del self._queue[:len(batch)]
+                    await self._apply(batch)
+            finally:
+                self._busy = False
             if self._closing:
                 return
 
@@ -125,20 +139,31 @@ class LocalApplier:
                 if not rows:
                     return
                 after = rows[-1][0]
-                batch: list[tuple[int, Translation]] = []
+                batch: list[tuple[int, Translation, Outcome | None]] = []
                 outcomes: list[tuple[int, str, str]] = []
                 for row_id, raw in rows:
                     translation, problem = self._retranslate(raw)
                     if translation is None:
                         outcomes.append((row_id, problem[0], problem[1]))
+                    elif await self._committed_before(translation):
+                        outcomes.append((row_id, APPLIED, ""))
                     else:
-                        batch.append((row_id, translation))
+                        batch.append((row_id, translation, None))
                 await self._inbox.set_statuses(outcomes)
                 await self._apply(batch)
         except StoreUnavailable:
             log.error("local store applier: the inbox is unavailable; retrying later")
         except Exception as exc:  # a sweep bug must not stop live applies
             log.error("local store sweep failed: %s", type(exc).__name__)
+
+    async def _committed_before(self, translation: Translation) -> bool:
+        """Whether the store already holds this message (the crash came after its commit):
+        its Provenance, PUT at an id derived from sender and control id in the same
+        transaction, is there. Applying it again would put its older content over what
+        later messages wrote, and add versions."""
+        provenance = to_bundle(translation)["entry"][-1]["resource"]
+        return (provenance.get("resourceType") == "Provenance"
+                and await self._store.read("Provenance", str(provenance["id"])) is not None)
 
     def _retranslate(self, raw: bytes) -> tuple[Translation | None, tuple[str, str]]:
         try:
@@ -151,16 +176,16 @@ class LocalApplier:
         except Hl7Error as exc:
             return None, (FAILED, exc.reason)
 
-    async def _apply(self, batch: Sequence[tuple[int, Translation]]) -> None:
+    async def _apply(self, batch: Sequence[tuple[int, Translation, Outcome | None]]) -> None:
         """Apply each message as its own transaction; record the outcomes in the inbox."""
         if not batch:
             return
         outcomes: list[tuple[int, str, str]] = []
         # Submitted together so the store can group-commit them; it applies them in
         # submission order, which keeps each patient's messages in arrival order.
-        results = await asyncio.gather(*(self._apply_one(t) for _, t in batch),
+        results = await asyncio.gather(*(self._apply_one(t) for _, t, _ in batch),
                                        return_exceptions=True)
-        for (inbox_id, _), result in zip(batch, results, strict=True):
+        for (inbox_id, _, outcome), result in zip(batch, results, strict=True):
             if isinstance(result, StoreUnavailable):
                 # Not applied and not marked: the next sweep tries again.
                 log.error("local store unavailable; inbox %d stays translated", inbox_id)
@@ -171,12 +196,16 @@ class LocalApplier:
                 log.warning("inbox %d could not be applied to the FHIR store: %s",
                             inbox_id, reason)
                 outcomes.append((inbox_id, FAILED, reason))
+                if outcome is not None:
+                    outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
             else:
                 self.applied += 1
                 outcomes.append((inbox_id, APPLIED, ""))
+                if outcome is not None:
+                    outcome(None)
         try:
             await self._inbox.set_statuses(outcomes)
-        except Exception as exc:  # applied but unmarked: re-applying later changes nothing
+        except Exception as exc:  # applied but unmarked: the sweep finds their Provenance
             log.error("could not mark %d inbox rows applied: %s", len(outcomes),
                       type(exc).__name__)
 

@@ -54,6 +54,20 @@ def should_send_accept_ack(accept_ack_type: str, code: str) -> bool:
     return True
 
 
+def should_send_application_ack(application_ack_type: str, code: str) -> bool:
+    """HL7 table 0155 for MSH-16 (enhanced mode): AL always, ER only on error, SU only on
+    success; NE or empty never. Empty counts as NE, not AL: a sender that left MSH-16 out
+    is not waiting for an unsolicited message on its connection."""
+    kind = application_ack_type
+    if kind == "AL":
+        return True
+    if kind == "ER":
+        return code != APPLICATION_ACCEPT
+    if kind == "SU":
+        return code == APPLICATION_ACCEPT
+    return False
+
+
 def build_ack(
     header: Header | None,
     code: str,
