@@ -424,10 +424,19 @@ def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.mapping.reverse import Reverser
     from gateway.mapping.tables import SHIPPED
 
+    from gateway.fhir.search import TABLE as SEARCH_TABLE
+    from gateway.fhir.search import SearchRegistry, SearchTableError
+
     tables = args.tables or SHIPPED
+    search_table = (args.dir / SEARCH_TABLE if args.dir is not None
+                    and (args.dir / SEARCH_TABLE).is_file() else tables / SEARCH_TABLE)
     try:
         translator = Translator.load(tables, args.dir)
         reverser = Reverser.load(tables, args.dir)
+        registry = SearchRegistry.load(search_table)
+    except SearchTableError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except TableErrors as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -440,6 +449,7 @@ def _mappings_check(args: argparse.Namespace) -> int:
           f"({', '.join(translator.message_types)})")
     outbound = sorted(reverser.message_types.items())
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
+    print(f"ok: FHIR search parameters for {len(registry.types())} resource types")
     return 0
 
 

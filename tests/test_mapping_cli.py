@@ -156,6 +156,20 @@ def test_mappings_check_accepts_the_shipped_tables(
     code, out, err = isthmus(capsys, "mappings", "check")
     assert code == 0, err
     assert out.startswith("ok: ") and "ADT^A01" in out
+    assert "FHIR search parameters for" in out
+
+
+def test_mappings_check_names_a_bad_search_parameter_row(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    table = site / "search-parameters.csv"
+    table.write_text("resource,name,type,path,targets,compartment\n"
+                     "Patient,family,string,name.family,,\n"
+                     "Patient,shoe-size,token,shoeSize,,\n")
+    code, out, err = isthmus(capsys, "mappings", "check", str(site))
+    assert (code, out) == (2, "")
+    assert f"{table}:3:" in err and "shoeSize" in err
 
 
 def broken_site(root: Path) -> tuple[Path, list[str]]:
