@@ -734,3 +734,22 @@ def test_lenient_still_refuses_malformed_known_parameters(registry: SearchRegist
                                                           query: str) -> None:
     with pytest.raises(SearchError):
         parse(registry, query, lenient=True)
+
+
+@pytest.mark.parametrize(("resource_type", "resource", "expected"), [
+    ("Patient", {"id": "p1"}, {"Patient/p1"}),
+    ("Observation", {"subject": {"reference": "Patient/p1"},
+                     "performer": [{"reference": "Patient/p2"},
+                                   {"reference": "Practitioner/x"}]},
+     {"Patient/p1", "Patient/p2"}),
+    ("Observation", {"subject": {"reference": "Group/g1"}}, set()),
+    ("Appointment", {"participant": [{"actor": {"reference": "Patient/p3"}},
+                                     {"actor": {"reference": "Location/l1"}}]}, {"Patient/p3"}),
+    ("Practitioner", {"id": "x"}, set()),
+    ("Basic", {"subject": {"reference": "Patient/p1"}}, set()),
+])
+def test_patients_names_the_compartments_a_resource_is_in(
+        registry: SearchRegistry, resource_type: str, resource: Json,
+        expected: set[str]) -> None:
+    assert registry.patients(resource_type, {"resourceType": resource_type,
+                                             **resource}) == expected

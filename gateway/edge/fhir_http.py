@@ -28,6 +28,7 @@ from gateway.audit import Action, AuditLog, AuditRecord
 from gateway.edge.auth import AuthError, principal_for
 from gateway.fhir.capability import capability_statement
 from gateway.fhir.guard import BodyError, check_and_parse, validate_incoming
+from gateway.fhir.model import is_resource_type
 from gateway.fhir.outcome import FHIR_JSON, FhirError, information, operation_outcome
 from gateway.fhir.outcome import outcome_bytes as _outcome_bytes
 from gateway.fhir.search import (
@@ -132,7 +133,10 @@ class FhirApi:
 
     def check_type(self, resource_type: str) -> None:
         if resource_type not in self.types:
-            raise FhirError(404, f"resource type {resource_type} is not supported here",
+            # Named only when it is an R4 type: any other path segment could be a value
+            # (a name typed where the type goes) and is not echoed.
+            shown = resource_type if is_resource_type(resource_type) else "in this URL"
+            raise FhirError(404, f"resource type {shown} is not supported here",
                             code="not-supported")
 
     def profile(self, principal: Principal) -> Profile | None:
@@ -165,14 +169,7 @@ class FhirApi:
 
     def patients_of(self, resource_type: str, resource: Mapping[str, Any]) -> set[str]:
         """The patients ('Patient/id') whose compartment holds this resource."""
-        if resource_type == "Patient":
-            return {f"Patient/{resource.get('id')}"}
-        params = self.registry.compartment_params(resource_type)
-        if not params:
-            return set()
-        return {entry.target for entry in self.registry.index(resource_type, dict(resource))
-                if isinstance(entry, ReferenceIndex) and entry.param in params
-                and entry.target.startswith("Patient/")}
+        return self.registry.patients(resource_type, dict(resource))
 
     def in_compartment(self, resource_type: str, resource: Mapping[str, Any],
                        patient: str) -> bool:
@@ -474,7 +471,7 @@ async def instance_history(request: web.Request) -> web.Response:
         if not live or not api.in_compartment(call.resource_type,
                                                orjson.loads(live[0].body), patient):
             raise _unknown(call.resource_type)
-    return await _history(call, HistoryQuery(call.resource_type, id_), id_)
+    return await _history(call, HistoryQuery(call.resource_type, id_), id_, patient)
 
 
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/_history")
@@ -486,7 +483,8 @@ async def type_history(request: web.Request) -> web.Response:
     return await _history(call, HistoryQuery(call.resource_type), None)
 
 
-async def _history(call: _Call, base_query: HistoryQuery, id_: str | None) -> web.Response:
+async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
+                   patient: str | None = None) -> web.Response:
     request, api = call.request, call.api
     count = _int_param(request, "_count", api.limits.default_count, api.limits.max_count)
     offset = _int_param(request, "_offset", 0, 10**9)
@@ -497,6 +495,9 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None) -> we
     base = api.base(request)
     entries = []
     for version in page.resources:
+        if patient is not None and not version.deleted and not api.in_compartment(
+                version.resource_type, orjson.loads(version.body), patient):
+            continue  # a version from another patient's compartment: vread says 404 too
         url = f"{base}/{version.resource_type}/{version.id}"
         method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
         parts = [b'{"fullUrl":', orjson.dumps(url)]
@@ -512,7 +513,8 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None) -> we
     links = _links(request, base, offset, count, page.total or 0)
     await api.record([_access(call, Action.READ, resource_id=(
         f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history")])
-    return _bundle("history", entries, links, page.total)
+    # A confined caller's total would count the versions left out.
+    return _bundle("history", entries, links, page.total if patient is None else None)
 
 
 def _int_param(request: web.Request, name: str, default: int, ceiling: int) -> int:
@@ -803,6 +805,10 @@ async def _write(call: _Call, entry: Entry) -> web.Response:
     base = api.base(call.request)
     location = f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}"
     prefer = _prefer_return(call.request)
+    if not result.changed and not call.principal.scopes.permits("read", stored.resource_type):
+        # A matched If-None-Exist answers a resource the caller did not write: without a
+        # read scope it may learn that it exists, not what it says.
+        prefer = "minimal"
     if prefer == "minimal":
         response = web.Response(status=result.status)
     elif prefer == "OperationOutcome":
@@ -842,7 +848,9 @@ async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
         if current is not None and not current.deleted and not api.in_compartment(
                 entry.resource_type, orjson.loads(current.body), patient):
             raise FhirError(404, f"{where}no {entry.resource_type} with this id is known")
-    elif write.condition is not None and entry.method != "POST":
+    elif write.condition is not None:
+        # If-None-Exist too: a match outside the compartment would be answered with
+        # another patient's resource.
         clauses = (*write.condition.clauses,
                    api.compartment_clause(entry.resource_type, patient))
         write = WriteRequest(write.method, write.resource_type, write.id, write.resource,
@@ -926,6 +934,8 @@ def _write_entry(api: FhirApi, principal: Principal, base: str,
     response["location"] = f"{stored.resource_type}/{stored.id}/_history/{stored.version}"
     response["etag"] = f'W/"{stored.version}"'
     response["lastModified"] = stored.last_updated
+    if not result.changed and not principal.scopes.permits("read", stored.resource_type):
+        return b'{"response":' + orjson.dumps(response) + b"}"  # as in _write
     return b"".join((b'{"fullUrl":', orjson.dumps(f"{base}/{stored.resource_type}/"
                                                    f"{stored.id}"),
                      b',"resource":', api.shaped(principal, stored),

@@ -237,6 +237,22 @@ class SearchRegistry:
                     path.emit(name, value, out)
         return list(dict.fromkeys(out))
 
+    def patients(self, resource_type: str, resource: dict[str, Any]) -> set[str]:
+        """The patients ('Patient/id') whose compartment holds this resource: only the
+        compartment parameters are read (every read of a confined token asks this)."""
+        if resource_type == "Patient":
+            return {f"Patient/{resource.get('id')}"} if isinstance(resource, dict) else set()
+        params = self._by_type.get(resource_type)
+        if params is None or not isinstance(resource, dict):
+            return set()
+        out: list[IndexEntry] = []
+        for name in self._compartment.get(resource_type, ()):
+            for path in params[name].paths:
+                for value in _values(resource, path.steps):
+                    path.emit(name, value, out)
+        return {entry.target for entry in out if isinstance(entry, ReferenceIndex)
+                and entry.target.startswith("Patient/")}
+
     # -- parsing (every search) -------------------------------------------------------------
 
     def parse(self, resource_type: str, params: Sequence[tuple[str, str]], *,
