@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--tables", type=Path, help="check this table set instead of the shipped")
     check.set_defaults(run=_mappings_check)
     _audit_parser(sub)
+    auth = sub.add_parser("auth", help="credentials for the FHIR API")
+    auth_sub = auth.add_subparsers(metavar="ACTION")
+    api_key = auth_sub.add_parser(
+        "api-key", help="make a new API key; prints it once, and the config lines to add")
+    api_key.add_argument("name", help="a name for the key (letters, digits, . _ @ -)")
+    api_key.add_argument("--scope", action="append", default=[], metavar="SCOPE",
+                         help="a SMART scope to grant, e.g. 'system/Patient.rs' (repeat)")
+    api_key.add_argument("--profile", help="a minimum-necessary profile from [profiles]")
+    api_key.set_defaults(run=_auth_api_key)
     return parser
 
 
@@ -419,13 +428,12 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
 
 
 def _mappings_check(args: argparse.Namespace) -> int:
+    from gateway.fhir.search import TABLE as SEARCH_TABLE
+    from gateway.fhir.search import SearchRegistry, SearchTableError
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TableError, TableErrors
     from gateway.mapping.reverse import Reverser
     from gateway.mapping.tables import SHIPPED
-
-    from gateway.fhir.search import TABLE as SEARCH_TABLE
-    from gateway.fhir.search import SearchRegistry, SearchTableError
 
     tables = args.tables or SHIPPED
     search_table = (args.dir / SEARCH_TABLE if args.dir is not None
@@ -450,6 +458,41 @@ def _mappings_check(args: argparse.Namespace) -> int:
     outbound = sorted(reverser.message_types.items())
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
     print(f"ok: FHIR search parameters for {len(registry.types())} resource types")
+    return 0
+
+
+# -- auth -------------------------------------------------------------------------------
+
+
+def _auth_api_key(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+    import re
+    import secrets
+
+    from gateway.policy.scopes import ScopeError, ScopeSet
+
+    if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", args.name):
+        print("isthmus auth api-key: the name may hold letters, digits and . _ @ - only",
+              file=sys.stderr)
+        return 2
+    scopes = args.scope or ["system/*.rs"]
+    try:
+        ScopeSet.parse(scopes)
+    except ScopeError as exc:
+        print(f"isthmus auth api-key: {exc}", file=sys.stderr)
+        return 2
+    key = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    print(f"# API key '{args.name}' (shown once; send it as the X-API-Key header):")
+    print(key)
+    print("# add to the config file:")
+    print("[[auth.api_keys]]")
+    print(f"name = {json.dumps(args.name)}")
+    print(f'key_sha256 = "{digest}"')
+    print(f"scopes = {json.dumps(scopes)}")
+    if args.profile:
+        print(f"profile = {json.dumps(args.profile)}")
     return 0
 
 

@@ -226,3 +226,43 @@ def test_serve_refuses_an_unusable_data_dir_clearly(tmp_path: Path, kind: str) -
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert "isthmus listening" not in result.stdout
+
+
+async def test_auth_api_key_prints_a_key_and_config_lines_that_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from conftest import start_gateway
+    from gateway.cli import main
+
+    assert main(["auth", "api-key", "tour", "--scope", "system/Patient.rs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    key = out[1]
+    config = tomllib.loads("\n".join(out[3:]))
+    entry = config["auth"]["api_keys"][0]
+    assert entry["name"] == "tour" and key not in "\n".join(out[2:])  # only its hash
+    gw = await start_gateway(tmp_path / "var", **{"auth.api_keys": [entry]})
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gw.http_url}/fhir/Patient",
+                                headers={"X-API-Key": key}) as allowed:
+                assert allowed.status == 200
+            async with http.get(f"{gw.http_url}/fhir/Observation",
+                                headers={"X-API-Key": key}) as refused:
+                assert refused.status == 403  # only the scope asked for
+            async with http.get(f"{gw.http_url}/fhir/Patient",
+                                headers={"X-API-Key": key + "x"}) as wrong:
+                assert wrong.status == 401
+    finally:
+        await gw.runner.cleanup()
+
+
+@pytest.mark.parametrize("args", [["auth", "api-key", "bad name"],
+                                  ["auth", "api-key", "x", "--scope", "system/Patient.zz"]])
+def test_auth_api_key_refuses_a_bad_name_or_scope(
+        args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "isthmus auth api-key:" in captured.err
