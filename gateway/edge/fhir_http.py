@@ -12,6 +12,7 @@ one place (`_errors`), with no patient data in its text.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from gateway.fhir.search import (
     SearchError,
     SearchRegistry,
     UnsupportedFormat,
+    date_range,
 )
 from gateway.fhir.transaction import Entry, parse_bundle, parse_etag, write_request
 from gateway.fhir.validate import InvalidResource
@@ -389,11 +391,12 @@ async def metadata(request: web.Request) -> web.Response:
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
 async def read(request: web.Request) -> web.StreamResponse:
     call = await _call(request, "read", request.match_info["type"])
+    elements = _elements_param(call)
     stored = await _readable(call, request.match_info["id"])
     etag = f'W/"{stored.version}"'
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
-    body = call.api.shaped(call.principal, stored, _elements_param(request))
+    body = call.api.shaped(call.principal, stored, elements)
     return _resource_answer(stored, body)
 
 
@@ -440,11 +443,14 @@ def _unknown(resource_type: str) -> FhirError:
     return FhirError(404, f"no {resource_type} with this id is known")
 
 
-def _elements_param(request: web.Request) -> list[str] | None:
-    raw = request.query.get("_elements")
+def _elements_param(call: _Call) -> list[str] | None:
+    """_elements on a read, checked and expanded as a search does it (a choice element
+    such as `effective` keeps effectiveDateTime); checked before anything is read."""
+    raw = call.request.query.get("_elements")
     if not raw:
         return None
-    return [e.strip() for e in raw.split(",") if e.strip()]
+    parsed = _parse(call.api, call.resource_type, [("_elements", raw)], lenient=False)
+    return list(parsed.elements or ())
 
 
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}/_history/{vid:\d{1,18}}")
@@ -488,7 +494,7 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
     request, api = call.request, call.api
     count = _int_param(request, "_count", api.limits.default_count, api.limits.max_count)
     offset = _int_param(request, "_offset", 0, 10**9)
-    since = request.query.get("_since")
+    since = _since_param(request)
     query = HistoryQuery(base_query.resource_type, base_query.id, since=since,
                          count=count, offset=offset)
     page = await api.store.history(query)
@@ -517,6 +523,18 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
     return _bundle("history", entries, links, page.total if patient is None else None)
 
 
+def _since_param(request: web.Request) -> str | None:
+    """_since as the store's fixed-width UTC instant: the store compares text, so an
+    offset or a shorter form given as is would compare wrong."""
+    raw = request.query.get("_since")
+    if raw is None:
+        return None
+    covered = date_range(raw.strip().replace(" ", "+"))  # an unencoded '+' is a space
+    if covered is None:
+        raise FhirError(400, "_since must be an instant, e.g. 2026-11-26T08:30:00Z", "_since")
+    return covered[0]
+
+
 def _int_param(request: web.Request, name: str, default: int, ceiling: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -527,9 +545,18 @@ def _int_param(request: web.Request, name: str, default: int, ceiling: int) -> i
 
 
 def _links(request: web.Request, base: str, offset: int, count: int,
-           total: int | None, has_more: bool | None = None) -> list[tuple[str, str]]:
-    path = base + request.path[len("/fhir"):] if request.path.startswith("/fhir") else base
-    params = [(k, v) for k, v in request.query.items() if k != "_offset"]
+           total: int | None, has_more: bool | None = None, *,
+           search: tuple[str, Sequence[tuple[str, str]]] | None = None
+           ) -> list[tuple[str, str]]:
+    """Paging links. `search` (type, parameters) makes them GET searches of that type:
+    a POST _search's form and a batch entry's URL are not in the request's own URL."""
+    if search is not None:
+        path, query = f"{base}/{search[0]}", search[1]
+    else:
+        path = base + request.path[len("/fhir"):] if request.path.startswith("/fhir") \
+            else base
+        query = list(request.query.items())
+    params = [(k, v) for k, v in query if k != "_offset"]
     links = [("self", _url(path, params + ([("_offset", str(offset))] if offset else [])))]
     more = has_more if has_more is not None else (total is not None
                                                   and offset + count < total)
@@ -604,7 +631,8 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     included = await _includes(call, parsed, matches)
     entries += [_search_entry(api, principal, base, stored, "include", None)
                 for stored in included]
-    links = _links(call.request, base, query.offset, page_size, page.total, has_more)
+    links = _links(call.request, base, query.offset, page_size, page.total, has_more,
+                   search=(type_, params))
     patient = api.confined_to(principal, type_)
     if patient is None and type_ == "Patient" and len(matches) == 1:
         patient = f"Patient/{matches[0].id}"
@@ -790,7 +818,7 @@ async def _write(call: _Call, entry: Entry) -> web.Response:
     except WriteConflict as conflict:
         await api.record([_access(call, _ACTIONS[entry.method], str(conflict.status),
                                   resource_id=_target(entry))])
-        raise FhirError(conflict.status, conflict.reason) from None
+        raise FhirError(conflict.status, _conflict_reason(conflict)) from None
     assert isinstance(result, WriteOutcome)
     stored = result.stored
     patients = set()
@@ -829,9 +857,24 @@ def _target(entry: Entry) -> str | None:
     return f"{entry.resource_type}/{entry.id}" if entry.id else None
 
 
+_STORE_ENTRY = re.compile(r"^entry \d+: ")
+
+
+def _conflict_reason(conflict: WriteConflict) -> str:
+    """The store's reason without its 'entry N: ' prefix: N counts the writes handed to
+    the store, not the Bundle's entries, so the edge names the entry itself (or none)."""
+    return _STORE_ENTRY.sub("", conflict.reason, count=1)
+
+
 async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
     """The store write for an entry, after the compartment checks a patient scope needs."""
     api = call.api
+    interaction = _INTERACTION[entry.method]
+    if api.scope_clauses(call.principal, interaction, entry.resource_type):
+        # A write scope with `?param=value`: whether the written resource meets it is not
+        # checked yet, so the write is refused rather than allowed unconstrained.
+        raise FhirError(403, f"{where}the granted scope's constraints cannot be applied to "
+                        f"{interaction} yet; it needs an unconstrained scope")
     try:
         write = write_request(api.registry, entry)
     except SearchError as exc:
@@ -879,11 +922,17 @@ async def batch_or_transaction(request: web.Request) -> web.Response:
     answers: list[bytes | None] = [None] * len(entries)
     writes: list[tuple[Entry, WriteRequest]] = []
     for entry in entries:
-        if entry.method == "GET":
-            continue
+        if entry.method == "GET" and not atomic:
+            continue  # a batch answers each read in its own entry
         where = f"Bundle.entry[{entry.index}]: "
         try:
             api.check_type(entry.resource_type)
+            if entry.method == "GET":
+                # A transaction is refused whole, before any write, for a read it may
+                # not make either.
+                api.authorize(call.principal, "read" if entry.id else "search",
+                              entry.resource_type)
+                continue
             api.authorize(call.principal, _INTERACTION[entry.method], entry.resource_type)
             if entry.resource is not None:
                 _validated(entry.resource, entry.resource_type,
@@ -901,13 +950,14 @@ async def batch_or_transaction(request: web.Request) -> web.Response:
         except WriteConflict as conflict:
             index = writes[conflict.entry][0].index if conflict.entry is not None else None
             raise FhirError(conflict.status, (f"Bundle.entry[{index}]: " if index is not None
-                                              else "") + conflict.reason) from None
+                                              else "") + _conflict_reason(conflict)
+                             ) from None
     base = api.base(request)
     records = []
     for (entry, _), result in zip(writes, outcomes, strict=True):
         action = _ACTIONS[entry.method]
         if isinstance(result, WriteConflict):
-            answers[entry.index] = _error_entry(result.status, result.reason)
+            answers[entry.index] = _error_entry(result.status, _conflict_reason(result))
             records.append(_access(call, action, str(result.status),
                                    resource_type=entry.resource_type,
                                    resource_id=_target(entry)))

@@ -50,6 +50,11 @@ def _resource(registry: SearchRegistry, resource_type: str) -> dict[str, Any]:
     includes = sorted(f"{resource_type}:{name}"
                       for name, definition in registry.params(resource_type).items()
                       if definition.type == "reference")
+    # _revinclude is served for every reference parameter that may point at this type.
+    revincludes = sorted(f"{source}:{name}" for source in registry.types()
+                         for name, definition in registry.params(source).items()
+                         if definition.type == "reference"
+                         and resource_type in definition.targets)
     return {
         "type": resource_type,
         "interaction": [{"code": code} for code in _INTERACTIONS],
@@ -60,5 +65,6 @@ def _resource(registry: SearchRegistry, resource_type: str) -> dict[str, Any]:
         "conditionalUpdate": True,
         "conditionalDelete": "single",
         "searchInclude": includes,
+        "searchRevInclude": revincludes,
         "searchParam": params,
     }

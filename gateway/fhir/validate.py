@@ -13,6 +13,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from gateway.fhir.model import UnknownElement, element
+
 # Path steps are element names or list indexes; a key of any other shape (it came from the
 # input) is not repeated. 'root' and '__root__' are fhir.resources' model-level markers.
 _STEP = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}")
@@ -50,6 +52,30 @@ def validate_resource(resource: dict[str, Any]) -> None:
         # pydantic, so an unknown or non-string type escapes as KeyError (quoting it).
         raise InvalidResource(resource_type, "", "a nested resource has an unknown or "
                               "invalid resourceType") from None
+    _check_codes(resource_type, resource, resource_type, "")
+
+
+def _check_codes(root: str, value: dict[str, Any], type_name: str, path: str) -> None:
+    """Codes of required bindings (Patient.gender, Observation.status...): the models
+    accept any string there, so they are checked here, down every nested element."""
+    for name, child in value.items():
+        if name.startswith("_") or name in ("resourceType", "extension",
+                                            "modifierExtension"):
+            continue
+        try:
+            info = element(type_name, name)
+        except UnknownElement:
+            continue  # the model check has passed; a name it allows but we cannot type
+        here = f"{path}.{name}" if path else name
+        items = child if isinstance(child, list) else [child]
+        for index, item in enumerate(items):
+            where = f"{here}.{index}" if isinstance(child, list) else here
+            if info.codes and isinstance(item, str) and item not in info.codes:
+                raise InvalidResource(root, where,
+                                      "not a code of the element's required value set")
+            if isinstance(item, dict) and not info.is_primitive:
+                nested = item.get("resourceType") if info.type in ("Resource",) else None
+                _check_codes(root, item, str(nested) if nested else info.type, where)
 
 
 def _step(part: int | str) -> str:
