@@ -477,7 +477,12 @@ async def instance_history(request: web.Request) -> web.Response:
         if not live or not api.in_compartment(call.resource_type,
                                                orjson.loads(live[0].body), patient):
             raise _unknown(call.resource_type)
-    return await _history(call, HistoryQuery(call.resource_type, id_), id_, patient)
+    # Whose history this is, for the audit record: the current version's patient.
+    owners = (set() if current.deleted
+              else api.patients_of(call.resource_type, orjson.loads(current.body)))
+    subject = min(owners) if owners else patient
+    return await _history(call, HistoryQuery(call.resource_type, id_), id_, patient,
+                          subject)
 
 
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/_history")
@@ -490,7 +495,7 @@ async def type_history(request: web.Request) -> web.Response:
 
 
 async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
-                   patient: str | None = None) -> web.Response:
+                   patient: str | None = None, subject: str | None = None) -> web.Response:
     request, api = call.request, call.api
     count = _int_param(request, "_count", api.limits.default_count, api.limits.max_count)
     offset = _int_param(request, "_offset", 0, 10**9)
@@ -518,7 +523,8 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
         entries.append(b"".join(parts))
     links = _links(request, base, offset, count, page.total or 0)
     await api.record([_access(call, Action.READ, resource_id=(
-        f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history")])
+        f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history",
+        patient=subject)])
     # A confined caller's total would count the versions left out.
     return _bundle("history", entries, links, page.total if patient is None else None)
 
@@ -887,16 +893,24 @@ async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
         raise FhirError(403, f"{where}a patient-level scope may only write resources in "
                         "its patient's compartment")
     if entry.id is not None:
+        # Only a live resource in the compartment may be updated or deleted. An unknown id
+        # answers the same 404 as another patient's (no update-as-create, no 204 for a
+        # delete of nothing): otherwise the answer would tell which ids exist.
         current = await api.store.read(entry.resource_type, entry.id)
-        if current is not None and not current.deleted and not api.in_compartment(
+        if current is None or current.deleted or not api.in_compartment(
                 entry.resource_type, orjson.loads(current.body), patient):
             raise FhirError(404, f"{where}no {entry.resource_type} with this id is known")
     elif write.condition is not None:
+        resource = write.resource
+        if write.method == "PUT" and resource is not None:
+            # A conditional update that creates takes a server id: a client-chosen one
+            # could collide with another patient's resource and say so (409).
+            resource = {k: v for k, v in resource.items() if k != "id"}
         # If-None-Exist too: a match outside the compartment would be answered with
         # another patient's resource.
         clauses = (*write.condition.clauses,
                    api.compartment_clause(entry.resource_type, patient))
-        write = WriteRequest(write.method, write.resource_type, write.id, write.resource,
+        write = WriteRequest(write.method, write.resource_type, write.id, resource,
                              SearchQuery(entry.resource_type, clauses), write.if_match,
                              write.full_url)
     return write

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from gateway.canonical import Translation
@@ -141,8 +141,8 @@ class LocalApplier:
                 after = rows[-1][0]
                 batch: list[tuple[int, Translation, Outcome | None]] = []
                 outcomes: list[tuple[int, str, str]] = []
-                for row_id, raw in rows:
-                    translation, problem = self._retranslate(raw)
+                for row_id, raw, received_at in rows:
+                    translation, problem = self._retranslate(raw, received_at)
                     if translation is None:
                         outcomes.append((row_id, problem[0], problem[1]))
                     elif await self._committed_before(translation):
@@ -165,10 +165,12 @@ class LocalApplier:
         return (provenance.get("resourceType") == "Provenance"
                 and await self._store.read("Provenance", str(provenance["id"])) is not None)
 
-    def _retranslate(self, raw: bytes) -> tuple[Translation | None, tuple[str, str]]:
+    def _retranslate(self, raw: bytes, received_at: datetime
+                     ) -> tuple[Translation | None, tuple[str, str]]:
+        """The row translated again as it was when received (its Provenance time too)."""
         try:
             message = parse_message(raw)
-            return self._translator.translate(message, datetime.now(UTC)), ("", "")
+            return self._translator.translate(message, received_at), ("", "")
         except UnsupportedMessage:
             return None, (UNSUPPORTED, "")
         except TranslationError as exc:

@@ -118,7 +118,7 @@ class InboxEntry:
 
 
 _Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
-_RawRows = list[tuple[int, bytes]]  # (inbox id, raw message)
+_RawRows = list[tuple[int, bytes, datetime]]  # (inbox id, raw message, received at)
 
 
 class SqliteInbox:
@@ -301,11 +301,12 @@ class SqliteInbox:
 
     async def with_status(self, status: str, limit: int = 500,
                           after: int = 0) -> _RawRows:
-        """(id, raw) of the oldest rows in one status, after an id, for the applier."""
+        """(id, raw, received at) of the oldest rows in one status, after an id."""
         rows = await self._db.execute_fetchall(
-            "SELECT id, raw FROM inbox WHERE status = ? AND id > ? ORDER BY id LIMIT ?",
-            (status, after, limit))
-        return [(int(row_id), bytes(raw)) for row_id, raw in rows]
+            "SELECT id, raw, received_at FROM inbox WHERE status = ? AND id > ? "
+            "ORDER BY id LIMIT ?", (status, after, limit))
+        return [(int(row_id), bytes(raw), datetime.fromisoformat(received.replace(
+            "Z", "+00:00"))) for row_id, raw, received in rows]
 
     async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
         """Set (id, status, error) for several rows: one statement per distinct outcome.
