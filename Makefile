@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck pytest bench bench-translate bench-audit clean
+.PHONY: run test lint typecheck pytest bench bench-translate bench-audit bench-fhir clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-translate: $(STAMP_RUN)
 
 bench-audit: $(STAMP_RUN)
 	$(BIN)/python bench/audit.py
+
+bench-fhir: $(STAMP_RUN)
+	$(BIN)/python bench/fhir_rest.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
