@@ -660,3 +660,23 @@ async def test_reopened_file_keeps_everything(tmp_path: Path) -> None:
         await again.probe_writable()
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("budget", [1, 20_000])
+async def test_a_search_over_the_quick_budget_goes_to_the_reader_thread_with_the_same_answer(
+        store: SqliteFhirStore, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """Budget 1 interrupts every statement on the event loop thread (the fallback runs);
+    the default lets an indexed search finish there. Both give the same page and total."""
+    import gateway.store.fhir_sqlite as sqlite_store
+
+    for n in range(30):
+        await create(store, patient(f"Q{n:03d}", family="Quick" if n % 3 else "Slow"))
+    monkeypatch.setattr(sqlite_store, "_QUICK_STEPS", budget)
+    query = SearchQuery("Patient", ((StringMatch("family", "quick"),),), count=5, offset=5)
+    page = await store.search(query, total=True)
+    assert page.total == 20 and len(page.resources) == 5
+    assert await store.count(query) == 20
+    [found] = (await store.search(by_mrn("Q007"))).resources
+    assert body(found)["identifier"][0]["value"] == "Q007"
+    history = await store.history(HistoryQuery("Patient", found.id))
+    assert history.total == 1

@@ -16,7 +16,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -260,9 +262,10 @@ async def _call(request: web.Request, interaction: str, resource_type: str = "")
     api.throttle(principal)
     if resource_type:
         api.check_type(resource_type)
-    set_attributes(trace.get_current_span(), {
-        "fhir.interaction": interaction, "fhir.resource_type": resource_type,
-        "fhir.client_id": principal.client_id})
+    if api.telemetry.recording:
+        set_attributes(trace.get_current_span(), {
+            "fhir.interaction": interaction, "fhir.resource_type": resource_type,
+            "fhir.client_id": principal.client_id})
     return _Call(api, request, principal, interaction, resource_type)
 
 
@@ -301,9 +304,9 @@ def _resource_answer(stored: StoredResource, body: bytes, status: int = 200,
                         content_type=FHIR_JSON)
 
 
+@lru_cache(maxsize=4096)
 def _http_date(instant: str) -> str:
-    from datetime import datetime
-
+    """Last-Modified from a stored instant (cached: reads of one version repeat it)."""
     return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")),
                            usegmt=True)
 
@@ -411,9 +414,8 @@ async def _readable(call: _Call, id_: str, version: int | None = None) -> Stored
     if stored is None:
         await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}")])
         raise _unknown(type_)
-    resource: dict[str, Any] = {} if stored.deleted else orjson.loads(stored.body)
-    if patient is not None and (stored.deleted
-                                or not api.in_compartment(type_, resource, patient)):
+    if patient is not None and (stored.deleted or not api.in_compartment(
+            type_, orjson.loads(stored.body), patient)):
         # Whose a deleted version was cannot be shown either: both answer 404.
         await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}",
                                   patient=patient)])
@@ -422,10 +424,12 @@ async def _readable(call: _Call, id_: str, version: int | None = None) -> Stored
         await api.record([_access(call, Action.READ, "410", resource_id=f"{type_}/{id_}")])
         raise FhirError(410, f"this {type_} was deleted")
     await _check_scope_constraints(call, id_)
-    patients = api.patients_of(type_, resource)
     if api.limits.audit_reads:
+        # Whose data this is: a Patient is its own; anything else is parsed to find out.
+        owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
+                  else api.patients_of(type_, orjson.loads(stored.body)))
         await api.record([_access(call, Action.READ, resource_id=f"{type_}/{id_}",
-                                  patient=next(iter(sorted(patients)), None))])
+                                  patient=min(owners) if owners else None)])
     return stored
 
 
@@ -522,9 +526,10 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
             b"}"]
         entries.append(b"".join(parts))
     links = _links(request, base, offset, count, page.total or 0)
-    await api.record([_access(call, Action.READ, resource_id=(
-        f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history",
-        patient=subject)])
+    if api.limits.audit_reads:
+        await api.record([_access(call, Action.READ, resource_id=(
+            f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history",
+            patient=subject)])
     # A confined caller's total would count the versions left out.
     return _bundle("history", entries, links, page.total if patient is None else None)
 
@@ -624,7 +629,8 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     page_size = query.count if query.count is not None else api.limits.default_count
     if parsed.summary_count:
         total = await api.store.count(query)
-        await api.record([_search_access(call, params, parsed, patient=None)])
+        if api.limits.audit_reads:
+            await api.record([_search_access(call, params, parsed, patient=None)])
         return _bundle("searchset", [], [], total)
     window = SearchQuery(query.resource_type, query.clauses, query.sort, page_size + 1,
                          query.offset)
@@ -642,7 +648,8 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     patient = api.confined_to(principal, type_)
     if patient is None and type_ == "Patient" and len(matches) == 1:
         patient = f"Patient/{matches[0].id}"
-    await api.record([_search_access(call, params, parsed, patient=patient)])
+    if api.limits.audit_reads:
+        await api.record([_search_access(call, params, parsed, patient=patient)])
     return _bundle("searchset", entries, links, page.total)
 
 
@@ -1043,8 +1050,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/fhir"):
         return await handler(request)
     telemetry = request.app[FHIR].telemetry if FHIR in request.app else None
-    tracer = telemetry.tracer if telemetry is not None else trace.NoOpTracer()
-    with tracer.start_as_current_span("fhir.request", kind=trace.SpanKind.SERVER) as span:
+    if telemetry is None or not telemetry.recording:
+        return await _answer(request, handler)  # no span to fill: no cost
+    with telemetry.tracer.start_as_current_span("fhir.request",
+                                                kind=trace.SpanKind.SERVER) as span:
         response = await _answer(request, handler)
         set_attributes(span, {"http.response.status_code": response.status})
         return response
