@@ -188,8 +188,18 @@ class FhirConfig(_Section):
     default_count: int = Field(default=50, ge=1)
     max_count: int = Field(default=1000, ge=1)
     max_bundle_entries: int = Field(default=1000, ge=1)
-    # Record every read and search in the audit trail, and serve only once it is durable.
-    audit_reads: bool = True
+    # Reads and searches in the audit trail: "durable" answers only once the record is
+    # committed; "queued" answers as soon as the record is queued for the next group commit
+    # (a crash may lose the last ~ms of read records; a failed commit makes the following
+    # requests wait again); "off" records none. true/false mean durable/off.
+    audit_reads: Literal["durable", "queued", "off"] = "durable"
+
+    @field_validator("audit_reads", mode="before")
+    @classmethod
+    def _audit_reads_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "durable" if value else "off"
+        return value
     # Requests per second each client may make (token bucket, burst = 2 s worth); 0: off.
     rate_limit_per_client: float = Field(default=0.0, ge=0)
 

@@ -11,6 +11,7 @@ one place (`_errors`), with no patient data in its text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -82,7 +83,7 @@ class FhirLimits:
     default_count: int = 50
     max_count: int = 1000
     max_bundle_entries: int = 1000
-    audit_reads: bool = True
+    audit_reads: str = "durable"  # durable | queued | off
     rate_limit_per_client: float = 0.0
 
 
@@ -105,6 +106,7 @@ class FhirApi:
     types: frozenset[str] = frozenset()
     capability: bytes = b""
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _audit_behind: bool = False
 
     @classmethod
     def build(cls, store: FhirStore, registry: SearchRegistry, telemetry: Telemetry,
@@ -223,6 +225,27 @@ class FhirApi:
         return self.limits.base_url.rstrip("/") or f"{request.scheme}://{request.host}/fhir"
 
     # -- the audit trail ---------------------------------------------------------------
+
+    async def record_read(self, records: Sequence[AuditRecord]) -> None:
+        """Record reads and searches as `audit_reads` says. Queued: answer without
+        waiting for the commit; if a queued record then fails, the following reads wait
+        for theirs (fail closed again) until one commits."""
+        mode = self.limits.audit_reads
+        if mode == "off" or self.audit is None:
+            return
+        if mode == "durable" or self._audit_behind:
+            await self.record(records)
+            self._audit_behind = False
+            return
+        for record in records:
+            self.audit.submit(record).add_done_callback(self._queued_done)
+
+    def _queued_done(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            if not self._audit_behind:
+                log.error("a queued read record could not be committed; reads wait for "
+                          "their records again")
+            self._audit_behind = True
 
     async def record(self, records: Sequence[AuditRecord]) -> None:
         """Commit the access records before answering; 503 if they cannot be kept."""
@@ -424,11 +447,11 @@ async def _readable(call: _Call, id_: str, version: int | None = None) -> Stored
         await api.record([_access(call, Action.READ, "410", resource_id=f"{type_}/{id_}")])
         raise FhirError(410, f"this {type_} was deleted")
     await _check_scope_constraints(call, id_)
-    if api.limits.audit_reads:
+    if api.limits.audit_reads != "off":
         # Whose data this is: a Patient is its own; anything else is parsed to find out.
         owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
                   else api.patients_of(type_, orjson.loads(stored.body)))
-        await api.record([_access(call, Action.READ, resource_id=f"{type_}/{id_}",
+        await api.record_read([_access(call, Action.READ, resource_id=f"{type_}/{id_}",
                                   patient=min(owners) if owners else None)])
     return stored
 
@@ -526,8 +549,8 @@ async def _history(call: _Call, base_query: HistoryQuery, id_: str | None,
             b"}"]
         entries.append(b"".join(parts))
     links = _links(request, base, offset, count, page.total or 0)
-    if api.limits.audit_reads:
-        await api.record([_access(call, Action.READ, resource_id=(
+    if api.limits.audit_reads != "off":
+        await api.record_read([_access(call, Action.READ, resource_id=(
             f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history",
             patient=subject)])
     # A confined caller's total would count the versions left out.
@@ -629,8 +652,8 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     page_size = query.count if query.count is not None else api.limits.default_count
     if parsed.summary_count:
         total = await api.store.count(query)
-        if api.limits.audit_reads:
-            await api.record([_search_access(call, params, parsed, patient=None)])
+        if api.limits.audit_reads != "off":
+            await api.record_read([_search_access(call, params, parsed, patient=None)])
         return _bundle("searchset", [], [], total)
     window = SearchQuery(query.resource_type, query.clauses, query.sort, page_size + 1,
                          query.offset)
@@ -648,8 +671,8 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     patient = api.confined_to(principal, type_)
     if patient is None and type_ == "Patient" and len(matches) == 1:
         patient = f"Patient/{matches[0].id}"
-    if api.limits.audit_reads:
-        await api.record([_search_access(call, params, parsed, patient=patient)])
+    if api.limits.audit_reads != "off":
+        await api.record_read([_search_access(call, params, parsed, patient=patient)])
     return _bundle("searchset", entries, links, page.total)
 
 
