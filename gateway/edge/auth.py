@@ -375,9 +375,12 @@ class Authenticator:
         self._cache: OrderedDict[tuple[str, str, str], tuple[Principal, float]] = OrderedDict()
 
     async def authenticate(self, request: web.BaseRequest) -> Principal:
-        return self.authenticate_headers(request.headers.get("Authorization"),
-                                         request.headers.get("X-API-Key"),
-                                         self.server.endpoints(request))
+        authorization = request.headers.get("Authorization")
+        # Our URLs matter only to a bearer token (its issuer and audience).
+        endpoints = (self.server.endpoints(request) if authorization is not None
+                     else _NO_ENDPOINTS)
+        return self.authenticate_headers(authorization, request.headers.get("X-API-Key"),
+                                         endpoints)
 
     def authenticate_headers(self, authorization: str | None, api_key: str | None,
                              endpoints: Endpoints) -> Principal:
@@ -478,11 +481,12 @@ AUTH_SERVER = web.AppKey("auth_server", AuthorizationServer)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 routes = web.RouteTableDef()
+_NO_ENDPOINTS = Endpoints("", "", "", "")
 
 
 async def principal_for(request: web.Request) -> Principal:
     """The caller of a protected route; raises AuthError (answer its status and headers)."""
-    return await request.config_dict[AUTHENTICATOR].authenticate(request)
+    return await request.app[AUTHENTICATOR].authenticate(request)
 
 
 @routes.post("/auth/token")

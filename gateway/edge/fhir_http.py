@@ -294,7 +294,7 @@ async def _call(request: web.Request, interaction: str, resource_type: str = "")
 
 def _check_format(request: web.Request) -> None:
     """JSON only: XML (by _format, Accept or Content-Type) answers 415."""
-    wanted = request.query.get("_format", "")
+    wanted = request.query.get("_format", "") if "_format" in request.query_string else ""
     accept = request.headers.get("Accept", "")
     if "xml" in wanted or ("xml" in accept and "json" not in accept):
         raise FhirError(415, "only JSON is supported (application/fhir+json)")
@@ -1072,19 +1072,27 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure under /fhir answers an OperationOutcome; others pass untouched."""
     if not request.path.startswith("/fhir"):
         return await handler(request)
-    telemetry = request.app[FHIR].telemetry if FHIR in request.app else None
-    if telemetry is None or not telemetry.recording:
-        return await _answer(request, handler)  # no span to fill: no cost
-    with telemetry.tracer.start_as_current_span("fhir.request",
-                                                kind=trace.SpanKind.SERVER) as span:
-        response = await _answer(request, handler)
+    api = request.app.get(FHIR)
+    if api is None or not api.telemetry.recording:
+        try:  # no span to fill: no cost
+            return await handler(request)
+        except Exception as exc:
+            return _refusal(request, exc)
+    with api.telemetry.tracer.start_as_current_span("fhir.request",
+                                                    kind=trace.SpanKind.SERVER) as span:
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = _refusal(request, exc)
         set_attributes(span, {"http.response.status_code": response.status})
         return response
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _refusal(request: web.Request, error: Exception) -> web.StreamResponse:
+    """The OperationOutcome for whatever a handler raised (the one place errors turn into
+    answers)."""
     try:
-        return await handler(request)
+        raise error
     except FhirError as exc:
         return _outcome(exc.status, exc.reason, exc.expression, exc.code, exc.headers)
     except AuthError as exc:
