@@ -726,10 +726,31 @@ async def test_a_constrained_scope_neither_sees_nor_writes_what_it_excludes(
     changed = {**vital, "status": "amended"}
     assert is_outcome(await world.call("PUT", f"/fhir/Observation/{vital['id']}", headers,
                                        changed), 403)
+    # Deleting one it cannot see answers like reading it: 404.
     assert is_outcome(await world.call("DELETE", f"/fhir/Observation/{vital['id']}",
-                                       headers), 403)
+                                       headers), 404)
     after = await world.admin("GET", f"/fhir/Observation/{vital['id']}")
     assert after.raw == before.raw
+    # Inside the constraint the scope's c, u and d are honoured...
+    own = categorised("laboratory")
+    own.pop("id")
+    created = await world.call("POST", "/fhir/Observation", headers, own)
+    assert created.status == 201, created.body
+    own_id = created.body["id"]
+    updated = await world.call("PUT", f"/fhir/Observation/{own_id}", headers,
+                               {**created.body, "status": "amended"})
+    assert updated.status == 200, updated.body
+    # ...but a lab result cannot be re-filed as vital signs through it,
+    moved = {**categorised("vital-signs"), "id": own_id}
+    assert is_outcome(await world.call("PUT", f"/fhir/Observation/{own_id}", headers,
+                                       moved), 403)
+    # a conditional delete only finds what the scope shows,
+    swept = await world.call("DELETE", "/fhir/Observation?category=vital-signs", headers)
+    assert swept.status in (200, 204)
+    assert (await world.admin("GET", f"/fhir/Observation/{vital['id']}")).raw == before.raw
+    # and its own resource it may delete.
+    assert (await world.call("DELETE", f"/fhir/Observation/{own_id}", headers)).status in (
+        200, 204)
 
 
 # -- minimum necessary: task profiles ---------------------------------------------------------

@@ -753,3 +753,31 @@ def test_patients_names_the_compartments_a_resource_is_in(
         expected: set[str]) -> None:
     assert registry.patients(resource_type, {"resourceType": resource_type,
                                              **resource}) == expected
+
+
+LAB = {"resourceType": "Observation", "id": "o1", "status": "final",
+       "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                 "observation-category", "code": "laboratory"}]}],
+       "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+       "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2026-01-02"}
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("category=laboratory", True),
+    ("category=vital-signs", False),
+    ("category=vital-signs,laboratory", True),
+    ("category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory", True),
+    ("category=urn:other|laboratory", False),
+    ("category:not=laboratory", False),
+    ("code=718-7&subject=Patient/p1", True),
+    ("code=718-7&subject=Patient/p2", False),
+    ("_id=o1", True),
+    ("status:missing=false", True),
+    ("date=2026", None),  # dates are not judged in memory: the caller refuses
+])
+def test_matches_judges_a_resource_against_a_search_in_memory(
+        registry: SearchRegistry, query: str, expected: bool | None) -> None:
+    from urllib.parse import parse_qsl
+
+    parsed = registry.parse("Observation", parse_qsl(query), default_count=10, max_count=10)
+    assert registry.matches("Observation", LAB, parsed.query.clauses) is expected

@@ -906,15 +906,13 @@ async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
     """The store write for an entry, after the compartment checks a patient scope needs."""
     api = call.api
     interaction = _INTERACTION[entry.method]
-    if api.scope_clauses(call.principal, interaction, entry.resource_type):
-        # A write scope with `?param=value`: whether the written resource meets it is not
-        # checked yet, so the write is refused rather than allowed unconstrained.
-        raise FhirError(403, f"{where}the granted scope's constraints cannot be applied to "
-                        f"{interaction} yet; it needs an unconstrained scope")
     try:
         write = write_request(api.registry, entry)
     except SearchError as exc:
         raise FhirError(400, f"{where}{exc}", exc.param) from None
+    constraints = api.scope_clauses(call.principal, interaction, entry.resource_type)
+    if constraints:
+        write = await _constrained(call, entry, write, constraints, where)
     patient = api.confined_to(call.principal, entry.resource_type)
     if patient is None:
         return write
@@ -944,6 +942,37 @@ async def _checked_write(call: _Call, entry: Entry, where: str) -> WriteRequest:
                              SearchQuery(entry.resource_type, clauses), write.if_match,
                              write.full_url)
     return write
+
+
+async def _constrained(call: _Call, entry: Entry, write: WriteRequest,
+                       constraints: tuple[tuple[Match, ...], ...], where: str) -> WriteRequest:
+    """A write under a scope granted with `?param=value` (e.g. Observation.cu?category=
+    laboratory): what is written must meet the constraint, and so must what it replaces
+    or deletes; a conditional write only finds resources that meet it."""
+    api, type_ = call.api, entry.resource_type
+
+    def meets(resource: dict[str, Any]) -> bool:
+        verdict = api.registry.matches(type_, resource, constraints)
+        if verdict is None:
+            raise FhirError(403, f"{where}the granted scope's constraint cannot be checked "
+                            "on a write; it needs an unconstrained scope")
+        return verdict
+
+    if entry.resource is not None and not meets(entry.resource):
+        raise FhirError(403, f"{where}the granted scope does not permit writing this "
+                        f"{type_}")
+    if entry.id is not None:
+        # What it replaces or deletes: one the scope does not show answers like a read.
+        current = await api.store.read(type_, entry.id)
+        if current is not None and not current.deleted and not meets(
+                orjson.loads(current.body)):
+            raise FhirError(404, f"{where}no {type_} with this id is known")
+        return write
+    if write.condition is None:
+        return write
+    return WriteRequest(write.method, write.resource_type, write.id, write.resource,
+                        SearchQuery(type_, (*write.condition.clauses, *constraints)),
+                        write.if_match, write.full_url)
 
 
 # -- batch and transaction ------------------------------------------------------------------

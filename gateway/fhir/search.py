@@ -253,6 +253,20 @@ class SearchRegistry:
         return {entry.target for entry in out if isinstance(entry, ReferenceIndex)
                 and entry.target.startswith("Patient/")}
 
+    def matches(self, resource_type: str, resource: dict[str, Any],
+                clauses: Sequence[Clause]) -> bool | None:
+        """Whether a resource (not yet stored) meets these clauses, judged on its index rows
+        as the store would; None when a clause uses a match this cannot judge in memory
+        (dates, quantities, _lastUpdated), so the caller refuses rather than guesses."""
+        entries = self.index(resource_type, resource)
+        for clause in clauses:
+            verdicts = [_judge(match, resource, entries) for match in clause]
+            if None in verdicts:
+                return None
+            if not any(verdicts):
+                return False
+        return True
+
     # -- parsing (every search) -------------------------------------------------------------
 
     def parse(self, resource_type: str, params: Sequence[tuple[str, str]], *,
@@ -266,6 +280,32 @@ class SearchRegistry:
         for raw_name, value in params:
             request.add(raw_name, value, lenient)
         return request.result(default_count)
+
+
+def _judge(match: Match, resource: dict[str, Any],
+           entries: Sequence[IndexEntry]) -> bool | None:
+    """One match against a resource's index rows (the store's semantics, in memory)."""
+    if isinstance(match, IdMatch):
+        return resource.get("id") == match.id
+    if isinstance(match, TokenMatch):
+        found = any(isinstance(e, TokenIndex) and e.param == match.param
+                    and (match.code is None or e.code == match.code)
+                    and (match.system is None or (e.system or "") == match.system)
+                    for e in entries)
+        return found != match.negate
+    if isinstance(match, ReferenceMatch):
+        return any(isinstance(e, ReferenceIndex) and e.param == match.param
+                   and e.target == match.target for e in entries)
+    if isinstance(match, StringMatch):
+        strings = [e for e in entries if isinstance(e, StringIndex) and e.param == match.param]
+        if match.mode == "exact":
+            return any(e.exact == match.value for e in strings)
+        if match.mode == "contains":
+            return any(match.value in e.normalized for e in strings)
+        return any(e.normalized.startswith(match.value) for e in strings)
+    if isinstance(match, MissingMatch):
+        return match.missing != any(getattr(e, "param", None) == match.param for e in entries)
+    return None
 
 
 # -- reading the table ----------------------------------------------------------------------
