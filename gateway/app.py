@@ -30,6 +30,7 @@ from gateway.edge.auth import (
     install_auth,
     load_signing_key,
 )
+from gateway.edge.fhir_api import FHIR, FhirApi, FhirLimits
 from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
@@ -152,9 +153,9 @@ def search_registry(settings: Settings) -> SearchRegistry:
     return SearchRegistry.load((mapping.tables_dir or SHIPPED) / SEARCH_TABLE)
 
 
-def fhir_limits(settings: Settings) -> fhir_http.FhirLimits:
+def fhir_limits(settings: Settings) -> FhirLimits:
     fhir = settings.fhir
-    return fhir_http.FhirLimits(
+    return FhirLimits(
         base_url=fhir.base_url, max_body_bytes=fhir.max_body_bytes, max_depth=fhir.max_depth,
         max_array_items=fhir.max_array_items, default_count=fhir.default_count,
         max_count=fhir.max_count, max_bundle_entries=fhir.max_bundle_entries,
@@ -195,7 +196,7 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
             await audit.close()
         raise
     profiles: dict[str, Profile] = app[PROFILES]
-    app[fhir_http.FHIR] = fhir_http.FhirApi.build(
+    app[FHIR] = FhirApi.build(
         fhir_store, registry, app[TELEMETRY], fhir_limits(settings), profiles, audit)
     applier = None
     if settings.fhir.enabled and settings.mapping.translate_on_ingest:

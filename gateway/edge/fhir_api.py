@@ -1,0 +1,234 @@
+"""The FHIR edge's context: the store, the search table, the caller's limits, and the
+checks every route makes: which types exist, what a principal's scopes and profile allow,
+which patient's compartment confines it, how a resource is cut for it, and how the access
+is recorded in the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.audit import AuditLog, AuditRecord
+from gateway.fhir.capability import capability_statement
+from gateway.fhir.model import is_resource_type
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.search import SearchRegistry
+from gateway.policy import Principal, Profile
+from gateway.store import StoreUnavailable
+from gateway.store.fhir import FhirStore, IdMatch, Match, ReferenceMatch, StoredResource
+from gateway.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+_SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+              "code": "SUBSETTED"}
+
+
+@dataclass(frozen=True, slots=True)
+class FhirLimits:
+    """The edge's limits, from the `fhir` config section (the edge does not read config)."""
+
+    base_url: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_depth: int = 32
+    max_array_items: int = 10_000
+    default_count: int = 50
+    max_count: int = 1000
+    max_bundle_entries: int = 1000
+    audit_reads: str = "durable"  # durable | queued | off
+    rate_limit_per_client: float = 0.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class FhirApi:
+    """Everything the routes need, built once by the composition."""
+
+    store: FhirStore
+    registry: SearchRegistry
+    telemetry: Telemetry
+    limits: FhirLimits = FhirLimits()
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    audit: AuditLog | None = None
+    types: frozenset[str] = frozenset()
+    capability: bytes = b""
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _audit_behind: bool = False
+
+    @classmethod
+    def build(cls, store: FhirStore, registry: SearchRegistry, telemetry: Telemetry,
+              limits: FhirLimits, profiles: Mapping[str, Profile],
+              audit: AuditLog | None, extra_types: Iterable[str] = ()) -> FhirApi:
+        types = frozenset(registry.types()) | frozenset(extra_types)
+        api = cls(store, registry, telemetry, limits, profiles, audit, types)
+        api.capability = orjson.dumps(capability_statement(registry, types))
+        return api
+
+    # -- who may do what --------------------------------------------------------------
+
+    def throttle(self, principal: Principal) -> None:
+        """Token bucket per client: 429 with Retry-After when it runs dry."""
+        rate = self.limits.rate_limit_per_client
+        if not rate:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(principal.client_id)
+        burst = max(2 * rate, 1.0)
+        if bucket is None:
+            bucket = self._buckets[principal.client_id] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < 1:
+            wait = max(1, int((1 - bucket.tokens) / rate + 0.999))
+            raise FhirError(429, "too many requests for this client; retry later",
+                            headers={"Retry-After": str(wait)})
+        bucket.tokens -= 1
+
+    def check_type(self, resource_type: str) -> None:
+        if resource_type not in self.types:
+            # Named only when it is an R4 type: any other path segment could be a value
+            # (a name typed where the type goes) and is not echoed.
+            shown = resource_type if is_resource_type(resource_type) else "in this URL"
+            raise FhirError(404, f"resource type {shown} is not supported here",
+                            code="not-supported")
+
+    def profile(self, principal: Principal) -> Profile | None:
+        return self.profiles.get(principal.profile) if principal.profile else None
+
+    def authorize(self, principal: Principal, interaction: str, resource_type: str) -> None:
+        """403 unless a scope permits the interaction and the profile shows the type."""
+        if not principal.scopes.permits(interaction, resource_type):
+            raise FhirError(403, f"no granted scope permits {interaction} on {resource_type}")
+        profile = self.profile(principal)
+        if profile is not None and not profile.allows_type(resource_type):
+            raise FhirError(403, f"the task profile '{profile.name}' does not include "
+                            f"{resource_type}")
+        if principal.scopes.is_patient_context(resource_type) and principal.patient is None:
+            raise FhirError(403, "a patient-level scope needs a patient context")
+
+    def confined_to(self, principal: Principal, resource_type: str) -> str | None:
+        """The patient ('Patient/123') whose compartment confines this type, if any."""
+        if principal.patient is None or not principal.scopes.is_patient_context(resource_type):
+            return None
+        if resource_type != "Patient" and not self.registry.compartment_params(resource_type):
+            return None  # outside the patient compartment (Practitioner, Location...)
+        return principal.patient
+
+    def compartment_clause(self, resource_type: str, patient: str) -> tuple[Match, ...]:
+        if resource_type == "Patient":
+            return (IdMatch(patient.partition("/")[2]),)
+        return tuple(ReferenceMatch(param, patient)
+                     for param in self.registry.compartment_params(resource_type))
+
+    def patients_of(self, resource_type: str, resource: Mapping[str, Any]) -> set[str]:
+        """The patients ('Patient/id') whose compartment holds this resource."""
+        return self.registry.patients(resource_type, dict(resource))
+
+    def in_compartment(self, resource_type: str, resource: Mapping[str, Any],
+                       patient: str) -> bool:
+        return patient in self.patients_of(resource_type, resource)
+
+    def scope_clauses(self, principal: Principal, interaction: str,
+                      resource_type: str) -> tuple[tuple[Match, ...], ...]:
+        """`?param=value` constraints on the granted scopes, as search clauses."""
+        alternatives = principal.scopes.constraints_for(interaction, resource_type)
+        if not alternatives:
+            return ()
+        if len(alternatives) == 1:
+            params = list(alternatives[0])
+            return self.registry.parse(resource_type, params, default_count=1,
+                                       max_count=1).query.clauses
+        # Several alternatives: OR of single-parameter constraints is one clause; anything
+        # richer cannot be expressed and is refused rather than widened.
+        matches: list[Match] = []
+        for alternative in alternatives:
+            if len(alternative) != 1:
+                raise FhirError(403, "the granted scopes' constraints are too complex to "
+                                "apply to this search")
+            parsed = self.registry.parse(resource_type, list(alternative), default_count=1,
+                                         max_count=1)
+            for clause in parsed.query.clauses:
+                matches.extend(clause)
+        return (tuple(matches),)
+
+    # -- shaping what goes out ----------------------------------------------------------
+
+    def shaped(self, principal: Principal, stored: StoredResource,
+               elements: Sequence[str] | None = None) -> bytes:
+        """The stored bytes, cut by the profile and `_elements` when either applies."""
+        profile = self.profile(principal)
+        whole = profile is None or profile.is_whole(stored.resource_type)
+        if whole and not elements:
+            return stored.body
+        resource: dict[str, Any] = orjson.loads(stored.body)
+        if not whole:
+            assert profile is not None
+            resource = profile.filter(resource)
+        if elements:
+            resource = _only_elements(resource, elements)
+        return orjson.dumps(resource)
+
+    def base(self, request: web.Request) -> str:
+        return self.limits.base_url.rstrip("/") or f"{request.scheme}://{request.host}/fhir"
+
+    # -- the audit trail ---------------------------------------------------------------
+
+    async def record_read(self, records: Sequence[AuditRecord]) -> None:
+        """Record reads and searches as `audit_reads` says. Queued: answer without
+        waiting for the commit; if a queued record then fails, the following reads wait
+        for theirs (fail closed again) until one commits."""
+        mode = self.limits.audit_reads
+        if mode == "off" or self.audit is None:
+            return
+        if mode == "durable" or self._audit_behind:
+            await self.record(records)
+            self._audit_behind = False
+            return
+        for record in records:
+            self.audit.submit(record).add_done_callback(self._queued_done)
+
+    def _queued_done(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            if not self._audit_behind:
+                log.error("a queued read record could not be committed; reads wait for "
+                          "their records again")
+            self._audit_behind = True
+
+    async def record(self, records: Sequence[AuditRecord]) -> None:
+        """Commit the access records before answering; 503 if they cannot be kept."""
+        if self.audit is None or not records:
+            return
+        futures = [self.audit.submit(r) for r in records]
+        for future in futures:
+            try:
+                await future
+            except StoreUnavailable:
+                raise FhirError(503, "the access could not be recorded; try again later",
+                                headers={"Retry-After": "5"}) from None
+
+
+FHIR = web.AppKey("fhir", FhirApi)
+
+
+def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[str, Any]:
+    """_elements: the named top-level elements plus resourceType, id and meta, tagged."""
+    keep = {"resourceType", "id", "meta", *elements}
+    out = {k: v for k, v in resource.items() if k in keep}
+    if len(out) < len(resource):
+        meta = dict(out.get("meta") or {})
+        tags = [t for t in meta.get("tag", []) if t.get("code") != "SUBSETTED"]
+        meta["tag"] = [*tags, _SUBSETTED]
+        out["meta"] = meta
+    return out
