@@ -857,6 +857,9 @@ async def test_audit_records_carry_the_profile_as_purpose(world: World) -> None:
     ("obs-only", "Observation?_include=Observation:subject"),
     ("obs-only", "Observation?_include=Observation:patient:Patient"),
     ("pat-only", "Patient?_revinclude=Observation:subject"),
+    # Refused even when nothing matches: the answer must not depend on the data.
+    ("obs-only", "Observation?_id=no-such-obs&_include=Observation:patient"),
+    ("pat-only", "Patient?_id=no-such-patient&_revinclude=Observation:subject"),
 ])
 async def test_include_of_a_type_the_scopes_do_not_permit_is_403(world: World, key: str,
                                                                  query: str) -> None:

@@ -439,6 +439,7 @@ async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
     api.authorize(principal, "search", type_)
     parsed = _parse(api, type_, params, _lenient(call.request))
     _check_profile_search(api, principal, type_, parsed)
+    _check_include_targets(api, principal, parsed)
     query = _confined(call, type_, parsed.query)
     page_size = query.count if query.count is not None else api.limits.default_count
     if parsed.summary_count:
@@ -490,6 +491,20 @@ def _check_profile_search(api: FhirApi, principal: Principal, type_: str,
         if not profile.permits_search(type_, api.registry.element_roots(type_, param)):
             raise FhirError(403, f"search parameter {param} is outside the task profile "
                             f"'{profile.name}'", param)
+
+
+def _check_include_targets(api: FhirApi, principal: Principal, parsed: ParsedSearch) -> None:
+    """Every type an _include or _revinclude could bring in must be one the caller may
+    search: refused up front, so the answer does not depend on whether anything matched."""
+    for include in parsed.includes:
+        definition = api.registry.params(include.source_type).get(include.param)
+        targets = ((include.target_type,) if include.target_type
+                   else definition.targets if definition is not None else ())
+        for target in targets:
+            if target in api.types:
+                api.authorize(principal, "search", target)
+    for include in parsed.revincludes:
+        api.authorize(principal, "search", include.source_type)
 
 
 def _confined(call: _Call, type_: str, query: SearchQuery) -> SearchQuery:
