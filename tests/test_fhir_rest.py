@@ -1357,3 +1357,33 @@ async def test_refused_reads_are_audited_with_their_status(
     outcomes = [row["outcome"] for row in await audit_rows(gw, Action.READ)]
     assert outcomes == ["410", "404"]
 
+
+
+# -- decimals keep their digits --------------------------------------------------------------
+
+
+async def test_decimals_keep_their_digits_through_create_read_search_and_bundles(
+        gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """FHIR decimals are exact: "1.50" stays "1.50" (a float would answer 1.5)."""
+    raw = (b'{"resourceType":"Observation","status":"final","code":{"text":"x"},'
+           b'"subject":{"reference":"Patient/dec-1"},'
+           b'"valueQuantity":{"value":1.50,"unit":"mg","code":"mg",'
+           b'"system":"http://unitsofmeasure.org"},'
+           b'"referenceRange":[{"low":{"value":0.100},"high":{"value":2.0E1}}]}')
+    created = await call(http, "POST", "/fhir/Observation", raw=raw)
+    assert created.status == 201, created.body
+    assert b'"value":1.50' in created.body and b'"value":0.100' in created.body
+    id_ = created.json["id"]
+    read = await call(http, "GET", f"/fhir/Observation/{id_}")
+    assert b'"value":1.50' in read.body
+    # The number is still a number to search: 1.5 finds it (and 1.50 is the same value).
+    found = await call(http, "GET", "/fhir/Observation?value-quantity=1.5")
+    assert [e["resource"]["id"] for e in found.json["entry"]] == [id_]
+    # _elements re-serialises the resource: the digits survive that too.
+    cut = await call(http, "GET", f"/fhir/Observation/{id_}?_elements=valueQuantity")
+    assert b'"value":1.50' in cut.body
+    # Sending the same content again is no change: no new version.
+    resent = raw.replace(b'{"resourceType":"Observation",',
+                         f'{{"resourceType":"Observation","id":"{id_}",'.encode())
+    again = await call(http, "PUT", f"/fhir/Observation/{id_}", raw=resent)
+    assert again.status == 200 and again.json["meta"]["versionId"] == "1"

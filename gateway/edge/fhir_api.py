@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.audit import AuditLog, AuditRecord
+from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
 from gateway.fhir.model import is_resource_type
 from gateway.fhir.outcome import FhirError
@@ -172,13 +173,13 @@ class FhirApi:
         whole = profile is None or profile.is_whole(stored.resource_type)
         if whole and not elements:
             return stored.body
-        resource: dict[str, Any] = orjson.loads(stored.body)
+        resource: dict[str, Any] = jsonio.loads(stored.body)  # decimals keep their digits
         if not whole:
             assert profile is not None
             resource = profile.filter(resource)
         if elements:
             resource = _only_elements(resource, elements)
-        return orjson.dumps(resource)
+        return jsonio.dumps(resource)
 
     def base(self, request: web.Request) -> str:
         return self.limits.base_url.rstrip("/") or f"{request.scheme}://{request.host}/fhir"

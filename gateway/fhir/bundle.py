@@ -10,14 +10,12 @@ names the source message.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
 from gateway.canonical import Provenance, Resource, Translation
 from gateway.canonical.ids import name_uuid
+from gateway.fhir import jsonio
 
 Json = dict[str, Any]
 
@@ -33,15 +31,7 @@ def to_bundle(translation: Translation) -> Json:
 
 
 def dumps(document: Json, pretty: bool = False) -> bytes:
-    option = orjson.OPT_INDENT_2 if pretty else 0
-    return orjson.dumps(document, default=_json_default, option=option)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        # A raw fragment keeps the sender's precision ('1.50' is not 1.5 in FHIR).
-        return orjson.Fragment(str(value).encode())
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    return jsonio.dumps(document, pretty=pretty)
 
 
 def _entry(resource: Resource) -> Json:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.fhir import jsonio
 from gateway.fhir.model import is_resource_type
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.validate import validate_resource
@@ -53,7 +54,7 @@ def check_and_parse(body: bytes, *, max_bytes: int, max_depth: int,
         raise BodyTooLarge(max_bytes)
     check_shape(body, max_depth=max_depth, max_array_items=max_array_items)
     try:
-        document = orjson.loads(body)
+        document = jsonio.loads(body)  # decimals keep their digits
     except orjson.JSONDecodeError as exc:
         raise BodyInvalid(_json_error_reason(body, exc)) from None
     if not isinstance(document, dict):

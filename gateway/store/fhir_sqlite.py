@@ -13,6 +13,7 @@ that true (and archive every version) whatever statement changes the current row
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import sqlite3
@@ -627,8 +628,7 @@ class SqliteFhirStore:
             return stored
         assert entry.resource is not None
         document = _document(resource_type, entry.id, entry.resource)
-        if current is not None and live and _content(orjson.loads(current.body)) == _content(
-                document):
+        if current is not None and live and _same_content(current.body, document):
             # A resent message: same content, so no new version (FHIR R4 allows this).
             entry.outcome = WriteOutcome(200, current, changed=False)
             return None
@@ -761,6 +761,19 @@ def _document(resource_type: str, id: str, resource: Mapping[str, Any]) -> dict[
     document.update((k, v) for k, v in resource.items()
                     if k not in ("resourceType", "id", "meta"))
     return document
+
+
+def _same_content(body: bytes, document: Mapping[str, Any]) -> bool:
+    """Whether a stored version says what `document` says (store meta aside). Decimals are
+    compared as written ("1.50" against Decimal('1.50')), not as floats: 0.1 the float is
+    not 0.100 the FHIR decimal."""
+    stored = json.loads(body, parse_float=Decimal) if _FLOATISH.search(body) else (
+        orjson.loads(body))
+    return _content(stored) == _content(document)
+
+
+# A digit then a fraction or exponent: the body holds a number a float would not keep.
+_FLOATISH = re.compile(rb"[0-9](?:\.[0-9]|[eE][-+]?[0-9])")
 
 
 def _content(document: Mapping[str, Any]) -> dict[str, Any]:
