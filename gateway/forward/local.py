@@ -62,14 +62,18 @@ class LocalApplier:
 
     def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: SqliteInbox,
                  translator: Translator, *, sweep_interval: float = 30.0,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, max_held: int = 5_000) -> None:
         self._store = store
         self._registry = registry
         self._inbox = inbox
         self._translator = translator
         self._sweep_interval = sweep_interval
         self._max_batch = max_batch
-        self._queue: list[tuple[int, Translation, Outcome | None]] = []
+        # Past `max_held` queued messages only the inbox id is kept (the translation is
+        # made again from the inbox when its turn comes): a backlog costs little memory and
+        # keeps its order.
+        self._max_held = max_held
+        self._queue: list[tuple[int, Translation | None, Outcome | None]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -88,7 +92,8 @@ class LocalApplier:
         """Queue a committed, translated message (the ACK has gone or is going out);
         `outcome` is told the result (None: applied) for the application ACK."""
         if not self._closing:
-            self._queue.append((inbox_id, translation, outcome))
+            held = translation if len(self._queue) < self._max_held else None
+            self._queue.append((inbox_id, held, outcome))
             self._wakeup.set()
 
     async def drain(self) -> None:
@@ -124,7 +129,7 @@ class LocalApplier:
                 while self._queue:
                     batch = self._queue[:self._max_batch]
                     del self._queue[:len(batch)]
-                    await self._apply(batch)
+                    await self._apply(await self._held(batch))
             finally:
                 self._busy = False
             if self._closing:
@@ -177,6 +182,27 @@ class LocalApplier:
             return None, (FAILED, exc.safe_text)
         except Hl7Error as exc:
             return None, (FAILED, exc.reason)
+
+    async def _held(self, batch: Sequence[tuple[int, Translation | None, Outcome | None]]
+                    ) -> list[tuple[int, Translation, Outcome | None]]:
+        """The batch with every translation at hand: those not kept in memory are made
+        again from the inbox (as received); one that no longer translates is marked."""
+        ready: list[tuple[int, Translation, Outcome | None]] = []
+        refused: list[tuple[int, str, str]] = []
+        for inbox_id, translation, outcome in batch:
+            if translation is None:
+                row = await self._inbox.get(inbox_id)
+                if row is None:
+                    continue
+                entry, raw, _ = row
+                received = datetime.fromisoformat(entry.received_at.replace("Z", "+00:00"))
+                translation, problem = self._retranslate(raw, received)
+                if translation is None:
+                    refused.append((inbox_id, problem[0], problem[1]))
+                    continue
+            ready.append((inbox_id, translation, outcome))
+        await self._inbox.set_statuses(refused)
+        return ready
 
     async def _apply(self, batch: Sequence[tuple[int, Translation, Outcome | None]]) -> None:
         """Apply each message as its own transaction; record the outcomes in the inbox."""
