@@ -1,10 +1,11 @@
 """The embedded FHIR resource store: versioned resources and their search indexes in SQLite.
 
-Three connections to one WAL file. One aiosqlite writer applies every write: concurrent
-`transact` calls are group-committed, several calls in one BEGIN IMMEDIATE ... COMMIT,
-each inside its own SAVEPOINT so that it stays atomic on its own and a call that fails
-rolls back only itself. read() and vread() use a plain synchronous sqlite3 connection on
-the event loop thread; search, count and history an aiosqlite read-only connection.
+Three connections to one WAL file. One plain sqlite3 writer, on a thread of its own,
+applies every write: concurrent `transact` calls are group-committed, several calls in one
+BEGIN IMMEDIATE ... COMMIT, each inside its own SAVEPOINT so that it stays atomic on its
+own and a call that fails rolls back only itself; the whole group is one hop to that
+thread. read() and vread() use a plain synchronous sqlite3 connection on the event loop
+thread; search, count and history an aiosqlite read-only connection.
 
 Index rows exist only for the current, non-deleted version of a resource; triggers keep
 that true (and archive every version) whatever statement changes the current row.
@@ -19,6 +20,7 @@ import re
 import sqlite3
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,6 +30,9 @@ from typing import Any, Literal
 import aiosqlite
 import orjson
 
+# For its side effect: it caps aiosqlite's logging, which would otherwise log every
+# statement's parameters (patient data) at DEBUG.
+import gateway.store.sqlite  # noqa: F401
 from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import (
     DateIndex,
@@ -57,7 +62,6 @@ from gateway.store.fhir import (
     WriteOutcome,
     WriteRequest,
 )
-from gateway.store.sqlite import open_database
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +203,41 @@ class _Entry:
         return (self.request.resource_type, self.id)
 
 
+def _open_writer(path: Path, synchronous: Literal["normal", "full", "extra"],
+                 ) -> tuple[sqlite3.Connection, datetime]:
+    """Writer thread: the writer connection, set up as `open_database` sets up its own
+    (WAL, autocommit, `synchronous`, busy timeout), with the schema in place; and the
+    latest lastUpdated stored, which new ones must follow."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        last = db.execute("SELECT max(last_updated) FROM fhir_version").fetchall()[0][0]
+    except BaseException:
+        db.close()
+        raise
+    # A clock stepped back across a restart must not give older lastUpdated values.
+    return db, _parse_instant(str(last)) if last else datetime.min.replace(tzinfo=UTC)
+
+
 class SqliteFhirStore:
     """FhirStore on one SQLite (WAL) file: a group-committing writer and two readers."""
 
-    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection,
-                 lookup: sqlite3.Connection, indexer: Indexer, last_stamp: datetime,
-                 max_batch: int) -> None:
-        self._db = db
+    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor,
+                 reader: aiosqlite.Connection, lookup: sqlite3.Connection, indexer: Indexer,
+                 last_stamp: datetime, max_batch: int) -> None:
+        self._db = db  # used only on the executor's one thread, which made it
+        self._executor = executor
         self._reader = reader
         self._lookup = lookup
         self._indexer = indexer
-        self._last_stamp = last_stamp
+        self._last_stamp = last_stamp  # the writer thread's alone
         self._max_batch = max_batch
         self._pending: list[_Job] = []
         self._wakeup = asyncio.Event()
-        self._write_lock = asyncio.Lock()  # one transaction at a time on the writer
         self._read_lock = asyncio.Lock()  # one read transaction at a time on the reader
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -225,16 +249,18 @@ class SqliteFhirStore:
     async def open(cls, path: Path, indexer: Indexer,
                    synchronous: Literal["normal", "full", "extra"] = "full",
                    max_batch: int = 64) -> SqliteFhirStore:
-        db = await open_database(path, synchronous)
+        # The writer connection is made on the thread that will use it, and only there.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-writer")
+        loop = asyncio.get_running_loop()
+        try:
+            db, last_stamp = await loop.run_in_executor(
+                executor, _open_writer, path, synchronous)
+        except BaseException:
+            executor.shutdown()
+            raise
         reader: aiosqlite.Connection | None = None
         lookup: sqlite3.Connection | None = None
         try:
-            await db.executescript(_SCHEMA)
-            rows = list(await db.execute_fetchall(
-                "SELECT max(last_updated) FROM fhir_version"))
-            last = rows[0][0]
-            # A clock stepped back across a restart must not give older lastUpdated values.
-            last_stamp = _parse_instant(str(last)) if last else datetime.min.replace(tzinfo=UTC)
             uri = f"{path.resolve().as_uri()}?mode=ro"  # percent-encoded: any file name
             reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
@@ -246,9 +272,10 @@ class SqliteFhirStore:
                 lookup.close()
             if reader is not None:
                 await reader.close()
-            await db.close()
+            await loop.run_in_executor(executor, db.close)
+            executor.shutdown()
             raise
-        store = cls(db, reader, lookup, indexer, last_stamp, max_batch)
+        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch)
         store._writer = asyncio.create_task(store._write_loop(), name="fhir-store-writer")
         return store
 
@@ -379,6 +406,10 @@ class SqliteFhirStore:
 
     # -- writing --------------------------------------------------------------------------
 
+    # A whole group commit (BEGIN IMMEDIATE, a savepoint per call, COMMIT) runs as one
+    # synchronous function on the writer thread: one hop there and back per group, not
+    # one per statement. The futures are resolved back here on the event loop.
+
     async def transact(self, writes: Sequence[WriteRequest], *,
                        atomic: bool = True) -> Outcomes:
         """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
@@ -400,25 +431,18 @@ class SqliteFhirStore:
             while self._pending:
                 group = self._pending[:self._max_batch]
                 del self._pending[:self._max_batch]
-                async with self._write_lock:
-                    await self._commit_group(group)
+                await self._commit_group(group)
             if self._closing:
                 return
 
     async def _commit_group(self, group: Sequence[_Job]) -> None:
-        """Apply several callers' writes in one transaction, each in its own savepoint."""
+        """Commit a group on the writer thread, then answer each caller."""
         jobs = [job for job in group if not job.future.done()]  # skip cancelled callers
         if not jobs:
             return
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                await self._run_job(job)
-            await self._db.execute("COMMIT")
-        except Exception as exc:  # any failure to commit: nothing in the group is durable
-            log.error("FHIR store commit failed for a group of %d: %s", len(jobs),
-                      type(exc).__name__)
-            await self._rollback()
+        loop = asyncio.get_running_loop()
+        committed = await loop.run_in_executor(self._executor, self._commit_group_sync, jobs)
+        if not committed:
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(StoreUnavailable("the FHIR store could not commit"))
@@ -434,62 +458,77 @@ class SqliteFhirStore:
                 assert job.outcomes is not None
                 job.future.set_result(job.outcomes)
 
-    async def _rollback(self) -> None:
+    def _commit_group_sync(self, jobs: Sequence[_Job]) -> bool:
+        """Writer thread: several callers' writes in one transaction, each in its own
+        savepoint; whether it committed (if not, nothing in the group is durable)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                self._run_job(job)
+            self._db.execute("COMMIT")
+        except Exception as exc:  # any failure to commit: nothing in the group is durable
+            log.error("FHIR store commit failed for a group of %d: %s", len(jobs),
+                      type(exc).__name__)
+            self._rollback()
+            return False
+        return True
+
+    def _rollback(self) -> None:
         if not self._db.in_transaction:
             return  # SQLite already rolled back (an I/O error, a full disk)
         try:
-            await self._db.execute("ROLLBACK")
-        except (sqlite3.Error, ValueError) as exc:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
             log.error("FHIR store rollback failed: %s", type(exc).__name__)
 
-    async def _run_job(self, job: _Job) -> None:
+    def _run_job(self, job: _Job) -> None:
         """One caller's writes in a savepoint: released if they apply, rolled back if not.
         A database error escapes, failing the whole group."""
-        await self._db.execute("SAVEPOINT job")
+        self._db.execute("SAVEPOINT job")
         try:
             if job.atomic:
-                job.outcomes = list(await self._apply(job.writes, 0))
+                job.outcomes = list(self._apply(job.writes, 0))
             else:
-                job.outcomes = await self._apply_batch(job.writes)
+                job.outcomes = self._apply_batch(job.writes)
         except sqlite3.Error:
             raise
         except Exception as exc:  # the caller's conflict (or a bug in an indexer): theirs
-            await self._db.execute("ROLLBACK TO job")
+            self._db.execute("ROLLBACK TO job")
             job.error = exc
-        await self._db.execute("RELEASE job")
+        self._db.execute("RELEASE job")
 
-    async def _apply_batch(self, writes: Sequence[WriteRequest]) -> Outcomes:
+    def _apply_batch(self, writes: Sequence[WriteRequest]) -> Outcomes:
         outcomes: Outcomes = []
         for position, write in enumerate(writes):
-            await self._db.execute("SAVEPOINT entry")
+            self._db.execute("SAVEPOINT entry")
             try:
-                outcomes.extend(await self._apply([write], position))
+                outcomes.extend(self._apply([write], position))
             except WriteConflict as conflict:
-                await self._db.execute("ROLLBACK TO entry")
+                self._db.execute("ROLLBACK TO entry")
                 outcomes.append(conflict)
-            await self._db.execute("RELEASE entry")
+            self._db.execute("RELEASE entry")
         return outcomes
 
-    async def _apply(self, writes: Sequence[WriteRequest], first: int) -> list[WriteOutcome]:
+    def _apply(self, writes: Sequence[WriteRequest], first: int) -> list[WriteOutcome]:
         """Resolve and write entries as one FHIR transaction; the caller's savepoint makes
         it atomic. `first` is the position of writes[0] in the caller's list."""
         entries = [_prepare(first + i, write) for i, write in enumerate(writes)]
         ordered = sorted(entries, key=lambda e: _METHOD_ORDER[e.request.method])
         claimed: dict[tuple[str, str], int] = {}
-        current = await self._current_rows([
+        current = self._current_rows([
             (e.request.resource_type, target) for e in entries
             if (target := e.request.id or (e.resource or {}).get("id"))])
 
         deletes = [e for e in ordered if e.request.method == "DELETE"]
         for entry in deletes:
-            await self._resolve_delete(entry, current)
+            self._resolve_delete(entry, current)
             _claim(entry, claimed)
-        await self._write([e for e in deletes if e.outcome is None])
+        self._write([e for e in deletes if e.outcome is None])
 
         upserts = [e for e in ordered if e.request.method != "DELETE"]
         created: dict[SearchQuery, _Entry] = {}
         for entry in upserts:
-            await self._resolve_upsert(entry, current, created)
+            self._resolve_upsert(entry, current, created)
             _claim(entry, claimed)
 
         # FHIR R4 http.html#trules: references to an entry's fullUrl become its final id.
@@ -498,7 +537,7 @@ class SqliteFhirStore:
         if targets:
             for entry in upserts:
                 _rewrite_references(entry.resource, targets)
-        await self._write([e for e in upserts if e.outcome is None and e.same_as is None])
+        self._write([e for e in upserts if e.outcome is None and e.same_as is None])
 
         outcomes: list[WriteOutcome] = []
         for entry in entries:
@@ -509,11 +548,11 @@ class SqliteFhirStore:
             outcomes.append(entry.outcome)
         return outcomes
 
-    async def _resolve_delete(self, entry: _Entry,
+    def _resolve_delete(self, entry: _Entry,
                               current: Mapping[tuple[str, str], StoredResource]) -> None:
         request = entry.request
         if request.condition is not None:
-            matches = await self._matches(entry)
+            matches = self._matches(entry)
             if not matches:
                 entry.outcome = WriteOutcome(204, None, changed=False)
                 return
@@ -526,14 +565,14 @@ class SqliteFhirStore:
         if entry.current is None or entry.current.deleted:
             entry.outcome = WriteOutcome(204, None, changed=False)
 
-    async def _resolve_upsert(self, entry: _Entry,
+    def _resolve_upsert(self, entry: _Entry,
                               current: Mapping[tuple[str, str], StoredResource],
                               created: dict[SearchQuery, _Entry]) -> None:
         request = entry.request
         assert entry.resource is not None
         given: str | None = entry.resource.get("id")
         if request.condition is not None:
-            matches = await self._matches(entry)
+            matches = self._matches(entry)
             if matches and request.method == "POST":  # If-None-Exist found it: no write
                 entry.id = matches[0].id
                 entry.outcome = WriteOutcome(200, matches[0], changed=False)
@@ -559,7 +598,7 @@ class SqliteFhirStore:
                                 "already exists", entry.position)
         _check_if_match(entry)
 
-    async def _matches(self, entry: _Entry) -> list[StoredResource]:
+    def _matches(self, entry: _Entry) -> list[StoredResource]:
         """The (at most two) resources an entry's condition finds; 412 if several."""
         assert entry.request.condition is not None
         query = entry.request.condition
@@ -567,14 +606,14 @@ class SqliteFhirStore:
             raise WriteConflict(400, f"entry {entry.position}: the condition searches "
                                 "another resource type", entry.position)
         sql, params = _select_sql(query, 2, 0, ordered=False)
-        rows = [_stored(row) for row in await self._db.execute_fetchall(sql, params)]
+        rows = [_stored(row) for row in self._db.execute(sql, params).fetchall()]
         if len(rows) > 1:
             rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
             raise WriteConflict(412, f"entry {entry.position}: {rule} matches more than one "
                                 "resource", entry.position)
         return rows
 
-    async def _current_rows(
+    def _current_rows(
         self, keys: Sequence[tuple[str, str]],
     ) -> dict[tuple[str, str], StoredResource]:
         """The current rows for several (type, id) keys, read on the writer (so inside
@@ -584,16 +623,16 @@ class SqliteFhirStore:
         for start in range(0, len(unique), _MAX_KEYS_PER_STATEMENT):
             chunk = unique[start:start + _MAX_KEYS_PER_STATEMENT]
             values = ",".join(["(?, ?)"] * len(chunk))
-            rows = await self._db.execute_fetchall(
+            rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM fhir_resource r "
                 f"WHERE (r.type, r.id) IN (VALUES {values})",
-                [part for key in chunk for part in key])
+                [part for key in chunk for part in key]).fetchall()
             for row in rows:
                 stored = _stored(row)
                 found[(stored.resource_type, stored.id)] = stored
         return found
 
-    async def _write(self, entries: Sequence[_Entry]) -> None:
+    def _write(self, entries: Sequence[_Entry]) -> None:
         """Give each entry its new version (or find it unchanged) and write them all."""
         rows: list[tuple[object, ...]] = []
         index_rows: dict[type[IndexEntry], list[tuple[object, ...]]] = {}
@@ -609,9 +648,9 @@ class SqliteFhirStore:
         if not rows:
             return
         # The triggers archive each row as a version and drop the old index rows first.
-        await self._db.executemany(_UPSERT, rows)
+        self._db.executemany(_UPSERT, rows)
         for kind, values in index_rows.items():
-            await self._db.executemany(_INDEX_INSERTS[kind], values)
+            self._db.executemany(_INDEX_INSERTS[kind], values)
 
     def _next_version(self, entry: _Entry) -> StoredResource | None:
         """The version this entry writes, its outcome set; None if its content is unchanged."""
@@ -664,28 +703,35 @@ class SqliteFhirStore:
         """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
-        async with self._write_lock:  # never inside a group's open transaction
-            try:
-                await self._db.execute(
-                    "INSERT INTO fhir_store_meta (key, value) VALUES ('ready_probe', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (_format_instant(datetime.now(UTC)),))
-            except (sqlite3.Error, ValueError) as exc:
-                raise StoreUnavailable(
-                    f"the FHIR store is not writable: {type(exc).__name__}") from None
+        # The writer thread runs one task at a time: never inside a group's transaction.
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._probe_sync)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the FHIR store is not writable: {type(exc).__name__}") from None
+
+    def _probe_sync(self) -> None:
+        self._db.execute(
+            "INSERT INTO fhir_store_meta (key, value) VALUES ('ready_probe', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (_format_instant(datetime.now(UTC)),))
 
     async def close(self) -> None:
         """Commit what is queued, then close every connection; safe to call twice."""
         if self._closed:
             return
+        self._closed = True
         self._closing = True
         self._wakeup.set()
         if self._writer is not None:
             await self._writer
-        self._closed = True
         self._lookup.close()
-        await self._reader.close()
-        await self._db.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        finally:
+            self._executor.shutdown()  # its queue is empty: this only joins the thread
+            await self._reader.close()
         if self._groups:
             log.info("FHIR store closed: %d transactions in %d group commits (%.1f per "
                      "commit)", self._jobs, self._groups, self._jobs / self._groups)
