@@ -680,3 +680,18 @@ async def test_a_search_over_the_quick_budget_goes_to_the_reader_thread_with_the
     assert body(found)["identifier"][0]["value"] == "Q007"
     history = await store.history(HistoryQuery("Patient", found.id))
     assert history.total == 1
+
+
+async def test_the_writer_finds_current_rows_by_primary_key_not_by_a_scan(
+        store: SqliteFhirStore, tmp_path: Path) -> None:
+    """Every transaction reads its entries' current rows: a table scan there would make
+    each message slower as the store grows."""
+    import sqlite3
+
+    from gateway.store.fhir_sqlite import _current_rows_sql
+
+    with sqlite3.connect(tmp_path / "fhir.db") as db:
+        plan = db.execute("EXPLAIN QUERY PLAN " + _current_rows_sql(3),
+                          ["Patient", "a", "b", "c"]).fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX" in details and "SCAN" not in details, details

@@ -619,17 +619,19 @@ class SqliteFhirStore:
         """The current rows for several (type, id) keys, read on the writer (so inside
         this transaction) in as few statements as possible."""
         found: dict[tuple[str, str], StoredResource] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _MAX_KEYS_PER_STATEMENT):
-            chunk = unique[start:start + _MAX_KEYS_PER_STATEMENT]
-            values = ",".join(["(?, ?)"] * len(chunk))
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM fhir_resource r "
-                f"WHERE (r.type, r.id) IN (VALUES {values})",
-                [part for key in chunk for part in key]).fetchall()
-            for row in rows:
-                stored = _stored(row)
-                found[(stored.resource_type, stored.id)] = stored
+        by_type: dict[str, list[str]] = {}
+        for resource_type, id_ in dict.fromkeys(keys):
+            by_type.setdefault(resource_type, []).append(id_)
+        # One statement per type: `type = ? AND id IN (...)` is a primary-key search;
+        # a row-value `(type, id) IN (VALUES ...)` would scan the whole table.
+        for resource_type, ids in by_type.items():
+            for start in range(0, len(ids), _MAX_KEYS_PER_STATEMENT):
+                chunk = ids[start:start + _MAX_KEYS_PER_STATEMENT]
+                rows = self._db.execute(_current_rows_sql(len(chunk)),
+                                        [resource_type, *chunk]).fetchall()
+                for row in rows:
+                    stored = _stored(row)
+                    found[(stored.resource_type, stored.id)] = stored
         return found
 
     def _write(self, entries: Sequence[_Entry]) -> None:
@@ -807,6 +809,12 @@ def _document(resource_type: str, id: str, resource: Mapping[str, Any]) -> dict[
     document.update((k, v) for k, v in resource.items()
                     if k not in ("resourceType", "id", "meta"))
     return document
+
+
+def _current_rows_sql(count: int) -> str:
+    """The current rows of `count` ids of one type (a primary-key search)."""
+    return (f"SELECT {_COLUMNS} FROM fhir_resource r WHERE r.type = ? "
+            f"AND r.id IN ({','.join('?' * count)})")
 
 
 def _same_content(body: bytes, document: Mapping[str, Any]) -> bool:
