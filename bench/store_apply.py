@@ -1,0 +1,78 @@
+"""FHIR store apply benchmark (a benchmark, not a test).
+
+What is measured: how long the embedded FHIR store takes to apply one translated HL7
+ADT^A01 (a 20-entry transaction Bundle: Patient, Encounter, Practitioners, Locations,
+Provenance...), straight through `SqliteFhirStore.transact`, for new patients one at a
+time and concurrently (group commit), and for unchanged resends (no new versions), with
+`synchronous` normal and full. Each message has its own MRN and control id.
+
+How to run:
+    python bench/store_apply.py [--messages 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.fhir.bundle import to_bundle
+from gateway.fhir.search import TABLE, SearchRegistry
+from gateway.forward.local import bundle_writes
+from gateway.hl7.message import parse_message
+from gateway.mapping.engine import Translator
+from gateway.mapping.tables import SHIPPED
+from gateway.store.fhir import WriteRequest
+from gateway.store.fhir_sqlite import SqliteFhirStore
+
+MESSAGE = Path(__file__).resolve().parent.parent / "tests" / "messages" / "mapping_adt_a01.hl7"
+
+
+def writes_for(registry: SearchRegistry, translator: Translator, raw: bytes,
+               n: int) -> list[WriteRequest]:
+    message = raw.replace(b"MRN-300001", f"MRN-B{n}".encode()).replace(
+        b"CTRL-A01-0001", f"C{n}".encode())
+    translation = translator.translate(parse_message(message), datetime.now(UTC))
+    return bundle_writes(registry, to_bundle(translation))
+
+
+async def run(messages: int) -> None:
+    registry = SearchRegistry.load(SHIPPED / TABLE)
+    translator = Translator.load(SHIPPED)
+    raw = MESSAGE.read_bytes()
+    batches = [writes_for(registry, translator, raw, i) for i in range(messages)]
+    half = messages // 2
+    print(f"store apply bench: {messages} ADT^A01 messages, "
+          f"{len(batches[0])} entries each")
+    for synchronous in ("normal", "full"):
+        with tempfile.TemporaryDirectory() as directory:
+            store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
+                                               synchronous=synchronous)  # type: ignore[arg-type]
+            try:
+                start = time.perf_counter()
+                for writes in batches[:half]:
+                    await store.transact(writes)
+                serial = time.perf_counter()
+                await asyncio.gather(*(store.transact(w) for w in batches[half:]))
+                concurrent = time.perf_counter()
+                await asyncio.gather(*(store.transact(w) for w in batches[:half]))
+                resent = time.perf_counter()
+            finally:
+                await store.close()
+        print(f"synchronous={synchronous}: new one at a time "
+              f"{(serial - start) / half * 1e3:.2f} ms/msg, new concurrent "
+              f"{(concurrent - serial) / (messages - half) * 1e3:.2f} ms/msg, unchanged "
+              f"resend concurrent {(resent - concurrent) / half * 1e3:.2f} ms/msg")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=400)
+    asyncio.run(run(parser.parse_args().messages))
+
+
+if __name__ == "__main__":
+    main()
