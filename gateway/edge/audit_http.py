@@ -19,10 +19,12 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+import orjson
 from aiohttp import web
 
 from gateway.audit import Action, AuditLog, AuditQuery, AuditRecord, QueryError, build_query
 from gateway.audit.export import ExportResult, export
+from gateway.fhir.outcome import FHIR_JSON, operation_outcome
 from gateway.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 _FILTERS = ("from", "to", "patient", "client", "action")
 _PARAMETERS = frozenset({*_FILTERS, "_count", "_page_after", "decrypt"})
-_FHIR_JSON = "application/fhir+json"
 _PARAMETER_NAME = re.compile(r"_?[a-z][a-z-]{0,30}")
 
 
@@ -93,7 +94,7 @@ async def search_audit_events(request: web.Request) -> web.Response:
         log.error("audit search failed: %s", type(exc).__name__)
         await _record_refusal(audit, request, reviewer, "500")
         return outcome(500, "exception", "the audit trail could not be read")
-    return web.Response(body=body.getvalue(), content_type=_FHIR_JSON)
+    return web.Response(body=body.getvalue(), content_type=FHIR_JSON)
 
 
 def authenticate(authorization: str, reviewers: tuple[Reviewer, ...]) -> Reviewer | None:
@@ -178,8 +179,6 @@ async def _record_refusal(audit: AuditLog, request: web.Request, reviewer: Revie
 def outcome(status: int, code: str, diagnostics: str,
             expression: str | None = None) -> web.Response:
     """An OperationOutcome answer (FHIR R4): one issue, naming the parameter if known."""
-    issue: dict[str, object] = {"severity": "error", "code": code, "diagnostics": diagnostics}
-    if expression is not None:
-        issue["expression"] = [expression]
-    return web.json_response({"resourceType": "OperationOutcome", "issue": [issue]},
-                             status=status, content_type=_FHIR_JSON)
+    return web.Response(body=orjson.dumps(operation_outcome(status, diagnostics, expression,
+                                                            code)),
+                        status=status, content_type=FHIR_JSON)
