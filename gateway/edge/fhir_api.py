@@ -22,14 +22,13 @@ from gateway.fhir.model import is_resource_type
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchRegistry
 from gateway.policy import Principal, Profile
+from gateway.policy.profiles import tag_subsetted
 from gateway.store import StoreUnavailable
 from gateway.store.fhir import FhirStore, IdMatch, Match, ReferenceMatch, StoredResource
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-_SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-              "code": "SUBSETTED"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +227,5 @@ def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[st
     keep = {"resourceType", "id", "meta", *elements}
     out = {k: v for k, v in resource.items() if k in keep}
     if len(out) < len(resource):
-        meta = dict(out.get("meta") or {})
-        tags = [t for t in meta.get("tag", []) if t.get("code") != "SUBSETTED"]
-        meta["tag"] = [*tags, _SUBSETTED]
-        out["meta"] = meta
+        out["meta"] = tag_subsetted(out.get("meta"))
     return out

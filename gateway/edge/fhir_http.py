@@ -39,7 +39,13 @@ from gateway.fhir.search import (
     UnsupportedFormat,
     date_range,
 )
-from gateway.fhir.transaction import Entry, parse_bundle, parse_etag, write_request
+from gateway.fhir.transaction import (
+    Entry,
+    parse_bundle,
+    parse_etag,
+    query_pairs,
+    write_request,
+)
 from gateway.fhir.validate import InvalidResource
 from gateway.policy import Principal
 from gateway.store import StoreUnavailable
@@ -228,8 +234,13 @@ async def _readable(call: _Call, id_: str, version: int | None = None) -> Stored
     if stored is None:
         await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}")])
         raise _unknown(type_)
-    if patient is not None and (stored.deleted or not api.in_compartment(
-            type_, orjson.loads(stored.body), patient)):
+    # Whose data this is (a Patient is its own; anything else is parsed to find out),
+    # worked out once: it decides a confined caller's access and goes into the record.
+    owners: set[str] = set()
+    if not stored.deleted and (patient is not None or api.limits.audit_reads != "off"):
+        owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
+                  else api.patients_of(type_, orjson.loads(stored.body)))
+    if patient is not None and (stored.deleted or patient not in owners):
         # Whose a deleted version was cannot be shown either: both answer 404.
         await api.record([_access(call, Action.READ, "404", resource_id=f"{type_}/{id_}",
                                   patient=patient)])
@@ -239,9 +250,6 @@ async def _readable(call: _Call, id_: str, version: int | None = None) -> Stored
         raise FhirError(410, f"this {type_} was deleted")
     await _check_scope_constraints(call, id_)
     if api.limits.audit_reads != "off":
-        # Whose data this is: a Patient is its own; anything else is parsed to find out.
-        owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
-                  else api.patients_of(type_, orjson.loads(stored.body)))
         await api.record_read([_access(call, Action.READ, resource_id=f"{type_}/{id_}",
                                   patient=min(owners) if owners else None)])
     return stored
@@ -588,7 +596,7 @@ async def create(request: web.Request) -> web.Response:
     resource.pop("id", None)  # FHIR R4 http.html#create: the server assigns the id
     condition = request.headers.get("If-None-Exist")
     entry = Entry(0, "POST", call.resource_type, None, (), resource, None, None,
-                  tuple(_query_pairs(condition)) if condition else (), call.resource_type)
+                  query_pairs(condition) if condition else (), call.resource_type)
     return await _write(call, entry)
 
 
@@ -637,12 +645,6 @@ async def conditional_delete(request: web.Request) -> web.Response:
     entry = Entry(0, "DELETE", call.resource_type, None, params, None, None, None, (),
                   call.resource_type)
     return await _write(call, entry)
-
-
-def _query_pairs(text: str) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
-    return parse_qsl(text.lstrip("?"), keep_blank_values=True)
 
 
 def _if_match(request: web.Request) -> int | None:

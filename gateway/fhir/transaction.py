@@ -40,6 +40,11 @@ class Entry:
     url: str
 
 
+def query_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """A search given as text (If-None-Exist, entry.request.ifNoneExist): its pairs."""
+    return tuple(parse_qsl(text.lstrip("?"), keep_blank_values=True))
+
+
 def parse_etag(value: str, where: str) -> int:
     """The version an If-Match (or entry.request.ifMatch) names: W/"3" -> 3."""
     match = _ETAG.fullmatch(value.strip())
@@ -110,7 +115,7 @@ def _entry(index: int, raw: Any) -> Entry:
         resource=resource if method in ("POST", "PUT") else None, full_url=full_url,
         if_match=(parse_etag(if_match, f"{where}.request.ifMatch")
                   if isinstance(if_match, str) else None),
-        if_none_exist=(tuple(parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True))
+        if_none_exist=(query_pairs(if_none_exist)
                        if isinstance(if_none_exist, str) else ()),
         url=url)
 

@@ -20,8 +20,7 @@ from gateway.fhir.model import is_resource_type
 WHOLE = "*"
 SUBSETTED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 SUBSETTED_CODE = "SUBSETTED"
-_SUBSETTED_TAG = {"system": SUBSETTED_SYSTEM, "code": SUBSETTED_CODE,
-                  "display": "subsetted"}
+_SUBSETTED_TAG = {"system": SUBSETTED_SYSTEM, "code": SUBSETTED_CODE}
 # Served whatever the profile says: without them the resource is not a resource.
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
 # Search parameters every profile may use: they read only id and meta.lastUpdated.
@@ -159,7 +158,7 @@ class Profile:
             return resource
         kept = {key: value for key, value in resource.items() if key in visible}
         if len(kept) != len(resource):
-            kept["meta"] = _tag_subsetted(kept.get("meta"))
+            kept["meta"] = tag_subsetted(kept.get("meta"))
         return kept
 
     def permits_search(self, resource_type: str, element_roots: frozenset[str]) -> bool:
@@ -185,8 +184,9 @@ class Profile:
         return f"Profile({self.name!r}, types={sorted(self.elements)!r})"
 
 
-def _tag_subsetted(meta: Any) -> dict[str, Any]:
-    """A copy of meta with the SUBSETTED tag added once (the input is not modified)."""
+def tag_subsetted(meta: Any) -> dict[str, Any]:
+    """A copy of meta with the SUBSETTED tag added once (the input is not modified): for a
+    profile's cut and for `_elements` alike."""
     copy: dict[str, Any] = dict(meta) if isinstance(meta, dict) else {}
     existing = copy.get("tag")
     tags: list[Any] = list(existing) if isinstance(existing, list) else []
