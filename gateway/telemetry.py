@@ -58,6 +58,20 @@ SAFE_ATTRIBUTES = frozenset({
     "http.response.status_code",
     "store.applied",
     "outcome",
+    # Forwarding: which backend, which attempt, the breaker's state, the verdict. Paths
+    # are templates ("/Patient/{id}"), never ids or query values.
+    "forward.backend",
+    "forward.kind",
+    "forward.attempt",
+    "forward.breaker_state",
+    "forward.verdict",
+    "forward.retry_after",
+    "forward.cache",
+    "outbox.id",
+    "http.request.method",
+    "url.template",
+    "server.address",
+    "server.port",
 })
 
 _MAX_TEXT = 64

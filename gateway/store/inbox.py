@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiosqlite
+import orjson
 
 from gateway.store.errors import StoreUnavailable
 from gateway.store.sqlite import open_database
@@ -47,9 +48,44 @@ CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# The outbox lives beside the inbox, in the same file, and its rows are made by a trigger
+# on the inbox INSERT: a message and its deliveries are committed by the one statement
+# that stores it (one transaction, one sync), so nothing acknowledged can miss its
+# deliveries and a duplicate (no insert) makes none.
+_OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    inbox_id INTEGER NOT NULL,
+    backend TEXT NOT NULL,
+    -- A hash of the patient's identifier (never the identifier): deliveries with the same
+    -- key go strictly in id order. '' when the message names no patient.
+    patient_key TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- Unix time before which the next attempt must not start.
+    next_at REAL NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    -- The last answer ("HTTP 503", "ACK AE", "timeout") and why it failed: no values.
+    last_status TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    -- The W3C traceparent of the message's ingest span: deliveries are its children.
+    trace TEXT NOT NULL DEFAULT '',
+    UNIQUE (inbox_id, backend)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (backend, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, id);
+CREATE TRIGGER IF NOT EXISTS inbox_to_outbox AFTER INSERT ON inbox
+WHEN NEW.routes != '' BEGIN
+    INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at, trace)
+    SELECT NEW.id, value, NEW.patient_key, NEW.received_at, NEW.received_at, NEW.trace
+    FROM json_each(NEW.routes);
+END;
+"""
+
 _COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
             "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key",
-            "error")
+            "error", "routes", "patient_key", "trace", "bundle")
 _ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
 # One commit carries at most this many message bytes, so a run of large messages (up to
 # the 10 MiB frame limit each) is written in several statements, not one huge one.
@@ -63,6 +99,9 @@ _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 # the running gateway (at start-up too, so a crash between commit and apply loses nothing).
 ACCEPTED = "accepted"
 TRANSLATED = "translated"
+# Translated, and routed to remote backends only (the outbox delivers it; not for the
+# local store).
+ROUTED = "routed"
 APPLIED = "applied"
 FAILED = "failed"
 UNSUPPORTED = "unsupported"
@@ -84,6 +123,14 @@ class InboundMessage:
     received_at: datetime
     status: str = ACCEPTED
     error: str = ""
+    # Remote backends this message must be delivered to (the outbox rows the trigger makes).
+    routes: tuple[str, ...] = ()
+    # Orders deliveries per patient: a hash of the patient identifier, "" if none.
+    patient_key: str = ""
+    # The W3C traceparent of the ingest span, for the delivery spans.
+    trace: str = ""
+    # The translated transaction Bundle (JSON), kept when a FHIR backend is routed.
+    bundle: bytes | None = None
 
     @property
     def dedup_key(self) -> str:
@@ -146,6 +193,7 @@ class SqliteInbox:
         try:
             await db.executescript(_SCHEMA)
             await _migrate(db)
+            await db.executescript(_OUTBOX_SCHEMA)
             await inbox.expire_dedup_keys()
         except BaseException:
             await db.close()
@@ -230,6 +278,8 @@ class SqliteInbox:
                 _timestamp(m.received_at), m.sending_application, m.sending_facility,
                 m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
                 m.raw, m.ack, m.dedup_key, m.error,
+                orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
+                m.trace, m.bundle,
             ))
         # One statement in autocommit mode is one transaction: all rows or none.
         sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
@@ -325,6 +375,12 @@ class SqliteInbox:
                     f"({','.join('?' * len(chunk))})", (status, error, *chunk))
 
     @property
+    def connection(self) -> aiosqlite.Connection:
+        """The inbox's connection, shared by the outbox (same file): single statements
+        only, never BEGIN ... COMMIT (see set_statuses)."""
+        return self._db
+
+    @property
     def batches_committed(self) -> int:
         return self._batches
 
@@ -381,6 +437,11 @@ async def _migrate(db: aiosqlite.Connection) -> None:
     columns = {str(row[1]) for row in await db.execute_fetchall("PRAGMA table_info(inbox)")}
     if "error" not in columns:
         await db.execute("ALTER TABLE inbox ADD COLUMN error TEXT NOT NULL DEFAULT ''")
+    for column, declaration in (("routes", "TEXT NOT NULL DEFAULT ''"),
+                                ("patient_key", "TEXT NOT NULL DEFAULT ''"),
+                                ("trace", "TEXT NOT NULL DEFAULT ''"), ("bundle", "BLOB")):
+        if column not in columns:
+            await db.execute(f"ALTER TABLE inbox ADD COLUMN {column} {declaration}")
 
 
 async def read_raw(path: Path, ids: Sequence[int] | None,

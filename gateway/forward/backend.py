@@ -1,0 +1,112 @@
+"""What every backend shares: one delivery in, one verdict out; and the facade's answer.
+
+The outbox hands a backend one `Delivery` at a time (per patient, in order) and acts on
+the verdict: `Delivered` ends it, `Retry` schedules another attempt (never sooner than the
+backend asked), `Permanent` dead-letters it for an operator. Verdict reasons are written
+to the outbox and shown by `isthmus outbox`, so they name a status or a rule, never a
+value from the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from multidict import CIMultiDict
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One outbox row ready to go: what to send and how to trace it."""
+
+    outbox_id: int
+    inbox_id: int
+    backend: str
+    attempt: int  # 1 for the first try
+    # mllp: the raw HL7 message as received; fhir: the transaction Bundle (JSON bytes).
+    payload: bytes
+    # The control id this delivery carries as MSH-10 (mllp), stable across attempts, so a
+    # downstream system can drop a resend of something it already has.
+    control_id: str
+    # W3C traceparent of the message's ingest span ("" if it was not traced).
+    traceparent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    status: str = ""  # e.g. "HTTP 200", "ACK AA"
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Not delivered, may succeed later: a 5xx, 408, 429, a timeout, a closed connection,
+    an open breaker, an AR/AE... `after`: the backend's Retry-After in seconds, if any."""
+
+    reason: str
+    after: float | None = None
+    status: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Permanent:
+    """Will not succeed by trying again (a 4xx other than 408/429): dead-letter it."""
+
+    reason: str
+    status: str = ""
+
+
+Verdict = Delivered | Retry | Permanent
+
+
+class Backend(Protocol):
+    """A remote system the outbox delivers to (kind "fhir" or "mllp")."""
+
+    name: str
+    kind: str
+
+    async def deliver(self, delivery: Delivery) -> Verdict:
+        """One attempt; never raises for a backend problem (that is a verdict)."""
+        ...
+
+    def available_in(self) -> float:
+        """Seconds until the breaker lets a call through (0: now)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FhirResponse:
+    """A remote FHIR server's answer, as the facade passes it on."""
+
+    status: int
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    body: bytes = b""
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot be asked now (breaker open, bulkhead or rate limit full past the
+    wait allowed, retries exhausted on 5xx/timeouts). The facade answers 503 with
+    Retry-After; `reason` is safe to show (a state, never a value)."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class BackendTimeout(BackendUnavailable):
+    """No answer within the read timeout (after the retries allowed): the facade
+    answers 504."""
+
+
+class OutboxGate(Protocol):
+    """What the MLLP edge asks of the outbox: room for a message, and a wake-up."""
+
+    def full(self, backends: tuple[str, ...]) -> bool:
+        """Whether any of these backends' outboxes is at its cap (answer AR)."""
+        ...
+
+    def queued(self, backends: tuple[str, ...]) -> None:
+        """A committed message added one row for each of these backends."""
+        ...
