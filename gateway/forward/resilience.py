@@ -188,7 +188,7 @@ def backoff(attempt: int, base: float, cap: float,
             rng: Callable[[], float] = random.random) -> float:
     """Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): a uniform
     wait in [0, min(cap, base * 2**(attempt-1))] after the `attempt`-th failure."""
-    return rng() * min(cap, base * (2 ** max(0, attempt - 1)))
+    return rng() * min(cap, base * 2.0 ** max(0, attempt - 1))
 
 
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
