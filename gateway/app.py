@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from opentelemetry import metrics
 
 from gateway.audit import AUDIT_FILE, Action, AuditKeys, AuditLog, AuditRecord, load_keys
-from gateway.config import ClientConfig, IssuerConfig, Settings
+from gateway.config import BackendConfig, ClientConfig, IssuerConfig, Settings
 from gateway.edge import audit_http, fhir_http, http
 from gateway.edge.auth import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
 from gateway.edge.auth import (
@@ -36,7 +36,9 @@ from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
 from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
+from gateway.forward.backend import Backend
 from gateway.forward.local import LocalApplier
+from gateway.forward.routes import LOCAL, Route, Router
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
@@ -54,6 +56,7 @@ MLLP = web.AppKey("mllp", MllpServer)
 MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
 TRANSLATOR = web.AppKey("translator", Translator)
 APPLIER = web.AppKey("applier", LocalApplier)
+BACKENDS = web.AppKey("backends", dict[str, Backend])
 PROFILES = web.AppKey("profiles", dict[str, Profile])
 
 INBOX_FILE = "inbox.db"
@@ -151,6 +154,23 @@ def search_registry(settings: Settings) -> SearchRegistry:
     if site is not None and site.is_file():
         return SearchRegistry.load(site)
     return SearchRegistry.load((mapping.tables_dir or SHIPPED) / SEARCH_TABLE)
+
+
+def build_router(settings: Settings) -> Router:
+    """The [[routes]] as a Router; a backend of kind "local" is the local store."""
+    local = {b.name for b in settings.backends if b.kind == "local"} | {LOCAL}
+    routes = tuple(
+        Route(to=tuple(dict.fromkeys(LOCAL if name in local else name for name in r.to)),
+              **r.match.model_dump())
+        for r in settings.routes)
+    return Router(routes, {b.name: b.kind for b in settings.backends if b.kind != "local"})
+
+
+def _warn_if_insecure(backend: BackendConfig) -> None:
+    if backend.insecure:
+        log.warning("backend '%s' is reached without TLS verification (plain http or "
+                    "verify_tls = false): allowed by allow_insecure_http; do not use this "
+                    "with real patient data", backend.name)
 
 
 def fhir_limits(settings: Settings) -> FhirLimits:

@@ -12,6 +12,7 @@ the ACK waits for both: a message whose access could not be recorded gets AR, ne
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -27,6 +28,8 @@ from gateway.audit.hl7v2 import message_access, outcome
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import InvalidResource, validate_resource
+from gateway.forward.backend import OutboxGate
+from gateway.forward.routes import Router, Targets
 from gateway.hl7.ack import (
     APPLICATION_ACCEPT,
     APPLICATION_ERROR,
@@ -52,7 +55,7 @@ from gateway.hl7.validate import validate
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TranslationError, UnsupportedMessage
 from gateway.store import InboundMessage, SqliteInbox, Stored, StoreUnavailable
-from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED, UNSUPPORTED
+from gateway.store.inbox import ACCEPTED, FAILED, ROUTED, TRANSLATED, UNSUPPORTED
 from gateway.telemetry import Telemetry, set_attributes
 
 log = logging.getLogger(__name__)
@@ -104,9 +107,15 @@ class Ingest:
         strict: bool = False,
         audit: AuditLog | None = None,
         applied: Applied | None = None,
+        router: Router | None = None,
+        outbox: OutboxGate | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._inbox = inbox
+        # Where each message goes (no router: the local store only) and the outbox that
+        # holds what goes to remote backends.
+        self._router = router
+        self._outbox = outbox
         # Handed each newly committed translation (the local FHIR store's applier).
         self._applied = applied
         self._audit = audit
@@ -215,6 +224,16 @@ class Ingest:
         header = message.header
         now = self._clock()
         status, error, translation = self._translate(message, span, now)
+        targets = self._targets(header, translation)
+        if targets.remote and self._outbox is not None and self._outbox.full(targets.remote):
+            # Accept only what can be held: the sender keeps it and resends later.
+            refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                               "the outbox for this message's backends is full; resend later",
+                               reject=True)
+            self._answer_errors(span, reply, message, [refusal], peer)
+            return
+        if status == TRANSLATED and not targets.local:
+            status = ROUTED  # for remote backends only: not for the local store
         # Original mode answers the application outcome: AE names what could not be
         # translated. Enhanced mode's accept ACK answers only the commit (CA); the outcome
         # follows as the application ACK (MSH-16) and stays in the inbox for replay.
@@ -233,6 +252,11 @@ class Ingest:
             received_at=now,
             status=status,
             error=error.reason if error is not None else "",
+            routes=targets.remote,
+            patient_key=patient_key(message) if targets.remote else "",
+            trace=_traceparent(span) if targets.remote else "",
+            bundle=(dumps(to_bundle(translation))
+                    if targets.needs_bundle and translation is not None else None),
         )
         store_span = self._span("inbox.store", span)
         stored = self._inbox.submit(inbound)
@@ -280,14 +304,24 @@ class Ingest:
                 not header.enhanced_mode)
             self._finish(span, reply, result.ack if send else None, code, len(frame))
             if not result.duplicate:
+                if targets.remote and self._outbox is not None:
+                    self._outbox.queued(targets.remote)
                 # After the commit ACK is queued, so an application ACK can only follow it.
-                self._process(message, status, error, translation, result.inbox_id,
+                self._process(message, status, error,
+                              translation if targets.local else None, result.inbox_id,
                               push if header.enhanced_mode else None)
 
         if audited is None:
             stored.add_done_callback(committed)
         else:
             _when_both(stored, audited, committed)
+
+    def _targets(self, header: Header, translation: Translation | None) -> Targets:
+        if self._router is None:
+            return _LOCAL
+        targets = self._router.for_message(header.message_type, header.sending_application,
+                                           header.sending_facility)
+        return targets if translation is not None else self._router.untranslated(targets)
 
     def _process(self, message: Message, status: str, error: Hl7Error | None,
                  translation: Translation | None, inbox_id: int, push: Push | None) -> None:
@@ -423,7 +457,27 @@ class Ingest:
 
 
 # The translation outcome, as the audit record's note.
-_DETAIL = {TRANSLATED: "translated", FAILED: "translation failed", UNSUPPORTED: "not mapped"}
+_DETAIL = {TRANSLATED: "translated", ROUTED: "translated", FAILED: "translation failed",
+           UNSUPPORTED: "not mapped"}
+_LOCAL = Targets(local=True)
+
+
+def patient_key(message: Message) -> str:
+    """Orders one patient's deliveries: a hash of PID-3's first identifier and its
+    assigning authority (the outbox keeps this, never the identifier). '' if none."""
+    identifier = message.get("PID-3.1")
+    if not identifier:
+        return ""
+    authority = message.get_raw("PID-3(1).4")
+    return hashlib.sha256(f"{authority}\x1f{identifier}".encode()).hexdigest()[:32]
+
+
+def _traceparent(span: trace.Span) -> str:
+    """The span as a W3C traceparent, for the delivery spans to hang under; '' untraced."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def _failed(future: asyncio.Future[tuple[int, bytes]]) -> bool:

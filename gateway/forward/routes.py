@@ -74,6 +74,14 @@ class Router:
                 return route.to[0]
         return LOCAL
 
+    def untranslated(self, targets: Targets) -> Targets:
+        """The targets of a message that was not translated: only MLLP backends take it
+        as it came (a FHIR backend needs the translation)."""
+        if not targets.needs_bundle:
+            return targets
+        return Targets(local=targets.local, remote=tuple(
+            n for n in targets.remote if self._kinds.get(n) != "fhir"))
+
     @property
     def remote_types(self) -> bool:
         """Whether any FHIR request may leave the gateway (the facade is in use)."""
