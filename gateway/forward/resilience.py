@@ -109,7 +109,10 @@ class Breaker:
 
     def success(self) -> None:
         self._probing = False
-        self._breaker.call(_succeed)
+        try:
+            self._breaker.call(_succeed)
+        except pybreaker.CircuitBreakerError:
+            pass  # a late answer after another call opened the breaker: it stays open
 
     def failure(self) -> None:
         self._probing = False
