@@ -6,8 +6,10 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -15,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from opentelemetry import metrics
 
 from gateway.audit import AUDIT_FILE, Action, AuditKeys, AuditLog, AuditRecord, load_keys
-from gateway.config import BackendConfig, ClientConfig, IssuerConfig, Settings
+from gateway.config import (
+    BackendAuthConfig,
+    BackendConfig,
+    ClientConfig,
+    IssuerConfig,
+    Settings,
+)
 from gateway.edge import audit_http, fhir_http, http
 from gateway.edge.auth import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
 from gateway.edge.auth import (
@@ -31,13 +39,20 @@ from gateway.edge.auth import (
     load_signing_key,
 )
 from gateway.edge.fhir_api import FHIR, FhirApi, FhirLimits
+from gateway.edge.fhir_proxy import Facade
 from gateway.edge.ingest import Ingest
 from gateway.edge.mllp import MllpServer
 from gateway.edge.tls import SenderRule, sender_check, server_context
 from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
 from gateway.forward.backend import Backend
+from gateway.forward.cache import ReadCache
+from gateway.forward.fhir_backend import FhirBackend, FhirBackendSpec
 from gateway.forward.local import LocalApplier
+from gateway.forward.mllp_backend import MllpBackend, MllpBackendSpec
+from gateway.forward.normalize import load_vendor
+from gateway.forward.outbound_auth import AuthSpec
+from gateway.forward.outbox import DeliveryPolicy, Dispatcher
 from gateway.forward.routes import LOCAL, Route, Router
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.mapping.engine import Translator
@@ -46,17 +61,17 @@ from gateway.policy import KeySet, load_jwks, patient_reference, public_key_from
 from gateway.policy.profiles import Profile, load_profiles
 from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.outbox import SqliteOutbox
 from gateway.telemetry import Telemetry, configure
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-TELEMETRY = web.AppKey("telemetry", Telemetry)
+TELEMETRY = http.TELEMETRY  # the edge's /metrics route reads it too
 MLLP = web.AppKey("mllp", MllpServer)
 MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
 TRANSLATOR = web.AppKey("translator", Translator)
 APPLIER = web.AppKey("applier", LocalApplier)
-BACKENDS = web.AppKey("backends", dict[str, Backend])
 PROFILES = web.AppKey("profiles", dict[str, Profile])
 
 INBOX_FILE = "inbox.db"
@@ -72,7 +87,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     app[SETTINGS] = settings
     app[TELEMETRY] = telemetry or configure(
         settings.telemetry.exporter, settings.telemetry.service_name,
-        settings.telemetry.otlp_endpoint)
+        settings.telemetry.otlp_endpoint, prometheus=settings.telemetry.prometheus)
     app.add_routes(http.routes)
     app.add_routes(audit_http.routes)
     app[audit_http.REVIEWERS] = tuple(
@@ -215,9 +230,19 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         if audit is not None:
             await audit.close()
         raise
+    try:
+        forwarding = await open_forwarding(settings, inbox, app[TELEMETRY])
+    except BaseException:
+        await fhir_store.close()
+        await inbox.close()
+        if audit is not None:
+            await audit.close()
+        raise
+    app[FORWARDING] = forwarding
     profiles: dict[str, Profile] = app[PROFILES]
     app[FHIR] = FhirApi.build(
-        fhir_store, registry, app[TELEMETRY], fhir_limits(settings), profiles, audit)
+        fhir_store, registry, app[TELEMETRY], fhir_limits(settings), profiles, audit,
+        facade=forwarding.facade)
     applier = None
     if settings.fhir.enabled and settings.mapping.translate_on_ingest:
         applier = LocalApplier(fhir_store, registry, inbox, app[TRANSLATOR])
@@ -225,11 +250,12 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         app[APPLIER] = applier
     try:
         server = _mllp_server(settings, inbox, app[TELEMETRY], app[TRANSLATOR], audit,
-                              applier)
+                              applier, forwarding)
         app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     except BaseException:
         if applier is not None:
             await applier.close()
+        await forwarding.close()
         await fhir_store.close()
         await inbox.close()
         if audit is not None:
@@ -237,6 +263,10 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         raise
     app[MLLP] = server
     housekeeping = [asyncio.create_task(_expire_dedup_keys(inbox), name="dedup-expiry")]
+    if forwarding.dispatcher is not None and settings.forward.keep_delivered_days:
+        housekeeping.append(asyncio.create_task(_purge_delivered(
+            SqliteOutbox(inbox.connection), settings.forward.keep_delivered_days),
+            name="outbox-purge"))
     if audit is not None:
         app[audit_http.AUDIT] = audit
         if settings.audit.retention_days:
@@ -252,6 +282,8 @@ async def _store_and_mllp(app: web.Application) -> AsyncIterator[None]:
         await server.stop(timeout=settings.server.shutdown_timeout)
         if applier is not None:
             await applier.close()
+        # Before the inbox: the outbox shares its connection. Pending rows stay pending.
+        await forwarding.close()
         await fhir_store.close()
         await inbox.close()
         if audit is not None:
@@ -310,7 +342,8 @@ def load_translator(settings: Settings) -> Translator:
 
 def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
                  translator: Translator, audit: AuditLog | None = None,
-                 applier: LocalApplier | None = None) -> MllpServer:
+                 applier: LocalApplier | None = None,
+                 forwarding: Forwarding | None = None) -> MllpServer:
     mllp = settings.mllp
     tls = mllp.tls
     context = None
@@ -327,7 +360,9 @@ def _mllp_server(settings: Settings, inbox: SqliteInbox, telemetry: Telemetry,
                     default_charset=mllp.default_charset, sender_check=check,
                     translator=translator if settings.mapping.translate_on_ingest else None,
                     strict=settings.mapping.strict, audit=audit,
-                    applied=applier.submit if applier is not None else None)
+                    applied=applier.submit if applier is not None else None,
+                    router=forwarding.router if forwarding and settings.routes else None,
+                    outbox=forwarding.dispatcher if forwarding else None)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,
@@ -374,3 +409,131 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+# -- forwarding ------------------------------------------------------------------------------
+
+
+@dataclass
+class Forwarding:
+    """The remote backends, the outbox that feeds them and the FHIR facade in front."""
+
+    router: Router
+    backends: dict[str, Backend]
+    dispatcher: Dispatcher | None = None
+    facade: Facade | None = None
+
+    async def close(self) -> None:
+        """Stop delivering (what is pending stays in the outbox), then the connections."""
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        for backend in self.backends.values():
+            try:
+                await backend.close()
+            except Exception as exc:  # one backend's close must not keep others open
+                log.warning("closing backend failed: %s", type(exc).__name__)
+
+
+FORWARDING = web.AppKey("forwarding", Forwarding)
+
+
+async def open_forwarding(settings: Settings, inbox: SqliteInbox,
+                          telemetry: Telemetry) -> Forwarding:
+    """Open every [[backends]] entry, start the outbox and build the FHIR facade."""
+    forwarding = Forwarding(build_router(settings), {})
+    try:
+        for config in settings.backends:
+            _warn_if_insecure(config)
+            if config.kind == "fhir":
+                forwarding.backends[config.name] = await FhirBackend.open(
+                    fhir_backend_spec(config), telemetry)
+            elif config.kind == "mllp":
+                forwarding.backends[config.name] = MllpBackend(mllp_backend_spec(config),
+                                                               telemetry)
+        if forwarding.backends:
+            forwarding.dispatcher = Dispatcher(
+                SqliteOutbox(inbox.connection), forwarding.backends,
+                {c.name: delivery_policy(c) for c in settings.backends},
+                telemetry, poll_interval=settings.forward.poll_interval)
+            await forwarding.dispatcher.start()
+        if forwarding.router.remote_types:
+            forwarding.facade = _facade(settings, forwarding)
+    except BaseException:
+        await forwarding.close()
+        raise
+    return forwarding
+
+
+def _facade(settings: Settings, forwarding: Forwarding) -> Facade:
+    remote = [c for c in settings.backends if c.kind == "fhir"]
+    # Each backend its own cache and lifetime; 0 turns caching off for that backend.
+    caches = {c.name: ReadCache(c.cache_ttl, c.cache_entries)
+              for c in remote if c.cache_ttl > 0 and c.cache_entries > 0}
+    shipped = settings.mapping.tables_dir or SHIPPED
+    normalizers = {c.name: load_vendor(c.vendor, shipped, settings.mapping.site_dir)
+                   for c in remote if c.vendor}
+    return Facade(forwarding.router,
+                  {name: backend for name, backend in forwarding.backends.items()
+                   if isinstance(backend, FhirBackend)}, caches, normalizers)
+
+
+def auth_spec(config: BackendAuthConfig) -> AuthSpec:
+    return AuthSpec(
+        kind=config.kind, client_id=config.client_id,
+        client_secret=(config.client_secret.get_secret_value()
+                       if config.client_secret is not None else None),
+        method=config.method, private_key_file=config.private_key_file,
+        algorithm=config.algorithm, key_id=config.key_id, token_url=config.token_url,
+        scopes=config.scopes, refresh_margin=config.refresh_margin, header=config.header,
+        key=config.key.get_secret_value() if config.key is not None else None)
+
+
+def fhir_backend_spec(config: BackendConfig) -> FhirBackendSpec:
+    return FhirBackendSpec(
+        name=config.name, base_url=config.base_url, auth=auth_spec(config.auth),
+        rate_limit=config.rate_limit, verify_tls=config.verify_tls,
+        allow_insecure_http=config.allow_insecure_http, ca_file=config.ca_file,
+        client_cert_file=config.client_cert_file, client_key_file=config.client_key_file,
+        connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+        max_concurrency=config.max_concurrency, max_retries=config.max_retries,
+        backoff_base=config.backoff_base, backoff_max=config.backoff_max,
+        max_retry_after=config.max_retry_after, breaker_failures=config.breaker_failures,
+        breaker_reset=config.breaker_reset)
+
+
+def mllp_backend_spec(config: BackendConfig) -> MllpBackendSpec:
+    return MllpBackendSpec(
+        name=config.name, host=config.host, port=config.port,
+        ssl_context=_mllp_client_context(config) if config.tls else None,
+        connect_timeout=config.connect_timeout, ack_timeout=config.read_timeout,
+        breaker_failures=config.breaker_failures, breaker_reset=config.breaker_reset,
+        rate_limit=config.rate_limit)
+
+
+def _mllp_client_context(config: BackendConfig) -> ssl.SSLContext:
+    """TLS >= 1.2 to a downstream MLLP system, verified unless explicitly allowed not to."""
+    context = ssl.create_default_context(
+        cafile=str(config.ca_file) if config.ca_file is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not config.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if config.client_cert_file is not None:
+        context.load_cert_chain(config.client_cert_file, config.client_key_file)
+    return context
+
+
+def delivery_policy(config: BackendConfig) -> DeliveryPolicy:
+    return DeliveryPolicy(
+        max_attempts=config.max_attempts, retry_base=config.backoff_base,
+        retry_max_delay=config.retry_max_delay, outbox_cap=config.outbox_cap,
+        concurrency=1 if config.kind == "mllp" else config.max_concurrency)
+
+
+async def _purge_delivered(outbox: SqliteOutbox, days: float) -> None:
+    while True:
+        try:
+            await outbox.purge_delivered(datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # retried in an hour
+            log.warning("outbox purge failed: %s", type(exc).__name__)
+        await asyncio.sleep(3600)

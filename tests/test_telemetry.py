@@ -119,8 +119,10 @@ async def test_metrics_count_answers_connections_and_skipped_bytes(tmp_path: Pat
                 for point in metric.data.data_points:
                     key = (metric.name, tuple(sorted(point.attributes.items())))
                     points[key] = getattr(point, "value", getattr(point, "count", 0))
-    assert points[("isthmus.mllp.messages", (("hl7.ack_code", "AA"),))] == 1
-    assert points[("isthmus.mllp.messages", (("hl7.ack_code", "AR"),))] == 1
+    assert points[("isthmus.mllp.messages",
+                   (("hl7.ack_code", "AA"), ("hl7.message_type", "ADT^A01")))] == 1
+    assert points[("isthmus.mllp.messages",
+                   (("hl7.ack_code", "AR"), ("hl7.message_type", "unknown")))] == 1
     assert points[("isthmus.mllp.skipped_bytes", ())] == len(b"junk!")
     assert points[("isthmus.mllp.connections", ())] == 0
     # Metric labels carry codes, never message content.

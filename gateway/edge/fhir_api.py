@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -26,6 +26,9 @@ from gateway.policy.profiles import tag_subsetted
 from gateway.store import StoreUnavailable
 from gateway.store.fhir import FhirStore, IdMatch, Match, ReferenceMatch, StoredResource
 from gateway.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from gateway.edge.fhir_proxy import Facade
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +69,18 @@ class FhirApi:
     capability: bytes = b""
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _audit_behind: bool = False
+    # Types routed to a remote FHIR backend are proxied by this (None: all local).
+    facade: Facade | None = None
 
     @classmethod
     def build(cls, store: FhirStore, registry: SearchRegistry, telemetry: Telemetry,
               limits: FhirLimits, profiles: Mapping[str, Profile],
-              audit: AuditLog | None, extra_types: Iterable[str] = ()) -> FhirApi:
+              audit: AuditLog | None, extra_types: Iterable[str] = (),
+              facade: Facade | None = None) -> FhirApi:
         types = frozenset(registry.types()) | frozenset(extra_types)
         api = cls(store, registry, telemetry, limits, profiles, audit, types)
         api.capability = orjson.dumps(capability_statement(registry, types))
+        api.facade = facade
         return api
 
     # -- who may do what --------------------------------------------------------------
@@ -179,6 +186,18 @@ class FhirApi:
         if elements:
             resource = _only_elements(resource, elements)
         return jsonio.dumps(resource)
+
+    def shaped_resource(self, principal: Principal, resource: dict[str, Any],
+                        elements: Sequence[str] | None = None) -> dict[str, Any]:
+        """A resource that is not stored here (a backend's answer) cut by the profile and
+        `_elements`, as `shaped` cuts stored bytes; the same object when neither applies."""
+        profile = self.profile(principal)
+        resource_type = str(resource.get("resourceType"))
+        if profile is not None and not profile.is_whole(resource_type):
+            resource = profile.filter(resource)
+        if elements:
+            resource = _only_elements(resource, elements)
+        return resource
 
     def base(self, request: web.Request) -> str:
         return self.limits.base_url.rstrip("/") or f"{request.scheme}://{request.host}/fhir"

@@ -7,7 +7,8 @@ the stored JSON bytes as they are; only a profile or `_elements` makes us parse 
 re-serialise. Every access is recorded in the audit trail before the answer leaves (fail
 closed: 503 if it cannot be recorded). Every refusal is an OperationOutcome, answered in
 one place (`errors` and `_refusal`), with no patient data in its text. The checks themselves
-(scopes, compartment, profile, audit) live in `fhir_api.FhirApi`.
+(scopes, compartment, profile, audit) live in `fhir_api.FhirApi`. A type routed to a remote
+FHIR backend is answered by `fhir_proxy` under the same checks, once the caller is known.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import orjson
@@ -63,6 +64,9 @@ from gateway.store.fhir import (
 )
 from gateway.telemetry import set_attributes
 
+if TYPE_CHECKING:
+    from gateway.edge.fhir_proxy import Remote
+
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
@@ -99,6 +103,22 @@ async def _call(request: web.Request, interaction: str, resource_type: str = "")
             "fhir.interaction": interaction, "fhir.resource_type": resource_type,
             "fhir.client_id": principal.client_id})
     return _Call(api, request, principal, interaction, resource_type)
+
+
+def _remote(call: _Call) -> Remote | None:
+    """The facade's proxy when a remote backend serves this request's type (fhir_proxy
+    applies the same policy there); None: the local store answers."""
+    facade = call.api.facade
+    return None if facade is None else facade.remote(call.resource_type, call.interaction)
+
+
+def _served_here(api: FhirApi, resource_type: str, interaction: str) -> None:
+    """Bundles are answered by the local store: an entry for a type a backend serves is
+    refused (the facade proxies single requests)."""
+    backend = api.facade.backend_for(resource_type, interaction) if api.facade else None
+    if backend is not None:
+        raise FhirError(400, f"{resource_type} is served by backend {backend.name}; send "
+                        "it on its own, not in a Bundle", code="not-supported")
 
 
 def _check_format(request: web.Request) -> None:
@@ -214,6 +234,8 @@ async def metadata(request: web.Request) -> web.Response:
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
 async def read(request: web.Request) -> web.StreamResponse:
     call = await _call(request, "read", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.read(call)
     elements = _elements_param(call)
     stored = await _readable(call, request.match_info["id"])
     etag = f'W/"{stored.version}"'
@@ -282,6 +304,8 @@ def _elements_param(call: _Call) -> list[str] | None:
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}/_history/{vid:\d{1,18}}")
 async def vread(request: web.Request) -> web.StreamResponse:
     call = await _call(request, "vread", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.vread(call)
     stored = await _readable(call, request.match_info["id"], int(request.match_info["vid"]))
     return _resource_answer(stored, call.api.shaped(call.principal, stored))
 
@@ -289,6 +313,8 @@ async def vread(request: web.Request) -> web.StreamResponse:
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}/_history")
 async def instance_history(request: web.Request) -> web.Response:
     call = await _call(request, "history", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.history(call)
     id_ = request.match_info["id"]
     api = call.api
     api.authorize(call.principal, "read", call.resource_type)
@@ -314,6 +340,8 @@ async def instance_history(request: web.Request) -> web.Response:
 @routes.get(r"/fhir/{type:[A-Z][A-Za-z]+}/_history")
 async def type_history(request: web.Request) -> web.Response:
     call = await _call(request, "history-type", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.history(call)
     call.api.authorize(call.principal, "search", call.resource_type)
     if call.api.confined_to(call.principal, call.resource_type) is not None:
         raise FhirError(403, "type history is not available to patient-level scopes")
@@ -443,6 +471,8 @@ async def search_post(request: web.Request) -> web.Response:
 
 
 async def _search(call: _Call, params: list[tuple[str, str]]) -> web.Response:
+    if (remote := _remote(call)) is not None:  # GET and POST _search alike
+        return await remote.search(call, params)
     api, principal, type_ = call.api, call.principal, call.resource_type
     api.authorize(principal, "search", type_)
     parsed = _parse(api, type_, params, _lenient(call.request))
@@ -591,6 +621,8 @@ def _search_access(call: _Call, params: Sequence[tuple[str, str]], parsed: Parse
 @routes.post(r"/fhir/{type:[A-Z][A-Za-z]+}")
 async def create(request: web.Request) -> web.Response:
     call = await _call(request, "create", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.create(call)
     resource = await _body(request, call.api.limits.max_body_bytes)
     _validated(resource, call.resource_type)
     resource.pop("id", None)  # FHIR R4 http.html#create: the server assigns the id
@@ -603,6 +635,8 @@ async def create(request: web.Request) -> web.Response:
 @routes.put(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
 async def update(request: web.Request) -> web.Response:
     call = await _call(request, "update", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.update(call)
     id_ = request.match_info["id"]
     resource = await _body(request, call.api.limits.max_body_bytes)
     _validated(resource, call.resource_type)
@@ -617,6 +651,8 @@ async def update(request: web.Request) -> web.Response:
 @routes.put(r"/fhir/{type:[A-Z][A-Za-z]+}")
 async def conditional_update(request: web.Request) -> web.Response:
     call = await _call(request, "update", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.conditional_update(call)
     params = tuple(request.query.items())
     if not params:
         raise FhirError(400, "a conditional update needs search parameters")
@@ -630,6 +666,8 @@ async def conditional_update(request: web.Request) -> web.Response:
 @routes.delete(r"/fhir/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-.]{1,64}}")
 async def delete(request: web.Request) -> web.Response:
     call = await _call(request, "delete", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.delete(call)
     id_ = request.match_info["id"]
     entry = Entry(0, "DELETE", call.resource_type, id_, (), None, None, _if_match(request),
                   (), f"{call.resource_type}/{id_}")
@@ -639,6 +677,8 @@ async def delete(request: web.Request) -> web.Response:
 @routes.delete(r"/fhir/{type:[A-Z][A-Za-z]+}")
 async def conditional_delete(request: web.Request) -> web.Response:
     call = await _call(request, "delete", request.match_info["type"])
+    if (remote := _remote(call)) is not None:
+        return await remote.conditional_delete(call)
     params = tuple(request.query.items())
     if not params:
         raise FhirError(400, "a conditional delete needs search parameters")
@@ -808,6 +848,8 @@ async def batch_or_transaction(request: web.Request) -> web.Response:
         where = f"Bundle.entry[{entry.index}]: "
         try:
             api.check_type(entry.resource_type)
+            _served_here(api, entry.resource_type, _INTERACTION.get(
+                entry.method, "read" if entry.id else "search"))
             if entry.method == "GET":
                 # A transaction is refused whole, before any write, for a read it may
                 # not make either.
@@ -885,6 +927,7 @@ async def _get_entry(call: _Call, entry: Entry) -> bytes:
                 "read" if entry.id else "search", entry.resource_type)
     try:
         call.api.check_type(entry.resource_type)
+        _served_here(call.api, entry.resource_type, sub.interaction)
         if entry.id is not None:
             stored = await _readable(sub, entry.id)
             body = call.api.shaped(call.principal, stored)
@@ -906,22 +949,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure under /fhir answers an OperationOutcome; others pass untouched."""
+    """Every failure under /fhir answers an OperationOutcome; others pass untouched.
+
+    Each request is counted and timed by method and status; with spans exported it gets a
+    `fhir.request` span, the child of the caller's W3C `traceparent` if it sent one."""
     if not request.path.startswith("/fhir"):
         return await handler(request)
     api = request.app.get(FHIR)
-    if api is None or not api.telemetry.recording:
-        try:  # no span to fill: no cost
+    if api is None:
+        try:
             return await handler(request)
         except Exception as exc:
             return _refusal(request, exc)
-    with api.telemetry.tracer.start_as_current_span("fhir.request",
-                                                    kind=trace.SpanKind.SERVER) as span:
+    telemetry = api.telemetry
+    counted = telemetry.fhir
+    started = counted.clock()
+    if not telemetry.recording:
+        try:  # no span to fill: no cost
+            response = await handler(request)
+        except Exception as exc:
+            response = _refusal(request, exc)
+        counted.request(request.method, response.status, started)
+        return response
+    # Only names and codes go on the span: never the query string (url.query) or ids.
+    with telemetry.tracer.start_as_current_span(
+            "fhir.request", context=telemetry.parent_context(request.headers),
+            kind=trace.SpanKind.SERVER) as span:
         try:
             response = await handler(request)
         except Exception as exc:
             response = _refusal(request, exc)
-        set_attributes(span, {"http.response.status_code": response.status})
+        set_attributes(span, {"http.request.method": counted.method_label(request.method),
+                              "http.response.status_code": response.status})
+        counted.request(request.method, response.status, started)
         return response
 
 

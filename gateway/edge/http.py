@@ -1,4 +1,4 @@
-"""HTTP routes of the edge that exist so far: liveness and readiness."""
+"""HTTP routes outside /fhir: liveness, readiness and the Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from aiohttp import web
 
 from gateway.edge.audit_http import AUDIT
 from gateway.store import SqliteInbox, StoreUnavailable
+from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 
 INBOX = web.AppKey("inbox", SqliteInbox)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 routes = web.RouteTableDef()
 
@@ -36,3 +38,14 @@ async def readyz(request: web.Request) -> web.Response:
         except StoreUnavailable:
             return web.json_response({"status": "audit trail not writable"}, status=503)
     return web.json_response({"status": "ready"})
+
+
+@routes.get("/metrics")
+async def prometheus(request: web.Request) -> web.Response:
+    """Metrics in the Prometheus text format, open like /healthz: counts and timings by
+    message type, ACK code, method and status, never message content."""
+    telemetry = request.app.get(TELEMETRY)
+    if telemetry is None or not telemetry.prometheus:
+        raise web.HTTPNotFound(text="metrics are not enabled (telemetry.prometheus)")
+    return web.Response(body=telemetry.render_prometheus(),
+                        headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})

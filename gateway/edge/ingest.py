@@ -128,11 +128,7 @@ class Ingest:
         self._strict = strict
         self._clock = clock
         self._control_ids = ControlIds()
-        meter = telemetry.meter
-        self._messages = meter.create_counter(
-            "isthmus.mllp.messages", description="MLLP messages answered, by ACK code")
-        self._bytes = meter.create_histogram(
-            "isthmus.mllp.message_bytes", unit="By", description="MLLP message sizes")
+        self._metrics = telemetry.ingest
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
                push: Push | None = None) -> asyncio.Future[Reply]:
@@ -143,6 +139,9 @@ class Ingest:
         """
         reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         span = self._span("mllp.message")
+        started = self._metrics.clock()
+        if self._metrics.enabled:
+            reply.add_done_callback(lambda _: self._metrics.since("total", started))
         try:
             self._handle(frame, peer, span, reply, push)
         except Exception as exc:
@@ -200,12 +199,14 @@ class Ingest:
 
     def _parse(self, frame: bytes, span: trace.Span) -> Message:
         child = self._span("hl7.parse", span)
+        started = self._metrics.clock()
         try:
             message = parse_message(frame, self._default_charset)
             message.header  # noqa: B018 - reading MSH is part of the parse step
             return message
         finally:
             child.end()
+            self._metrics.since("parse", started)
 
     def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
         header = message.header
@@ -259,6 +260,7 @@ class Ingest:
                     if targets.needs_bundle and translation is not None else None),
         )
         store_span = self._span("inbox.store", span)
+        store_started = self._metrics.clock()
         stored = self._inbox.submit(inbound)
         audited = None
         if self._audit is not None:
@@ -281,6 +283,7 @@ class Ingest:
 
         def answer(done: asyncio.Future[Stored]) -> None:
             store_span.end()
+            self._metrics.since("store", store_started)
             unrecorded = audited is not None and _failed(audited)
             try:
                 result = done.result()
@@ -302,7 +305,8 @@ class Ingest:
                                   "hl7.duplicate": result.duplicate})
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
-            self._finish(span, reply, result.ack if send else None, code, len(frame))
+            self._finish(span, reply, result.ack if send else None, code, len(frame),
+                         header.message_type)
             if not result.duplicate:
                 if targets.remote and self._outbox is not None:
                     self._outbox.queued(targets.remote)
@@ -359,6 +363,7 @@ class Ingest:
         if self._translator is None:
             return ACCEPTED, None, None
         child = self._span("mapping.translate", span)
+        started = self._metrics.clock()
         try:
             translation = self._translator.translate(message, now)
             if self._strict:
@@ -377,6 +382,7 @@ class Ingest:
                                     "internal error while translating"), None
         finally:
             child.end()
+            self._metrics.since("translate", started)
         if self._recording:
             set_attributes(span, {"mapping.status": TRANSLATED,
                                   "mapping.resources": len(translation.resources),
@@ -412,8 +418,9 @@ class Ingest:
         send = not enhanced or should_send_accept_ack(
             header.accept_ack_type if header else "", code)
         ack = text.encode(charset, "replace") if send else None
+        message_type = header.message_type if header else ""
         if self._audit is None or peer is None:
-            self._finish(span, reply, ack, code, 0)
+            self._finish(span, reply, ack, code, 0, message_type)
             return
         try:
             audited = self._audit.submit(message_access(
@@ -423,13 +430,13 @@ class Ingest:
         except Exception as exc:  # the refusal goes out regardless: it grants nothing
             log.error("could not record a refused MLLP message: %s at %s",
                       type(exc).__name__, _where(exc))
-            self._finish(span, reply, ack, code, 0)
+            self._finish(span, reply, ack, code, 0, message_type)
             return
         # A refusal grants no access, so it goes out even if its record fails (logged by
         # the audit writer); it waits only to keep the record before the answer.
         def recorded(done: asyncio.Future[tuple[int, bytes]]) -> None:
             _failed(done)
-            self._finish(span, reply, ack, code, 0)
+            self._finish(span, reply, ack, code, 0, message_type)
 
         audited.add_done_callback(recorded)
 
@@ -438,19 +445,19 @@ class Ingest:
                   now: datetime) -> str:
         delimiters: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
         child = self._span("mllp.ack", span)
+        started = self._metrics.clock()
         try:
             return build_ack(header, code, errors, control_id=self._control_ids.next(),
                              now=now, delimiters=delimiters)
         finally:
             child.end()
+            self._metrics.since("ack", started)
 
     def _finish(self, span: trace.Span, reply: asyncio.Future[Reply], ack: Reply, code: str,
-                size: int) -> None:
+                size: int, message_type: str = "") -> None:
         outcome = "rejected" if code in (APPLICATION_REJECT, COMMIT_REJECT) else code
         set_attributes(span, {"hl7.ack_code": code, "outcome": outcome})
-        self._messages.add(1, {"hl7.ack_code": code})
-        if size:
-            self._bytes.record(size)
+        self._metrics.message(message_type, code, size)
         span.end()
         if not reply.done():
             reply.set_result(ack)

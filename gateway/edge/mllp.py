@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, cast
 
 from opentelemetry import metrics
@@ -59,6 +60,29 @@ class MllpServer:
         self._skipped = meter.create_counter(
             "isthmus.mllp.skipped_bytes", unit="By",
             description="bytes received outside MLLP frames (discarded)")
+        self._paused = meter.create_counter(
+            "isthmus.mllp.backpressure_pauses",
+            description="times a connection stopped being read until its ACKs caught up")
+        # Read when metrics are collected, so the hot path pays nothing for them.
+        meter.create_observable_gauge(
+            "isthmus.mllp.in_flight", callbacks=[self._observe_in_flight],
+            description="MLLP messages received and not yet answered")
+        meter.create_observable_gauge(
+            "isthmus.mllp.buffered_bytes", callbacks=[self._observe_buffered], unit="By",
+            description="bytes of unfinished MLLP frames held across all connections")
+
+    def _observe_in_flight(self, options: metrics.CallbackOptions
+                           ) -> Iterable[metrics.Observation]:
+        # May run on an exporter's thread: list() copies the set in one step.
+        return [metrics.Observation(sum(conn.in_flight for conn in list(self._connections)))]
+
+    def _observe_buffered(self, options: metrics.CallbackOptions
+                          ) -> Iterable[metrics.Observation]:
+        return [metrics.Observation(self.buffered_bytes)]
+
+    def paused(self) -> None:
+        """A connection stopped being read (backpressure)."""
+        self._paused.add(1)
 
     @property
     def ingest(self) -> Ingest:
@@ -238,11 +262,16 @@ class MllpConnection(asyncio.Protocol):
         if should_pause and not self._reading_paused:
             self._transport.pause_reading()
             self._reading_paused = True
+            self._server.paused()
         elif not should_pause and self._reading_paused:
             self._transport.resume_reading()
             self._reading_paused = False
 
     # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._replies)
 
     @property
     def busy(self) -> bool:

@@ -43,6 +43,8 @@ OUTBOUND_FILE = "outbound.csv"
 OUTBOUND_FOLDER = "outbound"
 # FHIR search parameter definitions: read by gateway.fhir.search, not a v2 mapping table.
 SEARCH_FILE = "search-parameters.csv"
+# FHIR backends' vendor normalisation tables: read by gateway.forward.normalize.
+VENDORS_FOLDER = "vendors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,7 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
     for relative, path in sorted(table_files(directory, site).items()):
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
             continue  # FHIR -> v2 message definitions: read by gateway.mapping.outbound
-        if relative == SEARCH_FILE:
+        if relative == SEARCH_FILE or relative.startswith(VENDORS_FOLDER + "/"):
             continue
         try:
             _read_table(tables, relative, path)

@@ -1,0 +1,252 @@
+"""Forwarding end to end: HL7 in over MLLP, out to a remote FHIR server or MLLP system.
+
+A real gateway (in this event loop) with [[backends]] and [[routes]] configured, a fake EHR
+(aiohttp on 127.0.0.1) and a fake downstream MLLP system. What is checked is what the
+issue promises: every accepted write arrives exactly once, in per-patient order, after an
+outage; the sender gets AR rather than an ACK for what the outbox cannot hold; the span
+tree of one message runs from the MLLP edge to the backend attempt, without PHI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fake_ehr import FakeEhr
+from fake_mllp import FakeMllp
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from conftest import MllpPeer, RunningGateway, message, segments, start_gateway
+from gateway.app import FORWARDING
+from gateway.forward.outbox import Dispatcher
+from gateway.store.inbox import ROUTED
+from gateway.store.outbox import SqliteOutbox
+from gateway.telemetry import configure
+
+ADT = message("adt_a01.hl7")
+CANARY_ADT = message("canary_adt_a01.hl7")
+CANARIES = ("QZXCANARYFAM", "WQVCANARYGIV", "MRNCANARY77123", "qzx.canary", "19110317",
+            "0173344", "Qzxcanary Lane")
+
+
+def _fhir_backend(fake: FakeEhr, **extra: Any) -> dict[str, Any]:
+    return {"name": "ehr", "kind": "fhir", "base_url": fake.url, "backoff_base": 0.02,
+            "retry_max_delay": 0.3, "breaker_reset": 0.2, "max_attempts": 1000, **extra}
+
+
+def _dispatcher(running: RunningGateway) -> Dispatcher:
+    dispatcher = running.app[FORWARDING].dispatcher
+    assert dispatcher is not None
+    return dispatcher
+
+
+def _adt(patient: int, sequence: int) -> bytes:
+    """adt_a01.hl7 for synthetic patient `patient`, control id naming both numbers."""
+    text = ADT.replace(b"MRN-100001", f"MRN-{patient:06d}".encode())
+    return text.replace(b"CTRL-ADT-0001", f"CTRL-P{patient:03d}-{sequence:05d}".encode())
+
+
+async def _send_all(port: int, messages: list[bytes], window: int = 64) -> list[str]:
+    """Send over one connection, `window` frames in flight; the ACK codes in order."""
+    peer = await MllpPeer.open(port)
+    codes: list[str] = []
+    try:
+        for start in range(0, len(messages), window):
+            chunk = messages[start:start + window]
+            for item in chunk:
+                await peer.send(item)
+            for _ in chunk:
+                codes.append(segments(await peer.reply(timeout=30))["MSA"][0][1])
+    finally:
+        await peer.close()
+    return codes
+
+
+async def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_adt_reaches_the_fhir_backend_once_and_the_local_store(tmp_path: Path) -> None:
+    async with FakeEhr() as fake:
+        running = await start_gateway(
+            tmp_path / "var", backends=[_fhir_backend(fake)],
+            routes=[{"match": {"message": "ADT^*"}, "to": ["ehr", "local"]}])
+        try:
+            peer = await MllpPeer.open(running.mllp_port)
+            assert segments(await peer.request(ADT))["MSA"][0][1] == "AA"
+            # The same control id again is a duplicate: same ACK, no second delivery.
+            assert segments(await peer.request(ADT))["MSA"][0][1] == "AA"
+            await peer.close()
+            await _dispatcher(running).drain(10)
+            assert len(fake.transactions) == 1
+            received = fake.transactions[0]
+            assert received.request_id == "isthmus-outbox-1"
+            assert received.bundle["type"] == "transaction"
+            types = {e["resource"]["resourceType"] for e in received.bundle["entry"]}
+            assert {"Patient", "Encounter", "Provenance"} <= types
+            entries = await running.inbox.list()
+            assert [e.status for e in entries] == ["applied"]
+        finally:
+            await running.runner.cleanup()
+
+
+async def test_a_route_without_local_leaves_the_store_alone(tmp_path: Path) -> None:
+    async with FakeEhr() as fake:
+        running = await start_gateway(
+            tmp_path / "var", backends=[_fhir_backend(fake)],
+            routes=[{"match": {"message": "ADT^*", "sender": "SYNTH*"}, "to": ["ehr"]}])
+        try:
+            codes = await _send_all(running.mllp_port, [ADT])
+            assert codes == ["AA"]
+            await _dispatcher(running).drain(10)
+            assert len(fake.transactions) == 1
+            assert [e.status for e in await running.inbox.list()] == [ROUTED]
+            async with __import__("aiohttp").ClientSession() as http:
+                # Nothing was applied locally: the local store has no Patient.
+                async with http.get(f"{running.http_url}/fhir/Patient",
+                                    headers={"X-API-Key": "none"}) as answer:
+                    assert answer.status in (401, 403)
+        finally:
+            await running.runner.cleanup()
+
+
+async def test_results_go_to_a_downstream_mllp_system_under_our_control_id(
+        tmp_path: Path) -> None:
+    lab = await FakeMllp().start()
+    running = await start_gateway(
+        tmp_path / "var",
+        backends=[{"name": "lab", "kind": "mllp", "host": "127.0.0.1", "port": lab.port}],
+        routes=[{"match": {"message": "ADT^A01"}, "to": ["lab"]}])
+    try:
+        assert await _send_all(running.mllp_port, [ADT, _adt(2, 1)]) == ["AA", "AA"]
+        await _dispatcher(running).drain(10)
+        assert lab.control_ids == ["ISM00000000000000001", "ISM00000000000000002"]
+        # Everything but MSH-10 is passed on as received.
+        assert lab.received[0].raw.replace(b"ISM00000000000000001", b"CTRL-ADT-0001") == ADT
+    finally:
+        await running.runner.cleanup()
+        await lab.stop()
+
+
+async def test_a_full_outbox_answers_ar_and_keeps_what_it_accepted(tmp_path: Path) -> None:
+    fake = FakeEhr()
+    await fake.start()
+    await fake.stop()  # the EHR is down from the start
+    running = await start_gateway(
+        tmp_path / "var", backends=[_fhir_backend(fake, outbox_cap=3)],
+        routes=[{"match": {"message": "ADT^*"}, "to": ["ehr"]}])
+    try:
+        codes = await _send_all(running.mllp_port, [_adt(i, 1) for i in range(5)], window=1)
+        assert codes == ["AA", "AA", "AA", "AR", "AR"]
+        await fake.start()
+        # Rows wait out their backoff: wait for the deliveries, not just what is due now.
+        await _wait_for(lambda: _dispatcher(running).pending("ehr") == 0, 20, "delivery")
+        delivered = sorted(re.search(rb"CTRL-P(\d+)", t.body).group(1)  # type: ignore[union-attr]
+                           for t in fake.transactions)
+        assert delivered == [b"000", b"001", b"002"]
+        # Room again: the resend of a refused message is taken.
+        assert await _send_all(running.mllp_port, [_adt(3, 1)]) == ["AA"]
+    finally:
+        await running.runner.cleanup()
+        await fake.stop()
+
+
+@pytest.mark.slow
+async def test_5000_writes_queued_in_an_outage_arrive_exactly_once_in_patient_order(
+        tmp_path: Path) -> None:
+    fake = FakeEhr()
+    await fake.start()
+    await fake.stop()
+    patients, per_patient, connections = 50, 100, 5
+    running = await start_gateway(
+        tmp_path / "var", backends=[_fhir_backend(fake)],
+        routes=[{"match": {"message": "ADT^*"}, "to": ["ehr"]}],
+        **{"audit.enabled": False})
+    try:
+        # Each patient's messages go over one connection, in sequence order.
+        lanes: list[list[bytes]] = [[] for _ in range(connections)]
+        for sequence in range(per_patient):
+            for patient in range(patients):
+                lanes[patient % connections].append(_adt(patient, sequence))
+        results = await asyncio.gather(*(_send_all(running.mllp_port, lane)
+                                         for lane in lanes))
+        assert all(code == "AA" for codes in results for code in codes)
+        outbox = SqliteOutbox(running.inbox.connection)
+        assert await outbox.count_pending("ehr") == patients * per_patient
+        await fake.start()  # the EHR comes back
+        await _wait_for(lambda: len(fake.transactions) >= patients * per_patient, 120,
+                        "the drain")
+        await _dispatcher(running).drain(10)
+        assert await outbox.count_pending("ehr") == 0
+        bodies = [t.body for t in fake.transactions]
+        ids = [t.request_id for t in fake.transactions]
+        assert len(bodies) == patients * per_patient
+        assert len(set(ids)) == len(ids)  # exactly once
+        order: dict[int, list[int]] = defaultdict(list)
+        for body in bodies:
+            found = re.search(rb"CTRL-P(\d{3})-(\d{5})", body)
+            assert found is not None
+            order[int(found.group(1))].append(int(found.group(2)))
+        assert all(order[p] == list(range(per_patient)) for p in range(patients))
+    finally:
+        await running.runner.cleanup()
+        await fake.stop()
+
+
+async def test_one_message_span_tree_reaches_the_backend_without_phi(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = configure("none", span_exporter=exporter)
+    caplog.set_level(logging.DEBUG)
+    async with FakeEhr() as fake:
+        running = await start_gateway(
+            tmp_path / "var", telemetry, backends=[_fhir_backend(fake)],
+            routes=[{"match": {"message": "ADT^A01"}, "to": ["ehr"]}],
+            **{"log.level": "debug"})
+        try:
+            assert await _send_all(running.mllp_port, [CANARY_ADT]) == ["CA"]  # enhanced
+            await _dispatcher(running).drain(10)
+        finally:
+            await running.runner.cleanup()
+        spans = exporter.get_finished_spans()
+        root = next(s for s in spans if s.name == "mllp.message")
+        trace_id = root.context.trace_id
+        tree = [s for s in spans if s.context.trace_id == trace_id]
+        names = {s.name for s in tree}
+        assert {"mllp.message", "hl7.parse", "mapping.translate", "inbox.store",
+                "audit.append", "forward.attempt"} <= names
+        attempt = next(s for s in tree if s.name == "forward.attempt")
+        assert attempt.parent is not None and attempt.parent.span_id == root.context.span_id
+        assert attempt.attributes is not None
+        assert attempt.attributes["forward.backend"] == "ehr"
+        assert attempt.attributes["forward.attempt"] == 1
+        assert attempt.attributes["http.response.status_code"] == 200
+        # The EHR got the trace: its request's traceparent carries our trace id.
+        traceparent = fake.transactions[0].traceparent
+        assert traceparent is not None and f"{trace_id:032x}" in traceparent
+        exported = orjson.dumps([dict(s.attributes or {}) for s in spans]).decode()
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        for canary in CANARIES:
+            assert canary not in exported
+            assert canary not in logged
+
+
+async def test_plain_http_backend_is_warned_about_at_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    running = await start_gateway(tmp_path / "var", backends=[
+        {"name": "far", "kind": "fhir", "base_url": "http://ehr.invalid/fhir",
+         "allow_insecure_http": True}])
+    await running.runner.cleanup()
+    assert any("backend 'far'" in r.getMessage() and "allow_insecure_http" in r.getMessage()
+               for r in caplog.records)
