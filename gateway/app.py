@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
 from gateway.forward.backend import Backend
 from gateway.forward.cache import ReadCache
-from gateway.forward.fhir_backend import FhirBackend, FhirBackendSpec
+from gateway.forward.fhir_backend import FhirBackend, FhirBackendSpec, client_tls_context
 from gateway.forward.local import LocalApplier
 from gateway.forward.mllp_backend import MllpBackend, MllpBackendSpec
 from gateway.forward.normalize import load_vendor
@@ -504,23 +503,12 @@ def fhir_backend_spec(config: BackendConfig) -> FhirBackendSpec:
 def mllp_backend_spec(config: BackendConfig) -> MllpBackendSpec:
     return MllpBackendSpec(
         name=config.name, host=config.host, port=config.port,
-        ssl_context=_mllp_client_context(config) if config.tls else None,
+        ssl_context=client_tls_context(config.ca_file, config.verify_tls,
+                                       config.client_cert_file, config.client_key_file)
+        if config.tls else None,
         connect_timeout=config.connect_timeout, ack_timeout=config.read_timeout,
         breaker_failures=config.breaker_failures, breaker_reset=config.breaker_reset,
         rate_limit=config.rate_limit)
-
-
-def _mllp_client_context(config: BackendConfig) -> ssl.SSLContext:
-    """TLS >= 1.2 to a downstream MLLP system, verified unless explicitly allowed not to."""
-    context = ssl.create_default_context(
-        cafile=str(config.ca_file) if config.ca_file is not None else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not config.verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if config.client_cert_file is not None:
-        context.load_cert_chain(config.client_cert_file, config.client_key_file)
-    return context
 
 
 def delivery_policy(config: BackendConfig) -> DeliveryPolicy:

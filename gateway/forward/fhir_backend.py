@@ -113,14 +113,23 @@ def client_ssl_context(spec: FhirBackendSpec) -> ssl.SSLContext | None:
 
 
 def _tls_context(spec: FhirBackendSpec) -> ssl.SSLContext:
+    return client_tls_context(spec.ca_file, spec.verify_tls, spec.client_cert_file,
+                              spec.client_key_file)
+
+
+def client_tls_context(ca_file: Path | None, verify: bool = True,
+                       client_cert_file: Path | None = None,
+                       client_key_file: Path | None = None) -> ssl.SSLContext:
+    """A client TLS context for any backend (FHIR or MLLP): TLS >= 1.2, the server verified
+    against the system store or `ca_file` unless `verify` is off, a certificate for mTLS."""
     context = ssl.create_default_context(
-        cafile=str(spec.ca_file) if spec.ca_file is not None else None)
+        cafile=str(ca_file) if ca_file is not None else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not spec.verify_tls:
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    if spec.client_cert_file is not None:
-        context.load_cert_chain(spec.client_cert_file, spec.client_key_file)
+    if client_cert_file is not None:
+        context.load_cert_chain(client_cert_file, client_key_file)
     return context
 
 
