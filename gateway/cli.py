@@ -282,7 +282,7 @@ def _readable(raw: bytes) -> str:
 
 
 def _inbox_replay(args: argparse.Namespace) -> int:
-    from gateway.app import load_translator
+    from gateway.app import build_router, load_translator
     from gateway.store.inbox import read_raw, record_outcomes
 
     settings = _settings(args, **{"store.data_dir": args.data_dir})
@@ -294,33 +294,54 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     if not rows and not args.failed:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
-    outcomes = [(row_id, *_replay_one(translator, raw)) for row_id, raw in rows]
+    router = build_router(settings) if settings.routes else None
+    outcomes = [_replay_one(translator, router, row_id, raw, received)
+                for row_id, raw, received in rows]
     refused = _record_accesses(args, [
-        _message_access("translate", row_id, raw, outcome=status)
-        for (row_id, raw), (_, status, _) in zip(rows, outcomes, strict=True)])
+        _message_access("translate", row_id, raw, outcome=outcome.status)
+        for (row_id, raw, _), outcome in zip(rows, outcomes, strict=True)])
     if refused is not None:
         print(f"isthmus inbox replay: {refused}; nothing was replayed", file=sys.stderr)
         return 1
     asyncio.run(record_outcomes(path, outcomes))
-    for row_id, status, error in outcomes:
-        print(f"{row_id} {status}" + (f" {error}" if error else ""))
-    return 0 if all(status == "translated" for _, status, _ in outcomes) else 1
+    for outcome in outcomes:
+        routed = f" -> {', '.join(outcome.routes)}" if outcome.routes else ""
+        print(f"{outcome.inbox_id} {outcome.status}"
+              + (f" {outcome.error}" if outcome.error else "") + routed)
+    return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
 
 
-def _replay_one(translator: Any, raw: bytes) -> tuple[str, str]:
+def _replay_one(translator: Any, router: Any, inbox_id: int, raw: bytes,
+                received: Any) -> Any:
+    """Translate a stored message again (as received); where its route now sends it: the
+    local store (status translated, applied by the gateway's sweep) and the FHIR backends
+    that could not take it untranslated (their Bundle and outbox rows)."""
+    from gateway.edge.ingest import patient_key
+    from gateway.fhir.bundle import dumps, to_bundle
     from gateway.hl7.errors import Hl7Error
     from gateway.hl7.message import parse_message
     from gateway.mapping.errors import TranslationError, UnsupportedMessage
+    from gateway.store.inbox import ROUTED, TRANSLATED, Replayed
 
     try:
-        translator.translate(parse_message(raw))
+        message = parse_message(raw)
+        translation = translator.translate(message, received)
     except UnsupportedMessage as exc:
-        return "unsupported", exc.safe_text
+        return Replayed(inbox_id, "unsupported", exc.safe_text)
     except TranslationError as exc:
-        return "failed", exc.safe_text
+        return Replayed(inbox_id, "failed", exc.safe_text)
     except Hl7Error as exc:
-        return "failed", exc.reason
-    return "translated", ""
+        return Replayed(inbox_id, "failed", exc.reason)
+    if router is None:
+        return Replayed(inbox_id, TRANSLATED)
+    header = message.header
+    targets = router.for_message(header.message_type, header.sending_application,
+                                 header.sending_facility)
+    owed = tuple(n for n in targets.remote
+                 if n not in router.untranslated(targets).remote)
+    return Replayed(inbox_id, TRANSLATED if targets.local else ROUTED, routes=owed,
+                    patient_key=patient_key(message) if owed else "",
+                    bundle=dumps(to_bundle(translation)) if owed else None)
 
 
 def _tables_or_exit(load: Any) -> Any:

@@ -300,3 +300,41 @@ async def test_a_crash_mid_drain_loses_nothing_and_keeps_patient_order(tmp_path:
         assert len(arrivals[patient]) - per_patient <= 1
     assert all(len(ids) == 1 for ids in request_ids.values())  # same row, same id
     assert len(fake.transactions) - expected <= 8  # at most the deliveries in flight
+
+
+async def test_a_replayed_message_is_forwarded_to_the_fhir_backend_its_route_names(
+        tmp_path: Path) -> None:
+    """An unmapped message cannot go to a FHIR backend; once a site table maps it,
+    `isthmus inbox replay` owes the backend its Bundle and the running gateway sends it
+    (and not to the local store, which the route leaves out)."""
+    from test_cli import isthmus
+
+    unsupported = (_adt(7, 1).replace(b"ADT^A01^ADT_A01", b"ADT^A17")
+                   .replace(b"EVN|A01", b"EVN|A17"))
+    async with FakeEhr() as fake:
+        config = tmp_path / "isthmus.toml"
+        config.write_text(
+            f'[[backends]]\nname = "ehr"\nkind = "fhir"\nbase_url = "{fake.url}"\n'
+            '[[routes]]\nmatch = { message = "ADT^*" }\nto = ["ehr"]\n'
+            '[forward]\npoll_interval = 0.1\n')
+        settings = {"backends": [{"name": "ehr", "kind": "fhir", "base_url": fake.url}],
+                    "routes": [{"match": {"message": "ADT^*"}, "to": ["ehr"]}],
+                    "forward.poll_interval": 0.1}
+        running = await start_gateway(tmp_path / "var", **settings)
+        try:
+            assert await _send_all(running.mllp_port, [unsupported]) == ["AA"]
+            assert [e.status for e in await running.inbox.list()] == ["unsupported"]
+            site = tmp_path / "site"
+            site.mkdir()
+            events = (Path(__file__).parent.parent / "mappings" / "events.csv").read_text()
+            (site / "events.csv").write_text(events.rstrip("\n") + "\nADT^A17,ADT_A01,swap\n")
+            code, out, err = await isthmus(
+                "--config", str(config), "inbox", "--data-dir", str(running.data_dir),
+                "replay", "--failed", env={"ISTHMUS_MAPPING__SITE_DIR": str(site)})
+            assert code == 0, err
+            assert out.strip() == "1 routed -> ehr"
+            await _wait_for(lambda: len(fake.transactions) == 1, 10, "the replayed delivery")
+            assert b"CTRL-P007-00001" in fake.transactions[0].body
+            assert [e.status for e in await running.inbox.list()] == [ROUTED]
+        finally:
+            await running.runner.cleanup()

@@ -445,24 +445,56 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 
 
 async def read_raw(path: Path, ids: Sequence[int] | None,
-                   statuses: Sequence[str] = REPLAYABLE) -> list[tuple[int, bytes]]:
-    """(id, raw message) for the given ids, or for every row in `statuses` (ids None)."""
+                   statuses: Sequence[str] = REPLAYABLE) -> _RawRows:
+    """(id, raw message, received at) for the given ids, or for every row in `statuses`
+    (ids None)."""
     async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
         if ids is not None:
             marks = ",".join("?" * len(ids))
             rows = await db.execute_fetchall(
-                f"SELECT id, raw FROM inbox WHERE id IN ({marks}) ORDER BY id", list(ids))
+                f"SELECT id, raw, received_at FROM inbox WHERE id IN ({marks}) ORDER BY id",
+                list(ids))
         else:
             marks = ",".join("?" * len(statuses))
             rows = await db.execute_fetchall(
-                f"SELECT id, raw FROM inbox WHERE status IN ({marks}) ORDER BY id",
-                list(statuses))
-        return [(int(row_id), bytes(raw)) for row_id, raw in rows]
+                f"SELECT id, raw, received_at FROM inbox WHERE status IN ({marks}) "
+                "ORDER BY id", list(statuses))
+        return [(int(row_id), bytes(raw), _parse_timestamp(str(received)))
+                for row_id, raw, received in rows]
 
 
-async def record_outcomes(path: Path, outcomes: Sequence[tuple[int, str, str]]) -> None:
-    """Set (id, status, error) after a replay, in one transaction (beside a live gateway)."""
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A replay's outcome for one row, and what it now owes remote backends: the Bundle
+    for the FHIR backends its route names (they could not take it untranslated)."""
+
+    inbox_id: int
+    status: str
+    error: str = ""
+    routes: tuple[str, ...] = ()
+    patient_key: str = ""
+    bundle: bytes | None = None
+
+
+async def record_outcomes(path: Path, outcomes: Sequence[Replayed]) -> None:
+    """Record replays in one transaction (beside a live gateway): status and error, and
+    for a row now owed to remote backends its Bundle and their outbox rows (a row that
+    already has one for a backend keeps it: the UNIQUE key ignores the second)."""
     async with aiosqlite.connect(path, timeout=30) as db:
         await db.executemany("UPDATE inbox SET status = ?, error = ? WHERE id = ?",
-                             [(status, error, row_id) for row_id, status, error in outcomes])
+                             [(o.status, o.error, o.inbox_id) for o in outcomes])
+        routed = [o for o in outcomes if o.routes]
+        await db.executemany(
+            "UPDATE inbox SET bundle = ?, patient_key = ? WHERE id = ?",
+            [(o.bundle, o.patient_key, o.inbox_id) for o in routed])
+        now = _timestamp(datetime.now(UTC))
+        await db.executemany(
+            "INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (inbox_id, backend) DO NOTHING",
+            [(o.inbox_id, backend, o.patient_key, now, now)
+             for o in routed for backend in o.routes])
         await db.commit()
+
+
+def _parse_timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
