@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck pytest bench bench-translate bench-audit bench-fhir clean
+.PHONY: run test lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-audit: $(STAMP_RUN)
 
 bench-fhir: $(STAMP_RUN)
 	$(BIN)/python bench/fhir_rest.py
+
+bench-forward: $(STAMP_RUN)
+	$(BIN)/python bench/forward.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
