@@ -15,10 +15,13 @@ from typing import Any
 
 import orjson
 
-# A digit, then a fraction or an exponent: a number orjson would turn into a float. It
-# may also match inside a string (an OID such as 2.16.840.1): that only costs the slower
-# parse, never a wrong value.
-_FLOATISH = re.compile(rb"[0-9](?:\.[0-9]|[eE][-+]?[0-9])")
+# A JSON number with a fraction or an exponent, where a value stands (after `:`, `[` or
+# `,`, before `,`, `}` or `]`): what orjson would turn into a float. OIDs in strings
+# ("urn:oid:2.16.840.1") do not fit, as their dots run on; text that happens to fit only
+# costs the slower parse, never a wrong value.
+_FLOATISH = re.compile(
+    rb"(?:^|[:\[,])\s*-?[0-9]+(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)"
+    rb"\s*(?:[,}\]]|$)")
 
 
 def loads(body: bytes) -> Any:
