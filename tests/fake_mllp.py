@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class FakeMllp:
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    ssl_context: ssl.SSLContext | None = None  # MLLP over TLS (and mTLS if it asks)
 
     def script(self, *modes: str) -> None:
         """The next messages are answered in these modes, in order."""
@@ -72,7 +74,8 @@ class FakeMllp:
         return self._server is not None
 
     async def start(self) -> FakeMllp:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                  ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import test_mllp_tls
 from fake_ehr import FakeEhr
 from fake_mllp import FakeMllp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_mllp_tls import Pki
 
 from conftest import GatewayProcess, MllpPeer, RunningGateway, message, segments, start_gateway
 from gateway.app import FORWARDING
@@ -28,6 +31,8 @@ from gateway.forward.outbox import Dispatcher
 from gateway.store.inbox import ROUTED
 from gateway.store.outbox import SqliteOutbox
 from gateway.telemetry import configure
+
+pki = test_mllp_tls.pki  # the session's throwaway PKI fixture
 
 ADT = message("adt_a01.hl7")
 CANARY_ADT = message("canary_adt_a01.hl7")
@@ -338,3 +343,35 @@ async def test_a_replayed_message_is_forwarded_to_the_fhir_backend_its_route_nam
             assert [e.status for e in await running.inbox.list()] == [ROUTED]
         finally:
             await running.runner.cleanup()
+
+
+async def test_an_mllp_backend_over_mtls(tmp_path: Path, pki: Pki) -> None:
+    """`tls = true` with a private CA and a client certificate: delivered; the same
+    backend without the certificate is refused by the peer and the row stays pending."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki.ca)
+    server.load_cert_chain(pki.server_cert, pki.server_key)
+    server.verify_mode = ssl.CERT_REQUIRED
+    lab = await FakeMllp(ssl_context=server).start()
+    backend = {"name": "lab", "kind": "mllp", "host": "127.0.0.1", "port": lab.port,
+               "tls": True, "ca_file": str(pki.ca), "read_timeout": 2, "backoff_base": 0.05}
+    route = [{"match": {"message": "ADT^*"}, "to": ["lab"]}]
+    try:
+        running = await start_gateway(tmp_path / "a", routes=route, backends=[
+            {**backend, "client_cert_file": str(pki.lab_cert),
+             "client_key_file": str(pki.lab_key)}])
+        try:
+            assert await _send_all(running.mllp_port, [ADT]) == ["AA"]
+            await _wait_for(lambda: len(lab.received) == 1, 10, "the TLS delivery")
+        finally:
+            await running.runner.cleanup()
+        running = await start_gateway(tmp_path / "b", routes=route, backends=[backend])
+        try:
+            assert await _send_all(running.mllp_port, [_adt(2, 1)]) == ["AA"]
+            await asyncio.sleep(0.5)
+            outbox = SqliteOutbox(running.inbox.connection)
+            assert await outbox.count_pending("lab") == 1
+            assert len(lab.received) == 1
+        finally:
+            await running.runner.cleanup()
+    finally:
+        await lab.stop()
