@@ -95,6 +95,10 @@ class _Worker:
         # Pending rows in the store (for the cap and the depth gauge), and the oldest's
         # creation time (unix), both re-read at every poll.
         self.count = 0
+        # Rows queued ever: a poll whose count read overlapped a commit keeps the running
+        # count (the read may or may not hold the new rows: counting both would make
+        # `full()` answer AR early).
+        self._queued_total = 0
         self.oldest: float | None = None
         # The rows in memory: the highest id read, whether the store may hold more after
         # it, and the rows themselves, per patient key in id order. A patient's first row
@@ -126,6 +130,7 @@ class _Worker:
 
     def queued(self) -> None:
         self.count += 1
+        self._queued_total += 1
         self._more = True
         self._wake.set()
 
@@ -214,7 +219,10 @@ class _Worker:
         # loop, awaiting this, starts no write meanwhile).
         settled = self._flushing is None
         try:
-            self.count = await self._outbox.count_pending(self.name)
+            queued_before = self._queued_total
+            count = await self._outbox.count_pending(self.name)
+            if self._queued_total == queued_before:
+                self.count = count
             self.oldest = await self._outbox.oldest_pending(self.name) if self.count else None
             if self._cursor and settled:
                 known = await self._outbox.count_pending(self.name, self._cursor)
