@@ -909,3 +909,24 @@ async def test_concurrent_identical_reads_all_answer(rig: Rig) -> None:
     answers = await asyncio.gather(*(rig.call("GET", "/fhir/Appointment/appt-1")
                                      for _ in range(10)))
     assert all(a.status == 200 and a.body["id"] == "appt-1" for a in answers)
+
+
+async def test_a_search_keeps_its_matches_as_reads(rig: Rig) -> None:
+    """The read after a search (a caller identified, then their record) is a cache hit;
+    still filtered for its caller, and not kept from partial (_summary) answers."""
+    found = await rig.call("GET", "/fhir/MedicationRequest?patient=Patient/pat-a")
+    assert ids(found.body) == ["mr-a"]
+    read = await rig.call("GET", "/fhir/MedicationRequest/mr-a")
+    assert read.status == 200 and read.body["id"] == "mr-a"
+    assert "ETag" in read.headers
+    assert is_outcome(await rig.call("GET", "/fhir/MedicationRequest/mr-a", key=None,
+                                     headers=rig.confined("pat-b")), 404)
+    assert [r.path for r in rig.asked()] == ["MedicationRequest"]
+    # A subsetted representation in a search answer is not a read's answer.
+    rig.ehr.seed({**appointment("appt-cut", PATIENT_A), "meta": {"tag": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+         "code": "SUBSETTED"}]}})
+    found = await rig.call("GET", "/fhir/Appointment?_id=appt-cut")
+    assert ids(found.body) == ["appt-cut"]
+    assert (await rig.call("GET", "/fhir/Appointment/appt-cut")).status == 200
+    assert [r.path for r in rig.asked()][1:] == ["Appointment", "Appointment/appt-cut"]

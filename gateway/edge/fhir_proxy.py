@@ -587,8 +587,10 @@ class Remote:
             raise FhirError(503, f"backend {backend.name} is unavailable ({exc.reason}); "
                             f"try again in {wait} s", code="transient",
                             headers={"Retry-After": str(wait)}) from None
-        if cache is not None:
-            cache.put(backend.name, method, path, key, response, cached, ticket)
+        if (cache is not None
+                and cache.put(backend.name, method, path, key, response, cached, ticket)
+                and _is_search(path)):
+            _seed_reads(cache, backend.name, response, cached, key)
         return response
 
     def _invalidate(self, resource_type: str) -> None:
@@ -652,6 +654,44 @@ async def _answered(work: Awaitable[web.Response]) -> web.Response:
         return await work
     except _Passthrough as passed:
         return passed.response
+
+
+# Parameters that make a search answer partial representations: not kept as reads.
+_PARTIAL = frozenset({"_summary", "_elements", "_contained", "_containedType"})
+
+
+def _is_search(path: str) -> bool:
+    return "/" not in path or path.endswith("/_search")
+
+
+def _seed_reads(cache: ReadCache, backend: str, response: FhirResponse,
+                types: Sequence[str], query: Pairs) -> None:
+    """A search's resources are kept as reads too (the backend's raw resource, as a read
+    would answer it): the read that follows a search, such as the record of a caller just
+    identified, needs no second round trip. Policy applies to these hits as to any."""
+    if any(name.partition(":")[0] in _PARTIAL for name, _ in query):
+        return
+    try:
+        bundle = jsonio.loads(response.body)
+    except ValueError:
+        return
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": FHIR_JSON})
+    for entry in _list(bundle.get("entry") if isinstance(bundle, dict) else None):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        type_, id_ = resource.get("resourceType"), resource.get("id")
+        if (not isinstance(type_, str) or type_ not in types or not isinstance(id_, str)
+                or _subsetted(resource)):
+            continue
+        cache.put(backend, "GET", f"{type_}/{id_}", (),
+                  FhirResponse(200, headers, jsonio.dumps(resource)), (type_,))
+
+
+def _subsetted(resource: Json) -> bool:
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    return any(isinstance(t, dict) and t.get("code") == "SUBSETTED" for t in _list(tags))
 
 
 def _list(value: Any) -> list[Any]:
