@@ -848,6 +848,18 @@ async def serve_bare(host: str, port: int, body_file: Path | None, db: Path | No
         handler = sqlite_read
     app = web.Application()
     app.router.add_get("/fhir/Patient/{id}", handler)
+    try:
+        await serve_until_signal(app, host, port, "isthmus-bare")
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+async def serve_until_signal(app: Any, host: str, port: int, name: str) -> None:
+    """Serve an aiohttp app until SIGTERM/SIGINT, after printing `<name> listening
+    http=HOST:PORT` (the line the parent process waits for)."""
+    from aiohttp import web
+
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -858,12 +870,10 @@ async def serve_bare(host: str, port: int, body_file: Path | None, db: Path | No
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
-        print(f"isthmus-bare listening http={bound_host}:{bound_port}", flush=True)
+        print(f"{name} listening http={bound_host}:{bound_port}", flush=True)
         await stop
     finally:
         await runner.cleanup()
-        if conn is not None:
-            conn.close()
 
 
 # --------------------------------------------------------------------------- driver

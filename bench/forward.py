@@ -76,7 +76,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import sqlite3
 import sys
@@ -96,6 +95,7 @@ from fhir_rest import (
     build_request,
     machine_cpu_seconds,
     run_phase,
+    serve_until_signal,
 )
 from mllp_ingest import (
     END_BLOCK,
@@ -165,20 +165,7 @@ async def serve_fake(host: str, port: int) -> None:
     app.router.add_post("/fhir", transaction)
     app.router.add_post("/fhir/", transaction)
     app.router.add_get("/count", count)
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        print(f"isthmus-fake-ehr listening http={bound_host}:{bound_port}", flush=True)
-        await stop
-    finally:
-        await runner.cleanup()
+    await serve_until_signal(app, host, port, "isthmus-fake-ehr")
 
 
 def fake_argv(port: int) -> list[str]:
