@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 from opentelemetry import trace
 
 from gateway.audit import Action
+from gateway.edge.fhir_api import FhirApi
 from gateway.edge.fhir_http import (
     _access,
     _body,
@@ -453,13 +454,8 @@ class Remote:
         compartment (403), as for the local store."""
         api, type_ = call.api, call.resource_type
         clauses = api.scope_clauses(call.principal, interaction, type_)
-        if clauses:
-            verdict = api.registry.matches(type_, resource, clauses)
-            if verdict is None:
-                raise FhirError(403, "the granted scope's constraint cannot be checked on a "
-                                "write; it needs an unconstrained scope")
-            if not verdict:
-                raise FhirError(403, f"the granted scope does not permit writing this {type_}")
+        if clauses and not _permitted_write(api, type_, resource, clauses):
+            raise FhirError(403, f"the granted scope does not permit writing this {type_}")
         patient = api.confined_to(call.principal, type_)
         if patient is not None and not api.in_compartment(type_, resource, patient):
             raise FhirError(403, "a patient-level scope may only write resources in its "
@@ -482,13 +478,8 @@ class Remote:
         if response.status != 200:
             raise self._refused(response)
         current = self._resource(response, type_)
-        if clauses:
-            verdict = api.registry.matches(type_, current, clauses)
-            if verdict is None:
-                raise FhirError(403, "the granted scope's constraint cannot be checked on a "
-                                "write; it needs an unconstrained scope")
-            if not verdict:
-                raise _unknown(type_)
+        if clauses and not _permitted_write(api, type_, current, clauses):
+            raise _unknown(type_)
         if patient is not None and not api.in_compartment(type_, current, patient):
             raise _unknown(type_)
 
@@ -654,6 +645,17 @@ async def _answered(work: Awaitable[web.Response]) -> web.Response:
         return await work
     except _Passthrough as passed:
         return passed.response
+
+
+def _permitted_write(api: FhirApi, type_: str, resource: Json,
+                     clauses: Sequence[tuple[Match, ...]]) -> bool:
+    """Whether a constrained scope (`?param=value`) covers this resource for a write; a
+    constraint that cannot be judged in memory refuses the write (403)."""
+    verdict = api.registry.matches(type_, resource, clauses)
+    if verdict is None:
+        raise FhirError(403, "the granted scope's constraint cannot be checked on a write; "
+                        "it needs an unconstrained scope")
+    return verdict
 
 
 # Parameters that make a search answer partial representations: not kept as reads.
