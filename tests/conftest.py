@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gateway.config import Settings, load_settings
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.pki import pki  # noqa: F401 - the session's throwaway PKI, a fixture for every suite
 
 if TYPE_CHECKING:
     from gateway.store import SqliteInbox

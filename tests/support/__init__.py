@@ -1,0 +1,1 @@
+"""Test support: builders, fakes of our peers (an EHR, an MLLP system), shared helpers."""
