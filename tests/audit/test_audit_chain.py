@@ -259,7 +259,7 @@ async def test_a_log_sealed_with_another_key_is_not_extended(tmp_path: Path) -> 
 
 
 async def test_verify_store_reports_every_problem_in_order(log_dir: Path) -> None:
-    from audit_support import settings_for
+    from support.audit import settings_for
 
     from gateway.app import audit_keys
 
