@@ -1,0 +1,48 @@
+"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth.
+
+One module per command group, each adding its subparsers with `add_parser(sub)`; this
+module only assembles them and runs the chosen command. Every group imports its heavy
+modules inside the command functions, so that `isthmus translate` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.cli import audit, auth, inbox, mappings, outbox, send, serve, translate
+from gateway.config import ConfigError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result: int = args.run(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isthmus", description="HL7 v2 <-> FHIR R4 integration gateway")
+    parser.add_argument("--config", type=Path, help="TOML config file (or ISTHMUS_CONFIG)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+    # `isthmus --help` lists the commands in this order.
+    serve.add_parser(sub)
+    send.add_parser(sub)
+    inbox.add_parser(sub)
+    translate.add_parser(sub)
+    mappings.add_parser(sub)
+    audit.add_parser(sub)
+    outbox.add_parser(sub)
+    auth.add_parser(sub)
+    return parser

@@ -1,0 +1,190 @@
+"""`isthmus audit verify|export|new-key|public-key`: the audit trail checked, exported
+for review (on record before a byte of it is written), and its keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.cli.access import who
+from gateway.cli.shared import audit_settings
+from gateway.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditQuery
+    from gateway.cli.shared import Subparsers
+
+_EXPORT_PURPOSE = "HCOMPL"  # v3 ActReason: health compliance
+
+
+def add_parser(sub: Subparsers) -> None:
+    audit = sub.add_parser("audit", help="the audit trail: verify it, export it for review")
+    audit.add_argument("--data-dir", type=Path, help="where the store lives (store.data_dir)")
+    actions = audit.add_subparsers(metavar="ACTION")
+    verify = actions.add_parser(
+        "verify", help="check the audit trail, or an export of it, has not been altered")
+    verify.add_argument("--file", type=Path, metavar="EXPORT",
+                        help="an export to verify offline (needs --public-key)")
+    verify.add_argument("--public-key", type=Path, action="append", metavar="KEY",
+                        help="the gateway's public key (PEM); repeat for rotated keys")
+    verify.set_defaults(run=_audit_verify)
+    export = actions.add_parser(
+        "export", help="records in a period as FHIR AuditEvents or CSV, on stdout")
+    export.add_argument("--from", dest="start", required=True, metavar="T",
+                        help="ISO 8601 date or time (UTC unless an offset is given)")
+    export.add_argument("--to", dest="end", required=True, metavar="T",
+                        help="end of the period, exclusive (a date includes that day)")
+    export.add_argument("--patient", metavar="REF",
+                        help="'AUTHORITY|ID', 'Patient/ID', or an identifier alone")
+    export.add_argument("--client", metavar="ID", help="client id (e.g. 'LAB|HOSP' or 'LAB')")
+    export.add_argument("--action", metavar="A",
+                        help="ingest, translate, read, search, create, update, delete, "
+                             "deliver, token or export")
+    export.add_argument("--format", required=True, choices=("ndjson", "bundle", "csv"))
+    export.add_argument("--decrypt", action="store_true",
+                        help="show PHI decrypted (needs the audit data keys)")
+    export.set_defaults(run=_audit_export)
+    new_key = actions.add_parser(
+        "new-key", help="print a new audit data key line, for key rotation")
+    new_key.set_defaults(run=_audit_new_key)
+    public_key = actions.add_parser(
+        "public-key", help="print the public key reviewers verify exports with")
+    public_key.set_defaults(run=_audit_public_key)
+
+
+def _audit_db(settings: Settings) -> Path:
+    from gateway.audit import AUDIT_FILE
+
+    path = settings.store.data_dir / AUDIT_FILE
+    if not path.exists():
+        raise ConfigError(f"no audit trail at {path} (set --data-dir or store.data_dir)")
+    return path
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.app import audit_keys
+    from gateway.audit import AuditKeyError, verify_store
+    from gateway.audit.export import verify_export
+    from gateway.audit.keys import key_id, read_public_keys
+
+    if args.file is not None and not args.public_key:
+        print("isthmus audit verify: --file needs --public-key KEY, the public key of the "
+              "gateway that made the export", file=sys.stderr)
+        return 2
+    try:
+        trusted = {key_id(k): k for path in args.public_key or ()
+                   for k in read_public_keys(path)}
+        if args.file is not None:
+            report = verify_export(args.file.read_bytes(), trusted)
+        else:
+            settings = audit_settings(args)
+            path = _audit_db(settings)
+            signing = None
+            if not trusted:
+                keys = audit_keys(settings, need_data_keys=False)
+                trusted, signing = dict(keys.trusted), keys.signing
+            report = asyncio.run(verify_store(path, trusted, signing))
+            if signing is None:
+                print("note: record MACs not checked (they need the signing key); the chain "
+                      "and the signed checkpoints were")
+    except (AuditKeyError, OSError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        print(f"isthmus audit verify: {where}{text}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    problems = report.sorted_problems()
+    for problem in problems[1:20]:
+        print(f"  also {problem}")
+    if len(problems) > 20:
+        print(f"  and {len(problems) - 20} more")
+    return 0 if report.ok else 1
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from gateway.audit import AuditIntegrityError, AuditKeyError, QueryError, build_query
+
+    settings = audit_settings(args)
+    try:
+        query = build_query(args.start, args.end, args.patient, args.client, args.action,
+                            names=("--from", "--to", "--patient", "--client", "--action"))
+    except QueryError as exc:
+        print(f"isthmus audit export: {exc}", file=sys.stderr)
+        return 2
+    _audit_db(settings)
+    try:
+        return asyncio.run(_export(settings, query, args.format, args.decrypt))
+    except AuditKeyError as exc:
+        print(f"isthmus audit export: {exc}", file=sys.stderr)
+        return 2
+    except AuditIntegrityError as exc:
+        print(f"isthmus audit export: the audit trail does not verify ({exc}); run "
+              "`isthmus audit verify`. Nothing was exported.", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error of the export.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (sqlite3.Error, OSError) as exc:
+        print(f"isthmus audit export: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _export(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool) -> int:
+    from gateway.app import open_audit
+    from gateway.audit import Action, AuditRecord
+    from gateway.audit.export import export
+    from gateway.store import StoreUnavailable
+
+    user, host = who()
+    audit = await open_audit(settings, gateway=False)
+    try:
+        # Fail closed: the export is on record before a byte of it is written.
+        try:
+            await audit.record(AuditRecord(
+                Action.EXPORT, client_id="isthmus-cli", user=user, peer=host,
+                resource_type="AuditEvent", patient=query.patient, query=query.text(),
+                query_shape=query.text(with_patient=False), purpose=_EXPORT_PURPOSE,
+                detail=f"{fmt}{' decrypted' if decrypt else ''}"))
+        except StoreUnavailable:
+            print("isthmus audit export: the export could not be recorded in the audit "
+                  "trail; nothing was exported", file=sys.stderr)
+            return 1
+        covered = await audit.seal_head()
+        out = sys.stdout.buffer
+        result = await export(audit, query, fmt, out.write, covered_through=covered,
+                              decrypt=decrypt, exporter=f"cli:{user}@{host}")
+        out.flush()
+    finally:
+        await audit.close()
+    print(f"isthmus audit export: {result.records} records", file=sys.stderr)
+    if result.undecryptable:
+        print(f"isthmus audit export: {result.undecryptable} records could not be decrypted "
+              "(their data key is not loaded); shown encrypted", file=sys.stderr)
+    return 0
+
+
+def _audit_new_key(args: argparse.Namespace) -> int:
+    from gateway.audit.keys import new_data_key_line
+
+    print(new_data_key_line())
+    return 0
+
+
+def _audit_public_key(args: argparse.Namespace) -> int:
+    from gateway.app import audit_keys
+    from gateway.audit import AuditKeyError
+    from gateway.audit.keys import public_pem
+
+    try:
+        keys = audit_keys(audit_settings(args), need_data_keys=False)
+    except AuditKeyError as exc:
+        print(f"isthmus audit public-key: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(public_pem(keys.signing.public))
+    return 0

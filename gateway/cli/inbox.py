@@ -1,0 +1,149 @@
+"""`isthmus inbox list|show|replay`: what was received, one message with its ACK, and
+stored messages translated again after a table is fixed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.cli.access import message_access, record_accesses
+from gateway.cli.shared import inbox_path, settings_from, tables_or_exit
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from gateway.cli.shared import Subparsers
+    from gateway.forward.routes import Router
+    from gateway.mapping.engine import Translator
+    from gateway.store.inbox import Replayed
+
+
+def add_parser(sub: Subparsers) -> None:
+    inbox = sub.add_parser("inbox", help="what was received")
+    inbox.add_argument("--data-dir", type=Path, help="where the store lives (store.data_dir)")
+    inbox_sub = inbox.add_subparsers(metavar="ACTION")
+    listing = inbox_sub.add_parser("list", help="recent messages (no PHI shown)")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--status")
+    listing.set_defaults(run=_inbox_list)
+    show = inbox_sub.add_parser("show", help="one message, with its ACK")
+    show.add_argument("id", type=int)
+    show.set_defaults(run=_inbox_show)
+    replay = inbox_sub.add_parser(
+        "replay", help="translate stored messages again (after a table is fixed)")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="one inbox id")
+    which.add_argument("--failed", action="store_true",
+                       help="every message that failed or had no table")
+    replay.set_defaults(run=_inbox_replay)
+
+
+def _inbox_list(args: argparse.Namespace) -> int:
+    from gateway.store.inbox import read_entries
+
+    entries = asyncio.run(read_entries(inbox_path(args), args.limit, args.status))
+    print(f"{'ID':>8}  {'RECEIVED AT':<27}  {'CONTROL ID':<22}  {'TYPE':<9}  "
+          f"{'SENDER':<30}  STATUS")
+    for e in entries:
+        sender = f"{e.sending_application}/{e.sending_facility}"
+        print(f"{e.id:>8}  {e.received_at:<27}  {e.control_id[:22]:<22}  "
+              f"{e.message_type:<9}  {sender[:30]:<30}  {e.status}")
+    return 0
+
+
+def _inbox_show(args: argparse.Namespace) -> int:
+    from gateway.store.inbox import read_entry
+
+    found = asyncio.run(read_entry(inbox_path(args), args.id))
+    if found is None:
+        print(f"isthmus inbox show: no message with id {args.id}", file=sys.stderr)
+        return 1
+    entry, raw, ack = found
+    refused = record_accesses(args, [message_access("read", args.id, raw, entry.control_id)])
+    if refused is not None:
+        print(f"isthmus inbox show: {refused}; the message is not shown", file=sys.stderr)
+        return 1
+    for name in entry.__slots__:
+        print(f"{name}: {getattr(entry, name)}")
+    print("message:")
+    print(_readable(raw))
+    print("ack:")
+    print(_readable(ack))
+    return 0
+
+
+def _readable(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+def _inbox_replay(args: argparse.Namespace) -> int:
+    from gateway.app import build_router, load_translator
+    from gateway.store.inbox import read_raw, record_outcomes
+
+    settings = settings_from(args, **{"store.data_dir": args.data_dir})
+    path = inbox_path(args)
+    translator = tables_or_exit(lambda: load_translator(settings))
+    if translator is None:
+        return 2
+    rows = asyncio.run(read_raw(path, None if args.failed else [args.id]))
+    if not rows and not args.failed:
+        print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
+        return 1
+    router = build_router(settings) if settings.routes else None
+    outcomes = [_replay_stored_message(translator, router, row_id, raw, received)
+                for row_id, raw, received in rows]
+    refused = record_accesses(args, [
+        message_access("translate", row_id, raw, outcome=outcome.status)
+        for (row_id, raw, _), outcome in zip(rows, outcomes, strict=True)])
+    if refused is not None:
+        print(f"isthmus inbox replay: {refused}; nothing was replayed", file=sys.stderr)
+        return 1
+    asyncio.run(record_outcomes(path, outcomes))
+    for outcome in outcomes:
+        routed = f" -> {', '.join(outcome.routes)}" if outcome.routes else ""
+        print(f"{outcome.inbox_id} {outcome.status}"
+              + (f" {outcome.error}" if outcome.error else "") + routed)
+    return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
+
+
+def _replay_stored_message(translator: Translator, router: Router | None, inbox_id: int,
+                           raw: bytes, received: datetime) -> Replayed:
+    """Translate a stored message again (as received); where its route now sends it: the
+    local store (status translated, applied by the gateway's sweep) and the FHIR backends
+    that could not take it untranslated (their Bundle and outbox rows).
+
+    The CLI's own copy of "replay a stored message"; the shared one (issue 12, item 1)
+    replaces this whole function."""
+    from gateway.edge.ingest import patient_key
+    from gateway.fhir.bundle import dumps, to_bundle
+    from gateway.hl7.errors import Hl7Error
+    from gateway.hl7.message import parse_message
+    from gateway.mapping.errors import TranslationError, UnsupportedMessage
+    from gateway.store.inbox import ROUTED, TRANSLATED, Replayed
+
+    try:
+        message = parse_message(raw)
+        translation = translator.translate(message, received)
+    except UnsupportedMessage as exc:
+        return Replayed(inbox_id, "unsupported", exc.safe_text)
+    except TranslationError as exc:
+        return Replayed(inbox_id, "failed", exc.safe_text)
+    except Hl7Error as exc:
+        return Replayed(inbox_id, "failed", exc.reason)
+    if router is None:
+        return Replayed(inbox_id, TRANSLATED)
+    header = message.header
+    targets = router.for_message(header.message_type, header.sending_application,
+                                 header.sending_facility)
+    owed = tuple(n for n in targets.remote
+                 if n not in router.untranslated(targets).remote)
+    return Replayed(inbox_id, TRANSLATED if targets.local else ROUTED, routes=owed,
+                    patient_key=patient_key(message) if owed else "",
+                    bundle=dumps(to_bundle(translation)) if owed else None)
