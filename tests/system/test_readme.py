@@ -67,6 +67,9 @@ def _start(data_dir: Path, env: dict[str, str]) -> GatewayProcess:
     timer.start()
     try:
         return process.start(timeout=START_TIMEOUT)
+    except BaseException:
+        process.kill()
+        raise
     finally:
         timer.cancel()
 
