@@ -1,1 +1,2 @@
-"""The edge: the MLLP listener and the HTTP routes. Framing, authentication, answering."""
+"""The edge: the MLLP listener and the aiohttp routes (FHIR REST, SMART token, reviewers' audit
+endpoint): framing, authentication, answering. No translation here."""

@@ -1,1 +1,2 @@
-"""Forwarding: backends behind one interface. So far: the MLLP client used by `isthmus send`."""
+"""Forwarding: backends behind one interface (remote FHIR, downstream MLLP, the local store),
+routing, per-backend resilience and outbound tokens, the outbox workers, the facade's cache."""

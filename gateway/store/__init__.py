@@ -1,4 +1,5 @@
-"""Persistence behind small interfaces: the inbox, the audit log; later outbox and FHIR store."""
+"""Persistence behind small interfaces: the inbox with its dedup keys and outbox rows, the
+local FHIR store and the audit log; aiosqlite (WAL, group commit) implements them."""
 
 from gateway.store.audit import (
     AuditFilter,
