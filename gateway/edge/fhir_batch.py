@@ -57,7 +57,7 @@ async def batch_or_transaction(call: Call) -> web.Response:
             api.authorize(call.principal, INTERACTIONS[entry.method], entry.resource_type)
             if entry.resource is not None:
                 validated(entry.resource, entry.resource_type,
-                           f"Bundle.entry[{entry.index}].resource")
+                          f"Bundle.entry[{entry.index}].resource")
             writes.append((entry, await checked_write(call, entry, where)))
         except FhirError as exc:
             if atomic:
@@ -80,14 +80,14 @@ async def batch_or_transaction(call: Call) -> web.Response:
         if isinstance(result, WriteConflict):
             answers[entry.index] = _error_entry(result.status, conflict_reason(result))
             records.append(access(call, action, str(result.status),
-                                   resource_type=entry.resource_type,
-                                   resource_id=target(entry)))
+                                  resource_type=entry.resource_type,
+                                  resource_id=target(entry)))
             continue
         answers[entry.index] = _write_entry(api, call.principal, base, result)
         stored = result.stored
         records.append(access(call, action, resource_type=entry.resource_type,
-                               resource_id=(f"{stored.resource_type}/{stored.id}"
-                                            if stored else target(entry))))
+                              resource_id=(f"{stored.resource_type}/{stored.id}"
+                                           if stored else target(entry))))
     await api.record(records)
     for entry in entries:
         if entry.method == "GET":
@@ -108,7 +108,7 @@ def _write_entry(api: FhirApi, principal: Principal, base: str,
     if not result.changed and not principal.scopes.permits("read", stored.resource_type):
         return b'{"response":' + orjson.dumps(response) + b"}"  # as in fhir_writes
     return b"".join((b'{"fullUrl":', orjson.dumps(f"{base}/{stored.resource_type}/"
-                                                   f"{stored.id}"),
+                                                  f"{stored.id}"),
                      b',"resource":', api.shaped(principal, stored),
                      b',"response":', orjson.dumps(response), b"}"))
 
@@ -122,7 +122,7 @@ def _error_entry(status: int, reason: str) -> bytes:
 async def _get_entry(call: Call, entry: Entry) -> bytes:
     """A GET inside a batch: a read or a search, answered like its own request."""
     sub = Call(call.api, call.request, call.principal,
-                "read" if entry.id else "search", entry.resource_type)
+               "read" if entry.id else "search", entry.resource_type)
     try:
         call.api.check_type(entry.resource_type)
         served_here(call.api, entry.resource_type, sub.interaction)

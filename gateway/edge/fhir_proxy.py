@@ -134,7 +134,7 @@ class Remote:
         if response.status == 404 or (response.status == 410 and patient is not None):
             # Another patient's deleted resource answers like an unknown one.
             await api.record([access(call, Action.READ, "404", resource_id=target,
-                                      patient=patient if response.status == 410 else None)])
+                                     patient=patient if response.status == 410 else None)])
             raise unknown(type_)
         if response.status == 410:
             await api.record([access(call, Action.READ, "410", resource_id=target)])
@@ -147,14 +147,14 @@ class Remote:
             owners = api.patients_of(type_, resource)
         if patient is not None and patient not in owners:
             await api.record([access(call, Action.READ, "404", resource_id=target,
-                                      patient=patient)])
+                                     patient=patient)])
             raise unknown(type_)
         clauses = api.scope_clauses(principal, "read", type_)
         if clauses and api.registry.matches(type_, resource, clauses) is not True:
             raise unknown(type_)  # as the local read: what the scope does not show
         if api.limits.audit_reads != "off":
             await api.record_read([access(call, Action.READ, resource_id=target,
-                                           patient=min(owners) if owners else None)])
+                                          patient=min(owners) if owners else None)])
         headers = passed_headers(response, resource)
         etag = headers.get("ETag")
         if etag is not None and call.request.headers.get("If-None-Match") == etag:

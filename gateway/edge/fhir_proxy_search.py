@@ -63,9 +63,9 @@ async def search(link: BackendLink, call: Call, params: Pairs) -> web.Response:
     if call.request.method == "POST":
         # A search sent by POST stays a POST: its values stay out of URLs and logs.
         response = await link.ask(call, "POST", f"{type_}/_search", key=query,
-                                   body=urlencode(query).encode(),
-                                   headers={"Content-Type": _FORM}, idempotent=True,
-                                   cached=types)
+                                  body=urlencode(query).encode(),
+                                  headers={"Content-Type": _FORM}, idempotent=True,
+                                  cached=types)
     else:
         response = await link.ask(call, "GET", type_, query=query, cached=types)
     if response.status != 200:

@@ -44,7 +44,7 @@ async def create(link: BackendLink, call: Call) -> web.Response:
     # With If-None-Exist a repeat finds what the first made: safe to retry; without,
     # a lost answer could mean a second resource, so it is sent once.
     response = await link.ask(call, "POST", type_, body=jsonio.dumps(resource),
-                               headers=headers, idempotent=bool(match))
+                              headers=headers, idempotent=bool(match))
     link.invalidate(type_)
     return await _written(link, call, response, Action.CREATE, resource, None)
 
@@ -61,7 +61,7 @@ async def update(link: BackendLink, call: Call) -> web.Response:
     await _check_current(link, call, "update", id_)
     headers = {"Content-Type": FHIR_JSON, **_prefer(call), **_if_match_header(call)}
     response = await link.ask(call, "PUT", f"{type_}/{id_}", body=jsonio.dumps(resource),
-                               headers=headers)
+                              headers=headers)
     link.invalidate(type_)
     return await _written(link, call, response, Action.UPDATE, resource, f"{type_}/{id_}")
 
@@ -82,7 +82,7 @@ async def conditional_update(link: BackendLink, call: Call) -> web.Response:
         resource.pop("id", None)
     headers = {"Content-Type": FHIR_JSON, **_prefer(call), **_if_match_header(call)}
     response = await link.ask(call, "PUT", type_, query=params + narrowing,
-                               body=jsonio.dumps(resource), headers=headers)
+                              body=jsonio.dumps(resource), headers=headers)
     link.invalidate(type_)
     return await _written(link, call, response, Action.UPDATE, resource, None)
 
@@ -92,7 +92,7 @@ async def delete(link: BackendLink, call: Call) -> web.Response:
     call.api.authorize(call.principal, "delete", type_)
     await _check_current(link, call, "delete", id_)
     response = await link.ask(call, "DELETE", f"{type_}/{id_}",
-                               headers=_if_match_header(call))
+                              headers=_if_match_header(call))
     link.invalidate(type_)
     return await _written(link, call, response, Action.DELETE, None, f"{type_}/{id_}")
 
@@ -162,7 +162,7 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
     api, principal, type_ = call.api, call.principal, call.resource_type
     if response.status >= 400:
         await api.record([access(call, action, str(response.status),
-                                  resource_id=target)])
+                                 resource_id=target)])
         raise link.refused(response)
     if not 200 <= response.status < 300:
         raise link.bad_answer(f"HTTP {response.status}")
@@ -181,7 +181,7 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
     written = f"{type_}/{id_}" if isinstance(id_, str) and id_ else target
     owners = api.patients_of(type_, resource if resource is not None else sent or {})
     await api.record([access(call, action, resource_id=written,
-                              patient=min(owners) if owners else None)])
+                             patient=min(owners) if owners else None)])
     body: bytes | None = None
     if resource is not None:
         patient = api.confined_to(principal, type_)

@@ -58,7 +58,7 @@ async def search(call: Call, params: list[tuple[str, str]]) -> web.Response:
     entries += [_search_entry(api, principal, base, stored, "include", None)
                 for stored in included]
     links = paging_links(call.request, base, query.offset, page_size, page.total, has_more,
-                   search=(type_, params))
+                         search=(type_, params))
     patient = api.confined_to(principal, type_)
     if patient is None and type_ == "Patient" and len(matches) == 1:
         patient = f"Patient/{matches[0].id}"
@@ -111,7 +111,7 @@ async def _add_visible(call: Call, type_: str, clause: tuple[Match, ...],
     # An included type is checked like a search of its own: scopes, profile, compartment.
     api.authorize(call.principal, "search", type_)
     query = confined(call, type_, SearchQuery(type_, (clause,),
-                                               count=api.limits.max_count))
+                                              count=api.limits.max_count))
     page = await api.store.search(query)
     for stored in page.resources:
         key = (stored.resource_type, stored.id)

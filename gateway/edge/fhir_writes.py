@@ -92,7 +92,7 @@ async def _write(call: Call, entry: Entry) -> web.Response:
         [result] = await api.store.transact([write])
     except WriteConflict as conflict:
         await api.record([access(call, ACTIONS[entry.method], str(conflict.status),
-                                  resource_id=target(entry))])
+                                 resource_id=target(entry))])
         raise FhirError(conflict.status, conflict_reason(conflict)) from None
     assert isinstance(result, WriteOutcome)
     stored = result.stored
@@ -120,7 +120,7 @@ async def _write(call: Call, entry: Entry) -> web.Response:
             status=result.status, content_type=FHIR_JSON)
     else:
         return resource_answer(stored, api.shaped(call.principal, stored), result.status,
-                                location if result.status == 201 else None)
+                               location if result.status == 201 else None)
     response.headers["ETag"] = f'W/"{stored.version}"'
     response.headers["Last-Modified"] = http_date(stored.last_updated)
     if result.status == 201:
