@@ -137,5 +137,3 @@ async def _get_entry(call: Call, entry: Entry) -> bytes:
         return b'{"resource":' + response.body + b',"response":{"status":"200 OK"}}'
     except FhirError as exc:
         return _error_entry(exc.status, exc.reason)
-
-

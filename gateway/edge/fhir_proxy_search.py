@@ -102,6 +102,7 @@ async def search(link: BackendLink, call: Call, params: Pairs) -> web.Response:
         await api.record_read([search_access(call, params, parsed, patient=subject)])
     return web.Response(body=jsonio.dumps(answer), content_type=FHIR_JSON)
 
+
 def _outgoing(call: Call, type_: str, params: Pairs, parsed: ParsedSearch) -> Pairs:
     """The caller's parameters as sent on: those the table knows (lenient handling
     drops the rest here, as the local search ignores them), with our page size."""
@@ -116,6 +117,7 @@ def _outgoing(call: Call, type_: str, params: Pairs, parsed: ParsedSearch) -> Pa
         query.append(("_count", str(parsed.query.count)))
     return query
 
+
 def compartment_pairs(call: Call, type_: str, patient: str) -> Pairs:
     """The parameter that limits a search to the patient's compartment: `_id` for a
     Patient, else `patient` where the type has it, else its compartment parameter."""
@@ -127,6 +129,7 @@ def compartment_pairs(call: Call, type_: str, patient: str) -> Pairs:
         return [("patient", patient)]
     compartment = registry.compartment_params(type_)
     return [(compartment[0], patient)] if compartment else []
+
 
 def constraint_pairs(call: Call, interaction: str, type_: str
                       ) -> tuple[Pairs, bool]:
@@ -144,6 +147,7 @@ def constraint_pairs(call: Call, interaction: str, type_: str
         return [(names.pop(), ",".join(a[0][1] for a in alternatives))], True
     return [], False
 
+
 def _visibility(call: Call, type_: str, trusted: bool = False) -> _Visibility:
     api, principal = call.api, call.principal
     if type_ not in api.types:
@@ -154,6 +158,7 @@ def _visibility(call: Call, type_: str, trusted: bool = False) -> _Visibility:
     except FhirError:
         return _Visibility(False)
     return _Visibility(True, api.confined_to(principal, type_), clauses, trusted)
+
 
 def _search_entry(call: Call, raw: Any, base: str, parsed: ParsedSearch,
                   seen_types: dict[str, _Visibility]) -> Json | None:
@@ -187,12 +192,14 @@ def _search_entry(call: Call, raw: Any, base: str, parsed: ParsedSearch,
         entry = {"fullUrl": f"{base}/{type_}/{id_}", **entry}
     return entry
 
+
 def _link(link: BackendLink, raw: Any, base: str) -> Json | None:
     """A paging link on our base; one elsewhere (not the backend's) is dropped."""
     if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
         return None
     url = link.ours(raw["url"], base)
     return None if url is None else {"relation": raw.get("relation", ""), "url": url}
+
 
 def _included_types(registry: SearchRegistry, parsed: ParsedSearch) -> list[str]:
     """The types an _include or _revinclude may bring into the answer (cache keys)."""
@@ -211,5 +218,3 @@ def _mode(entry: Any) -> str:
     search = entry.get("search") if isinstance(entry, dict) else None
     mode = search.get("mode") if isinstance(search, dict) else None
     return mode if mode in ("match", "include", "outcome") else "match"
-
-

@@ -48,6 +48,7 @@ async def create(link: BackendLink, call: Call) -> web.Response:
     link.invalidate(type_)
     return await _written(link, call, response, Action.CREATE, resource, None)
 
+
 async def update(link: BackendLink, call: Call) -> web.Response:
     api, type_ = call.api, call.resource_type
     id_ = call.request.match_info["id"]
@@ -64,6 +65,7 @@ async def update(link: BackendLink, call: Call) -> web.Response:
                               headers=headers)
     link.invalidate(type_)
     return await _written(link, call, response, Action.UPDATE, resource, f"{type_}/{id_}")
+
 
 async def conditional_update(link: BackendLink, call: Call) -> web.Response:
     api, type_ = call.api, call.resource_type
@@ -86,6 +88,7 @@ async def conditional_update(link: BackendLink, call: Call) -> web.Response:
     link.invalidate(type_)
     return await _written(link, call, response, Action.UPDATE, resource, None)
 
+
 async def delete(link: BackendLink, call: Call) -> web.Response:
     type_ = call.resource_type
     id_ = call.request.match_info["id"]
@@ -95,6 +98,7 @@ async def delete(link: BackendLink, call: Call) -> web.Response:
                               headers=_if_match_header(call))
     link.invalidate(type_)
     return await _written(link, call, response, Action.DELETE, None, f"{type_}/{id_}")
+
 
 async def conditional_delete(link: BackendLink, call: Call) -> web.Response:
     type_ = call.resource_type
@@ -108,6 +112,7 @@ async def conditional_delete(link: BackendLink, call: Call) -> web.Response:
     link.invalidate(type_)
     return await _written(link, call, response, Action.DELETE, None, None)
 
+
 def _check_written(call: Call, interaction: str, resource: Json) -> None:
     """What is written must meet the scope's constraint and lie in the caller's
     compartment (403), as for the local store."""
@@ -119,6 +124,7 @@ def _check_written(call: Call, interaction: str, resource: Json) -> None:
     if patient is not None and not api.in_compartment(type_, resource, patient):
         raise FhirError(403, "a patient-level scope may only write resources in its "
                         "patient's compartment")
+
 
 async def _check_current(link: BackendLink, call: Call, interaction: str, id_: str) -> None:
     """What an update or delete replaces must be visible to the caller: fetched fresh
@@ -142,6 +148,7 @@ async def _check_current(link: BackendLink, call: Call, interaction: str, id_: s
     if patient is not None and not api.in_compartment(type_, current, patient):
         raise unknown(type_)
 
+
 def _narrowing(call: Call, interaction: str) -> Pairs:
     """Parameters a conditional write's search gets so it finds only what the caller
     may see: the compartment, and the scope's constraint (403 if it cannot be sent)."""
@@ -154,6 +161,7 @@ def _narrowing(call: Call, interaction: str) -> Pairs:
     if patient is not None:
         pairs += compartment_pairs(call, type_, patient)
     return pairs
+
 
 async def _written(link: BackendLink, call: Call, response: FhirResponse, action: Action,
                    sent: Json | None, target: str | None) -> web.Response:
@@ -199,6 +207,7 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
         return web.Response(status=response.status, headers=headers)
     return web.Response(status=response.status, body=body, headers=headers,
                         content_type=FHIR_JSON)
+
 
 def _permitted_write(api: FhirApi, type_: str, resource: Json,
                      clauses: Sequence[tuple[Match, ...]]) -> bool:

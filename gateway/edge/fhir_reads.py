@@ -115,6 +115,8 @@ async def _instance_history(call: Call) -> web.Response:
     subject = min(owners) if owners else patient
     return await _history(call, HistoryQuery(call.resource_type, id_), id_, patient,
                           subject)
+
+
 async def _history(call: Call, base_query: HistoryQuery, id_: str | None,
                    patient: str | None = None, subject: str | None = None) -> web.Response:
     request, api = call.request, call.api
@@ -170,5 +172,3 @@ def _int_param(request: web.Request, name: str, default: int, ceiling: int) -> i
     if not raw.isdigit():
         raise FhirError(400, f"{name} must be a non-negative integer", name)
     return min(int(raw), ceiling)
-
-

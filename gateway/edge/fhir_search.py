@@ -118,5 +118,3 @@ async def _add_visible(call: Call, type_: str, clause: tuple[Match, ...],
         if key not in seen:
             seen.add(key)
             found[key] = stored
-
-

@@ -212,5 +212,3 @@ async def _constrained(call: Call, entry: Entry, write: WriteRequest,
     return WriteRequest(write.method, write.resource_type, write.id, write.resource,
                         SearchQuery(type_, (*write.condition.clauses, *constraints)),
                         write.if_match, write.full_url)
-
-
