@@ -24,17 +24,19 @@ from gateway.config import (
     Settings,
 )
 from gateway.edge import audit_http, fhir_errors, fhir_http, http
-from gateway.edge.auth import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
 from gateway.edge.auth import (
     ApiKey,
     Authenticator,
+    ExternalIssuer,
+    checked_scopes,
+    install_auth,
+)
+from gateway.edge.auth_server import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
+from gateway.edge.auth_server import (
     AuthorizationServer,
     AuthSetupError,
     Client,
-    ExternalIssuer,
     TokenHook,
-    checked_scopes,
-    install_auth,
     load_signing_key,
 )
 from gateway.edge.fhir_api import FHIR, FhirApi, FhirLimits
