@@ -46,6 +46,7 @@ class _Visibility:
 
 
 async def search(link: BackendLink, call: Call, params: Pairs) -> web.Response:
+    """A search by GET or POST _search (sent on as it came), answered as a searchset."""
     api, principal, type_ = call.api, call.principal, call.resource_type
     api.authorize(principal, "search", type_)
     parsed = parse_search(api, type_, params, lenient(call.request))
