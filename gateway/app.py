@@ -23,18 +23,20 @@ from gateway.config import (
     IssuerConfig,
     Settings,
 )
-from gateway.edge import audit_http, fhir_http, http
-from gateway.edge.auth import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
+from gateway.edge import audit_http, fhir_errors, fhir_http, http
 from gateway.edge.auth import (
     ApiKey,
     Authenticator,
+    ExternalIssuer,
+    checked_scopes,
+    install_auth,
+)
+from gateway.edge.auth_server import SIGNING_KEY_FILE as TOKEN_SIGNING_KEY_FILE
+from gateway.edge.auth_server import (
     AuthorizationServer,
     AuthSetupError,
     Client,
-    ExternalIssuer,
     TokenHook,
-    checked_scopes,
-    install_auth,
     load_signing_key,
 )
 from gateway.edge.fhir_api import FHIR, FhirApi, FhirLimits
@@ -82,7 +84,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     """The application: HTTP routes plus the store and MLLP listener in its cleanup context."""
     app = web.Application(client_max_size=max(settings.mllp.max_frame_bytes,
                                               settings.fhir.max_body_bytes),
-                          middlewares=[fhir_http.errors])
+                          middlewares=[http.fhir_requests, fhir_errors.outcomes])
     app[SETTINGS] = settings
     app[TELEMETRY] = telemetry or configure(
         settings.telemetry.exporter, settings.telemetry.service_name,

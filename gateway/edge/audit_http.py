@@ -6,7 +6,8 @@ back decrypted only to a reviewer allowed to decrypt who asks for it (`decrypt=t
 Each page is a FHIR searchset Bundle whose entries are BALP-shaped AuditEvents, with the
 chain data that lets a saved page be verified offline. Every request is itself recorded
 before any data goes out: refused ones as denials, and if the record cannot be written the
-answer is 503 and nothing else (fail closed).
+answer is 503 and nothing else (fail closed). Refusals are raised; the edge's one error
+middleware (`fhir_errors.outcomes`) answers them as OperationOutcomes.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-import orjson
 from aiohttp import web
 
 from gateway.audit import Action, AuditLog, AuditQuery, AuditRecord, QueryError, build_query
 from gateway.audit.export import ExportResult, export
-from gateway.fhir.outcome import FHIR_JSON, operation_outcome
+from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -56,32 +56,33 @@ routes = web.RouteTableDef()
 
 @routes.get("/audit/AuditEvent")
 async def search_audit_events(request: web.Request) -> web.Response:
+    """One page of the trail; every refusal is raised, recorded first, and answered as an
+    OperationOutcome by `fhir_errors.outcomes`."""
     audit = request.app.get(AUDIT)
     if audit is None:
-        return outcome(503, "not-supported", "the audit trail is not enabled")
+        raise FhirError(503, "the audit trail is not enabled", code="not-supported")
     reviewer = authenticate(request.headers.get("Authorization", ""),
                             request.app.get(REVIEWERS, ()))
     if reviewer is None:
         await _record_refusal(audit, request, None, "401")
-        response = outcome(401, "login", "a reviewer bearer token is required")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="isthmus-audit"'
-        return response
+        raise FhirError(401, "a reviewer bearer token is required", code="login",
+                        headers={"WWW-Authenticate": 'Bearer realm="isthmus-audit"'})
     if READ_ROLE not in reviewer.roles:
         await _record_refusal(audit, request, reviewer, "403")
-        return outcome(403, "forbidden", f"this credential lacks the role {READ_ROLE}")
+        raise FhirError(403, f"this credential lacks the role {READ_ROLE}", code="forbidden")
     try:
         query, count, after, decrypt = parse_parameters(request)
-    except QueryError as exc:
+    except QueryError:
         await _record_refusal(audit, request, reviewer, "400")
-        return outcome(400, "invalid", str(exc), exc.name)
+        raise
     if decrypt and not reviewer.decrypt:
         await _record_refusal(audit, request, reviewer, "403")
-        return outcome(403, "forbidden", "this credential may not see PHI decrypted")
+        raise FhirError(403, "this credential may not see PHI decrypted", code="forbidden")
     try:
         await audit.record(_access(request, reviewer, query, "success"))
     except StoreUnavailable:
-        return outcome(503, "transient",
-                       "the access could not be recorded in the audit trail; try again later")
+        raise FhirError(503, "the access could not be recorded in the audit trail; try "
+                        "again later", code="transient") from None
     body = io.BytesIO()
     try:
         covered = await audit.cover()
@@ -93,7 +94,7 @@ async def search_audit_events(request: web.Request) -> web.Response:
     except Exception as exc:  # the answer names no detail: it could carry record content
         log.error("audit search failed: %s", type(exc).__name__)
         await _record_refusal(audit, request, reviewer, "500")
-        return outcome(500, "exception", "the audit trail could not be read")
+        raise FhirError(500, "the audit trail could not be read", code="exception") from None
     return web.Response(body=body.getvalue(), content_type=FHIR_JSON)
 
 
@@ -174,11 +175,3 @@ async def _record_refusal(audit: AuditLog, request: web.Request, reviewer: Revie
         await audit.record(_access(request, reviewer, None, status))
     except StoreUnavailable:
         log.error("a refused audit request could not be recorded")
-
-
-def outcome(status: int, code: str, diagnostics: str,
-            expression: str | None = None) -> web.Response:
-    """An OperationOutcome answer (FHIR R4): one issue, naming the parameter if known."""
-    return web.Response(body=orjson.dumps(operation_outcome(status, diagnostics, expression,
-                                                            code)),
-                        status=status, content_type=FHIR_JSON)

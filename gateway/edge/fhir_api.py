@@ -1,7 +1,12 @@
 """The FHIR edge's context: the store, the search table, the caller's limits, and the
 checks every route makes: which types exist, what a principal's scopes and profile allow,
 which patient's compartment confines it, how a resource is cut for it, and how the access
-is recorded in the audit trail."""
+is recorded in the audit trail.
+
+Beside it, one request against it (`Call`) and the interface both answerers implement
+(`Interactions`: the local store in `fhir_local`, a remote backend in `fhir_proxy`), with
+the `Facade` protocol that picks the remote one: the routes depend on these, never on the
+concrete facade."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -27,11 +32,7 @@ from gateway.store import StoreUnavailable
 from gateway.store.fhir import FhirStore, IdMatch, Match, ReferenceMatch, StoredResource
 from gateway.telemetry import Telemetry
 
-if TYPE_CHECKING:
-    from gateway.edge.fhir_proxy import Facade
-
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,19 @@ class FhirLimits:
 class _Bucket:
     tokens: float
     stamp: float
+
+
+class Facade(Protocol):
+    """Which requests a remote FHIR backend answers (implemented by `fhir_proxy.Facade`)."""
+
+    def served_by(self, resource_type: str, interaction: str) -> str | None:
+        """The name of the backend that answers this interaction on this type; None: the
+        local store."""
+        ...
+
+    def remote(self, resource_type: str, interaction: str) -> Interactions | None:
+        """The answerer for a request whose type a backend serves; None: the local store."""
+        ...
 
 
 @dataclass
@@ -239,6 +253,43 @@ class FhirApi:
 
 
 FHIR = web.AppKey("fhir", FhirApi)
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's context: the caller, and what the audit records will say."""
+
+    api: FhirApi
+    request: web.Request
+    principal: Principal
+    interaction: str = ""
+    resource_type: str = ""
+
+
+Pairs = list[tuple[str, str]]
+
+
+class Interactions(Protocol):
+    """The FHIR interactions on one type, answered by the local store or a remote backend
+    under the same checks; the route decides which once per request."""
+
+    async def read(self, call: Call) -> web.StreamResponse: ...
+
+    async def vread(self, call: Call) -> web.StreamResponse: ...
+
+    async def history(self, call: Call) -> web.Response: ...
+
+    async def search(self, call: Call, params: Pairs) -> web.Response: ...
+
+    async def create(self, call: Call) -> web.Response: ...
+
+    async def update(self, call: Call) -> web.Response: ...
+
+    async def conditional_update(self, call: Call) -> web.Response: ...
+
+    async def delete(self, call: Call) -> web.Response: ...
+
+    async def conditional_delete(self, call: Call) -> web.Response: ...
 
 
 def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[str, Any]:

@@ -1,12 +1,17 @@
-"""HTTP routes outside /fhir: liveness, readiness and the Prometheus metrics."""
+"""HTTP routes outside /fhir (liveness, readiness, the Prometheus metrics) and the
+middleware that counts, times and traces every FHIR request."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
+from opentelemetry import trace
 
 from gateway.edge.audit_http import AUDIT
+from gateway.edge.fhir_api import FHIR
 from gateway.store import SqliteInbox, StoreUnavailable
-from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
+from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, set_attributes
 
 INBOX = web.AppKey("inbox", SqliteInbox)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
@@ -49,3 +54,35 @@ async def prometheus(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="metrics are not enabled (telemetry.prometheus)")
     return web.Response(body=telemetry.render_prometheus(),
                         headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def fhir_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each request under /fhir is counted and timed by method and status; with spans
+    exported it gets a `fhir.request` span, the child of the caller's W3C `traceparent`
+    if it sent one. Sits outside `fhir_errors.outcomes`, so a refusal counts with its
+    status."""
+    if not request.path.startswith("/fhir"):
+        return await handler(request)
+    api = request.app.get(FHIR)
+    if api is None:
+        return await handler(request)
+    telemetry = api.telemetry
+    counted = telemetry.fhir
+    started = counted.clock()
+    if not telemetry.recording:  # no span to fill: no cost
+        response = await handler(request)
+        counted.request(request.method, response.status, started)
+        return response
+    # Only names and codes go on the span: never the query string (url.query) or ids.
+    with telemetry.tracer.start_as_current_span(
+            "fhir.request", context=telemetry.parent_context(request.headers),
+            kind=trace.SpanKind.SERVER) as span:
+        response = await handler(request)
+        set_attributes(span, {"http.request.method": counted.method_label(request.method),
+                              "http.response.status_code": response.status})
+        counted.request(request.method, response.status, started)
+        return response

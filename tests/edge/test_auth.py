@@ -27,14 +27,8 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from gateway.app import setup_auth
 from gateway.config import Settings
-from gateway.edge.auth import (
-    AUTH_SERVER,
-    AUTHENTICATOR,
-    JWT_BEARER,
-    AuthError,
-    AuthSetupError,
-    principal_for,
-)
+from gateway.edge.auth import AUTHENTICATOR, AuthError, principal_for
+from gateway.edge.auth_server import AUTH_SERVER, JWT_BEARER, AuthSetupError
 
 ALGS = ["RS256", "RS384", "ES256", "ES384", "PS384", "none"]
 ISSUER = "https://idp.example"

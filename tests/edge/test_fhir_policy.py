@@ -27,7 +27,7 @@ from conftest import RunningGateway, start_gateway
 from gateway.audit import AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
-from gateway.edge.auth import JWT_BEARER
+from gateway.edge.auth_server import JWT_BEARER
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

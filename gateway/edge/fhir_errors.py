@@ -1,0 +1,107 @@
+"""The one place a refusal becomes an answer: every failure under /fhir, and every
+refusal the layers raise elsewhere (the reviewers' /audit endpoint), answers an
+OperationOutcome with its status and headers (WWW-Authenticate, Retry-After) and no
+patient data in its text. Spans and metrics are another middleware's (`edge.http`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from gateway.audit import QueryError
+from gateway.edge.auth import AuthError
+from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
+from gateway.forward.backend import BackendTimeout, BackendUnavailable
+from gateway.store import StoreUnavailable
+
+# The logger the refusals have always been logged under (operators filter on it).
+log = logging.getLogger("gateway.edge.fhir_http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Passthrough(Exception):
+    """An answer already made (a backend's own refusal, passed on as it came)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class BackendFailed(Exception):
+    """A remote backend could not be asked or did not answer in time, named for the
+    caller (the backend's name is ours, never a value)."""
+
+    def __init__(self, backend: str, error: BackendUnavailable) -> None:
+        super().__init__(backend)
+        self.backend = backend
+        self.error = error
+
+
+# What the layers below raise for a request they refuse: answered on every path.
+_REFUSALS = (FhirError, AuthError, QueryError, Passthrough, BackendFailed)
+
+
+@web.middleware
+async def outcomes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure under /fhir answers an OperationOutcome; elsewhere only a refusal
+    the layers raised does, and anything else (aiohttp's own 404, a bug) passes untouched."""
+    if request.path.startswith("/fhir"):
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return refusal(request, exc)
+    try:
+        return await handler(request)
+    except _REFUSALS as exc:
+        return refusal(request, exc)
+
+
+def refusal(request: web.Request, error: Exception) -> web.StreamResponse:
+    """The OperationOutcome for whatever a handler raised (the one place errors turn into
+    answers)."""
+    try:
+        raise error
+    except FhirError as exc:
+        return _outcome(exc.status, exc.reason, exc.expression, exc.code, exc.headers)
+    except AuthError as exc:
+        headers = {"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else {}
+        return _outcome(exc.status, exc.reason, headers=headers)
+    except QueryError as exc:
+        return _outcome(400, str(exc), exc.name, "invalid")
+    except Passthrough as exc:
+        return exc.response
+    except BackendFailed as exc:
+        if isinstance(exc.error, BackendTimeout):
+            return _outcome(504, f"backend {exc.backend} did not answer in time; try again "
+                            "later", code="timeout")
+        wait = max(1, math.ceil(exc.error.retry_after))
+        return _outcome(503, f"backend {exc.backend} is unavailable ({exc.error.reason}); "
+                        f"try again in {wait} s", code="transient",
+                        headers={"Retry-After": str(wait)})
+    except StoreUnavailable:
+        return _outcome(503, "the store is unavailable; try again later",
+                        headers={"Retry-After": "5"})
+    except web.HTTPMethodNotAllowed:
+        return _outcome(405, f"{request.method} is not supported on this URL")
+    except web.HTTPNotFound:
+        return _outcome(404, "no FHIR interaction is defined at this URL")
+    except web.HTTPRequestEntityTooLarge:
+        return _outcome(413, "the body is too large")
+    except web.HTTPException as exc:
+        return _outcome(exc.status, exc.reason or "refused")
+    except Exception as exc:  # the caller gets a 500; the type alone goes to the log
+        log.error("FHIR %s failed: %s", request.method, type(exc).__name__)
+        return _outcome(500, "internal error; the request was not completed")
+
+
+def _outcome(status: int, reason: str, expression: str | None = None,
+             code: str | None = None, headers: Mapping[str, str] | None = None
+             ) -> web.Response:
+    body = outcome_bytes(FhirError(status, reason, expression, code))
+    return web.Response(body=body, status=status, headers=dict(headers or {}),
+                        content_type=FHIR_JSON)
