@@ -240,7 +240,7 @@ def _inbox_db(args: argparse.Namespace) -> Path:
 
 
 def _inbox_list(args: argparse.Namespace) -> int:
-    from gateway.store.inbox import read_entries
+    from gateway.store.inbox_sqlite import read_entries
 
     entries = asyncio.run(read_entries(_inbox_db(args), args.limit, args.status))
     print(f"{'ID':>8}  {'RECEIVED AT':<27}  {'CONTROL ID':<22}  {'TYPE':<9}  "
@@ -253,7 +253,7 @@ def _inbox_list(args: argparse.Namespace) -> int:
 
 
 def _inbox_show(args: argparse.Namespace) -> int:
-    from gateway.store.inbox import read_entry
+    from gateway.store.inbox_sqlite import read_entry
 
     found = asyncio.run(read_entry(_inbox_db(args), args.id))
     if found is None:
@@ -283,7 +283,7 @@ def _readable(raw: bytes) -> str:
 
 def _inbox_replay(args: argparse.Namespace) -> int:
     from gateway.app import build_router, load_translator
-    from gateway.store.inbox import read_raw, record_outcomes
+    from gateway.store.inbox_sqlite import read_raw, record_outcomes
 
     settings = _settings(args, **{"store.data_dir": args.data_dir})
     path = _inbox_db(args)
@@ -316,10 +316,10 @@ def _replay_one(translator: Any, router: Any, inbox_id: int, raw: bytes,
     """Translate a stored message again (as received); where its route now sends it: the
     local store (status translated, applied by the gateway's sweep) and the FHIR backends
     that could not take it untranslated (their Bundle and outbox rows)."""
-    from gateway.edge.ingest import patient_key
     from gateway.fhir.bundle import dumps, to_bundle
     from gateway.hl7.errors import Hl7Error
     from gateway.hl7.message import parse_message
+    from gateway.ingest.replay import patient_key
     from gateway.mapping.errors import TranslationError, UnsupportedMessage
     from gateway.store.inbox import ROUTED, TRANSLATED, Replayed
 
