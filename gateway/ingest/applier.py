@@ -146,9 +146,10 @@ class LocalApplier:
                 batch: list[tuple[int, Translation, Outcome | None]] = []
                 outcomes: list[tuple[int, str, str]] = []
                 for row_id, raw, received_at in rows:
-                    translation, problem = self._retranslate(raw, received_at)
+                    replayed = replay(self._translator, raw, received_at)
+                    translation = replayed.translation
                     if translation is None:
-                        outcomes.append((row_id, problem[0], problem[1]))
+                        outcomes.append((row_id, replayed.status, replayed.error_text))
                     elif await self._committed_before(translation):
                         outcomes.append((row_id, APPLIED, ""))
                     else:
@@ -169,12 +170,6 @@ class LocalApplier:
         return (provenance.get("resourceType") == "Provenance"
                 and await self._store.read("Provenance", str(provenance["id"])) is not None)
 
-    def _retranslate(self, raw: bytes, received_at: datetime
-                     ) -> tuple[Translation | None, tuple[str, str]]:
-        """The row translated again as it was when received (its Provenance time too)."""
-        outcome = replay(self._translator, raw, received_at)
-        return outcome.translation, (outcome.status, outcome.error_text)
-
     async def _held(self, batch: Sequence[tuple[int, Translation | None, Outcome | None]]
                     ) -> list[tuple[int, Translation, Outcome | None]]:
         """The batch with every translation at hand: those not kept in memory are made
@@ -188,10 +183,11 @@ class LocalApplier:
                     continue
                 entry, raw, _ = row
                 received = datetime.fromisoformat(entry.received_at.replace("Z", "+00:00"))
-                translation, problem = self._retranslate(raw, received)
-                if translation is None:
-                    refused.append((inbox_id, problem[0], problem[1]))
+                replayed = replay(self._translator, raw, received)
+                if replayed.translation is None:
+                    refused.append((inbox_id, replayed.status, replayed.error_text))
                     continue
+                translation = replayed.translation
             ready.append((inbox_id, translation, outcome))
         await self._inbox.set_statuses(refused)
         return ready
