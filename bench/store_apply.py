@@ -21,8 +21,8 @@ from pathlib import Path
 
 from gateway.fhir.bundle import to_bundle
 from gateway.fhir.search import TABLE, SearchRegistry
-from gateway.forward.local import bundle_writes
 from gateway.hl7.message import parse_message
+from gateway.ingest.applier import bundle_writes
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
 from gateway.store.fhir import WriteRequest

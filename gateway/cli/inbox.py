@@ -13,12 +13,8 @@ from gateway.cli.access import message_access, record_accesses
 from gateway.cli.shared import inbox_path, settings_from, tables_or_exit
 
 if TYPE_CHECKING:
-    from datetime import datetime
 
     from gateway.cli.shared import Subparsers
-    from gateway.forward.routes import Router
-    from gateway.mapping.engine import Translator
-    from gateway.store.inbox import Replayed
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -42,7 +38,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _inbox_list(args: argparse.Namespace) -> int:
-    from gateway.store.inbox import read_entries
+    from gateway.store.inbox_sqlite import read_entries
 
     entries = asyncio.run(read_entries(inbox_path(args), args.limit, args.status))
     print(f"{'ID':>8}  {'RECEIVED AT':<27}  {'CONTROL ID':<22}  {'TYPE':<9}  "
@@ -55,7 +51,7 @@ def _inbox_list(args: argparse.Namespace) -> int:
 
 
 def _inbox_show(args: argparse.Namespace) -> int:
-    from gateway.store.inbox import read_entry
+    from gateway.store.inbox_sqlite import read_entry
 
     found = asyncio.run(read_entry(inbox_path(args), args.id))
     if found is None:
@@ -85,7 +81,8 @@ def _readable(raw: bytes) -> str:
 
 def _inbox_replay(args: argparse.Namespace) -> int:
     from gateway.app import build_router, load_translator
-    from gateway.store.inbox import read_raw, record_outcomes
+    from gateway.ingest.replay import replay_routed
+    from gateway.store.inbox_sqlite import read_raw, record_outcomes
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})
     path = inbox_path(args)
@@ -97,7 +94,7 @@ def _inbox_replay(args: argparse.Namespace) -> int:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     router = build_router(settings) if settings.routes else None
-    outcomes = [_replay_stored_message(translator, router, row_id, raw, received)
+    outcomes = [replay_routed(translator, router, row_id, raw, received)
                 for row_id, raw, received in rows]
     refused = record_accesses(args, [
         message_access("translate", row_id, raw, outcome=outcome.status)
@@ -111,39 +108,3 @@ def _inbox_replay(args: argparse.Namespace) -> int:
         print(f"{outcome.inbox_id} {outcome.status}"
               + (f" {outcome.error}" if outcome.error else "") + routed)
     return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
-
-
-def _replay_stored_message(translator: Translator, router: Router | None, inbox_id: int,
-                           raw: bytes, received: datetime) -> Replayed:
-    """Translate a stored message again (as received); where its route now sends it: the
-    local store (status translated, applied by the gateway's sweep) and the FHIR backends
-    that could not take it untranslated (their Bundle and outbox rows).
-
-    The CLI's own copy of "replay a stored message"; the shared one (issue 12, item 1)
-    replaces this whole function."""
-    from gateway.edge.ingest import patient_key
-    from gateway.fhir.bundle import dumps, to_bundle
-    from gateway.hl7.errors import Hl7Error
-    from gateway.hl7.message import parse_message
-    from gateway.mapping.errors import TranslationError, UnsupportedMessage
-    from gateway.store.inbox import ROUTED, TRANSLATED, Replayed
-
-    try:
-        message = parse_message(raw)
-        translation = translator.translate(message, received)
-    except UnsupportedMessage as exc:
-        return Replayed(inbox_id, "unsupported", exc.safe_text)
-    except TranslationError as exc:
-        return Replayed(inbox_id, "failed", exc.safe_text)
-    except Hl7Error as exc:
-        return Replayed(inbox_id, "failed", exc.reason)
-    if router is None:
-        return Replayed(inbox_id, TRANSLATED)
-    header = message.header
-    targets = router.for_message(header.message_type, header.sending_application,
-                                 header.sending_facility)
-    owed = tuple(n for n in targets.remote
-                 if n not in router.untranslated(targets).remote)
-    return Replayed(inbox_id, TRANSLATED if targets.local else ROUTED, routes=owed,
-                    patient_key=patient_key(message) if owed else "",
-                    bundle=dumps(to_bundle(translation)) if owed else None)

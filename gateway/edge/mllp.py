@@ -1,9 +1,10 @@
 """The MLLP listener: accept connections, reassemble frames, answer in order.
 
-One asyncio Protocol per connection, no task per message: frames are handed to the ingest
-handler as they complete and their ACKs written strictly in arrival order as they resolve
-(pipelining). A connection that sends faster than its ACKs resolve, or stops reading its
-ACKs, is paused on its own; every other connection carries on.
+One asyncio Protocol per connection, no task per message: frames are handed to the frame
+handler (a `gateway.ingest.protocol.FrameHandler`) as they complete and their ACKs written
+strictly in arrival order as they resolve (pipelining). A connection that sends faster
+than its ACKs resolve, or stops reading its ACKs, is paused on its own; every other
+connection carries on.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, cast
 
 from opentelemetry import metrics
 
-from gateway.edge.ingest import Ingest, Peer, Reply
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from gateway.ingest.protocol import FrameHandler, Peer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class MllpServer:
 
     def __init__(
         self,
-        ingest: Ingest,
+        ingest: FrameHandler,
         *,
         max_frame_bytes: int,
         idle_timeout: float,
@@ -85,7 +86,7 @@ class MllpServer:
         self._paused.add(1)
 
     @property
-    def ingest(self) -> Ingest:
+    def ingest(self) -> FrameHandler:
         return self._ingest
 
     @property

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.edge.ingest import Peer, SenderCheck
 from gateway.hl7.message import Header
+from gateway.ingest.protocol import Peer, SenderCheck
 
 
 def server_context(cert_file: Path, key_file: Path, client_ca_file: Path | None = None,

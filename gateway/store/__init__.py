@@ -11,9 +11,9 @@ from gateway.store.audit import (
 )
 from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from gateway.store.inbox import InboundMessage, InboxEntry, SqliteInbox, Stored
+from gateway.store.inbox import InboundMessage, Inbox, InboxEntry, Replayed, Stored
+from gateway.store.inbox_sqlite import SqliteInbox
 
 __all__ = ["AuditFilter", "AuditRow", "AuditStore", "CheckpointRow", "InboundMessage",
-           "InboxEntry", "SqliteAuditStore", "StoreUnavailable", "Stored", "StoredAuditRow",
-           "SqliteInbox",
-           "SqliteFhirStore"]
+           "Inbox", "InboxEntry", "Replayed", "SqliteAuditStore", "SqliteFhirStore",
+           "SqliteInbox", "StoreUnavailable", "Stored", "StoredAuditRow"]

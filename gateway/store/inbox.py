@@ -1,97 +1,17 @@
-"""The durable inbox: every accepted inbound message, committed before it is acknowledged.
+"""The inbox's interface: what ingest, the applier and replay ask of it, and its rows.
 
-Concurrent messages are group-committed: while one commit is on disk the next batch
-gathers, and the whole batch is written by one multi-row INSERT (one transaction, one
-WAL sync). Duplicates, keyed on sender application, sender facility and control id, are
-detected by a unique index in the same statement, so a resend after a crash or restart
-gets back the acknowledgement that was stored with the original.
+Every accepted inbound message is committed to the inbox before it is acknowledged.
+`gateway.store.inbox_sqlite` implements it on SQLite; the same protocol is what another
+database implements (the PostgreSQL issue).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Literal
-
-import aiosqlite
-import orjson
-
-from gateway.store.errors import StoreUnavailable
-from gateway.store.sqlite import open_database
-
-log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at TEXT NOT NULL,
-    sending_application TEXT NOT NULL,
-    sending_facility TEXT NOT NULL,
-    control_id TEXT NOT NULL,
-    message_type TEXT NOT NULL,
-    version TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    ack BLOB NOT NULL,
-    -- Why translation failed: a location and a reason, never a value (no PHI).
-    error TEXT NOT NULL DEFAULT '',
-    -- NULL once the message is older than the duplicate window, so the key may recur.
-    dedup_key TEXT UNIQUE
-);
-CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);
-CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-# The outbox lives beside the inbox, in the same file, and its rows are made by a trigger
-# on the inbox INSERT: a message and its deliveries are committed by the one statement
-# that stores it (one transaction, one sync), so nothing acknowledged can miss its
-# deliveries and a duplicate (no insert) makes none.
-_OUTBOX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    inbox_id INTEGER NOT NULL,
-    backend TEXT NOT NULL,
-    -- A hash of the patient's identifier (never the identifier): deliveries with the same
-    -- key go strictly in id order. '' when the message names no patient.
-    patient_key TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    -- Unix time before which the next attempt must not start.
-    next_at REAL NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    -- The last answer ("HTTP 503", "ACK AE", "timeout") and why it failed: no values.
-    last_status TEXT NOT NULL DEFAULT '',
-    error TEXT NOT NULL DEFAULT '',
-    -- The W3C traceparent of the message's ingest span: deliveries are its children.
-    trace TEXT NOT NULL DEFAULT '',
-    UNIQUE (inbox_id, backend)
-);
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (backend, id) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, id);
-CREATE TRIGGER IF NOT EXISTS inbox_to_outbox AFTER INSERT ON inbox
-WHEN NEW.routes != '' BEGIN
-    INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at, trace)
-    SELECT NEW.id, value, NEW.patient_key, NEW.received_at, NEW.received_at, NEW.trace
-    FROM json_each(NEW.routes);
-END;
-"""
-
-_COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
-            "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key",
-            "error", "routes", "patient_key", "trace", "bundle")
-_ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
-# One commit carries at most this many message bytes, so a run of large messages (up to
-# the 10 MiB frame limit each) is written in several statements, not one huge one.
-_MAX_BATCH_BYTES = 32 * 1024 * 1024
-# SQLite allows 32766 bound parameters per statement.
-_MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
+from datetime import datetime
+from typing import Protocol
 
 # Inbox statuses: stored only (translation off), translated (not yet in the FHIR store),
 # applied to the FHIR store, could not be translated or applied, or of a message type no
@@ -164,304 +84,6 @@ class InboxEntry:
     error: str = ""
 
 
-_Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
-_RawRows = list[tuple[int, bytes, datetime]]  # (inbox id, raw message, received at)
-
-
-class SqliteInbox:
-    """Inbox on an aiosqlite (WAL) database with a single group-committing writer."""
-
-    def __init__(self, db: aiosqlite.Connection, dedup_window: timedelta,
-                 max_batch: int) -> None:
-        self._db = db
-        self._dedup_window = dedup_window
-        self._max_batch = min(max_batch, _MAX_ROWS_PER_STATEMENT)
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._batches = 0
-        self._committed = 0
-
-    @classmethod
-    async def open(cls, path: Path,
-                   synchronous: Literal["normal", "full", "extra"] = "full",
-                   dedup_window: timedelta = timedelta(days=7),
-                   max_batch: int = 512) -> SqliteInbox:
-        db = await open_database(path, synchronous)
-        inbox = cls(db, dedup_window, max_batch)
-        try:
-            await db.executescript(_SCHEMA)
-            await _migrate(db)
-            await db.executescript(_OUTBOX_SCHEMA)
-            await inbox.expire_dedup_keys()
-        except BaseException:
-            await db.close()
-            raise
-        inbox._writer = asyncio.create_task(inbox._write_loop(), name="inbox-writer")
-        return inbox
-
-    # -- accepting ----------------------------------------------------------------------
-
-    def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
-        """Queue a message for the next group commit; the future resolves once durable."""
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_exception(StoreUnavailable("the inbox is closing"))
-            return future
-        self._pending.append((message, future))
-        self._wakeup.set()
-        return future
-
-    async def accept(self, message: InboundMessage) -> Stored:
-        return await self.submit(message)
-
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._next_batch()
-                await self._commit(batch)
-            if self._closing:
-                return
-
-    def _next_batch(self) -> list[_Pending]:
-        """The oldest pending messages, bounded in count and in bytes (large messages)."""
-        size = 0
-        count = 0
-        for message, _ in self._pending:
-            if count == self._max_batch or (count and size + len(message.raw) > _MAX_BATCH_BYTES):
-                break
-            size += len(message.raw)
-            count += 1
-        batch = self._pending[:count]
-        del self._pending[:count]
-        return batch
-
-    async def _commit(self, batch: Sequence[_Pending]) -> None:
-        try:
-            results = await self._insert(batch)
-        except Exception as exc:  # any failure to commit means: not durable, not accepted
-            log.error("inbox commit failed for a batch of %d: %s", len(batch),
-                      type(exc).__name__)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable("the inbox could not commit"))
-            return
-        self._batches += 1
-        self._committed += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-    async def _insert(self, batch: Sequence[_Pending]) -> list[Stored]:
-        messages = [m for m, _ in batch]
-        inserted = await self._insert_rows(messages)
-        results: list[Stored] = []
-        claimed: set[str] = set()
-        for m in messages:
-            key = m.dedup_key
-            if key in inserted and key not in claimed:
-                claimed.add(key)
-                results.append(Stored(inserted[key], m.ack, duplicate=False))
-            else:
-                # Already stored: by an earlier batch, or earlier in this one.
-                results.append(await self._original(m))
-        return results
-
-    async def _insert_rows(self, messages: Sequence[InboundMessage]) -> dict[str, int]:
-        """Insert the rows whose keys are new; returns dedup key -> inbox id for those."""
-        params: list[object] = []
-        for m in messages:
-            params.extend((
-                _timestamp(m.received_at), m.sending_application, m.sending_facility,
-                m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
-                m.raw, m.ack, m.dedup_key, m.error,
-                orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
-                m.trace, m.bundle,
-            ))
-        # One statement in autocommit mode is one transaction: all rows or none.
-        sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
-               + ",".join([_ROW_SQL] * len(messages))
-               + " ON CONFLICT(dedup_key) DO NOTHING RETURNING id, dedup_key")
-        rows = await self._db.execute_fetchall(sql, params)
-        return {str(key): int(row_id) for row_id, key in rows}
-
-    async def _original(self, message: InboundMessage) -> Stored:
-        """The stored row a duplicate repeats, or a fresh insert if its key has expired."""
-        rows = list(await self._db.execute_fetchall(
-            "SELECT id, ack, received_at FROM inbox WHERE dedup_key = ?",
-            (message.dedup_key,),
-        ))
-        if rows:
-            row_id, ack, received_at = rows[0]
-            if str(received_at) >= _timestamp(self._dedup_cutoff()):
-                return Stored(int(row_id), bytes(ack), duplicate=True)
-            await self._db.execute("UPDATE inbox SET dedup_key = NULL WHERE id = ?", (row_id,))
-        inserted = await self._insert_rows([message])
-        return Stored(inserted[message.dedup_key], message.ack, duplicate=False)
-
-    # -- maintenance --------------------------------------------------------------------
-
-    def _dedup_cutoff(self) -> datetime:
-        return datetime.now(UTC) - self._dedup_window
-
-    async def expire_dedup_keys(self) -> int:
-        """Release the duplicate keys of messages older than the window; returns how many."""
-        cursor = await self._db.execute(
-            "UPDATE inbox SET dedup_key = NULL WHERE dedup_key IS NOT NULL AND received_at < ?",
-            (_timestamp(self._dedup_cutoff()),),
-        )
-        return cursor.rowcount
-
-    async def probe_writable(self) -> None:
-        """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
-        try:
-            await self._db.execute(
-                "INSERT INTO store_meta (key, value) VALUES ('ready_probe', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (_timestamp(datetime.now(UTC)),),
-            )
-        except Exception as exc:
-            raise StoreUnavailable(f"the inbox is not writable: {type(exc).__name__}") from None
-
-    async def close(self) -> None:
-        """Commit what is queued, then close the database."""
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
-        await self._db.close()
-        if self._batches:
-            log.info("inbox closed: %d messages in %d group commits (%.1f per commit)",
-                     self._committed, self._batches, self._committed / self._batches)
-
-    # -- reading ------------------------------------------------------------------------
-
-    async def list(self, limit: int = 50, status: str | None = None) -> list[InboxEntry]:
-        return await list_entries(self._db, limit, status)
-
-    async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
-        return await get_entry(self._db, inbox_id)
-
-    async def count(self) -> int:
-        rows = list(await self._db.execute_fetchall("SELECT count(*) FROM inbox"))
-        return int(rows[0][0])
-
-    async def with_status(self, status: str, limit: int = 500,
-                          after: int = 0) -> _RawRows:
-        """(id, raw, received at) of the oldest rows in one status, after an id."""
-        rows = await self._db.execute_fetchall(
-            "SELECT id, raw, received_at FROM inbox WHERE status = ? AND id > ? "
-            "ORDER BY id LIMIT ?", (status, after, limit))
-        return [(int(row_id), bytes(raw), datetime.fromisoformat(received.replace(
-            "Z", "+00:00"))) for row_id, raw, received in rows]
-
-    async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
-        """Set (id, status, error) for several rows: one statement per distinct outcome.
-
-        One statement each, never BEGIN ... COMMIT: this connection is shared with the
-        group-committing writer, whose inserts must not ride in another transaction.
-        """
-        groups: dict[tuple[str, str], list[int]] = {}
-        for row_id, status, error in outcomes:
-            groups.setdefault((status, error), []).append(row_id)
-        for (status, error), ids in groups.items():
-            for start in range(0, len(ids), 30_000):
-                chunk = ids[start:start + 30_000]
-                await self._db.execute(
-                    f"UPDATE inbox SET status = ?, error = ? WHERE id IN "
-                    f"({','.join('?' * len(chunk))})", (status, error, *chunk))
-
-    @property
-    def connection(self) -> aiosqlite.Connection:
-        """The inbox's connection, shared by the outbox (same file): single statements
-        only, never BEGIN ... COMMIT (see set_statuses)."""
-        return self._db
-
-    @property
-    def batches_committed(self) -> int:
-        return self._batches
-
-
-_ENTRY_COLUMNS = ("id, received_at, sending_application, sending_facility, control_id, "
-                  "message_type, version, peer, size, status, error")
-
-
-async def list_entries(db: aiosqlite.Connection, limit: int,
-                       status: str | None) -> list[InboxEntry]:
-    if status:
-        rows = await db.execute_fetchall(
-            f"SELECT {_ENTRY_COLUMNS} FROM inbox WHERE status = ? ORDER BY id DESC LIMIT ?",
-            (status, limit))
-    else:
-        rows = await db.execute_fetchall(
-            f"SELECT {_ENTRY_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?", (limit,))
-    return [InboxEntry(*row) for row in rows]
-
-
-async def get_entry(db: aiosqlite.Connection,
-                    inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
-    rows = list(await db.execute_fetchall(
-        f"SELECT {_ENTRY_COLUMNS}, raw, ack FROM inbox WHERE id = ?", (inbox_id,)))
-    if not rows:
-        return None
-    row = rows[0]
-    return InboxEntry(*row[:11]), bytes(row[11]), bytes(row[12])
-
-
-def _timestamp(moment: datetime) -> str:
-    """UTC ISO 8601 with microseconds: fixed width, so text order is time order."""
-    if moment.utcoffset() != _ZERO:
-        moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-_ZERO = timedelta(0)
-
-
-async def read_entries(path: Path, limit: int = 50, status: str | None = None) -> list[InboxEntry]:
-    """List inbox entries from a database file, read-only (safe beside a running gateway)."""
-    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
-        return await list_entries(db, limit, status)
-
-
-async def read_entry(path: Path, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
-    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
-        return await get_entry(db, inbox_id)
-
-
-async def _migrate(db: aiosqlite.Connection) -> None:
-    """Bring an inbox made by an older version up to this schema (columns only added)."""
-    columns = {str(row[1]) for row in await db.execute_fetchall("PRAGMA table_info(inbox)")}
-    if "error" not in columns:
-        await db.execute("ALTER TABLE inbox ADD COLUMN error TEXT NOT NULL DEFAULT ''")
-    for column, declaration in (("routes", "TEXT NOT NULL DEFAULT ''"),
-                                ("patient_key", "TEXT NOT NULL DEFAULT ''"),
-                                ("trace", "TEXT NOT NULL DEFAULT ''"), ("bundle", "BLOB")):
-        if column not in columns:
-            await db.execute(f"ALTER TABLE inbox ADD COLUMN {column} {declaration}")
-
-
-async def read_raw(path: Path, ids: Sequence[int] | None,
-                   statuses: Sequence[str] = REPLAYABLE) -> _RawRows:
-    """(id, raw message, received at) for the given ids, or for every row in `statuses`
-    (ids None)."""
-    async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
-        if ids is not None:
-            marks = ",".join("?" * len(ids))
-            rows = await db.execute_fetchall(
-                f"SELECT id, raw, received_at FROM inbox WHERE id IN ({marks}) ORDER BY id",
-                list(ids))
-        else:
-            marks = ",".join("?" * len(statuses))
-            rows = await db.execute_fetchall(
-                f"SELECT id, raw, received_at FROM inbox WHERE status IN ({marks}) "
-                "ORDER BY id", list(statuses))
-        return [(int(row_id), bytes(raw), _parse_timestamp(str(received)))
-                for row_id, raw, received in rows]
-
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
@@ -476,25 +98,26 @@ class Replayed:
     bundle: bytes | None = None
 
 
-async def record_outcomes(path: Path, outcomes: Sequence[Replayed]) -> None:
-    """Record replays in one transaction (beside a live gateway): status and error, and
-    for a row now owed to remote backends its Bundle and their outbox rows (a row that
-    already has one for a backend keeps it: the UNIQUE key ignores the second)."""
-    async with aiosqlite.connect(path, timeout=30) as db:
-        await db.executemany("UPDATE inbox SET status = ?, error = ? WHERE id = ?",
-                             [(o.status, o.error, o.inbox_id) for o in outcomes])
-        routed = [o for o in outcomes if o.routes]
-        await db.executemany(
-            "UPDATE inbox SET bundle = ?, patient_key = ? WHERE id = ?",
-            [(o.bundle, o.patient_key, o.inbox_id) for o in routed])
-        now = _timestamp(datetime.now(UTC))
-        await db.executemany(
-            "INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (inbox_id, backend) DO NOTHING",
-            [(o.inbox_id, backend, o.patient_key, now, now)
-             for o in routed for backend in o.routes])
-        await db.commit()
+# (inbox id, raw message, received at) of stored rows, oldest first.
+RawRows = list[tuple[int, bytes, datetime]]
 
 
-def _parse_timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+class Inbox(Protocol):
+    """The durable inbox as the MLLP pipeline uses it: commit, read back, mark outcomes."""
+
+    def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
+        """Queue a message for the next commit; the future resolves once it is durable
+        (StoreUnavailable if it could not be), with the original's ACK for a duplicate."""
+        ...
+
+    async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+        """One row: its listing, raw message and stored ACK; None if there is none."""
+        ...
+
+    async def with_status(self, status: str, limit: int = 500, after: int = 0) -> RawRows:
+        """(id, raw, received at) of the oldest rows in one status, after an id."""
+        ...
+
+    async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
+        """Set (id, status, error) for several rows."""
+        ...

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MESSAGES, MllpPeer, RunningGateway, segments
-from gateway.edge.ingest import Ingest, Peer
+from gateway.ingest import Ingest, IngestOptions, Peer
 from gateway.store import SqliteInbox
 from gateway.telemetry import configure
 
@@ -61,7 +61,7 @@ async def test_every_mutant_gets_a_well_formed_answer(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
     inbox = await SqliteInbox.open(tmp_path / "inbox.db", "normal")
-    ingest = Ingest(inbox, configure("none"), validation="strict")
+    ingest = Ingest(inbox, configure("none"), IngestOptions(validation="strict"))
     try:
         replies = await asyncio.wait_for(asyncio.gather(
             *(ingest.handle(m, Peer("fuzz")) for m in mutants(3000, seed=7))), timeout=120)

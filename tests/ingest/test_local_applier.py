@@ -10,8 +10,8 @@ import orjson
 
 from conftest import message, with_control_id
 from gateway.fhir.search import TABLE, SearchRegistry
-from gateway.forward.local import LocalApplier
 from gateway.hl7.message import parse_message
+from gateway.ingest.applier import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
 from gateway.store import InboundMessage, SqliteInbox

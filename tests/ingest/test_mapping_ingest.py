@@ -12,7 +12,7 @@ import pytest
 
 from conftest import MllpPeer, RunningGateway, segments, start_gateway
 from gateway.app import INBOX_FILE
-from gateway.store.inbox import read_entries, read_entry
+from gateway.store.inbox_sqlite import read_entries, read_entry
 
 BAD_DATE = "19851345"  # month 13: not a date; also the canary for "no value in any text"
 

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import GatewayProcess, MllpPeer, message, segments, with_control_id
 from gateway.config import load_settings
-from gateway.store.inbox import read_entries
+from gateway.store.inbox_sqlite import read_entries
 from gateway.telemetry import configure
 
 ADT = message("canary_adt_a01.hl7")

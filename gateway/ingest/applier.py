@@ -1,4 +1,4 @@
-"""The local-store backend: translated HL7 messages applied to the embedded FHIR store.
+"""The local-store applier: translated HL7 messages applied to the embedded FHIR store.
 
 The inbox row is committed (and acknowledged) first; applying its Bundle comes after, in
 inbox order, so messages about one patient land in the order they arrived. Every write is
@@ -22,12 +22,11 @@ from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.fhir.transaction import parse_bundle, write_request
 from gateway.hl7.errors import ErrorCode, Hl7Error
-from gateway.hl7.message import parse_message
+from gateway.ingest.replay import replay
 from gateway.mapping.engine import Translator
-from gateway.mapping.errors import TranslationError, UnsupportedMessage
-from gateway.store import SqliteInbox, StoreUnavailable
+from gateway.store import StoreUnavailable
 from gateway.store.fhir import FhirStore, WriteConflict, WriteRequest
-from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, UNSUPPORTED
+from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[Writ
 class LocalApplier:
     """Applies translated inbox rows to the FHIR store, in inbox order, exactly once."""
 
-    def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: SqliteInbox,
+    def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: Inbox,
                  translator: Translator, *, sweep_interval: float = 30.0,
                  max_batch: int = 256, max_held: int = 5_000) -> None:
         self._store = store
@@ -147,9 +146,10 @@ class LocalApplier:
                 batch: list[tuple[int, Translation, Outcome | None]] = []
                 outcomes: list[tuple[int, str, str]] = []
                 for row_id, raw, received_at in rows:
-                    translation, problem = self._retranslate(raw, received_at)
+                    replayed = replay(self._translator, raw, received_at)
+                    translation = replayed.translation
                     if translation is None:
-                        outcomes.append((row_id, problem[0], problem[1]))
+                        outcomes.append((row_id, replayed.status, replayed.error_text))
                     elif await self._committed_before(translation):
                         outcomes.append((row_id, APPLIED, ""))
                     else:
@@ -170,19 +170,6 @@ class LocalApplier:
         return (provenance.get("resourceType") == "Provenance"
                 and await self._store.read("Provenance", str(provenance["id"])) is not None)
 
-    def _retranslate(self, raw: bytes, received_at: datetime
-                     ) -> tuple[Translation | None, tuple[str, str]]:
-        """The row translated again as it was when received (its Provenance time too)."""
-        try:
-            message = parse_message(raw)
-            return self._translator.translate(message, received_at), ("", "")
-        except UnsupportedMessage:
-            return None, (UNSUPPORTED, "")
-        except TranslationError as exc:
-            return None, (FAILED, exc.safe_text)
-        except Hl7Error as exc:
-            return None, (FAILED, exc.reason)
-
     async def _held(self, batch: Sequence[tuple[int, Translation | None, Outcome | None]]
                     ) -> list[tuple[int, Translation, Outcome | None]]:
         """The batch with every translation at hand: those not kept in memory are made
@@ -196,10 +183,11 @@ class LocalApplier:
                     continue
                 entry, raw, _ = row
                 received = datetime.fromisoformat(entry.received_at.replace("Z", "+00:00"))
-                translation, problem = self._retranslate(raw, received)
-                if translation is None:
-                    refused.append((inbox_id, problem[0], problem[1]))
+                replayed = replay(self._translator, raw, received)
+                if replayed.translation is None:
+                    refused.append((inbox_id, replayed.status, replayed.error_text))
                     continue
+                translation = replayed.translation
             ready.append((inbox_id, translation, outcome))
         await self._inbox.set_statuses(refused)
         return ready

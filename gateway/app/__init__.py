@@ -1,0 +1,104 @@
+"""Composition: wire settings into one aiohttp application that hosts every listener.
+
+`specs` turns settings into what each layer takes, `resources` opens and closes what the
+app holds (one cleanup context each), `state` names it; this module builds the app and
+serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from gateway.app.audit import audit_keys, open_audit
+from gateway.app.auth import setup_auth, token_auditor
+from gateway.app.forwarding import Forwarding, open_forwarding
+from gateway.app.resources import lifecycle
+from gateway.app.specs import (
+    auth_spec,
+    build_router,
+    delivery_policy,
+    fhir_backend_spec,
+    fhir_limits,
+    load_translator,
+    mllp_backend_spec,
+    reviewers,
+    search_registry,
+)
+from gateway.app.state import (
+    APPLIER,
+    FHIR_FILE,
+    FORWARDING,
+    INBOX_FILE,
+    KEYS_DIR,
+    MLLP,
+    MLLP_ADDRESS,
+    PROFILES,
+    SETTINGS,
+    TELEMETRY,
+    TRANSLATOR,
+)
+from gateway.config import Settings
+from gateway.edge import audit_http, fhir_errors, fhir_http, http
+from gateway.policy.profiles import load_profiles
+from gateway.telemetry import Telemetry, configure
+
+__all__ = ["APPLIER", "FHIR_FILE", "FORWARDING", "INBOX_FILE", "KEYS_DIR", "MLLP",
+           "MLLP_ADDRESS", "PROFILES", "SETTINGS", "TELEMETRY", "TRANSLATOR", "Forwarding",
+           "audit_keys", "auth_spec", "build_app", "build_router", "delivery_policy",
+           "fhir_backend_spec", "fhir_limits", "load_translator", "mllp_backend_spec",
+           "open_audit", "open_forwarding", "search_registry", "serve", "setup_auth"]
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.Application:
+    """The application: HTTP routes plus the store and MLLP listener in its cleanup context."""
+    app = web.Application(client_max_size=max(settings.mllp.max_frame_bytes,
+                                              settings.fhir.max_body_bytes),
+                          middlewares=[http.fhir_requests, fhir_errors.outcomes])
+    app[SETTINGS] = settings
+    app[TELEMETRY] = telemetry or configure(
+        settings.telemetry.exporter, settings.telemetry.service_name,
+        settings.telemetry.otlp_endpoint, prometheus=settings.telemetry.prometheus)
+    app.add_routes(http.routes)
+    app.add_routes(audit_http.routes)
+    app[audit_http.REVIEWERS] = reviewers(settings)
+    # The profiles are checked against the R4 model now: a typo stops the start.
+    app[PROFILES] = load_profiles(settings.profiles)
+    setup_auth(app, settings, on_token=token_auditor(app))
+    if settings.fhir.enabled:
+        app.add_routes(fhir_http.routes)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = build_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.server.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
+                           reuse_address=True)
+        await site.start()
+        http_host, http_port = runner.addresses[0][:2]
+        mllp_host, mllp_port = app[MLLP_ADDRESS]
+        sys.stdout.write(f"isthmus listening mllp={mllp_host}:{mllp_port} "
+                         f"http={http_host}:{http_port}\n")
+        sys.stdout.flush()
+        await stop.wait()
+        log.info("shutting down: finishing messages in flight")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,256 @@
+"""The application's resources, one aiohttp cleanup context each, in start-up order.
+
+Each generator opens one resource, puts it on the app, yields, and closes it. `lifecycle`
+enters them in `RESOURCES` order and leaves them in reverse, so shutdown first finishes and
+answers what is in flight (housekeeping stopped, the MLLP listener drained, the applier
+emptied), then closes the stores, the audit log last with a signed checkpoint over
+everything recorded. They share one exit stack, not one `app.cleanup_ctx` entry each:
+aiohttp closes the contexts already started only if its caller runs cleanup after a
+failed start, and a failed start must close what is open so far whoever started the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from gateway.app.audit import open_audit
+from gateway.app.forwarding import open_forwarding
+from gateway.app.specs import (
+    fhir_limits,
+    ingest_options,
+    load_translator,
+    mllp_tls,
+    search_registry,
+)
+from gateway.app.state import (
+    APPLIER,
+    FHIR_FILE,
+    FHIR_STORE,
+    FORWARDING,
+    INBOX_FILE,
+    MLLP,
+    MLLP_ADDRESS,
+    PROFILES,
+    SEARCH_REGISTRY,
+    SETTINGS,
+    TELEMETRY,
+    TRANSLATOR,
+)
+from gateway.audit import AuditLog
+from gateway.edge import audit_http, http
+from gateway.edge.fhir_api import FHIR, FhirApi
+from gateway.edge.mllp import MllpServer
+from gateway.hl7.definitions import preload as preload_definitions
+from gateway.ingest import Ingest, LocalApplier, Routing
+from gateway.policy.profiles import Profile
+from gateway.store import SqliteInbox
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.outbox import SqliteOutbox
+
+log = logging.getLogger(__name__)
+
+Resource = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def telemetry(app: web.Application) -> AsyncIterator[None]:
+    """Made by build_app; flushed and shut down after everything else has closed."""
+    yield
+    # Not in a `finally`: a start that fails leaves the exporters as they are.
+    app[TELEMETRY].shutdown()
+
+
+async def translator(app: web.Application) -> AsyncIterator[None]:
+    """The HL7 definitions and the mapping tables, compiled off the event loop."""
+    settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    if settings.mllp.validation != "header":
+        # Compile the HL7 definitions off the event loop now, not on the first message.
+        await loop.run_in_executor(None, preload_definitions)
+    # A bad table stops the start here (TableErrors: file:line: reason), before listening.
+    app[TRANSLATOR] = await loop.run_in_executor(None, load_translator, settings)
+    yield
+
+
+async def audit(app: web.Application) -> AsyncIterator[None]:
+    """The audit log (when enabled): closed last, with a signed checkpoint."""
+    settings = app[SETTINGS]
+    if not settings.audit.enabled:
+        yield
+        return
+    audit_log = await open_audit(settings, app[TELEMETRY].meter)
+    app[audit_http.AUDIT] = audit_log
+    try:
+        yield
+    finally:
+        await audit_log.close()
+
+
+async def inbox(app: web.Application) -> AsyncIterator[None]:
+    """The inbox: committed what is queued, then closed."""
+    store = app[SETTINGS].store
+    opened = await SqliteInbox.open(
+        store.data_dir / INBOX_FILE,
+        synchronous=store.synchronous,
+        dedup_window=timedelta(days=store.dedup_window_days),
+        max_batch=store.max_batch,
+    )
+    app[http.INBOX] = opened
+    try:
+        yield
+    finally:
+        await opened.close()
+
+
+async def fhir_store(app: web.Application) -> AsyncIterator[None]:
+    """The search parameter table and the local FHIR store indexed by it."""
+    settings = app[SETTINGS]
+    registry = await asyncio.get_running_loop().run_in_executor(
+        None, search_registry, settings)
+    app[SEARCH_REGISTRY] = registry
+    opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE, registry.index,
+                                        synchronous=settings.store.synchronous)
+    app[FHIR_STORE] = opened
+    try:
+        yield
+    finally:
+        await opened.close()
+
+
+async def forwarding(app: web.Application) -> AsyncIterator[None]:
+    """Backends, outbox and facade; closed before the inbox, whose connection the outbox
+    shares. Pending rows stay pending."""
+    opened = await open_forwarding(app[SETTINGS], app[http.INBOX], app[TELEMETRY])
+    app[FORWARDING] = opened
+    try:
+        yield
+    finally:
+        await opened.close()
+
+
+async def fhir_api(app: web.Application) -> AsyncIterator[None]:
+    """The FHIR API over the local store and the facade (nothing of its own to close)."""
+    profiles: dict[str, Profile] = app[PROFILES]
+    app[FHIR] = FhirApi.build(
+        app[FHIR_STORE], app[SEARCH_REGISTRY], app[TELEMETRY], fhir_limits(app[SETTINGS]),
+        profiles, app.get(audit_http.AUDIT), facade=app[FORWARDING].facade)
+    yield
+
+
+async def applier(app: web.Application) -> AsyncIterator[None]:
+    """The applier of translated messages to the FHIR store; starts with its sweep of the
+    rows a crash left translated, and applies what is queued before it stops."""
+    settings = app[SETTINGS]
+    if not (settings.fhir.enabled and settings.mapping.translate_on_ingest):
+        yield
+        return
+    started = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
+                           app[TRANSLATOR])
+    started.start()
+    app[APPLIER] = started
+    try:
+        yield
+    finally:
+        await started.close()
+
+
+async def mllp(app: web.Application) -> AsyncIterator[None]:
+    """The MLLP listener; on stop it answers what is in flight before closing."""
+    settings = app[SETTINGS]
+    server = mllp_server(app)
+    app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
+    app[MLLP] = server
+    try:
+        yield
+    finally:
+        await server.stop(timeout=settings.server.shutdown_timeout)
+
+
+async def housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """Periodic tasks: duplicate-key expiry, delivered-row purge, audit retention."""
+    settings = app[SETTINGS]
+    tasks = [asyncio.create_task(_expire_dedup_keys(app[http.INBOX]), name="dedup-expiry")]
+    if app[FORWARDING].dispatcher is not None and settings.forward.keep_delivered_days:
+        tasks.append(asyncio.create_task(_purge_delivered(
+            SqliteOutbox(app[http.INBOX].connection), settings.forward.keep_delivered_days),
+            name="outbox-purge"))
+    audit_log = app.get(audit_http.AUDIT)
+    if audit_log is not None and settings.audit.retention_days:
+        tasks.append(asyncio.create_task(
+            _audit_retention(audit_log, settings.audit.retention_days),
+            name="audit-retention"))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# Start-up order; shutdown runs it backwards.
+RESOURCES: tuple[Resource, ...] = (telemetry, translator, audit, inbox, fhir_store,
+                                   forwarding, fhir_api, applier, mllp, housekeeping)
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """The one cleanup context on the app: every resource, opened in order."""
+    async with AsyncExitStack() as stack:
+        for resource in RESOURCES:
+            await stack.enter_async_context(asynccontextmanager(resource)(app))
+        yield
+
+
+def mllp_server(app: web.Application) -> MllpServer:
+    """The MLLP listener and its handler, over what the contexts before it opened."""
+    settings = app[SETTINGS]
+    mllp = settings.mllp
+    context, check = mllp_tls(settings)
+    routes = app[FORWARDING]
+    applied = app.get(APPLIER)
+    ingest = Ingest(
+        app[http.INBOX], app[TELEMETRY], ingest_options(settings, check),
+        translator=app[TRANSLATOR] if settings.mapping.translate_on_ingest else None,
+        applied=applied.submit if applied is not None else None,
+        routing=Routing(routes.router, routes.dispatcher) if settings.routes else None,
+        audit=app.get(audit_http.AUDIT))
+    return MllpServer(
+        ingest,
+        max_frame_bytes=mllp.max_frame_bytes,
+        idle_timeout=mllp.idle_timeout,
+        max_connections=mllp.max_connections,
+        max_in_flight=mllp.max_in_flight_per_connection,
+        max_buffered_bytes=mllp.max_buffered_bytes,
+        ssl_context=context,
+        meter=app[TELEMETRY].meter,
+    )
+
+
+async def _expire_dedup_keys(opened: SqliteInbox) -> None:
+    while True:
+        await asyncio.sleep(3600)
+        try:
+            await opened.expire_dedup_keys()
+        except Exception as exc:  # a failed housekeeping pass is retried next hour
+            log.warning("duplicate-key expiry failed: %s", type(exc).__name__)
+
+
+async def _purge_delivered(outbox: SqliteOutbox, days: float) -> None:
+    while True:
+        try:
+            await outbox.purge_delivered(datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # retried in an hour
+            log.warning("outbox purge failed: %s", type(exc).__name__)
+        await asyncio.sleep(3600)
+
+
+async def _audit_retention(audit_log: AuditLog, days: float) -> None:
+    while True:
+        try:
+            await audit_log.purge(datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # retried tomorrow; verify shows what is wrong
+            log.error("audit retention purge failed: %s", type(exc).__name__)
+        await asyncio.sleep(86_400)

@@ -1,0 +1,32 @@
+"""What the application holds (typed AppKeys) and where it keeps its files."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.app.forwarding import Forwarding
+from gateway.config import Settings
+from gateway.edge import http
+from gateway.edge.mllp import MllpServer
+from gateway.fhir.search import SearchRegistry
+from gateway.ingest import LocalApplier
+from gateway.mapping.engine import Translator
+from gateway.policy.profiles import Profile
+from gateway.store.fhir_sqlite import SqliteFhirStore
+
+SETTINGS = web.AppKey("settings", Settings)
+TELEMETRY = http.TELEMETRY  # the edge's /metrics route reads it too
+MLLP = web.AppKey("mllp", MllpServer)
+MLLP_ADDRESS = web.AppKey("mllp_address", tuple)
+TRANSLATOR = web.AppKey("translator", Translator)
+APPLIER = web.AppKey("applier", LocalApplier)
+PROFILES = web.AppKey("profiles", dict[str, Profile])
+FORWARDING = web.AppKey("forwarding", Forwarding)
+# Opened by one cleanup context and used by the ones after it.
+FHIR_STORE = web.AppKey("fhir_store", SqliteFhirStore)
+SEARCH_REGISTRY = web.AppKey("search_registry", SearchRegistry)
+
+# In the data dir.
+INBOX_FILE = "inbox.db"
+FHIR_FILE = "fhir.db"
+KEYS_DIR = "keys"

@@ -1,0 +1,374 @@
+"""Turn one MLLP frame into a durable inbox row and the acknowledgement to send back.
+
+The order is the durability contract: parse and check, build the ACK, commit message and
+ACK together, and only then release the ACK to the connection. A store failure answers AR
+("resend later"); a duplicate answers the ACK stored with the original.
+
+Every message answered is also an access to PHI and gets an audit record. The record is
+committed beside the inbox row (another file, its own group commit, at the same time) and
+the ACK waits for both: a message whose access could not be recorded gets AR, never AA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from opentelemetry import trace
+
+from gateway.audit import AuditLog
+from gateway.audit.hl7v2 import message_access, outcome
+from gateway.canonical import Translation
+from gateway.fhir.bundle import dumps, to_bundle
+from gateway.forward.backend import OutboxGate
+from gateway.forward.routes import Router, Targets
+from gateway.hl7.ack import ack_code, should_send_accept_ack
+from gateway.hl7.errors import ErrorCode, Hl7Error, Location
+from gateway.hl7.message import Header, Message, check_header, parse_message, salvage_header
+from gateway.hl7.mllp import FrameTooLarge
+from gateway.hl7.validate import validate
+from gateway.ingest.answer import Answers, audit_failed, where
+from gateway.ingest.applier import Outcome
+from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck
+from gateway.ingest.replay import Replay, patient_key, translate
+from gateway.mapping.engine import Translator
+from gateway.store import InboundMessage, Stored, StoreUnavailable
+from gateway.store.inbox import ACCEPTED, FAILED, ROUTED, TRANSLATED, UNSUPPORTED, Inbox
+from gateway.telemetry import Telemetry, set_attributes
+
+log = logging.getLogger(__name__)
+
+# Hands a committed translation on to be applied (the local FHIR store's applier).
+Applied = Callable[[int, Translation, Outcome | None], None]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOptions:
+    """How messages are checked and read: the `mllp` and `mapping` settings that apply."""
+
+    # "header", "standard" or "strict" (gateway.hl7.validate).
+    validation: str = "standard"
+    # For a message whose MSH-18 names no character set.
+    default_charset: str = "utf-8"
+    # Validate every translation with the R4 models (slow; for new tables).
+    strict: bool = False
+    # With mTLS: whether a certificate subject may send as a message's MSH-3/MSH-4.
+    sender_check: SenderCheck | None = None
+    clock: Callable[[], datetime] = _now
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Where each message goes, and the outbox that holds what goes to remote backends."""
+
+    router: Router
+    outbox: OutboxGate | None = None
+
+
+class Ingest:
+    """The MLLP message handler: frame in, future ACK bytes out (None: send nothing).
+
+    Without `translator` messages are stored only; without `routing` a translation goes to
+    the local store only, handed to `applied` once committed."""
+
+    def __init__(self, inbox: Inbox, telemetry: Telemetry,
+                 options: IngestOptions | None = None, *,
+                 translator: Translator | None = None, applied: Applied | None = None,
+                 routing: Routing | None = None, audit: AuditLog | None = None) -> None:
+        self._inbox = inbox
+        self._options = options or IngestOptions()
+        self._translator = translator
+        self._applied = applied
+        self._routing = routing
+        self._audit = audit
+        self._clock = self._options.clock
+        self._answers = Answers(telemetry, audit, self._clock)
+        self._metrics = telemetry.ingest
+
+    def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
+               push: Push | None = None) -> asyncio.Future[Reply]:
+        """Start handling one frame; the future resolves to the bytes to send back.
+
+        `push` sends a later, unsolicited message on the same connection: the enhanced-mode
+        application ACK, once the outcome of processing is known.
+        """
+        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        span = self._answers.span("mllp.message")
+        started = self._metrics.clock()
+        if self._metrics.enabled:
+            reply.add_done_callback(lambda _: self._metrics.since("total", started))
+        try:
+            self._handle(frame, peer, span, reply, push)
+        except Exception as exc:
+            # A bug must cost one message an AR, never the connection or the process. The
+            # exception text may quote message content, so only its type and place are logged.
+            log.error("internal error on an MLLP message: %s at %s", type(exc).__name__,
+                      where(exc))
+            if not reply.done():
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "internal error; the message was not accepted", reject=True)
+                self._answers.refuse(span, reply, salvage_header(
+                    frame.head if isinstance(frame, FrameTooLarge) else frame), [error], peer)
+        return reply
+
+    def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
+                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
+        if isinstance(frame, FrameTooLarge):
+            self._answers.refuse_oversize(frame, span, reply, peer)
+            return
+        set_attributes(span, {"mllp.frame_bytes": len(frame)})
+        try:
+            message = self._parse(frame, span)
+        except Hl7Error as error:
+            self._answers.refuse(span, reply, salvage_header(frame), [error], peer)
+            return
+        try:
+            check_header(message.header)
+        except Hl7Error as error:
+            self._answers.refuse(span, reply, message, [error], peer)
+            return
+        header = message.header
+        if self._answers.recording:
+            set_attributes(span, {
+                "hl7.message_type": header.message_type,
+                "hl7.control_id": header.control_id,
+                "hl7.version": header.version,
+                "hl7.sending_application": header.sending_application,
+                "hl7.sending_facility": header.sending_facility,
+                "hl7.enhanced_mode": header.enhanced_mode,
+            })
+        errors = self._check(message, peer)
+        if errors:
+            self._answers.refuse(span, reply, message, errors, peer)
+            return
+        self._store(message, frame, peer, span, reply, push)
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _parse(self, frame: bytes, span: trace.Span) -> Message:
+        child = self._answers.span("hl7.parse", span)
+        started = self._metrics.clock()
+        try:
+            message = parse_message(frame, self._options.default_charset)
+            message.header  # noqa: B018 - reading MSH is part of the parse step
+            return message
+        finally:
+            child.end()
+            self._metrics.since("parse", started)
+
+    def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
+        header = message.header
+        sender_check = self._options.sender_check
+        if sender_check is not None and not sender_check(peer, header):
+            return [Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                             "the client certificate may not send as this MSH-3/MSH-4",
+                             Location("MSH", 1, 3), reject=True)]
+        if _holds_several_messages(message):
+            return [Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                             "one MLLP frame must carry exactly one message",
+                             Location("MSH", 2), reject=True)]
+        return validate(message, self._options.validation)
+
+    def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
+               reply: asyncio.Future[Reply], push: Push | None = None) -> None:
+        header = message.header
+        now = self._clock()
+        translated = self._translate(message, span, now)
+        status, error, translation = (translated.status, translated.error,
+                                      translated.translation)
+        targets = self._targets(header, translation)
+        outbox = self._routing.outbox if self._routing is not None else None
+        if targets.remote and outbox is not None and outbox.full(targets.remote):
+            # Accept only what can be held: the sender keeps it and resends later.
+            refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                               "the outbox for this message's backends is full; resend later",
+                               reject=True)
+            self._answers.refuse(span, reply, message, [refusal], peer)
+            return
+        if status == TRANSLATED and not targets.local:
+            status = ROUTED  # for remote backends only: not for the local store
+        # Original mode answers the application outcome: AE names what could not be
+        # translated. Enhanced mode's accept ACK answers only the commit (CA); the outcome
+        # follows as the application ACK (MSH-16) and stays in the inbox for replay.
+        errors = [error] if error is not None and not header.enhanced_mode else []
+        code = ack_code(errors, header.enhanced_mode)
+        ack = self._answers.ack_text(span, message, header, code, errors, now).encode(
+            message.charset)
+        inbound = InboundMessage(
+            sending_application=header.sending_application,
+            sending_facility=header.sending_facility,
+            control_id=header.control_id,
+            message_type=header.message_type,
+            version=header.version,
+            peer=peer.address,
+            raw=frame,
+            ack=ack,
+            received_at=now,
+            status=status,
+            error=translated.error_text,
+            routes=targets.remote,
+            patient_key=patient_key(message) if targets.remote else "",
+            trace=_traceparent(span) if targets.remote else "",
+            bundle=(dumps(to_bundle(translation))
+                    if targets.needs_bundle and translation is not None else None),
+        )
+        store_span = self._answers.span("inbox.store", span)
+        store_started = self._metrics.clock()
+        stored = self._inbox.submit(inbound)
+        audited = None
+        if self._audit is not None:
+            audit_span = self._answers.span("audit.append", span)
+            audited = self._audit.submit(message_access(
+                message, peer=peer.address, tls_subject=peer.tls_subject,
+                outcome=outcome(code, int(errors[0].code) if errors else None), time=now,
+                trace_id=span.get_span_context().trace_id, detail=_DETAIL.get(status, "")))
+            if self._answers.recording:
+                audited.add_done_callback(lambda _: audit_span.end())
+
+        def committed(done: asyncio.Future[Stored]) -> None:
+            try:
+                answer(done)
+            except Exception as exc:  # the message may be stored: a resend gets its ACK
+                log.error("internal error answering a stored MLLP message: %s at %s",
+                          type(exc).__name__, where(exc))
+                if not reply.done():
+                    reply.set_result(None)
+
+        def answer(done: asyncio.Future[Stored]) -> None:
+            store_span.end()
+            self._metrics.since("store", store_started)
+            unrecorded = audited is not None and audit_failed(audited)
+            try:
+                result = done.result()
+            except StoreUnavailable:
+                refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                   "the message could not be stored; resend later",
+                                   reject=True)
+                self._answers.refuse(span, reply, message, [refusal], peer)
+                return
+            if unrecorded:
+                # Fail closed: stored, but an unrecorded access is never acknowledged; the
+                # resend is answered as a duplicate once the audit trail takes it.
+                refusal = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                   "the message could not be recorded in the audit trail; "
+                                   "resend later", reject=True)
+                self._answers.refuse(span, reply, message, [refusal])
+                return
+            set_attributes(span, {"store.inbox_id": result.inbox_id,
+                                  "hl7.duplicate": result.duplicate})
+            send = should_send_accept_ack(header.accept_ack_type, code) or (
+                not header.enhanced_mode)
+            self._answers.finish(span, reply, result.ack if send else None, code, len(frame),
+                                 header.message_type)
+            if not result.duplicate:
+                if targets.remote and outbox is not None:
+                    outbox.queued(targets.remote)
+                # After the commit ACK is queued, so an application ACK can only follow it.
+                self._process(message, status, error,
+                              translation if targets.local else None, result.inbox_id,
+                              push if header.enhanced_mode else None)
+
+        if audited is None:
+            stored.add_done_callback(committed)
+        else:
+            _when_both(stored, audited, committed)
+
+    def _targets(self, header: Header, translation: Translation | None) -> Targets:
+        if self._routing is None:
+            return _LOCAL
+        router = self._routing.router
+        targets = router.for_message(header.message_type, header.sending_application,
+                                     header.sending_facility)
+        return targets if translation is not None else router.untranslated(targets)
+
+    def _process(self, message: Message, status: str, error: Hl7Error | None,
+                 translation: Translation | None, inbox_id: int, push: Push | None) -> None:
+        """After the commit: hand the translation on to be applied; in enhanced mode, send
+        the application ACK (MSH-16) once the outcome is known."""
+        def outcome(problem: Hl7Error | None) -> None:
+            if push is not None:
+                self._answers.application_ack(message, problem, push)
+
+        if translation is not None and self._applied is not None:
+            self._applied(inbox_id, translation, outcome if push is not None else None)
+        elif push is not None:
+            # Nothing left to do (not translated, not mapped, or no store): the outcome is
+            # known now. A message no table maps is accepted, as in original mode.
+            outcome(error if status == FAILED else None)
+
+    def _translate(self, message: Message, span: trace.Span, now: datetime) -> Replay:
+        """Translate before the commit (it is CPU only), so message, ACK and outcome are
+        stored together in one write; a failure is stored too, for replay."""
+        if self._translator is None:
+            return _NOT_TRANSLATED
+        child = self._answers.span("mapping.translate", span)
+        started = self._metrics.clock()
+        try:
+            translated = translate(self._translator, message, now,
+                                   strict=self._options.strict)
+        except Exception as exc:  # a table or engine bug costs this message, not the edge
+            log.error("internal error translating an MLLP message: %s at %s",
+                      type(exc).__name__, where(exc))
+            return Replay(FAILED, error=Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                                 "internal error while translating"))
+        finally:
+            child.end()
+            self._metrics.since("translate", started)
+        translation = translated.translation
+        if translation is None:
+            set_attributes(span, {"mapping.status": translated.status})
+            if translated.status == FAILED:
+                log.info("could not translate an MLLP message: %s", translated.reason)
+            return translated
+        if self._answers.recording:
+            set_attributes(span, {"mapping.status": TRANSLATED,
+                                  "mapping.resources": len(translation.resources),
+                                  "mapping.unmapped": translation.unmapped_count,
+                                  "mapping.z_segments": translation.z_segments})
+        if translation.unmapped and log.isEnabledFor(logging.DEBUG):
+            # Locations and counts only: never a value.
+            log.debug("unmapped in %s: %s", translation.provenance.message_type,
+                      ", ".join(f"{k}x{v}" for k, v in sorted(translation.unmapped.items())))
+        return translated
+
+
+# The translation outcome, as the audit record's note.
+_DETAIL = {TRANSLATED: "translated", ROUTED: "translated", FAILED: "translation failed",
+           UNSUPPORTED: "not mapped"}
+_LOCAL = Targets(local=True)
+_NOT_TRANSLATED = Replay(ACCEPTED)
+
+
+def _traceparent(span: trace.Span) -> str:
+    """The span as a W3C traceparent, for the delivery spans to hang under; '' untraced."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
+def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int, bytes]],
+               then: Callable[[asyncio.Future[Stored]], None]) -> None:
+    """Call `then(stored)` once the inbox commit and the audit commit have both finished."""
+    remaining = [2]
+
+    def one_done(_: object) -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            then(stored)
+
+    stored.add_done_callback(one_done)
+    audited.add_done_callback(one_done)
+
+
+def _holds_several_messages(message: Message) -> bool:
+    """A second MSH at the start of a line: a batch or two messages in one frame."""
+    text = message.to_text()
+    return "\rMSH" in text or "\nMSH" in text
