@@ -93,9 +93,13 @@ async def start_gateway(data_dir: Path, telemetry: Telemetry | None = None,
     settings = load_settings(None, environ={}, overrides=values)
     app = build_app(settings, telemetry)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # closes the resources that opened before the failure
+        raise
     http_port = runner.addresses[0][1]
     _, mllp_port = app[MLLP_ADDRESS]
     return RunningGateway(app, runner, data_dir, mllp_port, f"http://127.0.0.1:{http_port}")

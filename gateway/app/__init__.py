@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.app.audit import audit_keys, open_audit
 from gateway.app.auth import setup_auth, token_auditor
 from gateway.app.forwarding import Forwarding, open_forwarding
-from gateway.app.resources import lifecycle
+from gateway.app.resources import RESOURCES, shutdown_telemetry
 from gateway.app.specs import (
     auth_spec,
     build_router,
@@ -73,7 +73,9 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     setup_auth(app, settings, on_token=token_auditor(app))
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
-    app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.extend(RESOURCES)  # one cleanup context per resource, in start order
+    # on_cleanup handlers run after the cleanup contexts (aiohttp registers those first).
+    app.on_cleanup.append(shutdown_telemetry)
     return app
 
 
@@ -86,8 +88,9 @@ async def serve(settings: Settings) -> int:
     app = build_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.server.shutdown_timeout)
-    await runner.setup()
     try:
+        # Inside the `try`: a start that fails half-way closes what it opened so far.
+        await runner.setup()
         site = web.TCPSite(runner, settings.server.host, settings.server.http_port,
                            reuse_address=True)
         await site.start()

@@ -1,12 +1,12 @@
 """The application's resources, one aiohttp cleanup context each, in start-up order.
 
-Each generator opens one resource, puts it on the app, yields, and closes it. `lifecycle`
+Each generator opens one resource, puts it on the app, yields, and closes it. aiohttp
 enters them in `RESOURCES` order and leaves them in reverse, so shutdown first finishes and
 answers what is in flight (housekeeping stopped, the MLLP listener drained, the applier
 emptied), then closes the stores, the audit log last with a signed checkpoint over
-everything recorded. They share one exit stack, not one `app.cleanup_ctx` entry each:
-aiohttp closes the contexts already started only if its caller runs cleanup after a
-failed start, and a failed start must close what is open so far whoever started the app.
+everything recorded. After a failed start aiohttp closes only the contexts that started,
+and only when the caller runs `runner.cleanup()`: whoever starts the app does so in a
+`finally` (as `serve` does), the aiohttp idiom.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -58,10 +57,9 @@ log = logging.getLogger(__name__)
 Resource = Callable[[web.Application], AsyncIterator[None]]
 
 
-async def telemetry(app: web.Application) -> AsyncIterator[None]:
-    """Made by build_app; flushed and shut down after everything else has closed."""
-    yield
-    # Not in a `finally`: a start that fails leaves the exporters as they are.
+async def shutdown_telemetry(app: web.Application) -> None:
+    """An `on_cleanup` handler: runs after every cleanup context has closed, and only after
+    a start that succeeded (a start that fails leaves the exporters as they are)."""
     app[TELEMETRY].shutdown()
 
 
@@ -192,16 +190,8 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (telemetry, translator, audit, inbox, fhir_store,
-                                   forwarding, fhir_api, applier, mllp, housekeeping)
-
-
-async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """The one cleanup context on the app: every resource, opened in order."""
-    async with AsyncExitStack() as stack:
-        for resource in RESOURCES:
-            await stack.enter_async_context(asynccontextmanager(resource)(app))
-        yield
+RESOURCES: tuple[Resource, ...] = (translator, audit, inbox, fhir_store, forwarding,
+                                   fhir_api, applier, mllp, housekeeping)
 
 
 def mllp_server(app: web.Application) -> MllpServer:
