@@ -28,14 +28,8 @@ from gateway.audit.query import AuditQuery
 from gateway.audit.record import AuditRecord, timestamp
 from gateway.audit.sealed import columns_match, parse_body, seal
 from gateway.audit.verify import ChainVerifier, Report
-from gateway.store.audit import (
-    AuditFilter,
-    AuditStore,
-    CheckpointRow,
-    SqliteAuditStore,
-    StoredAuditRow,
-    open_reader,
-)
+from gateway.store.audit import AuditFilter, AuditStore, CheckpointRow, StoredAuditRow
+from gateway.store.audit_sqlite import SqliteAuditStore, open_reader
 from gateway.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)

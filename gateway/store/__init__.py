@@ -5,14 +5,13 @@ from gateway.store.audit import (
     AuditRow,
     AuditStore,
     CheckpointRow,
-    SqliteAuditStore,
     StoredAuditRow,
 )
-from gateway.store.errors import StoreUnavailable
+from gateway.store.audit_sqlite import SqliteAuditStore
+from gateway.store.errors import StoreError, StoreUnavailable, WriteConflict
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import InboundMessage, InboxEntry, SqliteInbox, Stored
 
 __all__ = ["AuditFilter", "AuditRow", "AuditStore", "CheckpointRow", "InboundMessage",
-           "InboxEntry", "SqliteAuditStore", "StoreUnavailable", "Stored", "StoredAuditRow",
-           "SqliteInbox",
-           "SqliteFhirStore"]
+           "InboxEntry", "SqliteAuditStore", "SqliteFhirStore", "SqliteInbox", "StoreError",
+           "StoreUnavailable", "Stored", "StoredAuditRow", "WriteConflict"]

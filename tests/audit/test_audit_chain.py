@@ -259,9 +259,8 @@ async def test_a_log_sealed_with_another_key_is_not_extended(tmp_path: Path) -> 
 
 
 async def test_verify_store_reports_every_problem_in_order(log_dir: Path) -> None:
-    from audit_support import settings_for
-
     from gateway.app import audit_keys
+    from support.audit import settings_for
 
     with attacker(log_dir) as db:
         _change_body_byte(db)
