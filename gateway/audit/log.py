@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry import metrics
 
 from gateway.audit.chain import Chain, Checkpoint, digest, link, open_checkpoint
+
+# AuditIntegrityError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import AuditIntegrityError as AuditIntegrityError
 from gateway.audit.keys import AuditKeyError, AuditKeys, SigningKey
 from gateway.audit.patient import identifier_part, is_bare
 from gateway.audit.query import AuditQuery
@@ -35,10 +38,6 @@ from gateway.store.errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.db"
-
-
-class AuditIntegrityError(Exception):
-    """The log does not verify where it must (its tail, before signing or purging)."""
 
 
 class AuditLog:
