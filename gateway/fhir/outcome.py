@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 
-# FhirError is defined in errors.py; imported here too for the old import path.
 from gateway.fhir.errors import ISSUE_CODES
+
+# FhirError is defined in errors.py; imported here too for the old import path.
 from gateway.fhir.errors import FhirError as FhirError
 
 FHIR_JSON = "application/fhir+json"
