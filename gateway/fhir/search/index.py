@@ -1,8 +1,9 @@
 """FHIR search indexing: the values a parameter's path reaches in a resource, turned into
-the store's index rows, and the judging of a match against those rows in memory.
+the store's index rows (the emitter for each leaf type is chosen once, when the table is
+compiled), and the judging of a match against those rows in memory.
 
-Runs on every write, so it reads plain JSON dicts and never raises: a value that cannot be
-indexed is skipped. Dates become UTC ranges at their precision (FHIR R4 §3.1.1.4.3).
+Indexing runs on every write, so it reads plain JSON dicts and never raises: a value that
+cannot be indexed is skipped. Dates become the UTC range their precision covers.
 """
 
 from __future__ import annotations
