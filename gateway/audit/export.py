@@ -31,6 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.audit.auditevent import CHAIN_EXTENSION, render
 from gateway.audit.chain import EXPORT_DOMAIN, check_signature, digest, open_checkpoint
+
+# ExportFormatError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import ExportFormatError as ExportFormatError
 from gateway.audit.log import AuditLog
 from gateway.audit.query import AuditQuery
 from gateway.audit.record import timestamp
@@ -309,10 +312,6 @@ class _Parsed:
     records: list[_Exported] = field(default_factory=list)
     chain: dict[str, Any] | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
-
-
-class ExportFormatError(ValueError):
-    """The file is not an audit export at all."""
 
 
 def verify_export(data: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> Report:

@@ -40,6 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+# AuditKeyError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import AuditKeyError as AuditKeyError
+
 log = logging.getLogger(__name__)
 
 DATA_KEY_FILE = "audit-data.keys"
@@ -52,10 +55,6 @@ _FILE_HEADER = """\
 # Oldest first; the last key encrypts new records and every key listed decrypts.
 # Never remove a key while audit records sealed with it are still retained.
 """
-
-
-class AuditKeyError(Exception):
-    """Keys missing, unreadable or malformed; the message names the source, never a key."""
 
 
 def _derive(secret: bytes, purpose: bytes) -> bytes:

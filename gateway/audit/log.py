@@ -22,29 +22,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry import metrics
 
 from gateway.audit.chain import Chain, Checkpoint, digest, link, open_checkpoint
+
+# AuditIntegrityError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import AuditIntegrityError as AuditIntegrityError
 from gateway.audit.keys import AuditKeyError, AuditKeys, SigningKey
 from gateway.audit.patient import identifier_part, is_bare
 from gateway.audit.query import AuditQuery
 from gateway.audit.record import AuditRecord, timestamp
 from gateway.audit.sealed import columns_match, parse_body, seal
 from gateway.audit.verify import ChainVerifier, Report
-from gateway.store.audit import (
-    AuditFilter,
-    AuditStore,
-    CheckpointRow,
-    SqliteAuditStore,
-    StoredAuditRow,
-    open_reader,
-)
+from gateway.store.audit import AuditFilter, AuditStore, CheckpointRow, StoredAuditRow
+from gateway.store.audit_sqlite import SqliteAuditStore, open_reader
 from gateway.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.db"
-
-
-class AuditIntegrityError(Exception):
-    """The log does not verify where it must (its tail, before signing or purging)."""
 
 
 class AuditLog:

@@ -13,19 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import quote
 
+# QueryError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import QueryError as QueryError
 from gateway.audit.record import Action
 
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME_FORM = "use ISO 8601, e.g. 2026-11-26 or 2026-11-26T08:30:00Z"
-
-
-class QueryError(ValueError):
-    """A filter that cannot be used; names the filter, never echoes its value."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+# RevealError: defined in errors.py; imported here too for the old import path.
+from gateway.audit.errors import RevealError as RevealError
 from gateway.audit.keys import KeyRing
 from gateway.audit.patient import identifier_part
 from gateway.audit.record import AuditRecord
@@ -41,10 +43,6 @@ _PLAIN = (
 )
 _PLAIN_NAMES = tuple(name for _, name in _PLAIN)
 _plain_values = attrgetter(*(attr for attr, _ in _PLAIN))
-
-
-class RevealError(Exception):
-    """The PHI of a record cannot be decrypted here (key missing or data altered)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,37 +14,18 @@ from typing import Any
 import orjson
 
 from gateway.fhir import jsonio
+
+# The body errors are defined in errors.py; imported here too for the old import path.
+from gateway.fhir.errors import BodyError as BodyError
+from gateway.fhir.errors import BodyInvalid as BodyInvalid
+from gateway.fhir.errors import BodyTooComplex as BodyTooComplex
+from gateway.fhir.errors import BodyTooLarge as BodyTooLarge
 from gateway.fhir.model import is_resource_type
-from gateway.fhir.outcome import FhirError
 from gateway.fhir.validate import validate_resource
 
 _STRUCTURE = b"[]{},"
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in _STRUCTURE)
 _OPEN_ARRAY, _OPEN_OBJECT, _COMMA = ord("["), ord("{"), ord(",")
-
-
-class BodyError(FhirError):
-    """A request body the FHIR edge refuses, with a reason that quotes nothing from it."""
-
-    def __init__(self, status: int, reason: str, expression: str | None = None) -> None:
-        super().__init__(status, reason, expression)
-
-
-class BodyTooLarge(BodyError):
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {max_bytes} bytes")
-
-
-class BodyTooComplex(BodyError):
-    """Nesting or an array beyond the configured limit (413: too costly to process)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(413, reason)
-
-
-class BodyInvalid(BodyError):
-    def __init__(self, reason: str, expression: str | None = None) -> None:
-        super().__init__(400, reason, expression)
 
 
 def check_and_parse(body: bytes, *, max_bytes: int, max_depth: int,

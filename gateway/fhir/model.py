@@ -14,13 +14,12 @@ from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
+# UnknownElement is defined in errors.py; imported here too for the old import path.
+from gateway.fhir.errors import UnknownElement as UnknownElement
+
 # Python types that carry no FHIR type annotation of their own.
 _PLAIN_PRIMITIVES: dict[Any, str] = {bool: "boolean", str: "string", int: "integer"}
 _STEP = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:\[(\d+)\])?$")
-
-
-class UnknownElement(ValueError):
-    """A path that the FHIR R4 model does not define."""
 
 
 @dataclass(frozen=True, slots=True)

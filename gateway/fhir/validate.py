@@ -13,24 +13,16 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from gateway.fhir.model import UnknownElement, element
+# InvalidResource is defined in errors.py; imported here too for the old import path.
+from gateway.fhir.errors import InvalidResource as InvalidResource
+from gateway.fhir.errors import UnknownElement
+from gateway.fhir.model import element
 
 # Path steps are element names or list indexes; a key of any other shape (it came from the
 # input) is not repeated. 'root' and '__root__' are fhir.resources' model-level markers.
 _STEP = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}")
 _NOT_STEPS = frozenset({"root", "__root__"})
 _MAX_LEAVES = 200
-
-
-class InvalidResource(ValueError):
-    """A resource the R4 model refuses; names the element path, never its value."""
-
-    def __init__(self, resource_type: str, path: str, reason: str) -> None:
-        super().__init__(f"{resource_type}.{path}: {reason}" if path else
-                         f"{resource_type}: {reason}")
-        self.resource_type = resource_type
-        self.path = path
-        self.reason = reason
 
 
 def validate_resource(resource: dict[str, Any]) -> None:

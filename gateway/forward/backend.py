@@ -14,6 +14,10 @@ from typing import Protocol
 
 from multidict import CIMultiDict
 
+# The backend errors are defined in errors.py; imported here too for the old import path.
+from gateway.forward.errors import BackendTimeout as BackendTimeout
+from gateway.forward.errors import BackendUnavailable as BackendUnavailable
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -82,22 +86,6 @@ class FhirResponse:
     status: int
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     body: bytes = b""
-
-
-class BackendUnavailable(Exception):
-    """The backend cannot be asked now (breaker open, bulkhead or rate limit full past the
-    wait allowed, retries exhausted on 5xx/timeouts). The facade answers 503 with
-    Retry-After; `reason` is safe to show (a state, never a value)."""
-
-    def __init__(self, reason: str, retry_after: float) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class BackendTimeout(BackendUnavailable):
-    """No answer within the read timeout (after the retries allowed): the facade
-    answers 504."""
 
 
 class OutboxGate(Protocol):

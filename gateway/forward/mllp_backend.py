@@ -22,6 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.forward.backend import Delivered, Delivery, Permanent, Retry, Verdict
+from gateway.forward.errors import ForwardError
 from gateway.forward.mllp_client import MAX_ACK_BYTES, AckResult, parse_ack
 from gateway.forward.resilience import Breaker, BreakerOpen, TokenBucket, parse_rate
 from gateway.hl7.errors import Hl7Error
@@ -57,7 +58,7 @@ class MllpBackendSpec:
     rate_limit: str = ""  # "50/second", "5000/hour"; "" unlimited
 
 
-class _MalformedAck(Exception):
+class _MalformedAck(ForwardError):
     """A frame that is not a readable ACK (or an oversize one)."""
 
 

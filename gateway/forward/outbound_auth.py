@@ -26,6 +26,8 @@ import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+# TokenUnavailable is defined in errors.py; imported here too for the old import path.
+from gateway.forward.errors import TokenUnavailable as TokenUnavailable
 from gateway.policy.jose import MIN_RSA_BITS, PrivateKey, sign_jwt
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,6 @@ ASSERTION_LIFETIME = 300
 DEFAULT_LIFETIME = 300.0
 # RFC 6749 §5.2 error codes are ASCII words; anything else is not repeated.
 _ERROR_CODE = re.compile(r"[a-z_]{1,40}")
-
-
-class TokenUnavailable(Exception):
-    """No token could be had; `reason` is the status and OAuth error code, nothing else."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

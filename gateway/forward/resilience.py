@@ -18,6 +18,11 @@ from email.utils import parsedate_to_datetime
 
 import pybreaker
 
+# BreakerOpen and RateLimited are defined in errors.py; imported here too for the old path.
+from gateway.forward.errors import BreakerOpen as BreakerOpen
+from gateway.forward.errors import ForwardError
+from gateway.forward.errors import RateLimited as RateLimited
+
 # Statuses worth another try of an idempotent request (RFC 9110 §15; 429: RFC 6585 §4).
 RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
 # Statuses that count as the backend failing (the breaker's business); a 4xx is the
@@ -33,23 +38,7 @@ HALF_OPEN = "half-open"
 BREAKER_STATES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # as a gauge value
 
 
-class BreakerOpen(Exception):
-    """The breaker refuses the call; `retry_after`: seconds until it lets one through."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("circuit breaker open")
-        self.retry_after = retry_after
-
-
-class RateLimited(Exception):
-    """The token bucket would make the call wait longer than allowed."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__("rate limit reached")
-        self.retry_after = retry_after
-
-
-class _Failed(Exception):
+class _Failed(ForwardError):
     """How a failure is told to pybreaker (its own state machine counts it)."""
 
 

@@ -1,5 +1,6 @@
 """Policy: SMART scopes, minimum-necessary profiles and PHI redaction; who may see what."""
 
+from gateway.policy.errors import PolicyError
 from gateway.policy.jose import (
     KeySet,
     TokenError,
@@ -28,6 +29,7 @@ from gateway.policy.scopes import (
 
 __all__ = [
     "KeySet",
+    "PolicyError",
     "Principal",
     "Scope",
     "ScopeDenied",

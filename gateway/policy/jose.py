@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+# TokenError: defined in errors.py; imported here too for the old import path.
+from gateway.policy.errors import TokenError as TokenError
+
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -62,14 +65,6 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _CURVES: dict[str, ec.EllipticCurve] = {
     "P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
 _CURVE_NAMES = {curve.name: crv for crv, curve in _CURVES.items()}
-
-
-class TokenError(Exception):
-    """A token, or a key set, was refused; `reason` is short and never echoes token content."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

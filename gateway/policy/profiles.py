@@ -17,6 +17,10 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from gateway.fhir.model import is_resource_type
 
+# ProfileDenied, ProfileError: defined in errors.py; imported here too for the old import path.
+from gateway.policy.errors import ProfileDenied as ProfileDenied
+from gateway.policy.errors import ProfileError as ProfileError
+
 WHOLE = "*"
 SUBSETTED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 SUBSETTED_CODE = "SUBSETTED"
@@ -25,28 +29,6 @@ _SUBSETTED_TAG = {"system": SUBSETTED_SYSTEM, "code": SUBSETTED_CODE}
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
 # Search parameters every profile may use: they read only id and meta.lastUpdated.
 _ALWAYS_SEARCH = frozenset({"_id", "_lastUpdated"})
-
-
-class ProfileError(ValueError):
-    """A profile in the config that names an unknown resource type or element."""
-
-    def __init__(self, profile: str, resource_type: str, element: str | None,
-                 reason: str) -> None:
-        where = f"{resource_type}.{element}" if element else resource_type
-        super().__init__(f"profiles.{profile}: {where}: {reason}")
-        self.profile = profile
-        self.resource_type = resource_type
-        self.element = element
-        self.reason = reason
-
-
-class ProfileDenied(LookupError):
-    """A resource type the profile does not list was about to be served."""
-
-    def __init__(self, profile: str, resource_type: str) -> None:
-        super().__init__(f"profile '{profile}' does not allow {resource_type}")
-        self.profile = profile
-        self.resource_type = resource_type
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import quote, unquote
 
+# ScopeDenied, ScopeError: defined in errors.py; imported here too for the old import path.
+from gateway.policy.errors import ScopeDenied as ScopeDenied
+from gateway.policy.errors import ScopeError as ScopeError
+
 Context = Literal["patient", "user", "system"]
 Constraint = tuple[str, str]
 
@@ -42,19 +46,6 @@ _PARAMETER = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _VALUE_SAFE = ":/|,.-_~*"
-
-
-class ScopeError(ValueError):
-    """A resource scope that does not follow the SMART grammar; says which part and why."""
-
-
-class ScopeDenied(Exception):
-    """No granted scope permits this interaction on this resource type."""
-
-    def __init__(self, interaction: str, resource_type: str) -> None:
-        super().__init__(f"no granted scope permits {interaction} on {resource_type}")
-        self.interaction = interaction
-        self.resource_type = resource_type
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,14 +6,15 @@ from gateway.store.audit import (
     AuditRow,
     AuditStore,
     CheckpointRow,
-    SqliteAuditStore,
     StoredAuditRow,
 )
-from gateway.store.errors import StoreUnavailable
+from gateway.store.audit_sqlite import SqliteAuditStore
+from gateway.store.errors import StoreError, StoreUnavailable, WriteConflict
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import InboundMessage, Inbox, InboxEntry, Replayed, Stored
 from gateway.store.inbox_sqlite import SqliteInbox
 
 __all__ = ["AuditFilter", "AuditRow", "AuditStore", "CheckpointRow", "InboundMessage",
            "Inbox", "InboxEntry", "Replayed", "SqliteAuditStore", "SqliteFhirStore",
-           "SqliteInbox", "StoreUnavailable", "Stored", "StoredAuditRow"]
+           "SqliteInbox", "StoreError", "StoreUnavailable", "Stored", "StoredAuditRow",
+           "WriteConflict"]

@@ -1,5 +1,30 @@
-"""Store errors the layers above turn into answers (AR on MLLP, 503 on HTTP)."""
+"""Store errors the layers above turn into answers (AR on MLLP, 503 on HTTP, 4xx on a
+FHIR write): one root, `StoreError`, under every one of them."""
+
+from __future__ import annotations
+
+from typing import Literal
 
 
-class StoreUnavailable(Exception):
+class StoreError(Exception):
+    """The root of every error `gateway.store` raises."""
+
+
+class StoreUnavailable(StoreError):
     """The store cannot durably take or serve data right now; the reason holds no PHI."""
+
+
+class WriteConflict(StoreError):
+    """A write that cannot be applied as asked; `status` is the HTTP answer, `reason` holds
+    no PHI (it names the entry index and the rule, never a value)."""
+
+    def __init__(self, status: Literal[400, 404, 409, 410, 412, 422], reason: str,
+                 entry: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.entry = entry
+
+
+class ChainConflict(StoreUnavailable):
+    """Rows another writer appended do not verify; nothing more is appended."""

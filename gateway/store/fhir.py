@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+# WriteConflict is defined in errors.py; imported here too for the old import path.
+from gateway.store.errors import WriteConflict as WriteConflict
+
 # -- index rows, computed from a resource by the Indexer on every write ---------------------
 
 
@@ -219,18 +222,6 @@ class WriteOutcome:
     status: int
     stored: StoredResource | None
     changed: bool = True
-
-
-class WriteConflict(Exception):
-    """A write that cannot be applied as asked; `status` is the HTTP answer, `reason` holds
-    no PHI (it names the entry index and the rule, never a value)."""
-
-    def __init__(self, status: Literal[400, 404, 409, 410, 412, 422], reason: str,
-                 entry: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.entry = entry
 
 
 @dataclass(frozen=True, slots=True)

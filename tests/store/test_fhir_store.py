@@ -667,7 +667,7 @@ async def test_a_search_over_the_quick_budget_goes_to_the_reader_thread_with_the
         store: SqliteFhirStore, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
     """Budget 1 interrupts every statement on the event loop thread (the fallback runs);
     the default lets an indexed search finish there. Both give the same page and total."""
-    import gateway.store.fhir_sqlite as sqlite_store
+    import gateway.store.fhir_sqlite.store as sqlite_store
 
     for n in range(30):
         await create(store, patient(f"Q{n:03d}", family="Quick" if n % 3 else "Slow"))
@@ -688,7 +688,7 @@ async def test_the_writer_finds_current_rows_by_primary_key_not_by_a_scan(
     each message slower as the store grows."""
     import sqlite3
 
-    from gateway.store.fhir_sqlite import _current_rows_sql
+    from gateway.store.fhir_sqlite.sql import current_rows_sql as _current_rows_sql
 
     with sqlite3.connect(tmp_path / "fhir.db") as db:
         plan = db.execute("EXPLAIN QUERY PLAN " + _current_rows_sql(3),

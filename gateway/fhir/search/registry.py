@@ -1,0 +1,110 @@
+"""The search registry: every searchable type's parameters, and the one object the store
+(indexing on every write) and the edge (parsing every search) hold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gateway.fhir.errors import SearchError
+from gateway.fhir.search.index import judge, values
+from gateway.fhir.search.params import SearchParameter, read_table, top_level_elements
+from gateway.fhir.search.query import ParsedSearch, parse_query
+from gateway.store.fhir import Clause, IndexEntry, ReferenceIndex
+
+
+class SearchRegistry:
+    """The search parameters of every resource type the store serves."""
+
+    def __init__(self, parameters: Iterable[SearchParameter]) -> None:
+        by_type: dict[str, dict[str, SearchParameter]] = {}
+        for p in parameters:
+            by_type.setdefault(p.resource, {})[p.name] = p
+        self._by_type = {t: MappingProxyType(ps) for t, ps in by_type.items()}
+        self._elements = {t: top_level_elements(t) for t in by_type}
+        self._compartment = {t: tuple(n for n, p in ps.items() if p.compartment)
+                             for t, ps in by_type.items()}
+
+    @classmethod
+    def load(cls, path: Path) -> SearchRegistry:
+        """Read and check the table; SearchTableError names the file and line of a bad row."""
+        return cls(read_table(path))
+
+    def types(self) -> tuple[str, ...]:
+        return tuple(sorted(self._by_type))
+
+    def params(self, resource_type: str) -> Mapping[str, SearchParameter]:
+        """name -> definition (empty for a type the table does not list)."""
+        return self._by_type.get(resource_type, MappingProxyType({}))
+
+    def compartment_params(self, resource_type: str) -> tuple[str, ...]:
+        """Reference parameters placing a resource in the Patient compartment (Patient
+        itself: none; use _id)."""
+        return self._compartment.get(resource_type, ())
+
+    def element_roots(self, resource_type: str, param: str) -> frozenset[str]:
+        """The top-level elements a parameter reads; KeyError for an unknown parameter."""
+        if param == "_id":
+            return frozenset({"id"})
+        if param == "_lastUpdated":
+            return frozenset({"meta"})
+        return self._by_type[resource_type][param].roots
+
+    # -- indexing (every write) -------------------------------------------------------------
+
+    def index(self, resource_type: str, resource: dict[str, Any]) -> list[IndexEntry]:
+        """The index rows of a resource; what cannot be indexed is skipped, never raised."""
+        params = self._by_type.get(resource_type)
+        if params is None or not isinstance(resource, dict):
+            return []
+        out: list[IndexEntry] = []
+        for name, param in params.items():
+            for path in param.paths:
+                for value in values(resource, path.steps):
+                    path.emit(name, value, out)
+        return list(dict.fromkeys(out))
+
+    def patients(self, resource_type: str, resource: dict[str, Any]) -> set[str]:
+        """The patients ('Patient/id') whose compartment holds this resource: only the
+        compartment parameters are read (every read of a confined token asks this)."""
+        if resource_type == "Patient":
+            return {f"Patient/{resource.get('id')}"} if isinstance(resource, dict) else set()
+        params = self._by_type.get(resource_type)
+        if params is None or not isinstance(resource, dict):
+            return set()
+        out: list[IndexEntry] = []
+        for name in self._compartment.get(resource_type, ()):
+            for path in params[name].paths:
+                for value in values(resource, path.steps):
+                    path.emit(name, value, out)
+        return {entry.target for entry in out if isinstance(entry, ReferenceIndex)
+                and entry.target.startswith("Patient/")}
+
+    def matches(self, resource_type: str, resource: dict[str, Any],
+                clauses: Sequence[Clause]) -> bool | None:
+        """Whether a resource (not yet stored) meets these clauses, judged on its index rows
+        as the store would; None when a clause uses a match this cannot judge in memory
+        (dates, quantities, _lastUpdated), so the caller refuses rather than guesses."""
+        entries = self.index(resource_type, resource)
+        for clause in clauses:
+            verdicts = [judge(match, resource, entries) for match in clause]
+            if None in verdicts:
+                return None
+            if not any(verdicts):
+                return False
+        return True
+
+    # -- parsing (every search) -------------------------------------------------------------
+
+    def parse(self, resource_type: str, params: Sequence[tuple[str, str]], *,
+              default_count: int, max_count: int, lenient: bool = False) -> ParsedSearch:
+        """The query parameters as a store query and result options; SearchError (400) or
+        UnsupportedFormat (415). lenient ignores unknown parameters, not malformed values."""
+        defs = self._by_type.get(resource_type)
+        if defs is None:
+            raise SearchError("_type", "this resource type is not searchable here")
+        return parse_query(resource_type, defs, params, params_of=self.params,
+                           elements=self._elements[resource_type],
+                           default_count=default_count, max_count=max_count, lenient=lenient)

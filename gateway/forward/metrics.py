@@ -1,0 +1,67 @@
+"""The forwarding instruments: attempts, their duration, retries, rate-limit waits, token
+requests and breaker states, by backend (never by resource or patient)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from gateway.forward.resilience import BREAKER_STATES
+
+
+class ForwardMetrics:
+    """The forwarding instruments of one meter, shared by every backend that uses it (an
+    instrument name is registered once per meter; observable callbacks read all of them)."""
+
+    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, ForwardMetrics] = (
+        weakref.WeakKeyDictionary())
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.requests = meter.create_counter(
+            "isthmus.forward.requests", unit="{request}",
+            description="Attempts sent to a backend, by status (or verdict when unanswered)")
+        self.duration = meter.create_histogram(
+            "isthmus.forward.duration", unit="ms", description="Time of one attempt")
+        self.retries = meter.create_counter(
+            "isthmus.forward.retries", unit="{retry}", description="Attempts that were retries")
+        self.rate_limit_waits = meter.create_counter(
+            "isthmus.forward.rate_limit_waits", unit="{wait}",
+            description="Calls that waited for the backend's rate limit")
+        self._states: dict[str, Callable[[], str]] = {}
+        self._refreshes: dict[str, Callable[[], int]] = {}
+        meter.create_observable_counter(
+            "isthmus.forward.token_refreshes", callbacks=[self._observe_refreshes],
+            unit="{request}", description="Token requests made for a backend")
+        meter.create_observable_gauge(
+            "isthmus.forward.breaker_state", callbacks=[self._observe_states],
+            description="Circuit breaker: 0 closed, 1 half-open, 2 open")
+
+    @classmethod
+    def of(cls, meter: metrics.Meter) -> ForwardMetrics:
+        found = cls._by_meter.get(meter)
+        if found is None:
+            found = cls._by_meter[meter] = cls(meter)
+        return found
+
+    def watch(self, backend: str, breaker_state: Callable[[], str],
+              refreshes: Callable[[], int] | None = None) -> None:
+        """Report this backend's breaker state (and token requests) until `unwatch`."""
+        self._states[backend] = breaker_state
+        if refreshes is not None:
+            self._refreshes[backend] = refreshes
+
+    def unwatch(self, backend: str) -> None:
+        self._states.pop(backend, None)
+        self._refreshes.pop(backend, None)
+
+    def _observe_states(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(BREAKER_STATES.get(state(), 0), {"forward.backend": name})
+                for name, state in list(self._states.items())]
+
+    def _observe_refreshes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count(), {"forward.backend": name})
+                for name, count in list(self._refreshes.items())]
+

@@ -1,0 +1,240 @@
+"""The embedded FHIR store's SQL: a `SearchQuery` as a SELECT (or a count) over the index
+tables, and the writer's primary-key read of current rows. Values are always bound, never
+written into the statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.store.fhir import (
+    DateMatch,
+    IdMatch,
+    LastUpdatedMatch,
+    Match,
+    MissingMatch,
+    Prefix,
+    QuantityMatch,
+    ReferenceMatch,
+    SearchQuery,
+    SortKey,
+    StringMatch,
+    TokenMatch,
+)
+from gateway.store.fhir_sqlite.schema import COLUMNS, INDEX_TABLES
+
+
+def current_rows_sql(count: int) -> str:
+    """The current rows of `count` ids of one type (a primary-key search)."""
+    return (f"SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? "
+            f"AND r.id IN ({','.join('?' * count)})")
+
+
+def select_sql(query: SearchQuery, limit: int | None, offset: int,
+               ordered: bool = True) -> tuple[str, list[object]]:
+    """The page's SELECT; unordered for a condition, which only counts up to `limit`."""
+    params: list[object] = []
+    where, driven = _where(query, params)
+    order = f" ORDER BY {_order(query.sort, params, driven)}" if ordered else ""
+    params.extend((-1 if limit is None else limit, offset))
+    return (f"SELECT {COLUMNS} FROM fhir_resource r WHERE {where}{order} "
+            "LIMIT ? OFFSET ?", params)
+
+
+def count_sql(query: SearchQuery) -> tuple[str, list[object]]:
+    params: list[object] = []
+    where, _ = _where(query, params)
+    return f"SELECT count(*) FROM fhir_resource r WHERE {where}", params
+
+
+def _where(query: SearchQuery, params: list[object]) -> tuple[str, bool]:
+    """Clauses AND-ed, each clause's matches OR-ed; and whether some clause is an
+    `r.id IN (...)` that can drive the search (its ids looked up by key)."""
+    params.append(query.resource_type)
+    parts = ["r.type = ?", "r.deleted = 0"]
+    driven = False
+    for clause in query.clauses:
+        if not clause:
+            parts.append("0")  # OR over no values matches nothing
+            continue
+        clause_params: list[object] = []
+        sql = [_match_sql(query.resource_type, m, clause_params) for m in clause]
+        if all(negate is False for negate, _ in sql):
+            # One IN over the union, rather than ORs, which SQLite cannot drive from.
+            parts.append(f"r.id IN ({' UNION ALL '.join(sub for _, sub in sql)})")
+            driven = True
+        else:
+            parts.append("(" + " OR ".join(
+                f"r.id {'NOT IN' if negate else 'IN'} ({sub})" for negate, sub in sql) + ")")
+        params.extend(clause_params)
+    return " AND ".join(parts), driven
+
+
+def _match_sql(resource_type: str, match: Match, params: list[object]) -> tuple[bool, str]:
+    """A subquery for the ids of the resources a match holds for, and whether the match
+    is negated (the resource must not be among them)."""
+    match match:
+        case IdMatch(id):
+            params.append(id)
+            return False, "SELECT ?"
+        case LastUpdatedMatch(prefix, low, high):
+            params.append(resource_type)
+            condition = _range_sql("last_updated", "last_updated", prefix, low, high, params)
+            return False, f"SELECT id FROM fhir_resource WHERE type = ? AND {condition}"
+        case MissingMatch(param, missing):
+            parts = []
+            for table in INDEX_TABLES:
+                parts.append(f"SELECT id FROM {table} WHERE type = ? AND param = ?")
+                params.extend((resource_type, param))
+            return missing, " UNION ALL ".join(parts)
+    params.extend((resource_type, match.param))
+    table, condition, negate = _index_condition(match, params)
+    return negate, f"SELECT id FROM {table} WHERE type = ? AND param = ? AND {condition}"
+
+
+def _index_condition(match: Match, params: list[object]) -> tuple[str, str, bool]:
+    """The index table, the condition on its row, and whether the match is negated."""
+    match match:
+        case TokenMatch(_, system, code, negate):
+            parts = ["1"]
+            if code is not None:
+                parts.append("code = ?")
+                params.append(code)
+            if system == "":
+                parts.append("system IS NULL")
+            elif system is not None:
+                parts.append("system = ?")
+                params.append(system)
+            return "fhir_token", " AND ".join(parts), negate
+        case StringMatch(_, value, mode):
+            if mode == "exact":
+                params.append(value)
+                return "fhir_string", "exact = ?", False
+            pattern = _like_escape(value) + "%"
+            params.append(pattern if mode == "start" else "%" + pattern)
+            return "fhir_string", "normalized LIKE ? ESCAPE '\\'", False
+        case DateMatch(_, prefix, low, high):
+            return "fhir_date", _range_sql("low", "high", prefix, low, high, params), False
+        case ReferenceMatch(_, target):
+            params.append(target)
+            return "fhir_reference", "target = ?", False
+        case QuantityMatch(_, prefix, value, system, code):
+            parts = [_number_sql(prefix, value, params)]
+            if system is not None:
+                parts.append("system = ?")
+                params.append(system)
+            if code is not None:
+                parts.append("code = ?")
+                params.append(code)
+            return "fhir_quantity", " AND ".join(parts), False
+    raise TypeError(f"not a search match: {type(match).__name__}")
+
+
+def _range_sql(low_col: str, high_col: str, prefix: Prefix, low: str, high: str,
+               params: list[object]) -> str:
+    """FHIR R4 search.html#prefix on ranges: the index range [low_col, high_col] against
+    the search value's range [low, high]."""
+    match prefix:
+        case "eq" | "ne":
+            params.extend((low, high))
+            within = f"({low_col} >= ? AND {high_col} <= ?)"
+            return within if prefix == "eq" else f"NOT {within}"
+        case "lt":
+            params.append(low)
+            return f"{low_col} < ?"
+        case "le":
+            params.append(high)
+            return f"{low_col} <= ?"
+        case "gt":
+            params.append(high)
+            return f"{high_col} > ?"
+        case "ge":
+            params.append(low)
+            return f"{high_col} >= ?"
+        case "sa":
+            params.append(high)
+            return f"{low_col} > ?"
+        case "eb":
+            params.append(low)
+            return f"{high_col} < ?"
+        case "ap":  # approximately: taken as overlapping
+            params.extend((high, low))
+            return f"({low_col} <= ? AND {high_col} >= ?)"
+    raise ValueError(f"unknown prefix {prefix!r}")
+
+
+def _number_sql(prefix: Prefix, value: float, params: list[object]) -> str:
+    """FHIR R4 search.html#number: eq and ne are within half the last significant digit
+    of the value as written; ap within 10%."""
+    match prefix:
+        case "eq" | "ne":
+            step = _half_step(value)
+            params.extend((value - step, value + step))
+            within = "(value >= ? AND value < ?)"
+            return within if prefix == "eq" else f"NOT {within}"
+        case "lt" | "eb":
+            params.append(value)
+            return "value < ?"
+        case "le":
+            params.append(value)
+            return "value <= ?"
+        case "gt" | "sa":
+            params.append(value)
+            return "value > ?"
+        case "ge":
+            params.append(value)
+            return "value >= ?"
+        case "ap":
+            margin = abs(value) * 0.1
+            params.extend((value - margin, value + margin))
+            return "(value >= ? AND value <= ?)"
+    raise ValueError(f"unknown prefix {prefix!r}")
+
+
+def _half_step(value: float) -> float:
+    """Half the last significant digit of the shortest text for `value` (5.4 -> 0.05);
+    integral values count as written without decimals (100 -> 0.5)."""
+    text = repr(abs(value))
+    mantissa, _, exponent = text.partition("e")
+    digits, _, decimals = mantissa.partition(".")
+    if decimals == "0":
+        decimals = ""
+    return 0.5 * 10.0 ** (int(exponent or 0) - len(decimals))
+
+
+def _order(sort: Iterable[SortKey], params: list[object], driven: bool) -> str:
+    terms: list[str] = []
+    for key in sort:
+        direction = "DESC" if key.descending else "ASC"
+        if key.param == "_id":
+            terms.append(f"r.id {direction}")
+        elif key.param == "_lastUpdated":
+            terms.append(f"r.last_updated {direction}")
+        else:
+            terms.append(f"{_sort_value(key, params)} {direction} NULLS LAST")
+    # Always last: a total order, so that paging never repeats or skips a resource. When a
+    # clause can drive the search, the unary + keeps SQLite from scanning every resource of
+    # the type in last-updated order instead (fine for a few, ruinous for an identifier).
+    terms.extend(("+r.last_updated DESC" if driven else "r.last_updated DESC", "r.id"))
+    return ", ".join(terms)
+
+
+def _sort_value(key: SortKey, params: list[object]) -> str:
+    """The parameter's smallest index value (largest when descending), whichever kind of
+    index holds it: strings by normalized text, dates by range, tokens by code."""
+    pick = "max" if key.descending else "min"
+    columns = (("fhir_string", "normalized"), ("fhir_date", "high" if key.descending else "low"),
+               ("fhir_token", "code"), ("fhir_reference", "target"), ("fhir_quantity", "value"))
+    parts = []
+    for table, column in columns:
+        # Without statistics SQLite may pick the lookup index (type, param, ...) and read
+        # every row of the parameter for each resource; the resource's own rows are few.
+        parts.append(f"(SELECT {pick}({column}) FROM {table} x INDEXED BY {table}_resource "
+                     "WHERE x.type = r.type AND x.id = r.id AND x.param = ?)")
+        params.append(key.param)
+    return f"coalesce({', '.join(parts)})"
+
+
+def _like_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+

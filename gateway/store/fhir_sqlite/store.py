@@ -1,0 +1,403 @@
+"""The embedded FHIR resource store: versioned resources and their search indexes in SQLite.
+
+Three connections to one WAL file. One plain sqlite3 writer, on a thread of its own,
+applies every write: concurrent `transact` calls are group-committed, several calls in one
+BEGIN IMMEDIATE ... COMMIT, each inside its own SAVEPOINT so that it stays atomic on its
+own and a call that fails rolls back only itself; the whole group is one hop to that
+thread. read() and vread() use a plain synchronous sqlite3 connection on the event loop
+thread; search, count and history an aiosqlite read-only connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+# For its side effect: it caps aiosqlite's logging, which would otherwise log every
+# statement's parameters (patient data) at DEBUG.
+import gateway.store.sqlite  # noqa: F401
+from gateway.store.errors import StoreUnavailable
+from gateway.store.fhir import (
+    HistoryQuery,
+    Indexer,
+    SearchPage,
+    SearchQuery,
+    StoredResource,
+    StoreStats,
+    WriteConflict,
+    WriteRequest,
+)
+from gateway.store.fhir_sqlite.schema import (
+    VERSION_COLUMNS,
+    Row,
+    format_instant,
+    open_writer,
+    stored_resource,
+)
+from gateway.store.fhir_sqlite.sql import count_sql, select_sql
+from gateway.store.fhir_sqlite.writes import Outcomes, TransactionWriter
+
+# Named as before the split into a package: operators filter logs on it.
+log = logging.getLogger("gateway.store.fhir_sqlite")
+
+Sql = tuple[str, Sequence[object]]
+
+# SQLite virtual-machine steps a read may take on the event loop thread before it is
+# interrupted and handed to the reader thread (~1 ms of work at the most).
+_QUICK_STEPS = 20_000
+
+
+def _over_budget() -> int:
+    return 1  # non-zero: interrupt the statement
+
+
+@dataclass(slots=True)
+class _Job:
+    """One transact() call waiting for the next group commit."""
+
+    writes: Sequence[WriteRequest]
+    atomic: bool
+    future: asyncio.Future[Outcomes]
+    outcomes: Outcomes | None = None
+    error: BaseException | None = None
+
+
+class SqliteFhirStore:
+    """FhirStore on one SQLite (WAL) file: a group-committing writer and two readers."""
+
+    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor,
+                 reader: aiosqlite.Connection, lookup: sqlite3.Connection, indexer: Indexer,
+                 last_stamp: datetime, max_batch: int) -> None:
+        self._db = db  # used only on the executor's one thread, which made it
+        self._executor = executor
+        self._reader = reader
+        self._lookup = lookup
+        # The writer thread's alone, like the connection it writes on.
+        self._writes = TransactionWriter(db, indexer, last_stamp)
+        self._max_batch = max_batch
+        self._pending: list[_Job] = []
+        self._wakeup = asyncio.Event()
+        self._read_lock = asyncio.Lock()  # one read transaction at a time on the reader
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._groups = 0
+        self._jobs = 0
+
+    @classmethod
+    async def open(cls, path: Path, indexer: Indexer,
+                   synchronous: Literal["normal", "full", "extra"] = "full",
+                   max_batch: int = 64) -> SqliteFhirStore:
+        # The writer connection is made on the thread that will use it, and only there.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-writer")
+        loop = asyncio.get_running_loop()
+        try:
+            db, last_stamp = await loop.run_in_executor(
+                executor, open_writer, path, synchronous)
+        except BaseException:
+            executor.shutdown()
+            raise
+        reader: aiosqlite.Connection | None = None
+        lookup: sqlite3.Connection | None = None
+        try:
+            uri = f"{path.resolve().as_uri()}?mode=ro"  # percent-encoded: any file name
+            reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=5000")
+            # Autocommit (isolation_level None): each SELECT is its own read transaction,
+            # so a read always sees the latest commit.
+            lookup = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0.5)
+        except BaseException:
+            if lookup is not None:
+                lookup.close()
+            if reader is not None:
+                await reader.close()
+            await loop.run_in_executor(executor, db.close)
+            executor.shutdown()
+            raise
+        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch)
+        store._writer = asyncio.create_task(store._write_loop(), name="fhir-store-writer")
+        return store
+
+    # -- reading: the hot path ------------------------------------------------------------
+
+    # read() and vread() are primary-key lookups that take a few microseconds, less than
+    # handing a statement to aiosqlite's thread and back, so they run on a plain sqlite3
+    # connection right here on the event loop thread. WAL readers never wait for the
+    # writer, so this cannot stall the loop behind a write.
+
+    async def read(self, resource_type: str, id: str) -> StoredResource | None:
+        """The current version (possibly a deletion marker), or None if never stored."""
+        return self._lookup_one(
+            "SELECT type, id, version, last_updated, deleted, body FROM fhir_resource "
+            "WHERE type = ? AND id = ?", (resource_type, id))
+
+    async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        return self._lookup_one(
+            f"SELECT {VERSION_COLUMNS} FROM fhir_version "
+            "WHERE type = ? AND id = ? AND version = ?", (resource_type, id, version))
+
+    def _lookup_one(self, sql: str, params: tuple[object, ...]) -> StoredResource | None:
+        try:
+            # fetchall, not fetchone: it steps the statement to its end, which resets it
+            # and ends its read transaction (a half-read statement would pin the snapshot
+            # and later reads on this connection would not see new commits).
+            rows = self._lookup.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the FHIR store could not be read: {type(exc).__name__}") from None
+        return stored_resource(rows[0]) if rows else None
+
+    # -- search and history ---------------------------------------------------------------
+
+    async def search(self, query: SearchQuery, *, total: bool = False) -> SearchPage:
+        """Current, non-deleted versions matching the query."""
+        rows, count = await self._read(select_sql(query, query.count, query.offset),
+                                       count_sql(query) if total else None)
+        return SearchPage([stored_resource(row) for row in rows], count)
+
+    async def count(self, query: SearchQuery) -> int:
+        rows, _ = await self._read(count_sql(query))
+        return int(rows[0][0])
+
+    def _quick(self, statement: Sql,
+               count: Sql | None) -> tuple[list[Row], int | None] | None:
+        """The read on the event loop thread if it finishes within a small budget of
+        SQLite steps (an indexed search: tens of microseconds, less than a thread hop);
+        None if it would take longer, so it goes to the reader thread instead and never
+        stalls the loop."""
+        lookup = self._lookup
+        lookup.set_progress_handler(_over_budget, _QUICK_STEPS)
+        try:
+            if count is None:
+                return lookup.execute(*statement).fetchall(), None
+            lookup.execute("BEGIN")
+            try:
+                rows = lookup.execute(*statement).fetchall()
+                total = lookup.execute(*count).fetchall()
+            finally:
+                lookup.execute("COMMIT")
+            return rows, int(total[0][0])
+        except sqlite3.OperationalError:
+            if lookup.in_transaction:
+                lookup.execute("ROLLBACK")
+            return None  # interrupted by the budget (or busy): the reader thread decides
+        finally:
+            lookup.set_progress_handler(None, 0)
+
+    async def history(self, query: HistoryQuery) -> SearchPage:
+        """Versions newest first; total always set."""
+        if query.id is not None and query.resource_type is None:
+            raise ValueError("instance history needs the resource type")
+        where: list[str] = []
+        params: list[object] = []
+        if query.resource_type is not None:
+            where.append("type = ?")
+            params.append(query.resource_type)
+        if query.id is not None:
+            where.append("id = ?")
+            params.append(query.id)
+        if query.since is not None:
+            where.append("last_updated >= ?")
+            params.append(query.since)
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
+        # seq follows commit order, so it breaks ties between equal instants newest first.
+        page = (f"SELECT {VERSION_COLUMNS} FROM fhir_version{condition} "
+                "ORDER BY last_updated DESC, seq DESC LIMIT ? OFFSET ?",
+                [*params, query.count, query.offset])
+        rows, total = await self._read(
+            page, (f"SELECT count(*) FROM fhir_version{condition}", params))
+        return SearchPage([stored_resource(row) for row in rows], total)
+
+    async def stats(self) -> StoreStats:
+        """Counts for operators: current resources (deletions excluded) and all versions."""
+        rows, versions = await self._read(
+            ("SELECT type, count(*) FROM fhir_resource WHERE deleted = 0 GROUP BY type", []),
+            ("SELECT count(*) FROM fhir_version", []))
+        counts = {str(t): int(n) for t, n in rows}
+        return StoreStats(sum(counts.values()), versions or 0, counts)
+
+    async def _read(self, statement: Sql,
+                    count: Sql | None = None) -> tuple[list[Row], int | None]:
+        """Rows of one statement and, if asked, a count from the same snapshot (so a page
+        and its total agree). The lock keeps one read transaction at a time on the reader:
+        a statement slipped into another's would see that one's older snapshot."""
+        try:
+            quick = self._quick(statement, count)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the FHIR store could not be read: {type(exc).__name__}") from None
+        if quick is not None:
+            return quick
+        async with self._read_lock:
+            try:
+                if count is None:
+                    return list(await self._reader.execute_fetchall(*statement)), None
+                await self._reader.execute("BEGIN")
+                try:
+                    rows: list[Row] = list(await self._reader.execute_fetchall(*statement))
+                    total = list(await self._reader.execute_fetchall(*count))
+                finally:
+                    await self._reader.execute("COMMIT")
+                return rows, int(total[0][0])
+            except (sqlite3.Error, ValueError) as exc:  # ValueError: connection closed
+                raise StoreUnavailable(
+                    f"the FHIR store could not be read: {type(exc).__name__}") from None
+
+    # -- writing --------------------------------------------------------------------------
+
+    # A whole group commit (BEGIN IMMEDIATE, a savepoint per call, COMMIT) runs as one
+    # synchronous function on the writer thread: one hop there and back per group, not
+    # one per statement. The futures are resolved back here on the event loop.
+
+    async def transact(self, writes: Sequence[WriteRequest], *,
+                       atomic: bool = True) -> Outcomes:
+        """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
+        entry index). Not atomic: each entry on its own; a failed entry's slot holds its
+        WriteConflict."""
+        if self._closing:
+            raise StoreUnavailable("the FHIR store is closing")
+        if not writes:
+            return []
+        future: asyncio.Future[Outcomes] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(list(writes), atomic, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                group = self._pending[:self._max_batch]
+                del self._pending[:self._max_batch]
+                await self._commit_group(group)
+            if self._closing:
+                return
+
+    async def _commit_group(self, group: Sequence[_Job]) -> None:
+        """Commit a group on the writer thread, then answer each caller."""
+        jobs = [job for job in group if not job.future.done()]  # skip cancelled callers
+        if not jobs:
+            return
+        loop = asyncio.get_running_loop()
+        committed = await loop.run_in_executor(self._executor, self._commit_group_sync, jobs)
+        if not committed:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(StoreUnavailable("the FHIR store could not commit"))
+            return
+        self._groups += 1
+        self._jobs += len(jobs)
+        for job in jobs:
+            if job.future.done():
+                continue
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                assert job.outcomes is not None
+                job.future.set_result(job.outcomes)
+
+    def _commit_group_sync(self, jobs: Sequence[_Job]) -> bool:
+        """Writer thread: several callers' writes in one transaction, each in its own
+        savepoint; whether it committed (if not, nothing in the group is durable)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                self._run_job(job)
+            self._db.execute("COMMIT")
+        except Exception as exc:  # any failure to commit: nothing in the group is durable
+            log.error("FHIR store commit failed for a group of %d: %s", len(jobs),
+                      type(exc).__name__)
+            self._rollback()
+            return False
+        return True
+
+    def _rollback(self) -> None:
+        if not self._db.in_transaction:
+            return  # SQLite already rolled back (an I/O error, a full disk)
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("FHIR store rollback failed: %s", type(exc).__name__)
+
+    def _run_job(self, job: _Job) -> None:
+        """One caller's writes in a savepoint: released if they apply, rolled back if not.
+        A database error escapes, failing the whole group."""
+        self._db.execute("SAVEPOINT job")
+        try:
+            if job.atomic:
+                job.outcomes = list(self._writes.apply(job.writes, 0))
+            else:
+                job.outcomes = self._apply_batch(job.writes)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # the caller's conflict (or a bug in an indexer): theirs
+            self._db.execute("ROLLBACK TO job")
+            job.error = exc
+        self._db.execute("RELEASE job")
+
+    def _apply_batch(self, writes: Sequence[WriteRequest]) -> Outcomes:
+        outcomes: Outcomes = []
+        for position, write in enumerate(writes):
+            self._db.execute("SAVEPOINT entry")
+            try:
+                outcomes.extend(self._writes.apply([write], position))
+            except WriteConflict as conflict:
+                self._db.execute("ROLLBACK TO entry")
+                outcomes.append(conflict)
+            self._db.execute("RELEASE entry")
+        return outcomes
+
+    @property
+    def groups_committed(self) -> int:
+        """Group commits so far (each carries one or more transact calls)."""
+        return self._groups
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def probe_writable(self) -> None:
+        """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
+        if self._closing:
+            raise StoreUnavailable("the FHIR store is closing")
+        # The writer thread runs one task at a time: never inside a group's transaction.
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._probe_sync)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the FHIR store is not writable: {type(exc).__name__}") from None
+
+    def _probe_sync(self) -> None:
+        self._db.execute(
+            "INSERT INTO fhir_store_meta (key, value) VALUES ('ready_probe', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (format_instant(datetime.now(UTC)),))
+
+    async def close(self) -> None:
+        """Commit what is queued, then close every connection; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+        self._lookup.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        finally:
+            self._executor.shutdown()  # its queue is empty: this only joins the thread
+            await self._reader.close()
+        if self._groups:
+            log.info("FHIR store closed: %d transactions in %d group commits (%.1f per "
+                     "commit)", self._jobs, self._groups, self._jobs / self._groups)
+

@@ -1,0 +1,390 @@
+"""Writes to the embedded FHIR store, on its writer thread: one FHIR transaction's entries
+checked, resolved against the current rows (conditions, If-Match, If-None-Exist), given
+new versions and index rows, and written in as few statements as possible.
+
+Runs inside the savepoint the store opened for it; a WriteConflict rolls back the caller's
+writes only. Decimals keep their digits from the caller's resource to the stored body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from gateway.store.fhir import (
+    IndexEntry,
+    Indexer,
+    SearchQuery,
+    StoredResource,
+    WriteConflict,
+    WriteOutcome,
+    WriteRequest,
+)
+from gateway.store.fhir_sqlite.schema import (
+    INDEX_INSERTS,
+    UPSERT,
+    format_instant,
+    index_row,
+    parse_instant,
+    stored_resource,
+)
+from gateway.store.fhir_sqlite.sql import current_rows_sql, select_sql
+
+# FHIR R4 http.html#trules: DELETE, then POST, then PUT.
+_METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2}
+# FHIR R4 datatypes.html#id.
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_ONE_MICROSECOND = timedelta(microseconds=1)
+_MAX_KEYS_PER_STATEMENT = 400
+# One slot per write: its outcome or (a write not applied atomically) its conflict.
+Outcomes = list[WriteOutcome | WriteConflict]
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """One write being resolved: its final id, the version there now, and its outcome."""
+
+    position: int  # index in the caller's list, named in conflicts
+    request: WriteRequest
+    resource: dict[str, Any] | None  # the caller's resource, copied (references rewritten)
+    id: str | None = None
+    current: StoredResource | None = None
+    outcome: WriteOutcome | None = None
+    # A POST whose If-None-Exist repeats an earlier create in the same call: it is that one.
+    same_as: _Entry | None = None
+    index: list[IndexEntry] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        assert self.id is not None
+        return (self.request.resource_type, self.id)
+
+
+class TransactionWriter:
+    """Writer thread only: resolves and writes FHIR transactions on the writer connection,
+    inside the transaction (and savepoint) the store opened."""
+
+    def __init__(self, db: sqlite3.Connection, indexer: Indexer, last_stamp: datetime) -> None:
+        self._db = db
+        self._indexer = indexer
+        self._last_stamp = last_stamp
+
+    def apply(self, writes: Sequence[WriteRequest], first: int) -> list[WriteOutcome]:
+        """Resolve and write entries as one FHIR transaction; the caller's savepoint makes
+        it atomic. `first` is the position of writes[0] in the caller's list."""
+        entries = [_prepare(first + i, write) for i, write in enumerate(writes)]
+        ordered = sorted(entries, key=lambda e: _METHOD_ORDER[e.request.method])
+        claimed: dict[tuple[str, str], int] = {}
+        current = self._current_rows([
+            (e.request.resource_type, target) for e in entries
+            if (target := e.request.id or (e.resource or {}).get("id"))])
+
+        deletes = [e for e in ordered if e.request.method == "DELETE"]
+        for entry in deletes:
+            self._resolve_delete(entry, current)
+            _claim(entry, claimed)
+        self._write([e for e in deletes if e.outcome is None])
+
+        upserts = [e for e in ordered if e.request.method != "DELETE"]
+        created: dict[SearchQuery, _Entry] = {}
+        for entry in upserts:
+            self._resolve_upsert(entry, current, created)
+            _claim(entry, claimed)
+
+        # FHIR R4 http.html#trules: references to an entry's fullUrl become its final id.
+        targets = {e.request.full_url: f"{e.request.resource_type}/{e.id}"
+                   for e in entries if e.request.full_url and e.id is not None}
+        if targets:
+            for entry in upserts:
+                _rewrite_references(entry.resource, targets)
+        self._write([e for e in upserts if e.outcome is None and e.same_as is None])
+
+        outcomes: list[WriteOutcome] = []
+        for entry in entries:
+            if entry.same_as is not None:
+                assert entry.same_as.outcome is not None
+                entry.outcome = WriteOutcome(200, entry.same_as.outcome.stored, changed=False)
+            assert entry.outcome is not None
+            outcomes.append(entry.outcome)
+        return outcomes
+
+    def _resolve_delete(self, entry: _Entry,
+                              current: Mapping[tuple[str, str], StoredResource]) -> None:
+        request = entry.request
+        if request.condition is not None:
+            matches = self._matches(entry)
+            if not matches:
+                entry.outcome = WriteOutcome(204, None, changed=False)
+                return
+            entry.id, entry.current = matches[0].id, matches[0]
+        else:
+            assert request.id is not None
+            entry.id = request.id
+            entry.current = current.get(entry.key)
+        _check_if_match(entry)
+        if entry.current is None or entry.current.deleted:
+            entry.outcome = WriteOutcome(204, None, changed=False)
+
+    def _resolve_upsert(self, entry: _Entry,
+                              current: Mapping[tuple[str, str], StoredResource],
+                              created: dict[SearchQuery, _Entry]) -> None:
+        request = entry.request
+        assert entry.resource is not None
+        given: str | None = entry.resource.get("id")
+        if request.condition is not None:
+            matches = self._matches(entry)
+            if matches and request.method == "POST":  # If-None-Exist found it: no write
+                entry.id = matches[0].id
+                entry.outcome = WriteOutcome(200, matches[0], changed=False)
+                return
+            if matches:
+                if given is not None and given != matches[0].id:
+                    raise WriteConflict(400, f"entry {entry.position}: the resource id does "
+                                        "not match the resource the condition found",
+                                        entry.position)
+                entry.id, entry.current = matches[0].id, matches[0]
+                _check_if_match(entry)
+                return
+            if request.method == "POST":
+                if request.condition in created:
+                    entry.same_as = created[request.condition]
+                    entry.id = entry.same_as.id
+                    return
+                created[request.condition] = entry
+        entry.id = request.id or given or str(uuid.uuid4())
+        entry.current = current.get(entry.key)
+        if request.method == "POST" and entry.current is not None and not entry.current.deleted:
+            raise WriteConflict(409, f"entry {entry.position}: a resource with this id "
+                                "already exists", entry.position)
+        _check_if_match(entry)
+
+    def _matches(self, entry: _Entry) -> list[StoredResource]:
+        """The (at most two) resources an entry's condition finds; 412 if several."""
+        assert entry.request.condition is not None
+        query = entry.request.condition
+        if query.resource_type != entry.request.resource_type:
+            raise WriteConflict(400, f"entry {entry.position}: the condition searches "
+                                "another resource type", entry.position)
+        sql, params = select_sql(query, 2, 0, ordered=False)
+        rows = [stored_resource(row) for row in self._db.execute(sql, params).fetchall()]
+        if len(rows) > 1:
+            rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
+            raise WriteConflict(412, f"entry {entry.position}: {rule} matches more than one "
+                                "resource", entry.position)
+        return rows
+
+    def _current_rows(
+        self, keys: Sequence[tuple[str, str]],
+    ) -> dict[tuple[str, str], StoredResource]:
+        """The current rows for several (type, id) keys, read on the writer (so inside
+        this transaction) in as few statements as possible."""
+        found: dict[tuple[str, str], StoredResource] = {}
+        by_type: dict[str, list[str]] = {}
+        for resource_type, id_ in dict.fromkeys(keys):
+            by_type.setdefault(resource_type, []).append(id_)
+        # One statement per type: `type = ? AND id IN (...)` is a primary-key search;
+        # a row-value `(type, id) IN (VALUES ...)` would scan the whole table.
+        for resource_type, ids in by_type.items():
+            for start in range(0, len(ids), _MAX_KEYS_PER_STATEMENT):
+                chunk = ids[start:start + _MAX_KEYS_PER_STATEMENT]
+                rows = self._db.execute(current_rows_sql(len(chunk)),
+                                        [resource_type, *chunk]).fetchall()
+                for row in rows:
+                    stored = stored_resource(row)
+                    found[(stored.resource_type, stored.id)] = stored
+        return found
+
+    def _write(self, entries: Sequence[_Entry]) -> None:
+        """Give each entry its new version (or find it unchanged) and write them all."""
+        rows: list[tuple[object, ...]] = []
+        index_rows: dict[type[IndexEntry], list[tuple[object, ...]]] = {}
+        for entry in entries:
+            stored = self._next_version(entry)
+            if stored is None:
+                continue
+            rows.append((stored.resource_type, stored.id, stored.version, stored.last_updated,
+                         int(stored.deleted), stored.body))
+            for item in entry.index:
+                index_rows.setdefault(type(item), []).append(
+                    index_row(stored.resource_type, stored.id, item))
+        if not rows:
+            return
+        # The triggers archive each row as a version and drop the old index rows first.
+        self._db.executemany(UPSERT, rows)
+        for kind, values in index_rows.items():
+            self._db.executemany(INDEX_INSERTS[kind], values)
+
+    def _next_version(self, entry: _Entry) -> StoredResource | None:
+        """The version this entry writes, its outcome set; None if its content is unchanged."""
+        resource_type = entry.request.resource_type
+        assert entry.id is not None
+        current = entry.current
+        live = current is not None and not current.deleted
+        if entry.request.method == "DELETE":
+            assert current is not None
+            stamp = self._stamp(current.last_updated)
+            stored = StoredResource(resource_type, entry.id, current.version + 1, stamp, True,
+                                    b"")
+            entry.outcome = WriteOutcome(204, None)
+            return stored
+        assert entry.resource is not None
+        document = _document(resource_type, entry.id, entry.resource)
+        if current is not None and live and _same_content(current.body, document):
+            # A resent message: same content, so no new version (FHIR R4 allows this).
+            entry.outcome = WriteOutcome(200, current, changed=False)
+            return None
+        version = current.version + 1 if current is not None else 1
+        stamp = self._stamp(current.last_updated if current is not None else None)
+        meta = document["meta"]
+        document["meta"] = {"versionId": str(version), "lastUpdated": stamp, **meta}
+        entry.index = list(dict.fromkeys(self._indexer(resource_type, document)))
+        stored = StoredResource(resource_type, entry.id, version, stamp, False,
+                                orjson.dumps(document, default=_decimal))
+        entry.outcome = WriteOutcome(200 if live else 201, stored)
+        return stored
+
+    def _stamp(self, after: str | None) -> str:
+        """Now, as a FHIR instant later than any given before and than `after`."""
+        floor = self._last_stamp
+        if after is not None:
+            floor = max(floor, parse_instant(after))
+        now = datetime.now(UTC)
+        if now <= floor:
+            now = floor + _ONE_MICROSECOND
+        self._last_stamp = now
+        return format_instant(now)
+
+
+# -- writes: pure helpers -------------------------------------------------------------------
+
+
+def _prepare(position: int, request: WriteRequest) -> _Entry:
+    """Check an entry's shape and copy its resource (the caller's dict is never changed)."""
+    def bad(reason: str) -> WriteConflict:
+        return WriteConflict(400, f"entry {position}: {reason}", position)
+
+    if request.method not in _METHOD_ORDER:
+        raise bad("the method is not POST, PUT or DELETE")
+    if request.id is not None and not _ID.fullmatch(request.id):
+        raise bad("the id is not a valid FHIR id")
+    if request.method == "DELETE":
+        if (request.id is None) == (request.condition is None):
+            raise bad("a delete needs either an id or a condition")
+        return _Entry(position, request, None)
+    if request.method == "PUT" and (request.id is None) == (request.condition is None):
+        raise bad("an update needs either an id or a condition")
+    if not isinstance(request.resource, dict):
+        raise bad(f"{request.method} needs a resource")
+    try:
+        resource = _json_copy(request.resource)
+    except TypeError:
+        raise bad("the resource is not JSON") from None
+    if resource.setdefault("resourceType", request.resource_type) != request.resource_type:
+        raise bad("the resourceType does not match the request")
+    given = resource.get("id")
+    if given is not None and (not isinstance(given, str) or not _ID.fullmatch(given)):
+        raise bad("the resource id is not a valid FHIR id")
+    if request.method == "PUT" and request.id is not None and given not in (None, request.id):
+        raise bad("the resource id does not match the request id")
+    if not isinstance(resource.get("meta", {}), dict):
+        raise bad("meta is not an object")
+    return _Entry(position, request, resource)
+
+
+def _claim(entry: _Entry, claimed: dict[tuple[str, str], int]) -> None:
+    """FHIR R4 http.html#trules: two entries resolving to one resource fail the transaction
+    (a matched If-None-Exist only reads, so it claims nothing)."""
+    if entry.id is None or entry.same_as is not None or (
+            entry.request.method == "POST" and entry.outcome is not None):
+        return
+    other = claimed.setdefault(entry.key, entry.position)
+    if other != entry.position:
+        raise WriteConflict(400, f"entry {entry.position}: resolves to the same resource as "
+                            f"entry {other}", entry.position)
+
+
+def _check_if_match(entry: _Entry) -> None:
+    expected = entry.request.if_match
+    if expected is None:
+        return
+    current = entry.current
+    if current is None or current.deleted:
+        raise WriteConflict(412, f"entry {entry.position}: If-Match version {expected} but "
+                            "the resource does not exist", entry.position)
+    if current.version != expected:
+        raise WriteConflict(412, f"entry {entry.position}: If-Match version {expected} does "
+                            f"not match current version {current.version}", entry.position)
+
+
+def _document(resource_type: str, id: str, resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The resource as it will be served: resourceType, id and meta first; meta without
+    versionId and lastUpdated (the store sets those)."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items()
+            if k not in ("versionId", "lastUpdated")}
+    document: dict[str, Any] = {"resourceType": resource_type, "id": id, "meta": meta}
+    document.update((k, v) for k, v in resource.items()
+                    if k not in ("resourceType", "id", "meta"))
+    return document
+
+
+def _same_content(body: bytes, document: Mapping[str, Any]) -> bool:
+    """Whether a stored version says what `document` says (store meta aside). Decimals are
+    compared as written ("1.50" against Decimal('1.50')), not as floats: 0.1 the float is
+    not 0.100 the FHIR decimal."""
+    stored = json.loads(body, parse_float=Decimal) if _FLOATISH.search(body) else (
+        orjson.loads(body))
+    return _content(stored) == _content(document)
+
+
+# A digit then a fraction or exponent: the body holds a number a float would not keep.
+_FLOATISH = re.compile(rb"[0-9](?:\.[0-9]|[eE][-+]?[0-9])")
+
+
+def _content(document: Mapping[str, Any]) -> dict[str, Any]:
+    """What a version says, apart from the store's versionId and lastUpdated."""
+    content = dict(document)
+    meta = {k: v for k, v in (content.pop("meta", None) or {}).items()
+            if k not in ("versionId", "lastUpdated")}
+    if meta:
+        content["meta"] = meta
+    return content
+
+
+def _rewrite_references(node: Any, targets: Mapping[str, str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                if value in targets:
+                    node[key] = targets[value]
+            else:
+                _rewrite_references(value, targets)
+    elif isinstance(node, list):
+        for item in node:
+            _rewrite_references(item, targets)
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy of JSON-shaped data; Decimals stay Decimals (FHIR decimals keep their
+    digits: '1.50' is not 1.5). Anything else that is not JSON raises TypeError."""
+    if isinstance(value, dict):
+        return {str(k): _json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_copy(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool | Decimal):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _decimal(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value).encode())
+    raise TypeError(type(value).__name__)
