@@ -11,10 +11,10 @@ import pytest
 from gateway.audit import Action
 from gateway.audit.query import AuditQuery
 from gateway.edge.audit_http import AUDIT
+from support.builders import patient
 from support.fhir import API_KEY_NAME, fhir_session, start_fhir_gateway
 
-PATIENT = {"resourceType": "Patient", "name": [{"family": "Audited"}],
-           "identifier": [{"system": "urn:oid:2.999.7", "value": "AM-1"}]}
+PATIENT = patient("AM-1", system="urn:oid:2.999.7", family="Audited")
 
 
 async def reads_recorded(gw: object, action: Action) -> int:

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from gateway.forward.fhir_backend import FhirBackend, FhirBackendSpec
 from gateway.forward.normalize import Normalizer
 from gateway.forward.routes import Route, Router
 from gateway.telemetry import configure
+from support import builders
 from support.fake_ehr import FakeEhr
 from support.fhir import API_KEY, api_key_config, start_fhir_gateway
 
@@ -68,13 +70,15 @@ MedicationRequest,coding-system,medicationCodeableConcept.coding,urn:oid:2.16.84
 CANARY = "QZXFACADECANARY"
 
 
-def patient(id_: str, family: str, mrn: str) -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": id_, "active": True,
-            "identifier": [{"system": VENDOR_MRN, "value": mrn}],
-            "name": [{"family": family, "given": ["Synthetic"]}], "birthDate": "1970-01-01",
-            "gender": "other",
-            "extension": [{"url": VENDOR_PHONE, "valueString": "+1 555 0100 123"}],
-            "telecom": [{"system": "email", "value": f"{id_}@example.invalid", "use": "cell"}]}
+# Patients as vendor A writes them (its MRN system, phone in an extension, telecom use
+# "cell"): what the normalizer has to turn into canonical FHIR.
+patient = partial(builders.patient, system=VENDOR_MRN, active=True, given=["Synthetic"],
+                  birthDate="1970-01-01", gender="other",
+                  extension=[{"url": VENDOR_PHONE, "valueString": "+1 555 0100 123"}])
+
+
+def vendor_email(id_: str) -> list[dict[str, str]]:
+    return [{"system": "email", "value": f"{id_}@example.invalid", "use": "cell"}]
 
 
 def medication(id_: str, subject: str) -> dict[str, Any]:
@@ -94,7 +98,8 @@ def appointment(id_: str, *actors: str, identifier: str | None = None) -> dict[s
     return resource
 
 
-SEED = [patient("pat-a", "Alphafacade", "SYN-A-1"), patient("pat-b", "Betafacade", "SYN-B-1"),
+SEED = [patient("SYN-A-1", id="pat-a", family="Alphafacade", telecom=vendor_email("pat-a")),
+        patient("SYN-B-1", id="pat-b", family="Betafacade", telecom=vendor_email("pat-b")),
         medication("mr-a", PATIENT_A), medication("mr-b", PATIENT_B),
         *(appointment(f"appt-{i}", PATIENT_A) for i in range(1, 6)),
         appointment("appt-b", PATIENT_B)]
@@ -400,7 +405,8 @@ async def test_an_invalid_body_is_refused_before_the_backend(rig: Rig) -> None:
     ("POST", "/fhir/Appointment", appointment("x", PATIENT_A)),
     ("PUT", "/fhir/Appointment/appt-1", appointment("appt-1", PATIENT_A)),
     ("DELETE", "/fhir/Appointment/appt-1", None),
-    ("POST", "/fhir/Patient", patient("x", "Nobody", "SYN-X")),
+    ("POST", "/fhir/Patient", patient("SYN-X", id="x", family="Nobody",
+                                      telecom=vendor_email("x"))),
 ])
 async def test_scopes_are_refused_before_any_backend_call(
         rig: Rig, method: str, path: str, body: Any) -> None:
@@ -503,7 +509,9 @@ async def test_search_entries_are_checked_even_when_the_backend_ignores_the_comp
     liar = Liar(json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 3,
                             "entry": [{"resource": medication("mr-a", PATIENT_A)},
                                       {"resource": medication("mr-b", PATIENT_B)},
-                                      {"resource": patient("pat-b", "Betafacade", "X"),
+                                      {"resource": patient("X", id="pat-b",
+                                                           family="Betafacade",
+                                                           telecom=vendor_email("pat-b")),
                                        "search": {"mode": "include"}}]}).encode())
     await liar.start()
     try:

@@ -44,12 +44,11 @@ from gateway.forward.fhir_backend import (
 )
 from gateway.forward.outbound_auth import AuthSpec
 from gateway.telemetry import Telemetry, configure
+from support.builders import patient
 from support.fake_ehr import FAILURE_DIAGNOSTICS, FakeEhr
 
 CANARY = "CANARY-7731"
-PATIENT = {"resourceType": "Patient",
-           "identifier": [{"system": "urn:synthetic:mrn", "value": "MRN-0001"}],
-           "name": [{"family": "Synthetic", "given": ["Test"]}]}
+PATIENT = patient("MRN-0001", system="urn:synthetic:mrn", family="Synthetic", given=["Test"])
 
 
 @dataclass
@@ -117,9 +116,7 @@ def bundle(*entries: dict[str, Any]) -> bytes:
 
 def conditional_patient(mrn: str, family: str = "Synthetic") -> dict[str, Any]:
     return {"fullUrl": "urn:uuid:0f0e0d0c-0000-4000-8000-000000000001",
-            "resource": {**PATIENT, "identifier": [{"system": "urn:synthetic:mrn",
-                                                    "value": mrn}],
-                         "name": [{"family": family}]},
+            "resource": patient(mrn, system="urn:synthetic:mrn", family=family),
             "request": {"method": "PUT", "url": f"Patient?identifier=urn:synthetic:mrn|{mrn}"}}
 
 
