@@ -49,6 +49,7 @@ from gateway.telemetry import configure
 from support import builders
 from support.fake_ehr import FakeEhr
 from support.fhir import API_KEY, api_key_config, start_fhir_gateway
+from support.wait import ManualClock
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -838,20 +839,12 @@ async def test_the_callers_traceparent_goes_on_unchanged_when_spans_are_not_reco
 # -- the cache on its own -----------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def ok(text: str) -> FhirResponse:
     return FhirResponse(200, body=text.encode())
 
 
 async def test_cache_entries_expire_after_the_ttl() -> None:
-    clock = Clock()
+    clock = ManualClock()
     cache = ReadCache(5.0, 10, clock)
     cache.put("ehr", "GET", "Patient/1", [], ok("one"), ["Patient"])
     clock.now += 4.9

@@ -1299,7 +1299,7 @@ async def test_over_the_rate_limit_is_429_with_retry_after(tmp_path: Path) -> No
             assert int(answer.headers["retry-after"]) >= 1
             # Metadata is not rate-limited: it is open to everyone.
             assert (await call(session, "GET", "/fhir/metadata")).status == 200
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(1.1)  # the bucket refilling is the behaviour under test
             assert (await call(session, "GET", "/fhir/Patient")).status == 200
     finally:
         await running.runner.cleanup()

@@ -197,6 +197,7 @@ async def test_breaker_recovers_through_a_single_half_open_probe(ehr: FakeEhr) -
             await backend.request("GET", "Patient/p1")
         assert backend.breaker_state == "open"
         ehr.fail_all(None)
+        # The reset timeout is the behaviour under test; the breaker reads the wall clock.
         await asyncio.sleep(0.22)
         assert backend.breaker_state == "half-open"
         ehr.delay = 0.05  # the probe is still out while the others arrive
@@ -215,6 +216,7 @@ async def test_a_failed_probe_opens_the_breaker_again(ehr: FakeEhr) -> None:
     async with backend_for(ehr.url, breaker_failures=1, breaker_reset=0.1,
                            max_retries=0) as backend:
         await backend.request("GET", "Patient/p1")
+        # The reset timeout is the behaviour under test; the breaker reads the wall clock.
         await asyncio.sleep(0.12)
         assert (await backend.request("GET", "Patient/p1")).status == 502
         assert backend.breaker_state == "open"

@@ -589,7 +589,7 @@ async def test_concurrent_transactions_all_land_and_reads_work_meanwhile(
         while not done.is_set():
             assert await store.read("Patient", known.id) == known
             reads += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let the writers run between reads
 
     reading = asyncio.create_task(reader())
     groups_before = store.groups_committed

@@ -54,6 +54,7 @@ class FakeMllp:
     by_id: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    late_written: int = 0  # "late" answers written so far (the test can wait for one)
     _script: deque[str] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -155,5 +156,7 @@ class FakeMllp:
         else:
             reply = ack(mode, control_id, error=mode in ("AE", "CE"))
         writer.write(frame(reply))
+        if mode == "late":
+            self.late_written += 1
         await writer.drain()
         return True
