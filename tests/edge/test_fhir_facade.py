@@ -48,12 +48,18 @@ from gateway.forward.routes import Route, Router
 from gateway.telemetry import configure
 from support import builders
 from support.fake_ehr import FakeEhr
-from support.fhir import API_KEY, api_key_config, start_fhir_gateway
+from support.fhir import (
+    API_KEY,
+    Answer,
+    api_key_config,
+    is_outcome,
+    start_fhir_gateway,
+    tagged_subsetted,
+)
 from support.wait import ManualClock
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
 ROUTED = ("Patient", "Appointment", "MedicationRequest")
 ROUTER = Router(tuple(Route(("ehr",), resource=t) for t in ROUTED), {"ehr": "fhir"})
 IDP = "https://idp.example"
@@ -107,14 +113,6 @@ SEED = [patient("SYN-A-1", id="pat-a", family="Alphafacade", telecom=vendor_emai
 
 
 # -- the rig: one gateway, one fake EHR; a backend client and facade per test -------------
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any
-    raw: bytes
-    headers: Any
 
 
 @dataclass
@@ -238,18 +236,8 @@ async def fresh(rig: Rig) -> AsyncIterator[None]:
     rig.backends.clear()
 
 
-def is_outcome(answer: Answer, status: int) -> bool:
-    return (answer.status == status and isinstance(answer.body, dict)
-            and answer.body.get("resourceType") == "OperationOutcome")
-
-
 def ids(bundle: dict[str, Any]) -> list[str]:
     return [e["resource"]["id"] for e in bundle.get("entry", [])]
-
-
-def tagged_subsetted(resource: dict[str, Any]) -> bool:
-    return any((t.get("system"), t.get("code")) == SUBSETTED
-               for t in resource.get("meta", {}).get("tag", []))
 
 
 # -- proxying -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ seeded ones below, so the order the tests run in does not matter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -30,10 +29,15 @@ from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth import JWT_BEARER
 from support import builders
+from support.fhir import (
+    Answer,
+    api_key_config,
+    is_outcome,
+    tagged_subsetted,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
 PATIENT_A = "Patient/pat-a"
 IDP = "https://idp.example"  # an external authorization server whose tokens we accept
 IDP_AUDIENCE = "https://gw.example/fhir"
@@ -76,16 +80,9 @@ def matrix_key(index: int) -> str:
     return f"matrix-key-{index:02d}"
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def api_key(name: str, scopes: list[str], profile: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "key_sha256": sha(f"{name}-secret"),
-                             "scopes": scopes}
-    if profile is not None:
-        entry["profile"] = profile
-    return entry
+    """The key `<name>-secret`, known by its hash, with these scopes."""
+    return api_key_config(name, f"{name}-secret", scopes, profile)
 
 
 def key_headers(name: str) -> dict[str, str]:
@@ -135,14 +132,6 @@ SEED: list[dict[str, Any]] = [
 
 
 # -- the running gateway and an HTTP helper ------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any
-    raw: bytes
-    headers: Any
 
 
 @dataclass
@@ -267,16 +256,6 @@ def ids(bundle: dict[str, Any], resource_type: str | None = None) -> set[str]:
 def refs(bundle: dict[str, Any]) -> set[str]:
     return {f"{e['resource']['resourceType']}/{e['resource']['id']}"
             for e in bundle.get("entry", [])}
-
-
-def is_outcome(answer: Answer, status: int) -> bool:
-    return (answer.status == status and isinstance(answer.body, dict)
-            and answer.body.get("resourceType") == "OperationOutcome")
-
-
-def tagged_subsetted(resource: dict[str, Any]) -> bool:
-    return any((t.get("system"), t.get("code")) == SUBSETTED
-               for t in resource.get("meta", {}).get("tag", []))
 
 
 async def audit_bodies(world: World, client: str) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ elements its tests depend on; a suite with a house style binds it once with
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Json = dict[str, Any]
@@ -87,3 +87,19 @@ def encounter(subject: str | None = None, *, label: str | None = None,
 def hl7(*segments: str) -> bytes:
     """A v2 message from its segment lines, CR-terminated as on the wire."""
     return ("\r".join(segments) + "\r").encode()
+
+
+def with_fields(raw: bytes, segment: str, values: Mapping[int, str | bytes]) -> bytes:
+    """A copy of `raw` with fields of its first `segment` replaced, keyed by the standard's
+    numbering (MSH-10 is {10: ...}; MSH-1 is the separator itself), padded if short."""
+    lines = raw.split(b"\r")
+    head = segment.encode() + b"|"
+    index = next(i for i, line in enumerate(lines) if line.startswith(head))
+    fields = lines[index].split(b"|")
+    offset = 1 if segment == "MSH" else 0  # split index = number - 1 for MSH only
+    for number, value in values.items():
+        position = number - offset
+        fields.extend([b""] * (position + 1 - len(fields)))
+        fields[position] = value.encode() if isinstance(value, str) else value
+    lines[index] = b"|".join(fields)
+    return b"\r".join(lines)
