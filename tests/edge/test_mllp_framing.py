@@ -159,6 +159,7 @@ async def test_client_that_never_reads_acks_does_not_block_others(
     hog.writer.transport.abort()
 
 
+@pytest.mark.slow
 async def test_many_concurrent_connections(gateway: RunningGateway) -> None:
     peers = await asyncio.gather(*(MllpPeer.open(gateway.mllp_port) for _ in range(2000)))
 

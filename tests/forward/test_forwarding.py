@@ -299,6 +299,7 @@ async def test_a_crash_mid_drain_loses_nothing_and_keeps_patient_order(tmp_path:
     assert len(fake.transactions) - expected <= 8  # at most the deliveries in flight
 
 
+@pytest.mark.slow
 async def test_a_replayed_message_is_forwarded_to_the_fhir_backend_its_route_names(
         tmp_path: Path) -> None:
     """An unmapped message cannot go to a FHIR backend; once a site table maps it,

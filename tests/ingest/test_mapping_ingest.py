@@ -94,6 +94,7 @@ async def test_enhanced_mode_commits_with_ca_and_keeps_the_failure_for_replay(
     assert entries[0].status == "failed"
 
 
+@pytest.mark.slow
 async def test_unsupported_types_are_accepted_and_replay_translates_them_once_mapped(
         gateway: RunningGateway, tmp_path: Path) -> None:
     peer = await MllpPeer.open(gateway.mllp_port)
@@ -132,6 +133,7 @@ async def test_unsupported_types_are_accepted_and_replay_translates_them_once_ma
     assert code == 0 and out.strip() == f"{unsupported_id} translated", (out, err)
 
 
+@pytest.mark.slow
 async def test_replay_of_an_unknown_id_says_so(gateway: RunningGateway) -> None:
     peer = await MllpPeer.open(gateway.mllp_port)
     try:

@@ -236,6 +236,7 @@ CRASH_MESSAGES = (
 )
 
 
+@pytest.mark.slow
 async def test_sigkill_right_after_the_acks_applies_every_message_once(
         tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
@@ -258,6 +259,7 @@ async def test_sigkill_right_after_the_acks_applies_every_message_once(
     assert len(stored["Provenance"]) == len(CRASH_MESSAGES)  # one per message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rewound", ["every row", "only the first A01",
                                      "every row, and the store lost them"])
 async def test_rows_left_between_commit_and_apply_are_applied_once_at_start_up(

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.builders import hl7
 
 MODES = ("AA", "CA", "AE", "CE", "AR", "CR", "malformed", "wrong-id", "late", "drop",
          "silent", "stale-first")
@@ -42,7 +43,7 @@ def ack(code: str, control_id: str, *, error: bool = False) -> bytes:
     if error:
         # ERR-3 code, ERR-4 severity, ERR-8 a user message: only the codes may be repeated.
         segments.append("ERR|||207^Application internal error^HL70357|E||||SECRET TEXT")
-    return ("\r".join(segments) + "\r").encode()
+    return hl7(*segments)
 
 
 @dataclass

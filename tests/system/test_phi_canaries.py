@@ -171,6 +171,7 @@ def check_answers(traffic: Traffic) -> None:
         assert not leaks(ack), ack
 
 
+@pytest.mark.slow
 async def test_no_canary_in_logs_spans_metrics_errors_or_the_inbox(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from gateway.app import MLLP_ADDRESS, build_app
@@ -220,6 +221,7 @@ async def test_no_canary_in_logs_spans_metrics_errors_or_the_inbox(
     assert not leaks(listing), listing
 
 
+@pytest.mark.slow
 async def test_no_canary_leaves_a_served_gateway(tmp_path: Path) -> None:
     """The same traffic against `isthmus serve` at debug level, spans printed to stderr by
     the console exporter: nothing the process writes outside the data path holds PHI."""
