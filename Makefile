@@ -1,11 +1,13 @@
 # Two commands for a fresh machine: `make run` and `make test`.
+# `make test-fast` is for the edit loop: the tests not marked slow (no child processes,
+# kill -9, large corpora or multi-second waits); `make test` still runs everything.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
+.PHONY: run test test-fast lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +34,9 @@ pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+test-fast: $(STAMP_DEV)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP_RUN)
 	$(BIN)/python bench/mllp_ingest.py

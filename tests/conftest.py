@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gateway.config import Settings, load_settings
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.builders import with_fields
 from support.pki import pki  # noqa: F401 - the session's throwaway PKI, a fixture for every suite
 
 if TYPE_CHECKING:
@@ -54,12 +55,8 @@ def message(name: str) -> bytes:
 
 
 def with_control_id(raw: bytes, control_id: str) -> bytes:
-    """A copy of a message with MSH-10 replaced (MSH-10 is split index 9)."""
-    lines = raw.split(b"\r")
-    fields = lines[0].split(b"|")
-    fields[9] = control_id.encode()
-    lines[0] = b"|".join(fields)
-    return b"\r".join(lines)
+    """A copy of a message with MSH-10 replaced."""
+    return with_fields(raw, "MSH", {10: control_id})
 
 
 @dataclass

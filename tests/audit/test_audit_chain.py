@@ -23,6 +23,7 @@ from support.audit import (
     run_cli,
     write_records,
 )
+from support.wait import eventually
 
 
 async def make_log(data_dir: Path, records: int = 12,
@@ -278,8 +279,6 @@ def test_verify_without_an_audit_trail_says_where_it_looked(tmp_path: Path) -> N
 
 
 async def test_the_gateway_purges_past_retention_at_start(tmp_path: Path) -> None:
-    import asyncio
-
     from conftest import start_gateway
 
     data_dir = tmp_path / "var"
@@ -290,11 +289,8 @@ async def test_the_gateway_purges_past_retention_at_start(tmp_path: Path) -> Non
     await log.close()
     gw = await start_gateway(data_dir, **{"audit.retention_days": 1})
     try:
-        for _ in range(200):
-            code, out = verify(data_dir)
-            if "purged by retention" in out:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: "purged by retention" in verify(data_dir)[1], timeout=10,
+                         what="the purge at start-up")
     finally:
         await gw.runner.cleanup()
     code, out = verify(data_dir)

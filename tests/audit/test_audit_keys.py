@@ -166,6 +166,7 @@ def test_a_key_file_others_can_read_is_warned_about(tmp_path: Path,
     assert "readable by group or others" in caplog.text
 
 
+@pytest.mark.slow
 def test_serve_with_an_unusable_signing_key_stops_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "signing.pem"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n")

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,20 @@ from gateway.forward.fhir_backend import FhirBackend, FhirBackendSpec
 from gateway.forward.normalize import Normalizer
 from gateway.forward.routes import Route, Router
 from gateway.telemetry import configure
+from support import builders
 from support.fake_ehr import FakeEhr
-from support.fhir import API_KEY, api_key_config, start_fhir_gateway
+from support.fhir import (
+    API_KEY,
+    Answer,
+    api_key_config,
+    is_outcome,
+    start_fhir_gateway,
+    tagged_subsetted,
+)
+from support.wait import ManualClock
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
 ROUTED = ("Patient", "Appointment", "MedicationRequest")
 ROUTER = Router(tuple(Route(("ehr",), resource=t) for t in ROUTED), {"ehr": "fhir"})
 IDP = "https://idp.example"
@@ -68,13 +77,15 @@ MedicationRequest,coding-system,medicationCodeableConcept.coding,urn:oid:2.16.84
 CANARY = "QZXFACADECANARY"
 
 
-def patient(id_: str, family: str, mrn: str) -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": id_, "active": True,
-            "identifier": [{"system": VENDOR_MRN, "value": mrn}],
-            "name": [{"family": family, "given": ["Synthetic"]}], "birthDate": "1970-01-01",
-            "gender": "other",
-            "extension": [{"url": VENDOR_PHONE, "valueString": "+1 555 0100 123"}],
-            "telecom": [{"system": "email", "value": f"{id_}@example.invalid", "use": "cell"}]}
+# Patients as vendor A writes them (its MRN system, phone in an extension, telecom use
+# "cell"): what the normalizer has to turn into canonical FHIR.
+patient = partial(builders.patient, system=VENDOR_MRN, active=True, given=["Synthetic"],
+                  birthDate="1970-01-01", gender="other",
+                  extension=[{"url": VENDOR_PHONE, "valueString": "+1 555 0100 123"}])
+
+
+def vendor_email(id_: str) -> list[dict[str, str]]:
+    return [{"system": "email", "value": f"{id_}@example.invalid", "use": "cell"}]
 
 
 def medication(id_: str, subject: str) -> dict[str, Any]:
@@ -94,21 +105,14 @@ def appointment(id_: str, *actors: str, identifier: str | None = None) -> dict[s
     return resource
 
 
-SEED = [patient("pat-a", "Alphafacade", "SYN-A-1"), patient("pat-b", "Betafacade", "SYN-B-1"),
+SEED = [patient("SYN-A-1", id="pat-a", family="Alphafacade", telecom=vendor_email("pat-a")),
+        patient("SYN-B-1", id="pat-b", family="Betafacade", telecom=vendor_email("pat-b")),
         medication("mr-a", PATIENT_A), medication("mr-b", PATIENT_B),
         *(appointment(f"appt-{i}", PATIENT_A) for i in range(1, 6)),
         appointment("appt-b", PATIENT_B)]
 
 
 # -- the rig: one gateway, one fake EHR; a backend client and facade per test -------------
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any
-    raw: bytes
-    headers: Any
 
 
 @dataclass
@@ -232,18 +236,8 @@ async def fresh(rig: Rig) -> AsyncIterator[None]:
     rig.backends.clear()
 
 
-def is_outcome(answer: Answer, status: int) -> bool:
-    return (answer.status == status and isinstance(answer.body, dict)
-            and answer.body.get("resourceType") == "OperationOutcome")
-
-
 def ids(bundle: dict[str, Any]) -> list[str]:
     return [e["resource"]["id"] for e in bundle.get("entry", [])]
-
-
-def tagged_subsetted(resource: dict[str, Any]) -> bool:
-    return any((t.get("system"), t.get("code")) == SUBSETTED
-               for t in resource.get("meta", {}).get("tag", []))
 
 
 # -- proxying -------------------------------------------------------------------------------
@@ -400,7 +394,8 @@ async def test_an_invalid_body_is_refused_before_the_backend(rig: Rig) -> None:
     ("POST", "/fhir/Appointment", appointment("x", PATIENT_A)),
     ("PUT", "/fhir/Appointment/appt-1", appointment("appt-1", PATIENT_A)),
     ("DELETE", "/fhir/Appointment/appt-1", None),
-    ("POST", "/fhir/Patient", patient("x", "Nobody", "SYN-X")),
+    ("POST", "/fhir/Patient", patient("SYN-X", id="x", family="Nobody",
+                                      telecom=vendor_email("x"))),
 ])
 async def test_scopes_are_refused_before_any_backend_call(
         rig: Rig, method: str, path: str, body: Any) -> None:
@@ -503,7 +498,9 @@ async def test_search_entries_are_checked_even_when_the_backend_ignores_the_comp
     liar = Liar(json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 3,
                             "entry": [{"resource": medication("mr-a", PATIENT_A)},
                                       {"resource": medication("mr-b", PATIENT_B)},
-                                      {"resource": patient("pat-b", "Betafacade", "X"),
+                                      {"resource": patient("X", id="pat-b",
+                                                           family="Betafacade",
+                                                           telecom=vendor_email("pat-b")),
                                        "search": {"mode": "include"}}]}).encode())
     await liar.start()
     try:
@@ -830,20 +827,12 @@ async def test_the_callers_traceparent_goes_on_unchanged_when_spans_are_not_reco
 # -- the cache on its own -----------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def ok(text: str) -> FhirResponse:
     return FhirResponse(200, body=text.encode())
 
 
 async def test_cache_entries_expire_after_the_ttl() -> None:
-    clock = Clock()
+    clock = ManualClock()
     cache = ReadCache(5.0, 10, clock)
     cache.put("ehr", "GET", "Patient/1", [], ok("one"), ["Patient"])
     clock.now += 4.9

@@ -8,12 +8,12 @@ seeded ones below, so the order the tests run in does not matter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,16 @@ from gateway.audit import AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth_server import JWT_BEARER
+from support import builders
+from support.fhir import (
+    Answer,
+    api_key_config,
+    is_outcome,
+    tagged_subsetted,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
 PATIENT_A = "Patient/pat-a"
 IDP = "https://idp.example"  # an external authorization server whose tokens we accept
 IDP_AUDIENCE = "https://gw.example/fhir"
@@ -74,16 +80,9 @@ def matrix_key(index: int) -> str:
     return f"matrix-key-{index:02d}"
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def api_key(name: str, scopes: list[str], profile: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "key_sha256": sha(f"{name}-secret"),
-                             "scopes": scopes}
-    if profile is not None:
-        entry["profile"] = profile
-    return entry
+    """The key `<name>-secret`, known by its hash, with these scopes."""
+    return api_key_config(name, f"{name}-secret", scopes, profile)
 
 
 def key_headers(name: str) -> dict[str, str]:
@@ -92,31 +91,28 @@ def key_headers(name: str) -> dict[str, str]:
 
 # -- seeded data: two patients and their resources, written with the admin key ------------
 
-def patient(id_: str, family: str, mrn: str, birth_date: str = "1970-01-01",
-            phone: str = "555-0100") -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": id_, "active": True,
-            "identifier": [{"system": "urn:oid:1.2.3.4.5", "value": mrn}],
-            "name": [{"family": family, "given": ["Synthetic"]}], "gender": "other",
-            "birthDate": birth_date,
-            "telecom": [{"system": "phone", "value": phone, "use": "home"}],
-            "address": [{"line": ["1 Synthetic Way"], "city": "Nowhere",
-                         "postalCode": "00001"}]}
+def home_phone(number: str) -> list[dict[str, str]]:
+    return [{"system": "phone", "value": number, "use": "home"}]
 
 
-def observation(id_: str, subject: str, **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": id_, "status": "final",
-            "code": {"text": "synthetic test"}, "subject": {"reference": subject}, **extra}
+# Every seeded person has all the elements a profile may hide (the builders' keyword defaults
+# for this suite; a test overrides what it needs).
+patient = partial(builders.patient, system="urn:oid:1.2.3.4.5", active=True,
+                  given=["Synthetic"], gender="other", birthDate="1970-01-01",
+                  telecom=home_phone("555-0100"),
+                  address=[{"line": ["1 Synthetic Way"], "city": "Nowhere",
+                            "postalCode": "00001"}])
+observation = partial(builders.observation, code={"text": "synthetic test"})
 
 
 SEED: list[dict[str, Any]] = [
-    patient("pat-a", "Alphasynth", "MRN-A-1"),
-    patient("pat-b", "Betasynth", "MRN-B-1", "1971-02-02", "555-0111"),
-    observation("obs-a", PATIENT_A),
-    observation("obs-b", PATIENT_B),
-    {"resourceType": "Encounter", "id": "enc-a", "status": "finished",
-     "class": {"code": "AMB"}, "subject": {"reference": PATIENT_A}},
-    {"resourceType": "Encounter", "id": "enc-b", "status": "finished",
-     "class": {"code": "AMB"}, "subject": {"reference": PATIENT_B}},
+    patient("MRN-A-1", id="pat-a", family="Alphasynth"),
+    patient("MRN-B-1", id="pat-b", family="Betasynth", birthDate="1971-02-02",
+            telecom=home_phone("555-0111")),
+    observation(PATIENT_A, id="obs-a"),
+    observation(PATIENT_B, id="obs-b"),
+    builders.encounter(PATIENT_A, id="enc-a"),
+    builders.encounter(PATIENT_B, id="enc-b"),
     {"resourceType": "Appointment", "id": "appt-a", "status": "booked",
      "participant": [{"actor": {"reference": PATIENT_A}, "status": "accepted"}]},
     {"resourceType": "Appointment", "id": "appt-b", "status": "booked",
@@ -136,14 +132,6 @@ SEED: list[dict[str, Any]] = [
 
 
 # -- the running gateway and an HTTP helper ------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any
-    raw: bytes
-    headers: Any
 
 
 @dataclass
@@ -270,16 +258,6 @@ def refs(bundle: dict[str, Any]) -> set[str]:
             for e in bundle.get("entry", [])}
 
 
-def is_outcome(answer: Answer, status: int) -> bool:
-    return (answer.status == status and isinstance(answer.body, dict)
-            and answer.body.get("resourceType") == "OperationOutcome")
-
-
-def tagged_subsetted(resource: dict[str, Any]) -> bool:
-    return any((t.get("system"), t.get("code")) == SUBSETTED
-               for t in resource.get("meta", {}).get("tag", []))
-
-
 async def audit_bodies(world: World, client: str) -> list[dict[str, Any]]:
     audit = world.gw.app[AUDIT]
     return [parse_body(row.body) for row in await audit.search(AuditQuery(client=client),
@@ -306,7 +284,7 @@ async def test_rs384_client_gets_a_token_and_writes_with_it(world: World) -> Non
     assert answer["scope"] == "system/Observation.cu"
     bearer = {"Authorization": f"Bearer {answer['access_token']}"}
     created = await world.call("POST", "/fhir/Observation", bearer,
-                               observation("ignored", "Patient/pat-m"))
+                               observation("Patient/pat-m", id="ignored"))
     assert created.status == 201, created.body
     # Granted c and u only: reading back what it wrote is not among them.
     read = await world.call("GET", f"/fhir/Observation/{created.body['id']}", bearer)
@@ -323,7 +301,7 @@ async def test_granted_scopes_are_the_intersection_of_asked_and_allowed(
     assert (await world.call("GET", "/fhir/Observation/obs-a", bearer)).status == 200
     assert is_outcome(await world.call("GET", "/fhir/Observation", bearer), 403)
     assert is_outcome(await world.call("POST", "/fhir/Patient", bearer,
-                                       patient("x", "Nobody", "MRN-X")), 403)
+                                       patient("MRN-X", id="x", family="Nobody")), 403)
     assert is_outcome(await world.call("GET", "/fhir/Encounter/enc-a", bearer), 403)
 
 
@@ -366,9 +344,8 @@ async def test_a_token_is_refused_after_the_client_signs_with_another_key(
 def _fresh(resource_type: str) -> dict[str, Any]:
     """A new resource for the matrix, unlike the seeded ones in every searched element."""
     if resource_type == "Observation":
-        return observation("x", "Patient/pat-m")
-    return {"resourceType": "Patient", "id": "x", "name": [{"family": "Matrixsynth"}],
-            "birthDate": "1999-09-09"}
+        return observation("Patient/pat-m", id="x")
+    return builders.patient(id="x", family="Matrixsynth", birthDate="1999-09-09")
 
 
 async def _target(world: World, resource_type: str) -> str:
@@ -570,11 +547,11 @@ async def test_batch_get_of_another_patients_resource_is_404_in_its_entry(
 
 async def test_patient_scope_may_not_create_for_another_patient(world: World) -> None:
     headers = await pw(world)
-    theirs = observation("x", PATIENT_B)
+    theirs = observation(PATIENT_B, id="x")
     theirs.pop("id")
     refused = await world.call("POST", "/fhir/Observation", headers, theirs)
     assert is_outcome(refused, 403)
-    mine = observation("x", PATIENT_A)
+    mine = observation(PATIENT_A, id="x")
     mine.pop("id")
     created = await world.call("POST", "/fhir/Observation", headers, mine)
     assert created.status == 201, created.body
@@ -586,12 +563,12 @@ async def test_patient_scope_updating_or_deleting_another_patients_resource_is_4
     headers = await pw(world)
     before = await world.admin("GET", "/fhir/Observation/obs-b")
     # Re-pointed at its own patient, so only the stored resource's owner can refuse it.
-    hijack = observation("obs-b", PATIENT_A)
+    hijack = observation(PATIENT_A, id="obs-b")
     updated = await world.call("PUT", "/fhir/Observation/obs-b", headers, hijack)
     deleted = await world.call("DELETE", "/fhir/Observation/obs-b", headers)
     unknown = await world.call("DELETE", "/fhir/Observation/no-such-id-42", headers)
     created_at_id = await world.call("PUT", "/fhir/Observation/no-such-id-43", headers,
-                                     observation("no-such-id-43", PATIENT_A))
+                                     observation(PATIENT_A, id="no-such-id-43"))
     assert is_outcome(updated, 404), updated.body
     assert is_outcome(deleted, 404), deleted.body
     # For a confined token an unknown id answers exactly like another patient's: deleting
@@ -601,7 +578,8 @@ async def test_patient_scope_updating_or_deleting_another_patients_resource_is_4
     after = await world.admin("GET", "/fhir/Observation/obs-b")
     assert after.raw == before.raw  # untouched: same version, same subject
     patient_b = await world.call("PUT", "/fhir/Patient/pat-b", headers,
-                                 patient("pat-b", "Hijacked", "MRN-B-1", "1971-02-02"))
+                                 patient("MRN-B-1", id="pat-b", family="Hijacked",
+                                         birthDate="1971-02-02"))
     assert patient_b.status in (403, 404)
     assert (await world.admin("GET", "/fhir/Patient/pat-b")).body["name"][0]["family"] \
         == "Betasynth"
@@ -610,8 +588,8 @@ async def test_patient_scope_updating_or_deleting_another_patients_resource_is_4
 async def test_patient_scope_transaction_writing_for_another_patient_is_refused_whole(
         world: World) -> None:
     marker = f"txn-{uuid.uuid4().hex[:8]}"
-    mine = observation("x", PATIENT_A, identifier=[{"system": "urn:test", "value": marker}])
-    theirs = observation("y", PATIENT_B, identifier=[{"system": "urn:test", "value": marker}])
+    mine = observation(PATIENT_A, id="x", identifier=[{"system": "urn:test", "value": marker}])
+    theirs = observation(PATIENT_B, id="y", identifier=[{"system": "urn:test", "value": marker}])
     for resource in (mine, theirs):
         resource.pop("id")
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -624,7 +602,7 @@ async def test_patient_scope_transaction_writing_for_another_patient_is_refused_
 
 
 async def _b_observation_with(marker: str, world: World) -> None:
-    theirs = observation("x", PATIENT_B, identifier=[{"system": "urn:test", "value": marker}],
+    theirs = observation(PATIENT_B, id="x", identifier=[{"system": "urn:test", "value": marker}],
                          valueString="b-only-text")
     theirs.pop("id")
     assert (await world.admin("POST", "/fhir/Observation", theirs)).status == 201
@@ -634,7 +612,7 @@ async def test_patient_scope_conditional_create_does_not_match_another_patient(
         world: World) -> None:
     marker = f"cc-{uuid.uuid4().hex[:8]}"
     await _b_observation_with(marker, world)
-    mine = observation("x", PATIENT_A, identifier=[{"system": "urn:test", "value": marker}])
+    mine = observation(PATIENT_A, id="x", identifier=[{"system": "urn:test", "value": marker}])
     mine.pop("id")
     headers = {**await pw(world), "If-None-Exist": f"identifier=urn:test|{marker}"}
     answer = await world.call("POST", "/fhir/Observation", headers, mine)
@@ -656,10 +634,10 @@ async def test_patient_scope_history_leaves_out_another_patients_versions(
     """A resource re-filed from B to A: A sees its own version, not B's (as vread says)."""
     resource_id = f"refiled-{uuid.uuid4().hex[:8]}"
     path = f"/fhir/Observation/{resource_id}"
-    first = await world.admin("PUT", path, observation(resource_id, PATIENT_B,
+    first = await world.admin("PUT", path, observation(PATIENT_B, id=resource_id,
                                                        valueString="b-era-text"))
     assert first.status == 201
-    second = await world.admin("PUT", path, observation(resource_id, PATIENT_A,
+    second = await world.admin("PUT", path, observation(PATIENT_A, id=resource_id,
                                                         valueString="a-era-text"))
     assert second.status == 200
     headers = await pa(world)
@@ -699,7 +677,7 @@ async def test_patient_scope_without_a_bound_patient_is_refused(world: World) ->
 
 
 def categorised(category: str) -> dict[str, Any]:
-    return observation("x", "Patient/pat-m", category=[{"coding": [{
+    return observation("Patient/pat-m", id="x", category=[{"coding": [{
         "system": "http://terminology.hl7.org/CodeSystem/observation-category",
         "code": category}]}])
 
@@ -871,11 +849,9 @@ async def test_include_of_a_type_the_scopes_do_not_permit_is_403(world: World, k
 
 
 def _two_writes(marker: str) -> list[dict[str, Any]]:
-    person = patient("x", "Bundlesynth", marker, "1988-08-08", "555-0188")
-    person.pop("id")
-    result = observation("x", "Patient/pat-m",
-                         identifier=[{"system": "urn:test", "value": marker}])
-    result.pop("id")
+    person = patient(marker, family="Bundlesynth", birthDate="1988-08-08",
+                     telecom=home_phone("555-0188"))
+    result = observation("Patient/pat-m", identifier=[{"system": "urn:test", "value": marker}])
     return [{"request": {"method": "POST", "url": "Patient"}, "resource": person},
             {"request": {"method": "POST", "url": "Observation"}, "resource": result}]
 
@@ -914,7 +890,7 @@ async def test_conditional_create_without_a_read_scope_shows_no_existing_resourc
     await _b_observation_with(marker, world)
     write_only = key_headers(matrix_key(
         next(i for i, row in enumerate(SCOPE_FORMS) if row[0] == "user/Observation.cud")))
-    mine = observation("x", "Patient/pat-m",
+    mine = observation("Patient/pat-m", id="x",
                        identifier=[{"system": "urn:test", "value": marker}])
     mine.pop("id")
     answer = await world.call("POST", "/fhir/Observation", {

@@ -28,6 +28,7 @@ from gateway.audit import Action
 from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
+from support.builders import IDENTIFIER_SYSTEM, LOINC, encounter, observation, patient
 from support.fhir import (
     API_KEY,
     API_KEY_NAME,
@@ -37,8 +38,7 @@ from support.fhir import (
     start_fhir_gateway,
 )
 
-SYSTEM = "urn:oid:2.16.840.1.113883.19.5.99"  # a synthetic identifier namespace
-LOINC = "http://loinc.org"
+SYSTEM = IDENTIFIER_SYSTEM  # the builders' synthetic identifier namespace
 CANARY = "CANARYZX9Q"  # stands for patient data in bad input
 CANARY_WORD = "Canaryzxq"  # the same, where only letters fit (a type in the URL)
 T = TypeVar("T")
@@ -78,18 +78,6 @@ async def call(http: aiohttp.ClientSession, method: str, path: str, *,
     async with http.request(method, path, data=data, headers=sent, **kwargs) as response:
         return Answer(response.status, {k.lower(): v for k, v in response.headers.items()},
                       await response.read())
-
-
-def patient(label: str, **elements: Any) -> dict[str, Any]:
-    """A synthetic Patient known by the identifier `label`."""
-    return {"resourceType": "Patient", "identifier": [{"system": SYSTEM, "value": label}],
-            **elements}
-
-
-def observation(label: str, subject: str, code: str, status: str, when: str) -> dict[str, Any]:
-    return {"resourceType": "Observation", "identifier": [{"system": SYSTEM, "value": label}],
-            "status": status, "code": {"coding": [{"system": LOINC, "code": code}]},
-            "subject": {"reference": subject}, "effectiveDateTime": when}
 
 
 async def create(http: aiohttp.ClientSession, resource: dict[str, Any]) -> dict[str, Any]:
@@ -310,8 +298,8 @@ async def test_type_history_lists_every_version_of_the_type(
     first = await create(http, patient("thist-1"))
     second = await create(http, patient("thist-2"))
     await call(http, "PUT", f"/fhir/Patient/{first['id']}", body={**first, "gender": "male"})
-    await create(http, observation("thist-obs", f"Patient/{first['id']}", "8867-4", "final",
-                                   "2024-03-01"))
+    await create(http, observation(f"Patient/{first['id']}", label="thist-obs", loinc="8867-4",
+                                   effectiveDateTime="2024-03-01"))
     answer = await call(http, "GET", "/fhir/Patient/_history")
     assert answer.status == 200
     history = answer.json
@@ -601,15 +589,14 @@ async def seed(http: aiohttp.ClientSession) -> dict[str, str]:
         ids[label] = (await create(http, patient(label, **elements)))["id"]
     a, c = f"Patient/{ids['pat-a']}", f"Patient/{ids['pat-c']}"
     others = [
-        observation("obs-1", a, "8867-4", "final", "2024-03-01T10:00:00Z"),
-        observation("obs-2", a, "8310-5", "preliminary", "2024-03-05T08:00:00Z"),
-        observation("obs-3", c, "8867-4", "final", "2024-04-01T12:00:00Z"),
-        {"resourceType": "Encounter", "identifier": [{"system": SYSTEM, "value": "enc-1"}],
-         "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": a},
-         "period": {"start": "2024-03-01T09:00:00Z", "end": "2024-03-01T11:00:00Z"}},
-        {"resourceType": "Encounter", "identifier": [{"system": SYSTEM, "value": "enc-2"}],
-         "status": "in-progress", "class": {"code": "IMP"}, "subject": {"reference": c},
-         "period": {"start": "2024-05-01T09:00:00Z"}},
+        observation(a, label="obs-1", loinc="8867-4", effectiveDateTime="2024-03-01T10:00:00Z"),
+        observation(a, label="obs-2", loinc="8310-5", status="preliminary",
+                    effectiveDateTime="2024-03-05T08:00:00Z"),
+        observation(c, label="obs-3", loinc="8867-4", effectiveDateTime="2024-04-01T12:00:00Z"),
+        encounter(a, label="enc-1",
+                  period={"start": "2024-03-01T09:00:00Z", "end": "2024-03-01T11:00:00Z"}),
+        encounter(c, label="enc-2", status="in-progress", class_code="IMP",
+                  period={"start": "2024-05-01T09:00:00Z"}),
         {"resourceType": "Appointment", "identifier": [{"system": SYSTEM, "value": "appt-1"}],
          "status": "booked", "start": "2024-06-01T09:00:00Z", "end": "2024-06-01T09:30:00Z",
          "participant": [{"actor": {"reference": a}, "status": "accepted"}]},
@@ -910,7 +897,8 @@ async def test_transaction_rewrites_urn_uuid_references(http: aiohttp.ClientSess
     urn = "urn:uuid:1b0a3c7e-5d1f-4f8e-9a51-3f6f4c1d2e10"
     sent = bundle_of(
         "transaction",
-        post_entry(observation("tx-obs", urn, "8867-4", "final", "2024-03-01"),
+        post_entry(observation(urn, label="tx-obs", loinc="8867-4",
+                               effectiveDateTime="2024-03-01"),
                    "urn:uuid:0d6e7c52-3a0c-4b7f-8b43-6d2f7e9c1a55"),
         post_entry(patient("tx-pat"), urn))
     answer = await call(http, "POST", "/fhir", body=sent)
@@ -998,7 +986,8 @@ async def test_transaction_reference_to_a_matched_conditional_create(
         {"fullUrl": urn, "resource": patient("txc-1", gender="male"),
          "request": {"method": "POST", "url": "Patient",
                      "ifNoneExist": f"identifier={SYSTEM}|txc-1"}},
-        post_entry(observation("txc-obs", urn, "8867-4", "final", "2024-03-01")))
+        post_entry(observation(urn, label="txc-obs", loinc="8867-4",
+                               effectiveDateTime="2024-03-01")))
     answer = await call(http, "POST", "/fhir", body=sent)
     assert answer.status == 200, answer.body
     matched, made = answer.json["entry"]
@@ -1198,8 +1187,8 @@ async def test_update_with_an_unknown_if_match_form_is_400(http: aiohttp.ClientS
     (("system/Patient.r",), "GET", "/fhir/Patient?gender=male", None),
     (("system/Patient.s",), "GET", "/fhir/Patient/some-id", None),
     (("system/Patient.cruds",), "POST", "/fhir",
-     bundle_of("transaction", post_entry(observation("s-2", "Patient/x", "1-8", "final",
-                                                     "2024-01-01")))),
+     bundle_of("transaction", post_entry(observation("Patient/x", label="s-2", loinc="1-8",
+                                                     effectiveDateTime="2024-01-01")))),
     (("system/*.rs",), "DELETE", "/fhir/Patient/some-id", None),
     (("system/Observation.rs",), "GET",
      "/fhir/Observation?code=8867-4&_include=Observation:patient", None),
@@ -1212,8 +1201,8 @@ async def test_scope_that_does_not_permit_is_403(tmp_path: Path, scopes: tuple[s
         async with fhir_session(running, key="synthetic-admin-key") as session:
             # Something to find, so an _include has a target to refuse.
             pat = await create(session, patient("s-pat"))
-            await create(session, observation("s-obs", f"Patient/{pat['id']}", "8867-4",
-                                              "final", "2024-01-01"))
+            await create(session, observation(f"Patient/{pat['id']}", label="s-obs",
+                                              loinc="8867-4", effectiveDateTime="2024-01-01"))
         async with fhir_session(running) as session:
             answer = await call(session, method, path, body=body)
         assert answer.status == 403, answer.body
@@ -1310,7 +1299,7 @@ async def test_over_the_rate_limit_is_429_with_retry_after(tmp_path: Path) -> No
             assert int(answer.headers["retry-after"]) >= 1
             # Metadata is not rate-limited: it is open to everyone.
             assert (await call(session, "GET", "/fhir/metadata")).status == 200
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(1.1)  # the bucket refilling is the behaviour under test
             assert (await call(session, "GET", "/fhir/Patient")).status == 200
     finally:
         await running.runner.cleanup()

@@ -5,21 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import MllpPeer, RunningGateway, message, segments, with_control_id
+from support.builders import with_fields
 
 ADT = message("adt_a01.hl7")
-
-
-def msh_with(raw: bytes, **fields: str) -> bytes:
-    """A copy of `raw` with MSH fields replaced, keyed like msh15='AL' (standard numbering)."""
-    lines = raw.split(b"\r")
-    parts = lines[0].decode().split("|")
-    for key, value in fields.items():
-        number = int(key[3:])
-        while len(parts) <= number - 1:
-            parts.append("")
-        parts[number - 1] = value
-    lines[0] = "|".join(parts).encode()
-    return b"\r".join(lines)
 
 
 async def test_original_mode_ack_swaps_sender_and_echoes_control_id(
@@ -55,7 +43,7 @@ async def test_ack_uses_inbound_encoding_characters_and_version(
 )
 async def test_enhanced_mode_accept_ack_honours_msh15_on_success(
         gateway: RunningGateway, accept: str, expect_reply: bool) -> None:
-    raw = msh_with(with_control_id(ADT, f"ENH-{accept}"), msh15=accept, msh16="AL")
+    raw = with_fields(with_control_id(ADT, f"ENH-{accept}"), "MSH", {15: accept, 16: "AL"})
     peer = await MllpPeer.open(gateway.mllp_port)
     await peer.send(raw)
     if expect_reply:
@@ -76,7 +64,8 @@ async def test_enhanced_mode_accept_ack_honours_msh15_on_success(
 )
 async def test_enhanced_mode_accept_ack_honours_msh15_on_error(
         gateway: RunningGateway, accept: str, expect_reply: bool) -> None:
-    raw = msh_with(with_control_id(ADT, f"ENHERR-{accept}"), msh15=accept, msh12="9.9")
+    raw = with_fields(with_control_id(ADT, f"ENHERR-{accept}"), "MSH",
+                      {15: accept, 12: "9.9"})
     peer = await MllpPeer.open(gateway.mllp_port)
     await peer.send(raw)
     if expect_reply:

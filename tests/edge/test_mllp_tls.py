@@ -219,6 +219,7 @@ async def test_allow_list_checks_msh4_when_the_rule_names_a_facility(
 # -- the command line ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_isthmus_send_over_mtls(tmp_path: Path, pki: Pki) -> None:
     path = tmp_path / "adt.hl7"
     path.write_bytes(with_control_id(ADT, "CLI-TLS-1"))

@@ -44,12 +44,11 @@ from gateway.forward.fhir_backend import (
 )
 from gateway.forward.outbound_auth import AuthSpec
 from gateway.telemetry import Telemetry, configure
+from support.builders import patient
 from support.fake_ehr import FAILURE_DIAGNOSTICS, FakeEhr
 
 CANARY = "CANARY-7731"
-PATIENT = {"resourceType": "Patient",
-           "identifier": [{"system": "urn:synthetic:mrn", "value": "MRN-0001"}],
-           "name": [{"family": "Synthetic", "given": ["Test"]}]}
+PATIENT = patient("MRN-0001", system="urn:synthetic:mrn", family="Synthetic", given=["Test"])
 
 
 @dataclass
@@ -117,9 +116,7 @@ def bundle(*entries: dict[str, Any]) -> bytes:
 
 def conditional_patient(mrn: str, family: str = "Synthetic") -> dict[str, Any]:
     return {"fullUrl": "urn:uuid:0f0e0d0c-0000-4000-8000-000000000001",
-            "resource": {**PATIENT, "identifier": [{"system": "urn:synthetic:mrn",
-                                                    "value": mrn}],
-                         "name": [{"family": family}]},
+            "resource": patient(mrn, system="urn:synthetic:mrn", family=family),
             "request": {"method": "PUT", "url": f"Patient?identifier=urn:synthetic:mrn|{mrn}"}}
 
 
@@ -200,6 +197,7 @@ async def test_breaker_recovers_through_a_single_half_open_probe(ehr: FakeEhr) -
             await backend.request("GET", "Patient/p1")
         assert backend.breaker_state == "open"
         ehr.fail_all(None)
+        # The reset timeout is the behaviour under test; the breaker reads the wall clock.
         await asyncio.sleep(0.22)
         assert backend.breaker_state == "half-open"
         ehr.delay = 0.05  # the probe is still out while the others arrive
@@ -218,6 +216,7 @@ async def test_a_failed_probe_opens_the_breaker_again(ehr: FakeEhr) -> None:
     async with backend_for(ehr.url, breaker_failures=1, breaker_reset=0.1,
                            max_retries=0) as backend:
         await backend.request("GET", "Patient/p1")
+        # The reset timeout is the behaviour under test; the breaker reads the wall clock.
         await asyncio.sleep(0.12)
         assert (await backend.request("GET", "Patient/p1")).status == 502
         assert backend.breaker_state == "open"

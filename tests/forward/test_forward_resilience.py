@@ -23,15 +23,7 @@ from gateway.forward.resilience import (
     parse_retry_after,
     retry_delay,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from support.wait import ManualClock
 
 # -- rates and the token bucket -----------------------------------------------------------
 
@@ -55,7 +47,7 @@ def test_parse_rate_refuses_nonsense(text: str) -> None:
 
 
 async def test_bucket_allows_its_burst_then_spaces_calls_at_the_rate() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(rate=10.0, burst=3.0, clock=clock)
     for _ in range(3):
         assert await bucket.acquire(max_wait=0.0) == 0.0
@@ -71,7 +63,7 @@ async def test_bucket_allows_its_burst_then_spaces_calls_at_the_rate() -> None:
 
 
 async def test_bucket_refills_only_up_to_its_burst() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(rate=100.0, burst=2.0, clock=clock)
     clock.now += 3600
     assert await bucket.acquire(max_wait=0.0) == 0.0
@@ -81,7 +73,7 @@ async def test_bucket_refills_only_up_to_its_burst() -> None:
 
 
 async def test_bucket_acquire_refuses_a_wait_longer_than_allowed() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     bucket = TokenBucket(rate=1 / 60, burst=1.0, clock=clock)
     assert await bucket.acquire(max_wait=1.0) == 0.0
     with pytest.raises(RateLimited) as refused:
@@ -170,6 +162,7 @@ async def test_breaker_lets_one_probe_through_after_the_reset_timeout() -> None:
                       on_change=lambda old, new: changes.append((old, new)))
     breaker.failure()
     assert breaker.state == OPEN
+    # The reset timeout is the behaviour under test; the breaker reads the wall clock.
     await asyncio.sleep(0.06)
     assert breaker.state == HALF_OPEN
     assert breaker.available_in() == 0.0
@@ -187,6 +180,7 @@ async def test_a_failed_probe_opens_the_breaker_again() -> None:
     breaker = Breaker("ehr", failures=2, reset_timeout=0.05)
     breaker.failure()
     breaker.failure()
+    # The reset timeout is the behaviour under test; the breaker reads the wall clock.
     await asyncio.sleep(0.06)
     breaker.check()
     breaker.failure()
@@ -199,6 +193,7 @@ async def test_a_failed_probe_opens_the_breaker_again() -> None:
 async def test_a_cancelled_probe_frees_the_slot() -> None:
     breaker = Breaker("ehr", failures=1, reset_timeout=0.05)
     breaker.failure()
+    # The reset timeout is the behaviour under test; the breaker reads the wall clock.
     await asyncio.sleep(0.06)
     breaker.check()
     breaker.release()

@@ -31,6 +31,7 @@ from support.fake_ehr import FakeEhr
 from support.fake_mllp import FakeMllp
 from support.fhir import fhir_session, start_fhir_gateway
 from support.pki import Pki
+from support.wait import eventually
 
 ADT = message("adt_a01.hl7")
 CANARY_ADT = message("canary_adt_a01.hl7")
@@ -69,14 +70,6 @@ async def _send_all(port: int, messages: list[bytes], window: int = 64) -> list[
     finally:
         await peer.close()
     return codes
-
-
-async def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_adt_reaches_the_fhir_backend_once_and_the_local_store(tmp_path: Path) -> None:
@@ -152,7 +145,8 @@ async def test_a_full_outbox_answers_ar_and_keeps_what_it_accepted(tmp_path: Pat
         assert codes == ["AA", "AA", "AA", "AR", "AR"]
         await fake.start()
         # Rows wait out their backoff: wait for the deliveries, not just what is due now.
-        await _wait_for(lambda: _dispatcher(running).pending("ehr") == 0, 20, "delivery")
+        await eventually(lambda: _dispatcher(running).pending("ehr") == 0, timeout=20,
+                         what="delivery")
         delivered = sorted(re.search(rb"CTRL-P(\d+)", t.body).group(1)  # type: ignore[union-attr]
                            for t in fake.transactions)
         assert delivered == [b"000", b"001", b"002"]
@@ -186,8 +180,8 @@ async def test_5000_writes_queued_in_an_outage_arrive_exactly_once_in_patient_or
         outbox = SqliteOutbox(running.inbox.connection)
         assert await outbox.count_pending("ehr") == patients * per_patient
         await fake.start()  # the EHR comes back
-        await _wait_for(lambda: len(fake.transactions) >= patients * per_patient, 120,
-                        "the drain")
+        await eventually(lambda: len(fake.transactions) >= patients * per_patient, timeout=120,
+                         what="the drain")
         await _dispatcher(running).drain(10)
         assert await outbox.count_pending("ehr") == 0
         bodies = [t.body for t in fake.transactions]
@@ -275,14 +269,15 @@ async def test_a_crash_mid_drain_loses_nothing_and_keeps_patient_order(tmp_path:
             results = await asyncio.gather(*(_send_all(process.mllp_port, lane, window=8)
                                              for lane in lanes))
             assert all(code == "AA" for codes in results for code in codes)
-            await _wait_for(lambda: len(fake.transactions) >= 100, 30, "some deliveries")
+            await eventually(lambda: len(fake.transactions) >= 100, timeout=30,
+                             what="some deliveries")
             process.kill()
             before = len(fake.transactions)
             assert before < patients * per_patient  # the kill came mid-drain
             process.start()
             expected = patients * per_patient
-            await _wait_for(lambda: len({t.request_id for t in fake.transactions}) >= expected,
-                            60, "every delivery after the restart")
+            await eventually(lambda: len({t.request_id for t in fake.transactions}) >= expected,
+                             timeout=60, what="every delivery after the restart")
         finally:
             process.kill()
     arrivals: dict[int, list[int]] = defaultdict(list)
@@ -304,6 +299,7 @@ async def test_a_crash_mid_drain_loses_nothing_and_keeps_patient_order(tmp_path:
     assert len(fake.transactions) - expected <= 8  # at most the deliveries in flight
 
 
+@pytest.mark.slow
 async def test_a_replayed_message_is_forwarded_to_the_fhir_backend_its_route_names(
         tmp_path: Path) -> None:
     """An unmapped message cannot go to a FHIR backend; once a site table maps it,
@@ -335,7 +331,8 @@ async def test_a_replayed_message_is_forwarded_to_the_fhir_backend_its_route_nam
                 "replay", "--failed", env={"ISTHMUS_MAPPING__SITE_DIR": str(site)})
             assert code == 0, err
             assert out.strip() == "1 routed -> ehr"
-            await _wait_for(lambda: len(fake.transactions) == 1, 10, "the replayed delivery")
+            await eventually(lambda: len(fake.transactions) == 1, timeout=10,
+                             what="the replayed delivery")
             assert b"CTRL-P007-00001" in fake.transactions[0].body
             assert [e.status for e in await running.inbox.list()] == [ROUTED]
         finally:
@@ -358,12 +355,14 @@ async def test_an_mllp_backend_over_mtls(tmp_path: Path, pki: Pki) -> None:
              "client_key_file": str(pki.lab_key)}])
         try:
             assert await _send_all(running.mllp_port, [ADT]) == ["AA"]
-            await _wait_for(lambda: len(lab.received) == 1, 10, "the TLS delivery")
+            await eventually(lambda: len(lab.received) == 1, timeout=10,
+                             what="the TLS delivery")
         finally:
             await running.runner.cleanup()
         running = await start_gateway(tmp_path / "b", routes=route, backends=[backend])
         try:
             assert await _send_all(running.mllp_port, [_adt(2, 1)]) == ["AA"]
+            # Deliberate: time for a delivery that must not happen (no client certificate).
             await asyncio.sleep(0.5)
             outbox = SqliteOutbox(running.inbox.connection)
             assert await outbox.count_pending("lab") == 1

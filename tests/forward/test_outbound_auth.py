@@ -31,6 +31,7 @@ from gateway.forward.outbound_auth import (
 from gateway.policy.jose import PrivateKey, read_unverified
 from gateway.telemetry import configure
 from support.fake_ehr import FakeEhr
+from support.wait import ManualClock, eventually
 
 CLIENT_ID = "isthmus-synthetic"
 # Characters that RFC 6749 §2.3.1 form-encodes before Basic: a naive client gets them wrong.
@@ -228,7 +229,7 @@ async def test_a_hundred_requests_at_expiry_cause_one_token_request(ehr: FakeEhr
     async with backend_for(ehr, secret_spec(ehr), max_concurrency=100) as backend:
         assert (await backend.request("GET", "metadata")).status == 200
         assert ehr.token_requests == 1
-        await asyncio.sleep(1.05)
+        await asyncio.sleep(1.05)  # the token's staleness is the behaviour under test
         responses = await asyncio.gather(*(backend.request("GET", "metadata")
                                            for _ in range(100)))
     assert [r.status for r in responses] == [200] * 100
@@ -237,18 +238,10 @@ async def test_a_hundred_requests_at_expiry_cause_one_token_request(ehr: FakeEhr
     assert ehr.unauthorized == 0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_a_hundred_callers_past_expiry_share_one_refresh(ehr: FakeEhr) -> None:
     ehr.token_lifetime = 600
     ehr.token_delay = 0.02
-    clock = Clock()
+    clock = ManualClock(100.0)
     async with aiohttp.ClientSession() as session:
         auth = ClientCredentials(session, secret_spec(ehr), clock=clock)
         first = await auth.headers()
@@ -267,7 +260,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_refresh(ehr: FakeEh
         auth = build_auth(secret_spec(ehr), session)
         impatient = asyncio.create_task(auth.headers())
         patient = asyncio.create_task(auth.headers())
-        await asyncio.sleep(0.01)
+        await eventually(lambda: ehr.token_requests == 1, what="the shared refresh in flight")
         impatient.cancel()
         sent = await patient
     assert sent["Authorization"].startswith("Bearer ")
@@ -278,6 +271,7 @@ async def test_the_token_is_refreshed_before_it_expires(ehr: FakeEhr) -> None:
     ehr.token_lifetime = 1
     async with backend_for(ehr, secret_spec(ehr, refresh_margin=0.4)) as backend:
         await backend.request("GET", "metadata")
+        # Real time on purpose: the backend builds its token source on the monotonic clock.
         await asyncio.sleep(0.3)
         await backend.request("GET", "metadata")  # still fresh: no request
         assert ehr.token_requests == 1

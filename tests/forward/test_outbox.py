@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,7 @@ from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.outbox import OutboxEntry, SqliteOutbox, open_outbox
 from gateway.telemetry import configure
 from support.fake_mllp import FakeMllp
+from support.wait import eventually
 
 ADT = message("adt_a01.hl7")
 _numbers = itertools.count(1)
@@ -62,13 +63,6 @@ async def rows(inbox: SqliteInbox) -> dict[int, tuple[int, str, str, int, float,
         "FROM outbox ORDER BY id")
     return {int(r[0]): (int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]), str(r[6]),
                         str(r[7])) for r in found}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def mllp(fake: FakeMllp, name: str = "down", **spec: object) -> MllpBackend:
@@ -202,7 +196,7 @@ async def test_after_an_outage_everything_arrives_exactly_once_in_patient_order(
         for start in range(0, 2000, 250):
             await accept_all(inbox, messages[start:start + 250])
             gate.queued(("down",) * 250)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # an outage of a while: the breaker must keep it quiet
         assert gate.pending("down") == 2000
         before = await rows(inbox)
         assert all(status == "pending" for _, _, status, *_ in before.values())
@@ -326,7 +320,9 @@ async def test_while_the_breaker_is_open_nothing_is_sent(inbox: SqliteInbox) -> 
     gate = dispatcher(inbox, [backend])
     await gate.start()
     try:
-        await asyncio.sleep(0.5)  # ten polls, retry delays of at most 0.05 s
+        # Deliberate: ten polls' worth of time (retry delays of at most 0.05 s) in which the
+        # open breaker must send nothing.
+        await asyncio.sleep(0.5)
         found = (await rows(inbox)).values()
         assert sum(r[3] for r in found) == 3
         assert backend.available_in() > 4
@@ -350,8 +346,9 @@ async def test_full_at_the_cap(inbox: SqliteInbox) -> None:
         gate.queued(("down",))
         assert gate.full(("down",)) and gate.full(("local", "down"))
         assert not gate.full(("elsewhere",)) and not gate.full(())
-        await asyncio.sleep(0.15)  # polls re-read the count from the store
-        assert gate.pending("down") == 3 and gate.full(("down",))
+        # Polls re-read the count from the store.
+        await eventually(lambda: gate.pending("down") == 3, what="the count re-read")
+        assert gate.full(("down",))
     finally:
         await gate.close()
         await backend.close()
@@ -447,7 +444,7 @@ async def test_retry_after_is_honoured_and_an_exception_is_a_retry(
     try:
         await gate.drain(5)
         await eventually(lambda: _status_of(inbox, 3, "dead"))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # deliberate quiet time: nothing more may be sent
     finally:
         await gate.close()
     first, second, third = (await rows(inbox)).values()

@@ -145,6 +145,7 @@ def test_usage_errors_exit_2(data_dir: Path, capsys: pytest.CaptureFixture[str])
     assert main(["outbox", "--data-dir", str(data_dir / "nowhere"), "list"]) == 2
 
 
+@pytest.mark.slow
 def test_the_installed_command(data_dir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "outbox", "--data-dir", str(data_dir), "list",

@@ -4,20 +4,13 @@ configurable default for messages that leave MSH-18 empty."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from conftest import message as fixture
 from gateway.hl7.batch import is_batch, split_messages
 from gateway.hl7.charset import UTF8_BOM, codec_for
 from gateway.hl7.errors import ErrorCode, Hl7ParseError
 from gateway.hl7.message import check_header, parse_message
-
-MESSAGES = Path(__file__).parents[1] / "messages"
-
-
-def fixture(name: str) -> bytes:
-    return (MESSAGES / name).read_bytes()
 
 
 def msh(charset: str = "", version: str = "2.5.1") -> str:

@@ -16,6 +16,7 @@ from gateway.hl7.definitions import FieldDef, definitions, library_version
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import Message, check_header, parse_message
 from gateway.hl7.validate import MAX_ERRORS, validate
+from support.builders import hl7
 
 MESSAGES = Path(__file__).parents[1] / "messages"
 CANARIES = ("CANARYSMITH", "19851345")
@@ -37,7 +38,7 @@ def _edit(base: list[str], replace: dict[str, str] | None = None,
         seg_id = segment[:3]
         out.append((replace or {}).get(seg_id, segment))
         out.extend((after or {}).get(seg_id, []))
-    return ("\r".join(out) + "\r").encode()
+    return hl7(*out)
 
 
 def _msh(message_type: str, version: str = "2.5.1") -> str:

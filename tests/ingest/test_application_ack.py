@@ -8,27 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MllpPeer, message, segments, start_gateway, with_control_id
+from support.builders import with_fields
 
 ADT = message("mapping_adt_a01.hl7")
-
-
-def with_ack_types(raw: bytes, accept: str, application: str) -> bytes:
-    """MSH-15/MSH-16 set (split indexes 14 and 15)."""
-    lines = raw.split(b"\r")
-    fields = lines[0].split(b"|")
-    fields[14], fields[15] = accept.encode(), application.encode()
-    lines[0] = b"|".join(fields)
-    return b"\r".join(lines)
-
-
-def with_birth_date(raw: bytes, value: bytes) -> bytes:
-    lines = raw.split(b"\r")
-    for i, line in enumerate(lines):
-        if line.startswith(b"PID|"):
-            fields = line.split(b"|")
-            fields[7] = value
-            lines[i] = b"|".join(fields)
-    return b"\r".join(lines)
 
 
 @pytest.mark.parametrize(("application", "broken", "expected"), [
@@ -39,9 +21,10 @@ def with_birth_date(raw: bytes, value: bytes) -> bytes:
 ])
 async def test_application_ack_follows_the_commit_ack(
         tmp_path: Path, application: str, broken: bool, expected: str) -> None:
-    raw = with_control_id(with_ack_types(ADT, "AL", application), f"APPACK-{application}")
+    raw = with_control_id(with_fields(ADT, "MSH", {15: "AL", 16: application}),
+                          f"APPACK-{application}")
     if broken:
-        raw = with_birth_date(raw, b"19851345")
+        raw = with_fields(raw, "PID", {7: b"19851345"})
     gw = await start_gateway(tmp_path / "var")
     try:
         peer = await MllpPeer.open(gw.mllp_port)
@@ -66,9 +49,9 @@ async def test_application_ack_follows_the_commit_ack(
     ("NE", False), ("", False), ("SU", True), ("ER", False)])
 async def test_no_application_ack_when_msh16_does_not_ask(
         tmp_path: Path, application: str, broken: bool) -> None:
-    raw = with_control_id(with_ack_types(ADT, "AL", application), "APPACK-NONE")
+    raw = with_control_id(with_fields(ADT, "MSH", {15: "AL", 16: application}), "APPACK-NONE")
     if broken:
-        raw = with_birth_date(raw, b"19851345")
+        raw = with_fields(raw, "PID", {7: b"19851345"})
     gw = await start_gateway(tmp_path / "var")
     try:
         peer = await MllpPeer.open(gw.mllp_port)

@@ -135,7 +135,7 @@ async def test_messages_in_flight_are_answered_on_shutdown(tmp_path: Path) -> No
     peer = await MllpPeer.open(gw.mllp_port)
     ids = [f"INFLIGHT-{i}" for i in range(200)]
     await peer.send_raw(b"".join(frame(with_control_id(ADT, c)) for c in ids))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # deliberate: shut down with messages still in flight
     await gw.runner.cleanup()
     answered = []
     try:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from conftest import MllpPeer, RunningGateway, segments, start_gateway
 from gateway.app import INBOX_FILE
 from gateway.store.inbox_sqlite import read_entries, read_entry
+from support.cli import isthmus
 
 BAD_DATE = "19851345"  # month 13: not a date; also the canary for "no value in any text"
 
@@ -31,16 +29,6 @@ def bad_date(control_id: str, msh15: str = "") -> bytes:
 UNSUPPORTED = (b"MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000||ADT^A17|"
                b"PIPE-UNSUP|P|2.5.1\rEVN|A17|20261126082900\rPID|1||MRN-7003^^^SYNTHHOSP^MR||"
                b"CANARYPIPE^Cy||19800102|F\rPV1|1|I|WARD1^101^A\r")
-
-
-async def isthmus(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_a_translated_message_is_acknowledged_aa_and_marked_translated(
@@ -106,6 +94,7 @@ async def test_enhanced_mode_commits_with_ca_and_keeps_the_failure_for_replay(
     assert entries[0].status == "failed"
 
 
+@pytest.mark.slow
 async def test_unsupported_types_are_accepted_and_replay_translates_them_once_mapped(
         gateway: RunningGateway, tmp_path: Path) -> None:
     peer = await MllpPeer.open(gateway.mllp_port)
@@ -121,7 +110,8 @@ async def test_unsupported_types_are_accepted_and_replay_translates_them_once_ma
 
     # Without a table change, a replay changes nothing and says so (exit 1).
     data_dir = str(gateway.data_dir)
-    code, out, err = await isthmus("inbox", "--data-dir", data_dir, "replay", "--failed")
+    code, out, err = await isthmus("inbox", "--data-dir", data_dir, "replay", "--failed",
+                                   timeout=60)
     assert code == 1, err
     assert "unsupported" in out and "failed" in out and BAD_DATE not in out
 
@@ -132,24 +122,26 @@ async def test_unsupported_types_are_accepted_and_replay_translates_them_once_ma
     (site / "events.csv").write_text(shipped_events.rstrip("\n") + "\nADT^A17,ADT_A01,swap\n")
     env = {"ISTHMUS_MAPPING__SITE_DIR": str(site)}
     code, out, err = await isthmus("inbox", "--data-dir", data_dir, "replay", "--failed",
-                                   env=env)
+                                   env=env, timeout=60)
     assert code == 1, err  # one message still fails
     statuses = {e.control_id: e.status for e in await read_entries(db)}
     assert statuses == {"PIPE-UNSUP": "translated", "PIPE-STILL-BAD": "failed"}
 
     unsupported_id = next(e.id for e in await read_entries(db) if e.control_id == "PIPE-UNSUP")
     code, out, err = await isthmus("inbox", "--data-dir", data_dir, "replay",
-                                   str(unsupported_id), env=env)
+                                   str(unsupported_id), env=env, timeout=60)
     assert code == 0 and out.strip() == f"{unsupported_id} translated", (out, err)
 
 
+@pytest.mark.slow
 async def test_replay_of_an_unknown_id_says_so(gateway: RunningGateway) -> None:
     peer = await MllpPeer.open(gateway.mllp_port)
     try:
         await peer.request(GOOD)
     finally:
         await peer.close()
-    code, out, err = await isthmus("inbox", "--data-dir", str(gateway.data_dir), "replay", "999")
+    code, out, err = await isthmus("inbox", "--data-dir", str(gateway.data_dir), "replay", "999",
+                                   timeout=60)
     assert code == 1 and "no message with id 999" in err
 
 

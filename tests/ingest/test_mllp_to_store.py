@@ -4,10 +4,8 @@ and a message that cannot be applied ends `failed` with a reason that holds no P
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from conftest import (
 )
 from gateway.app import APPLIER
 from support.fhir import API_KEY, fhir_session, start_fhir_gateway
+from support.wait import eventually
 
 ADT_A01 = message("mapping_adt_a01.hl7")
 ORU_R01 = message("results/oru_r01_lab_results.hl7")
@@ -198,13 +197,12 @@ def _inbox(data_dir: Path) -> list[tuple[str, str]]:
 
 async def _settled(data_dir: Path, expected: int, timeout: float = 20.0) -> None:
     """Wait until `expected` rows are in the inbox and none is waiting to be applied."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def settled() -> bool:
         rows = _inbox(data_dir)
-        if len(rows) == expected and all(s != "translated" for _, s in rows):
-            return
-        assert time.monotonic() < deadline, rows
-        await asyncio.sleep(0.05)
+        return len(rows) == expected and all(s != "translated" for _, s in rows)
+
+    await eventually(settled, timeout=timeout, interval=0.05,
+                     what=f"{expected} inbox rows, none left to apply")
 
 
 async def _snapshot(http_port: int) -> dict[str, Any]:
@@ -238,6 +236,7 @@ CRASH_MESSAGES = (
 )
 
 
+@pytest.mark.slow
 async def test_sigkill_right_after_the_acks_applies_every_message_once(
         tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
@@ -260,6 +259,7 @@ async def test_sigkill_right_after_the_acks_applies_every_message_once(
     assert len(stored["Provenance"]) == len(CRASH_MESSAGES)  # one per message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rewound", ["every row", "only the first A01",
                                      "every row, and the store lost them"])
 async def test_rows_left_between_commit_and_apply_are_applied_once_at_start_up(

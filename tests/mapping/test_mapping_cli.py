@@ -207,6 +207,7 @@ def test_mappings_check_lists_every_problem_of_a_broken_site(
 # -- serve ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_with_a_bad_table_stops_before_listening(tmp_path: Path) -> None:
     site, expected = broken_site(tmp_path / "site")
     env = {**os.environ, "ISTHMUS_MAPPING__SITE_DIR": str(site)}

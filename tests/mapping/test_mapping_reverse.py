@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import message as fixture
 from gateway.hl7.message import Message, parse_message
 from gateway.mapping.errors import TableErrors, TranslationError, UnsupportedResource
 from gateway.mapping.reverse import Reverser
 from gateway.mapping.tables import SHIPPED
 from support.mapping import one, resources, translate
 
-MESSAGES = Path(__file__).parents[1] / "messages"
 NOW = datetime(2024, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-5)))
 Json = dict[str, Any]
 
@@ -26,10 +26,6 @@ Json = dict[str, Any]
 @cache
 def reverser() -> Reverser:
     return Reverser.load()
-
-
-def fixture(name: str) -> bytes:
-    return (MESSAGES / name).read_bytes()
 
 
 def to_v2(document: Json, **options: Any) -> list[Message]:

@@ -21,6 +21,7 @@ from gateway.hl7.message import parse_message
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TableErrors, TranslationError
 from gateway.mapping.tables import SHIPPED
+from support.builders import hl7
 
 Json = dict[str, Any]
 
@@ -107,7 +108,7 @@ def pid(**fields: str) -> str:
 
 
 def message(*segments: str, msh: str = MSH) -> bytes:
-    return ("\r".join([msh, *segments]) + "\r").encode()
+    return hl7(msh, *segments)
 
 
 def bundle(translator: Translator, data: bytes, received_at: datetime = RECEIVED) -> Json:

@@ -8,6 +8,7 @@ import calendar
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,17 @@ from gateway.store.fhir import (
     WriteRequest,
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from support import builders
 
 MRN = "urn:oid:1.2.3.4"
-UCUM = "http://unitsofmeasure.org"
+UCUM = builders.UCUM
 INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+# This suite's data, from the shared builders: patients with an MRN in MRN, named Ann Smith
+# unless a test says otherwise; observations of 5.4 mg unless a test says otherwise.
+patient = partial(builders.patient, system=MRN, family="Smith", given=["Ann"])
+observation = partial(builders.observation, quantity=(5.4, "mg"))
 
 
 # -- a small indexer for Patient and Observation (the real one lives in gateway.fhir) -------
@@ -99,11 +106,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteFhirStore]:
     opened = await SqliteFhirStore.open(tmp_path / "fhir.db", index, synchronous="normal")
     yield opened
     await opened.close()
-
-
-def patient(mrn: str, family: str = "Smith", **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Patient", "identifier": [{"system": MRN, "value": mrn}],
-            "name": [{"family": family, "given": ["Ann"]}], **extra}
 
 
 def by_mrn(mrn: str, resource_type: str = "Patient") -> SearchQuery:
@@ -251,7 +253,8 @@ async def test_conditional_update_creates_updates_or_refuses(store: SqliteFhirSt
 async def test_delete_leaves_a_deleted_version_and_history_shows_all_three(
         store: SqliteFhirStore) -> None:
     v1 = await create(store, patient("1"))
-    await write(store, WriteRequest("PUT", "Patient", id=v1.id, resource=patient("1", "Jones")))
+    await write(store, WriteRequest("PUT", "Patient", id=v1.id,
+                                    resource=patient("1", family="Jones")))
     deleted = await write(store, WriteRequest("DELETE", "Patient", id=v1.id))
     assert (deleted.status, deleted.stored, deleted.changed) == (204, None, True)
 
@@ -284,12 +287,6 @@ async def test_conditional_delete(store: SqliteFhirStore) -> None:
 
 
 # -- transactions and batches ---------------------------------------------------------------
-
-
-def observation(subject: str, value: float = 5.4, code: str = "mg", **extra: Any) -> dict[
-        str, Any]:
-    return {"resourceType": "Observation", "status": "final", "subject": {"reference": subject},
-            "valueQuantity": {"value": value, "system": UCUM, "code": code}, **extra}
 
 
 async def test_transaction_rewrites_urn_uuid_references_to_the_new_ids(
@@ -330,7 +327,7 @@ async def test_failing_transaction_entry_leaves_nothing_written(store: SqliteFhi
     with pytest.raises(WriteConflict) as caught:
         await store.transact([
             WriteRequest("POST", "Patient", resource=patient("3")),
-            WriteRequest("PUT", "Patient", id=existing.id, resource=patient("1", "Jones")),
+            WriteRequest("PUT", "Patient", id=existing.id, resource=patient("1", family="Jones")),
             WriteRequest("DELETE", "Patient", id=doomed.id),  # applied first, then undone
             WriteRequest("PUT", "Patient", id="pat-4", if_match=4, resource=patient("4")),
         ])
@@ -346,7 +343,8 @@ async def test_transaction_applies_delete_before_post_before_put(
         store: SqliteFhirStore) -> None:
     old = await create(store, patient("5"))
     put, post, delete = await store.transact([
-        WriteRequest("PUT", "Patient", resource=patient("5", "Jones"), condition=by_mrn("5")),
+        WriteRequest("PUT", "Patient", resource=patient("5", family="Jones"),
+                     condition=by_mrn("5")),
         WriteRequest("POST", "Patient", resource=patient("6"), condition=by_mrn("5")),
         WriteRequest("DELETE", "Patient", id=old.id),
     ])
@@ -385,7 +383,8 @@ async def test_batch_entries_succeed_or_fail_on_their_own(store: SqliteFhirStore
     existing = await create(store, patient("1"))
     outcomes = await store.transact([
         WriteRequest("POST", "Patient", resource=patient("2")),
-        WriteRequest("PUT", "Patient", id=existing.id, if_match=9, resource=patient("1", "X")),
+        WriteRequest("PUT", "Patient", id=existing.id, if_match=9,
+                     resource=patient("1", family="X")),
         WriteRequest("PUT", "Patient", id="pat-3", resource=patient("3")),
         WriteRequest("PUT", "Patient", resource=patient("4")),  # neither id nor condition
     ], atomic=False)
@@ -480,7 +479,7 @@ async def test_quantity_prefixes(store: SqliteFhirStore, prefix: Prefix, value: 
                                  code: str | None, expected: set[str]) -> None:
     made = {}
     for number, unit in ((5.4, "mg"), (5.44, "mg"), (7, "mg"), (120, "mm[Hg]")):
-        stored = await create(store, observation("Patient/p", number, unit))
+        stored = await create(store, observation("Patient/p", quantity=(number, unit)))
         made[stored.id] = str(number)
     query = (QuantityMatch("value-quantity", prefix, value, UCUM if code else None, code),)
     assert {made[i] for i in await ids(store, "Observation", query)} == expected
@@ -550,7 +549,8 @@ async def test_history_since_type_and_system_levels(store: SqliteFhirStore) -> N
     a = await create(store, patient("1"))
     b = await create(store, patient("2"))
     obs = await create(store, observation(f"Patient/{a.id}"))
-    a2 = await write(store, WriteRequest("PUT", "Patient", id=a.id, resource=patient("1", "X")))
+    a2 = await write(store, WriteRequest("PUT", "Patient", id=a.id,
+                                         resource=patient("1", family="X")))
     assert a2.stored is not None
 
     system = await store.history(HistoryQuery())
@@ -578,7 +578,7 @@ async def test_concurrent_transactions_all_land_and_reads_work_meanwhile(
         return await store.transact([
             WriteRequest("PUT", "Patient", resource=patient(f"m{n}"), condition=by_mrn(f"m{n}"),
                          full_url=urn),
-            WriteRequest("POST", "Observation", resource=observation(urn, value=n)),
+            WriteRequest("POST", "Observation", resource=observation(urn, quantity=(n, "mg"))),
         ])
 
     reads = 0
@@ -589,7 +589,7 @@ async def test_concurrent_transactions_all_land_and_reads_work_meanwhile(
         while not done.is_set():
             assert await store.read("Patient", known.id) == known
             reads += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let the writers run between reads
 
     reading = asyncio.create_task(reader())
     groups_before = store.groups_committed

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.builders import hl7
 
 MODES = ("AA", "CA", "AE", "CE", "AR", "CR", "malformed", "wrong-id", "late", "drop",
          "silent", "stale-first")
@@ -42,7 +43,7 @@ def ack(code: str, control_id: str, *, error: bool = False) -> bytes:
     if error:
         # ERR-3 code, ERR-4 severity, ERR-8 a user message: only the codes may be repeated.
         segments.append("ERR|||207^Application internal error^HL70357|E||||SECRET TEXT")
-    return ("\r".join(segments) + "\r").encode()
+    return hl7(*segments)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class FakeMllp:
     by_id: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    late_written: int = 0  # "late" answers written so far (the test can wait for one)
     _script: deque[str] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -155,5 +157,7 @@ class FakeMllp:
         else:
             reply = ack(mode, control_id, error=mode in ("AE", "CE"))
         writer.write(frame(reply))
+        if mode == "late":
+            self.late_written += 1
         await writer.drain()
         return True

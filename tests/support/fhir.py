@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ API_KEY = "synthetic-test-key-7f3a"
 API_KEY_NAME = "fhir-tests"
 ALL_SCOPES = ("system/*.cruds",)
 FHIR_JSON = "application/fhir+json"
+# The tag on a resource served with elements left out (_elements, _summary, profiles).
+SUBSETTED = ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
 
 
 def api_key_config(name: str, key: str, scopes: Sequence[str],
@@ -47,3 +50,24 @@ def fhir_session(running: RunningGateway, key: str | None = API_KEY,
     if key is not None:
         sent["X-API-Key"] = key
     return aiohttp.ClientSession(base_url=running.http_url, headers=sent)
+
+
+@dataclass
+class Answer:
+    """An HTTP answer, read whole: status, the JSON body (or None), the bytes, the headers."""
+
+    status: int
+    body: Any
+    raw: bytes
+    headers: Any
+
+
+def is_outcome(answer: Answer, status: int) -> bool:
+    """The answer is an OperationOutcome with this status."""
+    return (answer.status == status and isinstance(answer.body, dict)
+            and answer.body.get("resourceType") == "OperationOutcome")
+
+
+def tagged_subsetted(resource: dict[str, Any]) -> bool:
+    return any((t.get("system"), t.get("code")) == SUBSETTED
+               for t in resource.get("meta", {}).get("tag", []))

@@ -11,6 +11,7 @@ from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import validate_resource
 from gateway.hl7.message import parse_message
 from gateway.mapping.engine import Translator
+from support.builders import hl7
 
 Json = dict[str, Any]
 
@@ -20,9 +21,7 @@ def translator() -> Translator:
     return Translator.load()
 
 
-def v2(*segments: str) -> bytes:
-    """A message from segment lines (CR-joined, as on the wire)."""
-    return ("\r".join(segments) + "\r").encode()
+v2 = hl7  # a message from segment lines (CR-joined, as on the wire)
 
 
 def translate(data: bytes | str) -> Json:

@@ -19,6 +19,7 @@ from support.cli import isthmus
 # -- serve ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_serve_prints_exactly_one_listening_line_and_stops_on_sigterm(
         gateway_process: GatewayProcess) -> None:
     gateway_process.start()
@@ -37,6 +38,7 @@ async def test_serve_prints_exactly_one_listening_line_and_stops_on_sigterm(
     assert (gateway_process.data_dir / "inbox.db").exists()
 
 
+@pytest.mark.slow
 def test_serve_sigint_also_exits_cleanly(gateway_process: GatewayProcess) -> None:
     gateway_process.start()
     assert gateway_process.proc is not None
@@ -44,6 +46,7 @@ def test_serve_sigint_also_exits_cleanly(gateway_process: GatewayProcess) -> Non
     assert gateway_process.proc.wait(15) == 0
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "isthmus.toml"
     config.write_text('[mllp]\nport = 70000\n[store]\nsynchronous = "sometimes"\n')
@@ -56,6 +59,7 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -69,6 +73,7 @@ def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
     assert "isthmus listening" not in result.stdout
 
 
+@pytest.mark.slow
 def test_environment_overrides_config_file(tmp_path: Path) -> None:
     config = tmp_path / "isthmus.toml"
     config.write_text(f'[store]\ndata_dir = "{tmp_path / "from-file"}"\n')
@@ -91,6 +96,7 @@ def test_environment_overrides_config_file(tmp_path: Path) -> None:
 # -- send -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_send_prints_each_control_id_with_its_ack(gateway: RunningGateway,
                                                         tmp_path: Path) -> None:
     code, out, err = await isthmus("send", "--port", str(gateway.mllp_port),
@@ -99,6 +105,7 @@ async def test_send_prints_each_control_id_with_its_ack(gateway: RunningGateway,
     assert out.splitlines() == ["CTRL-ADT-0001 AA"]
 
 
+@pytest.mark.slow
 async def test_send_unwraps_a_batch_file(gateway: RunningGateway, tmp_path: Path) -> None:
     batch = (b"FHS|^~\\&|SYNTHLAB\rBHS|^~\\&|SYNTHLAB\r"
              + with_control_id(message("adt_a01.hl7"), "BATCH-1")
@@ -112,6 +119,7 @@ async def test_send_unwraps_a_batch_file(gateway: RunningGateway, tmp_path: Path
     assert await gateway.inbox.count() == 2
 
 
+@pytest.mark.slow
 async def test_send_exits_non_zero_on_a_rejection(gateway: RunningGateway,
                                                   tmp_path: Path) -> None:
     path = tmp_path / "two.hl7"
@@ -123,6 +131,7 @@ async def test_send_exits_non_zero_on_a_rejection(gateway: RunningGateway,
     assert out.splitlines() == ["GOOD-1 AA", "BAD-1 AR"]
 
 
+@pytest.mark.slow
 async def test_send_reports_a_timeout(tmp_path: Path) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1 << 20)  # swallow the message, never answer
@@ -138,6 +147,7 @@ async def test_send_reports_a_timeout(tmp_path: Path) -> None:
     assert out.splitlines() == ["CTRL-ADT-0001 timeout"]
 
 
+@pytest.mark.slow
 async def test_send_to_nothing_listening_fails_clearly() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,6 +157,7 @@ async def test_send_to_nothing_listening_fails_clearly() -> None:
     assert "cannot connect" in err
 
 
+@pytest.mark.slow
 async def test_send_missing_file_fails_clearly(tmp_path: Path) -> None:
     code, _, err = await isthmus("send", str(tmp_path / "nope.hl7"))
     assert code == 2
@@ -156,6 +167,7 @@ async def test_send_missing_file_fails_clearly(tmp_path: Path) -> None:
 # -- inbox ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_inbox_list_shows_no_phi_and_show_gives_the_message(
         gateway: RunningGateway) -> None:
     code, out, err = await isthmus("send", "--port", str(gateway.mllp_port),
@@ -173,12 +185,14 @@ async def test_inbox_list_shows_no_phi_and_show_gives_the_message(
     assert "CANARYFAMILY^Jane" in shown and "MSA|AA|CTRL-ADT-0001" in shown
 
 
+@pytest.mark.slow
 async def test_inbox_show_unknown_id(gateway: RunningGateway) -> None:
     code, _, err = await isthmus("inbox", "--data-dir", str(gateway.data_dir), "show", "99")
     assert code == 1
     assert "99" in err
 
 
+@pytest.mark.slow
 def test_inbox_without_a_store_says_where_it_looked(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "inbox", "--data-dir", str(tmp_path / "none"),
@@ -187,6 +201,7 @@ def test_inbox_without_a_store_says_where_it_looked(tmp_path: Path) -> None:
     assert "no inbox" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["inbox"], ["bogus"]])
 def test_incomplete_commands_print_help_and_fail(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "gateway", *args],
@@ -194,6 +209,7 @@ def test_incomplete_commands_print_help_and_fail(args: list[str]) -> None:
     assert result.returncode == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["corrupt store", "data dir is a file"])
 def test_serve_refuses_an_unusable_data_dir_clearly(tmp_path: Path, kind: str) -> None:
     if kind == "corrupt store":

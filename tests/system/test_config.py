@@ -78,6 +78,7 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
         load_settings(path, environ={})
 
 
+@pytest.mark.slow
 def test_unusable_tls_material_stops_the_start_cleanly(tmp_path: Path) -> None:
     import subprocess
     import sys

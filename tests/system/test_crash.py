@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GatewayProcess, MllpPeer, message, segments, with_control_id
+from support.wait import eventually
 
 ADT = message("adt_a01.hl7")
 TOTAL = 2000
@@ -72,8 +73,8 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(tmp_path: Path, run:
         # Kill once a random share has been acknowledged, with more messages in flight.
         kill_after = rng.randint(50, TOTAL - 200)
         stream = asyncio.create_task(_stream(gateway.mllp_port, ids, acked, None))
-        while len(acked) < kill_after and not stream.done():
-            await asyncio.sleep(0.0005)
+        await eventually(lambda: len(acked) >= kill_after or stream.done(), timeout=120,
+                         interval=0.0005, what=f"{kill_after} ACKs")
         gateway.kill()
         await stream
         acked_before_crash = set(acked)

@@ -7,13 +7,11 @@ cannot pass by carrying nothing.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from conftest import GatewayProcess, MllpPeer, message, segments, with_control_i
 from gateway.config import load_settings
 from gateway.store.inbox_sqlite import read_entries
 from gateway.telemetry import configure
+from support.wait import eventually
 
 ADT = message("canary_adt_a01.hl7")
 FAMILY, GIVEN, MRN = "QZXCANARYFAM", "WQVCANARYGIV", "MRNCANARY77123"
@@ -112,15 +111,15 @@ async def exercise(mllp_port: int, http_url: str) -> Traffic:
         await peer.close()
     headers = {"X-API-Key": API_KEY, "Content-Type": "application/fhir+json"}
     async with aiohttp.ClientSession(http_url, headers=headers) as session:
-        deadline = time.monotonic() + 15
-        while not traffic.patient:  # applied after the ACK, so look until it is there
+        async def arrived() -> bool:
             async with session.get(f"/fhir/Patient?family={FAMILY}") as response:
                 bundle = await response.json()
             if bundle.get("entry"):
                 traffic.patient = bundle["entry"][0]["resource"]
-            else:
-                assert time.monotonic() < deadline, "the canary patient never arrived"
-                await asyncio.sleep(0.05)
+            return bool(traffic.patient)
+
+        # Applied after the ACK, so look until it is there.
+        await eventually(arrived, timeout=15, interval=0.05, what="the canary patient")
         for query in (f"identifier={MRN}", f"given={GIVEN}", "birthdate=1911-03-17",
                       f"email={EMAIL}", "phone=%2B1%20555%200173344"):
             async with session.get(f"/fhir/Patient?{query}") as response:
@@ -172,6 +171,7 @@ def check_answers(traffic: Traffic) -> None:
         assert not leaks(ack), ack
 
 
+@pytest.mark.slow
 async def test_no_canary_in_logs_spans_metrics_errors_or_the_inbox(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from gateway.app import MLLP_ADDRESS, build_app
@@ -221,6 +221,7 @@ async def test_no_canary_in_logs_spans_metrics_errors_or_the_inbox(
     assert not leaks(listing), listing
 
 
+@pytest.mark.slow
 async def test_no_canary_leaves_a_served_gateway(tmp_path: Path) -> None:
     """The same traffic against `isthmus serve` at debug level, spans printed to stderr by
     the console exporter: nothing the process writes outside the data path holds PHI."""

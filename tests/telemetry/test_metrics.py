@@ -288,6 +288,7 @@ async def send_all(port: int, count: int, prefix: str) -> float:
     return slowest
 
 
+@pytest.mark.slow
 async def test_a_collector_that_is_down_never_slows_an_ack(tmp_path: Path) -> None:
     from gateway.edge.http import TELEMETRY
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import MllpPeer, message, start_gateway, with_control_id
 from gateway.telemetry import configure, safe_attributes, set_attributes
+from support.wait import eventually
 
 ADT = message("adt_a01.hl7")
 # Text that is PHI in the test message and cannot occur by chance in ids or timestamps.
@@ -107,7 +107,7 @@ async def test_metrics_count_answers_connections_and_skipped_bytes(tmp_path: Pat
         await peer.request(with_control_id(ADT, "METRIC-1"))
         await peer.request(b"not hl7")
         await peer.close()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: gw.mllp.connection_count == 0, what="the close, seen")
     finally:
         await gw.runner.cleanup()
     points: dict[tuple[str, tuple[tuple[str, object], ...]], float] = {}
