@@ -34,11 +34,11 @@ from typing import Any
 
 from gateway.fhir import model as fhir_model
 from gateway.hl7.definitions import definitions
-from gateway.mapping.compiler import Vocab
 from gateway.mapping.conditions import ConditionError, compile_condition, tokenize
 from gateway.mapping.convert import ConversionError, from_date_time, from_time, from_value
 from gateway.mapping.errors import TranslationError
 from gateway.mapping.tables import FieldMap, MapRow, TableSet
+from gateway.mapping.vocabulary import Vocab
 
 Json = dict[str, Any]
 Tree = dict[int, "Tree | str"]
