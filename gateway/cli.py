@@ -529,7 +529,7 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
     import orjson
 
     try:
-        from gateway.mapping.reverse import Reverser
+        from gateway.mapping.to_v2 import Reverser
     except ImportError:
         print("isthmus translate: FHIR to HL7 v2 is not available in this build",
               file=sys.stderr)
@@ -568,8 +568,8 @@ def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.fhir.search import SearchRegistry, SearchTableError
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TableError, TableErrors
-    from gateway.mapping.reverse import Reverser
     from gateway.mapping.tables import SHIPPED
+    from gateway.mapping.to_v2 import Reverser
 
     tables = args.tables or SHIPPED
     search_table = (args.dir / SEARCH_TABLE if args.dir is not None

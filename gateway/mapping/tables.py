@@ -174,7 +174,7 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
     errors: list[TableError] = []
     for relative, path in sorted(table_files(directory, site).items()):
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
-            continue  # FHIR -> v2 message definitions: read by gateway.mapping.outbound
+            continue  # FHIR -> v2 definitions: read by gateway.mapping.to_v2.outbound_tables
         if relative == SEARCH_FILE or relative.startswith(VENDORS_FOLDER + "/"):
             continue
         try:

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from gateway.hl7.message import Message, parse_message
 from gateway.mapping.errors import TableErrors, TranslationError, UnsupportedResource
-from gateway.mapping.reverse import Reverser
 from gateway.mapping.tables import SHIPPED
+from gateway.mapping.to_v2 import Reverser
 from support.mapping import one, resources, translate
 
 MESSAGES = Path(__file__).parents[1] / "messages"
