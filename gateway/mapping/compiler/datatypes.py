@@ -127,7 +127,7 @@ class Producers:
             if not all(values):
                 return None  # a template is only as good as every value it quotes
             text = "".join(p if i % 2 == 0 else values[i // 2] for i, p in enumerate(pieces))
-            return converted(convert, text, location)
+            return _converted(convert, text, location)
         return template
 
     def _primitive(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
@@ -186,7 +186,7 @@ class Producers:
                 # is; it is left out and counted, never silently invented or dropped.
                 scope.run.unmapped[location] += 1
                 return None
-            return converted(convert, text, location)
+            return _converted(convert, text, location)
         return produce
 
     def _mapped(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
@@ -237,7 +237,7 @@ class Producers:
         return produce
 
 
-def converted(convert: Callable[[str], Any], text: str, location: str) -> Any:
+def _converted(convert: Callable[[str], Any], text: str, location: str) -> Any:
     """The converted value, or a TranslationError naming where (and, for the CLI, what)."""
     try:
         return convert(text)

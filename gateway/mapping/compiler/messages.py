@@ -35,14 +35,14 @@ class MessageMaps:
 
     def message(self, table: MessageMap) -> MessageFn:
         """A message map compiled: one function that walks the message's segments."""
-        by_segment: dict[str, list[MessageStep]] = {}
+        by_segment: dict[str, list[_MessageStep]] = {}
         for row in table.rows:
             step = self._message_step(row)
             if step is not None:
                 by_segment.setdefault(row.segment, []).append(step)
-        return message_function(by_segment)
+        return _message_fn(by_segment)
 
-    def _message_step(self, row: MessageRow) -> MessageStep | None:
+    def _message_step(self, row: MessageRow) -> _MessageStep | None:
         where = row.where
         before = len(self.ctx.errors)
         if not self.ctx.known_segment(row.segment):
@@ -71,11 +71,11 @@ class MessageMaps:
         if len(self.ctx.errors) > before:
             return None
         fn, read = compiled
-        return MessageStep(row.resource, row.instance == "current", row.after, fn, read,
+        return _MessageStep(row.resource, row.instance == "current", row.after, fn, read,
                             links, condition)
 
-    def _links(self, row: MessageRow) -> list[Link]:
-        links: list[Link] = []
+    def _links(self, row: MessageRow) -> list[_Link]:
+        links: list[_Link] = []
         for text in filter(None, (t.strip() for t in row.links.split(";"))):
             match = _LINK.match(text)
             if match is None:
@@ -97,7 +97,7 @@ class MessageMaps:
                     self.ctx.errors.append(row.where.error(
                         f"link '{text}': not one of {', '.join(element.codes)}"))
                     continue
-                links.append(Link(owner, setter, None, constant))
+                links.append(_Link(owner, setter, None, constant))
                 continue
             refers_to = row.resource if value == "this" else value
             if element.type != "Reference":
@@ -108,13 +108,13 @@ class MessageMaps:
                 self.ctx.errors.append(row.where.error(
                     f"link '{text}': {path} may not refer to {refers_to}"))
                 continue
-            links.append(Link(owner, setter, "this" if value == "this" else value, None))
+            links.append(_Link(owner, setter, "this" if value == "this" else value, None))
         return links
 
 
 
 @dataclass(frozen=True, slots=True)
-class Link:
+class _Link:
     owner: str | None  # None: the new resource; a type: the current resource of that type
     setter: Setter
     refers_to: str | None  # "this", a resource type, or None for a constant
@@ -122,17 +122,17 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
-class MessageStep:
+class _MessageStep:
     resource: str
     into_current: bool
     after: str
     apply: SegmentFn
     read: frozenset[int]
-    links: list[Link]
+    links: list[_Link]
     condition: Callable[[Scope], bool] | None
 
 
-def message_function(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
+def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
     def translate(run: Run) -> None:
         last_id = ""
         anchor = ""
@@ -160,7 +160,7 @@ def message_function(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
                     if step.condition is not None and not step.condition(
                             Scope(fields, "", run)):
                         continue
-                    apply_step(step, fields, run)
+                    _apply_step(step, fields, run)
                     read |= step.read
                     applied = True
             except TranslationError as exc:
@@ -181,7 +181,7 @@ def message_function(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
     return translate
 
 
-def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
+def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
     draft = run.current.get(step.resource) if step.into_current else None
     if draft is not None:
         step.apply(fields, run, draft.content)

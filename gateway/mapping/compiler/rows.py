@@ -51,7 +51,7 @@ class RowCompiler:
             if applied is None:
                 continue
             first = first_repeating(table.target_type, row.target) if row.target else None
-            compiled.append(only_into_existing(applied, first) if first in made else applied)
+            compiled.append(_only_into_existing(applied, first) if first in made else applied)
         return compiled
 
     def _row(self, row: MapRow, table: FieldMap, source: TableLocation | None) -> Row | None:
@@ -138,7 +138,7 @@ class RowCompiler:
             return None  # reported by _target_element
 
 
-def only_into_existing(row: Row, first: tuple[str, bool] | None) -> Row:
+def _only_into_existing(row: Row, first: tuple[str, bool] | None) -> Row:
     assert first is not None
     prefix, indexed = first
 

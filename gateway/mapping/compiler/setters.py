@@ -52,7 +52,7 @@ def compile_setter(root: str, path: str) -> Setter:
             if current is None:
                 node[last_key] = value
             elif isinstance(current, dict) and isinstance(value, dict):
-                fill(current, value)
+                _fill(current, value)
         return set_single
 
     def set_value(node: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
@@ -75,7 +75,7 @@ def compile_setter(root: str, path: str) -> Setter:
                 scope_key = last_prefix + (rep_tag if last_indexed else src_tag)
                 existing = inst.get(scope_key)
                 if existing is not None:
-                    fill(existing, value)
+                    _fill(existing, value)
                     return
                 inst[scope_key] = value
             node.setdefault(last_key, []).append(value)
@@ -84,11 +84,11 @@ def compile_setter(root: str, path: str) -> Setter:
             if current is None:
                 node[last_key] = value
             elif isinstance(current, dict) and isinstance(value, dict):
-                fill(current, value)
+                _fill(current, value)
     return set_value
 
 
-def fill(into: Json, value: Json) -> None:
+def _fill(into: Json, value: Json) -> None:
     for key, item in value.items():
         if key not in into:
             into[key] = item

@@ -212,7 +212,7 @@ class TableInverse:
             if item is None:
                 continue
             for n, constants in named:
-                if all(matches(item, c) == 1 for c in constants):
+                if all(_matches(item, c) == 1 for c in constants):
                     out.setdefault(n, []).append(item)
                     break
             else:
@@ -236,10 +236,10 @@ class TableInverse:
             for order, group in enumerate(claim.groups):
                 if len(out.get(group, ())) >= claim.capacity[group]:
                     continue
-                hard = [matches(item, c) for c in claim.hard.get(group, ())]
+                hard = [_matches(item, c) for c in claim.hard.get(group, ())]
                 if -1 in hard:
                     continue
-                soft = [matches(item, c) for c in claim.soft.get(group, ())]
+                soft = [_matches(item, c) for c in claim.soft.get(group, ())]
                 covers = claim.covers.get(group)
                 # A group that would drop part of the element ranks below one that keeps it.
                 keeps = 1 if covers is None or not isinstance(item, dict) or all(
@@ -314,12 +314,12 @@ class TableInverse:
         for constant in writer.constants:
             if constant.condition is not None and not constant.condition((tree, rep)):
                 continue
-            found = matches(root, constant)
+            found = _matches(root, constant)
             score += found if constant.condition is None or found == 1 else -1
         return score
 
 
-def matches(node: Any, constant: Constant) -> int:
+def _matches(node: Any, constant: Constant) -> int:
     """1: the FHIR data holds the constant; 0: it holds nothing there; -1: something else."""
     values = flatten(node, constant.steps)
     if not values:
