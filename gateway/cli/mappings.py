@@ -28,8 +28,8 @@ def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.fhir.search import SearchRegistry, SearchTableError
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TableError, TableErrors
-    from gateway.mapping.reverse import Reverser
     from gateway.mapping.tables import SHIPPED
+    from gateway.mapping.to_v2 import Reverser
 
     tables = args.tables or SHIPPED
     search_table = (args.dir / SEARCH_TABLE if args.dir is not None

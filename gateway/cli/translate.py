@@ -90,7 +90,7 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
     import orjson
 
     try:
-        from gateway.mapping.reverse import Reverser
+        from gateway.mapping.to_v2 import Reverser
     except ImportError:
         print("isthmus translate: FHIR to HL7 v2 is not available in this build",
               file=sys.stderr)

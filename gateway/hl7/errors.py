@@ -1,9 +1,12 @@
-"""HL7 v2 errors: what went wrong, where, and which HL7 table 0357 code names it."""
+"""HL7 v2 errors: what went wrong, where (a Location), and which HL7 table 0357 code names it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+
+from gateway.hl7.location import Location
+
+__all__ = ["ErrorCode", "Hl7Error", "Hl7ParseError", "Location"]
 
 
 class ErrorCode(IntEnum):
@@ -41,30 +44,6 @@ _CODE_TEXT = {
     ErrorCode.APPLICATION_RECORD_LOCKED: "Application record locked",
     ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where in a message an error sits: segment id, its sequence (1-based), field, component."""
-
-    segment: str
-    sequence: int = 1
-    field: int | None = None
-    component: int | None = None
-    repetition: int | None = None
-    subcomponent: int | None = None
-
-    def __str__(self) -> str:
-        text = self.segment if self.sequence == 1 else f"{self.segment}[{self.sequence}]"
-        if self.field is not None:
-            text += f"-{self.field}"
-            if self.repetition is not None and self.repetition > 1:
-                text += f"({self.repetition})"
-            if self.component is not None:
-                text += f".{self.component}"
-                if self.subcomponent is not None:
-                    text += f".{self.subcomponent}"
-        return text
 
 
 class Hl7Error(Exception):

@@ -10,19 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 
 from gateway.hl7.charset import UTF8_BOM, codec_for, decode
 from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
-from gateway.hl7.errors import ErrorCode, Hl7Error, Hl7ParseError, Location
+from gateway.hl7.errors import ErrorCode, Hl7Error, Hl7ParseError
 from gateway.hl7.escape import escape, unescape
+from gateway.hl7.location import Location, parse_location
 
 _TERMINATOR = re.compile(r"(\r\n|\r|\n)")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
-_PATH = re.compile(
-    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
-    r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
-)
 
 # Every HL7 v2 version the gateway accepts (MSH-12), oldest first.
 VERSIONS: tuple[str, ...] = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6",
@@ -32,42 +28,6 @@ ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
 # What an MSH-12 version id or an MSH-15/16 code looks like; anything else is not echoed.
 _VERSION_LIKE = re.compile(r"\d\.\d{1,2}(?:\.\d{1,2})?")
 _ACK_LIKE = re.compile(r"[A-Z]{2}")
-
-
-@dataclass(frozen=True, slots=True)
-class TerserPath:
-    """`PID-5.1`, `PID-3(2).4`, `OBX[3]-5`: segment, occurrence, field, repetition, parts."""
-
-    segment: str
-    occurrence: int = 1
-    field: int | None = None
-    repetition: int = 1
-    component: int | None = None
-    subcomponent: int | None = None
-    # `PID-3(1)` names the first repetition; plain `PID-3` names the whole field.
-    explicit_repetition: bool = False
-
-
-@lru_cache(maxsize=4096)
-def parse_path(path: str) -> TerserPath:
-    match = _PATH.match(path)
-    if match is None:
-        raise ValueError(f"not a terser path: {path!r}")
-    g = match.groupdict()
-    # Field 0 is the segment id itself (readable, not writable); every other position
-    # counts from 1.
-    numbers = [int(g[k]) for k in ("occ", "rep", "comp", "sub") if g[k] is not None]
-    if any(n < 1 for n in numbers):
-        raise ValueError(f"terser path positions start at 1: {path!r}")
-    return TerserPath(
-        segment=g["seg"],
-        occurrence=int(g["occ"] or 1),
-        field=int(g["field"]) if g["field"] is not None else None,
-        repetition=int(g["rep"] or 1),
-        component=int(g["comp"]) if g["comp"] else None,
-        subcomponent=int(g["sub"]) if g["sub"] else None,
-        explicit_repetition=g["rep"] is not None,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +157,8 @@ class Message:
 
     def get(self, path: str) -> str:
         """The unescaped value at a terser path; '' when absent. `PID-5` reads `PID-5.1`."""
-        p = parse_path(path)
-        index = self._index_of(p.segment, p.occurrence)
+        p = parse_location(path)
+        index = self._index_of(p.segment, p.sequence)
         if index is None or p.field is None:
             return ""
         raw = self._raw_value(index, p)
@@ -214,18 +174,18 @@ class Message:
         `PID-3.4` the whole fourth component (with its subcomponents), `PID-3.4.2` one
         subcomponent. MSH-1 and MSH-2 are the delimiters as written.
         """
-        p = parse_path(path)
-        index = self._index_of(p.segment, p.occurrence)
+        p = parse_location(path)
+        index = self._index_of(p.segment, p.sequence)
         if index is None or p.field is None:
             return ""
         fields = self._fields_at(index)
         if p.field >= len(fields):
             return ""
-        if p.component is None and not p.explicit_repetition:
+        if p.component is None and p.repetition is None:
             return fields[p.field]
         return self._raw_value(index, p, leaf=False)
 
-    def _raw_value(self, index: int, p: TerserPath, leaf: bool = True) -> str:
+    def _raw_value(self, index: int, p: Location, leaf: bool = True) -> str:
         """The wire text at `p`; with `leaf`, unnamed parts default to the first one.
 
         `leaf` is what `get` needs (`PID-5` reads `PID-5.1.1`); without it the path stops
@@ -240,9 +200,10 @@ class Message:
             return value
         d = self.delimiters
         reps = value.split(d.repetition)
-        if p.repetition > len(reps):
+        rep_no = p.repetition or 1
+        if rep_no > len(reps):
             return ""
-        rep = reps[p.repetition - 1]
+        rep = reps[rep_no - 1]
         if p.component is None and not leaf:
             return rep
         comps = rep.split(d.component)
@@ -267,15 +228,15 @@ class Message:
         the message structure's business, which this codec does not know). CR LF in the
         value is written as one line break (`\\.br\\`), so it reads back as LF.
         """
-        p = parse_path(path)
+        p = parse_location(path)
         if p.field is None or p.field < 1:
             raise ValueError(f"set needs a field: {path!r}")
         if p.segment in HEADER_SEGMENTS and p.field in (1, 2):
             raise ValueError("the delimiters in MSH-1 and MSH-2 cannot be changed by set")
         self._check_encodable(value, path)
-        index = self._index_of(p.segment, p.occurrence)
+        index = self._index_of(p.segment, p.sequence)
         if index is None:
-            index = self._append_segments(p.segment, p.occurrence)
+            index = self._append_segments(p.segment, p.sequence)
         self._split()
         fields = self._fields_at(index)
         d = self.delimiters
@@ -283,16 +244,17 @@ class Message:
             fields.append("")
         encoded = escape(value, d)
         field_text = fields[p.field]
+        rep_no = p.repetition or 1
         if p.component is None:
             new_rep = encoded
         else:
-            rep_text = _part(field_text, d.repetition, p.repetition)
+            rep_text = _part(field_text, d.repetition, rep_no)
             new_comp = encoded
             if p.subcomponent is not None:
                 comp_text = _part(rep_text, d.component, p.component)
                 new_comp = _with_part(comp_text, d.subcomponent, p.subcomponent, encoded)
             new_rep = _with_part(rep_text, d.component, p.component, new_comp)
-        fields[p.field] = _with_part(field_text, d.repetition, p.repetition, new_rep)
+        fields[p.field] = _with_part(field_text, d.repetition, rep_no, new_rep)
         self._dirty.add(index)
         if index == 0:
             self._header = None  # MSH changed: the cached header would be stale
@@ -392,7 +354,7 @@ class Segment:
     def get(self, field: int, repetition: int = 1, component: int = 1,
             subcomponent: int = 1) -> str:
         """The unescaped value of one subcomponent ('' when absent)."""
-        p = TerserPath(self.id, self.occurrence, field, repetition, component, subcomponent)
+        p = Location(self.id, self.occurrence, field, component, repetition, subcomponent)
         raw = self.message._raw_value(self.index, p)
         if field in (1, 2) and self.id in HEADER_SEGMENTS:
             return raw  # the delimiters themselves

@@ -18,7 +18,7 @@ from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import InvalidResource, validate_resource
 from gateway.forward.routes import Router
-from gateway.hl7.errors import ErrorCode, Hl7Error, Location
+from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import Message, parse_message
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TranslationError, UnsupportedMessage
@@ -107,17 +107,7 @@ def translation_error(exc: TranslationError) -> Hl7Error:
     """The ERR for a message that could not be translated: where, and why (no value)."""
     code = ErrorCode.DATA_TYPE_ERROR if exc.value is not None else (
         ErrorCode.APPLICATION_INTERNAL_ERROR)
-    return Hl7Error(code, exc.safe_text, _location(exc))
-
-
-def _location(exc: TranslationError) -> Location | None:
-    segment, _, rest = exc.location.partition("-")
-    numbers = [int(n) for n in rest.split(".") if n.isdigit()]
-    if len(segment) != 3 or not numbers:
-        return None
-    return Location(segment, exc.sequence, numbers[0],
-                    numbers[1] if len(numbers) > 1 else None,
-                    subcomponent=numbers[2] if len(numbers) > 2 else None)
+    return Hl7Error(code, exc.safe_text, exc.v2_location)
 
 
 def check_bundle(translation: Translation) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+from gateway.hl7.location import Location, error_location
 
 
 class TableError(ValueError):
@@ -26,8 +29,10 @@ class TableErrors(ValueError):
 class TranslationError(ValueError):
     """A message that cannot be translated, naming where (e.g. PID-7) and why.
 
-    `str()` quotes the offending value, for the operator at a terminal; `safe_text` does
-    not, for ACKs, logs and spans, which must never carry PHI.
+    `location` is the text the tables name (a v2 position, or a FHIR element path going
+    the other way); `v2_location` is the same place parsed, for an ERR segment. `str()`
+    quotes the offending value, for the operator at a terminal; `safe_text` does not, for
+    ACKs, logs and spans, which must never carry PHI.
     """
 
     def __init__(self, location: str, reason: str, value: str | None = None) -> None:
@@ -37,6 +42,14 @@ class TranslationError(ValueError):
         self.reason = reason
         self.value = value
         self.sequence = 1  # which occurrence of the segment (OBX[3]), set by the engine
+
+    @property
+    def v2_location(self) -> Location | None:
+        """The v2 position with the segment's occurrence (OBX[3]-5); None for none."""
+        found = error_location(self.location)  # parsed once per text, not per error
+        if found is None or self.sequence == found.sequence:
+            return found
+        return replace(found, sequence=self.sequence)
 
     @property
     def where(self) -> str:

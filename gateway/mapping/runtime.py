@@ -1,7 +1,7 @@
 """The state of one translation: the message being read, and the resources being built.
 
-Compiled tables (compiler.py) are closures over these objects; nothing here interprets
-table text.
+Compiled tables (the compiler package) are closures over these objects; nothing here
+interprets table text.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from gateway.mapping.convert import MSH7_OFFSET
 
 Json = dict[str, Any]
 
+NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 
 
 class Draft:
@@ -123,3 +124,55 @@ def leaf(raw: str, separators: str) -> str:
         if sep in raw:
             raw = raw.split(sep, 1)[0]
     return raw
+
+
+class Scope:
+    """What a row reads: the parts at its level, and the repetition being mapped."""
+
+    __slots__ = ("parts", "seps", "run", "rep_field", "rep", "rep_tag", "src_tag", "memo")
+
+    def __init__(self, parts: list[str], seps: str, run: Run) -> None:
+        self.memo: dict[tuple[int, int, int], str] = {}
+        self.parts = parts
+        self.seps = seps
+        self.run = run
+        self.rep_field = 0
+        self.rep = ""
+        # Instance keys: rows of one source and repetition share unindexed instances
+        # (src_tag); indexed ones (coding[1]) are shared by every row of the repetition.
+        self.rep_tag = "#1"
+        self.src_tag = "@#1"
+
+
+# -- reading wire text at a row's place (component/subcomponent 0: not named) ------------
+
+
+def first_repetition(field: str, run: Run) -> str:
+    rep = run.d.repetition
+    return field.split(rep, 1)[0] if rep in field else field
+
+
+def descend(raw: str, run: Run, component: int, subcomponent: int) -> str:
+    if component:
+        parts = raw.split(run.d.component)
+        raw = parts[component - 1] if component <= len(parts) else ""
+        if subcomponent:
+            pieces = raw.split(run.d.subcomponent)
+            raw = pieces[subcomponent - 1] if subcomponent <= len(pieces) else ""
+    return raw
+
+
+def part_below(raw: str, seps: str, position: int) -> str:
+    """The position-th part one level down; with no level left the value is its own first."""
+    if not seps:
+        return raw if position == 1 else ""
+    pieces = raw.split(seps[0])
+    return pieces[position - 1] if position <= len(pieces) else ""
+
+
+def separators_below(run: Run, component: int, subcomponent: int) -> str:
+    if subcomponent:
+        return ""
+    if component:
+        return run.d.subcomponent
+    return run.d.component + run.d.subcomponent

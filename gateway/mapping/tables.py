@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.hl7.location import ComponentLocation, Location, parse_component, parse_location
 from gateway.mapping.errors import TableError, TableErrors
 
 
@@ -45,6 +46,24 @@ OUTBOUND_FOLDER = "outbound"
 SEARCH_FILE = "search-parameters.csv"
 # FHIR backends' vendor normalisation tables: read by gateway.forward.normalize.
 VENDORS_FOLDER = "vendors"
+
+
+def source_location(text: str) -> Location | ComponentLocation | None:
+    """A v2 location as a table names one, None for text that is not one.
+
+    Segment tables name a field of a segment (`PID-3`, `PID-3.1`, `PID-3.4.2`), data-type
+    tables a component of their type (`CX.4`, `XAD.1.1`). Neither names an occurrence or a
+    repetition: a row is run for every repetition of the segment it maps.
+    """
+    if "-" in text:
+        if "[" in text or "(" in text:
+            return None
+        try:
+            location = parse_location(text)
+        except ValueError:
+            return None
+        return location if location.field is not None else None
+    return parse_component(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +174,7 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
     errors: list[TableError] = []
     for relative, path in sorted(table_files(directory, site).items()):
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
-            continue  # FHIR -> v2 message definitions: read by gateway.mapping.outbound
+            continue  # FHIR -> v2 definitions: read by gateway.mapping.to_v2.outbound_tables
         if relative == SEARCH_FILE or relative.startswith(VENDORS_FOLDER + "/"):
             continue
         try:

@@ -35,7 +35,8 @@ from conftest import REFERENCE
 from gateway.hl7.batch import split_messages
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7ParseError
-from gateway.hl7.message import Message, Segment, check_header, parse_message, parse_path
+from gateway.hl7.location import parse_location
+from gateway.hl7.message import Message, Segment, check_header, parse_message
 
 CORPUS = REFERENCE
 FIXTURES = Path(__file__).parents[1] / "messages"
@@ -403,10 +404,10 @@ def test_changing_one_field_of_a_corpus_message_changes_only_that_field(case: Ca
         assert _TERMINATORS.findall(changed) == _TERMINATORS.findall(case.data)
         old_segments, new_segments = list(before.segments()), list(after.segments())
         assert [s.id for s in new_segments] == [s.id for s in old_segments]
-        target = parse_path(path)
+        target = parse_location(path)
         for old, new in zip(old_segments, new_segments, strict=True):
             for n in range(max(old.field_count, new.field_count) + 1):
-                if (new.id, new.occurrence, n) == (target.segment, target.occurrence,
+                if (new.id, new.occurrence, n) == (target.segment, target.sequence,
                                                    target.field):
                     continue
                 assert new.field(n) == old.field(n), (path, new.id, n)

@@ -10,7 +10,8 @@ import pytest
 
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7ParseError
-from gateway.hl7.message import Message, check_header, parse_message, parse_path
+from gateway.hl7.location import parse_location
+from gateway.hl7.message import Message, check_header, parse_message
 
 MESSAGES = Path(__file__).parents[1] / "messages"
 
@@ -219,7 +220,7 @@ def test_segments_iterate_in_order_with_field_counts() -> None:
                                   "PID-5(0)", "PID-5.0", "PID-5.1.0", "PID-5.1.1.1"])
 def test_malformed_terser_paths_are_refused(path: str) -> None:
     with pytest.raises(ValueError):
-        parse_path(path)
+        parse_location(path)
 
 
 # -- set and encode ----------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from conftest import message as fixture
 from gateway.hl7.message import Message, parse_message
 from gateway.mapping.errors import TableErrors, TranslationError, UnsupportedResource
-from gateway.mapping.reverse import Reverser
 from gateway.mapping.tables import SHIPPED
+from gateway.mapping.to_v2 import Reverser
 from support.mapping import one, resources, translate
 
 NOW = datetime(2024, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-5)))

@@ -17,6 +17,7 @@ import pytest
 
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import validate_resource
+from gateway.hl7.location import Location
 from gateway.hl7.message import parse_message
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TableErrors, TranslationError
@@ -553,3 +554,13 @@ def test_the_provenance_names_the_source_message(translator: Translator) -> None
     assert provenance["recorded"] == "2024-01-02T17:00:05.000+00:00"
     assert provenance["target"] == [{"reference": e["fullUrl"]}
                                     for e in document["entry"][:-1]]
+
+
+def test_a_translation_error_carries_its_v2_location_for_the_err_segment(
+        translator: Translator) -> None:
+    data = message(pid(f3="A1"), "OBX|1|NM|1^Weight||15", "OBX|2|NM|1^Weight||1,5")
+    with pytest.raises(TranslationError) as caught:
+        translator.translate(parse_message(data))
+    assert caught.value.where == "OBX[2]-5"
+    assert caught.value.v2_location == Location("OBX", 2, 5)
+    assert TranslationError("resourceType", "is missing").v2_location is None

@@ -1,7 +1,7 @@
 """FHIR R4 -> HL7 v2, from the same tables as the forward translation.
 
 `Reverser.load()` reads and checks every table (the forward checks and the outbound ones),
-inverts the segment and data-type tables once (inverse.py), and `to_v2` turns a resource
+inverts the segment and data-type tables once (inverter.py), and `to_v2` turns a resource
 or a Bundle into one message per top-level resource that has an outbound definition: a
 resource another mapped resource refers to (the Patient of an Appointment, the Observations
 of a DiagnosticReport) travels inside that one's message instead of in its own.
@@ -21,9 +21,16 @@ from gateway.hl7.escape import escape
 from gateway.mapping.compiler import compile_tables
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import TranslationError, UnsupportedResource
-from gateway.mapping.inverse import Bundle, Inverter, Tree, put, read, serialise
-from gateway.mapping.outbound import Outbound, SegmentLayout, read_outbound, references
 from gateway.mapping.tables import SHIPPED, read_tables
+from gateway.mapping.to_v2.fhir_paths import Bundle
+from gateway.mapping.to_v2.inverter import Inverter
+from gateway.mapping.to_v2.outbound_tables import (
+    Outbound,
+    SegmentLayout,
+    read_outbound,
+    references,
+)
+from gateway.mapping.to_v2.tree import Tree, put, read, serialise
 
 Json = dict[str, Any]
 

@@ -1,0 +1,59 @@
+"""A whole table set checked and compiled, every problem collected before any is raised."""
+
+from __future__ import annotations
+
+import re
+
+from gateway.mapping.compiler.context import Context
+from gateway.mapping.compiler.messages import MessageFn, MessageMaps
+from gateway.mapping.compiler.segments import FieldMaps
+from gateway.mapping.convert import Converters
+from gateway.mapping.errors import TableErrors
+from gateway.mapping.tables import TableSet, Where
+from gateway.mapping.vocabulary import Vocab, check_vocabulary
+
+_MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}")
+
+
+class Compiled:
+    """Everything the engine needs, compiled: message functions by message type."""
+
+    def __init__(self, events: dict[str, MessageFn], messages: dict[str, MessageFn],
+                 vocabularies: dict[str, Vocab], tables: TableSet) -> None:
+        self.events = events
+        self.messages = messages
+        self.vocabularies = vocabularies
+        self.tables = tables
+
+
+def compile_tables(tables: TableSet, converters: Converters) -> Compiled:
+    """Check and compile; raise TableErrors listing every problem found.
+
+    Vocabularies first, then every data-type and segment table (also those no message map
+    uses yet), then the message maps and the events that name them.
+    """
+    ctx = Context(tables, converters)
+    for vocab in tables.vocabularies.values():
+        ctx.errors.extend(check_vocabulary(vocab))
+    field_maps = FieldMaps(ctx)
+    for name in sorted(tables.datatypes):
+        field_maps.datatype(name, Where(tables.datatypes[name].file, 0))
+    for name in sorted(tables.segments):
+        field_maps.segment(name, Where(tables.segments[name].file, 0))
+    message_maps = MessageMaps(ctx, field_maps)
+    messages = {name: message_maps.message(table) for name, table in
+                sorted(tables.messages.items())}
+    events: dict[str, MessageFn] = {}
+    for row in tables.events:
+        if not _MESSAGE_TYPE.fullmatch(row.message_type):
+            ctx.errors.append(row.where.error(
+                f"message type '{row.message_type}' must look like ADT^A01"))
+        elif row.message_type in events:
+            ctx.errors.append(row.where.error(f"{row.message_type} is mapped twice"))
+        elif row.map not in messages:
+            ctx.errors.append(row.where.error(f"unknown message map '{row.map}'"))
+        else:
+            events[row.message_type] = messages[row.map]
+    if ctx.errors:
+        raise TableErrors(ctx.errors)
+    return Compiled(events, messages, ctx.vocabs, tables)

@@ -1,0 +1,158 @@
+"""Vocabulary tables compiled: v2 codes to FHIR codes (exact codes, then prefix wildcards
+such as `HL7*`, then `*`), and back again for FHIR R4 -> HL7 v2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gateway.mapping.errors import TableError
+from gateway.mapping.tables import Vocabulary
+
+Json = dict[str, Any]
+
+
+class Vocab:
+    """A compiled vocabulary: exact codes, then prefix wildcards (HL7*), then '*'."""
+
+    def __init__(self, table: Vocabulary) -> None:
+        self.name = table.name
+        self.exact: dict[str, tuple[str, str, str]] = {}
+        self.prefixes: list[tuple[str, tuple[str, str, str]]] = []
+        self.reverse: dict[tuple[str, str], str] = {}
+        for row in table.rows:
+            target = (row.fhir_code, row.fhir_display, row.fhir_system)
+            if row.code.endswith("*"):
+                self.prefixes.append((row.code[:-1], target))
+            else:
+                self.exact[row.code] = target
+                self.reverse.setdefault((row.fhir_system, row.fhir_code), row.code)
+                self.reverse.setdefault(("", row.fhir_code), row.code)
+        # Longest prefix first, so 'HL7*' wins over '*'.
+        self.prefixes.sort(key=lambda p: -len(p[0]))
+
+    def lookup(self, code: str) -> tuple[str, str, str] | None:
+        hit = self.exact.get(code)
+        if hit is not None:
+            return hit
+        for prefix, (fhir_code, display, system) in self.prefixes:
+            if code.startswith(prefix):
+                rest = code[len(prefix):]
+                return (fhir_code.replace("{*}", rest).replace("{code}", code),
+                        display, system.replace("{*}", rest).replace("{code}", code))
+        return None
+
+
+def check_vocabulary(vocab: Vocabulary) -> list[TableError]:
+    """Every problem of one vocabulary table (empty codes, a code listed twice, ...)."""
+    errors: list[TableError] = []
+    seen: dict[str, str] = {}
+    for row in vocab.rows:
+        if not row.code:
+            errors.append(row.where.error("code is empty"))
+        if not row.fhir_code:
+            errors.append(row.where.error("fhir_code is empty"))
+        if row.code in seen:
+            same = seen[row.code] == row.fhir_code
+            errors.append(row.where.error(
+                f"code '{row.code}' is listed twice" + ("" if same else
+                                                        " with different FHIR codes")))
+        seen[row.code] = row.fhir_code
+        if any(c.isspace() for c in row.fhir_system):
+            errors.append(row.where.error("fhir_system is not a URI"))
+    return errors
+
+
+# -- v2 -> FHIR ----------------------------------------------------------------------------
+
+
+def recoder(vocab: Vocab, element_type: str) -> Callable[[Any, str], Any] | None:
+    """Translate the first coding of a Coding/CodeableConcept through a vocabulary,
+    keeping the sender's own coding after the translated one."""
+    def recode_coding(coding: Json) -> list[Json]:
+        code = coding.get("code")
+        if not code:
+            return [coding]
+        hit = vocab.lookup(code)
+        if hit is None:
+            return [coding]
+        fhir_code, display, system = hit
+        translated: Json = {"code": fhir_code}
+        if system:
+            translated = {"system": system, "code": fhir_code}
+        if display:
+            translated["display"] = display
+        if translated.get("system") == coding.get("system") and fhir_code == code:
+            return [{**coding, **translated}]
+        return [translated, coding]
+
+    if element_type == "CodeableConcept":
+        def concept(value: Any, location: str) -> Any:
+            codings = value.get("coding")
+            if codings:
+                value["coding"] = recode_coding(codings[0]) + codings[1:]
+            return value
+        return concept
+    if element_type == "Coding":
+        return lambda value, location: recode_coding(value)[0]
+    if element_type == "code":
+        def code(value: Any, location: str) -> Any:
+            hit = vocab.lookup(value)
+            return hit[0] if hit is not None else value
+        return code
+    return None
+
+
+# -- FHIR -> v2 ----------------------------------------------------------------------------
+
+
+def vocab_back(vocab: Vocab, system: str, code: str) -> str | None:
+    """The v2 code for a FHIR code: exact rows, then prefix rows (`HL7*` <- `v2-{*}`)."""
+    hit = vocab.reverse.get((system, code)) if system else None
+    if hit is None:
+        hit = vocab.reverse.get(("", code))
+    if hit is not None:
+        return hit
+    for prefix, (fhir_code, _, _) in vocab.prefixes:
+        if fhir_code == "{code}":
+            continue  # '*' kept the code as sent: nothing to undo, and no v2 code to claim
+        if "{*}" in fhir_code:
+            before, _, after = fhir_code.partition("{*}")
+            if code.startswith(before) and code.endswith(after) and \
+                    len(code) > len(before) + len(after):
+                return prefix + code[len(before):len(code) - len(after)]
+    return None
+
+
+def unrecode(vocab: Vocab, kind: str, value: Any) -> tuple[Any, bool]:
+    """Undo the forward translation of a first coding: drop the coding the vocabulary
+    added, or turn a FHIR-native code back into the v2 code."""
+    if kind == "code":
+        if isinstance(value, str):
+            code = vocab_back(vocab, "", value)
+            return (code, True) if code is not None else (value, False)
+        return value, False
+    if kind == "Coding" and isinstance(value, dict):
+        code = vocab_back(vocab, str(value.get("system", "")), str(value.get("code", "")))
+        if code is None:
+            return value, False
+        return {"code": code}, True
+    if kind != "CodeableConcept" or not isinstance(value, dict):
+        return value, False
+    codings = value.get("coding")
+    if not isinstance(codings, list) or not codings or not isinstance(codings[0], dict):
+        return value, False
+    first = codings[0]
+    if len(codings) > 1 and isinstance(codings[1], dict):
+        original = codings[1]
+        hit = vocab.lookup(str(original.get("code", "")))
+        if hit is not None and hit[0] == first.get("code") and (
+                hit[2] or None) == first.get("system"):
+            return {**value, "coding": codings[1:]}, True
+    code = vocab_back(vocab, str(first.get("system", "")), str(first.get("code", "")))
+    hit = vocab.lookup(code) if code is not None else None
+    if code is None or hit is None:
+        return value, False
+    if code == first.get("code") and (hit[2] or None) == first.get("system"):
+        return value, True  # the forward map merged the two codings into this one
+    return {**value, "coding": [{"code": code}, *codings[1:]]}, True
