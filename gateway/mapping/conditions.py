@@ -20,16 +20,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.mapping.errors import ConditionError as ConditionError  # defined with the layer's root
+
 # Reads the value at a location for the message being translated.
 Getter = Callable[[object], str]
 Predicate = Callable[[object], bool]
 GetterFactory = Callable[[str], Getter]
 
 _TOKEN = re.compile(r'\s*(?:(?P<string>"[^"]*")|(?P<punct>[(),])|(?P<word>[^\s(),"]+))')
-
-
-class ConditionError(ValueError):
-    """A condition that does not parse; the message says where."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,10 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from gateway.mapping.errors import (
+    ConversionError as ConversionError,  # defined with the layer's root
+)
+
 _DTM = re.compile(
     r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?)?)?"
     r"([+-]\d{4})?$")
@@ -28,15 +32,6 @@ _CODE_SPACES = re.compile(r"\s+")
 _SPACE = re.compile(r"\s")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}$")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+$")
-
-
-class ConversionError(ValueError):
-    """A v2 value that has no faithful FHIR form. `reason` never quotes the value."""
-
-    def __init__(self, reason: str, value: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.value = value
 
 
 Converter = Callable[[str], Any]

@@ -8,7 +8,11 @@ from pathlib import Path
 from gateway.hl7.location import Location, error_location
 
 
-class TableError(ValueError):
+class MappingError(ValueError):
+    """The root of everything the mapping layer raises (a ValueError, as each always was)."""
+
+
+class TableError(MappingError):
     """A table that cannot be used: names the file, the line and the reason."""
 
     def __init__(self, file: Path | str, line: int, reason: str) -> None:
@@ -18,7 +22,7 @@ class TableError(ValueError):
         self.reason = reason
 
 
-class TableErrors(ValueError):
+class TableErrors(MappingError):
     """Every problem found in a set of tables, so that one check run shows them all."""
 
     def __init__(self, errors: list[TableError]) -> None:
@@ -26,7 +30,7 @@ class TableErrors(ValueError):
         self.errors = errors
 
 
-class TranslationError(ValueError):
+class TranslationError(MappingError):
     """A message that cannot be translated, naming where (e.g. PID-7) and why.
 
     `location` is the text the tables name (a v2 position, or a FHIR element path going
@@ -67,6 +71,19 @@ class TranslationError(ValueError):
     def safe_text(self) -> str:
         return f"{self.where}: value {self.reason}" if self.value is not None else (
             f"{self.where}: {self.reason}" if self.location else self.reason)
+
+
+class ConditionError(MappingError):
+    """A condition that does not parse; the message says where."""
+
+
+class ConversionError(MappingError):
+    """A v2 value that has no faithful FHIR form. `reason` never quotes the value."""
+
+    def __init__(self, reason: str, value: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.value = value
 
 
 class UnsupportedMessage(TranslationError):
