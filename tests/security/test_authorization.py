@@ -25,6 +25,7 @@ from joserfc.jwk import ECKey
 
 from conftest import RunningGateway, start_gateway
 from gateway.edge.auth_server import JWT_BEARER
+from support.fake_ehr import FakeEhr
 from support.fhir import api_key_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -348,3 +349,92 @@ async def test_update_only_scope_still_updates_and_cu_creates_by_update(
     created = await world.as_key("update-create", "PUT", f"/fhir/Observation/{new_id}",
                                  observation(PATIENT_A, id_=new_id))
     assert created.status == 201, created.body
+
+
+# -- the facade: the same rules for types a remote FHIR backend serves ----------------------
+
+
+@dataclass
+class Proxied:
+    world: World
+    ehr: FakeEhr
+
+    def writes(self) -> list[Any]:
+        return [r for r in self.ehr.requests if r.method in ("POST", "PUT", "DELETE")]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def proxied(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Proxied]:
+    base = tmp_path_factory.mktemp("authz-facade")
+    key = ECKey.generate_key("P-384")
+    pem = base / "confined.pem"
+    pem.write_bytes(key.as_pem(private=False))
+    clients = [{"client_id": CONFINED, "public_key_file": str(pem),
+                "scopes": ["patient/*.cruds"], "patient": PATIENT_A}]
+    keys = [api_key_config(name, f"{name}-secret", scopes) for name, scopes in KEYS.items()]
+    ehr = FakeEhr()
+    await ehr.start()
+    gw = await start_gateway(Path(base / "var"), **{
+        "auth.clients": clients, "auth.api_keys": keys,
+        "backends": [{"name": "ehr", "kind": "fhir", "base_url": ehr.url, "max_retries": 0,
+                      "backoff_base": 0.01, "cache_ttl": 30.0}],
+        "routes": [{"match": {"resource": t}, "to": ["ehr"]}
+                   for t in ("Observation", "Condition")]})
+    session = aiohttp.ClientSession()
+    try:
+        yield Proxied(World(gw, session, key), ehr)
+    finally:
+        await session.close()
+        await gw.runner.cleanup()
+        await ehr.stop()
+
+
+async def test_facade_confined_writes_only_about_its_own_patient(proxied: Proxied) -> None:
+    world, ehr = proxied.world, proxied.ehr
+    own = ehr.seed(observation(PATIENT_A, id_=fresh_id("own")))
+    theirs = ehr.seed(observation(PATIENT_B, id_=fresh_id("theirs"), performer=PATIENT_A))
+    ehr.requests.clear()
+    answers = [
+        await world.confined("POST", "/fhir/Observation",
+                             observation(PATIENT_B, performer=PATIENT_A)),
+        await world.confined("POST", "/fhir/Condition", {
+            "resourceType": "Condition", "subject": {"reference": PATIENT_B},
+            "asserter": {"reference": PATIENT_A}, "code": {"text": "synthetic"}}),
+        await world.confined("PUT", f"/fhir/Observation/{own['id']}",
+                             observation(PATIENT_B, id_=own["id"], performer=PATIENT_A)),
+        await world.confined("PUT", f"/fhir/Observation/{theirs['id']}",
+                             observation(PATIENT_A, id_=theirs["id"])),
+        await world.confined("DELETE", f"/fhir/Observation/{theirs['id']}"),
+    ]
+    for answer in answers:
+        assert is_outcome(answer, 403, 404), (answer.status, answer.body)
+    assert proxied.writes() == []  # nothing reached the backend
+
+
+async def test_facade_update_only_scope_cannot_create_by_update(proxied: Proxied) -> None:
+    world, ehr = proxied.world, proxied.ehr
+    ehr.requests.clear()
+    new_id = fresh_id("upd")
+    marker = fresh_id("nomatch")
+    put = await world.as_key("update-only", "PUT", f"/fhir/Observation/{new_id}",
+                             observation(PATIENT_A, id_=new_id))
+    conditional = await world.as_key(
+        "update-only", "PUT", f"/fhir/Observation?identifier=urn:sec:test|{marker}",
+        observation(PATIENT_A, marker=marker))
+    for answer in (put, conditional):
+        assert is_outcome(answer, 403), (answer.status, answer.body)
+    assert proxied.writes() == []
+    existing = ehr.seed(observation(PATIENT_A, id_=fresh_id("existing")))
+    updated = await world.as_key("update-only", "PUT", f"/fhir/Observation/{existing['id']}",
+                                 {**existing, "status": "amended"})
+    assert updated.status == 200, updated.body
+
+
+async def test_facade_constrained_scope_hides_excluded_versions(proxied: Proxied) -> None:
+    world, ehr = proxied.world, proxied.ehr
+    moved = ehr.seed(observation(PATIENT_A, id_=fresh_id("moved"), category="laboratory"))
+    ehr.seed(observation(PATIENT_A, id_=moved["id"], category="vital-signs"))
+    path = f"/fhir/Observation/{moved['id']}"
+    assert is_outcome(await world.as_key("lab-only", "GET", path), 404)
+    assert is_outcome(await world.as_key("lab-only", "GET", f"{path}/_history/2"), 404)
+    assert (await world.as_key("lab-only", "GET", f"{path}/_history/1")).status == 200
