@@ -53,19 +53,18 @@ async def readable(call: Call, id_: str, version: int | None = None) -> StoredRe
     if stored is None:
         await api.record([access(call, Action.READ, "404", resource_id=f"{type_}/{id_}")])
         raise unknown(type_)
-    resource = None if stored.deleted else orjson.loads(stored.body)
-    if not seen.unrestricted and (resource is None or not seen.shows(resource)):
+    if not seen.shows_stored(stored):
         # Whose a deleted version was cannot be judged either: both answer 404.
         await api.record([access(call, Action.READ, "404", resource_id=f"{type_}/{id_}",
                                  patient=seen.patient)])
         raise unknown(type_)
-    if resource is None:
+    if stored.deleted:
         await api.record([access(call, Action.READ, "410", resource_id=f"{type_}/{id_}")])
         raise FhirError(410, f"this {type_} was deleted")
     if api.limits.audit_reads != "off":
         # Whose data this is goes into the record (a Patient is its own).
         owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
-                  else api.patients_of(type_, resource))
+                  else api.patients_of(type_, orjson.loads(stored.body)))
         await api.record_read([access(call, Action.READ, resource_id=f"{type_}/{id_}",
                                       patient=min(owners) if owners else None)])
     return stored
