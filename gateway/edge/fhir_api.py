@@ -25,11 +25,18 @@ from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
 from gateway.fhir.model import is_resource_type
 from gateway.fhir.outcome import FhirError
-from gateway.fhir.search import SearchRegistry
+from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.policy import Principal, Profile
 from gateway.policy.profiles import tag_subsetted
 from gateway.store import StoreUnavailable
-from gateway.store.fhir import FhirStore, IdMatch, Match, ReferenceMatch, StoredResource
+from gateway.store.fhir import (
+    Clause,
+    FhirStore,
+    IdMatch,
+    Match,
+    ReferenceMatch,
+    StoredResource,
+)
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -161,6 +168,29 @@ class FhirApi:
                        patient: str) -> bool:
         return patient in self.patients_of(resource_type, resource)
 
+    def only_about(self, resource_type: str, resource: Mapping[str, Any],
+                   patient: str) -> bool:
+        """Whether every patient this resource is about (its compartment's subject
+        parameters, not a performer, asserter or author) is `patient`: what a
+        patient-confined caller may write, and what its write may replace."""
+        return self.registry.about(resource_type, dict(resource)) == {patient}
+
+    def visibility(self, principal: Principal, interaction: str,
+                   resource_type: str) -> Visibility:
+        """What this caller may be shown of this type by `interaction` (read, vread,
+        history, search): the one predicate every read path applies to every version."""
+        alternatives: list[tuple[Clause, ...]] = []
+        for constraint in principal.scopes.constraints_for(interaction, resource_type):
+            try:
+                parsed = self.registry.parse(resource_type, list(constraint),
+                                             default_count=1, max_count=1)
+            except SearchError:
+                raise FhirError(403, "the granted scope's constraint names a search "
+                                f"parameter {resource_type} does not have here") from None
+            alternatives.append(parsed.query.clauses)
+        return Visibility(self.registry, resource_type,
+                          self.confined_to(principal, resource_type), tuple(alternatives))
+
     def scope_clauses(self, principal: Principal, interaction: str,
                       resource_type: str) -> tuple[tuple[Match, ...], ...]:
         """`?param=value` constraints on the granted scopes, as search clauses."""
@@ -253,6 +283,44 @@ class FhirApi:
 
 
 FHIR = web.AppKey("fhir", FhirApi)
+
+
+@dataclass(frozen=True, slots=True)
+class Visibility:
+    """What one caller may be shown of one type: a version inside its patient's
+    compartment (when confined) that meets one of its scopes' constraint sets (when
+    constrained). Read, vread, history, batch reads and the facade's reads judge every
+    version they return by it; searches carry the same limits as store clauses
+    (`fhir_request.confined`), which the store judges alike."""
+
+    registry: SearchRegistry
+    resource_type: str
+    patient: str | None = None
+    alternatives: tuple[tuple[Clause, ...], ...] = ()  # () when unconstrained
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.patient is None and not self.alternatives
+
+    def shows(self, resource: Mapping[str, Any]) -> bool:
+        if self.unrestricted:
+            return True
+        body = dict(resource)
+        if self.patient is not None and self.patient not in self.registry.patients(
+                self.resource_type, body):
+            return False
+        # A constraint that cannot be judged in memory (a date, a quantity) hides the
+        # version: fail closed rather than show what the scope may exclude.
+        return not self.alternatives or any(
+            self.registry.matches(self.resource_type, body, clauses) is True
+            for clauses in self.alternatives)
+
+    def shows_stored(self, stored: StoredResource) -> bool:
+        """A stored version; a deletion marker says nothing the limits could be judged
+        on, so only an unrestricted caller is shown one by itself."""
+        if stored.deleted:
+            return self.unrestricted
+        return self.unrestricted or self.shows(orjson.loads(stored.body))
 
 
 @dataclass(slots=True)

@@ -129,10 +129,11 @@ class Remote:
         api.authorize(principal, call.interaction, type_)
         target = f"{type_}/{id_}"
         path = target if version is None else f"{target}/_history/{version}"
+        seen = api.visibility(principal, call.interaction, type_)
         response = await self.link.ask(call, "GET", path, cached=(type_,))
-        patient = api.confined_to(principal, type_)
-        if response.status == 404 or (response.status == 410 and patient is not None):
-            # Another patient's deleted resource answers like an unknown one.
+        patient = seen.patient
+        if response.status == 404 or (response.status == 410 and not seen.unrestricted):
+            # A deleted resource a limited caller cannot judge answers like an unknown one.
             await api.record([access(call, Action.READ, "404", resource_id=target,
                                      patient=patient if response.status == 410 else None)])
             raise unknown(type_)
@@ -142,17 +143,13 @@ class Remote:
         if response.status != 200:
             raise self.link.refused(response)
         resource = self.link.resource(response, type_)
-        owners: set[str] = set()
-        if patient is not None or api.limits.audit_reads != "off":
-            owners = api.patients_of(type_, resource)
-        if patient is not None and patient not in owners:
+        if not seen.shows(resource):
+            # As the local read: what the compartment or the scope does not show.
             await api.record([access(call, Action.READ, "404", resource_id=target,
                                      patient=patient)])
             raise unknown(type_)
-        clauses = api.scope_clauses(principal, "read", type_)
-        if clauses and api.registry.matches(type_, resource, clauses) is not True:
-            raise unknown(type_)  # as the local read: what the scope does not show
         if api.limits.audit_reads != "off":
+            owners = api.patients_of(type_, resource)
             await api.record_read([access(call, Action.READ, resource_id=target,
                                           patient=min(owners) if owners else None)])
         headers = passed_headers(response, resource)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.audit import Action
 from gateway.edge.fhir_api import Call, FhirApi, Pairs
-from gateway.edge.fhir_proxy_backend import BackendLink, Json, passed_headers
+from gateway.edge.fhir_proxy_backend import BackendLink, Json, as_list, passed_headers
 from gateway.edge.fhir_proxy_search import compartment_pairs, constraint_pairs
 from gateway.edge.fhir_request import access, if_match, read_body, unknown, validated
 from gateway.fhir import jsonio
@@ -78,6 +78,7 @@ async def conditional_update(link: BackendLink, call: Call) -> web.Response:
     _check_condition(call, params, "")
     _check_written(call, "update", resource)
     narrowing = _narrowing(call, "update")
+    await _check_matched(link, call, "update", params + narrowing)
     if api.confined_to(call.principal, type_) is not None:
         # A conditional update that creates takes a server id: a client-chosen one
         # could collide with another patient's resource and say so.
@@ -108,6 +109,7 @@ async def conditional_delete(link: BackendLink, call: Call) -> web.Response:
     call.api.authorize(call.principal, "delete", type_)
     _check_condition(call, params, "")
     narrowing = _narrowing(call, "delete")
+    await _check_matched(link, call, "delete", params + narrowing)
     response = await link.ask(call, "DELETE", type_, query=params + narrowing)
     link.invalidate(type_)
     return await _written(link, call, response, Action.DELETE, None, None)
@@ -121,32 +123,78 @@ def _check_written(call: Call, interaction: str, resource: Json) -> None:
     if clauses and not _permitted_write(api, type_, resource, clauses):
         raise FhirError(403, f"the granted scope does not permit writing this {type_}")
     patient = api.confined_to(call.principal, type_)
-    if patient is not None and not api.in_compartment(type_, resource, patient):
-        raise FhirError(403, "a patient-level scope may only write resources in its "
-                        "patient's compartment")
+    if patient is not None and not api.only_about(type_, resource, patient):
+        raise FhirError(403, "a patient-level scope may only write resources about its "
+                        "own patient (every subject or patient reference names it)")
 
 
 async def _check_current(link: BackendLink, call: Call, interaction: str, id_: str) -> None:
-    """What an update or delete replaces must be visible to the caller: fetched fresh
-    (never from the cache) when a compartment or a constraint limits the caller. An
-    unknown id answers the same 404 as another patient's."""
+    """What an update or delete replaces, held to the same tests as the local store's
+    (`fhir_writes._replace_check`): fetched fresh (never from the cache) when a
+    compartment or a constraint limits the caller, or an update could create without
+    the create permission. An unknown id answers a confined caller the same 404 as
+    another patient's."""
     api, type_ = call.api, call.resource_type
     patient = api.confined_to(call.principal, type_)
     clauses = api.scope_clauses(call.principal, interaction, type_)
-    if patient is None and not clauses:
+    may_create = interaction != "update" or call.principal.scopes.permits("create", type_)
+    if patient is None and not clauses and may_create:
         return
     response = await link.ask(call, "GET", f"{type_}/{id_}")
     if response.status in (404, 410):
         if patient is not None:
             raise unknown(type_)
+        if not may_create:
+            raise _no_create(type_)
         return
     if response.status != 200:
         raise link.refused(response)
-    current = link.resource(response, type_)
+    _check_replaced(call, link.resource(response, type_), clauses, patient, unknown(type_))
+
+
+async def _check_matched(link: BackendLink, call: Call, interaction: str,
+                         query: Pairs) -> None:
+    """What a conditional update or delete would replace, found by the same search
+    the backend is about to run (fresh, not cached): held to the same tests; a
+    conditional update matching nothing creates, which needs the create permission.
+    The backend resolves the condition again; a change in between is the backend's."""
+    api, type_ = call.api, call.resource_type
+    patient = api.confined_to(call.principal, type_)
+    clauses = api.scope_clauses(call.principal, interaction, type_)
+    may_create = interaction != "update" or call.principal.scopes.permits("create", type_)
+    if patient is None and not clauses and may_create:
+        return
+    response = await link.ask(call, "GET", type_, query=[*query, ("_count", "2")])
+    if response.status != 200:
+        raise link.refused(response)
+    found = [entry["resource"] for entry in as_list(link.resource(response, "Bundle")
+                                                    .get("entry"))
+             if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
+             and entry["resource"].get("resourceType") == type_]
+    if not found and not may_create:
+        raise _no_create(type_)
+    refusal = FhirError(403, f"the condition finds a {type_} this scope may not change")
+    for current in found:
+        _check_replaced(call, current, clauses, patient, refusal)
+
+
+def _check_replaced(call: Call, current: Json, clauses: Sequence[tuple[Match, ...]],
+                    patient: str | None, hidden: FhirError) -> None:
+    """A version a write would replace: `hidden` if the caller may not see it, 403 if
+    it may see it but not change it (a confined caller, a resource about others too)."""
+    api, type_ = call.api, call.resource_type
     if clauses and not _permitted_write(api, type_, current, clauses):
-        raise unknown(type_)
+        raise hidden
     if patient is not None and not api.in_compartment(type_, current, patient):
-        raise unknown(type_)
+        raise hidden
+    if patient is not None and not api.only_about(type_, current, patient):
+        raise FhirError(403, "a patient-level scope may only change resources about its "
+                        "own patient")
+
+
+def _no_create(type_: str) -> FhirError:
+    return FhirError(403, f"creating a {type_} by update needs a scope that permits "
+                     "create (c) as well as update (u)")
 
 
 def _narrowing(call: Call, interaction: str) -> Pairs:

@@ -1,6 +1,8 @@
 """Reads and history answered by the local store: the stored JSON bytes as they are, cut
-only by a profile or `_elements`; another patient's resource answers 404 exactly like
-one that does not exist, and every access is recorded before the answer leaves."""
+only by a profile or `_elements`; every version returned is one the caller may see
+(`FhirApi.visibility`: compartment and scope constraints), another patient's resource
+answers 404 exactly like one that does not exist, and every access is recorded before
+the answer leaves."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway.audit import Action
-from gateway.edge.fhir_api import Call
+from gateway.edge.fhir_api import Call, Visibility
 from gateway.edge.fhir_request import (
     access,
     bundle,
@@ -19,7 +21,7 @@ from gateway.edge.fhir_request import (
 )
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import date_range
-from gateway.store.fhir import HistoryQuery, IdMatch, SearchQuery, StoredResource
+from gateway.store.fhir import HistoryQuery, StoredResource
 
 
 async def read(call: Call) -> web.StreamResponse:
@@ -40,45 +42,32 @@ async def vread(call: Call) -> web.StreamResponse:
 
 
 async def readable(call: Call, id_: str, version: int | None = None) -> StoredResource:
-    """The resource if it exists, is not deleted and lies in the caller's compartment;
-    another patient's resource answers 404 exactly like one that does not exist."""
+    """The version if it exists, is not deleted and the caller may see it (its patient's
+    compartment, its scopes' constraints: `FhirApi.visibility`); what it may not see
+    answers 404 exactly like what does not exist."""
     api, type_ = call.api, call.resource_type
     api.authorize(call.principal, call.interaction, type_)
+    seen = api.visibility(call.principal, call.interaction, type_)
     stored = (await api.store.read(type_, id_) if version is None
               else await api.store.vread(type_, id_, version))
-    patient = api.confined_to(call.principal, type_)
     if stored is None:
         await api.record([access(call, Action.READ, "404", resource_id=f"{type_}/{id_}")])
         raise unknown(type_)
-    # Whose data this is (a Patient is its own; anything else is parsed to find out),
-    # worked out once: it decides a confined caller's access and goes into the record.
-    owners: set[str] = set()
-    if not stored.deleted and (patient is not None or api.limits.audit_reads != "off"):
-        owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
-                  else api.patients_of(type_, orjson.loads(stored.body)))
-    if patient is not None and (stored.deleted or patient not in owners):
-        # Whose a deleted version was cannot be shown either: both answer 404.
+    if not seen.shows_stored(stored):
+        # Whose a deleted version was cannot be judged either: both answer 404.
         await api.record([access(call, Action.READ, "404", resource_id=f"{type_}/{id_}",
-                                 patient=patient)])
+                                 patient=seen.patient)])
         raise unknown(type_)
     if stored.deleted:
         await api.record([access(call, Action.READ, "410", resource_id=f"{type_}/{id_}")])
         raise FhirError(410, f"this {type_} was deleted")
-    await _check_scope_constraints(call, id_)
     if api.limits.audit_reads != "off":
+        # Whose data this is goes into the record (a Patient is its own).
+        owners = ({f"Patient/{stored.id}"} if type_ == "Patient"
+                  else api.patients_of(type_, orjson.loads(stored.body)))
         await api.record_read([access(call, Action.READ, resource_id=f"{type_}/{id_}",
                                       patient=min(owners) if owners else None)])
     return stored
-
-
-async def _check_scope_constraints(call: Call, id_: str) -> None:
-    """A scope granted with `?param=value` permits reading only what matches it."""
-    clauses = call.api.scope_clauses(call.principal, "read", call.resource_type)
-    if not clauses:
-        return
-    query = SearchQuery(call.resource_type, ((IdMatch(id_),), *clauses), count=1)
-    if not await call.api.store.count(query):
-        raise unknown(call.resource_type)
 
 
 # -- history ----------------------------------------------------------------------------------
@@ -91,34 +80,36 @@ async def history(call: Call) -> web.Response:
     call.api.authorize(call.principal, "search", call.resource_type)
     if call.api.confined_to(call.principal, call.resource_type) is not None:
         raise FhirError(403, "type history is not available to patient-level scopes")
-    return await _history(call, HistoryQuery(call.resource_type), None)
+    seen = call.api.visibility(call.principal, "search", call.resource_type)
+    return await _history(call, HistoryQuery(call.resource_type), None, seen,
+                          markers=seen.unrestricted)
 
 
 async def _instance_history(call: Call) -> web.Response:
     id_ = call.request.match_info["id"]
     api = call.api
     api.authorize(call.principal, "read", call.resource_type)
+    seen = api.visibility(call.principal, "read", call.resource_type)
     current = await api.store.read(call.resource_type, id_)
     if current is None:
         raise unknown(call.resource_type)
-    patient = api.confined_to(call.principal, call.resource_type)
-    if patient is not None:
-        # The compartment of the latest live version decides, as for a read.
+    if not seen.unrestricted:
+        # An instance none of whose versions the caller may see answers like an unknown
+        # id; else only the versions it may see are listed (as vread answers them).
         page = await api.store.history(HistoryQuery(call.resource_type, id_, count=1000))
-        live = [v for v in page.resources if not v.deleted]
-        if not live or not api.in_compartment(call.resource_type,
-                                               orjson.loads(live[0].body), patient):
+        if not any(seen.shows_stored(v) for v in page.resources if not v.deleted):
             raise unknown(call.resource_type)
     # Whose history this is, for the audit record: the current version's patient.
     owners = (set() if current.deleted
               else api.patients_of(call.resource_type, orjson.loads(current.body)))
-    subject = min(owners) if owners else patient
-    return await _history(call, HistoryQuery(call.resource_type, id_), id_, patient,
-                          subject)
+    subject = min(owners) if owners else seen.patient
+    # Its deletion markers tell no more than the versions shown: they are listed.
+    return await _history(call, HistoryQuery(call.resource_type, id_), id_, seen,
+                          subject, markers=True)
 
 
-async def _history(call: Call, base_query: HistoryQuery, id_: str | None,
-                   patient: str | None = None, subject: str | None = None) -> web.Response:
+async def _history(call: Call, base_query: HistoryQuery, id_: str | None, seen: Visibility,
+                   subject: str | None = None, *, markers: bool) -> web.Response:
     request, api = call.request, call.api
     count = _int_param(request, "_count", api.limits.default_count, api.limits.max_count)
     offset = _int_param(request, "_offset", 0, 10**9)
@@ -129,9 +120,8 @@ async def _history(call: Call, base_query: HistoryQuery, id_: str | None,
     base = api.base(request)
     entries = []
     for version in page.resources:
-        if patient is not None and not version.deleted and not api.in_compartment(
-                version.resource_type, orjson.loads(version.body), patient):
-            continue  # a version from another patient's compartment: vread says 404 too
+        if not (markers and version.deleted) and not seen.shows_stored(version):
+            continue  # a version the caller may not see: vread says 404 too
         url = f"{base}/{version.resource_type}/{version.id}"
         method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
         parts = [b'{"fullUrl":', orjson.dumps(url)]
@@ -149,8 +139,8 @@ async def _history(call: Call, base_query: HistoryQuery, id_: str | None,
         await api.record_read([access(call, Action.READ, resource_id=(
             f"{call.resource_type}/{id_}" if id_ else None), query_shape="_history",
             patient=subject)])
-    # A confined caller's total would count the versions left out.
-    return bundle("history", entries, links, page.total if patient is None else None)
+    # A limited caller's total would count the versions left out.
+    return bundle("history", entries, links, page.total if seen.unrestricted else None)
 
 
 def _since_param(request: web.Request) -> str | None:

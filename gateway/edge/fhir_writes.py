@@ -1,6 +1,8 @@
 """Writes answered by the local store: create, update and delete, plain or conditional.
-A patient-level scope writes only in its patient's compartment, a constrained scope only
-what meets its constraint (and what it replaces must too); every write is recorded."""
+A patient-level scope writes only resources about its own patient, a constrained scope
+only what meets its constraint, and what a write replaces must pass the same tests (the
+store judges it inside the transaction); creating by update needs `c` as well as `u`.
+Every write is recorded."""
 
 from __future__ import annotations
 
@@ -26,7 +28,16 @@ from gateway.edge.fhir_request import (
 from gateway.fhir.outcome import FHIR_JSON, FhirError, information
 from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import Entry, query_pairs, write_request
-from gateway.store.fhir import Match, SearchQuery, WriteConflict, WriteOutcome, WriteRequest
+from gateway.store.fhir import (
+    Match,
+    Refusal,
+    ReplaceCheck,
+    SearchQuery,
+    StoredResource,
+    WriteConflict,
+    WriteOutcome,
+    WriteRequest,
+)
 
 
 async def create(call: Call) -> web.Response:
@@ -142,73 +153,91 @@ def conflict_reason(conflict: WriteConflict) -> str:
 
 
 async def checked_write(call: Call, entry: Entry, where: str) -> WriteRequest:
-    """The store write for an entry, after the compartment checks a patient scope needs."""
-    api = call.api
+    """The store write for an entry: what it writes checked here, what it replaces judged
+    by the store inside the transaction (`_replace_check`), a conditional write's search
+    cut to what the caller may see."""
+    api, principal, type_ = call.api, call.principal, entry.resource_type
     interaction = INTERACTIONS[entry.method]
     try:
         write = write_request(api.registry, entry)
     except SearchError as exc:
         raise FhirError(400, f"{where}{exc}", exc.param) from None
-    constraints = api.scope_clauses(call.principal, interaction, entry.resource_type)
-    if constraints:
-        write = await _constrained(call, entry, write, constraints, where)
-    patient = api.confined_to(call.principal, entry.resource_type)
-    if patient is None:
-        return write
-    if entry.resource is not None and not api.in_compartment(
-            entry.resource_type, entry.resource, patient):
-        raise FhirError(403, f"{where}a patient-level scope may only write resources in "
-                        "its patient's compartment")
-    if entry.id is not None:
-        # Only a live resource in the compartment may be updated or deleted. An unknown id
-        # answers the same 404 as another patient's (no update-as-create, no 204 for a
-        # delete of nothing): otherwise the answer would tell which ids exist.
-        current = await api.store.read(entry.resource_type, entry.id)
-        if current is None or current.deleted or not api.in_compartment(
-                entry.resource_type, orjson.loads(current.body), patient):
-            raise FhirError(404, f"{where}no {entry.resource_type} with this id is known")
-    elif write.condition is not None:
-        resource = write.resource
-        if write.method == "PUT" and resource is not None:
-            # A conditional update that creates takes a server id: a client-chosen one
-            # could collide with another patient's resource and say so (409).
-            resource = {k: v for k, v in resource.items() if k != "id"}
-        # If-None-Exist too: a match outside the compartment would be answered with
-        # another patient's resource.
-        clauses = (*write.condition.clauses,
-                   api.compartment_clause(entry.resource_type, patient))
-        write = WriteRequest(write.method, write.resource_type, write.id, resource,
-                             SearchQuery(entry.resource_type, clauses), write.if_match,
-                             write.full_url)
-    return write
+    constraints = api.scope_clauses(principal, interaction, type_)
+    patient = api.confined_to(principal, type_)
+    if entry.resource is not None:
+        if constraints and not _meets(call, type_, entry.resource, constraints):
+            raise FhirError(403, f"{where}the granted scope does not permit writing this "
+                            f"{type_}")
+        if patient is not None and not api.only_about(type_, entry.resource, patient):
+            raise FhirError(403, f"{where}a patient-level scope may only write resources "
+                            "about its own patient (every subject or patient reference "
+                            "names it)")
+    resource, clauses = write.resource, write.condition.clauses if write.condition else ()
+    if write.condition is not None:
+        # A conditional write only finds what the caller may see (If-None-Exist too: a
+        # match outside it would be answered with another patient's resource).
+        clauses = (*clauses, *constraints)
+        if patient is not None:
+            clauses = (*clauses, api.compartment_clause(type_, patient))
+            if write.method == "PUT" and resource is not None:
+                # A conditional update that creates takes a server id: a client-chosen
+                # one could collide with another patient's resource and say so (409).
+                resource = {k: v for k, v in resource.items() if k != "id"}
+    check = _replace_check(call, entry, constraints, patient) \
+        if write.method != "POST" else None
+    return WriteRequest(write.method, write.resource_type, write.id, resource,
+                        SearchQuery(type_, clauses) if write.condition is not None else None,
+                        write.if_match, write.full_url, check)
 
 
-async def _constrained(call: Call, entry: Entry, write: WriteRequest,
-                       constraints: tuple[tuple[Match, ...], ...], where: str) -> WriteRequest:
-    """A write under a scope granted with `?param=value` (e.g. Observation.cu?category=
-    laboratory): what is written must meet the constraint, and so must what it replaces
-    or deletes; a conditional write only finds resources that meet it."""
+def _replace_check(call: Call, entry: Entry, constraints: tuple[tuple[Match, ...], ...],
+                   patient: str | None) -> ReplaceCheck:
+    """How the store judges what a PUT or DELETE replaces, inside its transaction: what
+    the caller may not read answers 404 as a read does; what it may read but not change
+    (a confined caller and a resource also about another patient) 403; a PUT that would
+    create needs the create permission as well (SMART v2: `u` updates, `c` creates)."""
     api, type_ = call.api, entry.resource_type
+    by_id = entry.id is not None
+    may_create = call.principal.scopes.permits("create", type_)
+    unknown = f"no {type_} with this id is known"
 
-    def meets(resource: dict[str, Any]) -> bool:
-        verdict = api.registry.matches(type_, resource, constraints)
-        if verdict is None:
-            raise FhirError(403, f"{where}the granted scope's constraint cannot be checked "
-                            "on a write; it needs an unconstrained scope")
-        return verdict
+    def check(current: StoredResource | None) -> Refusal | None:
+        if current is None or current.deleted:
+            if patient is not None and by_id:
+                # An unknown id answers like another patient's (no delete of nothing,
+                # no update-as-create): otherwise the answer would tell which ids exist.
+                return 404, unknown
+            if entry.method == "PUT" and not may_create:
+                return 403, (f"creating a {type_} by update needs a scope that permits "
+                             "create (c) as well as update (u)")
+            return None
+        resource = orjson.loads(current.body)
+        if constraints:
+            verdict = api.registry.matches(type_, resource, constraints)
+            if verdict is None:
+                return 403, _UNJUDGED
+            if not verdict:
+                return 404, unknown
+        if patient is not None:
+            if not api.in_compartment(type_, resource, patient):
+                return 404, unknown
+            if not api.only_about(type_, resource, patient):
+                return 403, ("a patient-level scope may only change resources about its "
+                             "own patient")
+        return None
 
-    if entry.resource is not None and not meets(entry.resource):
-        raise FhirError(403, f"{where}the granted scope does not permit writing this "
-                        f"{type_}")
-    if entry.id is not None:
-        # What it replaces or deletes: one the scope does not show answers like a read.
-        current = await api.store.read(type_, entry.id)
-        if current is not None and not current.deleted and not meets(
-                orjson.loads(current.body)):
-            raise FhirError(404, f"{where}no {type_} with this id is known")
-        return write
-    if write.condition is None:
-        return write
-    return WriteRequest(write.method, write.resource_type, write.id, write.resource,
-                        SearchQuery(type_, (*write.condition.clauses, *constraints)),
-                        write.if_match, write.full_url)
+    return check
+
+
+_UNJUDGED = ("the granted scope's constraint cannot be checked on a write; it needs an "
+             "unconstrained scope")
+
+
+def _meets(call: Call, type_: str, resource: dict[str, Any],
+           constraints: tuple[tuple[Match, ...], ...]) -> bool:
+    """Whether a resource written under a scope granted with `?param=value` (e.g.
+    Observation.cu?category=laboratory) meets it; 403 when it cannot be judged."""
+    verdict = call.api.registry.matches(type_, resource, constraints)
+    if verdict is None:
+        raise FhirError(403, _UNJUDGED)
+    return verdict

@@ -18,7 +18,7 @@ class WriteConflict(StoreError):
     """A write that cannot be applied as asked; `status` is the HTTP answer, `reason` holds
     no PHI (it names the entry index and the rule, never a value)."""
 
-    def __init__(self, status: Literal[400, 404, 409, 410, 412, 422], reason: str,
+    def __init__(self, status: Literal[400, 403, 404, 409, 410, 412, 422], reason: str,
                  entry: int | None = None) -> None:
         super().__init__(reason)
         self.status = status

@@ -191,6 +191,14 @@ class SearchPage:
 # -- writes ---------------------------------------------------------------------------------
 
 
+# A caller's judgement of what a PUT or DELETE replaces, made by the store inside the
+# transaction once the write is resolved (so no other write can slip in between): the
+# current version (None, or a deletion marker, when there is none: the PUT creates) ->
+# None to go ahead, or the (HTTP status, reason) the write is refused with.
+Refusal = tuple[Literal[403, 404], str]
+ReplaceCheck = Callable[["StoredResource | None"], "Refusal | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class WriteRequest:
     """One entry of a transaction or batch, or a single REST write.
@@ -201,6 +209,8 @@ class WriteRequest:
     DELETE: by `id`, or conditional by `condition`.
     `full_url`: the entry's fullUrl ('urn:uuid:...'), so references to it in other entries
     of the same transaction are rewritten to the final 'Type/id'.
+    `check`: judges what a PUT or DELETE replaces (see ReplaceCheck); a refusal is a
+    WriteConflict with its status.
     """
 
     method: Literal["POST", "PUT", "DELETE"]
@@ -210,6 +220,7 @@ class WriteRequest:
     condition: SearchQuery | None = None
     if_match: int | None = None
     full_url: str | None = None
+    check: ReplaceCheck | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from gateway.fhir.search import (
     MAX_INSTANT,
     MIN_INSTANT,
     TABLE,
+    UNRESOLVED,
     Include,
     ParsedSearch,
     SearchError,
@@ -753,6 +754,46 @@ def test_patients_names_the_compartments_a_resource_is_in(
         expected: set[str]) -> None:
     assert registry.patients(resource_type, {"resourceType": resource_type,
                                              **resource}) == expected
+
+
+@pytest.mark.parametrize(("resource_type", "resource", "expected"), [
+    ("Patient", {"id": "p1"}, {"Patient/p1"}),
+    # The patient a resource is about, never one who only took part in it.
+    ("Observation", {"subject": {"reference": "Patient/p1"},
+                     "performer": [{"reference": "Patient/p2"}]}, {"Patient/p1"}),
+    ("Observation", {"performer": [{"reference": "Patient/p2"}]}, set()),
+    ("Condition", {"subject": {"reference": "Patient/p1"},
+                   "asserter": {"reference": "Patient/p2"}}, {"Patient/p1"}),
+    ("DocumentReference", {"subject": {"reference": "https://other.example/fhir/Patient/p1"},
+                           "author": [{"reference": "Patient/p2"}]}, {"Patient/p1"}),
+    ("Appointment", {"participant": [{"actor": {"reference": "Patient/p1"}},
+                                     {"actor": {"reference": "Patient/p2"}},
+                                     {"actor": {"reference": "Practitioner/x"}}]},
+     {"Patient/p1", "Patient/p2"}),
+    ("Coverage", {"beneficiary": {"reference": "Patient/p1"},
+                  "subscriber": {"reference": "Patient/p2"}}, {"Patient/p1"}),
+    # Whom a reference names cannot be told: it could be anyone.
+    ("Observation", {"subject": {"reference": "Group/g1"}}, {UNRESOLVED}),
+    ("Observation", {"subject": {"identifier": {"value": "mrn-1"}}}, {UNRESOLVED}),
+    ("Observation", {"subject": {"reference": "#p1"}}, {UNRESOLVED}),
+    ("Observation", {"subject": {"reference": "urn:uuid:0d2b8ae4-6ba9-4c1c-9e1d-0a44"}},
+     {UNRESOLVED}),
+    ("Observation", {"subject": {"reference": "Device/d1"}}, set()),
+])
+def test_about_names_the_patients_a_resource_is_about(
+        registry: SearchRegistry, resource_type: str, resource: Json,
+        expected: set[str]) -> None:
+    assert registry.about(resource_type, {"resourceType": resource_type,
+                                          **resource}) == expected
+
+
+def test_every_compartment_type_has_a_subject_parameter(registry: SearchRegistry) -> None:
+    """A confined client's write must name its patient somewhere: a type in the Patient
+    compartment without a subject parameter could never be written by one."""
+    for resource_type in registry.types():
+        if registry.compartment_params(resource_type):
+            assert any(p.subject for p in registry.params(resource_type).values()), \
+                resource_type
 
 
 LAB = {"resourceType": "Observation", "id": "o1", "status": "final",

@@ -24,11 +24,11 @@ from gateway.fhir.search.params import (
     SearchParameter,
 )
 from gateway.fhir.search.query import MAX_VALUES, PREFIXES, Include, ParsedSearch
-from gateway.fhir.search.registry import SearchRegistry
+from gateway.fhir.search.registry import UNRESOLVED, SearchRegistry
 
 __all__ = [
     "COLUMNS", "MAX_INSTANT", "MAX_VALUES", "MIN_INSTANT", "PARAM_TYPES", "PREFIXES", "TABLE",
     "Include", "ParamType", "ParsedSearch", "SearchError", "SearchParameter", "SearchRegistry",
-    "SearchTableError", "UnsupportedFormat", "date_range", "normalize", "normalize_contact",
-    "reference_target",
+    "SearchTableError", "UNRESOLVED", "UnsupportedFormat", "date_range", "normalize",
+    "normalize_contact", "reference_target",
 ]

@@ -42,6 +42,9 @@ class SearchParameter:
     compartment: bool  # places the resource in the Patient compartment
     roots: frozenset[str]  # the top-level elements the parameter reads
     contact: bool = False  # reads ContactPoint values: normalise search values alike
+    # Names the patient the resource is about (subject, patient, beneficiary), not one who
+    # only took part (performer, asserter, author): what a confined client's write may name.
+    subject: bool = False
     paths: tuple[IndexPath, ...] = field(default=(), repr=False, compare=False)
 
 
@@ -92,9 +95,10 @@ def _compile(row: dict[str, str]) -> SearchParameter:
         raise ValueError("a reference parameter lists its target types")
     if kind != "reference" and targets:
         raise ValueError("targets are for reference parameters only")
-    if row["compartment"] not in ("", "0", "1"):
-        raise ValueError("compartment is 1, 0 or empty")
-    compartment = row["compartment"] == "1"
+    if row["compartment"] not in ("", "0", "1", "subject"):
+        raise ValueError("compartment is 1, 0 or empty, or subject (1, and the resource "
+                         "is about the patient it names)")
+    compartment = row["compartment"] in ("1", "subject")
     if compartment and "Patient" not in targets:
         raise ValueError("only a reference that may point to a Patient places a resource in "
                          "the Patient compartment")
@@ -113,6 +117,7 @@ def _compile(row: dict[str, str]) -> SearchParameter:
     return SearchParameter(
         resource=resource, name=name, type=cast(ParamType, kind),
         path=row["path"], targets=targets, compartment=compartment,
+        subject=row["compartment"] == "subject",
         roots=frozenset(p.steps[0].name for p in paths),
         contact=leaf_types == {"ContactPoint"}, paths=tuple(paths))
 

@@ -9,10 +9,14 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.fhir.errors import SearchError
-from gateway.fhir.search.index import judge, values
+from gateway.fhir.search.index import judge, reference_target, values
 from gateway.fhir.search.params import SearchParameter, read_table, top_level_elements
 from gateway.fhir.search.query import ParsedSearch, parse_query
 from gateway.store.fhir import Clause, IndexEntry, ReferenceIndex
+
+# `about`'s stand-in for a reference it cannot resolve to one patient (never a real id:
+# FHIR R4 ids are [A-Za-z0-9-.]).
+UNRESOLVED = "Patient/?"
 
 
 class SearchRegistry:
@@ -26,6 +30,8 @@ class SearchRegistry:
         self._elements = {t: top_level_elements(t) for t in by_type}
         self._compartment = {t: tuple(n for n, p in ps.items() if p.compartment)
                              for t, ps in by_type.items()}
+        self._subject = {t: tuple(p for p in ps.values() if p.subject)
+                         for t, ps in by_type.items()}
 
     @classmethod
     def load(cls, path: Path) -> SearchRegistry:
@@ -81,6 +87,29 @@ class SearchRegistry:
                     path.emit(name, value, out)
         return {entry.target for entry in out if isinstance(entry, ReferenceIndex)
                 and entry.target.startswith("Patient/")}
+
+    def about(self, resource_type: str, resource: dict[str, Any]) -> set[str]:
+        """The patients ('Patient/id') this resource is about: what its compartment
+        subject parameters name (Observation.subject, Condition.subject, ...; never a
+        performer, asserter or author). A reference there that names no resource by its
+        URL (identifier only, '#contained', 'urn:uuid:') or names a Group stands as
+        UNRESOLVED: it could be any patient. A Patient is about itself."""
+        if not isinstance(resource, dict):
+            return set()
+        if resource_type == "Patient":
+            return {f"Patient/{resource.get('id')}"}
+        found: set[str] = set()
+        for param in self._subject.get(resource_type, ()):
+            for path in param.paths:
+                for value in values(resource, path.steps):
+                    text = value.get("reference") if isinstance(value, dict) else None
+                    target = reference_target(text) if isinstance(text, str) else None
+                    kind = target.partition("/")[0] if target is not None else None
+                    if kind == "Patient":
+                        found.add(str(target))
+                    elif kind is None or kind == "Group":
+                        found.add(UNRESOLVED)
+        return found
 
     def matches(self, resource_type: str, resource: dict[str, Any],
                 clauses: Sequence[Clause]) -> bool | None:

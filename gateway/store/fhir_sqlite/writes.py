@@ -123,6 +123,7 @@ class TransactionWriter:
         if request.condition is not None:
             matches = self._matches(entry)
             if not matches:
+                _check_replaced(entry)
                 entry.outcome = WriteOutcome(204, None, changed=False)
                 return
             entry.id, entry.current = matches[0].id, matches[0]
@@ -130,6 +131,7 @@ class TransactionWriter:
             assert request.id is not None
             entry.id = request.id
             entry.current = current.get(entry.key)
+        _check_replaced(entry)
         _check_if_match(entry)
         if entry.current is None or entry.current.deleted:
             entry.outcome = WriteOutcome(204, None, changed=False)
@@ -152,6 +154,7 @@ class TransactionWriter:
                                         "not match the resource the condition found",
                                         entry.position)
                 entry.id, entry.current = matches[0].id, matches[0]
+                _check_replaced(entry)
                 _check_if_match(entry)
                 return
             if request.method == "POST":
@@ -165,6 +168,8 @@ class TransactionWriter:
         if request.method == "POST" and entry.current is not None and not entry.current.deleted:
             raise WriteConflict(409, f"entry {entry.position}: a resource with this id "
                                 "already exists", entry.position)
+        if request.method == "PUT":
+            _check_replaced(entry)
         _check_if_match(entry)
 
     def _matches(self, entry: _Entry) -> list[StoredResource]:
@@ -310,6 +315,16 @@ def _claim(entry: _Entry, claimed: dict[tuple[str, str], int]) -> None:
     if other != entry.position:
         raise WriteConflict(400, f"entry {entry.position}: resolves to the same resource as "
                             f"entry {other}", entry.position)
+
+
+def _check_replaced(entry: _Entry) -> None:
+    """The caller's check of what this PUT or DELETE replaces, before If-Match (a 412
+    would tell a refused caller the version of something it may not see)."""
+    check = entry.request.check
+    refusal = check(entry.current) if check is not None else None
+    if refusal is not None:
+        status, reason = refusal
+        raise WriteConflict(status, f"entry {entry.position}: {reason}", entry.position)
 
 
 def _check_if_match(entry: _Entry) -> None:
