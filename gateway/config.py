@@ -210,6 +210,9 @@ class ClientConfig(_Section):
     client_id: str = Field(min_length=1, max_length=128)
     jwks_file: Path | None = None
     public_key_file: Path | None = None
+    # The kid the client's assertions name for public_key_file; unset: the one key is
+    # tried whatever kid an assertion names (SMART requires clients to send a kid).
+    kid: str | None = Field(default=None, min_length=1, max_length=256)
     scopes: tuple[str, ...] = ()
     profile: str | None = None
     # A client acting for one patient (e.g. a patient-facing service): its patient/ scopes
@@ -220,6 +223,8 @@ class ClientConfig(_Section):
     def _one_key_source(self) -> ClientConfig:
         if (self.jwks_file is None) == (self.public_key_file is None):
             raise ValueError("give exactly one of jwks_file or public_key_file")
+        if self.kid is not None and self.public_key_file is None:
+            raise ValueError("kid goes with public_key_file (a JWKS names its own kids)")
         for path in (self.jwks_file, self.public_key_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} is not a readable file")
