@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.edge.dn import parse as parse_dn
+
 ENV_PREFIX = "ISTHMUS_"
 CONFIG_ENV = "ISTHMUS_CONFIG"
 
@@ -44,6 +46,12 @@ class AllowedSender(_Section):
     subject: str = Field(min_length=1, description="e.g. 'CN=lab.example,O=Example Lab'")
     sending_application: str = Field(min_length=1)
     sending_facility: str = "*"
+
+    @field_validator("subject")
+    @classmethod
+    def _rfc4514(cls, subject: str) -> str:
+        parse_dn(subject)  # ValueError naming the offset: refused at start, not per message
+        return subject
 
 
 class TlsConfig(_Section):
