@@ -118,12 +118,13 @@ async def _record_refusal(request: web.Request, status: int, error: Exception) -
     if audit is None:
         return
     principal = request.get(PRINCIPAL)
+    profile = (principal.profile or "") if principal is not None else ""
     span = trace.get_current_span().get_span_context()
     record = AuditRecord(
         _action(request), str(status),
         client_id=principal.client_id if principal is not None else "",
         peer=request.remote or "", resource_type=request.match_info.get("type", ""),
-        profile=(principal.profile or "") if principal is not None else "",
+        purpose=profile, profile=profile,  # as every FHIR access record says it
         control_id=request.headers.get("X-Request-Id", "")[:64],
         trace_id=format(span.trace_id, "032x") if span.is_valid else "",
         # AuthError reasons are fixed phrases (jose's TokenError); other refusals' texts
