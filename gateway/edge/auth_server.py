@@ -162,7 +162,8 @@ class ReplayCache:
     def attach(self, store: ReplayStore, unexpired: Iterable[tuple[bytes, float]]) -> None:
         """Write new ids through to `store`; `unexpired`: the ids it kept from before."""
         for key, expires_at in unexpired:
-            self._remember(key, expires_at)
+            # Past the bound too: dropping an unexpired id would reopen its replay.
+            self._remember(key, expires_at, bounded=False)
         self._store = store
 
     async def first_use(self, key: bytes, expires_at: float) -> bool:
@@ -174,7 +175,7 @@ class ReplayCache:
             await self._store.add(key, expires_at)
         return True
 
-    def _remember(self, key: bytes, expires_at: float) -> bool:
+    def _remember(self, key: bytes, expires_at: float, *, bounded: bool = True) -> bool:
         now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
             _, old = heapq.heappop(self._expiry)
@@ -182,7 +183,7 @@ class ReplayCache:
                 del self._seen[old]
         if key in self._seen:
             return False
-        if len(self._seen) >= self._max:
+        if bounded and len(self._seen) >= self._max:
             # Fail closed: forgetting an unexpired id would let it be replayed.
             raise TokenError("too many assertions in flight")
         self._seen[key] = expires_at
