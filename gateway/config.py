@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.edge.dn import parse as parse_dn
+
 ENV_PREFIX = "ISTHMUS_"
 CONFIG_ENV = "ISTHMUS_CONFIG"
 
@@ -44,6 +46,12 @@ class AllowedSender(_Section):
     subject: str = Field(min_length=1, description="e.g. 'CN=lab.example,O=Example Lab'")
     sending_application: str = Field(min_length=1)
     sending_facility: str = "*"
+
+    @field_validator("subject")
+    @classmethod
+    def _rfc4514(cls, subject: str) -> str:
+        parse_dn(subject)  # ValueError naming the offset: refused at start, not per message
+        return subject
 
 
 class TlsConfig(_Section):
@@ -210,6 +218,9 @@ class ClientConfig(_Section):
     client_id: str = Field(min_length=1, max_length=128)
     jwks_file: Path | None = None
     public_key_file: Path | None = None
+    # The kid the client's assertions name for public_key_file; unset: the one key is
+    # tried whatever kid an assertion names (SMART requires clients to send a kid).
+    kid: str | None = Field(default=None, min_length=1, max_length=256)
     scopes: tuple[str, ...] = ()
     profile: str | None = None
     # A client acting for one patient (e.g. a patient-facing service): its patient/ scopes
@@ -220,6 +231,8 @@ class ClientConfig(_Section):
     def _one_key_source(self) -> ClientConfig:
         if (self.jwks_file is None) == (self.public_key_file is None):
             raise ValueError("give exactly one of jwks_file or public_key_file")
+        if self.kid is not None and self.public_key_file is None:
+            raise ValueError("kid goes with public_key_file (a JWKS names its own kids)")
         for path in (self.jwks_file, self.public_key_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} is not a readable file")

@@ -29,6 +29,7 @@ from gateway.app.specs import (
 )
 from gateway.app.state import (
     APPLIER,
+    AUTH_FILE,
     FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
@@ -43,6 +44,7 @@ from gateway.app.state import (
 )
 from gateway.audit import AuditLog
 from gateway.edge import audit_http, http
+from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
@@ -51,6 +53,7 @@ from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.outbox import SqliteOutbox
+from gateway.store.replay_sqlite import SqliteReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,22 @@ async def audit(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await audit_log.close()
+
+
+async def assertion_ids(app: web.Application) -> AsyncIterator[None]:
+    """The client assertion ids already used, kept on disk so that a restart does not
+    let a captured assertion be replayed (only when clients can ask for tokens)."""
+    settings = app[SETTINGS]
+    if not settings.auth.clients:
+        yield
+        return
+    opened = await SqliteReplayStore.open(settings.store.data_dir / AUTH_FILE,
+                                          synchronous=settings.store.synchronous)
+    try:
+        app[AUTH_SERVER].replay.attach(opened, await opened.unexpired())
+        yield
+    finally:
+        await opened.close()
 
 
 async def inbox(app: web.Application) -> AsyncIterator[None]:
@@ -190,8 +209,8 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (translator, audit, inbox, fhir_store, forwarding,
-                                   fhir_api, applier, mllp, housekeeping)
+RESOURCES: tuple[Resource, ...] = (translator, audit, assertion_ids, inbox, fhir_store,
+                                   forwarding, fhir_api, applier, mllp, housekeeping)
 
 
 def mllp_server(app: web.Application) -> MllpServer:

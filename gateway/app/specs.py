@@ -111,7 +111,8 @@ def client(index: int, config: ClientConfig) -> Client:
             keys = load_jwks(config.jwks_file)
         else:
             assert config.public_key_file is not None  # config guarantees exactly one
-            keys = KeySet.of(public_key_from_pem(config.public_key_file.read_bytes()))
+            keys = KeySet.of(public_key_from_pem(config.public_key_file.read_bytes()),
+                             config.kid)
     except (OSError, ValueError) as exc:
         raise AuthSetupError(f"{where}: {exc}") from None
     checked_scopes(config.scopes, where)

@@ -29,4 +29,5 @@ SEARCH_REGISTRY = web.AppKey("search_registry", SearchRegistry)
 # In the data dir.
 INBOX_FILE = "inbox.db"
 FHIR_FILE = "fhir.db"
+AUTH_FILE = "auth.db"  # the client assertion ids already used (replay protection)
 KEYS_DIR = "keys"

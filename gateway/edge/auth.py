@@ -136,12 +136,15 @@ class Authenticator:
         except TokenError as exc:
             log.info("bearer token refused: %s", exc.reason)
             raise AuthError(401, exc.reason, self._challenge("invalid_token", exc.reason)) from None
-        self._cache[key] = (principal, exp + CLOCK_SKEW)
+        # Cached no longer than the verification would accept it: to exp for our own
+        # tokens, exp plus the skew for an external issuer's.
+        self._cache[key] = (principal, exp)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return principal
 
     def _verify(self, token: str, endpoints: Endpoints) -> tuple[Principal, float]:
+        """The principal and the instant from which the token is no longer accepted."""
         _, unverified = read_unverified(token)
         iss = unverified.get("iss")
         if iss == endpoints.issuer:
@@ -152,7 +155,7 @@ class Authenticator:
         _, claims = verify_jwt(token, issuer.keys, allowed_algs=SUPPORTED_ALGS)
         if not has_audience(claims, issuer.audience):
             raise TokenError("wrong audience")
-        exp = check_times(claims, now=self.server.clock(), leeway=CLOCK_SKEW)
+        exp = check_times(claims, now=self.server.clock(), leeway=CLOCK_SKEW) + CLOCK_SKEW
         client_id = next((v for v in (claims.get(n) for n in (
             issuer.client_claim, "client_id", "azp", "sub"))
             if isinstance(v, str) and _CLIENT_ID.fullmatch(v)), None)
@@ -199,11 +202,15 @@ class Authenticator:
 
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+# The caller, once authenticated: who a later refusal (403) is recorded against.
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 async def principal_for(request: web.Request) -> Principal:
     """The caller of a protected route; raises AuthError (answer its status and headers)."""
-    return await request.app[AUTHENTICATOR].authenticate(request)
+    principal = await request.app[AUTHENTICATOR].authenticate(request)
+    request[PRINCIPAL] = principal
+    return principal
 
 
 def install_auth(app: web.Application, server: AuthorizationServer,

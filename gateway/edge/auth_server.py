@@ -8,6 +8,8 @@ and our JWKS are published beside it. Who calls a protected route is `auth`'s qu
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import heapq
 import logging
 import os
@@ -18,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -38,6 +40,7 @@ from gateway.policy.jose import (
 )
 from gateway.policy.principal import Principal, patient_reference
 from gateway.policy.scopes import ScopeError, ScopeSet, grant
+from gateway.store import StoreUnavailable
 
 # The logger these lines have always carried (operators filter on it).
 log = logging.getLogger("gateway.edge.auth")
@@ -50,7 +53,13 @@ ACCESS_TOKEN_ALG = "ES384"
 ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1
 MAX_ASSERTION_AHEAD = 300  # SMART: exp no more than five minutes in the future
 MAX_TOKEN_LIFETIME = 300
+# The clock skew allowed to other parties' clocks (client assertions, external issuers'
+# tokens); never to the exp of a token we signed (our clock alone decides its end).
 CLOCK_SKEW = 30
+# How long a token request waits for its audit record before answering 503: a locked or
+# slow audit store must not hold a client (and a connection) for the store's busy timeout.
+AUDIT_WAIT = 2.0
+RETRY_AFTER = 5
 KEYS_DIR = "keys"
 SIGNING_KEY_FILE = "token-signing.pem"
 MAX_FORM_BYTES = 64 * 1024
@@ -65,13 +74,22 @@ JTI = re.compile(r"[\x20-\x7e]{1,256}")
 
 
 class OAuthError(Exception):
-    """A token request refused: RFC 6749 §5.2 error code, description and HTTP status."""
+    """A token request refused: RFC 6749 §5.2 error code, description and HTTP status
+    (with Retry-After, in seconds, when trying again later can succeed)."""
 
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
+    def __init__(self, error: str, description: str, status: int = 400,
+                 retry_after: int | None = None) -> None:
         super().__init__(f"{error}: {description}")
         self.error = error
         self.description = description
         self.status = status
+        self.retry_after = retry_after
+
+
+def unavailable(description: str) -> OAuthError:
+    """503 temporarily_unavailable (the RFC 6749 §4.1.2.1 code, used by token endpoints
+    too): nothing was issued, try again after Retry-After."""
+    return OAuthError("temporarily_unavailable", description, 503, RETRY_AFTER)
 
 
 class AuthSetupError(ValueError):
@@ -110,22 +128,54 @@ class IssuedToken:
                 "expires_in": self.expires_in, "scope": self.scope}
 
 
+class ReplayStore(Protocol):
+    """Where assertion ids outlive the process (`gateway.store.replay_sqlite`)."""
+
+    async def add(self, key: bytes, expires_at: float) -> None:
+        """Keep `key` durably until `expires_at`; StoreUnavailable when it cannot."""
+        ...
+
+
 class ReplayCache:
     """Assertion ids seen, kept until they expire (RFC 7523 §3 item 7).
 
-    In memory, so it protects one instance: several instances behind a load balancer need
-    a shared cache (the store's dedup-key interface is the intended home).
+    Checked in memory (one dict lookup, and no await between the check and the insert,
+    so two concurrent requests with one assertion cannot both pass); with a store
+    attached, each new id is also written through before its token is issued, and the
+    ids still unexpired are loaded back at start: a restart does not reopen the window.
+    One instance's cache: several instances behind a load balancer need a shared store.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time,
                  max_entries: int = 100_000) -> None:
         self._clock = clock
         self._max = max_entries
-        self._seen: dict[str, float] = {}
-        self._expiry: list[tuple[float, str]] = []
+        self._seen: dict[bytes, float] = {}
+        self._expiry: list[tuple[float, bytes]] = []
+        self._store: ReplayStore | None = None
 
-    def first_use(self, key: str, expires_at: float) -> bool:
-        """Record `key`; False when it was already seen and has not expired."""
+    @staticmethod
+    def key(client_id: str, jti: str) -> bytes:
+        # Fixed size, and no client-chosen text in the file.
+        return hashlib.sha256(f"{client_id}\n{jti}".encode()).digest()
+
+    def attach(self, store: ReplayStore, unexpired: Iterable[tuple[bytes, float]]) -> None:
+        """Write new ids through to `store`; `unexpired`: the ids it kept from before."""
+        for key, expires_at in unexpired:
+            # Past the bound too: dropping an unexpired id would reopen its replay.
+            self._remember(key, expires_at, bounded=False)
+        self._store = store
+
+    async def first_use(self, key: bytes, expires_at: float) -> bool:
+        """Record `key`; False when it was already seen and has not expired. Raises
+        StoreUnavailable when the id could not be kept durably (it is kept in memory)."""
+        if not self._remember(key, expires_at):
+            return False
+        if self._store is not None:
+            await self._store.add(key, expires_at)
+        return True
+
+    def _remember(self, key: bytes, expires_at: float, *, bounded: bool = True) -> bool:
         now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
             _, old = heapq.heappop(self._expiry)
@@ -133,7 +183,7 @@ class ReplayCache:
                 del self._seen[old]
         if key in self._seen:
             return False
-        if len(self._seen) >= self._max:
+        if bounded and len(self._seen) >= self._max:
             # Fail closed: forgetting an unexpired id would let it be replayed.
             raise TokenError("too many assertions in flight")
         self._seen[key] = expires_at
@@ -160,7 +210,7 @@ class AuthorizationServer:
         self._issuer = issuer.rstrip("/")
         self._fhir_base = fhir_base.rstrip("/")
         self._lifetime = min(token_lifetime, MAX_TOKEN_LIFETIME)
-        self._replay = replay or ReplayCache(clock)
+        self.replay = replay or ReplayCache(clock)
 
     @property
     def key_id(self) -> str:
@@ -175,16 +225,24 @@ class AuthorizationServer:
                          audience=self._fhir_base or f"{base}/fhir")
 
     async def record(self, client_id: str, outcome: str, peer: str) -> None:
-        """Tell the audit hook; it runs before the answer, so its failure fails the request."""
-        if self.on_token is not None:
-            await self.on_token(client_id, outcome, peer)
+        """Tell the audit hook; it runs before the answer, so its failure fails the request:
+        a 503 (OAuthError) when the record cannot be kept within AUDIT_WAIT seconds. A
+        record still queued then may commit later: the trail can hold a success whose
+        token was never delivered, never a token without its record."""
+        if self.on_token is None:
+            return
+        try:
+            await asyncio.wait_for(self.on_token(client_id, outcome, peer), AUDIT_WAIT)
+        except (TimeoutError, StoreUnavailable):
+            log.warning("token request not answered: its audit record could not be kept")
+            raise unavailable("the request could not be recorded; try again later") from None
 
     async def issue(self, form: Mapping[str, str], endpoints: Endpoints,
                     peer: str) -> IssuedToken:
         """Answer a token request, or raise OAuthError; either way the hook hears of it."""
         named: list[str] = []
         try:
-            issued = self._issue(form, endpoints, named)
+            issued = await self._issue(form, endpoints, named)
         except OAuthError as exc:
             log.info("token refused: %s (%s)", exc.error, exc.description)
             await self.record(named[0] if named else "", exc.error, peer)
@@ -192,8 +250,8 @@ class AuthorizationServer:
         await self.record(named[0], "success", peer)
         return issued
 
-    def _issue(self, form: Mapping[str, str], endpoints: Endpoints,
-               named: list[str]) -> IssuedToken:
+    async def _issue(self, form: Mapping[str, str], endpoints: Endpoints,
+                     named: list[str]) -> IssuedToken:
         grant_type = form.get("grant_type")
         if not grant_type:
             raise OAuthError("invalid_request", "grant_type is required")
@@ -210,7 +268,7 @@ class AuthorizationServer:
         if assertion_type != JWT_BEARER:
             raise OAuthError("invalid_client", f"client_assertion_type must be {JWT_BEARER}",
                              401)
-        client = self._authenticate_client(assertion, endpoints, named)
+        client = await self._authenticate_client(assertion, endpoints, named)
         if form.get("client_id") not in (None, client.client_id):
             raise OAuthError("invalid_client", "client_id does not match the assertion", 401)
         requested = form.get("scope", "")
@@ -222,8 +280,8 @@ class AuthorizationServer:
             raise OAuthError("invalid_scope", "none of the requested scopes may be granted")
         return self._mint(client, granted, endpoints)
 
-    def _authenticate_client(self, assertion: str, endpoints: Endpoints,
-                             named: list[str]) -> Client:
+    async def _authenticate_client(self, assertion: str, endpoints: Endpoints,
+                                   named: list[str]) -> Client:
         try:
             _, unverified = read_unverified(assertion)
         except TokenError:
@@ -241,17 +299,24 @@ class AuthorizationServer:
                 raise TokenError("sub must equal iss")
             if not has_audience(claims, endpoints.token_url):
                 raise TokenError("aud must be the token endpoint")
+            # SMART Backend Services §Authenticating: exp no more than five minutes in the
+            # future (measured from iat when the client states it, else from our clock).
             exp = check_times(claims, now=self.clock(), leeway=CLOCK_SKEW,
-                              max_ahead=MAX_ASSERTION_AHEAD)
+                              max_lifetime=MAX_ASSERTION_AHEAD)
             jti = claims.get("jti")
             if not isinstance(jti, str) or not JTI.fullmatch(jti):
                 raise TokenError("jti is required")
-            # Checked last, so only a verified assertion can occupy the cache.
-            if not self._replay.first_use(f"{client.client_id}\n{jti}", exp + CLOCK_SKEW):
+            # Checked last, so only a verified assertion can occupy the cache; kept as long
+            # as check_times would accept it (exp plus the skew).
+            if not await self.replay.first_use(ReplayCache.key(client.client_id, jti),
+                                               exp + CLOCK_SKEW):
                 raise TokenError("assertion already used")
         except TokenError as exc:
             raise OAuthError("invalid_client", f"client assertion refused: {exc.reason}",
                              401) from None
+        except StoreUnavailable:
+            log.warning("token request not answered: the assertion id could not be kept")
+            raise unavailable("the assertion could not be recorded; try again later") from None
         return client
 
     def _mint(self, client: Client, granted: Sequence[str],
@@ -280,7 +345,9 @@ class AuthorizationServer:
             raise TokenError("wrong issuer")
         if not has_audience(claims, endpoints.audience):
             raise TokenError("wrong audience")
-        exp = check_times(claims, now=self.clock(), leeway=CLOCK_SKEW)
+        # Our own token: our clock set its exp and our clock ends it, no skew allowed (skew
+        # stays for nbf/iat, where another instance sharing the key may run a little ahead).
+        exp = check_times(claims, now=self.clock(), leeway=CLOCK_SKEW, expiry_leeway=0)
         client_id, scope, jti = claims.get("client_id"), claims.get("scope"), claims.get("jti")
         if not isinstance(client_id, str) or not isinstance(scope, str):
             raise TokenError("malformed access token")
@@ -331,7 +398,10 @@ async def token_endpoint(request: web.Request) -> web.Response:
     try:
         form = await _read_form(request)
     except OAuthError as exc:
-        await server.record("", exc.error, peer)
+        try:
+            await server.record("", exc.error, peer)
+        except OAuthError as unrecorded:
+            return _oauth_error(unrecorded)
         return _oauth_error(exc)
     try:
         issued = await server.issue(form, server.endpoints(request), peer)
@@ -372,8 +442,11 @@ async def _read_form(request: web.Request) -> dict[str, str]:
 
 
 def _oauth_error(exc: OAuthError) -> web.Response:
+    headers = dict(_NO_STORE)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
     return web.json_response({"error": exc.error, "error_description": exc.description},
-                             status=exc.status, headers=_NO_STORE)
+                             status=exc.status, headers=headers)
 
 
 def load_signing_key(path: Path | None, data_dir: Path) -> ec.EllipticCurvePrivateKey:

@@ -1,19 +1,24 @@
 """The one place a refusal becomes an answer: every failure under /fhir, and every
 refusal the layers raise elsewhere (the reviewers' /audit endpoint), answers an
 OperationOutcome with its status and headers (WWW-Authenticate, Retry-After) and no
-patient data in its text. Spans and metrics are another middleware's (`edge.http`).
+patient data in its text. A FHIR request refused for its credentials (401) or its
+authorization (403) is recorded in the audit trail first: that is how probing for other
+patients' data shows up. Spans and metrics are another middleware's (`edge.http`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from opentelemetry import trace
 
-from gateway.audit import QueryError
-from gateway.edge.auth import AuthError
+from gateway.audit import Action, AuditRecord, QueryError
+from gateway.edge.audit_http import AUDIT
+from gateway.edge.auth import PRINCIPAL, AuthError
 from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
 from gateway.forward.backend import BackendTimeout, BackendUnavailable
 from gateway.store import StoreUnavailable
@@ -44,6 +49,10 @@ class BackendFailed(Exception):
 
 # What the layers below raise for a request they refuse: answered on every path.
 _REFUSALS = (FhirError, AuthError, QueryError, Passthrough, BackendFailed)
+# Refusals recorded in the audit trail, and how long the answer waits for the record: it
+# is answered anyway after that (refusing grants nothing), the record commits when it can.
+_AUDITED = frozenset({401, 403})
+REFUSAL_AUDIT_WAIT = 2.0
 
 
 @web.middleware
@@ -54,7 +63,10 @@ async def outcomes(request: web.Request, handler: Handler) -> web.StreamResponse
         try:
             return await handler(request)
         except Exception as exc:
-            return refusal(request, exc)
+            answer = refusal(request, exc)
+            if answer.status in _AUDITED:
+                await _record_refusal(request, answer.status, exc)
+            return answer
     try:
         return await handler(request)
     except _REFUSALS as exc:
@@ -97,6 +109,43 @@ def refusal(request: web.Request, error: Exception) -> web.StreamResponse:
     except Exception as exc:  # the caller gets a 500; the type alone goes to the log
         log.error("FHIR %s failed: %s", request.method, type(exc).__name__)
         return _outcome(500, "internal error; the request was not completed")
+
+
+async def _record_refusal(request: web.Request, status: int, error: Exception) -> None:
+    """Who was refused what (action, type, the client when it was authenticated), never
+    which resource or patient: the ids and the query are the probe's PHI."""
+    audit = request.app.get(AUDIT)
+    if audit is None:
+        return
+    principal = request.get(PRINCIPAL)
+    profile = (principal.profile or "") if principal is not None else ""
+    span = trace.get_current_span().get_span_context()
+    record = AuditRecord(
+        _action(request), str(status),
+        client_id=principal.client_id if principal is not None else "",
+        peer=request.remote or "", resource_type=request.match_info.get("type", ""),
+        purpose=profile, profile=profile,  # as every FHIR access record says it
+        control_id=request.headers.get("X-Request-Id", "")[:64],
+        trace_id=format(span.trace_id, "032x") if span.is_valid else "",
+        # AuthError reasons are fixed phrases (jose's TokenError); other refusals' texts
+        # may name search parameters, so only their kind is kept.
+        detail=error.reason[:120] if isinstance(error, AuthError) else "refused")
+    try:
+        await asyncio.wait_for(audit.record(record), REFUSAL_AUDIT_WAIT)
+    except (TimeoutError, StoreUnavailable):
+        log.warning("a refused FHIR request (%d) could not be recorded in time", status)
+
+
+def _action(request: web.Request) -> Action:
+    """The interaction a refused request attempted, from its method and URL alone."""
+    method = request.method
+    if method in ("GET", "HEAD"):
+        return Action.READ if "id" in request.match_info else Action.SEARCH
+    if method == "POST":
+        return Action.SEARCH if request.path.endswith("/_search") else Action.CREATE
+    if method == "DELETE":
+        return Action.DELETE
+    return Action.UPDATE  # PUT, PATCH
 
 
 def _outcome(status: int, reason: str, expression: str | None = None,

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from opentelemetry import metrics
 
+from gateway.edge.dn import from_certificate
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
 from gateway.ingest.protocol import FrameHandler, Peer, Reply
 
@@ -183,7 +184,7 @@ class MllpConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._peer = Peer(_address(transport.get_extra_info("peername")),
-                          _tls_subject(transport.get_extra_info("peercert")))
+                          _tls_subject(transport.get_extra_info("ssl_object")))
         if not self._server.register(self):
             log.warning("MLLP connection refused: %d connections open",
                         self._server.max_connections)
@@ -300,28 +301,19 @@ def _address(peername: Any) -> str:
     return str(peername)
 
 
-_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-                "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+def _tls_subject(ssl_object: Any) -> str | None:
+    """The verified peer certificate's subject as RFC 4514 writes it (last RDN first:
+    'CN=lab.example,O=Example Lab' for '/O=Example Lab/CN=lab.example'), else None.
 
-
-def _tls_subject(cert: Any) -> str | None:
-    """'CN=lab.example,O=Example Lab' from a verified peer certificate, else None.
-
-    Values are escaped as RFC 4514 says, so a common name holding ',O=…' cannot pose as
-    another subject on the allow-list.
+    Read from the certificate's DER, values escaped as RFC 4514 says, so a common name
+    holding ',O=…' cannot pose as another subject on the allow-list.
     """
-    if not isinstance(cert, dict) or "subject" not in cert:
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    # The decoded form is empty unless the certificate was verified against our CA.
+    if getpeercert is None or not getpeercert():
         return None
-    return ",".join(
-        "+".join(f"{_SHORT_NAMES.get(key, key)}={_rfc4514_escape(value)}" for key, value in rdn)
-        for rdn in cert["subject"]
-    )
-
-
-def _rfc4514_escape(value: str) -> str:
-    out = "".join("\\" + ch if ch in ',+"\\<>;=' else ch for ch in value)
-    if out[:1] in ("#", " "):
-        out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
-        out = out[:-1] + "\\ "
-    return out
+    try:
+        return from_certificate(getpeercert(binary_form=True)).rfc4514()
+    except ValueError as exc:
+        log.warning("MLLP peer certificate subject unreadable: %s", exc)
+        return None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.edge.dn import DistinguishedName, parse
 from gateway.hl7.message import Header
 from gateway.ingest.protocol import Peer, SenderCheck
+
+log = logging.getLogger(__name__)
 
 
 def server_context(cert_file: Path, key_file: Path, client_ca_file: Path | None = None,
@@ -24,7 +28,8 @@ def server_context(cert_file: Path, key_file: Path, client_ca_file: Path | None 
 
 @dataclass(frozen=True, slots=True)
 class SenderRule:
-    """A certificate subject and the MSH-3 / MSH-4 namespace ids it may send as ('*': any)."""
+    """A certificate subject (an RFC 4514 string) and the MSH-3 / MSH-4 namespace ids it
+    may send as ('*': any)."""
 
     subject: str
     sending_application: str
@@ -32,26 +37,74 @@ class SenderRule:
 
 
 def sender_check(rules: Iterable[SenderRule]) -> SenderCheck:
-    """A check that passes only when the peer's subject has a rule matching MSH-3/MSH-4."""
-    by_subject: dict[str, list[SenderRule]] = {}
-    for rule in rules:
-        by_subject.setdefault(_normalise(rule.subject), []).append(rule)
+    """A check that passes only when the peer's subject has a rule matching MSH-3/MSH-4.
+
+    Subjects are compared as names (RDN sequences of type and value, RFC 5280 §7.1), not
+    as strings; ValueError (naming the rule) for a subject that is not RFC 4514."""
+    entries: list[tuple[int, DistinguishedName, SenderRule]] = []
+    for index, rule in enumerate(rules):
+        try:
+            entries.append((index, parse(rule.subject), rule))
+        except ValueError as exc:
+            raise ValueError(f"allowed_senders[{index}].subject: {exc}") from None
+    by_name: dict[object, list[SenderRule]] = {}
+    for _, name, rule in entries:
+        by_name.setdefault(name.key(), []).append(rule)
 
     def allowed(peer: Peer, header: Header) -> bool:
         if peer.tls_subject is None:
+            log.warning("MLLP sender refused: no verified client certificate")
+            return False
+        try:
+            name = parse(peer.tls_subject)
+        except ValueError:  # our own rendering, so not expected; refused all the same
+            log.warning("MLLP sender refused: certificate subject unreadable")
             return False
         app = _namespace(header.sending_application)
         facility = _namespace(header.sending_facility)
-        return any(
-            _matches(rule.sending_application, app) and _matches(rule.sending_facility, facility)
-            for rule in by_subject.get(_normalise(peer.tls_subject), ())
-        )
+        listed = by_name.get(name.key(), ())
+        if any(_matches(rule.sending_application, app)
+               and _matches(rule.sending_facility, facility) for rule in listed):
+            return True
+        _log_refusal(name, bool(listed), entries)
+        return False
 
     return allowed
 
 
-def _normalise(subject: str) -> str:
-    return ",".join(part.strip() for part in subject.split(","))
+def _log_refusal(name: DistinguishedName, listed: bool,
+                 entries: Sequence[tuple[int, DistinguishedName, SenderRule]]) -> None:
+    """One short line: the refused subject's shape (types, no values) and the allow-list
+    entry it came closest to; never the certificate's values."""
+    if listed:
+        log.warning("MLLP sender refused: certificate subject %s is allowed, but not as "
+                    "this MSH-3/MSH-4", name.shape())
+        return
+    if not entries:
+        log.warning("MLLP sender refused: certificate subject shape %s; the allow-list is "
+                    "empty", name.shape())
+        return
+    index, nearest, hint = _nearest(name, entries)
+    log.warning("MLLP sender refused: certificate subject shape %s matches no allow-list "
+                "entry; nearest allowed_senders[%d] %r%s", name.shape(), index,
+                nearest.subject[:120], hint)
+
+
+def _nearest(name: DistinguishedName, entries: Sequence[tuple[int, DistinguishedName,
+                                                               SenderRule]]
+             ) -> tuple[int, SenderRule, str]:
+    """The entry to name in a refusal: the same name in reverse RDN order (an allow-list
+    written for the pre-RFC 4514 rendering), else one of the same shape, else the first."""
+    reversed_key = name.reversed().key()
+    for index, entry, rule in entries:
+        if entry.key() == reversed_key:
+            return index, rule, " (the same RDNs in reverse order: RFC 4514 writes the " \
+                                "last RDN first)"
+    for index, entry, rule in entries:
+        if entry.shape() == name.shape():
+            return index, rule, " (same shape, other values)"
+    index, _, rule = entries[0]
+    return index, rule, ""
 
 
 def _namespace(hd: str) -> str:

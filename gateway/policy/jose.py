@@ -103,8 +103,14 @@ class KeySet:
         return len(self.keys)
 
     def candidates(self, alg: str, kid: str | None) -> list[Jwk]:
-        """The keys to try for a token header; refuses unknown kids and ambiguity."""
+        """The keys to try for a token header; refuses unknown kids and ambiguity.
+
+        A set of exactly one key that has no kid of its own (a single PEM key) is tried
+        whatever kid the header names: RFC 7515 §4.1.4 makes kid a hint, and SMART
+        Backend Services requires clients to send one even when we were given no JWKS."""
         named = [k for k in self.keys if k.kid == kid] if kid is not None else list(self.keys)
+        if kid is not None and not named and len(self.keys) == 1 and self.keys[0].kid is None:
+            named = list(self.keys)
         if kid is not None and not named:
             raise TokenError("unknown key id")
         fitting = [k for k in named if k.fits(alg)]
@@ -360,15 +366,20 @@ def _b64uint(value: object) -> int:
 
 
 def check_times(claims: Mapping[str, Any], *, now: float, leeway: float = 30.0,
-                max_ahead: float | None = None) -> float:
-    """Check exp (required), nbf and iat (RFC 7519 §4.1.4-6) allowing clock skew; the exp."""
+                expiry_leeway: float | None = None, max_lifetime: float | None = None
+                ) -> float:
+    """Check exp (required), nbf and iat (RFC 7519 §4.1.4-6); the exp.
+
+    `leeway` is the clock skew allowed for nbf and iat, and for exp unless
+    `expiry_leeway` says otherwise (0 for tokens we signed ourselves: our clock decides
+    when they end). `max_lifetime` bounds exp: at most that long after iat when the token
+    states iat (skew-free, the issuer's own clock on both sides), else after `now`."""
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise TokenError("no expiry")
-    if exp <= now - leeway:
+    if exp <= now - (leeway if expiry_leeway is None else expiry_leeway):
         raise TokenError("expired")
-    if max_ahead is not None and exp > now + max_ahead + leeway:
-        raise TokenError("expiry too far ahead")
+    times: dict[str, float] = {}
     for name, reason in (("nbf", "not yet valid"), ("iat", "issued in the future")):
         value = claims.get(name)
         if value is None:
@@ -377,6 +388,9 @@ def check_times(claims: Mapping[str, Any], *, now: float, leeway: float = 30.0,
             raise TokenError(f"malformed {name}")
         if value > now + leeway:
             raise TokenError(reason)
+        times[name] = float(value)
+    if max_lifetime is not None and exp > times.get("iat", now) + max_lifetime:
+        raise TokenError("expiry too far ahead")
     return float(exp)
 
 

@@ -32,7 +32,8 @@ from support.pki import (
 from support.tls import close, exchange, mtls, open_tls, refused_exchange, tls_gateway
 
 ADT = message("adt_a01.hl7")  # MSH-3 SYNTHLAB, MSH-4 SYNTHHOSP
-LAB_SUBJECT = "CN=lab.example,O=Synthetic Lab"
+# The lab certificate's RDN sequence is CN, O: RFC 4514 writes it last RDN first.
+LAB_SUBJECT = "O=Synthetic Lab,CN=lab.example"
 
 
 
@@ -202,8 +203,8 @@ async def test_allow_list_binds_certificates_to_msh3(tmp_path: Path, pki: Pki) -
 async def test_allow_list_checks_msh4_when_the_rule_names_a_facility(
         tmp_path: Path, pki: Pki) -> None:
     rules = {"mllp.tls.allowed_senders": [
-        # Written with a space after the comma: subjects are compared component-wise.
-        {"subject": "CN=lab.example, O=Synthetic Lab", "sending_application": "SYNTHLAB",
+        # Written with a space after the comma: subjects are compared as names.
+        {"subject": "O=Synthetic Lab, CN=lab.example", "sending_application": "SYNTHLAB",
          "sending_facility": "SYNTHHOSP"},
     ]}
     async with tls_gateway(tmp_path, pki, **mtls(pki, **rules)) as gw:

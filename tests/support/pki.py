@@ -27,6 +27,9 @@ class Pki:
     lab_key: Path
     intruder_cert: Path
     intruder_key: Path
+    # Made like `openssl req -subj "/O=Example Lab/CN=lab.example"`: O first in the DER.
+    example_lab_cert: Path
+    example_lab_key: Path
 
 
 def x509_name(*attributes: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
@@ -91,14 +94,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
     leaf("server", x509_name((NameOID.COMMON_NAME, "localhost")), ExtendedKeyUsageOID.SERVER_AUTH,
          [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    # RDN order CN, O: the gateway renders it as "CN=lab.example,O=Synthetic Lab".
+    # RDN sequence CN, O: RFC 4514 writes the last RDN first, "O=Synthetic Lab,CN=lab.example".
     leaf("lab", x509_name((NameOID.COMMON_NAME, "lab.example"),
                       (NameOID.ORGANIZATION_NAME, "Synthetic Lab")),
+         ExtendedKeyUsageOID.CLIENT_AUTH)
+    # RDN sequence O, CN (the usual order): "CN=lab.example,O=Example Lab".
+    leaf("example-lab", x509_name((NameOID.ORGANIZATION_NAME, "Example Lab"),
+                              (NameOID.COMMON_NAME, "lab.example")),
          ExtendedKeyUsageOID.CLIENT_AUTH)
     leaf("intruder", x509_name((NameOID.COMMON_NAME, "intruder.example")),
          ExtendedKeyUsageOID.CLIENT_AUTH)
     return Pki(out / "ca.pem", out / "server.pem", out / "server.key", out / "lab.pem",
-               out / "lab.key", out / "intruder.pem", out / "intruder.key")
+               out / "lab.key", out / "intruder.pem", out / "intruder.key",
+               out / "example-lab.pem", out / "example-lab.key")
 
 
 def client_context(pki: Pki, cert: Path | None = None, key: Path | None = None
