@@ -202,6 +202,23 @@ class SqliteOutbox:
                                                     (row_id,)))
         return _entry(rows[0]) if rows else None
 
+    async def waits_for(self, row_id: int) -> int | None:
+        """The dead row a pending row waits behind (its patient's first dead row for the
+        same backend), or None when nothing holds it."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT min(d.id) FROM outbox o JOIN outbox d ON d.status = 'dead' "
+            "AND d.backend = o.backend AND d.patient_key = o.patient_key AND d.id < o.id "
+            "WHERE o.id = ? AND o.status = 'pending' AND o.patient_key != ''", (row_id,)))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def held_by(self, row_id: int) -> int:
+        """How many pending rows of its patient wait behind a dead row."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT count(*) FROM outbox d JOIN outbox o ON o.status = 'pending' "
+            "AND o.backend = d.backend AND o.patient_key = d.patient_key AND o.id > d.id "
+            "WHERE d.id = ? AND d.status = 'dead' AND d.patient_key != ''", (row_id,)))
+        return int(rows[0][0])
+
     async def retry(self, ids: Sequence[int] | None, backend: str | None = None) -> int:
         """Dead or dropped rows back to pending with a fresh attempt budget; `ids` None:
         every dead row (of `backend` if given). Returns how many rows changed."""
