@@ -25,10 +25,11 @@ import pytest
 
 from conftest import MllpPeer, RunningGateway, message, segments, start_gateway
 from gateway.app import FORWARDING
-from gateway.forward.outbox import Dispatcher
+from gateway.forward.outbox import Dispatcher, control_id_for
 from gateway.store.outbox import SqliteOutbox
 from support.cli import isthmus
 from support.fake_ehr import FakeEhr
+from support.fake_mllp import FakeMllp
 
 ADT = message("adt_a01.hl7")
 POISON = 900
@@ -228,3 +229,61 @@ async def test_the_probe_after_a_breaker_reset_is_a_row_that_has_not_been_failin
             assert max(arrived[i] - sent[i] for i in ids) <= 1.0 + LATENCY_BOUND
         finally:
             await running.runner.cleanup()
+
+
+async def test_an_mllp_system_answering_ar_to_one_message_holds_only_that_patient(
+        tmp_path: Path) -> None:
+    """The same for a downstream MLLP system that answers AR to one patient's message on
+    every attempt (and AA to the rest): an answer, not a dead socket."""
+    lab = await FakeMllp().start()
+    running = await start_gateway(
+        tmp_path / "var",
+        backends=[{"name": "lab", "kind": "mllp", "host": "127.0.0.1", "port": lab.port,
+                   "read_timeout": 2, "backoff_base": 0.05, "retry_max_delay": 0.25,
+                   "breaker_reset": BREAKER_RESET, "max_attempts": MAX_ATTEMPTS}],
+        routes=[{"match": {"message": "ADT^*"}, "to": ["lab"]}],
+        **{"forward.poll_interval": 0.1, "audit.enabled": False})
+
+    def arrivals() -> dict[str, float]:
+        arrived: dict[str, float] = {}
+        for received in lab.received:
+            arrived.setdefault(received.control_id, received.received_at)
+        return arrived
+
+    async def healthy_round(sequence: int) -> list[float]:
+        sent = await _send(running.mllp_port, [_adt(p, sequence) for p in HEALTHY])
+        entries = await SqliteOutbox(running.inbox.connection).list_entries(limit=1000)
+        ours = {control_id_for(e.id): sent[e.control_id] for e in entries
+                if e.control_id in sent}
+        assert len(ours) == len(HEALTHY)
+        await _wait_for(lambda: set(ours) <= set(arrivals()), LATENCY_BOUND + 1,
+                        f"round {sequence} of healthy deliveries")
+        arrived = arrivals()
+        return [arrived[i] - ours[i] for i in ours]
+
+    try:
+        # A fresh data dir: the poison patient's three messages are outbox rows 1-3.
+        poison = [control_id_for(n) for n in (1, 2, 3)]
+        lab.by_id[poison[0]] = "AR"
+        await _send(running.mllp_port, [_adt(POISON, s) for s in (1, 2, 3)])
+        await _wait_for(lambda: lab.control_ids.count(poison[0]) >= 5, 10,
+                        "the poison message's refusals")
+        assert max(await healthy_round(1)) <= LATENCY_BOUND
+        await _wait_for(lambda: _dispatcher(running).pending("lab") <= 2, 30,
+                        "the dead letter")
+        assert (await _statuses(running, [1, 2, 3])) == ["dead", "pending", "pending"]
+        assert lab.control_ids.count(poison[0]) == MAX_ATTEMPTS
+        assert max(await healthy_round(2)) <= LATENCY_BOUND
+        assert not set(poison[1:]) & set(lab.control_ids)  # held behind the dead letter
+
+        del lab.by_id[poison[0]]
+        code, _, err = await isthmus("outbox", "--data-dir", str(running.data_dir),
+                                     "retry", "1")
+        assert code == 0, err
+        await _wait_for(lambda: set(poison) <= set(arrivals()), 10,
+                        "the poison patient's messages after the retry")
+        assert [c for c in lab.control_ids if c in poison][-3:] == poison
+        assert (await _statuses(running, [1, 2, 3])) == ["delivered"] * 3
+    finally:
+        await running.runner.cleanup()
+        await lab.stop()
