@@ -6,7 +6,9 @@ the token bucket (the backend's rate limit), the bulkhead (calls in flight), the
 outbound credentials, then one HTTP attempt in its own client span. The facade's
 `request` retries idempotent calls on 408/429/502/503/504 and connection failures with
 full-jitter backoff, never sooner than Retry-After; the outbox's `deliver` makes one
-attempt and turns the answer into a verdict. Spans, metrics, logs and errors carry a
+attempt and turns the answer into a verdict (a failing answer to a row that has failed
+before is that row's fault, not the backend's: the breaker is not told, `Fault`). Spans,
+metrics, logs and errors carry a
 path template, a status or a state, never an id or a query value.
 """
 

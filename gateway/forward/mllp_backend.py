@@ -6,7 +6,8 @@ another control id (a late answer to an earlier message) is passed over while we
 waiting; when the wait runs out the connection is closed, so such a late ACK can never be
 read as the answer to a later message. AR/CR means "try again later", AE/CE "this message
 will not be accepted as it is" (dead-letter it); a malformed ACK or a closed connection
-is never a success.
+is never a success. A dead socket counts against the system's breaker whatever the
+message; an AR (or a malformed ACK) only when the message had not been failing before.
 """
 
 from __future__ import annotations
