@@ -16,7 +16,7 @@ from gateway.cli.shared import inbox_path
 
 if TYPE_CHECKING:
     from gateway.cli.shared import Subparsers
-    from gateway.store.outbox import SqliteOutbox
+    from gateway.store.outbox import OutboxEntry, SqliteOutbox
 
 T = TypeVar("T")
 
@@ -95,14 +95,18 @@ def _outbox_show(args: argparse.Namespace) -> int:
 
     from gateway.forward.outbox import control_id_for
 
-    entry = _outbox_run(args, lambda o: o.get(args.id))
-    if entry is _UNUSABLE:
+    found = _outbox_run(args, lambda o: _entry_and_holds(o, args.id))
+    if found is _UNUSABLE:
         return 1
+    entry, blocker, held = found
     if entry is None:
         print(f"isthmus outbox show: no delivery with id {args.id}", file=sys.stderr)
         return 1
     if entry.status != "pending":
         next_attempt = "-"
+    elif blocker is not None:
+        # Per-patient order: it goes once the dead row before it is retried or dropped.
+        next_attempt = f"after delivery {blocker} (dead; isthmus outbox retry|drop {blocker})"
     elif entry.next_at <= datetime.now(UTC).timestamp():
         next_attempt = "now"
     else:
@@ -116,7 +120,18 @@ def _outbox_show(args: argparse.Namespace) -> int:
             ("error", entry.error or "-"), ("created", entry.created_at),
             ("updated", entry.updated_at), ("next attempt", next_attempt)):
         print(f"{name}: {value}")
+    if entry.status == "dead":
+        print(f"holds: {held} later deliveries of its patient")
     return 0
+
+
+async def _entry_and_holds(outbox: SqliteOutbox, row_id: int
+                           ) -> tuple[OutboxEntry | None, int | None, int]:
+    """A row, the dead row it waits behind (if any) and how many rows it holds (if dead)."""
+    entry = await outbox.get(row_id)
+    if entry is None:
+        return None, None, 0
+    return entry, await outbox.waits_for(row_id), await outbox.held_by(row_id)
 
 
 def _outbox_retry(args: argparse.Namespace) -> int:

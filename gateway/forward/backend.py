@@ -2,15 +2,16 @@
 
 The outbox hands a backend one `Delivery` at a time (per patient, in order) and acts on
 the verdict: `Delivered` ends it, `Retry` schedules another attempt (never sooner than the
-backend asked), `Permanent` dead-letters it for an operator. Verdict reasons are written
-to the outbox and shown by `isthmus outbox`, so they name a status or a rule, never a
-value from the message.
+backend asked), `Permanent` dead-letters it for an operator. A `Retry` says whose failure
+it was (`Fault`), so that one message the backend keeps refusing slows only itself.
+Verdict reasons are written to the outbox and shown by `isthmus outbox`, so they name a
+status or a rule, never a value from the message.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict
 
@@ -41,19 +42,33 @@ class Delivered:
     status: str = ""  # e.g. "HTTP 200", "ACK AA"
 
 
+# Whose failure a `Retry` is, which decides who slows down:
+# - "backend": no answer (refused, timed out, dropped), or a failing answer to a message
+#   that had not been failing before: evidence the backend is in trouble (the breaker
+#   counts it, for the statuses it counts). The outbox sends one row at a time until one
+#   is delivered.
+# - "message": the backend answered (HTTP 408/429/5xx, ACK AR/CR) a message that has been
+#   failing already, or with a status that is no breaker failure: this message's problem
+#   until shown otherwise. Only the row waits (its own backoff); the others go on.
+# - "unsent": refused before the network (breaker open): not an attempt at all.
+Fault = Literal["backend", "message", "unsent"]
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
     """Not delivered, may succeed later: a 5xx, 408, 429, a timeout, a closed connection,
-    an open breaker, an AR/AE... `after`: the backend's Retry-After in seconds, if any."""
+    an open breaker, an AR... `after`: the backend's Retry-After in seconds, if any."""
 
     reason: str
     after: float | None = None
     status: str = ""
+    fault: Fault = "backend"
 
 
 @dataclass(frozen=True, slots=True)
 class Permanent:
-    """Will not succeed by trying again (a 4xx other than 408/429): dead-letter it."""
+    """Will not succeed by trying again (a 4xx other than 408/429, an AE): dead-letter it
+    (it holds its patient's later rows until an operator retries or drops it)."""
 
     reason: str
     status: str = ""

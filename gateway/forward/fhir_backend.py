@@ -6,7 +6,9 @@ the token bucket (the backend's rate limit), the bulkhead (calls in flight), the
 outbound credentials, then one HTTP attempt in its own client span. The facade's
 `request` retries idempotent calls on 408/429/502/503/504 and connection failures with
 full-jitter backoff, never sooner than Retry-After; the outbox's `deliver` makes one
-attempt and turns the answer into a verdict. Spans, metrics, logs and errors carry a
+attempt and turns the answer into a verdict (a failing answer to a row that has failed
+before is that row's fault, not the backend's: the breaker is not told, `Fault`). Spans,
+metrics, logs and errors carry a
 path template, a status or a state, never an id or a query value.
 """
 
@@ -27,6 +29,7 @@ from gateway.forward.backend import (
     BackendUnavailable,
     Delivered,
     Delivery,
+    Fault,
     FhirResponse,
     Permanent,
     Retry,
@@ -268,13 +271,13 @@ class FhirBackend:
         except Exception as exc:  # a verdict, not a crash: the outbox tries again later
             log.warning("backend %s: delivery of outbox row %d failed: %s",
                         self.name, delivery.outbox_id, type(exc).__name__)
-            return Retry(type(exc).__name__)
+            return Retry(type(exc).__name__, fault="message")
 
     async def _deliver(self, delivery: Delivery) -> Verdict:
         wait = self._breaker.available_in()
         if wait > 0:
             self._http.count("breaker_open")
-            return Retry("circuit breaker open", after=wait)
+            return Retry("circuit breaker open", after=wait, fault="unsent")
         # Deliveries go at the backend's pace: no bound on the wait for the rate limit.
         await self._http.take_token(None)
         headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON,
@@ -283,6 +286,10 @@ class FhirBackend:
         traceparent = delivery.traceparent or None
         parent = parent_context(traceparent)
         refreshed = False
+        # A row that has failed before and fails again with an answer is this payload's
+        # problem (a poison message), not evidence that the backend is down.
+        suspect = delivery.attempt > 1
+        answered_fault: Fault = "message" if suspect else "backend"
 
         def judge(sent: Sent) -> Step:
             nonlocal refreshed
@@ -301,7 +308,8 @@ class FhirBackend:
             if status in (408, 429) or status >= 500:
                 after = parse_retry_after(sent.response.headers.get("Retry-After"))
                 return Step("retry", retry_after=after,
-                             verdict=Retry(label, after=after, status=label))
+                             verdict=Retry(label, after=after, status=label,
+                                           fault=answered_fault))
             codes = _issue_codes(sent.response)
             reason = f"{label}: {', '.join(codes)}" if codes else label
             return Step("permanent", verdict=Permanent(reason, status=label))
@@ -313,11 +321,12 @@ class FhirBackend:
                 self._breaker.check()
             except BreakerOpen as exc:
                 self._http.count("breaker_open")
-                return Retry("circuit breaker open", after=exc.retry_after)
+                return Retry("circuit breaker open", after=exc.retry_after, fault="unsent")
             sent, step = await self._http.attempt("POST", self._base, "", None,
                                                   delivery.payload, headers, number, parent,
                                                   traceparent, judge,
-                                                  outbox_id=delivery.outbox_id)
+                                                  outbox_id=delivery.outbox_id,
+                                                  suspect=suspect)
             if step.action == "refresh":
                 assert sent.authorization is not None
                 self._auth.invalidate(sent.authorization)

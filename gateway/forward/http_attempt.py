@@ -105,9 +105,11 @@ class HttpAttempts:
                       params: list[tuple[str, str]] | None, body: bytes | None,
                       headers: Mapping[str, str], number: int, parent: Context | None,
                       traceparent: str | None, judge: Judge,
-                      outbox_id: int | None = None) -> tuple[Sent, Step]:
+                      outbox_id: int | None = None,
+                      suspect: bool = False) -> tuple[Sent, Step]:
         """One HTTP exchange in its span, the breaker told how it went; the breaker's
-        check has passed."""
+        check has passed. `suspect`: the request has been failing by itself (an outbox
+        row's later attempt), so a failing answer to it says nothing about the backend."""
         span = self._tracer.start_span("forward.attempt", context=parent, kind=SpanKind.CLIENT,
                                        record_exception=False, set_status_on_exception=False)
         started = time.perf_counter()
@@ -135,7 +137,7 @@ class HttpAttempts:
             self._breaker.release()
             span.end()
             raise
-        self._record(sent)
+        self._record(sent, suspect)
         step = judge(sent)
         self._finish(span, sent, step, started)
         return sent, step
@@ -169,11 +171,21 @@ class HttpAttempts:
             return Sent(failure=Failure(f"connection failed ({type(exc).__name__})",
                                         sent=True))
 
-    def _record(self, sent: Sent) -> None:
-        """Tell the breaker: 5xx and no answer are failures, anything else says healthy."""
-        if sent.failure is not None or (
-                sent.response is not None and sent.response.status in FAILURE_STATUSES):
+    def _record(self, sent: Sent, suspect: bool) -> None:
+        """Tell the breaker: no answer is a failure; a 500/502/503/504 is one unless the
+        request is `suspect` (then it is about the request: the breaker is told nothing,
+        and a half-open probe slot is freed for the next call); any other answer says
+        the backend is healthy."""
+        if sent.failure is not None:
             self._breaker.failure()
+            return
+        if sent.response is not None and sent.response.status in FAILURE_STATUSES:
+            # A backend answering 500 to one payload and 2xx to the others is not down:
+            # only a payload's first failure is evidence about the backend.
+            if suspect:
+                self._breaker.release()
+            else:
+                self._breaker.failure()
             return
         try:
             self._breaker.success()

@@ -6,7 +6,8 @@ another control id (a late answer to an earlier message) is passed over while we
 waiting; when the wait runs out the connection is closed, so such a late ACK can never be
 read as the answer to a later message. AR/CR means "try again later", AE/CE "this message
 will not be accepted as it is" (dead-letter it); a malformed ACK or a closed connection
-is never a success.
+is never a success. A dead socket counts against the system's breaker whatever the
+message; an AR (or a malformed ACK) only when the message had not been failing before.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.forward.backend import Delivered, Delivery, Permanent, Retry, Verdict
+from gateway.forward.backend import Delivered, Delivery, Fault, Permanent, Retry, Verdict
 from gateway.forward.errors import ForwardError
 from gateway.forward.mllp_client import MAX_ACK_BYTES, AckResult, parse_ack
 from gateway.forward.resilience import Breaker, BreakerOpen, TokenBucket, parse_rate
@@ -136,7 +137,7 @@ class MllpBackend:
             self._breaker.check()
         except BreakerOpen as exc:
             return Retry("circuit breaker open", after=exc.retry_after,
-                         status="breaker open"), ""
+                         status="breaker open", fault="unsent"), ""
         try:
             payload = set_control_id(delivery.payload, delivery.control_id)
         except ValueError:
@@ -145,13 +146,17 @@ class MllpBackend:
         try:
             if self._bucket is not None:
                 await self._bucket.acquire()
-            return await self._exchange(payload, delivery.control_id)
+            # A message that has failed before and is refused again is its own problem
+            # (a poison message), not evidence that the system is down.
+            return await self._exchange(payload, delivery.control_id,
+                                        suspect=delivery.attempt > 1)
         except BaseException:  # cancelled: the message may be half sent; start afresh
             self._breaker.release()
             self._drop_connection()
             raise
 
-    async def _exchange(self, payload: bytes, control_id: str) -> tuple[Verdict, str]:
+    async def _exchange(self, payload: bytes, control_id: str,
+                        suspect: bool) -> tuple[Verdict, str]:
         try:
             reader, writer = await self._connection()
         except TimeoutError:
@@ -171,22 +176,24 @@ class MllpBackend:
             self._fail_and_disconnect()
             return Retry(f"no ACK within {timeout:g} s", status="timeout"), ""
         except _MalformedAck:
-            self._fail_and_disconnect()
-            return Retry("malformed ACK", status="malformed ACK"), ""
+            # An answer, if not a readable one: judged like an AR (the connection is
+            # dropped all the same, so nothing left of it is read for the next message).
+            self._drop_connection()
+            return Retry("malformed ACK", status="malformed ACK",
+                         fault=self._answered_failure(suspect)), ""
         except OSError as exc:  # ConnectionError, ssl.SSLError, ...
             self._fail_and_disconnect()
             return Retry(f"connection lost before the ACK ({type(exc).__name__})",
                          status="connection closed"), ""
-        return self._judge(ack), ack.code
+        return self._judge(ack, suspect), ack.code
 
-    def _judge(self, ack: AckResult) -> Verdict:
+    def _judge(self, ack: AckResult, suspect: bool) -> Verdict:
         status = f"ACK {ack.code}"
         if ack.code in _POSITIVE:
             self._breaker.success()
             return Delivered(status)
         if ack.code in _REJECTED:
-            self._breaker.failure()
-            return Retry(status, status=status)
+            return Retry(status, status=status, fault=self._answered_failure(suspect))
         # AE/CE: the system is up and answering; it refuses this message.
         self._breaker.success()
         return Permanent(status + _error_codes(ack.raw), status=status)
@@ -231,6 +238,18 @@ class MllpBackend:
         self.connections += 1
         log.debug("backend %s: connected to %s:%d", self.name, self.spec.host, self.spec.port)
         return opened
+
+    def _answered_failure(self, suspect: bool) -> Fault:
+        """An AR/CR or an unreadable ACK: the system is up and refuses the message for
+        now. Evidence against the system the first time a message gets it; from a message
+        that has been failing, only against the message (the breaker is told nothing and
+        a half-open probe slot is freed), so one poison message cannot keep the breaker
+        open for every other."""
+        if suspect:
+            self._breaker.release()
+            return "message"
+        self._breaker.failure()
+        return "backend"
 
     def _fail_and_disconnect(self) -> None:
         self._breaker.failure()

@@ -11,9 +11,14 @@ id, for the backend to recognise) but never reorder one.
 
 A `Retry` is tried again after a fully jittered exponential backoff (never sooner than
 the backend's Retry-After) until `max_attempts`; then, or on a `Permanent` verdict, the
-row goes dead for an operator (`isthmus outbox`). At the start and after a failure the
-worker sends one row at a time until one succeeds, and while the backend's breaker is open it sends
-nothing: a struggling backend is probed, not hammered.
+row goes dead for an operator (`isthmus outbox`), and its patient's later rows wait behind
+it (in the store too: they are not read) until the operator retries or drops it. At the
+start, after a failure that is the backend's (`Retry.fault`) and while its breaker is
+open, the worker sends one row at a time until one succeeds, and the row it sends is one
+that has not been failing: a struggling backend is probed, not hammered, and a poison
+message that fails on every attempt is never the probe while another row is waiting.
+A failure that is the message's own (the backend answered, refusing a row that has
+failed before) slows only that row.
 """
 
 from __future__ import annotations
@@ -102,13 +107,15 @@ class _Worker:
         self.oldest: float | None = None
         # The rows in memory: the highest id read, whether the store may hold more after
         # it, and the rows themselves, per patient key in id order. A patient's first row
-        # is in `_ready` (may go now), `_sleeping` (waits for next_at) or in flight.
+        # is in `_ready` (may go now, never tried or only refused unsent), `_failing` (may
+        # go now, has failed before), `_sleeping` (waits for next_at) or in flight.
         self._cursor = 0
         self._more = True
         self._resync = False
         self._buffered = 0
         self._queues: dict[str, deque[OutboxRow]] = {}
         self._ready: list[tuple[int, OutboxRow]] = []
+        self._failing: list[tuple[int, OutboxRow]] = []
         self._sleeping: list[tuple[float, int, OutboxRow]] = []
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._finished: list[_Finished] = []
@@ -116,7 +123,8 @@ class _Worker:
         # patients go on while a write waits for the disk.
         self._flushing: asyncio.Task[None] | None = None
         # One delivery at a time until one succeeds: at the start (a backend that is down
-        # sees one attempt, not a burst of `concurrency`) and after every failure.
+        # sees one attempt, not a burst of `concurrency`), after every failure that is the
+        # backend's and while its breaker is open.
         self._probing = True
         self._last_poll = float("-inf")
         self._wake = asyncio.Event()
@@ -141,7 +149,7 @@ class _Worker:
         """Nothing in flight, nothing to write, nothing due in memory or in the store."""
         due_soon = bool(self._sleeping) and self._sleeping[0][0] <= time.time()
         return (not self._in_flight and not self._finished and self._flushing is None
-                and not self._ready and not due_soon and not self._more
+                and not self._ready and not self._failing and not due_soon and not self._more
                 and not self._resync and not self._wake.is_set())
 
     async def close(self, grace: float) -> None:
@@ -182,6 +190,8 @@ class _Worker:
                     and self._flushing is None):
                 self._reset()
             breaker_wait = self.backend.available_in()
+            if breaker_wait > 0:
+                self._probing = True  # whoever opened it: the next call is a probe
             fetched = False
             if breaker_wait <= 0 and not self._resync:
                 if self._more and self._room():
@@ -225,7 +235,7 @@ class _Worker:
                 self.count = count
             self.oldest = await self._outbox.oldest_pending(self.name) if self.count else None
             if self._cursor and settled:
-                known = await self._outbox.count_pending(self.name, self._cursor)
+                known = await self._outbox.count_due(self.name, self._cursor)
                 if known != self._buffered:
                     self._resync = True
         except Exception as exc:  # the store is down: keep delivering what is in memory
@@ -241,6 +251,7 @@ class _Worker:
         self._buffered = 0
         self._queues.clear()
         self._ready.clear()
+        self._failing.clear()
         self._sleeping.clear()
 
     async def _fill(self) -> None:
@@ -270,18 +281,18 @@ class _Worker:
     def _place(self, row: OutboxRow, now: float) -> None:
         """A row that nothing earlier holds back: ready now, or when its retry is due."""
         if row.next_at <= now:
-            heapq.heappush(self._ready, (row.id, row))
+            self._ready_now(row)
         else:
             heapq.heappush(self._sleeping, (row.next_at, row.id, row))
 
     def _dispatch(self) -> None:
         now = time.time()
         while self._sleeping and self._sleeping[0][0] <= now:
-            _, row_id, row = heapq.heappop(self._sleeping)
-            heapq.heappush(self._ready, (row_id, row))
+            _, _, row = heapq.heappop(self._sleeping)
+            self._ready_now(row)
         limit = 1 if self._probing else self.policy.concurrency
-        while self._ready and len(self._in_flight) < limit:
-            _, row = heapq.heappop(self._ready)
+        while (self._ready or self._failing) and len(self._in_flight) < limit:
+            row = self._take()
             if row.payload is None:
                 # A fhir backend needs the translated Bundle; a message stored without
                 # one (routed before the backend was) cannot be sent.
@@ -291,6 +302,18 @@ class _Worker:
                 continue
             self._in_flight[row.id] = asyncio.create_task(
                 self._deliver(row, row.payload), name=f"outbox-{self.name}-{row.id}")
+
+    def _ready_now(self, row: OutboxRow) -> None:
+        heapq.heappush(self._failing if row.attempts else self._ready, (row.id, row))
+
+    def _take(self) -> OutboxRow:
+        """The oldest row that may go; while probing, the oldest that has not been failing
+        (a poison row would fail the probe again: the breaker would stay open for every
+        patient), a failing one only when no other is waiting."""
+        ready, failing = self._ready, self._failing
+        if ready and (self._probing or not failing or ready[0][0] < failing[0][0]):
+            return heapq.heappop(ready)[1]
+        return heapq.heappop(failing)[1]
 
     async def _deliver(self, row: OutboxRow, payload: bytes) -> None:
         delivery = Delivery(row.id, row.inbox_id, row.backend, row.attempts + 1, payload,
@@ -302,7 +325,7 @@ class _Worker:
             except Exception as exc:  # a backend bug must not lose the row: try again later
                 log.warning("outbox %d to %s: the delivery raised %s", row.id, self.name,
                             type(exc).__name__)
-                verdict = Retry(type(exc).__name__, status="error")
+                verdict = Retry(type(exc).__name__, status="error", fault="message")
             elapsed = (time.perf_counter() - started) * 1000
             self._instruments.deliveries.add(1, self._verdict_attrs[_verdict_name(verdict)])
             self._instruments.delivery_ms.record(elapsed, self._backend_attrs)
@@ -326,7 +349,14 @@ class _Worker:
         for item in finished:
             row, verdict = item.row, item.verdict
             attempts = row.attempts + 1
-            if isinstance(verdict, Delivered):
+            if isinstance(verdict, Retry) and verdict.fault == "unsent":
+                # Refused before the network (the breaker opened meanwhile): no attempt,
+                # and the row has not been failing.
+                next_at = now + (verdict.after if verdict.after is not None
+                                 else policy.retry_base)
+                later.append((row.id, row.attempts, next_at, verdict.status, verdict.reason))
+                retried.append(replace(row, next_at=next_at))
+            elif isinstance(verdict, Delivered):
                 delivered.append((row.id, verdict.status))
                 done.append(row)
             elif isinstance(verdict, Permanent):
@@ -356,23 +386,31 @@ class _Worker:
             self._finished[:0] = finished
             await asyncio.sleep(_STORE_RETRY)
             return
+        dead_ids = {row_id for row_id, *_ in dead}
         for row_id, _, _, error in dead:
-            log.warning("outbox %d to %s dead-lettered: %s", row_id, self.name, error)
+            log.warning("outbox %d to %s dead-lettered: %s; its patient's later deliveries "
+                        "wait for it (isthmus outbox retry|drop %d)", row_id, self.name,
+                        error, row_id)
         for row in done:
-            self._advance(row, None, now)
+            self._advance(row, None, now, dead=row.id in dead_ids)
         for row in retried:
             self._advance(row, row, now)
         self.count = max(0, self.count - len(done))
         if not self.count:
             self.oldest = None
         for item in finished:
-            if isinstance(item.verdict, Retry):
+            verdict = item.verdict
+            if not isinstance(verdict, Retry):
+                self._probing = False  # answered: the backend is up
+            elif verdict.fault != "message":
                 self._probing = True
-            else:
-                self._probing = False
+            # A failure that is the message's own leaves the pace as it is.
 
-    def _advance(self, row: OutboxRow, again: OutboxRow | None, now: float) -> None:
-        """A patient's first row is done (`again` None) or waits for its retry."""
+    def _advance(self, row: OutboxRow, again: OutboxRow | None, now: float, *,
+                 dead: bool = False) -> None:
+        """A patient's first row is done (`again` None) or waits for its retry. A dead
+        row holds its patient's later rows: they leave memory, and the store does not
+        read them again (`SqliteOutbox.due`) until the dead row is retried or dropped."""
         key = row.patient_key
         if again is not None:
             if key:
@@ -384,6 +422,9 @@ class _Worker:
             return
         queue = self._queues[key]
         queue.popleft()
+        if queue and dead:
+            self._buffered -= len(queue)
+            queue.clear()
         if queue:
             self._place(queue[0], now)
         else:

@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (backend, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, id);
+-- Dead rows by patient: a dead row holds its patient's later rows (gateway.store.outbox).
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (backend, patient_key, id)
+    WHERE status = 'dead';
 CREATE TRIGGER IF NOT EXISTS inbox_to_outbox AFTER INSERT ON inbox
 WHEN NEW.routes != '' BEGIN
     INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at, trace)

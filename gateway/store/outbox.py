@@ -3,7 +3,9 @@
 The rows are made by a trigger on the inbox INSERT (see gateway.store.inbox), so this
 module only reads and moves them between statuses: `pending` (waiting or due), then
 `delivered`, or `dead` for an operator to look at; an operator may `retry` a dead row or
-`drop` it (dropped rows are kept, never deleted). Every change is one statement on the
+`drop` it (dropped rows are kept, never deleted). A dead row holds back its patient's
+later rows for that backend (they stay pending, unread by `due`) until it is retried or
+dropped: a patient's messages arrive in order or not at all. Every change is one statement on the
 connection it is given: the gateway shares the inbox's autocommit connection (never
 BEGIN ... COMMIT there), the CLI opens its own beside a running gateway.
 
@@ -73,6 +75,13 @@ _ROW_SQL = {
     "fhir": "i.bundle",
 }
 
+# A pending row `o` that waits behind a dead row of its patient (same backend, an earlier
+# id): per-patient order holds across a dead letter, a restart and an operator's retry.
+# Rows naming no patient ('') are held by nothing. Served by the outbox_dead index.
+_NOT_HELD = (
+    "(o.patient_key = '' OR NOT EXISTS (SELECT 1 FROM outbox d WHERE d.status = 'dead' "
+    "AND d.backend = o.backend AND d.patient_key = o.patient_key AND d.id < o.id))")
+
 _ENTRY_SQL = (
     "SELECT o.id, o.inbox_id, o.backend, o.status, o.attempts, o.created_at, o.updated_at, "
     "o.next_at, o.last_status, o.error, coalesce(i.message_type, ''), "
@@ -105,6 +114,14 @@ class SqliteOutbox:
                 "AND id <= ?", (backend, through_id)))
         return int(rows[0][0])
 
+    async def count_due(self, backend: str, through_id: int) -> int:
+        """Pending rows of one backend with id <= `through_id` that `due` would read (none
+        held behind a dead row): what the dispatcher should have in memory."""
+        rows = list(await self._db.execute_fetchall(
+            f"SELECT count(*) FROM outbox o WHERE o.backend = ? AND o.status = 'pending' "
+            f"AND o.id <= ? AND {_NOT_HELD}", (backend, through_id)))
+        return int(rows[0][0])
+
     async def oldest_pending(self, backend: str) -> float | None:
         """When the oldest pending row of a backend was created (unix time), or None."""
         rows = list(await self._db.execute_fetchall(
@@ -116,7 +133,8 @@ class SqliteOutbox:
         """Pending rows of a backend after an id, in id order, with their payloads.
 
         Rows waiting for a retry are included (with their `next_at`): they hold back the
-        later rows of their patient, which is the dispatcher's business.
+        later rows of their patient, which is the dispatcher's business. Rows behind a
+        dead row of their patient are not: they wait for an operator.
         """
         column = _ROW_SQL.get(kind)
         if column is None:
@@ -124,7 +142,7 @@ class SqliteOutbox:
         rows = await self._db.execute_fetchall(
             f"SELECT o.id, o.inbox_id, o.backend, o.patient_key, o.attempts, o.next_at, "
             f"o.trace, {column} FROM outbox o JOIN inbox i ON i.id = o.inbox_id "
-            f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? "
+            f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? AND {_NOT_HELD} "
             f"ORDER BY o.id LIMIT ?", (backend, after_id, limit))
         return [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
                           str(r[6]), None if r[7] is None else bytes(r[7])) for r in rows]
@@ -183,6 +201,23 @@ class SqliteOutbox:
         rows = list(await self._db.execute_fetchall(f"{_ENTRY_SQL} WHERE o.id = ?",
                                                     (row_id,)))
         return _entry(rows[0]) if rows else None
+
+    async def waits_for(self, row_id: int) -> int | None:
+        """The dead row a pending row waits behind (its patient's first dead row for the
+        same backend), or None when nothing holds it."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT min(d.id) FROM outbox o JOIN outbox d ON d.status = 'dead' "
+            "AND d.backend = o.backend AND d.patient_key = o.patient_key AND d.id < o.id "
+            "WHERE o.id = ? AND o.status = 'pending' AND o.patient_key != ''", (row_id,)))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def held_by(self, row_id: int) -> int:
+        """How many pending rows of its patient wait behind a dead row."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT count(*) FROM outbox d JOIN outbox o ON o.status = 'pending' "
+            "AND o.backend = d.backend AND o.patient_key = d.patient_key AND o.id > d.id "
+            "WHERE d.id = ? AND d.status = 'dead' AND d.patient_key != ''", (row_id,)))
+        return int(rows[0][0])
 
     async def retry(self, ids: Sequence[int] | None, backend: str | None = None) -> int:
         """Dead or dropped rows back to pending with a fresh attempt budget; `ids` None:

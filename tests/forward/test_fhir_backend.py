@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -654,6 +654,46 @@ async def test_delivery_with_the_breaker_open_is_retry_without_the_network(
     assert isinstance(verdict, Retry) and verdict.reason == "circuit breaker open"
     assert verdict.after is not None and 29 < verdict.after <= 30
     assert len(ehr.requests) == 2
+
+
+async def test_a_bundle_failing_again_is_its_own_problem_not_the_backends(
+        ehr: FakeEhr) -> None:
+    """A poison Bundle: its first 500 counts against the backend, its later ones are its
+    own (fault "message"): the breaker never opens for it, and a half-open probe it
+    fails leaves the breaker half-open for the next call rather than open."""
+    ehr.fail_all(500)
+    async with backend_for(ehr.url, breaker_failures=2, breaker_reset=0.2) as backend:
+        assert await backend.deliver(delivery(b"{}")) == Retry(
+            "HTTP 500", status="HTTP 500", fault="backend")
+        for attempt in range(2, 12):
+            verdict = await backend.deliver(replace(delivery(b"{}"), attempt=attempt))
+            assert verdict == Retry("HTTP 500", status="HTTP 500", fault="message")
+        assert backend.breaker_state == "closed"
+        # Fresh Bundles failing too: that is the backend, and the breaker opens.
+        assert (await backend.deliver(delivery(b"{}", 18))).fault == "backend"
+        assert backend.breaker_state == "open"
+        refused = await backend.deliver(delivery(b"{}", 19))
+        assert (refused.reason, refused.fault) == ("circuit breaker open", "unsent")
+        await asyncio.sleep(backend.available_in() + 0.02)
+        assert backend.breaker_state == "half-open"
+        verdict = await backend.deliver(replace(delivery(b"{}"), attempt=5))
+        assert verdict.fault == "message" and backend.breaker_state == "half-open"
+        ehr.fail_all(None)
+        assert await backend.deliver(delivery(bundle(), 20)) == Delivered("HTTP 200")
+        assert backend.breaker_state == "closed"
+    assert len(ehr.requests) == 14
+
+
+async def test_a_refused_connection_counts_against_the_backend_whatever_the_row() -> None:
+    ehr = FakeEhr()
+    await ehr.start()
+    url = ehr.url
+    await ehr.stop()
+    async with backend_for(url, breaker_failures=2, breaker_reset=30.0) as backend:
+        for attempt in (5, 6):
+            verdict = await backend.deliver(replace(delivery(b"{}"), attempt=attempt))
+            assert isinstance(verdict, Retry) and verdict.fault == "backend"
+        assert backend.breaker_state == "open"
 
 
 async def test_deliveries_wait_for_the_rate_limit_without_bound(ehr: FakeEhr) -> None:

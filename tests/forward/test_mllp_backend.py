@@ -155,6 +155,24 @@ async def test_breaker_opens_after_failures_and_a_probe_closes_it(fake: FakeMllp
         await backend.close()
 
 
+async def test_a_message_refused_again_does_not_open_the_breaker(fake: FakeMllp) -> None:
+    """AR to a message that was refused before is that message's problem (a poison
+    message): the breaker stays closed however often; a fresh message's AR counts."""
+    fake.default = "AR"
+    backend = backend_for(fake, breaker_failures=2, breaker_reset=30.0)
+    try:
+        assert await backend.deliver(delivery(1)) == Retry("ACK AR", status="ACK AR")
+        for attempt in range(2, 10):
+            assert await backend.deliver(delivery(1, attempt)) == Retry(
+                "ACK AR", status="ACK AR", fault="message")
+        assert backend.breaker_state == "closed"
+        assert (await backend.deliver(delivery(2))).fault == "backend"
+        assert backend.breaker_state == "open"
+    finally:
+        await backend.close()
+    assert len(fake.received) == 10
+
+
 async def test_ae_is_the_system_answering_so_it_does_not_open_the_breaker(
         fake: FakeMllp) -> None:
     fake.default = "AE"

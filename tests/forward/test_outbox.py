@@ -277,21 +277,114 @@ async def test_retries_back_off_then_dead_letter_after_max_attempts(
     assert gate.pending("down") == 0
 
 
-async def test_an_ae_dead_letters_at_once(inbox: SqliteInbox) -> None:
+async def test_an_ae_dead_letters_at_once_and_holds_the_patients_later_rows(
+        inbox: SqliteInbox, tmp_path: Path) -> None:
     async with FakeMllp(default="AE") as fake:
-        await accept_all(inbox, [inbound(["down"], "p1"), inbound(["down"], "p1")])
+        await accept_all(inbox, [inbound(["down"], "p1"), inbound(["down"], "p1"),
+                                 inbound(["down"], "p2")])
         backend = mllp(fake)
         gate = dispatcher(inbox, [backend])
         await gate.start()
         try:
             await gate.drain(5)
+            found = list((await rows(inbox)).values())
+            dead = ("dead", 1, "ACK AE", "ACK AE (ERR-3 207, ERR-4 E)")
+            # p1's second message waits behind its dead letter, never sent; p2 is apart.
+            assert [(r[2], r[3], r[5], r[6]) for r in found] == [
+                dead, ("pending", 0, "", ""), dead]
+            assert len(fake.received) == 2
+            assert gate.pending("down") == 1
+            # Dropping the dead letter releases what it held.
+            async with open_outbox(tmp_path / "inbox.db") as cli:
+                assert await cli.drop([1]) == 1
+            await eventually(lambda: _status_of(inbox, 2, "dead"))
         finally:
             await gate.close()
             await backend.close()
-    found = list((await rows(inbox)).values())
-    assert [(r[2], r[3], r[5], r[6]) for r in found] == [
-        ("dead", 1, "ACK AE", "ACK AE (ERR-3 207, ERR-4 E)")] * 2
-    assert len(fake.received) == 2
+    assert len(fake.received) == 3
+
+
+async def test_a_dead_letter_holds_its_patient_across_a_restart_until_retried(
+        tmp_path: Path) -> None:
+    path = tmp_path / "inbox.db"
+    inbox = await SqliteInbox.open(path, synchronous="normal")
+    try:
+        ehr = Recorder(answers=[Permanent("HTTP 422", status="HTTP 422")])
+        await accept_all(inbox, [inbound(["ehr"], p, bundle=b"{}") for p in "PPQP"])
+        gate = dispatcher(inbox, [ehr])
+        await gate.start()
+        try:
+            await gate.drain(5)
+        finally:
+            await gate.close()
+        assert [d.outbox_id for d in ehr.got] == [1, 3]
+        outbox = SqliteOutbox(inbox.connection)
+        assert [r.id for r in await outbox.due("ehr", "fhir", 0, 10)] == []
+        assert await outbox.count_pending("ehr") == 2
+        assert await outbox.count_due("ehr", 4) == 0
+    finally:
+        await inbox.close()
+
+    inbox = await SqliteInbox.open(path, synchronous="normal")
+    try:
+        ehr = Recorder()
+        gate = dispatcher(inbox, [ehr])
+        await gate.start()
+        try:
+            await gate.drain(5)
+            assert ehr.got == []  # still held after the restart
+            async with open_outbox(path) as cli:
+                assert await cli.retry([1]) == 1
+            await eventually(lambda: _all_status(inbox, "delivered"))
+        finally:
+            await gate.close()
+        assert [d.outbox_id for d in ehr.got] == [1, 2, 4]  # in order
+    finally:
+        await inbox.close()
+
+
+async def test_a_row_failing_on_its_own_does_not_slow_the_others(inbox: SqliteInbox) -> None:
+    """A `message` fault (the backend answered, refusing a row that failed before) keeps
+    the worker at full pace; a `backend` fault sends one row at a time."""
+    gate_open = asyncio.Event()
+    in_flight = 0
+    peak = 0
+
+    @dataclass
+    class Slow(Recorder):
+        async def deliver(self, delivery: Delivery) -> Verdict:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                if delivery.outbox_id == 2:
+                    return Retry("HTTP 500", status="HTTP 500", fault="message")
+                if delivery.outbox_id > 2:
+                    await gate_open.wait()
+                return Delivered("HTTP 200")
+            finally:
+                in_flight -= 1
+
+    ehr = Slow()
+    await accept_all(inbox, [inbound(["ehr"], "first", bundle=b"{}"),
+                             inbound(["ehr"], "poison", bundle=b"{}")])
+    gate = dispatcher(inbox, [ehr], DeliveryPolicy(max_attempts=3, retry_base=0.01,
+                                                   retry_max_delay=0.01, concurrency=8))
+    await gate.start()
+    try:
+        await eventually(lambda: _status_of(inbox, 2, "dead"))
+        await accept_all(inbox, [inbound(["ehr"], f"p{n}", bundle=b"{}") for n in range(8)])
+        gate.queued(("ehr",) * 8)
+        await eventually(lambda: _at_least(lambda: peak, 8))
+        gate_open.set()
+        await gate.drain(5)
+    finally:
+        gate_open.set()
+        await gate.close()
+
+
+async def _at_least(value: Callable[[], int], n: int) -> bool:
+    return value() >= n
 
 
 @pytest.mark.parametrize("mode", ["malformed", "wrong-id", "late", "drop", "AR"])

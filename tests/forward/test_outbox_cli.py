@@ -106,6 +106,17 @@ def test_show_gives_statuses_and_times_but_not_the_message(
     no_phi(out)
     assert "MSH" not in out and "PID" not in out
 
+    # Row 4 is the same patient's next message for the ehr backend: it waits behind the
+    # dead row 2, which says so.
+    code, out = run(data_dir, "show", "4", capsys=capsys)
+    fields = dict(line.split(": ", 1) for line in out.splitlines())
+    assert fields["next attempt"] == "after delivery 2 (dead; isthmus outbox retry|drop 2)"
+    assert "holds" not in fields
+    code, out = run(data_dir, "show", "2", capsys=capsys)
+    fields = dict(line.split(": ", 1) for line in out.splitlines())
+    assert fields["status"] == "dead" and fields["holds"] == "1 later deliveries of its patient"
+    no_phi(out)
+
     code, out = run(data_dir, "show", "99", capsys=capsys)
     assert code == 1 and "no delivery with id 99" in out
 

@@ -1,7 +1,8 @@
 """A fake EHR: a FHIR R4 server and its OAuth token endpoint on 127.0.0.1, for forwarding
 tests and benchmarks.
 
-It can be slow (`delay`), fail on demand (`fail_next`, `fail_all`, with Retry-After), go
+It can be slow (`delay`), fail on demand (`fail_next`, `fail_all`, with Retry-After; or
+only the requests whose body carries a marker, `fail_bodies_with`: one poison patient), go
 down (`stop`) and come back on the same port (`start`), demand bearer tokens
 (`require_token`) issued by its own token endpoint (client secret, Basic or form, or a
 SMART private_key_jwt assertion whose signature, iss/sub/aud/exp and jti it checks), and
@@ -73,6 +74,8 @@ class ReceivedTransaction:
     request_id: str
     traceparent: str
     body: bytes
+    # When it arrived (time.monotonic), for latency measurements.
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def bundle(self) -> dict[str, Any]:
@@ -137,6 +140,7 @@ class FakeEhr:
         self._tokens: dict[str, float] = {}  # access token -> monotonic expiry
         self._fail_next: list[tuple[int, float | None]] = []
         self._fail_all: int | None = None
+        self._fail_bodies: tuple[bytes, int] | None = None
         self._store: dict[str, dict[str, _Stored]] = {}
         self._runner: web.AppRunner | None = None
 
@@ -205,6 +209,11 @@ class FakeEhr:
         """Answer every FHIR request with `status` until called with None."""
         self._fail_all = status
 
+    def fail_bodies_with(self, marker: bytes | None, status: int = 500) -> None:
+        """Answer `status` to every FHIR request whose body contains `marker` (say, one
+        patient's identifier: a poison message) and serve the rest; None: stop."""
+        self._fail_bodies = None if marker is None else (marker, status)
+
     def revoke_tokens(self) -> None:
         """Forget every issued token (the next bearer call gets a 401)."""
         self._tokens.clear()
@@ -245,6 +254,10 @@ class FakeEhr:
         refused = self._refused(request)
         if refused is not None:
             return refused
+        if self._fail_bodies is not None:
+            marker, status = self._fail_bodies
+            if marker in await request.read():
+                return _outcome(status, FAILURE_DIAGNOSTICS)
         failure = self._injected_failure()
         if failure is not None:
             return failure

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ MODES = ("AA", "CA", "AE", "CE", "AR", "CR", "malformed", "wrong-id", "late", "d
 class Received:
     control_id: str
     raw: bytes
+    received_at: float = field(default_factory=time.monotonic)  # for latency measurements
 
 
 def control_id_of(raw: bytes) -> str:
