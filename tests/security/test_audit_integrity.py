@@ -127,3 +127,205 @@ async def test_writes_with_the_audit_store_locked_answer_503_and_store_nothing(
         status, _ = await fhir(http, "POST", "/fhir/Observation", observation("create"))
         assert status == 201
         assert len(await labelled(http, "create")) == 1
+
+
+# -- 8. rollback and truncation, caught by heads kept outside the data dir -----------------
+
+
+async def signed_log(data_dir: Path, records: int = 12, **overrides: Any) -> None:
+    """Records 1..N as the gateway writes them (checkpoints at 5, 10 and on close, each
+    published as configured)."""
+    from gateway.app import open_audit
+    from support.audit import settings_for, write_records
+
+    log = await open_audit(settings_for(data_dir, **overrides))
+    written = 0
+    for at in (*(n for n in (5, 10) if n < records), records):
+        await write_records(log, written + 1, at)
+        written = at
+        if at != records:
+            await log.checkpoint()
+    await log.close()
+
+
+def verify(data_dir: Path, *args: str, **config: str) -> tuple[int, str]:
+    """`isthmus audit verify` on a data dir, with a config file for `config` if given."""
+    from support.audit import run_cli
+
+    options: list[str] = []
+    if config:
+        file = data_dir.parent / "isthmus.toml"
+        file.write_text("[audit]\n" + "".join(f'{k} = "{v}"\n' for k, v in config.items()))
+        options = ["--config", str(file)]
+    code, out, err = run_cli(*options, "audit", "--data-dir", str(data_dir), "verify", *args)
+    return code, out + err
+
+
+def cut_tail(data_dir: Path, after: int, *, checkpoints_too: bool = True,
+             all_checkpoints: bool = False) -> None:
+    """The attacker with file access deletes records after `after` (and the checkpoints
+    that would show it)."""
+    from support.audit import attacker
+
+    with attacker(data_dir) as db:
+        db.execute("DELETE FROM audit_record WHERE seq > ?", (after,))
+        if all_checkpoints:
+            db.execute("DELETE FROM audit_checkpoint")
+        elif checkpoints_too:
+            db.execute("DELETE FROM audit_checkpoint WHERE count > ?", (after,))
+
+
+def head_of(data_dir: Path, seq: int) -> str:
+    with contextlib.closing(sqlite3.connect(data_dir / "audit.db")) as db:
+        [digest] = db.execute("SELECT hash FROM audit_record WHERE seq = ?", (seq,)).fetchone()
+    return f"{seq}:{digest.hex()}"
+
+
+async def test_a_tail_deleted_with_its_checkpoints_is_caught_by_an_expected_head(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "var"
+    with caplog.at_level("INFO", logger="gateway.audit.log"):
+        await signed_log(data_dir)
+    head = head_of(data_dir, 12)
+    cut_tail(data_dir, 8)
+    code, out = verify(data_dir)
+    assert code == 0, out  # the store alone is consistent: that is the attack
+    assert "no head kept outside the store" in out
+    code, out = verify(data_dir, "--expect-head", head)
+    assert code == 1, out
+    assert out.startswith("audit trail NOT intact: record 9: records 9..12 are missing"), out
+    assert "--expect-head holds its head at record 12 (rolled back or truncated)" in out
+    # The log line each checkpoint writes is such a head: shipped logs catch it too.
+    shipped = tmp_path / "shipped.log"
+    shipped.write_text("\n".join(r.getMessage() for r in caplog.records))
+    assert "audit checkpoint signed: record 12, head " in shipped.read_text()
+    code, out = verify(data_dir, "--expect-head-file", str(shipped))
+    assert code == 1 and "records 9..12 are missing" in out, out
+    # A head that the chain reaches is reported as the anchor.
+    code, out = verify(data_dir, "--expect-head", head_of(data_dir, 8))
+    assert code == 0 and "anchored up to record 8 by --expect-head" in out, out
+
+
+async def test_all_checkpoints_deleted_is_caught_by_the_published_directory(
+        tmp_path: Path) -> None:
+    data_dir, published = tmp_path / "var", tmp_path / "other-mount" / "heads"
+    published.mkdir(parents=True)
+    await signed_log(data_dir, **{"audit.checkpoint_publish": published})
+    assert len(list(published.iterdir())) == 3  # one file a checkpoint: 5, 10, 12
+    cut_tail(data_dir, 7, all_checkpoints=True)
+    code, out = verify(data_dir)
+    assert code == 0 and "no signed checkpoint yet" in out, out
+    # audit.checkpoint_publish is read by default once configured.
+    code, out = verify(data_dir, checkpoint_publish=str(published))
+    assert code == 1, out
+    assert out.startswith("audit trail NOT intact: record 8: records 8..12 are missing"), out
+    assert f"{published}/" in out
+
+
+async def test_an_older_copy_of_audit_db_is_caught_by_the_published_file(
+        tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import start_gateway
+    from gateway.audit import AuditIntegrityError
+
+    data_dir, published = tmp_path / "var", tmp_path / "other-mount" / "heads.log"
+    published.parent.mkdir()
+    config = {"audit.checkpoint_publish": published}
+    await signed_log(data_dir, records=6, **config)
+    backup = tmp_path / "audit-backup.db"
+    shutil.copy(data_dir / "audit.db", backup)
+    code, out = verify(data_dir, checkpoint_publish=str(published))
+    assert code == 0 and "anchored up to record 6 by" in out, out
+    # More records later (12 in all), then the older copy put back in place.
+    from gateway.app import open_audit
+    from support.audit import settings_for, write_records
+
+    log = await open_audit(settings_for(data_dir, **config))
+    await write_records(log, 7, 12)
+    await log.close()
+    for suffix in ("-wal", "-shm"):
+        (data_dir / f"audit.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, data_dir / "audit.db")
+    assert verify(data_dir)[0] == 0  # the store alone: an intact, shorter log
+    code, out = verify(data_dir, checkpoint_publish=str(published))
+    assert code == 1, out
+    assert out.startswith("audit trail NOT intact: record 7: records 7..12 are missing"), out
+    # The gateway refuses to extend (and re-sign) the rolled-back trail.
+    with pytest.raises(AuditIntegrityError, match="rolled back or truncated"):
+        gw = await start_gateway(data_dir, **config)
+        await gw.runner.cleanup()
+
+
+class Witness:
+    """An HTTP witness on 127.0.0.1 that keeps every head POSTed to it."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.url = ""
+
+    async def receive(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.heads.append(await request.read())
+        return web.Response(status=201)
+
+
+@pytest.fixture
+async def witness() -> AsyncIterator[Witness]:
+    from aiohttp import web
+
+    kept = Witness()
+    app = web.Application()
+    app.router.add_post("/heads", kept.receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    kept.url = f"http://127.0.0.1:{runner.addresses[0][1]}/heads"
+    try:
+        yield kept
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_tail_cut_and_resigned_with_the_key_beside_the_data_is_caught_by_the_witness(
+        tmp_path: Path, witness: Witness) -> None:
+    from support.audit import open_log
+
+    data_dir = tmp_path / "var"
+    await signed_log(data_dir, **{"audit.witness_url": witness.url})
+    assert len(witness.heads) == 3
+    # The attacker cuts records 9..12 and their checkpoints, then signs the shorter log
+    # with the signing key found in var/keys/ (here: by opening it as the gateway does).
+    cut_tail(data_dir, 8)
+    resigned = await open_log(data_dir)
+    await resigned.close()
+    code, out = verify(data_dir)
+    assert code == 0 and "signed through record 8" in out, out
+    kept = tmp_path / "witness-heads.log"
+    kept.write_bytes(b"".join(witness.heads))
+    code, out = verify(data_dir, "--expect-head-file", str(kept))
+    assert code == 1, out
+    assert out.startswith("audit trail NOT intact: record 9: records 9..12 are missing"), out
+    assert f"{kept}:3 holds its head at record 12" in out
+
+
+async def test_a_signing_key_beside_the_data_is_warned_about_at_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import start_gateway
+    from gateway.audit.keys import create_signing_key_files
+
+    with caplog.at_level("WARNING", logger="gateway.app.audit"):
+        gw = await start_gateway(tmp_path / "var")
+        await gw.runner.cleanup()
+    assert any("audit signing key" in r.getMessage() and "inside the data dir"
+               in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    secrets = tmp_path / "secrets"
+    create_signing_key_files(secrets / "audit-signing.pem", secrets / "audit-signing.pub.pem")
+    with caplog.at_level("WARNING", logger="gateway.app.audit"):
+        gw = await start_gateway(tmp_path / "var2", **{
+            "audit.signing_key_file": secrets / "audit-signing.pem"})
+        await gw.runner.cleanup()
+    assert not any("audit signing key" in r.getMessage() for r in caplog.records)
