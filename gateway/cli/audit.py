@@ -91,6 +91,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print("isthmus audit verify: --expect-head and --expect-head-file check the live "
               "store, not an export (--file)", file=sys.stderr)
         return 2
+    notes: list[str] = []  # printed after the verdict, whose line comes first
     try:
         trusted = {key_id(k): k for path in args.public_key or ()
                    for k in read_public_keys(path)}
@@ -109,10 +110,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
                 print("note: record MACs not checked (they need the signing key); the chain "
                       "and the signed checkpoints were")
             if not heads:
-                print("note: no head kept outside the store was given (--expect-head, "
-                      "--expect-head-file, audit.checkpoint_publish): a rollback or a "
-                      "truncation together with its checkpoints cannot be told from the "
-                      "store alone")
+                notes.append("note: no head kept outside the store was given "
+                             "(--expect-head, --expect-head-file, audit.checkpoint_publish): "
+                             "a rollback, or a truncation together with its checkpoints, "
+                             "cannot be told from the store alone")
     except (AuditKeyError, AnchorError, OSError) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
@@ -124,6 +125,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print(f"  also {problem}")
     if len(problems) > 20:
         print(f"  and {len(problems) - 20} more")
+    for note in notes:
+        print(note)
     return 0 if report.ok else 1
 
 
