@@ -129,6 +129,34 @@ async def test_writes_with_the_audit_store_locked_answer_503_and_store_nothing(
         assert len(await labelled(http, "create")) == 1
 
 
+async def test_a_write_to_a_remote_backend_is_on_record_before_it_is_sent(
+        tmp_path: Path) -> None:
+    from support.fake_ehr import FakeEhr
+
+    ehr = FakeEhr()
+    await ehr.start()
+    gw = await start_fhir_gateway(
+        tmp_path / "var", backends=[{"name": "ehr", "kind": "fhir", "base_url": ehr.url,
+                                     "max_retries": 0, "backoff_base": 0.01}],
+        routes=[{"match": {"resource": "Appointment"}, "to": ["ehr"]}])
+    appointment = {"resourceType": "Appointment", "status": "booked",
+                   "start": "2030-01-02T09:00:00Z", "end": "2030-01-02T09:15:00Z",
+                   "participant": [{"actor": {"reference": "Patient/synthetic-13"},
+                                    "status": "accepted"}]}
+    try:
+        async with fhir_session(gw) as http:
+            with audit_locked(gw.data_dir):
+                status, outcome = await fhir(http, "POST", "/fhir/Appointment", appointment)
+            assert status == 503, outcome
+            assert [r for r in ehr.requests if r.method == "POST"] == []  # never sent
+            status, _ = await fhir(http, "POST", "/fhir/Appointment", appointment)
+            assert status == 201
+            assert len([r for r in ehr.requests if r.method == "POST"]) == 1
+    finally:
+        await gw.runner.cleanup()
+        await ehr.stop()
+
+
 # -- 8. rollback and truncation, caught by heads kept outside the data dir -----------------
 
 
