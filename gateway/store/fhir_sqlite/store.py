@@ -297,8 +297,11 @@ class SqliteFhirStore:
         loop = asyncio.get_running_loop()
         for job in jobs:
             job.outcomes, job.error = None, None  # a job put back runs afresh
-        committed = await loop.run_in_executor(self._executor, self._apply_group_sync, jobs)
-        if committed:
+        # Without hooks, apply and commit are one hop to the writer thread, as before.
+        hooks = any(job.before_commit is not None for job in jobs)
+        committed = await loop.run_in_executor(self._executor, self._apply_group_sync, jobs,
+                                               not hooks)
+        if committed and hooks:
             refused = await self._before_commit(jobs)
             if refused:
                 # Writes are released into the group's transaction and cannot be undone
@@ -347,14 +350,16 @@ class SqliteFhirStore:
                 refused.append(job)
         return refused
 
-    def _apply_group_sync(self, jobs: Sequence[_Job]) -> bool:
+    def _apply_group_sync(self, jobs: Sequence[_Job], commit: bool) -> bool:
         """Writer thread: several callers' writes in one transaction, each in its own
-        savepoint, left open for `_commit_sync`; whether they applied (if not, the
-        transaction is rolled back and nothing in the group is durable)."""
+        savepoint, committed or (`commit` False) left open for `_commit_sync`; whether they
+        applied (if not, it is rolled back and nothing in the group is durable)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 self._run_job(job)
+            if commit:
+                self._db.execute("COMMIT")
         except Exception as exc:  # any database failure: nothing in the group is durable
             log.error("FHIR store write failed for a group of %d: %s", len(jobs),
                       type(exc).__name__)
