@@ -265,10 +265,10 @@ class AuditLog:
         for publisher in self._publishers:
             if not isinstance(publisher, FilePublisher):
                 continue
-            published = await asyncio.to_thread(publisher.heads)
+            published = await asyncio.to_thread(publisher.heads, self.log_id)
             heads = [h for h in published if h.log == self.log_id]
             if not heads:
-                if published:
+                if published or (publisher.path.is_dir() and any(publisher.path.iterdir())):
                     log.warning("%s holds heads of other audit logs only: this audit trail "
                                 "(log %s) is new, or audit.db was replaced", publisher.name,
                                 self.log_id)

@@ -60,10 +60,14 @@ class FilePublisher:
                          else self._path, os.W_OK):
             raise PublishError(f"audit.checkpoint_publish: {self._path} is not writable")
 
-    def heads(self) -> list[Head]:
-        """The heads published so far (none if nothing was published yet)."""
+    def heads(self, log_id: str | None = None) -> list[Head]:
+        """The heads published so far (none if nothing was published yet); with `log_id`
+        in a directory, only the newest file of that log is read (names sort by count)."""
         if not self._path.exists():
             return []
+        if log_id is not None and self._path.is_dir():
+            files = sorted(self._path.glob(f"{log_id}-*{PUBLISHED_SUFFIX}"))
+            return read_heads(files[-1]) if files else []
         return read_heads(self._path)
 
     async def publish(self, line: bytes, log_id: str, count: int) -> None:

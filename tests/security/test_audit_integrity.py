@@ -285,6 +285,24 @@ async def test_an_older_copy_of_audit_db_is_caught_by_the_published_file(
         await gw.runner.cleanup()
 
 
+async def test_audit_db_replaced_with_a_new_log_is_caught_by_the_published_file(
+        tmp_path: Path) -> None:
+    from support.audit import open_log, write_records
+
+    data_dir, published = tmp_path / "var", tmp_path / "other-mount" / "heads.log"
+    published.parent.mkdir()
+    await signed_log(data_dir, records=6, **{"audit.checkpoint_publish": published})
+    for suffix in ("", "-wal", "-shm"):
+        (data_dir / f"audit.db{suffix}").unlink(missing_ok=True)
+    fresh = await open_log(data_dir)  # a new log, signed with the same key
+    await write_records(fresh, 1, 3)
+    await fresh.close()
+    assert verify(data_dir)[0] == 0
+    code, out = verify(data_dir, checkpoint_publish=str(published))
+    assert code == 1, out
+    assert "belong to audit log" in out and "the audit database was replaced" in out, out
+
+
 class Witness:
     """An HTTP witness on 127.0.0.1 that keeps every head POSTed to it."""
 
