@@ -303,6 +303,24 @@ async def test_audit_db_replaced_with_a_new_log_is_caught_by_the_published_file(
     assert "belong to audit log" in out and "the audit database was replaced" in out, out
 
 
+async def test_a_forged_line_in_the_published_file_is_named(tmp_path: Path) -> None:
+    import json
+
+    data_dir, published = tmp_path / "var", tmp_path / "other-mount" / "heads.log"
+    published.parent.mkdir()
+    await signed_log(data_dir, records=6, **{"audit.checkpoint_publish": published})
+    cut_tail(data_dir, 4)
+    # The attacker also rewrites the published heads to match the shorter log.
+    lines = [json.loads(line) for line in published.read_text().splitlines()]
+    for line in lines:
+        line["count"], line["head"] = 4, head_of(data_dir, 4).partition(":")[2]
+    published.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, out = verify(data_dir, checkpoint_publish=str(published))
+    assert code == 1, out
+    forged = f"checkpoint at record 4: the head {published}:1 holds: its signature does not"
+    assert forged in out, out
+
+
 class Witness:
     """An HTTP witness on 127.0.0.1 that keeps every head POSTed to it."""
 
@@ -342,6 +360,10 @@ async def test_a_tail_cut_and_resigned_with_the_key_beside_the_data_is_caught_by
     data_dir = tmp_path / "var"
     await signed_log(data_dir, **{"audit.witness_url": witness.url})
     assert len(witness.heads) == 3
+    kept = tmp_path / "witness-heads.log"
+    kept.write_bytes(b"".join(witness.heads))
+    code, out = verify(data_dir, "--expect-head-file", str(kept))
+    assert code == 0 and f"anchored up to record 12 by {kept}:3" in out, out
     # The attacker cuts records 9..12 and their checkpoints, then signs the shorter log
     # with the signing key found in var/keys/ (here: by opening it as the gateway does).
     cut_tail(data_dir, 8)
@@ -349,8 +371,6 @@ async def test_a_tail_cut_and_resigned_with_the_key_beside_the_data_is_caught_by
     await resigned.close()
     code, out = verify(data_dir)
     assert code == 0 and "signed through record 8" in out, out
-    kept = tmp_path / "witness-heads.log"
-    kept.write_bytes(b"".join(witness.heads))
     code, out = verify(data_dir, "--expect-head-file", str(kept))
     assert code == 1, out
     assert out.startswith("audit trail NOT intact: record 9: records 9..12 are missing"), out
