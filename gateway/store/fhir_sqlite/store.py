@@ -424,7 +424,8 @@ class SqliteFhirStore:
         """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
-        # The writer thread runs one task at a time: never inside a group's transaction.
+        # The writer thread runs one task at a time; between a group's apply and commit
+        # (its records being kept) the probe's one statement joins that transaction.
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._probe_sync)
