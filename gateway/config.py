@@ -159,6 +159,13 @@ class AuditConfig(_Section):
     retention_days: float = Field(default=2190.0, ge=0)
     max_batch: int = Field(default=1024, ge=1, le=2900)
     reviewers: tuple[AuditReviewer, ...] = ()
+    # Each signed checkpoint is also written here, outside the data dir (another mount,
+    # append-only): a file gets one line a checkpoint, a directory one file a checkpoint.
+    # `isthmus audit verify` reads it to catch a rolled-back or truncated audit.db.
+    checkpoint_publish: Path | None = None
+    # An HTTP(S) URL each signed checkpoint is POSTed to (a witness that keeps them).
+    witness_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    witness_timeout: float = Field(default=5.0, gt=0, le=60)
 
     @field_validator("key_file", "signing_key_file")
     @classmethod

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
 
 from opentelemetry import metrics
 
 from gateway.app.state import KEYS_DIR
 from gateway.audit import AUDIT_FILE, AuditKeys, AuditLog, load_keys
+from gateway.audit.keys import SIGNING_KEY_FILE
+from gateway.audit.publish import FilePublisher, HttpWitness, Publisher
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,65 @@ def audit_keys(settings: Settings, *, create: bool = False,
 
 async def open_audit(settings: Settings, meter: metrics.Meter | None = None, *,
                      gateway: bool = True) -> AuditLog:
-    """The audit log in the data dir: the gateway's (signing checkpoints) or a tool's."""
+    """The audit log in the data dir: the gateway's (signing checkpoints, publishing them,
+    checking the store against those published before) or a tool's."""
     audit = settings.audit
+    keys = audit_keys(settings, create=gateway)
+    publishers: list[Publisher] = []
+    if gateway:
+        _warn_key_beside_data(settings)
+        publishers = checkpoint_publishers(settings)
     return await AuditLog.open(
-        settings.store.data_dir / AUDIT_FILE, audit_keys(settings, create=gateway),
+        settings.store.data_dir / AUDIT_FILE, keys,
         synchronous=settings.store.synchronous, max_batch=audit.max_batch,
         checkpoint_interval=audit.checkpoint_interval,
         checkpoint_every=audit.checkpoint_every,
         server=f"{settings.telemetry.service_name}@{socket.gethostname()}",
-        meter=meter, checkpoints=gateway)
+        meter=meter, checkpoints=gateway, publishers=publishers)
+
+
+def checkpoint_publishers(settings: Settings) -> list[Publisher]:
+    """Where signed checkpoints go besides the store, as configured (checked writable)."""
+    audit = settings.audit
+    publishers: list[Publisher] = []
+    if audit.checkpoint_publish is not None:
+        published = FilePublisher(audit.checkpoint_publish)
+        published.check()
+        if _inside(audit.checkpoint_publish, settings.store.data_dir):
+            log.warning("audit.checkpoint_publish %s is inside the data dir: a rollback of "
+                        "the data dir takes it along; put it on another mount",
+                        audit.checkpoint_publish)
+        publishers.append(published)
+    if audit.witness_url is not None:
+        publishers.append(HttpWitness(audit.witness_url, audit.witness_timeout))
+    return publishers
+
+
+def signing_key_path(settings: Settings) -> Path | None:
+    """The signing key's file (None: given inline, e.g. from a secret store)."""
+    audit = settings.audit
+    if audit.signing_key is not None:
+        return None
+    return audit.signing_key_file or settings.store.data_dir / KEYS_DIR / SIGNING_KEY_FILE
+
+
+def _warn_key_beside_data(settings: Settings) -> None:
+    """Whoever can rewrite audit.db and read a key kept beside it can cut the tail and sign
+    the shorter log: only heads published elsewhere would still show it."""
+    path = signing_key_path(settings)
+    if path is None or not _inside(path, settings.store.data_dir):
+        return
+    anchored = (settings.audit.checkpoint_publish is not None
+                and not _inside(settings.audit.checkpoint_publish, settings.store.data_dir)
+                ) or settings.audit.witness_url is not None
+    log.warning(
+        "the audit signing key %s is inside the data dir: anyone who can change audit.db "
+        "there can also re-sign a truncated or rolled-back trail. Keep it on another mount "
+        "(audit.signing_key_file) or in a secret store (ISTHMUS_AUDIT__SIGNING_KEY)%s; see "
+        "docs/audit.md, Rollback and truncation", path,
+        "" if anchored else ", and publish checkpoints outside it "
+        "(audit.checkpoint_publish, audit.witness_url)")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())

@@ -3,8 +3,10 @@
 `submit` seals a record (PHI encrypted, canonical bytes) and queues it for the store's
 group commit; the returned future resolves once the record is durable and chained, and
 callers grant the access only then (fail closed). The log also signs checkpoints — every
-`checkpoint_interval` seconds, every `checkpoint_every` records and on close — and purges
-records past retention while keeping the rest verifiable.
+`checkpoint_interval` seconds, every `checkpoint_every` records and on close — publishes
+each outside the database (`publish.py`), and purges records past retention while
+keeping the rest verifiable. At start it refuses a store that does not reach the heads it
+published before (rolled back or truncated).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -21,12 +23,14 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry import metrics
 
+from gateway.audit.anchor import Head, published_line
 from gateway.audit.chain import Chain, Checkpoint, digest, link, open_checkpoint
 
 # AuditIntegrityError: defined in errors.py; imported here too for the old import path.
 from gateway.audit.errors import AuditIntegrityError as AuditIntegrityError
 from gateway.audit.keys import AuditKeyError, AuditKeys, SigningKey
 from gateway.audit.patient import identifier_part, is_bare
+from gateway.audit.publish import FilePublisher, Publisher, PublishError
 from gateway.audit.query import AuditQuery
 from gateway.audit.record import AuditRecord, timestamp
 from gateway.audit.sealed import columns_match, parse_body, seal
@@ -45,7 +49,8 @@ class AuditLog:
 
     def __init__(self, store: AuditStore, keys: AuditKeys, chain: Chain, *, server: str,
                  clock: Callable[[], datetime], checkpoint_interval: float,
-                 checkpoint_every: int, meter: metrics.Meter | None) -> None:
+                 checkpoint_every: int, meter: metrics.Meter | None,
+                 publishers: Sequence[Publisher] = ()) -> None:
         if keys.ring is None:
             raise AuditKeyError("recording audit records needs the audit data keys")
         self._store = store
@@ -64,11 +69,16 @@ class AuditLog:
         self._timer: asyncio.Task[None] | None = None
         self._signs = False
         self._stopping = False
+        self._publishers = tuple(publishers)
+        self._publishing: set[asyncio.Task[None]] = set()
         meter = meter or metrics.NoOpMeter("isthmus")
         self._appended = meter.create_counter(
             "isthmus.audit.records", description="audit records committed")
         self._failed = meter.create_counter(
             "isthmus.audit.failures", description="audit records that could not be written")
+        self._publish_failed = meter.create_counter(
+            "isthmus.audit.publish_failures",
+            description="signed checkpoints that a publisher could not take")
 
     @classmethod
     async def open(
@@ -84,23 +94,30 @@ class AuditLog:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         meter: metrics.Meter | None = None,
         checkpoints: bool = True,
+        publishers: Sequence[Publisher] = (),
     ) -> AuditLog:
-        """Open (creating) the log. With `checkpoints` (the gateway) a tail left unsigned
-        by a crash is verified and signed, a timer signs from then on, and closing signs
-        the head. Tools (the command line) pass False and sign only what they must."""
+        """Open (creating) the log. With `checkpoints` (the gateway) the store is checked
+        against the heads published before, a tail left unsigned by a crash is verified
+        and signed, a timer signs from then on, and closing signs the head. Tools (the
+        command line) pass False and sign only what they must. Every checkpoint signed is
+        given to each of `publishers`."""
         store = await SqliteAuditStore.open(path, synchronous, max_batch)
         try:
             chain = Chain(store.log_id, keys.signing)
             await _check_sealing_key(store, keys)
             audit = cls(store, keys, chain, server=server, clock=clock,
                         checkpoint_interval=checkpoint_interval,
-                        checkpoint_every=checkpoint_every, meter=meter)
+                        checkpoint_every=checkpoint_every, meter=meter,
+                        publishers=publishers)
             await store.start(chain, audit._committed)
             await audit._load_checkpoints()
             if checkpoints:
+                await audit._check_published()
                 await audit.seal_head()
         except BaseException:
             await store.close()
+            for publisher in publishers:
+                await publisher.close()
             raise
         if checkpoints:
             audit._signs = True
@@ -216,8 +233,65 @@ class AuditLog:
         await self._store.add_checkpoint(count, checkpoint.time, body, signature)
         self._signed_count = count
         # The head hash in the log is a copy kept outside the database: an anchor for
-        # anyone who ships logs elsewhere.
-        log.info("audit checkpoint signed: record %d, head %s", count, head.hex())
+        # anyone who ships logs elsewhere (`audit verify --expect-head-file` reads this
+        # line as it is). Not PHI: a record number, a hash and the log's random id.
+        log.info("audit checkpoint signed: record %d, head %s, log %s", count, head.hex(),
+                 self.log_id)
+        await self._publish(body, signature, count)
+
+    async def _publish(self, body: bytes, signature: bytes, count: int) -> None:
+        """Hand a signed checkpoint to every publisher: files before this returns (so the
+        head is outside the data dir once signed), the network in the background."""
+        line = published_line(body, signature)
+        for publisher in self._publishers:
+            if isinstance(publisher, FilePublisher):
+                await self._publish_one(publisher, line, count)
+            else:
+                task = asyncio.create_task(self._publish_one(publisher, line, count),
+                                           name="audit-publish")
+                self._publishing.add(task)
+                task.add_done_callback(self._publishing.discard)
+
+    async def _publish_one(self, publisher: Publisher, line: bytes, count: int) -> None:
+        try:
+            await publisher.publish(line, self.log_id, count)
+        except PublishError as exc:
+            self._publish_failed.add(1)
+            log.error("audit checkpoint of record %d not published: %s", count, exc)
+
+    async def _check_published(self) -> None:
+        """Refuse a store that does not reach a head this log published before: the
+        database was rolled back (an older copy) or its tail cut off."""
+        for publisher in self._publishers:
+            if not isinstance(publisher, FilePublisher):
+                continue
+            published = await asyncio.to_thread(publisher.heads, self.log_id)
+            heads = [h for h in published if h.log == self.log_id]
+            if not heads:
+                if published or (publisher.path.is_dir() and any(publisher.path.iterdir())):
+                    log.warning("%s holds heads of other audit logs only: this audit trail "
+                                "(log %s) is new, or audit.db was replaced", publisher.name,
+                                self.log_id)
+                continue
+            newest = max(heads, key=lambda h: h.seq)
+            count, _ = await self._store.sync_head()
+            problem = await self._missing_head(newest, count)
+            if problem is not None:
+                raise AuditIntegrityError(
+                    f"{problem}; refusing to extend it. Restore the audit database, or run "
+                    f"`isthmus audit verify` to see what is missing")
+
+    async def _missing_head(self, head: Head, count: int) -> str | None:
+        if head.seq > count:
+            return (f"the audit trail ends at record {count} but {head.source} holds its "
+                    f"signed head at record {head.seq}: it was rolled back or truncated")
+        if head.seq <= self._purged:
+            return None  # purged by retention since; the purge anchor carries on
+        stored = await self._store.hash_at(head.seq)
+        if stored != head.hash:
+            return (f"audit record {head.seq} does not match the head {head.source} holds: "
+                    "the audit database was replaced or rewritten")
+        return None
 
     async def _verify_range(self, after: int, through: int) -> bytes:
         """Check records after..through link up from a trusted hash; returns the last hash."""
@@ -293,6 +367,7 @@ class AuditLog:
             self._signed_count = max(self._signed_count, count)
             log.info("audit retention: purged %d records through record %d; the chain "
                      "continues from head %s", deleted, through, purged_head.hex())
+            await self._publish(body, signature, count)
             return deleted
 
     # -- reading ------------------------------------------------------------------------
@@ -355,6 +430,10 @@ class AuditLog:
             log.error("audit log: the closing checkpoint failed: %s", type(exc).__name__)
         finally:
             await self._store.close()
+            if self._publishing:
+                await asyncio.wait(self._publishing)  # each bounded by its own timeout
+            for publisher in self._publishers:
+                await publisher.close()
 
 
 async def _check_sealing_key(store: AuditStore, keys: AuditKeys) -> None:
@@ -367,15 +446,19 @@ async def _check_sealing_key(store: AuditStore, keys: AuditKeys) -> None:
 
 
 async def verify_store(path: Path, trusted: Mapping[str, Ed25519PublicKey],
-                       signing: SigningKey | None = None) -> Report:
-    """Verify a live audit database read-only: chain, checkpoints, search columns, and
-    with the signing key (which the MAC key derives from) every record's MAC."""
+                       signing: SigningKey | None = None,
+                       heads: Sequence[Head] | None = None) -> Report:
+    """Verify a live audit database read-only: chain, checkpoints, search columns, with
+    the signing key (which the MAC key derives from) every record's MAC, and with `heads`
+    (kept outside the store) that it was not rolled back, truncated or replaced."""
     db, reader = await open_reader(path)
     try:
         log_id = await reader.log_id()
         checkpoints = [(c.body, c.signature) for c in await reader.checkpoints()]
         chain = Chain(log_id, signing) if signing is not None and log_id else None
         verifier = ChainVerifier(log_id, checkpoints, trusted, chain=chain)
+        if heads is not None:
+            verifier.expect(heads)
         async for row in reader.scan(1):
             verifier.record(row.seq, digest(row.body), row.hash, row.mac, row.mac_key)
             try:

@@ -10,7 +10,9 @@ each at the record where it shows, so the first one names the first bad record:
 - a record whose MAC does not verify (written without the audit key: a rewritten or
   extended tail, also after the last checkpoint);
 - a chain that does not reach the head hash a checkpoint signed (a rewrite with
-  recomputed hashes), and checkpoints that are forged, altered or signed by an unknown key.
+  recomputed hashes), and checkpoints that are forged, altered or signed by an unknown key;
+- given heads kept outside the store (`anchor.py`): a chain that ends before one of them
+  (rolled back, truncated with its checkpoints) or does not pass through it (replaced).
 
 An export holds only the records asked for, so its chain comes in segments, each running
 from one signed checkpoint to the next; a segment may start only right after a checkpoint
@@ -19,11 +21,12 @@ from one signed checkpoint to the next; a segment may start only right after a c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from gateway.audit.anchor import Head
 from gateway.audit.chain import Chain, Checkpoint, genesis, link, open_checkpoint
 
 
@@ -52,6 +55,11 @@ class Report:
     purged: int = 0
     problems: list[Problem] = field(default_factory=list)
     exported: int | None = None  # records shown in an export (the rest are digests)
+    # Heads kept outside the store that the chain was checked against (None: none given),
+    # and the furthest one it reaches, with where that head came from.
+    anchors: int | None = None
+    anchored_through: int = 0
+    anchored_by: str = ""
 
     @property
     def ok(self) -> bool:
@@ -80,7 +88,14 @@ class Report:
         signed = (f", signed through record {self.signed_through}" if self.signed_through
                   else ", no signed checkpoint yet")
         return (f"audit trail intact: {span}, {self.checkpoints} signed checkpoints"
-                f"{signed}{purged}")
+                f"{signed}{purged}{self._anchored()}")
+
+    def _anchored(self) -> str:
+        if self.anchors is None:
+            return ""
+        if not self.anchored_through:
+            return f"; none of the {self.anchors} heads given is after the purge"
+        return f"; anchored up to record {self.anchored_through} by {self.anchored_by}"
 
 
 class ChainVerifier:
@@ -121,10 +136,53 @@ class ChainVerifier:
         self._prev: bytes | None = None
         self._segment_start = self._purged + 1
         self._segment_problem = False
+        self._heads: dict[int, list[Head]] = {}
 
     @property
     def log_id(self) -> str | None:
         return self._log_id
+
+    def expect(self, heads: Sequence[Head]) -> None:
+        """Heads kept outside the store that the chain must reach and pass through; call
+        before feeding records. Heads of other logs are left aside (a shared file), but
+        heads of none but other logs mean this is not the log they were taken from."""
+        report = self.report
+        report.anchors = (report.anchors or 0) + len(heads)
+        ours = [h for h in heads if h.log is None or h.log == self._log_id]
+        if heads and not ours:
+            logs = ", ".join(sorted({str(h.log) for h in heads}))
+            self._problem(1, f"the heads in {heads[0].source.rpartition(':')[0] or 'it'} "
+                             f"belong to audit log {logs}, this store is log {self._log_id}: "
+                             "the audit database was replaced")
+        for head in ours:
+            if head.body is not None and head.signature is not None:
+                checkpoint, reason = open_checkpoint(head.body, head.signature,
+                                                     self._trusted)
+                if checkpoint is None:
+                    self._problem(head.seq, f"the head {head.source} holds: {reason}",
+                                  checkpoint=True)
+                    continue
+            self._heads.setdefault(head.seq, []).append(head)
+
+    def _anchor_reached(self, seq: int, current: bytes | None) -> None:
+        for head in self._heads.get(seq, ()):
+            if current is not None and current == head.hash:
+                if seq >= self.report.anchored_through:
+                    self.report.anchored_through, self.report.anchored_by = seq, head.source
+                continue
+            self._problem(seq, f"it does not match the head {head.source} holds: the audit "
+                               "trail was rewritten or replaced")
+
+    def _anchors_beyond(self, last: int) -> None:
+        """Heads the chain never reached: past its end (cut off), or at the purge anchor."""
+        if self._purged in self._heads and self._purged_head is not None:
+            self._anchor_reached(self._purged, self._purged_head)
+        beyond = [h for seq, heads in self._heads.items() if seq > last for h in heads]
+        if beyond:
+            head = max(beyond, key=lambda h: h.seq)
+            self._problem(last + 1, f"{_missing(last + 1, head.seq)}: the trail ends at "
+                                    f"record {last} but {head.source} holds its head at "
+                                    f"record {head.seq} (rolled back or truncated)")
 
     def problem(self, position: int, reason: str) -> None:
         """Add a problem found outside the chain (columns, manifest, rendering)."""
@@ -165,6 +223,8 @@ class ChainVerifier:
         if mac is not None and current is not None:
             self._check_mac(seq, current, mac, mac_key)
         self._check_checkpoints(seq, current)
+        if self._heads:
+            self._anchor_reached(seq, current)
         self._prev = current
         self._expected = seq + 1
 
@@ -224,6 +284,8 @@ class ChainVerifier:
         if self._segments and self._expected is not None and last not in self._by_count:
             self._problem(last + 1, "it is missing from the chain data (the segment does "
                                     "not end on a signed checkpoint)")
+        if self._heads:
+            self._anchors_beyond(last)
         covered = max((c for c in self._by_count if c > last), default=None)
         if covered is not None and not self._segments:
             self._problem(last + 1, f"{_missing(last + 1, covered)}: the log ends at record "

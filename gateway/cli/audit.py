@@ -17,6 +17,7 @@ from gateway.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from gateway.audit import AuditQuery
+    from gateway.audit.anchor import Head
     from gateway.cli.shared import Subparsers
 
 _EXPORT_PURPOSE = "HCOMPL"  # v3 ActReason: health compliance
@@ -32,6 +33,15 @@ def add_parser(sub: Subparsers) -> None:
                         help="an export to verify offline (needs --public-key)")
     verify.add_argument("--public-key", type=Path, action="append", metavar="KEY",
                         help="the gateway's public key (PEM); repeat for rotated keys")
+    verify.add_argument("--expect-head", action="append", metavar="SEQ:HASH",
+                        help="a head kept outside the store (record number and chain hash) "
+                             "the trail must reach: catches a rollback or truncation; "
+                             "repeat for several")
+    verify.add_argument("--expect-head-file", type=Path, action="append", metavar="FILE",
+                        help="heads to reach, from a file or directory: the published "
+                             "checkpoints (audit.checkpoint_publish, read by default), a "
+                             "witness's copies, the 'audit checkpoint signed' log lines, or "
+                             "SEQ:HASH lines")
     verify.set_defaults(run=_audit_verify)
     export = actions.add_parser(
         "export", help="records in a period as FHIR AuditEvents or CSV, on stdout")
@@ -69,6 +79,7 @@ def _audit_db(settings: Settings) -> Path:
 def _audit_verify(args: argparse.Namespace) -> int:
     from gateway.app import audit_keys
     from gateway.audit import AuditKeyError, verify_store
+    from gateway.audit.anchor import AnchorError
     from gateway.audit.export import verify_export
     from gateway.audit.keys import key_id, read_public_keys
 
@@ -76,6 +87,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print("isthmus audit verify: --file needs --public-key KEY, the public key of the "
               "gateway that made the export", file=sys.stderr)
         return 2
+    if args.file is not None and (args.expect_head or args.expect_head_file):
+        print("isthmus audit verify: --expect-head and --expect-head-file check the live "
+              "store, not an export (--file)", file=sys.stderr)
+        return 2
+    notes: list[str] = []  # printed after the verdict, whose line comes first
     try:
         trusted = {key_id(k): k for path in args.public_key or ()
                    for k in read_public_keys(path)}
@@ -84,15 +100,21 @@ def _audit_verify(args: argparse.Namespace) -> int:
         else:
             settings = audit_settings(args)
             path = _audit_db(settings)
+            heads = _expected_heads(args, settings)
             signing = None
             if not trusted:
                 keys = audit_keys(settings, need_data_keys=False)
                 trusted, signing = dict(keys.trusted), keys.signing
-            report = asyncio.run(verify_store(path, trusted, signing))
+            report = asyncio.run(verify_store(path, trusted, signing, heads or None))
             if signing is None:
                 print("note: record MACs not checked (they need the signing key); the chain "
                       "and the signed checkpoints were")
-    except (AuditKeyError, OSError) as exc:
+            if not heads:
+                notes.append("note: no head kept outside the store was given "
+                             "(--expect-head, --expect-head-file, audit.checkpoint_publish): "
+                             "a rollback, or a truncation together with its checkpoints, "
+                             "cannot be told from the store alone")
+    except (AuditKeyError, AnchorError, OSError) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
         print(f"isthmus audit verify: {where}{text}", file=sys.stderr)
@@ -103,7 +125,27 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print(f"  also {problem}")
     if len(problems) > 20:
         print(f"  and {len(problems) - 20} more")
+    for note in notes:
+        print(note)
     return 0 if report.ok else 1
+
+
+def _expected_heads(args: argparse.Namespace, settings: Settings) -> list[Head]:
+    """The heads the store must reach: given on the command line, and those published
+    where the configuration says (audit.checkpoint_publish)."""
+    from gateway.audit.anchor import AnchorError, parse_head, read_heads
+
+    heads = [parse_head(text, "--expect-head") for text in args.expect_head or ()]
+    files = list(args.expect_head_file or ())
+    published = settings.audit.checkpoint_publish
+    if published is not None and published.exists() and published not in files:
+        files.append(published)
+    for path in files:
+        found = read_heads(path)
+        if not found:
+            raise AnchorError(f"{path}: holds no audit head")
+        heads.extend(found)
+    return heads
 
 
 def _audit_export(args: argparse.Namespace) -> int:

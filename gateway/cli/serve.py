@@ -27,7 +27,7 @@ def add_parser(sub: Subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve
-    from gateway.audit import AuditIntegrityError, AuditKeyError
+    from gateway.audit import AuditError
     from gateway.mapping.errors import TableError, TableErrors
 
     settings = settings_from(args, **{
@@ -52,6 +52,6 @@ def _serve(args: argparse.Namespace) -> int:
     except (TableErrors, TableError) as exc:
         print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
         return 2
-    except (AuditKeyError, AuditIntegrityError) as exc:
+    except AuditError as exc:  # keys, integrity (a rolled-back trail), publishing
         print(f"isthmus: the audit trail cannot be opened: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,10 +36,15 @@ from gateway.store.fhir import (
     Match,
     ReferenceMatch,
     StoredResource,
+    WriteConflict,
+    WriteOutcome,
+    WriteRequest,
 )
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+Outcomes = list[WriteOutcome | WriteConflict]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +285,49 @@ class FhirApi:
             except StoreUnavailable:
                 raise FhirError(503, "the access could not be recorded; try again later",
                                 headers={"Retry-After": "5"}) from None
+
+
+    async def transact(self, writes: Sequence[WriteRequest],
+                       records: Callable[[Outcomes], Sequence[AuditRecord]], *,
+                       atomic: bool = True) -> Outcomes:
+        """Apply writes so that none is readable before its audit records are durable.
+
+        A write is a PHI access, on record first (fail closed), like a read: the store
+        awaits `records(outcomes)` between applying the writes and committing them, and a
+        record that cannot be kept rolls them back, so a 503 means nothing was written
+        and the client's retry cannot make a duplicate. Records kept for writes that were
+        then not committed (a failed commit; the call run again because another call in
+        its group commit could not be recorded) are followed by a `rolled-back` record
+        (best effort): the trail may over-state, never under-state, what was written.
+        """
+        kept: list[AuditRecord] = []
+
+        def rolled_back() -> None:
+            if self.audit is not None:
+                for record in kept:
+                    self.audit.submit(record._replace(
+                        outcome="rolled-back", detail="not committed")
+                    ).add_done_callback(_ignored)
+            kept.clear()
+
+        async def before_commit(outcomes: Outcomes) -> None:
+            rolled_back()  # called again: the earlier attempt was rolled back
+            made = records(outcomes)
+            await self.record(made)
+            kept.extend(made)
+
+        try:
+            return await self.store.transact(writes, atomic=atomic,
+                                             before_commit=before_commit)
+        except StoreUnavailable:
+            rolled_back()
+            raise
+
+
+def _ignored(future: asyncio.Future[tuple[int, bytes]]) -> None:
+    """A best-effort record's failure is already counted and logged by the audit log."""
+    if not future.cancelled():
+        future.exception()
 
 
 FHIR = web.AppKey("fhir", FhirApi)

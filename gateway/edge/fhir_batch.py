@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.edge.fhir_api import Call, FhirApi
+from gateway.audit import AuditRecord
+from gateway.edge.fhir_api import Call, FhirApi, Outcomes
 from gateway.edge.fhir_reads import readable
 from gateway.edge.fhir_request import (
     ACTIONS,
@@ -22,7 +23,7 @@ from gateway.edge.fhir_request import (
     validated,
 )
 from gateway.edge.fhir_search import search
-from gateway.edge.fhir_writes import checked_write, conflict_reason, target
+from gateway.edge.fhir_writes import checked_write, conflict_reason, target, written
 from gateway.fhir.outcome import FhirError, operation_outcome
 from gateway.fhir.transaction import Entry, parse_bundle
 from gateway.policy import Principal
@@ -64,31 +65,36 @@ async def batch_or_transaction(call: Call) -> web.Response:
                 raise FhirError(exc.status, exc.reason if exc.reason.startswith("Bundle")
                                 else where + exc.reason, exc.expression) from None
             answers[entry.index] = _error_entry(exc.status, exc.reason)
-    outcomes: list[WriteOutcome | WriteConflict] = []
+    attempt = access(call, ACTIONS["POST"])  # here: it carries the request's trace
+
+    def records(outcomes: Outcomes) -> list[AuditRecord]:
+        made = []
+        for (entry, _), result in zip(writes, outcomes, strict=True):
+            action = ACTIONS[entry.method]
+            if isinstance(result, WriteConflict):
+                made.append(attempt._replace(action=action, outcome=str(result.status),
+                                             resource_type=entry.resource_type,
+                                             resource_id=target(entry)))
+            else:
+                made.append(written(api, attempt._replace(action=action), entry, result))
+        return made
+
+    outcomes: Outcomes = []
     if writes:
         try:
-            outcomes = await api.store.transact([w for _, w in writes], atomic=atomic)
+            # On record before it is committed: a 503 here means nothing was written.
+            outcomes = await api.transact([w for _, w in writes], records, atomic=atomic)
         except WriteConflict as conflict:
             index = writes[conflict.entry][0].index if conflict.entry is not None else None
             raise FhirError(conflict.status, (f"Bundle.entry[{index}]: " if index is not None
                                               else "") + conflict_reason(conflict)
                              ) from None
     base = api.base(request)
-    records = []
     for (entry, _), result in zip(writes, outcomes, strict=True):
-        action = ACTIONS[entry.method]
         if isinstance(result, WriteConflict):
             answers[entry.index] = _error_entry(result.status, conflict_reason(result))
-            records.append(access(call, action, str(result.status),
-                                  resource_type=entry.resource_type,
-                                  resource_id=target(entry)))
-            continue
-        answers[entry.index] = _write_entry(api, call.principal, base, result)
-        stored = result.stored
-        records.append(access(call, action, resource_type=entry.resource_type,
-                              resource_id=(f"{stored.resource_type}/{stored.id}"
-                                           if stored else target(entry))))
-    await api.record(records)
+        else:
+            answers[entry.index] = _write_entry(api, call.principal, base, result)
     for entry in entries:
         if entry.method == "GET":
             answers[entry.index] = await _get_entry(call, entry)

@@ -5,6 +5,7 @@ caller may see, the answer recorded, cut for the caller and moved to our base.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from urllib.parse import quote, urlencode
 
@@ -21,6 +22,10 @@ from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import condition, query_pairs
 from gateway.forward.backend import FhirResponse
 from gateway.store.fhir import Match
+
+log = logging.getLogger(__name__)
+# Recorded before a write is sent to a backend; its outcome follows in a record of its own.
+PENDING = "pending"
 
 # FHIR R4 §3.1.1.1.8 (search escaping): characters escaped with '\' in a token value.
 _SEARCH_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", ",": "\\,", "$": "\\$"})
@@ -43,6 +48,7 @@ async def create(link: BackendLink, call: Call) -> web.Response:
         headers["If-None-Exist"] = urlencode(match, safe="/:|", quote_via=quote)
     # With If-None-Exist a repeat finds what the first made: safe to retry; without,
     # a lost answer could mean a second resource, so it is sent once.
+    await _on_record_first(call, Action.CREATE, None)
     response = await link.ask(call, "POST", type_, body=jsonio.dumps(resource),
                               headers=headers, idempotent=bool(match))
     link.invalidate(type_)
@@ -61,6 +67,7 @@ async def update(link: BackendLink, call: Call) -> web.Response:
     _check_written(call, "update", resource)
     await _check_current(link, call, "update", id_)
     headers = {"Content-Type": FHIR_JSON, **_prefer(call), **_if_match_header(call)}
+    await _on_record_first(call, Action.UPDATE, f"{type_}/{id_}")
     response = await link.ask(call, "PUT", f"{type_}/{id_}", body=jsonio.dumps(resource),
                               headers=headers)
     link.invalidate(type_)
@@ -84,6 +91,7 @@ async def conditional_update(link: BackendLink, call: Call) -> web.Response:
         # could collide with another patient's resource and say so.
         resource.pop("id", None)
     headers = {"Content-Type": FHIR_JSON, **_prefer(call), **_if_match_header(call)}
+    await _on_record_first(call, Action.UPDATE, None)
     response = await link.ask(call, "PUT", type_, query=params + narrowing,
                               body=jsonio.dumps(resource), headers=headers)
     link.invalidate(type_)
@@ -95,6 +103,7 @@ async def delete(link: BackendLink, call: Call) -> web.Response:
     id_ = call.request.match_info["id"]
     call.api.authorize(call.principal, "delete", type_)
     await _check_current(link, call, "delete", id_)
+    await _on_record_first(call, Action.DELETE, f"{type_}/{id_}")
     response = await link.ask(call, "DELETE", f"{type_}/{id_}",
                               headers=_if_match_header(call))
     link.invalidate(type_)
@@ -110,9 +119,17 @@ async def conditional_delete(link: BackendLink, call: Call) -> web.Response:
     _check_condition(call, params, "")
     narrowing = _narrowing(call, "delete")
     await _check_matched(link, call, "delete", params + narrowing)
+    await _on_record_first(call, Action.DELETE, None)
     response = await link.ask(call, "DELETE", type_, query=params + narrowing)
     link.invalidate(type_)
     return await _written(link, call, response, Action.DELETE, None, None)
+
+
+async def _on_record_first(call: Call, action: Action, target: str | None) -> None:
+    """A backend's write cannot be rolled back from here, so it is on record before it is
+    sent (outcome `pending`; one that cannot be recorded is not sent: 503, nothing
+    written) and its outcome is recorded once the backend answers."""
+    await call.api.record([access(call, action, PENDING, resource_id=target)])
 
 
 def _check_written(call: Call, interaction: str, resource: Json) -> None:
@@ -236,8 +253,14 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
         id_ = _location_id(location, type_)
     written = f"{type_}/{id_}" if isinstance(id_, str) and id_ else target
     owners = api.patients_of(type_, resource if resource is not None else sent or {})
-    await api.record([access(call, action, resource_id=written,
-                             patient=min(owners) if owners else None)])
+    try:
+        await api.record([access(call, action, resource_id=written,
+                                 patient=min(owners) if owners else None)])
+    except FhirError:
+        # The backend has written it and its `pending` record is kept: answering 503 now
+        # would say nothing was written and invite a duplicate.
+        log.error("the outcome of a proxied %s could not be recorded; its pending record "
+                  "is on file", action)
     body: bytes | None = None
     if resource is not None:
         patient = api.confined_to(principal, type_)

@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.edge.fhir_api import Call
+from gateway.audit import AuditRecord
+from gateway.edge.fhir_api import Call, FhirApi, Outcomes
 from gateway.edge.fhir_request import (
     ACTIONS,
     INTERACTIONS,
@@ -99,21 +100,22 @@ async def _write(call: Call, entry: Entry) -> web.Response:
     interaction = INTERACTIONS[entry.method]
     api.authorize(call.principal, interaction, entry.resource_type)
     write = await checked_write(call, entry, "")
+    attempt = access(call, ACTIONS[entry.method])  # here: it carries the request's trace
+
+    def records(outcomes: Outcomes) -> list[AuditRecord]:
+        [outcome] = outcomes  # atomic: a conflict is raised, not returned
+        assert isinstance(outcome, WriteOutcome)
+        return [written(api, attempt, entry, outcome)]
+
     try:
-        [result] = await api.store.transact([write])
+        # On record before it is committed: a 503 here means nothing was written.
+        [result] = await api.transact([write], records)
     except WriteConflict as conflict:
         await api.record([access(call, ACTIONS[entry.method], str(conflict.status),
                                  resource_id=target(entry))])
         raise FhirError(conflict.status, conflict_reason(conflict)) from None
     assert isinstance(result, WriteOutcome)
     stored = result.stored
-    patients = set()
-    if stored is not None and not stored.deleted:
-        patients = api.patients_of(stored.resource_type, orjson.loads(stored.body))
-    await api.record([access(
-        call, ACTIONS[entry.method], resource_id=(
-            f"{stored.resource_type}/{stored.id}" if stored else target(entry)),
-        patient=next(iter(sorted(patients)), None))])
     if stored is None or entry.method == "DELETE":
         return web.Response(status=204)
     base = api.base(call.request)
@@ -137,6 +139,19 @@ async def _write(call: Call, entry: Entry) -> web.Response:
     if result.status == 201:
         response.headers["Location"] = location
     return response
+
+
+def written(api: FhirApi, attempt: AuditRecord, entry: Entry,
+            result: WriteOutcome) -> AuditRecord:
+    """The record of one applied write: what it wrote and whose compartment holds it."""
+    stored = result.stored
+    patients: set[str] = set()
+    if stored is not None and not stored.deleted:
+        patients = api.patients_of(stored.resource_type, orjson.loads(stored.body))
+    return attempt._replace(
+        resource_type=entry.resource_type,
+        resource_id=f"{stored.resource_type}/{stored.id}" if stored else target(entry),
+        patient=min(patients) if patients else None)
 
 
 def target(entry: Entry) -> str | None:

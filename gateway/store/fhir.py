@@ -9,7 +9,7 @@ so the store never needs to know FHIR search parameter definitions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -253,6 +253,10 @@ class StoreStats:
     by_type: dict[str, int] = field(default_factory=dict)
 
 
+# Awaited between applying a transact() call's writes and committing them.
+BeforeCommit = Callable[[list[WriteOutcome | WriteConflict]], Awaitable[None]]
+
+
 class FhirStore(Protocol):
     """Versioned FHIR resources with search indexes; every method is safe to call
     concurrently. Writes in one `transact` call are atomic when `atomic` is True (a
@@ -273,11 +277,17 @@ class FhirStore(Protocol):
     async def history(self, query: HistoryQuery) -> SearchPage:
         """Versions newest first; total always set."""
 
-    async def transact(self, writes: Sequence[WriteRequest], *,
-                       atomic: bool = True) -> list[WriteOutcome | WriteConflict]:
+    async def transact(self, writes: Sequence[WriteRequest], *, atomic: bool = True,
+                       before_commit: BeforeCommit | None = None
+                       ) -> list[WriteOutcome | WriteConflict]:
         """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
         entry index). Not atomic: each entry on its own; a failed entry's slot holds its
-        WriteConflict."""
+        WriteConflict.
+
+        `before_commit` is awaited with the outcomes once the writes are applied and before
+        they are committed (and so before anyone can read them); if it raises, the writes
+        are rolled back and its exception is raised here: nothing was written. The edge
+        makes the audit record durable there (every PHI access is on record first)."""
 
     async def probe_writable(self) -> None:
         """Raise StoreUnavailable if a write could not be committed now."""

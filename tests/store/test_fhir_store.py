@@ -631,6 +631,51 @@ async def test_a_failing_call_does_not_undo_others_in_its_group(store: SqliteFhi
     assert await store.read("Patient", "bad") is None
 
 
+class NotRecorded(Exception):
+    """What an audit hook raises when the record cannot be kept."""
+
+
+async def test_before_commit_runs_before_anyone_can_read_the_write(
+        store: SqliteFhirStore) -> None:
+    seen: list[object] = []
+
+    async def record(outcomes: list[WriteOutcome | WriteConflict]) -> None:
+        [outcome] = outcomes
+        assert isinstance(outcome, WriteOutcome) and outcome.stored is not None
+        seen.append(await store.read("Patient", outcome.stored.id))  # not committed yet
+
+    [outcome] = await store.transact([WriteRequest("POST", "Patient",
+                                                   resource=patient("hooked"))],
+                                     before_commit=record)
+    assert seen == [None]
+    assert isinstance(outcome, WriteOutcome) and outcome.stored is not None
+    assert await store.read("Patient", outcome.stored.id) == outcome.stored
+
+
+async def test_a_before_commit_that_raises_rolls_back_only_its_own_call(
+        store: SqliteFhirStore) -> None:
+    calls: dict[str, int] = {"kept": 0}
+
+    async def refuse(outcomes: list[WriteOutcome | WriteConflict]) -> None:
+        raise NotRecorded
+
+    async def keep(outcomes: list[WriteOutcome | WriteConflict]) -> None:
+        calls["kept"] += 1
+
+    refused = store.transact([WriteRequest("PUT", "Patient", id="refused",
+                                           resource=patient("r"))], before_commit=refuse)
+    kept = store.transact([WriteRequest("PUT", "Patient", id="kept", resource=patient("k"))],
+                          before_commit=keep)
+    plain = store.transact([WriteRequest("PUT", "Patient", id="plain", resource=patient("p"))])
+    results = await asyncio.gather(refused, kept, plain, return_exceptions=True)
+    assert isinstance(results[0], NotRecorded)
+    assert await store.read("Patient", "refused") is None
+    # The others shared its group, rolled back with it, and were made again on their own.
+    assert await store.read("Patient", "kept") is not None
+    assert await store.read("Patient", "plain") is not None
+    assert calls["kept"] == 2
+
+
 async def test_reopened_file_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "fhir.db"
     first = await SqliteFhirStore.open(path, index)

@@ -3,9 +3,12 @@
 Three connections to one WAL file. One plain sqlite3 writer, on a thread of its own,
 applies every write: concurrent `transact` calls are group-committed, several calls in one
 BEGIN IMMEDIATE ... COMMIT, each inside its own SAVEPOINT so that it stays atomic on its
-own and a call that fails rolls back only itself; the whole group is one hop to that
-thread. read() and vread() use a plain synchronous sqlite3 connection on the event loop
-thread; search, count and history an aiosqlite read-only connection.
+own and a call that fails rolls back only itself; applying the group is one hop to that
+thread, committing it another, and between the two each call's `before_commit` (the
+audit record) is awaited on the event loop: a group commits only once all of them are
+done, so no write is readable before its record is durable. read() and vread() use a
+plain synchronous sqlite3 connection on the event loop thread; search, count and history
+an aiosqlite read-only connection.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import aiosqlite
 import gateway.store.sqlite  # noqa: F401
 from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import (
+    BeforeCommit,
     HistoryQuery,
     Indexer,
     SearchPage,
@@ -67,6 +71,7 @@ class _Job:
     writes: Sequence[WriteRequest]
     atomic: bool
     future: asyncio.Future[Outcomes]
+    before_commit: BeforeCommit | None = None
     outcomes: Outcomes | None = None
     error: BaseException | None = None
 
@@ -258,17 +263,17 @@ class SqliteFhirStore:
     # synchronous function on the writer thread: one hop there and back per group, not
     # one per statement. The futures are resolved back here on the event loop.
 
-    async def transact(self, writes: Sequence[WriteRequest], *,
-                       atomic: bool = True) -> Outcomes:
+    async def transact(self, writes: Sequence[WriteRequest], *, atomic: bool = True,
+                       before_commit: BeforeCommit | None = None) -> Outcomes:
         """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
         entry index). Not atomic: each entry on its own; a failed entry's slot holds its
-        WriteConflict."""
+        WriteConflict. `before_commit`: see `FhirStore.transact`."""
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
         if not writes:
             return []
         future: asyncio.Future[Outcomes] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(list(writes), atomic, future))
+        self._pending.append(_Job(list(writes), atomic, future, before_commit))
         self._wakeup.set()
         return await future
 
@@ -284,12 +289,34 @@ class SqliteFhirStore:
                 return
 
     async def _commit_group(self, group: Sequence[_Job]) -> None:
-        """Commit a group on the writer thread, then answer each caller."""
+        """Apply a group on the writer thread, await each call's `before_commit`, commit,
+        then answer each caller."""
         jobs = [job for job in group if not job.future.done()]  # skip cancelled callers
         if not jobs:
             return
         loop = asyncio.get_running_loop()
-        committed = await loop.run_in_executor(self._executor, self._commit_group_sync, jobs)
+        for job in jobs:
+            job.outcomes, job.error = None, None  # a job put back runs afresh
+        # Without hooks, apply and commit are one hop to the writer thread, as before.
+        hooks = any(job.before_commit is not None for job in jobs)
+        committed = await loop.run_in_executor(self._executor, self._apply_group_sync, jobs,
+                                               not hooks)
+        if committed and hooks:
+            refused = await self._before_commit(jobs)
+            if refused:
+                # Writes are released into the group's transaction and cannot be undone
+                # one by one: the whole group rolls back, the refused calls fail with their
+                # hook's error and the others go first into the next group, where they run
+                # (and are recorded) again.
+                await loop.run_in_executor(self._executor, self._rollback)
+                for job in refused:
+                    if not job.future.done():
+                        assert job.error is not None
+                        job.future.set_exception(job.error)
+                self._pending[:0] = [job for job in jobs if job not in refused]
+                self._wakeup.set()
+                return
+            committed = await loop.run_in_executor(self._executor, self._commit_sync)
         if not committed:
             for job in jobs:
                 if not job.future.done():
@@ -306,17 +333,46 @@ class SqliteFhirStore:
                 assert job.outcomes is not None
                 job.future.set_result(job.outcomes)
 
-    def _commit_group_sync(self, jobs: Sequence[_Job]) -> bool:
+    async def _before_commit(self, jobs: Sequence[_Job]) -> list[_Job]:
+        """Await the hooks of the calls whose writes applied, all at once (their audit
+        records then share a group commit); the calls whose hook raised."""
+        hooked = [(job, job.before_commit(job.outcomes)) for job in jobs
+                  if job.before_commit is not None and job.error is None
+                  and job.outcomes is not None]
+        if not hooked:
+            return []
+        results = await asyncio.gather(*(hook for _, hook in hooked),
+                                       return_exceptions=True)
+        refused = []
+        for (job, _), result in zip(hooked, results, strict=True):
+            if isinstance(result, BaseException):
+                job.error = result
+                refused.append(job)
+        return refused
+
+    def _apply_group_sync(self, jobs: Sequence[_Job], commit: bool) -> bool:
         """Writer thread: several callers' writes in one transaction, each in its own
-        savepoint; whether it committed (if not, nothing in the group is durable)."""
+        savepoint, committed or (`commit` False) left open for `_commit_sync`; whether they
+        applied (if not, it is rolled back and nothing in the group is durable)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 self._run_job(job)
+            if commit:
+                self._db.execute("COMMIT")
+        except Exception as exc:  # any database failure: nothing in the group is durable
+            log.error("FHIR store write failed for a group of %d: %s", len(jobs),
+                      type(exc).__name__)
+            self._rollback()
+            return False
+        return True
+
+    def _commit_sync(self) -> bool:
+        """Writer thread: commit the group `_apply_group_sync` left open."""
+        try:
             self._db.execute("COMMIT")
         except Exception as exc:  # any failure to commit: nothing in the group is durable
-            log.error("FHIR store commit failed for a group of %d: %s", len(jobs),
-                      type(exc).__name__)
+            log.error("FHIR store commit failed: %s", type(exc).__name__)
             self._rollback()
             return False
         return True
@@ -368,7 +424,8 @@ class SqliteFhirStore:
         """A real (tiny) write, for readiness: raises StoreUnavailable if it fails."""
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
-        # The writer thread runs one task at a time: never inside a group's transaction.
+        # The writer thread runs one task at a time; between a group's apply and commit
+        # (its records being kept) the probe's one statement joins that transaction.
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._probe_sync)
