@@ -571,27 +571,22 @@ async def test_drain_waits_for_results_being_written(inbox: SqliteInbox) -> None
 
 
 @pytest.mark.parametrize("kind", ["recorder", "mllp"])
-async def test_drain_rate(inbox: SqliteInbox, kind: str, capsys: pytest.CaptureFixture[str]
-                          ) -> None:
+async def test_a_5000_row_backlog_drains_completely(inbox: SqliteInbox, kind: str) -> None:
+    """Correctness under volume only: the drain rate is a benchmark figure
+    (`bench/forward.py --drain-only`), never a timed assertion in a test."""
     count = 5000
     await accept_all(inbox, [inbound(["ehr" if kind == "recorder" else "down"],
                                      f"p{n % 100}", bundle=b"{}") for n in range(count)])
     async with FakeMllp() as fake:
         backend: Backend = Recorder() if kind == "recorder" else mllp(fake)
         gate = dispatcher(inbox, [backend], DeliveryPolicy(concurrency=64), poll=1.0)
-        started = time.perf_counter()
         await gate.start()
         try:
-            await gate.drain(30)
-            elapsed = time.perf_counter() - started
+            await gate.drain(60)
             assert await _all_status(inbox, "delivered")
         finally:
             await gate.close()
             await backend.close()
-    rate = count / elapsed
-    with capsys.disabled():
-        print(f"\noutbox drain to a fast {kind} backend: {rate:,.0f} deliveries/s")
-    assert rate >= 1000  # the target is 2,000/s; a loaded CI machine gets slack
 
 
 # -- metrics -----------------------------------------------------------------------------
