@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -45,6 +46,7 @@ from gateway.app.state import (
 from gateway.config import Settings
 from gateway.edge import audit_http, fhir_errors, fhir_http, http
 from gateway.policy.profiles import load_profiles
+from gateway.store.data_dir import private_dir
 from gateway.telemetry import Telemetry, configure
 
 __all__ = ["APPLIER", "FHIR_FILE", "FORWARDING", "INBOX_FILE", "KEYS_DIR", "MLLP",
@@ -70,6 +72,9 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     app[audit_http.REVIEWERS] = reviewers(settings)
     # The profiles are checked against the R4 model now: a typo stops the start.
     app[PROFILES] = load_profiles(settings.profiles)
+    # The token signing key may be generated under the data dir now, before the data_dir
+    # context checks and locks it: make the directory owner-only first.
+    private_dir(settings.store.data_dir)
     setup_auth(app, settings, on_token=token_auditor(app))
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
@@ -81,6 +86,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
+    os.umask(0o077)  # whatever the process creates (stores, WAL files, keys) is owner-only
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
