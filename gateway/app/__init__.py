@@ -45,6 +45,7 @@ from gateway.app.state import (
 )
 from gateway.config import Settings
 from gateway.edge import audit_http, fhir_errors, fhir_http, http
+from gateway.edge.http_server import GatewayRunner
 from gateway.policy.profiles import load_profiles
 from gateway.store.data_dir import private_dir
 from gateway.telemetry import Telemetry, configure
@@ -92,7 +93,7 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+    runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.server.shutdown_timeout)
     try:
         # Inside the `try`: a start that fails half-way closes what it opened so far.

@@ -11,6 +11,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from gateway.audit import QueryError
 from gateway.edge.auth import AuthError
@@ -97,6 +98,15 @@ def refusal(request: web.Request, error: Exception) -> web.StreamResponse:
     except Exception as exc:  # the caller gets a 500; the type alone goes to the log
         log.error("FHIR %s failed: %s", request.method, type(exc).__name__)
         return _outcome(500, "internal error; the request was not completed")
+
+
+def parser_refusal(error: HttpProcessingError, max_line_bytes: int) -> web.Response:
+    """The OperationOutcome for a request aiohttp's HTTP parser refused before any route
+    saw it (so its path is unknown): a 400 naming the rule, never the bytes it quotes."""
+    if isinstance(error, LineTooLong):
+        return _outcome(400, f"the request line or a header field is longer than "
+                             f"{max_line_bytes} bytes", code="too-long")
+    return _outcome(400, "not a valid HTTP/1.1 request (request line or headers)")
 
 
 def _outcome(status: int, reason: str, expression: str | None = None,

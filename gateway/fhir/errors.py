@@ -102,7 +102,8 @@ class SearchError(FhirCodecError, ValueError):
     status = 400
 
     def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}")
+        # An empty `param`: the rule is about the whole search (how many parameters).
+        super().__init__(f"{param}: {reason}" if param else reason)
         self.param = param
         self.reason = reason
 
