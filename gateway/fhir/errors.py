@@ -31,14 +31,17 @@ class UnknownElement(FhirCodecError, ValueError):
 
 
 class InvalidResource(FhirCodecError, ValueError):
-    """A resource the R4 model refuses; names the element path, never its value."""
+    """A resource the R4 model refuses; names the element path, never its value. `code`:
+    the OperationOutcome issue type (structure; value or code-invalid for a value rule)."""
 
-    def __init__(self, resource_type: str, path: str, reason: str) -> None:
+    def __init__(self, resource_type: str, path: str, reason: str, *,
+                 code: str = "structure") -> None:
         super().__init__(f"{resource_type}.{path}: {reason}" if path else
                          f"{resource_type}: {reason}")
         self.resource_type = resource_type
         self.path = path
         self.reason = reason
+        self.code = code
 
 
 # -- refusals the FHIR edge answers with an OperationOutcome --------------------------------
