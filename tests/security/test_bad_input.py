@@ -155,9 +155,9 @@ OBSERVATION: dict[str, Any] = {"resourceType": "Observation", "status": "final",
      "Observation.code.coding.0.system"),
 ], ids=["nul", "bell-in-list", "unit-separator", "nul-in-primitive-extension",
         "observation-status", "encounter-status", "patient-gender", "comparator",
-        "reference-space", "reference-not-type-id", "reference-nul", "extension-url-space", "extension-url-relative",
-        "element-extension-url-relative",
-        "modifier-extension-url", "coding-system-space"])
+        "reference-space", "reference-not-type-id", "reference-nul", "extension-url-space",
+        "extension-url-relative", "element-extension-url-relative", "modifier-extension-url",
+        "coding-system-space"])
 async def test_a_value_the_base_spec_forbids_is_400_naming_the_element(
         fhir: RunningGateway, body: dict[str, Any], expression: str) -> None:
     status, outcome = await _post(fhir, body)
