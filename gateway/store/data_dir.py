@@ -2,7 +2,8 @@
 
 It holds PHI (raw messages, FHIR resources, audit records in their SQLite files and
 WAL/SHM files) and, by default, the keys beside them. So the directory is created 0700 and
-every file 0600; a start refuses a directory or file that other users may open; and an
+every file 0600; a start refuses a directory that other users may open (and warns of a
+file they could read were the directory opened); and an
 exclusive `flock` on `DATA_DIR/.lock`, held for the gateway's lifetime, keeps a second
 gateway off the same files (two writers would each batch and checkpoint as if alone). The
 kernel drops the lock with the last descriptor, so a killed gateway leaves nothing to
@@ -12,11 +13,14 @@ clean up.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import stat
 from pathlib import Path
 
 from gateway.store.errors import DataDirInUse, DataDirOpen
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -103,16 +107,28 @@ class DataDirLock:
 
 
 def claim(data_dir: Path, *, allow_group_read: bool = False) -> DataDirLock:
-    """Create the data directory owner-only, or check an existing one (DataDirOpen when
-    others may open it), then lock it for this process (DataDirInUse when another holds
-    it)."""
+    """Create the data directory owner-only, or check an existing one, then lock it for
+    this process (DataDirInUse when another holds it).
+
+    A directory (the data dir or one under it) others may open exposes what it holds now:
+    DataDirOpen, the start is refused. A wide file inside owner-only directories is not
+    readable by others today, only once a directory is opened or the file copied out with
+    its mode: a warning naming it (a refusal would also stop a start for a note an
+    operator saved there)."""
     private_dir(data_dir)
     wide = open_to_others(data_dir, allow_group_read=allow_group_read)
+    fix = "chmod -R g-w,o-rwx" if allow_group_read else "chmod -R go-rwx"
+    directories = [(p, m) for p, m in wide if stat.S_ISDIR(p.stat().st_mode)]
+    if directories:
+        raise DataDirOpen(f"data dir {data_dir} is open to other users: "
+                          f"{_listed(directories)}; run `{fix} {data_dir}` (see "
+                          "docs/operations.md, The data directory)")
     if wide:
-        shown = ", ".join(f"{p} ({m:04o})" for p, m in wide[:3])
-        more = f" and {len(wide) - 3} more" if len(wide) > 3 else ""
-        fix = "chmod -R g-w,o-rwx" if allow_group_read else "chmod -R go-rwx"
-        raise DataDirOpen(
-            f"data dir {data_dir} is open to other users: {shown}{more}; run "
-            f"`{fix} {data_dir}` (see docs/operations.md, The data directory)")
+        log.warning("data dir %s: files other users could read were the directory opened: "
+                    "%s; run `%s %s`", data_dir, _listed(wide), fix, data_dir)
     return DataDirLock.acquire(data_dir)
+
+
+def _listed(entries: list[tuple[Path, int]]) -> str:
+    shown = ", ".join(f"{path} ({mode:04o})" for path, mode in entries[:3])
+    return shown + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")

@@ -85,21 +85,30 @@ def test_serve_creates_owner_only_files_whatever_the_callers_umask(tmp_path: Pat
     assert modes["."] == 0o700 and _open_to_others(modes, process.data_dir) == {}, modes
 
 
-@pytest.mark.parametrize("opened", ["directory", "a file"])
-def test_serve_refuses_a_data_dir_other_users_can_read(tmp_path: Path, opened: str) -> None:
+@pytest.mark.parametrize("opened", [".", "keys"])
+def test_serve_refuses_a_data_dir_other_users_can_open(tmp_path: Path, opened: str) -> None:
     data_dir = tmp_path / "var"
     process = GatewayProcess(data_dir).start()  # a store as the gateway leaves it
     assert process.terminate() == 0
-    if opened == "directory":
-        data_dir.chmod(0o755)  # what the gateway created before the fix
-    else:
-        (data_dir / "inbox.db").chmod(0o644)
+    (data_dir / opened).chmod(0o755)  # what the gateway created before the fix
     code, out, err = _refused(_serve(data_dir))
     assert code == 1, (code, err)
     assert "isthmus listening" not in out
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "other users" in lines[0] and "chmod" in lines[0], lines[0]
+
+
+async def test_a_wide_file_in_an_owner_only_data_dir_is_named_in_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "var"
+    gw = await start_gateway(data_dir)
+    await gw.runner.cleanup()
+    (data_dir / "inbox.db").chmod(0o644)  # unreadable by others while var/ is 0700
+    gw = await start_gateway(data_dir)
+    await gw.runner.cleanup()
+    warned = [r.getMessage() for r in caplog.records if r.name == "gateway.store.data_dir"]
+    assert len(warned) == 1 and "inbox.db (0644)" in warned[0] and "chmod" in warned[0]
 
 
 async def test_allow_group_read_accepts_a_group_readable_data_dir(tmp_path: Path) -> None:
@@ -110,7 +119,7 @@ async def test_allow_group_read_accepts_a_group_readable_data_dir(tmp_path: Path
         path.chmod(0o750 if path.is_dir() else 0o640)
     gw = await start_gateway(data_dir, **{"store.allow_group_read": True})
     await gw.runner.cleanup()
-    (data_dir / "fhir.db").chmod(0o604)  # readable by everyone: still refused
+    data_dir.chmod(0o755)  # open to everyone: still refused
     with pytest.raises(Exception, match="other users"):
         gw = await start_gateway(data_dir, **{"store.allow_group_read": True})
 
