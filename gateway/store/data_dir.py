@@ -53,17 +53,17 @@ def private_file(path: Path) -> None:
 
 def open_to_others(path: Path, *, allow_group_read: bool = False) -> list[tuple[Path, int]]:
     """The directory and the files and directories under it that other users (or the
-    group, unless `allow_group_read`) may open, with their modes."""
+    group, unless `allow_group_read`) may open, with their `st_mode`s."""
     forbidden = _FORBIDDEN_GROUP_READ if allow_group_read else _FORBIDDEN
     found: list[tuple[Path, int]] = []
-    mode = stat.S_IMODE(path.stat().st_mode)
+    mode = path.stat().st_mode
     if mode & forbidden:
         found.append((path, mode))
     for root, dirs, files in os.walk(path):
         for name in (*dirs, *files):
             entry = Path(root, name)
             try:
-                mode = stat.S_IMODE(entry.stat().st_mode)
+                mode = entry.stat().st_mode
             except FileNotFoundError:
                 continue  # a WAL file removed as we looked
             if mode & forbidden:
@@ -116,19 +116,22 @@ def claim(data_dir: Path, *, allow_group_read: bool = False) -> DataDirLock:
     its mode: a warning naming it (a refusal would also stop a start for a note an
     operator saved there)."""
     private_dir(data_dir)
+    # Locked first: beside a running gateway the answer is "in use", whatever the modes.
+    lock = DataDirLock.acquire(data_dir)
     wide = open_to_others(data_dir, allow_group_read=allow_group_read)
     fix = "chmod -R g-w,o-rwx" if allow_group_read else "chmod -R go-rwx"
-    directories = [(p, m) for p, m in wide if stat.S_ISDIR(p.stat().st_mode)]
+    directories = [(p, m) for p, m in wide if stat.S_ISDIR(m)]
     if directories:
+        lock.release()
         raise DataDirOpen(f"data dir {data_dir} is open to other users: "
                           f"{_listed(directories)}; run `{fix} {data_dir}` (see "
                           "docs/operations.md, The data directory)")
     if wide:
         log.warning("data dir %s: files other users could read were the directory opened: "
                     "%s; run `%s %s`", data_dir, _listed(wide), fix, data_dir)
-    return DataDirLock.acquire(data_dir)
+    return lock
 
 
 def _listed(entries: list[tuple[Path, int]]) -> str:
-    shown = ", ".join(f"{path} ({mode:04o})" for path, mode in entries[:3])
+    shown = ", ".join(f"{path} ({stat.S_IMODE(mode):04o})" for path, mode in entries[:3])
     return shown + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
