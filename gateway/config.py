@@ -117,6 +117,9 @@ class StoreConfig(_Section):
     synchronous: Literal["normal", "full", "extra"] = "full"
     dedup_window_days: float = Field(default=7.0, gt=0)
     max_batch: int = Field(default=512, ge=1, le=2000)
+    # The data dir holds PHI: created 0700 with files 0600, and a start refuses a directory
+    # others may open. true: a group may read (0750/0640, e.g. for a backup agent).
+    allow_group_read: bool = False
 
 
 class MappingConfig(_Section):

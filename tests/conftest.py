@@ -84,12 +84,13 @@ async def start_gateway(data_dir: Path, telemetry: Telemetry | None = None,
                         **overrides: Any) -> RunningGateway:
     # Imported here so codec-only test modules do not depend on the whole app importing.
     from gateway.app import MLLP_ADDRESS, build_app
+    from gateway.edge.http_server import GatewayRunner
 
     values = {"server.host": "127.0.0.1", "mllp.port": 0, "server.http_port": 0,
               "store.data_dir": data_dir, "store.synchronous": "normal", **overrides}
     settings = load_settings(None, environ={}, overrides=values)
     app = build_app(settings, telemetry)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = GatewayRunner(app, handle_signals=False)  # as `isthmus serve` runs it
     try:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

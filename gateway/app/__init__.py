@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -44,7 +45,9 @@ from gateway.app.state import (
 )
 from gateway.config import Settings
 from gateway.edge import audit_http, fhir_errors, fhir_http, http
+from gateway.edge.http_server import GatewayRunner
 from gateway.policy.profiles import load_profiles
+from gateway.store.data_dir import private_dir
 from gateway.telemetry import Telemetry, configure
 
 __all__ = ["APPLIER", "FHIR_FILE", "FORWARDING", "INBOX_FILE", "KEYS_DIR", "MLLP",
@@ -70,6 +73,9 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     app[audit_http.REVIEWERS] = reviewers(settings)
     # The profiles are checked against the R4 model now: a typo stops the start.
     app[PROFILES] = load_profiles(settings.profiles)
+    # The token signing key may be generated under the data dir now, before the data_dir
+    # context checks and locks it: make the directory owner-only first.
+    private_dir(settings.store.data_dir)
     setup_auth(app, settings, on_token=token_auditor(app))
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
@@ -81,12 +87,13 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
+    os.umask(0o077)  # whatever the process creates (stores, WAL files, keys) is owner-only
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = build_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+    runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.server.shutdown_timeout)
     try:
         # Inside the `try`: a start that fails half-way closes what it opened so far.

@@ -51,6 +51,7 @@ from gateway.hl7.definitions import preload as preload_definitions
 from gateway.ingest import Ingest, LocalApplier, Routing
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
+from gateway.store.data_dir import claim
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.replay_sqlite import SqliteReplayStore
@@ -64,6 +65,17 @@ async def shutdown_telemetry(app: web.Application) -> None:
     """An `on_cleanup` handler: runs after every cleanup context has closed, and only after
     a start that succeeded (a start that fails leaves the exporters as they are)."""
     app[TELEMETRY].shutdown()
+
+
+async def data_dir(app: web.Application) -> AsyncIterator[None]:
+    """The data directory: created owner-only or refused if others may open it, and locked
+    for this process before any store in it opens (a second gateway stops here)."""
+    store = app[SETTINGS].store
+    held = claim(store.data_dir, allow_group_read=store.allow_group_read)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 async def translator(app: web.Application) -> AsyncIterator[None]:
@@ -209,7 +221,7 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (translator, audit, assertion_ids, inbox, fhir_store,
+RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, inbox, fhir_store,
                                    forwarding, fhir_api, applier, mllp, housekeeping)
 
 

@@ -269,7 +269,11 @@ def create_signing_key_files(path: Path, public_path: Path) -> None:
     _write_private(path, private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()).decode())
-    public_path.write_text(public_pem(private.public_key()))
+    # Owner-only like every file in the data dir (a start refuses wider modes); others
+    # get the public key from `isthmus audit public-key`.
+    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(public_pem(private.public_key()))
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ modules inside the command functions, so that `isthmus translate` starts fast.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
+    # Files a command creates (stores and their WAL files, keys, exports) may hold PHI or
+    # secrets: owner-only, whatever umask the caller had.
+    os.umask(0o077)
     try:
         result: int = args.run(args)
     except ConfigError as exc:

@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve
     from gateway.audit import AuditError
     from gateway.mapping.errors import TableError, TableErrors
+    from gateway.store.errors import DataDirError
 
     settings = settings_from(args, **{
         "server.host": args.host, "mllp.port": args.mllp_port,
@@ -37,6 +38,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level)
     try:
         return asyncio.run(serve(settings))
+    except DataDirError as exc:  # open to other users, or another gateway holds it
+        print(f"isthmus: {exc}", file=sys.stderr)
+        return 1
     except ssl.SSLError as exc:
         print(f"isthmus: mllp.tls certificate or key is unusable: {exc.reason or exc}",
               file=sys.stderr)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from opentelemetry import trace
 
 from gateway.audit import Action, AuditRecord, QueryError
@@ -146,6 +147,15 @@ def _action(request: web.Request) -> Action:
     if method == "DELETE":
         return Action.DELETE
     return Action.UPDATE  # PUT, PATCH
+
+
+def parser_refusal(error: HttpProcessingError, max_line_bytes: int) -> web.Response:
+    """The OperationOutcome for a request aiohttp's HTTP parser refused before any route
+    saw it (so its path is unknown): a 400 naming the rule, never the bytes it quotes."""
+    if isinstance(error, LineTooLong):
+        return _outcome(400, f"the request line or a header field is longer than "
+                             f"{max_line_bytes} bytes", code="too-long")
+    return _outcome(400, "not a valid HTTP/1.1 request (request line or headers)")
 
 
 def _outcome(status: int, reason: str, expression: str | None = None,

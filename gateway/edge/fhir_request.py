@@ -149,7 +149,9 @@ async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
 
 
 def validated(resource: dict[str, Any], resource_type: str, where: str = "") -> None:
-    """422 naming the element when the resource does not meet the R4 model."""
+    """400 naming the element when the resource does not meet the R4 model or a value rule
+    of the base spec (R4 http.html: 400 for "failed basic FHIR validation rules"; 422 is
+    for profiles and business rules)."""
     try:
         validate_incoming(resource, resource_type)
     except BodyError as exc:
@@ -157,8 +159,8 @@ def validated(resource: dict[str, Any], resource_type: str, where: str = "") -> 
     except InvalidResource as exc:
         path = f"{exc.resource_type}.{exc.path}" if exc.path else exc.resource_type
         expression = f"{where}.{path}" if where else path
-        raise FhirError(422, f"{expression}: {exc.reason}", expression,
-                        code="structure") from None
+        raise FhirError(400, f"{expression}: {exc.reason}", expression,
+                        code=exc.code) from None
 
 
 # -- search parameters ----------------------------------------------------------------------

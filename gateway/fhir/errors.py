@@ -31,14 +31,17 @@ class UnknownElement(FhirCodecError, ValueError):
 
 
 class InvalidResource(FhirCodecError, ValueError):
-    """A resource the R4 model refuses; names the element path, never its value."""
+    """A resource the R4 model refuses; names the element path, never its value. `code`:
+    the OperationOutcome issue type (structure; value or code-invalid for a value rule)."""
 
-    def __init__(self, resource_type: str, path: str, reason: str) -> None:
+    def __init__(self, resource_type: str, path: str, reason: str, *,
+                 code: str = "structure") -> None:
         super().__init__(f"{resource_type}.{path}: {reason}" if path else
                          f"{resource_type}: {reason}")
         self.resource_type = resource_type
         self.path = path
         self.reason = reason
+        self.code = code
 
 
 # -- refusals the FHIR edge answers with an OperationOutcome --------------------------------
@@ -102,7 +105,8 @@ class SearchError(FhirCodecError, ValueError):
     status = 400
 
     def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}")
+        # An empty `param`: the rule is about the whole search (how many parameters).
+        super().__init__(f"{param}: {reason}" if param else reason)
         self.param = param
         self.reason = reason
 

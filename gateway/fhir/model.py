@@ -14,6 +14,8 @@ from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
+from gateway.fhir.bindings import REQUIRED_CODES
+
 # UnknownElement is defined in errors.py; imported here too for the old import path.
 from gateway.fhir.errors import UnknownElement as UnknownElement
 
@@ -103,9 +105,10 @@ def _child(type_name: str, name: str) -> Element:
     targets = tuple(typing.cast(list[str], extra.get("enum_reference_types", [])))
     if targets == ("Resource",):
         targets = ()  # Reference(Any): every resource type may be the target
-    codes = tuple(typing.cast(list[str], extra.get("enum_values", [])))
+    codes = REQUIRED_CODES.get((type_name, name)) or tuple(
+        typing.cast(list[str], extra.get("enum_values", [])))
     if any(not code or code == "+" for code in codes):
-        codes = ()  # the model's list is cut short (e.g. 'entered-in-error | unknown +')
+        codes = ()  # cut short (e.g. 'amended +') and not in bindings.py: not checked
     inner, repeats = _unwrap(field.annotation)
     return Element(_type_name(inner), repeats, targets, codes)
 

@@ -28,3 +28,16 @@ class WriteConflict(StoreError):
 
 class ChainConflict(StoreUnavailable):
     """Rows another writer appended do not verify; nothing more is appended."""
+
+
+class DataDirError(StoreError):
+    """The data directory cannot be used as it is; one line for the operator, naming the
+    directory, what is wrong and what to do (paths and modes only: no data)."""
+
+
+class DataDirOpen(DataDirError):
+    """The data directory or a file in it is open to other users (a start refuses it)."""
+
+
+class DataDirInUse(DataDirError):
+    """Another process holds the data directory's lock (another `isthmus serve`)."""

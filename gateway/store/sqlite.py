@@ -8,6 +8,8 @@ from typing import Literal
 
 import aiosqlite
 
+from gateway.store.data_dir import private_dir, private_file
+
 # aiosqlite logs every statement with its parameters at DEBUG: those parameters are whole
 # messages, so its logger is capped whatever level the operator chooses.
 logging.getLogger("aiosqlite").setLevel(logging.WARNING)
@@ -16,7 +18,7 @@ logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 async def open_database(
     path: Path, synchronous: Literal["normal", "full", "extra"] = "full"
 ) -> aiosqlite.Connection:
-    """Open (creating) a WAL database in autocommit mode.
+    """Open (creating, owner-only) a WAL database in autocommit mode.
 
     Autocommit: each statement is its own transaction, so a multi-row INSERT commits
     atomically in one round trip to the database thread. WAL lets readers (the CLI, health
@@ -24,7 +26,9 @@ async def open_database(
     FULL syncs on every commit (survives power loss), NORMAL only at checkpoints (survives
     a process crash, may lose the last commits on power loss).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Owner-only (PHI): the -wal and -shm files SQLite makes take the database file's mode.
+    private_dir(path.parent)
+    private_file(path)
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
         await db.execute("PRAGMA journal_mode=WAL")

@@ -938,7 +938,7 @@ async def test_transaction_with_an_invalid_resource_writes_nothing(
     sent = bundle_of("transaction", post_entry(patient("txi-1")),
                      post_entry(patient("txi-2", birthDate=f"{CANARY}-not-a-date")))
     answer = await call(http, "POST", "/fhir", body=sent)
-    assert answer.status == 422, answer.body
+    assert answer.status == 400, answer.body  # R4 http.html: basic validation is 400
     issue = answer.issue()
     assert "Bundle.entry[1]" in issue["diagnostics"]
     assert "birthDate" in issue["diagnostics"]
@@ -967,7 +967,7 @@ async def test_batch_answers_each_entry_on_its_own(http: aiohttp.ClientSession) 
     assert result["type"] == "batch-response"
     entries = result["entry"]
     statuses = [e["response"]["status"].split()[0] for e in entries]
-    assert statuses == ["201", "422", "412", "200", "200", "404", "204"]
+    assert statuses == ["201", "400", "412", "200", "200", "404", "204"]
     assert entries[0]["resource"]["identifier"][0]["value"] == "batch-new"
     for failed in (1, 2, 5):
         assert entries[failed]["response"]["outcome"]["resourceType"] == "OperationOutcome"
@@ -1102,18 +1102,18 @@ REFUSALS = [
     Refusal("GET", "/fhir/Patient/1", 415, "not-supported",
             headers=(("Accept", "application/fhir+xml"),)),
     Refusal("GET", "/fhir/metadata?_format=xml", 415, "not-supported"),
-    Refusal("POST", "/fhir/Patient", 422, "structure",
+    Refusal("POST", "/fhir/Patient", 400, "structure",
             body=patient("bad-date", birthDate=f"{CANARY}-not-a-date"), names="Patient.birthDate"),
-    Refusal("POST", "/fhir/Observation", 422, "structure",
+    Refusal("POST", "/fhir/Observation", 400, "structure",
             body={"resourceType": "Observation", "status": "final",
                   "code": {"text": CANARY}, "valueQuantity": {"value": f"{CANARY}"}},
             names="Observation.valueQuantity"),
-    Refusal("POST", "/fhir/Observation", 422, "structure",
+    Refusal("POST", "/fhir/Observation", 400, "structure",
             body={"resourceType": "Observation", "status": "final",
                   "note": [{"text": CANARY}]}, names="Observation.code"),
-    Refusal("POST", "/fhir/Patient", 422, "structure",
+    Refusal("POST", "/fhir/Patient", 400, "structure",
             body=patient("extra", nickname=CANARY), names="Patient.nickname"),
-    Refusal("PUT", "/fhir/Patient/p-1", 422, "structure",
+    Refusal("PUT", "/fhir/Patient/p-1", 400, "structure",
             body=patient("feb-30", id="p-1", birthDate="1970-02-30",
                          name=[{"family": CANARY}]), names="Patient.birthDate"),
     Refusal("GET", f"/fhir/Patient?_sort={CANARY}", 400, "invalid", names="_sort"),
@@ -1145,7 +1145,7 @@ async def test_invalid_resource_names_the_element_and_not_the_value(
         http: aiohttp.ClientSession) -> None:
     answer = await call(http, "POST", "/fhir/Patient",
                         body=patient("bad-date", birthDate="not-a-date"))
-    assert answer.status == 422
+    assert answer.status == 400
     issue = answer.issue()
     assert issue["expression"] == ["Patient.birthDate"]
     assert "Patient.birthDate" in issue["diagnostics"]
@@ -1157,16 +1157,14 @@ async def test_invalid_resource_names_the_element_and_not_the_value(
     ({"resourceType": "Patient", "telecom": [{"system": "phone", "value": "1"},
                                              {"system": CANARY, "value": "2"}]},
      "Patient.telecom.1.system"),
-    pytest.param(
-        {"resourceType": "Observation", "status": CANARY, "code": {"text": "x"}},
-        "Observation.status", marks=pytest.mark.xfail(strict=True, reason=(
-            "the R4B model's list of ObservationStatus codes is cut short ('amended +'), "
-            "so gateway/fhir/validate.py has no full list to check against"))),
+    # The R4B model's list is cut short ('amended +'): gateway/fhir/bindings.py has it all.
+    ({"resourceType": "Observation", "status": CANARY, "code": {"text": "x"}},
+     "Observation.status"),
 ])
-async def test_a_code_outside_a_required_binding_is_422(
+async def test_a_code_outside_a_required_binding_is_400(
         http: aiohttp.ClientSession, resource: dict[str, Any], element: str) -> None:
     answer = await call(http, "POST", f"/fhir/{resource['resourceType']}", body=resource)
-    assert answer.status == 422, answer.body
+    assert answer.status == 400, answer.body
     assert answer.issue()["expression"] == [element]
     assert_no_canary(answer)
 

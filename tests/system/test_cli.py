@@ -214,8 +214,9 @@ def test_incomplete_commands_print_help_and_fail(args: list[str]) -> None:
 def test_serve_refuses_an_unusable_data_dir_clearly(tmp_path: Path, kind: str) -> None:
     if kind == "corrupt store":
         data_dir = tmp_path / "var"
-        data_dir.mkdir()
+        data_dir.mkdir(mode=0o700)  # owner-only, or the start refuses it before opening
         (data_dir / "inbox.db").write_bytes(b"this is not an SQLite database " * 8)
+        (data_dir / "inbox.db").chmod(0o600)
         expected = "cannot be opened"
     else:
         data_dir = tmp_path / "afile"

@@ -33,6 +33,12 @@ from gateway.store.fhir import (
 
 PREFIXES: frozenset[str] = frozenset(get_args(Prefix))
 MAX_VALUES = 100  # comma-separated values in one parameter: bounds the store's OR clause
+# Each parameter is an AND-ed clause and each value a subquery in the store's SQL: past
+# SQLite's limits (expression depth, bound variables) a search would fail as a 503, so
+# the request is refused first, with a 400 naming the rule. A search needs a handful.
+MAX_REPEATS = 20  # one parameter given again and again (date=ge..&date=le.. is two)
+MAX_PARAMETERS = 100  # parameters in one search, whatever their names
+MAX_TOTAL_VALUES = 1000  # values in all parameters together
 
 # FHIR R4 §2.24.0.1 id.
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -87,10 +93,29 @@ def parse_query(resource_type: str, defs: Mapping[str, SearchParameter],
     """The query parameters of a search on `resource_type` (whose parameters are `defs`)
     as a store query and result options. `params_of` gives another type's parameters
     (for _include), `elements` the type's top-level elements (for _elements)."""
+    _check_counts(params)
     request = _Request(resource_type, defs, params_of, elements, max_count)
     for raw_name, value in params:
         request.add(raw_name, value, lenient)
     return request.result(default_count)
+
+
+def _check_counts(params: Sequence[tuple[str, str]]) -> None:
+    """Refuse a search with more parameters, repeats or values than the caps, before any
+    parameter is read (a thousand of them cost a thousand parses otherwise)."""
+    repeats: dict[str, int] = {}
+    values = 0
+    for raw_name, value in params:
+        name = raw_name.partition(":")[0]
+        repeats[name] = repeats.get(name, 0) + 1
+        if repeats[name] > MAX_REPEATS:
+            raise SearchError(_shown(name), f"given more than {MAX_REPEATS} times")
+        values += value.count(",") + 1
+    if len(params) > MAX_PARAMETERS:
+        raise SearchError("", f"at most {MAX_PARAMETERS} parameters in one search")
+    if values > MAX_TOTAL_VALUES:
+        raise SearchError("", f"at most {MAX_TOTAL_VALUES} values in all parameters of "
+                              "one search")
 
 
 def _split(text: str, separator: str) -> list[str]:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.store.data_dir import private_dir, private_file
 from gateway.store.fhir import (
     DateIndex,
     IndexEntry,
@@ -126,7 +127,8 @@ def open_writer(path: Path, synchronous: Literal["normal", "full", "extra"],
     """Writer thread: the writer connection, set up as `open_database` sets up its own
     (WAL, autocommit, `synchronous`, busy timeout), with the schema in place; and the
     latest lastUpdated stored, which new ones must follow."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
+    private_file(path)  # owner-only, as open_database makes its files
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
