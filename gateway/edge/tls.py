@@ -29,6 +29,8 @@ class SenderRule:
     subject: str
     sending_application: str
     sending_facility: str = "*"
+    # Connection slots kept for this subject (mllp.tls.allowed_senders.reserved_connections).
+    reserved_connections: int = 0
 
 
 def sender_check(rules: Iterable[SenderRule]) -> SenderCheck:
@@ -48,6 +50,36 @@ def sender_check(rules: Iterable[SenderRule]) -> SenderCheck:
         )
 
     return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Reservations:
+    """Connection slots kept for named senders: a subject's reserve is the sum over its
+    rules. Only the certificate is known when a connection opens (MSH-3/4 come later), so
+    a slot is reserved for a subject, not for an application."""
+
+    slots: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.slots.values())
+
+    def key_for(self, peer: Peer) -> str | None:
+        """The reserve this peer may draw on; None: only the shared slots."""
+        if peer.tls_subject is None:
+            return None
+        key = _normalise(peer.tls_subject)
+        return key if key in self.slots else None
+
+
+def reservations(rules: Iterable[SenderRule]) -> Reservations | None:
+    """The reserved slots the allow-list names; None when it reserves none."""
+    slots: dict[str, int] = {}
+    for rule in rules:
+        if rule.reserved_connections:
+            key = _normalise(rule.subject)
+            slots[key] = slots.get(key, 0) + rule.reserved_connections
+    return Reservations(slots) if slots else None
 
 
 def _normalise(subject: str) -> str:

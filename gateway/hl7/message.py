@@ -7,6 +7,7 @@ bytes; changed segments are rebuilt with the message's own delimiters and termin
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -539,6 +540,21 @@ def _shown(value: str, pattern: re.Pattern[str]) -> str:
     MSH-12 or MSH-15 can hold a patient's name or identifier: those are never echoed.
     """
     return f"'{value}'" if pattern.fullmatch(value) else "(value not shown)"
+
+
+def content_digest(message: Message) -> str:
+    """SHA-256 (hex) of the message's segments with MSH-7 emptied: what tells a resend of
+    a message (the same content, perhaps stamped anew in MSH-7) from another message that
+    reuses its control id. Segments are compared, not terminators or blank lines."""
+    text = message.to_text()
+    parts = text.split("\r") if "\n" not in text else _TERMINATOR.split(text)[0::2]
+    segments = [s for s in parts if s and not s.isspace()]
+    if segments:
+        fields = segments[0].split(message.delimiters.field)
+        if len(fields) > 6:  # fields[0] is "MSH", fields[1] MSH-2, so MSH-7 is fields[6]
+            fields[6] = ""
+            segments[0] = message.delimiters.field.join(fields)
+    return hashlib.sha256("\r".join(segments).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _header_offset(data: bytes) -> int:

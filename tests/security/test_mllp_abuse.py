@@ -175,7 +175,8 @@ def test_reservations_cannot_exceed_the_connection_limit() -> None:
 
     with pytest.raises(ConfigError, match="reserve 3 connections, more than max_connections"):
         load_settings(None, environ={}, overrides={
-            "mllp.max_connections": 2, "mllp.tls.enabled": False,
+            "mllp.max_connections": 2, "mllp.tls.require_client_cert": True,
+            "mllp.tls.client_ca_file": "/nonexistent/ca.pem",
             "mllp.tls.allowed_senders": [{"subject": LAB_SUBJECT, "sending_application": "A",
                                           "reserved_connections": 3}]})
 
@@ -296,3 +297,20 @@ async def test_an_existing_inbox_gains_the_hash_and_its_old_rows_keep_todays_ded
     assert hashes["OLD-1"] is None and len(hashes["NEW-1"]) == 64
     entries = await read_entries(data_dir / INBOX_FILE)
     assert {e.control_id for e in entries} == {"OLD-1", "NEW-1"}
+
+
+def test_replaying_a_conflict_row_owes_it_to_every_backend_of_its_route() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.forward.routes import Route, Router
+    from gateway.ingest.replay import replay_routed
+    from support.mapping import translator
+
+    router = Router((Route(to=("ehr", "lab"), message="ADT^*"),), {"ehr": "fhir", "lab": "mllp"})
+    received = datetime(2026, 11, 26, 7, 30, tzinfo=UTC)
+    raw = with_control_id(ADT, "REUSED-ROUTED")
+    # A row routed at ingest already went to the MLLP backend; a conflict row went nowhere.
+    assert replay_routed(translator(), router, 1, raw, received).routes == ("ehr",)
+    replayed = replay_routed(translator(), router, 2, raw, received, routed=False)
+    assert replayed.status == "routed" and replayed.routes == ("ehr", "lab")
+    assert replayed.bundle is not None and replayed.patient_key
