@@ -314,3 +314,26 @@ def test_replaying_a_conflict_row_owes_it_to_every_backend_of_its_route() -> Non
     replayed = replay_routed(translator(), router, 2, raw, received, routed=False)
     assert replayed.status == "routed" and replayed.routes == ("ehr", "lab")
     assert replayed.bundle is not None and replayed.patient_key
+
+
+async def test_stray_bytes_between_frames_do_not_keep_a_connection_open(
+        tmp_path: Path) -> None:
+    async with metered_gateway(tmp_path, **{"mllp.idle_timeout": 0.5}) as (gw, _):
+        stop = asyncio.Event()
+        peer = await MllpPeer.open(gw.mllp_port)
+
+        async def stray() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    await peer.send_raw(b"\r\n")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.1)
+
+        task = asyncio.create_task(stray())
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                assert await peer.closed_by_peer(timeout=5)
+        finally:
+            stop.set()
+            await task
+            await peer.close()
