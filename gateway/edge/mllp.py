@@ -391,6 +391,8 @@ class MllpConnection(asyncio.Protocol):
     def overdue(self, now: float) -> str | None:
         """Why this connection should be evicted now (a reason word), or None."""
         server = self._server
+        if self._transport is None or self._transport.is_closing():
+            return None  # already on its way out (evicted or closed): count it once
         if self._reading_paused:
             # Not read by our choice (backpressure): only a client that leaves its ACKs
             # unread for as long as an idle connection is allowed to live is at fault.

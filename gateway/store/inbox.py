@@ -119,7 +119,11 @@ class Inbox(Protocol):
 
     def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
         """Queue a message for the next commit; the future resolves once it is durable
-        (StoreUnavailable if it could not be), with the original's ACK for a duplicate."""
+        (StoreUnavailable if it could not be), with the original's ACK for a duplicate.
+
+        A message under a used dedup key whose `content_hash` differs from the stored one
+        is not a duplicate: it is stored as a CONFLICT row (no dedup key, no deliveries)
+        with the ACK `conflict_ack` builds, and resolves with `conflict=True`."""
         ...
 
     async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:

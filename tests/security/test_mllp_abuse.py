@@ -337,3 +337,20 @@ async def test_stray_bytes_between_frames_do_not_keep_a_connection_open(
             stop.set()
             await task
             await peer.close()
+
+
+async def test_different_messages_racing_under_one_control_id_get_one_aa_and_ae_for_the_rest(
+        gateway: RunningGateway) -> None:
+    first = with_control_id(ADT, "REUSED-RACE")
+    variants = [first] + [first.replace(b"CANARYFAMILY^Jane", f"CANARYFAMILY^J{i}".encode())
+                          for i in range(4)]
+    peers = await asyncio.gather(*(MllpPeer.open(gateway.mllp_port) for _ in variants))
+    try:
+        acks = await asyncio.gather(*(p.request(v) for p, v in zip(peers, variants,
+                                                                     strict=True)))
+    finally:
+        await asyncio.gather(*(p.close() for p in peers))
+    codes = sorted(msa(ack)[1] for ack in acks)
+    assert codes == ["AA", "AE", "AE", "AE", "AE"]
+    statuses = [s for _, _, s in inbox_rows(gateway.data_dir)]
+    assert len(statuses) == 5 and statuses.count("conflict") == 4
