@@ -184,6 +184,23 @@ def test_reservations_cannot_exceed_the_connection_limit() -> None:
 # -- item 15: a reused control id ---------------------------------------------------------
 
 
+@pytest.mark.parametrize(("change", "same"), [
+    ((MSH7, b"20261126090000+0100"), True),   # a resend stamped anew
+    ((b"20261126082900\r", b"20261126082900\r\r\n"), True),  # trailing line ends
+    ((b"MSH|", b"\r\nMSH|"), True),           # blank lines before MSH
+    ((b"CANARYFAMILY^Jane", b"CANARYFAMILY^Joan"), False),
+    ((b"|ADT^A01^ADT_A01|", b"|ADT^A08^ADT_A01|"), False),
+    ((b"20261126082900+0100", b"20261126082901+0100"), False),  # EVN-2 is not MSH-7
+])
+def test_the_content_hash_ignores_msh7_only(change: tuple[bytes, bytes], same: bool) -> None:
+    from gateway.hl7.message import content_digest, parse_message
+
+    changed = ADT.replace(*change, 1)
+    assert changed != ADT
+    digest = content_digest(parse_message(ADT))
+    assert (content_digest(parse_message(changed)) == digest) is same
+
+
 def inbox_rows(data_dir: Path) -> list[tuple[int, str, str]]:
     with sqlite3.connect(data_dir / INBOX_FILE) as db:
         return [(int(r[0]), str(r[1]), str(r[2])) for r in db.execute(
