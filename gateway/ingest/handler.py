@@ -280,7 +280,7 @@ class Ingest:
             set_attributes(span, {"store.inbox_id": result.inbox_id,
                                   "hl7.duplicate": result.duplicate})
             if result.conflict:
-                self._conflicted(span, reply, header, result, len(frame))
+                self._conflicted(span, reply, message, peer, result, len(frame))
                 return
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
@@ -299,13 +299,27 @@ class Ingest:
         else:
             _when_both(stored, audited, committed)
 
-    def _conflicted(self, span: trace.Span, reply: asyncio.Future[Reply], header: Header,
-                    result: Stored, size: int) -> None:
+    def _conflicted(self, span: trace.Span, reply: asyncio.Future[Reply], message: Message,
+                    peer: Peer, result: Stored, size: int) -> None:
         """Answer a message kept as a control id conflict with its stored AE/CE; nothing
         is processed or delivered until an operator replays it."""
+        header = message.header
         code = COMMIT_ERROR if header.enhanced_mode else APPLICATION_ERROR
         if not result.duplicate:
             self._metrics.conflict()
+        if self._audit is not None:
+            # The record committed with the message was written before the conflict was
+            # known (it says accepted); this one says how it was answered, so the trail
+            # and the inbox agree. The answer does not wait for it: the access is on record.
+            try:
+                noted = self._audit.submit(message_access(
+                    message, peer=peer.address, tls_subject=peer.tls_subject,
+                    outcome=outcome(code, int(ErrorCode.DUPLICATE_KEY)), time=self._clock(),
+                    trace_id=span.get_span_context().trace_id, detail="control id conflict"))
+                noted.add_done_callback(audit_failed)
+            except Exception as exc:  # the conflict is kept and answered regardless
+                log.error("could not record a control id conflict: %s at %s",
+                          type(exc).__name__, where(exc))
         # Sender and control id identify a message, not a person (no PHI).
         log.warning("control id conflict: %s/%s sent a different message under MSH-10 %r "
                     "within the duplicate window; kept as inbox row %d (status conflict, "

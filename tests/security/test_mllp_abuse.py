@@ -238,6 +238,23 @@ async def test_a_different_message_under_a_used_control_id_is_kept_and_answered_
         assert points[("isthmus.mllp.messages",
                        (("hl7.ack_code", "AE"), ("hl7.message_type", "ADT^A01")))] == 1
 
+        # The audit trail says how the conflict was answered, not only that it arrived.
+        from gateway.audit import AuditQuery
+        from gateway.audit.sealed import parse_body
+        from gateway.edge.audit_http import AUDIT
+
+        async def answered_conflicts() -> list[dict[str, Any]]:
+            rows = await gw.app[AUDIT].search(AuditQuery(), limit=100)
+            return [b for b in map(parse_body, (r.body for r in rows))
+                    if b.get("detail") == "control id conflict"]
+
+        for _ in range(100):  # its record is not awaited by the answer
+            if await answered_conflicts():
+                break
+            await asyncio.sleep(0.05)
+        (noted,) = await answered_conflicts()
+        assert noted["outcome"] == "AE:205" and noted["control_id"] == "REUSED-1"
+
         data_dir = str(gw.data_dir)
         code, listing, err_text = await isthmus("inbox", "--data-dir", data_dir, "list",
                                                 "--status", "conflict")
