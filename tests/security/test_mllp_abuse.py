@@ -170,6 +170,40 @@ async def test_a_reserved_slot_keeps_an_allowed_sender_in_when_others_fill_the_r
                 await close(peer)
 
 
+async def test_a_client_that_never_reads_its_acks_is_evicted_after_the_idle_timeout(
+        tmp_path: Path) -> None:
+    import socket
+
+    from gateway.hl7.mllp import frame
+
+    async with metered_gateway(tmp_path, **{"mllp.idle_timeout": 1.0}) as (gw, reader):
+        # Small socket buffers on both ends, so unread ACKs back up after a few hundred
+        # messages rather than after megabytes of kernel buffers.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.mllp_port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        try:
+            await eventually(lambda: gw.mllp.connection_count == 1)
+            (conn,) = list(gw.mllp._connections)
+            conn._transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            writer.write(b"".join(frame(with_control_id(ADT, f"HOG-{i}"))
+                                  for i in range(1500)))  # and never read an ACK
+
+            def evicted() -> bool:
+                """the client was evicted for unread ACKs"""
+                return metric_points(reader).get((
+                    "isthmus.mllp.evictions",
+                    (("mllp.eviction_reason", "unread_acks"),))) == 1
+
+            await eventually(evicted, timeout=60)
+            await eventually(lambda: gw.mllp.connection_count == 0)
+        finally:
+            writer.transport.abort()
+
+
 def test_reservations_cannot_exceed_the_connection_limit() -> None:
     from gateway.config import ConfigError, load_settings
 
