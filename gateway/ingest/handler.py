@@ -321,8 +321,10 @@ class Ingest:
                 log.error("could not record a control id conflict: %s at %s",
                           type(exc).__name__, where(exc))
         # Sender and control id identify a message, not a person (no PHI).
-        log.warning("control id conflict: %s/%s sent a different message under MSH-10 %r "
-                    "within the duplicate window; kept as inbox row %d (status conflict, "
+        # Worded without "MSH-": the log redactor reads that as a segment and blanks the
+        # rest of the line.
+        log.warning("control id conflict: %s/%s sent a different message under control id "
+                    "%r within the duplicate window; kept as inbox row %d (status conflict, "
                     "%s), answered %s", header.sending_application, header.sending_facility,
                     header.control_id, result.inbox_id,
                     "a resend" if result.duplicate else "new", code)
