@@ -46,6 +46,9 @@ class AllowedSender(_Section):
     subject: str = Field(min_length=1, description="e.g. 'CN=lab.example,O=Example Lab'")
     sending_application: str = Field(min_length=1)
     sending_facility: str = "*"
+    # Connection slots kept for this subject alone (summed over its rules), so other
+    # peers cannot take the last of mllp.max_connections.
+    reserved_connections: int = Field(default=0, ge=0)
 
     @field_validator("subject")
     @classmethod
@@ -88,6 +91,12 @@ class MllpConfig(_Section):
     max_connections: int = Field(default=10_000, ge=1)
     # Frames read ahead of their ACK on one connection before we stop reading from it.
     max_in_flight_per_connection: int = Field(default=256, ge=1)
+    # Slow senders (slow loris): a frame must end within frame_deadline seconds of its
+    # first byte, and while it is open it must arrive at min_bytes_per_second at least,
+    # measured over each rate_window seconds (0: no minimum). Violators are evicted.
+    frame_deadline: float = Field(default=120.0, gt=0)
+    min_bytes_per_second: float = Field(default=1024.0, ge=0)
+    rate_window: float = Field(default=10.0, gt=0)
     default_charset: str = "utf-8"
     validation: Literal["header", "standard", "strict"] = "standard"
     tls: TlsConfig = TlsConfig()
@@ -96,6 +105,14 @@ class MllpConfig(_Section):
     def _buffer_holds_a_frame(self) -> MllpConfig:
         if self.max_buffered_bytes < self.max_frame_bytes:
             raise ValueError("max_buffered_bytes must be at least max_frame_bytes")
+        return self
+
+    @model_validator(mode="after")
+    def _reservations_fit(self) -> MllpConfig:
+        reserved = sum(s.reserved_connections for s in self.tls.allowed_senders)
+        if reserved > self.max_connections:
+            raise ValueError(f"tls.allowed_senders reserve {reserved} connections, more than "
+                             f"max_connections ({self.max_connections})")
         return self
 
     @model_validator(mode="after")

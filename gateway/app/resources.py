@@ -24,6 +24,7 @@ from gateway.app.specs import (
     fhir_limits,
     ingest_options,
     load_translator,
+    mllp_reservations,
     mllp_tls,
     search_registry,
 )
@@ -245,6 +246,10 @@ def mllp_server(app: web.Application) -> MllpServer:
         max_connections=mllp.max_connections,
         max_in_flight=mllp.max_in_flight_per_connection,
         max_buffered_bytes=mllp.max_buffered_bytes,
+        frame_deadline=mllp.frame_deadline,
+        min_bytes_per_second=mllp.min_bytes_per_second,
+        rate_window=mllp.rate_window,
+        reservations=mllp_reservations(settings),
         ssl_context=context,
         meter=app[TELEMETRY].meter,
     )

@@ -19,7 +19,13 @@ from gateway.edge import audit_http
 from gateway.edge.auth import ExternalIssuer, checked_scopes
 from gateway.edge.auth_server import AuthSetupError, Client
 from gateway.edge.fhir_api import FhirLimits
-from gateway.edge.tls import SenderRule, sender_check, server_context
+from gateway.edge.tls import (
+    Reservations,
+    SenderRule,
+    reservations,
+    sender_check,
+    server_context,
+)
 from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
 from gateway.forward.fhir_backend import FhirBackendSpec, client_tls_context
@@ -77,6 +83,17 @@ def mllp_tls(settings: Settings) -> tuple[ssl.SSLContext | None, SenderCheck | N
             SenderRule(s.subject, s.sending_application, s.sending_facility)
             for s in tls.allowed_senders)
     return context, check
+
+
+def mllp_reservations(settings: Settings) -> Reservations | None:
+    """Connection slots the allow-list keeps for named senders (None: none reserved)."""
+    tls = settings.mllp.tls
+    if not tls.enabled:
+        return None
+    return reservations(
+        SenderRule(s.subject, s.sending_application, s.sending_facility,
+                   s.reserved_connections)
+        for s in tls.allowed_senders)
 
 
 def ingest_options(settings: Settings, check: SenderCheck | None = None) -> IngestOptions:

@@ -31,9 +31,10 @@ def add_parser(sub: Subparsers) -> None:
     replay = inbox_sub.add_parser(
         "replay", help="translate stored messages again (after a table is fixed)")
     which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", type=int, nargs="?", help="one inbox id")
+    which.add_argument("id", type=int, nargs="?",
+                       help="one inbox id (a conflict row too, once reviewed)")
     which.add_argument("--failed", action="store_true",
-                       help="every message that failed or had no table")
+                       help="every message that failed or had no table (not conflicts)")
     replay.set_defaults(run=_inbox_replay)
 
 
@@ -82,6 +83,7 @@ def _readable(raw: bytes) -> str:
 def _inbox_replay(args: argparse.Namespace) -> int:
     from gateway.app import build_router, load_translator
     from gateway.ingest.replay import replay_routed
+    from gateway.store.inbox import CONFLICT
     from gateway.store.inbox_sqlite import read_raw, record_outcomes
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})
@@ -94,7 +96,11 @@ def _inbox_replay(args: argparse.Namespace) -> int:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     router = build_router(settings) if settings.routes else None
-    outcomes = [replay_routed(translator, router, row_id, raw, received)
+    # A conflict row was kept undelivered: replaying it owes every backend of its route.
+    never_routed = set() if args.failed else {
+        row_id for row_id, _, _ in rows if _status(path, row_id) == CONFLICT}
+    outcomes = [replay_routed(translator, router, row_id, raw, received,
+                              routed=row_id not in never_routed)
                 for row_id, raw, received in rows]
     refused = record_accesses(args, [
         message_access("translate", row_id, raw, outcome=outcome.status)
@@ -108,3 +114,10 @@ def _inbox_replay(args: argparse.Namespace) -> int:
         print(f"{outcome.inbox_id} {outcome.status}"
               + (f" {outcome.error}" if outcome.error else "") + routed)
     return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
+
+
+def _status(path: Path, inbox_id: int) -> str:
+    from gateway.store.inbox_sqlite import read_entry
+
+    found = asyncio.run(read_entry(path, inbox_id))
+    return found[0].status if found is not None else ""

@@ -5,6 +5,13 @@ handler (a `gateway.ingest.protocol.FrameHandler`) as they complete and their AC
 strictly in arrival order as they resolve (pipelining). A connection that sends faster
 than its ACKs resolve, or stops reading its ACKs, is paused on its own; every other
 connection carries on.
+
+Slow senders (slow loris) cannot hold the connection slots: a frame must end within
+`frame_deadline` of its first byte and arrive at `min_bytes_per_second` at least over each
+`rate_window`, a connection that stops reading its ACKs is bounded by `idle_timeout`, and
+bytes outside frames are not activity. Violators are evicted (closed, counted, logged with
+their address and why). With an allow-list that reserves slots, other peers draw only on
+the unreserved ones, so they cannot take the last slot a named sender needs.
 """
 
 from __future__ import annotations
@@ -20,10 +27,24 @@ from typing import Any, cast
 from opentelemetry import metrics
 
 from gateway.edge.dn import from_certificate
+from gateway.edge.tls import NameKey, Reservations
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
 from gateway.ingest.protocol import FrameHandler, Peer, Reply
 
 log = logging.getLogger(__name__)
+
+# Why a connection was evicted: the metric's label (a fixed word) and the log's text.
+FRAME_DEADLINE = "frame_deadline"
+MIN_RATE = "min_rate"
+UNREAD_ACKS = "unread_acks"
+_EVICTED_BECAUSE = {
+    FRAME_DEADLINE: "a frame was not complete within mllp.frame_deadline",
+    MIN_RATE: "a frame arrived slower than mllp.min_bytes_per_second",
+    UNREAD_ACKS: "its ACKs went unread for longer than mllp.idle_timeout",
+}
+# The shared pool's name in a connection's slot (a reserve is named by its subject's
+# RDNs; no subject has none).
+_SHARED: NameKey = ()
 
 
 class MllpServer:
@@ -38,6 +59,10 @@ class MllpServer:
         max_connections: int,
         max_in_flight: int,
         max_buffered_bytes: int = 256 * 1024 * 1024,
+        frame_deadline: float = 120.0,
+        min_bytes_per_second: float = 0.0,
+        rate_window: float = 10.0,
+        reservations: Reservations | None = None,
         ssl_context: ssl.SSLContext | None = None,
         meter: metrics.Meter | None = None,
     ) -> None:
@@ -47,6 +72,14 @@ class MllpServer:
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
         self.max_buffered_bytes = max_buffered_bytes
+        self.frame_deadline = frame_deadline
+        self.min_bytes_per_second = min_bytes_per_second
+        self.rate_window = rate_window
+        self._reservations = reservations
+        # Slots in use: the shared pool, and each named sender's reserve.
+        self._shared_limit = max_connections - (reservations.total if reservations else 0)
+        self._shared_used = 0
+        self._reserve_used: dict[NameKey, int] = {}
         # Bytes of unfinished frames held across all connections (memory bound).
         self.buffered_bytes = 0
         self._ssl = ssl_context
@@ -59,6 +92,9 @@ class MllpServer:
             "isthmus.mllp.connections", description="open MLLP connections")
         self._refused = meter.create_counter(
             "isthmus.mllp.connections_refused", description="connections over the limit")
+        self._evictions = meter.create_counter(
+            "isthmus.mllp.evictions",
+            description="connections closed for a slow frame or unread ACKs, by reason")
         self._skipped = meter.create_counter(
             "isthmus.mllp.skipped_bytes", unit="By",
             description="bytes received outside MLLP frames (discarded)")
@@ -103,22 +139,43 @@ class MllpServer:
             # connection the idle sweeper sees; bound it here instead of asyncio's 60 s.
             ssl_handshake_timeout=min(self.idle_timeout, 10.0) if self._ssl else None,
         )
-        self._sweeper = asyncio.create_task(self._sweep_idle(), name="mllp-idle-sweeper")
+        self._sweeper = asyncio.create_task(self._sweep(), name="mllp-sweeper")
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
     def register(self, conn: MllpConnection) -> bool:
-        if len(self._connections) >= self.max_connections:
+        slot = self._take_slot(conn.peer)
+        if slot is None:
             self._refused.add(1)
             return False
+        conn.slot = slot
         self._connections.add(conn)
         self._open_connections.add(1)
         return True
+
+    def _take_slot(self, peer: Peer) -> NameKey | None:
+        """The pool a new connection's slot comes from: its subject's reserve while that
+        has room, else the shared pool; None when neither has a free slot for it."""
+        reservations = self._reservations
+        key = reservations.key_for(peer) if reservations is not None else None
+        if key is not None and reservations is not None:
+            used = self._reserve_used.get(key, 0)
+            if used < reservations.slots[key]:
+                self._reserve_used[key] = used + 1
+                return key
+        if self._shared_used < self._shared_limit:
+            self._shared_used += 1
+            return _SHARED
+        return None
 
     def unregister(self, conn: MllpConnection) -> None:
         if conn not in self._connections:
             return
         self._connections.discard(conn)
+        if conn.slot == _SHARED:
+            self._shared_used -= 1
+        else:
+            self._reserve_used[conn.slot] -= 1
         self.buffered_bytes -= conn.decoder.buffered
         self._open_connections.add(-1)
         skipped = conn.decoder.skipped_bytes
@@ -129,14 +186,29 @@ class MllpServer:
             log.info("MLLP connection from %s sent %d bytes outside frames (discarded)",
                      conn.peer.address, skipped)
 
-    async def _sweep_idle(self) -> None:
-        interval = max(0.05, min(self.idle_timeout / 4, 5.0))
+    async def _sweep(self) -> None:
+        """Close idle connections and evict slow ones, a few times per deadline."""
+        bounds = [self.idle_timeout / 4, self.frame_deadline / 4, 5.0]
+        if self.min_bytes_per_second:
+            bounds.append(self.rate_window / 2)
+        interval = max(0.05, min(bounds))
         while True:
             await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.idle_timeout
+            now = time.monotonic()
             for conn in list(self._connections):
-                if conn.idle_since(deadline):
+                reason = conn.overdue(now)
+                if reason is not None:
+                    self.evict(conn, reason)
+                elif conn.idle_since(now - self.idle_timeout):
                     conn.close("idle timeout")
+
+    def evict(self, conn: MllpConnection, reason: str) -> None:
+        """Close a connection that holds a slot without making progress, at once."""
+        self._evictions.add(1, {"mllp.eviction_reason": reason})
+        # The address and the rule broken; never a byte of what it sent.
+        log.warning("evicted MLLP connection from %s: %s", conn.peer.address,
+                    _EVICTED_BECAUSE[reason])
+        conn.abort()
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let in-flight messages finish and their ACKs go out, close all."""
@@ -172,6 +244,15 @@ class MllpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._stopped = False
+        # Which pool this connection's slot came from (set by the server on register).
+        self.slot: NameKey = _SHARED
+        # The open frame's first byte (None between frames), and the bytes received in
+        # the current rate window; both clocks stop while we are not reading.
+        self._frame_started: float | None = None
+        self._window_started = 0.0
+        self._window_bytes = 0
+        self._paused_at = 0.0
+        self._writing_paused_at = 0.0
 
     @property
     def peer(self) -> Peer:
@@ -186,8 +267,9 @@ class MllpConnection(asyncio.Protocol):
         self._peer = Peer(_address(transport.get_extra_info("peername")),
                           _tls_subject(transport.get_extra_info("ssl_object")))
         if not self._server.register(self):
-            log.warning("MLLP connection refused: %d connections open",
-                        self._server.max_connections)
+            log.warning("MLLP connection from %s refused: no free slot (%d open, "
+                        "mllp.max_connections %d)", self._peer.address,
+                        self._server.connection_count, self._server.max_connections)
             transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -195,11 +277,28 @@ class MllpConnection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = time.monotonic()
+        now = time.monotonic()
         server = self._server
-        before = self.decoder.buffered
-        items = self.decoder.feed(data)
-        server.buffered_bytes += self.decoder.buffered - before
+        decoder = self.decoder
+        before = decoder.buffered
+        was_in_frame = decoder.in_frame
+        closed = decoder.frames_closed
+        items = decoder.feed(data)
+        server.buffered_bytes += decoder.buffered - before
+        if decoder.in_frame:
+            if not was_in_frame or decoder.frames_closed != closed:
+                # A frame began in this read: its deadline and rate window start now. A
+                # new start block inside an open frame does not restart them.
+                self._frame_started = now
+                self._window_started = now
+                self._window_bytes = 0
+            else:
+                self._window_bytes += len(data)
+        else:
+            self._frame_started = None
+        if decoder.in_frame or decoder.frames_closed != closed:
+            # Only frames are activity: stray bytes trickled between frames are not.
+            self._last_activity = now
         if server.buffered_bytes > server.max_buffered_bytes:
             # This connection pushed the total over: its unfinished frame is the one refused.
             held = self.decoder.buffered
@@ -213,6 +312,7 @@ class MllpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client is not reading its ACKs: stop reading its messages until it does.
         self._writing_paused = True
+        self._writing_paused_at = time.monotonic()
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -264,10 +364,17 @@ class MllpConnection(asyncio.Protocol):
         if should_pause and not self._reading_paused:
             self._transport.pause_reading()
             self._reading_paused = True
+            self._paused_at = time.monotonic()
             self._server.paused()
         elif not should_pause and self._reading_paused:
             self._transport.resume_reading()
             self._reading_paused = False
+            # The time we did not read is ours, not the sender's: its clocks resume.
+            now = time.monotonic()
+            if self._frame_started is not None:
+                self._frame_started += now - self._paused_at
+            self._window_started = now
+            self._window_bytes = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -283,6 +390,30 @@ class MllpConnection(asyncio.Protocol):
     def idle_since(self, deadline: float) -> bool:
         return not self._replies and self._last_activity < deadline
 
+    def overdue(self, now: float) -> str | None:
+        """Why this connection should be evicted now (a reason word), or None."""
+        server = self._server
+        if self._transport is None or self._transport.is_closing():
+            return None  # already on its way out (evicted or closed): count it once
+        if self._reading_paused:
+            # Not read by our choice (backpressure): only a client that leaves its ACKs
+            # unread for as long as an idle connection is allowed to live is at fault.
+            if self._writing_paused and now - self._writing_paused_at > server.idle_timeout:
+                return UNREAD_ACKS
+            return None
+        started = self._frame_started
+        if started is None:
+            return None
+        if now - started > server.frame_deadline:
+            return FRAME_DEADLINE
+        elapsed = now - self._window_started
+        if server.min_bytes_per_second and elapsed >= server.rate_window:
+            if self._window_bytes < server.min_bytes_per_second * elapsed:
+                return MIN_RATE
+            self._window_started = now
+            self._window_bytes = 0
+        return None
+
     def stop_reading(self) -> None:
         self._stopped = True
         if self._transport is not None and not self._reading_paused:
@@ -293,6 +424,12 @@ class MllpConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             log.debug("closing MLLP connection from %s: %s", self._peer.address, why)
             self._transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping unsent ACKs: a close() would wait for a peer that may never
+        read them, and the slot is only free once the connection is gone."""
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _address(peername: Any) -> str:

@@ -14,6 +14,9 @@ from gateway.ingest.protocol import Peer, SenderCheck
 
 log = logging.getLogger(__name__)
 
+# A name as compared: its RDNs, each a set of (type, prepared value) (gateway.edge.dn).
+NameKey = tuple[frozenset[tuple[str, str]], ...]
+
 
 def server_context(cert_file: Path, key_file: Path, client_ca_file: Path | None = None,
                    require_client_cert: bool = False) -> ssl.SSLContext:
@@ -34,6 +37,8 @@ class SenderRule:
     subject: str
     sending_application: str
     sending_facility: str = "*"
+    # Connection slots kept for this subject (mllp.tls.allowed_senders.reserved_connections).
+    reserved_connections: int = 0
 
 
 def sender_check(rules: Iterable[SenderRule]) -> SenderCheck:
@@ -105,6 +110,43 @@ def _nearest(name: DistinguishedName, entries: Sequence[tuple[int, Distinguished
             return index, rule, " (same shape, other values)"
     index, _, rule = entries[0]
     return index, rule, ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservations:
+    """Connection slots kept for named senders: a subject's reserve is the sum over its
+    rules. Only the certificate is known when a connection opens (MSH-3/4 come later), so
+    a slot is reserved for a subject, not for an application."""
+
+    slots: dict[NameKey, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.slots.values())
+
+    def key_for(self, peer: Peer) -> NameKey | None:
+        """The reserve this peer may draw on; None: only the shared slots. Subjects are
+        compared as names, as the allow-list compares them."""
+        if peer.tls_subject is None:
+            return None
+        try:
+            key = parse(peer.tls_subject).key()
+        except ValueError:  # our own rendering, so not expected: the shared slots only
+            return None
+        return key if key in self.slots else None
+
+
+def reservations(rules: Iterable[SenderRule]) -> Reservations | None:
+    """The reserved slots the allow-list names; None when it reserves none."""
+    slots: dict[NameKey, int] = {}
+    for index, rule in enumerate(rules):
+        if rule.reserved_connections:
+            try:
+                key = parse(rule.subject).key()
+            except ValueError as exc:
+                raise ValueError(f"allowed_senders[{index}].subject: {exc}") from None
+            slots[key] = slots.get(key, 0) + rule.reserved_connections
+    return Reservations(slots) if slots else None
 
 
 def _namespace(hd: str) -> str:

@@ -37,12 +37,16 @@ class FrameTooLarge:
 class FrameDecoder:
     """Reassemble MLLP frames from a byte stream, skipping and counting stray bytes."""
 
-    __slots__ = ("max_frame_bytes", "skipped_bytes", "_buf", "_in_frame", "_discarding",
-                 "_pending_fs")
+    __slots__ = ("max_frame_bytes", "skipped_bytes", "frames_closed", "_buf", "_in_frame",
+                 "_discarding", "_pending_fs")
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.skipped_bytes = 0
+        # Frames that reached their end block (kept, refused or discarded): a caller's
+        # clock for "how long has this frame been open" restarts only when this moves,
+        # not when a new start block abandons a partial frame.
+        self.frames_closed = 0
         self._buf = bytearray()
         self._in_frame = False
         self._discarding = False
@@ -135,3 +139,4 @@ class FrameDecoder:
         self._buf.clear()
         self._in_frame = False
         self._discarding = False
+        self.frames_closed += 1

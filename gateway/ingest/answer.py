@@ -21,6 +21,7 @@ from gateway.hl7.ack import (
     APPLICATION_ACCEPT,
     APPLICATION_ERROR,
     APPLICATION_REJECT,
+    COMMIT_ERROR,
     COMMIT_REJECT,
     ack_code,
     build_ack,
@@ -28,7 +29,7 @@ from gateway.hl7.ack import (
     should_send_application_ack,
 )
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
-from gateway.hl7.errors import ErrorCode, Hl7Error
+from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Header, Message, header_or_none, salvage_header
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.ingest.protocol import Peer, Push, Reply
@@ -79,6 +80,14 @@ class Answers:
         finally:
             child.end()
             self.metrics.since("ack", started)
+
+    def conflict_ack(self, span: trace.Span, message: Message, now: datetime) -> bytes:
+        """AE (CE in enhanced mode) for a different message under a control id this sender
+        already used: ERR names MSH-10 with table 0357 code 205 (duplicate key)."""
+        header = message.header
+        code = COMMIT_ERROR if header.enhanced_mode else APPLICATION_ERROR
+        return self.ack_text(span, message, header, code, [CONTROL_ID_CONFLICT], now).encode(
+            message.charset, "replace")
 
     def refuse_oversize(self, frame: FrameTooLarge, span: trace.Span,
                         reply: asyncio.Future[Reply], peer: Peer) -> None:
@@ -149,6 +158,14 @@ class Answers:
             push(text.encode(message.charset))
         except Exception as exc:  # the outcome stays in the inbox; the ACK is a courtesy
             log.error("could not send an application ACK: %s", type(exc).__name__)
+
+
+# The ERR of a control id conflict: the message was kept (for review), not processed.
+CONTROL_ID_CONFLICT = Hl7Error(
+    ErrorCode.DUPLICATE_KEY,
+    "this control id was already used for a different message from this sender; the "
+    "message is kept for review and was not processed: send it under a new control id",
+    Location("MSH", 1, 10))
 
 
 def audit_failed(future: asyncio.Future[tuple[int, bytes]]) -> bool:

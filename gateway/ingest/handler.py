@@ -2,7 +2,9 @@
 
 The order is the durability contract: parse and check, build the ACK, commit message and
 ACK together, and only then release the ACK to the connection. A store failure answers AR
-("resend later"); a duplicate answers the ACK stored with the original.
+("resend later"); a duplicate answers the ACK stored with the original. A different message
+under a control id the sender already used (same MSH-3/4/10, other content) is kept as a
+`conflict` row, not processed, and answered AE/CE naming MSH-10: never the first one's AA.
 
 Every message answered is also an access to PHI and gets an audit record. The record is
 committed beside the inbox row (another file, its own group commit, at the same time) and
@@ -25,9 +27,21 @@ from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.forward.backend import OutboxGate
 from gateway.forward.routes import Router, Targets
-from gateway.hl7.ack import ack_code, should_send_accept_ack
+from gateway.hl7.ack import (
+    APPLICATION_ERROR,
+    COMMIT_ERROR,
+    ack_code,
+    should_send_accept_ack,
+)
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
-from gateway.hl7.message import Header, Message, check_header, parse_message, salvage_header
+from gateway.hl7.message import (
+    Header,
+    Message,
+    check_header,
+    content_digest,
+    parse_message,
+    salvage_header,
+)
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.hl7.validate import validate
 from gateway.ingest.answer import Answers, audit_failed, where
@@ -218,6 +232,8 @@ class Ingest:
             trace=_traceparent(span) if targets.remote else "",
             bundle=(dumps(to_bundle(translation))
                     if targets.needs_bundle and translation is not None else None),
+            content_hash=content_digest(message),
+            conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
         )
         store_span = self._answers.span("inbox.store", span)
         store_started = self._metrics.clock()
@@ -263,6 +279,9 @@ class Ingest:
                 return
             set_attributes(span, {"store.inbox_id": result.inbox_id,
                                   "hl7.duplicate": result.duplicate})
+            if result.conflict:
+                self._conflicted(span, reply, message, peer, result, len(frame))
+                return
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
             self._answers.finish(span, reply, result.ack if send else None, code, len(frame),
@@ -279,6 +298,40 @@ class Ingest:
             stored.add_done_callback(committed)
         else:
             _when_both(stored, audited, committed)
+
+    def _conflicted(self, span: trace.Span, reply: asyncio.Future[Reply], message: Message,
+                    peer: Peer, result: Stored, size: int) -> None:
+        """Answer a message kept as a control id conflict with its stored AE/CE; nothing
+        is processed or delivered until an operator replays it."""
+        header = message.header
+        code = COMMIT_ERROR if header.enhanced_mode else APPLICATION_ERROR
+        if not result.duplicate:
+            self._metrics.conflict()
+        if self._audit is not None:
+            # The record committed with the message was written before the conflict was
+            # known (it says accepted); this one says how it was answered, so the trail
+            # and the inbox agree. The answer does not wait for it: the access is on record.
+            try:
+                noted = self._audit.submit(message_access(
+                    message, peer=peer.address, tls_subject=peer.tls_subject,
+                    outcome=outcome(code, int(ErrorCode.DUPLICATE_KEY)), time=self._clock(),
+                    trace_id=span.get_span_context().trace_id, detail="control id conflict"))
+                noted.add_done_callback(audit_failed)
+            except Exception as exc:  # the conflict is kept and answered regardless
+                log.error("could not record a control id conflict: %s at %s",
+                          type(exc).__name__, where(exc))
+        # Sender and control id identify a message, not a person (no PHI).
+        # Worded without "MSH-": the log redactor reads that as a segment and blanks the
+        # rest of the line.
+        log.warning("control id conflict: %s/%s sent a different message under control id "
+                    "%r within the duplicate window; kept as inbox row %d (status conflict, "
+                    "%s), answered %s", header.sending_application, header.sending_facility,
+                    header.control_id, result.inbox_id,
+                    "a resend" if result.duplicate else "new", code)
+        send = should_send_accept_ack(header.accept_ack_type, code) or (
+            not header.enhanced_mode)
+        self._answers.finish(span, reply, result.ack if send else None, code, size,
+                             header.message_type)
 
     def _targets(self, header: Header, translation: Translation | None) -> Targets:
         if self._routing is None:

@@ -17,7 +17,7 @@ import orjson
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.fhir.validate import InvalidResource, validate_resource
-from gateway.forward.routes import Router
+from gateway.forward.routes import Router, Targets
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import Message, parse_message
 from gateway.mapping.engine import Translator
@@ -74,23 +74,34 @@ def replay(translator: Translator, raw: bytes, received_at: datetime) -> Replay:
 
 
 def replay_routed(translator: Translator, router: Router | None, inbox_id: int, raw: bytes,
-                  received_at: datetime) -> Replayed:
+                  received_at: datetime, *, routed: bool = True) -> Replayed:
     """A stored row replayed, and where its route now sends it: the local store (status
     translated, applied by the gateway's sweep) and the FHIR backends that could not take
-    it untranslated (their Bundle and outbox rows), as `isthmus inbox replay` records it."""
+    it untranslated (their Bundle and outbox rows), as `isthmus inbox replay` records it.
+
+    `routed=False`: the row was never routed (a control id conflict, kept undelivered), so
+    every remote backend of its route is owed it, the MLLP ones (raw) even untranslated."""
     outcome = replay(translator, raw, received_at)
     if outcome.translation is None or outcome.message is None:
-        return Replayed(inbox_id, outcome.status, outcome.reason)
+        if routed or router is None or outcome.message is None:
+            return Replayed(inbox_id, outcome.status, outcome.reason)
+        raw_only = router.untranslated(_targets(router, outcome.message)).remote
+        return Replayed(inbox_id, outcome.status, outcome.reason, routes=raw_only,
+                        patient_key=patient_key(outcome.message) if raw_only else "")
     if router is None:
         return Replayed(inbox_id, TRANSLATED)
-    header = outcome.message.header
-    targets = router.for_message(header.message_type, header.sending_application,
-                                 header.sending_facility)
+    targets = _targets(router, outcome.message)
     owed = tuple(n for n in targets.remote
-                 if n not in router.untranslated(targets).remote)
+                 if not routed or n not in router.untranslated(targets).remote)
     return Replayed(inbox_id, TRANSLATED if targets.local else ROUTED, routes=owed,
                     patient_key=patient_key(outcome.message) if owed else "",
                     bundle=dumps(to_bundle(outcome.translation)) if owed else None)
+
+
+def _targets(router: Router, message: Message) -> Targets:
+    header = message.header
+    return router.for_message(header.message_type, header.sending_application,
+                              header.sending_facility)
 
 
 def patient_key(message: Message) -> str:

@@ -8,7 +8,7 @@ database implements (the PostgreSQL issue).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -26,6 +26,10 @@ APPLIED = "applied"
 FAILED = "failed"
 UNSUPPORTED = "unsupported"
 REPLAYABLE = (FAILED, UNSUPPORTED)
+# A different message under a control id this sender used within the duplicate window:
+# kept, not processed, answered AE/CE. An operator reviews it and replays it by id (never
+# with --failed: accepting it is a decision).
+CONFLICT = "conflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,12 @@ class InboundMessage:
     trace: str = ""
     # The translated transaction Bundle (JSON), kept when a FHIR backend is routed.
     bundle: bytes | None = None
+    # gateway.hl7.message.content_digest: tells a resend from another message under the
+    # same dedup key. "": not compared (a duplicate key is a duplicate, as before).
+    content_hash: str = ""
+    # Builds the ACK for a control id conflict; called only when there is one (it is rare,
+    # and the hot path should not build two ACKs per message).
+    conflict_ack: Callable[[], bytes] | None = None
 
     @property
     def dedup_key(self) -> str:
@@ -65,6 +75,8 @@ class Stored:
     inbox_id: int
     ack: bytes
     duplicate: bool
+    # Stored as a CONFLICT (its control id was used for another message); `ack` answers it.
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +119,11 @@ class Inbox(Protocol):
 
     def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
         """Queue a message for the next commit; the future resolves once it is durable
-        (StoreUnavailable if it could not be), with the original's ACK for a duplicate."""
+        (StoreUnavailable if it could not be), with the original's ACK for a duplicate.
+
+        A message under a used dedup key whose `content_hash` differs from the stored one
+        is not a duplicate: it is stored as a CONFLICT row (no dedup key, no deliveries)
+        with the ACK `conflict_ack` builds, and resolves with `conflict=True`."""
         ...
 
     async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:

@@ -4,7 +4,10 @@ Concurrent messages are group-committed: while one commit is on disk the next ba
 gathers, and the whole batch is written by one multi-row INSERT (one transaction, one
 WAL sync). Duplicates, keyed on sender application, sender facility and control id, are
 detected by a unique index in the same statement, so a resend after a crash or restart
-gets back the acknowledgement that was stored with the original.
+gets back the acknowledgement that was stored with the original. A duplicate key whose
+content differs (a hash of the message without MSH-7) is not a resend but another message
+under a reused control id: it is kept as a `conflict` row, never answered with the
+original's ACK.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -21,6 +25,7 @@ import orjson
 
 from gateway.store.errors import StoreUnavailable
 from gateway.store.inbox import (
+    CONFLICT,
     REPLAYABLE,
     InboundMessage,
     InboxEntry,
@@ -49,7 +54,10 @@ CREATE TABLE IF NOT EXISTS inbox (
     -- Why translation failed: a location and a reason, never a value (no PHI).
     error TEXT NOT NULL DEFAULT '',
     -- NULL once the message is older than the duplicate window, so the key may recur.
-    dedup_key TEXT UNIQUE
+    dedup_key TEXT UNIQUE,
+    -- SHA-256 of the message without MSH-7: a resend matches it, a reused control id does
+    -- not. NULL in rows stored before it existed (their duplicates are not compared).
+    content_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,7 +103,7 @@ END;
 
 _COLUMNS = ("received_at", "sending_application", "sending_facility", "control_id",
             "message_type", "version", "peer", "size", "status", "raw", "ack", "dedup_key",
-            "error", "routes", "patient_key", "trace", "bundle")
+            "error", "routes", "patient_key", "trace", "bundle", "content_hash")
 _ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
 # One commit carries at most this many message bytes, so a run of large messages (up to
 # the 10 MiB frame limit each) is written in several statements, not one huge one.
@@ -212,13 +220,7 @@ class SqliteInbox:
         """Insert the rows whose keys are new; returns dedup key -> inbox id for those."""
         params: list[object] = []
         for m in messages:
-            params.extend((
-                _timestamp(m.received_at), m.sending_application, m.sending_facility,
-                m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
-                m.raw, m.ack, m.dedup_key, m.error,
-                orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
-                m.trace, m.bundle,
-            ))
+            params.extend(_row(m, m.dedup_key))
         # One statement in autocommit mode is one transaction: all rows or none.
         sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
                + ",".join([_ROW_SQL] * len(messages))
@@ -229,16 +231,37 @@ class SqliteInbox:
     async def _original(self, message: InboundMessage) -> Stored:
         """The stored row a duplicate repeats, or a fresh insert if its key has expired."""
         rows = list(await self._db.execute_fetchall(
-            "SELECT id, ack, received_at FROM inbox WHERE dedup_key = ?",
+            "SELECT id, ack, received_at, content_hash FROM inbox WHERE dedup_key = ?",
             (message.dedup_key,),
         ))
         if rows:
-            row_id, ack, received_at = rows[0]
+            row_id, ack, received_at, stored_hash = rows[0]
             if str(received_at) >= _timestamp(self._dedup_cutoff()):
-                return Stored(int(row_id), bytes(ack), duplicate=True)
+                if stored_hash is None or not message.content_hash or (
+                        stored_hash == message.content_hash):
+                    return Stored(int(row_id), bytes(ack), duplicate=True)
+                return await self._conflict(message)
             await self._db.execute("UPDATE inbox SET dedup_key = NULL WHERE id = ?", (row_id,))
         inserted = await self._insert_rows([message])
         return Stored(inserted[message.dedup_key], message.ack, duplicate=False)
+
+    async def _conflict(self, message: InboundMessage) -> Stored:
+        """Keep another message under a used key: a CONFLICT row with no dedup key and no
+        deliveries (no routes: the trigger makes no outbox rows), its AE/CE stored with it.
+        A resend of the same conflicting message gets that answer again, not a new row."""
+        rows = list(await self._db.execute_fetchall(
+            # The literal status lets SQLite use the partial index inbox_conflicts.
+            "SELECT id, ack FROM inbox WHERE content_hash = ? AND status = 'conflict' "
+            "AND received_at >= ? ORDER BY id LIMIT 1",
+            (message.content_hash, _timestamp(self._dedup_cutoff()))))
+        if rows:
+            return Stored(int(rows[0][0]), bytes(rows[0][1]), duplicate=True, conflict=True)
+        ack = message.conflict_ack() if message.conflict_ack is not None else message.ack
+        kept = replace(message, status=CONFLICT, ack=ack, routes=(), bundle=None)
+        inserted = list(await self._db.execute_fetchall(
+            f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES {_ROW_SQL} RETURNING id",
+            _row(kept, None)))
+        return Stored(int(inserted[0][0]), ack, duplicate=False, conflict=True)
 
     # -- maintenance --------------------------------------------------------------------
 
@@ -349,6 +372,15 @@ async def get_entry(db: aiosqlite.Connection,
     return InboxEntry(*row[:11]), bytes(row[11]), bytes(row[12])
 
 
+def _row(m: InboundMessage, dedup_key: str | None) -> tuple[object, ...]:
+    """One message's values, in _COLUMNS order."""
+    return (_timestamp(m.received_at), m.sending_application, m.sending_facility,
+            m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
+            m.raw, m.ack, dedup_key, m.error,
+            orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
+            m.trace, m.bundle, m.content_hash or None)
+
+
 def _timestamp(moment: datetime) -> str:
     """UTC ISO 8601 with microseconds: fixed width, so text order is time order."""
     if moment.utcoffset() != _ZERO:
@@ -377,9 +409,14 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         await db.execute("ALTER TABLE inbox ADD COLUMN error TEXT NOT NULL DEFAULT ''")
     for column, declaration in (("routes", "TEXT NOT NULL DEFAULT ''"),
                                 ("patient_key", "TEXT NOT NULL DEFAULT ''"),
-                                ("trace", "TEXT NOT NULL DEFAULT ''"), ("bundle", "BLOB")):
+                                ("trace", "TEXT NOT NULL DEFAULT ''"), ("bundle", "BLOB"),
+                                ("content_hash", "TEXT")):
         if column not in columns:
             await db.execute(f"ALTER TABLE inbox ADD COLUMN {column} {declaration}")
+    # Only conflict rows are looked up by hash (a resend of a conflicting message), so
+    # the index holds those alone and costs the hot path's inserts nothing.
+    await db.execute("CREATE INDEX IF NOT EXISTS inbox_conflicts ON inbox (content_hash) "
+                     "WHERE status = 'conflict'")
 
 
 async def read_raw(path: Path, ids: Sequence[int] | None,

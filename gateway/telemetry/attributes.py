@@ -23,6 +23,8 @@ SAFE_ATTRIBUTES = frozenset({
     "hl7.enhanced_mode",
     "mllp.frame_bytes",
     "mllp.tls",
+    # Why a slow connection was evicted: a fixed word (frame_deadline, min_rate, ...).
+    "mllp.eviction_reason",
     "store.batch_size",
     "store.inbox_id",
     "mapping.status",

@@ -241,6 +241,10 @@ class IngestMetrics:
             description="time spent in each stage of handling an MLLP message")
         self._stage_keys: dict[str, Labels] = {name: (name,) for name in STAGES}
         self._types: dict[str, str] = {}
+        self._conflicts = instruments.counter(
+            "isthmus.mllp.control_id_conflicts", (), unit="{message}",
+            description="messages kept as conflicts: another message's control id (MSH-10) "
+                        "reused by the same sender within the duplicate window")
 
     def message(self, message_type: str, ack_code: str, size: int = 0) -> None:
         """One message answered: its MSH-9 ('' if unreadable), the ACK code, its bytes."""
@@ -252,6 +256,11 @@ class IngestMetrics:
         self._messages.add((label, ack_code if ack_code in _ACK_CODES else _OTHER))
         if size:
             self._bytes.record((), size)
+
+    def conflict(self) -> None:
+        """One message kept as a control id conflict (not a resend of one)."""
+        if self.enabled:
+            self._conflicts.add(())
 
     def clock(self) -> float:
         """A start time for `since` (0.0 when disabled: no clock read)."""
