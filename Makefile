@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
+.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ test: lint typecheck pytest
 
 test-fast: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The security review's reproductions (issue 13), one test each; `make test` runs them too.
+security: $(STAMP_DEV)
+	$(BIN)/python -m pytest -q tests/security
 
 bench: $(STAMP_RUN)
 	$(BIN)/python bench/mllp_ingest.py

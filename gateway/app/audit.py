@@ -33,7 +33,7 @@ def audit_keys(settings: Settings, *, create: bool = False,
     if generated:
         log.warning("no audit keys configured: generated %s in %s (owner-only). Keep a copy "
                     "apart from the data, or set audit.key_file and audit.signing_key_file; "
-                    "see README, Audit trail", " and ".join(p.name for p in generated),
+                    "see docs/audit.md", " and ".join(p.name for p in generated),
                     directory)
     return keys
 

@@ -24,6 +24,7 @@ from gateway.edge.auth_server import (
     AuthSetupError,
     Endpoints,
 )
+from gateway.edge.errors import AuthError as AuthError  # defined with the edge's root
 from gateway.policy.jose import (
     SUPPORTED_ALGS,
     KeySet,
@@ -41,20 +42,6 @@ log = logging.getLogger(__name__)
 REALM = "isthmus"
 _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _NO_ENDPOINTS = Endpoints("", "", "", "")
-
-
-class AuthError(Exception):
-    """A request to a protected route without acceptable credentials (401) or scope (403)."""
-
-    def __init__(self, status: int, reason: str, www_authenticate: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.www_authenticate = www_authenticate
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": self.www_authenticate}
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.edge.errors import AuthSetupError as AuthSetupError  # defined with the edge's root
+from gateway.edge.errors import OAuthError as OAuthError  # defined with the edge's root
 from gateway.policy.jose import (
     KeySet,
     TokenError,
@@ -73,27 +75,10 @@ JTI = re.compile(r"[\x20-\x7e]{1,256}")
 """A usable token id (jti): printable ASCII, bounded."""
 
 
-class OAuthError(Exception):
-    """A token request refused: RFC 6749 §5.2 error code, description and HTTP status
-    (with Retry-After, in seconds, when trying again later can succeed)."""
-
-    def __init__(self, error: str, description: str, status: int = 400,
-                 retry_after: int | None = None) -> None:
-        super().__init__(f"{error}: {description}")
-        self.error = error
-        self.description = description
-        self.status = status
-        self.retry_after = retry_after
-
-
 def unavailable(description: str) -> OAuthError:
     """503 temporarily_unavailable (the RFC 6749 §4.1.2.1 code, used by token endpoints
     too): nothing was issued, try again after Retry-After."""
     return OAuthError("temporarily_unavailable", description, 503, RETRY_AFTER)
-
-
-class AuthSetupError(ValueError):
-    """The auth configuration cannot be used; names the setting."""
 
 
 @dataclass(frozen=True, slots=True)

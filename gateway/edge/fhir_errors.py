@@ -20,32 +20,16 @@ from opentelemetry import trace
 from gateway.audit import Action, AuditRecord, QueryError
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth import PRINCIPAL, AuthError
+from gateway.edge.errors import BackendFailed as BackendFailed  # defined with the edge's root
+from gateway.edge.errors import Passthrough as Passthrough  # defined with the edge's root
 from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
-from gateway.forward.backend import BackendTimeout, BackendUnavailable
+from gateway.forward.backend import BackendTimeout
 from gateway.store import StoreUnavailable
 
 # The logger the refusals have always been logged under (operators filter on it).
 log = logging.getLogger("gateway.edge.fhir_http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Passthrough(Exception):
-    """An answer already made (a backend's own refusal, passed on as it came)."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-class BackendFailed(Exception):
-    """A remote backend could not be asked or did not answer in time, named for the
-    caller (the backend's name is ours, never a value)."""
-
-    def __init__(self, backend: str, error: BackendUnavailable) -> None:
-        super().__init__(backend)
-        self.backend = backend
-        self.error = error
 
 
 # What the layers below raise for a request they refuse: answered on every path.
