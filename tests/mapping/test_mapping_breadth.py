@@ -86,10 +86,12 @@ TYPES = [
                             "Condition", "Procedure", "RelatedPerson", "Coverage"}),
     ("bar_p01", "BAR^P12", {"Patient", "Encounter", "Condition", "Procedure"}),
     ("bar_p02", "BAR^P02", {"Patient", "Encounter"}),
-    ("dft_p03", "DFT^P03", {"Patient", "Encounter", "ServiceRequest", "Observation",
-                            "Procedure", "Condition", "Coverage"}),
-    ("dft_p03", "DFT^P11", {"Patient", "Encounter", "ServiceRequest", "Observation",
-                            "Procedure", "Condition", "Coverage"}),
+    ("dft_p03", "DFT^P03", {"Patient", "Encounter", "ServiceRequest", "DiagnosticReport",
+                            "Observation", "Procedure", "Condition", "Coverage",
+                            "RelatedPerson"}),
+    ("dft_p03", "DFT^P11", {"Patient", "Encounter", "ServiceRequest", "DiagnosticReport",
+                            "Observation", "Procedure", "Condition", "Coverage",
+                            "RelatedPerson"}),
     ("ref_i12", "REF^I12", {"Patient", "RelatedPerson", "Coverage", "Condition",
                             "AllergyIntolerance", "Procedure", "ServiceRequest",
                             "DiagnosticReport", "Observation", "Encounter"}),
@@ -306,7 +308,6 @@ def test_bar_p02_each_visit_belongs_to_its_own_patient() -> None:
     ("AllergyIntolerance", "code.coding.code", "7980"),
     ("Condition", "code.coding.code", "K35.80"),
     ("Procedure", "identifier.value", "PROC-9101"),
-    ("RelatedPerson", "name.family", "CANARYKIN"),
     ("Coverage", "beneficiary.reference", None),
 ])
 def test_bar_p01_account_segments(resource_type: str, path: str, value: str | None) -> None:
@@ -318,12 +319,14 @@ def test_bar_p01_account_segments(resource_type: str, path: str, value: str | No
         assert at(found, path) == value
 
 
-def test_dft_order_observation_and_procedure() -> None:
+def test_dft_order_report_observation_and_procedure() -> None:
     bundle = translate(message("dft_p03"))
     order, observation = one(bundle, "ServiceRequest"), one(bundle, "Observation")
+    report = one(bundle, "DiagnosticReport")
     assert at(order, "code.coding.code") == "80053"
     assert order["intent"] == "order"
-    assert order["supportingInfo"] == [{"reference": ref(bundle, observation)}]
+    assert report["basedOn"] == [{"reference": ref(bundle, order)}]
+    assert report["result"] == [{"reference": ref(bundle, observation)}]
     assert at(observation, "interpretation.coding.code") == "H"
     assert at(one(bundle, "Procedure"), "code.coding.code") == "80053"
     assert "FT1" in translator().translate(parse_message(message("dft_p03"))).unmapped
@@ -338,3 +341,42 @@ def test_ref_order_without_orc_is_a_valid_order_with_its_report() -> None:
     assert report["result"] == [{"reference": ref(bundle, one(bundle, "Observation"))}]
     unmapped = translator().translate(parse_message(message("ref_i12"))).unmapped
     assert {"RF1", "PRD"} <= set(unmapped)
+
+
+# -- GT1 -> RelatedPerson (the guarantor) -------------------------------------------------
+
+def guarantor(bundle: Json) -> Json:
+    return next(p for p in resources(bundle, "RelatedPerson")
+                if any(c["code"] == "GUAR" for r in p["relationship"] for c in r["coding"]))
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("identifier.0.value", "G-77001"),
+    ("identifier.1.value", "900-00-7700"),
+    ("identifier.1.system", "http://hl7.org/fhir/sid/us-ssn"),
+    ("identifier.2.value", "EMP-7702"),
+    ("name.family", "CANARYGUAR"),
+    ("name.given", ["Pat"]),
+    ("address.city", "Springfield"),
+    ("telecom.0.value", "+1 555 0100031"),
+    ("telecom.1.use", "work"),
+    ("birthDate", "1970-08-09"),
+    ("gender", "male"),
+    ("relationship.0.coding.code", "SPS"),
+    ("relationship.1.coding.code", "GUAR"),
+    ("period.start", "2026-01-01"),
+])
+def test_gt1_guarantor_fields(path: str, value: object) -> None:
+    assert at(guarantor(translate(message("bar_p01"))), path) == value
+
+
+@pytest.mark.parametrize("structure", ["bar_p01", "dft_p03", "adt_a16", "ref_i12"])
+def test_gt1_guarantor_is_related_to_the_patient(structure: str) -> None:
+    bundle = translate(message(structure))
+    assert guarantor(bundle)["patient"] == {"reference": ref(bundle, one(bundle, "Patient"))}
+
+
+def test_nk1_next_of_kin_stays_its_own_related_person() -> None:
+    bundle = translate(message("bar_p01"))
+    kin = next(p for p in resources(bundle, "RelatedPerson") if p is not guarantor(bundle))
+    assert at(kin, "name.family") == "CANARYKIN"
