@@ -403,8 +403,10 @@ def _read_header(msg: Message) -> Header:
         control_id=fields[10],
         processing_id=_first_component(fields[11], d),
         version=_first_component(fields[12], d),
-        accept_ack_type=fields[15],
-        application_ack_type=fields[16],
+        # A blank acknowledgment type (a sender padding MSH-15 with a space) is not valued:
+        # original acknowledgment mode, as when the field is empty.
+        accept_ack_type=fields[15].strip(),
+        application_ack_type=fields[16].strip(),
         charset=fields[18].split(d.repetition, 1)[0],
     )
 

@@ -52,11 +52,12 @@ def source_location(text: str) -> Location | ComponentLocation | None:
     """A v2 location as a table names one, None for text that is not one.
 
     Segment tables name a field of a segment (`PID-3`, `PID-3.1`, `PID-3.4.2`), data-type
-    tables a component of their type (`CX.4`, `XAD.1.1`). Neither names an occurrence or a
-    repetition: a row is run for every repetition of the segment it maps.
+    tables a component of their type (`CX.4`, `XAD.1.1`). Neither names an occurrence: a
+    row is run for every occurrence of the segment it maps, and for every repetition of
+    its field unless it names one (`IN1-9(1).1`: the first only).
     """
     if "-" in text:
-        if "[" in text or "(" in text:
+        if "[" in text:
             return None
         try:
             location = parse_location(text)

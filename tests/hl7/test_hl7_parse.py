@@ -415,6 +415,14 @@ def test_bad_input_is_refused_with_code_and_location(
         assert "ARABIC" not in text
 
 
+@pytest.mark.parametrize("blank", [b" ", b"  "])
+def test_a_blank_acknowledgment_type_is_not_valued(blank: bytes) -> None:
+    header = parse_message(with_msh((15, blank), (16, blank))).header
+    check_header(header)  # not refused as an unknown code
+    assert (header.accept_ack_type, header.application_ack_type) == ("", "")
+    assert not header.enhanced_mode
+
+
 def test_parse_refusals_ask_for_a_reject() -> None:
     """Bytes that are not a message at all get AR; a header problem is the ACK builder's call."""
     with pytest.raises(Hl7ParseError) as not_hl7:

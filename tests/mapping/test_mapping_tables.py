@@ -394,6 +394,19 @@ def test_each_repetition_becomes_its_own_element(translator: Translator) -> None
                                 {"family": "Roe", "given": ["Jo"]}]
 
 
+@pytest.mark.parametrize(("source", "expected"), [
+    ("PID-5(1).2", ["Jane"]),   # the first repetition only
+    ("PID-5(2).2", ["Jo"]),     # the second only
+    ("PID-5.2", ["Jane", "Jo"]),  # every repetition
+])
+def test_a_source_naming_a_repetition_reads_that_repetition_alone(
+        tmp_path: Path, source: str, expected: list[str]) -> None:
+    root = write_tables(tmp_path, pid_with(f"{source},,communication.language.text,string,,,,"))
+    data = message(pid(f3="A1", f5="Doe^Jane~Roe^Jo"))
+    resource = patient(bundle(Translator.load(root), data))
+    assert [c["language"]["text"] for c in resource["communication"]] == expected
+
+
 def test_a_primitive_extension_is_written_in_its_underscore_twin(
         translator: Translator) -> None:
     resource = patient(bundle(translator, message(pid(f3="A1", f7="198503121230"))))

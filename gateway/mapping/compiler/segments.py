@@ -9,7 +9,7 @@ is never called.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from gateway.fhir import model as fhir_model
 from gateway.hl7.location import ComponentLocation, Location
@@ -223,6 +223,7 @@ class FieldMaps:
             return elsewhere
 
         tags = [(f"#{n}", f"@{location}#{n}") for n in range(1, 101)]
+        only = source.repetition
 
         def repetitions(scope: Scope, inst: dict[str, Json], out: Json, _: str) -> None:
             fields = scope.parts
@@ -231,7 +232,9 @@ class FieldMaps:
                 return
             run = scope.run
             repetition = run.d.repetition
-            reps = field.split(repetition) if repetition in field else (field,)
+            reps: Sequence[str] = field.split(repetition) if repetition in field else (field,)
+            if only is not None:  # `IN1-9(1).1`: that repetition alone
+                reps = reps[only - 1:only]
             seps = separators_below(run, c, s)
             scope.rep_field = f
             for n, rep in enumerate(reps):
