@@ -86,8 +86,9 @@ def test_a01_patient_identifiers_with_systems(a01: Json) -> None:
         {"value": "SYNTHHOSP", "system": "urn:isthmus:naming-system:SYNTHHOSP"},
         {"value": f"{OID}", "system": "urn:ietf:rfc:3986",
          "type": {"coding": [{"system": V2_0301, "code": "ISO"}]}}]}
-    assert plain(mrn) == {"value": "MRN-300001", "system": OID, "assigner": {"display": "SYNTHHOSP"},
-                   "type": {"coding": [{"code": "MR", "system": V2_0203}]}}
+    assert plain(mrn) == {"value": "MRN-300001", "system": OID,
+                          "assigner": {"display": "SYNTHHOSP"},
+                          "type": {"coding": [{"code": "MR", "system": V2_0203}]}}
     assert ssn["value"] == "900-00-1234"
     assert ssn["system"] == "http://hl7.org/fhir/sid/us-ssn"  # SSA via NamingSystem
     assert authority(a01, ssn)["identifier"] == [

@@ -118,7 +118,7 @@ class FieldMaps:
             elif isinstance(source, ComponentLocation):
                 index = source.component - 1
             else:
-                assert source.field is not None
+                assert isinstance(source, Location) and source.field is not None
                 index = source.field
             indexed.append((index, group))
         return indexed
