@@ -116,9 +116,14 @@ def _digest(identity: str) -> str:
 
 
 def _merge(into: Json, other: Json) -> None:
+    """Two views of one referred-to resource (MSH-4 `NORTHSIDE`, PID-3's
+    `NORTHSIDE&1.2.3.4.5&ISO`): what either says, the first one's single values first."""
     for key, value in other.items():
-        if key not in into:
+        current = into.get(key)
+        if current is None:
             into[key] = value
+        elif isinstance(current, list) and isinstance(value, list):
+            current.extend(item for item in value if item not in current)
 
 
 def _offset_of(msh7: str) -> str:

@@ -81,14 +81,19 @@ def test_one_organization_per_authority_in_a_message() -> None:
     patient, doctor = one(bundle, "Patient"), one(bundle, "Practitioner")
     assert doctor["identifier"][0]["assigner"] == {
         "reference": patient["identifier"][0]["assigner"]["reference"]}
-    assert len(resources(bundle, "Organization")) == 1
+    authorities = [o for o in resources(bundle, "Organization")
+                   if o["identifier"][0]["value"] == "NORTHSIDE"]
+    assert len(authorities) == 1  # MSH-4 names it too: one Organization, both views
+    assert [i["value"] for i in authorities[0]["identifier"]] == [
+        "NORTHSIDE", "urn:oid:1.2.3.4.5"]
 
 
 @pytest.mark.parametrize("cx4", ["NORTHSIDE&1.2.3.4.5&ISO", "NORTHSIDE"])
 def test_the_same_authority_is_the_same_organization_from_any_sender(cx4: str) -> None:
     first = translate(adt(cx4=cx4, sender="SYNTHADT|NORTHSIDE", control="A-1"))
     again = translate(adt(cx4=cx4, sender="OTHERAPP|SOUTHSIDE", control="B-7"))
-    [one_org], [same_org] = resources(first, "Organization"), resources(again, "Organization")
+    one_org = by_ref(first, one(first, "Patient")["identifier"][0]["assigner"]["reference"])
+    same_org = by_ref(again, one(again, "Patient")["identifier"][0]["assigner"]["reference"])
     assert full_url(first, one_org) == full_url(again, same_org)
     request = next(e["request"] for e in first["entry"] if e["resource"] is one_org)
     assert request == {"method": "POST", "url": "Organization",
