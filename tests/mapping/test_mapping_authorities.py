@@ -138,3 +138,21 @@ def test_one_room_number_in_two_wards_is_two_rooms() -> None:
     resent = translate(adt(pv1_3="WARD7^712^^NORTHSIDE", control="AUTH-2"))
     again = one(resent, "Encounter")["location"][0]["location"]["reference"]
     assert again == full_url(first, room_a)  # the same room, message after message
+
+
+@pytest.mark.parametrize(("field", "status"), [
+    (3, "active"),  # assigned patient location
+    (6, "completed"),  # prior patient location
+    (11, "active"),  # temporary location
+    (42, "reserved"),  # pending location
+    (43, "completed"),  # prior temporary location
+])
+def test_every_pv1_location_field_refers_to_its_most_specific_location(field: int,
+                                                                       status: str) -> None:
+    fields = ["PV1", "1", "I"] + [""] * 50
+    fields[field] = "WARD3^301^C^NORTHSIDE"
+    bundle = translate(v2(*adt().decode().split("\r")[:3], "|".join(fields)))
+    [entry] = one(bundle, "Encounter")["location"]
+    assert entry["status"] == status
+    bed = by_ref(bundle, entry["location"]["reference"])
+    assert (bed["name"], bed["physicalType"]["coding"][0]["code"]) == ("C", "bd")
