@@ -156,3 +156,18 @@ def test_every_pv1_location_field_refers_to_its_most_specific_location(field: in
     assert entry["status"] == status
     bed = by_ref(bundle, entry["location"]["reference"])
     assert (bed["name"], bed["physicalType"]["coding"][0]["code"]) == ("C", "bd")
+
+
+@pytest.mark.parametrize(("pv1_3", "identified"), [
+    ("WARD3&9.8&ISO^301", {"WARD3": [{"value": "urn:oid:9.8", "system": RFC3986}]}),
+    ("WARD3&9.8&ISO", {"WARD3": [{"value": "urn:oid:9.8", "system": RFC3986}]}),
+    ("WARD3^301&9.9&ISO^C", {"301": [{"value": "urn:oid:9.9", "system": RFC3986}]}),
+    ("WARD3&W-3&L^301", {}),  # a local universal id does not identify it
+])
+def test_a_pl_component_with_an_oid_identifies_its_location(pv1_3: str,
+                                                            identified: dict[str, Json]
+                                                            ) -> None:
+    bundle = translate(adt(pv1_3=pv1_3))
+    found = {loc["name"]: loc["identifier"] for loc in resources(bundle, "Location")
+             if "identifier" in loc}
+    assert found == identified
