@@ -171,3 +171,41 @@ def test_a_pl_component_with_an_oid_identifies_its_location(pv1_3: str,
     found = {loc["name"]: loc["identifier"] for loc in resources(bundle, "Location")
              if "identifier" in loc}
     assert found == identified
+
+
+# -- MSH: the MessageHeader and its Organizations -------------------------------------------
+
+def _msh(fields: dict[int, str]) -> bytes:
+    msh = ["MSH", "^~\\&", "", "", "", "", "20260401101500+0200", "", "ADT^A01^ADT_A01",
+           "MH-1", "P", "2.5.1"] + [""] * 14
+    for number, text in fields.items():
+        msh[number - 1] = text
+    return v2("|".join(msh).rstrip("|"), *adt().decode().split("\r")[1:3])
+
+
+@pytest.mark.parametrize(("fields", "path", "expected"), [
+    ({3: "SYNTHADT"}, "source", {"name": "SYNTHADT",
+                                 "endpoint": "urn:isthmus:naming-system:SYNTHADT"}),
+    ({3: "SYNTHADT^1.2.3.9^ISO"}, "source", {"name": "SYNTHADT",
+                                             "endpoint": "urn:oid:1.2.3.9"}),
+    ({}, "source", {"endpoint": "urn:isthmus:naming-system:unknown"}),  # required
+    ({4: "NORTHSIDE^1.2.3.4.5^ISO"}, "sender", ["NORTHSIDE", "urn:oid:1.2.3.4.5"]),
+    ({6: "SOUTHSIDE"}, "destination", ["SOUTHSIDE"]),
+    ({6: "SOUTHSIDE", 23: "South Health Inc."}, "destination", "South Health Inc."),
+    ({22: "North Health Inc.^^NH-1"}, "responsible", "North Health Inc."),
+    ({}, "eventCoding", {"system": "http://terminology.hl7.org/CodeSystem/v2-0003",
+                         "code": "A01"}),
+])
+def test_msh_becomes_the_message_header(fields: dict[int, str], path: str,
+                                        expected: object) -> None:
+    bundle = translate(_msh(fields))
+    header = one(bundle, "MessageHeader")
+    if path in ("source", "eventCoding"):
+        assert header[path] == expected
+        return
+    reference = (header[path][0]["receiver"] if path == "destination" else header[path])
+    organization = by_ref(bundle, reference["reference"])
+    if isinstance(expected, list):
+        assert [i["value"] for i in organization["identifier"]] == expected
+    else:
+        assert organization["name"] == expected
