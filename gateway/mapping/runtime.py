@@ -6,6 +6,7 @@ interprets table text.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
 
@@ -91,7 +92,10 @@ class Run:
 
     def reference(self, target: Draft) -> Json:
         """A Reference to a resource of this message, resolved when the ids are known."""
-        ref: Json = {"reference": ""}
+        # Until the ids are known the reference holds its target's identity, so a resource
+        # that points at another is only the same as one pointing at the same (room 408
+        # of ward 4E is not room 408 of ward 5W).
+        ref: Json = {"reference": _digest(target.identity) if target.identity else ""}
         self.pending_refs.append((ref, target))
         return ref
 
@@ -107,10 +111,19 @@ def _identity_text(resource_type: str, content: Json) -> str:
                                                default=str).decode()
 
 
+def _digest(identity: str) -> str:
+    return hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+
+
 def _merge(into: Json, other: Json) -> None:
+    """Two views of one referred-to resource (MSH-4 `NORTHSIDE`, PID-3's
+    `NORTHSIDE&1.2.3.4.5&ISO`): what either says, the first one's single values first."""
     for key, value in other.items():
-        if key not in into:
+        current = into.get(key)
+        if current is None:
             into[key] = value
+        elif isinstance(current, list) and isinstance(value, list):
+            current.extend(item for item in value if item not in current)
 
 
 def _offset_of(msh7: str) -> str:

@@ -29,7 +29,7 @@ ADT_A01 = message("mapping_adt_a01.hl7")
 ORU_R01 = message("results/oru_r01_lab_results.hl7")
 MRN = "urn:oid:1.2.3.4.5|MRN-300001"  # PID-3 of ADT_A01: MRN-300001^^^SYNTHHOSP&1.2.3.4.5&ISO
 VISIT = "urn:oid:1.2.3.4.5|VN-300001"  # PV1-19
-ORU_MRN = "NGH|MRN4711"
+ORU_MRN = "urn:isthmus:naming-system:NGH|MRN4711"  # PID-3 CX-4 NGH: a bare namespace
 ORU_OBSERVATIONS = 14  # 13 OBX under the first OBR, 1 under the second
 # What ADT_A01 says about the patient, as it could leak into a failure reason.
 ADT_PHI = ("MRN-300001", "CANARYFAMILY", "Jane", "Quinn", "Example Street", "Springfield",

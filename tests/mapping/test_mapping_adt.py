@@ -17,6 +17,7 @@ from support.mapping import Json, one, ref, resources, translate, translator
 MESSAGES = Path(__file__).parents[1] / "messages"
 OID = "urn:oid:1.2.3.4.5"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+V2_0301 = "http://terminology.hl7.org/CodeSystem/v2-0301"
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 LOCATION_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
 EXT = "http://hl7.org/fhir/StructureDefinition/"
@@ -46,6 +47,27 @@ def by_url(resource: Json, url: str) -> Json:
     return next(e for e in resource["extension"] if e["url"] == url)
 
 
+def authority(bundle: Json, identifier: Json) -> Json:
+    """The Organization an identifier's assigner refers to."""
+    return resource_by_ref(bundle, identifier["assigner"]["reference"])
+
+
+def plain(identifier: Json) -> Json:
+    """The identifier without its assigner's reference (checked with `authority`)."""
+    assigner = {k: v for k, v in identifier["assigner"].items() if k != "reference"}
+    return {**identifier, "assigner": assigner} if assigner else {
+        k: v for k, v in identifier.items() if k != "assigner"}
+
+
+def hierarchy(bundle: Json, location: Json) -> list[tuple[str, str]]:
+    """(name, physical type) of a Location and each one it is part of, up to the top."""
+    chain = [(location["name"], location["physicalType"]["coding"][0]["code"])]
+    while "partOf" in location:
+        location = resource_by_ref(bundle, location["partOf"]["reference"])
+        chain.append((location["name"], location["physicalType"]["coding"][0]["code"]))
+    return chain
+
+
 def resource_by_ref(bundle: Json, reference: str) -> Json:
     return next(e["resource"] for e in bundle["entry"] if e["fullUrl"] == reference)
 
@@ -60,10 +82,17 @@ def a01() -> Json:
 def test_a01_patient_identifiers_with_systems(a01: Json) -> None:
     patient = one(a01, "Patient")
     mrn, ssn, ssn19, licence = patient["identifier"]
-    assert mrn == {"value": "MRN-300001", "system": OID, "assigner": {"display": "SYNTHHOSP"},
-                   "type": {"coding": [{"code": "MR", "system": V2_0203}]}}
+    assert authority(a01, mrn) == {"resourceType": "Organization", "identifier": [
+        {"value": "SYNTHHOSP", "system": "urn:isthmus:naming-system:SYNTHHOSP"},
+        {"value": f"{OID}", "system": "urn:ietf:rfc:3986",
+         "type": {"coding": [{"system": V2_0301, "code": "ISO"}]}}]}
+    assert plain(mrn) == {"value": "MRN-300001", "system": OID,
+                          "assigner": {"display": "SYNTHHOSP"},
+                          "type": {"coding": [{"code": "MR", "system": V2_0203}]}}
     assert ssn["value"] == "900-00-1234"
-    assert ssn["system"] == "http://hl7.org/fhir/sid/us-ssn"  # SSA via AssigningAuthority
+    assert ssn["system"] == "http://hl7.org/fhir/sid/us-ssn"  # SSA via NamingSystem
+    assert authority(a01, ssn)["identifier"] == [
+        {"value": "SSA", "system": "http://hl7.org/fhir/sid/us-ssn"}]
     assert ssn19 == {"value": "900-00-1234", "system": "http://hl7.org/fhir/sid/us-ssn",
                      "type": {"coding": [{"system": V2_0203, "code": "SS"}]}}
     assert licence == {"value": "D1234567", "assigner": {"display": "ST"},
@@ -131,7 +160,9 @@ def test_a01_pd1_general_practitioners(a01: Json) -> None:
     patient = one(a01, "Patient")
     clinic = resource_by_ref(a01, patient["generalPractitioner"][0]["reference"])
     doctor = resource_by_ref(a01, patient["generalPractitioner"][1]["reference"])
-    assert clinic == {"resourceType": "Organization", "name": "SYNTHCLINIC", "identifier": [{
+    assert authority(a01, clinic["identifier"][0])["identifier"][0]["value"] == "SYNTHHOSP"
+    assert {**clinic, "identifier": [plain(i) for i in clinic["identifier"]]} == {
+        "resourceType": "Organization", "name": "SYNTHCLINIC", "identifier": [{
         "value": "ORG-77", "system": OID, "type": {"coding": [{"code": "XX",
                                                               "system": V2_0203}]}}]}
     assert doctor["name"] == [{"family": "CANARYPCP", "given": ["Paula"], "prefix": ["Dr"]}]
@@ -166,7 +197,8 @@ def test_a01_encounter_class_status_period_and_identifiers(a01: Json) -> None:
                                   "code": "IMP"}
     assert encounter["status"] == "in-progress"
     assert encounter["period"] == {"start": "2026-03-14T09:25:00+01:00"}
-    assert encounter["identifier"] == [{
+    assert authority(a01, encounter["identifier"][0])["identifier"][0]["value"] == "SYNTHHOSP"
+    assert [plain(i) for i in encounter["identifier"]] == [{
         "value": "VN-300001", "system": OID, "assigner": {"display": "SYNTHHOSP"},
         "type": {"coding": [{"code": "VN", "system": V2_0203}]}}]  # one VN coding, not two
     assert encounter["hospitalization"]["preAdmissionIdentifier"]["value"] == "PRE-77"
@@ -194,17 +226,20 @@ def test_a01_encounter_locations_are_distinct_and_part_of_the_facility(a01: Json
     current, prior = one(a01, "Encounter")["location"]
     assert current["status"] == "active"
     assert prior["status"] == "completed"
-    ward = resource_by_ref(a01, current["location"]["reference"])
+    bed = resource_by_ref(a01, current["location"]["reference"])
     emergency = resource_by_ref(a01, prior["location"]["reference"])
-    assert ward["name"] == "WARD1"
-    assert ward["description"] == "101"
-    assert ward["alias"] == ["A"]
-    assert ward["physicalType"]["coding"] == [{"system": LOCATION_TYPE, "code": "wa"}]
-    assert emergency["name"] == "ER"
-    site = resource_by_ref(a01, ward["partOf"]["reference"])
-    assert emergency["partOf"] == ward["partOf"]
-    assert site["name"] == "SYNTHHOSP"
-    assert site["physicalType"]["coding"] == [{"system": LOCATION_TYPE, "code": "si"}]
+    # PV1-3 WARD1^101^A^SYNTHHOSP: bed A, part of room 101, of ward WARD1, of the site.
+    assert hierarchy(a01, bed) == [("A", "bd"), ("101", "ro"), ("WARD1", "wa"),
+                                   ("SYNTHHOSP", "si")]
+    assert hierarchy(a01, emergency) == [("1", "bd"), ("1", "ro"), ("ER", "wa"),
+                                         ("SYNTHHOSP", "si")]
+    assert all(loc["mode"] == "instance" for loc in resources(a01, "Location")
+               if "physicalType" in loc and loc["physicalType"]["coding"][0]["code"] != "si")
+    ward = resource_by_ref(a01, resource_by_ref(a01, bed["partOf"]["reference"])[
+        "partOf"]["reference"])
+    er = resource_by_ref(a01, resource_by_ref(a01, emergency["partOf"]["reference"])[
+        "partOf"]["reference"])
+    assert er["partOf"] == ward["partOf"]  # one site Location, two wards
 
 
 def test_a01_pv2_admit_reason_and_planned_dates(a01: Json) -> None:
@@ -322,10 +357,12 @@ def test_a02_transfer_new_and_prior_location() -> None:
     encounter = one(bundle, "Encounter")
     assert encounter["status"] == "in-progress"
     current, prior = encounter["location"]
-    assert (current["status"], resource_by_ref(bundle, current["location"]["reference"])["name"]
-            ) == ("active", "WARD2")
-    assert (prior["status"], resource_by_ref(bundle, prior["location"]["reference"])["name"]
-            ) == ("completed", "WARD1")
+    now = resource_by_ref(bundle, current["location"]["reference"])
+    before = resource_by_ref(bundle, prior["location"]["reference"])
+    assert (current["status"], [n for n, _ in hierarchy(bundle, now)]
+            ) == ("active", ["B", "201", "WARD2", "SYNTHHOSP"])
+    assert (prior["status"], [n for n, _ in hierarchy(bundle, before)]
+            ) == ("completed", ["A", "101", "WARD1", "SYNTHHOSP"])
     assert one(bundle, "Patient")["birthDate"] == "1980-01"  # year-month precision kept
 
 
@@ -377,7 +414,8 @@ def test_a40_merge_links_both_records() -> None:
     bundle = translate(message("a40"))
     survivor, retired = resources(bundle, "Patient")
     assert survivor["identifier"][0]["value"] == "MRN-400002"
-    assert retired["identifier"][0] == {
+    assert authority(bundle, retired["identifier"][0])["identifier"][0]["value"] == "SYNTHHOSP"
+    assert plain(retired["identifier"][0]) == {
         "value": "MRN-400001", "system": OID, "assigner": {"display": "SYNTHHOSP"},
         "type": {"coding": [{"code": "MR", "system": V2_0203}]}}
     assert retired["name"] == [{"family": "CANARYRETIRED", "given": ["Patrick"]}]

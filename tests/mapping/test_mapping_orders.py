@@ -131,7 +131,12 @@ def test_appointment_fields_and_participants() -> None:
     assert room["type"][0]["coding"][0]["code"] == "CLINIC"
     location = _by_ref(bundle, room["actor"]["reference"])
     assert location["resourceType"] == "Location"
-    assert location["name"] == "CARDIO"
+    # AIL-3 CARDIO^204^B^NORTHCLINIC: bed B of room 204 of CARDIO, at NORTHCLINIC
+    chain = [location["name"]]
+    while "partOf" in location:
+        location = _by_ref(bundle, location["partOf"]["reference"])
+        chain.append(location["name"])
+    assert chain == ["B", "204", "CARDIO", "NORTHCLINIC"]
 
     assert doctor["status"] == "accepted"
     assert doctor["period"] == {"start": "2025-03-17T09:30:00-05:00"}
@@ -222,8 +227,12 @@ def test_immunization_fields() -> None:
     assert ordering["name"][0]["family"] == "Vasquez-Hale"
     administering = _by_ref(bundle, functions["AP"]["actor"]["reference"])
     assert administering["name"][0]["family"] == "Tennant"
-    assert administering["identifier"][0] == {
-        "value": "88213", "system": "urn:oid:2.16.840.1.113883.19.7.3"}
+    npi = administering["identifier"][0]
+    assert _by_ref(bundle, npi.pop("assigner")["reference"])["identifier"] == [{
+        "value": "urn:oid:2.16.840.1.113883.19.7.3", "system": "urn:ietf:rfc:3986",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0301",
+                             "code": "ISO"}]}}]
+    assert npi == {"value": "88213", "system": "urn:oid:2.16.840.1.113883.19.7.3"}
 
     route = immunization["route"]["coding"]
     assert route[0] == {"system": "http://terminology.hl7.org/CodeSystem/v3-RouteOfAdministration",
@@ -551,3 +560,29 @@ def test_reference_messages_translate_or_are_refused_clearly(path: Path) -> None
         assert exc.location  # refused, naming where
         return
     assert resources(bundle, "Provenance")
+
+
+@pytest.mark.parametrize(("field", "type_code"), [
+    (12, None),  # placer contact person: the Guide's type is still a placeholder
+    (16, None),  # filler contact person
+    (20, "enterer"),  # entered by person
+])
+def test_sch_contact_people_take_part_in_the_appointment(field: int,
+                                                          type_code: str | None) -> None:
+    raw = siu("S12").decode().split("\r")
+    sch = raw[1].split("|")
+    sch[field] = "7781^Marsh^Ines^^^^^^NORTHCLINIC&2.16.840.1.113883.19.5&ISO"
+    raw[1] = "|".join(sch)
+    bundle = translate("\r".join(raw).encode())
+    appointment = one(bundle, "Appointment")
+    people = [(p, _by_ref(bundle, p["actor"]["reference"]))
+              for p in appointment["participant"]]
+    [taking_part] = [p for p, actor in people if actor["resourceType"] == "Practitioner"
+                     and actor["name"][0]["family"] == "Marsh"]
+    assert taking_part["status"] == "accepted"
+    assert [c["code"] for t in taking_part.get("type", []) for c in t["coding"]] == (
+        [type_code] if type_code else [])
+    person = _by_ref(bundle, taking_part["actor"]["reference"])
+    authority = _by_ref(bundle, person["identifier"][0]["assigner"]["reference"])
+    assert [i["value"] for i in authority["identifier"]] == [
+        "NORTHCLINIC", "urn:oid:2.16.840.1.113883.19.5"]

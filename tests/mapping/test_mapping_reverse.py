@@ -17,7 +17,7 @@ from gateway.hl7.message import Message, parse_message
 from gateway.mapping.errors import TableErrors, TranslationError, UnsupportedResource
 from gateway.mapping.tables import SHIPPED
 from gateway.mapping.to_v2 import Reverser
-from support.mapping import one, resources, translate
+from support.mapping import one, ref, resources, translate
 
 NOW = datetime(2024, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-5)))
 Json = dict[str, Any]
@@ -250,7 +250,13 @@ def test_names_addresses_and_identifiers_round_trip_exactly(
     message = parse_message(text.encode())
     assert len(list(message.segments("PID"))) == 1
     assert message.get("PID-5.1") == family
-    assert content(one(translate(text), "Patient")) == patient
+    again = translate(text)
+    back = content(one(again, "Patient"))
+    identifier = back["identifier"][0]
+    # The assigning authority comes back as an Organization the identifier refers to.
+    assigner = identifier.pop("assigner")["reference"]
+    assert any(ref(again, o) == assigner for o in resources(again, "Organization"))
+    assert back == patient
 
 
 CODE = TEXT.filter(lambda s: not any(c.isspace() for c in s))

@@ -36,6 +36,8 @@ from gateway.mapping.tables import FieldMap, MapRow, Where
 
 # (the segment's fields, the run, the resource content being written)
 SegmentFn = Callable[[list[str], Run, Json], None]
+# The source of rows that read a data type's whole value (`PL` in a PL table).
+WHOLE = object()
 
 
 class FieldMaps:
@@ -108,18 +110,21 @@ class FieldMaps:
         """Groups in table order, each with the index of the part it reads (-1: always run)."""
         indexed = []
         for source, group in self._source_groups(table):
-            if source is None or (isinstance(source, Location) and
+            if source is WHOLE:
+                index = -1
+            elif source is None or (isinstance(source, Location) and
                                   source.segment != table.v2_type):
                 index = -1
             elif isinstance(source, ComponentLocation):
                 index = source.component - 1
             else:
-                assert source.field is not None
+                assert isinstance(source, Location) and source.field is not None
                 index = source.field
             indexed.append((index, group))
         return indexed
 
-    def _source_groups(self, table: FieldMap) -> list[tuple[TableLocation | None, Group]]:
+    def _source_groups(self, table: FieldMap
+                       ) -> list[tuple[TableLocation | object | None, Group]]:
         """Rows sharing a source run together per repetition, sharing new instances."""
         by_source: dict[str, list[MapRow]] = {}
         for row in table.rows:
@@ -127,6 +132,13 @@ class FieldMaps:
         self._check_duplicates(table)
         groups = []
         for source, rows in by_source.items():
+            if table.kind == "datatype" and source == table.v2_type:
+                # The whole value (`PL` in PL-Location): handed as it is to another
+                # data-type table, e.g. the Location one level up a PL's hierarchy.
+                whole = ComponentLocation(table.v2_type, 0, None)
+                compiled = self.row_compiler.rows(rows, table, whole)
+                groups.append((WHOLE, _whole(compiled)))
+                continue
             path = self.ctx.location(source, table, rows[0].where) if source else None
             if source and path is None:
                 continue
@@ -255,3 +267,17 @@ class FieldMaps:
                         row(scope, raw, seps, location, inst, out)
             scope.rep_field = 0
         return repetitions
+
+
+def _whole(rows: list[Row]) -> Group:
+    """Rows reading the whole value: the parts joined again by the separator that split
+    them (components, or the subcomponents of a component)."""
+    def whole(scope: Scope, inst: dict[str, Json], out: Json, location: str) -> None:
+        d = scope.run.d
+        joiner = d.component if scope.seps else d.subcomponent
+        raw = joiner.join(scope.parts)
+        seps = joiner + scope.seps
+        scope.rep_tag, scope.src_tag = "#1", "@*#1"
+        for row in rows:
+            row(scope, raw, seps, location, inst, out)
+    return whole
