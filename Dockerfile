@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     ISTHMUS_STORE__DATA_DIR=/var/lib/isthmus
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/isthmus --create-home isthmus
+RUN useradd --system --uid 10001 --home-dir /var/lib/isthmus --create-home isthmus \
+    && chmod 0700 /var/lib/isthmus  # the gateway refuses a data dir other users can open
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -152,7 +152,7 @@ def bench_ingest(args: argparse.Namespace, workdir: Path) -> dict[int, tuple[flo
 
 def _ingest_run(ingest: ModuleType, audit: bool, args: argparse.Namespace, data_dir: Path,
                 ids: Any, settings: Any) -> list[Any]:
-    data_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True, mode=0o700)
     saved = os.environ.get("ISTHMUS_AUDIT__ENABLED")
     os.environ["ISTHMUS_AUDIT__ENABLED"] = "true" if audit else "false"
     try:

@@ -766,7 +766,7 @@ def bench_gateway(args: argparse.Namespace, workdir: Path, key: str,
     label = f"audit {audit_reads}"
     run_dir = workdir / f"gateway-audit-{audit_reads}"
     data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True, mode=0o700)
     config = run_dir / "isthmus.toml"
     config.write_text(gateway_config(key, audit_reads, args.synchronous))
     gateway = ServerProcess(f"gateway-{label.replace(' ', '-')}",

@@ -241,7 +241,7 @@ def gateway_argv(config: Path, data_dir: Path) -> list[str]:
 def write_gateway(run_dir: Path, key: str, backend_port: int,
                   args: argparse.Namespace) -> tuple[Path, Path]:
     data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True, mode=0o700)
     config = run_dir / "isthmus.toml"
     config.write_text(gateway_config(key, backend_port, args.synchronous,
                                      args.backend_concurrency))

@@ -853,7 +853,7 @@ def bench_gateway(
         print(f"\ngateway: already running at {args.host}:{args.port}", flush=True)
         return bench_server("gateway", args.host, args.port, args, ids, settings)
     data_dir = Path(args.data_dir) if args.data_dir else workdir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     gateway = ServerProcess("gateway", gateway_argv(data_dir), GATEWAY_READY_RE, workdir)
     with started(gateway, args.startup_timeout) as (host, port):
         print(
