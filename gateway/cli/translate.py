@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 def add_parser(sub: Subparsers) -> None:
     translate = sub.add_parser(
         "translate", help="HL7 v2 to FHIR R4 Bundles, or FHIR R4 to HL7 v2, on stdout")
-    translate.add_argument("file", nargs="?", default="-", metavar="FILE|-",
-                           help="input file; '-' or nothing reads stdin")
+    translate.add_argument("files", nargs="*", default=["-"], metavar="FILE|-",
+                           help="input files; '-' or nothing reads stdin")
     translate.add_argument("--to", choices=("fhir", "hl7"),
                            help="output format (default: the other one than the input)")
     translate.add_argument("--pretty", action="store_true", help="indented JSON")
@@ -33,41 +33,66 @@ def add_parser(sub: Subparsers) -> None:
 def _translate(args: argparse.Namespace) -> int:
     from gateway.app import load_translator
 
-    try:
-        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    except OSError as exc:
-        print(f"isthmus translate: {args.file}: {exc.strerror}", file=sys.stderr)
-        return 2
-    looks_like_json = data.lstrip()[:1] in (b"{", b"[")
+    inputs: list[tuple[str, bytes]] = []
+    for name in args.files:
+        try:
+            inputs.append((name, sys.stdin.buffer.read() if name == "-"
+                           else Path(name).read_bytes()))
+        except OSError as exc:
+            print(f"isthmus translate: {name}: {exc.strerror}", file=sys.stderr)
+            return 2
+    looks_like_json = inputs[0][1].lstrip()[:1] in (b"{", b"[")
     target = args.to or ("hl7" if looks_like_json else "fhir")
     settings = settings_from(args)
     if target == "hl7":
-        return _fhir_to_hl7(data, args.event)
+        return max(_fhir_to_hl7(data, args.event) for _, data in inputs)
     translator = tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
-    return _hl7_to_fhir(translator, data, args.pretty)
+    return _hl7_to_fhir(translator, inputs, args.pretty)
 
 
-def _hl7_to_fhir(translator: Translator, data: bytes, pretty: bool) -> int:
-    from gateway.fhir.bundle import to_bundle
+def _hl7_to_fhir(translator: Translator, inputs: list[tuple[str, bytes]],
+                 pretty: bool) -> int:
+    """Every message of every input translated on its own: the Bundles of those that
+    translate on stdout, one line on stderr per refusal, exit 2 if anything was refused."""
     from gateway.fhir.jsonio import dumps
+
+    bundles: list[Json] = []
+    refused = False
+    for name, data in inputs:
+        label = f"{name}: " if len(inputs) > 1 else ""
+        refused |= not _translate_input(translator, data, label, bundles)
+    if bundles:
+        # One Bundle alone, several as a JSON array (which bundle.dumps, typed for one
+        # document, does not take; it is the same serialiser).
+        document: Json | list[Json] = bundles[0] if len(bundles) == 1 else bundles
+        sys.stdout.buffer.write(dumps(document, pretty=pretty) + b"\n")
+    return 2 if refused else 0
+
+
+def _translate_input(translator: Translator, data: bytes, label: str,
+                     bundles: list[Json]) -> bool:
+    """The messages of one input, each translated or refused alone (a refusal does not
+    cost the others); True if none was refused."""
+    from gateway.fhir.bundle import to_bundle
     from gateway.hl7.batch import split_messages
     from gateway.hl7.errors import Hl7Error
     from gateway.hl7.message import check_header, parse_message
     from gateway.mapping.errors import TranslationError
 
-    bundles = []
     try:
         messages = split_messages(data)
     except Hl7Error as exc:
-        print(f"isthmus translate: {exc.location or 'input'}: {exc.reason}", file=sys.stderr)
-        return 2
+        print(f"isthmus translate: {label}{exc.location or 'input'}: {exc.reason}",
+              file=sys.stderr)
+        return False
     if not messages:
-        print("isthmus translate: the input holds no HL7 v2 message", file=sys.stderr)
-        return 2
+        print(f"isthmus translate: {label}the input holds no HL7 v2 message", file=sys.stderr)
+        return False
+    clean = True
     for number, raw in enumerate(messages, 1):
-        prefix = f"message {number}: " if len(messages) > 1 else ""
+        prefix = label + (f"message {number}: " if len(messages) > 1 else "")
         try:
             message = parse_message(raw)
             check_header(message.header)
@@ -75,15 +100,11 @@ def _hl7_to_fhir(translator: Translator, data: bytes, pretty: bool) -> int:
         except Hl7Error as exc:
             where = f"{exc.location}: " if exc.location else ""
             print(f"isthmus translate: {prefix}{where}{exc.reason}", file=sys.stderr)
-            return 2
+            clean = False
         except TranslationError as exc:
             print(f"isthmus translate: {prefix}{exc}", file=sys.stderr)
-            return 2
-    # One Bundle alone, several as a JSON array (which bundle.dumps, typed for one
-    # document, does not take; it is the same serialiser).
-    document: Json | list[Json] = bundles[0] if len(bundles) == 1 else bundles
-    sys.stdout.buffer.write(dumps(document, pretty=pretty) + b"\n")
-    return 0
+            clean = False
+    return clean
 
 
 def _fhir_to_hl7(data: bytes, event: str | None) -> int:

@@ -114,9 +114,6 @@ def test_translate_pretty_indents_the_same_document(
 @pytest.mark.parametrize(("data", "line"), [
     pytest.param(BAD_DATE, "isthmus translate: PID-7: '19851345' is not a valid date",
                  id="invalid date"),
-    pytest.param(ADT_1 + BAD_DATE,
-                 "isthmus translate: message 2: PID-7: '19851345' is not a valid date",
-                 id="the second of two messages"),
     pytest.param(message(pid(f3="A1"), msh=MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01")),
                  "isthmus translate: MSH-9: message type ORU^R01 is not supported",
                  id="unsupported type"),
@@ -131,6 +128,38 @@ def test_translate_refuses_bad_input_with_one_line(
     assert code == 2
     assert out == ""
     assert err.splitlines() == [line]
+
+
+def test_a_refused_message_costs_only_itself(
+        tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = translate_file(capsys, tmp_path, ADT_1 + BAD_DATE + ADT_2)
+    assert code == 2
+    assert [control_id(b) for b in orjson.loads(out)] == ["CTRL-1", "CTRL-2"]
+    assert err.splitlines() == [
+        "isthmus translate: message 2: PID-7: '19851345' is not a valid date"]
+
+
+def test_translate_takes_several_files_and_names_the_one_refused(
+        tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = {"one.hl7": ADT_1, "bad.hl7": BAD_DATE, "two.hl7": ADT_2, "empty.hl7": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    code, out, err = isthmus(capsys, "translate", *(str(tmp_path / n) for n in files))
+    assert code == 2
+    assert [control_id(b) for b in orjson.loads(out)] == ["CTRL-1", "CTRL-2"]
+    assert err.splitlines() == [
+        f"isthmus translate: {tmp_path / 'bad.hl7'}: PID-7: '19851345' is not a valid date",
+        f"isthmus translate: {tmp_path / 'empty.hl7'}: the input holds no HL7 v2 message"]
+
+
+def test_translate_of_several_good_files_exits_0_with_every_bundle(
+        tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "one.hl7").write_bytes(ADT_1)
+    (tmp_path / "two.hl7").write_bytes(ADT_2)
+    code, out, err = isthmus(capsys, "translate", str(tmp_path / "one.hl7"),
+                             str(tmp_path / "two.hl7"))
+    assert (code, err) == (0, "")
+    assert [control_id(b) for b in orjson.loads(out)] == ["CTRL-1", "CTRL-2"]
 
 
 def test_translate_refuses_text_that_is_not_hl7(
