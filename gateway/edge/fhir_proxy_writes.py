@@ -145,18 +145,31 @@ def _check_written(call: Call, interaction: str, resource: Json) -> None:
                         "own patient (every subject or patient reference names it)")
 
 
+def _limits(call: Call, interaction: str
+            ) -> tuple[str | None, Sequence[tuple[Match, ...]], bool] | None:
+    """What limits the caller's write of this type: its patient (if confined), the
+    constraints of its scope, and whether it may create; None when nothing does, so the
+    version being replaced need not be fetched at all."""
+    api, type_ = call.api, call.resource_type
+    patient = api.confined_to(call.principal, type_)
+    clauses = api.scope_clauses(call.principal, interaction, type_)
+    may_create = interaction != "update" or call.principal.scopes.permits("create", type_)
+    if patient is None and not clauses and may_create:
+        return None
+    return patient, clauses, may_create
+
+
 async def _check_current(link: BackendLink, call: Call, interaction: str, id_: str) -> None:
     """What an update or delete replaces, held to the same tests as the local store's
     (`fhir_writes._replace_check`): fetched fresh (never from the cache) when a
     compartment or a constraint limits the caller, or an update could create without
     the create permission. An unknown id answers a confined caller the same 404 as
     another patient's."""
-    api, type_ = call.api, call.resource_type
-    patient = api.confined_to(call.principal, type_)
-    clauses = api.scope_clauses(call.principal, interaction, type_)
-    may_create = interaction != "update" or call.principal.scopes.permits("create", type_)
-    if patient is None and not clauses and may_create:
+    limits = _limits(call, interaction)
+    if limits is None:
         return
+    patient, clauses, may_create = limits
+    type_ = call.resource_type
     response = await link.ask(call, "GET", f"{type_}/{id_}")
     if response.status in (404, 410):
         if patient is not None:
@@ -175,12 +188,11 @@ async def _check_matched(link: BackendLink, call: Call, interaction: str,
     the backend is about to run (fresh, not cached): held to the same tests; a
     conditional update matching nothing creates, which needs the create permission.
     The backend resolves the condition again; a change in between is the backend's."""
-    api, type_ = call.api, call.resource_type
-    patient = api.confined_to(call.principal, type_)
-    clauses = api.scope_clauses(call.principal, interaction, type_)
-    may_create = interaction != "update" or call.principal.scopes.permits("create", type_)
-    if patient is None and not clauses and may_create:
+    limits = _limits(call, interaction)
+    if limits is None:
         return
+    patient, clauses, may_create = limits
+    type_ = call.resource_type
     response = await link.ask(call, "GET", type_, query=[*query, ("_count", "2")])
     if response.status != 200:
         raise link.refused(response)
