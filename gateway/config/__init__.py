@@ -1,0 +1,32 @@
+"""Configuration: one TOML file, environment overrides and CLI flags, validated once.
+
+Precedence, lowest first: built-in defaults, the TOML file (`--config` or ISTHMUS_CONFIG),
+environment variables `ISTHMUS_<SECTION>__<KEY>`, command-line flags. Every setting has a
+default, so the gateway runs with no file at all.
+
+One module per group of sections; this package re-exports the names callers use.
+"""
+
+from gateway.config.auth import ApiKeyConfig, AuthConfig, ClientConfig, IssuerConfig
+from gateway.config.base import CONFIG_ENV, ENV_PREFIX
+from gateway.config.edge import AllowedSender, FhirConfig, MllpConfig, ServerConfig, TlsConfig
+from gateway.config.forward import (
+    LOCAL_BACKEND,
+    BackendAuthConfig,
+    BackendConfig,
+    ForwardConfig,
+    RouteConfig,
+    RouteMatch,
+)
+from gateway.config.loader import ConfigError, load_settings
+from gateway.config.settings import Settings
+from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, StoreConfig
+from gateway.config.telemetry import LogConfig, TelemetryConfig
+
+__all__ = [
+    "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AllowedSender", "ApiKeyConfig", "AuditConfig",
+    "AuditReviewer", "AuthConfig", "BackendAuthConfig", "BackendConfig", "ClientConfig",
+    "ConfigError", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
+    "MllpConfig", "RouteConfig", "RouteMatch", "ServerConfig", "Settings", "StoreConfig",
+    "TelemetryConfig", "TlsConfig", "load_settings",
+]
