@@ -49,4 +49,32 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_parser(sub)
     outbox.add_parser(sub)
     auth.add_parser(sub)
+    _options_anywhere(parser)
     return parser
+
+
+# Options users type after the command as often as before it: `isthmus serve --config F`,
+# `isthmus inbox list --data-dir D`. Each is accepted on every command below the parser
+# that declares it; SUPPRESS keeps an option given earlier from being reset to None.
+_INHERITED = ("--config", "--data-dir")
+
+
+def _options_anywhere(parser: argparse.ArgumentParser) -> None:
+    for child in _children(parser):
+        for flag in _INHERITED:
+            action = parser._option_string_actions.get(flag)
+            if action is None or flag in child._option_string_actions:
+                continue
+            child.add_argument(flag, type=action.type, help=action.help,  # type: ignore[arg-type]
+                               default=argparse.SUPPRESS)
+        _options_anywhere(child)
+
+
+def _children(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the subcommands directly below `parser`."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        # argparse keeps its subcommands in a private action class; nothing public lists them.
+        if isinstance(action, argparse._SubParsersAction):
+            found.extend(dict.fromkeys(action.choices.values()))
+    return found

@@ -9,6 +9,7 @@ One module per group of sections; this package re-exports the names callers use.
 
 from gateway.config.auth import ApiKeyConfig, AuthConfig, ClientConfig, IssuerConfig
 from gateway.config.base import CONFIG_ENV, ENV_PREFIX
+from gateway.config.client import SendConfig
 from gateway.config.edge import AllowedSender, FhirConfig, MllpConfig, ServerConfig, TlsConfig
 from gateway.config.forward import (
     LOCAL_BACKEND,
@@ -27,6 +28,6 @@ __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AllowedSender", "ApiKeyConfig", "AuditConfig",
     "AuditReviewer", "AuthConfig", "BackendAuthConfig", "BackendConfig", "ClientConfig",
     "ConfigError", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
-    "MllpConfig", "RouteConfig", "RouteMatch", "ServerConfig", "Settings", "StoreConfig",
-    "TelemetryConfig", "TlsConfig", "load_settings",
+    "MllpConfig", "RouteConfig", "RouteMatch", "SendConfig", "ServerConfig", "Settings",
+    "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
 ]
