@@ -28,12 +28,13 @@ from gateway.hl7.ack import (
     should_send_accept_ack,
     should_send_application_ack,
 )
+from gateway.hl7.definitions import known_anywhere
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Header, Message, header_or_none, salvage_header
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.ingest.protocol import Peer, Push, Reply
-from gateway.telemetry import Telemetry, set_attributes
+from gateway.telemetry import Telemetry, mark_failed, set_attributes
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ class Answers:
                size: int, message_type: str = "") -> None:
         result = "rejected" if code in (APPLICATION_REJECT, COMMIT_REJECT) else code
         set_attributes(span, {"hl7.ack_code": code, "outcome": result})
-        self.metrics.message(message_type, code, size)
+        if code not in _ACCEPTED:
+            mark_failed(span, code or "no-ack")
+        self.metrics.message(metric_type(message_type), code, size)
         span.end()
         if not reply.done():
             reply.set_result(ack)
@@ -181,3 +184,25 @@ def where(exc: BaseException) -> str:
     if tb is None:
         return "?"
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+
+
+_INVENTED = "_other"
+_ACCEPTED = frozenset({"AA", "CA"})
+
+
+def metric_type(message_type: str) -> str:
+    """MSH-9 as a metric label may carry it: HL7's own message codes and events (of any
+    version) only. Anything a sender invents (QQQ^Q01) is one `_other` series, so senders
+    cannot grow the label set; an invented structure (third component) is dropped."""
+    code, _, rest = message_type.partition("^")
+    event, _, structure = rest.partition("^")
+    if not code:
+        return ""
+    known = known_anywhere()
+    if code not in known.message_codes or (event and event not in known.trigger_events):
+        return _INVENTED
+    label = f"{code}^{event}" if event else code
+    if structure and structure.partition("_")[0] in known.message_codes:
+        label += f"^{structure}"
+    return label
+
