@@ -34,6 +34,7 @@ from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Header, Message, header_or_none, salvage_header
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.ingest.protocol import Peer, Push, Reply
+from gateway.store.refusals_sqlite import Refusal
 from gateway.telemetry import Telemetry, mark_failed, set_attributes
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class Answers:
     """Builds and sends the answers to MLLP messages, with their spans and metrics."""
 
     def __init__(self, telemetry: Telemetry, audit: AuditLog | None,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime],
+                 refused: Callable[[Refusal], None] | None = None) -> None:
+        self._refused = refused
         self._tracer = telemetry.tracer
         self.recording = telemetry.recording
         self.metrics = telemetry.ingest
@@ -115,6 +118,8 @@ class Answers:
             header.accept_ack_type if header else "", code)
         ack = text.encode(charset, "replace") if send else None
         message_type = header.message_type if header else ""
+        if self._refused is not None:
+            self._refused(_refusal(header, code, errors, peer, self._clock()))
         if self._audit is None or peer is None:
             self.finish(span, reply, ack, code, 0, message_type)
             return
@@ -184,6 +189,20 @@ def where(exc: BaseException) -> str:
     if tb is None:
         return "?"
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+
+
+def _refusal(header: Header | None, code: str, errors: list[Hl7Error], peer: Peer | None,
+             now: datetime) -> Refusal:
+    """What the operator may see of a refusal: who, which message, which rules; no values."""
+    return Refusal(
+        refused_at=now.isoformat(timespec="milliseconds"),
+        peer=peer.address if peer is not None else "",
+        sending_application=header.sending_application if header else "",
+        sending_facility=header.sending_facility if header else "",
+        control_id=header.control_id if header else "",
+        message_type=header.message_type if header else "",
+        ack_code=code,
+        errors=tuple((int(e.code), str(e.location or "")) for e in errors))
 
 
 _INVENTED = "_other"

@@ -151,3 +151,37 @@ async def test_send_verbose_prints_the_err_segments(gateway: RunningGateway,
     assert any(line.startswith("  ERR|") for line in lines[1:]), out
     code, out, _ = await isthmus("send", "--port", str(gateway.mllp_port), str(path))
     assert out.splitlines() == ["BAD-1 AR"]  # without -v, the one line only
+
+
+# -- item 6 (second part): refusals are remembered without their content ------------------
+
+
+async def test_refused_messages_are_listed_without_their_content(
+        gateway: RunningGateway, tmp_path: Path) -> None:
+    from conftest import MllpPeer, segments
+
+    canary = message("canary_adt_a01.hl7")
+    wrong_version = with_control_id(canary, "REF-VERSION").replace(b"|2.5.1|", b"|9.9|")
+    bad_date = with_control_id(message("adt_a01.hl7"), "REF-DATE")
+    peer = await MllpPeer.open(gateway.mllp_port)
+    try:
+        # The canary asks for enhanced mode (MSH-15 AL): its refusal is a commit reject.
+        assert segments(await peer.request(wrong_version))["MSA"][0][1] == "CR"
+        assert segments(await peer.request(b"not an HL7 message at all"))["MSA"][0][1] == "AR"
+        assert segments(await peer.request(bad_date))["MSA"][0][1] == "AA"
+    finally:
+        await peer.close()
+    await gateway.runner.cleanup()  # flushes the refusal records, as a SIGTERM would
+    code, out, err = await isthmus("inbox", "list", "--status", "refused",
+                                   "--data-dir", str(gateway.data_dir))
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert "CONTROL ID" in header and "ERRORS" in header
+    assert len(rows) == 2  # the accepted message is not a refusal
+    newest, oldest = rows
+    assert "REF-VERSION" in oldest and " CR " in oldest and "@MSH-12" in oldest
+    assert " AR " in newest
+    for phi in ("QZXCANARYFAM", "WQVCANARYGIV", "MRNCANARY77123", "9.9"):
+        assert phi not in out
+    raw = (gateway.data_dir / "refusals.db").read_bytes()
+    assert b"QZXCANARYFAM" not in raw and b"MRNCANARY77123" not in raw
