@@ -1,5 +1,5 @@
 """The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth,
-health.
+health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -13,7 +13,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.cli import audit, auth, health, inbox, mappings, outbox, send, serve, translate
+from gateway.cli import (
+    audit,
+    auth,
+    console,
+    health,
+    inbox,
+    mappings,
+    outbox,
+    send,
+    serve,
+    translate,
+)
 from gateway.config import ConfigError
 
 __all__ = ["main"]
@@ -51,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_parser(sub)
     auth.add_parser(sub)
     health.add_parser(sub)
+    console.add_parser(sub)
     _options_anywhere(parser)
     return parser
 
