@@ -16,6 +16,7 @@ from gateway.edge.console.sessions import Sessions, User
 from gateway.forward.routes import Router
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TableError, TableErrors
+from gateway.mapping.tables import SHIPPED
 
 AUDIT_FILE = "audit.db"
 
@@ -39,28 +40,28 @@ def setup_console(app: web.Application, settings: Settings) -> None:
             return {}
         return {name: backend.available_in() for name, backend in forwarding.backends.items()}
 
-    def apply_soon() -> None:
+    def apply_soon(fresh: Translator) -> None:
         applier = app.get(APPLIER)
         if applier is not None:
-            applier.sweep_soon()
+            applier.sweep_soon(fresh)
 
     async def verify_audit() -> Report:
         keys = audit_keys(app[SETTINGS], need_data_keys=False)
         return await verify_store(settings.store.data_dir / AUDIT_FILE, dict(keys.trusted),
                                   keys.signing)
 
-    def check_tables() -> list[str]:
+    def check_tables() -> tuple[list[str], list[str]]:
         try:
-            load_translator(settings)
+            return [], load_translator(settings).message_types
         except TableErrors as exc:
-            return [str(error) for error in exc.errors]
+            return [str(error) for error in exc.errors], []
         except TableError as exc:
-            return [str(exc)]
-        return []
+            return [str(exc)], []
 
     install_console(app, ConsoleSpec(
         sessions=Sessions.of(users, console.idle_timeout_minutes * 60),
-        data_dir=settings.store.data_dir, secure_cookies=console.secure_cookies,
+        data_dir=settings.store.data_dir,
+        tables_dir=settings.mapping.tables_dir or SHIPPED, secure_cookies=console.secure_cookies,
         load_translator=lambda: load_translator(settings), translator=translator,
         router=router, backends=backends, apply_soon=apply_soon, verify_audit=verify_audit,
         check_tables=check_tables))

@@ -96,9 +96,13 @@ class LocalApplier:
             self._queue.append((inbox_id, held, outcome))
             self._wakeup.set()
 
-    def sweep_soon(self) -> None:
+    def sweep_soon(self, translator: Translator | None = None) -> None:
         """Look for rows marked `translated` now rather than at the next periodic sweep
-        (a replay from the console has just marked some)."""
+        (a replay from the console has just marked some). `translator`: the tables that
+        replay used, read from disk after a fix; the sweep re-translates with them (with
+        the tables loaded at start it would undo the fix)."""
+        if translator is not None:
+            self._translator = translator
         self._sweep_wanted = True
         self._wakeup.set()
 

@@ -24,6 +24,7 @@ from gateway.mapping.engine import Translator
 class ConsoleSpec:
     sessions: Sessions
     data_dir: Path
+    tables_dir: Path  # the tables in use (mapping.tables_dir, or the shipped ones)
     secure_cookies: bool
     # The tables as they are on disk now (a replay after a table was fixed), and the
     # tables the gateway runs with (a message's translation as it would be made now).
@@ -32,11 +33,12 @@ class ConsoleSpec:
     router: Callable[[], Router | None]
     # Backend name -> seconds until its breaker lets a call through (0: closed).
     backends: Callable[[], dict[str, float]]
-    # Rows a replay marked `translated` are applied now rather than at the next sweep.
-    apply_soon: Callable[[], None]
+    # Rows a replay marked `translated` are applied now, with the tables it used.
+    apply_soon: Callable[[Translator], None]
     verify_audit: Callable[[], Awaitable[Report]]
-    # `isthmus mappings check`: the problems of the tables on disk (empty: usable).
-    check_tables: Callable[[], list[str]]
+    # `isthmus mappings check`: the problems of the tables on disk (empty: usable) and
+    # the message types they translate.
+    check_tables: Callable[[], tuple[list[str], list[str]]]
 
 
 CONSOLE = web.AppKey("console", ConsoleSpec)

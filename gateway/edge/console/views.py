@@ -13,7 +13,6 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -316,7 +315,7 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
                                 else outcome.status, resource_type="hl7v2-message",
                                 resource_id=str(inbox_id), patient=patient))
     await record_outcomes(path, [outcome])
-    spec.apply_soon()
+    spec.apply_soon(translator)
     raise web.HTTPSeeOther(f"/console/messages/{inbox_id}/status")
 
 
@@ -441,10 +440,9 @@ async def audit_verify(request: web.Request, session: Session) -> web.StreamResp
 @guarded("operator")
 async def mappings(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
-    translator = spec.translator()
-    types = translator.message_types if translator is not None else []
-    tables = Path(__file__).resolve().parents[3] / "mappings"
+    problems, types = spec.check_tables()
+    tables = spec.tables_dir
     files = sorted(str(p.relative_to(tables)) for p in tables.rglob("*.csv")) \
         if tables.is_dir() else []
-    return page("mappings.html", request, session, types=types, problems=spec.check_tables(),
+    return page("mappings.html", request, session, types=types, problems=problems,
                 files=files)
