@@ -23,8 +23,8 @@ from gateway.audit.export import CSV_COLUMNS, export
 from gateway.audit.patient import reference_from_v2
 from gateway.audit.query import QueryError, build_query
 from gateway.edge.audit_http import AUDIT
-from gateway.edge.console import CONSOLE, ConsoleSpec
 from gateway.edge.console.sessions import Session, csrf_ok
+from gateway.edge.console.spec import CONSOLE, ConsoleSpec
 from gateway.hl7.errors import Hl7Error
 from gateway.hl7.message import parse_message
 from gateway.ingest.replay import replay_routed
