@@ -19,8 +19,10 @@ USER isthmus
 EXPOSE 2575 8080
 VOLUME ["/var/lib/isthmus"]
 
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2).status == 200 else 1)"
+# `isthmus health` reads the same config and environment as `serve`, so the check follows
+# server.http_port (ISTHMUS_SERVER__HTTP_PORT or the config file) instead of a fixed 8080.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["isthmus", "health", "--timeout", "3"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["isthmus"]

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.app.audit import audit_keys, open_audit
 from gateway.app.auth import setup_auth, token_auditor
+from gateway.app.console import setup_console
 from gateway.app.forwarding import Forwarding, open_forwarding
 from gateway.app.resources import RESOURCES, shutdown_telemetry
 from gateway.app.specs import (
@@ -79,6 +80,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     setup_auth(app, settings, on_token=token_auditor(app))
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
+    setup_console(app, settings)
     app.cleanup_ctx.extend(RESOURCES)  # one cleanup context per resource, in start order
     # on_cleanup handlers run after the cleanup contexts (aiohttp registers those first).
     app.on_cleanup.append(shutdown_telemetry)

@@ -38,6 +38,7 @@ from gateway.app.state import (
     MLLP,
     MLLP_ADDRESS,
     PROFILES,
+    REFUSALS,
     SEARCH_REGISTRY,
     SETTINGS,
     TELEMETRY,
@@ -55,6 +56,7 @@ from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.outbox import SqliteOutbox
+from gateway.store.refusals_sqlite import REFUSALS_FILE, SqliteRefusals
 from gateway.store.replay_sqlite import SqliteReplayStore
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,18 @@ async def inbox(app: web.Application) -> AsyncIterator[None]:
         max_batch=store.max_batch,
     )
     app[http.INBOX] = opened
+    try:
+        yield
+    finally:
+        await opened.close()
+
+
+async def refusals(app: web.Application) -> AsyncIterator[None]:
+    """The operator's view of refused MLLP messages (no content): written after the
+    listener stops, so its last refusals are kept."""
+    opened = await SqliteRefusals.open(app[SETTINGS].store.data_dir / REFUSALS_FILE,
+                                       synchronous="normal")
+    app[REFUSALS] = opened
     try:
         yield
     finally:
@@ -222,8 +236,9 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, inbox, fhir_store,
-                                   forwarding, fhir_api, applier, mllp, housekeeping)
+RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, inbox,
+                                   refusals, fhir_store, forwarding, fhir_api, applier, mllp,
+                                   housekeeping)
 
 
 def mllp_server(app: web.Application) -> MllpServer:
@@ -238,7 +253,7 @@ def mllp_server(app: web.Application) -> MllpServer:
         translator=app[TRANSLATOR] if settings.mapping.translate_on_ingest else None,
         applied=applied.submit if applied is not None else None,
         routing=Routing(routes.router, routes.dispatcher) if settings.routes else None,
-        audit=app.get(audit_http.AUDIT))
+        audit=app.get(audit_http.AUDIT), refused=app[REFUSALS].add)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

@@ -111,7 +111,8 @@ def fhir_limits(settings: Settings) -> FhirLimits:
         base_url=fhir.base_url, max_body_bytes=fhir.max_body_bytes, max_depth=fhir.max_depth,
         max_array_items=fhir.max_array_items, default_count=fhir.default_count,
         max_count=fhir.max_count, max_bundle_entries=fhir.max_bundle_entries,
-        audit_reads=fhir.audit_reads, rate_limit_per_client=fhir.rate_limit_per_client)
+        audit_reads=fhir.audit_reads, rate_limit_per_client=fhir.rate_limit_per_client,
+        search_handling=fhir.search_handling)
 
 
 def reviewers(settings: Settings) -> tuple[audit_http.Reviewer, ...]:

@@ -13,6 +13,7 @@ from gateway.ingest import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.policy.profiles import Profile
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.refusals_sqlite import SqliteRefusals
 
 SETTINGS = web.AppKey("settings", Settings)
 TELEMETRY = http.TELEMETRY  # the edge's /metrics route reads it too
@@ -25,6 +26,7 @@ FORWARDING = web.AppKey("forwarding", Forwarding)
 # Opened by one cleanup context and used by the ones after it.
 FHIR_STORE = web.AppKey("fhir_store", SqliteFhirStore)
 SEARCH_REGISTRY = web.AppKey("search_registry", SearchRegistry)
+REFUSALS = web.AppKey("refusals", SqliteRefusals)
 
 # In the data dir.
 INBOX_FILE = "inbox.db"

@@ -1,4 +1,5 @@
-"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth.
+"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth,
+health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -12,7 +13,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.cli import audit, auth, inbox, mappings, outbox, send, serve, translate
+from gateway.cli import (
+    audit,
+    auth,
+    console,
+    health,
+    inbox,
+    mappings,
+    outbox,
+    send,
+    serve,
+    translate,
+)
 from gateway.config import ConfigError
 
 __all__ = ["main"]
@@ -49,4 +61,34 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_parser(sub)
     outbox.add_parser(sub)
     auth.add_parser(sub)
+    health.add_parser(sub)
+    console.add_parser(sub)
+    _options_anywhere(parser)
     return parser
+
+
+# Options users type after the command as often as before it: `isthmus serve --config F`,
+# `isthmus inbox list --data-dir D`. Each is accepted on every command below the parser
+# that declares it; SUPPRESS keeps an option given earlier from being reset to None.
+_INHERITED = ("--config", "--data-dir")
+
+
+def _options_anywhere(parser: argparse.ArgumentParser) -> None:
+    for child in _children(parser):
+        for flag in _INHERITED:
+            action = parser._option_string_actions.get(flag)
+            if action is None or flag in child._option_string_actions:
+                continue
+            child.add_argument(flag, type=action.type, help=action.help,  # type: ignore[arg-type]
+                               default=argparse.SUPPRESS)
+        _options_anywhere(child)
+
+
+def _children(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the subcommands directly below `parser`."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        # argparse keeps its subcommands in a private action class; nothing public lists them.
+        if isinstance(action, argparse._SubParsersAction):
+            found.extend(dict.fromkeys(action.choices.values()))
+    return found

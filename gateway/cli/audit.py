@@ -44,11 +44,15 @@ def add_parser(sub: Subparsers) -> None:
                              "SEQ:HASH lines")
     verify.set_defaults(run=_audit_verify)
     export = actions.add_parser(
-        "export", help="records in a period as FHIR AuditEvents or CSV, on stdout")
-    export.add_argument("--from", dest="start", required=True, metavar="T",
-                        help="ISO 8601 date or time (UTC unless an offset is given)")
-    export.add_argument("--to", dest="end", required=True, metavar="T",
-                        help="end of the period, exclusive (a date includes that day)")
+        "export", help="records in a period as FHIR AuditEvents or CSV, on stdout",
+        description="Without --from and --to, every record in the trail is exported; "
+                    "either alone leaves that end of the period open.")
+    export.add_argument("--from", dest="start", metavar="T",
+                        help="ISO 8601 date or time (UTC unless an offset is given); "
+                             "default: the first record")
+    export.add_argument("--to", dest="end", metavar="T",
+                        help="end of the period, exclusive (a date includes that day); "
+                             "default: the last record")
     export.add_argument("--patient", metavar="REF",
                         help="'AUTHORITY|ID', 'Patient/ID', or an identifier alone")
     export.add_argument("--client", metavar="ID", help="client id (e.g. 'LAB|HOSP' or 'LAB')")

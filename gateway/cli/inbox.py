@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from gateway.cli.access import message_access, record_accesses
 from gateway.cli.shared import inbox_path, settings_from, tables_or_exit
+from gateway.config import ConfigError
 
 if TYPE_CHECKING:
 
@@ -23,7 +24,9 @@ def add_parser(sub: Subparsers) -> None:
     inbox_sub = inbox.add_subparsers(metavar="ACTION")
     listing = inbox_sub.add_parser("list", help="recent messages (no PHI shown)")
     listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--status")
+    listing.add_argument(
+        "--status", help="received, translated, applied, failed, conflict, ...; 'refused': "
+                         "messages refused before storage (AR/AE), without their content")
     listing.set_defaults(run=_inbox_list)
     show = inbox_sub.add_parser("show", help="one message, with its ACK")
     show.add_argument("id", type=int)
@@ -41,6 +44,8 @@ def add_parser(sub: Subparsers) -> None:
 def _inbox_list(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_entries
 
+    if args.status == "refused":
+        return _refused_list(args)
     entries = asyncio.run(read_entries(inbox_path(args), args.limit, args.status))
     print(f"{'ID':>8}  {'RECEIVED AT':<27}  {'CONTROL ID':<22}  {'TYPE':<9}  "
           f"{'SENDER':<30}  STATUS")
@@ -48,6 +53,24 @@ def _inbox_list(args: argparse.Namespace) -> int:
         sender = f"{e.sending_application}/{e.sending_facility}"
         print(f"{e.id:>8}  {e.received_at:<27}  {e.control_id[:22]:<22}  "
               f"{e.message_type:<9}  {sender[:30]:<30}  {e.status}")
+    return 0
+
+
+def _refused_list(args: argparse.Namespace) -> int:
+    """Refused messages are not stored; their PHI-free records are (refusals.db)."""
+    from gateway.store.refusals_sqlite import REFUSALS_FILE, read_refusals
+
+    path = inbox_path(args).parent / REFUSALS_FILE
+    if not path.exists():
+        raise ConfigError(f"no refusal records at {path} (set --data-dir or store.data_dir)")
+    rows = asyncio.run(read_refusals(path, args.limit))
+    print(f"{'ID':>8}  {'REFUSED AT':<29}  {'CONTROL ID':<22}  {'TYPE':<9}  "
+          f"{'SENDER':<30}  ACK  ERRORS")
+    for row in rows:
+        r = row.refusal
+        sender = f"{r.sending_application}/{r.sending_facility}"
+        print(f"{row.id:>8}  {r.refused_at:<29}  {r.control_id[:22]:<22}  "
+              f"{r.message_type[:9]:<9}  {sender[:30]:<30}  {r.ack_code:<3}  {r.errors_text()}")
     return 0
 
 

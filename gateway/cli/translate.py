@@ -27,6 +27,10 @@ def add_parser(sub: Subparsers) -> None:
                            help="output format (default: the other one than the input)")
     translate.add_argument("--pretty", action="store_true", help="indented JSON")
     translate.add_argument("--event", help="v2 event for FHIR input, e.g. A28 or S14")
+    translate.add_argument(
+        "--allow-incomplete", action="store_true",
+        help="FHIR to v2: print a message even when a field HL7 requires is empty (e.g. "
+             "PID-3 of a Patient without an identifier); warned about either way")
     translate.set_defaults(run=_translate)
 
 
@@ -45,7 +49,7 @@ def _translate(args: argparse.Namespace) -> int:
     target = args.to or ("hl7" if looks_like_json else "fhir")
     settings = settings_from(args)
     if target == "hl7":
-        return max(_fhir_to_hl7(data, args.event) for _, data in inputs)
+        return max(_fhir_to_hl7(data, args.event, args.allow_incomplete) for _, data in inputs)
     translator = tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
@@ -107,7 +111,7 @@ def _translate_input(translator: Translator, data: bytes, label: str,
     return clean
 
 
-def _fhir_to_hl7(data: bytes, event: str | None) -> int:
+def _fhir_to_hl7(data: bytes, event: str | None, allow_incomplete: bool) -> int:
     import orjson
 
     try:
@@ -136,7 +140,29 @@ def _fhir_to_hl7(data: bytes, event: str | None) -> int:
     except (TranslationError, ValueError) as exc:
         print(f"isthmus translate: {exc}", file=sys.stderr)
         return 2
+    gaps = [_required_but_empty(message) for message in messages]
+    for number, missing in enumerate(gaps, 1):
+        prefix = f"message {number}: " if len(messages) > 1 else ""
+        for location, reason in missing:
+            print(f"isthmus translate: {'warning: ' if allow_incomplete else ''}{prefix}"
+                  f"{location}: {reason}", file=sys.stderr)
+    if any(gaps) and not allow_incomplete:
+        print("isthmus translate: the resource lacks what HL7 v2 requires there; nothing "
+              "printed (--allow-incomplete prints it anyway)", file=sys.stderr)
+        return 2
     for message in messages:
         sys.stdout.write(message.replace("\r", "\n") if sys.stdout.isatty() else message)
         sys.stdout.write("\n")
     return 0
+
+
+def _required_but_empty(text: str) -> list[tuple[str, str]]:
+    """(location, reason) of every field the message's HL7 version requires and ours left
+    empty, by the standard's segment definitions (the checks MLLP's strict level runs)."""
+    from gateway.hl7.errors import ErrorCode
+    from gateway.hl7.message import parse_message
+    from gateway.hl7.validate import validate
+
+    found = validate(parse_message(text.encode("utf-8")), "strict")
+    return [(str(error.location or "message"), error.reason) for error in found
+            if error.code == ErrorCode.REQUIRED_FIELD_MISSING]

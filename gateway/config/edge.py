@@ -133,3 +133,7 @@ class FhirConfig(_Section):
         return value
     # Requests per second each client may make (token bucket, burst = 2 s worth); 0: off.
     rate_limit_per_client: float = Field(default=0.0, ge=0)
+    # Search parameters the server does not know: FHIR's default is to ignore them (and
+    # leave them out of the self link); "strict" refuses them with 400. A request's
+    # `Prefer: handling=strict|lenient` overrides this either way.
+    search_handling: Literal["lenient", "strict"] = "lenient"

@@ -26,20 +26,24 @@ def load_settings(
     """Build the settings from file, environment and flag overrides (dotted keys)."""
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
-    source = "defaults"
+    file_source = "defaults"
     file_path = path or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
     if file_path is not None:
         data = _read_toml(file_path)
-        source = str(file_path)
-    for dotted, value in _env_overrides(env).items():
+        file_source = str(file_path)
+    # Which override set each dotted key, so an error names the variable or flag to fix.
+    sources: dict[str, str] = {}
+    for dotted, (variable, value) in _env_overrides(env).items():
         _put(data, dotted, value)
+        sources[dotted] = f"environment {variable}"
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _put(data, dotted, value)
+            sources[dotted] = "command line"
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_describe(exc, file_source, sources)) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -48,17 +52,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
+def _env_overrides(env: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """dotted key -> (the variable that set it, its value)."""
+    found: dict[str, tuple[str, Any]] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
             continue
         dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
-        found[dotted] = _env_value(raw)
+        found[dotted] = (name, _env_value(raw))
     return found
 
 
@@ -81,12 +92,23 @@ def _put(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _describe(exc: ValidationError, file_source: str, sources: Mapping[str, str]) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         reason = err["msg"]
         if err["type"] == "extra_forbidden":
             reason = "unknown setting"
+        source = _source_of(key, file_source, sources)
         lines.append(f"config error: {key}: {reason} (from {source})")
     return "\n".join(lines)
+
+
+def _source_of(key: str, file_source: str, sources: Mapping[str, str]) -> str:
+    """The override that set `key` or a section above it, else the file (or defaults)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = sources.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return file_source

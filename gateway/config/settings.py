@@ -6,6 +6,8 @@ from pydantic import model_validator
 
 from gateway.config.auth import AuthConfig
 from gateway.config.base import Section as _Section
+from gateway.config.client import SendConfig
+from gateway.config.console import ConsoleConfig
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
@@ -28,6 +30,8 @@ class Settings(_Section):
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     forward: ForwardConfig = ForwardConfig()
+    send: SendConfig = SendConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

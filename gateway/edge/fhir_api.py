@@ -60,6 +60,7 @@ class FhirLimits:
     max_bundle_entries: int = 1000
     audit_reads: str = "durable"  # durable | queued | off
     rate_limit_per_client: float = 0.0
+    search_handling: str = "lenient"  # lenient | strict, when the request does not say
 
 
 @dataclass(slots=True)
@@ -93,6 +94,8 @@ class FhirApi:
     audit: AuditLog | None = None
     types: frozenset[str] = frozenset()
     capability: bytes = b""
+    # The same statement as a document, for the per-request SMART token endpoint.
+    capability_document: Mapping[str, Any] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _audit_behind: bool = False
     # Types routed to a remote FHIR backend are proxied by this (None: all local).
@@ -105,7 +108,8 @@ class FhirApi:
               facade: Facade | None = None) -> FhirApi:
         types = frozenset(registry.types()) | frozenset(extra_types)
         api = cls(store, registry, telemetry, limits, profiles, audit, types)
-        api.capability = orjson.dumps(capability_statement(registry, types))
+        api.capability_document = capability_statement(registry, types)
+        api.capability = orjson.dumps(api.capability_document)
         api.facade = facade
         return api
 

@@ -12,13 +12,16 @@ Every refusal is raised and answered as an OperationOutcome by `fhir_errors.outc
 
 from __future__ import annotations
 
+import orjson
 from aiohttp import web
 from multidict import MultiDict
 
+from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, Call, Interactions
 from gateway.edge.fhir_batch import batch_or_transaction
 from gateway.edge.fhir_local import LOCAL
 from gateway.edge.fhir_request import call_for, check_format, search_params
+from gateway.fhir.capability import with_token_endpoint
 from gateway.fhir.outcome import FHIR_JSON, FhirError
 
 routes = web.RouteTableDef()
@@ -43,7 +46,23 @@ async def _typed(request: web.Request, interaction: str) -> Call:
 async def metadata(request: web.Request) -> web.Response:
     """The CapabilityStatement: open, like the SMART well-known document."""
     check_format(request)
-    return web.Response(body=request.app[FHIR].capability, content_type=FHIR_JSON)
+    api = request.app[FHIR]
+    server = request.config_dict.get(AUTH_SERVER)
+    if server is None:
+        return web.Response(body=api.capability, content_type=FHIR_JSON)
+    statement = with_token_endpoint(dict(api.capability_document),
+                                    server.endpoints(request).token_url)
+    return web.Response(body=orjson.dumps(statement), content_type=FHIR_JSON)
+
+
+@routes.get("/fhir/.well-known/smart-configuration")
+async def fhir_smart_configuration(request: web.Request) -> web.Response:
+    """SMART discovery relative to the FHIR base, where SMART App Launch 2.x puts it
+    (clients append the path to the base URL they were given); the root one stays."""
+    server = request.config_dict.get(AUTH_SERVER)
+    if server is None:
+        raise web.HTTPNotFound()
+    return web.json_response(server.smart_configuration(server.endpoints(request)))
 
 
 # -- reads and history ------------------------------------------------------------------------

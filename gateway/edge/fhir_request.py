@@ -115,7 +115,13 @@ def prefer_return(request: web.Request) -> str:
 
 
 def lenient(request: web.Request) -> bool:
-    return "handling=lenient" in request.headers.get("Prefer", "").replace(" ", "")
+    """Whether unknown search parameters are ignored: `Prefer: handling=...` when the
+    request says, else fhir.search_handling (FHIR's default, and ours, is lenient)."""
+    for part in request.headers.get("Prefer", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip() == "handling":
+            return value.strip().strip('"') != "strict"
+    return request.app[FHIR].limits.search_handling != "strict"
 
 
 def if_match(request: web.Request) -> int | None:

@@ -57,8 +57,10 @@ async def search(call: Call, params: list[tuple[str, str]]) -> web.Response:
     included = await _includes(call, parsed, matches)
     entries += [_search_entry(api, principal, base, stored, "include", None)
                 for stored in included]
+    # The self link shows the search as performed: ignored parameters are not in it.
+    performed = [(k, v) for k, v in params if k not in parsed.ignored]
     links = paging_links(call.request, base, query.offset, page_size, page.total, has_more,
-                         search=(type_, params))
+                         search=(type_, performed))
     patient = api.confined_to(principal, type_)
     if patient is None and type_ == "Patient" and len(matches) == 1:
         patient = f"Patient/{matches[0].id}"

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.fhir_api import FHIR
 from gateway.store import SqliteInbox, StoreUnavailable
-from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, set_attributes
+from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, mark_failed, set_attributes
 
 INBOX = web.AppKey("inbox", SqliteInbox)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
@@ -78,11 +78,20 @@ async def fhir_requests(request: web.Request, handler: Handler) -> web.StreamRes
         counted.request(request.method, response.status, started)
         return response
     # Only names and codes go on the span: never the query string (url.query) or ids.
+    # Exceptions are not recorded by OTel's default (their text can quote PHI): a failure
+    # is marked with its type alone.
     with telemetry.tracer.start_as_current_span(
             "fhir.request", context=telemetry.parent_context(request.headers),
-            kind=trace.SpanKind.SERVER) as span:
-        response = await handler(request)
+            kind=trace.SpanKind.SERVER, record_exception=False,
+            set_status_on_exception=False) as span:
+        try:
+            response = await handler(request)
+        except BaseException as exc:
+            mark_failed(span, type(exc).__name__)
+            raise
         set_attributes(span, {"http.request.method": counted.method_label(request.method),
                               "http.response.status_code": response.status})
+        if response.status >= 500:  # semantic conventions: a server span fails on 5xx only
+            mark_failed(span, str(response.status))
         counted.request(request.method, response.status, started)
         return response

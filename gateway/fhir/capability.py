@@ -10,6 +10,7 @@ from gateway.fhir.search import SearchRegistry
 _INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type",
                  "create", "search-type")
 _COMMON = ({"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"})
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 _SECURITY = {
     "cors": False,
     "service": [{"coding": [{
@@ -40,6 +41,21 @@ def capability_statement(registry: SearchRegistry, types: Iterable[str],
             "interaction": [{"code": "batch"}, {"code": "transaction"}],
         }],
     }
+
+
+def with_token_endpoint(statement: dict[str, Any], token_url: str) -> dict[str, Any]:
+    """The statement with SMART's oauth-uris extension naming our token endpoint.
+
+    SMART App Launch 2.x still lists it in `rest.security` for clients (fhirclient,
+    fhir-kit-client) that discover through the CapabilityStatement. The URL depends on the
+    request when auth.issuer is unset, so it is added per request to a copy."""
+    rest = dict(statement["rest"][0])
+    rest["security"] = {
+        **rest["security"],
+        "extension": [{"url": OAUTH_URIS,
+                       "extension": [{"url": "token", "valueUri": token_url}]}],
+    }
+    return {**statement, "rest": [rest, *statement["rest"][1:]]}
 
 
 def _resource(registry: SearchRegistry, resource_type: str) -> dict[str, Any]:

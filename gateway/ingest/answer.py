@@ -28,12 +28,14 @@ from gateway.hl7.ack import (
     should_send_accept_ack,
     should_send_application_ack,
 )
+from gateway.hl7.definitions import known_anywhere
 from gateway.hl7.delimiters import DEFAULT_DELIMITERS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Header, Message, header_or_none, salvage_header
 from gateway.hl7.mllp import FrameTooLarge
 from gateway.ingest.protocol import Peer, Push, Reply
-from gateway.telemetry import Telemetry, set_attributes
+from gateway.store.refusals_sqlite import Refusal
+from gateway.telemetry import Telemetry, mark_failed, set_attributes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class Answers:
     """Builds and sends the answers to MLLP messages, with their spans and metrics."""
 
     def __init__(self, telemetry: Telemetry, audit: AuditLog | None,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime],
+                 refused: Callable[[Refusal], None] | None = None) -> None:
+        self._refused = refused
         self._tracer = telemetry.tracer
         self.recording = telemetry.recording
         self.metrics = telemetry.ingest
@@ -114,6 +118,8 @@ class Answers:
             header.accept_ack_type if header else "", code)
         ack = text.encode(charset, "replace") if send else None
         message_type = header.message_type if header else ""
+        if self._refused is not None:
+            self._refused(_refusal(header, code, errors, peer, self._clock()))
         if self._audit is None or peer is None:
             self.finish(span, reply, ack, code, 0, message_type)
             return
@@ -139,7 +145,9 @@ class Answers:
                size: int, message_type: str = "") -> None:
         result = "rejected" if code in (APPLICATION_REJECT, COMMIT_REJECT) else code
         set_attributes(span, {"hl7.ack_code": code, "outcome": result})
-        self.metrics.message(message_type, code, size)
+        if code not in _ACCEPTED:
+            mark_failed(span, code or "no-ack")
+        self.metrics.message(metric_type(message_type), code, size)
         span.end()
         if not reply.done():
             reply.set_result(ack)
@@ -181,3 +189,39 @@ def where(exc: BaseException) -> str:
     if tb is None:
         return "?"
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+
+
+def _refusal(header: Header | None, code: str, errors: list[Hl7Error], peer: Peer | None,
+             now: datetime) -> Refusal:
+    """What the operator may see of a refusal: who, which message, which rules; no values."""
+    return Refusal(
+        refused_at=now.isoformat(timespec="milliseconds"),
+        peer=peer.address if peer is not None else "",
+        sending_application=header.sending_application if header else "",
+        sending_facility=header.sending_facility if header else "",
+        control_id=header.control_id if header else "",
+        message_type=header.message_type if header else "",
+        ack_code=code,
+        errors=tuple((int(e.code), str(e.location or "")) for e in errors))
+
+
+_INVENTED = "_other"
+_ACCEPTED = frozenset({"AA", "CA"})
+
+
+def metric_type(message_type: str) -> str:
+    """MSH-9 as a metric label may carry it: HL7's own message codes and events (of any
+    version) only. Anything a sender invents (QQQ^Q01) is one `_other` series, so senders
+    cannot grow the label set; an invented structure (third component) is dropped."""
+    code, _, rest = message_type.partition("^")
+    event, _, structure = rest.partition("^")
+    if not code:
+        return ""
+    known = known_anywhere()
+    if code not in known.message_codes or (event and event not in known.trigger_events):
+        return _INVENTED
+    label = f"{code}^{event}" if event else code
+    if structure and structure.partition("_")[0] in known.message_codes:
+        label += f"^{structure}"
+    return label
+

@@ -67,6 +67,7 @@ class LocalApplier:
         self._inbox = inbox
         self._translator = translator
         self._sweep_interval = sweep_interval
+        self._sweep_wanted = False
         self._max_batch = max_batch
         # Past `max_held` queued messages only the inbox id is kept (the translation is
         # made again from the inbox when its turn comes): a backlog costs little memory and
@@ -94,6 +95,16 @@ class LocalApplier:
             held = translation if len(self._queue) < self._max_held else None
             self._queue.append((inbox_id, held, outcome))
             self._wakeup.set()
+
+    def sweep_soon(self, translator: Translator | None = None) -> None:
+        """Look for rows marked `translated` now rather than at the next periodic sweep
+        (a replay from the console has just marked some). `translator`: the tables that
+        replay used, read from disk after a fix; the sweep re-translates with them (with
+        the tables loaded at start it would undo the fix)."""
+        if translator is not None:
+            self._translator = translator
+        self._sweep_wanted = True
+        self._wakeup.set()
 
     async def drain(self) -> None:
         """Wait until everything queued so far is applied (tests, shutdown)."""
@@ -125,6 +136,9 @@ class LocalApplier:
             self._wakeup.clear()
             self._busy = True
             try:
+                if self._sweep_wanted:
+                    self._sweep_wanted = False
+                    await self._sweep()
                 while self._queue:
                     batch = self._queue[:self._max_batch]
                     del self._queue[:len(batch)]

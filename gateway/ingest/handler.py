@@ -51,6 +51,7 @@ from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store import InboundMessage, Stored, StoreUnavailable
 from gateway.store.inbox import ACCEPTED, FAILED, ROUTED, TRANSLATED, UNSUPPORTED, Inbox
+from gateway.store.refusals_sqlite import Refusal
 from gateway.telemetry import Telemetry, set_attributes
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Ingest:
     def __init__(self, inbox: Inbox, telemetry: Telemetry,
                  options: IngestOptions | None = None, *,
                  translator: Translator | None = None, applied: Applied | None = None,
-                 routing: Routing | None = None, audit: AuditLog | None = None) -> None:
+                 routing: Routing | None = None, audit: AuditLog | None = None,
+                 refused: Callable[[Refusal], None] | None = None) -> None:
         self._inbox = inbox
         self._options = options or IngestOptions()
         self._translator = translator
@@ -103,7 +105,8 @@ class Ingest:
         self._routing = routing
         self._audit = audit
         self._clock = self._options.clock
-        self._answers = Answers(telemetry, audit, self._clock)
+        # `refused` hears of each refusal (AR/AE before storage), for the operator's view.
+        self._answers = Answers(telemetry, audit, self._clock, refused)
         self._metrics = telemetry.ingest
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer,

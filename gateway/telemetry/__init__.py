@@ -50,6 +50,7 @@ from gateway.telemetry.attributes import (
     SAFE_ATTRIBUTES,
     TRACER_NAME,
     AttributeValue,
+    mark_failed,
     safe_attributes,
     set_attributes,
 )
@@ -301,6 +302,6 @@ def _quiet_dropped_spans() -> None:
 __all__ = [
     "EXPORT_TIMEOUT", "PROMETHEUS_CONTENT_TYPE", "SAFE_ATTRIBUTES", "SHUTDOWN_TIMEOUT",
     "STAGES", "TRACER_NAME", "AttributeValue", "FhirMetrics", "IngestMetrics", "Instruments",
-    "Telemetry", "configure", "parent_context", "render_prometheus", "safe_attributes",
-    "set_attributes",
+    "Telemetry", "configure", "mark_failed", "parent_context", "render_prometheus",
+    "safe_attributes", "set_attributes",
 ]

@@ -54,6 +54,9 @@ SAFE_ATTRIBUTES = frozenset({
     "url.template",
     "server.address",
     "server.port",
+    # Why work failed, as a type: an exception class name, an HTTP status, an ACK code
+    # (OTel semantic conventions' error.type); never a message text.
+    "error.type",
 })
 
 _MAX_TEXT = 64
@@ -80,4 +83,12 @@ def set_attributes(span: trace.Span, attributes: Mapping[str, AttributeValue]) -
     if span.is_recording():
         span.set_attributes(safe_attributes(attributes))
 
+
+def mark_failed(span: trace.Span, error_type: str) -> None:
+    """Status ERROR with the error's type only: OTel puts an exception's message in the
+    description and an `exception` event, and a message can quote PHI, so neither is used."""
+    if span.is_recording():
+        kind = error_type[:_MAX_TEXT]
+        span.set_attribute("error.type", kind)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, kind))
 

@@ -200,21 +200,42 @@ class Instruments:
         return out
 
     def merge(self, data: MetricsData | None) -> MetricsData | None:
-        """What the SDK collected, plus the histograms kept here."""
+        """What the SDK collected, plus the histograms kept here, in the SDK's own scope.
+
+        One scope, not a second one of the same name: the OTLP encoder keys scopes by
+        their identity, so a second "isthmus" scope replaced the SDK's (every counter and
+        gauge was lost over OTLP while the console exporter, which lists both, showed
+        them)."""
         extra = self.histogram_metrics() if self.enabled else []
         if not extra:
             return data
-        scope = ScopeMetrics(scope=InstrumentationScope(TRACER_NAME), metrics=extra,
-                             schema_url="")
         if data is None or not data.resource_metrics:
+            scope = ScopeMetrics(scope=InstrumentationScope(TRACER_NAME), metrics=extra,
+                                 schema_url="")
             return MetricsData(resource_metrics=[
                 ResourceMetrics(resource=self._resource, scope_metrics=[scope], schema_url="")])
         first, *rest = data.resource_metrics
         return MetricsData(resource_metrics=[
             ResourceMetrics(resource=first.resource,
-                            scope_metrics=[*first.scope_metrics, scope],
+                            scope_metrics=_with_metrics(first.scope_metrics, extra),
                             schema_url=first.schema_url),
             *rest])
+
+
+def _with_metrics(scopes: Sequence[ScopeMetrics], extra: list[Metric]) -> list[ScopeMetrics]:
+    """`scopes` with `extra` added to the gateway's scope (created if the SDK had none)."""
+    merged: list[ScopeMetrics] = []
+    added = False
+    for scope in scopes:
+        if not added and scope.scope.name == TRACER_NAME:
+            scope = ScopeMetrics(scope=scope.scope, metrics=[*scope.metrics, *extra],
+                                 schema_url=scope.schema_url)
+            added = True
+        merged.append(scope)
+    if not added:
+        merged.append(ScopeMetrics(scope=InstrumentationScope(TRACER_NAME), metrics=extra,
+                                   schema_url=""))
+    return merged
 
 
 STAGES = ("parse", "translate", "store", "ack", "total")

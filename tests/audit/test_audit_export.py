@@ -228,7 +228,6 @@ async def test_every_export_is_itself_on_record(data_dir: Path) -> None:
      "--action: unknown action (one of ingest, translate, read"),
     (("--from", "2026-11-01", "--to", "2026-12-01", "--format", "xml"),
      "argument --format: invalid choice: 'xml'"),
-    (("--to", "2026-12-01", "--format", "csv"), "the following arguments are required: --from"),
 ])
 async def test_bad_export_arguments_get_a_clear_error(
         data_dir: Path, args: tuple[str, ...], message: str) -> None:
@@ -237,6 +236,21 @@ async def test_bad_export_arguments_get_a_clear_error(
     assert message in err
     assert out == ""
     assert "Traceback" not in err
+
+
+async def test_export_without_a_period_exports_everything(data_dir: Path) -> None:
+    code, out, err = export(data_dir, "--format", "ndjson")
+    assert code == 0, err
+    # The 14 records, then this export's own record (made now, inside an open period).
+    assert [e["id"] for e in events(out)] == [str(n) for n in range(1, 16)]
+    # Either end alone leaves the other open: nothing before T0's day, everything after.
+    code, out, err = export(data_dir, "--to", "2026-11-19", "--format", "ndjson")
+    assert code == 0, err
+    assert events(out) == []
+    code, out, err = export(data_dir, "--from", "2026-11-20", "--format", "ndjson")
+    assert code == 0, err
+    assert len(events(out)) == 14 + 3  # and the three exports' own records
+    assert "every record in the trail" in run_cli("audit", "export", "--help")[1]
 
 
 async def test_a_bad_value_is_never_echoed(data_dir: Path) -> None:

@@ -83,6 +83,8 @@ class ParsedSearch:
     total: bool = False
     params: frozenset[str] = frozenset()
     shape: str = ""
+    # Parameters ignored under lenient handling (unknown names, as sent): left out of links.
+    ignored: frozenset[str] = frozenset()
 
 
 def parse_query(resource_type: str, defs: Mapping[str, SearchParameter],
@@ -171,6 +173,7 @@ class _Request:
         self.summary_count = False
         self.total = False
         self.used: set[str] = set()
+        self.ignored: set[str] = set()
         self.shape: list[str] = []
         self.seen: set[str] = set()
 
@@ -183,7 +186,7 @@ class _Request:
         return ParsedSearch(query, tuple(self.includes), tuple(self.revincludes),
                             self.elements, self.summary_count,
                             self.total or self.summary_count, frozenset(self.used),
-                            "&".join(self.shape))
+                            "&".join(self.shape), frozenset(self.ignored))
 
     def add(self, raw_name: str, value: str, lenient: bool) -> None:
         name, _, modifier = raw_name.partition(":")
@@ -214,6 +217,7 @@ class _Request:
         if param is None:
             if lenient:
                 self.shape.append("(unknown)=*")
+                self.ignored.add(raw_name)
                 return
             raise SearchError(_shown(name), f"not a search parameter of {self.resource_type}")
         self._check_modifier(param, modifier)
@@ -335,6 +339,8 @@ class _Request:
             raise SearchError("_count", f"must be a whole number from 0 to {self.max_count}")
         # Above the maximum is clamped (R4 §3.1.1.5.4: the server may return fewer).
         self.count = self.max_count if len(value) > 9 else min(int(value), self.max_count)
+        if self.count == 0:  # no entries wanted: what is asked is the total (as _summary=count)
+            self.summary_count = True
 
     def offset_(self, value: str) -> None:
         if not _DIGITS.fullmatch(value):
