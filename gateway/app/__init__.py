@@ -15,6 +15,7 @@ import sys
 
 from aiohttp import web
 
+from gateway.agent import routes as agent_routes
 from gateway.app.audit import audit_keys, open_audit
 from gateway.app.auth import setup_auth, token_auditor
 from gateway.app.forwarding import Forwarding, open_forwarding
@@ -79,6 +80,8 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     setup_auth(app, settings, on_token=token_auditor(app))
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
+    if settings.agent.enabled:
+        app.add_routes(agent_routes)
     app.cleanup_ctx.extend(RESOURCES)  # one cleanup context per resource, in start order
     # on_cleanup handlers run after the cleanup contexts (aiohttp registers those first).
     app.on_cleanup.append(shutdown_telemetry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from gateway.config.agent import AgentConfig
 from gateway.config.auth import AuthConfig
 from gateway.config.base import Section as _Section
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
@@ -28,6 +29,7 @@ class Settings(_Section):
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     forward: ForwardConfig = ForwardConfig()
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

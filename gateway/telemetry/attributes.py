@@ -54,6 +54,9 @@ SAFE_ATTRIBUTES = frozenset({
     "url.template",
     "server.address",
     "server.port",
+    # The agent API: which call (a fixed word: verify, book, ...) under which purpose.
+    "agent.operation",
+    "agent.purpose",
 })
 
 _MAX_TEXT = 64
