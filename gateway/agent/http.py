@@ -230,8 +230,8 @@ async def _record(api: AgentApi, call: _Call, outcome: str, detail: str = "") ->
         call.action, outcome, client_id=call.client_id, resource_type=call.resource_type,
         control_id=call.call_id, patient=call.patient, purpose=call.purpose,
         profile=f"agent:{call.purpose}" if call.purpose else "agent",
-        detail=f"agent.{call.operation}" + (f" {detail or call.detail}"
-                                            if (detail or call.detail) else ""))
+        detail=" ".join(part for part in (f"agent.{call.operation}", call.detail, detail)
+                        if part))
     await api.audit.record(record)
 
 
@@ -250,11 +250,7 @@ async def create_session(request: web.Request, api: AgentApi, principal: Princip
     asked = requests.verification(body, api.service.rules.phone)
     call.call_id, call.purpose = asked.call_id, asked.purpose
     call.detail = f"second-factor={asked.second[0]}"
-    try:
-        token, session = await api.service.verify(principal.client_id, asked)
-    except NotVerified as exc:
-        call.detail += " not-verified"
-        raise exc from None
+    token, session = await api.service.verify(principal.client_id, asked)
     call.patient = session.patient
     return 201, {"session_token": token, "session_id": session.id,
                  "expires_in": int(api.service.sessions.ttl),

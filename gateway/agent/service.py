@@ -372,8 +372,12 @@ class AgentService:
     async def _tell(self, session: Session, resource: Json, message_type: str) -> None:
         """Send the change on (local shape: the routes decide where) and forget what the
         session had cached about it."""
-        session.cache.pop("appointments" if resource.get("resourceType") == "Appointment"
-                          else "medications", None)
+        kind = "appointments" if resource.get("resourceType") == "Appointment" else (
+            "medications")
+        session.cache.pop(kind, None)
+        stale = session.tasks.pop(kind, None)
+        if stale is not None:
+            stale.cancel()
         if self.outbound is None or self.records.remote:
             return
         patient = await self.records.read("Patient", session.patient_id)
