@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import trace
 
-from gateway.agent import requests
+import gateway.agent.requests as requests
 from gateway.agent.errors import (
     AgentError,
     Forbidden,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from gateway.agent import flatten
+import gateway.agent.flatten as flatten
 from gateway.agent.errors import (
     EmrUnavailable,
     InvalidRequest,
