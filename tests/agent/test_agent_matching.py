@@ -9,6 +9,7 @@ import pytest
 
 from gateway.agent.matching import Claim, MatchingRules, patient_matches
 from gateway.mapping.errors import TableErrors
+from support.cli import isthmus
 
 RULES = MatchingRules.load()
 PATIENT = {"resourceType": "Patient", "birthDate": "1980-02-14",
@@ -82,3 +83,15 @@ def test_an_unknown_rule_is_refused_naming_file_and_line(tmp_path: Path) -> None
     with pytest.raises(TableErrors) as raised:
         MatchingRules.load(site=tmp_path)
     assert "matching.csv:3: unknown rule 'soundex' for factor 'name'" in str(raised.value)
+
+
+@pytest.mark.slow
+async def test_mappings_check_reports_a_bad_matching_table(tmp_path: Path) -> None:
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "matching.csv").write_text(
+        "factor,rule,value,note\nzip,round,,\n", encoding="utf-8")
+    code, out, err = await isthmus("mappings", "check", str(tmp_path))
+    assert code == 2
+    assert "agent/matching.csv:2: unknown rule 'round' for factor 'zip'" in err
+    code, out, _ = await isthmus("mappings", "check")
+    assert code == 0 and "ok: the agent API's caller matching rules" in out
