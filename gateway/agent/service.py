@@ -295,36 +295,48 @@ class AgentService:
         found = await self.records.search("Slot", [("status", "free"),
                                                    ("start", f"ge{_iso(low)}"),
                                                    ("start", f"le{_iso(high)}")])
-        flat = []
-        for slot in sorted(found, key=lambda s: s.get("start") or ""):
-            start = _instant(slot.get("start"))
-            if slot.get("status") != "free" or start is None or not low <= start <= high:
-                continue
-            actors = await self._schedule_actors(slot)
-            flat.append(flatten.slot(slot, actors, await self._names(session, actors)))
-        return flat
+        free = [s for s in sorted(found, key=lambda s: s.get("start") or "")
+                if s.get("status") == "free"
+                and (start := _instant(s.get("start"))) is not None and low <= start <= high]
+        schedules = await self._schedules(session, free)
+        names = await self._names(session, [a for actors in schedules.values()
+                                            for a in actors])
+        return [flatten.slot(s, schedules.get(_schedule_of(s) or "", []), names)
+                for s in free]
 
     async def _flat_appointment(self, session: Session, appointment: Json) -> Json:
         names = await self._names(session, flatten.references(appointment))
         return flatten.appointment(appointment, names)
 
     async def _names(self, session: Session, references: list[str]) -> dict[str, str]:
+        """Display names of the people and places referred to, read concurrently once per
+        session (a name says nothing about the patient)."""
         known: dict[str, str] = session.cache.setdefault("names", {})
-        for reference in references:
-            if reference not in known and reference.count("/") == 1:
-                kind, ident = reference.split("/")
-                found = await self.records.read(kind, ident)
-                name = flatten.display_name(found) if found is not None else None
-                if name:
-                    known[reference] = name
+        missing = sorted({r for r in references if r not in known and r.count("/") == 1})
+        found = await asyncio.gather(*(self.records.read(*r.split("/")) for r in missing))
+        for reference, resource in zip(missing, found, strict=True):
+            name = flatten.display_name(resource) if resource is not None else None
+            if name:
+                known[reference] = name
         return {r: known[r] for r in references if r in known}
 
+    async def _schedules(self, session: Session | None, slots: list[Json]
+                         ) -> dict[str, list[str]]:
+        """Schedule reference -> its actors, for these slots: each schedule read once, all
+        concurrently (kept for the session: slots share a handful of schedules)."""
+        known: dict[str, list[str]] = (session.cache.setdefault("schedules", {})
+                                       if session is not None else {})
+        wanted = sorted({r for s in slots if (r := _schedule_of(s)) is not None} - set(known))
+        found = await asyncio.gather(*(self.records.read("Schedule",
+                                                         r.removeprefix("Schedule/"))
+                                       for r in wanted))
+        for reference, schedule in zip(wanted, found, strict=True):
+            known[reference] = flatten.references(schedule) if schedule is not None else []
+        return known
+
     async def _schedule_actors(self, slot: Json) -> list[str]:
-        reference = (slot.get("schedule") or {}).get("reference", "")
-        if not isinstance(reference, str) or not reference.startswith("Schedule/"):
-            return []
-        schedule = await self.records.read("Schedule", reference.removeprefix("Schedule/"))
-        return flatten.references(schedule) if schedule is not None else []
+        reference = _schedule_of(slot)
+        return (await self._schedules(None, [slot])).get(reference or "", [])
 
     async def _schedule_participants(self, slot: Json) -> list[Json]:
         return [{"actor": {"reference": r}, "status": "accepted"}
@@ -419,6 +431,13 @@ def _about(resource: Json, patient: str, keys: tuple[str, ...]) -> bool:
             if isinstance(reference, dict) and reference.get("reference") == patient:
                 return True
     return False
+
+
+def _schedule_of(slot: Json) -> str | None:
+    schedule = slot.get("schedule")
+    reference = schedule.get("reference") if isinstance(schedule, dict) else None
+    return reference if isinstance(reference, str) and reference.startswith(
+        "Schedule/") else None
 
 
 def _slot_of(appointment: Json) -> str | None:
