@@ -6,6 +6,7 @@ every answer JSON, every refusal `{error, message}` (turned into one here, in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,8 +23,6 @@ from gateway.agent.errors import (
     IdempotencyConflict,
     InvalidRequest,
     InvalidSession,
-    Locked,
-    NotVerified,
     RateLimited,
     Unauthenticated,
 )
@@ -179,13 +178,19 @@ async def _idempotent(request: web.Request, api: AgentApi, principal: Principal,
     except ValueError:
         raise IdempotencyConflict() from None
     if not first:
-        replayed = await future
+        try:
+            replayed = await future
+        except asyncio.CancelledError:
+            if not future.cancelled():
+                raise  # this request itself was cancelled
+            # The first attempt failed without changing anything: this one runs anew.
+            return await _idempotent(request, api, principal, call, work, session)
         call.detail = "idempotent-replay"
         await _record(api, call, "success" if replayed.status < 400 else str(replayed.status))
         return replayed.status, replayed.body
     try:
         status, produced = await _run(request, api, principal, call, work, body, session)
-    except (InvalidRequest, InvalidSession, NotVerified, Locked, RateLimited) as exc:
+    except (InvalidRequest, InvalidSession, RateLimited) as exc:
         # Nothing changed: the retry runs again rather than replaying a refusal.
         api.idempotency.forget(principal.client_id, key)
         raise exc from None

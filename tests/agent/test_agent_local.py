@@ -153,6 +153,18 @@ async def test_a_wrong_factor_and_an_unknown_patient_get_the_same_answer(
                                 "attempts_left": 2}
 
 
+async def test_a_failed_verification_retried_under_its_key_is_not_a_second_attempt(
+        clinic: Clinic) -> None:
+    agent = clinic.agent()
+    body = {"purpose": "refill", "call_id": "call-idem-verify", **CALLER,
+            "phone": "617 555 0005"}
+    first = await agent.call("POST", "/sessions", body, idempotency_key="verify-1")
+    again = await agent.call("POST", "/sessions", body, idempotency_key="verify-1")
+    assert first.status == 401 and again.raw == first.raw
+    third = await agent.call("POST", "/sessions", body, idempotency_key="verify-2")
+    assert third.body["attempts_left"] == 1  # the retry under verify-1 counted nothing
+
+
 async def test_attempts_per_call_id_lock_the_call_even_with_the_right_factors(
         clinic: Clinic) -> None:
     agent = clinic.agent()
