@@ -43,6 +43,8 @@ class Limits:
     deadline: float
     verify_floor: float
     horizon: timedelta
+    # Who places the appointments booked here (SCH-1's assigning authority).
+    placer: str = "ISTHMUS"
 
 
 class AgentService:
@@ -155,7 +157,7 @@ class AgentService:
         slot, version = await self._free_slot(slot_id)
         appointment: Json = {
             "resourceType": "Appointment", "status": "booked",
-            "identifier": [{"system": "urn:isthmus:naming-system:ISTHMUS",
+            "identifier": [{"system": f"urn:isthmus:naming-system:{self.limits.placer}",
                             "value": uuid.uuid4().hex[:20].upper(),
                             "type": {"coding": [{
                                 "system": "http://terminology.hl7.org/CodeSystem/v2-0203",

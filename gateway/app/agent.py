@@ -59,7 +59,8 @@ async def agent_api(app: web.Application) -> AsyncIterator[None]:
     sessions = Sessions(config.session_ttl)
     service = AgentService(
         records, rules, sessions, Attempts(config.attempts, config.window),
-        Limits(config.deadline, config.verify_floor, timedelta(days=config.horizon_days)),
+        Limits(config.deadline, config.verify_floor, timedelta(days=config.horizon_days),
+               config.sender_application),
         outbound)
     app[AGENT] = AgentApi(service, app[TELEMETRY], agent_clients(settings),
                           Idempotency(config.idempotency_ttl), parse_rate(config.rate_limit),

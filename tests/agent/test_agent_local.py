@@ -308,6 +308,7 @@ async def test_booking_marks_the_slot_busy_and_tells_the_scheduler_siu_s12(
     assert siu["SCH"][0][11].split("^")[3:5] == ["20270201090000+0000",
                                                  "20270201093000+0000"]
     assert siu["SCH"][0][25] == "Booked"
+    assert siu["SCH"][0][1].endswith("^ISTHMUS")  # the gateway placed it (SCH-1)
     # The list answers the booking from now on.
     listed = await agent.call("GET", "/appointments?from=2027-02-01&to=2027-02-02")
     assert [a["id"] for a in listed.body] == [booked.body["id"]]
