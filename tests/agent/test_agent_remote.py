@@ -272,3 +272,38 @@ async def test_a_slow_ehr_is_cut_off_at_the_deadline(remote: Remote) -> None:
     remote.ehr.delay = 5.0  # ten times the deadline: only the deadline can answer first
     reply = await agent.call("GET", "/slots?from=2027-02-05")
     assert reply.status == 503 and reply.body["error"] == "emr_unavailable"
+
+
+async def test_the_vendor_table_normalises_what_verification_and_flattening_read(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    ehr = FakeEhr()
+    await ehr.start()
+    # Epic-shaped: the mobile phone only as a vendor extension, a local visit type code.
+    ehr.seed({"resourceType": "Patient", "id": "epic-pat-1", "birthDate": "1975-05-05",
+              "name": [{"family": "Vendorcanary", "given": ["Sam"]}],
+              "extension": [{"url": "https://vendor-a.example/fhir/StructureDefinition/"
+                                    "mobile-phone", "valueString": "+1 617 555 0177"}]})
+    ehr.seed({"resourceType": "Appointment", "id": "epic-appt-1", "status": "booked",
+              "start": "2027-06-01T10:00:00Z", "end": "2027-06-01T10:20:00Z",
+              "appointmentType": {"coding": [{"system": "urn:oid:2.999.1.2.10",
+                                              "code": "FU"}]},
+              "participant": [{"actor": {"reference": "Patient/epic-pat-1"}}]})
+    gw = await start_gateway(
+        tmp_path_factory.mktemp("agent-epic") / "var",
+        **agent_settings(**{
+            "backends": [{"name": "ehr", "kind": "fhir", "base_url": ehr.url,
+                          "max_retries": 0, "vendor": "epic"}],
+            "routes": [{"match": {"resource": t}, "to": ["ehr"]} for t in ROUTED]}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            agent = AgentClient(http, gw.http_url)
+            reply = await agent.verify("appointment_lookup", "epic-call",
+                                       last_name="vendorcanary", date_of_birth="1975-05-05",
+                                       phone="617-555-0177")
+            assert reply.status == 201, reply.body
+            listed = await agent.call("GET", "/appointments?from=2027-01-01")
+            assert [a["type"] for a in listed.body] == [
+                "A follow up visit from a previous appointment"]
+    finally:
+        await gw.runner.cleanup()
+        await ehr.stop()
