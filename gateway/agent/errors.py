@@ -119,6 +119,17 @@ class RateLimited(AgentError):
                          retry_after=_seconds(retry_after))
 
 
+class AuditUnavailable(AgentError):
+    """The call's audit record could not be committed: not answered (fail closed)."""
+
+    status = 503
+    code = "audit_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("the call could not be recorded in the audit trail; try again",
+                         retry_after=1)
+
+
 class EmrUnavailable(AgentError):
     """The EHR (or the store) could not answer within the deadline: never a guess."""
 

@@ -19,6 +19,7 @@ from opentelemetry import trace
 import gateway.agent.requests as requests
 from gateway.agent.errors import (
     AgentError,
+    AuditUnavailable,
     Forbidden,
     IdempotencyConflict,
     InvalidRequest,
@@ -119,7 +120,6 @@ def _route(operation: str, action: Action, resource_type: str, *, session: bool 
 
 async def _handle(request: web.Request, api: AgentApi, call: _Call, work: Work,
                   needs_session: bool) -> tuple[int, bytes, dict[str, str]]:
-    principal: Principal | None = None
     try:
         principal = await _principal(request, api)
         call.client_id = principal.client_id
@@ -130,11 +130,11 @@ async def _handle(request: web.Request, api: AgentApi, call: _Call, work: Work,
                                                         session.patient)
         status, body = await _idempotent(request, api, principal, call, work, session)
     except AgentError as exc:
-        await _record(api, call, str(exc.status), exc.code)
+        await _record_refusal(api, call, str(exc.status), exc.code)
         return exc.status, jsonio.dumps(exc.body()), exc.headers
     except AuthError as exc:
         code = "unauthorized" if exc.status == 401 else "forbidden"
-        await _record(api, call, str(exc.status), code)
+        await _record_refusal(api, call, str(exc.status), code)
         headers = {"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else {}
         return exc.status, jsonio.dumps({"error": code, "message": exc.reason}), headers
     except Exception as exc:  # a bug costs this call a 500, never the process
@@ -190,7 +190,7 @@ async def _idempotent(request: web.Request, api: AgentApi, principal: Principal,
         return replayed.status, replayed.body
     try:
         status, produced = await _run(request, api, principal, call, work, body, session)
-    except (InvalidRequest, InvalidSession, RateLimited) as exc:
+    except (InvalidRequest, InvalidSession, RateLimited, AuditUnavailable) as exc:
         # Nothing changed: the retry runs again rather than replaying a refusal.
         api.idempotency.forget(principal.client_id, key)
         raise exc from None
@@ -237,7 +237,21 @@ async def _record(api: AgentApi, call: _Call, outcome: str, detail: str = "") ->
         profile=f"agent:{call.purpose}" if call.purpose else "agent",
         detail=" ".join(part for part in (f"agent.{call.operation}", call.detail, detail)
                         if part))
-    await api.audit.record(record)
+    try:
+        await api.audit.record(record)
+    except Exception as exc:  # the audit store's failure, whatever its kind: not answered
+        log.error("agent API %s: audit record failed: %s", call.operation,
+                  type(exc).__name__)
+        raise AuditUnavailable() from None
+
+
+async def _record_refusal(api: AgentApi, call: _Call, outcome: str, code: str) -> None:
+    """A refusal's record: the refusal is answered even when the trail cannot take it
+    (it granted nothing), and the failure is logged."""
+    try:
+        await _record(api, call, outcome, code)
+    except AuditUnavailable:
+        pass
 
 
 # -- the calls --------------------------------------------------------------------------

@@ -32,7 +32,8 @@ _COMMON: Json = {
     "403": _error("not an agent client, or not for this session's purpose", "forbidden",
                   "not_permitted_for_purpose"),
     "429": _error("too many requests from this agent client", "rate_limited"),
-    "503": _error("the EHR did not answer within the deadline", "emr_unavailable"),
+    "503": _error("the EHR did not answer within the deadline, or the audit trail could "
+                  "not record the call", "emr_unavailable", "audit_unavailable"),
 }
 
 
