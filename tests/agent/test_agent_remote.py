@@ -27,6 +27,7 @@ from support.agent import (
     location,
     practitioner,
     schedule,
+    slot,
 )
 from support.fake_ehr import FAILURE_DIAGNOSTICS, FakeEhr
 
@@ -307,3 +308,24 @@ async def test_the_vendor_table_normalises_what_verification_and_flattening_read
     finally:
         await gw.runner.cleanup()
         await ehr.stop()
+
+
+async def test_reschedule_moves_the_ehrs_appointment_to_a_free_slot(remote: Remote) -> None:
+    remote.ehr.seed(slot("slot-r1", "2027-07-01T09:00:00Z", "2027-07-01T09:30:00Z"))
+    remote.ehr.seed(slot("slot-r2", "2027-07-02T09:00:00Z", "2027-07-02T09:30:00Z"))
+    agent = remote.agent()
+    await agent.verify("scheduling", "r-call-move")
+    booked = await agent.call("POST", "/appointments", {"slot_id": "slot-r1"})
+    moved = await agent.call("POST", f"/appointments/{booked.body['id']}/reschedule",
+                             {"slot_id": "slot-r2"})
+    assert moved.status == 200, moved.body
+    assert moved.body["start"] == "2027-07-02T09:00:00Z"
+    stored = remote.ehr.resource("Appointment", booked.body["id"])
+    assert stored["slot"] == [{"reference": "Slot/slot-r2"}]
+    remote.ehr.seed(slot("slot-r3", "2027-07-03T09:00:00Z", "2027-07-03T09:30:00Z"))
+    other = remote.agent(OTHER_AGENT_KEY)
+    await other.verify("scheduling", "r-call-move-other")
+    assert (await other.call("POST", "/appointments", {"slot_id": "slot-r3"})).status == 201
+    taken = await agent.call("POST", f"/appointments/{booked.body['id']}/reschedule",
+                             {"slot_id": "slot-r3"})
+    assert taken.status == 409 and taken.body["error"] == "slot_unavailable"
