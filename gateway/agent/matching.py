@@ -172,15 +172,12 @@ def _second_matches(rules: MatchingRules, patient: Json, factor: str, value: str
                    and re.sub(r"\D", "", i["value"])[-4:] == value for i in identifiers)
     if factor == "mrn":
         return any(_type_code(i) in rules.mrn_types and isinstance(i.get("value"), str)
-                   and _mrn(i["value"]) == value for i in identifiers)
+                   and normalised_mrn(i["value"]) == value for i in identifiers)
     return False
 
 
 def normalised_mrn(text: str) -> str:
-    return _mrn(text)
-
-
-def _mrn(text: str) -> str:
+    """An MRN as compared: without spaces, case folded."""
     return "".join(text.split()).casefold()
 
 

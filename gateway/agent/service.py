@@ -28,7 +28,7 @@ from gateway.agent.errors import (
     RefillRefused,
     SlotUnavailable,
 )
-from gateway.agent.matching import Claim, MatchingRules, patient_matches
+from gateway.agent.matching import Claim, MatchingRules, normalised_mrn, patient_matches
 from gateway.agent.outbound import Outbound
 from gateway.agent.records import BackendDown, Conflict, Records
 from gateway.agent.requests import Verification
@@ -87,8 +87,15 @@ class AgentService:
             client_id, asked.call_id, asked.purpose, str(patient["id"]),
             _first_name(patient), _last_initial(patient))
         for kind in PREFETCH[asked.purpose]:
-            session.tasks[kind] = asyncio.create_task(self._fetch(session, kind))
+            session.tasks[kind] = self._prefetch(session, kind)
         return token, session
+
+    def _prefetch(self, session: Session, kind: str) -> asyncio.Task[Any]:
+        """Fetch in the background; a failure is seen by the call that needs the data
+        (which asks again), not logged as a task nobody awaited."""
+        task = asyncio.create_task(self._fetch(session, kind))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     def _claim(self, asked: Verification) -> Claim:
         rules = self.rules
@@ -101,7 +108,7 @@ class AgentService:
         elif factor == "ssn_last4":
             normalised = "".join(c for c in value if c.isdigit())[-4:]
         else:
-            normalised = "".join(value.split()).casefold()
+            normalised = normalised_mrn(value)
         # A value that cannot be normalised still costs the same search: it matches none.
         return Claim(rules.name(asked.last_name),
                      rules.name(asked.first_name) if asked.first_name else None,
@@ -263,7 +270,7 @@ class AgentService:
             return session.cache[kind]
         task = session.tasks.get(kind)
         if task is None or task.cancelled() or (task.done() and task.exception()):
-            task = session.tasks[kind] = asyncio.create_task(self._fetch(session, kind))
+            task = session.tasks[kind] = self._prefetch(session, kind)
         return await asyncio.shield(task)
 
     async def _fetch(self, session: Session, kind: str) -> Any:
