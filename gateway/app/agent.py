@@ -22,6 +22,9 @@ from gateway.mapping.tables import SHIPPED
 from gateway.mapping.to_v2 import Reverser
 
 AGENT_SCOPE = "agent"
+# What the agent API sends on in the local shape (the outbound tables are compiled only
+# when a route sends one of them somewhere).
+SENT = ("SIU^S12", "SIU^S13", "SIU^S15", "OMP^O09")
 
 
 def agent_clients(settings: Settings) -> frozenset[str]:
@@ -50,7 +53,10 @@ async def agent_api(app: web.Application) -> AsyncIterator[None]:
             "Appointment", "search") is not None:
         records = RemoteRecords(forwarding.facade, local)
     outbound = None
-    if settings.routes and not records.remote:
+    told = any(forwarding.router.for_message(kind, config.sender_application,
+                                             config.sender_facility).remote
+               for kind in SENT)
+    if told and not records.remote:
         reverser = await loop.run_in_executor(None, lambda: Reverser.load(
             shipped, site, application=config.sender_application,
             facility=config.sender_facility))
