@@ -15,6 +15,7 @@ import sys
 
 from aiohttp import web
 
+from gateway.agent import routes as agent_routes
 from gateway.app.audit import audit_keys, open_audit
 from gateway.app.auth import setup_auth, token_auditor
 from gateway.app.console import setup_console
@@ -81,6 +82,8 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     if settings.fhir.enabled:
         app.add_routes(fhir_http.routes)
     setup_console(app, settings)
+    if settings.agent.enabled:
+        app.add_routes(agent_routes)
     app.cleanup_ctx.extend(RESOURCES)  # one cleanup context per resource, in start order
     # on_cleanup handlers run after the cleanup contexts (aiohttp registers those first).
     app.on_cleanup.append(shutdown_telemetry)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
 from gateway.app.specs import (
@@ -237,7 +238,8 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 # Start-up order; shutdown runs it backwards.
 RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, inbox,
-                                   refusals, fhir_store, forwarding, fhir_api, applier, mllp,
+                                   refusals, fhir_store, forwarding, fhir_api, agent_api,
+                                   applier, mllp,
                                    housekeeping)
 
 

@@ -24,6 +24,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _mappings_check(args: argparse.Namespace) -> int:
+    from gateway.agent.matching import MatchingRules
     from gateway.fhir.search import TABLE as SEARCH_TABLE
     from gateway.fhir.search import SearchRegistry, SearchTableError
     from gateway.mapping.engine import Translator
@@ -38,6 +39,7 @@ def _mappings_check(args: argparse.Namespace) -> int:
         translator = Translator.load(tables, args.dir)
         reverser = Reverser.load(tables, args.dir)
         registry = SearchRegistry.load(search_table)
+        MatchingRules.load(tables, args.dir)
     except SearchTableError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -54,4 +56,5 @@ def _mappings_check(args: argparse.Namespace) -> int:
     outbound = sorted(reverser.message_types.items())
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
     print(f"ok: FHIR search parameters for {len(registry.types())} resource types")
+    print("ok: the agent API's caller matching rules")
     return 0

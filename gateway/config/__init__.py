@@ -7,6 +7,7 @@ default, so the gateway runs with no file at all.
 One module per group of sections; this package re-exports the names callers use.
 """
 
+from gateway.config.agent import AgentConfig
 from gateway.config.auth import ApiKeyConfig, AuthConfig, ClientConfig, IssuerConfig
 from gateway.config.base import CONFIG_ENV, ENV_PREFIX
 from gateway.config.client import SendConfig
@@ -26,10 +27,10 @@ from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, Stor
 from gateway.config.telemetry import LogConfig, TelemetryConfig
 
 __all__ = [
-    "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AllowedSender", "ApiKeyConfig", "AuditConfig",
-    "AuditReviewer", "AuthConfig", "BackendAuthConfig", "BackendConfig", "ClientConfig",
-    "ConfigError", "ConsoleConfig", "ConsoleUser", "FhirConfig", "ForwardConfig",
-    "IssuerConfig", "LogConfig", "MappingConfig",
+    "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AgentConfig", "AllowedSender",
+    "ApiKeyConfig", "AuditConfig", "AuditReviewer", "AuthConfig", "BackendAuthConfig",
+    "BackendConfig", "ClientConfig", "ConfigError", "ConsoleConfig", "ConsoleUser",
+    "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
     "MllpConfig", "RouteConfig", "RouteMatch", "SendConfig", "ServerConfig", "Settings",
     "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from gateway.config.agent import AgentConfig
 from gateway.config.auth import AuthConfig
 from gateway.config.base import Section as _Section
 from gateway.config.client import SendConfig
@@ -32,6 +33,7 @@ class Settings(_Section):
     forward: ForwardConfig = ForwardConfig()
     send: SendConfig = SendConfig()
     console: ConsoleConfig = ConsoleConfig()
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

@@ -46,6 +46,8 @@ OUTBOUND_FOLDER = "outbound"
 SEARCH_FILE = "search-parameters.csv"
 # FHIR backends' vendor normalisation tables: read by gateway.forward.normalize.
 VENDORS_FOLDER = "vendors"
+# The agent API's caller-matching rules: read by gateway.agent.matching.
+AGENT_FOLDER = "agent"
 
 
 def source_location(text: str) -> Location | ComponentLocation | None:
@@ -176,7 +178,8 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
     for relative, path in sorted(table_files(directory, site).items()):
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
             continue  # FHIR -> v2 definitions: read by gateway.mapping.to_v2.outbound_tables
-        if relative == SEARCH_FILE or relative.startswith(VENDORS_FOLDER + "/"):
+        if relative == SEARCH_FILE or relative.startswith((VENDORS_FOLDER + "/",
+                                                           AGENT_FOLDER + "/")):
             continue
         try:
             _read_table(tables, relative, path)

@@ -57,6 +57,9 @@ SAFE_ATTRIBUTES = frozenset({
     # Why work failed, as a type: an exception class name, an HTTP status, an ACK code
     # (OTel semantic conventions' error.type); never a message text.
     "error.type",
+    # The agent API: which call (a fixed word: verify, book, ...) under which purpose.
+    "agent.operation",
+    "agent.purpose",
 })
 
 _MAX_TEXT = 64

@@ -645,8 +645,12 @@ def _matches(resource: Mapping[str, Any], name: str, value: str) -> bool:
                    for identifier in resource.get("identifier") or ())
     if name in ("patient", "subject"):
         target = value if "/" in value else f"Patient/{value}"
+        # An Appointment names its patient among its participants.
+        actors = [p.get("actor") for p in resource.get("participant") or ()
+                  if isinstance(p, dict)]
         return any(isinstance(ref, dict) and ref.get("reference") == target
-                   for ref in (resource.get(key) for key in ("patient", "subject")))
+                   for ref in [*(resource.get(key) for key in ("patient", "subject")),
+                               *actors])
     return True  # an unknown parameter is ignored, as lenient servers do
 
 

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "gateway"
 # Top to bottom, as in docs/architecture.md: a module imports only from layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition", ("gateway.app", "gateway.cli", "gateway.config", "gateway.__main__")),
-    ("edge", ("gateway.edge",)),
+    ("edge", ("gateway.edge", "gateway.agent")),
     ("ingest", ("gateway.ingest",)),
     ("forwarding", ("gateway.forward",)),
     ("audit", ("gateway.audit",)),
@@ -115,4 +115,4 @@ def test_tests_live_in_the_folder_of_their_package() -> None:
     assert not loose, f"test files outside a package folder: {loose}"
     folders = {p.parent.name for p in tests.rglob("test_*.py")}
     assert folders <= {"hl7", "mapping", "fhir", "store", "policy", "audit", "forward", "edge",
-                       "ingest", "telemetry", "system", "security"}, folders
+                       "ingest", "telemetry", "system", "security", "agent"}, folders

@@ -69,6 +69,15 @@ class Reverser:
         return cls(inverter, outbound, application, facility)
 
     @property
+    def application(self) -> str:
+        """MSH-3 of the messages made here (MSH-4: `facility`)."""
+        return self._application
+
+    @property
+    def facility(self) -> str:
+        return self._facility
+
+    @property
     def message_types(self) -> dict[str, list[str]]:
         """Resource type -> the message types it can become (the default first)."""
         return {t: [d.message_type for d in sorted(ds, key=lambda d: not d.default)]
