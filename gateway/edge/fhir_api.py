@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditRecord
 from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
-from gateway.fhir.model import is_resource_type
+from gateway.fhir.model import is_resource_type, required_elements
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.policy import Principal, Profile
@@ -409,8 +409,12 @@ class Interactions(Protocol):
 
 
 def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[str, Any]:
-    """_elements: the named top-level elements plus resourceType, id and meta, tagged."""
-    keep = {"resourceType", "id", "meta", *elements}
+    """_elements: the named top-level elements plus resourceType, id, meta and what the
+    R4 model requires of the type (FHIR R4 search.html §3.1.1.5.9: "servers SHOULD
+    return mandatory elements"), tagged SUBSETTED when something was left out."""
+    required = required_elements(str(resource.get("resourceType")))
+    keep = {"resourceType", "id", "meta", *elements, *required,
+            *("_" + name for name in required)}
     out = {k: v for k, v in resource.items() if k in keep}
     if len(out) < len(resource):
         out["meta"] = tag_subsetted(out.get("meta"))
