@@ -68,14 +68,14 @@ async def open_forwarding(settings: Settings, inbox: SqliteInbox,
                 telemetry, poll_interval=settings.forward.poll_interval)
             await forwarding.dispatcher.start()
         if forwarding.router.remote_types:
-            forwarding.facade = _facade(settings, forwarding)
+            forwarding.facade = _facade(settings, forwarding, telemetry)
     except BaseException:
         await forwarding.close()
         raise
     return forwarding
 
 
-def _facade(settings: Settings, forwarding: Forwarding) -> Facade:
+def _facade(settings: Settings, forwarding: Forwarding, telemetry: Telemetry) -> Facade:
     remote = [c for c in settings.backends if c.kind == "fhir"]
     # Each backend its own cache and lifetime; 0 turns caching off for that backend.
     caches = {c.name: ReadCache(c.cache_ttl, c.cache_entries)
@@ -85,7 +85,8 @@ def _facade(settings: Settings, forwarding: Forwarding) -> Facade:
                    for c in remote if c.vendor}
     return Facade(forwarding.router,
                   {name: backend for name, backend in forwarding.backends.items()
-                   if isinstance(backend, FhirBackend)}, caches, normalizers)
+                   if isinstance(backend, FhirBackend)}, caches, normalizers,
+                  telemetry=telemetry)
 
 
 def _warn_if_insecure(backend: BackendConfig) -> None:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 from aiohttp import web
@@ -78,6 +78,17 @@ class Facade(Protocol):
 
     def remote(self, resource_type: str, interaction: str) -> Interactions | None:
         """The answerer for a request whose type a backend serves; None: the local store."""
+        ...
+
+
+@runtime_checkable
+class OperationFacade(Protocol):
+    """A facade that also proxies the operations its backends' vendor tables declare
+    (implemented by `fhir_proxy.Facade`)."""
+
+    def operation(self, resource_type: str, name: str, level: str) -> Any:
+        """(answerer, declared operation) for `$name` at `level` ("type" or "instance")
+        of this type; None when no backend serving the type offers it."""
         ...
 
 

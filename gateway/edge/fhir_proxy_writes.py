@@ -246,8 +246,7 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
     caller, its Location on our base."""
     api, principal, type_ = call.api, call.principal, call.resource_type
     if response.status >= 400:
-        await api.record([access(call, action, str(response.status),
-                                 resource_id=target)])
+        # Recorded by the error middleware, as every refusal a backend causes is.
         raise link.refused(response)
     if not 200 <= response.status < 300:
         raise link.bad_answer(f"HTTP {response.status}")
