@@ -108,7 +108,12 @@ class Normalizer:
         counts = {rule.line: 0 for rule in self.rules}
         if isinstance(document, dict):
             self._apply(copy.deepcopy(document), True, counts)
-            self.error_codes(document, counts)
+            entries = [e.get("resource") for e in _list(document.get("entry"))
+                       if isinstance(e, dict)]
+            for resource in (document, *entries):
+                if isinstance(resource, dict) and (
+                        resource.get("resourceType") == "OperationOutcome"):
+                    self.error_codes(resource, counts)
         return counts
 
     def _apply(self, resource: Json, repair: bool, counts: dict[int, int]) -> None:
