@@ -36,7 +36,14 @@ from gateway.forward.normalize import Normalizer
 from gateway.mapping.tables import SHIPPED
 from gateway.policy.cursors import PageCursors
 from support.fake_ehr import FakeEhr
-from support.fhir import API_KEY, API_KEY_NAME, Answer, api_key_config, is_outcome, start_fhir_gateway
+from support.fhir import (
+    API_KEY,
+    API_KEY_NAME,
+    Answer,
+    api_key_config,
+    is_outcome,
+    start_fhir_gateway,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
