@@ -81,8 +81,10 @@ def _facade(settings: Settings, forwarding: Forwarding, telemetry: Telemetry) ->
     caches = {c.name: ReadCache(c.cache_ttl, c.cache_entries)
               for c in remote if c.cache_ttl > 0 and c.cache_entries > 0}
     shipped = settings.mapping.tables_dir or SHIPPED
-    normalizers = {c.name: load_vendor(c.vendor, shipped, settings.mapping.site_dir)
-                   for c in remote if c.vendor}
+    # One Normalizer per table: backends naming the same table share it (and its hits).
+    tables = {name: load_vendor(name, shipped, settings.mapping.site_dir)
+              for name in sorted({c.vendor for c in remote if c.vendor})}
+    normalizers = {c.name: tables[c.vendor] for c in remote if c.vendor}
     return Facade(forwarding.router,
                   {name: backend for name, backend in forwarding.backends.items()
                    if isinstance(backend, FhirBackend)}, caches, normalizers,

@@ -66,7 +66,7 @@ class Facade:
         self.cursors = cursors if cursors is not None else PageCursors()
         self.metrics = FacadeMetrics.of(telemetry.meter) if telemetry is not None else None
         if self.metrics is not None:
-            for normalizer in self.normalizers.values():
+            for normalizer in {id(n): n for n in self.normalizers.values()}.values():
                 self.metrics.watch_table(normalizer.name, _hits_of(normalizer))
         self._routes: dict[tuple[str, str], FhirBackend | None] = {}
 

@@ -98,10 +98,12 @@ class BackendLink:
         if self.cache is not None:
             self.cache.invalidate(self.backend.name, resource_type)
 
-    def resource(self, response: FhirResponse, expected: str | None) -> Json:
+    def resource(self, response: FhirResponse, expected: str | None, *,
+                 refuse_invalid: bool = True) -> Json:
         """The answer's resource, normalised by the backend's vendor table and checked
         against R4 by its validation mode; 502 when it is not FHIR JSON (or not the type
-        asked for), or not valid R4 where the mode refuses that."""
+        asked for), or not valid R4 where the mode refuses that. `refuse_invalid=False`
+        (a write's representation: the write is done) passes an invalid one, counted."""
         try:
             document = jsonio.loads(response.body)
         except ValueError:
@@ -113,11 +115,12 @@ class BackendLink:
         mode = self.backend.spec.validation
         normalizer = self.normalizer
         if normalizer:
-            before = sum(normalizer.hits.values()) if mode == "repair" else 0
-            normalizer.apply(document, in_place=True, repair=mode == "repair")
-            if mode == "repair" and sum(normalizer.hits.values()) != before:
+            repair = mode == "repair"
+            before = normalizer.repairs_made() if repair else 0
+            normalizer.apply(document, in_place=True, repair=repair)
+            if repair and normalizer.repairs_made() != before:
                 self._count_invalid("repaired")
-        self._validate(document, mode)
+        self._validate(document, mode if refuse_invalid else "pass")
         return document
 
     def _validate(self, document: Json, mode: str) -> None:

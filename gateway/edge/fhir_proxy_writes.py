@@ -251,7 +251,10 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
     if not 200 <= response.status < 300:
         raise link.bad_answer(f"HTTP {response.status}")
     base = api.base(call.request)
-    document = link.resource(response, None) if response.body.strip() else None
+    # The write is done: a representation that is not valid R4 is passed (and counted),
+    # never answered 502, which would invite the caller to write again.
+    document = (link.resource(response, None, refuse_invalid=False)
+                if response.body.strip() else None)
     resource = document if document and document.get("resourceType") == type_ else None
     headers = passed_headers(response, resource)
     location = response.headers.get("Location")

@@ -141,6 +141,10 @@ class Normalizer:
                 and (repair or r.rule != "drop-empty"))
         return rules
 
+    def repairs_made(self) -> int:
+        """How many repairs (drop-empty) this table has made so far."""
+        return sum(self.hits.get(r.line, 0) for r in self.rules if r.rule == "drop-empty")
+
     # -- refusals --------------------------------------------------------------------------
 
     def error_codes(self, outcome: Any, counts: dict[int, int] | None = None) -> list[Json]:
@@ -194,8 +198,7 @@ class Normalizer:
         """A request's token values in the vendor's systems and codes: each value one of
         the table's `to` sides names is replaced by every `from` side that maps to it
         (ORed). `roots(param)`: the top-level elements a parameter reads."""
-        rules = [r for r in self._rules_for(resource_type, False)
-                 if r.rule in _BACKWARD and r.resource != ANY]
+        rules = [r for r in self._rules_for(resource_type, False) if r.rule in _BACKWARD]
         if not rules:
             return list(query)
         sent: Pairs = []
