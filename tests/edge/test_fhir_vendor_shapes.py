@@ -55,6 +55,7 @@ CERNER_PATIENT = "4342009"
 LOCATION_A = "Location/39997807"
 READER = "reader-vendor-secret"  # system/*.rs: no create, no Appointment.$book
 OTHER = "other-vendor-secret"
+CANARY = "QZXVENDORCANARY"
 
 
 def payload(name: str) -> Any:
@@ -274,8 +275,9 @@ async def test_a_declared_vendor_parameter_is_forwarded(shapes: Shapes) -> None:
 
 async def test_an_undeclared_parameter_is_refused_or_dropped_as_before(
         shapes: Shapes) -> None:
-    refused = await shapes.call("GET", "/fhir/Slot?-colour=blue")
+    refused = await shapes.call("GET", f"/fhir/Slot?-colour={CANARY}")
     assert is_outcome(refused, 400) and shapes.cerner.requests == []
+    assert CANARY not in refused.raw.decode()
     lenient = await shapes.call("GET", "/fhir/Slot?-colour=blue&_count=1",
                                 headers={"Prefer": "handling=lenient"})
     assert lenient.status == 200
@@ -286,10 +288,11 @@ async def test_an_undeclared_parameter_is_refused_or_dropped_as_before(
 
 
 async def test_links_on_an_alias_are_kept_and_others_dropped_and_counted(
-        shapes: Shapes) -> None:
+        shapes: Shapes, caplog: pytest.LogCaptureFixture) -> None:
     shapes.cerner.extra_links.append(
-        {"relation": "related", "url": "https://fhir-elsewhere.example/r4/Slot?x=1"})
+        {"relation": "related", "url": f"https://fhir-elsewhere.example/r4/Slot?x={CANARY}"})
     answer = await shapes.call("GET", "/fhir/Slot?_count=2")
+    assert "dropped" in caplog.text and CANARY not in caplog.text
     relations = [link["relation"] for link in answer.body["link"]]
     assert relations == ["self", "next"]  # on localhost (an alias): kept, as cursors
     assert "elsewhere" not in answer.raw.decode()
@@ -362,7 +365,7 @@ async def test_everything_is_forwarded_when_a_table_declares_it(
 @pytest.mark.parametrize(("mode", "status"), [("pass", 200), ("repair", 200),
                                               ("reject", 502)])
 async def test_invalid_vendor_content_is_passed_repaired_or_rejected(
-        shapes: Shapes, mode: str, status: int) -> None:
+        shapes: Shapes, mode: str, status: int, caplog: pytest.LogCaptureFixture) -> None:
     epic = backend(shapes, "epic")
     saved = epic.spec
     epic.spec = dataclasses.replace(saved, validation=mode)
@@ -371,6 +374,7 @@ async def test_invalid_vendor_content_is_passed_repaired_or_rejected(
     finally:
         epic.spec = saved
     assert answer.status == status, answer.body
+    assert EPIC_PATIENT not in caplog.text and "Vitals comment" not in caplog.text
     if mode == "pass":
         assert answer.body["valueString"] == ""
     elif mode == "repair":
