@@ -2,9 +2,11 @@
 
 A remote backend's `next` link is its own (Cerner's `-pageContext`, Epic's session ids);
 the facade hands the caller a cursor instead: the backend's link and the caller's search,
-sealed with AES-256-GCM under a key of this gateway. The client id is the associated
-data, so a cursor opens only for the client it was issued to; it carries its expiry. A
-caller learns nothing of the backend's URL, and cannot forge or widen one.
+sealed with AES-256-GCM under a key of this gateway (derived from the audit signing key
+when there is one, so instances that share it share cursors; else the process's own).
+The client id is the associated data, so a cursor opens only for the client it was
+issued to; it carries its expiry. A caller learns nothing of the backend's URL, and
+cannot forge or widen one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.policy.errors import CursorRefused
 
@@ -39,6 +43,14 @@ class PageCursors:
         self._cipher = AESGCM(key if key is not None else secrets.token_bytes(32))
         self.lifetime = lifetime
         self._clock = clock
+
+    @classmethod
+    def derived(cls, secret: bytes, lifetime: float = DEFAULT_LIFETIME) -> PageCursors:
+        """Cursors under a key derived (HKDF-SHA256) from a secret the gateway already
+        keeps, so that instances sharing it open each other's cursors."""
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"isthmus-page-cursor-v1").derive(secret)
+        return cls(key, lifetime)
 
     def seal(self, client_id: str, content: dict[str, Any]) -> str:
         """A cursor for this client holding `content` (JSON-able), expiring later."""

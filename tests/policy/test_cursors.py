@@ -57,3 +57,11 @@ def test_a_cursor_expires() -> None:
 def test_the_same_key_opens_across_instances() -> None:
     key = bytes(range(32))
     assert PageCursors(key).open("a", PageCursors(key).seal("a", CONTENT)) == CONTENT
+
+
+def test_cursors_derived_from_one_secret_open_across_instances() -> None:
+    secret = b"the audit signing key's mac key, shared by instances"
+    cursor = PageCursors.derived(secret).seal("a", CONTENT)
+    assert PageCursors.derived(secret).open("a", cursor) == CONTENT
+    with pytest.raises(CursorRefused):
+        PageCursors.derived(b"another gateway's").open("a", cursor)
