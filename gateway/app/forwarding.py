@@ -21,6 +21,7 @@ from gateway.forward.normalize import load_vendor
 from gateway.forward.outbox import Dispatcher
 from gateway.forward.routes import Router
 from gateway.mapping.tables import SHIPPED
+from gateway.policy.cursors import PageCursors
 from gateway.store import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 from gateway.telemetry import Telemetry
@@ -49,7 +50,8 @@ class Forwarding:
 
 
 async def open_forwarding(settings: Settings, inbox: SqliteInbox,
-                          telemetry: Telemetry) -> Forwarding:
+                          telemetry: Telemetry, cursor_secret: bytes | None = None
+                          ) -> Forwarding:
     """Open every [[backends]] entry, start the outbox and build the FHIR facade."""
     forwarding = Forwarding(build_router(settings), {})
     try:
@@ -68,24 +70,30 @@ async def open_forwarding(settings: Settings, inbox: SqliteInbox,
                 telemetry, poll_interval=settings.forward.poll_interval)
             await forwarding.dispatcher.start()
         if forwarding.router.remote_types:
-            forwarding.facade = _facade(settings, forwarding)
+            cursors = (PageCursors.derived(cursor_secret) if cursor_secret is not None
+                       else None)
+            forwarding.facade = _facade(settings, forwarding, telemetry, cursors)
     except BaseException:
         await forwarding.close()
         raise
     return forwarding
 
 
-def _facade(settings: Settings, forwarding: Forwarding) -> Facade:
+def _facade(settings: Settings, forwarding: Forwarding, telemetry: Telemetry,
+            cursors: PageCursors | None) -> Facade:
     remote = [c for c in settings.backends if c.kind == "fhir"]
     # Each backend its own cache and lifetime; 0 turns caching off for that backend.
     caches = {c.name: ReadCache(c.cache_ttl, c.cache_entries)
               for c in remote if c.cache_ttl > 0 and c.cache_entries > 0}
     shipped = settings.mapping.tables_dir or SHIPPED
-    normalizers = {c.name: load_vendor(c.vendor, shipped, settings.mapping.site_dir)
-                   for c in remote if c.vendor}
+    # One Normalizer per table: backends naming the same table share it (and its hits).
+    tables = {name: load_vendor(name, shipped, settings.mapping.site_dir)
+              for name in sorted({c.vendor for c in remote if c.vendor})}
+    normalizers = {c.name: tables[c.vendor] for c in remote if c.vendor}
     return Facade(forwarding.router,
                   {name: backend for name, backend in forwarding.backends.items()
-                   if isinstance(backend, FhirBackend)}, caches, normalizers)
+                   if isinstance(backend, FhirBackend)}, caches, normalizers,
+                  cursors=cursors, telemetry=telemetry)
 
 
 def _warn_if_insecure(backend: BackendConfig) -> None:

@@ -170,7 +170,12 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
 async def forwarding(app: web.Application) -> AsyncIterator[None]:
     """Backends, outbox and facade; closed before the inbox, whose connection the outbox
     shares. Pending rows stay pending."""
-    opened = await open_forwarding(app[SETTINGS], app[http.INBOX], app[TELEMETRY])
+    audit_log = app.get(audit_http.AUDIT)
+    # The facade's paging cursors under a key derived from the audit signing key: the
+    # instances that keep one trail open each other's cursors.
+    secret = audit_log.keys.signing.mac_key if audit_log is not None else None
+    opened = await open_forwarding(app[SETTINGS], app[http.INBOX], app[TELEMETRY],
+                                   cursor_secret=secret)
     app[FORWARDING] = opened
     try:
         yield

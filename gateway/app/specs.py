@@ -174,7 +174,8 @@ def fhir_backend_spec(config: BackendConfig) -> FhirBackendSpec:
         max_concurrency=config.max_concurrency, max_retries=config.max_retries,
         backoff_base=config.backoff_base, backoff_max=config.backoff_max,
         max_retry_after=config.max_retry_after, breaker_failures=config.breaker_failures,
-        breaker_reset=config.breaker_reset)
+        breaker_reset=config.breaker_reset, aliases=config.aliases,
+        validation=config.validation)
 
 
 def mllp_backend_spec(config: BackendConfig) -> MllpBackendSpec:

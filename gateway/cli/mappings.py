@@ -20,11 +20,17 @@ def add_parser(sub: Subparsers) -> None:
     check.add_argument("dir", nargs="?", type=Path, metavar="DIR",
                        help="a site directory overriding the shipped tables")
     check.add_argument("--tables", type=Path, help="check this table set instead of the shipped")
+    check.add_argument("--against", type=Path, metavar="FILE.json",
+                       help="report which vendor table rows this payload (a resource or a "
+                            "Bundle) would hit")
+    check.add_argument("--vendor", action="append", metavar="NAME",
+                       help="the vendor table(s) to report on (default: every one)")
     check.set_defaults(run=_mappings_check)
 
 
 def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.agent.matching import MatchingRules
+    from gateway.cli.vendor_report import check_vendor_tables
     from gateway.fhir.search import TABLE as SEARCH_TABLE
     from gateway.fhir.search import SearchRegistry, SearchTableError
     from gateway.mapping.engine import Translator
@@ -57,4 +63,4 @@ def _mappings_check(args: argparse.Namespace) -> int:
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
     print(f"ok: FHIR search parameters for {len(registry.types())} resource types")
     print("ok: the agent API's caller matching rules")
-    return 0
+    return check_vendor_tables(tables, args.dir, args.vendor, args.against)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from gateway.config.base import Section as _Section
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 LOCAL_BACKEND = "local"
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
 class BackendAuthConfig(_Section):
@@ -86,6 +88,13 @@ class BackendConfig(_Section):
     cache_entries: int = Field(default=10_000, ge=0)
     # A vendor normalisation table under mappings/vendors/ (e.g. "epic"), "" for none.
     vendor: str = Field(default="", pattern=r"^[a-z0-9_-]{0,32}$")
+    # fhir: other host names of the same server ("host" or "host:port"); a link in an
+    # answer on one of them is the server's own, like one on base_url.
+    aliases: tuple[str, ...] = Field(default=(), max_length=32)
+    # fhir: what the facade does with an answer that is not valid R4: "repair" the
+    # vendor table's known quirks and refuse what is still invalid (502), "pass" it on
+    # (counted), "reject" it (502 naming the element).
+    validation: Literal["repair", "pass", "reject"] = "pass"
 
     @model_validator(mode="after")
     def _addressed(self) -> BackendConfig:
@@ -101,6 +110,10 @@ class BackendConfig(_Section):
         if not self.verify_tls and not self.allow_insecure_http:
             raise ValueError(f"backend '{self.name}': verify_tls = false needs "
                              "allow_insecure_http = true")
+        for alias in self.aliases:
+            if not _HOST.fullmatch(alias):
+                raise ValueError(f"backend '{self.name}': an alias is a host name, "
+                                 "optionally with :port (no scheme, no path)")
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError(f"backend '{self.name}': client_cert_file and client_key_file "
                              "go together")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.fhir.errors import FhirError
 from gateway.forward.errors import BackendUnavailable
 
 
@@ -59,3 +60,8 @@ class BackendFailed(EdgeError):
         super().__init__(backend)
         self.backend = backend
         self.error = error
+
+
+class BackendRefused(FhirError):
+    """A refusal that a remote backend caused (its error status without an
+    OperationOutcome, an answer that is not FHIR or not valid R4), answered as ours."""

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 from aiohttp import web
@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditRecord
 from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
-from gateway.fhir.model import is_resource_type
+from gateway.fhir.model import is_resource_type, required_elements
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.policy import Principal, Profile
@@ -79,6 +79,17 @@ class Facade(Protocol):
 
     def remote(self, resource_type: str, interaction: str) -> Interactions | None:
         """The answerer for a request whose type a backend serves; None: the local store."""
+        ...
+
+
+@runtime_checkable
+class OperationFacade(Protocol):
+    """A facade that also proxies the operations its backends' vendor tables declare
+    (implemented by `fhir_proxy.Facade`)."""
+
+    def operation(self, resource_type: str, name: str, level: str) -> Any:
+        """(answerer, declared operation) for `$name` at `level` ("type" or "instance")
+        of this type; None when no backend serving the type offers it."""
         ...
 
 
@@ -413,8 +424,12 @@ class Interactions(Protocol):
 
 
 def _only_elements(resource: dict[str, Any], elements: Sequence[str]) -> dict[str, Any]:
-    """_elements: the named top-level elements plus resourceType, id and meta, tagged."""
-    keep = {"resourceType", "id", "meta", *elements}
+    """_elements: the named top-level elements plus resourceType, id, meta and what the
+    R4 model requires of the type (FHIR R4 search.html §3.1.1.5.9: "servers SHOULD
+    return mandatory elements"), tagged SUBSETTED when something was left out."""
+    required = required_elements(str(resource.get("resourceType")))
+    keep = {"resourceType", "id", "meta", *elements, *required,
+            *("_" + name for name in required)}
     out = {k: v for k, v in resource.items() if k in keep}
     if len(out) < len(resource):
         out["meta"] = tag_subsetted(out.get("meta"))

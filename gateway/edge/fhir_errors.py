@@ -21,6 +21,7 @@ from gateway.audit import Action, AuditRecord, QueryError
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth import PRINCIPAL, AuthError
 from gateway.edge.errors import BackendFailed as BackendFailed  # defined with the edge's root
+from gateway.edge.errors import BackendRefused
 from gateway.edge.errors import Passthrough as Passthrough  # defined with the edge's root
 from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
 from gateway.forward.backend import BackendTimeout
@@ -37,6 +38,9 @@ _REFUSALS = (FhirError, AuthError, QueryError, Passthrough, BackendFailed)
 # Refusals recorded in the audit trail, and how long the answer waits for the record: it
 # is answered anyway after that (refusing grants nothing), the record commits when it can.
 _AUDITED = frozenset({401, 403})
+# A remote backend's refusals are recorded too, whatever their status: the caller was
+# refused by the EHR, which the trail must show as it shows the gateway's own refusals.
+_FROM_BACKEND = (Passthrough, BackendFailed, BackendRefused)
 REFUSAL_AUDIT_WAIT = 2.0
 
 
@@ -49,7 +53,7 @@ async def outcomes(request: web.Request, handler: Handler) -> web.StreamResponse
             return await handler(request)
         except Exception as exc:
             answer = refusal(request, exc)
-            if answer.status in _AUDITED:
+            if answer.status in _AUDITED or isinstance(exc, _FROM_BACKEND):
                 await _record_refusal(request, answer.status, exc)
             return answer
     try:
@@ -64,7 +68,8 @@ def refusal(request: web.Request, error: Exception) -> web.StreamResponse:
     try:
         raise error
     except FhirError as exc:
-        return _outcome(exc.status, exc.reason, exc.expression, exc.code, exc.headers)
+        return _outcome(exc.status, exc.reason, exc.expression, exc.code, exc.headers,
+                        exc.details)
     except AuthError as exc:
         headers = {"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else {}
         return _outcome(exc.status, exc.reason, headers=headers)
@@ -114,7 +119,9 @@ async def _record_refusal(request: web.Request, status: int, error: Exception) -
         trace_id=format(span.trace_id, "032x") if span.is_valid else "",
         # AuthError reasons are fixed phrases (jose's TokenError); other refusals' texts
         # may name search parameters, so only their kind is kept.
-        detail=error.reason[:120] if isinstance(error, AuthError) else "refused")
+        detail=(error.reason[:120] if isinstance(error, AuthError)
+                else "refused by the backend" if isinstance(error, _FROM_BACKEND)
+                else "refused"))
     try:
         await asyncio.wait_for(audit.record(record), REFUSAL_AUDIT_WAIT)
     except (TimeoutError, StoreUnavailable):
@@ -143,8 +150,8 @@ def parser_refusal(error: HttpProcessingError, max_line_bytes: int) -> web.Respo
 
 
 def _outcome(status: int, reason: str, expression: str | None = None,
-             code: str | None = None, headers: Mapping[str, str] | None = None
-             ) -> web.Response:
-    body = outcome_bytes(FhirError(status, reason, expression, code))
+             code: str | None = None, headers: Mapping[str, str] | None = None,
+             details: list[dict[str, str]] | None = None) -> web.Response:
+    body = outcome_bytes(FhirError(status, reason, expression, code, details=details))
     return web.Response(body=body, status=status, headers=dict(headers or {}),
                         content_type=FHIR_JSON)

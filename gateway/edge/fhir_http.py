@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from gateway.edge.auth_server import AUTH_SERVER
-from gateway.edge.fhir_api import FHIR, Call, Interactions
+from gateway.edge.fhir_api import FHIR, Call, Interactions, OperationFacade
 from gateway.edge.fhir_batch import batch_or_transaction
 from gateway.edge.fhir_local import LOCAL
 from gateway.edge.fhir_request import call_for, check_format, search_params
@@ -28,6 +28,7 @@ routes = web.RouteTableDef()
 
 _TYPE = r"/fhir/{type:[A-Z][A-Za-z]+}"
 _INSTANCE = _TYPE + r"/{id:[A-Za-z0-9\-.]{1,64}}"
+_OPERATION = r"/{op:\$[a-z][A-Za-z0-9-]{0,63}}"
 
 
 def answerer(call: Call) -> Interactions:
@@ -114,6 +115,34 @@ async def search_post(request: web.Request) -> web.Response:
     fields: MultiDict[str] = MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
     # GET and POST _search alike: a remote search sent by POST stays a POST.
     return await answerer(call).search(call, search_params(request, fields))
+
+
+# -- operations: those a backend's vendor table declares, proxied ------------------------
+
+
+@routes.get(_TYPE + _OPERATION)
+@routes.post(_TYPE + _OPERATION)
+async def type_operation(request: web.Request) -> web.Response:
+    return await _operation(await _typed(request, "operation"), "type")
+
+
+@routes.get(_INSTANCE + _OPERATION)
+@routes.post(_INSTANCE + _OPERATION)
+async def instance_operation(request: web.Request) -> web.Response:
+    return await _operation(await _typed(request, "operation"), "instance")
+
+
+async def _operation(call: Call, level: str) -> web.Response:
+    name = call.request.match_info["op"]
+    facade = call.api.facade
+    found = (facade.operation(call.resource_type, name, level)
+             if isinstance(facade, OperationFacade) else None)
+    if found is None:
+        raise FhirError(404, f"operation {name} is not offered on {call.resource_type} "
+                        f"at the {level} level here", code="not-supported")
+    remote, declared = found
+    response: web.Response = await remote.operation(call, declared)
+    return response
 
 
 # -- writes -----------------------------------------------------------------------------------

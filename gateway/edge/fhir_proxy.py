@@ -22,12 +22,17 @@ interactions (`fhir_api.Interactions`); reads are answered here, searches in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
 from gateway.audit import Action
-from gateway.edge import fhir_proxy_search, fhir_proxy_writes
+from gateway.edge import (
+    fhir_proxy_bundle,
+    fhir_proxy_operations,
+    fhir_proxy_search,
+    fhir_proxy_writes,
+)
 from gateway.edge.fhir_api import Call, Pairs
 from gateway.edge.fhir_proxy_backend import BackendLink, passed_headers
 from gateway.edge.fhir_request import access, elements_param, unknown
@@ -35,8 +40,11 @@ from gateway.fhir import jsonio
 from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.forward.cache import ReadCache
 from gateway.forward.fhir_backend import FhirBackend
-from gateway.forward.normalize import Normalizer
+from gateway.forward.metrics import FacadeMetrics
+from gateway.forward.normalize import Normalizer, Operation
 from gateway.forward.routes import LOCAL, Router
+from gateway.policy.cursors import PageCursors
+from gateway.telemetry import Telemetry
 
 
 class Facade:
@@ -44,13 +52,22 @@ class Facade:
 
     def __init__(self, router: Router, backends: Mapping[str, FhirBackend],
                  cache: ReadCache | Mapping[str, ReadCache] | None = None,
-                 normalizers: Mapping[str, Normalizer] | None = None) -> None:
+                 normalizers: Mapping[str, Normalizer] | None = None,
+                 cursors: PageCursors | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         """`cache`: one read-through cache for every backend, or one per backend name (a
-        backend without one is not cached); `normalizers`: vendor tables by backend."""
+        backend without one is not cached); `normalizers`: vendor tables by backend;
+        `cursors`: what seals the backends' paging links (a key of this process when not
+        given); `telemetry`: where the facade's counters go (none when not given)."""
         self.router = router
         self.backends = dict(backends)
         self.cache = cache
         self.normalizers = dict(normalizers or {})
+        self.cursors = cursors if cursors is not None else PageCursors()
+        self.metrics = FacadeMetrics.of(telemetry.meter) if telemetry is not None else None
+        if self.metrics is not None:
+            for normalizer in {id(n): n for n in self.normalizers.values()}.values():
+                self.metrics.watch_table(normalizer.name, _hits_of(normalizer))
         self._routes: dict[tuple[str, str], FhirBackend | None] = {}
 
     def cache_for(self, backend: str) -> ReadCache | None:
@@ -77,12 +94,35 @@ class Facade:
         backend = self.backend_for(resource_type, interaction)
         if backend is None:
             return None
-        return Remote(BackendLink(backend, self.cache_for(backend.name),
-                                  self.normalizer(backend.name)))
+        return Remote(self._link(backend))
+
+    def operation(self, resource_type: str, name: str, level: str
+                  ) -> tuple[Remote, Operation] | None:
+        """The proxy for an operation a backend serving this type declares in its vendor
+        table (routed like the interaction whose scope it needs); None: not offered."""
+        for backend in dict.fromkeys(b for b in (
+                self.backend_for(resource_type, i) for i in _INTERACTIONS) if b is not None):
+            normalizer = self.normalizer(backend.name)
+            declared = normalizer.operation(resource_type, name, level) if normalizer else None
+            if declared is not None and self.backend_for(
+                    resource_type, declared.interaction) is backend:
+                return Remote(self._link(backend)), declared
+        return None
+
+    def _link(self, backend: FhirBackend) -> BackendLink:
+        return BackendLink(backend, self.cache_for(backend.name),
+                           self.normalizer(backend.name), self.cursors, self.metrics)
 
     def normalizer(self, backend: str) -> Normalizer | None:
         found = self.normalizers.get(backend)
         return found if found else None
+
+
+def _hits_of(normalizer: Normalizer) -> Callable[[], dict[int, int]]:
+    return lambda: normalizer.hits
+
+
+_INTERACTIONS = ("read", "search", "create", "update", "delete")
 
 
 class Remote:
@@ -105,7 +145,13 @@ class Remote:
                         f"served by backend {self.link.name}", code="not-supported")
 
     async def search(self, call: Call, params: Pairs) -> web.Response:
-        return await fhir_proxy_search.search(self.link, call, params)
+        page = fhir_proxy_bundle.opened(self.link, call, params)
+        if page is not None and page.operation:
+            return await fhir_proxy_operations.next_page(self.link, call, page)
+        return await fhir_proxy_search.search(self.link, call, params, page)
+
+    async def operation(self, call: Call, operation: Operation) -> web.Response:
+        return await fhir_proxy_operations.operation(self.link, call, operation)
 
     async def create(self, call: Call) -> web.Response:
         return await fhir_proxy_writes.create(self.link, call)
@@ -136,7 +182,10 @@ class Remote:
             # A deleted resource a limited caller cannot judge answers like an unknown one.
             await api.record([access(call, Action.READ, "404", resource_id=target,
                                      patient=patient if response.status == 410 else None)])
-            raise unknown(type_)
+            error = unknown(type_)
+            if response.status == 404:
+                error.details = self.link.error_codes(response)  # the vendor's codes
+            raise error
         if response.status == 410:
             await api.record([access(call, Action.READ, "410", resource_id=target)])
             raise FhirError(410, f"this {type_} was deleted")

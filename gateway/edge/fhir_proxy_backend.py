@@ -1,29 +1,39 @@
 """One remote FHIR backend as the facade asks it: the call (through the read-through
-cache for GET reads and searches), the answer read as FHIR JSON and normalised by the
-backend's vendor table, its refusals turned into ours, its URLs moved to our base."""
+cache for GET reads and searches), the answer read as FHIR JSON, normalised by the
+backend's vendor table and checked against R4 as the backend's `validation` mode says,
+its refusals turned into ours (its own error codes kept), its URLs moved to our base
+(the backend's base or one of its aliases; a link elsewhere is dropped and counted)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import trace
 
+from gateway.edge.errors import BackendRefused
 from gateway.edge.fhir_api import Call, Pairs
 from gateway.edge.fhir_errors import BackendFailed, Passthrough
 from gateway.fhir import jsonio
 from gateway.fhir.outcome import FHIR_JSON, FhirError
+from gateway.fhir.validate import InvalidResource, validate_resource
 from gateway.forward.backend import BackendUnavailable, FhirResponse
 from gateway.forward.cache import ReadCache
 from gateway.forward.fhir_backend import FhirBackend
+from gateway.forward.metrics import FacadeMetrics
 from gateway.forward.normalize import Normalizer
+from gateway.policy.cursors import PageCursors
 from gateway.telemetry import set_attributes
+
+log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 
@@ -31,6 +41,7 @@ Json = dict[str, Any]
 _PASSED_HEADERS = ("ETag", "Last-Modified")
 _VERSION = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Parameters that make a search answer partial representations: not kept as reads.
+_RELATIONS = frozenset({"self", "next", "previous", "prev", "first", "last"})
 _PARTIAL = frozenset({"_summary", "_elements", "_contained", "_containedType"})
 
 
@@ -41,6 +52,8 @@ class BackendLink:
     backend: FhirBackend
     cache: ReadCache | None = None
     normalizer: Normalizer | None = None
+    cursors: PageCursors | None = None
+    metrics: FacadeMetrics | None = None
 
     @property
     def name(self) -> str:
@@ -85,9 +98,12 @@ class BackendLink:
         if self.cache is not None:
             self.cache.invalidate(self.backend.name, resource_type)
 
-    def resource(self, response: FhirResponse, expected: str | None) -> Json:
-        """The answer's resource, normalised by the backend's vendor table; 502 when it
-        is not FHIR JSON (or not the type asked for)."""
+    def resource(self, response: FhirResponse, expected: str | None, *,
+                 refuse_invalid: bool = True) -> Json:
+        """The answer's resource, normalised by the backend's vendor table and checked
+        against R4 by its validation mode; 502 when it is not FHIR JSON (or not the type
+        asked for), or not valid R4 where the mode refuses that. `refuse_invalid=False`
+        (a write's representation: the write is done) passes an invalid one, counted."""
         try:
             document = jsonio.loads(response.body)
         except ValueError:
@@ -96,11 +112,42 @@ class BackendLink:
             raise self.bad_answer("an answer that is not a FHIR resource")
         if expected is not None and document["resourceType"] != expected:
             raise self.bad_answer(f"an answer that is not a {expected}")
+        mode = self.backend.spec.validation
         normalizer = self.normalizer
-        return normalizer.apply(document, in_place=True) if normalizer else document
+        if normalizer:
+            repair = mode == "repair"
+            before = normalizer.repairs_made() if repair else 0
+            normalizer.apply(document, in_place=True, repair=repair)
+            if repair and normalizer.repairs_made() != before:
+                self._count_invalid("repaired")
+        self._validate(document, mode if refuse_invalid else "pass")
+        return document
+
+    def _validate(self, document: Json, mode: str) -> None:
+        """`pass`: an invalid answer goes on, counted and logged (type and element only);
+        `repair` (after the table's repairs) and `reject`: 502 naming the element."""
+        try:
+            validate_resource(document)
+        except InvalidResource as exc:
+            where = f"{exc.resource_type}.{exc.path}" if exc.path else exc.resource_type
+            if mode == "pass":
+                self._count_invalid("passed")
+                log.warning("backend %s sent a %s that is not valid R4 (%s); passed on",
+                            self.name, exc.resource_type, where)
+                return
+            self._count_invalid("rejected")
+            raise BackendRefused(502, f"backend {self.name} sent a {exc.resource_type} "
+                                 f"that is not valid R4: {where}: {exc.reason}", where,
+                                 code="structure") from None
+
+    def _count_invalid(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.invalid_answers.add(1, {"forward.backend": self.name,
+                                                 "outcome": outcome})
 
     def bad_answer(self, what: str) -> FhirError:
-        return FhirError(502, f"backend {self.backend.name} sent {what}", code="exception")
+        return BackendRefused(502, f"backend {self.backend.name} sent {what}",
+                              code="exception")
 
     def refused(self, response: FhirResponse) -> Exception:
         """A backend's refusal as the caller gets it: its status, its OperationOutcome as
@@ -114,23 +161,61 @@ class BackendLink:
         if response.status in (401, 407):
             # The gateway's own credentials, not the caller's: a 401 passed on would send
             # the caller to renew a token that is fine.
-            return FhirError(502, f"backend {self.backend.name} did not accept the "
-                             "gateway's credentials", code="exception")
+            return BackendRefused(502, f"backend {self.backend.name} did not accept the "
+                                  "gateway's credentials", code="exception",
+                                  details=self.error_codes(response))
         if _is_outcome(response.body):
             return Passthrough(web.Response(status=response.status, body=response.body,
                                             headers=headers, content_type=FHIR_JSON))
-        return FhirError(response.status, f"backend {self.backend.name} refused the "
-                         f"request (HTTP {response.status})", headers=headers)
+        return BackendRefused(response.status, f"backend {self.backend.name} refused the "
+                              f"request (HTTP {response.status})", headers=headers)
 
-    def ours(self, url: str, base: str) -> str | None:
-        """A backend URL on our base (a relative one is taken as the backend's); None for a
-        URL elsewhere."""
+    def error_codes(self, response: FhirResponse) -> list[dict[str, str]]:
+        """The backend's own error codes in its OperationOutcome (the systems its vendor
+        table declares; codes only, never text)."""
+        if self.normalizer is None or not response.body or len(response.body) > 1_000_000:
+            return []
+        try:
+            outcome = jsonio.loads(response.body)
+        except ValueError:
+            return []
+        return self.normalizer.error_codes(outcome)
+
+    def relative(self, url: str) -> str | None:
+        """A backend URL as a path (and query) relative to its base: on `base_url`, or on
+        an alias host with the same path; a relative one is taken as the backend's. None
+        for a URL elsewhere."""
         theirs = self.backend.spec.base_url.rstrip("/")
         if url == theirs or url.startswith((theirs + "/", theirs + "?")):
-            return base + url[len(theirs):]
-        if "://" not in url and not url.startswith("/"):
-            return f"{base}/{url}"
+            return url[len(theirs):].lstrip("/")
+        if "://" not in url:
+            return None if url.startswith("/") else url
+        aliases = self.backend.spec.aliases
+        if aliases:
+            base, address = urlsplit(theirs), urlsplit(url)
+            if address.netloc.lower() in {a.lower() for a in aliases} and (
+                    address.scheme == base.scheme):
+                on_base = theirs.replace(base.netloc, address.netloc, 1)
+                if url == on_base or url.startswith((on_base + "/", on_base + "?")):
+                    return url[len(on_base):].lstrip("/")
         return None
+
+    def ours(self, url: str, base: str) -> str | None:
+        """A backend URL on our base (a relative one is taken as the backend's, an alias
+        host's as its base's); None for a URL elsewhere."""
+        relative = self.relative(url)
+        if relative is None:
+            return None
+        return f"{base}/{relative}" if relative and not relative.startswith("?") else (
+            base + relative)
+
+    def dropped(self, relation: str) -> None:
+        """A link to a host that is not the backend's: dropped, and never silently."""
+        if self.metrics is not None:
+            self.metrics.links_dropped.add(1, {"forward.backend": self.name})
+        log.warning("backend %s: a '%s' link to a host that is neither its base_url nor "
+                    "an alias was dropped", self.name,
+                    relation if relation in _RELATIONS else "other")
 
 
 def as_list(value: Any) -> list[Any]:

@@ -246,13 +246,15 @@ async def _written(link: BackendLink, call: Call, response: FhirResponse, action
     caller, its Location on our base."""
     api, principal, type_ = call.api, call.principal, call.resource_type
     if response.status >= 400:
-        await api.record([access(call, action, str(response.status),
-                                 resource_id=target)])
+        # Recorded by the error middleware, as every refusal a backend causes is.
         raise link.refused(response)
     if not 200 <= response.status < 300:
         raise link.bad_answer(f"HTTP {response.status}")
     base = api.base(call.request)
-    document = link.resource(response, None) if response.body.strip() else None
+    # The write is done: a representation that is not valid R4 is passed (and counted),
+    # never answered 502, which would invite the caller to write again.
+    document = (link.resource(response, None, refuse_invalid=False)
+                if response.body.strip() else None)
     resource = document if document and document.get("resourceType") == type_ else None
     headers = passed_headers(response, resource)
     location = response.headers.get("Location")

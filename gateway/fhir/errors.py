@@ -52,13 +52,17 @@ class FhirError(FhirCodecError):
     element or parameter it concerns (FHIRPath-like, e.g. 'Patient.birthDate')."""
 
     def __init__(self, status: int, reason: str, expression: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None,
+                 details: list[dict[str, str]] | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.expression = expression
         self.code = code or ISSUE_CODES.get(status, "processing")
         self.headers = headers or {}
+        # Codings for the issue's `details` (a backend's own error codes: system and
+        # code only, never its text).
+        self.details = details or []
 
 
 class BodyError(FhirError):

@@ -50,6 +50,28 @@ def is_resource_type(name: str) -> bool:
 
 
 @cache
+def required_elements(resource_type: str) -> frozenset[str]:
+    """The top-level elements of a type with minimum cardinality 1, by JSON name (every
+    variant of a required choice): what a subset (`_elements`, a task profile) keeps."""
+    if not is_resource_type(resource_type):
+        return frozenset()
+    required: set[str] = set()
+    for field_name, field in get_fhir_model_class(resource_type).model_fields.items():
+        if field_name.endswith("__ext") or field_name == "fhir_comments":
+            continue
+        name = field.alias or field_name
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if isinstance(extra.get("one_of_many"), str):
+            if extra.get("one_of_many_required"):
+                required.add(name)
+        # fhir.resources marks required complex elements as pydantic-required and
+        # required primitives with 'element_required' (they may come as '_x' only).
+        elif field.is_required() or extra.get("element_required"):
+            required.add(name)
+    return frozenset(required)
+
+
+@cache
 def is_type(name: str) -> bool:
     """A FHIR data type or resource name the model knows ('HumanName', 'Patient', 'date')."""
     if name in PRIMITIVE_TYPES:

@@ -19,10 +19,13 @@ FHIR_JSON = "application/fhir+json"
 
 
 def operation_outcome(status: int, reason: str, expression: str | None = None,
-                      code: str | None = None, severity: str = "error") -> dict[str, Any]:
+                      code: str | None = None, severity: str = "error",
+                      details: list[dict[str, str]] | None = None) -> dict[str, Any]:
     issue: dict[str, Any] = {"severity": severity,
-                             "code": code or ISSUE_CODES.get(status, "processing"),
-                             "diagnostics": reason}
+                             "code": code or ISSUE_CODES.get(status, "processing")}
+    if details:
+        issue["details"] = {"coding": details}
+    issue["diagnostics"] = reason
     if expression:
         issue["expression"] = [expression]
     return {"resourceType": "OperationOutcome", "issue": [issue]}
@@ -30,7 +33,7 @@ def operation_outcome(status: int, reason: str, expression: str | None = None,
 
 def outcome_bytes(error: FhirError) -> bytes:
     return orjson.dumps(operation_outcome(error.status, error.reason, error.expression,
-                                          error.code))
+                                          error.code, details=error.details))
 
 
 def information(reason: str) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class FhirBackendSpec:
     max_retry_after: float = 5.0
     breaker_failures: int = 5
     breaker_reset: float = 30.0
+    aliases: tuple[str, ...] = ()  # other "host[:port]" names of the same server
+    validation: str = "pass"  # repair | pass | reject: an answer that is not valid R4
 
 
 def client_ssl_context(spec: FhirBackendSpec) -> ssl.SSLContext | None:

@@ -65,3 +65,43 @@ class ForwardMetrics:
         return [Observation(count(), {"forward.backend": name})
                 for name, count in list(self._refreshes.items())]
 
+
+
+class FacadeMetrics:
+    """The facade's counters of one meter: the hits of every vendor table row (rows that
+    never matched show as 0), links to hosts that are not the backend's, dropped, and
+    answers that were not valid R4, by what was done with them. Labels: backend, table
+    name, row line, a fixed word; never a URL or a value."""
+
+    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, FacadeMetrics] = (
+        weakref.WeakKeyDictionary())
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.links_dropped = meter.create_counter(
+            "isthmus.facade.links_dropped", unit="{link}",
+            description="Links in a backend's answer to a host that is not the backend's "
+                        "(base_url or an alias), dropped")
+        self.invalid_answers = meter.create_counter(
+            "isthmus.facade.invalid_answers", unit="{answer}",
+            description="Backend answers that were not valid R4, by outcome "
+                        "(passed, repaired, rejected)")
+        self._tables: dict[str, Callable[[], dict[int, int]]] = {}
+        meter.create_observable_counter(
+            "isthmus.vendor.rule_hits", callbacks=[self._observe_hits], unit="{hit}",
+            description="Times each vendor table row matched, by table and row (line)")
+
+    @classmethod
+    def of(cls, meter: metrics.Meter) -> FacadeMetrics:
+        found = cls._by_meter.get(meter)
+        if found is None:
+            found = cls._by_meter[meter] = cls(meter)
+        return found
+
+    def watch_table(self, name: str, hits: Callable[[], dict[int, int]]) -> None:
+        """Report a vendor table's row hits (every row, 0 for those never hit)."""
+        self._tables[name] = hits
+
+    def _observe_hits(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"vendor.table": name, "vendor.row": line})
+                for name, hits in list(self._tables.items())
+                for line, count in sorted(hits().items())]

@@ -1,131 +1,236 @@
 """Vendor normalisation: per-backend tables that absorb an EHR's quirks, so a client sees
-one shape whichever EHR answered.
+one shape whichever EHR answered, and that declare what the EHR accepts beyond FHIR.
 
-A table (`mappings/vendors/<name>.csv`, columns `resource,rule,path,from,to,note`) is a
-list of small rewrites applied, in row order, to every resource a FHIR backend returns.
-`path` names elements of the rule's type (in brackets):
-
-- identifier-system (Identifier): `system` `from` becomes `to`;
-- coding-system (Coding): `system` `from` becomes `to`;
-- code (Coding): `from` = system|code becomes `to` = system|code[|display];
-- extension-to-telecom (ContactPoint): an extension with url `from` on the element that
-  holds `path` (valueString or valueContactPoint) becomes a ContactPoint with system
-  `to`, and is removed;
-- drop-extension (Extension): extensions with url `from` are removed;
-- telecom-use (ContactPoint): `use` `from` becomes `to`.
-
-`resource` is a FHIR type or `*`. Rows are checked when the table is loaded (a path of a
-named type against the R4 model); a bad row stops the start with `file:line: reason`.
+A table (`mappings/vendors/<name>.csv`, read and checked by `vendor_rows`) is a list of
+rows. The answer rules rewrite, in row order, every resource a FHIR backend returns
+(`apply`); `to_vendor` runs the system and code rules backwards over a request's token
+search values, so a search with the canonical code finds the vendor's. The declarations
+name the vendor's extra search parameters and operations, and the coding systems of its
+error codes. Every row counts its hits (`hits`: row line -> count), so a row that never
+matches anything is visible (`isthmus.vendor.rule_hits`, `isthmus mappings check
+--against`).
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.fhir.model import UnknownElement, element, is_resource_type
+from gateway.forward.vendor_rows import (
+    ANY,
+    CONTACT_SYSTEMS,
+    CONTACT_USES,
+    RULE_TYPES,
+    Rule,
+    read_rules,
+)
 from gateway.mapping.errors import TableError
-from gateway.mapping.tables import Where, records
 
-COLUMNS = ("resource", "rule", "path", "from", "to", "note")
+__all__ = ["ANY", "CONTACT_SYSTEMS", "CONTACT_USES", "FOLDER", "RULE_TYPES", "Normalizer",
+           "Operation", "Rule", "load_vendor", "vendor_table"]
+
 FOLDER = "vendors"
-ANY = "*"
-
-# The FHIR type of the elements each rule's path names.
-RULE_TYPES = {
-    "identifier-system": "Identifier",
-    "coding-system": "Coding",
-    "code": "Coding",
-    "extension-to-telecom": "ContactPoint",
-    "drop-extension": "Extension",
-    "telecom-use": "ContactPoint",
-}
-# FHIR R4 ContactPoint.system and ContactPoint.use (required bindings).
-CONTACT_SYSTEMS = frozenset({"phone", "fax", "email", "pager", "url", "sms", "other"})
-CONTACT_USES = frozenset({"home", "work", "temp", "old", "mobile"})
 
 _NAME = re.compile(r"[a-z0-9_-]{1,32}")
-_STEP = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
-_URI = re.compile(r"\S+")
+# FHIR R4 search.html §3.1.1.5 (token): values are ORed by unescaped commas.
+_VALUES = re.compile(r"(?<!\\),")
 
 Json = dict[str, Any]
+Pairs = list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """One row of a vendor table, checked."""
+class Operation:
+    """An operation a vendor table declares: its level and the interaction whose scope
+    it needs (read and search operations may be asked by GET too)."""
 
-    where: Where
     resource: str
-    rule: str
-    steps: tuple[str, ...]
-    source: str  # the `from` column
-    target: str  # the `to` column
+    name: str  # "$find"
+    level: str  # "type" | "instance"
+    interaction: str
+    line: int
 
-    def applies_to(self, resource_type: str) -> bool:
-        return self.resource in (ANY, resource_type)
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("GET", "POST") if self.interaction in ("read", "search") else ("POST",)
 
 
 class Normalizer:
-    """The rules of one vendor table, applied to what that backend returns."""
+    """The rows of one vendor table: applied to what that backend returns, run backwards
+    over what is sent to it, and what it declares."""
 
-    __slots__ = ("name", "rules", "_by_type")
+    __slots__ = ("name", "rules", "hits", "_by_type", "_params", "_operations",
+                 "_error_systems")
 
     def __init__(self, rules: Sequence[Rule] = (), name: str = "") -> None:
         self.name = name
         self.rules = tuple(rules)
-        self._by_type: dict[str, tuple[Rule, ...]] = {}
+        self.hits: dict[int, int] = {rule.line: 0 for rule in self.rules}
+        self._by_type: dict[tuple[str, bool], tuple[Rule, ...]] = {}
+        self._params: dict[str, dict[str, Rule]] = {}
+        self._operations: dict[tuple[str, str, str], Rule] = {}
+        self._error_systems: dict[str, Rule] = {}
+        for rule in self.rules:
+            if rule.rule == "search-param":
+                self._params.setdefault(rule.resource, {})[rule.steps[0]] = rule
+            elif rule.rule == "operation":
+                self._operations[(rule.resource, rule.source, rule.steps[0])] = rule
+            elif rule.rule == "error-code":
+                self._error_systems.setdefault(rule.source, rule)
 
     @classmethod
     def load(cls, path: Path) -> Normalizer:
         """Read and check a table; TableError names the file, line and reason of a bad row."""
-        rules: list[Rule] = []
-        seen: dict[tuple[str, str, tuple[str, ...], str], int] = {}
-        for where, row in records(path, COLUMNS):
-            rule = _rule(where, row)
-            key = (rule.resource, rule.rule, rule.steps, rule.source)
-            if key in seen:
-                raise where.error(f"repeats the rule of line {seen[key]}")
-            seen[key] = where.line
-            rules.append(rule)
-        return cls(rules, path.stem)
+        return cls(read_rules(path), path.stem)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
-    def apply(self, resource: Json, *, in_place: bool = False) -> Json:
+    # -- answers ---------------------------------------------------------------------------
+
+    def apply(self, resource: Json, *, in_place: bool = False, repair: bool = False) -> Json:
         """A normalised copy (a Bundle's entries and contained resources too); the same
-        object, changed, with `in_place` (a resource just parsed needs no copy)."""
+        object, changed, with `in_place` (a resource just parsed needs no copy).
+        `repair`: the table's repairs (drop-empty) run too."""
         if not self.rules or not isinstance(resource, dict):
             return resource
         target = resource if in_place else copy.deepcopy(resource)
-        self._apply(target)
+        self._apply(target, repair, self.hits)
         return target
 
-    def _apply(self, resource: Json) -> None:
+    def hits_on(self, document: Json) -> dict[int, int]:
+        """Which rows a payload (a resource or a Bundle) would hit, and how often; the
+        payload is left alone and the table's own counts are not touched."""
+        counts = {rule.line: 0 for rule in self.rules}
+        if isinstance(document, dict):
+            self._apply(copy.deepcopy(document), True, counts)
+            entries = [e.get("resource") for e in _list(document.get("entry"))
+                       if isinstance(e, dict)]
+            for resource in (document, *entries):
+                if isinstance(resource, dict) and (
+                        resource.get("resourceType") == "OperationOutcome"):
+                    self.error_codes(resource, counts)
+        return counts
+
+    def _apply(self, resource: Json, repair: bool, counts: dict[int, int]) -> None:
         resource_type = resource.get("resourceType")
         if not isinstance(resource_type, str):
             return
-        for rule in self._rules_for(resource_type):
-            _APPLY[rule.rule](rule, resource)
+        for rule in self._rules_for(resource_type, repair):
+            changed = _APPLY[rule.rule](rule, resource)
+            if changed:
+                counts[rule.line] = counts.get(rule.line, 0) + changed
         for contained in _list(resource.get("contained")):
             if isinstance(contained, dict):
-                self._apply(contained)
+                self._apply(contained, repair, counts)
         if resource_type == "Bundle":
             for entry in _list(resource.get("entry")):
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
-                    self._apply(entry["resource"])
+                    self._apply(entry["resource"], repair, counts)
 
-    def _rules_for(self, resource_type: str) -> tuple[Rule, ...]:
-        rules = self._by_type.get(resource_type)
+    def _rules_for(self, resource_type: str, repair: bool) -> tuple[Rule, ...]:
+        key = (resource_type, repair)
+        rules = self._by_type.get(key)
         if rules is None:
-            rules = self._by_type[resource_type] = tuple(
-                r for r in self.rules if r.applies_to(resource_type))
+            rules = self._by_type[key] = tuple(
+                r for r in self.rules if r.applies_to(resource_type) and r.rule in _APPLY
+                and (repair or r.rule != "drop-empty"))
         return rules
+
+    def repairs_made(self) -> int:
+        """How many repairs (drop-empty) this table has made so far."""
+        return sum(self.hits.get(r.line, 0) for r in self.rules if r.rule == "drop-empty")
+
+    # -- refusals --------------------------------------------------------------------------
+
+    def error_codes(self, outcome: Any, counts: dict[int, int] | None = None) -> list[Json]:
+        """The vendor's own error codes in an OperationOutcome (system and code of the
+        declared systems only: no display, no text, which may quote data)."""
+        if not self._error_systems or not isinstance(outcome, dict):
+            return []
+        counts = self.hits if counts is None else counts
+        found: list[Json] = []
+        for issue in _list(outcome.get("issue")):
+            details = issue.get("details") if isinstance(issue, dict) else None
+            codings = details.get("coding") if isinstance(details, dict) else None
+            for coding in _list(codings):
+                if not isinstance(coding, dict):
+                    continue
+                system, code = coding.get("system"), coding.get("code")
+                rule = self._error_systems.get(system) if isinstance(system, str) else None
+                if rule is None or not isinstance(code, str) or not _CODE.fullmatch(code):
+                    continue
+                kept = {"system": system, "code": code}
+                if kept not in found:
+                    found.append(kept)
+                    counts[rule.line] = counts.get(rule.line, 0) + 1
+        return found
+
+    # -- requests --------------------------------------------------------------------------
+
+    def search_params(self, resource_type: str) -> Mapping[str, Rule]:
+        """The vendor's own search parameters on this type, by name."""
+        return self._params.get(resource_type, {})
+
+    def declared_param(self, resource_type: str, name: str) -> bool:
+        """Whether the table declares this parameter (its hit is counted)."""
+        rule = self._params.get(resource_type, {}).get(name)
+        if rule is None:
+            return False
+        self.hits[rule.line] += 1
+        return True
+
+    def operation(self, resource_type: str, name: str, level: str) -> Operation | None:
+        rule = self._operations.get((resource_type, name, level))
+        if rule is None:
+            return None
+        return Operation(resource_type, name, level, rule.target, rule.line)
+
+    def operation_used(self, operation: Operation) -> None:
+        self.hits[operation.line] = self.hits.get(operation.line, 0) + 1
+
+    def to_vendor(self, resource_type: str, query: Sequence[tuple[str, str]],
+                  roots: Callable[[str], frozenset[str]]) -> Pairs:
+        """A request's token values in the vendor's systems and codes: each value one of
+        the table's `to` sides names is replaced by every `from` side that maps to it
+        (ORed). `roots(param)`: the top-level elements a parameter reads."""
+        rules = [r for r in self._rules_for(resource_type, False) if r.rule in _BACKWARD]
+        if not rules:
+            return list(query)
+        sent: Pairs = []
+        for name, value in query:
+            covered = roots(name) if ":" not in name else frozenset()
+            mine = [r for r in rules if r.steps[0] in covered]
+            if not mine:
+                sent.append((name, value))
+                continue
+            values: list[str] = []
+            for one in _VALUES.split(value):
+                for translated in self._backward(mine, one):
+                    if translated not in values:
+                        values.append(translated)
+            sent.append((name, ",".join(values)))
+        return sent
+
+    def _backward(self, rules: Sequence[Rule], value: str) -> list[str]:
+        system, bar, code = value.rpartition("|")
+        if not bar or not system:
+            return [value]
+        found: list[str] = []
+        for rule in rules:
+            if rule.rule == "code":
+                to_system, to_code = rule.target.split("|")[:2]
+                if (system, code) == (to_system, to_code):
+                    found.append(rule.source)
+                    self.hits[rule.line] += 1
+            elif system == rule.target:
+                found.append(f"{rule.source}|{code}")
+                self.hits[rule.line] += 1
+        return found or [value]
 
     def __repr__(self) -> str:
         return f"Normalizer({self.name!r}, rules={len(self.rules)})"
@@ -152,61 +257,10 @@ def load_vendor(name: str, shipped_dir: Path, site_dir: Path | None = None) -> N
     return Normalizer.load(path)
 
 
-# -- checking a row ---------------------------------------------------------------------------
-
-
-def _rule(where: Where, row: dict[str, str]) -> Rule:
-    resource, kind, path = row["resource"], row["rule"], row["path"]
-    source, target = row["from"], row["to"]
-    if kind not in RULE_TYPES:
-        raise where.error(f"rule '{kind}' is not one of {', '.join(RULE_TYPES)}")
-    if resource != ANY and not is_resource_type(resource):
-        raise where.error(f"resource '{resource}' is not a FHIR R4 resource type or *")
-    steps = tuple(path.split(".")) if path else ()
-    if not steps or not all(_STEP.fullmatch(s) for s in steps):
-        raise where.error("path must name elements, e.g. identifier or code.coding")
-    if resource != ANY:
-        _check_path(where, resource, path, RULE_TYPES[kind])
-    elif kind == "drop-extension" and steps[-1] != "extension":
-        raise where.error("a drop-extension path ends in 'extension'")
-    if not source:
-        raise where.error("'from' is empty")
-    if kind == "drop-extension":
-        if target:
-            raise where.error("drop-extension takes no 'to'")
-    elif not target:
-        raise where.error("'to' is empty")
-    if kind in ("identifier-system", "coding-system", "extension-to-telecom",
-                "drop-extension") and not _URI.fullmatch(source):
-        raise where.error("'from' must be a URI without spaces")
-    if kind in ("identifier-system", "coding-system") and not _URI.fullmatch(target):
-        raise where.error("'to' must be a URI without spaces")
-    if kind == "code":
-        _check_coding(where, "from", source, 2)
-        _check_coding(where, "to", target, 3)
-    if kind == "extension-to-telecom" and target not in CONTACT_SYSTEMS:
-        raise where.error("'to' must be a ContactPoint.system: "
-                          + "|".join(sorted(CONTACT_SYSTEMS)))
-    if kind == "telecom-use" and target not in CONTACT_USES:
-        raise where.error("'to' must be a ContactPoint.use: " + "|".join(sorted(CONTACT_USES)))
-    return Rule(where, resource, kind, steps, source, target)
-
-
-def _check_path(where: Where, resource: str, path: str, wanted: str) -> None:
-    try:
-        found = element(resource, path).type
-    except UnknownElement as exc:
-        raise where.error(f"path '{path}' of {resource}: {exc}") from None
-    if found != wanted:
-        raise where.error(f"path '{path}' of {resource} is a {found}; this rule needs "
-                          f"{wanted} elements")
-
-
-def _check_coding(where: Where, column: str, text: str, max_parts: int) -> None:
-    parts = text.split("|")
-    if not 2 <= len(parts) <= max_parts or not parts[0] or not parts[1]:
-        shape = "system|code" if max_parts == 2 else "system|code or system|code|display"
-        raise where.error(f"'{column}' must be {shape}")
+# Rules run backwards over a request's token values.
+_BACKWARD = frozenset({"identifier-system", "coding-system", "code"})
+# An error code as the vendor sends it (Epic's are digits: 4101, 59008).
+_CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 # -- applying a rule --------------------------------------------------------------------------
@@ -230,30 +284,40 @@ def _nodes(value: Any, steps: Sequence[str]) -> Iterator[Json]:
     yield from _nodes(value.get(steps[0]), steps[1:])
 
 
-def _identifier_system(rule: Rule, resource: Json) -> None:
+def _identifier_system(rule: Rule, resource: Json) -> int:
+    changed = 0
     for identifier in _nodes(resource, rule.steps):
         if identifier.get("system") == rule.source:
             identifier["system"] = rule.target
+            changed += 1
+    return changed
 
 
-def _coding_system(rule: Rule, resource: Json) -> None:
+def _coding_system(rule: Rule, resource: Json) -> int:
+    changed = 0
     for coding in _nodes(resource, rule.steps):
         if coding.get("system") == rule.source:
             coding["system"] = rule.target
+            changed += 1
+    return changed
 
 
-def _code(rule: Rule, resource: Json) -> None:
+def _code(rule: Rule, resource: Json) -> int:
     system, code = rule.source.split("|")
     to = rule.target.split("|")
+    changed = 0
     for coding in _nodes(resource, rule.steps):
         if coding.get("system") == system and coding.get("code") == code:
             coding["system"], coding["code"] = to[0], to[1]
             if len(to) == 3 and to[2]:
                 coding["display"] = to[2]
+            changed += 1
+    return changed
 
 
-def _extension_to_telecom(rule: Rule, resource: Json) -> None:
+def _extension_to_telecom(rule: Rule, resource: Json) -> int:
     *parent_steps, field = rule.steps
+    changed = 0
     for parent in _nodes(resource, parent_steps):
         extensions = parent.get("extension")
         if not isinstance(extensions, list):
@@ -268,6 +332,7 @@ def _extension_to_telecom(rule: Rule, resource: Json) -> None:
                 moved.append(contact)
         if not moved:
             continue
+        changed += len(moved)
         if kept:
             parent["extension"] = kept
         else:
@@ -279,6 +344,7 @@ def _extension_to_telecom(rule: Rule, resource: Json) -> None:
                        and c.get("value") == contact.get("value") for c in existing):
                 existing.append(contact)
         parent[field] = existing
+    return changed
 
 
 def _contact(extension: Json, rule: Rule) -> Json | None:
@@ -293,8 +359,9 @@ def _contact(extension: Json, rule: Rule) -> Json | None:
     return None
 
 
-def _drop_extension(rule: Rule, resource: Json) -> None:
+def _drop_extension(rule: Rule, resource: Json) -> int:
     *parent_steps, field = rule.steps
+    changed = 0
     for parent in _nodes(resource, parent_steps):
         extensions = parent.get(field)
         if not isinstance(extensions, list):
@@ -303,23 +370,71 @@ def _drop_extension(rule: Rule, resource: Json) -> None:
                 if not (isinstance(e, dict) and e.get("url") == rule.source)]
         if len(kept) == len(extensions):
             continue
+        changed += len(extensions) - len(kept)
         if kept:
             parent[field] = kept
         else:
             del parent[field]
+    return changed
 
 
-def _telecom_use(rule: Rule, resource: Json) -> None:
+def _telecom_use(rule: Rule, resource: Json) -> int:
+    changed = 0
     for contact in _nodes(resource, rule.steps):
         if contact.get("use") == rule.source:
             contact["use"] = rule.target
+            changed += 1
+    return changed
 
 
-_APPLY: dict[str, Callable[[Rule, Json], None]] = {
+def _drop_empty(rule: Rule, resource: Json) -> int:
+    """FHIR R4 §2.1.0.3 (json.html): an element has a value or children; "" is neither.
+    Empty strings at the path (anywhere without one) go, then what they leave empty."""
+    if not rule.steps:
+        return _prune(resource)
+    *parent_steps, field = rule.steps
+    changed = 0
+    for parent in _nodes(resource, parent_steps):
+        value = parent.get(field)
+        if value == "" or value == [] or value == {}:
+            del parent[field]
+            changed += 1
+        elif isinstance(value, list):
+            kept = [item for item in value if item not in ("", [], {})]
+            changed += len(value) - len(kept)
+            if kept:
+                parent[field] = kept
+            else:
+                del parent[field]
+    if changed:
+        _prune(resource)
+    return changed
+
+
+def _prune(node: Any) -> int:
+    """Remove empty strings, and the objects and lists left empty, below `node`."""
+    removed = 0
+    if isinstance(node, dict):
+        for key in list(node):
+            removed += _prune(node[key])
+            if node[key] in ("", [], {}):
+                del node[key]
+                removed += 1
+    elif isinstance(node, list):
+        for item in node:
+            removed += _prune(item)
+        before = len(node)
+        node[:] = [item for item in node if item not in ("", [], {})]
+        removed += before - len(node)
+    return removed
+
+
+_APPLY: dict[str, Callable[[Rule, Json], int]] = {
     "identifier-system": _identifier_system,
     "coding-system": _coding_system,
     "code": _code,
     "extension-to-telecom": _extension_to_telecom,
     "drop-extension": _drop_extension,
     "telecom-use": _telecom_use,
+    "drop-empty": _drop_empty,
 }

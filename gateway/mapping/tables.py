@@ -215,12 +215,15 @@ def _read_table(tables: TableSet, relative: str, path: Path) -> None:
                                   "messages/, segments/, datatypes/, vocabulary/)")
 
 
-def records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict[str, str]]]:
-    """The rows of a CSV table as column -> text, each with its file:line."""
-    return _records(path, columns)
+def records(path: Path, columns: tuple[str, ...], *, optional: tuple[str, ...] = ("note",)
+            ) -> Iterator[tuple[Where, dict[str, str]]]:
+    """The rows of a CSV table as column -> text, each with its file:line; the `optional`
+    columns may be left out of the header (they read as empty)."""
+    return _records(path, columns, optional)
 
 
-def _records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict[str, str]]]:
+def _records(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ("note",)
+             ) -> Iterator[tuple[Where, dict[str, str]]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -231,7 +234,7 @@ def _records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Where, dict
         raise TableError(path, 1, "is empty (a header row is required)")
     names = [h.strip() for h in header]
     unknown = [n for n in names if n not in columns]
-    missing = [c for c in columns if c not in names and c != "note"]
+    missing = [c for c in columns if c not in names and c not in optional]
     if unknown or missing:
         raise TableError(path, 1, "header must be " + ",".join(columns) + (
             f" (unknown: {', '.join(unknown)})" if unknown else "") + (

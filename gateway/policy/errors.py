@@ -52,3 +52,12 @@ class ProfileDenied(PolicyError, LookupError):
         super().__init__(f"profile '{profile}' does not allow {resource_type}")
         self.profile = profile
         self.resource_type = resource_type
+
+
+class CursorRefused(PolicyError):
+    """A paging cursor that cannot be used: forged, another client's, or expired. The
+    reason says which of these kinds, never the cursor's content."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

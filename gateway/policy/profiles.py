@@ -15,7 +15,7 @@ from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
-from gateway.fhir.model import is_resource_type
+from gateway.fhir.model import is_resource_type, required_elements
 
 # ProfileDenied, ProfileError: defined in errors.py; imported here too for the old import path.
 from gateway.policy.errors import ProfileDenied as ProfileDenied
@@ -45,7 +45,6 @@ def _type_elements(resource_type: str) -> _TypeElements:
     model = get_fhir_model_class(resource_type)
     names: set[str] = set()
     choices: dict[str, set[str]] = {}
-    required: set[str] = set()
     for field_name, field in model.model_fields.items():
         name = field.alias or field_name
         if field_name.endswith("__ext") or field_name == "fhir_comments":
@@ -55,15 +54,9 @@ def _type_elements(resource_type: str) -> _TypeElements:
         base = extra.get("one_of_many")
         if isinstance(base, str):
             choices.setdefault(base, set()).add(name)
-            if extra.get("one_of_many_required"):
-                required.add(name)
-        # fhir.resources marks required complex elements as pydantic-required and
-        # required primitives with 'element_required' (they may come as '_x' only).
-        elif field.is_required() or extra.get("element_required"):
-            required.add(name)
     return _TypeElements(frozenset(names),
                          {base: frozenset(v) for base, v in choices.items()},
-                         frozenset(required))
+                         required_elements(resource_type))
 
 
 def _with_siblings(names: frozenset[str]) -> frozenset[str]:

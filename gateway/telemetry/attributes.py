@@ -49,6 +49,9 @@ SAFE_ATTRIBUTES = frozenset({
     "forward.verdict",
     "forward.retry_after",
     "forward.cache",
+    # The facade's vendor tables: a table's name and a row's line number (no values).
+    "vendor.table",
+    "vendor.row",
     "outbox.id",
     "http.request.method",
     "url.template",

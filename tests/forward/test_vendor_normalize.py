@@ -224,6 +224,16 @@ def test_an_empty_table_changes_nothing(tmp_path: Path) -> None:
     ("Patient,drop-extension,extension,urn:ext,urn:other,", "drop-extension takes no 'to'"),
     ("*,drop-extension,identifier,urn:ext,,", "ends in 'extension'"),
     ("Patient,identifier-system,identifier,a,b,x,y,z", "has 8 cells"),
+    ("Slot,search-param,Location,reference,,", "the parameter's name"),
+    ("Slot,search-param,-location,place,,", "search parameter type"),
+    ("Slot,search-param,-location,reference,x,", "search-param takes no 'to'"),
+    ("*,search-param,-location,reference,,", "names its resource type"),
+    ("Appointment,operation,system,$find,search,", "type or instance"),
+    ("Appointment,operation,type,find,search,", "the operation's name"),
+    ("Appointment,operation,type,$find,book,", "whose scope the operation needs"),
+    ("OperationOutcome,error-code,issue.details.coding,urn:e,x,", "takes no 'to'"),
+    ("*,drop-empty,*,x,,", "drop-empty takes no 'from' or 'to'"),
+    ("Observation,drop-empty,valueStrung,,,", "path 'valueStrung' of Observation"),
 ])
 def test_a_bad_row_names_file_line_and_reason(tmp_path: Path, row: str, reason: str) -> None:
     path = table(tmp_path, "# a comment row", "Patient,telecom-use,telecom,cell,mobile,ok",
@@ -259,16 +269,18 @@ def test_the_shipped_tables_load(vendor: str) -> None:
     assert rules.name == vendor and len(rules.rules) >= 5
 
 
-def test_the_shipped_epic_table_absorbs_its_synthetic_quirks() -> None:
+@pytest.mark.parametrize("vendor", ["epic", "cerner"])
+def test_every_shipped_row_cites_a_public_source(vendor: str) -> None:
+    rules = load_vendor(vendor, SHIPPED)
+    assert all(rule.cited.startswith(("https://", "http://")) for rule in rules.rules)
+
+
+def test_the_shipped_epic_table_names_the_sandboxs_mrn() -> None:
     rules = load_vendor("epic", SHIPPED)
-    patient = {"resourceType": "Patient", "id": "e1",
-               "identifier": [{"system": "urn:oid:2.999.1.1.1", "value": "SYN-7"}],
-               "extension": [{"url": "https://vendor-a.example/fhir/StructureDefinition/"
-                                     "mobile-phone", "valueString": "+1 555 0100 009"}]}
+    patient = {"resourceType": "Patient", "id": "e1", "identifier": [
+        {"system": "urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14", "value": "SYN-7"}]}
     out = rules.apply(patient)
     assert out["identifier"] == [{"system": "urn:isthmus:sid:mrn", "value": "SYN-7"}]
-    assert out["telecom"] == [{"system": "phone", "value": "+1 555 0100 009"}]
-    assert "extension" not in out
 
 
 def test_a_site_table_replaces_the_shipped_one(tmp_path: Path) -> None:
@@ -290,3 +302,72 @@ def test_an_unknown_vendor_is_a_table_error(tmp_path: Path) -> None:
         load_vendor("nobody", tmp_path)
     with pytest.raises(TableError, match="vendor table name"):
         load_vendor("../etc/passwd", tmp_path)
+
+
+# -- rows for requests and refusals, repairs, hits --------------------------------------------
+
+
+def test_token_values_are_run_back_to_every_vendor_system_and_code(tmp_path: Path) -> None:
+    rules = normalizer(
+        tmp_path,
+        f"Patient,identifier-system,identifier,{VENDOR_MRN},{CANONICAL_MRN},",
+        f"Patient,identifier-system,identifier,urn:oid:2.999.1.1.9,{CANONICAL_MRN},",
+        "Observation,code,code.coding,urn:oid:2.999.3|GLU,http://loinc.org|2345-7,")
+    roots = {"identifier": frozenset({"identifier"}), "code": frozenset({"code"})}
+    sent = rules.to_vendor("Patient", [("identifier", f"{CANONICAL_MRN}|SYN-1"),
+                                       ("family", "Synthetic")],
+                           lambda name: roots.get(name, frozenset()))
+    assert sent == [("identifier", f"{VENDOR_MRN}|SYN-1,urn:oid:2.999.1.1.9|SYN-1"),
+                    ("family", "Synthetic")]
+    code = rules.to_vendor("Observation", [("code", "http://loinc.org|2345-7,8867-4")],
+                           lambda name: roots.get(name, frozenset()))
+    assert code == [("code", "urn:oid:2.999.3|GLU,8867-4")]
+    lines = {rule.line: rule.rule for rule in rules.rules}
+    assert [rules.hits[line] for line in sorted(lines)] == [1, 1, 1]
+
+
+def test_error_codes_keep_only_declared_systems_and_never_text(tmp_path: Path) -> None:
+    rules = normalizer(tmp_path,
+                       "OperationOutcome,error-code,issue.details.coding,urn:oid:2.999.7,,")
+    outcome = {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "fatal", "code": "not-found", "diagnostics": "MRN-100001 unknown",
+        "details": {"text": "MRN-100001", "coding": [
+            {"system": "urn:oid:2.999.7", "code": "4102", "display": "MRN-100001"},
+            {"system": "urn:oid:2.999.8", "code": "9"},
+            {"system": "urn:oid:2.999.7", "code": "has space"}]}}]}
+    assert rules.error_codes(outcome) == [{"system": "urn:oid:2.999.7", "code": "4102"}]
+
+
+def test_drop_empty_repairs_only_when_asked(tmp_path: Path) -> None:
+    rules = normalizer(tmp_path, "*,drop-empty,*,,,")
+    observation = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "valueString": "", "note": [{"text": ""}], "category": []}
+    assert rules.apply(observation) == observation
+    repaired = rules.apply(observation, repair=True)
+    assert repaired == {"resourceType": "Observation", "status": "final",
+                        "code": {"text": "x"}}
+
+
+def test_hits_on_reports_rows_without_touching_the_counters(tmp_path: Path) -> None:
+    rules = normalizer(tmp_path,
+                       f"Patient,identifier-system,identifier,{VENDOR_MRN},{CANONICAL_MRN},",
+                       "Patient,telecom-use,telecom,cell,mobile,",
+                       "Patient,telecom-use,telecom,car,mobile,")
+    patient = quirky_patient()
+    counts = rules.hits_on(patient)
+    assert sorted(counts.values()) == [0, 1, 1]
+    assert set(rules.hits.values()) == {0} and patient == quirky_patient()
+
+
+def test_declarations_name_parameters_and_operations(tmp_path: Path) -> None:
+    rules = normalizer(tmp_path, "Slot,search-param,-location,reference,,",
+                       "Appointment,operation,type,$find,search,",
+                       "Appointment,operation,type,$book,create,")
+    assert list(rules.search_params("Slot")) == ["-location"]
+    assert rules.declared_param("Slot", "-location") and not rules.declared_param(
+        "Slot", "-colour")
+    find = rules.operation("Appointment", "$find", "type")
+    book = rules.operation("Appointment", "$book", "type")
+    assert find is not None and find.methods == ("GET", "POST")
+    assert book is not None and book.methods == ("POST",)
+    assert rules.operation("Appointment", "$find", "instance") is None

@@ -10,7 +10,15 @@ serve TLS with an optional client-certificate requirement (give it an `ssl_conte
 It records what it was sent: `requests`, `token_requests`, `transactions`.
 
 Resources live in memory by type and id, with a versionId per write. Search supports
-identifier, _id, patient, subject, _count (paged with a `next` link). Transactions are
+identifier, _id, patient, subject, code, _count (paged with a `next` link) and any
+parameter given a matcher (`search_matchers`, e.g. Cerner's `-location`).
+
+Vendor shapes (see tests/forward/vendor_payloads/README.md): `page_style = "opaque"` pages
+as Cerner does (`-pageContext=<id>&-pageDirection=NEXT`, the query kept server-side);
+`link_origin` writes links on another host name of this server (an alias);
+`extra_links` adds links to every searchset (say, to a foreign host); `not_found` is the
+OperationOutcome a 404 answers (Epic's coded one); `operations` answers `$name` requests
+by (type, name). Transactions are
 recorded as they arrive and only applied when `process_transactions` is set, so that a
 drain benchmark measures the gateway rather than this fake.
 """
@@ -24,9 +32,10 @@ import hmac
 import ssl
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -106,6 +115,12 @@ class _Stored:
         return self.versions[-1]
 
 
+# An operation's answer: (method, query, JSON body or None, instance id or None) ->
+# (status, JSON document).
+Operation = Callable[[str, tuple[tuple[str, str], ...], Any, "str | None"],
+                     tuple[int, Any]]
+
+
 class _Refusal(Exception):
     def __init__(self, status: int, diagnostics: str) -> None:
         super().__init__(diagnostics)
@@ -143,6 +158,14 @@ class FakeEhr:
         self._fail_bodies: tuple[bytes, int] | None = None
         self._store: dict[str, dict[str, _Stored]] = {}
         self._runner: web.AppRunner | None = None
+        # Vendor shapes (module doc).
+        self.page_style = "offset"
+        self.link_origin: str | None = None
+        self.extra_links: list[dict[str, str]] = []
+        self.not_found: dict[str, Any] | None = None
+        self.operations: dict[tuple[str, str], Operation] = {}
+        self.search_matchers: dict[str, Callable[[Mapping[str, Any], str], bool]] = {}
+        self._page_contexts: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -264,6 +287,8 @@ class FakeEhr:
         try:
             return await self._route(request, relative, query)
         except _Refusal as exc:
+            if exc.status == 404 and self.not_found is not None:
+                return _json(404, self.not_found)
             return _outcome(exc.status, exc.diagnostics)
 
     def _refused(self, request: web.Request) -> web.Response | None:
@@ -303,6 +328,8 @@ class FakeEhr:
         if parts == ["metadata"] and method == "GET":
             return _json(200, self._capability())
         resource_type = parts[0]
+        if parts[-1].startswith("$") and len(parts) in (2, 3):
+            return await self._operation(request, parts, query)
         if len(parts) == 1:
             if method == "GET":
                 return _json(200, self._search(resource_type, query))
@@ -334,6 +361,20 @@ class FakeEhr:
         if len(parts) == 4 and parts[2] == "_history" and method == "GET":
             return _json(200, self._vread(resource_type, parts[1], parts[3]))
         raise _Refusal(405, "interaction not supported by the fake")
+
+    async def _operation(self, request: web.Request, parts: list[str],
+                         query: tuple[tuple[str, str], ...]) -> web.Response:
+        answer = self.operations.get((parts[0], parts[-1]))
+        if answer is None:
+            raise _Refusal(404, "operation not supported")
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            raise _Refusal(400, "the body is not JSON") from None
+        status, document = answer(request.method, query, body,
+                                  parts[1] if len(parts) == 3 else None)
+        return _json(status, document)
 
     # -- interactions ---------------------------------------------------------------------
 
@@ -414,10 +455,17 @@ class FakeEhr:
         tests = [(name, value) for name, value in criteria
                  if not name.startswith("_") or name == "_id"]
         return [resource for resource in self.resources(resource_type)
-                if all(_matches(resource, name, value) for name, value in tests)]
+                if all(self.search_matchers.get(name, partial(_matches, name=name))(
+                    resource, value) for name, value in tests)]
 
     def _search(self, resource_type: str,
                 query: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        context = dict(query).get("-pageContext")
+        if context is not None:
+            saved = self._page_contexts.get(context)
+            if saved is None or saved[0] != resource_type:
+                raise _Refusal(400, "unknown or expired page context")
+            query = saved[1]
         params = dict(query)
         found = self._matches(resource_type, query)
         try:
@@ -426,12 +474,18 @@ class FakeEhr:
         except ValueError:
             raise _Refusal(400, "_count and _offset are whole numbers") from None
         page = found[offset:offset + count]
-        base = f"{self.url}/{resource_type}"
+        base = f"{self.link_origin or self.origin}{self.base_path}/{resource_type}"
         links = [{"relation": "self", "url": f"{base}?{urlencode(query)}"}]
         if count and offset + count < len(found):
             following = [(k, v) for k, v in query if k != "_offset"]
             following.append(("_offset", str(offset + count)))
+            if self.page_style == "opaque":
+                # Cerner's shape: an opaque context the server keeps (R4 Slot examples).
+                token = str(uuid.uuid4())
+                self._page_contexts[token] = (resource_type, tuple(following))
+                following = [("-pageContext", token), ("-pageDirection", "NEXT")]
             links.append({"relation": "next", "url": f"{base}?{urlencode(following)}"})
+        links.extend(self.extra_links)
         return {"resourceType": "Bundle", "type": "searchset", "total": len(found),
                 "link": links,
                 "entry": [{"fullUrl": f"{base}/{r['id']}", "resource": r,
@@ -636,7 +690,11 @@ async def _resource_body(request: web.Request, resource_type: str) -> dict[str, 
     return body
 
 
-def _matches(resource: Mapping[str, Any], name: str, value: str) -> bool:
+def _matches(resource: Mapping[str, Any], value: str, *, name: str) -> bool:
+    if name == "code":
+        codings = (resource.get("code") or {}).get("coding") or ()
+        return any(f"{c.get('system', '')}|{c.get('code', '')}" in value.split(",")
+                   or c.get("code") in value.split(",") for c in codings)
     if name == "_id":
         return resource.get("id") in value.split(",")
     if name == "identifier":

@@ -50,6 +50,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("[telemetry]\nexporter = \"zipkin\"\n", "telemetry.exporter"),
         ("[mllp]\nmax_buffered_bytes = 2048\n", "at least max_frame_bytes"),
         ("[mllp\n", "isthmus.toml"),
+        ('[[backends]]\nname = "ehr"\nkind = "fhir"\nbase_url = "https://ehr.example/r4"\n'
+         'aliases = ["https://other.example/r4"]\n', "an alias is a host name"),
+        ('[[backends]]\nname = "ehr"\nkind = "fhir"\nbase_url = "https://ehr.example/r4"\n'
+         'validation = "fix"\n', "backends.0.validation"),
     ],
 )
 def test_bad_settings_name_the_key_and_reason(tmp_path: Path, toml: str, needle: str) -> None:
