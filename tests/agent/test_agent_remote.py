@@ -289,9 +289,21 @@ async def test_the_vendor_table_normalises_what_verification_and_flattening_read
               "appointmentType": {"coding": [{"system": "urn:oid:2.999.1.2.10",
                                               "code": "FU"}]},
               "participant": [{"actor": {"reference": "Patient/epic-pat-1"}}]})
+    # A site's copy of the epic table (the shipped one holds the sandbox's real values):
+    # the site's own extension and local visit type code, as a site would write them.
+    site = tmp_path_factory.mktemp("agent-epic-site")
+    (site / "vendors").mkdir()
+    (site / "vendors" / "epic.csv").write_text(
+        "resource,rule,path,from,to,source,note\n"
+        "Patient,extension-to-telecom,telecom,https://vendor-a.example/fhir/"
+        "StructureDefinition/mobile-phone,phone,site,a mobile number as an extension\n"
+        "Appointment,code,appointmentType.coding,urn:oid:2.999.1.2.10|FU,"
+        "http://terminology.hl7.org/CodeSystem/v2-0276|FOLLOWUP|A follow up visit from a "
+        "previous appointment,site,local visit type code\n")
     gw = await start_gateway(
         tmp_path_factory.mktemp("agent-epic") / "var",
         **agent_settings(**{
+            "mapping.site_dir": site,
             "backends": [{"name": "ehr", "kind": "fhir", "base_url": ehr.url,
                           "max_retries": 0, "vendor": "epic"}],
             "routes": [{"match": {"resource": t}, "to": ["ehr"]} for t in ROUTED]}))
