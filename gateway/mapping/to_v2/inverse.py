@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gateway.mapping.tables import FieldMap
 from gateway.mapping.to_v2.fhir_paths import Bundle, Json, Step, flatten
-from gateway.mapping.to_v2.tree import Node, Position, Tree, copy_tree, put, read
+from gateway.mapping.to_v2.tree import Node, Position, Tree, copy_tree, merge, put, read
 
 
 class Inverses(Protocol):
@@ -97,6 +97,17 @@ class TableInverse:
         self.indexes: dict[str, dict[int, list[Constant]]] = {}
         self.pass1: list[Writer] = []
         self.pass2: list[list[Writer]] = []
+        # target -> (its steps, the constants the table writes there), for `recognises`
+        self.signature: dict[str, tuple[list[Step], set[Any]]] = {}
+
+    def recognises(self, resource: Json) -> bool:
+        """False when the resource holds, where this table writes constants, only values
+        none of them is: another table (a room's, not a floor's) made it."""
+        for steps, allowed in self.signature.values():
+            found = flatten(resource, steps)
+            if found and not any(value in allowed for value in found):
+                return False
+        return True
 
     # -- running --------------------------------------------------------------------------
 
@@ -256,6 +267,8 @@ class TableInverse:
         if not writer.positions:
             return True  # a constant row: its condition's value was written instead
         if writer.pattern is None:
+            if not writer.positions[0]:  # the whole value: a map's tree for every component
+                return isinstance(node, dict) and merge(tree, node)
             return put(tree, self._at(writer, writer.positions[0], rep), node)
         match = writer.pattern.fullmatch(node if isinstance(node, str) else "")
         if match is None:
@@ -266,6 +279,8 @@ class TableInverse:
         return ok
 
     def _at(self, writer: Writer, position: Position, rep: int) -> Position:
+        if not position:
+            return position  # the whole value: merged at the root (see _write)
         if self.kind == "segment":
             return (position[0], rep, *position[1:])
         return position

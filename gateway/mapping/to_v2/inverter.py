@@ -90,6 +90,8 @@ class Inverter:
             if not row.target or not row.source:
                 continue
             source = position_in(row.source, table)
+            if source is None and table.kind != "segment" and row.source == table.v2_type:
+                source = ()  # the whole value (PL in PL-Location): the map's tree is merged
             if source is None:
                 self._skip(row, f"reads {row.source}, another segment: nothing to write")
                 continue
@@ -116,6 +118,7 @@ class Inverter:
                     writer.convert = _unless_default(writer.convert, defaults[row.target])
                 writers.append(writer)
         self._index_constants(inverse, constants)
+        self._signature(inverse, constants)
         self._claims(inverse, writers, constants)
         slots: dict[tuple[str, str], list[Writer]] = {}
         for writer in writers:
@@ -248,6 +251,8 @@ class Inverter:
                     value = run.bundle.resolve(value)
                     if value is None or value.get("resourceType") != produced:
                         return None, False
+                    if not run.inverter.datatype(name).recognises(value):
+                        return None, False
                 elif vocab is not None:
                     value, recognised = unrecode(vocab, kind, value)
                 inverse = run.inverter.datatype(name)
@@ -295,6 +300,17 @@ class Inverter:
             for step in writer:
                 if step.index:
                     inverse.indexes.setdefault(step.list_path, {}).setdefault(step.index, [])
+
+    def _signature(self, inverse: TableInverse,
+                   constants: dict[str, list[tuple[str, Constant, list[Step]]]]) -> None:
+        """The values the table's unconditional constants allow at each path: a resource
+        holding none of them there was not made by this table (a floor Location is not a
+        room: `physicalType` lvl is not ro)."""
+        for rows in constants.values():
+            for target, constant, steps in rows:
+                if constant.condition is None:
+                    allowed = inverse.signature.setdefault(target, (steps, set()))[1]
+                    allowed.add(constant.value)
 
     def _writers_steps(self, inverse: TableInverse) -> list[list[Step]]:
         out = []
