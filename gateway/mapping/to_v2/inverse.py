@@ -4,8 +4,8 @@ where, and, when several rows could write one FHIR element, which one does.
 The compiled rows (Writer) are made by the Inverter (inverter.py); this module runs them.
 Where several rows could produce one FHIR element the candidates are ranked: a row whose v2
 value is already written (nothing new), a template or vocabulary that recognises the value,
-constants of the row's group that agree with the FHIR data, fewer invented values, an
-unconditional row, then table order.
+constants of the row's group that agree with the FHIR data, fewer invented values, the
+template that places more values, an unconditional row, then table order.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ class TableInverse:
     def _rank(self, tree: Tree, rep: int, candidates: list[tuple[Writer, Any]],
               root: Any, run: InverseRun) -> list[tuple[Writer, Node]]:
         """The candidate rows for one FHIR element, best first."""
-        ranked: list[tuple[tuple[int, int, int], Writer, Node]] = []
+        ranked: list[tuple[tuple[int, int, int, int], Writer, Node]] = []
         for writer, value in candidates:
             node, recognised = writer.convert(value, run)
             if node is None:
@@ -306,8 +306,10 @@ class TableInverse:
             score -= sum(1 for position, _ in writer.implied
                          if position not in writer.positions and
                          not read(tree, self._at(writer, position, rep)))
-            ranked.append(((-score, 1 if writer.condition else 0, writer.order), writer,
-                           node))
+            # Of two templates that both fit, the one that places more values is the more
+            # specific (+{XTN.5} {XTN.6} {XTN.7} before {XTN.6} {XTN.7}).
+            ranked.append(((-score, -len(writer.positions), 1 if writer.condition else 0,
+                            writer.order), writer, node))
         ranked.sort(key=lambda r: r[0])
         return [(writer, node) for _, writer, node in ranked]
 
