@@ -381,7 +381,8 @@ def _constant_value(text: str, element: fhir_model.Element) -> Any:
 
 
 def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
-    """`X EQUALS "c"` or `X IN ("c", ...)`: writing c at X (when empty) satisfies it."""
+    """`X EQUALS "c"` or `X IN ("c", ...)`, alone or joined by AND to other clauses: writing
+    c at X (when empty) satisfies that clause (the others are checked on the result)."""
     if not condition:
         return []
     try:
@@ -390,16 +391,28 @@ def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
         return []
     if tokens and tokens[0].upper() == "IF":
         tokens = tokens[1:]
-    if len(tokens) == 3 and tokens[1].upper() == "EQUALS":
-        value = tokens[2]
-    elif len(tokens) >= 5 and tokens[1].upper() == "IN" and tokens[2] == "(":
-        value = tokens[3]
-    else:
-        return []
-    position = position_in(tokens[0], table)
-    if position is None or not value.startswith('"'):
-        return []
-    return [(position, value[1:-1])]
+    clauses: list[list[str]] = [[]]
+    depth = 0
+    for token in tokens:
+        depth += (token == "(") - (token == ")")
+        if depth == 0 and token.upper() == "OR":
+            return []  # either side may hold: nothing is implied
+        if depth == 0 and token.upper() == "AND":
+            clauses.append([])
+        else:
+            clauses[-1].append(token)
+    out: list[tuple[Position, str]] = []
+    for clause in clauses:
+        if len(clause) == 3 and clause[1].upper() == "EQUALS":
+            value = clause[2]
+        elif len(clause) >= 5 and clause[1].upper() == "IN" and clause[2] == "(":
+            value = clause[3]
+        else:
+            continue
+        position = position_in(clause[0], table)
+        if position is not None and value.startswith('"'):
+            out.append((position, value[1:-1]))
+    return out
 
 
 def position_in(text: str, table: FieldMap) -> Position | None:
