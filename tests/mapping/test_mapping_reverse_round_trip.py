@@ -3,7 +3,10 @@ comes back, byte for byte, after `translate` and the Reverser."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from functools import cache
 from pathlib import Path
@@ -200,3 +203,44 @@ def test_a_bad_per_element_source_is_reported(tmp_path: Path, source: str,
     with pytest.raises(TableErrors) as caught:
         Reverser.load(SHIPPED, site)
     assert "SIU_S12.csv:7:" in str(caught.value) and message in str(caught.value)
+
+
+IMMUNIZATION = {"resourceType": "Immunization", "status": "completed",
+                "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx",
+                                            "code": "08"}]},
+                "occurrenceDateTime": "2026-03-20T10:00:00+01:00",
+                "doseQuantity": {"value": 0.5, "unit": "mL"}}
+
+
+def test_rxa_4_is_the_start_when_fhir_has_no_end_and_rxr_is_left_out_without_a_route(
+        ) -> None:
+    [text] = reverser().to_v2(IMMUNIZATION, control_id="V", now=NOW)
+    message = parse_message(text.encode())
+    assert message.get("RXA-3") == message.get("RXA-4") == "20260320100000+0100"
+    assert [s.id for s in message.segments()] == ["MSH", "ORC", "RXA"]
+
+
+def test_an_immunization_translates_to_a_complete_vxu_on_the_command_line(
+        tmp_path: Path) -> None:
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(translate(fixture("reverse_vxu_v04.hl7"))))
+    result = subprocess.run([sys.executable, "-m", "gateway", "translate", "--to", "hl7",
+                             str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    segments = result.stdout.replace("\n", "\r").split("\r")
+    assert next(s for s in segments if s.startswith("RXA|")).startswith(
+        "RXA|0|1|20260320100000+0100|20260320100000+0100|08^")
+
+
+@pytest.mark.parametrize(("fixed", "message"), [
+    ("4={PID-3}", "PID-3 is not a field of RXA"), ("4={RXA-99}", "RXA-99 is not a field"),
+    ("4={RXA}", "unknown {RXA}")])
+def test_a_bad_field_copy_is_reported(tmp_path: Path, fixed: str, message: str) -> None:
+    site = tmp_path / "site"
+    (site / "outbound").mkdir(parents=True)
+    layout = (SHIPPED / "outbound" / "VXU_V04.csv").read_text()
+    (site / "outbound" / "VXU_V04.csv").write_text(layout.replace("4={RXA-3}", fixed))
+    with pytest.raises(TableErrors) as caught:
+        Reverser.load(SHIPPED, site)
+    assert "VXU_V04.csv:5:" in str(caught.value) and message in str(caught.value)

@@ -25,12 +25,13 @@ from gateway.mapping.tables import SHIPPED, read_tables
 from gateway.mapping.to_v2.fhir_paths import Bundle
 from gateway.mapping.to_v2.inverter import Inverter
 from gateway.mapping.to_v2.outbound_tables import (
+    COPY,
     Outbound,
     SegmentLayout,
     read_outbound,
     references,
 )
-from gateway.mapping.to_v2.tree import Tree, put, read, serialise
+from gateway.mapping.to_v2.tree import Tree, copy_tree, put, read, serialise
 
 Json = dict[str, Any]
 
@@ -154,9 +155,18 @@ class Reverser:
                     tree = self._inverter.segment(layout.map).apply(subject, bundle)
                 if layout.set_id and not read(tree, (layout.set_id,)):
                     put(tree, (layout.set_id, 1), str(n))
+                if not tree and not layout.set_id and not layout.fixed:
+                    continue  # an optional segment the resource says nothing for (RXR)
                 for number, text in layout.fixed:
                     if read(tree, (number,)):
                         continue  # the resource said it: a fixed value only fills a gap
+                    copied = COPY.fullmatch(text)
+                    if copied is not None:  # {RXA-3}: the field's whole value, as written
+                        found = tree.get(int(copied.group(2)))
+                        if found is not None:
+                            tree[number] = copy_tree(found) if isinstance(found, dict) \
+                                else found
+                        continue
                     for name, value in values.items():
                         text = text.replace(name, value)
                     put(tree, (number, 1), text)

@@ -36,6 +36,7 @@ PLACEHOLDERS = ("{trigger}", "{now}", "{message_type}")
 _MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}$")
 _STRUCTURE = re.compile(r"[A-Z0-9]{3}_[A-Z0-9]{3}$")
 _FIXED = re.compile(r"(\d+)=(.*)$", re.DOTALL)
+COPY = re.compile(r"\{([A-Z][A-Z0-9]{2})-(\d+)\}")  # {RXA-3}: a copy of that field
 _EACH = re.compile(r"([a-zA-Z]+)\[([a-zA-Z]+)=([A-Z][a-zA-Z]+)\]$")  # participant[actor=Location]
 
 Predicate = Callable[[object], bool]
@@ -226,6 +227,14 @@ class _Checker:
                     f"fixed '{part}' must be <field number>=<text>, a field of {segment}"))
                 continue
             text = match.group(2)
+            copied = COPY.fullmatch(text)
+            if copied is not None:  # {RXA-3}: the value of another field of this segment
+                if copied.group(1) != segment or \
+                        not self._field_ok(segment, int(copied.group(2))):
+                    self.errors.append(where.error(
+                        f"fixed '{part}': {text[1:-1]} is not a field of {segment}"))
+                fixed.append((int(match.group(1)), text))
+                continue
             for placeholder in re.findall(r"\{[^{}]*\}", text):
                 if placeholder not in PLACEHOLDERS:
                     self.errors.append(where.error(
