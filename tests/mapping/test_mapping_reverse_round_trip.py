@@ -123,6 +123,25 @@ def test_value_types_with_one_fhir_form_come_back(occurrence: int, value_type: s
     assert back.get(f"OBX[{occurrence}]-2") == value_type
 
 
+@pytest.mark.parametrize("obx", [
+    "OBX|1|SN|5048-4^ANA titer^LN||>^80|{titer}^titer^UCUM|||||F",
+    "OBX|1|SN|2093-3^Cholesterol^LN||<=^5|mmol/L^mmol/L^UCUM|||||F",
+    "OBX|1|SN|2093-3^Cholesterol^LN||^10^-^20|mmol/L^mmol/L^UCUM|||||F",
+    "OBX|1|SN|5048-4^ANA titer^LN||^1^:^128||||||F",
+    "OBX|1|SN|20454-5^Protein^LN||^2^+||||||C",
+    "OBX|1|NM|2345-7^Glucose^LN||5.5|mmol/L^mmol/L^UCUM|3.9-5.5|H|||F",
+    "OBX|1|NM|2345-7^Glucose^LN||5||||||F",
+    "OBX|1|CWE|600-7^Culture^LN||3092008^Staphylococcus aureus^SCT||||||F",
+])
+def test_each_value_form_comes_back_as_sent(obx: str) -> None:
+    """A comparator, a range, a ratio and a grade come back in their SN form with the
+    units, not as the bare number the NM row would write."""
+    message = v2("MSH|^~\\&|L|F|||20260322110000+0100||ORU^R01^ORU_R01|O1|P|2.5.1",
+                 "PID|1||M1^^^H^MR||Ng^Ann", "OBR|1|P1|F1|24323-8^Panel^LN", obx)
+    [text] = reverser().to_v2(translate(message), control_id="O", now=NOW)
+    assert next(s for s in text.split("\r") if s.startswith("OBX|")) == obx
+
+
 def test_results_round_trip_keeps_the_patient_order_and_report() -> None:
     assert_kept("reverse_oru_r01_types.hl7",
                 [*PATIENT, "ORC-2", "ORC-3", "OBR-2", "OBR-3", "OBR-4", "OBR-7", "OBR-22"])

@@ -134,12 +134,17 @@ class TableInverse:
                 ) -> Tree:
         """Write the best candidate of each contested element, then check every condition
         on the whole result; a row whose condition fails gives way to the next candidate.
-        (Conditions may depend on each other: CWE.1 needs CWE.3 valued and CWE.3 CWE.1.)"""
+        (Conditions may depend on each other: CWE.1 needs CWE.3 valued and CWE.3 CWE.1.)
+        Rows of two elements may write one place (OBX-5 from valueQuantity.value for NM and
+        from valueQuantity for SN): when the later one holds more values ('>^80' keeps the
+        comparator the number alone drops), the earlier one gives way."""
         choice = [0] * len(ranked)
         tree = base
         for _ in range(8):
             tree = copy_tree(base)
             chosen: list[tuple[int, Writer]] = []
+            holder: dict[Position, int] = {}  # a single-place row's place -> its element
+            richer: set[int] = set()
             for i, (rep, candidates) in enumerate(ranked):
                 while choice[i] < len(candidates):
                     writer, node = candidates[choice[i]]
@@ -151,15 +156,23 @@ class TableInverse:
                             if not read(tree, at):
                                 put(tree, at, text)
                         chosen.append((i, writer))
+                        if writer.pattern is None and len(writer.positions) == 1:
+                            holder.setdefault(self._at(writer, writer.positions[0], rep), i)
                         break
                     tree.clear()
                     tree.update(saved)
+                    if writer.pattern is None and len(writer.positions) == 1:
+                        at = self._at(writer, writer.positions[0], rep)
+                        there = holder.get(at)
+                        if there is not None and _leaves(node) > _leaves(_node_at(tree, at)):
+                            richer.add(there)
+                            break  # this one writes there once the other gives way
                     choice[i] += 1
             failed = [i for i, writer in chosen if writer.condition is not None and
                       not writer.condition((tree, ranked[i][0]))]
-            if not failed:
+            if not failed and not richer:
                 return tree
-            for i in failed:
+            for i in {*failed, *richer}:
                 choice[i] += 1
         return tree
 
@@ -334,6 +347,24 @@ class TableInverse:
             found = _matches(root, constant)
             score += found if constant.condition is None or found == 1 else -1
         return score
+
+
+def _leaves(node: Node | None) -> int:
+    """How many values a v2 node holds."""
+    if node is None:
+        return 0
+    if isinstance(node, str):
+        return 1 if node else 0
+    return sum(_leaves(child) for child in node.values())
+
+
+def _node_at(tree: Tree, position: Position) -> Node | None:
+    node: Node | None = tree
+    for step in position:
+        if not isinstance(node, dict):
+            return node if step == 1 else None
+        node = node.get(step)
+    return node
 
 
 def _matches(node: Any, constant: Constant) -> int:

@@ -122,8 +122,12 @@ class Inverter:
         self._claims(inverse, writers, constants)
         slots: dict[tuple[str, str], list[Writer]] = {}
         for writer in writers:
+            # Rows mapping one complex element from two fields (OBX-5 SN's comparator and
+            # value, OBX-6's units, both in valueQuantity) complement each other: each field
+            # chooses its own row. Primitives from several fields are alternatives.
+            mapped = table.kind == "segment" and bool(table.rows[writer.order].map)
             key = (writer.target, writer.source if writer.rep is not None and
-                   not writer.rep.index else "")
+                   not writer.rep.index else str(writer.field_no) if mapped else "")
             slots.setdefault(key, []).append(writer)
         for slot in slots.values():
             contested = len(slot) > 1
