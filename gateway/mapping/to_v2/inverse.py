@@ -4,8 +4,8 @@ where, and, when several rows could write one FHIR element, which one does.
 The compiled rows (Writer) are made by the Inverter (inverter.py); this module runs them.
 Where several rows could produce one FHIR element the candidates are ranked: a row whose v2
 value is already written (nothing new), a template or vocabulary that recognises the value,
-constants of the row's group that agree with the FHIR data, fewer invented values, an
-unconditional row, then table order.
+constants of the row's group that agree with the FHIR data, fewer invented values, the
+template that places more values, an unconditional row, then table order.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gateway.mapping.tables import FieldMap
 from gateway.mapping.to_v2.fhir_paths import Bundle, Json, Step, flatten
-from gateway.mapping.to_v2.tree import Node, Position, Tree, copy_tree, put, read
+from gateway.mapping.to_v2.tree import Node, Position, Tree, copy_tree, merge, put, read
 
 
 class Inverses(Protocol):
@@ -97,6 +97,17 @@ class TableInverse:
         self.indexes: dict[str, dict[int, list[Constant]]] = {}
         self.pass1: list[Writer] = []
         self.pass2: list[list[Writer]] = []
+        # target -> (its steps, the constants the table writes there), for `recognises`
+        self.signature: dict[str, tuple[list[Step], set[Any]]] = {}
+
+    def recognises(self, resource: Json) -> bool:
+        """False when the resource holds, where this table writes constants, only values
+        none of them is: another table (a room's, not a floor's) made it."""
+        for steps, allowed in self.signature.values():
+            found = flatten(resource, steps)
+            if found and not any(value in allowed for value in found):
+                return False
+        return True
 
     # -- running --------------------------------------------------------------------------
 
@@ -123,12 +134,17 @@ class TableInverse:
                 ) -> Tree:
         """Write the best candidate of each contested element, then check every condition
         on the whole result; a row whose condition fails gives way to the next candidate.
-        (Conditions may depend on each other: CWE.1 needs CWE.3 valued and CWE.3 CWE.1.)"""
+        (Conditions may depend on each other: CWE.1 needs CWE.3 valued and CWE.3 CWE.1.)
+        Rows of two elements may write one place (OBX-5 from valueQuantity.value for NM and
+        from valueQuantity for SN): when the later one holds more values ('>^80' keeps the
+        comparator the number alone drops), the earlier one gives way."""
         choice = [0] * len(ranked)
         tree = base
         for _ in range(8):
             tree = copy_tree(base)
             chosen: list[tuple[int, Writer]] = []
+            holder: dict[Position, int] = {}  # a single-place row's place -> its element
+            richer: set[int] = set()
             for i, (rep, candidates) in enumerate(ranked):
                 while choice[i] < len(candidates):
                     writer, node = candidates[choice[i]]
@@ -140,15 +156,23 @@ class TableInverse:
                             if not read(tree, at):
                                 put(tree, at, text)
                         chosen.append((i, writer))
+                        if writer.pattern is None and len(writer.positions) == 1:
+                            holder.setdefault(self._at(writer, writer.positions[0], rep), i)
                         break
                     tree.clear()
                     tree.update(saved)
+                    if writer.pattern is None and len(writer.positions) == 1:
+                        at = self._at(writer, writer.positions[0], rep)
+                        there = holder.get(at)
+                        if there is not None and _leaves(node) > _leaves(_node_at(tree, at)):
+                            richer.add(there)
+                            break  # this one writes there once the other gives way
                     choice[i] += 1
             failed = [i for i, writer in chosen if writer.condition is not None and
                       not writer.condition((tree, ranked[i][0]))]
-            if not failed:
+            if not failed and not richer:
                 return tree
-            for i in failed:
+            for i in {*failed, *richer}:
                 choice[i] += 1
         return tree
 
@@ -256,6 +280,8 @@ class TableInverse:
         if not writer.positions:
             return True  # a constant row: its condition's value was written instead
         if writer.pattern is None:
+            if not writer.positions[0]:  # the whole value: a map's tree for every component
+                return isinstance(node, dict) and merge(tree, node)
             return put(tree, self._at(writer, writer.positions[0], rep), node)
         match = writer.pattern.fullmatch(node if isinstance(node, str) else "")
         if match is None:
@@ -266,6 +292,8 @@ class TableInverse:
         return ok
 
     def _at(self, writer: Writer, position: Position, rep: int) -> Position:
+        if not position:
+            return position  # the whole value: merged at the root (see _write)
         if self.kind == "segment":
             return (position[0], rep, *position[1:])
         return position
@@ -273,7 +301,7 @@ class TableInverse:
     def _rank(self, tree: Tree, rep: int, candidates: list[tuple[Writer, Any]],
               root: Any, run: InverseRun) -> list[tuple[Writer, Node]]:
         """The candidate rows for one FHIR element, best first."""
-        ranked: list[tuple[tuple[int, int, int], Writer, Node]] = []
+        ranked: list[tuple[tuple[int, int, int, int], Writer, Node]] = []
         for writer, value in candidates:
             node, recognised = writer.convert(value, run)
             if node is None:
@@ -291,8 +319,10 @@ class TableInverse:
             score -= sum(1 for position, _ in writer.implied
                          if position not in writer.positions and
                          not read(tree, self._at(writer, position, rep)))
-            ranked.append(((-score, 1 if writer.condition else 0, writer.order), writer,
-                           node))
+            # Of two templates that both fit, the one that places more values is the more
+            # specific (+{XTN.5} {XTN.6} {XTN.7} before {XTN.6} {XTN.7}).
+            ranked.append(((-score, -len(writer.positions), 1 if writer.condition else 0,
+                            writer.order), writer, node))
         ranked.sort(key=lambda r: r[0])
         return [(writer, node) for _, writer, node in ranked]
 
@@ -317,6 +347,24 @@ class TableInverse:
             found = _matches(root, constant)
             score += found if constant.condition is None or found == 1 else -1
         return score
+
+
+def _leaves(node: Node | None) -> int:
+    """How many values a v2 node holds."""
+    if node is None:
+        return 0
+    if isinstance(node, str):
+        return 1 if node else 0
+    return sum(_leaves(child) for child in node.values())
+
+
+def _node_at(tree: Tree, position: Position) -> Node | None:
+    node: Node | None = tree
+    for step in position:
+        if not isinstance(node, dict):
+            return node if step == 1 else None
+        node = node.get(step)
+    return node
 
 
 def _matches(node: Any, constant: Constant) -> int:

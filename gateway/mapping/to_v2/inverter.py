@@ -90,6 +90,8 @@ class Inverter:
             if not row.target or not row.source:
                 continue
             source = position_in(row.source, table)
+            if source is None and table.kind != "segment" and row.source == table.v2_type:
+                source = ()  # the whole value (PL in PL-Location): the map's tree is merged
             if source is None:
                 self._skip(row, f"reads {row.source}, another segment: nothing to write")
                 continue
@@ -116,11 +118,16 @@ class Inverter:
                     writer.convert = _unless_default(writer.convert, defaults[row.target])
                 writers.append(writer)
         self._index_constants(inverse, constants)
+        self._signature(inverse, constants)
         self._claims(inverse, writers, constants)
         slots: dict[tuple[str, str], list[Writer]] = {}
         for writer in writers:
+            # Rows mapping one complex element from two fields (OBX-5 SN's comparator and
+            # value, OBX-6's units, both in valueQuantity) complement each other: each field
+            # chooses its own row. Primitives from several fields are alternatives.
+            mapped = table.kind == "segment" and bool(table.rows[writer.order].map)
             key = (writer.target, writer.source if writer.rep is not None and
-                   not writer.rep.index else "")
+                   not writer.rep.index else str(writer.field_no) if mapped else "")
             slots.setdefault(key, []).append(writer)
         for slot in slots.values():
             contested = len(slot) > 1
@@ -248,6 +255,8 @@ class Inverter:
                     value = run.bundle.resolve(value)
                     if value is None or value.get("resourceType") != produced:
                         return None, False
+                    if not run.inverter.datatype(name).recognises(value):
+                        return None, False
                 elif vocab is not None:
                     value, recognised = unrecode(vocab, kind, value)
                 inverse = run.inverter.datatype(name)
@@ -295,6 +304,17 @@ class Inverter:
             for step in writer:
                 if step.index:
                     inverse.indexes.setdefault(step.list_path, {}).setdefault(step.index, [])
+
+    def _signature(self, inverse: TableInverse,
+                   constants: dict[str, list[tuple[str, Constant, list[Step]]]]) -> None:
+        """The values the table's unconditional constants allow at each path: a resource
+        holding none of them there was not made by this table (a floor Location is not a
+        room: `physicalType` lvl is not ro)."""
+        for rows in constants.values():
+            for target, constant, steps in rows:
+                if constant.condition is None:
+                    allowed = inverse.signature.setdefault(target, (steps, set()))[1]
+                    allowed.add(constant.value)
 
     def _writers_steps(self, inverse: TableInverse) -> list[list[Step]]:
         out = []
@@ -365,7 +385,8 @@ def _constant_value(text: str, element: fhir_model.Element) -> Any:
 
 
 def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
-    """`X EQUALS "c"` or `X IN ("c", ...)`: writing c at X (when empty) satisfies it."""
+    """`X EQUALS "c"` or `X IN ("c", ...)`, alone or joined by AND to other clauses: writing
+    c at X (when empty) satisfies that clause (the others are checked on the result)."""
     if not condition:
         return []
     try:
@@ -374,16 +395,28 @@ def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
         return []
     if tokens and tokens[0].upper() == "IF":
         tokens = tokens[1:]
-    if len(tokens) == 3 and tokens[1].upper() == "EQUALS":
-        value = tokens[2]
-    elif len(tokens) >= 5 and tokens[1].upper() == "IN" and tokens[2] == "(":
-        value = tokens[3]
-    else:
-        return []
-    position = position_in(tokens[0], table)
-    if position is None or not value.startswith('"'):
-        return []
-    return [(position, value[1:-1])]
+    clauses: list[list[str]] = [[]]
+    depth = 0
+    for token in tokens:
+        depth += (token == "(") - (token == ")")
+        if depth == 0 and token.upper() == "OR":
+            return []  # either side may hold: nothing is implied
+        if depth == 0 and token.upper() == "AND":
+            clauses.append([])
+        else:
+            clauses[-1].append(token)
+    out: list[tuple[Position, str]] = []
+    for clause in clauses:
+        if len(clause) == 3 and clause[1].upper() == "EQUALS":
+            value = clause[2]
+        elif len(clause) >= 5 and clause[1].upper() == "IN" and clause[2] == "(":
+            value = clause[3]
+        else:
+            continue
+        position = position_in(clause[0], table)
+        if position is not None and value.startswith('"'):
+            out.append((position, value[1:-1]))
+    return out
 
 
 def position_in(text: str, table: FieldMap) -> Position | None:

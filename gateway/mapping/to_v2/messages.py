@@ -25,12 +25,13 @@ from gateway.mapping.tables import SHIPPED, read_tables
 from gateway.mapping.to_v2.fhir_paths import Bundle
 from gateway.mapping.to_v2.inverter import Inverter
 from gateway.mapping.to_v2.outbound_tables import (
+    COPY,
     Outbound,
     SegmentLayout,
     read_outbound,
     references,
 )
-from gateway.mapping.to_v2.tree import Tree, put, read, serialise
+from gateway.mapping.to_v2.tree import Tree, copy_tree, put, read, serialise
 
 Json = dict[str, Any]
 
@@ -145,29 +146,48 @@ class Reverser:
         values = {"{trigger}": definition.trigger, "{now}": stamp,
                   "{message_type}": definition.message_type}
         lines = [self._msh(definition, control_id, stamp)]
+        taken = _taken(definition, resource, bundle)
         for layout in definition.segments:
-            for n, subject in enumerate(self._subjects(layout, resource, bundle), start=1):
+            subjects = self._subjects(layout, resource, bundle, taken)
+            for n, subject in enumerate(subjects, start=1):
                 tree: Tree = {}
                 if subject is not None:
                     tree = self._inverter.segment(layout.map).apply(subject, bundle)
                 if layout.set_id and not read(tree, (layout.set_id,)):
                     put(tree, (layout.set_id, 1), str(n))
+                if not tree and not layout.set_id and not layout.fixed:
+                    continue  # an optional segment the resource says nothing for (RXR)
                 for number, text in layout.fixed:
                     if read(tree, (number,)):
                         continue  # the resource said it: a fixed value only fills a gap
+                    copied = COPY.fullmatch(text)
+                    if copied is not None:  # {RXA-3}: the field's whole value, as written
+                        found = tree.get(int(copied.group(2)))
+                        if found is not None:
+                            tree[number] = copy_tree(found) if isinstance(found, dict) \
+                                else found
+                        continue
                     for name, value in values.items():
                         text = text.replace(name, value)
                     put(tree, (number, 1), text)
                 lines.append(self._segment(layout.segment, tree))
         return "\r".join(lines) + "\r"
 
-    def _subjects(self, layout: SegmentLayout, resource: Json, bundle: Bundle
-                  ) -> Iterator[Json | None]:
+    def _subjects(self, layout: SegmentLayout, resource: Json, bundle: Bundle,
+                  taken: dict[str, list[Any]]) -> Iterator[Json | None]:
         if not layout.from_resource:
             yield None
             return
+        if layout.each is not None:
+            items = layout.each[0]
+            for element in _each(layout.each, resource, bundle):
+                yield {**resource, items: [element]}
+            return
         if not layout.source:
-            yield resource
+            # What a per-element row writes (an AIP's participant) is its own segment's.
+            yield {**resource, **{items: [e for e in resource.get(items, [])
+                                          if not any(e is t for t in elements)]
+                                  for items, elements in taken.items()}}
             return
         seen: set[int] = set()
         for reference in references(resource, layout.source):
@@ -211,6 +231,26 @@ def _entries(document: Any) -> list[tuple[str, Json]]:
             raise TranslationError(f"Bundle.entry[{n}]", "has no resource")
         out.append((str(entry.get("fullUrl", "")), resource))
     return out
+
+
+def _each(each: tuple[str, str, str], resource: Json, bundle: Bundle) -> Iterator[Any]:
+    """The elements of a list whose reference (`actor`) is to the type named."""
+    items, key, kind = each
+    elements = resource.get(items)
+    for element in elements if isinstance(elements, list) else []:
+        if isinstance(element, dict):
+            target = bundle.resolve(element.get(key))
+            if target is not None and target.get("resourceType") == kind:
+                yield element
+
+
+def _taken(definition: Outbound, resource: Json, bundle: Bundle) -> dict[str, list[Any]]:
+    """List name -> the elements per-element rows of the layout make segments of."""
+    taken: dict[str, list[Any]] = {}
+    for layout in definition.segments:
+        if layout.each is not None:
+            taken.setdefault(layout.each[0], []).extend(_each(layout.each, resource, bundle))
+    return taken
 
 
 def _referenced(resource: Json, bundle: Bundle) -> Iterator[Json]:

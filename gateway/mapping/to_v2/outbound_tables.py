@@ -36,6 +36,8 @@ PLACEHOLDERS = ("{trigger}", "{now}", "{message_type}")
 _MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}$")
 _STRUCTURE = re.compile(r"[A-Z0-9]{3}_[A-Z0-9]{3}$")
 _FIXED = re.compile(r"(\d+)=(.*)$", re.DOTALL)
+COPY = re.compile(r"\{([A-Z][A-Z0-9]{2})-(\d+)\}")  # {RXA-3}: a copy of that field
+_EACH = re.compile(r"([a-zA-Z]+)\[([a-zA-Z]+)=([A-Z][a-zA-Z]+)\]$")  # participant[actor=Location]
 
 Predicate = Callable[[object], bool]
 
@@ -52,6 +54,9 @@ class SegmentLayout:
     resource_type: str  # what the map reads (the References followed are filtered by it)
     set_id: int  # the field numbered 1, 2, 3 ... over this row's segments (0: none)
     fixed: tuple[tuple[int, str], ...]  # field -> text, when the map left it empty
+    # `participant[actor=Location]`: (list, reference key, type) -- one segment per element
+    # of the resource's list whose reference there is to that type; None: not per element
+    each: tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +190,10 @@ class _Checker:
         elif source:
             self.errors.append(where.error("a row with a source needs a map"))
         keys: tuple[str, ...] = ()
-        if name and source not in ("", "this") and resource is not None:
+        each = _EACH.match(source)
+        if name and each is not None and resource is not None:
+            self._each(where, resource, resource_type, name, each.groups())
+        elif name and source not in ("", "this") and resource is not None:
             keys = tuple(source.split("."))
             try:
                 element = fhir_model.element(resource, source)
@@ -219,6 +227,14 @@ class _Checker:
                     f"fixed '{part}' must be <field number>=<text>, a field of {segment}"))
                 continue
             text = match.group(2)
+            copied = COPY.fullmatch(text)
+            if copied is not None:  # {RXA-3}: the value of another field of this segment
+                if copied.group(1) != segment or \
+                        not self._field_ok(segment, int(copied.group(2))):
+                    self.errors.append(where.error(
+                        f"fixed '{part}': {text[1:-1]} is not a field of {segment}"))
+                fixed.append((int(match.group(1)), text))
+                continue
             for placeholder in re.findall(r"\{[^{}]*\}", text):
                 if placeholder not in PLACEHOLDERS:
                     self.errors.append(where.error(
@@ -228,7 +244,30 @@ class _Checker:
         if len(self.errors) > before:
             return None
         return SegmentLayout(where, segment, keys, bool(name), name, resource_type, set_id,
-                             tuple(fixed))
+                             tuple(fixed),
+                             (each.group(1), each.group(2), each.group(3)) if each else None)
+
+    def _each(self, where: Where, resource: str, resource_type: str, name: str,
+              parts: tuple[str, ...]) -> None:
+        """`participant[actor=Location]`: the map reads the resource itself, the list is
+        one of its elements, and the key inside it is a Reference that may be to the type."""
+        items, key, target = parts
+        if resource_type and resource_type != resource:
+            self.errors.append(where.error(f"map {name} reads a {resource_type}, not the "
+                                           f"{resource} whose {items} it is made from"))
+            return
+        try:
+            element = fhir_model.element(resource, f"{items}.{key}")
+        except fhir_model.UnknownElement as exc:
+            self.errors.append(where.error(f"source '{items}[{key}={target}]': {exc}"))
+            return
+        if element.type != "Reference":
+            self.errors.append(where.error(f"source '{items}.{key}' is {element.type}, "
+                                           "not a Reference"))
+        elif element.reference_targets and target not in element.reference_targets and \
+                "Resource" not in element.reference_targets:
+            self.errors.append(where.error(f"source '{items}.{key}' cannot refer to a "
+                                           f"{target}"))
 
     def _field_ok(self, segment: str, number: int) -> bool:
         if segment.startswith("Z"):

@@ -41,10 +41,11 @@ def put(tree: Tree, position: Position, value: Node) -> bool:
     if isinstance(value, str):
         value = {1: value}
     assert isinstance(present, dict)
-    return _merge(present, value)
+    return merge(present, value)
 
 
-def _merge(into: Tree, other: Tree) -> bool:
+def merge(into: Tree, other: Tree) -> bool:
+    """Write every value of `other` into `into`; False when one differs from what is there."""
     ok = True
     for key, item in other.items():
         ok = put(into, (key,), item) and ok
