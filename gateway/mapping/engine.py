@@ -65,7 +65,15 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     """Give every resource its identity and id, then resolve the references between them."""
     sender = f"{provenance.source_application}|{provenance.source_facility}"
     keys: set[tuple[str, str, str]] = set()
+    identities: dict[str, int] = {}
     for draft in run.drafts:
+        if draft.primary and draft.identity:
+            # Two results of one message with one identity (text lines of a report sent
+            # as OBX segments with one OBX-3 and no OBX-4) stay apart by their order,
+            # which a resend keeps.
+            seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
+            if seen > 1:
+                draft.identity += f"#{seen}"
         draft.key = _business_key(draft)
         if draft.key is not None and draft.primary:
             # Two resources of one message claiming one business identifier (a sender
@@ -112,7 +120,8 @@ def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
     Without a system an identifier is only unique at its sender, so the sender is part of
     the name. A resource only referred to (a ward from PV1-3) without an identifier is named
     by its content at that sender, so every message naming that ward names the same
-    Location instead of adding one. Otherwise the same message (sender + control id) resent
+    Location instead of adding one; one an identity rule names (identities.csv: an
+    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender. Otherwise the same message (sender + control id) resent
     gives the same ids, so a resend updates instead of duplicating.
     """
     if draft.key is not None:

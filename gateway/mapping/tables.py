@@ -40,6 +40,8 @@ MESSAGE_COLUMNS = ("segment", "after", "resource", "instance", "map", "links", "
                    "note")
 VOCABULARY_COLUMNS = ("code", "display", "fhir_code", "fhir_display", "fhir_system", "note")
 EVENT_COLUMNS = ("message_type", "map", "note")
+IDENTITY_COLUMNS = ("resource", "segment", "condition", "key", "note")
+IDENTITY_FILE = "identities.csv"
 OUTBOUND_FILE = "outbound.csv"
 OUTBOUND_FOLDER = "outbound"
 # FHIR search parameter definitions: read by gateway.fhir.search, not a v2 mapping table.
@@ -145,6 +147,18 @@ class EventRow:
     map: str
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    """What makes a resource made from a segment the same record in every message
+    (identities.csv): the v2 locations of `key`, when `condition` holds."""
+
+    where: Where
+    resource: str
+    segment: str
+    condition: str
+    key: tuple[str, ...]
+
+
 @dataclass
 class TableSet:
     """Every table, by name, as read from disk (not yet checked)."""
@@ -154,6 +168,7 @@ class TableSet:
     segments: dict[str, FieldMap] = field(default_factory=dict)
     datatypes: dict[str, FieldMap] = field(default_factory=dict)
     vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+    identities: list[IdentityRow] = field(default_factory=list)
 
 
 def table_files(directory: Path, site: Path | None = None) -> dict[str, Path]:
@@ -192,6 +207,8 @@ def _read_table(tables: TableSet, relative: str, path: Path) -> None:
     stem = name[:-4]
     if folder == "" and name == "events.csv":
         tables.events.extend(_events(path))
+    elif folder == "" and name == IDENTITY_FILE:
+        tables.identities.extend(_identities(path))
     elif folder == "messages":
         tables.messages[stem] = MessageMap(stem, str(path), tuple(_message_rows(path)))
     elif folder in ("segments", "datatypes"):
@@ -209,6 +226,7 @@ def _read_table(tables: TableSet, relative: str, path: Path) -> None:
                                                tuple(_vocabulary_rows(path)))
     else:
         raise TableError(path, 0, "is not in a known table folder (events.csv, "
+                                  "identities.csv, "
                                   "messages/, segments/, datatypes/, vocabulary/)")
 
 
@@ -267,3 +285,9 @@ def _vocabulary_rows(path: Path) -> Iterator[VocabularyRow]:
 def _events(path: Path) -> Iterator[EventRow]:
     for where, r in _records(path, EVENT_COLUMNS):
         yield EventRow(where, r["message_type"], r["map"])
+
+
+def _identities(path: Path) -> Iterator[IdentityRow]:
+    for where, r in _records(path, IDENTITY_COLUMNS):
+        yield IdentityRow(where, r["resource"], r["segment"], r["condition"],
+                          tuple(r["key"].split()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from gateway.mapping.compiler.context import Context
+from gateway.mapping.compiler.identities import compile_identities
 from gateway.mapping.compiler.messages import MessageFn, MessageMaps
 from gateway.mapping.compiler.segments import FieldMaps
 from gateway.mapping.convert import Converters
@@ -40,7 +41,7 @@ def compile_tables(tables: TableSet, converters: Converters) -> Compiled:
         field_maps.datatype(name, Where(tables.datatypes[name].file, 0))
     for name in sorted(tables.segments):
         field_maps.segment(name, Where(tables.segments[name].file, 0))
-    message_maps = MessageMaps(ctx, field_maps)
+    message_maps = MessageMaps(ctx, field_maps, compile_identities(ctx, tables.identities))
     messages = {name: message_maps.message(table) for name, table in
                 sorted(tables.messages.items())}
     events: dict[str, MessageFn] = {}
