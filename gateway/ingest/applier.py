@@ -22,10 +22,11 @@ from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.fhir.transaction import parse_bundle, write_request
 from gateway.hl7.errors import ErrorCode, Hl7Error
+from gateway.ingest.merges import keep_merge_state, merge_writes
 from gateway.ingest.replay import replay
 from gateway.mapping.engine import Translator
 from gateway.store import StoreUnavailable
-from gateway.store.fhir import FhirStore, WriteConflict, WriteRequest
+from gateway.store.fhir import FhirStore, Merge, WriteConflict, WriteRequest
 from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,15 @@ def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[Writ
     writes = []
     for entry in entries:
         write = write_request(registry, entry)
+        create_id = None
         if (write.method == "PUT" and write.id is None and write.resource is not None
                 and "id" not in write.resource and entry.full_url
                 and entry.full_url.startswith(_URN)):
-            write = WriteRequest(write.method, write.resource_type, None,
-                                 {**write.resource, "id": entry.full_url[len(_URN):]},
-                                 write.condition, write.if_match, write.full_url)
-        writes.append(write)
+            create_id = entry.full_url[len(_URN):]
+        writes.append(WriteRequest(write.method, write.resource_type, write.id,
+                                   write.resource, write.condition, write.if_match,
+                                   write.full_url, carry=keep_merge_state,
+                                   create_id=create_id))
     return writes
 
 
@@ -227,7 +230,11 @@ class LocalApplier:
 
     async def _apply_one(self, translation: Translation) -> None:
         writes = bundle_writes(self._registry, to_bundle(translation))
-        await self._store.transact(writes, atomic=True)
+        merges: list[Merge] = []
+        rule = self._translator.merge_rule(translation.provenance.message_type)
+        if rule is not None:
+            writes, merges = merge_writes(self._registry, writes, rule)
+        await self._store.transact(writes, atomic=True, merges=merges)
 
 
 def _reason(exc: BaseException) -> str:

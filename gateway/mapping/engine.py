@@ -12,7 +12,7 @@ from gateway.mapping.compiler import Compiled, compile_tables
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import UnsupportedMessage
 from gateway.mapping.runtime import Draft, Run
-from gateway.mapping.tables import SHIPPED, read_tables
+from gateway.mapping.tables import SHIPPED, MergeRow, read_tables
 
 
 class Translator:
@@ -35,6 +35,10 @@ class Translator:
 
     def supports(self, message_type: str) -> bool:
         return message_type in self._compiled.events
+
+    def merge_rule(self, message_type: str) -> MergeRow | None:
+        """How the store applies this message type as a merge (merges.csv), if it does."""
+        return self._compiled.merges.get(message_type)
 
     def translate(self, message: Message, received_at: datetime | None = None) -> Translation:
         """The canonical form of one message; raises TranslationError naming the location."""
@@ -121,8 +125,9 @@ def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
     the name. A resource only referred to (a ward from PV1-3) without an identifier is named
     by its content at that sender, so every message naming that ward names the same
     Location instead of adding one; one an identity rule names (identities.csv: an
-    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender. Otherwise the same message (sender + control id) resent
-    gives the same ids, so a resend updates instead of duplicating.
+    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender.
+    Otherwise the same message (sender + control id) resent gives the same ids, so a
+    resend updates instead of duplicating.
     """
     if draft.key is not None:
         system, value = draft.key

@@ -11,12 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_mllp_to_store import deliver, get, search
 
 from conftest import RunningGateway, message, with_control_id
 from gateway.app import APPLIER
 from support.builders import with_fields
 from support.fhir import fhir_session, start_fhir_gateway
-from test_mllp_to_store import deliver, get, search
 
 ORU = message("identity_oru_r01.hl7")
 GLUCOSE = "http://loinc.org|2345-7"
