@@ -1,4 +1,5 @@
-"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth.
+"""The `isthmus` command line: serve, send, inbox, fhir, translate, mappings, audit, outbox,
+auth.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.cli import audit, auth, inbox, mappings, outbox, send, serve, translate
+from gateway.cli import audit, auth, fhir, inbox, mappings, outbox, send, serve, translate
 from gateway.config import ConfigError
 
 __all__ = ["main"]
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     send.add_parser(sub)
     inbox.add_parser(sub)
+    fhir.add_parser(sub)
     translate.add_parser(sub)
     mappings.add_parser(sub)
     audit.add_parser(sub)

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from gateway.store.errors import AmbiguousMatch
 from gateway.store.fhir import (
     IndexEntry,
     Indexer,
@@ -210,8 +211,8 @@ class TransactionWriter:
         rows = [stored_resource(row) for row in self._db.execute(sql, params).fetchall()]
         if len(rows) > 1:
             rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
-            raise WriteConflict(412, f"entry {entry.position}: {rule} matches more than one "
-                                "resource", entry.position)
+            raise AmbiguousMatch(412, f"entry {entry.position}: {rule} matches more than one "
+                                 "resource", entry.position)
         return rows
 
     def _current_rows(
