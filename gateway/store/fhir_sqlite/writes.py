@@ -360,7 +360,9 @@ def _carry(entry: _Entry) -> None:
     carry, current = entry.request.carry, entry.current
     if carry is not None and current is not None and not current.deleted:
         assert entry.resource is not None
-        carry(json.loads(current.body, parse_float=Decimal), entry.resource)
+        body = current.body
+        carry(json.loads(body, parse_float=Decimal) if _FLOATISH.search(body)
+              else orjson.loads(body), entry.resource)
 
 
 def _check_if_match(entry: _Entry) -> None:
