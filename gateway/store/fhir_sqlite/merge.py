@@ -11,17 +11,27 @@ what it recorded: history is not rewritten.
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.store.fhir import Merge, MergeOutcome, StoredResource, WriteConflict
 from gateway.store.fhir_sqlite.schema import stored_resource
 from gateway.store.fhir_sqlite.sql import select_sql
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
-    from gateway.store.fhir_sqlite.writes import TransactionWriter
+class TransactionWriter(Protocol):
+    """What a merge needs of the writer it runs in (`writes.TransactionWriter`)."""
+
+    @property
+    def db(self) -> sqlite3.Connection: ...
+
+    def current_rows(self, keys: Sequence[tuple[str, str]]
+                     ) -> dict[tuple[str, str], StoredResource]: ...
+
+    def rewrite(self, resource_type: str, id: str, document: dict[str, Any],
+                current: StoredResource) -> None: ...
 
 # More records than this for one identifier is not a merge a message can ask for.
 _MAX_SOURCES = 20
