@@ -107,3 +107,21 @@ async def test_an_order_then_its_results_share_one_service_request(
     assert [s["id"] for s in await search(fhir, "ServiceRequest")] == \
         [s["id"] for s in before]
     assert gateway.app[APPLIER].failed == 0
+
+
+async def test_the_order_and_its_results_update_one_service_request(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    placer = "PL-5531^WardApp^2.16.840.1.113883.3.9999.2^ISO"  # the ORU's first order
+    order = with_fields(with_fields(message("results/orm_o01_lab_order.hl7"), "ORC",
+                                    {2: placer}), "OBR", {2: placer})
+    await deliver(gateway, order)
+    [ordered] = await search(fhir, "ServiceRequest?identifier="
+                                   "urn:oid:2.16.840.1.113883.3.9999.2|PL-5531")
+    await deliver(gateway, message("results/oru_r01_lab_results.hl7"))
+    [resulted] = await search(fhir, "ServiceRequest?identifier="
+                                    "urn:oid:2.16.840.1.113883.3.9999.2|PL-5531")
+    assert resulted["id"] == ordered["id"]
+    assert resulted["meta"]["versionId"] == "2"
+    [report] = [r for r in await search(fhir, "DiagnosticReport")
+                if r["code"]["coding"][0]["code"] == "24323-8"]
+    assert report["basedOn"] == [{"reference": f"ServiceRequest/{ordered['id']}"}]
