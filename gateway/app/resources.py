@@ -200,7 +200,7 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     started = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
-                           app[TRANSLATOR])
+                           app[TRANSLATOR], metrics=app[TELEMETRY].ingest)
     started.start()
     app[APPLIER] = started
     try:

@@ -1,5 +1,5 @@
-"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth,
-health, console.
+"""The `isthmus` command line: serve, send, inbox, fhir, translate, mappings, audit, outbox,
+auth, health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -17,6 +17,7 @@ from gateway.cli import (
     audit,
     auth,
     console,
+    fhir,
     health,
     inbox,
     mappings,
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     send.add_parser(sub)
     inbox.add_parser(sub)
+    fhir.add_parser(sub)
     translate.add_parser(sub)
     mappings.add_parser(sub)
     audit.add_parser(sub)

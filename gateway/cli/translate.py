@@ -83,6 +83,7 @@ def _translate_input(translator: Translator, data: bytes, label: str,
     from gateway.hl7.batch import split_messages
     from gateway.hl7.errors import Hl7Error
     from gateway.hl7.message import check_header, parse_message
+    from gateway.hl7.structure import missing_segments
     from gateway.mapping.errors import TranslationError
 
     try:
@@ -100,6 +101,9 @@ def _translate_input(translator: Translator, data: bytes, label: str,
         try:
             message = parse_message(raw)
             check_header(message.header)
+            missing = missing_segments(message)
+            if missing:
+                raise missing[0]
             bundles.append(to_bundle(translator.translate(message)))
         except Hl7Error as exc:
             where = f"{exc.location}: " if exc.location else ""

@@ -4,7 +4,8 @@ Levels, chosen per listener:
 
 - "header": nothing beyond `check_header` (MSH-9/10/12/15/16 readable and supported).
 - "standard", the MLLP default and on its hot path: the message type (table 0076) and
-  trigger event (table 0003) and every segment id are defined by HL7 or site-defined (Z).
+  trigger event (table 0003) and every segment id are defined by HL7 or site-defined (Z),
+  and the segments the message structure requires are there (`structure.py`).
   Reads only MSH-9 (and EVN-1 when MSH-9 has no event) and the segment ids. It refuses only
   what HL7 does not define at all: a type, event or segment defined by another HL7 version
   than the message's is accepted, as senders backport them (the v2-to-FHIR IG's v2.5.1
@@ -40,9 +41,11 @@ from gateway.hl7.definitions import (
 from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Message, Segment
+from gateway.hl7.structure import missing_segments
 
 LEVELS = ("header", "standard", "strict")
 MAX_ERRORS = 50
+_AFTER_LAST = 1 << 30  # the sort index of what is not in the message at all
 
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 # A code safe to name in a reason: short and identifier-like (MSH-9 and EVN-1 are coded).
@@ -86,6 +89,8 @@ def validate(message: Message, level: str = "standard") -> list[Hl7Error]:
     strict = level == "strict"
     found = _check_message_type(message, defs, strict)
     found.extend(_check_segment_ids(message, defs, strict))
+    # A missing segment has no place in the message: it sorts after everything found.
+    found.extend(_Found(_AFTER_LAST, error) for error in missing_segments(message))
     if strict:
         found.extend(_check_fields(message, defs, MAX_ERRORS - len(found)))
     if not found:

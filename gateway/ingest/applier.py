@@ -22,11 +22,14 @@ from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
 from gateway.fhir.transaction import parse_bundle, write_request
 from gateway.hl7.errors import ErrorCode, Hl7Error
+from gateway.ingest.merges import keep_merge_state, merge_writes
 from gateway.ingest.replay import replay
 from gateway.mapping.engine import Translator
 from gateway.store import StoreUnavailable
-from gateway.store.fhir import FhirStore, WriteConflict, WriteRequest
-from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
+from gateway.store.errors import AmbiguousMatch
+from gateway.store.fhir import FhirStore, Merge, SearchQuery, WriteConflict, WriteRequest
+from gateway.store.inbox import APPLIED, FAILED, IDENTITY_CONFLICT, TRANSLATED, Inbox
+from gateway.telemetry.instruments import IngestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,16 @@ log = logging.getLogger(__name__)
 Outcome = Callable[[Hl7Error | None], None]
 
 _URN = "urn:uuid:"
+
+
+class IdentityConflict(Exception):
+    """Two records of the store hold the business identifier a message's write names: the
+    store cannot tell which one the message is about."""
+
+    def __init__(self, resource_type: str, condition: SearchQuery | None) -> None:
+        super().__init__(f"two {resource_type} records share the identifier")
+        self.resource_type = resource_type
+        self.condition = condition
 
 
 def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[WriteRequest]:
@@ -46,13 +59,15 @@ def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[Writ
     writes = []
     for entry in entries:
         write = write_request(registry, entry)
+        create_id = None
         if (write.method == "PUT" and write.id is None and write.resource is not None
                 and "id" not in write.resource and entry.full_url
                 and entry.full_url.startswith(_URN)):
-            write = WriteRequest(write.method, write.resource_type, None,
-                                 {**write.resource, "id": entry.full_url[len(_URN):]},
-                                 write.condition, write.if_match, write.full_url)
-        writes.append(write)
+            create_id = entry.full_url[len(_URN):]
+        writes.append(WriteRequest(write.method, write.resource_type, write.id,
+                                   write.resource, write.condition, write.if_match,
+                                   write.full_url, carry=keep_merge_state,
+                                   create_id=create_id))
     return writes
 
 
@@ -61,8 +76,13 @@ class LocalApplier:
 
     def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: Inbox,
                  translator: Translator, *, sweep_interval: float = 30.0,
-                 max_batch: int = 256, max_held: int = 5_000) -> None:
+                 max_batch: int = 256, max_held: int = 5_000,
+                 metrics: IngestMetrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics
+        # The conflicts reported so far (by the write's search, kept only in memory): each
+        # is logged and counted once, however many messages name it.
+        self._conflicts: set[tuple[str, SearchQuery | None]] = set()
         self._registry = registry
         self._inbox = inbox
         self._translator = translator
@@ -82,6 +102,7 @@ class LocalApplier:
         self._busy = False
         self.applied = 0
         self.failed = 0
+        self.conflicted = 0
 
     def start(self) -> None:
         self._busy = True  # the start-up sweep comes first
@@ -220,6 +241,16 @@ class LocalApplier:
                 # Not applied and not marked: the next sweep tries again.
                 log.error("local store unavailable; inbox %d stays translated", inbox_id)
                 continue
+            if isinstance(result, IdentityConflict):
+                self.conflicted += 1
+                self._report(result, inbox_id)
+                reason = (f"two {result.resource_type} records in the FHIR store share the "
+                          "identifier this message names: merge them (isthmus fhir merge), "
+                          "then isthmus inbox replay --failed")
+                outcomes.append((inbox_id, IDENTITY_CONFLICT, reason))
+                if outcome is not None:
+                    outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
+                continue
             if isinstance(result, BaseException):
                 self.failed += 1
                 reason = _reason(result)
@@ -239,9 +270,33 @@ class LocalApplier:
             log.error("could not mark %d inbox rows applied: %s", len(outcomes),
                       type(exc).__name__)
 
+    def _report(self, conflict: IdentityConflict, inbox_id: int) -> None:
+        """Log and count a conflict the first time a message runs into it."""
+        key = (conflict.resource_type, conflict.condition)
+        if key in self._conflicts:
+            return
+        self._conflicts.add(key)
+        if self._metrics is not None:
+            self._metrics.identity_conflict(conflict.resource_type)
+        log.warning("two %s records in the FHIR store share the business identifier inbox "
+                    "%d names; it and every later message naming it wait as "
+                    "identity-conflict: merge the records (isthmus fhir merge), then "
+                    "isthmus inbox replay --failed (docs/operations.md)",
+                    conflict.resource_type, inbox_id)
+
     async def _apply_one(self, translation: Translation) -> None:
         writes = bundle_writes(self._registry, to_bundle(translation))
-        await self._store.transact(writes, atomic=True)
+        merges: list[Merge] = []
+        rule = self._translator.merge_rule(translation.provenance.message_type)
+        if rule is not None:
+            writes, merges = merge_writes(self._registry, writes, rule)
+        try:
+            await self._store.transact(writes, atomic=True, merges=merges)
+        except AmbiguousMatch as exc:
+            write = writes[exc.entry] if exc.entry is not None and 0 <= exc.entry < len(
+                writes) else None
+            raise IdentityConflict(write.resource_type if write else "resource",
+                                   write.condition if write else None) from None
 
 
 def _reason(exc: BaseException) -> str:

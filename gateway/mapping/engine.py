@@ -12,7 +12,7 @@ from gateway.mapping.compiler import Compiled, compile_tables
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import UnsupportedMessage
 from gateway.mapping.runtime import Draft, Run
-from gateway.mapping.tables import SHIPPED, read_tables
+from gateway.mapping.tables import SHIPPED, MergeRow, read_tables
 
 
 class Translator:
@@ -35,6 +35,10 @@ class Translator:
 
     def supports(self, message_type: str) -> bool:
         return message_type in self._compiled.events
+
+    def merge_rule(self, message_type: str) -> MergeRow | None:
+        """How the store applies this message type as a merge (merges.csv), if it does."""
+        return self._compiled.merges.get(message_type)
 
     def translate(self, message: Message, received_at: datetime | None = None) -> Translation:
         """The canonical form of one message; raises TranslationError naming the location."""
@@ -65,7 +69,15 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     """Give every resource its identity and id, then resolve the references between them."""
     sender = f"{provenance.source_application}|{provenance.source_facility}"
     keys: set[tuple[str, str, str]] = set()
+    identities: dict[str, int] = {}
     for draft in run.drafts:
+        if draft.primary and draft.identity:
+            # Two results of one message with one identity (text lines of a report sent
+            # as OBX segments with one OBX-3 and no OBX-4) stay apart by their order,
+            # which a resend keeps.
+            seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
+            if seen > 1:
+                draft.identity += f"#{seen}"
         draft.key = _business_key(draft)
         if draft.key is not None and draft.primary:
             # Two resources of one message claiming one business identifier (a sender
@@ -112,8 +124,10 @@ def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
     Without a system an identifier is only unique at its sender, so the sender is part of
     the name. A resource only referred to (a ward from PV1-3) without an identifier is named
     by its content at that sender, so every message naming that ward names the same
-    Location instead of adding one. Otherwise the same message (sender + control id) resent
-    gives the same ids, so a resend updates instead of duplicating.
+    Location instead of adding one; one an identity rule names (identities.csv: an
+    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender.
+    Otherwise the same message (sender + control id) resent gives the same ids, so a
+    resend updates instead of duplicating.
     """
     if draft.key is not None:
         system, value = draft.key

@@ -40,6 +40,10 @@ MESSAGE_COLUMNS = ("segment", "after", "resource", "instance", "map", "links", "
                    "note")
 VOCABULARY_COLUMNS = ("code", "display", "fhir_code", "fhir_display", "fhir_system", "note")
 EVENT_COLUMNS = ("message_type", "map", "note")
+IDENTITY_COLUMNS = ("resource", "segment", "condition", "key", "note")
+IDENTITY_FILE = "identities.csv"
+MERGE_COLUMNS = ("message_type", "resource", "identifiers", "note")
+MERGE_FILE = "merges.csv"
 OUTBOUND_FILE = "outbound.csv"
 OUTBOUND_FOLDER = "outbound"
 # FHIR search parameter definitions: read by gateway.fhir.search, not a v2 mapping table.
@@ -147,6 +151,31 @@ class EventRow:
     map: str
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    """What makes a resource made from a segment the same record in every message
+    (identities.csv): the v2 locations of `key`, when `condition` holds."""
+
+    where: Where
+    resource: str
+    segment: str
+    condition: str
+    key: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeRow:
+    """A message type applied to the store as a merge (merges.csv): the `resource` its
+    message map links `replaced-by` another is merged into that one; `identifiers` says
+    what becomes of the merged-away record's identifiers: `old` (kept on the survivor,
+    use old) or `dropped` (they were wrong: A47)."""
+
+    where: Where
+    message_type: str
+    resource: str
+    identifiers: str
+
+
 @dataclass
 class TableSet:
     """Every table, by name, as read from disk (not yet checked)."""
@@ -156,6 +185,8 @@ class TableSet:
     segments: dict[str, FieldMap] = field(default_factory=dict)
     datatypes: dict[str, FieldMap] = field(default_factory=dict)
     vocabularies: dict[str, Vocabulary] = field(default_factory=dict)
+    identities: list[IdentityRow] = field(default_factory=list)
+    merges: list[MergeRow] = field(default_factory=list)
 
 
 def table_files(directory: Path, site: Path | None = None) -> dict[str, Path]:
@@ -195,6 +226,12 @@ def _read_table(tables: TableSet, relative: str, path: Path) -> None:
     stem = name[:-4]
     if folder == "" and name == "events.csv":
         tables.events.extend(_events(path))
+    elif folder == "" and name == IDENTITY_FILE:
+        tables.identities.extend(_identities(path))
+    elif folder == "" and name == MERGE_FILE:
+        tables.merges.extend(
+            MergeRow(where, r["message_type"], r["resource"], r["identifiers"])
+            for where, r in _records(path, MERGE_COLUMNS))
     elif folder == "messages":
         tables.messages[stem] = MessageMap(stem, str(path), tuple(_message_rows(path)))
     elif folder in ("segments", "datatypes"):
@@ -212,6 +249,7 @@ def _read_table(tables: TableSet, relative: str, path: Path) -> None:
                                                tuple(_vocabulary_rows(path)))
     else:
         raise TableError(path, 0, "is not in a known table folder (events.csv, "
+                                  "identities.csv, merges.csv, "
                                   "messages/, segments/, datatypes/, vocabulary/)")
 
 
@@ -273,3 +311,9 @@ def _vocabulary_rows(path: Path) -> Iterator[VocabularyRow]:
 def _events(path: Path) -> Iterator[EventRow]:
     for where, r in _records(path, EVENT_COLUMNS):
         yield EventRow(where, r["message_type"], r["map"])
+
+
+def _identities(path: Path) -> Iterator[IdentityRow]:
+    for where, r in _records(path, IDENTITY_COLUMNS):
+        yield IdentityRow(where, r["resource"], r["segment"], r["condition"],
+                          tuple(r["key"].split()))

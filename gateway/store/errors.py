@@ -26,6 +26,11 @@ class WriteConflict(StoreError):
         self.entry = entry
 
 
+class AmbiguousMatch(WriteConflict):
+    """A conditional write whose search finds more than one record (412): two records
+    share the business identifier it names."""
+
+
 class ChainConflict(StoreUnavailable):
     """Rows another writer appended do not verify; nothing more is appended."""
 

@@ -210,7 +210,10 @@ class WriteRequest:
     `full_url`: the entry's fullUrl ('urn:uuid:...'), so references to it in other entries
     of the same transaction are rewritten to the final 'Type/id'.
     `check`: judges what a PUT or DELETE replaces (see ReplaceCheck); a refusal is a
-    WriteConflict with its status.
+    WriteConflict with its status. `carry`: what an update keeps of the version it
+    replaces (see Carry). `create_id`: the id a conditional update that finds nothing
+    creates at (a translated message's deterministic id); one that finds a record updates
+    it, whatever its id (a merged-away identifier now held by the survivor).
     """
 
     method: Literal["POST", "PUT", "DELETE"]
@@ -221,6 +224,37 @@ class WriteRequest:
     if_match: int | None = None
     full_url: str | None = None
     check: ReplaceCheck | None = field(default=None, compare=False, repr=False)
+    carry: Carry | None = field(default=None, compare=False, repr=False)
+    create_id: str | None = None
+
+
+# Told the current version's content (a dict) and the update's resource, before an update
+# replaces it: copies into the update what it must not lose (a merge's links).
+Carry = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """The records `source` finds merged into `target`, after the call's writes (FHIR R4
+    Patient.link; R5 $merge): each is kept with `active` false and a `replaced-by` link to
+    the survivor, which gets a `replaces` link back; every reference to it in the store
+    (Provenance aside: history stays as it was) moves to the survivor; its identifiers
+    move to the survivor as `use: old`, except those in `retired` ((system, value) pairs:
+    an identifier that was wrong, A47), which are dropped."""
+
+    resource_type: str
+    source: SearchQuery
+    target: str  # the survivor: the fullUrl of an entry of the same call, or its id
+    retired: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOutcome:
+    """What a merge did: the records merged away, and how many resources' references moved."""
+
+    target: str  # 'Type/id'
+    merged: tuple[str, ...]  # 'Type/id' of each record merged away
+    moved: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,11 +312,14 @@ class FhirStore(Protocol):
         """Versions newest first; total always set."""
 
     async def transact(self, writes: Sequence[WriteRequest], *, atomic: bool = True,
-                       before_commit: BeforeCommit | None = None
+                       before_commit: BeforeCommit | None = None,
+                       merges: Sequence[Merge] = ()
                        ) -> list[WriteOutcome | WriteConflict]:
         """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
         entry index). Not atomic: each entry on its own; a failed entry's slot holds its
-        WriteConflict.
+        WriteConflict. `merges` run after an atomic call's writes, in the same transaction.
+        Conditional writes are resolved and written one call at a time, so two calls
+        conditional on one identifier never both create.
 
         `before_commit` is awaited with the outcomes once the writes are applied and before
         they are committed (and so before anyone can read them); if it raises, the writes

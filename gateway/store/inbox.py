@@ -25,7 +25,10 @@ ROUTED = "routed"
 APPLIED = "applied"
 FAILED = "failed"
 UNSUPPORTED = "unsupported"
-REPLAYABLE = (FAILED, UNSUPPORTED)
+# Translated, but its record's identifier is held by two records in the FHIR store: it
+# waits for them to be merged (`isthmus fhir merge`), then `isthmus inbox replay --failed`.
+IDENTITY_CONFLICT = "identity-conflict"
+REPLAYABLE = (FAILED, UNSUPPORTED, IDENTITY_CONFLICT)
 # A different message under a control id this sender used within the duplicate window:
 # kept, not processed, answered AE/CE. An operator reviews it and replays it by id (never
 # with --failed: accepting it is a decision).

@@ -267,6 +267,12 @@ class IngestMetrics:
             description="messages kept as conflicts: another message's control id (MSH-10) "
                         "reused by the same sender within the duplicate window")
 
+        self._identity_conflicts = instruments.counter(
+            "isthmus.store.identity_conflicts", ("fhir.resource_type",), unit="{record}",
+            description="business identifiers found on two records of the FHIR store when "
+                        "a message was applied, each counted once (isthmus fhir merge "
+                        "resolves them)")
+
     def message(self, message_type: str, ack_code: str, size: int = 0) -> None:
         """One message answered: its MSH-9 ('' if unreadable), the ACK code, its bytes."""
         if not self.enabled:
@@ -282,6 +288,11 @@ class IngestMetrics:
         """One message kept as a control id conflict (not a resend of one)."""
         if self.enabled:
             self._conflicts.add(())
+
+    def identity_conflict(self, resource_type: str) -> None:
+        """A business identifier newly found on two records of this type."""
+        if self.enabled:
+            self._identity_conflicts.add((resource_type,))
 
     def clock(self) -> float:
         """A start time for `since` (0.0 when disabled: no clock read)."""

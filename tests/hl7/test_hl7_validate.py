@@ -76,8 +76,26 @@ CASES = [
                  id="z-event-allowed"),
     pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ACK")}), "standard", [],
                  id="ack-without-event"),
-    pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ACK^Q99^ACK")}), "standard", [],
+    pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ACK^Q99^ACK")},
+                       after={"MSH": ["MSA|AA|X1"]}), "standard", [],
                  id="ack-with-any-event"),
+    # -- required segments, by the message structure (hl7/structure.py) --------------------
+    pytest.param(_edit([s for s in ADT_A01 if not s.startswith("PID")]), "standard",
+                 [(100, "PID")], id="adt-a01-without-pid-100"),
+    pytest.param(_edit([s for s in ADT_A01 if not s.startswith(("PID", "PV1"))]), "standard",
+                 [(100, "PID"), (100, "PV1")], id="each-missing-segment-named"),
+    pytest.param(_edit([s for s in ADT_A01 if not s.startswith("EVN")]), "standard", [],
+                 id="evn-left-out-is-accepted"),
+    pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ACK^A01^ACK")}), "standard",
+                 [(100, "MSA")], id="ack-without-msa-100"),
+    pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ORU^R01^ORU_R01")}), "standard",
+                 [(100, "OBR")], id="oru-without-any-result-group-segment"),
+    pytest.param(_edit(ADT_A01[:1], {"MSH": _msh("ORU^R01^ORU_R01")},
+                       after={"MSH": [ADT_A01[2]]}), "standard", [],
+                 id="a-group-is-there-when-one-of-its-segments-is"),
+    pytest.param(_edit([s for s in ADT_A01 if not s.startswith("PID")],
+                       {"MSH": _msh("ADT^A04")}), "standard", [],
+                 id="structure-not-derivable-is-not-checked"),
     pytest.param(_edit(ADT_A01, after={"PID": ["ZPI|1|SITE DATA"]}), "standard", [],
                  id="z-segment-allowed"),
     pytest.param(_edit(ADT_A01, after={"PID": ["ZPI|1|SITE DATA"]}), "strict", [],
@@ -283,10 +301,16 @@ def _reference_messages() -> list[tuple[str, Message]]:
     return found
 
 
-# Real-world messages that standard validation flags, and why: only genuinely unknown types.
+# Messages of the reference corpus that standard validation flags, and why: genuinely
+# unknown types, and test messages without a segment their structure requires at the top.
 FLAGGED_REFERENCE = {
     "LinuxForHealth-hl7v2-fhir-converter/Hl7CustomMessageTest_L89_CUSTOM_PAT.hl7#0":
         [(200, "MSH-9.1"), (201, "MSH-9.2")],  # CUSTOM^PAT, a site type without a Z
+    # A transport test: ADT^A01 with MSH, EVN and PID only; ADT_A01 requires PV1.
+    "GoogleCloudPlatform-mllp/integration_test_L49_ADT_A01.hl7#0": [(100, "PV1")],
+    # An identifier test: MDM^T02 ("notification and content") without the content OBX.
+    "LinuxForHealth-hl7v2-fhir-converter/Hl7IdentifierFHIRConversionTest_L844_MDM_T02.hl7#0":
+        [(100, "OBX")],
 }
 
 

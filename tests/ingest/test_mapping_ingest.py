@@ -22,7 +22,8 @@ GOOD = (b"MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000+0100||ADT^
 def bad_date(control_id: str, msh15: str = "") -> bytes:
     return (f"MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000||ADT^A01|"
             f"{control_id}|P|2.5.1|||{msh15}\rEVN|A01|20261126082900\r"
-            f"PID|1||MRN-7002^^^SYNTHHOSP^MR||CANARYPIPE^Bo||{BAD_DATE}|M\r").encode()
+            f"PID|1||MRN-7002^^^SYNTHHOSP^MR||CANARYPIPE^Bo||{BAD_DATE}|M\r"
+            "PV1|1|I\r").encode()
 
 
 # An event hl7 defines but no shipped table maps (ADT^A17, swap patients).

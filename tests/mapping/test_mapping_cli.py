@@ -19,10 +19,13 @@ from test_mapping_tables import MAP_HEADER, MSH, message, pid, write_tables
 
 from gateway.cli import main
 
-ADT_1 = message(pid(f3="A1^^^&1.2.3&ISO", f5="Doe^Jane", f7="19850312", f8="F"))
-ADT_2 = message(pid(f3="A2^^^&1.2.3&ISO", f5="Roe^Jo", f7="1990", f8="M"),
+# ADT_A01 requires PV1 (a message without it is refused: hl7/structure.py).
+VISIT = "PV1|1|I"
+ADT_1 = message(pid(f3="A1^^^&1.2.3&ISO", f5="Doe^Jane", f7="19850312", f8="F"), VISIT)
+ADT_2 = message(pid(f3="A2^^^&1.2.3&ISO", f5="Roe^Jo", f7="1990", f8="M"), VISIT,
                 msh=MSH.replace("|CTRL-1|", "|CTRL-2|"))
-BAD_DATE = message(pid(f3="A1^^^&1.2.3&ISO", f7="19851345"))
+BAD_DATE = message(pid(f3="A1^^^&1.2.3&ISO", f7="19851345"), VISIT)
+NO_PID = message(VISIT)
 
 
 @pytest.fixture
@@ -117,6 +120,8 @@ def test_translate_pretty_indents_the_same_document(
     pytest.param(message(pid(f3="A1"), msh=MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01")),
                  "isthmus translate: MSH-9: message type ORU^R01 is not supported",
                  id="unsupported type"),
+    pytest.param(NO_PID, "isthmus translate: PID: required segment PID is missing (message "
+                 "structure ADT_A01, HL7 v2.5.1)", id="required segment missing"),
     pytest.param(b"", "isthmus translate: the input holds no HL7 v2 message", id="empty"),
     pytest.param(b" \r\n\n", "isthmus translate: the input holds no HL7 v2 message",
                  id="blank"),

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.fhir import model as fhir_model
 from gateway.mapping.compiler.context import Context
+from gateway.mapping.compiler.identities import IdentityFn
 from gateway.mapping.compiler.segments import FieldMaps, SegmentFn
 from gateway.mapping.compiler.setters import Setter, compile_setter
 from gateway.mapping.errors import TranslationError
@@ -29,9 +30,11 @@ _LINK = re.compile(r'(?:([A-Z][A-Za-z]+)\.)?([A-Za-z][A-Za-z0-9.]*)(\+?=)(.+)$')
 class MessageMaps:
     """Compiles message maps over the segment tables of `segments`."""
 
-    def __init__(self, ctx: Context, segments: FieldMaps) -> None:
+    def __init__(self, ctx: Context, segments: FieldMaps,
+                 identities: dict[tuple[str, str], IdentityFn] | None = None) -> None:
         self.ctx = ctx
         self.segments = segments
+        self.identities = identities or {}
 
     def message(self, table: MessageMap) -> MessageFn:
         """A message map compiled: one function that walks the message's segments."""
@@ -72,7 +75,7 @@ class MessageMaps:
             return None
         fn, read = compiled
         return _MessageStep(row.resource, row.instance == "current", row.after, fn, read,
-                            links, condition)
+                            links, condition, self.identities.get((row.resource, row.segment)))
 
     def _links(self, row: MessageRow) -> list[_Link]:
         links: list[_Link] = []
@@ -130,6 +133,7 @@ class _MessageStep:
     read: frozenset[int]
     links: list[_Link]
     condition: Callable[[Scope], bool] | None
+    identity: IdentityFn | None = None
 
 
 def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
@@ -195,6 +199,8 @@ def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
         return
     draft = run.new_draft(step.resource)
     draft.content = content
+    if step.identity is not None:
+        draft.identity = step.identity(fields, run)
     # One instance map per owner: the links of a row that write one owner's repeating
     # element (Patient.link.other and Patient.link.type) fill one instance of it.
     insts: dict[int, dict[str, Json]] = {}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 from gateway.mapping.compiler.context import Context
+from gateway.mapping.compiler.identities import compile_identities
 from gateway.mapping.compiler.messages import MessageFn, MessageMaps
 from gateway.mapping.compiler.segments import FieldMaps
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import TableErrors
-from gateway.mapping.tables import TableSet, Where
+from gateway.mapping.tables import MergeRow, TableSet, Where
 from gateway.mapping.vocabulary import Vocab, check_vocabulary
 
 _MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}")
@@ -19,11 +20,13 @@ class Compiled:
     """Everything the engine needs, compiled: message functions by message type."""
 
     def __init__(self, events: dict[str, MessageFn], messages: dict[str, MessageFn],
-                 vocabularies: dict[str, Vocab], tables: TableSet) -> None:
+                 vocabularies: dict[str, Vocab], tables: TableSet,
+                 merges: dict[str, MergeRow] | None = None) -> None:
         self.events = events
         self.messages = messages
         self.vocabularies = vocabularies
         self.tables = tables
+        self.merges = merges or {}
 
 
 def compile_tables(tables: TableSet, converters: Converters) -> Compiled:
@@ -40,7 +43,7 @@ def compile_tables(tables: TableSet, converters: Converters) -> Compiled:
         field_maps.datatype(name, Where(tables.datatypes[name].file, 0))
     for name in sorted(tables.segments):
         field_maps.segment(name, Where(tables.segments[name].file, 0))
-    message_maps = MessageMaps(ctx, field_maps)
+    message_maps = MessageMaps(ctx, field_maps, compile_identities(ctx, tables.identities))
     messages = {name: message_maps.message(table) for name, table in
                 sorted(tables.messages.items())}
     events: dict[str, MessageFn] = {}
@@ -54,6 +57,28 @@ def compile_tables(tables: TableSet, converters: Converters) -> Compiled:
             ctx.errors.append(row.where.error(f"unknown message map '{row.map}'"))
         else:
             events[row.message_type] = messages[row.map]
+    merges = _merges(ctx, tables.merges, events)
     if ctx.errors:
         raise TableErrors(ctx.errors)
-    return Compiled(events, messages, ctx.vocabs, tables)
+    return Compiled(events, messages, ctx.vocabs, tables, merges)
+
+
+def _merges(ctx: Context, rows: list[MergeRow], events: dict[str, MessageFn]
+            ) -> dict[str, MergeRow]:
+    """merges.csv checked: message type -> its merge row."""
+    merges: dict[str, MergeRow] = {}
+    for row in rows:
+        if row.message_type not in events:
+            ctx.errors.append(row.where.error(
+                f"{row.message_type} has no message map in events.csv"))
+        elif row.message_type in merges:
+            ctx.errors.append(row.where.error(f"{row.message_type} is listed twice"))
+        elif row.resource != "Patient":
+            # Patient.link and Patient.active are what a merge writes (FHIR R4 has no
+            # link on other resources).
+            ctx.errors.append(row.where.error("only Patient records are merged"))
+        elif row.identifiers not in ("old", "dropped"):
+            ctx.errors.append(row.where.error("identifiers must be 'old' or 'dropped'"))
+        else:
+            merges[row.message_type] = row
+    return merges

@@ -33,6 +33,8 @@ from gateway.store.fhir import (
     BeforeCommit,
     HistoryQuery,
     Indexer,
+    Merge,
+    MergeOutcome,
     SearchPage,
     SearchQuery,
     StoredResource,
@@ -72,7 +74,9 @@ class _Job:
     atomic: bool
     future: asyncio.Future[Outcomes]
     before_commit: BeforeCommit | None = None
+    merges: Sequence[Merge] = ()
     outcomes: Outcomes | None = None
+    merged: list[MergeOutcome] | None = None
     error: BaseException | None = None
 
 
@@ -264,18 +268,34 @@ class SqliteFhirStore:
     # one per statement. The futures are resolved back here on the event loop.
 
     async def transact(self, writes: Sequence[WriteRequest], *, atomic: bool = True,
-                       before_commit: BeforeCommit | None = None) -> Outcomes:
+                       before_commit: BeforeCommit | None = None,
+                       merges: Sequence[Merge] = ()) -> Outcomes:
         """Apply writes. atomic: all or nothing, raising the first WriteConflict (with its
         entry index). Not atomic: each entry on its own; a failed entry's slot holds its
-        WriteConflict. `before_commit`: see `FhirStore.transact`."""
+        WriteConflict. `before_commit`, `merges`: see `FhirStore.transact`."""
+        if not writes and not merges:
+            return []
+        outcomes, _ = await self._submit(writes, atomic, before_commit, merges)
+        return outcomes
+
+    async def merge(self, merge: Merge) -> MergeOutcome:
+        """One merge on its own (`isthmus fhir merge`): what it did."""
+        _, merged = await self._submit((), True, None, (merge,))
+        return merged[0]
+
+    async def _submit(self, writes: Sequence[WriteRequest], atomic: bool,
+                      before_commit: BeforeCommit | None, merges: Sequence[Merge]
+                      ) -> tuple[Outcomes, list[MergeOutcome]]:
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
-        if not writes:
-            return []
+        if merges and not atomic:
+            raise ValueError("merges run only with an atomic call's writes")
         future: asyncio.Future[Outcomes] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(list(writes), atomic, future, before_commit))
+        job = _Job(list(writes), atomic, future, before_commit, tuple(merges))
+        self._pending.append(job)
         self._wakeup.set()
-        return await future
+        outcomes = await future
+        return outcomes, job.merged or []
 
     async def _write_loop(self) -> None:
         while True:
@@ -391,7 +411,9 @@ class SqliteFhirStore:
         self._db.execute("SAVEPOINT job")
         try:
             if job.atomic:
-                job.outcomes = list(self._writes.apply(job.writes, 0))
+                job.merged = []
+                job.outcomes = list(self._writes.apply(job.writes, 0, job.merges,
+                                                       job.merged))
             else:
                 job.outcomes = self._apply_batch(job.writes)
         except sqlite3.Error:

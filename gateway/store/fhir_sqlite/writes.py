@@ -20,15 +20,19 @@ from typing import Any
 
 import orjson
 
+from gateway.store.errors import AmbiguousMatch
 from gateway.store.fhir import (
     IndexEntry,
     Indexer,
+    Merge,
+    MergeOutcome,
     SearchQuery,
     StoredResource,
     WriteConflict,
     WriteOutcome,
     WriteRequest,
 )
+from gateway.store.fhir_sqlite.merge import apply_merge
 from gateway.store.fhir_sqlite.schema import (
     INDEX_INSERTS,
     UPSERT,
@@ -78,15 +82,33 @@ class TransactionWriter:
         self._indexer = indexer
         self._last_stamp = last_stamp
 
-    def apply(self, writes: Sequence[WriteRequest], first: int) -> list[WriteOutcome]:
-        """Resolve and write entries as one FHIR transaction; the caller's savepoint makes
-        it atomic. `first` is the position of writes[0] in the caller's list."""
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._db
+
+    def current_rows(self, keys: Sequence[tuple[str, str]]
+                     ) -> dict[tuple[str, str], StoredResource]:
+        return self._current_rows(keys)
+
+    def rewrite(self, resource_type: str, id: str, document: dict[str, Any],
+                current: StoredResource) -> None:
+        """A new version of a current resource with this content (a merge's changes);
+        none if the content is the same."""
+        request = WriteRequest("PUT", resource_type, id, document)
+        self._write([_Entry(-1, request, document, id, current)])
+
+    def apply(self, writes: Sequence[WriteRequest], first: int, merges: Sequence[Merge] = (),
+              merged: list[MergeOutcome] | None = None) -> list[WriteOutcome]:
+        """Resolve and write entries as one FHIR transaction, then its merges (their
+        outcomes appended to `merged`); the caller's savepoint makes it atomic. `first` is
+        the position of writes[0] in the caller's list."""
         entries = [_prepare(first + i, write) for i, write in enumerate(writes)]
         ordered = sorted(entries, key=lambda e: _METHOD_ORDER[e.request.method])
         claimed: dict[tuple[str, str], int] = {}
         current = self._current_rows([
             (e.request.resource_type, target) for e in entries
-            if (target := e.request.id or (e.resource or {}).get("id"))])
+            if (target := e.request.id or (e.resource or {}).get("id")
+                or e.request.create_id)])
 
         deletes = [e for e in ordered if e.request.method == "DELETE"]
         for entry in deletes:
@@ -107,6 +129,10 @@ class TransactionWriter:
             for entry in upserts:
                 _rewrite_references(entry.resource, targets)
         self._write([e for e in upserts if e.outcome is None and e.same_as is None])
+        for merge in merges:
+            outcome = apply_merge(self, merge, targets)
+            if merged is not None:
+                merged.append(outcome)
 
         outcomes: list[WriteOutcome] = []
         for entry in entries:
@@ -156,6 +182,7 @@ class TransactionWriter:
                 entry.id, entry.current = matches[0].id, matches[0]
                 _check_replaced(entry)
                 _check_if_match(entry)
+                _carry(entry)
                 return
             if request.method == "POST":
                 if request.condition in created:
@@ -163,13 +190,14 @@ class TransactionWriter:
                     entry.id = entry.same_as.id
                     return
                 created[request.condition] = entry
-        entry.id = request.id or given or str(uuid.uuid4())
+        entry.id = request.id or given or request.create_id or str(uuid.uuid4())
         entry.current = current.get(entry.key)
         if request.method == "POST" and entry.current is not None and not entry.current.deleted:
             raise WriteConflict(409, f"entry {entry.position}: a resource with this id "
                                 "already exists", entry.position)
         if request.method == "PUT":
             _check_replaced(entry)
+            _carry(entry)
         _check_if_match(entry)
 
     def _matches(self, entry: _Entry) -> list[StoredResource]:
@@ -183,8 +211,8 @@ class TransactionWriter:
         rows = [stored_resource(row) for row in self._db.execute(sql, params).fetchall()]
         if len(rows) > 1:
             rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
-            raise WriteConflict(412, f"entry {entry.position}: {rule} matches more than one "
-                                "resource", entry.position)
+            raise AmbiguousMatch(412, f"entry {entry.position}: {rule} matches more than one "
+                                 "resource", entry.position)
         return rows
 
     def _current_rows(
@@ -325,6 +353,16 @@ def _check_replaced(entry: _Entry) -> None:
     if refusal is not None:
         status, reason = refusal
         raise WriteConflict(status, f"entry {entry.position}: {reason}", entry.position)
+
+
+def _carry(entry: _Entry) -> None:
+    """What the update keeps of the version it replaces (the caller's Carry)."""
+    carry, current = entry.request.carry, entry.current
+    if carry is not None and current is not None and not current.deleted:
+        assert entry.resource is not None
+        body = current.body
+        carry(json.loads(body, parse_float=Decimal) if _FLOATISH.search(body)
+              else orjson.loads(body), entry.resource)
 
 
 def _check_if_match(entry: _Entry) -> None:

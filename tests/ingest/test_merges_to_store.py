@@ -1,0 +1,139 @@
+"""ADT^A40 (merge patient) and ADT^A47 (change identifier) are applied to the FHIR store,
+not only translated: the record merged away stays, inactive and `replaced-by` the
+survivor; every reference to it moves to the survivor; its identifiers move (A40: kept as
+`use: old`; A47: the wrong one dropped). Real MLLP in, FHIR search out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from test_mllp_to_store import deliver, search, statuses
+
+from conftest import RunningGateway, message, with_control_id
+from support.builders import with_fields
+from support.fhir import fhir_session, start_fhir_gateway
+
+AUTHORITY = "SYNTHHOSP&1.2.3.4.5&ISO"
+SYSTEM = "urn:oid:1.2.3.4.5"
+A01 = message("mapping_adt_a01.hl7")
+A40 = message("mapping_adt_a40.hl7")  # PID MRN-400002 survives, MRG MRN-400001 goes
+A47 = message("mapping_adt_a47.hl7")  # MRG MRN-500077 was wrong, PID MRN-500001 is right
+ORU = message("identity_oru_r01.hl7")
+
+
+def admit(mrn: str, visit: str, control_id: str) -> bytes:
+    """ADT_A01 for another patient and visit."""
+    raw = with_fields(A01, "PID", {3: f"{mrn}^^^{AUTHORITY}^MR"})
+    raw = with_fields(raw, "PV1", {19: f"{visit}^^^{AUTHORITY}^VN"})
+    return with_control_id(raw, control_id)
+
+
+def result_for(mrn: str, control_id: str) -> bytes:
+    return with_control_id(with_fields(ORU, "PID", {3: f"{mrn}^^^{AUTHORITY}^MR"}),
+                           control_id)
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    running = await start_fhir_gateway(tmp_path / "var")
+    yield running
+    await running.runner.cleanup()
+
+
+@pytest.fixture
+async def fhir(gateway: RunningGateway) -> AsyncIterator[aiohttp.ClientSession]:
+    async with fhir_session(gateway) as session:
+        yield session
+
+
+async def patient(fhir: aiohttp.ClientSession, mrn: str) -> dict[str, Any]:
+    [found] = await search(fhir, f"Patient?identifier={SYSTEM}|{mrn}")
+    return found
+
+
+async def test_a40_moves_references_and_links_the_two_records(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit("MRN-400001", "VN-400001", "M-1"),
+                  result_for("MRN-400001", "M-2"), admit("MRN-400002", "VN-400002", "M-3"))
+    retired = await patient(fhir, "MRN-400001")
+    survivor = await patient(fhir, "MRN-400002")
+    assert len(await search(fhir, f"Observation?subject=Patient/{retired['id']}")) == 4
+
+    await deliver(gateway, A40)
+    assert await statuses(gateway) == [(f"M-{n}", "applied", "") for n in (1, 2, 3)] + [
+        ("CTRL-A40-0001", "applied", "")]
+    [gone] = await search(fhir, f"Patient?_id={retired['id']}")
+    assert gone["active"] is False
+    assert gone["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"},
+                             "type": "replaced-by"}]
+    assert gone["name"][0]["family"] == "CANARYRESULT"  # as last sent: its content stays
+    assert "identifier" not in gone
+    kept = await patient(fhir, "MRN-400002")
+    assert kept["id"] == survivor["id"]
+    assert {"other": {"reference": f"Patient/{retired['id']}"}, "type": "replaces"} in \
+        kept["link"]
+    # The old identifier now finds the survivor, and only it.
+    assert (await patient(fhir, "MRN-400001"))["id"] == survivor["id"]
+    assert {"system": SYSTEM, "value": "MRN-400001", "use": "old"}.items() <= next(
+        i for i in kept["identifier"] if i["value"] == "MRN-400001").items()
+    # Every reference moved: the visits, results, allergies, conditions.
+    for query in ("Observation?subject", "Encounter?subject", "AllergyIntolerance?patient",
+                  "Condition?subject"):
+        assert await search(fhir, f"{query}=Patient/{retired['id']}") == [], query
+    assert len(await search(fhir, f"Observation?subject=Patient/{survivor['id']}")) == 4
+    # its two visits (the result named one) and the survivor's own
+    assert len(await search(fhir, f"Encounter?subject=Patient/{survivor['id']}")) == 3
+
+
+async def test_after_a_merge_later_messages_land_on_the_survivor_and_keep_the_links(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit("MRN-400001", "VN-400001", "M-1"),
+                  admit("MRN-400002", "VN-400002", "M-2"), A40)
+    survivor = await patient(fhir, "MRN-400002")
+    # A late result still sent under the old number, then an update of the survivor.
+    await deliver(gateway, result_for("MRN-400001", "M-3"),
+                  admit("MRN-400002", "VN-400002", "M-4"))
+    assert len(await search(fhir, f"Observation?subject=Patient/{survivor['id']}")) == 4
+    kept = await patient(fhir, "MRN-400002")
+    assert [link["type"] for link in kept["link"]] == ["replaces"]
+    assert (await patient(fhir, "MRN-400001"))["id"] == survivor["id"]
+    assert len(await search(fhir, "Patient")) == 2
+    assert len(await search(fhir, "Patient?active=false")) == 1
+
+
+async def test_a_merge_resent_changes_nothing_more(gateway: RunningGateway,
+                                                   fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit("MRN-400001", "VN-400001", "M-1"),
+                  admit("MRN-400002", "VN-400002", "M-2"), A40)
+    before = await patient(fhir, "MRN-400002")
+    await deliver(gateway, with_control_id(A40, "CTRL-A40-0002"))
+    after = await patient(fhir, "MRN-400002")
+    assert after["meta"]["versionId"] == before["meta"]["versionId"]
+    assert len(await search(fhir, "Patient")) == 2
+
+
+async def test_a40_for_a_record_the_store_never_held_still_makes_the_survivor(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, A40)
+    [only] = await search(fhir, "Patient")
+    assert only["identifier"][0]["value"] == "MRN-400002"
+    assert "link" not in only
+    assert await statuses(gateway) == [("CTRL-A40-0001", "applied", "")]
+
+
+async def test_a47_changes_the_identifier_and_drops_the_wrong_one(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit("MRN-500077", "VN-500077", "M-1"))
+    wrong = await patient(fhir, "MRN-500077")
+    await deliver(gateway, A47)
+    right = await patient(fhir, "MRN-500001")
+    assert await search(fhir, f"Patient?identifier={SYSTEM}|MRN-500077") == []
+    [encounter] = await search(fhir, f"Encounter?subject=Patient/{right['id']}")
+    assert encounter["identifier"][0]["value"] == "VN-500077"
+    [gone] = await search(fhir, f"Patient?_id={wrong['id']}")
+    assert gone["active"] is False
+    assert gone["link"][0]["type"] == "replaced-by"

@@ -1,0 +1,100 @@
+"""Merges in the embedded FHIR store on a real SQLite file: the record merged away stays,
+linked; references and identifiers move in one transaction; numbers keep their digits;
+a survivor that does not exist fails the whole call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_fhir_store import MRN, body, index, patient, write
+
+from gateway.store.fhir import (
+    IdMatch,
+    IndexEntry,
+    Merge,
+    QuantityIndex,
+    SearchQuery,
+    TokenMatch,
+    WriteConflict,
+    WriteRequest,
+)
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from support import builders
+
+
+def indexer(resource_type: str, resource: dict[str, Any]) -> Sequence[IndexEntry]:
+    """The store suite's indexer, taking FHIR decimals as the real one does."""
+    return [replace(row, value=float(row.value)) if isinstance(row, QuantityIndex) else row
+            for row in index(resource_type, resource)]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteFhirStore]:
+    opened = await SqliteFhirStore.open(tmp_path / "fhir.db", indexer, synchronous="normal")
+    yield opened
+    await opened.close()
+
+
+async def create(store: SqliteFhirStore, resource_type: str, resource: dict[str, Any]) -> str:
+    stored = (await write(store, WriteRequest("POST", resource_type,
+                                              resource=resource))).stored
+    assert stored is not None
+    return stored.id
+
+
+def by_id(id_: str) -> SearchQuery:
+    return SearchQuery("Patient", ((IdMatch(id_),),))
+
+
+async def test_a_merge_moves_references_and_identifiers_keeping_decimals(
+        store: SqliteFhirStore) -> None:
+    old = await create(store, "Patient", patient("M-1"))
+    new = await create(store, "Patient", patient("M-2"))
+    reading = builders.observation(f"Patient/{old}", quantity=(Decimal("1.50"), "mg"))
+    observed = await create(store, "Observation", reading)
+
+    outcome = await store.merge(Merge("Patient", by_id(old), new))
+    assert outcome.merged == (f"Patient/{old}",) and outcome.moved == 1
+
+    moved = await store.read("Observation", observed)
+    assert moved is not None and moved.version == 2
+    assert b'"value":1.50' in moved.body  # the digits as written, not 1.5
+    assert body(moved)["subject"] == {"reference": f"Patient/{new}"}
+    gone = body(await store.read("Patient", old))
+    assert gone["active"] is False and "identifier" not in gone
+    assert gone["link"] == [{"other": {"reference": f"Patient/{new}"},
+                             "type": "replaced-by"}]
+    kept = body(await store.read("Patient", new))
+    assert {"system": MRN, "value": "M-1", "use": "old"} in kept["identifier"]
+    assert kept["link"] == [{"other": {"reference": f"Patient/{old}"}, "type": "replaces"}]
+    found = await store.search(SearchQuery("Patient", ((TokenMatch("identifier", MRN, "M-1"),),)))
+    assert [r.id for r in found.resources] == [new]
+
+
+async def test_retired_identifiers_are_dropped(store: SqliteFhirStore) -> None:
+    wrong = await create(store, "Patient", patient("WRONG-1"))
+    right = await create(store, "Patient", patient("RIGHT-1"))
+    await store.merge(Merge("Patient", by_id(wrong), right, retired=((MRN, "WRONG-1"),)))
+    kept = body(await store.read("Patient", right))
+    assert [i["value"] for i in kept["identifier"]] == ["RIGHT-1"]
+
+
+async def test_a_merge_into_a_record_that_does_not_exist_changes_nothing(
+        store: SqliteFhirStore) -> None:
+    old = await create(store, "Patient", patient("M-1"))
+    with pytest.raises(WriteConflict) as refused:
+        await store.transact([WriteRequest("PUT", "Patient", old, patient("M-1", gender="male"))],
+                             merges=[Merge("Patient", by_id(old), "nobody")])
+    assert refused.value.status == 404
+    unchanged = await store.read("Patient", old)
+    assert unchanged is not None and unchanged.version == 1
+
+
+async def test_merges_run_only_with_atomic_writes(store: SqliteFhirStore) -> None:
+    with pytest.raises(ValueError, match="atomic"):
+        await store.transact([], atomic=False, merges=[Merge("Patient", by_id("a"), "b")])
