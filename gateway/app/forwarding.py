@@ -21,8 +21,7 @@ from gateway.forward.normalize import load_vendor
 from gateway.forward.outbox import Dispatcher
 from gateway.forward.routes import Router
 from gateway.mapping.tables import SHIPPED
-from gateway.store import SqliteInbox
-from gateway.store.outbox import SqliteOutbox
+from gateway.store.outbox import OutboxStore
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,7 @@ class Forwarding:
 
     router: Router
     backends: dict[str, Backend]
+    outbox: OutboxStore | None = None
     dispatcher: Dispatcher | None = None
     facade: Facade | None = None
 
@@ -48,10 +48,10 @@ class Forwarding:
                 log.warning("closing backend failed: %s", type(exc).__name__)
 
 
-async def open_forwarding(settings: Settings, inbox: SqliteInbox,
+async def open_forwarding(settings: Settings, outbox: OutboxStore,
                           telemetry: Telemetry) -> Forwarding:
     """Open every [[backends]] entry, start the outbox and build the FHIR facade."""
-    forwarding = Forwarding(build_router(settings), {})
+    forwarding = Forwarding(build_router(settings), {}, outbox)
     try:
         for config in settings.backends:
             _warn_if_insecure(config)
@@ -63,7 +63,7 @@ async def open_forwarding(settings: Settings, inbox: SqliteInbox,
                                                                telemetry)
         if forwarding.backends:
             forwarding.dispatcher = Dispatcher(
-                SqliteOutbox(inbox.connection), forwarding.backends,
+                outbox, forwarding.backends,
                 {c.name: delivery_policy(c) for c in settings.backends},
                 telemetry, poll_interval=settings.forward.poll_interval)
             await forwarding.dispatcher.start()
