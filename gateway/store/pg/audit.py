@@ -279,14 +279,17 @@ class PgAuditStore:
 
     async def _follow(self, db: Connection, chain: Chain) -> tuple[int, bytes]:
         """The head to link after: ours, advanced over the rows other instances appended
-        since (each checked), inside the append lock."""
+        since (each checked), inside the append lock; past a purge another instance made
+        of rows we had not seen, from the head that purge recorded."""
         seq, prev = self._head
         last = await db.fetchval("SELECT max(seq) FROM audit_record")
-        if last is None or int(last) <= seq:
-            if last is None and seq and await self.hash_at(seq) is None:
-                # Everything was purged (by any instance): continue after the purge.
-                return await self._stored_head(db, chain)
+        if last is not None and int(last) <= seq:
             return self._head
+        purged = await db.fetchval("SELECT value FROM audit_meta WHERE key = 'purged_head'")
+        if purged is not None:
+            purged_seq, _, hex_hash = str(purged).partition(":")
+            if int(purged_seq) > seq:
+                seq, prev = int(purged_seq), bytes.fromhex(hex_hash)
         async for row in PgAuditReader(db).scan(seq + 1):
             if row.seq != seq + 1:
                 raise ChainConflict(f"audit record {seq + 1} is missing")
