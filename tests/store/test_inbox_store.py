@@ -5,23 +5,13 @@ group commit, the duplicate window."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
-from gateway.store import InboundMessage
 from gateway.store.inbox import CONFLICT, FAILED
 from gateway.store.pg.inbox import PgInbox
-from support.backends import Backend
-
-
-def inbound(control_id: str, raw: bytes = b"MSH|raw", ack: bytes = b"ACK", *,
-            sender: str = "APP", routes: tuple[str, ...] = (), patient_key: str = "",
-            content_hash: str = "", days_ago: float = 0) -> InboundMessage:
-    return InboundMessage(sender, "FAC", control_id, "ADT^A01", "2.5", "peer", raw, ack,
-                          datetime.now(UTC) - timedelta(days=days_ago), routes=routes,
-                          patient_key=patient_key, content_hash=content_hash,
-                          conflict_ack=lambda: b"ACK-conflict")
+from support.backends import Backend, inbound
 
 
 async def test_the_ack_is_stored_with_the_message_and_a_resend_gets_it_back(

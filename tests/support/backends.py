@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.store import SqliteInbox
+from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.audit_sqlite import SqliteAuditStore
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.pg.audit import PgAuditStore
@@ -21,6 +21,15 @@ from gateway.store.replay_sqlite import SqliteReplayStore
 from support import postgres
 
 BACKENDS = ["sqlite", "postgresql"]
+
+
+def inbound(control_id: str, raw: bytes = b"MSH|raw", ack: bytes = b"ACK", *,
+            sender: str = "APP", routes: tuple[str, ...] = (), patient_key: str = "",
+            content_hash: str = "", days_ago: float = 0) -> InboundMessage:
+    return InboundMessage(sender, "FAC", control_id, "ADT^A01", "2.5", "peer", raw, ack,
+                          datetime.now(UTC) - timedelta(days=days_ago), routes=routes,
+                          patient_key=patient_key, content_hash=content_hash,
+                          conflict_ack=lambda: b"ACK-conflict")
 
 
 @dataclass
