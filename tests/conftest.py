@@ -24,10 +24,11 @@ from aiohttp import web
 
 from gateway.config import Settings, load_settings
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.backends import store_backend  # noqa: F401 - fixtures for every suite
 from support.builders import with_fields
 from support.pki import pki  # noqa: F401 - the session's throwaway PKI, a fixture for every suite
 from support.postgres import header_line as _postgres_header
-from support.postgres import pg_pool, pg_spec  # noqa: F401 - fixtures for every suite
+from support.postgres import pg_pool, pg_spec  # noqa: F401
 
 if TYPE_CHECKING:
     from gateway.store import SqliteInbox

@@ -15,8 +15,8 @@ from support.backends import Backend, inbound
 
 
 async def test_the_ack_is_stored_with_the_message_and_a_resend_gets_it_back(
-        backend: Backend) -> None:
-    inbox = await backend.inbox()
+        store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
     try:
         first = await inbox.accept(inbound("C-1", b"MSH|one", b"ACK-one"))
         again = await inbox.accept(inbound("C-1", b"MSH|one", b"ACK-later"))
@@ -32,8 +32,8 @@ async def test_the_ack_is_stored_with_the_message_and_a_resend_gets_it_back(
 
 
 async def test_concurrent_messages_share_commits_and_duplicates_store_once(
-        backend: Backend) -> None:
-    inbox = await backend.inbox()
+        store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
     try:
         messages = [inbound(f"G-{n % 40}", f"MSH|{n % 40}".encode()) for n in range(200)]
         stored = await asyncio.gather(*(inbox.accept(m) for m in messages))
@@ -49,8 +49,8 @@ async def test_concurrent_messages_share_commits_and_duplicates_store_once(
 
 
 async def test_another_message_under_a_used_control_id_is_a_conflict(
-        backend: Backend) -> None:
-    inbox = await backend.inbox()
+        store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
     try:
         await inbox.accept(inbound("X-1", b"MSH|a", content_hash="a", routes=("ehr",)))
         conflict = await inbox.accept(inbound("X-1", b"MSH|b", content_hash="b",
@@ -60,14 +60,14 @@ async def test_another_message_under_a_used_control_id_is_a_conflict(
         assert resent.conflict and resent.inbox_id == conflict.inbox_id
         entries = await inbox.list(status=CONFLICT)
         assert [e.id for e in entries] == [conflict.inbox_id]
-        outbox = backend.outbox(inbox)
+        outbox = store_backend.outbox(inbox)
         assert await outbox.pending_counts() == {"ehr": 1}  # the conflict makes none
     finally:
         await inbox.close()
 
 
-async def test_the_duplicate_window_expires(backend: Backend) -> None:
-    inbox = await backend.inbox(window=timedelta(days=7))
+async def test_the_duplicate_window_expires(store_backend: Backend) -> None:
+    inbox = await store_backend.inbox(window=timedelta(days=7))
     try:
         old = await inbox.accept(inbound("OLD-1", ack=b"ACK-old", days_ago=8))
         fresh = await inbox.accept(inbound("OLD-1", ack=b"ACK-new"))
@@ -80,24 +80,24 @@ async def test_the_duplicate_window_expires(backend: Backend) -> None:
         await inbox.close()
 
 
-async def test_routed_messages_make_outbox_rows_in_the_same_commit(backend: Backend) -> None:
-    inbox = await backend.inbox()
+async def test_routed_messages_make_outbox_rows_in_the_same_commit(store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
     try:
         await asyncio.gather(*(inbox.accept(inbound(f"R-{n}", routes=("ehr", "lab"),
                                                     patient_key=f"p{n % 3}"))
                                for n in range(30)))
         await inbox.accept(inbound("R-0", routes=("ehr", "lab")))  # a resend: no rows
-        outbox = backend.outbox(inbox)
+        outbox = store_backend.outbox(inbox)
         assert await outbox.pending_counts() == {"ehr": 30, "lab": 30}
     finally:
         await inbox.close()
 
 
 async def test_two_instances_receiving_one_message_at_once_store_it_once(
-        backend: Backend) -> None:
-    if backend.pool is None:
+        store_backend: Backend) -> None:
+    if store_backend.pool is None:
         pytest.skip("one SQLite inbox per data dir: the dir's lock keeps a second out")
-    first, second = await PgInbox.open(backend.pool), await PgInbox.open(backend.pool)
+    first, second = await PgInbox.open(store_backend.pool), await PgInbox.open(store_backend.pool)
     try:
         for n in range(20):
             message = inbound(f"TWICE-{n}", f"MSH|{n}".encode(), f"ACK-{n}".encode(),
@@ -106,7 +106,7 @@ async def test_two_instances_receiving_one_message_at_once_store_it_once(
             assert a.inbox_id == b.inbox_id and a.ack == b.ack
             assert sorted([a.duplicate, b.duplicate]) == [False, True]
         assert await first.count() == 20
-        assert (await backend.outbox(first).pending_counts()) == {"ehr": 20}
+        assert (await store_backend.outbox(first).pending_counts()) == {"ehr": 20}
     finally:
         await first.close()
         await second.close()

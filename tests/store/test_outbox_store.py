@@ -14,13 +14,13 @@ from support.backends import Backend, inbound
 
 
 async def test_due_rows_come_in_id_order_with_payloads_and_results_stick(
-        backend: Backend) -> None:
-    inbox = await backend.inbox()
+        store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
     try:
         for n in range(6):
             await inbox.accept(inbound(f"O-{n}", f"MSH|{n}".encode(), routes=("ehr",),
                                        patient_key=f"p{n % 2}"))
-        outbox = backend.outbox(inbox)
+        outbox = store_backend.outbox(inbox)
         assert await outbox.lead("ehr")
         rows = await outbox.due("ehr", "mllp", 0, 10)
         assert [r.payload for r in rows] == [f"MSH|{n}".encode() for n in range(6)]
@@ -44,12 +44,12 @@ async def test_due_rows_come_in_id_order_with_payloads_and_results_stick(
 
 
 async def test_one_instance_delivers_a_backend_and_a_standby_takes_over(
-        backend: Backend) -> None:
-    if backend.pool is None:
+        store_backend: Backend) -> None:
+    if store_backend.pool is None:
         pytest.skip("one gateway per SQLite data dir: it always delivers")
-    inbox = await backend.inbox()
-    first = backend.outbox(inbox, "first")
-    second = backend.outbox(inbox, "second")
+    inbox = await store_backend.inbox()
+    first = store_backend.outbox(inbox, "first")
+    second = store_backend.outbox(inbox, "second")
     assert isinstance(first, PgOutbox) and isinstance(second, PgOutbox)
     try:
         await inbox.accept(inbound("L-1", routes=("ehr",)))
@@ -72,17 +72,17 @@ async def test_one_instance_delivers_a_backend_and_a_standby_takes_over(
         await inbox.close()
 
 
-async def test_an_idle_holder_is_woken_by_another_instances_rows(backend: Backend) -> None:
-    if backend.pool is None:
+async def test_an_idle_holder_is_woken_by_another_instances_rows(store_backend: Backend) -> None:
+    if store_backend.pool is None:
         pytest.skip("NOTIFY is PostgreSQL's")
-    inbox = await backend.inbox()
-    outbox = backend.outbox(inbox, "holder")
+    inbox = await store_backend.inbox()
+    outbox = store_backend.outbox(inbox, "holder")
     assert isinstance(outbox, PgOutbox)
     woken = asyncio.Event()
     outbox.on_new_rows = woken.set
     try:
         assert await outbox.lead("ehr")
-        other = await backend.inbox()  # another instance's inbox
+        other = await store_backend.inbox()  # another instance's inbox
         await other.accept(inbound("N-1", routes=("ehr",)))
         await other.close()
         await asyncio.wait_for(woken.wait(), 10)

@@ -12,8 +12,8 @@ from gateway.store.pg.replay import PgReplayStore
 from support.backends import Backend
 
 
-async def test_ids_are_kept_until_they_expire_and_load_back(backend: Backend) -> None:
-    store = await backend.replay_store()
+async def test_ids_are_kept_until_they_expire_and_load_back(store_backend: Backend) -> None:
+    store = await store_backend.replay_store()
     try:
         now = time.time()
         await store.add(b"k" * 32, now + 60)
@@ -28,12 +28,12 @@ async def test_ids_are_kept_until_they_expire_and_load_back(backend: Backend) ->
 
 
 async def test_an_assertion_used_at_one_instance_is_refused_at_another(
-        backend: Backend) -> None:
-    if backend.pool is None:
+        store_backend: Backend) -> None:
+    if store_backend.pool is None:
         pytest.skip("one gateway per SQLite data dir")
     one, two = ReplayCache(), ReplayCache()
-    one.attach(PgReplayStore(backend.pool), [])
-    two.attach(PgReplayStore(backend.pool), [])
+    one.attach(PgReplayStore(store_backend.pool), [])
+    two.attach(PgReplayStore(store_backend.pool), [])
     key = ReplayCache.key("client-1", "jti-1")
     assert await one.first_use(key, time.time() + 60)
     assert not await two.first_use(key, time.time() + 60)

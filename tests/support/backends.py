@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.audit_sqlite import SqliteAuditStore
 from gateway.store.outbox import SqliteOutbox
@@ -77,3 +79,11 @@ async def backend(name: str, tmp: Path) -> AsyncIterator[Backend]:
     finally:
         await pool.close()
         await postgres.drop_schema(spec)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store_backend(request: pytest.FixtureRequest, tmp_path: Path
+                        ) -> AsyncIterator[Backend]:
+    """Each store test that takes it runs on SQLite and on PostgreSQL."""
+    async with backend(request.param, tmp_path) as opened:
+        yield opened
