@@ -63,7 +63,7 @@ from gateway.store.fhir import FhirStore
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import RunningInbox
 from gateway.store.outbox import OutboxStore, SqliteOutbox
-from gateway.store.pg.connect import open_pool
+from gateway.store.pg.connect import DATABASE_ERRORS, open_pool
 from gateway.store.pg.fhir import PgFhirStore
 from gateway.store.pg.inbox import PgInbox
 from gateway.store.pg.migrate import migrate
@@ -112,7 +112,13 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), timeout=spec.connect_timeout * 2)
+        except (TimeoutError, *DATABASE_ERRORS) as exc:
+            # A connection the network cut cannot say goodbye: drop what is left.
+            log.warning("database pool did not close cleanly (%s): terminated",
+                        type(exc).__name__)
+            pool.terminate()
 
 
 async def translator(app: web.Application) -> AsyncIterator[None]:

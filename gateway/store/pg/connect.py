@@ -92,7 +92,9 @@ def connect_kwargs(spec: PgSpec) -> dict[str, Any]:
         "ssl": spec.ssl,
         "server_settings": {
             "search_path": f'"{spec.schema}"',
-            "application_name": "isthmus",
+            # Names the deployment in pg_stat_activity (and lets an operator end its
+            # sessions apart from another's on the same server).
+            "application_name": f"isthmus:{spec.schema}"[:63],
             "statement_timeout": str(int(spec.statement_timeout * 1000)),
             # A connection left idle in a transaction by a killed task does not hold
             # locks for ever.
