@@ -114,7 +114,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     finally:
         try:
             await asyncio.wait_for(pool.close(), timeout=spec.connect_timeout * 2)
-        except (TimeoutError, *DATABASE_ERRORS) as exc:
+        except DATABASE_ERRORS as exc:  # TimeoutError among them
             # A connection the network cut cannot say goodbye: drop what is left.
             log.warning("database pool did not close cleanly (%s): terminated",
                         type(exc).__name__)
