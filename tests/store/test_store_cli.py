@@ -120,3 +120,31 @@ async def test_copy_moves_an_embedded_deployment_without_losing_anything(
     code, out, err = run_cli("audit", "--data-dir", str(embedded), "verify")
     assert code == 0, out + err
     assert out.startswith("audit trail intact: ")
+
+
+async def test_outbox_commands_work_on_the_database(schema: PgSpec) -> None:
+    from gateway.store.pg.connect import open_pool
+    from gateway.store.pg.inbox import PgInbox
+    from gateway.store.pg.outbox import PgOutbox
+    from support.backends import inbound
+
+    await migrate(schema)
+    pool = await open_pool(schema)
+    try:
+        inbox = await PgInbox.open(pool)
+        for n in range(3):
+            await inbox.accept(inbound(f"CLI-{n}", routes=("ehr",), patient_key="p"))
+        await inbox.close()
+        gateway = PgOutbox(pool, schema, "gateway")
+        [first, *_] = await gateway.due("ehr", "mllp", 0, 10)
+        await gateway.dead(first.id, 12, "ACK AE", "refused")
+        code, out, err = run_cli("outbox", "list", "--status", "dead")
+        assert code == 0, err
+        assert "CLI-0" in out and "CLI-1" not in out
+        code, out, _ = run_cli("outbox", "show", str(first.id))
+        assert code == 0 and "holds: 2 later deliveries" in out
+        code, out, _ = run_cli("outbox", "retry", str(first.id))
+        assert code == 0
+        assert await gateway.count_pending("ehr") == 3
+    finally:
+        await pool.close()
