@@ -194,7 +194,7 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
     opened: FhirStore
     if POOL in app:
         opened = await PgFhirStore.open(app[POOL], registry.index,
-                                        threads=settings.store.pool_max_size)
+                                        threads=max(1, settings.store.pool_max_size // 2))
     else:
         opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE,
                                             registry.index,

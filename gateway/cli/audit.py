@@ -9,12 +9,11 @@ import os
 import sqlite3
 import sys
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.cli.access import who
-from gateway.cli.shared import audit_settings
+from gateway.cli.shared import audit_settings, database_pool
 from gateway.config import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -206,17 +205,8 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 async def _export(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool) -> int:
     user, host = who()
-    pool = None
-    if settings.store.backend == "postgresql":
-        from gateway.app.specs import pg_spec
-        from gateway.store.pg.connect import open_pool
-
-        pool = await open_pool(replace(pg_spec(settings), pool_min_size=1, pool_max_size=2))
-    try:
+    async with database_pool(settings) as pool:
         return await _export_from(settings, query, fmt, decrypt, pool, user, host)
-    finally:
-        if pool is not None:
-            await pool.close()
 
 
 async def _export_from(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.config.base import Section as _Section
 
@@ -16,6 +16,10 @@ SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-
 
 
 class StoreConfig(_Section):
+    # `schema` in the file (the attribute has another name: pydantic models own `schema`);
+    # by name too, so that a dumped Settings validates again.
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
     # sqlite: the embedded files in data_dir (one gateway). postgresql: the database at
     # `url`, shared by every instance behind a load balancer (docs/deployment.md).
     backend: Literal["sqlite", "postgresql"] = "sqlite"

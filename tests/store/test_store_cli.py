@@ -148,3 +148,33 @@ async def test_outbox_commands_work_on_the_database(schema: PgSpec) -> None:
         assert await gateway.count_pending("ehr") == 3
     finally:
         await pool.close()
+
+
+async def test_inbox_commands_work_on_the_database(schema: PgSpec, tmp_path: Path) -> None:
+    from gateway.app import audit_keys
+    from gateway.store.pg.connect import open_pool
+    from gateway.store.pg.inbox import PgInbox
+    from support.audit import settings_for
+    from support.backends import inbound
+
+    await migrate(schema)
+    audit_keys(settings_for(tmp_path / "var"), create=True)  # the CLI records its reads
+    pool = await open_pool(schema)
+    try:
+        inbox = await PgInbox.open(pool)
+        stored = await inbox.accept(inbound("INBOX-CLI-1", b"MSH|^~\\&|A|B", b"ACK-1"))
+        await inbox.close()
+        code, out, err = run_cli("inbox", "--data-dir", str(tmp_path / "var"), "list")
+        assert code == 0, err
+        assert "INBOX-CLI-1" in out
+        code, out, err = run_cli("inbox", "--data-dir", str(tmp_path / "var"), "show",
+                                 str(stored.inbox_id))
+        assert code == 0, err
+        assert "ACK-1" in out
+        code, _, err = run_cli("inbox", "--data-dir", str(tmp_path / "var"), "show", "999")
+        assert code == 1 and "no message with id 999" in err
+        records = await pool.fetchval(
+            f'SELECT count(*) FROM "{schema.schema}".audit_record')
+        assert records == 1  # the read is on record in the database's chain
+    finally:
+        await pool.close()

@@ -119,11 +119,17 @@ class PgFhirStore:
         self._last_stamp = last_stamp
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="fhir-pg-writer")
+        # At most `threads` write transactions hold pool connections at once: the rest of
+        # the pool stays free for the inbox and the audit trail, whose commits ACKs wait
+        # for (a burst of FHIR writes must not hold up MLLP acknowledgements).
+        self._writers = asyncio.Semaphore(threads)
         self._closing = False
         self._transactions = 0
 
     @classmethod
     async def open(cls, pool: Pool, indexer: Indexer, threads: int = 4) -> PgFhirStore:
+        """`threads`: write transactions at once (each on a thread and a pooled
+        connection); keep it below the pool's size."""
         try:
             last = await pool.fetchval("SELECT max(last_updated) FROM fhir_version")
         except DATABASE_ERRORS as exc:
@@ -216,7 +222,7 @@ class PgFhirStore:
             return []
         loop = asyncio.get_running_loop()
         try:
-            async with self._pool.acquire() as db:
+            async with self._writers, self._pool.acquire() as db:
                 transaction = db.transaction()
                 await transaction.start()
                 try:
