@@ -16,6 +16,8 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import asyncpg
+
 from gateway.store.audit import AuditFilter, AuditRow, Chain, CheckpointRow, StoredAuditRow
 from gateway.store.errors import ChainConflict, StoreUnavailable
 from gateway.store.pg.connect import DATABASE_ERRORS, Connection, Pool, advisory_key, unavailable
@@ -29,6 +31,11 @@ _TYPES = ("int8", "text", "text", "text", "text", "bytea", "bytea", "bytea", "by
 _READ = ", ".join(_COLUMNS)
 _INSERT = (f"INSERT INTO audit_record ({_READ}) SELECT * FROM unnest("
            + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1)) + ")")
+# The fast path: only while no instance holds the append lock (it takes it for the
+# statement), and only right after our head row as it is.
+_INSERT_AFTER = (_INSERT + f" WHERE pg_try_advisory_xact_lock(${len(_COLUMNS) + 3}) "
+                 f"AND EXISTS (SELECT 1 FROM audit_record WHERE seq = ${len(_COLUMNS) + 1} "
+                 f"AND hash = ${len(_COLUMNS) + 2})")
 _APPEND_LOCK = advisory_key("isthmus-audit-append")
 _TOP = 1 << 62
 
@@ -255,26 +262,30 @@ class PgAuditStore:
             self._on_commit(len(batch), self._head[0])
 
     async def _insert(self, rows: Sequence[AuditRow]) -> list[tuple[int, bytes]]:
+        """Link and write a batch after the head. Fast path: one statement, which writes
+        nothing if another instance holds the append lock or appended after our head (the
+        primary key on seq refuses it, as the SQLite store's does); then, under the lock,
+        follow their rows (checking each) and link again."""
         chain = self._chain
         assert chain is not None
+        seq, prev = self._head
+        if seq:
+            columns, links = _link(chain, seq, prev, rows)
+            try:
+                # Only after our head row as it is (not after a purge that removed it).
+                result = await self._pool.execute(_INSERT_AFTER, *columns, seq, prev,
+                                                  _APPEND_LOCK)
+            except asyncpg.UniqueViolationError:
+                result = "INSERT 0 0"
+            if result != "INSERT 0 0":
+                self._head = links[-1]
+                return links
         async with self._pool.acquire() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)
-            head = await self._follow(db, chain)
-            seq, prev = head
-            columns: list[list[object]] = [[] for _ in _COLUMNS]
-            links: list[tuple[int, bytes]] = []
-            mac_key = chain.mac_key_id
-            sealed = chain.extend(prev, seq + 1, [row.body for row in rows])
-            for row, (prev, mac) in zip(rows, sealed, strict=True):
-                seq += 1
-                links.append((seq, prev))
-                for column, value in zip(columns, (
-                        seq, row.recorded_at, row.action, row.client_id, row.outcome,
-                        row.patient_index, row.patient_id_index, row.body, prev, mac,
-                        mac_key), strict=True):
-                    column.append(value)
+            seq, prev = await self._follow(db, chain)
+            columns, links = _link(chain, seq, prev, rows)
             await db.execute(_INSERT, *columns)
-        self._head = (seq, prev)
+        self._head = links[-1]
         return links
 
     async def _follow(self, db: Connection, chain: Chain) -> tuple[int, bytes]:
@@ -360,6 +371,25 @@ class PgAuditStore:
     @property
     def batches_committed(self) -> int:
         return self._batches
+
+
+def _link(chain: Chain, seq: int, prev: bytes, rows: Sequence[AuditRow]
+          ) -> tuple[list[list[object]], list[tuple[int, bytes]]]:
+    """The batch's columns (for _INSERT) and (seq, chain hash) of each row, after
+    (seq, prev)."""
+    columns: list[list[object]] = [[] for _ in _COLUMNS]
+    links: list[tuple[int, bytes]] = []
+    mac_key = chain.mac_key_id
+    sealed = chain.extend(prev, seq + 1, [r.body for r in rows])
+    for row, (link, mac) in zip(rows, sealed, strict=True):
+        seq += 1
+        links.append((seq, link))
+        for column, value in zip(columns, (
+                seq, row.recorded_at, row.action, row.client_id, row.outcome,
+                row.patient_index, row.patient_id_index, row.body, link, mac, mac_key),
+                strict=True):
+            column.append(value)
+    return columns, links
 
 
 def _stored(r: Any) -> StoredAuditRow:
