@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import date
@@ -767,3 +768,18 @@ async def test_the_writer_finds_current_rows_by_primary_key_not_by_a_scan(
                           ["Patient", "a", "b", "c"]).fetchall()
     details = " ".join(str(row[-1]) for row in plan)
     assert "USING INDEX" in details and "SCAN" not in details, details
+
+
+async def test_a_cancelled_write_is_all_or_nothing_and_the_store_goes_on(
+        store: AnyStore) -> None:
+    """A caller that goes away mid-transaction (a client disconnect cancels its task)."""
+    task = asyncio.create_task(store.transact([
+        WriteRequest("PUT", "Patient", id=f"c{n}", resource=patient(f"C{n}"))
+        for n in range(200)]))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert await store.count(SearchQuery("Patient")) in (0, 200)
+    after = await create(store, patient("after"))
+    assert await store.read("Patient", after.id) == after

@@ -226,9 +226,15 @@ class PgFhirStore:
                 transaction = db.transaction()
                 await transaction.start()
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self._executor, self._apply_sync, _Bridge(db, loop), list(writes),
-                        atomic)
+                    work = loop.run_in_executor(self._executor, self._apply_sync,
+                                                _Bridge(db, loop), list(writes), atomic)
+                    try:
+                        outcomes = await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # The caller went away: the thread is still using the connection,
+                        # which must be idle before it is rolled back and returned.
+                        await asyncio.wait([work])
+                        raise
                     if before_commit is not None:
                         await before_commit(outcomes)
                 except BaseException:
