@@ -178,3 +178,18 @@ async def test_inbox_commands_work_on_the_database(schema: PgSpec, tmp_path: Pat
         assert records == 1  # the read is on record in the database's chain
     finally:
         await pool.close()
+
+
+def test_serve_says_in_one_line_why_it_cannot_start_on_the_database(
+        schema: PgSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli("serve", "--data-dir", str(tmp_path / "a"), "--mllp-port", "0",
+                           "--http-port", "0")
+    # No audit keys configured: a PostgreSQL deployment generates none (shared chain).
+    assert code == 1 and "every instance needs the same audit keys" in err
+    monkeypatch.setenv("ISTHMUS_STORE__URL", "postgresql://u:pw@127.0.0.1:1/db")
+    code, _, err = run_cli("serve", "--data-dir", str(tmp_path / "b"), "--mllp-port", "0",
+                           "--http-port", "0")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == ("isthmus: the store cannot be opened: cannot "
+                                            "connect to postgresql://u@127.0.0.1:1/db: "
+                                            "ConnectionRefusedError")
