@@ -58,7 +58,11 @@ async def new_schema() -> PgSpec:
     require()
     spec = PgSpec(URL, schema=f"t_{secrets.token_hex(6)}", pool_min_size=1,
                   pool_max_size=8, connect_timeout=5, statement_timeout=30)
-    await migrate(spec)
+    try:
+        await migrate(spec)
+    except BaseException:
+        await drop_schema(spec)  # made before the migration that failed
+        raise
     return spec
 
 
