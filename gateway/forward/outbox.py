@@ -148,9 +148,9 @@ class _Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    def wake_and_poll(self) -> None:
+    def wake_and_read(self) -> None:
+        """Rows may have come in behind our back (another instance took them): read."""
         self._more = True
-        self._last_poll = float("-inf")
         self._wake.set()
 
     def idle(self) -> bool:
@@ -501,9 +501,9 @@ class Dispatcher:
         return False
 
     def wake(self) -> None:
-        """New rows somewhere (another instance's NOTIFY): look at the store now."""
+        """New rows somewhere (another instance's NOTIFY): read the store now."""
         for worker in self._workers.values():
-            worker.wake_and_poll()
+            worker.wake_and_read()
 
     def queued(self, backends: tuple[str, ...]) -> None:
         for name in backends:

@@ -77,8 +77,9 @@ class PgOutbox:
             log.info("outbox %s: this instance delivers it now", backend)
         return taken
 
-    def _notified(self, *_: Any) -> None:
-        if self.on_new_rows is not None:
+    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        # The channel is the database's; the payload names the schema whose rows are new.
+        if payload == self._spec.schema and self.on_new_rows is not None:
             self.on_new_rows()
 
     async def _drop_lease(self) -> None:
