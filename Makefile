@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward clean
+.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward bench-postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-fhir: $(STAMP_RUN)
 
 bench-forward: $(STAMP_RUN)
 	$(BIN)/python bench/forward.py
+
+bench-postgres: $(STAMP_RUN)
+	$(BIN)/python bench/postgres.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
