@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward bench-agent clean
+.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward bench-agent bench-postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-forward: $(STAMP_RUN)
 
 bench-agent: $(STAMP_RUN)
 	$(BIN)/python bench/agent.py
+
+bench-postgres: $(STAMP_RUN)
+	$(BIN)/python bench/postgres.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -24,14 +24,22 @@ from aiohttp import web
 
 from gateway.config import Settings, load_settings
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
+from support.backends import store_backend  # noqa: F401 - fixtures for every suite
 from support.builders import with_fields
 from support.pki import pki  # noqa: F401 - the session's throwaway PKI, a fixture for every suite
+from support.postgres import header_line as _postgres_header
+from support.postgres import pg_pool, pg_spec  # noqa: F401
 
 if TYPE_CHECKING:
     from gateway.store import SqliteInbox
     from gateway.telemetry import Telemetry
 
 MESSAGES = Path(__file__).parent / "messages"
+
+
+def pytest_report_header() -> str:
+    """One line saying whether the PostgreSQL half of the store tests runs."""
+    return _postgres_header()
 
 
 def _reference_corpus() -> Path:

@@ -9,10 +9,11 @@ from pathlib import Path
 from opentelemetry import metrics
 
 from gateway.app.state import KEYS_DIR
-from gateway.audit import AUDIT_FILE, AuditKeys, AuditLog, load_keys
+from gateway.audit import AUDIT_FILE, AuditKeyError, AuditKeys, AuditLog, load_keys
 from gateway.audit.keys import SIGNING_KEY_FILE
 from gateway.audit.publish import FilePublisher, HttpWitness, Publisher
 from gateway.config import Settings
+from gateway.store.pg.audit import PgAuditStore
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,34 @@ def audit_keys(settings: Settings, *, create: bool = False,
 
 
 async def open_audit(settings: Settings, meter: metrics.Meter | None = None, *,
-                     gateway: bool = True) -> AuditLog:
-    """The audit log in the data dir: the gateway's (signing checkpoints, publishing them,
-    checking the store against those published before) or a tool's."""
+                     gateway: bool = True, pool: object | None = None) -> AuditLog:
+    """The audit log in the data dir, or (`pool`, store.backend = "postgresql") in the
+    database: the gateway's (signing checkpoints, publishing them, checking the store
+    against those published before) or a tool's."""
     audit = settings.audit
-    keys = audit_keys(settings, create=gateway)
+    try:
+        # On PostgreSQL every instance extends one chain: they must share the keys, so
+        # none is generated (an instance's own would not verify the others' records).
+        keys = audit_keys(settings, create=gateway and pool is None)
+    except AuditKeyError as exc:
+        if pool is None:
+            raise
+        raise AuditKeyError(
+            f"{exc}: with store.backend = \"postgresql\" every instance needs the same "
+            "audit keys: set audit.key_file or ISTHMUS_AUDIT__KEYS, and "
+            "audit.signing_key_file or ISTHMUS_AUDIT__SIGNING_KEY (docs/deployment.md)"
+        ) from None
     publishers: list[Publisher] = []
     if gateway:
         _warn_key_beside_data(settings)
         publishers = checkpoint_publishers(settings)
+    server = f"{settings.telemetry.service_name}@{socket.gethostname()}"
+    if pool is not None:
+        return await AuditLog.open_store(
+            await PgAuditStore.open(pool, audit.max_batch), keys,
+            checkpoint_interval=audit.checkpoint_interval,
+            checkpoint_every=audit.checkpoint_every, server=server, meter=meter,
+            checkpoints=gateway, publishers=publishers)
     return await AuditLog.open(
         settings.store.data_dir / AUDIT_FILE, keys,
         synchronous=settings.store.synchronous, max_batch=audit.max_batch,

@@ -22,8 +22,7 @@ from gateway.forward.outbox import Dispatcher
 from gateway.forward.routes import Router
 from gateway.mapping.tables import SHIPPED
 from gateway.policy.cursors import PageCursors
-from gateway.store import SqliteInbox
-from gateway.store.outbox import SqliteOutbox
+from gateway.store.outbox import OutboxStore
 from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,7 @@ class Forwarding:
 
     router: Router
     backends: dict[str, Backend]
+    outbox: OutboxStore | None = None
     dispatcher: Dispatcher | None = None
     facade: Facade | None = None
 
@@ -49,11 +49,11 @@ class Forwarding:
                 log.warning("closing backend failed: %s", type(exc).__name__)
 
 
-async def open_forwarding(settings: Settings, inbox: SqliteInbox,
+async def open_forwarding(settings: Settings, outbox: OutboxStore,
                           telemetry: Telemetry, cursor_secret: bytes | None = None
                           ) -> Forwarding:
     """Open every [[backends]] entry, start the outbox and build the FHIR facade."""
-    forwarding = Forwarding(build_router(settings), {})
+    forwarding = Forwarding(build_router(settings), {}, outbox)
     try:
         for config in settings.backends:
             _warn_if_insecure(config)
@@ -65,7 +65,7 @@ async def open_forwarding(settings: Settings, inbox: SqliteInbox,
                                                                telemetry)
         if forwarding.backends:
             forwarding.dispatcher = Dispatcher(
-                SqliteOutbox(inbox.connection), forwarding.backends,
+                outbox, forwarding.backends,
                 {c.name: delivery_policy(c) for c in settings.backends},
                 telemetry, poll_interval=settings.forward.poll_interval)
             await forwarding.dispatcher.start()

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -27,17 +30,20 @@ from gateway.app.specs import (
     load_translator,
     mllp_reservations,
     mllp_tls,
+    pg_spec,
     search_registry,
 )
 from gateway.app.state import (
     APPLIER,
     AUTH_FILE,
+    DATABASE,
     FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
     INBOX_FILE,
     MLLP,
     MLLP_ADDRESS,
+    POOL,
     PROFILES,
     REFUSALS,
     SEARCH_REGISTRY,
@@ -55,8 +61,16 @@ from gateway.ingest import Ingest, LocalApplier, Routing
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
+from gateway.store.fhir import FhirStore
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from gateway.store.outbox import SqliteOutbox
+from gateway.store.inbox import RunningInbox
+from gateway.store.outbox import OutboxStore, SqliteOutbox
+from gateway.store.pg.connect import DATABASE_ERRORS, open_pool
+from gateway.store.pg.fhir import PgFhirStore
+from gateway.store.pg.inbox import PgInbox
+from gateway.store.pg.migrate import migrate
+from gateway.store.pg.outbox import PgOutbox
+from gateway.store.pg.replay import PgReplayStore
 from gateway.store.refusals_sqlite import REFUSALS_FILE, SqliteRefusals
 from gateway.store.replay_sqlite import SqliteReplayStore
 
@@ -82,6 +96,34 @@ async def data_dir(app: web.Application) -> AsyncIterator[None]:
         held.release()
 
 
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """store.backend = "postgresql": the schema brought up to date (once, whoever of
+    several instances starting together gets the lock first) and the pool the stores
+    share. The embedded backend needs nothing here."""
+    settings = app[SETTINGS]
+    if settings.store.backend != "postgresql":
+        yield
+        return
+    spec = pg_spec(settings)
+    applied = await migrate(spec)
+    if applied:
+        log.info("database %s: applied schema migrations %s", spec.where,
+                 ", ".join(str(m.version) for m in applied))
+    pool = await open_pool(spec)
+    app[DATABASE] = spec
+    app[POOL] = pool
+    try:
+        yield
+    finally:
+        try:
+            await asyncio.wait_for(pool.close(), timeout=spec.connect_timeout * 2)
+        except DATABASE_ERRORS as exc:  # TimeoutError among them
+            # A connection the network cut cannot say goodbye: drop what is left.
+            log.warning("database pool did not close cleanly (%s): terminated",
+                        type(exc).__name__)
+            pool.terminate()
+
+
 async def translator(app: web.Application) -> AsyncIterator[None]:
     """The HL7 definitions and the mapping tables, compiled off the event loop."""
     settings = app[SETTINGS]
@@ -100,7 +142,7 @@ async def audit(app: web.Application) -> AsyncIterator[None]:
     if not settings.audit.enabled:
         yield
         return
-    audit_log = await open_audit(settings, app[TELEMETRY].meter)
+    audit_log = await open_audit(settings, app[TELEMETRY].meter, pool=app.get(POOL))
     app[audit_http.AUDIT] = audit_log
     try:
         yield
@@ -115,8 +157,12 @@ async def assertion_ids(app: web.Application) -> AsyncIterator[None]:
     if not settings.auth.clients:
         yield
         return
-    opened = await SqliteReplayStore.open(settings.store.data_dir / AUTH_FILE,
-                                          synchronous=settings.store.synchronous)
+    opened: SqliteReplayStore | PgReplayStore
+    if POOL in app:
+        opened = PgReplayStore(app[POOL])
+    else:
+        opened = await SqliteReplayStore.open(settings.store.data_dir / AUTH_FILE,
+                                              synchronous=settings.store.synchronous)
     try:
         app[AUTH_SERVER].replay.attach(opened, await opened.unexpired())
         yield
@@ -127,12 +173,14 @@ async def assertion_ids(app: web.Application) -> AsyncIterator[None]:
 async def inbox(app: web.Application) -> AsyncIterator[None]:
     """The inbox: committed what is queued, then closed."""
     store = app[SETTINGS].store
-    opened = await SqliteInbox.open(
-        store.data_dir / INBOX_FILE,
-        synchronous=store.synchronous,
-        dedup_window=timedelta(days=store.dedup_window_days),
-        max_batch=store.max_batch,
-    )
+    window = timedelta(days=store.dedup_window_days)
+    opened: RunningInbox
+    if POOL in app:
+        opened = await PgInbox.open(app[POOL], window, store.max_batch)
+    else:
+        opened = await SqliteInbox.open(store.data_dir / INBOX_FILE,
+                                        synchronous=store.synchronous,
+                                        dedup_window=window, max_batch=store.max_batch)
     app[http.INBOX] = opened
     try:
         yield
@@ -158,8 +206,14 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
     registry = await asyncio.get_running_loop().run_in_executor(
         None, search_registry, settings)
     app[SEARCH_REGISTRY] = registry
-    opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE, registry.index,
-                                        synchronous=settings.store.synchronous)
+    opened: FhirStore
+    if POOL in app:
+        opened = await PgFhirStore.open(app[POOL], registry.index,
+                                        threads=max(1, settings.store.pool_max_size // 2))
+    else:
+        opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE,
+                                            registry.index,
+                                            synchronous=settings.store.synchronous)
     app[FHIR_STORE] = opened
     try:
         yield
@@ -170,17 +224,28 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
 async def forwarding(app: web.Application) -> AsyncIterator[None]:
     """Backends, outbox and facade; closed before the inbox, whose connection the outbox
     shares. Pending rows stay pending."""
+    outbox: OutboxStore
+    if POOL in app:
+        outbox = PgOutbox(app[POOL], app[DATABASE], _instance_name())
+    else:
+        inbox = app[http.INBOX]
+        assert isinstance(inbox, SqliteInbox)
+        outbox = SqliteOutbox(inbox.connection)
     audit_log = app.get(audit_http.AUDIT)
     # The facade's paging cursors under a key derived from the audit signing key: the
     # instances that keep one trail open each other's cursors.
     secret = audit_log.keys.signing.mac_key if audit_log is not None else None
-    opened = await open_forwarding(app[SETTINGS], app[http.INBOX], app[TELEMETRY],
+    opened = await open_forwarding(app[SETTINGS], outbox, app[TELEMETRY],
                                    cursor_secret=secret)
+    if isinstance(outbox, PgOutbox) and opened.dispatcher is not None:
+        outbox.on_new_rows = opened.dispatcher.wake  # another instance's rows: NOTIFY
     app[FORWARDING] = opened
     try:
         yield
     finally:
         await opened.close()
+        if isinstance(outbox, PgOutbox):
+            await outbox.close()
 
 
 async def fhir_api(app: web.Application) -> AsyncIterator[None]:
@@ -225,10 +290,11 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
     """Periodic tasks: duplicate-key expiry, delivered-row purge, audit retention."""
     settings = app[SETTINGS]
     tasks = [asyncio.create_task(_expire_dedup_keys(app[http.INBOX]), name="dedup-expiry")]
-    if app[FORWARDING].dispatcher is not None and settings.forward.keep_delivered_days:
+    outbox = app[FORWARDING].outbox
+    if (app[FORWARDING].dispatcher is not None and outbox is not None
+            and settings.forward.keep_delivered_days):
         tasks.append(asyncio.create_task(_purge_delivered(
-            SqliteOutbox(app[http.INBOX].connection), settings.forward.keep_delivered_days),
-            name="outbox-purge"))
+            outbox, settings.forward.keep_delivered_days), name="outbox-purge"))
     audit_log = app.get(audit_http.AUDIT)
     if audit_log is not None and settings.audit.retention_days:
         tasks.append(asyncio.create_task(
@@ -242,9 +308,9 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, inbox,
-                                   refusals, fhir_store, forwarding, fhir_api, agent_api,
-                                   applier, mllp,
+RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assertion_ids,
+                                   inbox, refusals, fhir_store, forwarding, fhir_api,
+                                   agent_api, applier, mllp,
                                    housekeeping)
 
 
@@ -277,7 +343,13 @@ def mllp_server(app: web.Application) -> MllpServer:
     )
 
 
-async def _expire_dedup_keys(opened: SqliteInbox) -> None:
+def _instance_name() -> str:
+    """Names this process in the rows it claims (host, pid and a nonce: a restarted
+    process is another instance)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+async def _expire_dedup_keys(opened: RunningInbox) -> None:
     while True:
         await asyncio.sleep(3600)
         try:
@@ -286,7 +358,7 @@ async def _expire_dedup_keys(opened: SqliteInbox) -> None:
             log.warning("duplicate-key expiry failed: %s", type(exc).__name__)
 
 
-async def _purge_delivered(outbox: SqliteOutbox, days: float) -> None:
+async def _purge_delivered(outbox: OutboxStore, days: float) -> None:
     while True:
         try:
             await outbox.purge_delivered(datetime.now(UTC) - timedelta(days=days))

@@ -37,6 +37,26 @@ from gateway.ingest import IngestOptions, SenderCheck
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
 from gateway.policy import KeySet, load_jwks, patient_reference, public_key_from_pem
+from gateway.store.pg.connect import PgSpec, tls_context
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def pg_spec(settings: Settings) -> PgSpec:
+    """store.backend = "postgresql": the database the settings name (certificates read)."""
+    store = settings.store
+    assert store.url is not None  # the config refuses postgresql without a url
+
+    def path(value: object) -> str | None:
+        return str(value) if value is not None else None
+
+    return PgSpec(
+        url=store.url.get_secret_value(), schema=store.schema_name,
+        pool_min_size=store.pool_min_size, pool_max_size=store.pool_max_size,
+        connect_timeout=store.connect_timeout, statement_timeout=store.statement_timeout,
+        ssl=tls_context(store.sslmode, path(store.sslrootcert), path(store.sslcert),
+                        path(store.sslkey)))
+
 
 # -- mapping and routing ---------------------------------------------------------------------
 

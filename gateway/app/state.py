@@ -12,7 +12,8 @@ from gateway.fhir.search import SearchRegistry
 from gateway.ingest import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.policy.profiles import Profile
-from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.fhir import FhirStore
+from gateway.store.pg.connect import PgSpec
 from gateway.store.refusals_sqlite import SqliteRefusals
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,9 +25,13 @@ APPLIER = web.AppKey("applier", LocalApplier)
 PROFILES = web.AppKey("profiles", dict[str, Profile])
 FORWARDING = web.AppKey("forwarding", Forwarding)
 # Opened by one cleanup context and used by the ones after it.
-FHIR_STORE = web.AppKey("fhir_store", SqliteFhirStore)
+FHIR_STORE = web.AppKey("fhir_store", FhirStore)
 SEARCH_REGISTRY = web.AppKey("search_registry", SearchRegistry)
 REFUSALS = web.AppKey("refusals", SqliteRefusals)
+# store.backend = "postgresql": how to reach the database, and the pool every store shares
+# (an asyncpg pool; asyncpg has no type information).
+DATABASE = web.AppKey("database", PgSpec)
+POOL = web.AppKey("pool", object)
 
 # In the data dir.
 INBOX_FILE = "inbox.db"

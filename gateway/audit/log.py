@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry import metrics
@@ -102,6 +102,27 @@ class AuditLog:
         command line) pass False and sign only what they must. Every checkpoint signed is
         given to each of `publishers`."""
         store = await SqliteAuditStore.open(path, synchronous, max_batch)
+        return await cls.open_store(
+            store, keys, checkpoint_interval=checkpoint_interval,
+            checkpoint_every=checkpoint_every, server=server, clock=clock, meter=meter,
+            checkpoints=checkpoints, publishers=publishers)
+
+    @classmethod
+    async def open_store(
+        cls,
+        store: AuditStore,
+        keys: AuditKeys,
+        *,
+        checkpoint_interval: float = 300.0,
+        checkpoint_every: int = 10_000,
+        server: str = "isthmus",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        meter: metrics.Meter | None = None,
+        checkpoints: bool = True,
+        publishers: Sequence[Publisher] = (),
+    ) -> AuditLog:
+        """`open` over a store already opened (PostgreSQL's, shared by every instance);
+        closing the log closes the store."""
         try:
             chain = Chain(store.log_id, keys.signing)
             await _check_sealing_key(store, keys)
@@ -453,22 +474,37 @@ async def verify_store(path: Path, trusted: Mapping[str, Ed25519PublicKey],
     (kept outside the store) that it was not rolled back, truncated or replaced."""
     db, reader = await open_reader(path)
     try:
-        log_id = await reader.log_id()
-        checkpoints = [(c.body, c.signature) for c in await reader.checkpoints()]
-        chain = Chain(log_id, signing) if signing is not None and log_id else None
-        verifier = ChainVerifier(log_id, checkpoints, trusted, chain=chain)
-        if heads is not None:
-            verifier.expect(heads)
-        async for row in reader.scan(1):
-            verifier.record(row.seq, digest(row.body), row.hash, row.mac, row.mac_key)
-            try:
-                body = parse_body(row.body)
-            except ValueError:
-                verifier.problem(row.seq, "its body is not a sealed record")
-                continue
-            if not columns_match(body, row.recorded_at, row.action, row.client_id,
-                                 row.outcome, row.patient_index, row.patient_id_index):
-                verifier.problem(row.seq, "its search columns do not match its sealed body")
-        return verifier.finish()
+        return await verify_reader(reader, trusted, signing, heads)
     finally:
         await db.close()
+
+
+class _Reader(Protocol):
+    async def log_id(self) -> str | None: ...
+
+    async def checkpoints(self) -> list[CheckpointRow]: ...
+
+    def scan(self, from_seq: int = 1) -> AsyncIterator[StoredAuditRow]: ...
+
+
+async def verify_reader(reader: _Reader, trusted: Mapping[str, Ed25519PublicKey],
+                        signing: SigningKey | None = None,
+                        heads: Sequence[Head] | None = None) -> Report:
+    """`verify_store` over an open reader (the SQLite file's or PostgreSQL's tables)."""
+    log_id = await reader.log_id()
+    checkpoints = [(c.body, c.signature) for c in await reader.checkpoints()]
+    chain = Chain(log_id, signing) if signing is not None and log_id else None
+    verifier = ChainVerifier(log_id, checkpoints, trusted, chain=chain)
+    if heads is not None:
+        verifier.expect(heads)
+    async for row in reader.scan(1):
+        verifier.record(row.seq, digest(row.body), row.hash, row.mac, row.mac_key)
+        try:
+            body = parse_body(row.body)
+        except ValueError:
+            verifier.problem(row.seq, "its body is not a sealed record")
+            continue
+        if not columns_match(body, row.recorded_at, row.action, row.client_id,
+                             row.outcome, row.patient_index, row.patient_id_index):
+            verifier.problem(row.seq, "its search columns do not match its sealed body")
+    return verifier.finish()

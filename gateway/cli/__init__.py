@@ -1,5 +1,5 @@
 """The `isthmus` command line: serve, send, inbox, fhir, translate, mappings, audit, outbox,
-auth, health, console.
+auth, store, health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -24,6 +24,7 @@ from gateway.cli import (
     outbox,
     send,
     serve,
+    store,
     translate,
 )
 from gateway.config import ConfigError
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_parser(sub)
     outbox.add_parser(sub)
     auth.add_parser(sub)
+    store.add_parser(sub)
     health.add_parser(sub)
     console.add_parser(sub)
     _options_anywhere(parser)

@@ -8,7 +8,7 @@ import asyncio
 import sqlite3
 from typing import TYPE_CHECKING
 
-from gateway.cli.shared import audit_settings
+from gateway.cli.shared import audit_settings, database_pool
 
 if TYPE_CHECKING:
     from gateway.audit import AuditRecord
@@ -54,12 +54,13 @@ def record_accesses(args: argparse.Namespace, records: list[AuditRecord]) -> str
         return None
 
     async def record() -> None:
-        audit = await open_audit(settings, gateway=False)
-        try:
-            for future in [audit.submit(r) for r in records]:
-                await future
-        finally:
-            await audit.close()
+        async with database_pool(settings) as pool:
+            audit = await open_audit(settings, gateway=False, pool=pool)
+            try:
+                for future in [audit.submit(r) for r in records]:
+                    await future
+            finally:
+                await audit.close()
 
     try:
         asyncio.run(record())

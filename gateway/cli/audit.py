@@ -8,16 +8,21 @@ import asyncio
 import os
 import sqlite3
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.cli.access import who
-from gateway.cli.shared import audit_settings
+from gateway.cli.shared import audit_settings, database_pool
 from gateway.config import ConfigError, Settings
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from gateway.audit import AuditQuery
     from gateway.audit.anchor import Head
+    from gateway.audit.keys import SigningKey
+    from gateway.audit.verify import Report
     from gateway.cli.shared import Subparsers
 
 _EXPORT_PURPOSE = "HCOMPL"  # v3 ActReason: health compliance
@@ -71,8 +76,12 @@ def add_parser(sub: Subparsers) -> None:
     public_key.set_defaults(run=_audit_public_key)
 
 
-def _audit_db(settings: Settings) -> Path:
+def _audit_db(settings: Settings) -> Path | None:
+    """The audit.db to read; None when the trail is in PostgreSQL (store.backend)."""
     from gateway.audit import AUDIT_FILE
+
+    if settings.store.backend == "postgresql":
+        return None
 
     path = settings.store.data_dir / AUDIT_FILE
     if not path.exists():
@@ -109,7 +118,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
             if not trusted:
                 keys = audit_keys(settings, need_data_keys=False)
                 trusted, signing = dict(keys.trusted), keys.signing
-            report = asyncio.run(verify_store(path, trusted, signing, heads or None))
+            report = asyncio.run(
+                verify_store(path, trusted, signing, heads or None) if path is not None
+                else _verify_database(settings, trusted, signing, heads or None))
             if signing is None:
                 print("note: record MACs not checked (they need the signing key); the chain "
                       "and the signed checkpoints were")
@@ -132,6 +143,21 @@ def _audit_verify(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     return 0 if report.ok else 1
+
+
+async def _verify_database(settings: Settings, trusted: Mapping[str, Ed25519PublicKey],
+                           signing: SigningKey | None, heads: list[Head] | None) -> Report:
+    """`verify_store` on the PostgreSQL audit tables the settings name."""
+    from gateway.app.specs import pg_spec
+    from gateway.audit.log import verify_reader
+    from gateway.store.pg.audit import PgAuditReader
+    from gateway.store.pg.connect import connect
+
+    connection = await connect(pg_spec(settings))
+    try:
+        return await verify_reader(PgAuditReader(connection), trusted, signing, heads)
+    finally:
+        await connection.close()
 
 
 def _expected_heads(args: argparse.Namespace, settings: Settings) -> list[Head]:
@@ -182,13 +208,19 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 async def _export(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool) -> int:
+    user, host = who()
+    async with database_pool(settings) as pool:
+        return await _export_from(settings, query, fmt, decrypt, pool, user, host)
+
+
+async def _export_from(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool,
+                       pool: object | None, user: str, host: str) -> int:
     from gateway.app import open_audit
     from gateway.audit import Action, AuditRecord
     from gateway.audit.export import export
     from gateway.store import StoreUnavailable
 
-    user, host = who()
-    audit = await open_audit(settings, gateway=False)
+    audit = await open_audit(settings, gateway=False, pool=pool)
     try:
         # Fail closed: the export is on record before a byte of it is written.
         try:

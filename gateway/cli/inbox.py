@@ -6,16 +6,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.cli.access import message_access, record_accesses
-from gateway.cli.shared import inbox_path, settings_from, tables_or_exit
+from gateway.cli.shared import database_pool, inbox_path, settings_from, tables_or_exit
 from gateway.config import ConfigError
 
 if TYPE_CHECKING:
-
     from gateway.cli.shared import Subparsers
+    from gateway.config import Settings
+    from gateway.store.pg.inbox import PgInbox
+
+T = TypeVar("T")
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -41,12 +45,28 @@ def add_parser(sub: Subparsers) -> None:
     replay.set_defaults(run=_inbox_replay)
 
 
+def _database(args: argparse.Namespace) -> Settings | None:
+    """The settings when the inbox is in PostgreSQL (store.backend), else None."""
+    settings = settings_from(args, **{"store.data_dir": args.data_dir})
+    return settings if settings.store.backend == "postgresql" else None
+
+
+async def _on_database(settings: Settings, action: Callable[[PgInbox], Awaitable[T]]) -> T:
+    from gateway.store.pg.inbox import PgInbox
+
+    async with database_pool(settings) as pool:
+        return await action(PgInbox(pool))  # reads and replays only: no writer started
+
+
 def _inbox_list(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_entries
 
     if args.status == "refused":
         return _refused_list(args)
-    entries = asyncio.run(read_entries(inbox_path(args), args.limit, args.status))
+    settings = _database(args)
+    entries = asyncio.run(
+        _on_database(settings, lambda inbox: inbox.list(args.limit, args.status))
+        if settings is not None else read_entries(inbox_path(args), args.limit, args.status))
     print(f"{'ID':>8}  {'RECEIVED AT':<27}  {'CONTROL ID':<22}  {'TYPE':<9}  "
           f"{'SENDER':<30}  STATUS")
     for e in entries:
@@ -77,7 +97,9 @@ def _refused_list(args: argparse.Namespace) -> int:
 def _inbox_show(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_entry
 
-    found = asyncio.run(read_entry(inbox_path(args), args.id))
+    settings = _database(args)
+    found = asyncio.run(_on_database(settings, lambda inbox: inbox.get(args.id))
+                        if settings is not None else read_entry(inbox_path(args), args.id))
     if found is None:
         print(f"isthmus inbox show: no message with id {args.id}", file=sys.stderr)
         return 1
@@ -110,18 +132,22 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_raw, record_outcomes
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})
-    path = inbox_path(args)
+    database = _database(args)
     translator = tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
-    rows = asyncio.run(read_raw(path, None if args.failed else [args.id]))
+    ids = None if args.failed else [args.id]
+    if database is not None:
+        rows = asyncio.run(_on_database(database, lambda inbox: inbox.raw_rows(ids)))
+    else:
+        rows = asyncio.run(read_raw(inbox_path(args), ids))
     if not rows and not args.failed:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     router = build_router(settings) if settings.routes else None
     # A conflict row was kept undelivered: replaying it owes every backend of its route.
     never_routed = set() if args.failed else {
-        row_id for row_id, _, _ in rows if _status(path, row_id) == CONFLICT}
+        row_id for row_id, _, _ in rows if _status(args, row_id) == CONFLICT}
     outcomes = [replay_routed(translator, router, row_id, raw, received,
                               routed=row_id not in never_routed)
                 for row_id, raw, received in rows]
@@ -131,7 +157,10 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     if refused is not None:
         print(f"isthmus inbox replay: {refused}; nothing was replayed", file=sys.stderr)
         return 1
-    asyncio.run(record_outcomes(path, outcomes))
+    if database is not None:
+        asyncio.run(_on_database(database, lambda inbox: inbox.record_outcomes(outcomes)))
+    else:
+        asyncio.run(record_outcomes(inbox_path(args), outcomes))
     for outcome in outcomes:
         routed = f" -> {', '.join(outcome.routes)}" if outcome.routes else ""
         print(f"{outcome.inbox_id} {outcome.status}"
@@ -139,8 +168,10 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
 
 
-def _status(path: Path, inbox_id: int) -> str:
+def _status(args: argparse.Namespace, inbox_id: int) -> str:
     from gateway.store.inbox_sqlite import read_entry
 
-    found = asyncio.run(read_entry(path, inbox_id))
+    settings = _database(args)
+    found = asyncio.run(_on_database(settings, lambda inbox: inbox.get(inbox_id))
+                        if settings is not None else read_entry(inbox_path(args), inbox_id))
     return found[0].status if found is not None else ""

@@ -8,15 +8,17 @@ import asyncio
 import enum
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
-from gateway.cli.shared import inbox_path
+from gateway.cli.shared import inbox_path, settings_from
 
 if TYPE_CHECKING:
     from gateway.cli.shared import Subparsers
+    from gateway.config import Settings
     from gateway.store.outbox import OutboxEntry, SqliteOutbox
+    from gateway.store.pg.outbox import PgOutbox
 
 T = TypeVar("T")
 
@@ -55,18 +57,23 @@ def add_parser(sub: Subparsers) -> None:
     drop.set_defaults(run=_outbox_drop)
 
 
-def _outbox_run(args: argparse.Namespace, action: Callable[[SqliteOutbox], Awaitable[T]]
+def _outbox_run(args: argparse.Namespace,
+                action: Callable[[SqliteOutbox | PgOutbox], Awaitable[T]]
                 ) -> T | Literal[_Outbox.UNUSABLE]:
     """`action(outbox)` on the outbox beside a (possibly running) gateway, or
     _UNUSABLE after saying why the outbox cannot be used."""
     from gateway.store import StoreUnavailable
     from gateway.store.outbox import open_outbox
 
-    path = inbox_path(args)
+    settings = settings_from(args, **{"store.data_dir": args.data_dir})
+    if settings.store.backend == "postgresql":
+        run = _on_database(settings, action)
+    else:
+        path = inbox_path(args)
 
-    async def run() -> T:
-        async with open_outbox(path) as outbox:
-            return await action(outbox)
+        async def run() -> T:
+            async with open_outbox(path) as outbox:
+                return await action(outbox)
 
     try:
         return asyncio.run(run())
@@ -125,7 +132,27 @@ def _outbox_show(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _entry_and_holds(outbox: SqliteOutbox, row_id: int
+def _on_database(settings: Settings, action: Callable[[SqliteOutbox | PgOutbox], Awaitable[T]]
+                 ) -> Callable[[], Coroutine[Any, Any, T]]:
+    """`action` on the PostgreSQL outbox the settings name (store.backend)."""
+    from dataclasses import replace
+
+    from gateway.app.specs import pg_spec
+    from gateway.store.pg.connect import open_pool
+    from gateway.store.pg.outbox import PgOutbox
+
+    async def run() -> T:
+        spec = replace(pg_spec(settings), pool_min_size=1, pool_max_size=2)
+        pool = await open_pool(spec)
+        try:
+            return await action(PgOutbox(pool, spec, "isthmus-cli"))
+        finally:
+            await pool.close()
+
+    return run
+
+
+async def _entry_and_holds(outbox: SqliteOutbox | PgOutbox, row_id: int
                            ) -> tuple[OutboxEntry | None, int | None, int]:
     """A row, the dead row it waits behind (if any) and how many rows it holds (if dead)."""
     entry = await outbox.get(row_id)

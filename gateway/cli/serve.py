@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import serve
     from gateway.audit import AuditError
     from gateway.mapping.errors import TableError, TableErrors
-    from gateway.store.errors import DataDirError
+    from gateway.store.errors import DataDirError, StoreUnavailable
 
     settings = settings_from(args, **{
         "server.host": args.host, "mllp.port": args.mllp_port,
@@ -52,6 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         print(f"isthmus: the store in {settings.store.data_dir} cannot be opened: {exc}",
               file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:  # the database (store.backend = "postgresql")
+        print(f"isthmus: the store cannot be opened: {exc}", file=sys.stderr)
         return 1
     except (TableErrors, TableError) as exc:
         print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)

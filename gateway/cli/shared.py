@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
@@ -63,3 +64,22 @@ def tables_or_exit(load: Callable[[], T]) -> T | None:
     except (TableErrors, TableError) as exc:
         print(f"isthmus: the mapping tables are not usable:\n{exc}", file=sys.stderr)
         return None
+
+
+@asynccontextmanager
+async def database_pool(settings: Settings) -> AsyncIterator[object | None]:
+    """A small pool on the PostgreSQL database the settings name (store.backend =
+    "postgresql"), closed after; None for the embedded store."""
+    if settings.store.backend != "postgresql":
+        yield None
+        return
+    from dataclasses import replace
+
+    from gateway.app.specs import pg_spec
+    from gateway.store.pg.connect import open_pool
+
+    pool = await open_pool(replace(pg_spec(settings), pool_min_size=1, pool_max_size=2))
+    try:
+        yield pool
+    finally:
+        await pool.close()

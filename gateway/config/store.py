@@ -5,12 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.config.base import Section as _Section
 
+# libpq's sslmode values: disable, allow and prefer may fall back to plain TCP; require
+# encrypts without checking the server; verify-ca checks its certificate against
+# sslrootcert; verify-full also checks the host name.
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
 
 class StoreConfig(_Section):
+    # `schema` in the file (the attribute has another name: pydantic models own `schema`);
+    # by name too, so that a dumped Settings validates again.
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    # sqlite: the embedded files in data_dir (one gateway). postgresql: the database at
+    # `url`, shared by every instance behind a load balancer (docs/deployment.md).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # postgresql://user[:password]@host:5432/db; a password belongs in ISTHMUS_STORE__URL.
+    url: SecretStr | None = None
+    # The tables live in this schema (created if absent); several deployments may share
+    # one database with a schema each.
+    schema_name: str = Field(default="public", alias="schema",
+                             pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_min_size: int = Field(default=2, ge=0, le=100)
+    pool_max_size: int = Field(default=10, ge=1, le=500)
+    # Seconds: to connect, and for any one statement (a hung database answers AR/503).
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    statement_timeout: float = Field(default=30.0, gt=0, le=3600)
+    sslmode: SslMode = "prefer"
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+    # The data dir still holds each instance's lock, keys and (sqlite) files.
     data_dir: Path = Path("./var")
     # SQLite WAL: 'full' fsyncs the WAL on every (group) commit and survives power loss;
     # 'normal' survives a process crash but may lose the last commits on power loss.
@@ -20,6 +48,25 @@ class StoreConfig(_Section):
     # The data dir holds PHI: created 0700 with files 0600, and a start refuses a directory
     # others may open. true: a group may read (0750/0640, e.g. for a backup agent).
     allow_group_read: bool = False
+
+    @model_validator(mode="after")
+    def _url_for_postgresql(self) -> StoreConfig:
+        if self.backend == "postgresql":
+            url = self.url.get_secret_value() if self.url is not None else ""
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ValueError("store.backend = \"postgresql\" needs store.url = "
+                                 "\"postgresql://user@host:5432/db\" (or ISTHMUS_STORE__URL)")
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("store.pool_min_size is larger than store.pool_max_size")
+        for name in ("sslrootcert", "sslcert", "sslkey"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"store.{name}: {path} is not a readable file")
+        if (self.sslcert is None) != (self.sslkey is None):
+            raise ValueError("store.sslcert and store.sslkey go together")
+        if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None:
+            raise ValueError(f"store.sslmode = \"{self.sslmode}\" needs store.sslrootcert")
+        return self
 
 
 class MappingConfig(_Section):

@@ -116,8 +116,9 @@ class IssuedToken:
 class ReplayStore(Protocol):
     """Where assertion ids outlive the process (`gateway.store.replay_sqlite`)."""
 
-    async def add(self, key: bytes, expires_at: float) -> None:
-        """Keep `key` durably until `expires_at`; StoreUnavailable when it cannot."""
+    async def add(self, key: bytes, expires_at: float) -> bool | None:
+        """Keep `key` durably until `expires_at`; StoreUnavailable when it cannot. False:
+        the store had it already (another instance saw the assertion first)."""
         ...
 
 
@@ -128,7 +129,8 @@ class ReplayCache:
     so two concurrent requests with one assertion cannot both pass); with a store
     attached, each new id is also written through before its token is issued, and the
     ids still unexpired are loaded back at start: a restart does not reopen the window.
-    One instance's cache: several instances behind a load balancer need a shared store.
+    One instance's cache; several instances behind a load balancer share the store
+    (PostgreSQL's), which refuses an id another instance kept first.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time,
@@ -156,8 +158,8 @@ class ReplayCache:
         StoreUnavailable when the id could not be kept durably (it is kept in memory)."""
         if not self._remember(key, expires_at):
             return False
-        if self._store is not None:
-            await self._store.add(key, expires_at)
+        if self._store is not None and await self._store.add(key, expires_at) is False:
+            return False
         return True
 
     def _remember(self, key: bytes, expires_at: float, *, bounded: bool = True) -> bool:

@@ -10,10 +10,11 @@ from opentelemetry import trace
 
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.fhir_api import FHIR
-from gateway.store import SqliteInbox, StoreUnavailable
+from gateway.store import StoreUnavailable
+from gateway.store.inbox import RunningInbox
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, mark_failed, set_attributes
 
-INBOX = web.AppKey("inbox", SqliteInbox)
+INBOX = web.AppKey("inbox", RunningInbox)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 routes = web.RouteTableDef()

@@ -35,7 +35,7 @@ from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observati
 
 from gateway.forward.backend import Backend, Delivered, Delivery, Permanent, Retry, Verdict
 from gateway.forward.resilience import retry_delay
-from gateway.store.outbox import OutboxRow, SqliteOutbox
+from gateway.store.outbox import OutboxRow, OutboxStore
 from gateway.telemetry import AttributeValue, Telemetry, safe_attributes
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class _Instruments:
 class _Worker:
     """Delivers one backend's pending rows; the only writer of their outcomes."""
 
-    def __init__(self, outbox: SqliteOutbox, backend: Backend, policy: DeliveryPolicy,
+    def __init__(self, outbox: OutboxStore, backend: Backend, policy: DeliveryPolicy,
                  poll_interval: float, instruments: _Instruments) -> None:
         self.name = backend.name
         self.backend = backend
@@ -127,6 +127,9 @@ class _Worker:
         # backend's and while its breaker is open.
         self._probing = True
         self._last_poll = float("-inf")
+        # Whether this process delivers the backend's rows (several instances on one
+        # PostgreSQL database: one of them at a time; see OutboxStore.lead).
+        self._leading = False
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +146,11 @@ class _Worker:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def wake_and_read(self) -> None:
+        """Rows may have come in behind our back (another instance took them): read."""
+        self._more = True
         self._wake.set()
 
     def idle(self) -> bool:
@@ -193,7 +201,7 @@ class _Worker:
             if breaker_wait > 0:
                 self._probing = True  # whoever opened it: the next call is a probe
             fetched = False
-            if breaker_wait <= 0 and not self._resync:
+            if breaker_wait <= 0 and not self._resync and self._leading:
                 if self._more and self._room():
                     await self._fill()
                     fetched = True
@@ -229,6 +237,14 @@ class _Worker:
         # loop, awaiting this, starts no write meanwhile).
         settled = self._flushing is None
         try:
+            leading = await self._outbox.lead(self.name)
+        except Exception as exc:  # cannot tell: deliver nothing another may be delivering
+            log.error("outbox %s: cannot tell who delivers: %s", self.name, type(exc).__name__)
+            leading = False
+        if self._leading and not leading:
+            self._resync = True  # another instance has the rows now: forget ours
+        self._leading = leading
+        try:
             queued_before = self._queued_total
             count = await self._outbox.count_pending(self.name)
             if self._queued_total == queued_before:
@@ -241,7 +257,7 @@ class _Worker:
         except Exception as exc:  # the store is down: keep delivering what is in memory
             log.error("outbox %s: cannot read the outbox: %s", self.name, type(exc).__name__)
             return
-        self._more = True
+        self._more = self._leading  # a standby reads nothing
 
     def _reset(self) -> None:
         """Forget the rows in memory and read them again from the first."""
@@ -440,7 +456,7 @@ def _verdict_name(verdict: Verdict) -> str:
 class Dispatcher:
     """Delivers the outbox to every remote backend; the MLLP edge's `OutboxGate`."""
 
-    def __init__(self, outbox: SqliteOutbox, backends: Mapping[str, Backend],
+    def __init__(self, outbox: OutboxStore, backends: Mapping[str, Backend],
                  policies: Mapping[str, DeliveryPolicy], telemetry: Telemetry, *,
                  poll_interval: float = 1.0, close_grace: float = 5.0) -> None:
         self._outbox = outbox
@@ -483,6 +499,11 @@ class Dispatcher:
             if worker is not None and worker.count >= worker.policy.outbox_cap:
                 return True
         return False
+
+    def wake(self) -> None:
+        """New rows somewhere (another instance's NOTIFY): read the store now."""
+        for worker in self._workers.values():
+            worker.wake_and_read()
 
     def queued(self, backends: tuple[str, ...]) -> None:
         for name in backends:

@@ -140,3 +140,20 @@ class Inbox(Protocol):
     async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
         """Set (id, status, error) for several rows."""
         ...
+
+
+class RunningInbox(Inbox, Protocol):
+    """The inbox as the running gateway holds it (readiness, housekeeping, shutdown):
+    `SqliteInbox`, or PostgreSQL's shared by several instances (gateway.store.pg.inbox)."""
+
+    async def probe_writable(self) -> None:
+        """A real (tiny) write; StoreUnavailable if it fails."""
+        ...
+
+    async def expire_dedup_keys(self) -> int:
+        """Release the duplicate keys older than the window; how many."""
+        ...
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        ...

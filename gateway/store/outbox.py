@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -88,11 +88,44 @@ _ENTRY_SQL = (
     "coalesce(i.control_id, '') FROM outbox o LEFT JOIN inbox i ON i.id = o.inbox_id")
 
 
+class OutboxStore(Protocol):
+    """What the dispatcher asks of the outbox: `SqliteOutbox`, or PostgreSQL's
+    (gateway.store.pg.outbox), shared by several instances."""
+
+    async def lead(self, backend: str) -> bool:
+        """Whether this process delivers `backend`'s rows now."""
+        ...
+
+    async def pending_counts(self) -> dict[str, int]: ...
+
+    async def count_pending(self, backend: str, through_id: int | None = None) -> int: ...
+
+    async def count_due(self, backend: str, through_id: int) -> int: ...
+
+    async def oldest_pending(self, backend: str) -> float | None: ...
+
+    async def due(self, backend: str, kind: str, after_id: int,
+                  limit: int) -> list[OutboxRow]: ...
+
+    async def mark_delivered(self, rows: Sequence[tuple[int, str]]) -> None: ...
+
+    async def reschedule(self, row_id: int, attempts: int, next_at: float,
+                         last_status: str, error: str) -> None: ...
+
+    async def dead(self, row_id: int, attempts: int, last_status: str, error: str) -> None: ...
+
+    async def purge_delivered(self, before: datetime) -> int: ...
+
+
 class SqliteOutbox:
     """The outbox table, over a connection to the inbox database (autocommit)."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+
+    async def lead(self, backend: str) -> bool:
+        """Always: the data dir's lock makes this the only gateway on the file."""
+        return True
 
     # -- what the dispatcher needs ------------------------------------------------------
 

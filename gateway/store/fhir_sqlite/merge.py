@@ -11,7 +11,6 @@ what it recorded: history is not rewritten.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
@@ -21,11 +20,21 @@ from gateway.store.fhir_sqlite.schema import stored_resource
 from gateway.store.fhir_sqlite.sql import select_sql
 
 
+class _Rows(Protocol):
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Connection(Protocol):
+    """sqlite3's connection, or PostgreSQL's bridge (`writes.WriterConnection`)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any], /) -> _Rows: ...
+
+
 class TransactionWriter(Protocol):
     """What a merge needs of the writer it runs in (`writes.TransactionWriter`)."""
 
     @property
-    def db(self) -> sqlite3.Connection: ...
+    def db(self) -> _Connection: ...
 
     def current_rows(self, keys: Sequence[tuple[str, str]]
                      ) -> dict[tuple[str, str], StoredResource]: ...
@@ -50,7 +59,7 @@ def apply_merge(writer: TransactionWriter, merge: Merge,
     if _current(writer, resource_type, target_id) is None:
         raise WriteConflict(404, f"merge: the surviving {resource_type} does not exist", -1)
     sql, params = select_sql(merge.source, _MAX_SOURCES, 0, ordered=False)
-    sources = [found for found in map(stored_resource, writer.db.execute(sql, params))
+    sources = [found for found in map(stored_resource, writer.db.execute(sql, params).fetchall())
                if found.id != target_id]
     merged: list[str] = []
     moved_identifiers: list[dict[str, Any]] = []

@@ -55,7 +55,7 @@ def _where(query: SearchQuery, params: list[object]) -> tuple[str, bool]:
     driven = False
     for clause in query.clauses:
         if not clause:
-            parts.append("0")  # OR over no values matches nothing
+            parts.append("1 = 0")  # OR over no values matches nothing
             continue
         clause_params: list[object] = []
         sql = [_match_sql(query.resource_type, m, clause_params) for m in clause]
@@ -96,7 +96,7 @@ def _index_condition(match: Match, params: list[object]) -> tuple[str, str, bool
     """The index table, the condition on its row, and whether the match is negated."""
     match match:
         case TokenMatch(_, system, code, negate):
-            parts = ["1"]
+            parts = ["1 = 1"]  # portable SQL (PostgreSQL runs it too: gateway.store.pg)
             if code is not None:
                 parts.append("code = ?")
                 params.append(code)

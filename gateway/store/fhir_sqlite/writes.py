@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -73,17 +72,30 @@ class _Entry:
         return (self.request.resource_type, self.id)
 
 
+class Rows(Protocol):
+    def fetchall(self) -> list[Any]: ...
+
+
+class WriterConnection(Protocol):
+    """What the writer needs of its connection: sqlite3's, or PostgreSQL's through
+    gateway.store.pg.fhir (which runs the same statements in its dialect)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any], /) -> Rows: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> object: ...
+
+
 class TransactionWriter:
     """Writer thread only: resolves and writes FHIR transactions on the writer connection,
     inside the transaction (and savepoint) the store opened."""
 
-    def __init__(self, db: sqlite3.Connection, indexer: Indexer, last_stamp: datetime) -> None:
+    def __init__(self, db: WriterConnection, indexer: Indexer, last_stamp: datetime) -> None:
         self._db = db
         self._indexer = indexer
         self._last_stamp = last_stamp
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> WriterConnection:
         return self._db
 
     def current_rows(self, keys: Sequence[tuple[str, str]]

@@ -1,0 +1,141 @@
+"""`isthmus store status|migrate|copy`: the PostgreSQL schema's migrations, and moving an
+embedded (SQLite) deployment into PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.cli.shared import settings_from
+
+if TYPE_CHECKING:
+    from gateway.cli.shared import Subparsers
+    from gateway.config import Settings
+    from gateway.store.pg.connect import PgSpec
+
+
+def add_parser(sub: Subparsers) -> None:
+    store = sub.add_parser("store", help="the database: schema migrations, moving to "
+                                         "PostgreSQL")
+    actions = store.add_subparsers(metavar="ACTION")
+    status = actions.add_parser("status", help="the schema version and pending migrations")
+    status.set_defaults(run=_status)
+    migrate = actions.add_parser("migrate", help="apply pending schema migrations")
+    migrate.add_argument("--dry-run", action="store_true",
+                         help="list what would be applied, change nothing")
+    migrate.set_defaults(run=_migrate)
+    copy = actions.add_parser(
+        "copy", help="copy an embedded deployment (its data dir) into PostgreSQL")
+    copy.add_argument("--from", dest="source", required=True, metavar="sqlite://DIR",
+                      help="the data dir of a stopped gateway")
+    copy.add_argument("--to", dest="target", metavar="postgresql://...",
+                      help="the database (default: store.url)")
+    copy.set_defaults(run=_copy)
+
+
+def _spec(args: argparse.Namespace, settings: Settings, url: str | None = None) -> PgSpec:
+    from gateway.app.specs import pg_spec
+    from gateway.config import ConfigError
+    from gateway.store.pg.connect import PgSpec
+
+    if url is not None:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"isthmus store: {url.split('://')[0]}:// is not a "
+                              "PostgreSQL URL (postgresql://user@host:5432/db)")
+        return PgSpec(url, schema=settings.store.schema_name)
+    if settings.store.backend != "postgresql":
+        raise ConfigError("isthmus store: store.backend is \"sqlite\" (the embedded files "
+                          "need no migrations); set store.backend = \"postgresql\" and "
+                          "store.url, or ISTHMUS_STORE__BACKEND and ISTHMUS_STORE__URL")
+    return replace(pg_spec(settings), pool_min_size=1, pool_max_size=2)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gateway.store import StoreUnavailable
+    from gateway.store.pg.migrate import status
+
+    spec = _spec(args, settings_from(args))
+    try:
+        found = asyncio.run(status(spec))
+    except StoreUnavailable as exc:
+        print(f"isthmus store status: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema {spec.schema} at {spec.where}: version {found.current}, "
+          f"{len(found.pending)} pending")
+    for version, name, applied_at in found.applied:
+        print(f"  {version:>4}  applied {applied_at}  {name}")
+    for migration in found.pending:
+        print(f"  {migration.version:>4}  pending  {migration.name}")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from gateway.store import StoreUnavailable
+    from gateway.store.pg.migrate import migrate
+
+    spec = _spec(args, settings_from(args))
+    try:
+        applied = asyncio.run(migrate(spec, dry_run=args.dry_run))
+    except StoreUnavailable as exc:
+        print(f"isthmus store migrate: {exc}", file=sys.stderr)
+        return 1
+    verb = "would apply" if args.dry_run else "applied"
+    for migration in applied:
+        print(f"{verb} {migration.version}: {migration.name}")
+    if not applied:
+        print(f"schema {spec.schema} at {spec.where} is up to date")
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError
+
+    source: str = args.source
+    if not source.startswith("sqlite://"):
+        raise ConfigError("isthmus store copy: --from takes sqlite://DIR, the data dir of "
+                          "a stopped gateway")
+    data_dir = Path(source.removeprefix("sqlite://"))
+    if not data_dir.is_dir():
+        raise ConfigError(f"isthmus store copy: {data_dir} is not a directory")
+    settings = settings_from(args)
+    spec = _spec(args, settings, args.target)
+    return asyncio.run(_copy_into(data_dir, spec, settings.store.allow_group_read))
+
+
+async def _copy_into(data_dir: Path, spec: PgSpec, allow_group_read: bool) -> int:
+    from gateway.store import StoreError, StoreUnavailable
+    from gateway.store.data_dir import claim
+    from gateway.store.pg.connect import DATABASE_ERRORS, connect
+    from gateway.store.pg.copy import copy_sqlite
+    from gateway.store.pg.migrate import migrate
+
+    try:
+        held = claim(data_dir, allow_group_read=allow_group_read)  # no gateway on it now
+    except StoreError as exc:
+        print(f"isthmus store copy: {exc}", file=sys.stderr)
+        return 1
+    try:
+        await migrate(spec)
+        connection = await connect(spec)
+        try:
+            copied = await copy_sqlite(data_dir, connection)
+        finally:
+            await connection.close()
+    except StoreUnavailable as exc:
+        print(f"isthmus store copy: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"isthmus store copy: {exc}; nothing was copied", file=sys.stderr)
+        return 1
+    except DATABASE_ERRORS as exc:
+        print(f"isthmus store copy: the database refused the copy "
+              f"({type(exc).__name__}); nothing was copied", file=sys.stderr)
+        return 1
+    finally:
+        held.release()
+    print(f"copied {data_dir} to schema {spec.schema} at {spec.where}: {copied.summary()}")
+    return 0

@@ -1,0 +1,49 @@
+"""The embedded store's SQL (gateway.store.fhir_sqlite.sql and .schema) as PostgreSQL
+runs it, so both backends share one query planner and one transaction writer.
+
+The differences are few and mechanical: placeholders are numbered, SQLite's planner hints
+(INDEXED BY, a unary + that keeps an index out) go, a LIMIT of -1 (no limit) becomes NULL,
+a bare `SELECT ?` gets its type, and the sort key — which SQLite takes from whichever
+index table holds the parameter, whatever its type — compares as JSONB (numbers as
+numbers, text as text) so that one COALESCE can hold both.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+_INDEXED_BY = re.compile(r" INDEXED BY \w+")
+_UNARY_PLUS = re.compile(r"\+(?=r\.\w)")
+_SORT_VALUE = re.compile(
+    r"\(SELECT (?:min|max)\(\w+\) FROM fhir_\w+ x WHERE x\.type = r\.type "
+    r"AND x\.id = r\.id AND x\.param = \?\)")
+_BARE_PARAMETER = re.compile(r"SELECT \?(?=[\s)]|$)")
+
+
+@lru_cache(maxsize=4096)
+def postgres_sql(sql: str) -> str:
+    """One statement in PostgreSQL's dialect (the result is cached: statements repeat)."""
+    sql = _INDEXED_BY.sub("", sql)
+    sql = _UNARY_PLUS.sub("", sql)
+    sql = _SORT_VALUE.sub(lambda m: f"to_jsonb({m.group(0)})", sql)
+    sql = _BARE_PARAMETER.sub("SELECT ?::text", sql)
+    sql = sql.replace("LIMIT ?", "LIMIT NULLIF(?::bigint, -1)")
+    return _numbered(sql)
+
+
+def _numbered(sql: str) -> str:
+    """'?' placeholders as $1, $2, ... (none occurs inside a quoted literal here; quoted
+    text is copied as it is all the same)."""
+    out: list[str] = []
+    count = 0
+    quoted = False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        if char == "?" and not quoted:
+            count += 1
+            out.append(f"${count}")
+        else:
+            out.append(char)
+    return "".join(out)

@@ -1,0 +1,91 @@
+"""The outbox rows on both backends: read in order with payloads, results written, a
+dead row holding its patient's later rows; on PostgreSQL one instance at a time delivers
+a backend, a standby takes over when the holder goes, and a deposed holder's late
+results do not overwrite its successor's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.store.pg.outbox import PgOutbox
+from support.backends import Backend, inbound
+
+
+async def test_due_rows_come_in_id_order_with_payloads_and_results_stick(
+        store_backend: Backend) -> None:
+    inbox = await store_backend.inbox()
+    try:
+        for n in range(6):
+            await inbox.accept(inbound(f"O-{n}", f"MSH|{n}".encode(), routes=("ehr",),
+                                       patient_key=f"p{n % 2}"))
+        outbox = store_backend.outbox(inbox)
+        assert await outbox.lead("ehr")
+        rows = await outbox.due("ehr", "mllp", 0, 10)
+        assert [r.payload for r in rows] == [f"MSH|{n}".encode() for n in range(6)]
+        await outbox.mark_delivered([(rows[0].id, "ACK AA")])
+        await outbox.reschedule(rows[1].id, 1, 10.0, "HTTP 503", "busy")
+        await outbox.dead(rows[2].id, 3, "ACK AE", "refused")
+        # p0's later row (O-4) waits behind its dead row O-2; p1's go on.
+        left = await outbox.due("ehr", "mllp", 0, 10)
+        assert [r.id for r in left] == [rows[1].id, rows[3].id, rows[5].id]
+        assert await outbox.count_pending("ehr") == 4
+        assert await outbox.held_by(rows[2].id) == 1
+        assert await outbox.retry([rows[2].id]) == 1
+        assert len(await outbox.due("ehr", "mllp", 0, 10)) == 5
+        entry = await outbox.get(rows[0].id)
+        assert entry is not None and entry.status == "delivered"
+        assert entry.control_id == "O-0"
+    finally:
+        if isinstance(outbox, PgOutbox):
+            await outbox.close()
+        await inbox.close()
+
+
+async def test_one_instance_delivers_a_backend_and_a_standby_takes_over(
+        store_backend: Backend) -> None:
+    if store_backend.pool is None:
+        pytest.skip("one gateway per SQLite data dir: it always delivers")
+    inbox = await store_backend.inbox()
+    first = store_backend.outbox(inbox, "first")
+    second = store_backend.outbox(inbox, "second")
+    assert isinstance(first, PgOutbox) and isinstance(second, PgOutbox)
+    try:
+        await inbox.accept(inbound("L-1", routes=("ehr",)))
+        assert await first.lead("ehr")
+        assert not await second.lead("ehr")
+        assert await second.lead("lab")  # another backend: another lease
+        [row] = await first.due("ehr", "mllp", 0, 10)
+        await first.close()  # the holder goes (a crash drops its session the same way)
+        assert await second.lead("ehr")
+        [again] = await second.due("ehr", "mllp", 0, 10)
+        assert again.id == row.id
+        # The old holder's late result is fenced off: the row is the successor's now.
+        await first.mark_delivered([(row.id, "ACK AA")])
+        assert await second.count_pending("ehr") == 1
+        await second.mark_delivered([(row.id, "ACK AA")])
+        assert await second.count_pending("ehr") == 0
+    finally:
+        await first.close()
+        await second.close()
+        await inbox.close()
+
+
+async def test_an_idle_holder_is_woken_by_another_instances_rows(store_backend: Backend) -> None:
+    if store_backend.pool is None:
+        pytest.skip("NOTIFY is PostgreSQL's")
+    inbox = await store_backend.inbox()
+    outbox = store_backend.outbox(inbox, "holder")
+    assert isinstance(outbox, PgOutbox)
+    woken = asyncio.Event()
+    outbox.on_new_rows = woken.set
+    try:
+        assert await outbox.lead("ehr")
+        other = await store_backend.inbox()  # another instance's inbox
+        await other.accept(inbound("N-1", routes=("ehr",)))
+        await other.close()
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        await outbox.close()
+        await inbox.close()
