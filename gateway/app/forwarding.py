@@ -63,7 +63,7 @@ async def open_forwarding(settings: Settings, inbox: SqliteInbox,
                                                                telemetry)
         if forwarding.backends:
             forwarding.dispatcher = Dispatcher(
-                SqliteOutbox(inbox.connection), forwarding.backends,
+                SqliteOutbox(inbox.connection, inbox.codec), forwarding.backends,
                 {c.name: delivery_policy(c) for c in settings.backends},
                 telemetry, poll_interval=settings.forward.poll_interval)
             await forwarding.dispatcher.start()

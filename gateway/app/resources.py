@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
+from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
     ingest_options,
@@ -31,6 +32,7 @@ from gateway.app.specs import (
 from gateway.app.state import (
     APPLIER,
     AUTH_FILE,
+    CODEC,
     FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
@@ -69,11 +71,14 @@ async def shutdown_telemetry(app: web.Application) -> None:
 
 
 async def data_dir(app: web.Application) -> AsyncIterator[None]:
-    """The data directory: created owner-only or refused if others may open it, and locked
-    for this process before any store in it opens (a second gateway stops here)."""
+    """The data directory: created owner-only or refused if others may open it, locked
+    for this process before any store in it opens (a second gateway stops here), and its
+    data keys checked (a missing or wrong key stops the start here)."""
     store = app[SETTINGS].store
     held = claim(store.data_dir, allow_group_read=store.allow_group_read)
     try:
+        # Sealed or plaintext, and every key it needs loaded: decided before any store opens.
+        app[CODEC] = store_codec(app[SETTINGS], create=True)
         yield
     finally:
         held.release()
@@ -129,6 +134,7 @@ async def inbox(app: web.Application) -> AsyncIterator[None]:
         synchronous=store.synchronous,
         dedup_window=timedelta(days=store.dedup_window_days),
         max_batch=store.max_batch,
+        codec=app[CODEC],
     )
     app[http.INBOX] = opened
     try:
@@ -144,7 +150,8 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
         None, search_registry, settings)
     app[SEARCH_REGISTRY] = registry
     opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE, registry.index,
-                                        synchronous=settings.store.synchronous)
+                                        synchronous=settings.store.synchronous,
+                                        codec=app[CODEC])
     app[FHIR_STORE] = opened
     try:
         yield

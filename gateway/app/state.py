@@ -13,6 +13,7 @@ from gateway.ingest import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.policy.profiles import Profile
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.sealing import RowCodec
 
 SETTINGS = web.AppKey("settings", Settings)
 TELEMETRY = http.TELEMETRY  # the edge's /metrics route reads it too
@@ -25,6 +26,8 @@ FORWARDING = web.AppKey("forwarding", Forwarding)
 # Opened by one cleanup context and used by the ones after it.
 FHIR_STORE = web.AppKey("fhir_store", SqliteFhirStore)
 SEARCH_REGISTRY = web.AppKey("search_registry", SearchRegistry)
+# How the stores seal PHI at rest (decided with the data dir, before any store opens).
+CODEC: web.AppKey[RowCodec] = web.AppKey("codec")
 
 # In the data dir.
 INBOX_FILE = "inbox.db"

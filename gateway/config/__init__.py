@@ -10,6 +10,7 @@ One module per group of sections; this package re-exports the names callers use.
 from gateway.config.auth import ApiKeyConfig, AuthConfig, ClientConfig, IssuerConfig
 from gateway.config.base import CONFIG_ENV, ENV_PREFIX
 from gateway.config.edge import AllowedSender, FhirConfig, MllpConfig, ServerConfig, TlsConfig
+from gateway.config.encryption import EncryptionConfig
 from gateway.config.forward import (
     LOCAL_BACKEND,
     BackendAuthConfig,
@@ -26,7 +27,8 @@ from gateway.config.telemetry import LogConfig, TelemetryConfig
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AllowedSender", "ApiKeyConfig", "AuditConfig",
     "AuditReviewer", "AuthConfig", "BackendAuthConfig", "BackendConfig", "ClientConfig",
-    "ConfigError", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
+    "ConfigError", "EncryptionConfig", "FhirConfig", "ForwardConfig", "IssuerConfig",
+    "LogConfig", "MappingConfig",
     "MllpConfig", "RouteConfig", "RouteMatch", "ServerConfig", "Settings", "StoreConfig",
     "TelemetryConfig", "TlsConfig", "load_settings",
 ]

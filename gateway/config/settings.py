@@ -7,6 +7,7 @@ from pydantic import model_validator
 from gateway.config.auth import AuthConfig
 from gateway.config.base import Section as _Section
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
+from gateway.config.encryption import EncryptionConfig
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
@@ -18,6 +19,7 @@ class Settings(_Section):
     store: StoreConfig = StoreConfig()
     mapping: MappingConfig = MappingConfig()
     audit: AuditConfig = AuditConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
     fhir: FhirConfig = FhirConfig()
     auth: AuthConfig = AuthConfig()
     # Minimum-necessary task profiles: profile -> resource type -> elements it may see

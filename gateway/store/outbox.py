@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.store.errors import StoreUnavailable
+from gateway.store.sealing import PLAIN, RowCodec, inbox_context
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -70,9 +71,9 @@ class OutboxEntry:
 
 
 _ROW_SQL = {
-    # The payload column each backend kind is sent.
-    "mllp": "i.raw",
-    "fhir": "i.bundle",
+    # The payload column each backend kind is sent (the inbox column it is sealed as).
+    "mllp": "raw",
+    "fhir": "bundle",
 }
 
 # A pending row `o` that waits behind a dead row of its patient (same backend, an earlier
@@ -91,8 +92,9 @@ _ENTRY_SQL = (
 class SqliteOutbox:
     """The outbox table, over a connection to the inbox database (autocommit)."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, codec: RowCodec = PLAIN) -> None:
         self._db = db
+        self._codec = codec
 
     # -- what the dispatcher needs ------------------------------------------------------
 
@@ -141,11 +143,14 @@ class SqliteOutbox:
             raise ValueError(f"no outbox payload for backend kind '{kind}'")
         rows = await self._db.execute_fetchall(
             f"SELECT o.id, o.inbox_id, o.backend, o.patient_key, o.attempts, o.next_at, "
-            f"o.trace, {column} FROM outbox o JOIN inbox i ON i.id = o.inbox_id "
+            f"o.trace, i.{column}, i.sending_application, i.sending_facility, i.control_id, "
+            f"i.received_at FROM outbox o JOIN inbox i ON i.id = o.inbox_id "
             f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? AND {_NOT_HELD} "
             f"ORDER BY o.id LIMIT ?", (backend, after_id, limit))
         return [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
-                          str(r[6]), None if r[7] is None else bytes(r[7])) for r in rows]
+                          str(r[6]), None if r[7] is None else self._codec.open(
+                              bytes(r[7]), inbox_context(column, *map(str, r[8:12]))))
+                for r in rows]
 
     async def mark_delivered(self, rows: Sequence[tuple[int, str]]) -> None:
         """(id, last status) of rows delivered at their next attempt (`attempts` counts
