@@ -1,4 +1,5 @@
-"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox, auth.
+"""The `isthmus` command line: serve, send, inbox, translate, mappings, audit, outbox,
+store, auth.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.cli import audit, auth, inbox, mappings, outbox, send, serve, translate
+from gateway.cli import audit, auth, inbox, mappings, outbox, send, serve, store, translate
 from gateway.config import ConfigError
 
 __all__ = ["main"]
@@ -48,5 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     mappings.add_parser(sub)
     audit.add_parser(sub)
     outbox.add_parser(sub)
+    store.add_parser(sub)
     auth.add_parser(sub)
     return parser

@@ -15,6 +15,7 @@ from gateway.cli.shared import inbox_path, settings_from, tables_or_exit
 if TYPE_CHECKING:
 
     from gateway.cli.shared import Subparsers
+    from gateway.store.sealing import RowCodec
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -54,7 +55,10 @@ def _inbox_list(args: argparse.Namespace) -> int:
 def _inbox_show(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_entry
 
-    found = asyncio.run(read_entry(inbox_path(args), args.id))
+    codec = _codec(args)
+    if codec is None:
+        return 1
+    found = asyncio.run(read_entry(inbox_path(args), args.id, codec))
     if found is None:
         print(f"isthmus inbox show: no message with id {args.id}", file=sys.stderr)
         return 1
@@ -70,6 +74,19 @@ def _inbox_show(args: argparse.Namespace) -> int:
     print("ack:")
     print(_readable(ack))
     return 0
+
+
+def _codec(args: argparse.Namespace) -> RowCodec | None:
+    """How the data dir's messages are sealed; None after one line saying why it cannot
+    be opened (a data key missing or wrong)."""
+    from gateway.app.sealing import store_codec
+    from gateway.store.sealing import SealError
+
+    try:
+        return store_codec(settings_from(args, **{"store.data_dir": args.data_dir}))
+    except SealError as exc:
+        print(f"isthmus inbox: {exc}", file=sys.stderr)
+        return None
 
 
 def _readable(raw: bytes) -> str:
@@ -91,14 +108,17 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     translator = tables_or_exit(lambda: load_translator(settings))
     if translator is None:
         return 2
-    rows = asyncio.run(read_raw(path, None if args.failed else [args.id]))
+    codec = _codec(args)
+    if codec is None:
+        return 1
+    rows = asyncio.run(read_raw(path, None if args.failed else [args.id], codec=codec))
     if not rows and not args.failed:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     router = build_router(settings) if settings.routes else None
     # A conflict row was kept undelivered: replaying it owes every backend of its route.
     never_routed = set() if args.failed else {
-        row_id for row_id, _, _ in rows if _status(path, row_id) == CONFLICT}
+        row_id for row_id, _, _ in rows if _status(path, row_id, codec) == CONFLICT}
     outcomes = [replay_routed(translator, router, row_id, raw, received,
                               routed=row_id not in never_routed)
                 for row_id, raw, received in rows]
@@ -108,7 +128,7 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     if refused is not None:
         print(f"isthmus inbox replay: {refused}; nothing was replayed", file=sys.stderr)
         return 1
-    asyncio.run(record_outcomes(path, outcomes))
+    asyncio.run(record_outcomes(path, outcomes, codec))
     for outcome in outcomes:
         routed = f" -> {', '.join(outcome.routes)}" if outcome.routes else ""
         print(f"{outcome.inbox_id} {outcome.status}"
@@ -116,8 +136,8 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
 
 
-def _status(path: Path, inbox_id: int) -> str:
+def _status(path: Path, inbox_id: int, codec: RowCodec) -> str:
     from gateway.store.inbox_sqlite import read_entry
 
-    found = asyncio.run(read_entry(path, inbox_id))
+    found = asyncio.run(read_entry(path, inbox_id, codec))
     return found[0].status if found is not None else ""
