@@ -1,5 +1,6 @@
-"""`isthmus store encrypt|status`: seal a data dir's PHI at rest (or re-seal it under the
-newest key), and show how it is sealed (docs/encryption.md)."""
+"""`isthmus store encrypt|status|new-key`: seal a data dir's PHI at rest (or re-seal it
+under the newest key), show how it is sealed, make a key for a rotation
+(docs/encryption.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def add_parser(sub: Subparsers) -> None:
     status = actions.add_parser("status", help="whether the data dir is sealed, and with "
                                                "which keys")
     status.set_defaults(run=_status)
+    new_key = actions.add_parser(
+        "new-key", help="print a new data key line (append it to the key file to rotate)")
+    new_key.set_defaults(run=_new_key)
 
 
 def _encrypt(args: argparse.Namespace) -> int:
@@ -51,6 +55,13 @@ def _encrypt(args: argparse.Namespace) -> int:
           f"{', '.join(k.id for k in codec.ring.keys)}")
     print(f"data dir {data_dir} is encrypted: new values sealed with {codec.ring.current.id}, "
           f"blind indexes with {codec.index_key_id}")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from gateway.store.data_keys import new_key_line
+
+    print(new_key_line())
     return 0
 
 
