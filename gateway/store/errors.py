@@ -26,6 +26,15 @@ class WriteConflict(StoreError):
         self.entry = entry
 
 
+class SearchUnsupported(StoreError):
+    """A search this store cannot answer as asked (e.g. `:contains` over blind indexes);
+    the reason names the parameter and modifier, never a value: a 400 at the edge."""
+
+    def __init__(self, reason: str, parameter: str) -> None:
+        super().__init__(reason)
+        self.parameter = parameter
+
+
 class ChainConflict(StoreUnavailable):
     """Rows another writer appended do not verify; nothing more is appended."""
 

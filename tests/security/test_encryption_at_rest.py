@@ -22,6 +22,7 @@ from support.fhir import fhir_session, start_fhir_gateway
 from support.sealed import ADT_CANARIES, canaries_in_files, inbox_messages
 from support.wait import eventually
 
+# MSH-15 AL, MSH-16 NE (enhanced mode): a commit ACK, CA.
 CANARY_ADT = message("canary_adt_a01.hl7")
 FHIR_CANARIES = (b"mrnfhircanary", b"qzxfhircanary", b"wqvfhirgiven")
 ALL_CANARIES = (*ADT_CANARIES, *FHIR_CANARIES)
@@ -32,7 +33,7 @@ async def _ingest_and_write(gw: RunningGateway) -> str:
     updated over FHIR (two versions in the history); returns the Patient's id."""
     peer = await MllpPeer.open(gw.mllp_port)
     try:
-        assert segments(await peer.request(CANARY_ADT))["MSA"][0][1] == "CA"  # enhanced mode
+        assert segments(await peer.request(CANARY_ADT))["MSA"][0][1] == "CA"
     finally:
         await peer.close()
     async with fhir_session(gw) as session:
@@ -80,6 +81,12 @@ async def test_no_phi_in_the_store_files_of_a_new_data_dir(tmp_path: Path) -> No
     try:
         patient_id = await _ingest_and_write(gw)
         await _everything_readable(gw, patient_id)
+        async with fhir_session(gw) as session:
+            refused = await session.get("/fhir/Patient?family:contains=fhircan")
+            outcome = await refused.json()
+        assert refused.status == 400 and outcome["resourceType"] == "OperationOutcome"
+        assert "family:contains is not available" in json.dumps(outcome)
+        assert "fhircan" not in json.dumps(outcome)
         # While it runs: the database files and their WAL files.
         assert canaries_in_files(data_dir, ALL_CANARIES) == {}
         assert inbox_messages(data_dir)[0][1] == CANARY_ADT  # opened with the data keys
@@ -103,7 +110,7 @@ async def test_dead_letters_hold_no_phi_and_are_delivered_opened_on_retry(
         try:
             peer = await MllpPeer.open(gw.mllp_port)
             try:
-                assert segments(await peer.request(CANARY_ADT))["MSA"][0][1] == "CA"  # enhanced mode
+                assert segments(await peer.request(CANARY_ADT))["MSA"][0][1] == "CA"
             finally:
                 await peer.close()
             outbox = SqliteOutbox(gw.inbox.connection)
@@ -136,6 +143,7 @@ async def test_a_plaintext_data_dir_keeps_working_and_store_encrypt_seals_it(
     gw = await start_fhir_gateway(data_dir)
     try:
         await _everything_readable(gw, patient_id)
+        await _found(gw, "family:contains=fhircan")  # a plaintext store searches as before
         # Refused while a gateway holds the data dir.
         code, _, err = await isthmus("store", "--data-dir", str(data_dir), "encrypt")
         assert code == 1 and "in use" in err and len(err.strip().splitlines()) == 1, err

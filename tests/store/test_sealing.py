@@ -15,6 +15,7 @@ from gateway.app.specs import search_registry
 from gateway.config import load_settings
 from gateway.store import InboundMessage, SqliteFhirStore, SqliteInbox
 from gateway.store.data_keys import KeySource, open_codec, parse_keys, read_marker
+from gateway.store.errors import SearchUnsupported
 from gateway.store.fhir import SearchQuery, StringMatch, TokenMatch, WriteRequest
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.sealing import (
@@ -215,6 +216,8 @@ async def test_the_fhir_store_seals_bodies_and_searches_blind_indexes(tmp_path: 
         assert await ids(StringMatch("family", "qzxfhircanary", "exact")) == []
         assert await ids(StringMatch("family", "zxf")) == []
         assert await ids(TokenMatch("identifier", None, "MRNOTHER")) == []
+        with pytest.raises(SearchUnsupported, match="family:contains"):
+            await ids(StringMatch("family", "fhirc", "contains"))
         first = await store.vread("Patient", stored.id, 1)
         assert first is not None and b"Wqvcanarygiv" in first.body
     finally:

@@ -8,8 +8,8 @@ unchanged and matching stays exact:
 - a token's code: one blind value, matched by equality (every token search is one);
 - a string: a blind value of each prefix of its normalised text (up to `MAX_PREFIX`
   characters, and the whole text), so the default starts-with search still works; the
-  `:exact` value is blinded once. `:contains` can only match from the start, and a
-  starts-with value longer than `MAX_PREFIX` matches only a whole value of that length.
+  `:exact` value is blinded once. A starts-with value longer than `MAX_PREFIX` matches
+  only a whole value of that length; `:contains` is refused (SearchUnsupported, a 400).
 
 Dates, quantities and references stay in clear: range search needs their order, and
 without the sealed body they name no one (docs/encryption.md, What stays in clear).
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
+from gateway.store.errors import SearchUnsupported
 from gateway.store.fhir import (
     IndexEntry,
     Match,
@@ -68,6 +69,12 @@ def _blind(match: Match, codec: RowCodec) -> Match:
             return replace(match, code=codec.blind(code, "token"))
         case StringMatch(value=value, mode="exact"):
             return replace(match, value=codec.blind(value, "exact"))
+        case StringMatch(param=param, mode="contains"):
+            # A blind index has no inside to look into: a clear refusal, not a search
+            # that quietly finds less.
+            raise SearchUnsupported(f"{param}:contains is not available on an encrypted "
+                                    "store (search by the start of the value, or :exact)",
+                                    f"{param}:contains")
         case StringMatch(value=value):
             # Blind values are fixed-length hex: the store's LIKE 'value%' is equality.
             return replace(match, value=codec.blind(value, "prefix"), mode="start")
