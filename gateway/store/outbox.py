@@ -15,6 +15,7 @@ message type and the control id; the payload is only ever read for delivery.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,13 +26,15 @@ from typing import Any
 import aiosqlite
 
 from gateway.store.errors import StoreUnavailable
-from gateway.store.sealing import PLAIN, RowCodec, inbox_context
+from gateway.store.sealing import PLAIN, RowCodec, SealError, inbox_context
 
 PENDING = "pending"
 DELIVERED = "delivered"
 DEAD = "dead"
 DROPPED = "dropped"
 STATUSES = (PENDING, DELIVERED, DEAD, DROPPED)
+
+log = logging.getLogger(__name__)
 
 # Bound parameters per statement stay well under SQLite's 32766.
 _CHUNK = 8_000
@@ -148,9 +151,21 @@ class SqliteOutbox:
             f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? AND {_NOT_HELD} "
             f"ORDER BY o.id LIMIT ?", (backend, after_id, limit))
         return [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
-                          str(r[6]), None if r[7] is None else self._codec.open(
-                              bytes(r[7]), inbox_context(column, *map(str, r[8:12]))))
+                          str(r[6]), self._payload(int(r[0]), column, r[7], r[8:12]))
                 for r in rows]
+
+    def _payload(self, row_id: int, column: str, value: bytes | None,
+                 identity: Sequence[Any]) -> bytes | None:
+        """A row's payload, opened; None (it cannot be sent: dead-lettered) when it does
+        not open, so that one altered row never stalls its backend's queue."""
+        if value is None:
+            return None
+        try:
+            return self._codec.open(bytes(value), inbox_context(column, *map(str, identity)))
+        except SealError as exc:
+            log.error("outbox row %d: its payload does not open (%s); it is not sent", row_id,
+                      exc)
+            return None
 
     async def mark_delivered(self, rows: Sequence[tuple[int, str]]) -> None:
         """(id, last status) of rows delivered at their next attempt (`attempts` counts

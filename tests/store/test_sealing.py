@@ -181,14 +181,19 @@ async def test_the_inbox_and_outbox_seal_payloads_and_hand_them_back_opened(
 async def test_a_sealed_inbox_row_moved_onto_another_fails_loudly(tmp_path: Path) -> None:
     inbox = await SqliteInbox.open(tmp_path / "inbox.db", codec=codec(K1))
     try:
-        first = await inbox.accept(_inbound(b"MSH|first", "C-1"))
-        second = await inbox.accept(_inbound(b"MSH|second", "C-2"))
-        await inbox.connection.execute(
-            "UPDATE inbox SET raw = (SELECT raw FROM inbox WHERE id = ?) WHERE id = ?",
-            (first.inbox_id, second.inbox_id))
+        first = await inbox.accept(_inbound(b"MSH|first", "C-1", routes=("ehr",)))
+        second = await inbox.accept(_inbound(b"MSH|second", "C-2", routes=("ehr",)))
+        for column in ("raw", "bundle"):
+            await inbox.connection.execute(
+                f"UPDATE inbox SET {column} = (SELECT {column} FROM inbox WHERE id = ?) "
+                "WHERE id = ?", (first.inbox_id, second.inbox_id))
         with pytest.raises(SealError):
             await inbox.get(second.inbox_id)
         assert (await inbox.get(first.inbox_id) or (None, b""))[1] == b"MSH|first"
+        # The outbox hands the moved row over without a payload (it is not sent, and is
+        # dead-lettered), and the row before it as it was: one row never stalls the queue.
+        due = await SqliteOutbox(inbox.connection, inbox.codec).due("ehr", "mllp", 0, 10)
+        assert [row.payload for row in due] == [b"MSH|first", None]
     finally:
         await inbox.close()
 
