@@ -228,7 +228,7 @@ def open_codec(data_dir: Path, source: KeySource, *, enabled: bool,
             write_marker(data_dir, marker_for(ring, SEALED, marker.index_key, marker))
         return SealedCodec(ring, marker.index_key)
     if any(_has_data(path) for path in databases):
-        if enabled:
+        if enabled and create:  # said once per start, not by every CLI command
             log.warning("data dir %s was made before encryption at rest: its PHI is not "
                         "sealed; run `isthmus store encrypt --data-dir %s` while the gateway "
                         "is stopped (docs/encryption.md)", data_dir, data_dir)
