@@ -396,8 +396,14 @@ def _row(m: InboundMessage, dedup_key: str | None, codec: RowCodec) -> tuple[obj
     return (received, m.sending_application, m.sending_facility,
             m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
             raw, m.ack, dedup_key, m.error,
-            orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
-            m.trace, bundle, m.content_hash or None)
+            orjson.dumps(m.routes).decode() if m.routes else "",
+            blind_patient(m.patient_key, codec), m.trace, bundle, m.content_hash or None)
+
+
+def blind_patient(key: str, codec: RowCodec) -> str:
+    """The outbox's per-patient ordering key as stored: a blind index when sealed (the
+    plain key is an unkeyed hash of an identifier, which a guess could confirm)."""
+    return codec.blind(key, "patient") if key else ""
 
 
 def _raw_rows(rows: Any, codec: RowCodec) -> RawRows:
@@ -478,13 +484,13 @@ async def record_outcomes(path: Path, outcomes: Sequence[Replayed],
         await db.executemany(
             "UPDATE inbox SET bundle = ?, patient_key = ? WHERE id = ?",
             [(None if o.bundle is None else codec.seal(o.bundle, inbox_context(
-                "bundle", *identities[o.inbox_id])), o.patient_key, o.inbox_id)
-             for o in routed])
+                "bundle", *identities[o.inbox_id])), blind_patient(o.patient_key, codec),
+              o.inbox_id) for o in routed])
         now = _timestamp(datetime.now(UTC))
         await db.executemany(
             "INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (inbox_id, backend) DO NOTHING",
-            [(o.inbox_id, backend, o.patient_key, now, now)
+            [(o.inbox_id, backend, blind_patient(o.patient_key, codec), now, now)
              for o in routed for backend in o.routes])
         await db.commit()
 

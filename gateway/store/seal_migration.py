@@ -33,6 +33,7 @@ from gateway.store.data_keys import (
 from gateway.store.fhir import IndexEntry, StringIndex, TokenIndex
 from gateway.store.fhir_sqlite.blinding import blind_entries
 from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, index_row
+from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.sealing import (
     SealedCodec,
     SealError,
@@ -118,11 +119,36 @@ def _seal_inbox(db: sqlite3.Connection, codec: SealedCodec) -> int:
             updates.append((new_raw, new_bundle, int(row_id)))
             changed += 1 + (bundle is not None)
         db.executemany("UPDATE inbox SET raw = ?, bundle = ? WHERE id = ?", updates)
+        _blind_patient_keys(db, codec)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
     return changed
+
+
+def _blind_patient_keys(db: sqlite3.Connection, codec: SealedCodec) -> None:
+    """The inbox's and outbox's patient keys as blind indexes, once (recorded in the same
+    transaction, as the FHIR indexes are)."""
+    if _blinded_with(db, "store_meta", codec):
+        return
+    keys = {str(k) for (k,) in db.execute(
+        "SELECT patient_key FROM inbox WHERE patient_key != '' UNION "
+        "SELECT patient_key FROM outbox WHERE patient_key != ''")}
+    for table in ("inbox", "outbox"):
+        db.executemany(f"UPDATE {table} SET patient_key = ? WHERE patient_key = ?",
+                       [(blind_patient(key, codec), key) for key in keys])
+    db.execute("INSERT INTO store_meta (key, value) VALUES (?, ?)",
+               (_BLINDED, codec.index_key_id))
+
+
+def _blinded_with(db: sqlite3.Connection, table: str, codec: SealedCodec) -> bool:
+    """Whether this database's blind indexes are made already (by an earlier run)."""
+    done = db.execute(f"SELECT value FROM {table} WHERE key = ?", (_BLINDED,)).fetchall()
+    if done and done[0][0] != codec.index_key_id:
+        raise SealError(f"the blind indexes are made with key '{done[0][0]}', the marker "
+                        f"names '{codec.index_key_id}'")
+    return bool(done)
 
 
 def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec) -> tuple[int, int]:
@@ -161,12 +187,7 @@ def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec) -> tuple[int, int]:
 def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec) -> int:
     """Token and string index rows as blind indexes, once (recorded in the same
     transaction, so a second run does not blind them twice)."""
-    done = db.execute("SELECT value FROM fhir_store_meta WHERE key = ?",
-                      (_BLINDED,)).fetchall()
-    if done:
-        if done[0][0] != codec.index_key_id:
-            raise SealError(f"the FHIR indexes are blinded with key '{done[0][0]}', the "
-                            f"marker names '{codec.index_key_id}'")
+    if _blinded_with(db, "fhir_store_meta", codec):
         return 0
     rows: list[tuple[str, str, IndexEntry]] = [
         (str(t), str(i), TokenIndex(str(p), s, str(c))) for t, i, p, s, c in

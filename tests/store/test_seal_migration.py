@@ -23,6 +23,7 @@ from gateway.store.data_keys import (
 )
 from gateway.store.errors import DataDirInUse
 from gateway.store.fhir import SearchQuery, StringMatch, TokenMatch, WriteRequest
+from gateway.store.outbox import SqliteOutbox
 from gateway.store.seal_migration import seal_data_dir
 from gateway.store.sealing import RowCodec, SealError
 from support.builders import patient
@@ -38,7 +39,8 @@ async def _plaintext_data_dir(data_dir: Path) -> str:
     inbox = await SqliteInbox.open(data_dir / "inbox.db")
     try:
         await inbox.accept(InboundMessage("SYNTHADT", "SYNTHHOSP", "C-1", "ADT^A01", "2.5.1",
-                                          "peer", RAW, b"MSH|ack", datetime.now(UTC)))
+                                          "peer", RAW, b"MSH|ack", datetime.now(UTC),
+                                          routes=("lab",), patient_key="p1"))
     finally:
         await inbox.close()
     store = await _fhir(data_dir, None)
@@ -77,6 +79,8 @@ async def _readable(data_dir: Path, patient_id: str) -> None:
     inbox = await SqliteInbox.open(data_dir / "inbox.db", codec=codec)
     try:
         assert [r[1] for r in await inbox.with_status("accepted")] == [RAW]
+        due = await SqliteOutbox(inbox.connection, codec).due("lab", "mllp", 0, 10)
+        assert [(r.payload, r.patient_key) for r in due] == [(RAW, codec.blind("p1", "patient"))]
     finally:
         await inbox.close()
     store = await _fhir(data_dir, codec)

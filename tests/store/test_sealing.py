@@ -165,6 +165,9 @@ async def test_the_inbox_and_outbox_seal_payloads_and_hand_them_back_opened(
         assert found is not None and found[1] == raw
         assert [r[1] for r in await inbox.with_status("accepted")] == [raw]
         outbox = SqliteOutbox(inbox.connection, inbox.codec)
+        # The patient's ordering key is a blind index, not the (guessable) hash itself.
+        keys = await inbox.connection.execute_fetchall("SELECT patient_key FROM outbox")
+        assert [k for (k,) in keys] == [sealed.blind("p1", "patient")]
         due_fhir = await outbox.due("ehr", "fhir", 0, 10)
         due_mllp = await outbox.due("ehr", "mllp", 0, 10)
         assert due_mllp[0].payload == raw
