@@ -19,7 +19,6 @@ off) leaves values as they are; `SealedCodec` seals, opens and blinds.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -140,7 +139,9 @@ class SealedCodec:
         self.ring = ring
         self.index_key_id = index_key_id
         self._accept_plain = accept_plain
-        self._blind_key = index.index_key
+        # Keyed BLAKE2b is a MAC (RFC 7693 §2.9) and, copied from a keyed state, several
+        # times cheaper per value than hmac.new: a sealed Bundle blinds hundreds of values.
+        self._blind = hashlib.blake2b(key=index.index_key, digest_size=_BLIND_BYTES)
         current = ring.current
         self._header = MAGIC + bytes([len(current.id.encode())]) + current.id.encode()
         self._cipher = current.cipher
@@ -173,9 +174,9 @@ class SealedCodec:
                             "row, or sealed under another key with the same id") from None
 
     def blind(self, value: str, purpose: str) -> str:
-        mac = hmac.new(self._blind_key, purpose.encode() + b"\x1f" + value.encode(),
-                       hashlib.sha256)
-        return mac.digest()[:_BLIND_BYTES].hex()
+        mac = self._blind.copy()
+        mac.update(purpose.encode() + b"\x1f" + value.encode())
+        return mac.hexdigest()
 
     def reading_plain(self) -> SealedCodec:
         """This codec, also reading values not sealed yet (the migration's)."""
