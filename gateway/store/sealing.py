@@ -178,6 +178,17 @@ class SealedCodec:
         mac.update(purpose.encode() + b"\x1f" + value.encode())
         return mac.hexdigest()
 
+    def blind_prefixes(self, value: str, purpose: str, longest: int) -> list[str]:
+        """`blind(value[:n], purpose)` for n = 1 .. min(len(value), longest), hashed
+        incrementally (one update a character, not one MAC a prefix)."""
+        mac = self._blind.copy()
+        mac.update(purpose.encode() + b"\x1f")
+        blinded = []
+        for character in value[:longest]:
+            mac.update(character.encode())
+            blinded.append(mac.copy().hexdigest())
+        return blinded
+
     def reading_plain(self) -> SealedCodec:
         """This codec, also reading values not sealed yet (the migration's)."""
         return SealedCodec(self.ring, self.index_key_id, accept_plain=True)

@@ -30,14 +30,14 @@ from gateway.store.fhir import (
     TokenIndex,
     TokenMatch,
 )
-from gateway.store.sealing import RowCodec
+from gateway.store.sealing import RowCodec, SealedCodec
 
 MAX_PREFIX = 32
 
 
 def blind_entries(items: Iterable[IndexEntry], codec: RowCodec) -> list[IndexEntry]:
     """A resource's index rows as a sealed data dir stores them (as they are otherwise)."""
-    if not codec.sealed:
+    if not isinstance(codec, SealedCodec):
         return list(items)
     out: list[IndexEntry] = []
     for item in items:
@@ -47,9 +47,10 @@ def blind_entries(items: Iterable[IndexEntry], codec: RowCodec) -> list[IndexEnt
             case StringIndex(param, normalized, exact):
                 out.append(StringIndex(param, codec.blind(normalized, "prefix"),
                                        codec.blind(exact, "exact")))
-                out.extend(StringIndex(param, codec.blind(normalized[:length], "prefix"), "")
-                           for length in range(1, min(len(normalized), MAX_PREFIX + 1))
-                           if length != len(normalized))
+                prefixes = codec.blind_prefixes(normalized, "prefix", MAX_PREFIX)
+                if len(prefixes) == len(normalized):
+                    prefixes.pop()  # the whole text: the row above
+                out.extend(StringIndex(param, prefix, "") for prefix in prefixes)
             case _:
                 out.append(item)
     return out
