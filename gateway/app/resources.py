@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
+from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
     ingest_options,
@@ -36,6 +37,7 @@ from gateway.app.specs import (
 from gateway.app.state import (
     APPLIER,
     AUTH_FILE,
+    CODEC,
     DATABASE,
     FHIR_FILE,
     FHIR_STORE,
@@ -73,6 +75,7 @@ from gateway.store.pg.outbox import PgOutbox
 from gateway.store.pg.replay import PgReplayStore
 from gateway.store.refusals_sqlite import REFUSALS_FILE, SqliteRefusals
 from gateway.store.replay_sqlite import SqliteReplayStore
+from gateway.store.sealing import PLAIN
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +89,17 @@ async def shutdown_telemetry(app: web.Application) -> None:
 
 
 async def data_dir(app: web.Application) -> AsyncIterator[None]:
-    """The data directory: created owner-only or refused if others may open it, and locked
-    for this process before any store in it opens (a second gateway stops here)."""
+    """The data directory: created owner-only or refused if others may open it, locked
+    for this process before any store in it opens (a second gateway stops here), and its
+    data keys checked (a missing or wrong key stops the start here)."""
     store = app[SETTINGS].store
     held = claim(store.data_dir, allow_group_read=store.allow_group_read)
     try:
+        # Sealed or plaintext, and every key it needs loaded: decided before any store opens.
+        # The codec seals the embedded store's files; on PostgreSQL the database's own
+        # encryption applies (docs/encryption.md).
+        app[CODEC] = (PLAIN if store.backend == "postgresql"
+                      else store_codec(app[SETTINGS], create=True))
         yield
     finally:
         held.release()
@@ -180,7 +189,8 @@ async def inbox(app: web.Application) -> AsyncIterator[None]:
     else:
         opened = await SqliteInbox.open(store.data_dir / INBOX_FILE,
                                         synchronous=store.synchronous,
-                                        dedup_window=window, max_batch=store.max_batch)
+                                        dedup_window=window, max_batch=store.max_batch,
+                                        codec=app[CODEC])
     app[http.INBOX] = opened
     try:
         yield
@@ -213,7 +223,8 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
     else:
         opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE,
                                             registry.index,
-                                            synchronous=settings.store.synchronous)
+                                            synchronous=settings.store.synchronous,
+                                            codec=app[CODEC])
     app[FHIR_STORE] = opened
     try:
         yield
@@ -230,7 +241,7 @@ async def forwarding(app: web.Application) -> AsyncIterator[None]:
     else:
         inbox = app[http.INBOX]
         assert isinstance(inbox, SqliteInbox)
-        outbox = SqliteOutbox(inbox.connection)
+        outbox = SqliteOutbox(inbox.connection, inbox.codec)
     audit_log = app.get(audit_http.AUDIT)
     # The facade's paging cursors under a key derived from the audit signing key: the
     # instances that keep one trail open each other's cursors.

@@ -15,6 +15,7 @@ from gateway.policy.profiles import Profile
 from gateway.store.fhir import FhirStore
 from gateway.store.pg.connect import PgSpec
 from gateway.store.refusals_sqlite import SqliteRefusals
+from gateway.store.sealing import RowCodec
 
 SETTINGS = web.AppKey("settings", Settings)
 TELEMETRY = http.TELEMETRY  # the edge's /metrics route reads it too
@@ -32,6 +33,8 @@ REFUSALS = web.AppKey("refusals", SqliteRefusals)
 # (an asyncpg pool; asyncpg has no type information).
 DATABASE = web.AppKey("database", PgSpec)
 POOL = web.AppKey("pool", object)
+# How the stores seal PHI at rest (decided with the data dir, before any store opens).
+CODEC: web.AppKey[RowCodec] = web.AppKey("codec")
 
 # In the data dir.
 INBOX_FILE = "inbox.db"

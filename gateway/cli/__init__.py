@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     mappings.add_parser(sub)
     audit.add_parser(sub)
     outbox.add_parser(sub)
+    store.add_parser(sub)
     auth.add_parser(sub)
     store.add_parser(sub)
     health.add_parser(sub)

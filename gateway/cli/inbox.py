@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.cli.shared import Subparsers
     from gateway.config import Settings
     from gateway.store.pg.inbox import PgInbox
+    from gateway.store.sealing import RowCodec
 
 T = TypeVar("T")
 
@@ -98,8 +99,13 @@ def _inbox_show(args: argparse.Namespace) -> int:
     from gateway.store.inbox_sqlite import read_entry
 
     settings = _database(args)
-    found = asyncio.run(_on_database(settings, lambda inbox: inbox.get(args.id))
-                        if settings is not None else read_entry(inbox_path(args), args.id))
+    if settings is not None:
+        found = asyncio.run(_on_database(settings, lambda inbox: inbox.get(args.id)))
+    else:
+        codec = _codec(args)
+        if codec is None:
+            return 1
+        found = asyncio.run(read_entry(inbox_path(args), args.id, codec))
     if found is None:
         print(f"isthmus inbox show: no message with id {args.id}", file=sys.stderr)
         return 1
@@ -115,6 +121,19 @@ def _inbox_show(args: argparse.Namespace) -> int:
     print("ack:")
     print(_readable(ack))
     return 0
+
+
+def _codec(args: argparse.Namespace) -> RowCodec | None:
+    """How the data dir's messages are sealed; None after one line saying why it cannot
+    be opened (a data key missing or wrong)."""
+    from gateway.app.sealing import store_codec
+    from gateway.store.sealing import SealError
+
+    try:
+        return store_codec(settings_from(args, **{"store.data_dir": args.data_dir}))
+    except SealError as exc:
+        print(f"isthmus inbox: {exc}", file=sys.stderr)
+        return None
 
 
 def _readable(raw: bytes) -> str:
@@ -137,17 +156,21 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     if translator is None:
         return 2
     ids = None if args.failed else [args.id]
+    codec: RowCodec | None = None
     if database is not None:
         rows = asyncio.run(_on_database(database, lambda inbox: inbox.raw_rows(ids)))
     else:
-        rows = asyncio.run(read_raw(inbox_path(args), ids))
+        codec = _codec(args)
+        if codec is None:
+            return 1
+        rows = asyncio.run(read_raw(inbox_path(args), ids, codec=codec))
     if not rows and not args.failed:
         print(f"isthmus inbox replay: no message with id {args.id}", file=sys.stderr)
         return 1
     router = build_router(settings) if settings.routes else None
     # A conflict row was kept undelivered: replaying it owes every backend of its route.
     never_routed = set() if args.failed else {
-        row_id for row_id, _, _ in rows if _status(args, row_id) == CONFLICT}
+        row_id for row_id, _, _ in rows if _status(args, row_id, codec) == CONFLICT}
     outcomes = [replay_routed(translator, router, row_id, raw, received,
                               routed=row_id not in never_routed)
                 for row_id, raw, received in rows]
@@ -160,7 +183,8 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     if database is not None:
         asyncio.run(_on_database(database, lambda inbox: inbox.record_outcomes(outcomes)))
     else:
-        asyncio.run(record_outcomes(inbox_path(args), outcomes))
+        assert codec is not None  # opened above for the embedded store
+        asyncio.run(record_outcomes(inbox_path(args), outcomes, codec))
     for outcome in outcomes:
         routed = f" -> {', '.join(outcome.routes)}" if outcome.routes else ""
         print(f"{outcome.inbox_id} {outcome.status}"
@@ -168,10 +192,12 @@ def _inbox_replay(args: argparse.Namespace) -> int:
     return 0 if all(o.status in ("translated", "routed") for o in outcomes) else 1
 
 
-def _status(args: argparse.Namespace, inbox_id: int) -> str:
+def _status(args: argparse.Namespace, inbox_id: int, codec: RowCodec | None) -> str:
     from gateway.store.inbox_sqlite import read_entry
+    from gateway.store.sealing import PLAIN
 
     settings = _database(args)
     found = asyncio.run(_on_database(settings, lambda inbox: inbox.get(inbox_id))
-                        if settings is not None else read_entry(inbox_path(args), inbox_id))
+                        if settings is not None
+                        else read_entry(inbox_path(args), inbox_id, codec or PLAIN))
     return found[0].status if found is not None else ""

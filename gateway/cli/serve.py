@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.audit import AuditError
     from gateway.mapping.errors import TableError, TableErrors
     from gateway.store.errors import DataDirError, StoreUnavailable
+    from gateway.store.sealing import SealError
 
     settings = settings_from(args, **{
         "server.host": args.host, "mllp.port": args.mllp_port,
@@ -40,6 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(settings))
     except DataDirError as exc:  # open to other users, or another gateway holds it
         print(f"isthmus: {exc}", file=sys.stderr)
+        return 1
+    except SealError as exc:  # a data key missing or wrong, a migration unfinished
+        print(f"isthmus: the store in {settings.store.data_dir} cannot be opened: {exc}",
+              file=sys.stderr)
         return 1
     except ssl.SSLError as exc:
         print(f"isthmus: mllp.tls certificate or key is unusable: {exc.reason or exc}",

@@ -1,5 +1,7 @@
-"""`isthmus store status|migrate|copy`: the PostgreSQL schema's migrations, and moving an
-embedded (SQLite) deployment into PostgreSQL."""
+"""`isthmus store status|encrypt|new-key|migrate|copy`: the store's state (PostgreSQL
+schema migrations, or how the embedded data dir is sealed), sealing a data dir's PHI at
+rest and keys for a rotation (docs/encryption.md), and moving an embedded (SQLite)
+deployment into PostgreSQL (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -19,11 +21,21 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: Subparsers) -> None:
-    store = sub.add_parser("store", help="the database: schema migrations, moving to "
-                                         "PostgreSQL")
+    store = sub.add_parser(
+        "store", help="the store: encryption at rest, PostgreSQL migrations and copy")
+    store.add_argument("--data-dir", type=Path, help="where the store lives (store.data_dir)")
     actions = store.add_subparsers(metavar="ACTION")
-    status = actions.add_parser("status", help="the schema version and pending migrations")
+    status = actions.add_parser(
+        "status", help="PostgreSQL: the schema version and pending migrations; embedded: "
+                       "whether the data dir is sealed, and with which keys")
     status.set_defaults(run=_status)
+    encrypt = actions.add_parser(
+        "encrypt", help="seal a plaintext data dir in place, or re-seal under the newest key "
+                        "(the gateway stopped)")
+    encrypt.set_defaults(run=_encrypt)
+    new_key = actions.add_parser(
+        "new-key", help="print a new data key line (append it to the key file to rotate)")
+    new_key.set_defaults(run=_new_key)
     migrate = actions.add_parser("migrate", help="apply pending schema migrations")
     migrate.add_argument("--dry-run", action="store_true",
                          help="list what would be applied, change nothing")
@@ -58,7 +70,10 @@ def _status(args: argparse.Namespace) -> int:
     from gateway.store import StoreUnavailable
     from gateway.store.pg.migrate import status
 
-    spec = _spec(args, settings_from(args))
+    settings = settings_from(args, **{"store.data_dir": getattr(args, "data_dir", None)})
+    if settings.store.backend != "postgresql":
+        return _encryption_status(settings)
+    spec = _spec(args, settings)
     try:
         found = asyncio.run(status(spec))
     except StoreUnavailable as exc:
@@ -138,4 +153,60 @@ async def _copy_into(data_dir: Path, spec: PgSpec, allow_group_read: bool) -> in
     finally:
         held.release()
     print(f"copied {data_dir} to schema {spec.schema} at {spec.where}: {copied.summary()}")
+    return 0
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from gateway.app import FHIR_FILE, INBOX_FILE
+    from gateway.app.sealing import key_source
+    from gateway.store.errors import DataDirError
+    from gateway.store.seal_migration import seal_data_dir
+    from gateway.store.sealing import SealError
+
+    settings = settings_from(args, **{"store.data_dir": args.data_dir})
+    data_dir = settings.store.data_dir
+    if not data_dir.is_dir():
+        print(f"isthmus store encrypt: no data dir at {data_dir}", file=sys.stderr)
+        return 1
+    try:
+        counts, codec = seal_data_dir(data_dir, data_dir / INBOX_FILE, data_dir / FHIR_FILE,
+                                      key_source(settings))
+    except (DataDirError, SealError) as exc:
+        print(f"isthmus store encrypt: {exc}", file=sys.stderr)
+        return 1
+    print(f"sealed {counts.inbox_values} inbox values (messages and bundles), "
+          f"{counts.fhir_bodies} FHIR resource versions, {counts.index_rows} blind index rows")
+    print(f"verified {counts.checked} sealed values open with key(s) "
+          f"{', '.join(k.id for k in codec.ring.keys)}")
+    print(f"data dir {data_dir} is encrypted: new values sealed with {codec.ring.current.id}, "
+          f"blind indexes with {codec.index_key_id}")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from gateway.store.data_keys import new_key_line
+
+    print(new_key_line())
+    return 0
+
+
+def _encryption_status(settings: Settings) -> int:
+    from gateway.app.sealing import key_source
+    from gateway.store.data_keys import read_marker
+    from gateway.store.sealing import SealError
+
+    data_dir = settings.store.data_dir
+    try:
+        marker = read_marker(data_dir)
+    except SealError as exc:
+        print(f"isthmus store status: {exc}", file=sys.stderr)
+        return 1
+    if marker is None:
+        print(f"encryption: off (plaintext); `isthmus store encrypt --data-dir {data_dir}` "
+              "seals it")
+        return 0
+    print(f"encryption: {marker.state}")
+    print(f"keys that sealed data: {', '.join(sorted(marker.checks))}")
+    print(f"blind index key: {marker.index_key}")
+    print(f"keys from: {key_source(settings).describe()}")
     return 0

@@ -13,6 +13,7 @@ from gateway.config.base import CONFIG_ENV, ENV_PREFIX
 from gateway.config.client import SendConfig
 from gateway.config.console import ConsoleConfig, ConsoleUser
 from gateway.config.edge import AllowedSender, FhirConfig, MllpConfig, ServerConfig, TlsConfig
+from gateway.config.encryption import EncryptionConfig
 from gateway.config.forward import (
     LOCAL_BACKEND,
     BackendAuthConfig,
@@ -30,7 +31,7 @@ __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AgentConfig", "AllowedSender",
     "ApiKeyConfig", "AuditConfig", "AuditReviewer", "AuthConfig", "BackendAuthConfig",
     "BackendConfig", "ClientConfig", "ConfigError", "ConsoleConfig", "ConsoleUser",
-    "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
-    "MllpConfig", "RouteConfig", "RouteMatch", "SendConfig", "ServerConfig", "Settings",
-    "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
+    "EncryptionConfig", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig",
+    "MappingConfig", "MllpConfig", "RouteConfig", "RouteMatch", "SendConfig", "ServerConfig",
+    "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
 ]

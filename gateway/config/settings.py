@@ -10,6 +10,7 @@ from gateway.config.base import Section as _Section
 from gateway.config.client import SendConfig
 from gateway.config.console import ConsoleConfig
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
+from gateway.config.encryption import EncryptionConfig
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
@@ -21,6 +22,7 @@ class Settings(_Section):
     store: StoreConfig = StoreConfig()
     mapping: MappingConfig = MappingConfig()
     audit: AuditConfig = AuditConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
     fhir: FhirConfig = FhirConfig()
     auth: AuthConfig = AuthConfig()
     # Minimum-necessary task profiles: profile -> resource type -> elements it may see

@@ -26,6 +26,7 @@ from gateway.edge.errors import Passthrough as Passthrough  # defined with the e
 from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
 from gateway.forward.backend import BackendTimeout
 from gateway.store import StoreUnavailable
+from gateway.store.errors import SearchUnsupported
 
 # The logger the refusals have always been logged under (operators filter on it).
 log = logging.getLogger("gateway.edge.fhir_http")
@@ -34,7 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # What the layers below raise for a request they refuse: answered on every path.
-_REFUSALS = (FhirError, AuthError, QueryError, Passthrough, BackendFailed)
+_REFUSALS = (FhirError, AuthError, QueryError, Passthrough, BackendFailed, SearchUnsupported)
 # Refusals recorded in the audit trail, and how long the answer waits for the record: it
 # is answered anyway after that (refusing grants nothing), the record commits when it can.
 _AUDITED = frozenset({401, 403})
@@ -85,6 +86,8 @@ def refusal(request: web.Request, error: Exception) -> web.StreamResponse:
         return _outcome(503, f"backend {exc.backend} is unavailable ({exc.error.reason}); "
                         f"try again in {wait} s", code="transient",
                         headers={"Retry-After": str(wait)})
+    except SearchUnsupported as exc:
+        return _outcome(400, str(exc), exc.parameter, "not-supported")
     except StoreUnavailable:
         return _outcome(503, "the store is unavailable; try again later",
                         headers={"Retry-After": "5"})

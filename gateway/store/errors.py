@@ -31,6 +31,15 @@ class AmbiguousMatch(WriteConflict):
     share the business identifier it names."""
 
 
+class SearchUnsupported(StoreError):
+    """A search this store cannot answer as asked (e.g. `:contains` over blind indexes);
+    the reason names the parameter and modifier, never a value: a 400 at the edge."""
+
+    def __init__(self, reason: str, parameter: str) -> None:
+        super().__init__(reason)
+        self.parameter = parameter
+
+
 class ChainConflict(StoreUnavailable):
     """Rows another writer appended do not verify; nothing more is appended."""
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 import orjson
@@ -33,6 +33,7 @@ from gateway.store.inbox import (
     Replayed,
     Stored,
 )
+from gateway.store.sealing import PLAIN, RowCodec, inbox_context
 from gateway.store.sqlite import open_database
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class SqliteInbox:
     """Inbox on an aiosqlite (WAL) database with a single group-committing writer."""
 
     def __init__(self, db: aiosqlite.Connection, dedup_window: timedelta,
-                 max_batch: int) -> None:
+                 max_batch: int, codec: RowCodec = PLAIN) -> None:
         self._db = db
+        self._codec = codec
         self._dedup_window = dedup_window
         self._max_batch = min(max_batch, _MAX_ROWS_PER_STATEMENT)
         self._pending: list[_Pending] = []
@@ -133,9 +135,9 @@ class SqliteInbox:
     async def open(cls, path: Path,
                    synchronous: Literal["normal", "full", "extra"] = "full",
                    dedup_window: timedelta = timedelta(days=7),
-                   max_batch: int = 512) -> SqliteInbox:
+                   max_batch: int = 512, codec: RowCodec = PLAIN) -> SqliteInbox:
         db = await open_database(path, synchronous)
-        inbox = cls(db, dedup_window, max_batch)
+        inbox = cls(db, dedup_window, max_batch, codec)
         try:
             await db.executescript(_SCHEMA)
             await _migrate(db)
@@ -220,7 +222,7 @@ class SqliteInbox:
         """Insert the rows whose keys are new; returns dedup key -> inbox id for those."""
         params: list[object] = []
         for m in messages:
-            params.extend(_row(m, m.dedup_key))
+            params.extend(_row(m, m.dedup_key, self._codec))
         # One statement in autocommit mode is one transaction: all rows or none.
         sql = (f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES "
                + ",".join([_ROW_SQL] * len(messages))
@@ -260,7 +262,7 @@ class SqliteInbox:
         kept = replace(message, status=CONFLICT, ack=ack, routes=(), bundle=None)
         inserted = list(await self._db.execute_fetchall(
             f"INSERT INTO inbox ({','.join(_COLUMNS)}) VALUES {_ROW_SQL} RETURNING id",
-            _row(kept, None)))
+            _row(kept, None, self._codec)))
         return Stored(int(inserted[0][0]), ack, duplicate=False, conflict=True)
 
     # -- maintenance --------------------------------------------------------------------
@@ -304,7 +306,7 @@ class SqliteInbox:
         return await list_entries(self._db, limit, status)
 
     async def get(self, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
-        return await get_entry(self._db, inbox_id)
+        return await get_entry(self._db, inbox_id, self._codec)
 
     async def count(self) -> int:
         rows = list(await self._db.execute_fetchall("SELECT count(*) FROM inbox"))
@@ -314,10 +316,9 @@ class SqliteInbox:
                           after: int = 0) -> RawRows:
         """(id, raw, received at) of the oldest rows in one status, after an id."""
         rows = await self._db.execute_fetchall(
-            "SELECT id, raw, received_at FROM inbox WHERE status = ? AND id > ? "
+            f"SELECT id, raw, {_IDENTITY} FROM inbox WHERE status = ? AND id > ? "
             "ORDER BY id LIMIT ?", (status, after, limit))
-        return [(int(row_id), bytes(raw), datetime.fromisoformat(received.replace(
-            "Z", "+00:00"))) for row_id, raw, received in rows]
+        return _raw_rows(rows, self._codec)
 
     async def set_statuses(self, outcomes: Sequence[tuple[int, str, str]]) -> None:
         """Set (id, status, error) for several rows: one statement per distinct outcome.
@@ -342,6 +343,11 @@ class SqliteInbox:
         return self._db
 
     @property
+    def codec(self) -> RowCodec:
+        """How this inbox seals its payloads; the outbox opens them with it."""
+        return self._codec
+
+    @property
     def batches_committed(self) -> int:
         return self._batches
 
@@ -362,23 +368,50 @@ async def list_entries(db: aiosqlite.Connection, limit: int,
     return [InboxEntry(*row) for row in rows]
 
 
-async def get_entry(db: aiosqlite.Connection,
-                    inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+async def get_entry(db: aiosqlite.Connection, inbox_id: int,
+                    codec: RowCodec = PLAIN) -> tuple[InboxEntry, bytes, bytes] | None:
     rows = list(await db.execute_fetchall(
         f"SELECT {_ENTRY_COLUMNS}, raw, ack FROM inbox WHERE id = ?", (inbox_id,)))
     if not rows:
         return None
     row = rows[0]
-    return InboxEntry(*row[:11]), bytes(row[11]), bytes(row[12])
+    entry = InboxEntry(*row[:11])
+    raw = codec.open(bytes(row[11]), inbox_context(
+        "raw", entry.sending_application, entry.sending_facility, entry.control_id,
+        entry.received_at))
+    return entry, raw, bytes(row[12])
 
 
-def _row(m: InboundMessage, dedup_key: str | None) -> tuple[object, ...]:
-    """One message's values, in _COLUMNS order."""
-    return (_timestamp(m.received_at), m.sending_application, m.sending_facility,
+# What names an inbox row in the associated data of its sealed columns (sealing.py).
+_IDENTITY = "sending_application, sending_facility, control_id, received_at"
+
+
+def _row(m: InboundMessage, dedup_key: str | None, codec: RowCodec) -> tuple[object, ...]:
+    """One message's values, in _COLUMNS order, its payloads sealed by `codec`."""
+    received = _timestamp(m.received_at)
+    raw = codec.seal(m.raw, inbox_context("raw", m.sending_application, m.sending_facility,
+                                          m.control_id, received))
+    bundle = None if m.bundle is None else codec.seal(m.bundle, inbox_context(
+        "bundle", m.sending_application, m.sending_facility, m.control_id, received))
+    return (received, m.sending_application, m.sending_facility,
             m.control_id, m.message_type, m.version, m.peer, len(m.raw), m.status,
-            m.raw, m.ack, dedup_key, m.error,
-            orjson.dumps(m.routes).decode() if m.routes else "", m.patient_key,
-            m.trace, m.bundle, m.content_hash or None)
+            raw, m.ack, dedup_key, m.error,
+            orjson.dumps(m.routes).decode() if m.routes else "",
+            blind_patient(m.patient_key, codec), m.trace, bundle, m.content_hash or None)
+
+
+def blind_patient(key: str, codec: RowCodec) -> str:
+    """The outbox's per-patient ordering key as stored: a blind index when sealed (the
+    plain key is an unkeyed hash of an identifier, which a guess could confirm)."""
+    return codec.blind(key, "patient") if key else ""
+
+
+def _raw_rows(rows: Any, codec: RowCodec) -> RawRows:
+    """(id, raw, received at) from rows of (id, raw, *_IDENTITY), opened by `codec`."""
+    return [(int(row_id), codec.open(bytes(raw), inbox_context(
+                "raw", str(app), str(facility), str(control), str(received))),
+             _parse_timestamp(str(received)))
+            for row_id, raw, app, facility, control, received in rows]
 
 
 def _timestamp(moment: datetime) -> str:
@@ -397,9 +430,10 @@ async def read_entries(path: Path, limit: int = 50, status: str | None = None) -
         return await list_entries(db, limit, status)
 
 
-async def read_entry(path: Path, inbox_id: int) -> tuple[InboxEntry, bytes, bytes] | None:
+async def read_entry(path: Path, inbox_id: int,
+                     codec: RowCodec = PLAIN) -> tuple[InboxEntry, bytes, bytes] | None:
     async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
-        return await get_entry(db, inbox_id)
+        return await get_entry(db, inbox_id, codec)
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
@@ -420,25 +454,25 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 
 
 async def read_raw(path: Path, ids: Sequence[int] | None,
-                   statuses: Sequence[str] = REPLAYABLE) -> RawRows:
+                   statuses: Sequence[str] = REPLAYABLE, codec: RowCodec = PLAIN) -> RawRows:
     """(id, raw message, received at) for the given ids, or for every row in `statuses`
     (ids None)."""
     async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as db:
         if ids is not None:
             marks = ",".join("?" * len(ids))
             rows = await db.execute_fetchall(
-                f"SELECT id, raw, received_at FROM inbox WHERE id IN ({marks}) ORDER BY id",
+                f"SELECT id, raw, {_IDENTITY} FROM inbox WHERE id IN ({marks}) ORDER BY id",
                 list(ids))
         else:
             marks = ",".join("?" * len(statuses))
             rows = await db.execute_fetchall(
-                f"SELECT id, raw, received_at FROM inbox WHERE status IN ({marks}) "
+                f"SELECT id, raw, {_IDENTITY} FROM inbox WHERE status IN ({marks}) "
                 "ORDER BY id", list(statuses))
-        return [(int(row_id), bytes(raw), _parse_timestamp(str(received)))
-                for row_id, raw, received in rows]
+        return _raw_rows(rows, codec)
 
 
-async def record_outcomes(path: Path, outcomes: Sequence[Replayed]) -> None:
+async def record_outcomes(path: Path, outcomes: Sequence[Replayed],
+                          codec: RowCodec = PLAIN) -> None:
     """Record replays in one transaction (beside a live gateway): status and error, and
     for a row now owed to remote backends its Bundle and their outbox rows (a row that
     already has one for a backend keeps it: the UNIQUE key ignores the second)."""
@@ -446,16 +480,31 @@ async def record_outcomes(path: Path, outcomes: Sequence[Replayed]) -> None:
         await db.executemany("UPDATE inbox SET status = ?, error = ? WHERE id = ?",
                              [(o.status, o.error, o.inbox_id) for o in outcomes])
         routed = [o for o in outcomes if o.routes]
+        identities = await _identities(db, [o.inbox_id for o in routed])
         await db.executemany(
             "UPDATE inbox SET bundle = ?, patient_key = ? WHERE id = ?",
-            [(o.bundle, o.patient_key, o.inbox_id) for o in routed])
+            [(None if o.bundle is None else codec.seal(o.bundle, inbox_context(
+                "bundle", *identities[o.inbox_id])), blind_patient(o.patient_key, codec),
+              o.inbox_id) for o in routed])
         now = _timestamp(datetime.now(UTC))
         await db.executemany(
             "INSERT INTO outbox (inbox_id, backend, patient_key, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (inbox_id, backend) DO NOTHING",
-            [(o.inbox_id, backend, o.patient_key, now, now)
+            [(o.inbox_id, backend, blind_patient(o.patient_key, codec), now, now)
              for o in routed for backend in o.routes])
         await db.commit()
+
+
+async def _identities(db: aiosqlite.Connection,
+                      ids: Sequence[int]) -> dict[int, tuple[str, str, str, str]]:
+    found: dict[int, tuple[str, str, str, str]] = {}
+    for start in range(0, len(ids), 30_000):
+        chunk = list(ids[start:start + 30_000])
+        rows = await db.execute_fetchall(
+            f"SELECT id, {_IDENTITY} FROM inbox WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk)
+        found.update({int(r[0]): (str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows})
+    return found
 
 
 def _parse_timestamp(text: str) -> datetime:

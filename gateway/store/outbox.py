@@ -15,6 +15,7 @@ message type and the control id; the payload is only ever read for delivery.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,12 +26,15 @@ from typing import Any, Protocol
 import aiosqlite
 
 from gateway.store.errors import StoreUnavailable
+from gateway.store.sealing import PLAIN, RowCodec, SealError, inbox_context
 
 PENDING = "pending"
 DELIVERED = "delivered"
 DEAD = "dead"
 DROPPED = "dropped"
 STATUSES = (PENDING, DELIVERED, DEAD, DROPPED)
+
+log = logging.getLogger(__name__)
 
 # Bound parameters per statement stay well under SQLite's 32766.
 _CHUNK = 8_000
@@ -70,9 +74,9 @@ class OutboxEntry:
 
 
 _ROW_SQL = {
-    # The payload column each backend kind is sent.
-    "mllp": "i.raw",
-    "fhir": "i.bundle",
+    # The payload column each backend kind is sent (the inbox column it is sealed as).
+    "mllp": "raw",
+    "fhir": "bundle",
 }
 
 # A pending row `o` that waits behind a dead row of its patient (same backend, an earlier
@@ -120,8 +124,9 @@ class OutboxStore(Protocol):
 class SqliteOutbox:
     """The outbox table, over a connection to the inbox database (autocommit)."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, codec: RowCodec = PLAIN) -> None:
         self._db = db
+        self._codec = codec
 
     async def lead(self, backend: str) -> bool:
         """Always: the data dir's lock makes this the only gateway on the file."""
@@ -174,11 +179,26 @@ class SqliteOutbox:
             raise ValueError(f"no outbox payload for backend kind '{kind}'")
         rows = await self._db.execute_fetchall(
             f"SELECT o.id, o.inbox_id, o.backend, o.patient_key, o.attempts, o.next_at, "
-            f"o.trace, {column} FROM outbox o JOIN inbox i ON i.id = o.inbox_id "
+            f"o.trace, i.{column}, i.sending_application, i.sending_facility, i.control_id, "
+            f"i.received_at FROM outbox o JOIN inbox i ON i.id = o.inbox_id "
             f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? AND {_NOT_HELD} "
             f"ORDER BY o.id LIMIT ?", (backend, after_id, limit))
         return [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
-                          str(r[6]), None if r[7] is None else bytes(r[7])) for r in rows]
+                          str(r[6]), self._payload(int(r[0]), column, r[7], r[8:12]))
+                for r in rows]
+
+    def _payload(self, row_id: int, column: str, value: bytes | None,
+                 identity: Sequence[Any]) -> bytes | None:
+        """A row's payload, opened; None (it cannot be sent: dead-lettered) when it does
+        not open, so that one altered row never stalls its backend's queue."""
+        if value is None:
+            return None
+        try:
+            return self._codec.open(bytes(value), inbox_context(column, *map(str, identity)))
+        except SealError as exc:
+            log.error("outbox row %d: its payload does not open (%s); it is not sent", row_id,
+                      exc)
+            return None
 
     async def mark_delivered(self, rows: Sequence[tuple[int, str]]) -> None:
         """(id, last status) of rows delivered at their next attempt (`attempts` counts

@@ -117,8 +117,11 @@ async def test_the_gateway_runs_on_keys_given_by_file(tmp_path: Path) -> None:
     generated = settings_for(tmp_path / "elsewhere")
     audit_keys(generated, create=True)
     (tmp_path / "elsewhere" / "keys" / "audit-signing.pem").rename(keys / "signing.pem")
+    (keys / "store.keys").write_text(run_cli("store", "new-key")[1])
+    (keys / "store.keys").chmod(0o600)
     gw = await start_gateway(tmp_path / "var", **{
-        "audit.key_file": keys / "data.keys", "audit.signing_key_file": keys / "signing.pem"})
+        "audit.key_file": keys / "data.keys", "audit.signing_key_file": keys / "signing.pem",
+        "encryption.key_file": keys / "store.keys"})
     try:
         peer = await MllpPeer.open(gw.mllp_port)
         await peer.request(with_control_id(message("adt_a01.hl7"), "FILEKEYS"))

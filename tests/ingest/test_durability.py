@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,14 +11,13 @@ import aiohttp
 from conftest import MllpPeer, RunningGateway, message, segments, start_gateway, with_control_id
 from gateway.hl7.mllp import frame
 from gateway.store import InboundMessage, SqliteInbox
+from support.sealed import inbox_messages
 
 ADT = message("adt_a01.hl7")
 
 
 def inbox_rows(data_dir: Path) -> list[tuple[str, bytes]]:
-    with sqlite3.connect(data_dir / "inbox.db") as db:
-        return [(str(r[0]), bytes(r[1])) for r in db.execute(
-            "SELECT control_id, raw FROM inbox ORDER BY id")]
+    return inbox_messages(data_dir)
 
 
 async def test_positive_ack_only_after_the_raw_message_is_in_the_inbox(

@@ -11,6 +11,7 @@ from conftest import MllpPeer, RunningGateway, segments, start_gateway
 from gateway.app import INBOX_FILE
 from gateway.store.inbox_sqlite import read_entries, read_entry
 from support.cli import isthmus
+from support.sealed import codec_of
 
 BAD_DATE = "19851345"  # month 13: not a date; also the canary for "no value in any text"
 
@@ -68,7 +69,8 @@ async def test_an_untranslatable_message_gets_ae_naming_the_field_and_is_kept_fa
     assert entry.status == "failed"
     assert entry.error.startswith("PID-7:") and BAD_DATE not in entry.error
     # Still the accepted message, byte for byte: nothing acknowledged is lost.
-    found = await read_entry(gateway.data_dir / INBOX_FILE, entry.id)
+    found = await read_entry(gateway.data_dir / INBOX_FILE, entry.id,
+                             codec_of(gateway.data_dir))
     assert found is not None and found[1] == bad_date("PIPE-BAD")
 
 

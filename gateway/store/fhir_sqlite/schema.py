@@ -23,6 +23,7 @@ from gateway.store.fhir import (
     StringIndex,
     TokenIndex,
 )
+from gateway.store.sealing import PLAIN, RowCodec, fhir_context
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fhir_resource (
@@ -158,10 +159,12 @@ def index_row(resource_type: str, id: str, item: IndexEntry) -> tuple[object, ..
     raise TypeError(f"not an index entry: {type(item).__name__}")
 
 
-def stored_resource(row: Row) -> StoredResource:
-    """A row of `COLUMNS` (or `VERSION_COLUMNS`) as the store hands it out."""
-    return StoredResource(str(row[0]), str(row[1]), int(row[2]), str(row[3]), bool(row[4]),
-                          bytes(row[5]))
+def stored_resource(row: Row, codec: RowCodec = PLAIN) -> StoredResource:
+    """A row of `COLUMNS` (or `VERSION_COLUMNS`) as the store hands it out, its body
+    opened by `codec`."""
+    resource_type, id, version = str(row[0]), str(row[1]), int(row[2])
+    return StoredResource(resource_type, id, version, str(row[3]), bool(row[4]),
+                          codec.open(bytes(row[5]), fhir_context(resource_type, id, version)))
 
 
 def format_instant(moment: datetime) -> str:

@@ -42,6 +42,7 @@ from gateway.store.fhir import (
     WriteConflict,
     WriteRequest,
 )
+from gateway.store.fhir_sqlite.blinding import blind_query
 from gateway.store.fhir_sqlite.schema import (
     VERSION_COLUMNS,
     Row,
@@ -51,6 +52,7 @@ from gateway.store.fhir_sqlite.schema import (
 )
 from gateway.store.fhir_sqlite.sql import count_sql, select_sql
 from gateway.store.fhir_sqlite.writes import Outcomes, TransactionWriter
+from gateway.store.sealing import PLAIN, RowCodec
 
 # Named as before the split into a package: operators filter logs on it.
 log = logging.getLogger("gateway.store.fhir_sqlite")
@@ -85,13 +87,14 @@ class SqliteFhirStore:
 
     def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor,
                  reader: aiosqlite.Connection, lookup: sqlite3.Connection, indexer: Indexer,
-                 last_stamp: datetime, max_batch: int) -> None:
+                 last_stamp: datetime, max_batch: int, codec: RowCodec = PLAIN) -> None:
         self._db = db  # used only on the executor's one thread, which made it
         self._executor = executor
         self._reader = reader
         self._lookup = lookup
         # The writer thread's alone, like the connection it writes on.
-        self._writes = TransactionWriter(db, indexer, last_stamp)
+        self._writes = TransactionWriter(db, indexer, last_stamp, codec)
+        self._codec = codec
         self._max_batch = max_batch
         self._pending: list[_Job] = []
         self._wakeup = asyncio.Event()
@@ -105,7 +108,7 @@ class SqliteFhirStore:
     @classmethod
     async def open(cls, path: Path, indexer: Indexer,
                    synchronous: Literal["normal", "full", "extra"] = "full",
-                   max_batch: int = 64) -> SqliteFhirStore:
+                   max_batch: int = 64, codec: RowCodec = PLAIN) -> SqliteFhirStore:
         # The writer connection is made on the thread that will use it, and only there.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-writer")
         loop = asyncio.get_running_loop()
@@ -132,7 +135,7 @@ class SqliteFhirStore:
             await loop.run_in_executor(executor, db.close)
             executor.shutdown()
             raise
-        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch)
+        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch, codec)
         store._writer = asyncio.create_task(store._write_loop(), name="fhir-store-writer")
         return store
 
@@ -163,18 +166,19 @@ class SqliteFhirStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(
                 f"the FHIR store could not be read: {type(exc).__name__}") from None
-        return stored_resource(rows[0]) if rows else None
+        return stored_resource(rows[0], self._codec) if rows else None
 
     # -- search and history ---------------------------------------------------------------
 
     async def search(self, query: SearchQuery, *, total: bool = False) -> SearchPage:
         """Current, non-deleted versions matching the query."""
+        query = blind_query(query, self._codec)
         rows, count = await self._read(select_sql(query, query.count, query.offset),
                                        count_sql(query) if total else None)
-        return SearchPage([stored_resource(row) for row in rows], count)
+        return SearchPage([stored_resource(row, self._codec) for row in rows], count)
 
     async def count(self, query: SearchQuery) -> int:
-        rows, _ = await self._read(count_sql(query))
+        rows, _ = await self._read(count_sql(blind_query(query, self._codec)))
         return int(rows[0][0])
 
     def _quick(self, statement: Sql,
@@ -224,7 +228,7 @@ class SqliteFhirStore:
                 [*params, query.count, query.offset])
         rows, total = await self._read(
             page, (f"SELECT count(*) FROM fhir_version{condition}", params))
-        return SearchPage([stored_resource(row) for row in rows], total)
+        return SearchPage([stored_resource(row, self._codec) for row in rows], total)
 
     async def stats(self) -> StoreStats:
         """Counts for operators: current resources (deletions excluded) and all versions."""

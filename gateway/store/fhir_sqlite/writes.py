@@ -31,6 +31,7 @@ from gateway.store.fhir import (
     WriteOutcome,
     WriteRequest,
 )
+from gateway.store.fhir_sqlite.blinding import blind_entries, blind_query
 from gateway.store.fhir_sqlite.merge import apply_merge
 from gateway.store.fhir_sqlite.schema import (
     INDEX_INSERTS,
@@ -41,6 +42,7 @@ from gateway.store.fhir_sqlite.schema import (
     stored_resource,
 )
 from gateway.store.fhir_sqlite.sql import current_rows_sql, select_sql
+from gateway.store.sealing import PLAIN, RowCodec, fhir_context
 
 # FHIR R4 http.html#trules: DELETE, then POST, then PUT.
 _METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2}
@@ -89,8 +91,10 @@ class TransactionWriter:
     """Writer thread only: resolves and writes FHIR transactions on the writer connection,
     inside the transaction (and savepoint) the store opened."""
 
-    def __init__(self, db: WriterConnection, indexer: Indexer, last_stamp: datetime) -> None:
+    def __init__(self, db: WriterConnection, indexer: Indexer, last_stamp: datetime,
+                 codec: RowCodec = PLAIN) -> None:
         self._db = db
+        self._codec = codec
         self._indexer = indexer
         self._last_stamp = last_stamp
 
@@ -219,8 +223,9 @@ class TransactionWriter:
         if query.resource_type != entry.request.resource_type:
             raise WriteConflict(400, f"entry {entry.position}: the condition searches "
                                 "another resource type", entry.position)
-        sql, params = select_sql(query, 2, 0, ordered=False)
-        rows = [stored_resource(row) for row in self._db.execute(sql, params).fetchall()]
+        sql, params = select_sql(blind_query(query, self._codec), 2, 0, ordered=False)
+        rows = [stored_resource(row, self._codec)
+                for row in self._db.execute(sql, params).fetchall()]
         if len(rows) > 1:
             rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
             raise AmbiguousMatch(412, f"entry {entry.position}: {rule} matches more than one "
@@ -244,7 +249,7 @@ class TransactionWriter:
                 rows = self._db.execute(current_rows_sql(len(chunk)),
                                         [resource_type, *chunk]).fetchall()
                 for row in rows:
-                    stored = stored_resource(row)
+                    stored = stored_resource(row, self._codec)
                     found[(stored.resource_type, stored.id)] = stored
         return found
 
@@ -257,8 +262,9 @@ class TransactionWriter:
             if stored is None:
                 continue
             rows.append((stored.resource_type, stored.id, stored.version, stored.last_updated,
-                         int(stored.deleted), stored.body))
-            for item in entry.index:
+                         int(stored.deleted), self._codec.seal(stored.body, fhir_context(
+                             stored.resource_type, stored.id, stored.version))))
+            for item in blind_entries(entry.index, self._codec):
                 index_rows.setdefault(type(item), []).append(
                     index_row(stored.resource_type, stored.id, item))
         if not rows:
