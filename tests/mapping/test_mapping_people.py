@@ -308,3 +308,40 @@ def test_device_only_participation_makes_no_role() -> None:
     data = _with_prt("PRT|1|AD||EQUIP^Equipment^HL70912||||||DEV-1")
     assert resources(translate(data), "PractitionerRole") == []
     assert translator().translate(parse_message(data)).unmapped["PRT"] == 1
+
+
+# -- financial transactions (FT1) -------------------------------------------------------------
+
+FT1 = ("FT1|1|TX-9001||20260402|20260403|CG|71045^Xray exam chest 1 view^C4|||2|100&USD"
+       "||RAD-1^Radiology^L||||||R07.9^Chest pain^I10|777^CANARYREADER^Rita||||"
+       "888^CANARYCLERK^Olive||||||||CANARY IMAGING^^^^^SYNTHHOSP^XX^^^ORG-55"
+       "|CANARY CLINIC^^^^^SYNTHHOSP^XX^^^ORG-56")
+
+
+def test_financial_transaction_is_a_charge_item() -> None:
+    bundle = translate(_with_prt(FT1))
+    charge = one(bundle, "ChargeItem")
+    assert charge["identifier"] == [{"value": "TX-9001", "type": {"coding": [
+        {"system": V2_0203, "code": "FILL"}]}}]
+    assert charge["status"] == "billable"
+    assert (charge["occurrenceDateTime"], charge["enteredDate"]) == ("2026-04-02", "2026-04-03")
+    assert charge["code"]["coding"][0]["code"] == "71045"
+    assert charge["quantity"] == {"value": 2}
+    assert charge["priceOverride"] == {"value": 100, "currency": "USD"}
+    assert charge["reason"][0]["coding"][0]["code"] == "R07.9"
+    assert charge["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
+    cost_center = by_ref(bundle, charge["costCenter"]["reference"])
+    assert (cost_center["identifier"][0]["value"], cost_center["name"]) == ("RAD-1", "Radiology")
+    performer = by_ref(bundle, charge["performer"][0]["actor"]["reference"])
+    assert performer["name"][0]["family"] == "CANARYREADER"
+    assert by_ref(bundle, charge["enterer"]["reference"])["name"][0]["family"] == "CANARYCLERK"
+    assert by_ref(bundle, charge["performingOrganization"]["reference"])["name"] == (
+        "CANARY IMAGING")
+    assert by_ref(bundle, charge["requestingOrganization"]["reference"])["name"] == (
+        "CANARY CLINIC")
+
+
+def test_transaction_without_a_code_makes_no_charge_item() -> None:
+    data = _with_prt("FT1|1|TX-9002||20260402||PY")
+    assert resources(translate(data), "ChargeItem") == []
+    assert translator().translate(parse_message(data)).unmapped["FT1"] == 1
