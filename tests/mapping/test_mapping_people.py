@@ -345,3 +345,18 @@ def test_transaction_without_a_code_makes_no_charge_item() -> None:
     data = _with_prt("FT1|1|TX-9002||20260402||PY")
     assert resources(translate(data), "ChargeItem") == []
     assert translator().translate(parse_message(data)).unmapped["FT1"] == 1
+
+
+def test_policy_holder_employer_carries_its_id(bundle: Json) -> None:
+    employer = by_ref(bundle, one(bundle, "Coverage")["policyHolder"]["reference"])
+    assert employer["name"] == "CANARY EMPLOYER"
+    [identifier] = employer["identifier"]
+    assert (identifier["value"], identifier["system"], type_code(identifier)) == (
+        "EMPL-7", OID, "EN")
+
+
+def test_employer_id_alone_is_the_policy_holder() -> None:
+    bundle = translate(people().replace(b"|CANARY EMPLOYER|", b"||"))
+    employer = by_ref(bundle, one(bundle, "Coverage")["policyHolder"]["reference"])
+    assert employer["identifier"][0]["value"] == "EMPL-7"
+    assert "name" not in employer
