@@ -360,3 +360,33 @@ def test_employer_id_alone_is_the_policy_holder() -> None:
     employer = by_ref(bundle, one(bundle, "Coverage")["policyHolder"]["reference"])
     assert employer["identifier"][0]["value"] == "EMPL-7"
     assert "name" not in employer
+
+
+# -- the episode of care (PV1-53/54) ----------------------------------------------------------
+
+def test_service_episode_is_the_visits_episode_of_care(bundle: Json) -> None:
+    episode = one(bundle, "EpisodeOfCare")
+    encounter = one(bundle, "Encounter")
+    assert encounter["episodeOfCare"] == [{"reference": ref(bundle, episode)}]
+    assert episode["patient"] == {"reference": ref(bundle, one(bundle, "Patient"))}
+    assert episode["status"] == "active"
+    [identifier] = episode["identifier"]
+    assert (identifier["value"], identifier["system"]) == ("EOC-9", OID)
+    assert episode["extension"] == [{
+        "url": "http://hl7.org/fhir/StructureDefinition/resource-instance-description",
+        "valueString": "Knee rehabilitation"}]
+
+
+def test_episode_of_a_discharged_visit_is_finished() -> None:
+    lines = people().split(b"\r")
+    pv1 = next(i for i, line in enumerate(lines) if line.startswith(b"PV1|"))
+    fields = lines[pv1].split(b"|")
+    fields[45] = b"20260320100000+0100"
+    lines[pv1] = b"|".join(fields)
+    assert one(translate(b"\r".join(lines)), "EpisodeOfCare")["status"] == "finished"
+
+
+def test_no_episode_of_care_without_pv1_54() -> None:
+    bundle = translate(people().replace(b"|EOC-9^^^SYNTHHOSP&1.2.3.4.5&ISO", b"|"))
+    assert resources(bundle, "EpisodeOfCare") == []
+    assert "episodeOfCare" not in one(bundle, "Encounter")
