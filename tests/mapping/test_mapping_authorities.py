@@ -191,7 +191,8 @@ def _msh(fields: dict[int, str]) -> bytes:
     ({}, "source", {"endpoint": "urn:isthmus:naming-system:unknown"}),  # required
     ({4: "NORTHSIDE^1.2.3.4.5^ISO"}, "sender", ["NORTHSIDE", "urn:oid:1.2.3.4.5"]),
     ({6: "SOUTHSIDE"}, "destination", ["SOUTHSIDE"]),
-    ({6: "SOUTHSIDE", 23: "South Health Inc."}, "destination", "South Health Inc."),
+    ({6: "SOUTHSIDE", 23: "South Health Inc."}, "destination", ["SOUTHSIDE"]),
+    ({23: "South Health Inc."}, "destination", "South Health Inc."),
     ({22: "North Health Inc.^^NH-1"}, "responsible", "North Health Inc."),
     ({}, "eventCoding", {"system": "http://terminology.hl7.org/CodeSystem/v2-0003",
                          "code": "A01"}),
@@ -209,3 +210,16 @@ def test_msh_becomes_the_message_header(fields: dict[int, str], path: str,
         assert [i["value"] for i in organization["identifier"]] == expected
     else:
         assert organization["name"] == expected
+
+
+def test_msh_facilities_are_part_of_the_responsible_organizations() -> None:
+    bundle = translate(_msh({4: "NORTHSIDE", 6: "SOUTHSIDE", 22: "North Health Inc.^^NH-1",
+                             23: "South Health Inc."}))
+    header = one(bundle, "MessageHeader")
+    sender = by_ref(bundle, header["sender"]["reference"])
+    receiver = by_ref(bundle, header["destination"][0]["receiver"]["reference"])
+    assert by_ref(bundle, sender["partOf"]["reference"]) == by_ref(
+        bundle, header["responsible"]["reference"])
+    assert by_ref(bundle, sender["partOf"]["reference"])["name"] == "North Health Inc."
+    assert receiver["identifier"][0]["value"] == "SOUTHSIDE"
+    assert by_ref(bundle, receiver["partOf"]["reference"])["name"] == "South Health Inc."

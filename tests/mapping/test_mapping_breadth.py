@@ -329,7 +329,11 @@ def test_dft_order_report_observation_and_procedure() -> None:
     assert report["result"] == [{"reference": ref(bundle, observation)}]
     assert at(observation, "interpretation.coding.code") == "H"
     assert at(one(bundle, "Procedure"), "code.coding.code") == "80053"
-    assert "FT1" in translator().translate(parse_message(message("dft_p03"))).unmapped
+    charge = one(bundle, "ChargeItem")  # FT1: the financial transaction
+    assert (charge["status"], at(charge, "code.coding.code")) == ("billable", "80053")
+    assert charge["occurrenceDateTime"] == "2026-04-02"
+    assert charge["quantity"] == {"value": 1}
+    assert charge["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
 
 
 def test_ref_order_without_orc_is_a_valid_order_with_its_report() -> None:

@@ -217,6 +217,10 @@ BAD_TABLES = [
     pytest.param(pid_with(",,deceasedDateTime,dateTime,,,yesterday,"),
                  "segments/PID-Patient.csv", PID_NEXT,
                  "value 'yesterday' is not a valid date/time", id="constant does not convert"),
+    pytest.param({"datatypes/XPN-HumanName.csv": TABLES["datatypes/XPN-HumanName.csv"]
+                  + "PID-99,,text,string,,,,\n"}, "datatypes/XPN-HumanName.csv", 4,
+                 "'PID-99': PID has no field 99",
+                 id="data-type table reads an unknown segment field"),
     pytest.param({"events.csv": EVENTS + "ADT^A04,ADT_A99,\n"}, "events.csv", 3,
                  "unknown message map 'ADT_A99'", id="event names an unknown message map"),
     pytest.param({"messages/ADT_A01.csv": ADT_A01 + "PD1,,Patient,current,PD1-Patient,,,\n"},
@@ -368,6 +372,16 @@ def test_a_condition_decides_whether_its_row_applies(
     translator = Translator.load(write_tables(tmp_path, {"segments/PID-Patient.csv": text}))
     resource = patient(bundle(translator, message(pid(f3="A1", f8="F", **fields))))
     assert ("gender" in resource) is written
+
+
+def test_a_data_type_table_reads_another_segments_field(tmp_path: Path) -> None:
+    # The practitioner a PV1-7 names, identified at the sending facility (MSH-4) too.
+    xcn = TABLES["datatypes/XCN-Practitioner.csv"] + "MSH-4,,identifier[2].value,string,,,,\n"
+    translator = Translator.load(write_tables(tmp_path, {
+        "datatypes/XCN-Practitioner.csv": xcn}))
+    document = bundle(translator, message(pid(f3="A1"), "PV1|1|I|||||1234^DOC"))
+    [entry] = of_type(document, "Practitioner")
+    assert [i["value"] for i in entry["resource"]["identifier"]] == ["1234", "SENDFAC"]
 
 
 def test_a_condition_on_the_rows_own_field_reads_the_repetition_being_mapped(

@@ -56,9 +56,8 @@ class Context:
         found = source_location(text)
         if isinstance(found, Location):
             assert found.field is not None
-            if table.kind != "segment":
-                fail(f"'{text}': a data-type table reads components ({table.v2_type}.n)")
-                return None
+            # A data-type table may read a segment's field too, from its nearest occurrence
+            # (MSH-23 in the table for MSH-6's facility): what the value is part of.
             segment, number = found.segment, found.field
             if not self.known_segment(segment):
                 fail(f"'{text}': unknown segment {segment}")
