@@ -65,7 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_parser(sub)
     store.add_parser(sub)
     auth.add_parser(sub)
-    store.add_parser(sub)
     health.add_parser(sub)
     console.add_parser(sub)
     _options_anywhere(parser)
