@@ -7,7 +7,7 @@ from aiohttp import web
 
 from gateway.app.audit import audit_keys
 from gateway.app.specs import build_router, load_translator
-from gateway.app.state import APPLIER, FORWARDING, SETTINGS, TRANSLATOR
+from gateway.app.state import APPLIER, CODEC, FORWARDING, SETTINGS, TRANSLATOR
 from gateway.audit import verify_store
 from gateway.audit.verify import Report
 from gateway.config import Settings
@@ -60,7 +60,7 @@ def setup_console(app: web.Application, settings: Settings) -> None:
 
     install_console(app, ConsoleSpec(
         sessions=Sessions.of(users, console.idle_timeout_minutes * 60),
-        data_dir=settings.store.data_dir,
+        data_dir=settings.store.data_dir, codec=lambda: app[CODEC],
         tables_dir=settings.mapping.tables_dir or SHIPPED, secure_cookies=console.secure_cookies,
         load_translator=lambda: load_translator(settings), translator=translator,
         router=router, backends=backends, apply_soon=apply_soon, verify_audit=verify_audit,

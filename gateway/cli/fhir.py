@@ -42,6 +42,7 @@ def add_parser(sub: Subparsers) -> None:
 
 def _merge(args: argparse.Namespace) -> int:
     from gateway.store.errors import DataDirError, StoreUnavailable, WriteConflict
+    from gateway.store.sealing import SealError
 
     ids = [_PATIENT.fullmatch(text) for text in (args.source, args.target)]
     if ids[0] is None or ids[1] is None:
@@ -58,7 +59,7 @@ def _merge(args: argparse.Namespace) -> int:
         return 1
     try:
         outcome = asyncio.run(_run_merge(settings, source, target))
-    except (DataDirError, StoreUnavailable) as exc:
+    except (DataDirError, StoreUnavailable, SealError) as exc:
         print(f"isthmus fhir merge: {exc}", file=sys.stderr)
         return 1
     except WriteConflict as exc:
@@ -75,6 +76,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutcome:
     from gateway.app import FHIR_FILE, search_registry
+    from gateway.app.sealing import store_codec
     from gateway.store.data_dir import claim
     from gateway.store.fhir import IdMatch, Merge, SearchQuery
     from gateway.store.fhir_sqlite import SqliteFhirStore
@@ -83,7 +85,8 @@ async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutco
     lock = claim(data_dir)  # DataDirInUse while the gateway runs: merge on a stopped one
     try:
         registry = search_registry(settings)
-        store = await SqliteFhirStore.open(data_dir / FHIR_FILE, registry.index)
+        store = await SqliteFhirStore.open(data_dir / FHIR_FILE, registry.index,
+                                           codec=store_codec(settings))
         try:
             return await store.merge(Merge("Patient", SearchQuery(
                 "Patient", ((IdMatch(source),),)), target))

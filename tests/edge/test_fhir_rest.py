@@ -754,11 +754,17 @@ async def test_sort(seeded: Seeded, sort: str, expected: list[str]) -> None:
 @pytest.mark.parametrize(("sort", "expected"), [
     ("birthdate", ["pat-a", "pat-b", "pat-c"]),
     ("-birthdate", ["pat-c", "pat-b", "pat-a"]),
-    ("-gender,birthdate", ["pat-c", "pat-a", "pat-b"]),
 ])
 async def test_sort_patients(seeded: Seeded, sort: str, expected: list[str]) -> None:
     bundle = await seeded.search(f"/fhir/Patient?gender=male,female&_sort={sort}")
     assert labels(bundle) == expected
+
+
+async def test_sort_by_a_token_groups_its_values_then_sorts_within(seeded: Seeded) -> None:
+    # In a sealed data dir a token sorts by its blind index: the groups come in an order
+    # that depends on the key (docs/encryption.md), each group sorted by the next key.
+    bundle = await seeded.search("/fhir/Patient?gender=male,female&_sort=-gender,birthdate")
+    assert labels(bundle) in (["pat-c", "pat-a", "pat-b"], ["pat-a", "pat-b", "pat-c"])
 
 
 async def test_include_adds_the_referenced_patient(seeded: Seeded) -> None:

@@ -60,8 +60,9 @@ def test_instances_starting_together_migrate_once(schema: PgSpec) -> None:
 def test_store_commands_say_what_is_wrong_in_one_line(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ISTHMUS_STORE__BACKEND", raising=False)
-    code, _, err = run_cli("store", "status")
-    assert code == 2 and err.count("\n") == 1 and "store.backend is \"sqlite\"" in err
+    # Embedded: the status is the data dir's encryption state.
+    code, out, _ = run_cli("store", "status", "--data-dir", str(tmp_path / "none"))
+    assert code == 0 and out.startswith("encryption: off")
     code, _, err = run_cli("store", "copy", "--from", str(tmp_path), "--to", postgres.URL)
     assert code == 2 and "--from takes sqlite://DIR" in err
     code, _, err = run_cli("store", "copy", "--from", f"sqlite://{tmp_path}",
@@ -74,10 +75,21 @@ def test_store_commands_say_what_is_wrong_in_one_line(
                                         "postgresql://postgres@127.0.0.1:1/none")
 
 
+async def test_copy_refuses_a_sealed_data_dir_in_one_line(
+        schema: PgSpec, tmp_path: Path) -> None:
+    embedded = tmp_path / "sealed"
+    gateway = await start_fhir_gateway(embedded)  # new data dirs are sealed by default
+    await gateway.runner.cleanup()
+    code, out, err = run_cli("store", "copy", "--from", f"sqlite://{embedded}",
+                             "--to", schema.url)
+    assert code == 1 and err.count("\n") == 1 and "sealed" in err and out == ""
+
+
 async def test_copy_moves_an_embedded_deployment_without_losing_anything(
         schema: PgSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     embedded = tmp_path / "var"
-    gateway = await start_fhir_gateway(embedded)
+    # A copy takes a plaintext data dir (a sealed one is refused, see the test below).
+    gateway = await start_fhir_gateway(embedded, **{"encryption.enabled": False})
     peer = await MllpPeer.open(gateway.mllp_port)
     acks = {}
     for n in range(5):

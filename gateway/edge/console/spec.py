@@ -12,6 +12,7 @@ from gateway.audit.verify import Report
 from gateway.edge.console.sessions import Sessions
 from gateway.forward.routes import Router
 from gateway.mapping.engine import Translator
+from gateway.store.sealing import RowCodec
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class ConsoleSpec:
     data_dir: Path
     tables_dir: Path  # the tables in use (mapping.tables_dir, or the shipped ones)
     secure_cookies: bool
+    # How the embedded store's messages are sealed (read once the data dir is open).
+    codec: Callable[[], RowCodec]
     # The tables as they are on disk now (a replay after a table was fixed), and the
     # tables the gateway runs with (a message's translation as it would be made now).
     load_translator: Callable[[], Translator]

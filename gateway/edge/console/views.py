@@ -254,7 +254,7 @@ async def messages(request: web.Request, session: Session) -> web.StreamResponse
 async def message(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
     inbox_id = int(request.match_info["id"])
-    found = await read_entry(spec.data_dir / _INBOX, inbox_id)
+    found = await read_entry(spec.data_dir / _INBOX, inbox_id, spec.codec())
     if found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     entry, raw, ack = found
@@ -296,8 +296,8 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
     inbox_id = int(request.match_info["id"])
     path = spec.data_dir / _INBOX
-    rows = await read_raw(path, [inbox_id])
-    found = await read_entry(path, inbox_id)
+    rows = await read_raw(path, [inbox_id], codec=spec.codec())
+    found = await read_entry(path, inbox_id, spec.codec())
     if not rows or found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     try:
@@ -314,7 +314,7 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
                                 "success" if outcome.status in ("translated", "routed")
                                 else outcome.status, resource_type="hl7v2-message",
                                 resource_id=str(inbox_id), patient=patient))
-    await record_outcomes(path, [outcome])
+    await record_outcomes(path, [outcome], spec.codec())
     spec.apply_soon(translator)
     raise web.HTTPSeeOther(f"/console/messages/{inbox_id}/status")
 
@@ -324,7 +324,8 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
 async def message_status(request: web.Request, session: Session) -> web.StreamResponse:
     """A message's row without its content: what operators without PHI rights see."""
     spec = _spec(request)
-    found = await read_entry(spec.data_dir / _INBOX, int(request.match_info["id"]))
+    found = await read_entry(spec.data_dir / _INBOX, int(request.match_info["id"]),
+                             spec.codec())
     if found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     return page("status.html", request, session, entry=found[0])

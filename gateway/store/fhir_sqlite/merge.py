@@ -15,9 +15,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
-from gateway.store.fhir import Merge, MergeOutcome, StoredResource, WriteConflict
-from gateway.store.fhir_sqlite.schema import stored_resource
-from gateway.store.fhir_sqlite.sql import select_sql
+from gateway.store.fhir import Merge, MergeOutcome, SearchQuery, StoredResource, WriteConflict
 
 
 class _Rows(Protocol):
@@ -42,6 +40,8 @@ class TransactionWriter(Protocol):
     def rewrite(self, resource_type: str, id: str, document: dict[str, Any],
                 current: StoredResource) -> None: ...
 
+    def find(self, query: SearchQuery, limit: int) -> list[StoredResource]: ...
+
 # More records than this for one identifier is not a merge a message can ask for.
 _MAX_SOURCES = 20
 _HISTORY_TYPES = frozenset({"Provenance", "AuditEvent"})
@@ -58,8 +58,7 @@ def apply_merge(writer: TransactionWriter, merge: Merge,
         raise WriteConflict(400, f"merge: the survivor is not a {resource_type}", -1)
     if _current(writer, resource_type, target_id) is None:
         raise WriteConflict(404, f"merge: the surviving {resource_type} does not exist", -1)
-    sql, params = select_sql(merge.source, _MAX_SOURCES, 0, ordered=False)
-    sources = [found for found in map(stored_resource, writer.db.execute(sql, params).fetchall())
+    sources = [found for found in writer.find(merge.source, _MAX_SOURCES)
                if found.id != target_id]
     merged: list[str] = []
     moved_identifiers: list[dict[str, Any]] = []

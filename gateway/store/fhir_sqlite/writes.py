@@ -106,6 +106,12 @@ class TransactionWriter:
                      ) -> dict[tuple[str, str], StoredResource]:
         return self._current_rows(keys)
 
+    def find(self, query: SearchQuery, limit: int) -> list[StoredResource]:
+        """Current resources a search finds (blinded and opened as the store seals them)."""
+        sql, params = select_sql(blind_query(query, self._codec), limit, 0, ordered=False)
+        return [stored_resource(row, self._codec)
+                for row in self._db.execute(sql, params).fetchall()]
+
     def rewrite(self, resource_type: str, id: str, document: dict[str, Any],
                 current: StoredResource) -> None:
         """A new version of a current resource with this content (a merge's changes);

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.store.data_keys import read_marker
 from gateway.store.errors import StoreError
 from gateway.store.pg.connect import Connection
 
@@ -71,6 +72,11 @@ class Copied:
 
 async def copy_sqlite(data_dir: Path, connection: Connection) -> Copied:
     """Copy the data dir's SQLite files into the (migrated, empty) database."""
+    if read_marker(data_dir) is not None:
+        # Sealed values and blind indexes cannot be copied as they are: PostgreSQL keeps
+        # plain JSON and index values (under the database's own encryption).
+        raise CopyError("the data dir is sealed (encryption at rest); a copy to PostgreSQL "
+                        "takes a plaintext data dir only, for now (docs/deployment.md)")
     for table in _MUST_BE_EMPTY:
         if await connection.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
             raise CopyError(f"the target's {table} table is not empty: a copy goes into a "
