@@ -111,7 +111,10 @@ def test_appointment_fields_and_participants() -> None:
     assert appointment["serviceType"][0]["coding"][0] == {
         "code": "99213", "display": "Office visit, established patient",
         "system": "http://www.ama-assn.org/go/cpt"}
-    based_on = [b["identifier"] for b in appointment["basedOn"]]
+    # The orders by number (SCH-26/27), then the ServiceRequest the AIS service makes.
+    based_on = [b["identifier"] for b in appointment["basedOn"] if "identifier" in b]
+    service = one(bundle, "ServiceRequest")
+    assert appointment["basedOn"][-1] == {"reference": ref(bundle, service)}
     assert [(i["value"], i["system"], _type_code(i)) for i in based_on] == [
         ("ORD-55", SCH_PLACER, "PLAC"), ("FORD-56", SCH_SENDER, "FILL")]
     assert "cancelationReason" not in appointment
