@@ -501,7 +501,10 @@ def test_document_reference_fields_and_content() -> None:
     assert _text(line1) == "Patient discharged in stable condition."
     assert _text(line2) == "Follow up in two weeks."
     assert _text(formatted) == "Medications:\namlodipine 5 mg daily"
-    assert pdf["attachment"] == {"contentType": "application/pdf", "data": PDF}
+    assert pdf["attachment"] == {"contentType": "application/pdf", "data": PDF,
+                                 "creation": "2025-07-04T17:30:00-07:00"}  # TXA-6
+    assert all(c["attachment"]["creation"] == "2025-07-04T17:30:00-07:00"
+               for c in document["content"])
     assert ascii_text["attachment"]["contentType"] == "text/plain"
     assert _text(ascii_text) == "Plain note, sent as ASCII"
 
@@ -514,7 +517,8 @@ def test_document_cancel_t11_marks_the_same_document_entered_in_error() -> None:
     assert document["status"] == "entered-in-error"
     assert document["docStatus"] == "entered-in-error"
     # No OBX: TXA-3 says what the content was, as FHIR needs a content.
-    assert document["content"] == [{"attachment": {"contentType": "text/plain"}}]
+    assert document["content"] == [{"attachment": {
+        "contentType": "text/plain", "creation": "2025-07-04T17:30:00-07:00"}}]
     assert ref(cancel, document) == ref(original, one(original, "DocumentReference"))
 
 
