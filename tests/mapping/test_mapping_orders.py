@@ -317,7 +317,7 @@ def test_medication_request_fields() -> None:
     assert request["groupIdentifier"] == {"value": "GRP-12",
                                           "system": "urn:oid:2.16.840.1.113883.19.8.1"}
     assert request["status"] == "active"  # ORC-5 SC before ORC-1
-    assert request["intent"] == "order"
+    assert request["intent"] == "filler-order"  # the pharmacy's encoding (RXE)
     assert request["authoredOn"] == "2025-06-02T14:25:00+01:00"
     assert request["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
     assert request["encounter"] == {"reference": ref(bundle, one(bundle, "Encounter"))}
