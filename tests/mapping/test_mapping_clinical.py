@@ -231,6 +231,29 @@ def test_a_parent_specimen_not_in_the_message_is_referred_to_by_its_identifiers(
     assert entry["request"]["method"] == "POST"  # created only if absent
 
 
+def test_txa_with_results_is_a_document_reference_of_its_own() -> None:
+    data = bundle("oru_r01")
+    document = one(data, "DocumentReference")
+    assert document["masterIdentifier"] == {"value": "DOC-7013",
+                                            "system": "urn:isthmus:naming-system:SYNTHLAB"}
+    assert document["type"]["coding"][0]["code"] == "CN"  # TXA-2
+    assert (document["status"], document["docStatus"]) == ("current", "final")  # TXA-19/17
+    assert document["context"]["period"] == {"start": "2026-04-03T11:00:00+01:00"}  # TXA-4
+    # The OBX around it stay results; the content is what TXA-3 and TXA-6 say.
+    assert document["content"] == [{"attachment": {
+        "contentType": "text/plain", "creation": "2026-04-03T11:30:00+01:00"}}]
+    assert by_ref(data, document["author"][0])["name"][0]["family"] == "CANARYMICRO"
+    assert document["subject"] == {"reference": ref(data, one(data, "Patient"))}
+
+
+def test_a_txa_saying_nothing_of_its_content_says_the_content_is_unknown() -> None:
+    data = replace_segment(message("oru_r01"), "TXA|", "TXA|1|CN||||||||||DOC-7014")
+    document = one(translate(data), "DocumentReference")
+    assert document["content"] == [{"attachment": {"extension": [{
+        "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+        "valueCode": "unknown"}]}}]
+
+
 def test_ft1_naming_a_drug_is_a_medication_dispense() -> None:
     data = bundle("oru_r01")
     dispense = one(data, "MedicationDispense")
@@ -243,8 +266,23 @@ def test_ft1_naming_a_drug_is_a_medication_dispense() -> None:
     assert dispense["authorizingPrescription"] == [{"identifier": {"value": "RX-7010"}}]
     assert dispense["subject"] == {"reference": ref(data, one(data, "Patient"))}
     assert dispense["context"] == {"reference": ref(data, one(data, "Encounter"))}
-    # The second FT1 charges a procedure, not a drug: no resource, and it is counted.
+    # The third FT1 charges a fee, neither a drug nor a procedure: it is counted.
     assert unmapped(message("oru_r01")).get("FT1") == 1
+
+
+def test_ft1_naming_a_procedure_is_a_procedure() -> None:
+    data = bundle("oru_r01")
+    procedure = one(data, "Procedure")
+    assert procedure["status"] == "unknown"
+    assert procedure["code"]["coding"][0] == {  # FT1-25
+        "code": "36415", "display": "Collection of venous blood by venipuncture",
+        "system": "http://www.ama-assn.org/go/cpt"}
+    assert procedure["performedDateTime"] == "2026-04-03T08:30:00+01:00"  # FT1-4
+    assert procedure["reasonCode"][0]["coding"][0]["code"] == "R50.9"  # FT1-19
+    assert by_ref(data, procedure["performer"][0]["actor"])["name"][0]["family"] == \
+        "CANARYDRAW"  # FT1-20
+    assert procedure["subject"] == {"reference": ref(data, one(data, "Patient"))}
+    assert procedure["encounter"] == {"reference": ref(data, one(data, "Encounter"))}
 
 
 # -- RDE: the TQ1 of the encoded order -----------------------------------------------------
