@@ -347,3 +347,44 @@ def test_vxu_orc_is_also_a_service_request() -> None:
     assert order["identifier"][0]["value"] == "IMM28001"
     assert order["identifier"][0]["type"]["coding"][0]["code"] == "FILL"
     assert order["subject"] == {"reference": ref(data, one(data, "Patient"))}
+
+
+# -- orders whose ORC is missing or comes after the OBR ------------------------------------
+
+def test_an_oru_without_orc_makes_the_order_from_each_obr() -> None:
+    data = replace_segment(message("oru_r01"), "ORC|", "NTE|1||no common order segment")
+    bundled = translate(data)
+    order = one(bundled, "ServiceRequest")
+    assert [(i["value"], i["type"]["coding"][0]["code"]) for i in order["identifier"]] == [
+        ("PL-7001", "PLAC"), ("FL-7002", "FILL")]  # OBR-2, OBR-3
+    assert order["code"]["coding"][0]["code"] == "600-7"  # OBR-4
+    assert (order["status"], order["intent"]) == ("unknown", "order")
+    assert order["subject"] == {"reference": ref(bundled, one(bundled, "Patient"))}
+    assert one(bundled, "DiagnosticReport")["basedOn"] == [{"reference": ref(bundled, order)}]
+
+
+def test_an_oul_order_takes_its_obr_fields_from_the_obr_above_its_orc() -> None:
+    segments = [
+        "MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20260403150000+0100||OUL^R22^OUL_R22|"
+        "CTRL-CLIN-0005|P|2.5.1",
+        "PID|1||MRN-600001^^^SYNTHHOSP&1.2.3.4.5&ISO^MR||CANARYCLINIC^Quinn^Ash||19610722|M",
+        "SPM|1|SP-7301&SYNTHLAB||BLD^Whole blood^HL70487",
+        "OBR|1|PO-7302^SYNTHWARD|FO-7303^SYNTHLAB|2345-7^Glucose^LN|||20260403140000+0100"
+        "|||||||||8808^CANARYORDER^Kai",
+        "ORC|SC||||CM",
+        "OBR|2|PO-7304^SYNTHWARD|FO-7305^SYNTHLAB|2951-2^Sodium^LN",
+        "ORC|SC|PO-7399^SYNTHWARD|||CM",
+    ]
+    data = translate("\r".join(segments))
+    glucose, sodium = resources(data, "ServiceRequest")
+    assert [i["value"] for i in glucose["identifier"]] == ["PO-7302", "FO-7303"]
+    assert glucose["code"]["coding"][0]["code"] == "2345-7"
+    assert glucose["status"] == "completed"  # ORC-5
+    assert by_ref(data, glucose["requester"])["name"][0]["family"] == "CANARYORDER"
+    # The second ORC carries its own placer number; the filler number still comes from
+    # its own OBR, never from the first group's.
+    assert [i["value"] for i in sodium["identifier"]] == ["PO-7399", "FO-7305"]
+    assert sodium["code"]["coding"][0]["code"] == "2951-2"
+    first, second = resources(data, "DiagnosticReport")
+    assert first["basedOn"] == [{"reference": ref(data, glucose)}]
+    assert second["basedOn"] == [{"reference": ref(data, sodium)}]
