@@ -388,3 +388,12 @@ def test_an_oul_order_takes_its_obr_fields_from_the_obr_above_its_orc() -> None:
     first, second = resources(data, "DiagnosticReport")
     assert first["basedOn"] == [{"reference": ref(data, glucose)}]
     assert second["basedOn"] == [{"reference": ref(data, sodium)}]
+
+
+def test_a_reference_pointer_result_is_an_attachment_url() -> None:
+    data = bundle("oru_r01")
+    imaging = next(o for o in resources(data, "Observation") if coded(o, "18748-4"))
+    assert imaging["extension"] == [{
+        "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.value",
+        "valueAttachment": {"url": "https://images.example.org/study/7014"}}]
+    assert "OBX-5" not in unmapped(message("oru_r01"))
