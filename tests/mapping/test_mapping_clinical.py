@@ -76,6 +76,21 @@ def test_partial_result_status_has_no_fhir_code_and_is_unknown() -> None:
     assert unmapped(message("adt_a01")).get("OBX-11") == 1
 
 
+def test_several_numbers_in_one_obx_are_components_coded_as_the_observation() -> None:
+    pressure = next(o for o in resources(bundle("adt_a01"), "Observation")
+                    if coded(o, "8480-6"))
+    code = {"code": "8480-6", "display": "Systolic blood pressure", "system": "http://loinc.org"}
+    units = {"code": "mm[Hg]", "system": UCUM, "unit": "millimeter of mercury"}
+    assert pressure["component"] == [
+        {"code": {"coding": [code]}, "valueQuantity": {"value": 128, **units}},
+        {"code": {"coding": [code]}, "valueQuantity": {"value": 131, **units}}]
+    assert "valueQuantity" not in pressure  # one number only: see the heart rate
+    heart_rate = next(o for o in resources(bundle("adt_a01"), "Observation")
+                      if coded(o, "8867-4"))
+    assert heart_rate["valueQuantity"]["value"] == 112 and "component" not in heart_rate
+    assert "OBX-5" not in unmapped(message("adt_a01"))
+
+
 def referral(data: Json) -> Json:
     return next(r for r in resources(data, "ServiceRequest")
                 if r["category"][0]["coding"][0]["code"] == "3457005")

@@ -146,9 +146,13 @@ class Inverter:
                 raise ConditionError(f"'{text}' is not in this {table.kind}")
             if table.kind == "segment":
                 f, rest = position[0], position[1:]
+                found = source_location(text)
+                nth = found.repetition if isinstance(found, Location) else None
 
                 def in_segment(ctx: object) -> str:
                     tree, rep = typing.cast(tuple[Tree, int], ctx)
+                    if nth is not None:  # a named repetition (`OBX-5(2)`) as written
+                        return read(tree, (f, nth, *rest))
                     return read(tree, (f, rep if f == own_field else 1, *rest))
                 return in_segment
 
@@ -365,7 +369,8 @@ def _constant_value(text: str, element: fhir_model.Element) -> Any:
 
 
 def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
-    """`X EQUALS "c"` or `X IN ("c", ...)`: writing c at X (when empty) satisfies it."""
+    """`X EQUALS "c"` or `X IN ("c", ...)`: writing c at X (when empty) satisfies it; so
+    does it the first part of `X EQUALS "c" AND ...` (the rest is checked as usual)."""
     if not condition:
         return []
     try:
@@ -374,6 +379,8 @@ def _implied(condition: str, table: FieldMap) -> list[tuple[Position, str]]:
         return []
     if tokens and tokens[0].upper() == "IF":
         tokens = tokens[1:]
+    if len(tokens) > 4 and tokens[1].upper() == "EQUALS" and tokens[3].upper() == "AND":
+        tokens = tokens[:3]
     if len(tokens) == 3 and tokens[1].upper() == "EQUALS":
         value = tokens[2]
     elif len(tokens) >= 5 and tokens[1].upper() == "IN" and tokens[2] == "(":
