@@ -413,11 +413,15 @@ def test_medication_dispense_fields() -> None:
     assert dispense["status"] == "completed"
     assert dispense["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
     assert dispense["context"] == {"reference": ref(bundle, one(bundle, "Encounter"))}
-    prescription = dispense["authorizingPrescription"]
-    assert len(prescription) == 1
-    identifier = prescription[0]["identifier"]
+    # The prescription is the MedicationRequest the ORC and its RXE make.
+    request = one(bundle, "MedicationRequest")
+    assert dispense["authorizingPrescription"] == [{"reference": ref(bundle, request)}]
+    identifier = request["identifier"][0]
     assert (identifier["value"], identifier["system"], _type_code(identifier)) == (
         "RX-40012", "urn:oid:2.16.840.1.113883.19.8.1", "PLAC")
+    assert request["intent"] == "filler-order"
+    assert request["medicationCodeableConcept"]["coding"][0]["code"] == "197361"
+    assert request["subject"] == dispense["subject"]
     assert dispense["medicationCodeableConcept"]["coding"][0]["code"] == "197361"
     assert dispense["whenHandedOver"] == "2025-06-03T09:00:00+01:00"
     assert dispense["quantity"] == {"value": 30, "unit": "tablet", "code": "{tbl}",
@@ -429,7 +433,7 @@ def test_medication_dispense_fields() -> None:
     assert dispense["substitution"]["wasSubstituted"] is True
     assert dispense["substitution"]["type"]["coding"][0]["code"] == "G"
     assert dispense["dosageInstruction"][0]["route"]["coding"][0]["code"] == "PO"
-    assert resources(bundle, "MedicationRequest") == []
+    assert len(resources(bundle, "MedicationRequest")) == 1  # the prescription
 
 
 def test_dispense_without_substitution() -> None:
