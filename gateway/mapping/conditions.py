@@ -27,7 +27,9 @@ Getter = Callable[[object], str]
 Predicate = Callable[[object], bool]
 GetterFactory = Callable[[str], Getter]
 
-_TOKEN = re.compile(r'\s*(?:(?P<string>"[^"]*")|(?P<punct>[(),])|(?P<word>[^\s(),"]+))')
+# A word may name a repetition (`OBX-5(2)`): digits in parentheses right after it.
+_TOKEN = re.compile(
+    r'\s*(?:(?P<string>"[^"]*")|(?P<punct>[(),])|(?P<word>[^\s(),"]+(?:\(\d+\)[^\s(),"]*)?))')
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,15 +89,25 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 run.unmapped[f"{draft.resource_type}.identifier (repeated)"] += 1
             keys.add(claim)
         draft.full_url = _resource_id(draft, sender, provenance.control_id)
+    same = _made_in_full(run)
     for ref, target in run.pending_refs:
-        ref["reference"] = f"urn:uuid:{target.full_url}"
+        ref["reference"] = f"urn:uuid:{same.get(id(target), target).full_url}"
     return [
         trusted(
             Resource, resource_type=d.resource_type, id=d.full_url, primary=d.primary,
             key=trusted(BusinessKey, system=d.key[0], value=d.key[1]) if d.key else None,
             content=d.content, provenance=provenance)
-        for d in run.drafts
+        for d in run.drafts if id(d) not in same
     ]
+
+
+def _made_in_full(run: Run) -> dict[int, Draft]:
+    """Resources only referred to (a parent specimen named by SPM-3) that the message also
+    makes from a segment of their own (that specimen's SPM): the reference goes to the full
+    one, and the stub is dropped, so one Bundle never holds one fullUrl twice."""
+    made = {(d.resource_type, d.full_url): d for d in run.drafts if d.primary}
+    return {id(d): full for d in run.drafts if not d.primary
+            if (full := made.get((d.resource_type, d.full_url))) is not None}
 
 
 def _business_key(draft: Draft) -> tuple[str, str] | None:

@@ -67,8 +67,9 @@ def check_vocabulary(vocab: Vocabulary) -> list[TableError]:
 
 
 def recoder(vocab: Vocab, element_type: str) -> Callable[[Any, str], Any] | None:
-    """Translate the first coding of a Coding/CodeableConcept through a vocabulary,
-    keeping the sender's own coding after the translated one."""
+    """Translate the codings of a Coding/CodeableConcept through a vocabulary, keeping
+    the sender's own coding after each translated one (an alternate coding, CWE.4, is
+    translated too: `2^^^3` of visit priority is both `UR` and `EL`)."""
     def recode_coding(coding: Json) -> list[Json]:
         code = coding.get("code")
         if not code:
@@ -90,7 +91,7 @@ def recoder(vocab: Vocab, element_type: str) -> Callable[[Any, str], Any] | None
         def concept(value: Any, location: str) -> Any:
             codings = value.get("coding")
             if codings:
-                value["coding"] = recode_coding(codings[0]) + codings[1:]
+                value["coding"] = [out for coding in codings for out in recode_coding(coding)]
             return value
         return concept
     if element_type == "Coding":
@@ -142,13 +143,10 @@ def unrecode(vocab: Vocab, kind: str, value: Any) -> tuple[Any, bool]:
     codings = value.get("coding")
     if not isinstance(codings, list) or not codings or not isinstance(codings[0], dict):
         return value, False
+    kept = _without_translations(vocab, codings)
+    if len(kept) < len(codings):
+        return {**value, "coding": kept}, True
     first = codings[0]
-    if len(codings) > 1 and isinstance(codings[1], dict):
-        original = codings[1]
-        hit = vocab.lookup(str(original.get("code", "")))
-        if hit is not None and hit[0] == first.get("code") and (
-                hit[2] or None) == first.get("system"):
-            return {**value, "coding": codings[1:]}, True
     code = vocab_back(vocab, str(first.get("system", "")), str(first.get("code", "")))
     hit = vocab.lookup(code) if code is not None else None
     if code is None or hit is None:
@@ -156,3 +154,18 @@ def unrecode(vocab: Vocab, kind: str, value: Any) -> tuple[Any, bool]:
     if code == first.get("code") and (hit[2] or None) == first.get("system"):
         return value, True  # the forward map merged the two codings into this one
     return {**value, "coding": [{"code": code}, *codings[1:]]}, True
+
+
+def _without_translations(vocab: Vocab, codings: list[Any]) -> list[Any]:
+    """The codings without those the forward map added: a coding directly followed by
+    the sender's coding it translates."""
+    kept: list[Any] = []
+    for index, coding in enumerate(codings):
+        following = codings[index + 1] if index + 1 < len(codings) else None
+        if isinstance(coding, dict) and isinstance(following, dict):
+            hit = vocab.lookup(str(following.get("code", "")))
+            if hit is not None and hit[0] == coding.get("code") and (
+                    hit[2] or None) == coding.get("system"):
+                continue
+        kept.append(coding)
+    return kept

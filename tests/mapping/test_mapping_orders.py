@@ -111,7 +111,10 @@ def test_appointment_fields_and_participants() -> None:
     assert appointment["serviceType"][0]["coding"][0] == {
         "code": "99213", "display": "Office visit, established patient",
         "system": "http://www.ama-assn.org/go/cpt"}
-    based_on = [b["identifier"] for b in appointment["basedOn"]]
+    # The orders by number (SCH-26/27), then the ServiceRequest the AIS service makes.
+    based_on = [b["identifier"] for b in appointment["basedOn"] if "identifier" in b]
+    service = one(bundle, "ServiceRequest")
+    assert appointment["basedOn"][-1] == {"reference": ref(bundle, service)}
     assert [(i["value"], i["system"], _type_code(i)) for i in based_on] == [
         ("ORD-55", SCH_PLACER, "PLAC"), ("FORD-56", SCH_SENDER, "FILL")]
     assert "cancelationReason" not in appointment
@@ -314,7 +317,7 @@ def test_medication_request_fields() -> None:
     assert request["groupIdentifier"] == {"value": "GRP-12",
                                           "system": "urn:oid:2.16.840.1.113883.19.8.1"}
     assert request["status"] == "active"  # ORC-5 SC before ORC-1
-    assert request["intent"] == "order"
+    assert request["intent"] == "filler-order"  # the pharmacy's encoding (RXE)
     assert request["authoredOn"] == "2025-06-02T14:25:00+01:00"
     assert request["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
     assert request["encounter"] == {"reference": ref(bundle, one(bundle, "Encounter"))}
@@ -410,11 +413,15 @@ def test_medication_dispense_fields() -> None:
     assert dispense["status"] == "completed"
     assert dispense["subject"] == {"reference": ref(bundle, one(bundle, "Patient"))}
     assert dispense["context"] == {"reference": ref(bundle, one(bundle, "Encounter"))}
-    prescription = dispense["authorizingPrescription"]
-    assert len(prescription) == 1
-    identifier = prescription[0]["identifier"]
+    # The prescription is the MedicationRequest the ORC and its RXE make.
+    request = one(bundle, "MedicationRequest")
+    assert dispense["authorizingPrescription"] == [{"reference": ref(bundle, request)}]
+    identifier = request["identifier"][0]
     assert (identifier["value"], identifier["system"], _type_code(identifier)) == (
         "RX-40012", "urn:oid:2.16.840.1.113883.19.8.1", "PLAC")
+    assert request["intent"] == "filler-order"
+    assert request["medicationCodeableConcept"]["coding"][0]["code"] == "197361"
+    assert request["subject"] == dispense["subject"]
     assert dispense["medicationCodeableConcept"]["coding"][0]["code"] == "197361"
     assert dispense["whenHandedOver"] == "2025-06-03T09:00:00+01:00"
     assert dispense["quantity"] == {"value": 30, "unit": "tablet", "code": "{tbl}",
@@ -426,7 +433,7 @@ def test_medication_dispense_fields() -> None:
     assert dispense["substitution"]["wasSubstituted"] is True
     assert dispense["substitution"]["type"]["coding"][0]["code"] == "G"
     assert dispense["dosageInstruction"][0]["route"]["coding"][0]["code"] == "PO"
-    assert resources(bundle, "MedicationRequest") == []
+    assert len(resources(bundle, "MedicationRequest")) == 1  # the prescription
 
 
 def test_dispense_without_substitution() -> None:
@@ -498,7 +505,10 @@ def test_document_reference_fields_and_content() -> None:
     assert _text(line1) == "Patient discharged in stable condition."
     assert _text(line2) == "Follow up in two weeks."
     assert _text(formatted) == "Medications:\namlodipine 5 mg daily"
-    assert pdf["attachment"] == {"contentType": "application/pdf", "data": PDF}
+    assert pdf["attachment"] == {"contentType": "application/pdf", "data": PDF,
+                                 "creation": "2025-07-04T17:30:00-07:00"}  # TXA-6
+    assert all(c["attachment"]["creation"] == "2025-07-04T17:30:00-07:00"
+               for c in document["content"])
     assert ascii_text["attachment"]["contentType"] == "text/plain"
     assert _text(ascii_text) == "Plain note, sent as ASCII"
 
@@ -511,7 +521,8 @@ def test_document_cancel_t11_marks_the_same_document_entered_in_error() -> None:
     assert document["status"] == "entered-in-error"
     assert document["docStatus"] == "entered-in-error"
     # No OBX: TXA-3 says what the content was, as FHIR needs a content.
-    assert document["content"] == [{"attachment": {"contentType": "text/plain"}}]
+    assert document["content"] == [{"attachment": {
+        "contentType": "text/plain", "creation": "2025-07-04T17:30:00-07:00"}}]
     assert ref(cancel, document) == ref(original, one(original, "DocumentReference"))
 
 

@@ -228,7 +228,9 @@ def test_each_report_is_based_on_the_order_of_its_orc() -> None:
 
 def test_spm_makes_the_specimen_of_the_report() -> None:
     data = oru()
-    specimen = one(data, "Specimen")
+    # Each OBR describes a specimen too (OBR-Specimen); the SPM's is the one typed PGN.
+    specimen = next(s for s in resources(data, "Specimen")
+                    if s["identifier"][0]["type"]["coding"][0]["code"] == "PGN")
     assert specimen["identifier"] == [identifier("SP-100", LAB_OID, "PGN"),
                                       identifier("SF-200", LAB_OID, "FGN")]
     assert specimen["type"] == {"coding": [{
@@ -245,11 +247,28 @@ def test_spm_makes_the_specimen_of_the_report() -> None:
     assert specimen["note"] == [{"text": "Slightly haemolysed"}]
     assert specimen["subject"]["reference"] == ref(data, one(data, "Patient"))
     first_report = resources(data, "DiagnosticReport")[0]
-    assert first_report["specimen"] == [{"reference": ref(data, specimen)}]
+    from_obr = resources(data, "Specimen")[0]
+    assert first_report["specimen"] == [{"reference": ref(data, from_obr)},
+                                        {"reference": ref(data, specimen)}]
+
+
+def test_obr_describes_the_specimen_collected_for_its_order() -> None:
+    data = oru()
+    first, _, second = resources(data, "Specimen")
+    assert first["identifier"] == [identifier("PL-5531", WARD_OID, "PLAC"),
+                                   identifier("FL-9902", LAB_OID, "FILL")]
+    assert first["collection"]["collectedPeriod"] == {
+        "start": "2024-03-12T08:15:00+01:00", "end": "2024-03-12T08:30:00+01:00"}
+    assert second["collection"]["collectedDateTime"] == "2024-03-12T09:15:00+01:00"
+    assert second["subject"]["reference"] == ref(data, one(data, "Patient"))
+    assert resources(data, "DiagnosticReport")[1]["specimen"] == [
+        {"reference": ref(data, second)}]
 
 
 def test_business_identifiers_make_conditional_updates() -> None:
-    requests = {e["resource"]["resourceType"]: e["request"] for e in oru()["entry"]}
+    requests = {e["resource"]["resourceType"]: e["request"] for e in oru()["entry"]
+                if "PGN" in str(e["resource"].get("identifier")) or
+                e["resource"]["resourceType"] != "Specimen"}
     assert requests["DiagnosticReport"] == {
         "method": "PUT", "url": f"DiagnosticReport?identifier={WARD_OID}|PL-5532"}
     assert requests["Specimen"] == {"method": "PUT",
@@ -387,8 +406,11 @@ def test_oml_makes_a_service_request_with_its_specimen() -> None:
         {"family": "Ekdahl", "given": ["Mira"]}]
     assert len(resources(data, "Practitioner")) == 1
     assert order["note"] == [{"text": "Fasting since midnight"}]
-    specimen = one(data, "Specimen")
-    assert order["specimen"] == [{"reference": ref(data, specimen)}]
+    from_obr, specimen = resources(data, "Specimen")
+    assert order["specimen"] == [{"reference": ref(data, from_obr)},
+                                 {"reference": ref(data, specimen)}]
+    assert from_obr["identifier"] == [identifier("PL-8001", WARD_OID, "PLAC"),
+                                      identifier("FL-8001", LAB_OID, "FILL")]
     assert specimen["identifier"] == [identifier("SP-300", LAB_OID, "PGN")]
     assert specimen["type"]["coding"][0]["code"] == "BLDV"
     assert specimen["collection"] == {"collectedDateTime": "2024-03-13T08:10:00+01:00"}

@@ -37,7 +37,7 @@ def content(resource: Json) -> Json:
     """A resource without what the Bundle assigns (id, references to other entries)."""
     return {k: v for k, v in resource.items()
             if k not in ("id", "subject", "encounter", "basedOn", "result", "requester",
-                         "performer")}
+                         "performer", "specimen")}
 
 
 # -- v2 -> FHIR -> v2 keeps every mapped field --------------------------------------------

@@ -358,6 +358,9 @@ CONDITIONS = [
     ('PID-7 VALUED AND PID-18 EQUALS "X" OR PID-18 EQUALS "A1"', {"f18": "A1"}, True),
     ('PID-7 VALUED AND (PID-18 EQUALS "X" OR PID-18 EQUALS "A1")', {"f18": "A1"}, False),
     ("if PID-7 is valued", {"f7": "1980"}, True),  # keywords in any case
+    ("PID-18(2) VALUED", {"f18": "A1~A2"}, True),  # a named repetition: the field repeats
+    ("PID-18(2) VALUED", {"f18": "A1"}, False),
+    ('PID-18(2) EQUALS "A2" AND PID-7 NOT VALUED', {"f18": "A1~A2"}, True),
     ('MSH-10 EQUALS "CTRL-1"', {}, True),  # another segment's field
     ('MSH-10 EQUALS "OTHER"', {}, False),
 ]
@@ -391,6 +394,29 @@ def test_a_condition_on_the_rows_own_field_reads_the_repetition_being_mapped(
     translator = Translator.load(root)
     resource = patient(bundle(translator, message(pid(f3="A1^^^^PI~A2^^^^MR~A3^^^^PI"))))
     assert [i.get("use") for i in resource["identifier"]] == [None, "usual", None]
+
+
+def test_a_documentation_row_with_a_condition_leaves_the_field_out_only_when_it_holds(
+        tmp_path: Path) -> None:
+    root = write_tables(tmp_path, pid_with(
+        'PID-18,PID-18.2 EQUALS "V",identifier.value,string,,,,',
+        'PID-18,PID-18.2 EQUALS "X",,,,,,an X account is deliberately left out'))
+    translator = Translator.load(root)
+    left_out = translator.translate(parse_message(message(pid(f3="A1", f18="ACC^X"))))
+    assert "PID-18" not in left_out.unmapped
+    unknown = translator.translate(parse_message(message(pid(f3="A1", f18="ACC^Y"))))
+    assert unknown.unmapped.get("PID-18") == 1
+
+
+def test_a_template_goes_through_the_rows_vocabulary(tmp_path: Path) -> None:
+    root = write_tables(tmp_path, {
+        **pid_with("PID-18,,identifier.system,uri,,Systems,{PID-18.2},"),
+        "vocabulary/Systems.csv": "code,display,fhir_code,fhir_display,fhir_system,note\n"
+                                  "LN,LOINC,http://loinc.org,,,\n"})
+    resource = patient(bundle(Translator.load(root), message(pid(f3="A1", f18="ACC^LN"))))
+    assert {"system": "http://loinc.org"} in resource["identifier"]
+    unknown = patient(bundle(Translator.load(root), message(pid(f3="A1", f18="ACC^XX"))))
+    assert {"system": "XX"} in unknown["identifier"]  # no row: the text as quoted
 
 
 # -- repetitions, extensions, values --------------------------------------------------------

@@ -137,6 +137,17 @@ def reader(location: TableLocation, table: FieldMap) -> Callable[[Scope], str]:
         return other
 
     key = (f, c, s)
+    nth = location.repetition
+    if nth is not None:
+        def repetition(scope: Scope) -> str:
+            # A named repetition (`OBX-5(2) VALUED`: does the field repeat?) is read as it
+            # is, whichever repetition of that field is being mapped.
+            parts = scope.parts
+            field = parts[f] if f < len(parts) else ""
+            reps = field.split(scope.run.d.repetition) if field else []
+            raw = descend(reps[nth - 1], scope.run, c, s) if nth <= len(reps) else ""
+            return "" if raw == NULL else scope.run.text(raw)
+        return repetition
 
     def own(scope: Scope) -> str:
         if scope.rep_field == f:

@@ -127,6 +127,12 @@ class Producers:
             if not all(values):
                 return None  # a template is only as good as every value it quotes
             text = "".join(p if i % 2 == 0 else values[i // 2] for i, p in enumerate(pieces))
+            if vocab is not None:
+                # A quoted code goes through the row's vocabulary as a read one does
+                # (`{OBX-3.3}` with CodingSystem: `LN` is http://loinc.org).
+                hit = vocab.lookup(text)
+                if hit is not None:
+                    text = hit[0]
             return _converted(convert, text, location)
         return template
 

@@ -143,12 +143,25 @@ class FieldMaps:
             if source and path is None:
                 continue
             compiled = self.row_compiler.rows(rows, table, path)
+            compiled += self._left_out_when(rows, table)
             # A field whose every row is conditional is counted as unmapped when none
-            # applies, unless a documentation row (no target) says it may be left out.
-            count_unmatched = bool(compiled) and all(
-                r.condition for r in rows if r.target) and all(r.target for r in rows)
+            # applies, unless a documentation row (no target) says it may be left out:
+            # always, or when its own condition holds.
+            count_unmatched = bool(compiled) and all(r.condition for r in rows)
             groups.append((path, self._group(table, path, compiled, count_unmatched)))
         return groups
+
+    def _left_out_when(self, rows: list[MapRow], table: FieldMap) -> list[Row]:
+        """Documentation rows with a condition (`OBX-6` of several numbers, whose units the
+        components carry): the field counts as mapped when the condition holds."""
+        left_out: list[Row] = []
+        for row in rows:
+            if row.target or not row.condition or row.value or row.map:
+                continue
+            holds = self.ctx.condition(row.condition, table, row.where)
+            if holds is not None:
+                left_out.append(_applies_when(holds))
+        return left_out
 
     def _check_duplicates(self, table: FieldMap) -> None:
         seen: dict[tuple[str, str, str, str], MapRow] = {}
@@ -281,3 +294,11 @@ def _whole(rows: list[Row]) -> Group:
         for row in rows:
             row(scope, raw, seps, location, inst, out)
     return whole
+
+
+def _applies_when(holds: Callable[[Scope], bool]) -> Row:
+    """A row that writes nothing and applies when its condition holds."""
+    def row(scope: Scope, raw: str, seps: str, location: str, inst: dict[str, Json],
+            out: Json) -> bool:
+        return holds(scope)
+    return row

@@ -153,9 +153,13 @@ class Inverter:
                 raise ConditionError(f"'{text}' is not in this {table.kind}")
             if table.kind == "segment":
                 f, rest = position[0], position[1:]
+                found = source_location(text)
+                nth = found.repetition if isinstance(found, Location) else None
 
                 def in_segment(ctx: object) -> str:
                     tree, rep = typing.cast(tuple[Tree, int], ctx)
+                    if nth is not None:  # a named repetition (`OBX-5(2)`) as written
+                        return read(tree, (f, nth, *rest))
                     return read(tree, (f, rep if f == own_field else 1, *rest))
                 return in_segment
 
