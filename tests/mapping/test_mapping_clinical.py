@@ -281,8 +281,11 @@ def test_ft1_naming_a_drug_is_a_medication_dispense() -> None:
     assert dispense["authorizingPrescription"] == [{"identifier": {"value": "RX-7010"}}]
     assert dispense["subject"] == {"reference": ref(data, one(data, "Patient"))}
     assert dispense["context"] == {"reference": ref(data, one(data, "Encounter"))}
-    # The third FT1 charges a fee, neither a drug nor a procedure: it is counted.
-    assert unmapped(message("oru_r01")).get("FT1") == 1
+    # The third FT1 charges a fee, neither a drug nor a procedure: it is a charge only
+    # (every FT1 with a transaction code is a ChargeItem, test_mapping_people).
+    assert "FT1" not in unmapped(message("oru_r01"))
+    assert any(c["code"]["coding"][0]["code"] == "LABFEE"
+               for c in resources(data, "ChargeItem"))
 
 
 def test_ft1_naming_a_procedure_is_a_procedure() -> None:

@@ -109,6 +109,10 @@ class Reverser:
             raise UnsupportedResource(kind)
         inside = {id(t) for r in mapped for t in _referenced(r, bundle) if t is not r}
         top = [r for r in mapped if id(r) not in inside] or mapped[:1]
+        # Of several top resources, one no row applies to (a ServiceRequest without a code,
+        # as a VXU's ORC makes) is context, not a message; alone it is still refused.
+        sendable = [r for r in top if self._applies(r, event)]
+        top = sendable or top
         when = (now or datetime.now().astimezone())
         if when.tzinfo is None:
             when = when.astimezone()
@@ -119,6 +123,13 @@ class Reverser:
                 uuid.uuid4().hex[:20].upper()
             messages.append(self._message(definition, resource, bundle, ctl, when))
         return messages
+
+    def _applies(self, resource: Json, event: str | None) -> bool:
+        try:
+            self._definition(resource, event)
+        except UnsupportedResource:
+            return False
+        return True
 
     def _definition(self, resource: Json, event: str | None) -> Outbound:
         kind = str(resource.get("resourceType"))
