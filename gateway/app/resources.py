@@ -42,7 +42,9 @@ from gateway.app.state import (
     SETTINGS,
     TELEMETRY,
     TRANSLATOR,
+    WORKERS,
 )
+from gateway.app.workers import Workers
 from gateway.audit import AuditLog
 from gateway.edge import audit_http, http
 from gateway.edge.auth_server import AUTH_SERVER
@@ -50,6 +52,7 @@ from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.ingest import Ingest, LocalApplier, Routing
+from gateway.ingest.worker import Applier
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
@@ -173,15 +176,27 @@ async def fhir_api(app: web.Application) -> AsyncIterator[None]:
 
 
 async def applier(app: web.Application) -> AsyncIterator[None]:
-    """The applier of translated messages to the FHIR store; starts with its sweep of the
-    rows a crash left translated, and applies what is queued before it stops."""
+    """The applier of translated messages to the FHIR store: the apply worker processes
+    (`processes.workers`), or this process's own. Either starts with a sweep of the rows a
+    crash left translated, and stops after the batch in hand (the rest waits, committed
+    and marked, for the next start)."""
     settings = app[SETTINGS]
     if not (settings.fhir.enabled and settings.mapping.translate_on_ingest):
         yield
         return
-    started = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
-                           app[TRANSLATOR])
-    started.start()
+    count = settings.processes.worker_count()
+    started: Applier
+    if count:
+        # Worker processes apply (and translate again) what the edge commits: the second
+        # core's work, off this event loop.
+        workers = Workers(settings, count)
+        await workers.start()
+        app[WORKERS] = started = workers
+    else:
+        local = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
+                             app[TRANSLATOR])
+        local.start()
+        started = local
     app[APPLIER] = started
     try:
         yield

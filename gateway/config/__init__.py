@@ -19,6 +19,7 @@ from gateway.config.forward import (
     RouteMatch,
 )
 from gateway.config.loader import ConfigError, load_settings
+from gateway.config.processes import ProcessesConfig
 from gateway.config.settings import Settings
 from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
@@ -27,6 +28,6 @@ __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AllowedSender", "ApiKeyConfig", "AuditConfig",
     "AuditReviewer", "AuthConfig", "BackendAuthConfig", "BackendConfig", "ClientConfig",
     "ConfigError", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig", "MappingConfig",
-    "MllpConfig", "RouteConfig", "RouteMatch", "ServerConfig", "Settings", "StoreConfig",
-    "TelemetryConfig", "TlsConfig", "load_settings",
+    "MllpConfig", "ProcessesConfig", "RouteConfig", "RouteMatch", "ServerConfig", "Settings",
+    "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
 ]

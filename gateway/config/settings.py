@@ -8,6 +8,7 @@ from gateway.config.auth import AuthConfig
 from gateway.config.base import Section as _Section
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
+from gateway.config.processes import ProcessesConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
 
@@ -28,6 +29,7 @@ class Settings(_Section):
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     forward: ForwardConfig = ForwardConfig()
+    processes: ProcessesConfig = ProcessesConfig()
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

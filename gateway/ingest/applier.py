@@ -102,7 +102,7 @@ class LocalApplier:
         await asyncio.sleep(0)
 
     async def close(self) -> None:
-        """Apply what is queued, then stop; what is left is swept at the next start."""
+        """Finish the batch in hand, then stop; what is left is swept at the next start."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
@@ -129,6 +129,11 @@ class LocalApplier:
                     batch = self._queue[:self._max_batch]
                     del self._queue[:len(batch)]
                     await self._apply(await self._held(batch))
+                    if self._closing:
+                        # Stop after the batch in hand: the rest is committed and marked
+                        # translated, for the next start's sweep (a long backlog must not
+                        # hold a SIGTERM up).
+                        break
             finally:
                 self._busy = False
             if self._closing:

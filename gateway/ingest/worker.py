@@ -1,0 +1,195 @@
+"""The inbox follower: an apply worker's loop, in a process of its own beside the edge.
+
+The edge commits each message with its ACK and answers; it no longer applies. A worker
+follows the inbox instead: it reads the rows marked `translated` in inbox order, translates
+each again from the stored bytes (the same `replay` the sweep uses, so the same resources
+and ids as the edge's translation), applies them to the FHIR store in group commits and
+marks them. With several workers each takes the patients whose key falls in its share, so
+one patient's messages are applied by one worker, in inbox order.
+
+A crash of the edge or of a worker loses nothing: the row is committed before the ACK and
+stays `translated` until its apply is committed; rows a crash left are found again when a
+worker starts (checked against the store for those whose apply committed but whose mark
+did not: their Provenance is there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from gateway.canonical import Translation
+from gateway.fhir.search import SearchRegistry
+from gateway.hl7.errors import ErrorCode, Hl7Error
+from gateway.hl7.message import parse_message
+from gateway.ingest.applier import LocalApplier, Outcome
+from gateway.ingest.replay import Replay, patient_key, translate
+from gateway.mapping.engine import Translator
+from gateway.store import StoreUnavailable
+from gateway.store.fhir import FhirStore
+from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
+
+log = logging.getLogger(__name__)
+
+# Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
+Report = Callable[[Sequence[tuple[int, str]]], None]
+
+
+class Applier(Protocol):
+    """What the edge hands committed translations to: applied here or in workers."""
+
+    def submit(self, inbox_id: int, translation: Translation,
+               outcome: Outcome | None = None) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def share_of(key: str, count: int) -> int:
+    """The worker (0 .. count-1) that applies messages about the patient with this key
+    (`patient_key`); messages without a patient go to worker 0."""
+    if count <= 1 or not key:
+        return 0
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % count
+
+
+class InboxFollower(LocalApplier):
+    """Applies the rows marked `translated` that fall in this worker's share, in inbox
+    order, as they are committed; `wake()` says new rows were committed."""
+
+    def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: Inbox,
+                 translator: Translator, report: Report, *, share: int = 0,
+                 shares: int = 1, max_batch: int = 64, budget_bytes: int = 64 << 20,
+                 sweep_interval: float = 30.0) -> None:
+        super().__init__(store, registry, inbox, translator, sweep_interval=sweep_interval,
+                         max_batch=max_batch)
+        self._report = report
+        self._share = share
+        self._shares = shares
+        self._budget = budget_bytes
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._average = 4096  # bytes per row read lately: sizes the next read
+        self.depth = 0  # rows read and not yet applied (for /metrics)
+        self.batch_seconds = 0.0  # the last batch, read to marked
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from `follow` (the rest waits, marked
+        `translated`, for the next start)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def follow(self) -> None:
+        """Until `stop()`: every row left `translated`, then each new one as it commits."""
+        cursor = 0
+        # Rows up to here may have been applied by a worker that died before marking them.
+        checked_upto: int | None = None
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wake.clear()  # before reading: a commit after the read wakes us again
+            limit = max(1, min(self._max_batch, self._budget // max(self._average, 1)))
+            try:
+                rows = await self._inbox.with_status(TRANSLATED, limit, cursor)
+            except StoreUnavailable:
+                rows = []
+            if checked_upto is None:
+                checked_upto = rows[-1][0] if rows else 0
+                checked_upto = max(checked_upto, await self._newest_translated(cursor))
+            if not rows:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._sweep_interval)
+                except TimeoutError:
+                    # Idle: go over the rows a store failure left behind once more, checking
+                    # the store first for any applied but not marked.
+                    checked_upto, cursor = cursor, 0
+                continue
+            rows = _within(rows, self._budget)
+            self._average = max(1, sum(len(raw) for _, raw, _ in rows) // len(rows))
+            started = loop.time()
+            self.depth = len(rows)
+            cursor = rows[-1][0]
+            try:
+                await self._apply_rows(rows, checked_upto)
+            except Exception as exc:  # a bug costs this batch a retry, never the worker
+                log.error("apply worker: a batch failed: %s", type(exc).__name__)
+            self.depth = 0
+            self.batch_seconds = loop.time() - started
+
+    async def _newest_translated(self, after: int) -> int:
+        """The highest id marked `translated` now (0: none): the rows a crash may have
+        applied without marking them end there."""
+        newest = after
+        while True:
+            rows = await self._inbox.with_status(TRANSLATED, 500, newest)
+            if not rows:
+                return newest
+            newest = rows[-1][0]
+
+    async def _apply_rows(self, rows: Sequence[tuple[int, bytes, datetime]],
+                          checked_upto: int) -> None:
+        batch: list[tuple[int, Translation, Outcome | None]] = []
+        marks: list[tuple[int, str, str]] = []
+        reports: list[tuple[int, str]] = []
+        for row_id, raw, received_at in rows:
+            replayed = self._mine(raw, received_at)
+            if replayed is None:
+                continue  # another worker's patient
+            translation = replayed.translation
+            if translation is None:
+                marks.append((row_id, replayed.status, replayed.error_text))
+                reports.append((row_id, replayed.error_text or replayed.reason
+                                or replayed.status))
+            elif row_id <= checked_upto and await self._committed_before(translation):
+                marks.append((row_id, APPLIED, ""))
+                reports.append((row_id, ""))
+            else:
+                batch.append((row_id, translation, _reporter(reports, row_id)))
+        await self._inbox.set_statuses(marks)
+        await self._apply(batch)
+        if reports:
+            self._report(reports)
+
+    def _mine(self, raw: bytes, received_at: datetime) -> Replay | None:
+        """The row translated again as received, or None when another worker's share
+        holds its patient."""
+        try:
+            message = parse_message(raw)
+        except Hl7Error as exc:
+            return Replay(FAILED, error=exc, reason=exc.reason) if self._share == 0 else None
+        if self._shares > 1 and share_of(patient_key(message), self._shares) != self._share:
+            return None
+        try:
+            return translate(self._translator, message, received_at)
+        except Exception as exc:  # a table or engine bug costs this message, not the worker
+            log.error("apply worker: internal error translating a stored message: %s",
+                      type(exc).__name__)
+            reason = "internal error while translating"
+            return Replay(FAILED, error=Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason),
+                          reason=reason)
+
+
+def _within(rows: Sequence[tuple[int, bytes, datetime]], budget: int
+            ) -> list[tuple[int, bytes, datetime]]:
+    """The leading rows whose bytes fit the budget (always at least one)."""
+    kept: list[tuple[int, bytes, datetime]] = []
+    held = 0
+    for row in rows:
+        held += len(row[1])
+        if kept and held > budget:
+            break
+        kept.append(row)
+    return kept
+
+
+def _reporter(reports: list[tuple[int, str]], row_id: int) -> Outcome:
+    def outcome(problem: Hl7Error | None) -> None:
+        reports.append((row_id, problem.reason if problem is not None else ""))
+    return outcome
