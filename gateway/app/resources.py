@@ -52,6 +52,7 @@ from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.ingest import Ingest, LocalApplier, Routing
+from gateway.ingest.prepare import ThreadTranslators, Translators
 from gateway.ingest.worker import Applier
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
@@ -189,7 +190,7 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
     if count:
         # Worker processes apply (and translate again) what the edge commits: the second
         # core's work, off this event loop.
-        workers = Workers(settings, count)
+        workers = Workers(settings, count, app[TRANSLATOR])
         await workers.start()
         app[WORKERS] = started = workers
     else:
@@ -207,13 +208,19 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
 async def mllp(app: web.Application) -> AsyncIterator[None]:
     """The MLLP listener; on stop it answers what is in flight before closing."""
     settings = app[SETTINGS]
-    server = mllp_server(app)
+    workers = app.get(WORKERS)
+    # Large frames are translated on a thread (with workers: they own that choice).
+    threads = None if workers is not None else ThreadTranslators(
+        app[TRANSLATOR], settings.processes.offload_bytes)
+    server = mllp_server(app, workers or threads)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
     try:
         yield
     finally:
         await server.stop(timeout=settings.server.shutdown_timeout)
+        if threads is not None:
+            threads.close()
 
 
 async def housekeeping(app: web.Application) -> AsyncIterator[None]:
@@ -241,7 +248,7 @@ RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, i
                                    forwarding, fhir_api, applier, mllp, housekeeping)
 
 
-def mllp_server(app: web.Application) -> MllpServer:
+def mllp_server(app: web.Application, translators: Translators | None = None) -> MllpServer:
     """The MLLP listener and its handler, over what the contexts before it opened."""
     settings = app[SETTINGS]
     mllp = settings.mllp
@@ -253,7 +260,7 @@ def mllp_server(app: web.Application) -> MllpServer:
         translator=app[TRANSLATOR] if settings.mapping.translate_on_ingest else None,
         applied=applied.submit if applied is not None else None,
         routing=Routing(routes.router, routes.dispatcher) if settings.routes else None,
-        audit=app.get(audit_http.AUDIT))
+        audit=app.get(audit_http.AUDIT), translators=translators)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

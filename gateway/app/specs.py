@@ -99,7 +99,8 @@ def mllp_reservations(settings: Settings) -> Reservations | None:
 def ingest_options(settings: Settings, check: SenderCheck | None = None) -> IngestOptions:
     mllp = settings.mllp
     return IngestOptions(validation=mllp.validation, default_charset=mllp.default_charset,
-                         strict=settings.mapping.strict, sender_check=check)
+                         strict=settings.mapping.strict, sender_check=check,
+                         budget_bytes=settings.processes.memory_budget_bytes)
 
 
 # -- the FHIR API and its callers --------------------------------------------------------------

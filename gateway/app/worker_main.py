@@ -19,12 +19,13 @@ import socket
 import sys
 from collections.abc import Sequence
 
-import orjson
-
 from gateway.app.specs import load_translator, search_registry
 from gateway.app.state import FHIR_FILE, INBOX_FILE
+from gateway.app.workers import receive, send
 from gateway.config import Settings
+from gateway.ingest.prepare import Request, prepare, to_wire
 from gateway.ingest.worker import InboxFollower
+from gateway.mapping.engine import Translator
 from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
 
@@ -83,8 +84,7 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
 
     def report(done: Sequence[tuple[int, str]]) -> None:
         assert follower is not None
-        writer.write(orjson.dumps({"done": list(done), "depth": follower.depth,
-                                   "batch_ms": follower.batch_seconds * 1000}) + b"\n")
+        send(writer, ("done", list(done), follower.depth, follower.batch_seconds * 1000))
 
     follower = InboxFollower(store, registry, inbox, translator, report, share=index,
                              shares=count,
@@ -92,27 +92,35 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, follower.stop)
     following = asyncio.create_task(follower.follow(), name="inbox-follower")
     try:
-        writer.write(b'{"ready": true}\n')
         while not following.done():
-            listening = asyncio.ensure_future(reader.readline())
+            listening = asyncio.ensure_future(receive(reader))
             await asyncio.wait({listening, following}, return_when=asyncio.FIRST_COMPLETED)
             if not listening.done():
                 listening.cancel()
                 break
-            try:
-                line = listening.result()
-            except (ConnectionError, ValueError):
-                line = b""
-            if not line or b'"stop"' in line:  # stopped, or the edge is gone
+            item = listening.result()
+            if item is None or item[0] == "stop":  # stopped, or the edge is gone
                 follower.stop()
                 break
-            follower.wake()
+            if item[0] == "translate":
+                _translate(translator, follower, writer, item[1], item[2])
+            else:
+                follower.wake()
         await following
     finally:
         await store.close()
         await inbox.close()
         writer.close()
         os.close(lock)
+
+
+def _translate(translator: Translator, follower: InboxFollower,
+               writer: asyncio.StreamWriter, seq: int, request: Request) -> None:
+    """Translate for the edge's ACK; keep the translation for when its row commits."""
+    prepared = prepare(translator, request, keep=True)
+    if prepared.translation is not None:
+        follower.keep(request.raw, prepared.translation)
+    send(writer, ("translated", seq, to_wire(prepared)))
 
 
 if __name__ == "__main__":

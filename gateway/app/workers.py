@@ -3,12 +3,17 @@
 The edge (this process) owns the listeners, the inbox commit with its ACK and the audit
 trail (the only audit writer: workers apply messages already on record and write none).
 Each worker is `python -m gateway.app.worker_main`, told its settings on stdin and talking
-over a socket pair, one JSON object a line:
+over a socket pair, one pickled tuple a frame (4-byte length first; both ends are ours):
 
-    edge -> worker   {"wake": true}    rows were committed
-                     {"stop": true}    finish the batch in hand and exit
-    worker -> edge   {"ready": true}
-                     {"done": [[inbox id, ""|reason], ...], "depth": n, "batch_ms": x}
+    edge -> worker   ("translate", seq, Request)   translate a message for its ACK
+                     ("wake",)                     rows were committed
+                     ("stop",)                     finish the batch in hand and exit
+    worker -> edge   ("translated", seq, wire)     the outcome (`prepare.to_wire`)
+                     ("done", [(inbox id, ""|reason), ...], depth, batch ms)
+
+A small message is translated for its ACK by the worker whose share holds its patient,
+which keeps the translation to apply once the row commits (no second translation); a
+large one on a thread of the edge (`ThreadTranslators`), so that it holds up no worker.
 
 A worker dies with the edge (its parent-death signal, and the socket's end of file); a
 worker that dies is started again, and its rows wait, committed and marked `translated`,
@@ -23,21 +28,49 @@ import logging
 import os
 import pickle
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
-
-import orjson
+from typing import Any
 
 from gateway.canonical import Translation
 from gateway.config import Settings
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.ingest import Outcome
+from gateway.ingest.prepare import Prepared, Request, ThreadTranslators, from_wire, settle
+from gateway.ingest.worker import share_of
+from gateway.mapping.engine import Translator
 
 log = logging.getLogger(__name__)
 
 # How long a stopping worker may take to finish its batch before it is killed.
 _STOP_GRACE = 8.0
 _RESTART_DELAY = 1.0
+
+
+_LENGTH = struct.Struct(">I")
+
+
+def send(writer: asyncio.StreamWriter, item: tuple[Any, ...]) -> None:
+    """One frame to the other process (nothing if it is gone)."""
+    if writer.is_closing():
+        return
+    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        writer.write(_LENGTH.pack(len(body)) + body)
+    except (ConnectionError, RuntimeError):
+        pass  # the other end is gone; its supervisor (or the worker's EOF) handles it
+
+
+async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
+    """The next frame from the other process; None at its end."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+        item = pickle.loads(await reader.readexactly(_LENGTH.unpack(head)[0]))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    assert isinstance(item, tuple)
+    return item
 
 
 @dataclass
@@ -58,6 +91,8 @@ class _Worker:
     writer: asyncio.StreamWriter | None = None
     reader_task: asyncio.Task[None] | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
+    # Translations asked of this worker and not answered yet, by sequence number.
+    asked: dict[int, asyncio.Future[Prepared]] = field(default_factory=dict)
 
 
 class Workers:
@@ -65,8 +100,10 @@ class Workers:
     translation (the worker translates the stored row again), `drain` waits for what was
     submitted to be applied, `close` stops every worker after its batch in hand."""
 
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, translator: Translator) -> None:
         self._settings = settings
+        self._large = ThreadTranslators(translator, settings.processes.offload_bytes)
+        self._seq = 0
         self._workers = [_Worker(i) for i in range(count)]
         self._pending: set[int] = set()
         self._outcomes: dict[int, Outcome] = {}
@@ -83,7 +120,22 @@ class Workers:
         for worker in self._workers:
             await self._spawn(worker)
 
-    def submit(self, inbox_id: int, translation: Translation,
+    def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
+        """A translation for the handler: large frames on the edge's thread, the others by
+        the worker that applies their patient."""
+        large = self._large.translate(request)
+        if large is not None or self._closing:
+            return large
+        worker = self._workers[share_of(request.patient_key, len(self._workers))]
+        if worker.writer is None or worker.writer.is_closing():
+            return None  # being started again: translated here meanwhile
+        self._seq += 1
+        future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
+        worker.asked[self._seq] = future
+        send(worker.writer, ("translate", self._seq, request))
+        return future
+
+    def submit(self, inbox_id: int, translation: Translation | None,
                outcome: Outcome | None = None) -> None:
         if self._closing:
             return
@@ -102,8 +154,10 @@ class Workers:
     async def close(self) -> None:
         """Stop every worker after the batch it holds; kill one that overstays."""
         self._closing = True
+        self._large.close()
         for worker in self._workers:
-            self._send(worker, {"stop": True})
+            if worker.writer is not None:
+                send(worker.writer, ("stop",))
         for worker in self._workers:
             process = worker.process
             if process is None:
@@ -141,18 +195,21 @@ class Workers:
 
     async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         """Read the worker's reports until it exits; start it again unless stopping."""
-        while True:
+        while (item := await receive(reader)) is not None:
             try:
-                line = await reader.readline()
-            except (ConnectionError, ValueError):
-                line = b""
-            if not line:
-                break
-            try:
-                self._reported(worker, orjson.loads(line))
+                if item[0] == "translated":
+                    future = worker.asked.pop(item[1], None)
+                    if future is not None:
+                        settle(future, from_wire(item[2]))
+                elif item[0] == "done":
+                    self._reported(worker, item[1], item[2], item[3])
             except Exception as exc:  # a malformed report must not stop the supervisor
                 log.error("apply worker %d: unreadable report: %s", worker.index,
                           type(exc).__name__)
+        # Whatever it was asking is translated here instead (the handler falls back).
+        for future in worker.asked.values():
+            settle(future, ConnectionError("the apply worker is gone"))
+        worker.asked.clear()
         process = worker.process
         code = await process.wait() if process is not None else None
         if self._closing:
@@ -162,15 +219,13 @@ class Workers:
         await asyncio.sleep(_RESTART_DELAY)
         if not self._closing:
             await self._spawn(worker)
-            self._send(worker, {"wake": True})
+            if worker.writer is not None:
+                send(worker.writer, ("wake",))
 
-    def _reported(self, worker: _Worker, report: dict[str, object]) -> None:
-        done = report.get("done")
-        if not isinstance(done, list):
-            return
+    def _reported(self, worker: _Worker, done: list[tuple[int, str]], depth: int,
+                  batch_ms: float) -> None:
         stats = worker.stats
-        stats.depth = int(report.get("depth", 0))  # type: ignore[call-overload]
-        stats.batch_ms = float(report.get("batch_ms", 0.0))  # type: ignore[arg-type]
+        stats.depth, stats.batch_ms = depth, batch_ms
         for inbox_id, problem in done:
             if problem:
                 stats.failed += 1
@@ -187,13 +242,5 @@ class Workers:
     def _wake(self) -> None:
         self._wake_scheduled = False
         for worker in self._workers:
-            self._send(worker, {"wake": True})
-
-    def _send(self, worker: _Worker, command: dict[str, bool]) -> None:
-        writer = worker.writer
-        if writer is None or writer.is_closing():
-            return
-        try:
-            writer.write(orjson.dumps(command) + b"\n")
-        except (ConnectionError, RuntimeError):
-            pass  # the worker is gone; the supervisor starts it again
+            if worker.writer is not None:
+                send(worker.writer, ("wake",))

@@ -86,7 +86,7 @@ class LocalApplier:
         self._busy = True  # the start-up sweep comes first
         self._task = asyncio.create_task(self._run(), name="local-applier")
 
-    def submit(self, inbox_id: int, translation: Translation,
+    def submit(self, inbox_id: int, translation: Translation | None,
                outcome: Outcome | None = None) -> None:
         """Queue a committed, translated message (the ACK has gone or is going out);
         `outcome` is told the result (None: applied) for the application ACK."""

@@ -46,6 +46,7 @@ from gateway.hl7.mllp import FrameTooLarge
 from gateway.hl7.validate import validate
 from gateway.ingest.answer import Answers, audit_failed, where
 from gateway.ingest.applier import Outcome
+from gateway.ingest.prepare import Budget, Lanes, Prepared, Request, Translators
 from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
@@ -56,7 +57,8 @@ from gateway.telemetry import Telemetry, set_attributes
 log = logging.getLogger(__name__)
 
 # Hands a committed translation on to be applied (the local FHIR store's applier).
-Applied = Callable[[int, Translation, Outcome | None], None]
+# (None: made again from the inbox row when its turn comes.)
+Applied = Callable[[int, Translation | None, Outcome | None], None]
 
 
 def _now() -> datetime:
@@ -75,6 +77,9 @@ class IngestOptions:
     strict: bool = False
     # With mTLS: whether a certificate subject may send as a message's MSH-3/MSH-4.
     sender_check: SenderCheck | None = None
+    # Bytes of frames held between receipt and commit (processes.memory_budget_bytes);
+    # None: no bound beyond the listener's.
+    budget_bytes: int | None = None
     clock: Callable[[], datetime] = _now
 
 
@@ -95,7 +100,8 @@ class Ingest:
     def __init__(self, inbox: Inbox, telemetry: Telemetry,
                  options: IngestOptions | None = None, *,
                  translator: Translator | None = None, applied: Applied | None = None,
-                 routing: Routing | None = None, audit: AuditLog | None = None) -> None:
+                 routing: Routing | None = None, audit: AuditLog | None = None,
+                 translators: Translators | None = None) -> None:
         self._inbox = inbox
         self._options = options or IngestOptions()
         self._translator = translator
@@ -105,6 +111,11 @@ class Ingest:
         self._clock = self._options.clock
         self._answers = Answers(telemetry, audit, self._clock)
         self._metrics = telemetry.ingest
+        # Where translations run when not here; each connection's commits stay in order.
+        self._translators = translators
+        self._lanes = Lanes()
+        budget = self._options.budget_bytes
+        self.budget = Budget(budget) if budget is not None else None
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
                push: Push | None = None) -> asyncio.Future[Reply]:
@@ -118,6 +129,17 @@ class Ingest:
         started = self._metrics.clock()
         if self._metrics.enabled:
             reply.add_done_callback(lambda _: self._metrics.since("total", started))
+        size = len(frame) if isinstance(frame, bytes) else 0
+        if self.budget is not None and isinstance(frame, bytes):
+            if not self.budget.take(size):
+                # Over the memory budget: refused unread; the sender keeps it and resends.
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "the gateway holds too many messages; resend later",
+                                 reject=True)
+                self._answers.refuse(span, reply, salvage_header(frame), [error], peer)
+                return reply
+            budget = self.budget
+            reply.add_done_callback(lambda _: budget.give_back(size))
         try:
             self._handle(frame, peer, span, reply, push)
         except Exception as exc:
@@ -192,12 +214,54 @@ class Ingest:
 
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
-        header = message.header
+        """Translate (here, or elsewhere for a large frame or with workers), then commit in
+        the connection's order."""
         now = self._clock()
-        translated = self._translate(message, span, now)
-        status, error, translation = (translated.status, translated.error,
-                                      translated.translation)
-        targets = self._targets(header, translation)
+        routed = self._route(message.header)
+        elsewhere = self._elsewhere(message, frame, routed, now)
+        if elsewhere is None and not self._lanes.busy(peer):
+            self._commit(message, frame, peer, span, reply, push, now, routed,
+                         self._translate(message, span, now, routed))
+            return
+        started = self._metrics.clock()
+
+        def step(outcome: Prepared | BaseException | None) -> None:
+            try:
+                if isinstance(outcome, Prepared):
+                    self._metrics.since("translate", started)
+                    prepared = self._noted(outcome, span)
+                else:  # nothing sent, or the worker went away: translate here
+                    prepared = self._translate(message, span, now, routed)
+                self._commit(message, frame, peer, span, reply, push, now, routed, prepared)
+            except Exception as exc:  # as in handle(): one message's AR, never the process
+                log.error("internal error on an MLLP message: %s at %s",
+                          type(exc).__name__, where(exc))
+                if not reply.done():
+                    error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                     "internal error; the message was not accepted",
+                                     reject=True)
+                    self._answers.refuse(span, reply, message, [error], peer)
+
+        self._lanes.then(peer, elsewhere, step)
+
+    def _elsewhere(self, message: Message, frame: bytes, routed: Targets,
+                   now: datetime) -> asyncio.Future[Prepared] | None:
+        """The translation handed to a worker or a thread; None: it is done here."""
+        if self._translator is None or self._translators is None:
+            return None
+        return self._translators.translate(Request(
+            frame, now, self._options.default_charset,
+            patient_key(message), routed.needs_bundle, self._options.strict))
+
+    def _commit(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
+                reply: asyncio.Future[Reply], push: Push | None, now: datetime,
+                routed: Targets, translated: Prepared) -> None:
+        """Commit the message with its ACK (and audit record); answer once both are
+        durable; then hand it on to be applied."""
+        header = message.header
+        status, error = translated.status, translated.error
+        targets = routed if translated.translated or self._routing is None else (
+            self._routing.router.untranslated(routed))
         outbox = self._routing.outbox if self._routing is not None else None
         if targets.remote and outbox is not None and outbox.full(targets.remote):
             # Accept only what can be held: the sender keeps it and resends later.
@@ -230,8 +294,7 @@ class Ingest:
             routes=targets.remote,
             patient_key=patient_key(message) if targets.remote else "",
             trace=_traceparent(span) if targets.remote else "",
-            bundle=(dumps(to_bundle(translation))
-                    if targets.needs_bundle and translation is not None else None),
+            bundle=translated.bundle if targets.needs_bundle else None,
             content_hash=content_digest(message),
             conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
         )
@@ -290,9 +353,8 @@ class Ingest:
                 if targets.remote and outbox is not None:
                     outbox.queued(targets.remote)
                 # After the commit ACK is queued, so an application ACK can only follow it.
-                self._process(message, status, error,
-                              translation if targets.local else None, result.inbox_id,
-                              push if header.enhanced_mode else None)
+                self._process(message, status, error, translated, targets.local,
+                              result.inbox_id, push if header.enhanced_mode else None)
 
         if audited is None:
             stored.add_done_callback(committed)
@@ -333,34 +395,49 @@ class Ingest:
         self._answers.finish(span, reply, result.ack if send else None, code, size,
                              header.message_type)
 
-    def _targets(self, header: Header, translation: Translation | None) -> Targets:
+    def _route(self, header: Header) -> Targets:
+        """Where the message goes if it translates (`Router.untranslated` if not)."""
         if self._routing is None:
             return _LOCAL
-        router = self._routing.router
-        targets = router.for_message(header.message_type, header.sending_application,
-                                     header.sending_facility)
-        return targets if translation is not None else router.untranslated(targets)
+        return self._routing.router.for_message(
+            header.message_type, header.sending_application, header.sending_facility)
 
     def _process(self, message: Message, status: str, error: Hl7Error | None,
-                 translation: Translation | None, inbox_id: int, push: Push | None) -> None:
+                 translated: Prepared, local: bool, inbox_id: int,
+                 push: Push | None) -> None:
         """After the commit: hand the translation on to be applied; in enhanced mode, send
         the application ACK (MSH-16) once the outcome is known."""
         def outcome(problem: Hl7Error | None) -> None:
             if push is not None:
                 self._answers.application_ack(message, problem, push)
 
-        if translation is not None and self._applied is not None:
-            self._applied(inbox_id, translation, outcome if push is not None else None)
+        if translated.translated and local and self._applied is not None:
+            self._applied(inbox_id, translated.translation,
+                          outcome if push is not None else None)
         elif push is not None:
             # Nothing left to do (not translated, not mapped, or no store): the outcome is
             # known now. A message no table maps is accepted, as in original mode.
             outcome(error if status == FAILED else None)
 
-    def _translate(self, message: Message, span: trace.Span, now: datetime) -> Replay:
+    def _translate(self, message: Message, span: trace.Span, now: datetime,
+                   routed: Targets) -> Prepared:
         """Translate before the commit (it is CPU only), so message, ACK and outcome are
         stored together in one write; a failure is stored too, for replay."""
         if self._translator is None:
             return _NOT_TRANSLATED
+        translated = self._translate_here(message, span, now)
+        translation = translated.translation
+        if translation is None:
+            return self._noted(Prepared(translated.status, translated.error,
+                                        translated.reason), span)
+        return self._noted(Prepared(
+            TRANSLATED, translation=translation,
+            bundle=dumps(to_bundle(translation)) if routed.needs_bundle else None,
+            resources=len(translation.resources), unmapped=translation.unmapped_count,
+            z_segments=translation.z_segments), span)
+
+    def _translate_here(self, message: Message, span: trace.Span, now: datetime) -> Replay:
+        assert self._translator is not None
         child = self._answers.span("mapping.translate", span)
         started = self._metrics.clock()
         try:
@@ -375,28 +452,32 @@ class Ingest:
             child.end()
             self._metrics.since("translate", started)
         translation = translated.translation
-        if translation is None:
-            set_attributes(span, {"mapping.status": translated.status})
-            if translated.status == FAILED:
-                log.info("could not translate an MLLP message: %s", translated.reason)
-            return translated
-        if self._answers.recording:
-            set_attributes(span, {"mapping.status": TRANSLATED,
-                                  "mapping.resources": len(translation.resources),
-                                  "mapping.unmapped": translation.unmapped_count,
-                                  "mapping.z_segments": translation.z_segments})
-        if translation.unmapped and log.isEnabledFor(logging.DEBUG):
+        if translation is not None and translation.unmapped and log.isEnabledFor(
+                logging.DEBUG):
             # Locations and counts only: never a value.
             log.debug("unmapped in %s: %s", translation.provenance.message_type,
                       ", ".join(f"{k}x{v}" for k, v in sorted(translation.unmapped.items())))
         return translated
+
+    def _noted(self, prepared: Prepared, span: trace.Span) -> Prepared:
+        """The translation outcome on the span (and a failure in the log: no value)."""
+        if not prepared.translated:
+            set_attributes(span, {"mapping.status": prepared.status})
+            if prepared.status == FAILED:
+                log.info("could not translate an MLLP message: %s", prepared.reason)
+        elif self._answers.recording:
+            set_attributes(span, {"mapping.status": TRANSLATED,
+                                  "mapping.resources": prepared.resources,
+                                  "mapping.unmapped": prepared.unmapped,
+                                  "mapping.z_segments": prepared.z_segments})
+        return prepared
 
 
 # The translation outcome, as the audit record's note.
 _DETAIL = {TRANSLATED: "translated", ROUTED: "translated", FAILED: "translation failed",
            UNSUPPORTED: "not mapped"}
 _LOCAL = Targets(local=True)
-_NOT_TRANSLATED = Replay(ACCEPTED)
+_NOT_TRANSLATED = Prepared(ACCEPTED)
 
 
 def _traceparent(span: trace.Span) -> str:

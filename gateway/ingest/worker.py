@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -42,7 +43,7 @@ Report = Callable[[Sequence[tuple[int, str]]], None]
 class Applier(Protocol):
     """What the edge hands committed translations to: applied here or in workers."""
 
-    def submit(self, inbox_id: int, translation: Translation,
+    def submit(self, inbox_id: int, translation: Translation | None,
                outcome: Outcome | None = None) -> None: ...
 
     async def drain(self) -> None: ...
@@ -75,8 +76,24 @@ class InboxFollower(LocalApplier):
         self._wake = asyncio.Event()
         self._stopping = False
         self._average = 4096  # bytes per row read lately: sizes the next read
+        # Translations this worker made for the edge's ACKs, by the bytes translated, so a
+        # row is not translated twice; bounded (a message refused after translating is
+        # never looked up) by count and by the bytes of the messages they came from.
+        self._kept: OrderedDict[bytes, tuple[Translation, int]] = OrderedDict()
+        self._kept_bytes = 0
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
+
+    def keep(self, raw: bytes, translation: Translation) -> None:
+        """Hold a translation made for the ACK until its row comes up."""
+        key = _digest(raw)
+        if key in self._kept:
+            return
+        self._kept[key] = (translation, len(raw))
+        self._kept_bytes += len(raw)
+        while self._kept and (self._kept_bytes > self._budget or len(self._kept) > 20_000):
+            _, (_, size) = self._kept.popitem(last=False)
+            self._kept_bytes -= size
 
     def wake(self) -> None:
         self._wake.set()
@@ -139,7 +156,13 @@ class InboxFollower(LocalApplier):
         marks: list[tuple[int, str, str]] = []
         reports: list[tuple[int, str]] = []
         for row_id, raw, received_at in rows:
-            replayed = self._mine(raw, received_at)
+            kept = self._kept.pop(_digest(raw), None)
+            if kept is not None:
+                self._kept_bytes -= kept[1]
+                replayed: Replay | None = Replay(TRANSLATED, kept[0])
+            else:
+                replayed = self._mine(raw, received_at)
+                await asyncio.sleep(0)  # the edge's translation requests go first
             if replayed is None:
                 continue  # another worker's patient
             translation = replayed.translation
@@ -174,6 +197,10 @@ class InboxFollower(LocalApplier):
             reason = "internal error while translating"
             return Replay(FAILED, error=Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason),
                           reason=reason)
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _within(rows: Sequence[tuple[int, bytes, datetime]], budget: int
