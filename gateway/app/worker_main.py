@@ -91,6 +91,7 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
                              budget_bytes=settings.processes.memory_budget_bytes // 4)
     loop.add_signal_handler(signal.SIGTERM, follower.stop)
     following = asyncio.create_task(follower.follow(), name="inbox-follower")
+    send(writer, ("ready",))
     try:
         while not following.done():
             listening = asyncio.ensure_future(receive(reader))

@@ -8,7 +8,8 @@ over a socket pair, one pickled tuple a frame (4-byte length first; both ends ar
     edge -> worker   ("translate", seq, Request)   translate a message for its ACK
                      ("wake",)                     rows were committed
                      ("stop",)                     finish the batch in hand and exit
-    worker -> edge   ("translated", seq, wire)     the outcome (`prepare.to_wire`)
+    worker -> edge   ("ready",)                    it takes translations from now on
+                     ("translated", seq, wire)     the outcome (`prepare.to_wire`)
                      ("done", [(inbox id, ""|reason), ...], depth, batch ms)
 
 A small message is translated for its ACK by the worker whose share holds its patient,
@@ -93,6 +94,8 @@ class _Worker:
     stats: WorkerStats = field(default_factory=WorkerStats)
     # Translations asked of this worker and not answered yet, by sequence number.
     asked: dict[int, asyncio.Future[Prepared]] = field(default_factory=dict)
+    # Until a worker has loaded its tables and opened the stores, the edge translates.
+    ready: bool = False
 
 
 class Workers:
@@ -127,8 +130,8 @@ class Workers:
         if large is not None or self._closing:
             return large
         worker = self._workers[share_of(request.patient_key, len(self._workers))]
-        if worker.writer is None or worker.writer.is_closing():
-            return None  # being started again: translated here meanwhile
+        if not worker.ready or worker.writer is None or worker.writer.is_closing():
+            return None  # starting (again): translated here meanwhile
         self._seq += 1
         future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
         worker.asked[self._seq] = future
@@ -201,11 +204,14 @@ class Workers:
                     future = worker.asked.pop(item[1], None)
                     if future is not None:
                         settle(future, from_wire(item[2]))
+                elif item[0] == "ready":
+                    worker.ready = True
                 elif item[0] == "done":
                     self._reported(worker, item[1], item[2], item[3])
             except Exception as exc:  # a malformed report must not stop the supervisor
                 log.error("apply worker %d: unreadable report: %s", worker.index,
                           type(exc).__name__)
+        worker.ready = False
         # Whatever it was asking is translated here instead (the handler falls back).
         for future in worker.asked.values():
             settle(future, ConnectionError("the apply worker is gone"))
