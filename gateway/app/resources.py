@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
+from opentelemetry import metrics
 
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
@@ -51,7 +52,7 @@ from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
-from gateway.ingest import Ingest, LocalApplier, Routing
+from gateway.ingest import FrameHandler, Ingest, LocalApplier, Routing
 from gateway.ingest.prepare import ThreadTranslators, Translators
 from gateway.ingest.worker import Applier
 from gateway.policy.profiles import Profile
@@ -192,6 +193,7 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
         # core's work, off this event loop.
         workers = Workers(settings, count, app[TRANSLATOR])
         await workers.start()
+        workers.observe(app[TELEMETRY].meter)
         app[WORKERS] = started = workers
     else:
         local = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
@@ -213,6 +215,7 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
     threads = None if workers is not None else ThreadTranslators(
         app[TRANSLATOR], settings.processes.offload_bytes)
     server = mllp_server(app, workers or threads)
+    observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
     try:
@@ -275,6 +278,18 @@ def mllp_server(app: web.Application, translators: Translators | None = None) ->
         ssl_context=context,
         meter=app[TELEMETRY].meter,
     )
+
+
+def observe_budget(meter: metrics.Meter, handler: FrameHandler) -> None:
+    """The bytes the edge holds between receipt and commit, for /metrics."""
+    budget = handler.budget if isinstance(handler, Ingest) else None
+    if budget is None:
+        return
+    meter.create_observable_gauge(
+        "isthmus.ingest.held_bytes", unit="By", callbacks=[lambda _: [metrics.Observation(
+            budget.held, {"process": "edge"})]],
+        description="bytes of MLLP messages held between receipt and commit "
+                    "(processes.memory_budget_bytes bounds it)")
 
 
 async def _expire_dedup_keys(opened: SqliteInbox) -> None:

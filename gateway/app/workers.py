@@ -31,8 +31,11 @@ import pickle
 import socket
 import struct
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry import metrics
 
 from gateway.canonical import Translation
 from gateway.config import Settings
@@ -118,6 +121,40 @@ class Workers:
     @property
     def stats(self) -> list[WorkerStats]:
         return [w.stats for w in self._workers]
+
+    @property
+    def pending(self) -> int:
+        """Messages committed and handed on, not yet reported applied."""
+        return len(self._pending)
+
+    def observe(self, meter: metrics.Meter) -> None:
+        """Per-process figures for /metrics, read when metrics are collected."""
+        def by_worker(value: Callable[[WorkerStats], float]) -> metrics.CallbackT:
+            def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [metrics.Observation(value(w.stats), {"process": f"worker-{w.index}"})
+                        for w in self._workers]
+            return observe
+
+        meter.create_observable_gauge(
+            "isthmus.worker.queue_depth", callbacks=[by_worker(lambda s: s.depth)],
+            description="inbox rows an apply worker has read and not yet applied")
+        meter.create_observable_gauge(
+            "isthmus.worker.batch_duration", unit="ms",
+            callbacks=[by_worker(lambda s: s.batch_ms)],
+            description="an apply worker's last batch, read to marked")
+        meter.create_observable_counter(
+            "isthmus.worker.applied", callbacks=[by_worker(lambda s: s.applied)],
+            description="messages an apply worker applied to the FHIR store")
+        meter.create_observable_counter(
+            "isthmus.worker.failed", callbacks=[by_worker(lambda s: s.failed)],
+            description="messages an apply worker could not apply")
+        meter.create_observable_counter(
+            "isthmus.worker.restarts", callbacks=[by_worker(lambda s: s.restarts)],
+            description="times an apply worker exited and was started again")
+        meter.create_observable_gauge(
+            "isthmus.apply.pending", callbacks=[lambda _: [metrics.Observation(
+                self.pending, {"process": "edge"})]],
+            description="messages committed by the edge and not yet applied by a worker")
 
     async def start(self) -> None:
         for worker in self._workers:

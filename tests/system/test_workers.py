@@ -118,6 +118,16 @@ async def test_two_workers_apply_each_patients_messages_in_order(tmp_path: Path)
         await eventually(lambda: _statuses(tmp_path / "var") == {
             "applied": PATIENTS * UPDATES}, timeout=30, what="every row marked applied")
         assert await _provenances(gateway.http_port) == PATIENTS * UPDATES
+        # /metrics speaks for each process: the workers' applies add up to the messages.
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{gateway.http_port}/metrics"
+            async with session.get(url) as response:
+                text = await response.text()
+        applied = {line.split("{")[1].split("}")[0]: float(line.split()[-1])
+                   for line in text.splitlines()
+                   if line.startswith("isthmus_worker_applied_total{")}
+        assert set(applied) == {'process="worker-0"', 'process="worker-1"'}
+        assert sum(applied.values()) == PATIENTS * UPDATES
         assert gateway.terminate() == 0
         assert not any(_alive(p) for p in _workers_of(gateway.proc.pid))
     finally:
