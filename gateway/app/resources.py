@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -47,14 +49,16 @@ from gateway.app.state import (
 )
 from gateway.app.workers import Workers
 from gateway.audit import AuditLog
+from gateway.config import Settings
 from gateway.edge import audit_http, http
 from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
 from gateway.ingest import FrameHandler, Ingest, LocalApplier, Routing
-from gateway.ingest.prepare import ThreadTranslators, Translators
+from gateway.ingest.prepare import Translators, start_child
 from gateway.ingest.worker import Applier
+from gateway.mapping.tables import SHIPPED
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
@@ -191,7 +195,7 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
     if count:
         # Worker processes apply (and translate again) what the edge commits: the second
         # core's work, off this event loop.
-        workers = Workers(settings, count, app[TRANSLATOR])
+        workers = Workers(settings, count)
         await workers.start()
         workers.observe(app[TELEMETRY].meter)
         app[WORKERS] = started = workers
@@ -210,11 +214,8 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
 async def mllp(app: web.Application) -> AsyncIterator[None]:
     """The MLLP listener; on stop it answers what is in flight before closing."""
     settings = app[SETTINGS]
-    workers = app.get(WORKERS)
-    # Large frames are translated on a thread (with workers: they own that choice).
-    threads = None if workers is not None else ThreadTranslators(
-        app[TRANSLATOR], settings.processes.offload_bytes)
-    server = mllp_server(app, workers or threads)
+    large = large_frames(settings)
+    server = mllp_server(app, app.get(WORKERS), large)
     observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
@@ -222,8 +223,7 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await server.stop(timeout=settings.server.shutdown_timeout)
-        if threads is not None:
-            threads.close()
+        large.shutdown(wait=False, cancel_futures=True)
 
 
 async def housekeeping(app: web.Application) -> AsyncIterator[None]:
@@ -251,7 +251,18 @@ RESOURCES: tuple[Resource, ...] = (data_dir, translator, audit, assertion_ids, i
                                    forwarding, fhir_api, applier, mllp, housekeeping)
 
 
-def mllp_server(app: web.Application, translators: Translators | None = None) -> MllpServer:
+def large_frames(settings: Settings) -> ProcessPoolExecutor:
+    """The process that inspects large frames (`prepare.inspect`); started at the first."""
+    mapping = settings.mapping
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_child,
+        initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
+                  mapping.site_dir, mapping.default_offset))
+
+
+def mllp_server(app: web.Application, translators: Translators | None = None,
+                large: Executor | None = None) -> MllpServer:
     """The MLLP listener and its handler, over what the contexts before it opened."""
     settings = app[SETTINGS]
     mllp = settings.mllp
@@ -263,7 +274,7 @@ def mllp_server(app: web.Application, translators: Translators | None = None) ->
         translator=app[TRANSLATOR] if settings.mapping.translate_on_ingest else None,
         applied=applied.submit if applied is not None else None,
         routing=Routing(routes.router, routes.dispatcher) if settings.routes else None,
-        audit=app.get(audit_http.AUDIT), translators=translators)
+        audit=app.get(audit_http.AUDIT), translators=translators, large=large)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,

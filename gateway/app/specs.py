@@ -100,7 +100,8 @@ def ingest_options(settings: Settings, check: SenderCheck | None = None) -> Inge
     mllp = settings.mllp
     return IngestOptions(validation=mllp.validation, default_charset=mllp.default_charset,
                          strict=settings.mapping.strict, sender_check=check,
-                         budget_bytes=settings.processes.memory_budget_bytes)
+                         budget_bytes=settings.processes.memory_budget_bytes,
+                         offload_bytes=settings.processes.offload_bytes)
 
 
 # -- the FHIR API and its callers --------------------------------------------------------------

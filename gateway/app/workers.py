@@ -12,9 +12,9 @@ over a socket pair, one pickled tuple a frame (4-byte length first; both ends ar
                      ("translated", seq, wire)     the outcome (`prepare.to_wire`)
                      ("done", [(inbox id, ""|reason), ...], depth, batch ms)
 
-A small message is translated for its ACK by the worker whose share holds its patient,
-which keeps the translation to apply once the row commits (no second translation); a
-large one on a thread of the edge (`ThreadTranslators`), so that it holds up no worker.
+A message is translated for its ACK by the worker whose share holds its patient, which
+keeps the translation to apply once the row commits (no second translation); a large
+one (`processes.offload_bytes`) on a thread of the edge instead, so it holds up no worker.
 
 A worker dies with the edge (its parent-death signal, and the socket's end of file); a
 worker that dies is started again, and its rows wait, committed and marked `translated`,
@@ -41,9 +41,8 @@ from gateway.canonical import Translation
 from gateway.config import Settings
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.ingest import Outcome
-from gateway.ingest.prepare import Prepared, Request, ThreadTranslators, from_wire, settle
+from gateway.ingest.prepare import Prepared, Request, from_wire, settle
 from gateway.ingest.worker import share_of
-from gateway.mapping.engine import Translator
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,8 @@ class Workers:
     translation (the worker translates the stored row again), `drain` waits for what was
     submitted to be applied, `close` stops every worker after its batch in hand."""
 
-    def __init__(self, settings: Settings, count: int, translator: Translator) -> None:
+    def __init__(self, settings: Settings, count: int) -> None:
         self._settings = settings
-        self._large = ThreadTranslators(translator, settings.processes.offload_bytes)
         self._seq = 0
         self._workers = [_Worker(i) for i in range(count)]
         self._pending: set[int] = set()
@@ -161,11 +159,10 @@ class Workers:
             await self._spawn(worker)
 
     def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
-        """A translation for the handler: large frames on the edge's thread, the others by
-        the worker that applies their patient."""
-        large = self._large.translate(request)
-        if large is not None or self._closing:
-            return large
+        """A translation for the handler, by the worker that applies its patient (None:
+        translate it here: the worker is starting, or everything is stopping)."""
+        if self._closing:
+            return None
         worker = self._workers[share_of(request.patient_key, len(self._workers))]
         if not worker.ready or worker.writer is None or worker.writer.is_closing():
             return None  # starting (again): translated here meanwhile
@@ -194,7 +191,6 @@ class Workers:
     async def close(self) -> None:
         """Stop every worker after the batch it holds; kill one that overstays."""
         self._closing = True
-        self._large.close()
         for worker in self._workers:
             if worker.writer is not None:
                 send(worker.writer, ("stop",))

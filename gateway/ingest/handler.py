@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from opentelemetry import trace
 
@@ -43,10 +45,20 @@ from gateway.hl7.message import (
     salvage_header,
 )
 from gateway.hl7.mllp import FrameTooLarge
-from gateway.hl7.validate import validate
 from gateway.ingest.answer import Answers, audit_failed, where
 from gateway.ingest.applier import Outcome
-from gateway.ingest.prepare import Budget, Lanes, Prepared, Request, Translators
+from gateway.ingest.prepare import (
+    Budget,
+    Inspected,
+    Lanes,
+    Prepared,
+    Request,
+    Translators,
+    check_content,
+    error_from_wire,
+    from_wire,
+    inspect,
+)
 from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
@@ -80,6 +92,9 @@ class IngestOptions:
     # Bytes of frames held between receipt and commit (processes.memory_budget_bytes);
     # None: no bound beyond the listener's.
     budget_bytes: int | None = None
+    # Frames this long or longer are parsed, checked and translated on a thread
+    # (processes.offload_bytes); None: never.
+    offload_bytes: int | None = None
     clock: Callable[[], datetime] = _now
 
 
@@ -101,7 +116,8 @@ class Ingest:
                  options: IngestOptions | None = None, *,
                  translator: Translator | None = None, applied: Applied | None = None,
                  routing: Routing | None = None, audit: AuditLog | None = None,
-                 translators: Translators | None = None) -> None:
+                 translators: Translators | None = None,
+                 large: Executor | None = None) -> None:
         self._inbox = inbox
         self._options = options or IngestOptions()
         self._translator = translator
@@ -116,6 +132,8 @@ class Ingest:
         self._lanes = Lanes()
         budget = self._options.budget_bytes
         self.budget = Budget(budget) if budget is not None else None
+        # Where large frames are inspected (a process of their own; see prepare.inspect).
+        self._large = large
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
                push: Push | None = None) -> asyncio.Future[Reply]:
@@ -160,6 +178,10 @@ class Ingest:
             self._answers.refuse_oversize(frame, span, reply, peer)
             return
         set_attributes(span, {"mllp.frame_bytes": len(frame)})
+        offload = self._options.offload_bytes
+        if self._large is not None and offload is not None and len(frame) >= offload:
+            self._handle_large(frame, peer, span, reply, push)
+            return
         try:
             message = self._parse(frame, span)
         except Hl7Error as error:
@@ -171,6 +193,64 @@ class Ingest:
             self._answers.refuse(span, reply, message, [error], peer)
             return
         header = message.header
+        self._describe(span, header)
+        errors = self._check(message, peer)
+        if errors:
+            self._answers.refuse(span, reply, message, errors, peer)
+            return
+        self._store(message, frame, peer, span, reply, push)
+
+    def _handle_large(self, frame: bytes, peer: Peer, span: trace.Span,
+                      reply: asyncio.Future[Reply], push: Push | None) -> None:
+        """What costs in proportion to the frame's size (parse, validation, translation,
+        digest) in another process; the commit back here, in the connection's order."""
+        now = self._clock()
+        options = self._options
+        ready = asyncio.get_running_loop().run_in_executor(
+            self._large, inspect, frame, options.default_charset, options.validation,
+            self._translator is not None,
+            self._routing.router if self._routing is not None else None, now, options.strict)
+        started = self._metrics.clock()
+
+        def step(outcome: Inspected | BaseException | None) -> None:
+            if not isinstance(outcome, Inspected):
+                raise RuntimeError("a large frame could not be inspected")
+            self._metrics.since("translate", started)
+            errors = [error_from_wire(e) for e in outcome.errors]
+            try:
+                message = parse_message(frame, options.default_charset)
+                header = message.header
+            except Hl7Error as error:
+                self._answers.refuse(span, reply, salvage_header(frame), errors or [error],
+                                     peer)
+                return
+            self._describe(span, header)
+            errors = errors or self._sender_refused(message, peer)
+            if errors or outcome.prepared is None:
+                self._answers.refuse(span, reply, message, errors, peer)
+                return
+            self._commit(message, frame, peer, span, reply, push, now, self._route(header),
+                         self._noted(from_wire(outcome.prepared), span), outcome.digest)
+
+        self._lanes.then(peer, ready, self._guarded(step, reply, span, frame, peer))
+
+    def _guarded(self, step: Callable[[Any], None], reply: asyncio.Future[Reply],
+                 span: trace.Span, frame: bytes, peer: Peer) -> Callable[[Any], None]:
+        """`step`, where a bug costs this message an AR (as in handle()), never more."""
+        def guarded(outcome: Any) -> None:
+            try:
+                step(outcome)
+            except Exception as exc:
+                log.error("internal error on an MLLP message: %s at %s",
+                          type(exc).__name__, where(exc))
+                if not reply.done():
+                    error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                     "internal error; the message was not accepted",
+                                     reject=True)
+                    self._answers.refuse(span, reply, salvage_header(frame), [error], peer)
+        return guarded
+
+    def _describe(self, span: trace.Span, header: Header) -> None:
         if self._answers.recording:
             set_attributes(span, {
                 "hl7.message_type": header.message_type,
@@ -180,11 +260,6 @@ class Ingest:
                 "hl7.sending_facility": header.sending_facility,
                 "hl7.enhanced_mode": header.enhanced_mode,
             })
-        errors = self._check(message, peer)
-        if errors:
-            self._answers.refuse(span, reply, message, errors, peer)
-            return
-        self._store(message, frame, peer, span, reply, push)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -200,17 +275,16 @@ class Ingest:
             self._metrics.since("parse", started)
 
     def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
-        header = message.header
+        return self._sender_refused(message, peer) or check_content(
+            message, self._options.validation)
+
+    def _sender_refused(self, message: Message, peer: Peer) -> list[Hl7Error]:
         sender_check = self._options.sender_check
-        if sender_check is not None and not sender_check(peer, header):
+        if sender_check is not None and not sender_check(peer, message.header):
             return [Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
                              "the client certificate may not send as this MSH-3/MSH-4",
                              Location("MSH", 1, 3), reject=True)]
-        if _holds_several_messages(message):
-            return [Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                             "one MLLP frame must carry exactly one message",
-                             Location("MSH", 2), reject=True)]
-        return validate(message, self._options.validation)
+        return []
 
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
@@ -226,23 +300,14 @@ class Ingest:
         started = self._metrics.clock()
 
         def step(outcome: Prepared | BaseException | None) -> None:
-            try:
-                if isinstance(outcome, Prepared):
-                    self._metrics.since("translate", started)
-                    prepared = self._noted(outcome, span)
-                else:  # nothing sent, or the worker went away: translate here
-                    prepared = self._translate(message, span, now, routed)
-                self._commit(message, frame, peer, span, reply, push, now, routed, prepared)
-            except Exception as exc:  # as in handle(): one message's AR, never the process
-                log.error("internal error on an MLLP message: %s at %s",
-                          type(exc).__name__, where(exc))
-                if not reply.done():
-                    error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                     "internal error; the message was not accepted",
-                                     reject=True)
-                    self._answers.refuse(span, reply, message, [error], peer)
+            if isinstance(outcome, Prepared):
+                self._metrics.since("translate", started)
+                prepared = self._noted(outcome, span)
+            else:  # nothing sent, or the worker went away: translate here
+                prepared = self._translate(message, span, now, routed)
+            self._commit(message, frame, peer, span, reply, push, now, routed, prepared)
 
-        self._lanes.then(peer, elsewhere, step)
+        self._lanes.then(peer, elsewhere, self._guarded(step, reply, span, frame, peer))
 
     def _elsewhere(self, message: Message, frame: bytes, routed: Targets,
                    now: datetime) -> asyncio.Future[Prepared] | None:
@@ -255,7 +320,7 @@ class Ingest:
 
     def _commit(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
                 reply: asyncio.Future[Reply], push: Push | None, now: datetime,
-                routed: Targets, translated: Prepared) -> None:
+                routed: Targets, translated: Prepared, digest: str = "") -> None:
         """Commit the message with its ACK (and audit record); answer once both are
         durable; then hand it on to be applied."""
         header = message.header
@@ -295,7 +360,7 @@ class Ingest:
             patient_key=patient_key(message) if targets.remote else "",
             trace=_traceparent(span) if targets.remote else "",
             bundle=translated.bundle if targets.needs_bundle else None,
-            content_hash=content_digest(message),
+            content_hash=digest or content_digest(message),
             conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
         )
         store_span = self._answers.span("inbox.store", span)
@@ -501,8 +566,3 @@ def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int
     stored.add_done_callback(one_done)
     audited.add_done_callback(one_done)
 
-
-def _holds_several_messages(message: Message) -> bool:
-    """A second MSH at the start of a line: a batch or two messages in one frame."""
-    text = message.to_text()
-    return "\rMSH" in text or "\nMSH" in text

@@ -3,9 +3,10 @@
 The handler translates a message before it commits it (the original-mode ACK names what
 could not be translated). Done on the event loop, one heavy message (5 MB, 20,000 OBX)
 holds every other connection's ACK and /healthz for seconds. So the translation is handed
-to a `Translators` service: the apply workers (another process, the second core), or a
-thread of this process for a large frame when there are no workers; only its outcome comes
-back (`Prepared`).
+to a `Translators` service, the apply workers (another process, the second core); only
+its outcome comes
+back (`Prepared`). A large frame is parsed, validated and translated in a process of its
+own (`inspect`): that is what costs in proportion to its size.
 
 Two things keep the hand-off safe: `Lanes` commits a connection's frames in the order they
 came, whichever translation finished first; `Budget` bounds the bytes held between receipt
@@ -18,20 +19,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
+from gateway.forward.routes import Router
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
-from gateway.hl7.message import parse_message
+from gateway.hl7.message import Message, check_header, content_digest, parse_message
+from gateway.hl7.validate import validate
 from gateway.ingest.replay import translate
 from gateway.mapping.engine import Translator
-from gateway.store.inbox import FAILED, TRANSLATED
+from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +95,8 @@ class Lanes:
     def busy(self, lane: Hashable) -> bool:
         return lane in self._tails
 
-    def then(self, lane: Hashable, ready: asyncio.Future[Prepared] | None,
-             step: Callable[[Prepared | BaseException | None], None]) -> None:
+    def then(self, lane: Hashable, ready: asyncio.Future[T] | None,
+             step: Callable[[T | BaseException | None], None]) -> None:
         """Call `step` with the outcome of `ready` (None if there is none) once it is done
         and every earlier frame of `lane` has taken its step."""
         before = self._tails.get(lane)
@@ -102,7 +107,7 @@ class Lanes:
             try:
                 if before is not None:
                     await asyncio.shield(before)
-                outcome: Prepared | BaseException | None = None
+                outcome: T | BaseException | None = None
                 if ready is not None:
                     try:
                         outcome = await ready
@@ -153,9 +158,17 @@ def prepare(translator: Translator, request: Request, *, keep: bool) -> Prepared
     the Translation itself too (only where it is used: this process)."""
     try:
         message = parse_message(request.raw, request.charset)
-        replayed = translate(translator, message, request.received_at, strict=request.strict)
     except Hl7Error as exc:  # the edge parsed it already: not expected
         return Prepared(FAILED, exc, exc.reason)
+    return prepare_message(translator, message, request.received_at, keep=keep,
+                           want_bundle=request.want_bundle, strict=request.strict)
+
+
+def prepare_message(translator: Translator, message: Message, at: datetime, *, keep: bool,
+                    want_bundle: bool, strict: bool) -> Prepared:
+    """`prepare` for a message already parsed."""
+    try:
+        replayed = translate(translator, message, at, strict=strict)
     except Exception as exc:  # a table or engine bug costs this message, not the process
         log.error("internal error translating an MLLP message: %s", type(exc).__name__)
         reason = "internal error while translating"
@@ -166,47 +179,92 @@ def prepare(translator: Translator, request: Request, *, keep: bool) -> Prepared
         return Prepared(replayed.status, replayed.error, replayed.reason)
     return Prepared(
         TRANSLATED, translation=translation if keep else None,
-        bundle=dumps(to_bundle(translation)) if request.want_bundle else None,
+        bundle=dumps(to_bundle(translation)) if want_bundle else None,
         resources=len(translation.resources), unmapped=translation.unmapped_count,
         z_segments=translation.z_segments)
 
 
-class ThreadTranslators:
-    """Large frames translated on a thread of this process: the event loop keeps answering
-    the others (the thread yields the interpreter every few ms); small ones stay inline,
-    where a thread hop would cost more than it saves."""
+def check_content(message: Message, validation: str) -> list[Hl7Error]:
+    """What refuses a message for its content: two messages in one frame, or what the
+    `validation` level finds (the sender check, a header matter, is the handler's)."""
+    text = message.to_text()
+    if "\rMSH" in text or "\nMSH" in text:  # a batch, or two messages in one frame
+        return [Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                         "one MLLP frame must carry exactly one message",
+                         Location("MSH", 2), reject=True)]
+    return validate(message, validation)
 
-    def __init__(self, translator: Translator, offload_bytes: int, threads: int = 2) -> None:
-        self._translator = translator
-        self._offload_bytes = offload_bytes
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="translate")
 
-    def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
-        if len(request.raw) < self._offload_bytes:
-            return None
-        return asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: prepare(self._translator, request, keep=True))
+# -- large frames, in a process of their own -------------------------------------------------
+#
+# A thread would not do: a thread translating 20,000 OBX holds the interpreter lock, and
+# the event loop waits for it at every turn (hundreds of ms per ACK). So a large frame goes
+# to a one-process pool: parse, validation, translation and digest there; back comes only
+# the outcome (the handler parses the frame again for its header, a few ms), and the
+# apply worker translates the stored row again, on its own thread.
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+_CHILD_TRANSLATOR: list[Translator] = []
+
+
+def start_child(tables: Path | None, site: Path | None, default_offset: str) -> None:
+    """The large-frame process's initializer: load the tables once (None: translation is
+    off, the child only parses and validates)."""
+    if tables is not None:
+        _CHILD_TRANSLATOR[:] = [Translator.load(tables, site, default_offset)]
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    """A large frame inspected in the child: why it is refused (nothing: accepted), its
+    translation outcome (as `to_wire`) and content digest."""
+
+    errors: tuple[tuple[Any, ...], ...]
+    prepared: tuple[Any, ...] | None = None
+    digest: str = ""
+
+
+def inspect(frame: bytes, charset: str, validation: str, translate_it: bool,
+            router: Router | None, at: datetime, strict: bool) -> Inspected:
+    """Everything done to a frame before its commit that costs in proportion to its size."""
+    try:
+        message = parse_message(frame, charset)
+        check_header(message.header)
+    except Hl7Error as exc:
+        return Inspected((error_to_wire(exc),))
+    errors = check_content(message, validation)
+    if errors:
+        return Inspected(tuple(error_to_wire(e) for e in errors))
+    if not translate_it or not _CHILD_TRANSLATOR:
+        return Inspected((), to_wire(Prepared(ACCEPTED)), content_digest(message))
+    header = message.header
+    want_bundle = router is not None and router.for_message(
+        header.message_type, header.sending_application, header.sending_facility).needs_bundle
+    prepared = prepare_message(_CHILD_TRANSLATOR[0], message, at, keep=False,
+                               want_bundle=want_bundle, strict=strict)
+    return Inspected((), to_wire(prepared), content_digest(message))
 
 
 # Over a pipe between processes an Hl7Error travels as its parts (its constructor's
 # arguments are not its args, so it does not pickle as itself).
 
+def error_to_wire(error: Hl7Error) -> tuple[Any, ...]:
+    return (int(error.code), error.reason, error.location, error.reject)
+
+
+def error_from_wire(parts: tuple[Any, ...]) -> Hl7Error:
+    code, text, location, reject = parts
+    assert location is None or isinstance(location, Location)
+    return Hl7Error(ErrorCode(code), text, location, reject=reject)
+
+
 def to_wire(prepared: Prepared) -> tuple[Any, ...]:
     error = prepared.error
-    parts = None if error is None else (int(error.code), error.reason, error.location,
-                                        error.reject)
-    return (prepared.status, parts, prepared.reason, prepared.bundle, prepared.resources,
-            prepared.unmapped, prepared.z_segments)
+    return (prepared.status, None if error is None else error_to_wire(error),
+            prepared.reason, prepared.bundle, prepared.resources, prepared.unmapped,
+            prepared.z_segments)
 
 
 def from_wire(wire: tuple[Any, ...]) -> Prepared:
     status, parts, reason, bundle, resources, unmapped, z_segments = wire
-    error = None
-    if parts is not None:
-        code, text, location, reject = parts
-        assert location is None or isinstance(location, Location)
-        error = Hl7Error(ErrorCode(code), text, location, reject=reject)
+    error = None if parts is None else error_from_wire(parts)
     return Prepared(status, error, reason, None, bundle, resources, unmapped, z_segments)

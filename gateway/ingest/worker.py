@@ -24,10 +24,11 @@ from datetime import datetime
 from typing import Protocol
 
 from gateway.canonical import Translation
+from gateway.fhir.bundle import to_bundle
 from gateway.fhir.search import SearchRegistry
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import parse_message
-from gateway.ingest.applier import LocalApplier, Outcome
+from gateway.ingest.applier import LocalApplier, Outcome, bundle_writes
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store import StoreUnavailable
@@ -35,6 +36,11 @@ from gateway.store.fhir import FhirStore
 from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
 
 log = logging.getLogger(__name__)
+
+# A row this large is translated, and a translation this large made into writes, on a
+# thread, so that one heavy message does not stop the worker answering the edge.
+_LARGE_BYTES = 64 * 1024
+_LARGE_RESOURCES = 500
 
 # Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
 Report = Callable[[Sequence[tuple[int, str]]], None]
@@ -160,6 +166,9 @@ class InboxFollower(LocalApplier):
             if kept is not None:
                 self._kept_bytes -= kept[1]
                 replayed: Replay | None = Replay(TRANSLATED, kept[0])
+            elif len(raw) >= _LARGE_BYTES:
+                # On a thread: the edge's translation requests keep being answered.
+                replayed = await asyncio.to_thread(self._mine, raw, received_at)
             else:
                 replayed = self._mine(raw, received_at)
                 await asyncio.sleep(0)  # the edge's translation requests go first
@@ -179,6 +188,15 @@ class InboxFollower(LocalApplier):
         await self._apply(batch)
         if reports:
             self._report(reports)
+
+    async def _apply_one(self, translation: Translation) -> None:
+        if len(translation.resources) < _LARGE_RESOURCES:
+            await super()._apply_one(translation)
+            return
+        # A heavy message's writes are made on a thread, for the reason above.
+        writes = await asyncio.to_thread(
+            lambda: bundle_writes(self._registry, to_bundle(translation)))
+        await self._store.transact(writes, atomic=True)
 
     def _mine(self, raw: bytes, received_at: datetime) -> Replay | None:
         """The row translated again as received, or None when another worker's share
