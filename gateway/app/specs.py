@@ -15,6 +15,7 @@ from gateway.config import (
     IssuerConfig,
     Settings,
 )
+from gateway.config.cache import facts_file
 from gateway.edge import audit_http
 from gateway.edge.auth import ExternalIssuer, checked_scopes
 from gateway.edge.auth_server import AuthSetupError, Client
@@ -44,7 +45,7 @@ from gateway.policy import KeySet, load_jwks, patient_reference, public_key_from
 def load_translator(settings: Settings) -> Translator:
     mapping = settings.mapping
     return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
-                           mapping.default_offset)
+                           mapping.default_offset, facts=facts_file())
 
 
 def search_registry(settings: Settings) -> SearchRegistry:
