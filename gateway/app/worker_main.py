@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _die_with(parent)
     # Ctrl-C reaches the whole process group: the edge decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until it follows the inbox a worker holds nothing: SIGTERM (the edge stopping during
+    # our start) ends it at once instead of after the tables have loaded.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     settings: Settings = pickle.load(sys.stdin.buffer)  # from our own parent
     os.umask(0o077)
     from gateway.policy.redact import install

@@ -192,8 +192,10 @@ class Workers:
         """Stop every worker after the batch it holds; kill one that overstays."""
         self._closing = True
         for worker in self._workers:
-            if worker.writer is not None:
+            if worker.ready and worker.writer is not None:
                 send(worker.writer, ("stop",))
+            elif worker.process is not None and worker.process.returncode is None:
+                worker.process.terminate()  # still starting: holds nothing yet
         for worker in self._workers:
             process = worker.process
             if process is None:
