@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # thread, so that one heavy message does not stop the worker answering the edge.
 _LARGE_BYTES = 64 * 1024
 _LARGE_RESOURCES = 500
+# At most this many translations kept for their rows, none for longer than this.
+_KEPT_MAX = 2_000
+_KEPT_SECONDS = 60.0
 
 # Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
 Report = Callable[[Sequence[tuple[int, str]]], None]
@@ -83,23 +86,27 @@ class InboxFollower(LocalApplier):
         self._stopping = False
         self._average = 4096  # bytes per row read lately: sizes the next read
         # Translations this worker made for the edge's ACKs, by the bytes translated, so a
-        # row is not translated twice; bounded (a message refused after translating is
-        # never looked up) by count and by the bytes of the messages they came from.
-        self._kept: OrderedDict[bytes, tuple[Translation, int]] = OrderedDict()
+        # row is not translated twice. Bounded by count and by the bytes of the messages
+        # they came from: when full, new ones are not kept (the rows are applied oldest
+        # first, so evicting the oldest would only miss them all); one never looked up (its
+        # message was refused after translating) is dropped after a minute.
+        self._kept: OrderedDict[bytes, tuple[Translation, int, float]] = OrderedDict()
         self._kept_bytes = 0
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
 
     def keep(self, raw: bytes, translation: Translation) -> None:
         """Hold a translation made for the ACK until its row comes up."""
-        key = _digest(raw)
-        if key in self._kept:
-            return
-        self._kept[key] = (translation, len(raw))
-        self._kept_bytes += len(raw)
-        while self._kept and (self._kept_bytes > self._budget or len(self._kept) > 20_000):
-            _, (_, size) = self._kept.popitem(last=False)
+        now = asyncio.get_running_loop().time()
+        while self._kept and next(iter(self._kept.values()))[2] < now - _KEPT_SECONDS:
+            _, (_, size, _) = self._kept.popitem(last=False)
             self._kept_bytes -= size
+        key = _digest(raw)
+        if (key in self._kept or len(self._kept) >= _KEPT_MAX
+                or self._kept_bytes + len(raw) > self._budget // 4):
+            return
+        self._kept[key] = (translation, len(raw), now)
+        self._kept_bytes += len(raw)
 
     def wake(self) -> None:
         self._wake.set()
