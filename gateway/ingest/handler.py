@@ -173,13 +173,16 @@ class Ingest:
         return reply
 
     def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
-                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
+                reply: asyncio.Future[Reply], push: Push | None = None, *,
+                here: bool = False) -> None:
+        """`here`: everything on this thread, now (the large-frame process failed)."""
         if isinstance(frame, FrameTooLarge):
             self._answers.refuse_oversize(frame, span, reply, peer)
             return
         set_attributes(span, {"mllp.frame_bytes": len(frame)})
         offload = self._options.offload_bytes
-        if self._large is not None and offload is not None and len(frame) >= offload:
+        if (not here and self._large is not None and offload is not None
+                and len(frame) >= offload):
             self._handle_large(frame, peer, span, reply, push)
             return
         try:
@@ -198,7 +201,7 @@ class Ingest:
         if errors:
             self._answers.refuse(span, reply, message, errors, peer)
             return
-        self._store(message, frame, peer, span, reply, push)
+        self._store(message, frame, peer, span, reply, push, here=here)
 
     def _handle_large(self, frame: bytes, peer: Peer, span: trace.Span,
                       reply: asyncio.Future[Reply], push: Push | None) -> None:
@@ -214,7 +217,11 @@ class Ingest:
 
         def step(outcome: Inspected | BaseException | None) -> None:
             if not isinstance(outcome, Inspected):
-                raise RuntimeError("a large frame could not be inspected")
+                # The large-frame process failed: this frame is done here (slowly).
+                log.warning("large-frame process failed (%s); handling the frame here",
+                            type(outcome).__name__)
+                self._handle(frame, peer, span, reply, push, here=True)
+                return
             self._metrics.since("translate", started)
             errors = [error_from_wire(e) for e in outcome.errors]
             try:
@@ -287,13 +294,13 @@ class Ingest:
         return []
 
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
-               reply: asyncio.Future[Reply], push: Push | None = None) -> None:
-        """Translate (here, or elsewhere for a large frame or with workers), then commit in
-        the connection's order."""
+               reply: asyncio.Future[Reply], push: Push | None = None, *,
+               here: bool = False) -> None:
+        """Translate (here, or by a worker), then commit in the connection's order."""
         now = self._clock()
         routed = self._route(message.header)
-        elsewhere = self._elsewhere(message, frame, routed, now)
-        if elsewhere is None and not self._lanes.busy(peer):
+        elsewhere = None if here else self._elsewhere(message, frame, routed, now)
+        if here or (elsewhere is None and not self._lanes.busy(peer)):
             self._commit(message, frame, peer, span, reply, push, now, routed,
                          self._translate(message, span, now, routed))
             return
