@@ -196,10 +196,11 @@ class Workers:
                 send(worker.writer, ("stop",))
             elif worker.process is not None and worker.process.returncode is None:
                 worker.process.terminate()  # still starting: holds nothing yet
-        for worker in self._workers:
-            process = worker.process
-            if process is None:
-                continue
+        await asyncio.gather(*(self._stopped(worker) for worker in self._workers))
+
+    async def _stopped(self, worker: _Worker) -> None:
+        process = worker.process
+        if process is not None:
             try:
                 await asyncio.wait_for(process.wait(), _STOP_GRACE)
             except TimeoutError:
@@ -207,10 +208,10 @@ class Workers:
                             "applied at the next start)", worker.index, _STOP_GRACE)
                 process.kill()
                 await process.wait()
-            if worker.reader_task is not None:
-                await asyncio.gather(worker.reader_task, return_exceptions=True)
-            if worker.writer is not None:
-                worker.writer.close()
+        if worker.reader_task is not None:
+            await asyncio.gather(worker.reader_task, return_exceptions=True)
+        if worker.writer is not None:
+            worker.writer.close()
 
     # -- one worker ------------------------------------------------------------------------
 
