@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # How long a stopping worker may take to finish its batch before it is killed.
 _STOP_GRACE = 8.0
 _RESTART_DELAY = 1.0
+# Translations one worker may owe the edge before the edge translates for itself.
+_MAX_ASKED = 16
 
 
 _LENGTH = struct.Struct(">I")
@@ -166,6 +168,11 @@ class Workers:
         worker = self._workers[share_of(request.patient_key, len(self._workers))]
         if not worker.ready or worker.writer is None or worker.writer.is_closing():
             return None  # starting (again): translated here meanwhile
+        if len(worker.asked) >= _MAX_ASKED:
+            # The worker is behind (applying takes it longer than translating takes the
+            # edge): the edge's spare time translates, so ACKs do not wait for applies;
+            # the worker translates the row again when it comes up.
+            return None
         self._seq += 1
         future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
         worker.asked[self._seq] = future
