@@ -466,15 +466,18 @@ def run_phase(
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:
-    """user+system CPU seconds of a local process from /proc (None where unavailable)."""
+    """user+system CPU seconds of a local process and its live children (the gateway's
+    apply workers) from /proc (None where unavailable)."""
     if pid is None:
         return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, ValueError, IndexError):
         return None
+    return own + sum(process_cpu_seconds(int(child)) or 0.0 for child in children)
 
 
 def collect(results: Any, workers: Sequence[Any], kind: str, timeout: float) -> list[Any]:

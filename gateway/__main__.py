@@ -4,4 +4,7 @@ import sys
 
 from gateway.cli import main
 
-sys.exit(main())
+# Guarded: a process started with multiprocessing's spawn (the large-frame inspector)
+# imports this module again under another name, and must not run the command line.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -95,7 +95,10 @@ async def start_gateway(data_dir: Path, telemetry: Telemetry | None = None,
     from gateway.edge.http_server import GatewayRunner
 
     values = {"server.host": "127.0.0.1", "mllp.port": 0, "server.http_port": 0,
-              "store.data_dir": data_dir, "store.synchronous": "normal", **overrides}
+              "store.data_dir": data_dir, "store.synchronous": "normal",
+              # In the test's process: apply there too (the worker processes have their
+              # own tests, which ask for them).
+              "processes.workers": 0, **overrides}
     settings = load_settings(None, environ={}, overrides=values)
     app = build_app(settings, telemetry)
     runner = GatewayRunner(app, handle_signals=False)  # as `isthmus serve` runs it

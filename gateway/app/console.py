@@ -14,6 +14,7 @@ from gateway.config import Settings
 from gateway.edge.console import ConsoleSpec, install_console
 from gateway.edge.console.sessions import Sessions, User
 from gateway.forward.routes import Router
+from gateway.ingest.applier import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TableError, TableErrors
 from gateway.mapping.tables import SHIPPED
@@ -41,8 +42,10 @@ def setup_console(app: web.Application, settings: Settings) -> None:
         return {name: backend.available_in() for name, backend in forwarding.backends.items()}
 
     def apply_soon(fresh: Translator) -> None:
+        # In-process applier only: apply workers sweep on their own (every 30 s) with the
+        # tables they started with (docs/console.md).
         applier = app.get(APPLIER)
-        if applier is not None:
+        if isinstance(applier, LocalApplier):
             applier.sweep_soon(fresh)
 
     async def verify_audit() -> Report:

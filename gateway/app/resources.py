@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
+from opentelemetry import metrics
 
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
@@ -52,14 +55,20 @@ from gateway.app.state import (
     SETTINGS,
     TELEMETRY,
     TRANSLATOR,
+    WORKERS,
 )
+from gateway.app.workers import Workers
 from gateway.audit import AuditLog
+from gateway.config import Settings
 from gateway.edge import audit_http, http
 from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
-from gateway.ingest import Ingest, LocalApplier, Routing
+from gateway.ingest import FrameHandler, Ingest, LocalApplier, Routing
+from gateway.ingest.prepare import Translators, start_child
+from gateway.ingest.worker import Applier
+from gateway.mapping.tables import SHIPPED
 from gateway.policy.profiles import Profile
 from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
@@ -269,15 +278,31 @@ async def fhir_api(app: web.Application) -> AsyncIterator[None]:
 
 
 async def applier(app: web.Application) -> AsyncIterator[None]:
-    """The applier of translated messages to the FHIR store; starts with its sweep of the
-    rows a crash left translated, and applies what is queued before it stops."""
+    """The applier of translated messages to the FHIR store: the apply worker processes
+    (`processes.workers`), or this process's own. Either starts with a sweep of the rows a
+    crash left translated, and stops after the batch in hand (the rest waits, committed
+    and marked, for the next start)."""
     settings = app[SETTINGS]
     if not (settings.fhir.enabled and settings.mapping.translate_on_ingest):
         yield
         return
-    started = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
-                           app[TRANSLATOR], metrics=app[TELEMETRY].ingest)
-    started.start()
+    # Worker processes apply what the edge commits to the embedded store; several
+    # instances on PostgreSQL scale out instead (each applies in its own process).
+    count = (0 if settings.store.backend == "postgresql"
+             else settings.processes.worker_count())
+    started: Applier
+    if count:
+        # Worker processes apply (and translate again) what the edge commits: the second
+        # core's work, off this event loop.
+        workers = Workers(settings, count)
+        await workers.start()
+        workers.observe(app[TELEMETRY].meter)
+        app[WORKERS] = started = workers
+    else:
+        local = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
+                             app[TRANSLATOR], metrics=app[TELEMETRY].ingest)
+        local.start()
+        started = local
     app[APPLIER] = started
     try:
         yield
@@ -288,13 +313,16 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
 async def mllp(app: web.Application) -> AsyncIterator[None]:
     """The MLLP listener; on stop it answers what is in flight before closing."""
     settings = app[SETTINGS]
-    server = mllp_server(app)
+    large = large_frames(settings)
+    server = mllp_server(app, app.get(WORKERS), large)
+    observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
     try:
         yield
     finally:
         await server.stop(timeout=settings.server.shutdown_timeout)
+        large.shutdown(wait=False, cancel_futures=True)
 
 
 async def housekeeping(app: web.Application) -> AsyncIterator[None]:
@@ -325,7 +353,18 @@ RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assert
                                    housekeeping)
 
 
-def mllp_server(app: web.Application) -> MllpServer:
+def large_frames(settings: Settings) -> ProcessPoolExecutor:
+    """The process that inspects large frames (`prepare.inspect`); started at the first."""
+    mapping = settings.mapping
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_child,
+        initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
+                  mapping.site_dir, mapping.default_offset))
+
+
+def mllp_server(app: web.Application, translators: Translators | None = None,
+                large: Executor | None = None) -> MllpServer:
     """The MLLP listener and its handler, over what the contexts before it opened."""
     settings = app[SETTINGS]
     mllp = settings.mllp
@@ -337,7 +376,8 @@ def mllp_server(app: web.Application) -> MllpServer:
         translator=app[TRANSLATOR] if settings.mapping.translate_on_ingest else None,
         applied=applied.submit if applied is not None else None,
         routing=Routing(routes.router, routes.dispatcher) if settings.routes else None,
-        audit=app.get(audit_http.AUDIT), refused=app[REFUSALS].add)
+        audit=app.get(audit_http.AUDIT), refused=app[REFUSALS].add,
+        translators=translators, large=large)
     return MllpServer(
         ingest,
         max_frame_bytes=mllp.max_frame_bytes,
@@ -358,6 +398,18 @@ def _instance_name() -> str:
     """Names this process in the rows it claims (host, pid and a nonce: a restarted
     process is another instance)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def observe_budget(meter: metrics.Meter, handler: FrameHandler) -> None:
+    """The bytes the edge holds between receipt and commit, for /metrics."""
+    budget = handler.budget if isinstance(handler, Ingest) else None
+    if budget is None:
+        return
+    meter.create_observable_gauge(
+        "isthmus.ingest.held_bytes", unit="By", callbacks=[lambda _: [metrics.Observation(
+            budget.held, {"process": "edge"})]],
+        description="bytes of MLLP messages held between receipt and commit "
+                    "(processes.memory_budget_bytes bounds it)")
 
 
 async def _expire_dedup_keys(opened: RunningInbox) -> None:

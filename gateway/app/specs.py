@@ -15,6 +15,7 @@ from gateway.config import (
     IssuerConfig,
     Settings,
 )
+from gateway.config.cache import facts_file
 from gateway.edge import audit_http
 from gateway.edge.auth import ExternalIssuer, checked_scopes
 from gateway.edge.auth_server import AuthSetupError, Client
@@ -64,7 +65,7 @@ def pg_spec(settings: Settings) -> PgSpec:
 def load_translator(settings: Settings) -> Translator:
     mapping = settings.mapping
     return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
-                           mapping.default_offset)
+                           mapping.default_offset, facts=facts_file())
 
 
 def search_registry(settings: Settings) -> SearchRegistry:
@@ -119,7 +120,9 @@ def mllp_reservations(settings: Settings) -> Reservations | None:
 def ingest_options(settings: Settings, check: SenderCheck | None = None) -> IngestOptions:
     mllp = settings.mllp
     return IngestOptions(validation=mllp.validation, default_charset=mllp.default_charset,
-                         strict=settings.mapping.strict, sender_check=check)
+                         strict=settings.mapping.strict, sender_check=check,
+                         budget_bytes=settings.processes.memory_budget_bytes,
+                         offload_bytes=settings.processes.offload_bytes)
 
 
 # -- the FHIR API and its callers --------------------------------------------------------------

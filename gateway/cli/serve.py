@@ -22,6 +22,9 @@ def add_parser(sub: Subparsers) -> None:
     serve.add_argument("--mllp-port", type=int, help="MLLP port, 0 for any free port")
     serve.add_argument("--http-port", type=int, help="HTTP port, 0 for any free port")
     serve.add_argument("--data-dir", type=Path, help="where the store lives (store.data_dir)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="apply worker processes beside the edge (processes.workers; "
+                            "default: one per core but the edge's, 0: apply in the edge)")
     serve.set_defaults(run=_serve)
 
 
@@ -35,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args, **{
         "server.host": args.host, "mllp.port": args.mllp_port,
         "server.http_port": args.http_port, "store.data_dir": args.data_dir,
+        "processes.workers": args.workers,
     })
     configure_logging(settings.log.level)
     try:

@@ -14,6 +14,7 @@ from gateway.cli.shared import settings_from, tables_or_exit
 
 if TYPE_CHECKING:
     from gateway.cli.shared import Subparsers
+    from gateway.config import Settings
     from gateway.fhir.bundle import Json
     from gateway.mapping.engine import Translator
 
@@ -35,7 +36,6 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from gateway.app import load_translator
 
     inputs: list[tuple[str, bytes]] = []
     for name in args.files:
@@ -50,10 +50,22 @@ def _translate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if target == "hl7":
         return max(_fhir_to_hl7(data, args.event, args.allow_incomplete) for _, data in inputs)
-    translator = tables_or_exit(lambda: load_translator(settings))
+    translator = tables_or_exit(lambda: _load(settings))
     if translator is None:
         return 2
     return _hl7_to_fhir(translator, inputs, args.pretty)
+
+
+def _load(settings: Settings) -> Translator:
+    """The tables, without the rest of the gateway (this command's start-up is its cost),
+    the FHIR model's answers read from the cache file when it has them."""
+    from gateway.config.cache import facts_file
+    from gateway.mapping.engine import Translator
+    from gateway.mapping.tables import SHIPPED
+
+    mapping = settings.mapping
+    return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
+                           mapping.default_offset, facts=facts_file())
 
 
 def _hl7_to_fhir(translator: Translator, inputs: list[tuple[str, bytes]],

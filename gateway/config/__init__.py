@@ -23,6 +23,7 @@ from gateway.config.forward import (
     RouteMatch,
 )
 from gateway.config.loader import ConfigError, load_settings
+from gateway.config.processes import ProcessesConfig
 from gateway.config.settings import Settings
 from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
@@ -32,6 +33,7 @@ __all__ = [
     "ApiKeyConfig", "AuditConfig", "AuditReviewer", "AuthConfig", "BackendAuthConfig",
     "BackendConfig", "ClientConfig", "ConfigError", "ConsoleConfig", "ConsoleUser",
     "EncryptionConfig", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig",
-    "MappingConfig", "MllpConfig", "RouteConfig", "RouteMatch", "SendConfig", "ServerConfig",
-    "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig", "load_settings",
+    "MappingConfig", "MllpConfig", "ProcessesConfig", "RouteConfig", "RouteMatch",
+    "SendConfig", "ServerConfig", "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig",
+    "load_settings",
 ]

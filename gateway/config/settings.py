@@ -12,6 +12,7 @@ from gateway.config.console import ConsoleConfig
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
 from gateway.config.encryption import EncryptionConfig
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
+from gateway.config.processes import ProcessesConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
 
@@ -36,6 +37,7 @@ class Settings(_Section):
     send: SendConfig = SendConfig()
     console: ConsoleConfig = ConsoleConfig()
     agent: AgentConfig = AgentConfig()
+    processes: ProcessesConfig = ProcessesConfig()
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

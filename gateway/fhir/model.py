@@ -2,6 +2,9 @@
 
 The answers come from the fhir.resources R4B models (wire-compatible with R4 for what we
 use), read once per path and cached, so table checks at start-up cost nothing per message.
+Importing those models is most of what checking the tables costs (seconds), so the answers
+can also be kept in a file (`load_facts`/`save_facts`, `model_cache.py`): a start that
+finds them there imports no model at all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from gateway.fhir.bindings import REQUIRED_CODES
 
 # UnknownElement is defined in errors.py; imported here too for the old import path.
 from gateway.fhir.errors import UnknownElement as UnknownElement
+from gateway.fhir.model_cache import FACTS
 
 # Python types that carry no FHIR type annotation of their own.
 _PLAIN_PRIMITIVES: dict[Any, str] = {bool: "boolean", str: "string", int: "integer"}
@@ -40,6 +44,14 @@ class Element:
 
 @cache
 def is_resource_type(name: str) -> bool:
+    known = FACTS.get(f"resource:{name}")
+    if known is not None:
+        return bool(known)
+    FACTS.note(f"resource:{name}", _is_resource_type(name))
+    return bool(FACTS.get(f"resource:{name}"))
+
+
+def _is_resource_type(name: str) -> bool:
     try:
         model = get_fhir_model_class(name)
     except (KeyError, ValueError, AttributeError):
@@ -76,10 +88,15 @@ def is_type(name: str) -> bool:
     """A FHIR data type or resource name the model knows ('HumanName', 'Patient', 'date')."""
     if name in PRIMITIVE_TYPES:
         return True
+    known = FACTS.get(f"type:{name}")
+    if known is not None:
+        return bool(known)
     try:
         get_fhir_model_class(name)
     except (KeyError, ValueError, AttributeError):
+        FACTS.note(f"type:{name}", False)
         return False
+    FACTS.note(f"type:{name}", True)
     return True
 
 
@@ -116,6 +133,24 @@ def _element(root: str, steps: tuple[str, ...]) -> Element:
 
 
 def _child(type_name: str, name: str) -> Element:
+    key = f"element:{type_name}.{name}"
+    known = FACTS.get(key)
+    if isinstance(known, str):
+        raise UnknownElement(known)
+    if isinstance(known, list):
+        kind, repeats, targets, codes = known
+        return Element(kind, repeats, tuple(targets), tuple(codes))
+    try:
+        found = _read_child(type_name, name)
+    except UnknownElement as exc:
+        FACTS.note(key, str(exc))
+        raise
+    FACTS.note(key, [found.type, found.repeats, list(found.reference_targets),
+                     list(found.codes)])
+    return found
+
+
+def _read_child(type_name: str, name: str) -> Element:
     try:
         model = get_fhir_model_class(type_name)
     except (KeyError, ValueError, AttributeError) as exc:

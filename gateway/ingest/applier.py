@@ -108,7 +108,7 @@ class LocalApplier:
         self._busy = True  # the start-up sweep comes first
         self._task = asyncio.create_task(self._run(), name="local-applier")
 
-    def submit(self, inbox_id: int, translation: Translation,
+    def submit(self, inbox_id: int, translation: Translation | None,
                outcome: Outcome | None = None) -> None:
         """Queue a committed, translated message (the ACK has gone or is going out);
         `outcome` is told the result (None: applied) for the application ACK."""
@@ -134,7 +134,7 @@ class LocalApplier:
         await asyncio.sleep(0)
 
     async def close(self) -> None:
-        """Apply what is queued, then stop; what is left is swept at the next start."""
+        """Finish the batch in hand, then stop; what is left is swept at the next start."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
@@ -164,6 +164,11 @@ class LocalApplier:
                     batch = self._queue[:self._max_batch]
                     del self._queue[:len(batch)]
                     await self._apply(await self._held(batch))
+                    if self._closing:
+                        # Stop after the batch in hand: the rest is committed and marked
+                        # translated, for the next start's sweep (a long backlog must not
+                        # hold a SIGTERM up).
+                        break
             finally:
                 self._busy = False
             if self._closing:

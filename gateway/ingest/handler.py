@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from opentelemetry import trace
 
@@ -43,9 +45,20 @@ from gateway.hl7.message import (
     salvage_header,
 )
 from gateway.hl7.mllp import FrameTooLarge
-from gateway.hl7.validate import validate
 from gateway.ingest.answer import Answers, audit_failed, where
 from gateway.ingest.applier import Outcome
+from gateway.ingest.prepare import (
+    Budget,
+    Inspected,
+    Lanes,
+    Prepared,
+    Request,
+    Translators,
+    check_content,
+    error_from_wire,
+    from_wire,
+    inspect,
+)
 from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
@@ -57,7 +70,8 @@ from gateway.telemetry import Telemetry, set_attributes
 log = logging.getLogger(__name__)
 
 # Hands a committed translation on to be applied (the local FHIR store's applier).
-Applied = Callable[[int, Translation, Outcome | None], None]
+# (None: made again from the inbox row when its turn comes.)
+Applied = Callable[[int, Translation | None, Outcome | None], None]
 
 
 def _now() -> datetime:
@@ -76,6 +90,12 @@ class IngestOptions:
     strict: bool = False
     # With mTLS: whether a certificate subject may send as a message's MSH-3/MSH-4.
     sender_check: SenderCheck | None = None
+    # Bytes of frames held between receipt and commit (processes.memory_budget_bytes);
+    # None: no bound beyond the listener's.
+    budget_bytes: int | None = None
+    # Frames this long or longer are parsed, checked and translated on a thread
+    # (processes.offload_bytes); None: never.
+    offload_bytes: int | None = None
     clock: Callable[[], datetime] = _now
 
 
@@ -97,7 +117,9 @@ class Ingest:
                  options: IngestOptions | None = None, *,
                  translator: Translator | None = None, applied: Applied | None = None,
                  routing: Routing | None = None, audit: AuditLog | None = None,
-                 refused: Callable[[Refusal], None] | None = None) -> None:
+                 refused: Callable[[Refusal], None] | None = None,
+                 translators: Translators | None = None,
+                 large: Executor | None = None) -> None:
         self._inbox = inbox
         self._options = options or IngestOptions()
         self._translator = translator
@@ -108,6 +130,13 @@ class Ingest:
         # `refused` hears of each refusal (AR/AE before storage), for the operator's view.
         self._answers = Answers(telemetry, audit, self._clock, refused)
         self._metrics = telemetry.ingest
+        # Where translations run when not here; each connection's commits stay in order.
+        self._translators = translators
+        self._lanes = Lanes()
+        budget = self._options.budget_bytes
+        self.budget = Budget(budget) if budget is not None else None
+        # Where large frames are inspected (a process of their own; see prepare.inspect).
+        self._large = large
 
     def handle(self, frame: bytes | FrameTooLarge, peer: Peer,
                push: Push | None = None) -> asyncio.Future[Reply]:
@@ -121,6 +150,17 @@ class Ingest:
         started = self._metrics.clock()
         if self._metrics.enabled:
             reply.add_done_callback(lambda _: self._metrics.since("total", started))
+        size = len(frame) if isinstance(frame, bytes) else 0
+        if self.budget is not None and isinstance(frame, bytes):
+            if not self.budget.take(size):
+                # Over the memory budget: refused unread; the sender keeps it and resends.
+                error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                 "the gateway holds too many messages; resend later",
+                                 reject=True)
+                self._answers.refuse(span, reply, salvage_header(frame), [error], peer)
+                return reply
+            budget = self.budget
+            reply.add_done_callback(lambda _: budget.give_back(size))
         try:
             self._handle(frame, peer, span, reply, push)
         except Exception as exc:
@@ -136,11 +176,18 @@ class Ingest:
         return reply
 
     def _handle(self, frame: bytes | FrameTooLarge, peer: Peer, span: trace.Span,
-                reply: asyncio.Future[Reply], push: Push | None = None) -> None:
+                reply: asyncio.Future[Reply], push: Push | None = None, *,
+                here: bool = False) -> None:
+        """`here`: everything on this thread, now (the large-frame process failed)."""
         if isinstance(frame, FrameTooLarge):
             self._answers.refuse_oversize(frame, span, reply, peer)
             return
         set_attributes(span, {"mllp.frame_bytes": len(frame)})
+        offload = self._options.offload_bytes
+        if (not here and self._large is not None and offload is not None
+                and len(frame) >= offload):
+            self._handle_large(frame, peer, span, reply, push)
+            return
         try:
             message = self._parse(frame, span)
         except Hl7Error as error:
@@ -152,6 +199,68 @@ class Ingest:
             self._answers.refuse(span, reply, message, [error], peer)
             return
         header = message.header
+        self._describe(span, header)
+        errors = self._check(message, peer)
+        if errors:
+            self._answers.refuse(span, reply, message, errors, peer)
+            return
+        self._store(message, frame, peer, span, reply, push, here=here)
+
+    def _handle_large(self, frame: bytes, peer: Peer, span: trace.Span,
+                      reply: asyncio.Future[Reply], push: Push | None) -> None:
+        """What costs in proportion to the frame's size (parse, validation, translation,
+        digest) in another process; the commit back here, in the connection's order."""
+        now = self._clock()
+        options = self._options
+        ready = asyncio.get_running_loop().run_in_executor(
+            self._large, inspect, frame, options.default_charset, options.validation,
+            self._translator is not None,
+            self._routing.router if self._routing is not None else None, now, options.strict)
+        started = self._metrics.clock()
+
+        def step(outcome: Inspected | BaseException | None) -> None:
+            if not isinstance(outcome, Inspected):
+                # The large-frame process failed: this frame is done here (slowly).
+                log.warning("large-frame process failed (%s); handling the frame here",
+                            type(outcome).__name__)
+                self._handle(frame, peer, span, reply, push, here=True)
+                return
+            self._metrics.since("translate", started)
+            errors = [error_from_wire(e) for e in outcome.errors]
+            try:
+                message = parse_message(frame, options.default_charset)
+                header = message.header
+            except Hl7Error as error:
+                self._answers.refuse(span, reply, salvage_header(frame), errors or [error],
+                                     peer)
+                return
+            self._describe(span, header)
+            errors = errors or self._sender_refused(message, peer)
+            if errors or outcome.prepared is None:
+                self._answers.refuse(span, reply, message, errors, peer)
+                return
+            self._commit(message, frame, peer, span, reply, push, now, self._route(header),
+                         self._noted(from_wire(outcome.prepared), span), outcome.digest)
+
+        self._lanes.then(peer, ready, self._guarded(step, reply, span, frame, peer))
+
+    def _guarded(self, step: Callable[[Any], None], reply: asyncio.Future[Reply],
+                 span: trace.Span, frame: bytes, peer: Peer) -> Callable[[Any], None]:
+        """`step`, where a bug costs this message an AR (as in handle()), never more."""
+        def guarded(outcome: Any) -> None:
+            try:
+                step(outcome)
+            except Exception as exc:
+                log.error("internal error on an MLLP message: %s at %s",
+                          type(exc).__name__, where(exc))
+                if not reply.done():
+                    error = Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                     "internal error; the message was not accepted",
+                                     reject=True)
+                    self._answers.refuse(span, reply, salvage_header(frame), [error], peer)
+        return guarded
+
+    def _describe(self, span: trace.Span, header: Header) -> None:
         if self._answers.recording:
             set_attributes(span, {
                 "hl7.message_type": header.message_type,
@@ -161,11 +270,6 @@ class Ingest:
                 "hl7.sending_facility": header.sending_facility,
                 "hl7.enhanced_mode": header.enhanced_mode,
             })
-        errors = self._check(message, peer)
-        if errors:
-            self._answers.refuse(span, reply, message, errors, peer)
-            return
-        self._store(message, frame, peer, span, reply, push)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -181,26 +285,58 @@ class Ingest:
             self._metrics.since("parse", started)
 
     def _check(self, message: Message, peer: Peer) -> list[Hl7Error]:
-        header = message.header
+        return self._sender_refused(message, peer) or check_content(
+            message, self._options.validation)
+
+    def _sender_refused(self, message: Message, peer: Peer) -> list[Hl7Error]:
         sender_check = self._options.sender_check
-        if sender_check is not None and not sender_check(peer, header):
+        if sender_check is not None and not sender_check(peer, message.header):
             return [Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR,
                              "the client certificate may not send as this MSH-3/MSH-4",
                              Location("MSH", 1, 3), reject=True)]
-        if _holds_several_messages(message):
-            return [Hl7Error(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                             "one MLLP frame must carry exactly one message",
-                             Location("MSH", 2), reject=True)]
-        return validate(message, self._options.validation)
+        return []
 
     def _store(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
-               reply: asyncio.Future[Reply], push: Push | None = None) -> None:
-        header = message.header
+               reply: asyncio.Future[Reply], push: Push | None = None, *,
+               here: bool = False) -> None:
+        """Translate (here, or by a worker), then commit in the connection's order."""
         now = self._clock()
-        translated = self._translate(message, span, now)
-        status, error, translation = (translated.status, translated.error,
-                                      translated.translation)
-        targets = self._targets(header, translation)
+        routed = self._route(message.header)
+        elsewhere = None if here else self._elsewhere(message, frame, routed, now)
+        if here or (elsewhere is None and not self._lanes.busy(peer)):
+            self._commit(message, frame, peer, span, reply, push, now, routed,
+                         self._translate(message, span, now, routed))
+            return
+        started = self._metrics.clock()
+
+        def step(outcome: Prepared | BaseException | None) -> None:
+            if isinstance(outcome, Prepared):
+                self._metrics.since("translate", started)
+                prepared = self._noted(outcome, span)
+            else:  # nothing sent, or the worker went away: translate here
+                prepared = self._translate(message, span, now, routed)
+            self._commit(message, frame, peer, span, reply, push, now, routed, prepared)
+
+        self._lanes.then(peer, elsewhere, self._guarded(step, reply, span, frame, peer))
+
+    def _elsewhere(self, message: Message, frame: bytes, routed: Targets,
+                   now: datetime) -> asyncio.Future[Prepared] | None:
+        """The translation handed to a worker or a thread; None: it is done here."""
+        if self._translator is None or self._translators is None:
+            return None
+        return self._translators.translate(Request(
+            frame, now, self._options.default_charset,
+            patient_key(message), routed.needs_bundle, self._options.strict))
+
+    def _commit(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
+                reply: asyncio.Future[Reply], push: Push | None, now: datetime,
+                routed: Targets, translated: Prepared, digest: str = "") -> None:
+        """Commit the message with its ACK (and audit record); answer once both are
+        durable; then hand it on to be applied."""
+        header = message.header
+        status, error = translated.status, translated.error
+        targets = routed if translated.translated or self._routing is None else (
+            self._routing.router.untranslated(routed))
         outbox = self._routing.outbox if self._routing is not None else None
         if targets.remote and outbox is not None and outbox.full(targets.remote):
             # Accept only what can be held: the sender keeps it and resends later.
@@ -233,9 +369,8 @@ class Ingest:
             routes=targets.remote,
             patient_key=patient_key(message) if targets.remote else "",
             trace=_traceparent(span) if targets.remote else "",
-            bundle=(dumps(to_bundle(translation))
-                    if targets.needs_bundle and translation is not None else None),
-            content_hash=content_digest(message),
+            bundle=translated.bundle if targets.needs_bundle else None,
+            content_hash=digest or content_digest(message),
             conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
         )
         store_span = self._answers.span("inbox.store", span)
@@ -293,9 +428,8 @@ class Ingest:
                 if targets.remote and outbox is not None:
                     outbox.queued(targets.remote)
                 # After the commit ACK is queued, so an application ACK can only follow it.
-                self._process(message, status, error,
-                              translation if targets.local else None, result.inbox_id,
-                              push if header.enhanced_mode else None)
+                self._process(message, status, error, translated, targets.local,
+                              result.inbox_id, push if header.enhanced_mode else None)
 
         if audited is None:
             stored.add_done_callback(committed)
@@ -336,34 +470,49 @@ class Ingest:
         self._answers.finish(span, reply, result.ack if send else None, code, size,
                              header.message_type)
 
-    def _targets(self, header: Header, translation: Translation | None) -> Targets:
+    def _route(self, header: Header) -> Targets:
+        """Where the message goes if it translates (`Router.untranslated` if not)."""
         if self._routing is None:
             return _LOCAL
-        router = self._routing.router
-        targets = router.for_message(header.message_type, header.sending_application,
-                                     header.sending_facility)
-        return targets if translation is not None else router.untranslated(targets)
+        return self._routing.router.for_message(
+            header.message_type, header.sending_application, header.sending_facility)
 
     def _process(self, message: Message, status: str, error: Hl7Error | None,
-                 translation: Translation | None, inbox_id: int, push: Push | None) -> None:
+                 translated: Prepared, local: bool, inbox_id: int,
+                 push: Push | None) -> None:
         """After the commit: hand the translation on to be applied; in enhanced mode, send
         the application ACK (MSH-16) once the outcome is known."""
         def outcome(problem: Hl7Error | None) -> None:
             if push is not None:
                 self._answers.application_ack(message, problem, push)
 
-        if translation is not None and self._applied is not None:
-            self._applied(inbox_id, translation, outcome if push is not None else None)
+        if translated.translated and local and self._applied is not None:
+            self._applied(inbox_id, translated.translation,
+                          outcome if push is not None else None)
         elif push is not None:
             # Nothing left to do (not translated, not mapped, or no store): the outcome is
             # known now. A message no table maps is accepted, as in original mode.
             outcome(error if status == FAILED else None)
 
-    def _translate(self, message: Message, span: trace.Span, now: datetime) -> Replay:
+    def _translate(self, message: Message, span: trace.Span, now: datetime,
+                   routed: Targets) -> Prepared:
         """Translate before the commit (it is CPU only), so message, ACK and outcome are
         stored together in one write; a failure is stored too, for replay."""
         if self._translator is None:
             return _NOT_TRANSLATED
+        translated = self._translate_here(message, span, now)
+        translation = translated.translation
+        if translation is None:
+            return self._noted(Prepared(translated.status, translated.error,
+                                        translated.reason), span)
+        return self._noted(Prepared(
+            TRANSLATED, translation=translation,
+            bundle=dumps(to_bundle(translation)) if routed.needs_bundle else None,
+            resources=len(translation.resources), unmapped=translation.unmapped_count,
+            z_segments=translation.z_segments), span)
+
+    def _translate_here(self, message: Message, span: trace.Span, now: datetime) -> Replay:
+        assert self._translator is not None
         child = self._answers.span("mapping.translate", span)
         started = self._metrics.clock()
         try:
@@ -378,28 +527,32 @@ class Ingest:
             child.end()
             self._metrics.since("translate", started)
         translation = translated.translation
-        if translation is None:
-            set_attributes(span, {"mapping.status": translated.status})
-            if translated.status == FAILED:
-                log.info("could not translate an MLLP message: %s", translated.reason)
-            return translated
-        if self._answers.recording:
-            set_attributes(span, {"mapping.status": TRANSLATED,
-                                  "mapping.resources": len(translation.resources),
-                                  "mapping.unmapped": translation.unmapped_count,
-                                  "mapping.z_segments": translation.z_segments})
-        if translation.unmapped and log.isEnabledFor(logging.DEBUG):
+        if translation is not None and translation.unmapped and log.isEnabledFor(
+                logging.DEBUG):
             # Locations and counts only: never a value.
             log.debug("unmapped in %s: %s", translation.provenance.message_type,
                       ", ".join(f"{k}x{v}" for k, v in sorted(translation.unmapped.items())))
         return translated
+
+    def _noted(self, prepared: Prepared, span: trace.Span) -> Prepared:
+        """The translation outcome on the span (and a failure in the log: no value)."""
+        if not prepared.translated:
+            set_attributes(span, {"mapping.status": prepared.status})
+            if prepared.status == FAILED:
+                log.info("could not translate an MLLP message: %s", prepared.reason)
+        elif self._answers.recording:
+            set_attributes(span, {"mapping.status": TRANSLATED,
+                                  "mapping.resources": prepared.resources,
+                                  "mapping.unmapped": prepared.unmapped,
+                                  "mapping.z_segments": prepared.z_segments})
+        return prepared
 
 
 # The translation outcome, as the audit record's note.
 _DETAIL = {TRANSLATED: "translated", ROUTED: "translated", FAILED: "translation failed",
            UNSUPPORTED: "not mapped"}
 _LOCAL = Targets(local=True)
-_NOT_TRANSLATED = Replay(ACCEPTED)
+_NOT_TRANSLATED = Prepared(ACCEPTED)
 
 
 def _traceparent(span: trace.Span) -> str:
@@ -423,8 +576,3 @@ def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int
     stored.add_done_callback(one_done)
     audited.add_done_callback(one_done)
 
-
-def _holds_several_messages(message: Message) -> bool:
-    """A second MSH at the start of a line: a batch or two messages in one frame."""
-    text = message.to_text()
-    return "\rMSH" in text or "\nMSH" in text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted
 from gateway.canonical.ids import name_uuid
+from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.compiler import Compiled, compile_tables
 from gateway.mapping.convert import Converters
@@ -24,10 +25,19 @@ class Translator:
 
     @classmethod
     def load(cls, directory: Path = SHIPPED, site: Path | None = None,
-             default_offset: str = "+00:00") -> Translator:
-        """Read, check and compile the tables; raises TableErrors naming file:line."""
+             default_offset: str = "+00:00", *, facts: Path | None = None) -> Translator:
+        """Read, check and compile the tables; raises TableErrors naming file:line.
+
+        `facts`: a file where the FHIR model's answers the checks need are kept between
+        runs (`gateway.fhir.model_cache`): with it, a start imports no FHIR model."""
+        if facts is not None:
+            FACTS.load(facts)
         converters = Converters(default_offset)
-        return cls(compile_tables(read_tables(directory, site), converters), default_offset)
+        translator = cls(compile_tables(read_tables(directory, site), converters),
+                         default_offset)
+        if facts is not None:
+            FACTS.save(facts)
+        return translator
 
     @property
     def message_types(self) -> list[str]:

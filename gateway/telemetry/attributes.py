@@ -25,6 +25,8 @@ SAFE_ATTRIBUTES = frozenset({
     "mllp.tls",
     # Why a slow connection was evicted: a fixed word (frame_deadline, min_rate, ...).
     "mllp.eviction_reason",
+    # Which of the gateway's processes a figure is about: "edge" or "worker-<n>".
+    "process",
     "store.batch_size",
     "store.inbox_id",
     "mapping.status",

@@ -1,0 +1,180 @@
+"""Apply lag: from a message's ACK to its resources readable over /fhir (a benchmark).
+
+What is measured
+----------------
+The gateway (``python -m gateway serve``, started here on a temp data dir, with
+``--workers N`` when given) takes ``--messages`` synthetic ADT^A01 messages, each about a
+new patient, over ``--connections`` lock-step MLLP connections; the time of every ACK is
+kept. Meanwhile ``GET /fhir/Provenance?_summary=count`` is polled every ``--poll`` seconds
+(each message writes exactly one Provenance, so the count is the number applied). The
+messages are applied in inbox order, which is ACK order to within the connections'
+interleaving, so the k-th ACK's lag is the first poll that saw k applied minus that ACK's
+time. Printed: the ACK rate and p50/p99 ACK latency, the apply rate, the lag's p50, p99
+and max, and the time from the last ACK until everything was applied.
+
+The peer, in the same run: the poll's own round trip (p50/p99), the floor under any lag
+this can see (a lag below it reads as the poll's resolution).
+
+    python bench/apply_lag.py --messages 3000 --connections 8
+    python bench/apply_lag.py --workers 0          # the edge applies in its own process
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+KEY = "bench-apply-lag-key"
+LISTENING = re.compile(r"mllp=[^:]+:(\d+) http=[^:]+:(\d+)")
+TEMPLATE = (
+    "MSH|^~\\&|BENCHAPP|BENCHFAC|ISTHMUS|GATEWAY|20261126083000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
+    "EVN|A01|20261126082900\r"
+    "PID|1||MRN-{n}^^^BENCHFAC^MR||FAMILY{n}^Given^Middle||19800102|F|||"
+    "1 Example Street^^Springfield^ST^12345^USA||^PRN^PH^^1^555^0100001\r"
+    "PV1|1|I|WARD1^101^A^BENCHFAC||||1234^Attending^Alex|||MED||||ADM|||||VN-{n}\r")
+
+
+def frame(payload: bytes) -> bytes:
+    return b"\x0b" + payload + b"\x1c\r"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))] if ordered else 0.0
+
+
+def start_gateway(workdir: Path, workers: int | None) -> tuple[subprocess.Popen[str], int, int]:
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    config = workdir / "isthmus.toml"
+    config.write_text(f'[[auth.api_keys]]\nname = "bench"\nkey_sha256 = "{digest}"\n'
+                      'scopes = ["system/*.rs"]\n')
+    data = workdir / "var"
+    argv = [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--host",
+            "127.0.0.1", "--mllp-port", "0", "--http-port", "0", "--data-dir", str(data)]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    log = (workdir / "gateway.log").open("w")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = LISTENING.search(line)
+    if match is None:
+        proc.kill()
+        raise SystemExit(f"the gateway did not start: {line!r}; see {workdir}/gateway.log")
+    return proc, int(match[1]), int(match[2])
+
+
+async def client(port: int, numbers: list[int], prefix: str, acks: dict[int, float],
+                 latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for n in numbers:
+            payload = TEMPLATE.format(cid=f"{prefix}{n}", n=f"{prefix}{n}").encode()
+            sent = time.perf_counter()
+            writer.write(frame(payload))
+            reply = await reader.readuntil(b"\x1c\r")
+            done = time.perf_counter()
+            if b"MSA|AA|" not in reply and b"MSA|CA|" not in reply:
+                raise SystemExit(f"not acknowledged: {reply[:200]!r}")
+            acks[n] = done
+            latencies.append(done - sent)
+    finally:
+        writer.close()
+
+
+async def poll(session: aiohttp.ClientSession, url: str, seen: list[tuple[float, int]],
+               rounds: list[float], total: int, stop: asyncio.Event, every: float) -> None:
+    while True:
+        started = time.perf_counter()
+        async with session.get(url) as response:
+            count = int((await response.json(content_type=None))["total"])
+        now = time.perf_counter()
+        rounds.append(now - started)
+        seen.append((now, count))
+        if count >= total and stop.is_set():
+            return
+        await asyncio.sleep(every)
+
+
+async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
+    prefix = f"L{os.getpid()}-"
+    numbers = list(range(args.messages))
+    acks: dict[int, float] = {}
+    latencies: list[float] = []
+    seen: list[tuple[float, int]] = []
+    rounds: list[float] = []
+    stop = asyncio.Event()
+    url = f"http://127.0.0.1:{http}/fhir/Provenance?_summary=count"
+    async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as session:
+        poller = asyncio.create_task(poll(session, url, seen, rounds, args.messages, stop,
+                                          args.poll))
+        started = time.perf_counter()
+        shares = [numbers[i::args.connections] for i in range(args.connections)]
+        await asyncio.gather(*(client(mllp, share, prefix, acks, latencies)
+                               for share in shares))
+        acked = time.perf_counter()
+        stop.set()
+        await asyncio.wait_for(poller, args.timeout)
+    applied_at = seen[-1][0]
+    order = sorted(acks.values())
+    lags = []
+    position = 0
+    for k, ack_time in enumerate(order, start=1):
+        while seen[position][1] < k:
+            position += 1
+        lags.append(max(0.0, seen[position][0] - ack_time))
+    first_count = next((t for t, c in seen if c >= 1), started)
+    print(f"messages {args.messages}  connections {args.connections}  "
+          f"workers {'default' if args.workers is None else args.workers}")
+    print(f"ACKs      {args.messages / (acked - started):8.0f} msg/s   "
+          f"p50 {percentile(latencies, 50) * 1000:7.2f} ms   "
+          f"p99 {percentile(latencies, 99) * 1000:7.2f} ms")
+    print(f"applied   {args.messages / max(applied_at - first_count, 1e-9):8.0f} msg/s   "
+          f"all applied {applied_at - acked:6.2f} s after the last ACK")
+    print(f"lag       p50 {percentile(lags, 50) * 1000:8.1f} ms   "
+          f"p99 {percentile(lags, 99) * 1000:8.1f} ms   max {max(lags) * 1000:8.1f} ms")
+    print(f"peer      poll round trip p50 {percentile(rounds, 50) * 1000:.2f} ms   "
+          f"p99 {percentile(rounds, 99) * 1000:.2f} ms (the lag's resolution)")
+    print("target: lag <= 1000 ms at >= 3000 msg/s: "
+          f"{'PASS' if max(lags) <= 1 and args.messages / (acked - started) >= 3000 else 'MISS'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--poll", type=float, default=0.02, help="seconds between polls")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--keep-tmp", action="store_true")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="isthmus-lag-"))
+    os.chmod(workdir, 0o700)
+    proc, mllp, http = start_gateway(workdir, args.workers)
+    try:
+        asyncio.run(measure(args, mllp, http))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if not args.keep_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

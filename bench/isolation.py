@@ -1,0 +1,142 @@
+"""Isolation: one heavy message must not hold up the others (a benchmark, not a test).
+
+What is measured
+----------------
+The gateway (started here, ``--workers N`` when given) takes small ADT^A01 messages on
+``--connections`` lock-step MLLP connections while ``/healthz`` is polled every 10 ms.
+Twice, in the same run: first alone for ``--seconds`` (the peer), then while one more
+connection sends one legal ORU^R01 of ``--observations`` OBX (20,000: about 5 MB); the
+second phase lasts until that message's ACK. Printed per phase: small-message ACKs/s,
+their p50/p99 latency, and /healthz p50/p99/max; and how long the heavy message took.
+
+    python bench/isolation.py
+    python bench/isolation.py --workers 0 --observations 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from apply_lag import TEMPLATE, frame, percentile, start_gateway
+
+
+def heavy_oru(observations: int) -> bytes:
+    note = "N" * 200
+    head = ("MSH|^~\\&|BENCHLAB|BENCHFAC|ISTHMUS|GATEWAY|20261126083000||ORU^R01^ORU_R01|"
+            f"HEAVY-{os.getpid()}|P|2.5.1\r"
+            "PID|1||MRN-HEAVY^^^BENCHFAC^MR||HEAVYFAMILY^Given||19800102|F\r"
+            "OBR|1|PL-1|FL-1|24331-1^Lipid panel^LN|||20261126080000\r")
+    return (head + "".join(
+        f"OBX|{n}|NM|2093-3^Cholesterol {note}^LN|{n}|180|mg/dL|<200|N|||F\r"
+        for n in range(1, observations + 1))).encode()
+
+
+async def small_sender(port: int, prefix: str, stop: asyncio.Event,
+                       latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    n = 0
+    try:
+        while not stop.is_set():
+            n += 1
+            payload = TEMPLATE.format(cid=f"{prefix}{n}", n=f"{prefix}{n}").encode()
+            sent = time.perf_counter()
+            writer.write(frame(payload))
+            await reader.readuntil(b"\x1c\r")
+            latencies.append(time.perf_counter() - sent)
+    finally:
+        writer.close()
+
+
+async def health_poller(url: str, stop: asyncio.Event, latencies: list[float]) -> None:
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            sent = time.perf_counter()
+            async with session.get(url) as response:
+                await response.read()
+            latencies.append(time.perf_counter() - sent)
+            await asyncio.sleep(0.01)
+
+
+async def heavy_sender(port: int, payload: bytes) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        sent = time.perf_counter()
+        writer.write(frame(payload))
+        await writer.drain()
+        reply = await reader.readuntil(b"\x1c\r")
+        if b"MSA|AA|" not in reply:
+            raise SystemExit(f"the heavy message was not accepted: {reply[:300]!r}")
+        return time.perf_counter() - sent
+    finally:
+        writer.close()
+
+
+async def phase(name: str, args: argparse.Namespace, mllp: int, http: int,
+                heavy: bytes | None) -> None:
+    stop = asyncio.Event()
+    acks: list[float] = []
+    health: list[float] = []
+    prefix = f"I{os.getpid()}{name[0]}-"
+    tasks = [asyncio.create_task(small_sender(mllp, f"{prefix}{c}-", stop, acks))
+             for c in range(args.connections)]
+    tasks.append(asyncio.create_task(health_poller(f"http://127.0.0.1:{http}/healthz",
+                                                   stop, health)))
+    started = time.perf_counter()
+    heavy_seconds = None
+    if heavy is None:
+        await asyncio.sleep(args.seconds)
+    else:
+        heavy_seconds = await heavy_sender(mllp, heavy)
+    stop.set()
+    elapsed = time.perf_counter() - started
+    await asyncio.gather(*tasks)
+    print(f"{name:<14} {len(acks) / elapsed:7.0f} msg/s  ACK p50 "
+          f"{percentile(acks, 50) * 1000:7.2f} p99 {percentile(acks, 99) * 1000:8.2f} ms   "
+          f"/healthz p50 {percentile(health, 50) * 1000:6.2f} p99 "
+          f"{percentile(health, 99) * 1000:8.2f} max {max(health) * 1000:8.2f} ms"
+          + (f"   heavy ACK after {heavy_seconds:.2f} s" if heavy_seconds else ""))
+
+
+async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
+    heavy = heavy_oru(args.observations)
+    print(f"heavy message: {len(heavy) / 1e6:.1f} MB, {args.observations} OBX; "
+          f"{args.connections} small-message connections")
+    await phase("alone (peer)", args, mllp, http, None)
+    await phase("beside heavy", args, mllp, http, heavy)
+    print("target: beside the heavy message, small ACK p99 <= 20 ms and /healthz <= 50 ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--observations", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="isthmus-isolation-"))
+    os.chmod(workdir, 0o700)
+    proc, mllp, http = start_gateway(workdir, args.workers)
+    try:
+        asyncio.run(measure(args, mllp, http))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Settings of the process layout: how many worker processes apply the inbox, and the
+memory the MLLP edge may hold between receiving a message and its commit."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from gateway.config.base import Section as _Section
+
+
+def default_workers() -> int:
+    """One apply worker per core beside the edge's; none on a single core (the edge
+    applies in its own process there, where a second process would only take turns)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return max(0, cores - 1)
+
+
+class ProcessesConfig(_Section):
+    # Worker processes that translate committed inbox rows and apply them to the FHIR
+    # store (each takes the patients whose key falls in its share). None: one per core but
+    # the edge's. 0: the edge process applies them itself.
+    workers: int | None = Field(default=None, ge=0, le=64)
+    # Bytes of frames the edge holds between receipt and commit (parsing, translating,
+    # waiting for the group commit); a frame that would cross it is answered AR ("resend
+    # later") without being parsed. The apply worker reads its batches within it too.
+    memory_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Frames at least this large are parsed, checked and translated off the edge's event
+    # loop, so one heavy message cannot hold up other connections' ACKs or /healthz.
+    offload_bytes: int = Field(default=64 * 1024, ge=0)
+
+    def worker_count(self) -> int:
+        return default_workers() if self.workers is None else self.workers

@@ -1,0 +1,141 @@
+"""The apply workers' loop (`InboxFollower`), in this process on real files: rows marked
+`translated` are applied in inbox order and reported; two workers split the patients
+between them and together apply everything once; a row whose apply committed before a
+crash (its Provenance is in the store) is marked, not applied again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from conftest import message, with_control_id
+from gateway.fhir.search import TABLE, SearchRegistry
+from gateway.ingest.worker import InboxFollower, share_of
+from gateway.mapping.engine import Translator
+from gateway.mapping.tables import SHIPPED
+from gateway.store import InboundMessage, SqliteInbox
+from gateway.store.fhir import SearchQuery, TokenMatch
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox import APPLIED, TRANSLATED
+from support.builders import with_fields
+from support.wait import eventually
+
+ADT = message("mapping_adt_a01.hl7")
+
+
+def adt(patient: int, update: int) -> bytes:
+    raw = with_control_id(ADT, f"F-{patient}-{update}")
+    return with_fields(raw, "PID", {3: f"MRN-F{patient:03d}^^^SYNTHHOSP^MR",
+                                    5: f"FAMILY{update}^Jane"})
+
+
+async def commit(inbox: SqliteInbox, raw: bytes, control_id: str) -> int:
+    stored = await inbox.accept(InboundMessage(
+        "SYNTHADT", "SYNTHHOSP", control_id, "ADT^A01", "2.5.1", "test", raw, b"ACK",
+        datetime.now(UTC), status=TRANSLATED))
+    return stored.inbox_id
+
+
+async def families(store: SqliteFhirStore, patients: int) -> dict[int, str]:
+    found = {}
+    for patient in range(patients):
+        page = await store.search(SearchQuery("Patient", ((TokenMatch(
+            "identifier", None, f"MRN-F{patient:03d}"),),)))
+        for resource in page.resources:
+            found[patient] = orjson.loads(resource.body)["name"][0]["family"]
+    return found
+
+
+async def test_followers_split_the_patients_and_apply_each_ones_messages_in_order(
+        tmp_path: Path) -> None:
+    registry = SearchRegistry.load(SHIPPED / TABLE)
+    translator = Translator.load(SHIPPED)
+    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
+                                       synchronous="normal")
+    reports: list[list[tuple[int, str]]] = [[], []]
+
+    def reporter(share: int) -> Callable[[Sequence[tuple[int, str]]], None]:
+        def report(done: Sequence[tuple[int, str]]) -> None:
+            reports[share].extend(done)
+        return report
+
+    followers = [InboxFollower(store, registry, inbox, translator, reporter(share),
+                               share=share, shares=2, max_batch=3) for share in (0, 1)]
+    tasks = [asyncio.create_task(f.follow()) for f in followers]
+    try:
+        patients, updates = 6, 3
+        ids = {}
+        for update in range(updates):
+            for patient in range(patients):
+                ids[(patient, update)] = await commit(inbox, adt(patient, update),
+                                                      f"F-{patient}-{update}")
+            for follower in followers:
+                follower.wake()
+        total = patients * updates
+        await eventually(lambda: len(reports[0]) + len(reports[1]) == total, timeout=60)
+        assert all(problem == "" for r in reports for _, problem in r)
+        # Each row reported by exactly one worker: the one whose share holds its patient.
+        for share, done in enumerate(reports):
+            for row_id, _ in done:
+                patient = next(p for (p, _), i in ids.items() if i == row_id)
+                key_share = share_of(_patient_key(patient), 2)
+                assert key_share == share
+        assert {e.status for e in await inbox.list(100)} == {APPLIED}
+        assert await families(store, patients) == {
+            p: f"FAMILY{updates - 1}" for p in range(patients)}
+    finally:
+        for follower in followers:
+            follower.stop()
+        await asyncio.gather(*tasks)
+        await store.close()
+        await inbox.close()
+
+
+def _patient_key(patient: int) -> str:
+    from gateway.hl7.message import parse_message
+    from gateway.ingest.replay import patient_key
+
+    return patient_key(parse_message(adt(patient, 0)))
+
+
+async def test_a_row_applied_before_a_crash_but_not_marked_is_not_applied_again(
+        tmp_path: Path) -> None:
+    registry = SearchRegistry.load(SHIPPED / TABLE)
+    translator = Translator.load(SHIPPED)
+    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
+                                       synchronous="normal")
+    done: list[tuple[int, str]] = []
+    try:
+        first = InboxFollower(store, registry, inbox, translator, done.extend)
+        running = asyncio.create_task(first.follow())
+        row = await commit(inbox, adt(1, 0), "F-1-0")
+        await commit(inbox, adt(1, 1), "F-1-1")
+        first.wake()
+        await eventually(lambda: len(done) == 2, timeout=30)
+        first.stop()
+        await running
+        # The crash: the store committed the first, the inbox mark did not. Applying it
+        # again would put its older name back over the second's.
+        await inbox.set_statuses([(row, TRANSLATED, "")])
+        done.clear()
+        second = InboxFollower(store, registry, inbox, translator, done.extend)
+        running = asyncio.create_task(second.follow())
+        await eventually(lambda: len(done) == 1, timeout=30)
+        second.stop()
+        await running
+        assert done == [(row, "")]
+        page = await store.search(SearchQuery("Patient", ((TokenMatch(
+            "identifier", None, "MRN-F001"),),)))
+        [patient] = page.resources
+        assert orjson.loads(patient.body)["name"][0]["family"] == "FAMILY1"
+        assert patient.version == 2  # one version per message, none more
+        assert {e.status for e in await inbox.list(10)} == {APPLIED}
+    finally:
+        await store.close()
+        await inbox.close()
