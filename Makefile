@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward bench-agent bench-postgres clean
+.PHONY: chromium run test test-fast security lint typecheck pytest bench bench-translate bench-audit bench-fhir bench-forward bench-agent bench-postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,8 +30,16 @@ lint: $(STAMP_DEV)
 typecheck: $(STAMP_DEV)
 	$(BIN)/mypy
 
-pytest: $(STAMP_DEV)
+pytest: $(STAMP_DEV) chromium
 	$(BIN)/python -m pytest -q
+
+# The console's browser tests drive Debian's Chromium (Playwright from PyPI, no browser
+# download): installed with apt when missing (as root, or with sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
 
 test: lint typecheck pytest
 
