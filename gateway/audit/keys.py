@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # AuditKeyError: defined in errors.py; imported here too for the old import path.
 from gateway.audit.errors import AuditKeyError as AuditKeyError
+from gateway.store.data_dir import read_key_text
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +241,9 @@ def read_public_keys(path: Path) -> list[Ed25519PublicKey]:
 
 def _read_secret_file(path: Path) -> str:
     try:
-        mode = path.stat().st_mode
-        text = path.read_text()
+        return read_key_text(path, "audit key")
     except OSError as exc:
         raise AuditKeyError(f"{path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("audit key file %s is readable by group or others (mode %o); "
-                    "chmod 600 it", path, stat.S_IMODE(mode))
-    return text
 
 
 # -- creating -----------------------------------------------------------------------------

@@ -32,6 +32,18 @@ _FORBIDDEN = 0o077
 _FORBIDDEN_GROUP_READ = 0o027
 
 
+def read_key_text(path: Path, what: str) -> str:
+    """A key file's text, warning (not refusing) when group or others may read it: a key
+    file copied in by hand often keeps the copier's umask, and refusing would stop a
+    restart in the middle of the night. `OSError` passes to the caller, who names it."""
+    mode = path.stat().st_mode
+    text = path.read_text()
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s file %s is readable by group or others (mode %o); chmod 600 it",
+                    what, path, stat.S_IMODE(mode))
+    return text
+
+
 def private_dir(path: Path) -> None:
     """Create `path` (and missing parents) with the directory itself owner-only; an
     existing directory is left as it is (the start-up check judges it)."""

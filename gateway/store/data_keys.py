@@ -21,13 +21,12 @@ import logging
 import os
 import re
 import secrets
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.store.data_dir import FILE_MODE
+from gateway.store.data_dir import FILE_MODE, read_key_text
 from gateway.store.sealing import (
     PLAIN,
     DataKey,
@@ -89,13 +88,9 @@ def parse_keys(text: str, source: str) -> KeyRing:
 
 def read_key_file(path: Path) -> KeyRing:
     try:
-        mode = path.stat().st_mode
-        text = path.read_text()
+        text = read_key_text(path, "store key")
     except OSError as exc:
         raise SealError(f"store data keys {path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("store key file %s is readable by group or others (mode %o); chmod 600 "
-                    "it", path, stat.S_IMODE(mode))
     return parse_keys(text, str(path))
 
 
