@@ -6,8 +6,14 @@ and a Linkage; a visit points at the patient's account (PID-18)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from gateway.mapping.engine import Translator
+from gateway.mapping.errors import TableErrors
+from gateway.mapping.tables import SHIPPED
 from support.mapping import Json, one, ref, resources, translate, v2
 
 SYS = "urn:oid:2.16.840.1.113883.3.9901"
@@ -192,3 +198,23 @@ def test_a_visit_points_at_the_patients_account() -> None:
     bundle = translate(v2(msh("ADT^A01^ADT_A01"), "EVN|A01|20261203101500+0000", PID, PV1))
     assert one(bundle, "Encounter")["account"] == [
         {"reference": ref(bundle, one(bundle, "Account"))}]
+
+
+# -- merges.csv: which types a merge can keep ----------------------------------------------
+
+@pytest.mark.parametrize(("resource", "accepted"), [
+    ("Patient", True), ("Account", True), ("Encounter", False), ("Observation", False)])
+def test_merges_csv_takes_a_type_only_if_a_merged_away_record_can_say_so(
+        tmp_path: Path, resource: str, accepted: bool) -> None:
+    tables = tmp_path / "tables"
+    shutil.copytree(SHIPPED, tables)
+    merges = tables / "merges.csv"
+    merges.write_text(merges.read_text().replace("ADT^A41,Account,", f"ADT^A41,{resource},"))
+    if accepted:
+        Translator.load(tables)
+        return
+    with pytest.raises(TableErrors) as caught:
+        Translator.load(tables)
+    line = next(n for n, row in enumerate(merges.read_text().splitlines(), 1)
+                if row.startswith("ADT^A41,"))
+    assert f"{merges}:{line}: a {resource} cannot be merged" in str(caught.value)
