@@ -1,11 +1,13 @@
-"""Store-side semantics of applying a translated message: merges (ADT^A40, A47) and what
+"""Store-side semantics of applying a translated message: merges (ADT^A40, A41, A47) and what
 an update keeps of the record it replaces.
 
 A merge message's Bundle says it in FHIR terms: the record merged away (from MRG) is
-linked `replaced-by` the survivor (from PID). Written as they stand, its entries would
-overwrite the merged-away record with the MRG fragment and leave every reference where
-it was; instead that entry becomes a store `Merge` run in the same transaction (see
-`gateway.store.fhir.Merge`), and the Bundle's own links to it are left to the merge.
+linked `replaced-by` the survivor (from PID), or, for a type without `link` (an Account,
+ADT^A41), named `historical` by a Linkage whose `source` is the survivor. Written as they
+stand, its entries would overwrite the merged-away record with the MRG fragment and leave
+every reference where it was; instead that entry becomes a store `Merge` run in the same
+transaction (see `gateway.store.fhir.Merge`), and the Bundle's own links to it are left to
+the merge.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from gateway.fhir.search import SearchRegistry
 from gateway.fhir.transaction import condition
-from gateway.mapping.tables import MergeRow
+from gateway.mapping.tables import MergeRow, merge_kind
 from gateway.store.fhir import Merge, WriteRequest
 
 # FHIR R4 §3.1.1.4.7 (search escaping): what a token value must escape.
@@ -28,19 +30,23 @@ def merge_writes(registry: SearchRegistry, writes: list[WriteRequest],
     merges that replace them. A record merged away without an identifier to find it by
     stays as the Bundle wrote it."""
     urls = {w.full_url for w in writes if w.full_url}
+    linked = _linkage_pairs(writes, urls)
+    kind = merge_kind(rule.resource) or "link"
     merges: list[Merge] = []
-    gone: set[str] = set()
+    gone: dict[str, WriteRequest] = {}
     for write in writes:
         survivor = _replaced_by(write, rule.resource, urls)
-        identifiers = _identifiers(write)
+        if survivor is None and write.resource_type == rule.resource and write.full_url:
+            survivor = linked.get(write.full_url)
+        identifiers = _identifiers(write) if survivor is not None else []
         if survivor is None or not identifiers or write.full_url is None:
             continue
         values = ",".join(f"{system.translate(_ESCAPES)}|{value.translate(_ESCAPES)}"
                           for system, value in identifiers)
         source = condition(registry, rule.resource, [("identifier", values)])
         retired = tuple(identifiers) if rule.identifiers == "dropped" else ()
-        merges.append(Merge(rule.resource, source, survivor, retired))
-        gone.add(write.full_url)
+        merges.append(Merge(rule.resource, source, survivor, retired, kind))
+        gone[write.full_url] = write
     if not gone:
         return writes, []
     kept = [_without_links_to(w, gone) for w in writes if w.full_url not in gone]
@@ -82,20 +88,41 @@ def _replaced_by(write: WriteRequest, resource_type: str, urls: set[str]) -> str
     return None
 
 
+def _linkage_pairs(writes: list[WriteRequest], urls: set[str]) -> dict[str, str]:
+    """fullUrl of each entry a Linkage of the call names `historical` -> the fullUrl of
+    its `source`: how a merge of a type without `link` (an Account, ADT^A41) is said."""
+    pairs: dict[str, str] = {}
+    for write in writes:
+        if write.resource_type != "Linkage" or write.resource is None:
+            continue
+        items = [(i.get("type"), i.get("resource", {}).get("reference"))
+                 for i in write.resource.get("item", [])]
+        sources = [ref for kind, ref in items if kind == "source" and ref in urls]
+        if len(sources) != 1:
+            continue
+        for kind, ref in items:
+            if kind == "historical" and ref in urls:
+                pairs[str(ref)] = sources[0]
+    return pairs
+
+
 def _identifiers(write: WriteRequest) -> list[tuple[str, str]]:
     assert write.resource is not None
     return [(str(i.get("system", "")), str(i["value"]))
             for i in write.resource.get("identifier", []) if i.get("value")]
 
 
-def _without_links_to(write: WriteRequest, gone: set[str]) -> WriteRequest:
+def _without_links_to(write: WriteRequest, gone: dict[str, WriteRequest]) -> WriteRequest:
     """The write without references to entries no longer written: the survivor's
     `replaces` link (the merge writes it, to the record it finds) and the Provenance's
-    target."""
+    target; a Linkage's item names the merged-away record by its identifier instead (the
+    record the merge finds keeps it only as the survivor's `use: old`)."""
     resource = write.resource
     if resource is None:
         return write
     changed = dict(resource)
+    if write.resource_type == "Linkage" and "item" in changed:
+        changed["item"] = [_by_identifier(item, gone) for item in changed["item"]]
     if "link" in changed:
         changed["link"] = [link for link in changed["link"]
                            if link.get("other", {}).get("reference") not in gone]
@@ -104,3 +131,14 @@ def _without_links_to(write: WriteRequest, gone: set[str]) -> WriteRequest:
     if "target" in changed and isinstance(changed["target"], list):
         changed["target"] = [t for t in changed["target"] if t.get("reference") not in gone]
     return replace(write, resource=changed) if changed != resource else write
+
+
+def _by_identifier(item: dict[str, Any], gone: dict[str, WriteRequest]) -> dict[str, Any]:
+    """A Linkage item whose reference is an entry no longer written, as a logical
+    reference: the type and first identifier of that entry."""
+    write = gone.get(item.get("resource", {}).get("reference", ""))
+    if write is None:
+        return item
+    system, value = _identifiers(write)[0]
+    identifier = {"system": system, "value": value} if system else {"value": value}
+    return {**item, "resource": {"type": write.resource_type, "identifier": identifier}}

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.fhir import model as fhir_model
 from gateway.hl7.location import ComponentLocation, Location, parse_component, parse_location
 from gateway.mapping.errors import TableError, TableErrors
 
@@ -174,6 +175,23 @@ class MergeRow:
     message_type: str
     resource: str
     identifiers: str
+
+
+def merge_kind(resource_type: str) -> str | None:
+    """How a merged-away record of this type is kept: `link` (Patient: `active` false and
+    a `replaced-by` link, the survivor `replaces` it), `status` (a type without link
+    whose status can say `inactive`: an Account, ADT^A41), or None (it cannot be)."""
+    def has(path: str) -> fhir_model.Element | None:
+        try:
+            return fhir_model.element(resource_type, path)
+        except fhir_model.UnknownElement:
+            return None
+    if has("link") is not None and has("active") is not None:
+        return "link"
+    status = has("status")
+    if status is not None and "inactive" in status.codes:
+        return "status"
+    return None
 
 
 @dataclass

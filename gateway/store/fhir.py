@@ -240,12 +240,15 @@ class Merge:
     the survivor, which gets a `replaces` link back; every reference to it in the store
     (Provenance aside: history stays as it was) moves to the survivor; its identifiers
     move to the survivor as `use: old`, except those in `retired` ((system, value) pairs:
-    an identifier that was wrong, A47), which are dropped."""
+    an identifier that was wrong, A47), which are dropped. A type without `link` (an
+    Account, ADT^A41: `kept` is "status") is kept with `status` inactive instead, and
+    the survivor gets no `replaces` link."""
 
     resource_type: str
     source: SearchQuery
     target: str  # the survivor: the fullUrl of an entry of the same call, or its id
     retired: tuple[tuple[str, str], ...] = ()
+    kept: str = "link"  # how a merged-away record is marked: "link" or "status"
 
 
 @dataclass(frozen=True, slots=True)

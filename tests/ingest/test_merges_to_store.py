@@ -1,7 +1,9 @@
-"""ADT^A40 (merge patient) and ADT^A47 (change identifier) are applied to the FHIR store,
-not only translated: the record merged away stays, inactive and `replaced-by` the
-survivor; every reference to it moves to the survivor; its identifiers move (A40: kept as
-`use: old`; A47: the wrong one dropped). Real MLLP in, FHIR search out."""
+"""ADT^A40 (merge patient), ADT^A41 (merge account) and ADT^A47 (change identifier) are
+applied to the FHIR store, not only translated: the record merged away stays, inactive
+and `replaced-by` the survivor (an Account, which has no link: status inactive, and the
+message's Linkage names the pair); every reference to it moves to the survivor; its
+identifiers move (A40, A41: kept as `use: old`; A47: the wrong one dropped). Real MLLP in,
+FHIR search out."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ AUTHORITY = "SYNTHHOSP&1.2.3.4.5&ISO"
 SYSTEM = "urn:oid:1.2.3.4.5"
 A01 = message("mapping_adt_a01.hl7")
 A40 = message("mapping_adt_a40.hl7")  # PID MRN-400002 survives, MRG MRN-400001 goes
+A41 = message("mapping_adt_a41.hl7")  # PID-18 ACCT-NEW-17 survives, MRG-3 ACCT-OLD-17 goes
 A47 = message("mapping_adt_a47.hl7")  # MRG MRN-500077 was wrong, PID MRN-500001 is right
 ORU = message("identity_oru_r01.hl7")
 
@@ -28,6 +31,14 @@ ORU = message("identity_oru_r01.hl7")
 def admit(mrn: str, visit: str, control_id: str) -> bytes:
     """ADT_A01 for another patient and visit."""
     raw = with_fields(A01, "PID", {3: f"{mrn}^^^{AUTHORITY}^MR"})
+    raw = with_fields(raw, "PV1", {19: f"{visit}^^^{AUTHORITY}^VN"})
+    return with_control_id(raw, control_id)
+
+
+def admit_on_account(account: str, visit: str, control_id: str) -> bytes:
+    """ADT_A01 for the A41's patient (MRN-500001), a visit charged to `account` (PID-18)."""
+    raw = with_fields(A01, "PID", {3: f"MRN-500001^^^{AUTHORITY}^MR",
+                                   18: f"{account}^^^{AUTHORITY}^AN"})
     raw = with_fields(raw, "PV1", {19: f"{visit}^^^{AUTHORITY}^VN"})
     return with_control_id(raw, control_id)
 
@@ -137,3 +148,68 @@ async def test_a47_changes_the_identifier_and_drops_the_wrong_one(
     [gone] = await search(fhir, f"Patient?_id={wrong['id']}")
     assert gone["active"] is False
     assert gone["link"][0]["type"] == "replaced-by"
+
+
+async def account(fhir: aiohttp.ClientSession, number: str) -> dict[str, Any]:
+    [found] = await search(fhir, f"Account?identifier={SYSTEM}|{number}")
+    return found
+
+
+async def test_a41_moves_the_visits_to_the_surviving_account(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit_on_account("ACCT-OLD-17", "VN-410001", "M-1"),
+                  admit_on_account("ACCT-OLD-17", "VN-410002", "M-2"),
+                  admit_on_account("ACCT-NEW-17", "VN-410003", "M-3"))
+    retired = await account(fhir, "ACCT-OLD-17")
+    survivor = await account(fhir, "ACCT-NEW-17")
+    assert len(await search(fhir, f"Encounter?account=Account/{retired['id']}")) == 2
+
+    await deliver(gateway, A41)
+    assert (await statuses(gateway))[-1] == ("CTRL-A41-0001", "applied", "")
+    # The visits charged to the prior account now are the survivor's, with its own.
+    assert await search(fhir, f"Encounter?account=Account/{retired['id']}") == []
+    moved = await search(fhir, f"Encounter?account=Account/{survivor['id']}")
+    assert sorted(e["identifier"][0]["value"] for e in moved) == [
+        "VN-410001", "VN-410002", "VN-410003"]
+    # The prior account is kept, inactive (R4 Account has no link), without its number.
+    [gone] = await search(fhir, f"Account?_id={retired['id']}")
+    assert gone["status"] == "inactive"
+    assert "identifier" not in gone
+    # Its number finds the survivor, as an old identifier, and only it.
+    kept = await account(fhir, "ACCT-OLD-17")
+    assert kept["id"] == survivor["id"]
+    assert kept["status"] == "active"
+    assert {"system": SYSTEM, "value": "ACCT-OLD-17", "use": "old"}.items() <= next(
+        i for i in kept["identifier"] if i["value"] == "ACCT-OLD-17").items()
+    assert len(await search(fhir, "Account")) == 2
+    # The Linkage records the pair: the survivor by reference, the prior one by number.
+    [linkage] = await search(fhir, "Linkage")
+    assert {"resource": {"reference": f"Account/{survivor['id']}"}, "type": "source"} in \
+        linkage["item"]
+    assert {"resource": {"type": "Account",
+                         "identifier": {"system": SYSTEM, "value": "ACCT-OLD-17"}},
+            "type": "historical"} in linkage["item"]
+    assert await search(fhir, f"Linkage?item=Account/{survivor['id']}") == [linkage]
+
+
+async def test_an_a41_resent_changes_nothing_more(gateway: RunningGateway,
+                                                  fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, admit_on_account("ACCT-OLD-17", "VN-410001", "M-1"), A41)
+    before = {a["id"]: a["meta"]["versionId"] for a in await search(fhir, "Account")}
+    [linkage] = await search(fhir, "Linkage")
+    [visit] = await search(fhir, "Encounter?identifier=" + SYSTEM + "|VN-410001")
+    await deliver(gateway, A41, with_control_id(A41, "CTRL-A41-0002"))
+    assert {a["id"]: a["meta"]["versionId"]
+            for a in await search(fhir, "Account")} == before
+    assert await search(fhir, "Linkage") == [linkage]
+    assert await search(fhir, "Encounter?identifier=" + SYSTEM + "|VN-410001") == [visit]
+    assert [s for _, s, _ in await statuses(gateway)] == ["applied"] * 3
+
+
+async def test_a41_for_an_account_the_store_never_held_only_adds_the_survivor(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    await deliver(gateway, A41)
+    [only] = await search(fhir, "Account")
+    assert [i["value"] for i in only["identifier"]] == ["ACCT-NEW-17"]
+    assert only["status"] == "active"
+    assert await statuses(gateway) == [("CTRL-A41-0001", "applied", "")]

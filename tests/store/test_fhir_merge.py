@@ -98,3 +98,30 @@ async def test_a_merge_into_a_record_that_does_not_exist_changes_nothing(
 async def test_merges_run_only_with_atomic_writes(store: SqliteFhirStore) -> None:
     with pytest.raises(ValueError, match="atomic"):
         await store.transact([], atomic=False, merges=[Merge("Patient", by_id("a"), "b")])
+
+
+async def test_an_account_merge_marks_the_prior_account_inactive_without_links(
+        store: SqliteFhirStore) -> None:
+    """R4 Account has no `link` or `active` (ADT^A41): the record merged away says it by
+    `status`, and the survivor gets the identifier, no `replaces` link."""
+    def account(number: str) -> dict[str, Any]:
+        return {"resourceType": "Account", "status": "active",
+                "identifier": [{"system": MRN, "value": number}], "name": f"visits {number}"}
+    old = await create(store, "Account", account("A-1"))
+    new = await create(store, "Account", account("A-2"))
+    query = SearchQuery("Account", ((TokenMatch("identifier", MRN, "A-1"),),))
+
+    outcome = await store.merge(Merge("Account", query, new, kept="status"))
+    assert outcome.merged == (f"Account/{old}",)
+    gone = body(await store.read("Account", old))
+    assert gone["status"] == "inactive"
+    assert gone["name"] == "visits A-1"  # its other content stays
+    assert "link" not in gone and "active" not in gone and "identifier" not in gone
+    kept = body(await store.read("Account", new))
+    assert kept["status"] == "active" and "link" not in kept
+    assert {"system": MRN, "value": "A-1", "use": "old"} in kept["identifier"]
+    # Merged again: the identifier finds only the survivor, nothing more changes.
+    again = await store.merge(Merge("Account", query, new, kept="status"))
+    assert again.merged == ()
+    survivor = await store.read("Account", new)
+    assert survivor is not None and survivor.version == 2

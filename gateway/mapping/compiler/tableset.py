@@ -10,7 +10,7 @@ from gateway.mapping.compiler.messages import MessageFn, MessageMaps
 from gateway.mapping.compiler.segments import FieldMaps
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import TableErrors
-from gateway.mapping.tables import MergeRow, TableSet, Where
+from gateway.mapping.tables import MergeRow, TableSet, Where, merge_kind
 from gateway.mapping.vocabulary import Vocab, check_vocabulary
 
 _MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}")
@@ -73,10 +73,10 @@ def _merges(ctx: Context, rows: list[MergeRow], events: dict[str, MessageFn]
                 f"{row.message_type} has no message map in events.csv"))
         elif row.message_type in merges:
             ctx.errors.append(row.where.error(f"{row.message_type} is listed twice"))
-        elif row.resource != "Patient":
-            # Patient.link and Patient.active are what a merge writes (FHIR R4 has no
-            # link on other resources).
-            ctx.errors.append(row.where.error("only Patient records are merged"))
+        elif merge_kind(row.resource) is None:
+            ctx.errors.append(row.where.error(
+                f"a {row.resource} cannot be merged: it has neither link and active "
+                f"(Patient) nor a status with the code inactive (Account)"))
         elif row.identifiers not in ("old", "dropped"):
             ctx.errors.append(row.where.error("identifiers must be 'old' or 'dropped'"))
         else:

@@ -1,4 +1,4 @@
-"""Merges applied inside a FHIR transaction on the writer thread (ADT^A40/A47, `isthmus
+"""Merges applied inside a FHIR transaction on the writer thread (ADT^A40/A41/A47, `isthmus
 fhir merge`): the records merged away are kept, inactive, `replaced-by` the survivor;
 references to them move to the survivor; their identifiers move with them.
 
@@ -71,20 +71,30 @@ def apply_merge(writer: TransactionWriter, merge: Merge,
         for identifier in body.pop("identifier", []):
             if (identifier.get("system", ""), identifier.get("value", "")) not in merge.retired:
                 moved_identifiers.append({**identifier, "use": "old"})
-        body["active"] = False
-        body["link"] = [link for link in body.get("link", [])
-                        if link.get("type") != "replaced-by"] + [
-            {"other": {"reference": target_ref}, "type": "replaced-by"}]
+        _retire(body, merge.kept, target_ref)
         writer.rewrite(resource_type, source.id, body, source)
         merged.append(source_ref)
     if merged:
-        _update_survivor(writer, resource_type, target_id, merged, moved_identifiers)
+        _update_survivor(writer, resource_type, target_id,
+                         merged if merge.kept == "link" else [], moved_identifiers)
     return MergeOutcome(target_ref, tuple(merged), moved)
+
+
+def _retire(body: dict[str, Any], kept: str, target_ref: str) -> None:
+    """Mark a merged-away record: Patient has `active` and `link` (replaced-by the
+    survivor); a type without them (Account) says it by `status` inactive."""
+    if kept == "status":
+        body["status"] = "inactive"
+        return
+    body["active"] = False
+    body["link"] = [link for link in body.get("link", [])
+                    if link.get("type") != "replaced-by"] + [
+        {"other": {"reference": target_ref}, "type": "replaced-by"}]
 
 
 def _update_survivor(writer: TransactionWriter, resource_type: str, target_id: str,
                      merged: list[str], identifiers: list[dict[str, Any]]) -> None:
-    """The survivor `replaces` each record merged away and holds their identifiers."""
+    """The survivor `replaces` each record in `merged` and holds the identifiers."""
     current = _current(writer, resource_type, target_id)
     assert current is not None
     body = _load(current.body)
@@ -94,11 +104,12 @@ def _update_survivor(writer: TransactionWriter, resource_type: str, target_id: s
         if key not in held:
             held.add(key)
             body.setdefault("identifier", []).append(identifier)
-    links = body.setdefault("link", [])
-    for source_ref in merged:
-        link = {"other": {"reference": source_ref}, "type": "replaces"}
-        if link not in links:
-            links.append(link)
+    if merged:
+        links = body.setdefault("link", [])
+        for source_ref in merged:
+            link = {"other": {"reference": source_ref}, "type": "replaces"}
+            if link not in links:
+                links.append(link)
     writer.rewrite(resource_type, target_id, body, current)
 
 
