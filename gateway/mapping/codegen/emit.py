@@ -85,7 +85,8 @@ class _Place:
     """Where a group's rows read and write: variable names and expressions."""
 
     def __init__(self, raw: str, seps: str, location: str, tags: _Tags,
-                 applied: bool = False) -> None:
+                 applied: bool = False, rep_field: int = 0) -> None:
+        self.rep_field = rep_field  # the field whose repetition is in `rep`, or 0
         self.raw = raw
         self.seps = seps
         self.location = location
@@ -102,6 +103,7 @@ class Emitter:
         self._names: dict[int, str] = {}
         self._keep: list[object] = []  # ids stay unique while the module is written
         self._count = 0
+        self._lazy: list[set[str]] = []  # per table function being written: read once
 
     # -- the module ---------------------------------------------------------------------
 
@@ -157,16 +159,27 @@ class Emitter:
         self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
         return self._remember(getter, name)
 
-    def _read(self, getter: object, inline: bool) -> str:
-        """A reader as an expression: a component of the data type being mapped read in
-        place, anything else through its reader."""
+    def _read(self, getter: object, place: _Place | None) -> str:
+        """A reader as an expression. In a table function (`place`): a component of the
+        data type being mapped read in place, the field whose repetition is being mapped
+        read from it, and any other location read once per call (a segment's fields and
+        the segments before it do not change while it is mapped)."""
         spec = spec_of(getter)
-        if inline and spec[0] == "read_component" and not spec[2]:
+        if place is None:
+            return f"{self._reader(getter)}(scope)"
+        kind = spec[0]
+        if kind == "read_component" and not spec[2]:
             index = spec[1]
-            part = f"(parts[{index}] if {index} < count else '')"
-            return (f"('' if (x := {part}) == NULL else "
-                    f"(run.text(x) if run.d.escape in x else x))")
-        return f"{self._reader(getter)}(scope)"
+            return _text_of(f"(parts[{index}] if {index} < count else '')")
+        if kind == "read_own" and spec[1] == place.rep_field:
+            _, _, c, s = spec
+            return _text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
+        if kind == "read_component" or place.rep_field < 0:
+            return f"{self._reader(getter)}(scope)"
+        name = "m_" + "_".join(str(a) for a in spec)
+        name = re.sub(r"\W", "_", name)
+        self._lazy[-1].add(name)
+        return f"({name} if {name} is not None else ({name} := {self._reader(getter)}(scope)))"
 
     @staticmethod
     def _converter(name: str) -> str:
@@ -194,16 +207,16 @@ class Emitter:
 
     # -- conditions ------------------------------------------------------------------------
 
-    def condition(self, predicate: object, inline: bool = True) -> str:
-        """A condition as an expression over `scope` (`inline`: in a table function, whose
-        `parts`/`seps` are the scope's)."""
+    def condition(self, predicate: object, place: _Place | None) -> str:
+        """A condition as an expression over `scope` (`place`: in a table function, see
+        `_read`)."""
         spec = spec_of(predicate)
         kind = spec[0]
         if kind in ("or", "and"):
-            return "(" + f" {kind} ".join(self.condition(p, inline) for p in spec[1]) + ")"
+            return "(" + f" {kind} ".join(self.condition(p, place) for p in spec[1]) + ")"
         if kind == "not":
-            return f"(not {self.condition(spec[1], inline)})"
-        value = self._read(spec[1], inline)
+            return f"(not {self.condition(spec[1], place)})"
+        value = self._read(spec[1], place)
         if kind == "valued":
             return f"({value} != '')"
         if kind == "equals":
@@ -223,7 +236,7 @@ class Emitter:
         if known:
             return known
         name = self._name("C")
-        self.top.append(f"def {name}(scope):\n    return {self.condition(predicate, False)}\n")
+        self.top.append(f"def {name}(scope):\n    return {self.condition(predicate, None)}\n")
         return self._remember(predicate, name)
 
     # -- setters -----------------------------------------------------------------------------
@@ -343,7 +356,7 @@ class Emitter:
         """`produce.template` written out: every quoted value read, then joined."""
         _, getters, pieces, vocab, convert = spec
         names = [f"q{n}" for n in range(len(getters))]
-        lines = [f"{name} = {self._read(g, True)}" for name, g in zip(names, getters, strict=True)]
+        lines = [f"{name} = {self._read(g, place)}" for name, g in zip(names, getters, strict=True)]
         joined = " + ".join(repr(p) if i % 2 == 0 else names[i // 2]
                             for i, p in enumerate(pieces) if i % 2 or p)
         body = [f"v = {joined}"]
@@ -397,7 +410,7 @@ class Emitter:
                 body = [*produced, "if v is not None:", *_indent_lines(write, 1), *done]
             if condition is None:
                 return body
-            return [f"if {self.condition(condition)}:", *_indent_lines(body, 1)]
+            return [f"if {self.condition(condition, place)}:", *_indent_lines(body, 1)]
         if kind == "only_existing":
             _, inner, prefix, indexed = spec
             return [f"if {place.tags.key(prefix, indexed)} in inst:",
@@ -405,7 +418,7 @@ class Emitter:
         if kind == "applies_when":
             if not place.applied:
                 return []  # writes nothing; only whether it holds counts, and not here
-            return [f"if {self.condition(spec[1])}:", "    applied = True"]
+            return [f"if {self.condition(spec[1], place)}:", "    applied = True"]
         raise NotGenerated(f"unknown row {kind}")
 
     def _rows(self, rows: Iterable[object], place: _Place, out: str) -> list[str]:
@@ -432,7 +445,7 @@ class Emitter:
                           f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''",
                           "    sp = sp[1:]"]
                 lines += ["else:", f"    raw = raw if {sub} == 1 else ''"]
-            place = _Place("raw", "sp", "here", _Tags(("#1", src_tag)))
+            place = _Place("raw", "sp", "here", _Tags(("#1", src_tag)), rep_field=-1)
             test = "raw != NULL" if guarded == index and not sub else "raw and raw != NULL"
             return lines + [f"if {test}:",
                             f"    here = {location} + {suffix!r}",
@@ -458,7 +471,8 @@ class Emitter:
 
     def _repetitions(self, spec: tuple[Any, ...], parts: str, out: str) -> list[str]:
         _, f, c, s, where, only, count_unmatched, rows = spec
-        place = _Place("raw", "sp", repr(where), _Tags(None), applied=count_unmatched)
+        place = _Place("raw", "sp", repr(where), _Tags(None), applied=count_unmatched,
+                       rep_field=f)
         body = [f"raw = descend(rep, run, {c}, {s})" if c else "raw = rep",
                 "if not raw or raw == NULL:", "    continue",
                 "scope.rep = rep",
@@ -508,10 +522,11 @@ class Emitter:
             raise NotGenerated(f"unknown data-type function {spec[0]}")
         _, table_name, primitive, groups = spec
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
+        self._lazy.append(set())
         body = _prelude(["out = {}", "inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "seps", "location", "out"),
                          "return out.get('$value')" if primitive else "return out or None"],
-                        "parts", "seps")
+                        "parts", "seps", self._lazy.pop())
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + _indent(body, 1))
         return name
@@ -525,9 +540,10 @@ class Emitter:
             raise NotGenerated(f"unknown segment function {spec[0]}")
         _, table_name, segment_id, groups = spec
         name = self._remember(fn, self._name("S"))
+        self._lazy.append(set())
         body = _prelude(["inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "''", repr(segment_id), "out")],
-                        "parts", "''")
+                        "parts", "''", self._lazy.pop())
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + _indent(body, 1))
         return name
@@ -551,7 +567,7 @@ class Emitter:
             if condition is None:
                 body += rule
             else:
-                body += [f"if {self.condition(condition, False)}:", *_indent_lines(rule, 1)]
+                body += [f"if {self.condition(condition, None)}:", *_indent_lines(rule, 1)]
         body.append("return ''")
         self.functions.append(f"def {name}(fields, run):\n" + _indent(body, 1))
         return name
@@ -605,11 +621,17 @@ def _separators(c: int, s: int) -> str:
     return "''" if s else ("sub_sep" if c else "comp_seps")
 
 
-def _prelude(body: list[str], parts: str, seps: str) -> list[str]:
+def _text_of(raw: str) -> str:
+    """An expression: the raw text's value as a reader gives it (the explicit null is
+    no value; escapes undone)."""
+    return f"('' if (x := {raw}) == NULL else (run.text(x) if run.d.escape in x else x))"
+
+
+def _prelude(body: list[str], parts: str, seps: str, lazy: set[str]) -> list[str]:
     """What a table function's body uses of the run: a Scope for the readers, the escape
     character for inline unescaping, the separators below a field and a component."""
     text = "\n".join(body)
-    head = []
+    head = [f"{name} = None" for name in sorted(lazy)]
     if re.search(r"\bcomp_seps\b", text):
         head.append("comp_seps = run.d.component + run.d.subcomponent")
     if re.search(r"\bsub_sep\b", text):
