@@ -32,14 +32,16 @@ class Translator:
     @classmethod
     def load(cls, directory: Path = SHIPPED, site: Path | None = None,
              default_offset: str = "+00:00", *, facts: Path | None = None,
-             cache: Path | None = None, generate: bool = True) -> Translator:
+             cache: Path | None = None, generate: bool | None = None) -> Translator:
         """Read, check and compile the tables; raises TableErrors naming file:line.
 
         `facts`: a file where the FHIR model's answers the checks need are kept between
         runs (`gateway.fhir.model_cache`): with it, a start imports no FHIR model.
-        The tables run as generated Python source (`mapping.codegen`), kept in `cache`
-        (a directory) by the tables' hash when given, so a later start only loads it;
-        `generate=False` runs the compiler's closures (the interpreter) instead."""
+        With `cache` (a directory) the tables run as generated Python source
+        (`mapping.codegen`) kept there by the tables' hash, so a later start only loads
+        it; without one, or when it cannot be written, as the compiler's closures (the
+        interpreter: they translate alike, slower, and start without compiling source).
+        `generate` forces either way (True: generated even without a cache)."""
         def compiled() -> Compiled:
             from gateway.mapping.compiler import compile_tables
             from gateway.mapping.convert import Converters
@@ -52,12 +54,13 @@ class Translator:
                 FACTS.save(facts)
             return result
 
-        if not generate:
+        if generate is False or (generate is None and cache is None):
             tables = compiled()
             return cls(tables.events, tables.merges, default_offset)
         from gateway.mapping.codegen import load
 
-        loaded = load(directory, site, default_offset, cache, compiled)
+        loaded = load(directory, site, default_offset, cache, compiled,
+                      in_memory=bool(generate))
         return cls(loaded.events, loaded.merges, default_offset, generated=loaded.generated)
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from gateway.mapping.codegen.cache import cached_code, store, tables_key
+from gateway.mapping.codegen.cache import cached_code, store, tables_key, writable
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import MergeRow, Where
 
@@ -36,9 +36,13 @@ class Loaded:
 
 
 def load(directory: Path, site: Path | None, default_offset: str, cache_dir: Path | None,
-         compile_tables: Callable[[], Compiled]) -> Loaded:
+         compile_tables: Callable[[], Compiled], *, in_memory: bool = False) -> Loaded:
     """The generated module for these tables: from `cache_dir` when it holds it, else
-    compiled (`compile_tables`, which raises TableErrors) and generated, and kept there."""
+    compiled (`compile_tables`, which raises TableErrors) and generated, and kept there.
+
+    When it cannot be kept (no cache, or one that cannot be written) the compiler's
+    closures run instead, unless `in_memory`: compiling the source costs a few seconds
+    that only a cached copy pays back."""
     key = tables_key(directory, site, default_offset) if cache_dir is not None else ""
     if cache_dir is not None:
         code = cached_code(cache_dir, key)
@@ -47,6 +51,10 @@ def load(directory: Path, site: Path | None, default_offset: str, cache_dir: Pat
     compiled = compile_tables()
     source = generated_source(compiled, default_offset)
     if source is None:
+        return Loaded(compiled.events, compiled.merges, generated=False)
+    if not in_memory and (cache_dir is None or not writable(cache_dir)):
+        log.warning("the compiled tables cannot be cached in %s: they run interpreted",
+                    cache_dir)
         return Loaded(compiled.events, compiled.merges, generated=False)
     code = compile(source, f"<{MODULE_NAME}>", "exec")
     if cache_dir is not None:

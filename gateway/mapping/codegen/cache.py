@@ -59,6 +59,15 @@ def cached_code(cache_dir: Path, key: str) -> CodeType | None:
     return code if isinstance(code, CodeType) else None
 
 
+def writable(cache_dir: Path) -> bool:
+    """Whether files can be kept in `cache_dir` (made if missing, owner-only)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return False
+    return os.access(cache_dir, os.W_OK | os.X_OK)
+
+
 def store(cache_dir: Path, key: str, source: str, code: CodeType) -> None:
     """Keep the source (for a reader) and its code (what a start loads), each renamed into
     place whole; a failure is logged and costs the next start the time."""

@@ -201,6 +201,7 @@ class Producers:
             if makes_resource:
                 return scope.run.reference_to(resource_type, value)
             return value
-        return described(produce, "mapped", fn, (vocab.name, element.type) if recode else None,
+        recoded = (vocab.name, element.type) if vocab is not None else None
+        return described(produce, "mapped", fn, recoded,
                          resource_type if makes_resource else None)
 
