@@ -461,7 +461,7 @@ class Emitter:
                     f"        sp = {_separators(c, s)}",
                     *_indent_lines(self._rows(rows, place, out), 2)]
         if kind == "repetitions":
-            return self._repetitions(spec, parts, out)
+            return self._repetitions(spec, parts, out, guarded == spec[1])
         if kind == "whole":
             place = _Place("raw", "sp", location, _Tags(("#1", "@*#1")))
             return [f"jn = run.d.component if {seps} else run.d.subcomponent",
@@ -469,7 +469,8 @@ class Emitter:
                     *self._rows(spec[1], place, out)]
         raise NotGenerated(f"unknown group {kind}")
 
-    def _repetitions(self, spec: tuple[Any, ...], parts: str, out: str) -> list[str]:
+    def _repetitions(self, spec: tuple[Any, ...], parts: str, out: str, guarded: bool
+                     ) -> list[str]:
         _, f, c, s, where, only, count_unmatched, rows = spec
         place = _Place("raw", "sp", repr(where), _Tags(None), applied=count_unmatched,
                        rep_field=f)
@@ -485,11 +486,13 @@ class Emitter:
             body += self._rows(rows, place, out)
         only_line = [f"    reps = reps[{only - 1}:{only}]"] if only is not None else []
         # The repetition being mapped is for readers of this field (its conditions).
-        uses_scope = any(re.search(r"\bscope\b", line) for line in body)
+        uses_scope = any(re.search(r"\bscope\b", line) for line in body
+                         if line != "scope.rep = rep")
         if not uses_scope:
             body.remove("scope.rep = rep")
-        return [f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
-                "if fl and fl != NULL:",
+        return [f"fl = {parts}[{f}]" if guarded else
+                f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
+                "if fl != NULL:" if guarded else "if fl and fl != NULL:",
                 "    rs = run.d.repetition",
                 "    reps = fl.split(rs) if rs in fl else (fl,)",
                 *only_line,
@@ -503,6 +506,8 @@ class Emitter:
                 location: str, out: str) -> list[str]:
         lines: list[str] = []
         for index, group in groups:
+            if not spec_of(group)[-1]:
+                continue  # no rows (only documentation rows): nothing to run
             body = self.group(group, parts, seps, location, out, index)
             if index < 0:
                 lines += body
