@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from gateway.fhir.bundle import dumps, to_bundle
 from gateway.hl7.batch import split_messages
 from gateway.hl7.errors import Hl7Error
 from gateway.hl7.message import parse_message
+from gateway.mapping.codegen.cache import PRUNE_AFTER_SECONDS
 from gateway.mapping.codegen.emit import NotGenerated, generate
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import MappingError
@@ -198,3 +200,16 @@ def _without_time(output: bytes) -> object:
     for entry in bundle["entry"]:
         entry["resource"].pop("recorded", None)
     return bundle
+
+
+def test_modules_of_other_table_sets_unused_for_a_month_are_pruned(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    cache.mkdir()
+    stale, recent = cache / "tables-0000.code", cache / "tables-1111.code"
+    for path in (stale, recent):
+        path.write_bytes(b"an older table set")
+    month_ago = time.time() - PRUNE_AFTER_SECONDS - 60
+    os.utime(stale, (month_ago, month_ago))
+    Translator.load(tables, cache=cache)
+    assert not stale.exists() and recent.exists()
+    assert len(_kept(cache)) == 2  # the new module and the recent one

@@ -20,6 +20,7 @@ import marshal
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import CodeType
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _MAPPING = Path(__file__).resolve().parent.parent
 _FHIR_SOURCES = ("model.py", "bindings.py")
+PRUNE_AFTER_SECONDS = 30 * 24 * 3600
 
 
 def tables_key(directory: Path, site: Path | None, default_offset: str) -> str:
@@ -51,12 +53,16 @@ def tables_key(directory: Path, site: Path | None, default_offset: str) -> str:
 
 def cached_code(cache_dir: Path, key: str) -> CodeType | None:
     """The generated module's code from an earlier run, None if there is none usable."""
+    path = cache_dir / f"tables-{key}.code"
     try:
-        data = (cache_dir / f"tables-{key}.code").read_bytes()
-        code = marshal.loads(data)
+        code = marshal.loads(path.read_bytes())
     except (OSError, EOFError, ValueError, TypeError):
         return None
-    return code if isinstance(code, CodeType) else None
+    if not isinstance(code, CodeType):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # in use: not pruned (`store`)
+    return code
 
 
 def writable(cache_dir: Path) -> bool:
@@ -78,6 +84,18 @@ def store(cache_dir: Path, key: str, source: str, code: CodeType) -> None:
     except OSError as exc:
         log.warning("the compiled tables could not be cached in %s: %s", cache_dir,
                     type(exc).__name__)
+        return
+    _prune(cache_dir, key)
+
+
+def _prune(cache_dir: Path, key: str) -> None:
+    """Modules of other table sets (edited tables, an upgrade) not loaded for a month go:
+    each is a few MB, and a table set in use is touched at every load."""
+    horizon = time.time() - PRUNE_AFTER_SECONDS
+    for path in cache_dir.glob("tables-*"):
+        with contextlib.suppress(OSError):
+            if key not in path.name and path.stat().st_mtime < horizon:
+                path.unlink()
 
 
 def _write(path: Path, data: bytes) -> None:
