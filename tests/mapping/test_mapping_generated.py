@@ -213,3 +213,14 @@ def test_modules_of_other_table_sets_unused_for_a_month_are_pruned(tmp_path: Pat
     Translator.load(tables, cache=cache)
     assert not stale.exists() and recent.exists()
     assert len(_kept(cache)) == 2  # the new module and the recent one
+
+
+def test_a_cache_others_may_write_is_not_trusted(tmp_path: Path) -> None:
+    # What is loaded from the cache runs as code: a directory another user may write to
+    # is neither read nor written, and the closures run.
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    translator = Translator.load(tables, cache=cache)
+    assert not translator.generated
+    assert _kept(cache) == []

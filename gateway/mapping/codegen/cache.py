@@ -54,6 +54,8 @@ def tables_key(directory: Path, site: Path | None, default_offset: str) -> str:
 def cached_code(cache_dir: Path, key: str) -> CodeType | None:
     """The generated module's code from an earlier run, None if there is none usable."""
     path = cache_dir / f"tables-{key}.code"
+    if not (_ours(cache_dir) and _ours(path)):
+        return None
     try:
         code = marshal.loads(path.read_bytes())
     except (OSError, EOFError, ValueError, TypeError):
@@ -66,12 +68,22 @@ def cached_code(cache_dir: Path, key: str) -> CodeType | None:
 
 
 def writable(cache_dir: Path) -> bool:
-    """Whether files can be kept in `cache_dir` (made if missing, owner-only)."""
+    """Whether files can be kept in `cache_dir` (made if missing, owner-only): ours, and
+    no one else's to write (what is loaded from it runs as code)."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError:
         return False
-    return os.access(cache_dir, os.W_OK | os.X_OK)
+    return _ours(cache_dir) and os.access(cache_dir, os.W_OK | os.X_OK)
+
+
+def _ours(path: Path) -> bool:
+    """Owned by this user and writable by no one else: code loaded from it is ours."""
+    try:
+        status = path.stat()
+    except OSError:
+        return False
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022
 
 
 def store(cache_dir: Path, key: str, source: str, code: CodeType) -> None:
