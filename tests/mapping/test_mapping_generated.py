@@ -22,7 +22,8 @@ from gateway.hl7.batch import split_messages
 from gateway.hl7.errors import Hl7Error
 from gateway.hl7.message import parse_message
 from gateway.mapping.codegen.cache import PRUNE_AFTER_SECONDS
-from gateway.mapping.codegen.emit import NotGenerated, generate
+from gateway.mapping.codegen.emit import generate
+from gateway.mapping.codegen.source import NotGenerated
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import MappingError
 from gateway.mapping.tables import SHIPPED

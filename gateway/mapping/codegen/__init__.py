@@ -2,6 +2,7 @@
 tables' hash, loaded instead of checking and compiling the tables at every start.
 
     emit.py    the compiler's closures, as they describe themselves, written as a module
+    source.py  the pieces of source it writes with (literals, keys, preludes)
     cache.py   the hash that names a table set, and the files kept under it
 """
 
@@ -64,7 +65,8 @@ def load(directory: Path, site: Path | None, default_offset: str, cache_dir: Pat
 
 def generated_source(compiled: Compiled, default_offset: str) -> str | None:
     """The module's source, or None (logged) when a construct cannot be generated."""
-    from gateway.mapping.codegen.emit import NotGenerated, generate
+    from gateway.mapping.codegen.emit import generate
+    from gateway.mapping.codegen.source import NotGenerated
 
     try:
         return generate(compiled.events, compiled.merges, compiled.vocabularies,

@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from decimal import Decimal
 from typing import Any
 
+from gateway.mapping.codegen.source import (
+    NotGenerated,
+    Place,
+    Tags,
+    indent,
+    indent_lines,
+    literal,
+    prelude,
+    separators,
+    single,
+    spec_of,
+    text_of,
+)
 from gateway.mapping.steps import Link, MessageStep
 from gateway.mapping.tables import MergeRow
 from gateway.mapping.vocabulary import Vocab
@@ -36,62 +48,6 @@ from gateway.mapping.vocabulary import Vocab, recoder
 REPETITION_TAGS = tuple(f'#{n}' for n in range(1, 101))
 '''
 _READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
-
-
-class NotGenerated(Exception):
-    """A compiled construct this generator cannot write as source (the caller falls back
-    to the compiler's closures)."""
-
-
-def spec_of(fn: object) -> tuple[Any, ...]:
-    spec = getattr(fn, "spec", None)
-    if not isinstance(spec, tuple) or not spec:
-        raise NotGenerated(f"no description on {fn!r}")
-    return spec
-
-
-def literal(value: object) -> str:
-    """`value` as Python source that evaluates to an equal value."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return repr(value)
-    if isinstance(value, Decimal):
-        return f"Decimal({str(value)!r})"
-    if isinstance(value, tuple):
-        inner = ", ".join(literal(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, list):
-        return "[" + ", ".join(literal(v) for v in value) + "]"
-    if isinstance(value, frozenset):
-        return "frozenset({" + ", ".join(literal(v) for v in sorted(value)) + "})"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
-    raise NotGenerated(f"no literal for a {type(value).__name__}")
-
-
-class _Tags:
-    """The instance keys of a group: known when it is written (one repetition), or held
-    in the variables `rt`, `st` (a repeating field)."""
-
-    def __init__(self, static: tuple[str, str] | None) -> None:
-        self.static = static
-
-    def key(self, prefix: str, indexed: bool) -> str:
-        if self.static is not None:
-            return repr(prefix + self.static[0 if indexed else 1])
-        return f"{prefix!r} + {'rt' if indexed else 'st'}"
-
-
-class _Place:
-    """Where a group's rows read and write: variable names and expressions."""
-
-    def __init__(self, raw: str, seps: str, location: str, tags: _Tags,
-                 applied: bool = False, rep_field: int = 0) -> None:
-        self.rep_field = rep_field  # the field whose repetition is in `rep`, or 0
-        self.raw = raw
-        self.seps = seps
-        self.location = location
-        self.tags = tags
-        self.applied = applied  # count whether a row applied (into `applied`)
 
 
 class Emitter:
@@ -159,7 +115,7 @@ class Emitter:
         self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
         return self._remember(getter, name)
 
-    def _read(self, getter: object, place: _Place | None) -> str:
+    def _read(self, getter: object, place: Place | None) -> str:
         """A reader as an expression. In a table function (`place`): a component of the
         data type being mapped read in place, the field whose repetition is being mapped
         read from it, and any other location read once per call (a segment's fields and
@@ -170,10 +126,10 @@ class Emitter:
         kind = spec[0]
         if kind == "read_component" and not spec[2]:
             index = spec[1]
-            return _text_of(f"(parts[{index}] if {index} < count else '')")
+            return text_of(f"(parts[{index}] if {index} < count else '')")
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
-            return _text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
+            return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
         if kind == "read_component" or place.rep_field < 0:
             return f"{self._reader(getter)}(scope)"
         name = "m_" + "_".join(str(a) for a in spec)
@@ -207,7 +163,7 @@ class Emitter:
 
     # -- conditions ------------------------------------------------------------------------
 
-    def condition(self, predicate: object, place: _Place | None) -> str:
+    def condition(self, predicate: object, place: Place | None) -> str:
         """A condition as an expression over `scope` (`place`: in a table function, see
         `_read`)."""
         spec = spec_of(predicate)
@@ -241,7 +197,7 @@ class Emitter:
 
     # -- setters -----------------------------------------------------------------------------
 
-    def setter(self, setter: object, out: str, tags: _Tags, plain: bool = False
+    def setter(self, setter: object, out: str, tags: Tags, plain: bool = False
                ) -> list[str]:
         """Statements writing `v` into `out` as the setter does (`plain`: `v` is known
         to be text or a number, never a dict)."""
@@ -249,7 +205,7 @@ class Emitter:
         if spec[0] == "set_value":
             return [f"{out}.setdefault('$value', v)"]
         if spec[0] == "single":
-            return _single(out, repr(spec[1]), plain)
+            return single(out, repr(spec[1]), plain)
         if spec[0] != "walk":
             raise NotGenerated(f"unknown setter {spec[0]}")
         _, walk, last_key, last_prefix, last_repeats, last_indexed = spec
@@ -273,7 +229,7 @@ class Emitter:
                       f"        nd.setdefault({last_key!r}, []).append(v)", "else:",
                       f"    nd.setdefault({last_key!r}, []).append(v)"]
         else:
-            lines += _single("nd", repr(last_key), plain)
+            lines += single("nd", repr(last_key), plain)
         return lines
 
     def _setter_function(self, setter: object) -> str:
@@ -281,13 +237,13 @@ class Emitter:
         if known:
             return known
         name = self._name("SET")
-        body = self.setter(setter, "out", _Tags(None))
-        self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + _indent(body, 1))
+        body = self.setter(setter, "out", Tags(None))
+        self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + indent(body, 1))
         return self._remember(setter, name)
 
     # -- rows and groups ---------------------------------------------------------------------
 
-    def _produce(self, produce: object, place: _Place) -> tuple[list[str], bool]:
+    def _produce(self, produce: object, place: Place) -> tuple[list[str], bool]:
         """Statements setting `v` to what the row makes of its value (None: nothing), and
         whether that value is plain (text or a number, never a dict)."""
         spec = spec_of(produce)
@@ -322,7 +278,7 @@ class Emitter:
         lines += ["else:", "    v = None"]
         return lines, False
 
-    def _primitive(self, spec: tuple[Any, ...], place: _Place) -> list[str]:
+    def _primitive(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.primitive` written out for its element: the same steps in order."""
         _, convert, codes, kind, vocab = spec
         location = place.location
@@ -347,12 +303,12 @@ class Emitter:
             # it is left out and counted.
             body += [f"if v not in {self._constant(frozenset(codes))}:",
                      f"    run.unmapped[{location}] += 1", "    v = None", "else:",
-                     *_indent_lines(convert_call, 1)]
+                     *indent_lines(convert_call, 1)]
         else:
             body += convert_call
-        return lines + ["    else:", *_indent_lines(body, 2)]
+        return lines + ["    else:", *indent_lines(body, 2)]
 
-    def _template(self, spec: tuple[Any, ...], place: _Place) -> list[str]:
+    def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.template` written out: every quoted value read, then joined."""
         _, getters, pieces, vocab, convert = spec
         names = [f"q{n}" for n in range(len(getters))]
@@ -366,7 +322,7 @@ class Emitter:
                  "except ConversionError as exc:",
                  f"    raise TranslationError({place.location}, exc.reason, v) from None"]
         # A template is only as good as every value it quotes.
-        return lines + [f"if {' and '.join(names)}:", *_indent_lines(body, 1),
+        return lines + [f"if {' and '.join(names)}:", *indent_lines(body, 1),
                         "else:", "    v = None"]
 
     def _converter_object(self, convert: str) -> str:
@@ -392,14 +348,14 @@ class Emitter:
         self._recoders[key] = name
         return name
 
-    def row(self, row: object, place: _Place, out: str) -> list[str]:
+    def row(self, row: object, place: Place, out: str) -> list[str]:
         spec = spec_of(row)
         kind = spec[0]
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
             return [f"t = leaf({place.raw}, {place.seps}) if {place.seps} else {place.raw}",
                     "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
-                    *_indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
+                    *indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
         if kind == "row":
             _, condition, produce, setter = spec
             produced, plain = self._produce(produce, place)
@@ -407,21 +363,21 @@ class Emitter:
             if spec_of(produce)[0] == "constant":
                 body = [*produced, *write, *done]  # a constant is never None
             else:
-                body = [*produced, "if v is not None:", *_indent_lines(write, 1), *done]
+                body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
             if condition is None:
                 return body
-            return [f"if {self.condition(condition, place)}:", *_indent_lines(body, 1)]
+            return [f"if {self.condition(condition, place)}:", *indent_lines(body, 1)]
         if kind == "only_existing":
             _, inner, prefix, indexed = spec
             return [f"if {place.tags.key(prefix, indexed)} in inst:",
-                    *_indent_lines(self.row(inner, place, out), 1)]
+                    *indent_lines(self.row(inner, place, out), 1)]
         if kind == "applies_when":
             if not place.applied:
                 return []  # writes nothing; only whether it holds counts, and not here
             return [f"if {self.condition(spec[1], place)}:", "    applied = True"]
         raise NotGenerated(f"unknown row {kind}")
 
-    def _rows(self, rows: Iterable[object], place: _Place, out: str) -> list[str]:
+    def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
         lines: list[str] = []
         for row in rows:
             lines += self.row(row, place, out)
@@ -434,7 +390,7 @@ class Emitter:
         spec = spec_of(group)
         kind = spec[0]
         if kind == "constants":
-            return self._rows(spec[1], _Place("''", "''", location, _Tags(("#1", "@#1"))), out)
+            return self._rows(spec[1], Place("''", "''", location, Tags(("#1", "@#1"))), out)
         if kind == "components":
             _, index, sub, suffix, src_tag, rows = spec
             lines = [f"raw = {parts}[{index}]" if guarded == index else
@@ -445,25 +401,25 @@ class Emitter:
                           f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''",
                           "    sp = sp[1:]"]
                 lines += ["else:", f"    raw = raw if {sub} == 1 else ''"]
-            place = _Place("raw", "sp", "here", _Tags(("#1", src_tag)), rep_field=-1)
+            place = Place("raw", "sp", "here", Tags(("#1", src_tag)), rep_field=-1)
             test = "raw != NULL" if guarded == index and not sub else "raw and raw != NULL"
             return lines + [f"if {test}:",
                             f"    here = {location} + {suffix!r}",
-                            *_indent_lines(self._rows(rows, place, out), 1)]
+                            *indent_lines(self._rows(rows, place, out), 1)]
         if kind == "elsewhere":
             _, segment_id, f, c, s, where, other_tag, rows = spec
-            place = _Place("raw", "sp", repr(where), _Tags(("#1", other_tag)))
+            place = Place("raw", "sp", repr(where), Tags(("#1", other_tag)))
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
                     f"    raw = descend(first_repetition(sg.field({f}), run), run, {c}, {s})",
                     "    if raw and raw != NULL:",
-                    f"        sp = {_separators(c, s)}",
-                    *_indent_lines(self._rows(rows, place, out), 2)]
+                    f"        sp = {separators(c, s)}",
+                    *indent_lines(self._rows(rows, place, out), 2)]
         if kind == "repetitions":
             return self._repetitions(spec, parts, out, guarded == spec[1])
         if kind == "whole":
-            place = _Place("raw", "sp", location, _Tags(("#1", "@*#1")))
+            place = Place("raw", "sp", location, Tags(("#1", "@*#1")))
             return [f"jn = run.d.component if {seps} else run.d.subcomponent",
                     f"raw = jn.join({parts})", f"sp = jn + {seps}",
                     *self._rows(spec[1], place, out)]
@@ -472,7 +428,7 @@ class Emitter:
     def _repetitions(self, spec: tuple[Any, ...], parts: str, out: str, guarded: bool
                      ) -> list[str]:
         _, f, c, s, where, only, count_unmatched, rows = spec
-        place = _Place("raw", "sp", repr(where), _Tags(None), applied=count_unmatched,
+        place = Place("raw", "sp", repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f)
         body = [f"raw = descend(rep, run, {c}, {s})" if c else "raw = rep",
                 "if not raw or raw == NULL:", "    continue",
@@ -496,10 +452,10 @@ class Emitter:
                 "    rs = run.d.repetition",
                 "    reps = fl.split(rs) if rs in fl else (fl,)",
                 *only_line,
-                f"    sp = {_separators(c, s)}",
+                f"    sp = {separators(c, s)}",
                 *([f"    scope.rep_field = {f}"] if uses_scope else []),
                 "    for i, rep in enumerate(reps):",
-                *_indent_lines(body, 2),
+                *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
 
     def _groups(self, groups: Sequence[tuple[int, object]], parts: str, seps: str,
@@ -513,7 +469,7 @@ class Emitter:
                 lines += body
             else:
                 # An empty component costs one comparison, not a call (most are empty).
-                lines += [f"if {index} < count and {parts}[{index}]:", *_indent_lines(body, 1)]
+                lines += [f"if {index} < count and {parts}[{index}]:", *indent_lines(body, 1)]
         return lines
 
     # -- tables --------------------------------------------------------------------------------
@@ -528,12 +484,12 @@ class Emitter:
         _, table_name, primitive, groups = spec
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
         self._lazy.append(set())
-        body = _prelude(["out = {}", "inst = {}", "count = len(parts)",
+        body = prelude(["out = {}", "inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "seps", "location", "out"),
                          "return out.get('$value')" if primitive else "return out or None"],
                         "parts", "seps", self._lazy.pop())
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
-                              + _indent(body, 1))
+                              + indent(body, 1))
         return name
 
     def segment(self, fn: object) -> str:
@@ -546,11 +502,11 @@ class Emitter:
         _, table_name, segment_id, groups = spec
         name = self._remember(fn, self._name("S"))
         self._lazy.append(set())
-        body = _prelude(["inst = {}", "count = len(parts)",
+        body = prelude(["inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "''", repr(segment_id), "out")],
                         "parts", "''", self._lazy.pop())
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
-                              + _indent(body, 1))
+                              + indent(body, 1))
         return name
 
     def _identity(self, fn: object | None) -> str:
@@ -572,9 +528,9 @@ class Emitter:
             if condition is None:
                 body += rule
             else:
-                body += [f"if {self.condition(condition, None)}:", *_indent_lines(rule, 1)]
+                body += [f"if {self.condition(condition, None)}:", *indent_lines(rule, 1)]
         body.append("return ''")
-        self.functions.append(f"def {name}(fields, run):\n" + _indent(body, 1))
+        self.functions.append(f"def {name}(fields, run):\n" + indent(body, 1))
         return name
 
     def _link(self, link: Link) -> str:
@@ -612,46 +568,3 @@ def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow]
              vocabs: dict[str, Vocab], default_offset: str) -> str:
     """The module's source; NotGenerated if any construct has no description."""
     return Emitter(default_offset).with_vocabularies(vocabs).module(events, merges)
-
-
-def _single(node: str, key: str, plain: bool = False) -> list[str]:
-    if plain:
-        return [f"if {key} not in {node}:", f"    {node}[{key}] = v"]
-    return [f"c = {node}.get({key})", "if c is None:", f"    {node}[{key}] = v",
-            "elif isinstance(c, dict) and isinstance(v, dict):", "    fill(c, v)"]
-
-
-def _separators(c: int, s: int) -> str:
-    """`runtime.separators_below` as the names the prelude binds."""
-    return "''" if s else ("sub_sep" if c else "comp_seps")
-
-
-def _text_of(raw: str) -> str:
-    """An expression: the raw text's value as a reader gives it (the explicit null is
-    no value; escapes undone)."""
-    return f"('' if (x := {raw}) == NULL else (run.text(x) if run.d.escape in x else x))"
-
-
-def _prelude(body: list[str], parts: str, seps: str, lazy: set[str]) -> list[str]:
-    """What a table function's body uses of the run: a Scope for the readers, the escape
-    character for inline unescaping, the separators below a field and a component."""
-    text = "\n".join(body)
-    head = [f"{name} = None" for name in sorted(lazy)]
-    if re.search(r"\bcomp_seps\b", text):
-        head.append("comp_seps = run.d.component + run.d.subcomponent")
-    if re.search(r"\bsub_sep\b", text):
-        head.append("sub_sep = run.d.subcomponent")
-    if re.search(r"\bscope\b", text):
-        head.append(f"scope = Scope({parts}, {seps}, run)")
-    if re.search(r"\besc\b", text):
-        head.append("esc = run.d.escape")
-    return head + body
-
-
-def _indent_lines(lines: list[str], depth: int) -> list[str]:
-    pad = "    " * depth
-    return [pad + line if line else line for line in lines]
-
-
-def _indent(lines: list[str], depth: int) -> str:
-    return "\n".join(_indent_lines(lines, depth)) + "\n"
