@@ -146,7 +146,7 @@ class _Parser:
             self.take()
             negate = True
         word = self.peek()
-        test: Predicate = _never
+        test: Predicate
         if word == "VALUED":
             self.take()
             test = described(lambda ctx: get(ctx) != "", "valued", get)
@@ -197,7 +197,3 @@ class _Parser:
         if not token.text.isdigit():
             raise ConditionError(f"expected a number, found '{token.text}'")
         return int(token.text)
-
-
-def _never(ctx: object) -> bool:  # pragma: no cover - replaced before any use
-    return False
