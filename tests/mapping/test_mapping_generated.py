@@ -225,3 +225,14 @@ def test_a_cache_others_may_write_is_not_trusted(tmp_path: Path) -> None:
     translator = Translator.load(tables, cache=cache)
     assert not translator.generated
     assert _kept(cache) == []
+
+
+def test_a_site_offset_is_generated_as_the_interpreter_reads_it() -> None:
+    # The site's offset is part of the generated module (constants, templates) and of
+    # its hash: local times read in it alike, message by message.
+    generated = Translator.load(default_offset="+05:30", generate=True)
+    interpreted = Translator.load(default_offset="+05:30", generate=False)
+    local = [raw for name, raw in MESSAGES if name.startswith("tests/messages/")]
+    assert local
+    for raw in local:
+        assert _outcome(generated, raw) == _outcome(interpreted, raw)
