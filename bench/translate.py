@@ -3,13 +3,16 @@
     python bench/translate.py [--seconds S] [--no-peer]
 
 For each message type it prints translations per second and the time per message for
-Isthmus (parse + translate through the compiled tables + Bundle + JSON bytes). In the same
-run it measures the PyPI package hl7v2-fhir-bridge on the message types it supports (ADT,
+Isthmus (parse + translate through the compiled tables + Bundle + JSON bytes), with the
+tables as the gateway runs them (generated Python source, loaded from the cache by the
+tables' hash) and, in the same run, as the compiler's closures (`--interpreted`, the
+engine before the tables were generated as source, and its fallback). In the same run it
+also measures the PyPI package hl7v2-fhir-bridge on the message types it supports (ADT,
 ORM, ORU), installed in its own virtual environment under bench/.peer-venv (created on
 first use; not a dependency of Isthmus), once with its default pipeline (convert +
 fhir.resources validation) and once convert-only, and prints the ratio.
 
-Targets (issue 3): >= 10,000 ADT^A01/s and >= 5,000 ORU^R01 (10 OBX)/s on one core.
+Targets (issues 3 and 15): >= 10,000 ADT^A01/s and >= 5,000 ORU^R01 (10 OBX)/s on one core.
 Messages are synthetic.
 """
 
@@ -128,13 +131,17 @@ def rate(work: Callable[[], object], seconds: float) -> tuple[float, float]:
     return count / elapsed, elapsed / count * 1e6
 
 
-def measure_isthmus(seconds: float) -> dict[str, tuple[float, float] | str]:
+def measure_isthmus(seconds: float, generated: bool = True
+                    ) -> dict[str, tuple[float, float] | str]:
+    from gateway.config.cache import compiled_tables_dir
     from gateway.fhir.bundle import dumps, to_bundle
     from gateway.hl7.message import parse_message
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TranslationError
 
-    translator = Translator.load()
+    translator = Translator.load(cache=compiled_tables_dir(), generate=generated)
+    if translator.generated != generated:
+        sys.exit("the tables did not load as generated source (is the cache writable?)")
     results: dict[str, tuple[float, float] | str] = {}
     for name, text in MESSAGES.items():
         raw = text.encode()
@@ -222,11 +229,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--no-peer", action="store_true", help="skip hl7v2-fhir-bridge")
+    parser.add_argument("--no-interpreted", action="store_true",
+                        help="skip the tables run as closures")
     args = parser.parse_args()
 
     ours = measure_isthmus(args.seconds)
+    closures = {} if args.no_interpreted else measure_isthmus(args.seconds, generated=False)
     peer = {} if args.no_peer else measure_peer(args.seconds)
     print(f"{'message type':<18} {'isthmus msg/s':>14} {'us/msg':>8} | "
+          f"{'interpreted':>11} {'x':>5} | "
           f"{'bridge msg/s':>12} {'(no validation)':>15} | {'ratio':>6} {'(vs no val.)':>12}")
     for name in MESSAGES:
         mine = ours[name]
@@ -234,6 +245,11 @@ def main() -> int:
             print(f"{name:<18} {mine}")
             continue
         line = f"{name:<18} {mine[0]:>14,.0f} {mine[1]:>8.1f} |"
+        before = closures.get(name)
+        if isinstance(before, tuple):
+            line += f" {before[0]:>11,.0f} {mine[0] / before[0]:>5.2f} |"
+        else:
+            line += f" {'-':>11} {'':>5} |"
         theirs = peer.get(name)
         if theirs is None:
             line += f" {'-':>12} {'-':>15} |"

@@ -60,6 +60,7 @@ from gateway.app.state import (
 from gateway.app.workers import Workers
 from gateway.audit import AuditLog
 from gateway.config import Settings
+from gateway.config.cache import compiled_tables_dir
 from gateway.edge import audit_http, http
 from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
@@ -360,7 +361,7 @@ def large_frames(settings: Settings) -> ProcessPoolExecutor:
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),
         initializer=start_child,
         initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
-                  mapping.site_dir, mapping.default_offset))
+                  mapping.site_dir, mapping.default_offset, compiled_tables_dir()))
 
 
 def mllp_server(app: web.Application, translators: Translators | None = None,

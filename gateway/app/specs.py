@@ -15,7 +15,7 @@ from gateway.config import (
     IssuerConfig,
     Settings,
 )
-from gateway.config.cache import facts_file
+from gateway.config.cache import compiled_tables_dir, facts_file
 from gateway.edge import audit_http
 from gateway.edge.auth import ExternalIssuer, checked_scopes
 from gateway.edge.auth_server import AuthSetupError, Client
@@ -65,7 +65,8 @@ def pg_spec(settings: Settings) -> PgSpec:
 def load_translator(settings: Settings) -> Translator:
     mapping = settings.mapping
     return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
-                           mapping.default_offset, facts=facts_file())
+                           mapping.default_offset, facts=facts_file(),
+                           cache=compiled_tables_dir())
 
 
 def search_registry(settings: Settings) -> SearchRegistry:

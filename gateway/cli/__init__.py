@@ -8,32 +8,27 @@ modules inside the command functions, so that `isthmus translate` starts fast.""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.cli import (
-    audit,
-    auth,
-    console,
-    fhir,
-    health,
-    inbox,
-    mappings,
-    outbox,
-    send,
-    serve,
-    store,
-    translate,
-)
 from gateway.config import ConfigError
 
 __all__ = ["main"]
 
 
+# `isthmus --help` lists the commands in this order; each is the module of its name.
+COMMANDS = ("serve", "send", "inbox", "fhir", "translate", "mappings", "audit", "outbox",
+            "store", "auth", "health", "console")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    # Only the command given is imported (what `isthmus translate` imports is its start-up
+    # time); without one, or with an unknown one, every command, for the help and errors.
+    command = _command_word(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser((command,) if command in COMMANDS else COMMANDS)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
@@ -49,26 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isthmus", description="HL7 v2 <-> FHIR R4 integration gateway")
     parser.add_argument("--config", type=Path, help="TOML config file (or ISTHMUS_CONFIG)")
     sub = parser.add_subparsers(metavar="COMMAND")
-    # `isthmus --help` lists the commands in this order.
-    serve.add_parser(sub)
-    send.add_parser(sub)
-    inbox.add_parser(sub)
-    fhir.add_parser(sub)
-    translate.add_parser(sub)
-    mappings.add_parser(sub)
-    audit.add_parser(sub)
-    outbox.add_parser(sub)
-    store.add_parser(sub)
-    auth.add_parser(sub)
-    health.add_parser(sub)
-    console.add_parser(sub)
+    for name in commands:
+        importlib.import_module(f"gateway.cli.{name}").add_parser(sub)
     _options_anywhere(parser)
     return parser
+
+
+def _command_word(argv: list[str]) -> str:
+    """The command named on the line: the first word that is not an option before it
+    (nor `--config`'s value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
 
 
 # Options users type after the command as often as before it: `isthmus serve --config F`,

@@ -59,13 +59,14 @@ def _translate(args: argparse.Namespace) -> int:
 def _load(settings: Settings) -> Translator:
     """The tables, without the rest of the gateway (this command's start-up is its cost),
     the FHIR model's answers read from the cache file when it has them."""
-    from gateway.config.cache import facts_file
+    from gateway.config.cache import compiled_tables_dir, facts_file
     from gateway.mapping.engine import Translator
     from gateway.mapping.tables import SHIPPED
 
     mapping = settings.mapping
     return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
-                           mapping.default_offset, facts=facts_file())
+                           mapping.default_offset, facts=facts_file(),
+                           cache=compiled_tables_dir())
 
 
 def _hl7_to_fhir(translator: Translator, inputs: list[tuple[str, bytes]],

@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config.base import Section as _Section
-from gateway.edge.dn import parse as parse_dn
 
 
 class ServerConfig(_Section):
@@ -31,6 +30,10 @@ class AllowedSender(_Section):
     @field_validator("subject")
     @classmethod
     def _rfc4514(cls, subject: str) -> str:
+        # Imported here: the DN parser loads cryptography's x509, which a command that
+        # reads the settings but never a certificate (`isthmus translate`) need not pay.
+        from gateway.edge.dn import parse as parse_dn
+
         parse_dn(subject)  # ValueError naming the offset: refused at start, not per message
         return subject
 

@@ -206,11 +206,12 @@ def check_content(message: Message, validation: str) -> list[Hl7Error]:
 _CHILD_TRANSLATOR: list[Translator] = []
 
 
-def start_child(tables: Path | None, site: Path | None, default_offset: str) -> None:
+def start_child(tables: Path | None, site: Path | None, default_offset: str,
+                cache: Path | None = None) -> None:
     """The large-frame process's initializer: load the tables once (None: translation is
-    off, the child only parses and validates)."""
+    off, the child only parses and validates), compiled ones from `cache` if there."""
     if tables is not None:
-        _CHILD_TRANSLATOR[:] = [Translator.load(tables, site, default_offset)]
+        _CHILD_TRANSLATOR[:] = [Translator.load(tables, site, default_offset, cache=cache)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.mapping.errors import ConditionError as ConditionError  # defined with the layer's root
+from gateway.mapping.runtime import described
 
 # Reads the value at a location for the message being translated.
 Getter = Callable[[object], str]
@@ -104,8 +105,8 @@ class _Parser:
             return terms[0]
         if len(terms) == 2:
             first, second = terms
-            return lambda ctx: first(ctx) or second(ctx)
-        return lambda ctx: any(term(ctx) for term in terms)
+            return described(lambda ctx: first(ctx) or second(ctx), "or", terms)
+        return described(lambda ctx: any(term(ctx) for term in terms), "or", terms)
 
     def term(self) -> Predicate:
         factors = [self.factor()]
@@ -118,14 +119,14 @@ class _Parser:
             return factors[0]
         if len(factors) == 2:
             left, right = factors
-            return lambda ctx: left(ctx) and right(ctx)
-        return lambda ctx: all(factor(ctx) for factor in factors)
+            return described(lambda ctx: left(ctx) and right(ctx), "and", factors)
+        return described(lambda ctx: all(factor(ctx) for factor in factors), "and", factors)
 
     def factor(self) -> Predicate:
         if self.peek() == "NOT":
             self.take()
             inner = self.factor()
-            return lambda ctx: not inner(ctx)
+            return described(lambda ctx: not inner(ctx), "not", inner)
         if self.peek() == "(":
             self.take()
             inner = self.condition()
@@ -148,32 +149,32 @@ class _Parser:
         test: Predicate
         if word == "VALUED":
             self.take()
-            test = lambda ctx: get(ctx) != ""  # noqa: E731
+            test = described(lambda ctx: get(ctx) != "", "valued", get)
         elif word == "EQUALS":
             self.take()
             expected = self.string()
-            test = lambda ctx: get(ctx) == expected  # noqa: E731
+            test = described(lambda ctx: get(ctx) == expected, "equals", get, expected)
         elif word == "IN":
             self.take()
             options = frozenset(self.strings())
-            test = lambda ctx: get(ctx) in options  # noqa: E731
+            test = described(lambda ctx: get(ctx) in options, "in", get, options)
         elif word == "LENGTH":
             self.take()
             direction = self.take().text.upper()
             self.take("THAN")
             bound = self.number()
             if direction == "GREATER":
-                test = lambda ctx: len(get(ctx)) > bound  # noqa: E731
+                test = described(lambda ctx: len(get(ctx)) > bound, "longer", get, bound)
             elif direction == "LESS":
-                test = lambda ctx: len(get(ctx)) < bound  # noqa: E731
+                test = described(lambda ctx: len(get(ctx)) < bound, "shorter", get, bound)
             else:
                 raise ConditionError(f"expected GREATER or LESS, found '{direction}'")
         else:
             raise ConditionError(
                 f"expected VALUED, EQUALS, IN or LENGTH after {path.text}, found '{word}'")
         if negate:
-            positive = test
-            return lambda ctx: not positive(ctx)
+            positive: Predicate = test
+            return described(lambda ctx: not positive(ctx), "not", positive)
         return test
 
     def string(self) -> str:

@@ -4,56 +4,80 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted
 from gateway.canonical.ids import name_uuid
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
-from gateway.mapping.compiler import Compiled, compile_tables
-from gateway.mapping.convert import Converters
 from gateway.mapping.errors import UnsupportedMessage
 from gateway.mapping.runtime import Draft, Run
-from gateway.mapping.tables import SHIPPED, MergeRow, read_tables
+from gateway.mapping.steps import MessageFn
+from gateway.mapping.tables import SHIPPED, MergeRow
+
+if TYPE_CHECKING:
+    from gateway.mapping.compiler import Compiled
 
 
 class Translator:
     """Compiled tables, ready to translate any number of messages (thread-safe: no state)."""
 
-    def __init__(self, compiled: Compiled, default_offset: str = "+00:00") -> None:
-        self._compiled = compiled
+    def __init__(self, events: dict[str, MessageFn], merges: dict[str, MergeRow],
+                 default_offset: str = "+00:00", *, generated: bool = False) -> None:
+        self._events = events
+        self._merges = merges
         self._default_offset = default_offset
+        self.generated = generated  # the tables run as generated source, not closures
 
     @classmethod
     def load(cls, directory: Path = SHIPPED, site: Path | None = None,
-             default_offset: str = "+00:00", *, facts: Path | None = None) -> Translator:
+             default_offset: str = "+00:00", *, facts: Path | None = None,
+             cache: Path | None = None, generate: bool | None = None) -> Translator:
         """Read, check and compile the tables; raises TableErrors naming file:line.
 
         `facts`: a file where the FHIR model's answers the checks need are kept between
-        runs (`gateway.fhir.model_cache`): with it, a start imports no FHIR model."""
-        if facts is not None:
-            FACTS.load(facts)
-        converters = Converters(default_offset)
-        translator = cls(compile_tables(read_tables(directory, site), converters),
-                         default_offset)
-        if facts is not None:
-            FACTS.save(facts)
-        return translator
+        runs (`gateway.fhir.model_cache`): with it, a start imports no FHIR model.
+        With `cache` (a directory) the tables run as generated Python source
+        (`mapping.codegen`) kept there by the tables' hash, so a later start only loads
+        it; without one, or when it cannot be written, as the compiler's closures (the
+        interpreter: they translate alike, slower, and start without compiling source).
+        `generate` forces either way (True: generated even without a cache)."""
+        def compiled() -> Compiled:
+            from gateway.mapping.compiler import compile_tables
+            from gateway.mapping.convert import Converters
+            from gateway.mapping.tables import read_tables
+
+            if facts is not None:
+                FACTS.load(facts)
+            result = compile_tables(read_tables(directory, site), Converters(default_offset))
+            if facts is not None:
+                FACTS.save(facts)
+            return result
+
+        if generate is False or (generate is None and cache is None):
+            tables = compiled()
+            return cls(tables.events, tables.merges, default_offset)
+        from gateway.mapping.codegen import load
+
+        loaded = load(directory, site, default_offset, cache, compiled,
+                      in_memory=bool(generate))
+        return cls(loaded.events, loaded.merges, default_offset, generated=loaded.generated)
 
     @property
     def message_types(self) -> list[str]:
-        return sorted(self._compiled.events)
+        return sorted(self._events)
 
     def supports(self, message_type: str) -> bool:
-        return message_type in self._compiled.events
+        return message_type in self._events
 
     def merge_rule(self, message_type: str) -> MergeRow | None:
         """How the store applies this message type as a merge (merges.csv), if it does."""
-        return self._compiled.merges.get(message_type)
+        return self._merges.get(message_type)
 
     def translate(self, message: Message, received_at: datetime | None = None) -> Translation:
         """The canonical form of one message; raises TranslationError naming the location."""
         header = message.header
-        translate = self._compiled.events.get(header.message_type)
+        translate = self._events.get(header.message_type)
         if translate is None:
             raise UnsupportedMessage(header.message_type)
         run = Run(message, self._default_offset)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,6 +19,7 @@ from gateway.hl7.message import Message, Segment
 from gateway.mapping.convert import MSH7_OFFSET
 
 Json = dict[str, Any]
+F = TypeVar("F", bound=Callable[..., Any])
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 
@@ -189,3 +191,80 @@ def separators_below(run: Run, component: int, subcomponent: int) -> str:
     if component:
         return run.d.subcomponent
     return run.d.component + run.d.subcomponent
+
+
+def described(fn: F, *spec: object) -> F:
+    """`fn` with what it does written on it, for the code generator (`mapping.codegen`),
+    which emits the same steps as Python source; a closure without one cannot be emitted."""
+    fn.__dict__["spec"] = spec
+    return fn
+
+
+# -- reading a location as unescaped text, for conditions, templates and identities ------
+
+
+def read_component(index: int, sub: int) -> Callable[[Scope], str]:
+    """A component (CX.4, or CX.4.1) of the data type being mapped."""
+    def component(scope: Scope) -> str:
+        parts = scope.parts
+        raw = parts[index] if index < len(parts) else ""
+        if sub:
+            raw = part_below(raw, scope.seps, sub)
+        raw = "" if raw == NULL else raw
+        return scope.run.text(raw)
+    return described(component, "read_component", index, sub)
+
+
+def read_other(segment_id: str, f: int, c: int, s: int) -> Callable[[Scope], str]:
+    """Another segment's field, from its nearest occurrence so far (the OBR above an OBX)."""
+    def other(scope: Scope) -> str:
+        segment = scope.run.latest.get(segment_id) or scope.run.message.segment(segment_id)
+        if segment is None:
+            return ""
+        raw = descend(first_repetition(segment.field(f), scope.run), scope.run, c, s)
+        return "" if raw == NULL else scope.run.text(raw)
+    return described(other, "read_other", segment_id, f, c, s)
+
+
+def read_repetition(f: int, c: int, s: int, nth: int) -> Callable[[Scope], str]:
+    """A named repetition (`OBX-5(2) VALUED`: does the field repeat?), read as it is,
+    whichever repetition of that field is being mapped."""
+    def repetition(scope: Scope) -> str:
+        parts = scope.parts
+        field = parts[f] if f < len(parts) else ""
+        reps = field.split(scope.run.d.repetition) if field else []
+        raw = descend(reps[nth - 1], scope.run, c, s) if nth <= len(reps) else ""
+        return "" if raw == NULL else scope.run.text(raw)
+    return described(repetition, "read_repetition", f, c, s, nth)
+
+
+def read_own(f: int, c: int, s: int) -> Callable[[Scope], str]:
+    """A field of the segment being mapped: the repetition being mapped when it is that
+    field, else the field's first repetition."""
+    key = (f, c, s)
+
+    def own(scope: Scope) -> str:
+        if scope.rep_field == f:
+            raw = descend(scope.rep, scope.run, c, s)
+            return "" if raw == NULL else scope.run.text(raw)
+        # Another field of this segment does not change while the segment is mapped,
+        # and conditions read the same one over and over (OBX-2 for every value row).
+        memo = scope.memo
+        value = memo.get(key)
+        if value is None:
+            parts = scope.parts
+            raw = first_repetition(parts[f] if f < len(parts) else "", scope.run)
+            raw = descend(raw, scope.run, c, s)
+            # The explicit null "" is no value: not VALUED, and nothing for a template.
+            value = memo[key] = "" if raw == NULL else scope.run.text(raw)
+        return value
+    return described(own, "read_own", f, c, s)
+
+
+def fill(into: Json, value: Json) -> None:
+    """A value written where one is already: what it adds (its keys, its list items)."""
+    for key, item in value.items():
+        if key not in into:
+            into[key] = item
+        elif isinstance(into[key], list) and isinstance(item, list):
+            into[key].extend(item)

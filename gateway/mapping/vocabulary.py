@@ -4,10 +4,12 @@ such as `HL7*`, then `*`), and back again for FHIR R4 -> HL7 v2."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.mapping.errors import TableError
-from gateway.mapping.tables import Vocabulary
+
+if TYPE_CHECKING:
+    from gateway.mapping.tables import Vocabulary
 
 Json = dict[str, Any]
 
@@ -30,6 +32,15 @@ class Vocab:
                 self.reverse.setdefault(("", row.fhir_code), row.code)
         # Longest prefix first, so 'HL7*' wins over '*'.
         self.prefixes.sort(key=lambda p: -len(p[0]))
+
+    @classmethod
+    def from_parts(cls, name: str, exact: dict[str, tuple[str, str, str]],
+                   prefixes: list[tuple[str, tuple[str, str, str]]],
+                   reverse: dict[tuple[str, str], str]) -> Vocab:
+        """A vocabulary compiled before (the generated source of `mapping.codegen`)."""
+        vocab = cls.__new__(cls)
+        vocab.name, vocab.exact, vocab.prefixes, vocab.reverse = name, exact, prefixes, reverse
+        return vocab
 
     def lookup(self, code: str) -> tuple[str, str, str] | None:
         hit = self.exact.get(code)

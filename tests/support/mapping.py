@@ -18,7 +18,8 @@ Json = dict[str, Any]
 
 @cache
 def translator() -> Translator:
-    return Translator.load()
+    # The tables as the gateway runs them: generated Python source (in memory here).
+    return Translator.load(generate=True)
 
 
 v2 = hl7  # a message from segment lines (CR-joined, as on the wire)

@@ -16,7 +16,14 @@ from gateway.mapping import v2types
 from gateway.mapping.conditions import ConditionError, Getter, compile_condition
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import TableError
-from gateway.mapping.runtime import NULL, Json, Scope, descend, first_repetition, part_below
+from gateway.mapping.runtime import (
+    Json,
+    Scope,
+    read_component,
+    read_other,
+    read_own,
+    read_repetition,
+)
 from gateway.mapping.tables import FieldMap, TableSet, Where, source_location
 from gateway.mapping.vocabulary import Vocab
 
@@ -110,58 +117,11 @@ class Context:
 def reader(location: TableLocation, table: FieldMap) -> Callable[[Scope], str]:
     """Read a location as unescaped text, for conditions and value templates."""
     if isinstance(location, ComponentLocation):
-        index = location.component - 1
-        sub = location.subcomponent or 0
-
-        def component(scope: Scope) -> str:
-            parts = scope.parts
-            raw = parts[index] if index < len(parts) else ""
-            if sub:
-                raw = part_below(raw, scope.seps, sub)
-            raw = "" if raw == NULL else raw
-            return scope.run.text(raw)
-        return component
-
+        return read_component(location.component - 1, location.subcomponent or 0)
     assert location.field is not None
     f, c, s = location.field, location.component or 0, location.subcomponent or 0
     if location.segment != table.v2_type:
-        segment_id = location.segment
-
-        def other(scope: Scope) -> str:
-            segment = scope.run.latest.get(segment_id) or scope.run.message.segment(
-                segment_id)
-            if segment is None:
-                return ""
-            raw = descend(first_repetition(segment.field(f), scope.run), scope.run, c, s)
-            return "" if raw == NULL else scope.run.text(raw)
-        return other
-
-    key = (f, c, s)
-    nth = location.repetition
-    if nth is not None:
-        def repetition(scope: Scope) -> str:
-            # A named repetition (`OBX-5(2) VALUED`: does the field repeat?) is read as it
-            # is, whichever repetition of that field is being mapped.
-            parts = scope.parts
-            field = parts[f] if f < len(parts) else ""
-            reps = field.split(scope.run.d.repetition) if field else []
-            raw = descend(reps[nth - 1], scope.run, c, s) if nth <= len(reps) else ""
-            return "" if raw == NULL else scope.run.text(raw)
-        return repetition
-
-    def own(scope: Scope) -> str:
-        if scope.rep_field == f:
-            raw = descend(scope.rep, scope.run, c, s)
-            return "" if raw == NULL else scope.run.text(raw)
-        # Another field of this segment does not change while the segment is mapped,
-        # and conditions read the same one over and over (OBX-2 for every value row).
-        memo = scope.memo
-        value = memo.get(key)
-        if value is None:
-            parts = scope.parts
-            raw = first_repetition(parts[f] if f < len(parts) else "", scope.run)
-            raw = descend(raw, scope.run, c, s)
-            # The explicit null "" is no value: not VALUED, and nothing for a template.
-            value = memo[key] = "" if raw == NULL else scope.run.text(raw)
-        return value
-    return own
+        return read_other(location.segment, f, c, s)
+    if location.repetition is not None:
+        return read_repetition(f, c, s, location.repetition)
+    return read_own(f, c, s)

@@ -15,16 +15,14 @@ from typing import Any
 from gateway.fhir import model as fhir_model
 from gateway.mapping import v2types
 from gateway.mapping.compiler.context import Context, Group, TableLocation, reader
-from gateway.mapping.convert import ConversionError, date_time, encode_base64, to_string
-from gateway.mapping.errors import TranslationError
-from gateway.mapping.runtime import NULL, Json, Run, Scope, leaf
+from gateway.mapping.convert import ConversionError, encode_base64, to_string
+from gateway.mapping.produce import Producer, primitive, template
+from gateway.mapping.runtime import NULL, Json, Run, Scope, described, leaf
 from gateway.mapping.tables import FieldMap, MapRow, Where
 from gateway.mapping.vocabulary import Vocab, recoder
 
 # (parts at this level, separators below them, the run, the v2 location) -> value or None
 DatatypeFn = Callable[[list[str], str, Run, str], Any]
-# (the scope, the raw value, separators below it, the v2 location) -> value or None
-Producer = Callable[[Scope, str, str, str], Any]
 # A data-type table by name, compiled on first use (None: unknown, reported at `where`).
 DatatypeLookup = Callable[[str, Where], DatatypeFn | None]
 
@@ -57,7 +55,7 @@ def datatype_function(table: FieldMap, groups: list[tuple[int, Group]]) -> Datat
             return out.get("$value")
         return out or None
 
-    return apply
+    return described(apply, "datatype", table.name, primitive, groups)
 
 
 class Producers:
@@ -113,7 +111,7 @@ class Producers:
                     f"type mismatch: '{constant}' is not one of the codes of {row.target} "
                     f"({', '.join(element.codes)})"))
                 return None
-            return lambda scope, raw, seps, location: constant
+            return described(lambda scope, raw, seps, location: constant, "constant", constant)
         getters: list[Callable[[Scope], str]] = []
         for text in placeholders:
             found = self.ctx.location(text, table, where)
@@ -121,28 +119,15 @@ class Producers:
                 return None
             getters.append(reader(found, table))
         pieces = _PLACEHOLDER.split(row.value)  # literal, name, literal, name, ..., literal
-
-        def template(scope: Scope, raw: str, seps: str, location: str) -> Any:
-            values = [g(scope) for g in getters]
-            if not all(values):
-                return None  # a template is only as good as every value it quotes
-            text = "".join(p if i % 2 == 0 else values[i // 2] for i, p in enumerate(pieces))
-            if vocab is not None:
-                # A quoted code goes through the row's vocabulary as a read one does
-                # (`{OBX-3.3}` with CodingSystem: `LN` is http://loinc.org).
-                hit = vocab.lookup(text)
-                if hit is not None:
-                    text = hit[0]
-            return _converted(convert, text, location)
-        return template
+        return template(getters, pieces, vocab, convert, element.type)
 
     def _primitive(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
                    ) -> Producer | None:
         try:
             # `string` declared for a base64Binary target: the v2 value is text (a TX
             # line, ED sent as ASCII), so it is encoded rather than checked as base64.
-            convert = encode_base64 if element.type == "base64Binary" and \
-                row.type == "string" else self.ctx.converters.for_type(element.type)
+            encode = element.type == "base64Binary" and row.type == "string"
+            convert = encode_base64 if encode else self.ctx.converters.for_type(element.type)
         except KeyError as exc:
             self.ctx.errors.append(row.where.error(str(exc.args[0])))
             return None
@@ -159,8 +144,6 @@ class Producers:
                     f"a code of {target} ({', '.join(sorted(codes))})"))
                 return None
 
-        zoned = element.type in ("dateTime", "instant")
-        kind = element.type
         if convert is to_string and vocab is None and not codes:
             def produce_text(scope: Scope, raw: str, seps: str, location: str) -> Any:
                 # Most rows are plain text: nothing to convert, look up or check.
@@ -169,31 +152,9 @@ class Producers:
                     return None
                 return scope.run.text(text)
             produce_text.plain_text = True  # type: ignore[attr-defined]
-            return produce_text
-
-        def produce(scope: Scope, raw: str, seps: str, location: str) -> Any:
-            text = leaf(raw, seps) if seps else raw
-            if not text or text == NULL:
-                return None
-            text = scope.run.text(text)
-            if text.isspace():
-                return None  # padding only: not a value (a code or date cannot be blank)
-            if zoned:
-                try:
-                    return date_time(text, scope.run.offset, kind)
-                except ConversionError as exc:
-                    raise TranslationError(location, exc.reason, text) from None
-            if vocab is not None:
-                hit = vocab.lookup(text)
-                if hit is not None:
-                    text = hit[0]
-            if codes and text not in codes:
-                # A code the element's required binding does not allow cannot be sent as
-                # is; it is left out and counted, never silently invented or dropped.
-                scope.run.unmapped[location] += 1
-                return None
-            return _converted(convert, text, location)
-        return produce
+            return described(produce_text, "text")
+        return primitive(convert, "encode_base64" if encode else element.type, codes,
+                         element.type, vocab)
 
     def _mapped(self, row: MapRow, element: fhir_model.Element, vocab: Vocab | None
                 ) -> Producer | None:
@@ -240,12 +201,7 @@ class Producers:
             if makes_resource:
                 return scope.run.reference_to(resource_type, value)
             return value
-        return produce
+        recoded = (vocab.name, element.type) if vocab is not None else None
+        return described(produce, "mapped", fn, recoded,
+                         resource_type if makes_resource else None)
 
-
-def _converted(convert: Callable[[str], Any], text: str, location: str) -> Any:
-    """The converted value, or a TranslationError naming where (and, for the CLI, what)."""
-    try:
-        return convert(text)
-    except ConversionError as exc:
-        raise TranslationError(location, exc.reason, text) from None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from gateway.fhir import model as fhir_model
 from gateway.mapping.compiler.context import Context, reader
-from gateway.mapping.runtime import Run, Scope
+from gateway.mapping.runtime import Run, Scope, described
 from gateway.mapping.tables import FieldMap, IdentityRow
 
 # (the segment's fields, the run) -> the identity text, or "" when no rule gives one.
@@ -65,4 +65,4 @@ def _identity_fn(resource: str, rules: list[_Rule]) -> IdentityFn:
             if any(values):
                 return f"{resource}|key|" + "|".join(values)
         return ""
-    return identity
+    return described(identity, "identity", resource, rules)

@@ -9,20 +9,15 @@ applies (after another segment) and the references it adds (`subject=Patient`,
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.fhir import model as fhir_model
 from gateway.mapping.compiler.context import Context
 from gateway.mapping.compiler.identities import IdentityFn
-from gateway.mapping.compiler.segments import FieldMaps, SegmentFn
-from gateway.mapping.compiler.setters import Setter, compile_setter
-from gateway.mapping.errors import TranslationError
-from gateway.mapping.runtime import Json, Run, Scope
+from gateway.mapping.compiler.segments import FieldMaps
+from gateway.mapping.compiler.setters import compile_setter
+from gateway.mapping.steps import Link, MessageFn, MessageStep, message_fn
 from gateway.mapping.tables import MessageMap, MessageRow
-
-MessageFn = Callable[[Run], None]
 
 _LINK = re.compile(r'(?:([A-Z][A-Za-z]+)\.)?([A-Za-z][A-Za-z0-9.]*)(\+?=)(.+)$')
 
@@ -38,14 +33,14 @@ class MessageMaps:
 
     def message(self, table: MessageMap) -> MessageFn:
         """A message map compiled: one function that walks the message's segments."""
-        by_segment: dict[str, list[_MessageStep]] = {}
+        by_segment: dict[str, list[MessageStep]] = {}
         for row in table.rows:
             step = self._message_step(row)
             if step is not None:
                 by_segment.setdefault(row.segment, []).append(step)
-        return _message_fn(by_segment)
+        return message_fn(by_segment)
 
-    def _message_step(self, row: MessageRow) -> _MessageStep | None:
+    def _message_step(self, row: MessageRow) -> MessageStep | None:
         where = row.where
         before = len(self.ctx.errors)
         if not self.ctx.known_segment(row.segment):
@@ -74,11 +69,11 @@ class MessageMaps:
         if len(self.ctx.errors) > before:
             return None
         fn, read = compiled
-        return _MessageStep(row.resource, row.instance == "current", row.after, fn, read,
+        return MessageStep(row.resource, row.instance == "current", row.after, fn, read,
                             links, condition, self.identities.get((row.resource, row.segment)))
 
-    def _links(self, row: MessageRow) -> list[_Link]:
-        links: list[_Link] = []
+    def _links(self, row: MessageRow) -> list[Link]:
+        links: list[Link] = []
         for text in filter(None, (t.strip() for t in row.links.split(";"))):
             match = _LINK.match(text)
             if match is None:
@@ -100,7 +95,7 @@ class MessageMaps:
                     self.ctx.errors.append(row.where.error(
                         f"link '{text}': not one of {', '.join(element.codes)}"))
                     continue
-                links.append(_Link(owner, setter, None, constant))
+                links.append(Link(owner, setter, None, constant))
                 continue
             refers_to = row.resource if value == "this" else value
             if element.type != "Reference":
@@ -111,109 +106,5 @@ class MessageMaps:
                 self.ctx.errors.append(row.where.error(
                     f"link '{text}': {path} may not refer to {refers_to}"))
                 continue
-            links.append(_Link(owner, setter, "this" if value == "this" else value, None))
+            links.append(Link(owner, setter, "this" if value == "this" else value, None))
         return links
-
-
-
-@dataclass(frozen=True, slots=True)
-class _Link:
-    owner: str | None  # None: the new resource; a type: the current resource of that type
-    setter: Setter
-    refers_to: str | None  # "this", a resource type, or None for a constant
-    constant: Any
-
-
-@dataclass(frozen=True, slots=True)
-class _MessageStep:
-    resource: str
-    into_current: bool
-    after: str
-    apply: SegmentFn
-    read: frozenset[int]
-    links: list[_Link]
-    condition: Callable[[Scope], bool] | None
-    identity: IdentityFn | None = None
-
-
-def _message_fn(by_segment: dict[str, list[_MessageStep]]) -> MessageFn:
-    def translate(run: Run) -> None:
-        last_id = ""
-        anchor = ""
-        for segment in run.message.segments():
-            segment_id = segment.id
-            # Another segment's field is read from its nearest occurrence so far (the OBR
-            # above an OBX), so each occurrence is remembered as it goes by.
-            run.latest[segment_id] = segment
-            if segment_id != last_id:
-                anchor, last_id = last_id, segment_id
-            steps = by_segment.get(segment_id)
-            if steps is None:
-                if segment_id.startswith("Z"):
-                    run.z_segments += 1
-                elif segment_id != "MSH":
-                    run.unmapped[segment_id] += 1
-                continue
-            fields = segment.fields
-            read: set[int] = set()
-            applied = False
-            try:
-                for step in steps:
-                    if step.after and step.after != anchor:
-                        continue
-                    if step.condition is not None and not step.condition(
-                            Scope(fields, "", run)):
-                        continue
-                    _apply_step(step, fields, run)
-                    read |= step.read
-                    applied = True
-            except TranslationError as exc:
-                exc.sequence = segment.occurrence
-                raise
-            if not applied:  # rows exist, but none for this place in the message
-                if segment_id.startswith("Z"):
-                    run.z_segments += 1
-                else:
-                    run.unmapped[segment_id] += 1
-                continue
-            if read:
-                for number in range(1, len(fields)):
-                    value = fields[number]
-                    if value and number not in read and not (segment_id == "MSH" and
-                                                             number <= 2):
-                        run.unmapped[f"{segment_id}-{number}"] += 1
-    return translate
-
-
-def _apply_step(step: _MessageStep, fields: list[str], run: Run) -> None:
-    draft = run.current.get(step.resource) if step.into_current else None
-    if draft is not None:
-        step.apply(fields, run, draft.content)
-        return
-    content: Json = {}
-    step.apply(fields, run, content)
-    if not content:
-        # An empty segment makes no resource, and ends the previous one's turn: the RXE
-        # after an empty ORC must not write into the order before it.
-        run.current.pop(step.resource, None)
-        return
-    draft = run.new_draft(step.resource)
-    draft.content = content
-    if step.identity is not None:
-        draft.identity = step.identity(fields, run)
-    # One instance map per owner: the links of a row that write one owner's repeating
-    # element (Patient.link.other and Patient.link.type) fill one instance of it.
-    insts: dict[int, dict[str, Json]] = {}
-    for link in step.links:
-        owner = draft if link.owner is None else run.current.get(link.owner)
-        if owner is None:
-            continue
-        inst = insts.setdefault(id(owner), {})
-        if link.refers_to is None:
-            link.setter(owner.content, inst, "", "", link.constant)
-            continue
-        target = draft if link.refers_to == "this" else run.current.get(link.refers_to)
-        if target is None or target is owner:
-            continue
-        link.setter(owner.content, inst, "", "", run.reference(target))
-    run.current[step.resource] = draft

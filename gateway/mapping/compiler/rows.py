@@ -19,7 +19,7 @@ from gateway.mapping.compiler.setters import (
     first_repeating,
     strip_indexes,
 )
-from gateway.mapping.runtime import NULL, Json, Scope, leaf
+from gateway.mapping.runtime import NULL, Json, Scope, described, leaf
 from gateway.mapping.tables import FieldMap, MapRow
 
 _REFERENCE_TYPE = re.compile(r"Reference\(([A-Za-z]+)\)$")
@@ -76,6 +76,7 @@ class RowCompiler:
                 if text and text != NULL:
                     setter(out, inst, scope.rep_tag, scope.src_tag, scope.run.text(text))
                 return True
+            return described(apply, "row_text", setter)
         elif condition is None:
             def apply(scope: Scope, raw: str, seps: str, location: str,
                       inst: dict[str, Json], out: Json) -> bool:
@@ -83,6 +84,7 @@ class RowCompiler:
                 if value is not None:
                     setter(out, inst, scope.rep_tag, scope.src_tag, value)
                 return True
+            return described(apply, "row", None, produce, setter)
         else:
             def apply(scope: Scope, raw: str, seps: str, location: str,
                       inst: dict[str, Json], out: Json) -> bool:
@@ -92,7 +94,7 @@ class RowCompiler:
                 if value is not None:
                     setter(out, inst, scope.rep_tag, scope.src_tag, value)
                 return True
-        return apply
+            return described(apply, "row", condition, produce, setter)
 
     def _target_element(self, table: FieldMap, row: MapRow) -> fhir_model.Element | None:
         if row.target == "$value":
@@ -131,7 +133,7 @@ class RowCompiler:
             def set_value(out: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
                           value: Any) -> None:
                 out.setdefault("$value", value)
-            return set_value
+            return described(set_value, "set_value")
         try:
             return compile_setter(table.target_type, row.target)
         except (fhir_model.UnknownElement, ValueError):
@@ -147,4 +149,4 @@ def _only_into_existing(row: Row, first: tuple[str, bool] | None) -> Row:
         if prefix + (scope.rep_tag if indexed else scope.src_tag) not in inst:
             return False
         return row(scope, raw, seps, location, inst, out)
-    return apply
+    return described(apply, "only_existing", row, prefix, indexed)

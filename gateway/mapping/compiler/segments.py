@@ -28,6 +28,7 @@ from gateway.mapping.runtime import (
     Run,
     Scope,
     descend,
+    described,
     first_repetition,
     part_below,
     separators_below,
@@ -96,7 +97,7 @@ class FieldMaps:
                 if index < 0 or (index < count and fields[index]):
                     group(scope, inst, content, segment_id)
 
-        self.segment_fns[name] = (apply, read)
+        self.segment_fns[name] = (described(apply, "segment", name, segment_id, groups), read)
         return self.segment_fns[name]
 
     def _fields_read(self, table: FieldMap) -> Iterable[int]:
@@ -202,7 +203,7 @@ class FieldMaps:
                 scope.rep_tag, scope.src_tag = "#1", "@#1"
                 for row in rows:
                     row(scope, "", "", location, inst, out)
-            return constants
+            return described(constants, "constants", rows)
 
         if isinstance(source, ComponentLocation):
             index = source.component - 1
@@ -224,7 +225,7 @@ class FieldMaps:
                 here = location + suffix
                 for row in rows:
                     row(scope, raw, seps, here, inst, out)
-            return components
+            return described(components, "components", index, sub, suffix, src_tag, rows)
 
         assert source.field is not None
         f, c, s = source.field, source.component or 0, source.subcomponent or 0
@@ -245,7 +246,8 @@ class FieldMaps:
                 scope.rep_tag, scope.src_tag = "#1", other_tag
                 for row in rows:
                     row(scope, raw, separators_below(run, c, s), location, inst, out)
-            return elsewhere
+            return described(elsewhere, "elsewhere", segment_id, f, c, s, location, other_tag,
+                             rows)
 
         tags = [(f"#{n}", f"@{location}#{n}") for n in range(1, 101)]
         only = source.repetition
@@ -279,7 +281,8 @@ class FieldMaps:
                     for row in rows:
                         row(scope, raw, seps, location, inst, out)
             scope.rep_field = 0
-        return repetitions
+        return described(repetitions, "repetitions", f, c, s, location, only, count_unmatched,
+                         rows)
 
 
 def _whole(rows: list[Row]) -> Group:
@@ -293,7 +296,7 @@ def _whole(rows: list[Row]) -> Group:
         scope.rep_tag, scope.src_tag = "#1", "@*#1"
         for row in rows:
             row(scope, raw, seps, location, inst, out)
-    return whole
+    return described(whole, "whole", rows)
 
 
 def _applies_when(holds: Callable[[Scope], bool]) -> Row:
@@ -301,4 +304,4 @@ def _applies_when(holds: Callable[[Scope], bool]) -> Row:
     def row(scope: Scope, raw: str, seps: str, location: str, inst: dict[str, Json],
             out: Json) -> bool:
         return holds(scope)
-    return row
+    return described(row, "applies_when", holds)

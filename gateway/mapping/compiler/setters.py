@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.fhir import model as fhir_model
-from gateway.mapping.runtime import Json
+from gateway.mapping.runtime import Json, described, fill
 
 # (the object written into, instances made so far, repetition tag, source tag, value)
 Setter = Callable[[Json, dict[str, Json], str, str, Any], None]
@@ -52,8 +52,8 @@ def compile_setter(root: str, path: str) -> Setter:
             if current is None:
                 node[last_key] = value
             elif isinstance(current, dict) and isinstance(value, dict):
-                _fill(current, value)
-        return set_single
+                fill(current, value)
+        return described(set_single, "single", last_key)
 
     def set_value(node: Json, inst: dict[str, Json], rep_tag: str, src_tag: str,
                   value: Any) -> None:
@@ -75,7 +75,7 @@ def compile_setter(root: str, path: str) -> Setter:
                 scope_key = last_prefix + (rep_tag if last_indexed else src_tag)
                 existing = inst.get(scope_key)
                 if existing is not None:
-                    _fill(existing, value)
+                    fill(existing, value)
                     return
                 inst[scope_key] = value
             node.setdefault(last_key, []).append(value)
@@ -84,16 +84,9 @@ def compile_setter(root: str, path: str) -> Setter:
             if current is None:
                 node[last_key] = value
             elif isinstance(current, dict) and isinstance(value, dict):
-                _fill(current, value)
-    return set_value
-
-
-def _fill(into: Json, value: Json) -> None:
-    for key, item in value.items():
-        if key not in into:
-            into[key] = item
-        elif isinstance(into[key], list) and isinstance(item, list):
-            into[key].extend(item)
+                fill(current, value)
+    return described(set_value, "walk", tuple(walk), last_key, last_prefix, last_repeats,
+                     last_indexed)
 
 
 def first_repeating(root: str, path: str) -> tuple[str, bool] | None:

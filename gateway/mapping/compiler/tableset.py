@@ -6,10 +6,11 @@ import re
 
 from gateway.mapping.compiler.context import Context
 from gateway.mapping.compiler.identities import compile_identities
-from gateway.mapping.compiler.messages import MessageFn, MessageMaps
+from gateway.mapping.compiler.messages import MessageMaps
 from gateway.mapping.compiler.segments import FieldMaps
 from gateway.mapping.convert import Converters
 from gateway.mapping.errors import TableErrors
+from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import MergeRow, TableSet, Where, merge_kind
 from gateway.mapping.vocabulary import Vocab, check_vocabulary
 

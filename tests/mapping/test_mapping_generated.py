@@ -1,0 +1,238 @@
+"""The tables as generated Python source translate exactly as the compiler's closures (the
+interpreter) do, over every message of the reference corpora and of tests/messages; the
+generated module is kept by the tables' hash, found again, replaced when a table
+changes, and never needed: without a usable cache the closures run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import REFERENCE
+from gateway.fhir.bundle import dumps, to_bundle
+from gateway.hl7.batch import split_messages
+from gateway.hl7.errors import Hl7Error
+from gateway.hl7.message import parse_message
+from gateway.mapping.codegen.cache import PRUNE_AFTER_SECONDS
+from gateway.mapping.codegen.emit import generate
+from gateway.mapping.codegen.source import NotGenerated
+from gateway.mapping.engine import Translator
+from gateway.mapping.errors import MappingError
+from gateway.mapping.tables import SHIPPED
+from support.mapping import v2
+
+ROOT = Path(__file__).resolve().parents[2]
+FHIR_CONVERTER = REFERENCE.parent / "fhir-converter"
+RECEIVED = datetime(2026, 11, 26, 8, 30, tzinfo=UTC)
+
+
+def _messages() -> list[tuple[str, bytes]]:
+    found = []
+    for root, label in ((ROOT / "tests" / "messages", "tests/messages"),
+                        (REFERENCE, "reference/messages"),
+                        (FHIR_CONVERTER, "reference/fhir-converter")):
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.suffix not in (".hl7", ".txt") or not path.is_file():
+                continue
+            name = f"{label}/{path.relative_to(root).as_posix()}"
+            for number, raw in enumerate(split_messages(path.read_bytes()), 1):
+                found.append((f"{name}#{number}", raw))
+    return found
+
+
+MESSAGES = _messages()
+
+
+@pytest.fixture(scope="module")
+def generated() -> Translator:
+    translator = Translator.load(generate=True)
+    assert translator.generated
+    return translator
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> Translator:
+    translator = Translator.load(generate=False)
+    assert not translator.generated
+    return translator
+
+
+def _outcome(translator: Translator, raw: bytes) -> bytes:
+    """Everything a translation gives: the Bundle's bytes, what was not mapped, how many
+    Z segments; or the refusal, with its location and reason."""
+    try:
+        message = parse_message(raw)
+    except Hl7Error as exc:
+        return f"parse: {exc}".encode()
+    try:
+        translation = translator.translate(message, RECEIVED)
+    except MappingError as exc:
+        return f"refused: {type(exc).__name__}: {exc}".encode()
+    return b"\n".join((dumps(to_bundle(translation)),
+                       orjson.dumps(sorted(translation.unmapped.items())),
+                       str(translation.z_segments).encode()))
+
+
+def test_the_corpora_are_there() -> None:
+    # tests/messages always; the shared corpora when the checkout has them beside it.
+    assert len(MESSAGES) >= 60
+
+
+@pytest.mark.parametrize(("name", "raw"), MESSAGES, ids=[n for n, _ in MESSAGES])
+def test_generated_source_translates_as_the_interpreter(
+        generated: Translator, interpreted: Translator, name: str, raw: bytes) -> None:
+    assert _outcome(generated, raw) == _outcome(interpreted, raw)
+
+
+def test_most_corpus_messages_translate(generated: Translator) -> None:
+    # The comparison above is only worth something over messages that translate.
+    translated = sum(not _outcome(generated, raw).startswith((b"parse:", b"refused:"))
+                     for _, raw in MESSAGES)
+    assert translated >= 0.9 * len(MESSAGES)
+
+
+def _site_tables(tmp_path: Path) -> Path:
+    tables = tmp_path / "tables"
+    shutil.copytree(SHIPPED, tables)
+    return tables
+
+
+def _kept(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.glob("tables-*.code"))
+
+
+def test_generated_module_is_kept_by_the_tables_hash_and_found_again(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    first = Translator.load(tables, cache=cache)
+    assert first.generated
+    kept = _kept(cache)
+    assert len(kept) == 1
+    assert (cache / kept[0].replace(".code", ".py")).read_text().startswith("# Generated")
+    again = Translator.load(tables, cache=cache)
+    assert again.generated and _kept(cache) == kept
+    raw = (ROOT / "tests" / "messages" / "adt_a01.hl7").read_bytes()
+    assert _outcome(again, raw) == _outcome(first, raw)
+
+
+def test_a_changed_table_gets_a_new_module(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    message = v2("MSH|^~\\&|A|F|B|G|20261126083000||ADT^A01|C1|P|2.5.1",
+                 "EVN|A01", "PID|1||MRN-1^^^HOSP^MR||DOE^JANE||19800102|F", "PV1|1|I")
+    before = Translator.load(tables, cache=cache)
+    pid = tables / "segments" / "PID-Patient.csv"
+    pid.write_text(pid.read_text().replace(
+        "PID-8,,gender,code,,AdministrativeSex,,",
+        "PID-8,,gender,code,,AdministrativeSex,,\nPID-8,,active,boolean,,,Y,"))
+    after = Translator.load(tables, cache=cache)
+    assert len(_kept(cache)) == 2
+    assert b'"active":true' not in _outcome(before, message)
+    assert b'"active":true' in _outcome(after, message)
+
+
+def test_a_damaged_cache_file_is_made_again(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    Translator.load(tables, cache=cache)
+    (kept,) = cache.glob("tables-*.code")
+    kept.write_bytes(b"not marshal data")
+    translator = Translator.load(tables, cache=cache)
+    assert translator.generated
+    raw = (ROOT / "tests" / "messages" / "adt_a01.hl7").read_bytes()
+    assert b'"resourceType":"Patient"' in _outcome(translator, raw)
+    assert kept.read_bytes() != b"not marshal data"
+
+
+def test_a_cache_that_cannot_be_written_runs_the_interpreter(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    translator = Translator.load(cache=blocked / "cache")
+    assert not translator.generated
+    raw = (ROOT / "tests" / "messages" / "adt_a01.hl7").read_bytes()
+    assert b'"resourceType":"Patient"' in _outcome(translator, raw)
+
+
+def test_table_errors_are_reported_before_anything_is_generated(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    pid = tables / "segments" / "PID-Patient.csv"
+    pid.write_text(pid.read_text() + "PID-8,,notAnElement,code,,,,\n")
+    with pytest.raises(MappingError, match="PID-Patient.csv"):
+        Translator.load(tables, cache=cache)
+    assert _kept(cache) == []
+
+
+def test_a_construct_without_a_description_is_not_generated() -> None:
+    # A new engine construct the generator does not know yet: the caller keeps the
+    # closures (Translator.load logs it and runs interpreted).
+    with pytest.raises(NotGenerated):
+        generate({"ADT^A01": lambda run: None}, {}, {}, "+00:00")
+
+
+def test_translate_command_keeps_the_module_and_a_second_start_skips_the_compiler(
+        tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    message = ROOT / "tests" / "messages" / "adt_a01.hl7"
+    command = [sys.executable, "-X", "importtime", "-m", "gateway", "translate", str(message)]
+    first = subprocess.run(command, env=env, capture_output=True, check=True)
+    assert list((tmp_path / "xdg" / "isthmus" / "compiled-tables").glob("tables-*.code"))
+    second = subprocess.run(command, env=env, capture_output=True, check=True)
+    # The second start loads the kept module: no table read or checked, so neither the
+    # compiler nor the HL7 definitions its checks need (hl7apy v2.8) are imported.
+    assert b"gateway.mapping.compiler" in first.stderr
+    assert b"gateway.mapping.compiler" not in second.stderr
+    assert b"hl7apy.v2_8" not in second.stderr
+    # Nor what translate never needs.
+    for heavy in (b"aiohttp", b"opentelemetry", b"cryptography.x509", b"fhir.resources"):
+        assert heavy not in second.stderr, heavy
+    assert _without_time(first.stdout) == _without_time(second.stdout)
+
+
+def _without_time(output: bytes) -> object:
+    bundle = orjson.loads(output)
+    for entry in bundle["entry"]:
+        entry["resource"].pop("recorded", None)
+    return bundle
+
+
+def test_modules_of_other_table_sets_unused_for_a_month_are_pruned(tmp_path: Path) -> None:
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    cache.mkdir()
+    stale, recent = cache / "tables-0000.code", cache / "tables-1111.code"
+    for path in (stale, recent):
+        path.write_bytes(b"an older table set")
+    month_ago = time.time() - PRUNE_AFTER_SECONDS - 60
+    os.utime(stale, (month_ago, month_ago))
+    Translator.load(tables, cache=cache)
+    assert not stale.exists() and recent.exists()
+    assert len(_kept(cache)) == 2  # the new module and the recent one
+
+
+def test_a_cache_others_may_write_is_not_trusted(tmp_path: Path) -> None:
+    # What is loaded from the cache runs as code: a directory another user may write to
+    # is neither read nor written, and the closures run.
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    translator = Translator.load(tables, cache=cache)
+    assert not translator.generated
+    assert _kept(cache) == []
+
+
+def test_a_site_offset_is_generated_as_the_interpreter_reads_it() -> None:
+    # The site's offset is part of the generated module (constants, templates) and of
+    # its hash: local times read in it alike, message by message.
+    generated = Translator.load(default_offset="+05:30", generate=True)
+    interpreted = Translator.load(default_offset="+05:30", generate=False)
+    local = [raw for name, raw in MESSAGES if name.startswith("tests/messages/")]
+    assert local
+    for raw in local:
+        assert _outcome(generated, raw) == _outcome(interpreted, raw)
