@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.fhir import model as fhir_model
 from gateway.hl7.location import ComponentLocation, Location, parse_component, parse_location
 from gateway.mapping.errors import TableError, TableErrors
 
@@ -181,6 +180,10 @@ def merge_kind(resource_type: str) -> str | None:
     """How a merged-away record of this type is kept: `link` (Patient: `active` false and
     a `replaced-by` link, the survivor `replaces` it), `status` (a type without link
     whose status can say `inactive`: an Account, ADT^A41), or None (it cannot be)."""
+    # Imported here: the FHIR models take ~0.3 s to load, and only a compile (not a
+    # start from the generated cache) checks merge rows.
+    from gateway.fhir import model as fhir_model
+
     def has(path: str) -> fhir_model.Element | None:
         try:
             return fhir_model.element(resource_type, path)
