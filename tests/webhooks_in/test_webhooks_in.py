@@ -23,6 +23,7 @@ from fhir.resources.R4B.patient import Patient
 from conftest import RunningGateway
 from gateway.audit import Action, AuditQuery
 from gateway.audit.sealed import parse_body
+from gateway.config import BackendConfig, ConfigError, WebhookConfig
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.webhooks_http import WEBHOOKS
 from support.fake_ehr import FakeEhr
@@ -471,3 +472,24 @@ async def test_no_canary_in_logs_answers_or_the_event_file(
     assert files
     for path in files:  # the resource reference is sealed at rest
         assert CANARY_ID.encode() not in path.read_bytes()
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+async def test_a_missing_secret_stops_the_start(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_EHR_HOOK_SECRET", raising=False)
+    monkeypatch.setenv("TEST_SCHED_HOOK_SECRET", SCHED_SECRET.decode())
+    site = tmp_path / "site"
+    (site / "vendors").mkdir(parents=True)
+    (site / "vendors" / "siteehr.csv").write_text(VENDOR_TABLE)
+    async with FakeEhr() as ehr:
+        with pytest.raises(ConfigError, match="TEST_EHR_HOOK_SECRET"):
+            await start_fhir_gateway(tmp_path / "var", **gateway_config(ehr, site))
+
+
+def test_only_a_fhir_backend_may_send_webhooks() -> None:
+    with pytest.raises(ValueError, match="only a fhir backend"):
+        BackendConfig(name="lab", kind="mllp", host="127.0.0.1", port=2575,
+                      webhook=WebhookConfig(secret_env="X", shape="scheduling"))
