@@ -190,6 +190,13 @@ def load_shape(name: str, shipped_dir: Path, site_dir: Path | None = None) -> tu
     return rules
 
 
+def load_shapes(shipped_dir: Path, site_dir: Path | None = None) -> dict[str, int]:
+    """Every shape table, shipped or the site's, checked: name -> rows."""
+    names = {p.stem for d in (shipped_dir, site_dir) if d is not None
+             for p in (d / FOLDER).glob("*.csv")}
+    return {name: len(load_shape(name, shipped_dir, site_dir)) for name in sorted(names)}
+
+
 def direct_rule(event_id: str, resource: str) -> Rule:
     """The rule of a backend's own `event_id` and `resource` settings (every event)."""
     return Rule(None, event_id, resource, "", "", 0)
