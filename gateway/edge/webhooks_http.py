@@ -68,11 +68,16 @@ async def _body(request: web.Request, hook: Hook) -> bytes:
     if request.content_length is not None and request.content_length > hook.max_body_bytes:
         raise FhirError(413, f"a webhook event is at most {hook.max_body_bytes} bytes",
                         code="too-costly")
-    body = await request.content.read(hook.max_body_bytes + 1)
-    if len(body) > hook.max_body_bytes:
-        raise FhirError(413, f"a webhook event is at most {hook.max_body_bytes} bytes",
-                        code="too-costly")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    # Chunked bodies carry no length: read until the end, refusing past the limit.
+    while chunk := await request.content.read(65_536):
+        size += len(chunk)
+        if size > hook.max_body_bytes:
+            raise FhirError(413, f"a webhook event is at most {hook.max_body_bytes} bytes",
+                            code="too-costly")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _record(request: web.Request, hook: Hook, outcome: str, detail: str, *,

@@ -187,7 +187,8 @@ class Fetcher:
                 log.warning("webhook events: store unavailable (%s)", exc)
                 wait = 1.0
             except Exception as exc:  # a bug costs a pause, never the fetcher
-                log.exception("webhook fetcher failed: %s", type(exc).__name__)
+                # The type alone: an exception's text may quote what it was handling.
+                log.error("webhook fetcher failed: %s", type(exc).__name__)
                 wait = 1.0
             self._wake.clear()
             timeout = self._idle if wait is None else min(max(wait, 0.05), self._idle)

@@ -12,6 +12,7 @@ resource reference is PHI (an id) and is sealed like the inbox's payloads.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from typing import Literal, Protocol
 
 import aiosqlite
 
+from gateway.store.errors import StoreUnavailable
 from gateway.store.sealing import PLAIN, RowCodec
 from gateway.store.sqlite import open_database
 
@@ -136,11 +138,15 @@ class SqliteWebhookEvents:
     async def record(self, backend: str, event_id: str, kind: str, resource_type: str,
                      resource: str) -> bool:
         sealed = self._codec.seal(resource.encode(), webhook_context(backend, event_id))
-        cursor = await self._db.execute(
-            "INSERT INTO webhook_event (backend, event_id, kind, resource_type, resource, "
-            "received_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (backend, event_id) DO NOTHING",
-            (backend, event_id, kind, resource_type, sealed, now_text(), time.time()))
+        try:
+            cursor = await self._db.execute(
+                "INSERT INTO webhook_event (backend, event_id, kind, resource_type, "
+                "resource, received_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (backend, event_id) DO NOTHING",
+                (backend, event_id, kind, resource_type, sealed, now_text(), time.time()))
+        except sqlite3.Error as exc:  # full disk, locked file: the sender tries again
+            raise StoreUnavailable(f"webhook events unavailable ({type(exc).__name__})"
+                                   ) from None
         return cursor.rowcount == 1
 
     async def claim(self, limit: int, lease: float) -> list[WebhookEvent]:

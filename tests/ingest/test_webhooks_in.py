@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from fhir.resources.R4B.appointment import Appointment
 from fhir.resources.R4B.patient import Patient
@@ -339,6 +340,19 @@ async def test_oversized_event_is_413(hooked: Hooked) -> None:
     big["padding"] = "x" * 300_000
     sent = await hooked.ehr_hooks.send(big)
     assert sent.status == 413
+    assert await hooked.events() == []
+
+
+async def test_oversized_chunked_event_without_a_length_is_413(hooked: Hooked) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{hooked.gateway.http_url}/webhooks/ehr", data=chunks(),
+            headers={"X-Signature": "sha256=" + "0" * 64}) as answer:
+        assert answer.status == 413
+        assert (await answer.json(content_type=None))["resourceType"] == "OperationOutcome"
     assert await hooked.events() == []
 
 
