@@ -1,5 +1,5 @@
 """The `isthmus` command line: serve, send, inbox, fhir, translate, mappings, audit, outbox,
-auth, store, health, console.
+webhooks, auth, store, health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -26,6 +26,7 @@ from gateway.cli import (
     serve,
     store,
     translate,
+    webhooks,
 )
 from gateway.config import ConfigError
 
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     mappings.add_parser(sub)
     audit.add_parser(sub)
     outbox.add_parser(sub)
+    webhooks.add_parser(sub)
     store.add_parser(sub)
     auth.add_parser(sub)
     health.add_parser(sub)

@@ -9,6 +9,7 @@ log line or an answer. All data is synthetic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from fhir.resources.R4B.patient import Patient
 from conftest import RunningGateway
 from gateway.audit import Action, AuditQuery
 from gateway.audit.sealed import parse_body
+from gateway.cli import main as cli_main
 from gateway.config import BackendConfig, ConfigError, WebhookConfig
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.webhooks_http import WEBHOOKS
@@ -507,3 +509,17 @@ def test_only_a_fhir_backend_may_send_webhooks() -> None:
     with pytest.raises(ValueError, match="only a fhir backend"):
         BackendConfig(name="lab", kind="mllp", host="127.0.0.1", port=2575,
                       webhook=WebhookConfig(secret_env="X", shape="scheduling"))
+
+
+async def test_webhooks_list_shows_events_without_their_resource(
+        hooked: Hooked, capsys: pytest.CaptureFixture[str]) -> None:
+    hooked.ehr.seed(patient(CANARY_ID))
+    await hooked.ehr_hooks.send(changed("evt-listed", f"Patient/{CANARY_ID}"))
+    await eventually(lambda: hooked.stored(f"Patient/{CANARY_ID}"))
+    code = await asyncio.get_running_loop().run_in_executor(None, cli_main, [
+        "webhooks", "list", "--data-dir", str(hooked.gateway.data_dir), "--status", "done"])
+    out = capsys.readouterr().out
+    assert code == 0
+    [line] = [n for n in out.splitlines() if "evt-listed" in n]
+    assert "resource.updated" in line and "done" in line and "Patient" in line
+    assert CANARY_ID not in out
