@@ -53,7 +53,9 @@ async def receive(request: web.Request) -> web.Response:
         return _answer(202, "event accepted; nothing to fetch for its kind")
     await _record(request, hook, "success", f"webhook {changed.kind}",
                   resource_type=changed.resource_type, resource_id=changed.path,
-                  control_id=changed.event_id)
+                  control_id=changed.event_id,
+                  # A Patient's own record: searchable by patient in the trail.
+                  patient=changed.path if changed.resource_type == "Patient" else None)
     try:
         new = await webhooks.record(hook, changed)
     except StoreUnavailable:
@@ -82,7 +84,8 @@ async def _body(request: web.Request, hook: Hook) -> bytes:
 
 async def _record(request: web.Request, hook: Hook, outcome: str, detail: str, *,
                   fail_open: bool = False, resource_type: str = "",
-                  resource_id: str | None = None, control_id: str = "") -> None:
+                  resource_id: str | None = None, control_id: str = "",
+                  patient: str | None = None) -> None:
     """The event's audit record. An accepted event is refused when it cannot be recorded
     (fail closed); a refusal is answered anyway (it granted nothing), the failure logged."""
     audit = request.app.get(AUDIT)
@@ -90,7 +93,8 @@ async def _record(request: web.Request, hook: Hook, outcome: str, detail: str, *
         return
     record = AuditRecord(Action.NOTIFY, outcome, client_id=f"webhook:{hook.backend}",
                          peer=request.remote or "", resource_type=resource_type,
-                         resource_id=resource_id, control_id=control_id[:64],
+                         resource_id=resource_id, patient=patient,
+                         control_id=control_id[:64],
                          detail=detail[:120])
     try:
         await audit.record(record)

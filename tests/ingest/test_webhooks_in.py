@@ -155,6 +155,10 @@ async def test_signed_event_is_answered_202_and_its_resource_lands_in_the_store(
                                                           "Patient")
     [record] = await notify_records(hooked.gateway)
     assert record["outcome"] == "success" and record["client"] == "webhook:ehr"
+    assert record["type"] == "Patient" and record["detail"] == "webhook resource.updated"
+    on_record = await hooked.gateway.app[AUDIT].search(AuditQuery(
+        patient="Patient/p1", action=Action.NOTIFY))
+    assert len(on_record) == 1  # found by the patient, whose reference is sealed
 
 
 async def test_absolute_reference_on_the_backend_base_is_fetched(hooked: Hooked) -> None:
