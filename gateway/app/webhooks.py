@@ -8,13 +8,20 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.app.state import CODEC, FHIR_STORE, FORWARDING, POOL, SETTINGS
+from gateway.app.state import CODEC, FHIR_STORE, FORWARDING, POOL, SETTINGS, TELEMETRY
 from gateway.config import BackendConfig, ConfigError, Settings
 from gateway.edge.webhooks_http import WEBHOOKS
 from gateway.forward.fhir_backend import FhirBackend
 from gateway.forward.normalize import Normalizer, load_vendor
 from gateway.ingest.webhook_events import Rule, direct_rule, load_shape, reader
-from gateway.ingest.webhooks import Fetcher, Hook, Signing, Source, Webhooks
+from gateway.ingest.webhooks import (
+    Fetcher,
+    Hook,
+    Signing,
+    Source,
+    WebhookMetrics,
+    Webhooks,
+)
 from gateway.mapping.tables import SHIPPED
 from gateway.store.pg.webhooks import PgWebhookEvents
 from gateway.store.webhooks import WEBHOOKS_FILE, SqliteWebhookEvents, WebhookEvents
@@ -61,8 +68,9 @@ async def webhooks(app: web.Application) -> AsyncIterator[None]:
         events = await SqliteWebhookEvents.open(settings.store.data_dir / WEBHOOKS_FILE,
                                                 synchronous=settings.store.synchronous,
                                                 codec=app[CODEC])
-    fetcher = Fetcher(events, sources, app[FHIR_STORE])
-    app[WEBHOOKS] = Webhooks(hooks, events, fetcher)
+    counted = WebhookMetrics.of(app[TELEMETRY].meter)
+    fetcher = Fetcher(events, sources, app[FHIR_STORE], metrics=counted)
+    app[WEBHOOKS] = Webhooks(hooks, events, fetcher, counted)
     fetcher.start()  # events recorded before a crash or restart are fetched now
     try:
         yield

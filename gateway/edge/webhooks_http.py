@@ -39,6 +39,7 @@ async def receive(request: web.Request) -> web.Response:
     try:
         hook.signing.verify(request.headers, body)
     except SignatureRefused as exc:
+        webhooks.count(hook.backend, "refused")
         await _record(request, hook, "401", f"webhook refused: {exc.reason}", fail_open=True)
         log.warning("webhook from %s refused: %s", hook.backend, exc.reason)
         raise FhirError(401, f"webhook signature refused: {exc.reason}",
@@ -47,9 +48,11 @@ async def receive(request: web.Request) -> web.Response:
         changed = hook.reader.read(jsonio.loads(body))
     except (ValueError, MalformedEvent) as exc:
         reason = exc.reason if isinstance(exc, MalformedEvent) else "the body is not JSON"
+        webhooks.count(hook.backend, "malformed")
         await _record(request, hook, "400", f"webhook malformed: {reason}", fail_open=True)
         raise FhirError(400, f"webhook event refused: {reason}", code="invalid") from None
     if changed is None:  # a kind of event the backend's table says to ignore
+        webhooks.count(hook.backend, "ignored")
         return _answer(202, "event accepted; nothing to fetch for its kind")
     await _record(request, hook, "success", f"webhook {changed.kind}",
                   resource_type=changed.resource_type, resource_id=changed.path,

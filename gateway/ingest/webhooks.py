@@ -22,9 +22,12 @@ import hashlib
 import hmac
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from opentelemetry import metrics
 
 from gateway.fhir import jsonio
 from gateway.fhir.errors import InvalidResource
@@ -50,6 +53,30 @@ IDLE = 5.0
 _BACKOFF_BASE = 1.0
 _RETRY_STATUSES = frozenset({401, 403, 408, 425, 429})
 _GONE = frozenset({404, 410})
+
+
+class WebhookMetrics:
+    """One counter of events by backend and outcome (a fixed vocabulary, never a value):
+    at the edge accepted, replayed, ignored, refused, malformed; after it done, unchanged,
+    gone, failed, retried."""
+
+    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, WebhookMetrics] = (
+        weakref.WeakKeyDictionary())
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.events = meter.create_counter(
+            "isthmus.webhook.events", unit="{event}",
+            description="Backends' change notifications by backend and outcome")
+
+    @classmethod
+    def of(cls, meter: metrics.Meter) -> WebhookMetrics:
+        found = cls._by_meter.get(meter)
+        if found is None:
+            found = cls._by_meter[meter] = cls(meter)
+        return found
+
+    def count(self, backend: str, outcome: str) -> None:
+        self.events.add(1, {"forward.backend": backend, "outcome": outcome})
 
 
 class SignatureRefused(Exception):
@@ -132,10 +159,15 @@ class Webhooks:
     """The backends' hooks, the recorded events and the fetcher that works them off."""
 
     def __init__(self, hooks: Mapping[str, Hook], events: WebhookEvents,
-                 fetcher: Fetcher) -> None:
+                 fetcher: Fetcher, metrics: WebhookMetrics | None = None) -> None:
         self.hooks = dict(hooks)
         self.events = events
         self.fetcher = fetcher
+        self.metrics = metrics
+
+    def count(self, backend: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(backend, outcome)
 
     def hook(self, backend: str) -> Hook | None:
         return self.hooks.get(backend)
@@ -146,6 +178,7 @@ class Webhooks:
                                        changed.resource_type, changed.path)
         if new:
             self.fetcher.wake()
+        self.count(hook.backend, "accepted" if new else "replayed")
         return new
 
 
@@ -156,7 +189,9 @@ class Fetcher:
     """Fetches the resource of each recorded event and stores it, in receipt order."""
 
     def __init__(self, events: WebhookEvents, sources: Mapping[str, Source],
-                 store: FhirStore, *, idle: float = IDLE) -> None:
+                 store: FhirStore, *, idle: float = IDLE,
+                 metrics: WebhookMetrics | None = None) -> None:
+        self._metrics = metrics
         self._events = events
         self._sources = dict(sources)
         self._store = store
@@ -200,7 +235,10 @@ class Fetcher:
         handled = 0
         while batch := await self._events.claim(BATCH, LEASE):
             for event in batch:
-                await self.handle(event)
+                outcome = await self.handle(event)
+                if self._metrics is not None:
+                    self._metrics.count(event.backend,
+                                        "retried" if outcome == "retry" else outcome)
                 handled += 1
         return handled
 

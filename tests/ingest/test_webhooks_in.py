@@ -527,3 +527,27 @@ async def test_webhooks_list_shows_events_without_their_resource(
     [line] = [n for n in out.splitlines() if "evt-listed" in n]
     assert "resource.updated" in line and "done" in line and "Patient" in line
     assert CANARY_ID not in out
+
+
+async def test_metrics_count_events_by_backend_and_outcome(hooked: Hooked) -> None:
+    hooked.ehr.seed(patient("p-metric"))
+    await hooked.ehr_hooks.send(changed("evt-m1", "Patient/p-metric"))
+    await hooked.ehr_hooks.send(changed("evt-m1", "Patient/p-metric"))
+    await hooked.ehr_hooks.send(changed("evt-m2", "Patient/p-metric"), secret=b"forged")
+    await eventually(lambda: hooked.stored("Patient/p-metric"))
+
+    async def counted() -> str:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{hooked.gateway.http_url}/metrics") as answer:
+            return await answer.text()
+
+    async def done_counted() -> bool:
+        return 'outcome="done"' in await counted()
+
+    await eventually(done_counted)
+    lines = [n for n in (await counted()).splitlines()
+             if n.startswith("isthmus_webhook_events_total{")]
+    found = {line.split('outcome="')[1].split('"')[0]: line.rsplit(" ", 1)[1]
+             for line in lines}
+    assert found == {"accepted": "1", "replayed": "1", "refused": "1", "done": "1"}, lines
+    assert all('backend="ehr"' in line for line in lines)
