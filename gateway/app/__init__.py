@@ -46,7 +46,7 @@ from gateway.app.state import (
     TRANSLATOR,
 )
 from gateway.config import Settings
-from gateway.edge import audit_http, fhir_errors, fhir_http, http
+from gateway.edge import audit_http, fhir_errors, fhir_http, http, webhooks_http
 from gateway.edge.http_server import GatewayRunner
 from gateway.policy.profiles import load_profiles
 from gateway.store.data_dir import private_dir
@@ -84,6 +84,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
     setup_console(app, settings)
     if settings.agent.enabled:
         app.add_routes(agent_routes)
+    app.add_routes(webhooks_http.routes)  # 404 OperationOutcome for a backend without one
     app.cleanup_ctx.extend(RESOURCES)  # one cleanup context per resource, in start order
     # on_cleanup handlers run after the cleanup contexts (aiohttp registers those first).
     app.on_cleanup.append(shutdown_telemetry)

@@ -57,6 +57,7 @@ from gateway.app.state import (
     TRANSLATOR,
     WORKERS,
 )
+from gateway.app.webhooks import webhooks
 from gateway.app.workers import Workers
 from gateway.audit import AuditLog
 from gateway.config import Settings
@@ -350,7 +351,7 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 # Start-up order; shutdown runs it backwards.
 RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assertion_ids,
                                    inbox, refusals, fhir_store, forwarding, fhir_api,
-                                   agent_api, applier, mllp,
+                                   agent_api, webhooks, applier, mllp,
                                    housekeeping)
 
 

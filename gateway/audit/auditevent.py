@@ -81,6 +81,9 @@ _KINDS: dict[str, _Kind] = {
                      _own("deliver"), "R", None, False),
     "token": _Kind({"system": _DCM, "code": "110114", "display": "User Authentication"},
                    _own("token"), "E", None, True),
+    # A backend's webhook: the gateway is told of a change and imports the resource.
+    "notify": _Kind({"system": _DCM, "code": "110107", "display": "Import"},
+                    _own("notify"), "C", None, True),
     "export": _Kind({"system": _DCM, "code": "110106", "display": "Export"},
                     _own("export"), "R", None, False),
 }

@@ -26,6 +26,7 @@ class Action(StrEnum):
     DELIVER = "deliver"      # data sent on to a backend
     TOKEN = "token"          # an access token issued or refused
     EXPORT = "export"        # an export of this audit trail
+    NOTIFY = "notify"        # a change notification (webhook) a backend sent the gateway
 
 
 SUCCESS = "success"

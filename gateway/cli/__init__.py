@@ -1,5 +1,5 @@
 """The `isthmus` command line: serve, send, inbox, fhir, translate, mappings, audit, outbox,
-auth, store, health, console.
+webhooks, auth, store, health, console.
 
 One module per command group, each adding its subparsers with `add_parser(sub)`; this
 module only assembles them and runs the chosen command. Every group imports its heavy
@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 # `isthmus --help` lists the commands in this order; each is the module of its name.
 COMMANDS = ("serve", "send", "inbox", "fhir", "translate", "mappings", "audit", "outbox",
-            "store", "auth", "health", "console")
+            "webhooks", "store", "auth", "health", "console")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ def _mappings_check(args: argparse.Namespace) -> int:
     from gateway.cli.vendor_report import check_vendor_tables
     from gateway.fhir.search import TABLE as SEARCH_TABLE
     from gateway.fhir.search import SearchRegistry, SearchTableError
+    from gateway.ingest.webhook_events import load_shapes
     from gateway.mapping.engine import Translator
     from gateway.mapping.errors import TableError, TableErrors
     from gateway.mapping.tables import SHIPPED
@@ -46,6 +47,7 @@ def _mappings_check(args: argparse.Namespace) -> int:
         reverser = Reverser.load(tables, args.dir)
         registry = SearchRegistry.load(search_table)
         MatchingRules.load(tables, args.dir)
+        shapes = load_shapes(tables, args.dir)
     except SearchTableError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -63,4 +65,6 @@ def _mappings_check(args: argparse.Namespace) -> int:
     print(f"ok: FHIR to v2 for {', '.join(f'{t} ({chr(47).join(m)})' for t, m in outbound)}")
     print(f"ok: FHIR search parameters for {len(registry.types())} resource types")
     print("ok: the agent API's caller matching rules")
+    print("ok: webhook shapes " + ", ".join(f"{name} ({count} rows)"
+                                            for name, count in shapes.items()))
     return check_vendor_tables(tables, args.dir, args.vendor, args.against)

@@ -27,6 +27,7 @@ from gateway.config.processes import ProcessesConfig
 from gateway.config.settings import Settings
 from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
+from gateway.config.webhooks import WebhookConfig
 
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AgentConfig", "AllowedSender",
@@ -35,5 +36,5 @@ __all__ = [
     "EncryptionConfig", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig",
     "MappingConfig", "MllpConfig", "ProcessesConfig", "RouteConfig", "RouteMatch",
     "SendConfig", "ServerConfig", "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig",
-    "load_settings",
+    "WebhookConfig", "load_settings",
 ]

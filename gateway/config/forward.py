@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from gateway.config.base import Section as _Section
+from gateway.config.webhooks import WebhookConfig
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 LOCAL_BACKEND = "local"
@@ -95,6 +96,8 @@ class BackendConfig(_Section):
     # vendor table's known quirks and refuse what is still invalid (502), "pass" it on
     # (counted), "reject" it (502 naming the element).
     validation: Literal["repair", "pass", "reject"] = "pass"
+    # fhir: the change notifications it sends to POST /webhooks/<name> (docs/webhooks-in.md).
+    webhook: WebhookConfig | None = None
 
     @model_validator(mode="after")
     def _addressed(self) -> BackendConfig:
@@ -114,6 +117,9 @@ class BackendConfig(_Section):
             if not _HOST.fullmatch(alias):
                 raise ValueError(f"backend '{self.name}': an alias is a host name, "
                                  "optionally with :port (no scheme, no path)")
+        if self.webhook is not None and self.kind != "fhir":
+            raise ValueError(f"backend '{self.name}': only a fhir backend sends webhooks "
+                             "(the gateway fetches what changed from it)")
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError(f"backend '{self.name}': client_cert_file and client_key_file "
                              "go together")

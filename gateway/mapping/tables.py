@@ -52,6 +52,8 @@ SEARCH_FILE = "search-parameters.csv"
 VENDORS_FOLDER = "vendors"
 # The agent API's caller-matching rules: read by gateway.agent.matching.
 AGENT_FOLDER = "agent"
+# Backends' inbound webhook shapes: read by gateway.ingest.webhook_events.
+WEBHOOKS_FOLDER = "webhooks"
 
 
 def source_location(text: str) -> Location | ComponentLocation | None:
@@ -231,7 +233,8 @@ def read_tables(directory: Path = SHIPPED, site: Path | None = None) -> TableSet
         if relative == OUTBOUND_FILE or relative.startswith(OUTBOUND_FOLDER + "/"):
             continue  # FHIR -> v2 definitions: read by gateway.mapping.to_v2.outbound_tables
         if relative == SEARCH_FILE or relative.startswith((VENDORS_FOLDER + "/",
-                                                           AGENT_FOLDER + "/")):
+                                                           AGENT_FOLDER + "/",
+                                                           WEBHOOKS_FOLDER + "/")):
             continue
         try:
             _read_table(tables, relative, path)
