@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from gateway.store.pg.outbox import PgOutbox
@@ -88,4 +89,38 @@ async def test_an_idle_holder_is_woken_by_another_instances_rows(store_backend: 
         await asyncio.wait_for(woken.wait(), 10)
     finally:
         await outbox.close()
+        await inbox.close()
+
+
+async def test_a_row_locked_elsewhere_holds_back_the_rows_after_it(
+        store_backend: Backend) -> None:
+    """A claim skips a row another transaction has locked (an instance killed while
+    claiming it, whose statement is still ending), and reads nothing after it: its
+    patient's later rows must not go first."""
+    if store_backend.pool is None or store_backend.spec is None:
+        pytest.skip("one SQLite connection writes the outbox: nothing else locks a row")
+    spec = store_backend.spec
+    inbox = await store_backend.inbox()
+    outbox = store_backend.outbox(inbox, "holder")
+    other = await asyncpg.connect(spec.url)
+    try:
+        for n in range(4):
+            await inbox.accept(inbound(f"K-{n}", f"MSH|{n}".encode(), routes=("ehr",),
+                                       patient_key="p1"))
+        ids = [int(r[0]) for r in await other.fetch(
+            f'SELECT id FROM "{spec.schema}".outbox ORDER BY id')]
+        assert await outbox.lead("ehr")
+        locking = other.transaction()
+        await locking.start()
+        await other.execute(f'SELECT 1 FROM "{spec.schema}".outbox WHERE id = $1 FOR UPDATE',
+                            ids[1])
+        first = await outbox.due("ehr", "mllp", 0, 10)
+        assert [r.id for r in first] == ids[:1]
+        await locking.rollback()
+        rest = await outbox.due("ehr", "mllp", first[-1].id, 10)
+        assert [r.id for r in rest] == ids[1:]
+    finally:
+        await other.close()
+        if isinstance(outbox, PgOutbox):
+            await outbox.close()
         await inbox.close()
