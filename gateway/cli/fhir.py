@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gateway.audit import AuditRecord
     from gateway.cli.shared import Subparsers
     from gateway.config import Settings
-    from gateway.store.fhir import MergeOutcome
+    from gateway.store.fhir import Indexer, Merge, MergeOutcome
 
 _PATIENT = re.compile(r"Patient/([A-Za-z0-9\-.]{1,64})")
 
@@ -81,19 +81,40 @@ async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutco
     from gateway.store.fhir import IdMatch, Merge, SearchQuery
     from gateway.store.fhir_sqlite import SqliteFhirStore
 
+    merge = Merge("Patient", SearchQuery("Patient", ((IdMatch(source),),)), target)
+    registry = search_registry(settings)
+    if settings.store.backend == "postgresql":
+        return await _merge_in_database(settings, merge, registry.index)
     data_dir = settings.store.data_dir
     lock = claim(data_dir)  # DataDirInUse while the gateway runs: merge on a stopped one
     try:
-        registry = search_registry(settings)
         store = await SqliteFhirStore.open(data_dir / FHIR_FILE, registry.index,
                                            codec=store_codec(settings))
         try:
-            return await store.merge(Merge("Patient", SearchQuery(
-                "Patient", ((IdMatch(source),),)), target))
+            return await store.merge(merge)
         finally:
             await store.close()
     finally:
         lock.release()
+
+
+async def _merge_in_database(settings: Settings, merge: Merge, indexer: Indexer
+                             ) -> MergeOutcome:
+    """The merge in the shared database, beside running instances: its writes take the
+    same per-resource advisory locks as theirs (no instance needs to stop)."""
+    from gateway.cli.shared import database_pool
+    from gateway.store.pg.connect import DATABASE_ERRORS, unavailable
+    from gateway.store.pg.fhir import PgFhirStore
+
+    try:
+        async with database_pool(settings) as pool:
+            store = await PgFhirStore.open(pool, indexer)
+            try:
+                return await store.merge(merge)
+            finally:
+                await store.close()
+    except DATABASE_ERRORS as exc:
+        raise unavailable("the database could not be reached", exc) from None
 
 
 def _access(patient_id: str) -> AuditRecord:

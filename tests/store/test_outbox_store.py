@@ -10,8 +10,11 @@ import asyncio
 import asyncpg
 import pytest
 
+from gateway.store.pg.connect import PgSpec
+from gateway.store.pg.inbox import PgInbox
 from gateway.store.pg.outbox import PgOutbox
 from support.backends import Backend, inbound
+from support.wait import eventually
 
 
 async def test_due_rows_come_in_id_order_with_payloads_and_results_stick(
@@ -124,3 +127,53 @@ async def test_a_row_locked_elsewhere_holds_back_the_rows_after_it(
         if isinstance(outbox, PgOutbox):
             await outbox.close()
         await inbox.close()
+
+
+async def test_a_row_committed_behind_the_cursor_is_read_before_its_patients_next_row(
+        store_backend: Backend) -> None:
+    """Ids are drawn at insert, rows seen at commit: a patient's row can commit after
+    another patient's later row was read. The holder reads it then, and before the
+    patient's next row (which commits after it)."""
+    if store_backend.pool is None or store_backend.spec is None:
+        pytest.skip("SQLite commits one writer at a time: ids become visible in order")
+    spec = store_backend.spec
+    first, second = await PgInbox.open(store_backend.pool), await PgInbox.open(store_backend.pool)
+    outbox = store_backend.outbox(first, "holder")
+    old = inbound("OLD-1", days_ago=8)  # past the duplicate window: its key is released
+    await first.accept(old)
+    blocker = await asyncpg.connect(spec.url)
+    try:
+        # The first instance's batch inserts a row of p1 (drawing its outbox id), then
+        # waits, uncommitted, to release the old row's key, which another transaction
+        # holds; meanwhile another instance commits a row of p2.
+        await blocker.execute(f'SET search_path = "{spec.schema}"')
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM inbox WHERE control_id = 'OLD-1' FOR UPDATE")
+        late = first.submit(inbound("LATE-1", routes=("ehr",), patient_key="p1"))
+        resent = first.submit(inbound("OLD-1", days_ago=0))  # the same batch
+        await eventually(lambda: _waits(blocker, spec), what="the first batch waiting")
+        other = await second.accept(inbound("OTHER-1", routes=("ehr",), patient_key="p2"))
+        assert await outbox.lead("ehr")
+        [read] = await outbox.due("ehr", "mllp", 0, 10)
+        assert read.inbox_id == other.inbox_id  # the p1 row is not committed yet
+        await holding.rollback()
+        stored_late = await late
+        assert not (await resent).duplicate
+        after = await second.accept(inbound("LATE-2", routes=("ehr",), patient_key="p1"))
+        rows = await outbox.due("ehr", "mllp", read.id, 10)
+        assert [r.inbox_id for r in rows] == [stored_late.inbox_id, after.inbox_id]
+        assert rows[0].id < read.id  # behind the cursor, and still read, first
+        assert await outbox.due("ehr", "mllp", rows[-1].id, 10) == []  # once
+    finally:
+        await blocker.close()
+        if isinstance(outbox, PgOutbox):
+            await outbox.close()
+        await first.close()
+        await second.close()
+
+
+async def _waits(connection: asyncpg.Connection, spec: PgSpec) -> bool:
+    return bool(await connection.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE NOT l.granted AND a.application_name = $1", f"isthmus:{spec.schema}"))
