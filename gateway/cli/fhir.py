@@ -1,11 +1,12 @@
-"""`isthmus fhir merge SOURCE TARGET`: two records of the embedded FHIR store that are one
+"""`isthmus fhir merge SOURCE TARGET`: two records of the FHIR store that are one
 patient, merged as an ADT^A40 merges them (the same store code): SOURCE stays, inactive
 and `replaced-by` TARGET; every reference to it and its identifiers move to TARGET.
 
 It is how a conflict is resolved (two Patients sharing an identifier, from a race or an
 earlier bug, leave every message naming it `identity-conflict`): merge, then
 `isthmus inbox replay --failed`. It works on a stopped gateway's data directory (the
-running gateway holds its lock), and the merge is on record in the audit trail first.
+running gateway holds its lock), or with store.backend = "postgresql" in the shared
+database beside running instances; the merge is on record in the audit trail first.
 """
 
 from __future__ import annotations

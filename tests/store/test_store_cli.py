@@ -15,15 +15,17 @@ import asyncpg
 import pytest
 
 from conftest import MllpPeer, message, segments, with_control_id, with_fields
-from gateway.app import APPLIER
+from gateway.app import APPLIER, audit_keys, search_registry
 from gateway.hl7 import parse_message
 from gateway.ingest import patient_key
 from gateway.store.data_keys import read_marker
-from gateway.store.pg.connect import PgSpec
+from gateway.store.fhir import WriteRequest
+from gateway.store.pg.connect import PgSpec, open_pool
+from gateway.store.pg.fhir import PgFhirStore
 from gateway.store.pg.migrate import migrate
 from gateway.store.sealing import is_sealed
-from support import postgres
-from support.audit import run_cli
+from support import builders, postgres
+from support.audit import run_cli, settings_for
 from support.fake_ehr import FakeEhr
 from support.fhir import fhir_session, start_fhir_gateway
 from support.wait import eventually
@@ -298,3 +300,43 @@ def test_serve_says_in_one_line_why_it_cannot_start_on_the_database(
     assert err.strip().splitlines()[-1] == ("isthmus: the store cannot be opened: cannot "
                                             "connect to postgresql://u@127.0.0.1:1/db: "
                                             "ConnectionRefusedError")
+
+
+async def test_fhir_merge_works_on_the_database_and_is_on_record(
+        schema: PgSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`isthmus fhir merge` with store.backend = "postgresql": the merge in the shared
+    database (no data dir to stop), its access in the database's audit trail."""
+    keys = tmp_path / "keys-home"
+    audit_keys(settings_for(keys), create=True)
+    monkeypatch.setenv("ISTHMUS_AUDIT__KEY_FILE", str(keys / "keys" / "audit-data.keys"))
+    monkeypatch.setenv("ISTHMUS_AUDIT__SIGNING_KEY_FILE",
+                       str(keys / "keys" / "audit-signing.pem"))
+    await migrate(schema)
+    pool = await open_pool(schema)
+    try:
+        store = await PgFhirStore.open(pool, search_registry(settings_for(keys)).index)
+        made = await store.transact([
+            WriteRequest("POST", "Patient", resource=builders.patient("MERGE-OLD")),
+            WriteRequest("POST", "Patient", resource=builders.patient("MERGE-NEW"))])
+        old, new = (o.stored.id for o in made  # type: ignore[union-attr]
+                    if o.stored is not None)
+        [seen] = await store.transact([WriteRequest(
+            "POST", "Observation", resource=builders.observation(f"Patient/{old}"))])
+        assert seen.stored is not None
+        code, out, err = run_cli("fhir", "merge", f"Patient/{old}", f"Patient/{new}")
+        assert code == 0, err
+        assert out.startswith(f"merged Patient/{old} into Patient/{new}: references moved "
+                              "in 1 resources")
+        gone = await store.read("Patient", old)
+        moved = await store.read("Observation", seen.stored.id)
+        assert gone is not None and moved is not None
+        assert b'"replaced-by"' in gone.body and f"Patient/{new}".encode() in moved.body
+        code, _, err = run_cli("fhir", "merge", "Patient/nobody", f"Patient/{new}")
+        assert code == 1 and "not a current record" in err and "Traceback" not in err
+        await store.close()
+        records = await pool.fetchval("SELECT count(*) FROM audit_record")
+        assert records == 4  # each call recorded both records' access first
+    finally:
+        await pool.close()
+    code, out, err = run_cli("audit", "--data-dir", str(keys), "verify")
+    assert code == 0, out + err
