@@ -153,9 +153,10 @@ async def setup_row(label: str, count: int, spec: PgSpec | None, tmp: Path, keys
 
 
 async def commit_ceiling(spec: PgSpec, seconds: float, clients: int) -> float:
-    """Commits/s of the inbox's one-row INSERT (its own statement: unnest of arrays, ON
-    CONFLICT on the dedup key), each in its own transaction, from `clients` connections."""
-    from gateway.store.pg.inbox import _INSERT
+    """Commits/s of the inbox's one-row batch as the inbox commits it: one transaction
+    taking the patient's advisory lock, then its INSERT (unnest of arrays, ON CONFLICT on
+    the dedup key), from `clients` connections (50 patients per client)."""
+    from gateway.store.pg.inbox import _INSERT, _LOCK
 
     done = 0
     stop = time.perf_counter() + seconds
@@ -167,10 +168,14 @@ async def commit_ceiling(spec: PgSpec, seconds: float, clients: int) -> float:
         n = 0
         while time.perf_counter() < stop:
             n += 1
-            await connection.execute(
-                _INSERT, ["2026-12-06T00:00:00.000000Z"], ["A"], ["F"], [f"{c}-{n}"],
-                ["ADT^A01"], ["2.5.1"], ["peer"], [10], ["accepted"], [b"MSH"], [b"ACK"],
-                [f"A\x1fF\x1f{c}-{n}"], [""], [""], [""], [""], [None], [None])
+            patient = f"p{c}-{n % 50}"
+            async with connection.transaction():
+                await connection.execute(_LOCK, [patient])
+                await connection.execute(
+                    _INSERT, ["2026-12-06T00:00:00.000000Z"], ["A"], ["F"], [f"{c}-{n}"],
+                    ["ADT^A01"], ["2.5.1"], ["peer"], [10], ["accepted"], [b"MSH"],
+                    [b"ACK"], [f"A\x1fF\x1f{c}-{n}"], [""], [""], [patient], [""], [None],
+                    [None])
             done += 1
         await connection.close()
 
