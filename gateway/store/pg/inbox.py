@@ -99,21 +99,30 @@ class PgInbox:
         return await self.submit(message)
 
     async def _insert(self, messages: Sequence[InboundMessage]) -> list[Stored]:
-        """One batch in one transaction, its patients' locks taken first (see _LOCK)."""
-        async with self._pool.acquire() as db, db.transaction():
-            await db.execute(_LOCK, [m.patient_key for m in messages])
-            inserted = await self._insert_rows(db, messages)
-            results: list[Stored] = []
-            claimed: set[str] = set()
-            for m in messages:
-                key = m.dedup_key
-                if key in inserted and key not in claimed:
-                    claimed.add(key)
-                    results.append(Stored(inserted[key], m.ack, duplicate=False))
-                else:
-                    # Stored before: by an earlier batch, this one, or another instance.
-                    results.append(await self._original(db, m))
-            return results
+        """One batch; with patients to keep in order (rows owed to remote backends), in
+        one transaction that takes their locks first (see _LOCK)."""
+        patients = [m.patient_key for m in messages if m.patient_key]
+        async with self._pool.acquire() as db:
+            if not patients:  # nothing is delivered from these rows: no order to keep
+                return await self._store(db, messages)
+            async with db.transaction():
+                await db.execute(_LOCK, patients)
+                return await self._store(db, messages)
+
+    async def _store(self, db: Connection, messages: Sequence[InboundMessage]
+                     ) -> list[Stored]:
+        inserted = await self._insert_rows(db, messages)
+        results: list[Stored] = []
+        claimed: set[str] = set()
+        for m in messages:
+            key = m.dedup_key
+            if key in inserted and key not in claimed:
+                claimed.add(key)
+                results.append(Stored(inserted[key], m.ack, duplicate=False))
+            else:
+                # Stored before: by an earlier batch, this one, or another instance.
+                results.append(await self._original(db, m))
+        return results
 
     async def _insert_rows(self, db: Connection, messages: Sequence[InboundMessage]
                            ) -> dict[str, int]:
