@@ -2,8 +2,9 @@
 
 As on SQLite: concurrent messages are group-committed (while one batch is in flight the
 next gathers), a batch is one INSERT (rows passed as arrays and unnested), and the ACK is
-stored with its message. The batch's transaction first takes an advisory lock per patient
-it holds, so one patient's rows commit in id order whichever instances insert them.
+stored with its message. A batch holding rows owed to remote backends is one transaction
+that first takes an advisory lock per patient, so one patient's rows commit in id order
+whichever instances insert them (the outbox delivers them in that order).
 Duplicates are decided by the database: the unique constraint on the dedup key (sender
 application, facility, control id) lets exactly one of two instances that receive the
 same message at once insert it; the other finds the stored row and answers with its ACK.
