@@ -152,10 +152,13 @@ async def setup_row(label: str, count: int, spec: PgSpec | None, tmp: Path, keys
     return label, rate, read_rate, per_message
 
 
-async def commit_ceiling(spec: PgSpec, seconds: float, clients: int) -> float:
-    """Commits/s of the inbox's one-row INSERT (its own statement: unnest of arrays, ON
-    CONFLICT on the dedup key), each in its own transaction, from `clients` connections."""
-    from gateway.store.pg.inbox import _INSERT
+async def commit_ceiling(spec: PgSpec, seconds: float, clients: int,
+                         locked: bool = True) -> float:
+    """Commits/s of the inbox's one-row batch as the inbox commits it (`locked`): one
+    transaction taking the patient's advisory lock, then its INSERT (unnest of arrays, ON
+    CONFLICT on the dedup key), from `clients` connections (50 patients per client); or
+    the INSERT alone, in autocommit (the peer: what the lock costs)."""
+    from gateway.store.pg.inbox import _INSERT, _LOCK
 
     done = 0
     stop = time.perf_counter() + seconds
@@ -167,10 +170,17 @@ async def commit_ceiling(spec: PgSpec, seconds: float, clients: int) -> float:
         n = 0
         while time.perf_counter() < stop:
             n += 1
-            await connection.execute(
-                _INSERT, ["2026-12-06T00:00:00.000000Z"], ["A"], ["F"], [f"{c}-{n}"],
-                ["ADT^A01"], ["2.5.1"], ["peer"], [10], ["accepted"], [b"MSH"], [b"ACK"],
-                [f"A\x1fF\x1f{c}-{n}"], [""], [""], [""], [""], [None], [None])
+            patient = f"p{c}-{n % 50}"
+            row = (["2026-12-06T00:00:00.000000Z"], ["A"], ["F"], [f"{c}-{n}-{locked}"],
+                   ["ADT^A01"], ["2.5.1"], ["peer"], [10], ["accepted"], [b"MSH"], [b"ACK"],
+                   [f"A\x1fF\x1f{c}-{n}-{locked}"], [""], [""], [patient], [""], [None],
+                   [None])
+            if locked:
+                async with connection.transaction():
+                    await connection.execute(_LOCK, [patient])
+                    await connection.execute(_INSERT, *row)
+            else:
+                await connection.execute(_INSERT, *row)
             done += 1
         await connection.close()
 
@@ -188,20 +198,33 @@ async def main(args: argparse.Namespace) -> None:
     keys = tmp / "keys-home"
     audit_keys(load_settings(None, environ={}, overrides={"store.data_dir": keys}),
                create=True)
-    rows = [await setup_row("sqlite", 1, None, tmp, keys, args)]
+    rows = [] if args.ceiling_only else [
+        await setup_row("sqlite", 1, None, tmp, keys, args)]
     specs: list[PgSpec] = []
     try:
         for count in (1, 2):
             spec = PgSpec(args.url, schema=f"bench_{secrets.token_hex(4)}")
             specs.append(spec)
             await migrate(spec)
-            rows.append(await setup_row(f"postgresql x{count}", count, spec, tmp, keys, args))
-        ceiling = {c: await commit_ceiling(specs[0], args.seconds, c) for c in (1, 8, 32)}
+            if not args.ceiling_only:
+                rows.append(await setup_row(f"postgresql x{count}", count, spec, tmp, keys,
+                                            args))
+        ceiling, bare = {}, {}
+        for c in (1, 8, 32):  # interleaved: the two see the same load
+            ceiling[c] = await commit_ceiling(specs[0], args.seconds, c)
+            bare[c] = await commit_ceiling(specs[0], args.seconds, c, locked=False)
     finally:
         connection = await asyncpg.connect(args.url)
         for spec in specs:
             await connection.execute(f'DROP SCHEMA IF EXISTS "{spec.schema}" CASCADE')
         await connection.close()
+    print("\ncommit ceiling: the inbox's one-row batch per transaction, as it commits it "
+          "(BEGIN, the patient's advisory lock, INSERT, COMMIT) beside the INSERT alone")
+    for clients, rate in ceiling.items():
+        print(f"  {clients:>3} connections: {rate:>8.0f} commits/s   INSERT alone "
+              f"{bare[clients]:>8.0f}/s   ratio {rate / bare[clients]:.2f}")
+    if args.ceiling_only:
+        return
     sqlite_mllp, sqlite_reads = rows[0][1], rows[0][2]
     print(f"\n{args.messages} ADT^A01 over {args.connections} lock-step MLLP connections, "
           f"{args.reads} FHIR reads over {args.connections} clients (spread over the "
@@ -211,9 +234,6 @@ async def main(args: argparse.Namespace) -> None:
     for label, rate, read_rate, per_message in rows:
         print(f"{label:<16}{rate:>12.0f}{rate / sqlite_mllp:>8.2f}{read_rate:>10.0f}"
               f"{read_rate / sqlite_reads:>8.2f}{per_message:>13.2f}")
-    print("\ncommit ceiling: the inbox INSERT, one row per transaction")
-    for clients, rate in ceiling.items():
-        print(f"  {clients:>3} connections: {rate:>8.0f} commits/s")
     per_message = max(rows[1][3], 0.01)
     one = rows[1][1]
     limit = max(ceiling.values()) / per_message
@@ -229,6 +249,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--reads", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only the commit ceilings (no gateways)")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="length of each commit-ceiling measurement")
     return parser.parse_args(argv)

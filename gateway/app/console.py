@@ -7,8 +7,18 @@ from aiohttp import web
 
 from gateway.app.audit import audit_keys
 from gateway.app.specs import build_router, load_translator
-from gateway.app.state import APPLIER, CODEC, FORWARDING, SETTINGS, TRANSLATOR
+from gateway.app.state import (
+    APPLIER,
+    CODEC,
+    DATABASE,
+    FORWARDING,
+    INBOX_FILE,
+    POOL,
+    SETTINGS,
+    TRANSLATOR,
+)
 from gateway.audit import verify_store
+from gateway.audit.log import verify_reader
 from gateway.audit.verify import Report
 from gateway.config import Settings
 from gateway.edge.console import ConsoleSpec, install_console
@@ -18,6 +28,9 @@ from gateway.ingest.applier import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.mapping.errors import TableError, TableErrors
 from gateway.mapping.tables import SHIPPED
+from gateway.store.inbox_report import InboxReport, SqliteInboxReport
+from gateway.store.pg.audit import PgAuditReader
+from gateway.store.pg.report import PgInboxReport
 
 AUDIT_FILE = "audit.db"
 
@@ -48,8 +61,18 @@ def setup_console(app: web.Application, settings: Settings) -> None:
         if isinstance(applier, LocalApplier):
             applier.sweep_soon(fresh)
 
+    on_database = settings.store.backend == "postgresql"
+
+    def store() -> InboxReport:
+        if on_database:  # every instance's rows, in the shared database
+            return PgInboxReport(app[POOL], app[DATABASE])
+        return SqliteInboxReport(settings.store.data_dir / INBOX_FILE, lambda: app[CODEC])
+
     async def verify_audit() -> Report:
         keys = audit_keys(app[SETTINGS], need_data_keys=False)
+        if on_database:
+            return await verify_reader(PgAuditReader(app[POOL]),
+                                       dict(keys.trusted), keys.signing)
         return await verify_store(settings.store.data_dir / AUDIT_FILE, dict(keys.trusted),
                                   keys.signing)
 
@@ -63,7 +86,7 @@ def setup_console(app: web.Application, settings: Settings) -> None:
 
     install_console(app, ConsoleSpec(
         sessions=Sessions.of(users, console.idle_timeout_minutes * 60),
-        data_dir=settings.store.data_dir, codec=lambda: app[CODEC],
+        data_dir=settings.store.data_dir, store=store,
         tables_dir=settings.mapping.tables_dir or SHIPPED, secure_cookies=console.secure_cookies,
         load_translator=lambda: load_translator(settings), translator=translator,
         router=router, backends=backends, apply_soon=apply_soon, verify_audit=verify_audit,

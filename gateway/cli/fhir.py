@@ -1,11 +1,12 @@
-"""`isthmus fhir merge SOURCE TARGET`: two records of the embedded FHIR store that are one
+"""`isthmus fhir merge SOURCE TARGET`: two records of the FHIR store that are one
 patient, merged as an ADT^A40 merges them (the same store code): SOURCE stays, inactive
 and `replaced-by` TARGET; every reference to it and its identifiers move to TARGET.
 
 It is how a conflict is resolved (two Patients sharing an identifier, from a race or an
 earlier bug, leave every message naming it `identity-conflict`): merge, then
 `isthmus inbox replay --failed`. It works on a stopped gateway's data directory (the
-running gateway holds its lock), and the merge is on record in the audit trail first.
+running gateway holds its lock), or with store.backend = "postgresql" in the shared
+database beside running instances; the merge is on record in the audit trail first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from gateway.audit import AuditRecord
     from gateway.cli.shared import Subparsers
     from gateway.config import Settings
-    from gateway.store.fhir import MergeOutcome
+    from gateway.store.fhir import Indexer, Merge, MergeOutcome
 
 _PATIENT = re.compile(r"Patient/([A-Za-z0-9\-.]{1,64})")
 
@@ -81,19 +82,40 @@ async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutco
     from gateway.store.fhir import IdMatch, Merge, SearchQuery
     from gateway.store.fhir_sqlite import SqliteFhirStore
 
+    merge = Merge("Patient", SearchQuery("Patient", ((IdMatch(source),),)), target)
+    registry = search_registry(settings)
+    if settings.store.backend == "postgresql":
+        return await _merge_in_database(settings, merge, registry.index)
     data_dir = settings.store.data_dir
     lock = claim(data_dir)  # DataDirInUse while the gateway runs: merge on a stopped one
     try:
-        registry = search_registry(settings)
         store = await SqliteFhirStore.open(data_dir / FHIR_FILE, registry.index,
                                            codec=store_codec(settings))
         try:
-            return await store.merge(Merge("Patient", SearchQuery(
-                "Patient", ((IdMatch(source),),)), target))
+            return await store.merge(merge)
         finally:
             await store.close()
     finally:
         lock.release()
+
+
+async def _merge_in_database(settings: Settings, merge: Merge, indexer: Indexer
+                             ) -> MergeOutcome:
+    """The merge in the shared database, beside running instances: its writes take the
+    same per-resource advisory locks as theirs (no instance needs to stop)."""
+    from gateway.cli.shared import database_pool
+    from gateway.store.pg.connect import DATABASE_ERRORS, unavailable
+    from gateway.store.pg.fhir import PgFhirStore
+
+    try:
+        async with database_pool(settings) as pool:
+            store = await PgFhirStore.open(pool, indexer)
+            try:
+                return await store.merge(merge)
+            finally:
+                await store.close()
+    except DATABASE_ERRORS as exc:
+        raise unavailable("the database could not be reached", exc) from None
 
 
 def _access(patient_id: str) -> AuditRecord:

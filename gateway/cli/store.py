@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.cli.shared import Subparsers
     from gateway.config import Settings
     from gateway.store.pg.connect import PgSpec
+    from gateway.store.pg.copy import Unsealing
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -116,12 +117,14 @@ def _copy(args: argparse.Namespace) -> int:
     data_dir = Path(source.removeprefix("sqlite://"))
     if not data_dir.is_dir():
         raise ConfigError(f"isthmus store copy: {data_dir} is not a directory")
-    settings = settings_from(args)
+    # The source's keys are found as for a gateway on it (encryption.key_file, or the
+    # data dir's own key file).
+    settings = settings_from(args, **{"store.data_dir": data_dir})
     spec = _spec(args, settings, args.target)
-    return asyncio.run(_copy_into(data_dir, spec, settings.store.allow_group_read))
+    return asyncio.run(_copy_into(data_dir, spec, settings))
 
 
-async def _copy_into(data_dir: Path, spec: PgSpec, allow_group_read: bool) -> int:
+async def _copy_into(data_dir: Path, spec: PgSpec, settings: Settings) -> int:
     from gateway.store import StoreError, StoreUnavailable
     from gateway.store.data_dir import claim
     from gateway.store.pg.connect import DATABASE_ERRORS, connect
@@ -129,15 +132,16 @@ async def _copy_into(data_dir: Path, spec: PgSpec, allow_group_read: bool) -> in
     from gateway.store.pg.migrate import migrate
 
     try:
-        held = claim(data_dir, allow_group_read=allow_group_read)  # no gateway on it now
-    except StoreError as exc:
+        held = claim(data_dir, allow_group_read=settings.store.allow_group_read)
+    except StoreError as exc:  # a gateway is running on it
         print(f"isthmus store copy: {exc}", file=sys.stderr)
         return 1
     try:
+        unsealing = _unsealing(settings)
         await migrate(spec)
         connection = await connect(spec)
         try:
-            copied = await copy_sqlite(data_dir, connection)
+            copied = await copy_sqlite(data_dir, connection, unsealing)
         finally:
             await connection.close()
     except StoreUnavailable as exc:
@@ -152,8 +156,32 @@ async def _copy_into(data_dir: Path, spec: PgSpec, allow_group_read: bool) -> in
         return 1
     finally:
         held.release()
-    print(f"copied {data_dir} to schema {spec.schema} at {spec.where}: {copied.summary()}")
+    opened = " (sealed values opened, search rows made again)" if unsealing else ""
+    print(f"copied {data_dir} to schema {spec.schema} at {spec.where}{opened}: "
+          f"{copied.summary()}")
     return 0
+
+
+def _unsealing(settings: Settings) -> Unsealing | None:
+    """How a sealed data dir is opened for the copy; None for a plaintext one. Raises
+    SealError (a StoreError) when its keys are missing or wrong."""
+    from gateway.app import search_registry
+    from gateway.app.sealing import store_codec
+    from gateway.hl7 import Hl7Error, parse_message
+    from gateway.ingest import patient_key
+    from gateway.store.pg.copy import Unsealing
+
+    codec = store_codec(settings)
+    if not codec.sealed:
+        return None
+
+    def key_of(raw: bytes) -> str:
+        try:
+            return patient_key(parse_message(raw))
+        except Hl7Error:
+            return ""  # then it matches no stored key: the copy says which row
+
+    return Unsealing(codec, search_registry(settings).index, key_of)
 
 
 def _encrypt(args: argparse.Namespace) -> int:

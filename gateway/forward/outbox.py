@@ -279,7 +279,9 @@ class _Worker:
             return
         self._more = len(rows) == _WINDOW
         if rows:
-            self._cursor = rows[-1].id
+            # A store may hand back rows behind the cursor (committed late): it never
+            # moves back.
+            self._cursor = max(self._cursor, rows[-1].id)
         now = time.time()
         for row in rows:
             self._buffered += 1

@@ -28,6 +28,7 @@ from gateway.store.audit import (
     StoredAuditRow,
 )
 from gateway.store.errors import ChainConflict, StoreUnavailable
+from gateway.store.group_commit import GroupCommitter
 from gateway.store.sqlite import open_database
 
 # Named as before the split from audit.py: operators filter logs on it.
@@ -79,9 +80,6 @@ _ROW_SQL = "(" + ",".join("?" * len(_COLUMNS)) + ")"
 _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 _READ_COLUMNS = ", ".join(_COLUMNS)
 _LINK_ATTEMPTS = 3
-
-
-_Pending = tuple[AuditRow, "asyncio.Future[tuple[int, bytes]]"]
 
 
 class AuditReader:
@@ -193,17 +191,15 @@ class SqliteAuditStore:
         self._reader = reader
         self._log_id = log_id
         self._path = path
-        self._max_batch = max(1, min(max_batch, _MAX_ROWS_PER_STATEMENT))
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._closing = False
         self._chain: Chain | None = None
         self._on_commit: Callable[[int, int], None] | None = None
         self._head: tuple[int, bytes] = (0, b"")
-        self._batches = 0
-        self._committed = 0
+        self._committer: GroupCommitter[AuditRow, tuple[int, bytes]] = GroupCommitter(
+            self._locked_insert, name="audit", logger=log,
+            max_batch=min(max_batch, _MAX_ROWS_PER_STATEMENT),
+            failure=_refusal, closed="the audit log is not open for writing",
+            after=self._committed)
         self._query_db: aiosqlite.Connection | None = None
 
     @classmethod
@@ -242,7 +238,7 @@ class SqliteAuditStore:
         last = await self._reader.last()
         self._head = (last.seq, last.hash) if last is not None else await self._purged_head(
             chain)
-        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        self._committer.start()
 
     async def _purged_head(self, chain: Chain) -> tuple[int, bytes]:
         """Where an empty table continues: after a purge of everything, or at genesis."""
@@ -262,47 +258,15 @@ class SqliteAuditStore:
 
     def submit(self, row: AuditRow) -> asyncio.Future[tuple[int, bytes]]:
         """Queue a row for the next group commit; resolves to (seq, hash) once durable."""
-        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        if self._closing or self._writer is None:
-            future.set_exception(StoreUnavailable("the audit log is not open for writing"))
-            return future
-        self._pending.append((row, future))
-        self._wakeup.set()
-        return future
+        return self._committer.submit(row)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[:self._max_batch]
-                del self._pending[:self._max_batch]
-                async with self._lock:
-                    await self._commit(batch)
-            if self._closing:
-                return
+    async def _locked_insert(self, rows: Sequence[AuditRow]) -> list[tuple[int, bytes]]:
+        async with self._lock:  # not beside a checkpoint or a purge
+            return await self._insert(rows)
 
-    async def _commit(self, batch: Sequence[_Pending]) -> None:
-        try:
-            links = await self._insert([row for row, _ in batch])
-        except Exception as exc:  # not durable, so not recorded: the caller refuses access
-            log.error("audit commit failed for a batch of %d: %s", len(batch),
-                      type(exc).__name__)
-            reason = (str(exc) if isinstance(exc, ChainConflict)
-                      else "the audit log could not commit")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(reason))
-            if self._on_commit is not None:
-                self._on_commit(len(batch), 0)
-            return
-        self._batches += 1
-        self._committed += len(batch)
-        for (_, future), link in zip(batch, links, strict=True):
-            if not future.done():
-                future.set_result(link)
+    def _committed(self, records: int, ok: bool) -> None:
         if self._on_commit is not None:
-            self._on_commit(len(batch), self._head[0])
+            self._on_commit(records, self._head[0] if ok else 0)
 
     async def _insert(self, rows: Sequence[AuditRow]) -> list[tuple[int, bytes]]:
         chain = self._chain
@@ -409,10 +373,7 @@ class SqliteAuditStore:
 
     async def stop_writer(self) -> None:
         """Commit what is queued and take no more; checkpoints can still be added."""
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
+        await self._committer.close()
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
@@ -420,9 +381,7 @@ class SqliteAuditStore:
         if self._query_db is not None:
             await self._query_db.close()
         await self._db.close()
-        if self._batches:
-            log.info("audit log closed: %d records in %d group commits (%.1f per commit)",
-                     self._committed, self._batches, self._committed / self._batches)
+        self._committer.summary("audit log", "records")
 
     # -- reading ------------------------------------------------------------------------
     # Searches and scans run on their own connection (WAL readers do not block the writer),
@@ -465,7 +424,7 @@ class SqliteAuditStore:
 
     @property
     def batches_committed(self) -> int:
-        return self._batches
+        return self._committer.batches
 
 
 def _stored(r: sqlite3.Row) -> StoredAuditRow:
@@ -479,3 +438,9 @@ async def open_reader(path: Path) -> tuple[aiosqlite.Connection, AuditReader]:
     """A read-only connection to an audit database (safe beside a running gateway)."""
     db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
     return db, AuditReader(db)
+
+
+def _refusal(exc: Exception) -> Exception:
+    """What the callers of a batch that could not commit are told (and refuse access)."""
+    return StoreUnavailable(str(exc) if isinstance(exc, ChainConflict)
+                            else "the audit log could not commit")

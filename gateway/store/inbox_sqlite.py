@@ -24,6 +24,7 @@ import aiosqlite
 import orjson
 
 from gateway.store.errors import StoreUnavailable
+from gateway.store.group_commit import GroupCommitter
 from gateway.store.inbox import (
     CONFLICT,
     REPLAYABLE,
@@ -112,8 +113,6 @@ _MAX_BATCH_BYTES = 32 * 1024 * 1024
 # SQLite allows 32766 bound parameters per statement.
 _MAX_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)
 
-_Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
-
 
 class SqliteInbox:
     """Inbox on an aiosqlite (WAL) database with a single group-committing writer."""
@@ -123,13 +122,12 @@ class SqliteInbox:
         self._db = db
         self._codec = codec
         self._dedup_window = dedup_window
-        self._max_batch = min(max_batch, _MAX_ROWS_PER_STATEMENT)
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._batches = 0
-        self._committed = 0
+        self._committer: GroupCommitter[InboundMessage, Stored] = GroupCommitter(
+            self._insert, name="inbox", logger=log,
+            max_batch=min(max_batch, _MAX_ROWS_PER_STATEMENT),
+            failure=lambda exc: StoreUnavailable("the inbox could not commit"),
+            closed="the inbox is closing", size=lambda m: len(m.raw),
+            max_bytes=_MAX_BATCH_BYTES)
 
     @classmethod
     async def open(cls, path: Path,
@@ -146,65 +144,19 @@ class SqliteInbox:
         except BaseException:
             await db.close()
             raise
-        inbox._writer = asyncio.create_task(inbox._write_loop(), name="inbox-writer")
+        inbox._committer.start()
         return inbox
 
     # -- accepting ----------------------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
         """Queue a message for the next group commit; the future resolves once durable."""
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_exception(StoreUnavailable("the inbox is closing"))
-            return future
-        self._pending.append((message, future))
-        self._wakeup.set()
-        return future
+        return self._committer.submit(message)
 
     async def accept(self, message: InboundMessage) -> Stored:
         return await self.submit(message)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._next_batch()
-                await self._commit(batch)
-            if self._closing:
-                return
-
-    def _next_batch(self) -> list[_Pending]:
-        """The oldest pending messages, bounded in count and in bytes (large messages)."""
-        size = 0
-        count = 0
-        for message, _ in self._pending:
-            if count == self._max_batch or (count and size + len(message.raw) > _MAX_BATCH_BYTES):
-                break
-            size += len(message.raw)
-            count += 1
-        batch = self._pending[:count]
-        del self._pending[:count]
-        return batch
-
-    async def _commit(self, batch: Sequence[_Pending]) -> None:
-        try:
-            results = await self._insert(batch)
-        except Exception as exc:  # any failure to commit means: not durable, not accepted
-            log.error("inbox commit failed for a batch of %d: %s", len(batch),
-                      type(exc).__name__)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable("the inbox could not commit"))
-            return
-        self._batches += 1
-        self._committed += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-    async def _insert(self, batch: Sequence[_Pending]) -> list[Stored]:
-        messages = [m for m, _ in batch]
+    async def _insert(self, messages: Sequence[InboundMessage]) -> list[Stored]:
         inserted = await self._insert_rows(messages)
         results: list[Stored] = []
         claimed: set[str] = set()
@@ -291,14 +243,9 @@ class SqliteInbox:
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
+        await self._committer.close()
         await self._db.close()
-        if self._batches:
-            log.info("inbox closed: %d messages in %d group commits (%.1f per commit)",
-                     self._committed, self._batches, self._committed / self._batches)
+        self._committer.summary("inbox", "messages")
 
     # -- reading ------------------------------------------------------------------------
 
@@ -349,7 +296,7 @@ class SqliteInbox:
 
     @property
     def batches_committed(self) -> int:
-        return self._batches
+        return self._committer.batches
 
 
 _ENTRY_COLUMNS = ("id, received_at, sending_application, sending_facility, control_id, "

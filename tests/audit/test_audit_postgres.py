@@ -126,6 +126,32 @@ def _hidden_from_search(trail: Trail) -> Awaitable[None]:
     return sql(trail, "UPDATE audit_record SET client_id = 'SOMEONE|ELSE' WHERE seq = 7")
 
 
+def _changed_hash(trail: Trail) -> Awaitable[None]:
+    return sql(trail, "UPDATE audit_record SET hash = set_byte(hash, 0, get_byte(hash, 0) # 128) "
+                      "WHERE seq = 7")
+
+
+def _changed_mac(trail: Trail) -> Awaitable[None]:
+    return sql(trail, "UPDATE audit_record SET mac = set_byte(mac, 3, get_byte(mac, 3) # 1) "
+                      "WHERE seq = 7")
+
+
+def _swapped(trail: Trail) -> Awaitable[None]:
+    return sql(trail, "UPDATE audit_record SET seq = -1 WHERE seq = 7",
+               "UPDATE audit_record SET seq = 7 WHERE seq = 8",
+               "UPDATE audit_record SET seq = 8 WHERE seq = -1")
+
+
+async def _inserted(trail: Trail) -> None:
+    # A forged record slipped in as number 7, the rest moved up, the chain recomputed.
+    await sql(trail, *(f"UPDATE audit_record SET seq = {seq + 1} WHERE seq = {seq}"
+                       for seq in range(12, 6, -1)),
+              "INSERT INTO audit_record SELECT 7, recorded_at, action, client_id, outcome, "
+              "patient_index, patient_id_index, body, hash, mac, mac_key FROM audit_record "
+              "WHERE seq = 3")
+    await rechain(trail, 7)
+
+
 async def _rewritten_tail(trail: Trail) -> None:
     await sql(trail, "UPDATE audit_record SET outcome = 'AR:207', body = convert_to(replace("
                      "convert_from(body, 'UTF8'), '\"outcome\":\"success\"', "
@@ -133,13 +159,18 @@ async def _rewritten_tail(trail: Trail) -> None:
     await rechain(trail, 7)
 
 
+# The same cases as the SQLite trail's (tests/audit/test_audit_chain.py), one for one.
 TAMPERING: list[tuple[str, Callable[[Trail], Awaitable[None]], str]] = [
     ("one changed byte in a record", _changed_body, "record 7: its contents"),
+    ("one changed byte in a chain hash", _changed_hash, "record 7: its contents"),
     ("a deleted record", _deleted, "record 7: it is missing"),
+    ("two records swapped", _swapped, "record 7: its contents or position"),
+    ("an inserted record", _inserted, "record 7:"),
     ("the tail truncated", _truncated, "record 11: records 11..12 are missing"),
     ("a search column altered", _hidden_from_search,
      "record 7: its search columns do not match"),
     ("the tail rewritten with recomputed hashes", _rewritten_tail, "record 7: its MAC"),
+    ("one changed byte in a MAC", _changed_mac, "record 7: its MAC does not verify"),
 ]
 
 
@@ -173,3 +204,17 @@ async def test_retention_purge_by_one_instance_keeps_the_chain_going_for_all(
     code, out = trail.verify(monkeypatch)
     assert code == 0, out
     assert "10 records (6..15)" in out and "records 1..5 purged by retention" in out
+
+
+async def test_checkpoints_cannot_be_forged_or_altered(
+        trail: Trail, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = await trail.log()
+    await write_records(log, 1, 5)
+    await log.checkpoint()
+    await write_records(log, 6, 8)
+    await log.close()
+    await sql(trail, "UPDATE audit_checkpoint SET body = convert_to(replace(convert_from("
+                     "body, 'UTF8'), '\"count\":5', '\"count\":4'), 'UTF8') WHERE count = 5")
+    code, out = trail.verify(monkeypatch)
+    assert code == 1, out
+    assert "checkpoint at record 4: its signature does not verify" in out

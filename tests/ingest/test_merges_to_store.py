@@ -3,7 +3,7 @@ applied to the FHIR store, not only translated: the record merged away stays, in
 and `replaced-by` the survivor (an Account, which has no link: status inactive, and the
 message's Linkage names the pair); every reference to it moves to the survivor; its
 identifiers move (A40, A41: kept as `use: old`; A47: the wrong one dropped). Real MLLP in,
-FHIR search out."""
+FHIR search out; on the embedded store and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pytest
 from test_mllp_to_store import deliver, search, statuses
 
 from conftest import RunningGateway, message, with_control_id
+from gateway.app import audit_keys
+from support import postgres
+from support.audit import settings_for
 from support.builders import with_fields
 from support.fhir import fhir_session, start_fhir_gateway
 
@@ -48,11 +51,27 @@ def result_for(mrn: str, control_id: str) -> bytes:
                            control_id)
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    running = await start_fhir_gateway(tmp_path / "var")
-    yield running
-    await running.runner.cleanup()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def gateway(request: pytest.FixtureRequest, tmp_path: Path
+                  ) -> AsyncIterator[RunningGateway]:
+    if request.param == "sqlite":
+        running = await start_fhir_gateway(tmp_path / "var")
+        yield running
+        await running.runner.cleanup()
+        return
+    spec = await postgres.new_schema()
+    keys = tmp_path / "keys-home"
+    audit_keys(settings_for(keys), create=True)  # a PostgreSQL deployment makes none
+    try:
+        running = await start_fhir_gateway(tmp_path / "var", **{
+            "store.backend": "postgresql", "store.url": spec.url,
+            "store.schema": spec.schema,
+            "audit.key_file": keys / "keys" / "audit-data.keys",
+            "audit.signing_key_file": keys / "keys" / "audit-signing.pem"})
+        yield running
+        await running.runner.cleanup()
+    finally:
+        await postgres.drop_schema(spec)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Merges in the embedded FHIR store on a real SQLite file: the record merged away stays,
-linked; references and identifiers move in one transaction; numbers keep their digits;
-a survivor that does not exist fails the whole call."""
+"""Merges in the FHIR store, on a real SQLite file and on PostgreSQL: the record merged
+away stays, linked; references and identifiers move in one transaction; numbers keep
+their digits; a survivor that does not exist fails the whole call."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ from gateway.store.fhir import (
     WriteRequest,
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from support import builders
+from gateway.store.pg.connect import open_pool
+from gateway.store.pg.fhir import PgFhirStore
+from support import builders, postgres
+
+AnyStore = SqliteFhirStore | PgFhirStore
 
 
 def indexer(resource_type: str, resource: dict[str, Any]) -> Sequence[IndexEntry]:
@@ -33,14 +37,26 @@ def indexer(resource_type: str, resource: dict[str, Any]) -> Sequence[IndexEntry
             for row in index(resource_type, resource)]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteFhirStore]:
-    opened = await SqliteFhirStore.open(tmp_path / "fhir.db", indexer, synchronous="normal")
-    yield opened
-    await opened.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    if request.param == "sqlite":
+        opened: AnyStore = await SqliteFhirStore.open(tmp_path / "fhir.db", indexer,
+                                                      synchronous="normal")
+        yield opened
+        await opened.close()
+        return
+    spec = await postgres.new_schema()
+    pool = await open_pool(spec)
+    try:
+        opened = await PgFhirStore.open(pool, indexer)
+        yield opened
+        await opened.close()
+    finally:
+        await pool.close()
+        await postgres.drop_schema(spec)
 
 
-async def create(store: SqliteFhirStore, resource_type: str, resource: dict[str, Any]) -> str:
+async def create(store: AnyStore, resource_type: str, resource: dict[str, Any]) -> str:
     stored = (await write(store, WriteRequest("POST", resource_type,
                                               resource=resource))).stored
     assert stored is not None
@@ -52,7 +68,7 @@ def by_id(id_: str) -> SearchQuery:
 
 
 async def test_a_merge_moves_references_and_identifiers_keeping_decimals(
-        store: SqliteFhirStore) -> None:
+        store: AnyStore) -> None:
     old = await create(store, "Patient", patient("M-1"))
     new = await create(store, "Patient", patient("M-2"))
     reading = builders.observation(f"Patient/{old}", quantity=(Decimal("1.50"), "mg"))
@@ -76,7 +92,7 @@ async def test_a_merge_moves_references_and_identifiers_keeping_decimals(
     assert [r.id for r in found.resources] == [new]
 
 
-async def test_retired_identifiers_are_dropped(store: SqliteFhirStore) -> None:
+async def test_retired_identifiers_are_dropped(store: AnyStore) -> None:
     wrong = await create(store, "Patient", patient("WRONG-1"))
     right = await create(store, "Patient", patient("RIGHT-1"))
     await store.merge(Merge("Patient", by_id(wrong), right, retired=((MRN, "WRONG-1"),)))
@@ -85,7 +101,7 @@ async def test_retired_identifiers_are_dropped(store: SqliteFhirStore) -> None:
 
 
 async def test_a_merge_into_a_record_that_does_not_exist_changes_nothing(
-        store: SqliteFhirStore) -> None:
+        store: AnyStore) -> None:
     old = await create(store, "Patient", patient("M-1"))
     with pytest.raises(WriteConflict) as refused:
         await store.transact([WriteRequest("PUT", "Patient", old, patient("M-1", gender="male"))],
@@ -95,7 +111,7 @@ async def test_a_merge_into_a_record_that_does_not_exist_changes_nothing(
     assert unchanged is not None and unchanged.version == 1
 
 
-async def test_merges_run_only_with_atomic_writes(store: SqliteFhirStore) -> None:
+async def test_merges_run_only_with_atomic_writes(store: AnyStore) -> None:
     with pytest.raises(ValueError, match="atomic"):
         await store.transact([], atomic=False, merges=[Merge("Patient", by_id("a"), "b")])
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from gateway.store.inbox import CONFLICT, FAILED
 from gateway.store.pg.inbox import PgInbox
 from support.backends import Backend, inbound
+from support.wait import eventually
 
 
 async def test_the_ack_is_stored_with_the_message_and_a_resend_gets_it_back(
@@ -108,5 +110,59 @@ async def test_two_instances_receiving_one_message_at_once_store_it_once(
         assert await first.count() == 20
         assert (await store_backend.outbox(first).pending_counts()) == {"ehr": 20}
     finally:
+        await first.close()
+        await second.close()
+
+
+async def test_one_patients_rows_commit_in_id_order_across_instances(
+        store_backend: Backend) -> None:
+    """Outbox rows go out in id order per patient, so a row must never become visible
+    after a later row of its patient: an instance whose insert has drawn its ids but not
+    committed holds the patient's next message at the other instance until it does."""
+    if store_backend.pool is None:
+        pytest.skip("one SQLite inbox per data dir: its commits are already in order")
+    spec = store_backend.spec
+    assert spec is not None
+    first, second = await PgInbox.open(store_backend.pool), await PgInbox.open(store_backend.pool)
+    earlier = inbound("ORDER-1", routes=("ehr",), patient_key="p1")
+    later = inbound("ORDER-2", routes=("ehr",), patient_key="p1")
+    # Another transaction holds the first message's duplicate key, uncommitted: the
+    # first instance's INSERT draws its ids, then waits for that transaction to end.
+    blocker = await asyncpg.connect(spec.url)
+    watcher = await asyncpg.connect(spec.url)
+    finished: list[str] = []
+    try:
+        await blocker.execute(f'SET search_path = "{spec.schema}"')
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute(
+            "INSERT INTO inbox (received_at, sending_application, sending_facility, "
+            "control_id, message_type, version, peer, size, status, raw, ack, dedup_key) "
+            "VALUES ('2026-01-01T00:00:00.000000Z', 'APP', 'FAC', 'ORDER-1', 'ADT^A01', "
+            "'2.5', 'peer', 1, 'received', 'x', 'x', $1)", earlier.dedup_key)
+
+        async def waiting(kind: str) -> bool:
+            return bool(await watcher.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype = $1 AND a.application_name = $2",
+                kind, f"isthmus:{spec.schema}"))
+
+        a = asyncio.ensure_future(first.accept(earlier))
+        a.add_done_callback(lambda _: finished.append("earlier"))
+        await eventually(lambda: waiting("transactionid"), what="the first insert waiting")
+        b = asyncio.ensure_future(second.accept(later))
+        b.add_done_callback(lambda _: finished.append("later"))
+        await eventually(lambda: b.done() or waiting("advisory"),
+                         what="the second instance committing or waiting")
+        await holding.rollback()
+        stored_earlier, stored_later = await a, await b
+        assert finished == ["earlier", "later"]  # committed in id order
+        assert stored_earlier.inbox_id < stored_later.inbox_id
+        rows = await watcher.fetch(
+            f'SELECT inbox_id FROM "{spec.schema}".outbox ORDER BY id')
+        assert [r[0] for r in rows] == [stored_earlier.inbox_id, stored_later.inbox_id]
+    finally:
+        await blocker.close()
+        await watcher.close()
         await first.close()
         await second.close()

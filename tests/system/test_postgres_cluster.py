@@ -3,7 +3,11 @@ over them, one message sent to two instances at once stored once, one instance k
 with SIGKILL mid-stream and restarted, every AA'd message stored exactly once, every
 outbox row delivered to the fake EHR in its patient's order (a row in flight at the kill
 may arrive again under the same X-Request-Id, as on SQLite), FHIR reads on any instance
-seeing writes made through another, and the one audit chain intact."""
+seeing writes made through another, and the one audit chain intact.
+
+Each patient's messages come in over two instances at once (two senders), so the two
+instances commit that patient's rows concurrently: the patient's order is its inbox id
+order, and the fake EHR must receive the rows in it."""
 
 from __future__ import annotations
 
@@ -94,9 +98,11 @@ async def test_three_instances_share_one_database_and_lose_or_double_nothing(
             for peer in peers:
                 await peer.close()
 
-            lanes = [[adt(p, s) for s in range(PER_PATIENT)] for p in range(PATIENTS)]
-            sending = [asyncio.create_task(send_lane(processes[p % 3], lane))
-                       for p, lane in enumerate(lanes)]
+            # Two senders per patient (even and odd sequence numbers), on two instances.
+            sending = [asyncio.create_task(send_lane(
+                processes[(p + half) % 3],
+                [adt(p, s) for s in range(half, PER_PATIENT, 2)]))
+                for p in range(PATIENTS) for half in (0, 1)]
             await eventually(lambda: len(fake.transactions) >= 40, timeout=60,
                              what="some deliveries")
             processes[2].kill()  # mid-stream: its senders wait and resend
@@ -112,12 +118,13 @@ async def test_three_instances_share_one_database_and_lose_or_double_nothing(
             try:
                 await connection.execute(f'SET search_path = "{spec.schema}"')
                 stored = await connection.fetch(
-                    "SELECT control_id, count(*) FROM inbox GROUP BY control_id")
+                    "SELECT control_id, count(*), min(id) FROM inbox GROUP BY control_id")
                 outbox = await connection.fetchval(
                     "SELECT count(*) FROM outbox WHERE status = 'delivered'")
             finally:
                 await connection.close()
             counts = {str(row[0]): int(row[1]) for row in stored}
+            inbox_ids = {str(row[0]): int(row[2]) for row in stored}
             assert all(n == 1 for n in counts.values())  # nothing stored twice
             assert accepted | {"CTRL-P099-00000"} <= set(counts)  # nothing AA'd lost
             assert outbox <= expected
@@ -144,12 +151,20 @@ async def test_three_instances_share_one_database_and_lose_or_double_nothing(
         arrivals[patient].append(sequence)
         request_ids[(patient, sequence)].add(received.request_id)
     for patient in range(PATIENTS):
+        # The patient's order: its inbox ids (two instances committed its rows at once).
+        def rank(sequence: int, patient: int = patient) -> int:
+            return inbox_ids[f"CTRL-P{patient:03d}-{sequence:05d}"]
+
+        in_order = sorted(range(PER_PATIENT), key=rank)
         firsts = list(dict.fromkeys(arrivals[patient]))
-        assert sorted(firsts) == list(range(PER_PATIENT))  # nothing lost, nothing doubled
-        # KNOWN GAP (issue 16, docs/deployment.md): when two instances commit one
-        # patient's messages at the same moment, a row with a lower id can become visible
-        # after a later one was delivered, so per-patient order across instances is not
-        # guaranteed yet (seen in 1 of 3 runs of this test). Within one instance it is.
+        assert firsts == in_order, (patient, arrivals[patient], in_order)
+        # A repeat (a row in flight at the kill) comes before the patient's next row.
+        ranks = [rank(sequence) for sequence in arrivals[patient]]
+        assert ranks == sorted(ranks), (patient, arrivals[patient], in_order)
+        # Each sender's messages in the order it sent them.
+        for half in (0, 1):
+            assert [s for s in in_order if s % 2 == half] == list(
+                range(half, PER_PATIENT, 2))
     assert all(len(ids) == 1 for ids in request_ids.values())  # a repeat is the same row
     assert len(fake.transactions) - expected <= 16  # at most the deliveries in flight
 

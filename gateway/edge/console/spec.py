@@ -12,7 +12,7 @@ from gateway.audit.verify import Report
 from gateway.edge.console.sessions import Sessions
 from gateway.forward.routes import Router
 from gateway.mapping.engine import Translator
-from gateway.store.sealing import RowCodec
+from gateway.store.inbox_report import InboxReport
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,9 @@ class ConsoleSpec:
     data_dir: Path
     tables_dir: Path  # the tables in use (mapping.tables_dir, or the shipped ones)
     secure_cookies: bool
-    # How the embedded store's messages are sealed (read once the data dir is open).
-    codec: Callable[[], RowCodec]
+    # The inbox and outbox, on whichever backend (read when a page asks: the store is
+    # opened after the app is built).
+    store: Callable[[], InboxReport]
     # The tables as they are on disk now (a replay after a table was fixed), and the
     # tables the gateway runs with (a message's translation as it would be made now).
     load_translator: Callable[[], Translator]

@@ -30,9 +30,7 @@ from gateway.hl7.message import parse_message
 from gateway.ingest.replay import replay_routed
 from gateway.store.errors import StoreUnavailable
 from gateway.store.inbox import CONFLICT
-from gateway.store.inbox_report import InboxFilter, read_counts, read_filtered
-from gateway.store.inbox_sqlite import read_entry, read_raw, record_outcomes
-from gateway.store.outbox import open_outbox
+from gateway.store.inbox_report import InboxFilter
 from gateway.store.refusals_sqlite import REFUSALS_FILE, read_refusals
 
 log = logging.getLogger(__name__)
@@ -40,7 +38,6 @@ log = logging.getLogger(__name__)
 COOKIE = "isthmus_console"
 LOGIN_COOKIE = "isthmus_console_login"
 CLIENT = "isthmus-console"
-_INBOX = "inbox.db"
 _AUDIT_DB = "audit.db"
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -208,14 +205,15 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 async def _dashboard(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
     since = (_now() - timedelta(hours=1)).isoformat()
-    counts = await read_counts(spec.data_dir / _INBOX, since)
+    store = spec.store()
+    counts = await store.counts(since)
     pending = [(e.status, e.backend) for e in await _outbox_entries(spec, None)]
     depth: dict[str, dict[str, int]] = {}
     for status, backend in pending:
         depth.setdefault(backend, {}).setdefault(status, 0)
         depth[backend][status] += 1
     refusals = await _refusals(spec, 10)
-    failed = await read_filtered(spec.data_dir / _INBOX, InboxFilter(status="failed", limit=10))
+    failed = await store.filtered(InboxFilter(status="failed", limit=10))
     per_minute = sum(n for _, _, n in counts) / 60
     return page("dashboard.html", request, session, counts=counts, per_minute=per_minute,
                 backends=spec.backends(), depth=depth, refusals=refusals, failed=failed)
@@ -228,8 +226,7 @@ async def _refusals(spec: ConsoleSpec, limit: int) -> list[Any]:
 
 async def _outbox_entries(spec: ConsoleSpec, status: str | None,
                           backend: str | None = None) -> list[Any]:
-    async with open_outbox(spec.data_dir / _INBOX) as outbox:
-        return list(await outbox.list_entries(status, backend, 500))
+    return await spec.store().deliveries(status, backend, 500)
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -245,7 +242,7 @@ async def messages(request: web.Request, session: Session) -> web.StreamResponse
     spec = _spec(request)
     if wanted.status == "refused":
         return page("refusals.html", request, session, rows=await _refusals(spec, 200))
-    rows = await read_filtered(spec.data_dir / _INBOX, wanted)
+    rows = await spec.store().filtered(wanted)
     return page("messages.html", request, session, rows=rows, wanted=wanted)
 
 
@@ -254,7 +251,7 @@ async def messages(request: web.Request, session: Session) -> web.StreamResponse
 async def message(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
     inbox_id = int(request.match_info["id"])
-    found = await read_entry(spec.data_dir / _INBOX, inbox_id, spec.codec())
+    found = await spec.store().entry(inbox_id)
     if found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     entry, raw, ack = found
@@ -295,9 +292,9 @@ def _segments(raw: bytes) -> list[str]:
 async def replay(request: web.Request, session: Session) -> web.StreamResponse:
     spec = _spec(request)
     inbox_id = int(request.match_info["id"])
-    path = spec.data_dir / _INBOX
-    rows = await read_raw(path, [inbox_id], codec=spec.codec())
-    found = await read_entry(path, inbox_id, spec.codec())
+    store = spec.store()
+    rows = await store.raw([inbox_id])
+    found = await store.entry(inbox_id)
     if not rows or found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     try:
@@ -314,7 +311,7 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
                                 "success" if outcome.status in ("translated", "routed")
                                 else outcome.status, resource_type="hl7v2-message",
                                 resource_id=str(inbox_id), patient=patient))
-    await record_outcomes(path, [outcome], spec.codec())
+    await store.record_outcomes([outcome])
     spec.apply_soon(translator)
     raise web.HTTPSeeOther(f"/console/messages/{inbox_id}/status")
 
@@ -324,8 +321,7 @@ async def replay(request: web.Request, session: Session) -> web.StreamResponse:
 async def message_status(request: web.Request, session: Session) -> web.StreamResponse:
     """A message's row without its content: what operators without PHI rights see."""
     spec = _spec(request)
-    found = await read_entry(spec.data_dir / _INBOX, int(request.match_info["id"]),
-                             spec.codec())
+    found = await spec.store().entry(int(request.match_info["id"]))
     if found is None:
         return page("denied.html", request, session, 404, reason="no such message")
     return page("status.html", request, session, entry=found[0])
@@ -354,8 +350,8 @@ async def delivery_action(request: web.Request, session: Session) -> web.StreamR
         return page("denied.html", request, session, 400, reason="no delivery was chosen")
     if action == "drop" and form.get("confirm") != "yes":
         return page("confirm_drop.html", request, session, ids=ids)
-    async with open_outbox(_spec(request).data_dir / _INBOX) as outbox:
-        changed = await (outbox.retry(ids) if action == "retry" else outbox.drop(ids))
+    store = _spec(request).store()
+    changed = await (store.retry(ids) if action == "retry" else store.drop(ids))
     await _record(request, _who(request, session, Action.UPDATE, "success",
                                 resource_type="outbox", resource_id=",".join(map(str, ids)),
                                 query_shape=action))

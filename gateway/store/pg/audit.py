@@ -20,6 +20,7 @@ import asyncpg
 
 from gateway.store.audit import AuditFilter, AuditRow, Chain, CheckpointRow, StoredAuditRow
 from gateway.store.errors import ChainConflict, StoreUnavailable
+from gateway.store.group_commit import GroupCommitter
 from gateway.store.pg.connect import DATABASE_ERRORS, Connection, Pool, advisory_key, unavailable
 
 log = logging.getLogger("gateway.store.audit")
@@ -38,8 +39,6 @@ _INSERT_AFTER = (_INSERT + f" WHERE pg_try_advisory_xact_lock(${len(_COLUMNS) + 
                  f"AND hash = ${len(_COLUMNS) + 2})")
 _APPEND_LOCK = advisory_key("isthmus-audit-append")
 _TOP = 1 << 62
-
-_Pending = tuple[AuditRow, "asyncio.Future[tuple[int, bytes]]"]
 
 
 class PgAuditReader:
@@ -140,17 +139,14 @@ class PgAuditStore:
         self._pool = pool
         self._reader = PgAuditReader(pool)
         self._log_id = log_id
-        self._max_batch = max(1, max_batch)
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._closing = False
         self._chain: Chain | None = None
         self._on_commit: Callable[[int, int], None] | None = None
         self._head: tuple[int, bytes] = (0, b"")
-        self._batches = 0
-        self._committed = 0
+        self._committer: GroupCommitter[AuditRow, tuple[int, bytes]] = GroupCommitter(
+            self._locked_insert, name="audit", logger=log, max_batch=max_batch,
+            failure=_refusal, closed="the audit log is not open for writing",
+            after=self._committed)
 
     @classmethod
     async def open(cls, pool: Pool, max_batch: int = 1024) -> PgAuditStore:
@@ -173,7 +169,7 @@ class PgAuditStore:
         self._chain = chain
         self._on_commit = on_commit
         self._head = await self._stored_head(self._pool, chain)
-        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        self._committer.start()
 
     async def _stored_head(self, db: Pool | Connection, chain: Chain) -> tuple[int, bytes]:
         last = await PgAuditReader(db).last()
@@ -219,47 +215,16 @@ class PgAuditStore:
     # -- appending ----------------------------------------------------------------------
 
     def submit(self, row: AuditRow) -> asyncio.Future[tuple[int, bytes]]:
-        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        if self._closing or self._writer is None:
-            future.set_exception(StoreUnavailable("the audit log is not open for writing"))
-            return future
-        self._pending.append((row, future))
-        self._wakeup.set()
-        return future
+        """Queue a row for the next group commit; resolves to (seq, hash) once durable."""
+        return self._committer.submit(row)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[:self._max_batch]
-                del self._pending[:self._max_batch]
-                async with self._lock:
-                    await self._commit(batch)
-            if self._closing:
-                return
+    async def _locked_insert(self, rows: Sequence[AuditRow]) -> list[tuple[int, bytes]]:
+        async with self._lock:  # not beside a checkpoint or a purge
+            return await self._insert(rows)
 
-    async def _commit(self, batch: Sequence[_Pending]) -> None:
-        try:
-            links = await self._insert([row for row, _ in batch])
-        except Exception as exc:  # not durable, so not recorded: the caller refuses access
-            log.error("audit commit failed for a batch of %d: %s", len(batch),
-                      type(exc).__name__)
-            reason = (str(exc) if isinstance(exc, ChainConflict)
-                      else "the audit log could not commit")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(reason))
-            if self._on_commit is not None:
-                self._on_commit(len(batch), 0)
-            return
-        self._batches += 1
-        self._committed += len(batch)
-        for (_, future), link in zip(batch, links, strict=True):
-            if not future.done():
-                future.set_result(link)
+    def _committed(self, records: int, ok: bool) -> None:
         if self._on_commit is not None:
-            self._on_commit(len(batch), self._head[0])
+            self._on_commit(records, self._head[0] if ok else 0)
 
     async def _insert(self, rows: Sequence[AuditRow]) -> list[tuple[int, bytes]]:
         """Link and write a batch after the head. Fast path: one statement, which writes
@@ -356,21 +321,16 @@ class PgAuditStore:
             raise unavailable("the audit log is not writable", exc) from None
 
     async def stop_writer(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
+        await self._committer.close()
 
     async def close(self) -> None:
         """Commit what is queued (the pool is closed by its owner)."""
         await self.stop_writer()
-        if self._batches:
-            log.info("audit log closed: %d records in %d group commits (%.1f per commit)",
-                     self._committed, self._batches, self._committed / self._batches)
+        self._committer.summary("audit log", "records")
 
     @property
     def batches_committed(self) -> int:
-        return self._batches
+        return self._committer.batches
 
 
 def _link(chain: Chain, seq: int, prev: bytes, rows: Sequence[AuditRow]
@@ -397,3 +357,9 @@ def _stored(r: Any) -> StoredAuditRow:
         int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
         None if r[5] is None else bytes(r[5]), None if r[6] is None else bytes(r[6]),
         bytes(r[7]), bytes(r[8]), bytes(r[9]), str(r[10]))
+
+
+def _refusal(exc: Exception) -> Exception:
+    """What the callers of a batch that could not commit are told (and refuse access)."""
+    return StoreUnavailable(str(exc) if isinstance(exc, ChainConflict)
+                            else "the audit log could not commit")

@@ -27,6 +27,7 @@ from gateway.store.fhir import (
     HistoryQuery,
     Indexer,
     Merge,
+    MergeOutcome,
     SearchPage,
     SearchQuery,
     StoredResource,
@@ -218,6 +219,17 @@ class PgFhirStore:
                        before_commit: BeforeCommit | None = None,
                        merges: Sequence[Merge] = ()) -> Outcomes:
         """Apply writes and merges (see FhirStore.transact) in one database transaction."""
+        return await self._transact(writes, atomic, before_commit, tuple(merges), None)
+
+    async def merge(self, merge: Merge) -> MergeOutcome:
+        """One merge on its own (`isthmus fhir merge`): what it did."""
+        merged: list[MergeOutcome] = []
+        await self._transact((), True, None, (merge,), merged)
+        return merged[0]
+
+    async def _transact(self, writes: Sequence[WriteRequest], atomic: bool,
+                        before_commit: BeforeCommit | None, merges: tuple[Merge, ...],
+                        merged: list[MergeOutcome] | None) -> Outcomes:
         if self._closing:
             raise StoreUnavailable("the FHIR store is closing")
         if merges and not atomic:
@@ -232,7 +244,7 @@ class PgFhirStore:
                 try:
                     work = loop.run_in_executor(self._executor, self._apply_sync,
                                                 _Bridge(db, loop), list(writes), atomic,
-                                                tuple(merges))
+                                                merges, merged)
                     try:
                         outcomes = await asyncio.shield(work)
                     except asyncio.CancelledError:
@@ -252,13 +264,15 @@ class PgFhirStore:
         self._transactions += 1
         return outcomes
 
-    def _apply_sync(self, bridge: _Bridge, writes: list[WriteRequest],
-                    atomic: bool, merges: tuple[Merge, ...] = ()) -> Outcomes:
-        """Writer thread: resolve and write the call's entries inside its transaction."""
+    def _apply_sync(self, bridge: _Bridge, writes: list[WriteRequest], atomic: bool,
+                    merges: tuple[Merge, ...] = (),
+                    merged: list[MergeOutcome] | None = None) -> Outcomes:
+        """Writer thread: resolve and write the call's entries inside its transaction (a
+        merge's outcome appended to `merged`)."""
         writer = _LockingWriter(bridge, self._indexer, self._last_stamp)
         try:
             if atomic:
-                return list(writer.apply(writes, 0, merges))
+                return list(writer.apply(writes, 0, merges, merged))
             outcomes: Outcomes = []
             for position, write in enumerate(writes):
                 bridge.execute("SAVEPOINT entry")

@@ -1,12 +1,15 @@
 """The durable inbox on PostgreSQL, shared by every instance of the gateway.
 
-As on SQLite: concurrent messages are group-committed (while one INSERT is in flight the
-next batch gathers), a batch is one statement (rows passed as arrays and unnested), and
-the ACK is stored with its message. Duplicates are decided by the database: the unique
-constraint on the dedup key (sender application, facility, control id) lets exactly one
-of two instances that receive the same message at once insert it; the other finds the
-stored row and answers with its ACK. The outbox rows are made by a trigger in the same
-statement (schema.py), so nothing acknowledged misses its deliveries on any instance.
+As on SQLite: concurrent messages are group-committed (while one batch is in flight the
+next gathers), a batch is one INSERT (rows passed as arrays and unnested), and the ACK is
+stored with its message. A batch holding rows owed to remote backends is one transaction
+that first takes an advisory lock per patient, so one patient's rows commit in id order
+whichever instances insert them (the outbox delivers them in that order).
+Duplicates are decided by the database: the unique constraint on the dedup key (sender
+application, facility, control id) lets exactly one of two instances that receive the
+same message at once insert it; the other finds the stored row and answers with its ACK.
+The outbox rows are made by a trigger in the same statement (schema.py), so nothing
+acknowledged misses its deliveries on any instance.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from gateway.store.errors import StoreUnavailable
+from gateway.store.group_commit import GroupCommitter
 from gateway.store.inbox import (
     CONFLICT,
     REPLAYABLE,
@@ -50,7 +54,16 @@ _MAX_BATCH_BYTES = 32 * 1024 * 1024
 _ENTRY_COLUMNS = ("id, received_at, sending_application, sending_facility, control_id, "
                   "message_type, version, peer, size, status, error")
 
-_Pending = tuple[InboundMessage, "asyncio.Future[Stored]"]
+# Per-patient order across instances: outbox rows are delivered in id order per patient,
+# so for one patient commit order must be id order. Ids are drawn at INSERT, so a
+# transaction takes its patients' locks before inserting; another instance's insert for
+# the same patient then waits until this one commits, and draws a higher id. Locks are
+# taken in key order (no deadlock between two batches), held to the end of the
+# transaction, and named per schema (several deployments on one server do not wait for
+# each other).
+_LOCK = ("SELECT pg_advisory_xact_lock(key) FROM (SELECT DISTINCT hashtextextended("
+         "'isthmus-patient:' || current_schema() || ':' || patient, 0) AS key "
+         "FROM unnest($1::text[]) AS patient WHERE patient <> '' ORDER BY key) AS keys")
 
 
 class PgInbox:
@@ -60,13 +73,11 @@ class PgInbox:
                  max_batch: int = 512) -> None:
         self._pool = pool
         self._dedup_window = dedup_window
-        self._max_batch = max_batch
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._batches = 0
-        self._committed = 0
+        self._committer: GroupCommitter[InboundMessage, Stored] = GroupCommitter(
+            self._insert, name="inbox", logger=log, max_batch=max_batch,
+            failure=lambda exc: StoreUnavailable("the inbox could not commit"),
+            closed="the inbox is closing", size=lambda m: len(m.raw),
+            max_bytes=_MAX_BATCH_BYTES)
 
     @classmethod
     async def open(cls, pool: Pool, dedup_window: timedelta = timedelta(days=7),
@@ -76,74 +87,43 @@ class PgInbox:
             await inbox.expire_dedup_keys()
         except DATABASE_ERRORS as exc:
             raise unavailable("the inbox could not be opened", exc) from None
-        inbox._writer = asyncio.create_task(inbox._write_loop(), name="inbox-writer")
+        inbox._committer.start()
         return inbox
 
     # -- accepting ----------------------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> asyncio.Future[Stored]:
         """Queue a message for the next group commit; the future resolves once durable."""
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_exception(StoreUnavailable("the inbox is closing"))
-            return future
-        self._pending.append((message, future))
-        self._wakeup.set()
-        return future
+        return self._committer.submit(message)
 
     async def accept(self, message: InboundMessage) -> Stored:
         return await self.submit(message)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                await self._commit(self._next_batch())
-            if self._closing:
-                return
-
-    def _next_batch(self) -> list[_Pending]:
-        size = count = 0
-        for message, _ in self._pending:
-            if count == self._max_batch or (count and size + len(message.raw) > _MAX_BATCH_BYTES):
-                break
-            size += len(message.raw)
-            count += 1
-        batch = self._pending[:count]
-        del self._pending[:count]
-        return batch
-
-    async def _commit(self, batch: Sequence[_Pending]) -> None:
-        try:
-            results = await self._insert([m for m, _ in batch])
-        except Exception as exc:  # any failure to commit means: not durable, not accepted
-            log.error("inbox commit failed for a batch of %d: %s", len(batch),
-                      type(exc).__name__)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable("the inbox could not commit"))
-            return
-        self._batches += 1
-        self._committed += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
     async def _insert(self, messages: Sequence[InboundMessage]) -> list[Stored]:
+        """One batch; with patients to keep in order (rows owed to remote backends), in
+        one transaction that takes their locks first (see _LOCK)."""
+        patients = [m.patient_key for m in messages if m.patient_key]
         async with self._pool.acquire() as db:
-            inserted = await self._insert_rows(db, messages)
-            results: list[Stored] = []
-            claimed: set[str] = set()
-            for m in messages:
-                key = m.dedup_key
-                if key in inserted and key not in claimed:
-                    claimed.add(key)
-                    results.append(Stored(inserted[key], m.ack, duplicate=False))
-                else:
-                    # Stored before: by an earlier batch, this one, or another instance.
-                    results.append(await self._original(db, m))
-            return results
+            if not patients:  # nothing is delivered from these rows: no order to keep
+                return await self._store(db, messages)
+            async with db.transaction():
+                await db.execute(_LOCK, patients)
+                return await self._store(db, messages)
+
+    async def _store(self, db: Connection, messages: Sequence[InboundMessage]
+                     ) -> list[Stored]:
+        inserted = await self._insert_rows(db, messages)
+        results: list[Stored] = []
+        claimed: set[str] = set()
+        for m in messages:
+            key = m.dedup_key
+            if key in inserted and key not in claimed:
+                claimed.add(key)
+                results.append(Stored(inserted[key], m.ack, duplicate=False))
+            else:
+                # Stored before: by an earlier batch, this one, or another instance.
+                results.append(await self._original(db, m))
+        return results
 
     async def _insert_rows(self, db: Connection, messages: Sequence[InboundMessage]
                            ) -> dict[str, int]:
@@ -210,13 +190,8 @@ class PgInbox:
 
     async def close(self) -> None:
         """Commit what is queued; the pool is closed by whoever opened it."""
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
-        if self._batches:
-            log.info("inbox closed: %d messages in %d group commits (%.1f per commit)",
-                     self._committed, self._batches, self._committed / self._batches)
+        await self._committer.close()
+        self._committer.summary("inbox", "messages")
 
     # -- reading ------------------------------------------------------------------------
 
@@ -274,6 +249,7 @@ class PgInbox:
         remote backends its Bundle and its outbox rows (an existing row is kept)."""
         now = _timestamp(datetime.now(UTC))
         async with self._pool.acquire() as db, db.transaction():
+            await db.execute(_LOCK, [o.patient_key for o in outcomes if o.routes])
             await db.executemany("UPDATE inbox SET status = $1, error = $2 WHERE id = $3",
                                  [(o.status, o.error, o.inbox_id) for o in outcomes])
             routed = [o for o in outcomes if o.routes]
@@ -293,7 +269,7 @@ class PgInbox:
 
     @property
     def batches_committed(self) -> int:
-        return self._batches
+        return self._committer.batches
 
 
 def _values(m: InboundMessage, dedup_key: str | None) -> tuple[object, ...]:

@@ -6,9 +6,10 @@ advisory lock on its lease connection (`lead`). That makes the backend's rate li
 concurrency cap and per-patient order hold across instances with no more coordination
 than the dispatcher already has in one process, and a standby takes over as soon as the
 holder's connection goes (a crash, a kill -9, a network cut: PostgreSQL releases the
-lock). The holder claims the rows it reads (`claimed_by`, FOR UPDATE SKIP LOCKED) and
-writes results only for rows it still holds, so a deposed holder that comes back cannot
-overwrite what its successor recorded. New rows wake the holder by NOTIFY.
+lock). The holder claims the rows it reads (`claimed_by`, FOR UPDATE SKIP LOCKED, reading
+no further than a row it had to skip, and reading rows that committed behind its cursor,
+see _DUE) and writes results only for rows it still holds, so a deposed holder that comes
+back cannot overwrite what its successor recorded. New rows wake the holder by NOTIFY.
 """
 
 from __future__ import annotations
@@ -32,6 +33,28 @@ _ENTRY_SQL = (
     "SELECT o.id, o.inbox_id, o.backend, o.status, o.attempts, o.created_at, o.updated_at, "
     "o.next_at, o.last_status, o.error, coalesce(i.message_type, ''), "
     "coalesce(i.control_id, '') FROM outbox o LEFT JOIN inbox i ON i.id = o.inbox_id")
+# The rows to deliver next, claimed: those after the cursor, and those behind it that this
+# instance never claimed. Ids are drawn at INSERT but rows become visible at COMMIT, so a
+# row can appear behind the cursor (its instance committed after another's later row):
+# it is read then, with nothing of its patient after it read before it (one patient's
+# rows commit in id order, see gateway.store.pg.inbox, so a snapshot that holds a later
+# row of the patient holds this one). A row locked by another transaction is skipped (SKIP
+# LOCKED: the claim never waits), and so is every row after it, read again once it is
+# free: skipping only it would let its patient's later rows go first (a lock held by an
+# instance killed while claiming, whose statement is still ending, or by a deposed holder
+# recording a result).
+_DUE = (
+    "WITH candidate AS (SELECT o.id FROM outbox o WHERE o.backend = $1 "
+    "AND o.status = 'pending' AND (o.id > $2 OR o.claimed_by <> $4) AND {held} "
+    "ORDER BY o.id LIMIT $3), "
+    "free AS (SELECT f.id FROM outbox f WHERE f.id IN (SELECT id FROM candidate) "
+    "AND f.status = 'pending' FOR UPDATE SKIP LOCKED), "
+    "gap AS (SELECT min(id) AS id FROM candidate WHERE id NOT IN (SELECT id FROM free)) "
+    "UPDATE outbox c SET claimed_by = $4 FROM inbox i WHERE i.id = c.inbox_id "
+    "AND c.id IN (SELECT id FROM free) "
+    "AND c.id < coalesce((SELECT id FROM gap), 9223372036854775807) "
+    "RETURNING c.id, c.inbox_id, c.backend, c.patient_key, c.attempts, c.next_at, "
+    "c.trace, {payload}")
 CHANNEL = "isthmus_outbox"
 
 
@@ -120,18 +143,14 @@ class PgOutbox:
         return _unix(str(value)) if value is not None else None
 
     async def due(self, backend: str, kind: str, after_id: int, limit: int) -> list[OutboxRow]:
-        """Pending rows of a backend after an id, claimed for this instance, in id order
-        with their payloads (rows behind a dead row of their patient are left)."""
+        """Pending rows of a backend after an id (and any behind it that this instance
+        has not claimed: committed late), claimed for this instance, in id order with
+        their payloads (rows behind a dead row of their patient are left)."""
         column = _PAYLOAD.get(kind)
         if column is None:
             raise ValueError(f"no outbox payload for backend kind '{kind}'")
-        rows = await self._pool.fetch(
-            f"UPDATE outbox c SET claimed_by = $4 FROM inbox i "
-            f"WHERE i.id = c.inbox_id AND c.id IN (SELECT o.id FROM outbox o "
-            f"WHERE o.backend = $1 AND o.status = 'pending' AND o.id > $2 AND {_NOT_HELD} "
-            f"ORDER BY o.id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING c.id, c.inbox_id, c.backend, c.patient_key, c.attempts, c.next_at, "
-            f"c.trace, {column}", backend, after_id, limit, self._instance)
+        rows = await self._pool.fetch(_DUE.format(held=_NOT_HELD, payload=column),
+                                      backend, after_id, limit, self._instance)
         found = [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
                            str(r[6]), None if r[7] is None else bytes(r[7])) for r in rows]
         return sorted(found, key=lambda row: row.id)
@@ -190,12 +209,13 @@ class PgOutbox:
         if ids is None:
             result = await self._pool.execute(
                 "UPDATE outbox SET status = 'pending', attempts = 0, next_at = 0, error = '', "
-                "updated_at = $1 WHERE status = 'dead' AND ($2::text IS NULL OR backend = $2)",
+                "claimed_by = '', updated_at = $1 WHERE status = 'dead' "
+                "AND ($2::text IS NULL OR backend = $2)",
                 _now(), backend)
         else:
             result = await self._pool.execute(
                 "UPDATE outbox SET status = 'pending', attempts = 0, next_at = 0, error = '', "
-                "updated_at = $1 WHERE status IN ('dead', 'dropped') "
+                "claimed_by = '', updated_at = $1 WHERE status IN ('dead', 'dropped') "
                 "AND id = ANY($2::bigint[]) AND ($3::text IS NULL OR backend = $3)",
                 _now(), [int(i) for i in ids], backend)
         return _changed(result)
