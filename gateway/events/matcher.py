@@ -1,0 +1,118 @@
+"""Which targets a change event goes to: the webhooks listening for its name, and the
+active Subscriptions whose criteria the changed resource meets.
+
+Kept cheap for many Subscriptions: they are indexed by resource type, their criteria
+parsed once, the changed resource indexed once per event (not once per Subscription), and
+a Subscription with a single reference criterion (`Appointment?patient=Patient/1`, the
+usual shape) is found by a dictionary lookup on the resource's references, so an event
+costs in proportion to the Subscriptions it may match, not to all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.events.catalogue import event_name
+from gateway.events.subscriptions import SubscriptionSpec
+from gateway.fhir.search import SearchRegistry
+from gateway.fhir.search.index import judge
+from gateway.store.fhir import IndexEntry, ReferenceIndex, ReferenceMatch
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A `[[webhooks]]` entry as the pump needs it."""
+
+    name: str
+    events: frozenset[str]
+    payload: str  # "ids" | "flat"
+
+    @property
+    def backend(self) -> str:
+        return f"webhook:{self.name}"
+
+
+@dataclass(slots=True)
+class _TypeIndex:
+    """One resource type's active Subscriptions."""
+
+    # (reference param, target) -> Subscriptions whose only criterion is that reference.
+    by_reference: dict[tuple[str, str], dict[str, SubscriptionSpec]] = field(
+        default_factory=dict)
+    general: dict[str, SubscriptionSpec] = field(default_factory=dict)
+
+
+class Matcher:
+    """The targets of each change event; Subscriptions are added and removed as their
+    own change events (or the start-up read) say."""
+
+    def __init__(self, registry: SearchRegistry, webhooks: Sequence[Webhook]) -> None:
+        self._registry = registry
+        self._webhooks: dict[str, list[Webhook]] = {}
+        for hook in webhooks:
+            for event in hook.events:
+                self._webhooks.setdefault(event, []).append(hook)
+        self._types: dict[str, _TypeIndex] = {}
+        self._where: dict[str, tuple[str, tuple[str, str] | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def put(self, spec: SubscriptionSpec) -> None:
+        """Match this Subscription from now on (replacing an earlier version of it)."""
+        self.remove(spec.id)
+        index = self._types.setdefault(spec.resource_type, _TypeIndex())
+        key = _reference_key(spec)
+        if key is None:
+            index.general[spec.id] = spec
+        else:
+            index.by_reference.setdefault(key, {})[spec.id] = spec
+        self._where[spec.id] = (spec.resource_type, key)
+
+    def remove(self, subscription_id: str) -> None:
+        where = self._where.pop(subscription_id, None)
+        if where is None:
+            return
+        resource_type, key = where
+        index = self._types[resource_type]
+        if key is None:
+            index.general.pop(subscription_id, None)
+        else:
+            bucket = index.by_reference.get(key, {})
+            bucket.pop(subscription_id, None)
+            if not bucket:
+                index.by_reference.pop(key, None)
+
+    def webhooks(self, resource_type: str, action: str) -> list[Webhook]:
+        return self._webhooks.get(event_name(resource_type, action), [])
+
+    def subscriptions(self, resource_type: str,
+                      resource: dict[str, Any] | None) -> list[SubscriptionSpec]:
+        """The Subscriptions this version of a resource meets (for a deletion, the version
+        deleted); none for a resource with no content to judge."""
+        index = self._types.get(resource_type)
+        if index is None or resource is None:
+            return []
+        entries: list[IndexEntry] = self._registry.index(resource_type, resource)
+        found: list[SubscriptionSpec] = []
+        if index.by_reference:
+            for entry in entries:
+                if isinstance(entry, ReferenceIndex):
+                    found.extend(index.by_reference.get((entry.param, entry.target),
+                                                        {}).values())
+            found = list({spec.id: spec for spec in found}.values())
+        for spec in index.general.values():
+            if all(any(judge(match, resource, entries) is True for match in clause)
+                   for clause in spec.clauses):
+                found.append(spec)
+        return found
+
+
+def _reference_key(spec: SubscriptionSpec) -> tuple[str, str] | None:
+    if len(spec.clauses) == 1 and len(spec.clauses[0]) == 1:
+        match = spec.clauses[0][0]
+        if isinstance(match, ReferenceMatch):
+            return match.param, match.target
+    return None
