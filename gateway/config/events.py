@@ -16,7 +16,6 @@ _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 # `<resource type in lower case>.<created|updated|deleted>`: the event catalogue
 # (docs/events.md); the type is checked against the search table at start.
 EVENT_NAME = re.compile(r"[a-z][a-z]{0,63}\.(created|updated|deleted)")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class EventsSecretError(ValueError):
@@ -39,7 +38,7 @@ class WebhookConfig(DeliverySettings):
     name: str = Field(pattern=_NAME)
     url: str
     events: tuple[str, ...] = Field(min_length=1)
-    secret_env: str = Field(pattern=_ENV_NAME.pattern)
+    secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
     payload: Literal["ids", "flat"] = "ids"
     allow_insecure_http: bool = False
 

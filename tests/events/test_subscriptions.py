@@ -12,7 +12,7 @@ from conftest import RunningGateway
 from gateway.app.events import EVENTS
 from support.cli import isthmus
 from support.fhir import api_key_config, fhir_session, is_outcome, start_fhir_gateway
-from support.subscriber import SECRET, Subscriber, subscriber  # noqa: F401 - fixture
+from support.subscriber import SECRET, Subscriber
 from support.wait import eventually
 
 READER_KEY = "synthetic-reader-key-41c2"
