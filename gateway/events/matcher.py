@@ -85,6 +85,12 @@ class Matcher:
             if not bucket:
                 index.by_reference.pop(key, None)
 
+    def wants(self, resource_type: str, action: str) -> bool:
+        """Whether any target may want this event (else its body is not even read)."""
+        return (resource_type in self._types and bool(
+            self._types[resource_type].general or self._types[resource_type].by_reference)
+        ) or event_name(resource_type, action) in self._webhooks
+
     def webhooks(self, resource_type: str, action: str) -> list[Webhook]:
         return self._webhooks.get(event_name(resource_type, action), [])
 

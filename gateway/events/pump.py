@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -86,6 +87,7 @@ class EventPump:
         self._handshakes: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._cursor = 0
+        self._cursor_written = 0.0
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -122,6 +124,11 @@ class EventPump:
         self._wake.set()
         if self._task is not None:
             await self._task
+            try:
+                await self._queue.enqueue((), self._cursor)
+            except StoreUnavailable as exc:
+                log.error("events: the cursor could not be kept (%s): some events are read "
+                          "again at the next start", exc)
         for task in list(self._handshakes.values()):
             task.cancel()
         await asyncio.gather(*self._handshakes.values(), return_exceptions=True)
@@ -164,22 +171,36 @@ class EventPump:
 
     async def step(self) -> bool:
         """Queue one batch of events; whether there may be more."""
-        events = await self._events.after(self._cursor, self._spec.batch)
-        if not events:
+        read = await self._events.after(self._cursor, self._spec.batch)
+        if not read:
             return False
+        # A Subscription's event changes what the events after it match: the batch ends
+        # with it, and the rest is judged by the next step.
+        end = next((i + 1 for i, e in enumerate(read) if e.resource_type == "Subscription"),
+                   len(read))
+        events = read[:end]
+        # Only the events someone may want are read whole (most writes interest no one).
+        wanted = await self._events.with_bodies([
+            e for e in events if e.resource_type == "Subscription"
+            or self._matcher.wants(e.resource_type, e.action)])
         deliveries: list[QueuedDelivery] = []
-        for event in events:
+        for event in wanted:
             if event.resource_type == "Subscription":
                 await self._subscription_event(event)
                 continue
             deliveries.extend(await self._deliveries(event))
-        await self._queue.enqueue(deliveries, events[-1].seq)
+        now = time.monotonic()
+        # The cursor is written with deliveries, else at most once a second: reading a few
+        # events again after a crash queues nothing twice.
+        if deliveries or now - self._cursor_written >= 1.0:
+            await self._queue.enqueue(deliveries, events[-1].seq)
+            self._cursor_written = now
         self._cursor = events[-1].seq
         self.events_seen += len(events)
         self.notifications += len(deliveries)
         for name in dict.fromkeys(d.backend for d in deliveries):
             self._dispatcher.queued((name,))
-        return len(events) == self._spec.batch
+        return end < len(read) or len(read) == self._spec.batch
 
     async def _deliveries(self, event: ChangeEvent) -> list[QueuedDelivery]:
         resource: Json | None = jsonio.loads(event.body) if event.body else None

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import aiosqlite
 
@@ -30,13 +30,17 @@ _CURSOR_KEY = "events_cursor"
 _ACTIONS: dict[str, Action] = {"created": "created", "updated": "updated",
                                "deleted": "deleted"}
 
-_READ_SQL = (
-    "SELECT e.seq, e.type, e.id, e.version, e.action, e.at, v.body, p.body "
-    "FROM fhir_event e "
-    "JOIN fhir_version v ON v.type = e.type AND v.id = e.id AND v.version = e.version "
-    "LEFT JOIN fhir_version p ON e.action = 'deleted' AND p.type = e.type AND p.id = e.id "
-    "AND p.version = e.version - 1 "
-    "WHERE e.seq > ? ORDER BY e.seq LIMIT ?")
+_READ_SQL = "SELECT seq, type, id, version, action, at FROM fhir_event WHERE seq > ? " \
+    "ORDER BY seq LIMIT ?"
+# Versions' bodies by (type, id, version): the version table's unique key.
+_BODIES_PER_STATEMENT = 300
+
+
+def _bodies_sql(count: int) -> str:
+    values = ",".join(["(?,?,?)"] * count)
+    return (f"WITH k(type, id, version) AS (VALUES {values}) "
+            "SELECT v.type, v.id, v.version, v.body FROM k JOIN fhir_version v "
+            "ON v.type = k.type AND v.id = k.id AND v.version = k.version")
 
 # Beside the outbox, in the inbox database. A delivered row's payload goes with its row
 # when the housekeeping purges it.
@@ -66,7 +70,13 @@ class ChangeEvent:
     action: Action
     at: str  # the version's lastUpdated
     # The version's JSON; for a deletion, the deleted version's (b"" if there was none).
-    body: bytes
+    # Read only for the events someone listens to (`SqliteEventLog.bodies`).
+    body: bytes = b""
+
+    @property
+    def body_version(self) -> int:
+        """The version whose body tells what the event is about."""
+        return self.version - 1 if self.action == "deleted" else self.version
 
     @property
     def event_id(self) -> str:
@@ -105,24 +115,33 @@ class SqliteEventLog:
         return cls(db, codec)
 
     async def after(self, seq: int, limit: int) -> list[ChangeEvent]:
-        """Events after `seq`, oldest first."""
+        """Events after `seq`, oldest first, without their bodies."""
         try:
             rows = await self._db.execute_fetchall(_READ_SQL, (seq, limit))
         except sqlite3.Error as exc:
             raise StoreUnavailable(
                 f"the change events could not be read: {type(exc).__name__}") from None
-        return [self._event(row) for row in rows]
+        return [ChangeEvent(int(r[0]), str(r[1]), str(r[2]), int(r[3]), _ACTIONS[str(r[4])],
+                            str(r[5])) for r in rows]
 
-    def _event(self, row: Sequence[Any]) -> ChangeEvent:
-        seq, type_, id_, version = int(row[0]), str(row[1]), str(row[2]), int(row[3])
-        action = _ACTIONS[str(row[4])]
-        if action == "deleted":
-            prior = row[7]
-            body = b"" if prior is None else self._codec.open(
-                bytes(prior), fhir_context(type_, id_, version - 1))
-        else:
-            body = self._codec.open(bytes(row[6]), fhir_context(type_, id_, version))
-        return ChangeEvent(seq, type_, id_, version, action, str(row[5]), body)
+    async def with_bodies(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
+        """The same events with their bodies (b"" for a version that is not there)."""
+        if not events:
+            return []
+        keys = [(e.resource_type, e.id, e.body_version) for e in events]
+        unique = list(dict.fromkeys(keys))
+        found: dict[tuple[str, str, int], bytes] = {}
+        try:
+            for start in range(0, len(unique), _BODIES_PER_STATEMENT):
+                chunk = unique[start:start + _BODIES_PER_STATEMENT]
+                params = [value for key in chunk for value in key]
+                for row in await self._db.execute_fetchall(_bodies_sql(len(chunk)), params):
+                    key = (str(row[0]), str(row[1]), int(row[2]))
+                    found[key] = self._codec.open(bytes(row[3]), fhir_context(*key))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the change events could not be read: {type(exc).__name__}") from None
+        return [replace(e, body=found.get(k, b"")) for e, k in zip(events, keys, strict=True)]
 
     async def last_seq(self) -> int:
         rows = list(await self._db.execute_fetchall("SELECT coalesce(max(seq), 0) "

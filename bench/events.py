@@ -1,0 +1,188 @@
+"""Change events benchmark (a benchmark, not a test).
+
+What is measured, for 0, 1, 100 and 1,000 active FHIR Subscriptions (`--subs`):
+* the FHIR write path: Observation updates straight through `SqliteFhirStore.transact`,
+  `--writers` concurrent writers (group commit), while the event pump runs in the same
+  process and event loop (matching, rendering and queueing compete with the writes for
+  the CPU, as they do in the gateway); writes/s and the cost per write against the
+  0-subscription row of the same run (the issue's bound: within 10% at 100);
+* notifications/s: deliveries the outbox posts to a local aiohttp receiver (signed, one
+  worker per Subscription), from the first write until every matched event is delivered;
+* the peer: the same writes on a store whose event triggers are dropped (no events at
+  all), the cost of recording the events themselves.
+
+Subscriptions: half `Observation?patient=Patient/pK` (found by the matcher's reference
+index), half `Observation?code=cK` (judged one by one: the matcher's slow path); the
+writes go to 50 patients with code c0, so each write matches ~1/50 of the first half and
+one of the second.
+
+How to run:
+    python bench/events.py [--writes 600] [--writers 8] [--subs 0,1,100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app.events import Flattener, ReadGate
+from gateway.edge.fhir_api import FhirApi, FhirLimits
+from gateway.events.pump import EventPump, PumpSpec
+from gateway.events.subscriptions import OWNER_URL
+from gateway.fhir.search import SearchRegistry
+from gateway.forward.outbox import DeliveryPolicy, Dispatcher
+from gateway.mapping.tables import SHIPPED
+from gateway.store import SqliteInbox
+from gateway.store.events import SqliteEventLog, SqliteEventQueue
+from gateway.store.fhir import WriteRequest
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.outbox import SqliteOutbox
+from gateway.telemetry import configure
+
+PATIENTS = 50
+
+
+def subscription(i: int, url: str) -> dict[str, Any]:
+    criteria = (f"Observation?patient=Patient/p{i % PATIENTS}" if i % 2 == 0
+                else f"Observation?code=c{i // 2}")
+    return {"resourceType": "Subscription", "status": "active", "reason": "bench",
+            "criteria": criteria,
+            "channel": {"type": "rest-hook", "endpoint": url,
+                        "payload": "application/fhir+json"},
+            "extension": [{"url": OWNER_URL, "extension": [
+                {"url": "client", "valueString": "bench"},
+                {"url": "scope", "valueString": "system/*.rs"}]}]}
+
+
+def observation(n: int, value: int) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "urn:bench", "code": "c0"}]},
+            "subject": {"reference": f"Patient/p{n % PATIENTS}"},
+            "valueQuantity": {"value": value, "unit": "mmHg"}}
+
+
+async def receiver() -> tuple[web.AppRunner, str, list[int]]:
+    got: list[int] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        got.append(1)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/hook", got
+
+
+async def writes(store: SqliteFhirStore, count: int, writers: int, offset: int) -> float:
+    """Seconds for `count` updates by `writers` concurrent writers."""
+    async def writer(k: int) -> None:
+        for n in range(k, count, writers):
+            await store.transact([WriteRequest("PUT", "Observation", f"o{n % 200}",
+                                               observation(n, offset + n))])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(k) for k in range(writers)))
+    return time.perf_counter() - started
+
+
+async def run(subs: int, count: int, writers: int, events: bool) -> dict[str, float]:
+    registry = SearchRegistry.load(SHIPPED / "search-parameters.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = await SqliteFhirStore.open(root / "fhir.db", registry.index,
+                                           synchronous="normal")
+        inbox = await SqliteInbox.open(root / "inbox.db", "normal",
+                                       dedup_window=timedelta(days=1),
+                                       max_batch=256)
+        runner, url, got = await receiver()
+        for n in range(200):  # the resources updated, created before the clock starts
+            await store.transact([WriteRequest("PUT", "Observation", f"o{n}",
+                                               observation(n, -1))])
+        for i in range(subs):
+            await store.transact([WriteRequest("PUT", "Subscription", f"s{i}",
+                                               subscription(i, url))])
+        if not events:
+            with sqlite3.connect(root / "fhir.db") as db:
+                db.execute("DROP TRIGGER fhir_resource_event_insert")
+                db.execute("DROP TRIGGER fhir_resource_event_update")
+        telemetry = configure("none")
+        dispatcher = Dispatcher(SqliteOutbox(inbox.connection), {}, {}, telemetry,
+                                poll_interval=1.0)
+        await dispatcher.start()
+        api = FhirApi.build(store, registry, telemetry, FhirLimits(), {}, None)
+        log = await SqliteEventLog.open(root / "fhir.db")
+        queue = await SqliteEventQueue.open(root / "inbox.db")
+        spec = PumpSpec((), lambda client: b"bench-secret", DeliveryPolicy(concurrency=4),
+                        poll_interval=0.05)
+        pump = EventPump(log, queue, store, registry, dispatcher, ReadGate(api),
+                         Flattener(store), spec)
+        await pump.start()
+        attached = len(pump.matcher)
+        try:
+            started = time.perf_counter()
+            seconds = await writes(store, count, writers, 0)
+            await pump.drain(600)
+            expected = pump.notifications
+            deadline = time.monotonic() + 600
+            while len(got) < expected and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            delivered_in = time.perf_counter() - started
+        finally:
+            await pump.close()
+            await dispatcher.close()
+            await queue.close()
+            await log.close()
+            await runner.cleanup()
+            await inbox.close()
+            await store.close()
+        return {"subs": subs, "active": attached, "seconds": seconds,
+                "writes_s": count / seconds, "us_per_write": seconds / count * 1e6,
+                "notifications": len(got),
+                "notes_s": len(got) / delivered_in if got else 0.0}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--writes", type=int, default=600)
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--subs", default="0,1,100,1000")
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    peer = await run(0, args.writes, args.writers, events=False)
+    rows = [await run(int(n), args.writes, args.writers, events=True)
+            for n in args.subs.split(",")]
+    base = next((r for r in rows if r["subs"] == 0), rows[0])
+    print(f"peer (no event triggers): {peer['writes_s']:,.0f} writes/s, "
+          f"{peer['us_per_write']:,.0f} us/write")
+    print("| subscriptions | writes/s | us/write | vs 0 subs | vs no events | "
+          "notifications | notifications/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['subs']:,} | {r['writes_s']:,.0f} | {r['us_per_write']:,.0f} | "
+              f"{r['us_per_write'] / base['us_per_write'] - 1:+.1%} | "
+              f"{r['us_per_write'] / peer['us_per_write'] - 1:+.1%} | "
+              f"{r['notifications']:,} | {r['notes_s']:,.0f} |")
+    hundred = next((r for r in rows if r["subs"] == 100), None)
+    if hundred is not None:
+        ratio = hundred["us_per_write"] / base["us_per_write"] - 1
+        print(f"target: write cost at 100 subscriptions within 10% of 0: {ratio:+.1%} "
+              f"{'PASS' if ratio <= 0.10 else 'MISS'}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
