@@ -70,6 +70,9 @@ class EventsConfig(DeliverySettings):
     subscription_secret_env: str = ""
     client_secret_env: dict[str, str] = {}
     handshake_attempts: int = Field(default=3, ge=1, le=20)
+    # How often each target's outbox worker re-reads the outbox for rows an operator
+    # retried or dropped (`isthmus outbox retry`); new rows wake it at once.
+    outbox_poll_interval: float = Field(default=10.0, gt=0, le=3600)
     allow_insecure_http: bool = False
 
 

@@ -87,6 +87,13 @@ class EventBackend:
         """The session is the pump's, closed by it."""
 
 
+def open_session() -> aiohttp.ClientSession:
+    """One session for every target: a bounded pool, shared fairly (a wait for a pooled
+    connection is not counted against a delivery's timeout, only connecting and reading)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256,
+                                                                limit_per_host=32))
+
+
 async def post(session: aiohttp.ClientSession, spec: TargetSpec, body: bytes,
                extra: dict[str, str]) -> tuple[int | None, str | None]:
     """POST a signed body: (status, Retry-After) or (None, why) when there is no answer."""
@@ -96,7 +103,9 @@ async def post(session: aiohttp.ClientSession, spec: TargetSpec, body: bytes,
     headers[SIGNATURE_HEADER] = signature(spec.secret, body)
     try:
         async with session.post(spec.url, data=body, headers=headers, allow_redirects=False,
-                                timeout=aiohttp.ClientTimeout(total=spec.timeout)) as resp:
+                                timeout=aiohttp.ClientTimeout(
+                                    total=None, sock_connect=spec.timeout,
+                                    sock_read=spec.timeout)) as resp:
             await resp.read()
             return resp.status, resp.headers.get("Retry-After")
     except TimeoutError:

@@ -3,9 +3,10 @@ active Subscriptions whose criteria the changed resource meets.
 
 Kept cheap for many Subscriptions: they are indexed by resource type, their criteria
 parsed once, the changed resource indexed once per event (not once per Subscription), and
-a Subscription with a single reference criterion (`Appointment?patient=Patient/1`, the
-usual shape) is found by a dictionary lookup on the resource's references, so an event
-costs in proportion to the Subscriptions it may match, not to all of them.
+a Subscription with a parameter that names one reference or one code
+(`Appointment?patient=Patient/1`, `Observation?code=1234-5&status=final`, the usual
+shapes) is found by a dictionary lookup on the resource's index rows and only then judged
+whole, so an event costs in proportion to the Subscriptions it may match, not to all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from gateway.events.catalogue import event_name
 from gateway.events.subscriptions import SubscriptionSpec
 from gateway.fhir.search import SearchRegistry
 from gateway.fhir.search.index import judge
-from gateway.store.fhir import IndexEntry, ReferenceIndex, ReferenceMatch
+from gateway.store.fhir import (
+    IndexEntry,
+    ReferenceIndex,
+    ReferenceMatch,
+    TokenIndex,
+    TokenMatch,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +45,9 @@ class Webhook:
 class _TypeIndex:
     """One resource type's active Subscriptions."""
 
-    # (reference param, target) -> Subscriptions whose only criterion is that reference.
-    by_reference: dict[tuple[str, str], dict[str, SubscriptionSpec]] = field(
+    # (param, reference target or code) -> the Subscriptions one of whose criteria is
+    # exactly that (the rest judged once found).
+    by_key: dict[tuple[str, str], dict[str, SubscriptionSpec]] = field(
         default_factory=dict)
     general: dict[str, SubscriptionSpec] = field(default_factory=dict)
 
@@ -64,11 +72,11 @@ class Matcher:
         """Match this Subscription from now on (replacing an earlier version of it)."""
         self.remove(spec.id)
         index = self._types.setdefault(spec.resource_type, _TypeIndex())
-        key = _reference_key(spec)
+        key = _lookup_key(spec)
         if key is None:
             index.general[spec.id] = spec
         else:
-            index.by_reference.setdefault(key, {})[spec.id] = spec
+            index.by_key.setdefault(key, {})[spec.id] = spec
         self._where[spec.id] = (spec.resource_type, key)
 
     def remove(self, subscription_id: str) -> None:
@@ -80,15 +88,15 @@ class Matcher:
         if key is None:
             index.general.pop(subscription_id, None)
         else:
-            bucket = index.by_reference.get(key, {})
+            bucket = index.by_key.get(key, {})
             bucket.pop(subscription_id, None)
             if not bucket:
-                index.by_reference.pop(key, None)
+                index.by_key.pop(key, None)
 
     def wants(self, resource_type: str, action: str) -> bool:
         """Whether any target may want this event (else its body is not even read)."""
         return (resource_type in self._types and bool(
-            self._types[resource_type].general or self._types[resource_type].by_reference)
+            self._types[resource_type].general or self._types[resource_type].by_key)
         ) or event_name(resource_type, action) in self._webhooks
 
     def webhooks(self, resource_type: str, action: str) -> list[Webhook]:
@@ -102,23 +110,34 @@ class Matcher:
         if index is None or resource is None:
             return []
         entries: list[IndexEntry] = self._registry.index(resource_type, resource)
-        found: list[SubscriptionSpec] = []
-        if index.by_reference:
+        candidates: dict[str, SubscriptionSpec] = {}
+        if index.by_key:
             for entry in entries:
-                if isinstance(entry, ReferenceIndex):
-                    found.extend(index.by_reference.get((entry.param, entry.target),
-                                                        {}).values())
-            found = list({spec.id: spec for spec in found}.values())
-        for spec in index.general.values():
-            if all(any(judge(match, resource, entries) is True for match in clause)
-                   for clause in spec.clauses):
-                found.append(spec)
-        return found
+                key = _entry_key(entry)
+                if key is not None:
+                    candidates.update(index.by_key.get(key, {}))
+        candidates.update(index.general)
+        return [spec for spec in candidates.values()
+                if all(any(judge(match, resource, entries) is True for match in clause)
+                       for clause in spec.clauses)]
 
 
-def _reference_key(spec: SubscriptionSpec) -> tuple[str, str] | None:
-    if len(spec.clauses) == 1 and len(spec.clauses[0]) == 1:
-        match = spec.clauses[0][0]
+def _entry_key(entry: IndexEntry) -> tuple[str, str] | None:
+    if isinstance(entry, ReferenceIndex):
+        return entry.param, entry.target
+    if isinstance(entry, TokenIndex):
+        return entry.param, entry.code
+    return None
+
+
+def _lookup_key(spec: SubscriptionSpec) -> tuple[str, str] | None:
+    """The key of a criterion that must hold and names one reference or one code."""
+    for clause in spec.clauses:
+        if len(clause) != 1:
+            continue
+        match = clause[0]
         if isinstance(match, ReferenceMatch):
             return match.param, match.target
+        if isinstance(match, TokenMatch) and match.code is not None and not match.negate:
+            return match.param, match.code
     return None

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from gateway.events.delivery import EventBackend, TargetSpec, handshake
+from gateway.events.delivery import EventBackend, TargetSpec, handshake, open_session
 from gateway.events.matcher import Matcher, Webhook
 from gateway.events.payloads import JSON, patient_of, subscription_body, webhook_body
 from gateway.events.subscriptions import (
@@ -65,6 +65,9 @@ class PumpSpec:
     batch: int = 500
     handshake_attempts: int = 3
     timeout: float = 10.0
+    # How often each target's outbox worker looks for rows an operator retried or
+    # dropped (new rows wake it at once): one worker per target, so not too often.
+    outbox_poll_interval: float = 10.0
     blind: Callable[[str], str] = lambda key: key
 
 
@@ -101,9 +104,10 @@ class EventPump:
     async def start(self) -> None:
         """Attach the webhooks, load the Subscriptions, then follow the events from the
         cursor (the first start begins at the latest event: history is not notified)."""
-        self._session = aiohttp.ClientSession()
+        self._session = open_session()
         for _, target, policy in self._spec.webhooks:
-            await self._dispatcher.attach(EventBackend(target, self._session), policy)
+            await self._dispatcher.attach(EventBackend(target, self._session), policy,
+                                          self._spec.outbox_poll_interval)
         cursor = await self._queue.cursor()
         if cursor is None:
             cursor = await self._events.last_seq()
@@ -260,7 +264,8 @@ class EventPump:
             await self._dispatcher.detach(spec.backend)
         assert self._session is not None
         self._attached[id_] = spec
-        await self._dispatcher.attach(EventBackend(target, self._session), self._policy())
+        await self._dispatcher.attach(EventBackend(target, self._session), self._policy(),
+                                      self._spec.outbox_poll_interval)
 
     async def _subscription_gone(self, id_: str) -> None:
         """Off, in error, deleted or waiting for its handshake: nothing more is matched or

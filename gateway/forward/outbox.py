@@ -485,13 +485,17 @@ class Dispatcher:
             worker.start()
         self._started = True
 
-    async def attach(self, backend: Backend, policy: DeliveryPolicy) -> None:
+    async def attach(self, backend: Backend, policy: DeliveryPolicy,
+                     poll_interval: float | None = None) -> None:
         """Start delivering to a backend that came after the start (a FHIR Subscription
-        made active): its pending rows are read from the store."""
+        made active): its pending rows are read from the store. `poll_interval`: how
+        often it looks for rows changed behind its back (an operator's retry); new rows
+        wake it anyway."""
         if backend.name in self._workers:
             return
         worker = self._workers[backend.name] = _Worker(
-            self._outbox, backend, policy, self._poll_interval, self._instruments)
+            self._outbox, backend, policy, poll_interval or self._poll_interval,
+            self._instruments)
         worker.count = await self._outbox.count_pending(backend.name)
         worker.start()
 

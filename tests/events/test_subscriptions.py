@@ -19,7 +19,8 @@ READER_KEY = "synthetic-reader-key-41c2"
 FAST = {"events.client_secret_env": {"fhir-tests": "ISTHMUS_TEST_SUB_SECRET",
                                      "vitals-only": "ISTHMUS_TEST_SUB_SECRET"},
         "events.retry_base": 0.02, "events.retry_max_delay": 0.05,
-        "events.poll_interval": 0.02, "forward.poll_interval": 0.05}
+        "events.poll_interval": 0.02, "forward.poll_interval": 0.05,
+        "events.outbox_poll_interval": 0.05}
 
 
 @pytest.fixture(autouse=True)
