@@ -50,6 +50,14 @@ class _TypeIndex:
     by_key: dict[tuple[str, str], dict[str, SubscriptionSpec]] = field(
         default_factory=dict)
     general: dict[str, SubscriptionSpec] = field(default_factory=dict)
+    # The search parameters their criteria use: only these are indexed for a change.
+    params: frozenset[str] = frozenset()
+
+    def specs(self) -> list[SubscriptionSpec]:
+        found = list(self.general.values())
+        for bucket in self.by_key.values():
+            found.extend(bucket.values())
+        return found
 
 
 class Matcher:
@@ -78,6 +86,7 @@ class Matcher:
         else:
             index.by_key.setdefault(key, {})[spec.id] = spec
         self._where[spec.id] = (spec.resource_type, key)
+        index.params = _params(index.specs())
 
     def remove(self, subscription_id: str) -> None:
         where = self._where.pop(subscription_id, None)
@@ -92,6 +101,7 @@ class Matcher:
             bucket.pop(subscription_id, None)
             if not bucket:
                 index.by_key.pop(key, None)
+        index.params = _params(index.specs())
 
     def wants(self, resource_type: str, action: str) -> bool:
         """Whether any target may want this event (else its body is not even read)."""
@@ -109,7 +119,8 @@ class Matcher:
         index = self._types.get(resource_type)
         if index is None or resource is None:
             return []
-        entries: list[IndexEntry] = self._registry.index(resource_type, resource)
+        entries: list[IndexEntry] = self._registry.index(resource_type, resource,
+                                                         index.params)
         candidates: dict[str, SubscriptionSpec] = {}
         if index.by_key:
             for entry in entries:
@@ -120,6 +131,11 @@ class Matcher:
         return [spec for spec in candidates.values()
                 if all(any(judge(match, resource, entries) is True for match in clause)
                        for clause in spec.clauses)]
+
+
+def _params(specs: list[SubscriptionSpec]) -> frozenset[str]:
+    return frozenset(param for spec in specs for clause in spec.clauses for match in clause
+                     if isinstance(param := getattr(match, "param", None), str))
 
 
 def _entry_key(entry: IndexEntry) -> tuple[str, str] | None:

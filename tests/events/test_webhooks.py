@@ -28,10 +28,14 @@ def hook(url: str, events: list[str], payload: str = "ids", **more: Any) -> dict
             "secret_env": "ISTHMUS_TEST_HOOK_SECRET", "payload": payload, **more}
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 async def test_mllp_admission_notifies_once_and_a_resend_changes_nothing(
-        tmp_path: Path, subscriber: Subscriber) -> None:
+        tmp_path: Path, subscriber: Subscriber, workers: int) -> None:
+    # workers 1: the message is applied by an apply worker process; the edge's pump reads
+    # the event it wrote to the shared store.
     gateway = await start_gateway(tmp_path / "var", webhooks=[hook(
-        subscriber.url, ["patient.created", "patient.updated"], "flat")], **FAST)
+        subscriber.url, ["patient.created", "patient.updated"], "flat")],
+        **{**FAST, "processes.workers": workers})
     try:
         peer = await MllpPeer.open(gateway.mllp_port)
         raw = message("adt_a01.hl7")
