@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from gateway.events.delivery import EventBackend, TargetSpec, handshake, open_session
 from gateway.events.matcher import Matcher, Webhook
@@ -207,12 +208,14 @@ class EventPump:
         return end < len(read) or len(read) == self._spec.batch
 
     async def _deliveries(self, event: ChangeEvent) -> list[QueuedDelivery]:
-        resource: Json | None = jsonio.loads(event.body) if event.body else None
+        # Matched on a quick parse; what is sent keeps FHIR decimals' digits (jsonio).
+        quick: Json | None = orjson.loads(event.body) if event.body else None
         hooks = self._matcher.webhooks(event.resource_type, event.action)
-        subscriptions = self._matcher.subscriptions(event.resource_type, resource)
+        subscriptions = self._matcher.subscriptions(event.resource_type, quick)
         if not hooks and not subscriptions:
             return []
-        key = self._spec.blind(patient_of(self._registry, event, resource))
+        resource: Json | None = jsonio.loads(event.body) if event.body else None
+        key = self._spec.blind(patient_of(self._registry, event, quick))
         found: list[QueuedDelivery] = []
         flat: Json | None = None
         if resource is not None and event.action != "deleted" and any(

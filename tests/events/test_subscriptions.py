@@ -217,3 +217,29 @@ async def test_subscription_on_a_type_the_client_may_not_read_is_refused(
         assert is_outcome(answer, 403)
     finally:
         await gateway.runner.cleanup()
+
+
+async def test_a_refused_handshake_puts_the_subscription_in_error_with_the_reason(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    subscriber.status = 500
+    gateway = await _gateway(tmp_path, **{"events.handshake_attempts": 2})
+    try:
+        async with fhir_session(gateway) as session:
+            async with session.post("/fhir/Subscription",
+                                    json=subscription(subscriber.url)) as resp:
+                id_ = (await resp.json())["id"]
+
+            async def errored() -> dict[str, Any] | None:
+                async with session.get(f"/fhir/Subscription/{id_}") as got:
+                    body = await got.json()
+                return body if body["status"] == "error" else None
+
+            await eventually(errored, timeout=15, what="the Subscription in error")
+            found = await errored()
+        assert found is not None and "HTTP 500" in found["error"]
+        assert len(subscriber.handshakes) == 2
+        await _post(gateway, "/fhir/Observation", observation("laboratory", "Mg"))
+        await gateway.app[EVENTS].drain(5)
+        assert subscriber.notifications == []  # never active: nothing sent
+    finally:
+        await gateway.runner.cleanup()
