@@ -139,7 +139,8 @@ def pump_spec(settings: Settings, codec: RowCodec) -> PumpSpec:
 
     return PumpSpec(webhooks, secret_for, _policy(config), config.poll_interval,
                     config.batch, config.handshake_attempts, config.timeout,
-                    config.outbox_poll_interval, blind=lambda key: blind_patient(key, codec))
+                    config.outbox_poll_interval, config.error_after,
+                    blind=lambda key: blind_patient(key, codec))
 
 
 async def events(app: web.Application) -> AsyncIterator[None]:

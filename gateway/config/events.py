@@ -70,6 +70,9 @@ class EventsConfig(DeliverySettings):
     subscription_secret_env: str = ""
     client_secret_env: dict[str, str] = {}
     handshake_attempts: int = Field(default=3, ge=1, le=20)
+    # Failed delivery attempts in a row (none delivered between) after which an active
+    # Subscription goes to `error` with the reason; its rows stay in the outbox.
+    error_after: int = Field(default=50, ge=1)
     # How often each target's outbox worker re-reads the outbox for rows an operator
     # retried or dropped (`isthmus outbox retry`); new rows wake it at once.
     outbox_poll_interval: float = Field(default=10.0, gt=0, le=3600)

@@ -6,6 +6,7 @@ breaker of its own, so one receiver that is down slows only its own deliveries."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -44,11 +45,18 @@ class EventBackend:
 
     kind = EVENT_KIND
 
-    def __init__(self, spec: TargetSpec, session: aiohttp.ClientSession) -> None:
+    def __init__(self, spec: TargetSpec, session: aiohttp.ClientSession,
+                 on_failing: Callable[[str], None] | None = None,
+                 fail_limit: int = 0) -> None:
         self.name = spec.name
         self.spec = spec
         self._session = session
         self._breaker = Breaker(spec.name, spec.breaker_failures, spec.breaker_reset)
+        # After `fail_limit` failed attempts in a row (none delivered between), told once:
+        # a Subscription then goes to `error` (its rows stay in the outbox).
+        self._on_failing = on_failing
+        self._fail_limit = fail_limit
+        self._failed = 0
 
     def available_in(self) -> float:
         return self._breaker.available_in()
@@ -66,6 +74,23 @@ class EventBackend:
         except BaseException:
             self._breaker.release()
             raise
+        verdict = self._judge(delivery, status, retry_after)
+        self._count(verdict)
+        return verdict
+
+    def _count(self, verdict: Verdict) -> None:
+        if isinstance(verdict, Delivered):
+            self._failed = 0
+            return
+        self._failed += 1
+        if self._on_failing is not None and self._fail_limit and \
+                self._failed >= self._fail_limit:
+            self._failed = 0
+            reason = verdict.status or verdict.reason
+            self._on_failing(f"{self._fail_limit} deliveries failed in a row: {reason}")
+
+    def _judge(self, delivery: Delivery, status: int | None,
+               retry_after: str | None) -> Verdict:
         if status is None:
             self._breaker.failure()
             return Retry(retry_after_text(retry_after), status="no answer")

@@ -69,6 +69,8 @@ class PumpSpec:
     # How often each target's outbox worker looks for rows an operator retried or
     # dropped (new rows wake it at once): one worker per target, so not too often.
     outbox_poll_interval: float = 10.0
+    # Failed delivery attempts in a row after which a Subscription goes to `error`.
+    error_after: int = 50
     blind: Callable[[str], str] = lambda key: key
 
 
@@ -89,6 +91,7 @@ class EventPump:
         self._matcher = Matcher(registry, [hook for hook, _, _ in spec.webhooks])
         self._attached: dict[str, SubscriptionSpec] = {}
         self._handshakes: dict[str, asyncio.Task[None]] = {}
+        self._errors: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._cursor = 0
         self._cursor_written = 0.0
@@ -134,9 +137,10 @@ class EventPump:
             except StoreUnavailable as exc:
                 log.error("events: the cursor could not be kept (%s): some events are read "
                           "again at the next start", exc)
-        for task in list(self._handshakes.values()):
+        pending = [*self._handshakes.values(), *self._errors.values()]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._handshakes.values(), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         for name in [hook.backend for hook, _, _ in self._spec.webhooks] + [
                 spec.backend for spec in self._attached.values()]:
             await self._dispatcher.detach(name)
@@ -267,7 +271,10 @@ class EventPump:
             await self._dispatcher.detach(spec.backend)
         assert self._session is not None
         self._attached[id_] = spec
-        await self._dispatcher.attach(EventBackend(target, self._session), self._policy(),
+        backend = EventBackend(target, self._session,
+                               lambda reason: self._failing(id_, reason),
+                               self._spec.error_after)
+        await self._dispatcher.attach(backend, self._policy(),
                                       self._spec.outbox_poll_interval)
 
     async def _subscription_gone(self, id_: str) -> None:
@@ -313,6 +320,33 @@ class EventPump:
             log.error("Subscription %s: the status could not be written: %s", spec.id, exc)
         self._handshakes.pop(spec.id, None)
         self._wake.set()
+
+    def _failing(self, id_: str, reason: str) -> None:
+        """A Subscription's deliveries keep failing: put it in `error` (from the loop)."""
+        if id_ not in self._errors:
+            self._errors[id_] = asyncio.create_task(self._set_error(id_, reason),
+                                                    name=f"subscription-error-{id_}")
+
+    async def _set_error(self, id_: str, reason: str) -> None:
+        try:
+            stored = await self._store.read("Subscription", id_)
+            if stored is None or stored.deleted:
+                return
+            resource = jsonio.loads(stored.body)
+            if resource.get("status") != "active":
+                return
+            updated = {k: v for k, v in resource.items() if k != "meta"}
+            updated["status"], updated["error"] = "error", reason
+            log.warning("Subscription %s: %s", id_, reason)
+            await self._store.transact([WriteRequest("PUT", "Subscription", id_, updated,
+                                                     if_match=stored.version)])
+        except WriteConflict:
+            pass  # changed meanwhile: the change decides
+        except StoreUnavailable as exc:
+            log.error("Subscription %s: the status could not be written: %s", id_, exc)
+        finally:
+            self._errors.pop(id_, None)
+            self._wake.set()
 
     def _policy(self) -> DeliveryPolicy:
         return self._spec.policy

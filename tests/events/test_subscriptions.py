@@ -243,3 +243,26 @@ async def test_a_refused_handshake_puts_the_subscription_in_error_with_the_reaso
         assert subscriber.notifications == []  # never active: nothing sent
     finally:
         await gateway.runner.cleanup()
+
+
+async def test_deliveries_failing_again_and_again_put_the_subscription_in_error(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    gateway = await _gateway(tmp_path, **{"events.error_after": 3})
+    try:
+        id_ = await _subscribe(gateway, subscription(subscriber.url))
+        subscriber.status = 503
+        await _post(gateway, "/fhir/Observation", observation("laboratory", "Ca"))
+        async with fhir_session(gateway) as session:
+            async def errored() -> bool:
+                async with session.get(f"/fhir/Subscription/{id_}") as got:
+                    body = await got.json()
+                return bool(body["status"] == "error" and "HTTP 503" in body["error"])
+
+            await eventually(errored, timeout=15, what="the Subscription in error")
+        tried = len(subscriber.notifications)
+        assert tried >= 3
+        await _post(gateway, "/fhir/Observation", observation("laboratory", "P"))
+        await gateway.app[EVENTS].drain(5)
+        assert len(subscriber.notifications) <= tried + 1  # in error: nothing more queued
+    finally:
+        await gateway.runner.cleanup()
