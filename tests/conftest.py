@@ -29,6 +29,7 @@ from support.builders import with_fields
 from support.pki import pki  # noqa: F401 - the session's throwaway PKI, a fixture for every suite
 from support.postgres import header_line as _postgres_header
 from support.postgres import pg_pool, pg_spec  # noqa: F401
+from support.subscriber import subscriber  # noqa: F401 - the events tests' receiver
 
 if TYPE_CHECKING:
     from gateway.store import SqliteInbox

@@ -26,6 +26,7 @@ from opentelemetry import metrics
 
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
+from gateway.app.events import events
 from gateway.app.forwarding import open_forwarding
 from gateway.app.sealing import store_codec
 from gateway.app.specs import (
@@ -351,7 +352,7 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 # Start-up order; shutdown runs it backwards.
 RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assertion_ids,
                                    inbox, refusals, fhir_store, forwarding, fhir_api,
-                                   agent_api, webhooks, applier, mllp,
+                                   events, agent_api, webhooks, applier, mllp,
                                    housekeeping)
 
 

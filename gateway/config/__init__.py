@@ -14,6 +14,7 @@ from gateway.config.client import SendConfig
 from gateway.config.console import ConsoleConfig, ConsoleUser
 from gateway.config.edge import AllowedSender, FhirConfig, MllpConfig, ServerConfig, TlsConfig
 from gateway.config.encryption import EncryptionConfig
+from gateway.config.events import EventsConfig, WebhookConfig
 from gateway.config.forward import (
     LOCAL_BACKEND,
     BackendAuthConfig,
@@ -33,7 +34,8 @@ __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AgentConfig", "AllowedSender",
     "ApiKeyConfig", "AuditConfig", "AuditReviewer", "AuthConfig", "BackendAuthConfig",
     "BackendConfig", "ClientConfig", "ConfigError", "ConsoleConfig", "ConsoleUser",
-    "EncryptionConfig", "FhirConfig", "ForwardConfig", "IssuerConfig", "LogConfig",
+    "EncryptionConfig", "EventsConfig", "FhirConfig", "ForwardConfig", "IssuerConfig",
+    "LogConfig",
     "MappingConfig", "MllpConfig", "ProcessesConfig", "RouteConfig", "RouteMatch",
     "SendConfig", "ServerConfig", "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig",
     "WebhookConfig", "load_settings",

@@ -11,6 +11,7 @@ from gateway.config.client import SendConfig
 from gateway.config.console import ConsoleConfig
 from gateway.config.edge import FhirConfig, MllpConfig, ServerConfig
 from gateway.config.encryption import EncryptionConfig
+from gateway.config.events import EventsConfig, WebhookConfig, check_webhooks
 from gateway.config.forward import LOCAL_BACKEND, BackendConfig, ForwardConfig, RouteConfig
 from gateway.config.processes import ProcessesConfig
 from gateway.config.store import AuditConfig, MappingConfig, StoreConfig
@@ -38,6 +39,13 @@ class Settings(_Section):
     console: ConsoleConfig = ConsoleConfig()
     agent: AgentConfig = AgentConfig()
     processes: ProcessesConfig = ProcessesConfig()
+    events: EventsConfig = EventsConfig()
+    webhooks: tuple[WebhookConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _webhooks_usable(self) -> Settings:
+        check_webhooks(self.webhooks)
+        return self
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> Settings:

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from gateway.audit import AuditLog, AuditRecord
+from gateway.events.subscriptions import SubscriptionRules
 from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
 from gateway.fhir.model import is_resource_type, required_elements
@@ -111,6 +112,8 @@ class FhirApi:
     _audit_behind: bool = False
     # Types routed to a remote FHIR backend are proxied by this (None: all local).
     facade: Facade | None = None
+    # How Subscription writes are checked and owned (None: stored as any resource).
+    subscriptions: SubscriptionRules | None = None
 
     @classmethod
     def build(cls, store: FhirStore, registry: SearchRegistry, telemetry: Telemetry,

@@ -26,6 +26,7 @@ from gateway.edge.fhir_request import (
     resource_answer,
     validated,
 )
+from gateway.events.subscriptions import SubscriptionError
 from gateway.fhir.outcome import FHIR_JSON, FhirError, information
 from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import Entry, query_pairs, write_request
@@ -45,6 +46,7 @@ async def create(call: Call) -> web.Response:
     request = call.request
     resource = await read_body(request, call.api.limits.max_body_bytes)
     validated(resource, call.resource_type)
+    resource = _subscription(call, resource)
     resource.pop("id", None)  # FHIR R4 http.html#create: the server assigns the id
     condition = request.headers.get("If-None-Exist")
     entry = Entry(0, "POST", call.resource_type, None, (), resource, None, None,
@@ -57,6 +59,7 @@ async def update(call: Call) -> web.Response:
     id_ = request.match_info["id"]
     resource = await read_body(request, call.api.limits.max_body_bytes)
     validated(resource, call.resource_type)
+    resource = _subscription(call, resource)
     if resource.get("id") != id_:
         raise FhirError(400, "the resource id must match the id in the URL",
                         f"{call.resource_type}.id")
@@ -72,9 +75,22 @@ async def conditional_update(call: Call) -> web.Response:
         raise FhirError(400, "a conditional update needs search parameters")
     resource = await read_body(request, call.api.limits.max_body_bytes)
     validated(resource, call.resource_type)
+    resource = _subscription(call, resource)
     entry = Entry(0, "PUT", call.resource_type, None, params, resource, None,
                   if_match(request), (), call.resource_type)
     return await _write(call, entry)
+
+
+def _subscription(call: Call, resource: dict[str, Any]) -> dict[str, Any]:
+    """A Subscription as the gateway stores it (checked, its status and owner set): the
+    events package decides what it can act on; 400 or 403 when it cannot."""
+    rules = call.api.subscriptions
+    if call.resource_type != "Subscription" or rules is None:
+        return resource
+    try:
+        return rules.accept(resource, call.principal)
+    except SubscriptionError as exc:
+        raise FhirError(exc.status, exc.reason, exc.element) from None
 
 
 async def delete(call: Call) -> web.Response:

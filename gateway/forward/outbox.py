@@ -464,6 +464,8 @@ class Dispatcher:
         self._outbox = outbox
         self._close_grace = close_grace
         instruments = _Instruments(telemetry)
+        self._poll_interval = poll_interval
+        self._instruments = instruments
         self._workers = {
             name: _Worker(outbox, backend, policies.get(name, DeliveryPolicy()),
                           poll_interval, instruments)
@@ -484,6 +486,29 @@ class Dispatcher:
             worker.count = counts.get(name, 0)
             worker.start()
         self._started = True
+
+    async def attach(self, backend: Backend, policy: DeliveryPolicy,
+                     poll_interval: float | None = None) -> None:
+        """Start delivering to a backend that came after the start (a FHIR Subscription
+        made active): its pending rows are read from the store. `poll_interval`: how
+        often it looks for rows changed behind its back (an operator's retry); new rows
+        wake it anyway."""
+        if backend.name in self._workers:
+            return
+        worker = self._workers[backend.name] = _Worker(
+            self._outbox, backend, policy, poll_interval or self._poll_interval,
+            self._instruments)
+        worker.count = await self._outbox.count_pending(backend.name)
+        worker.start()
+
+    async def detach(self, name: str) -> Backend | None:
+        """Stop delivering to a backend (a Subscription turned off); its pending rows stay
+        in the outbox. The backend, for its owner to close."""
+        worker = self._workers.pop(name, None)
+        if worker is None:
+            return None
+        await worker.close(self._close_grace)
+        return worker.backend
 
     async def close(self) -> None:
         """Stop; deliveries still in flight after a short grace stay pending (sent again

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from gateway.store.errors import StoreUnavailable
+from gateway.store.events import delivery_context
 from gateway.store.sealing import PLAIN, RowCodec, SealError, inbox_context
 
 PENDING = "pending"
@@ -33,6 +34,9 @@ DELIVERED = "delivered"
 DEAD = "dead"
 DROPPED = "dropped"
 STATUSES = (PENDING, DELIVERED, DEAD, DROPPED)
+# The backend kind of change-event targets (webhooks, Subscriptions): their rows name an
+# event (inbox_id = -event seq), their payloads are in `event_delivery`.
+EVENT_KIND = "event"
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ _NOT_HELD = (
 
 _ENTRY_SQL = (
     "SELECT o.id, o.inbox_id, o.backend, o.status, o.attempts, o.created_at, o.updated_at, "
-    "o.next_at, o.last_status, o.error, coalesce(i.message_type, ''), "
+    "o.next_at, o.last_status, o.error, "
+    "CASE WHEN o.inbox_id < 0 THEN 'event' ELSE coalesce(i.message_type, '') END, "
     "coalesce(i.control_id, '') FROM outbox o LEFT JOIN inbox i ON i.id = o.inbox_id")
 
 
@@ -174,6 +179,8 @@ class SqliteOutbox:
         later rows of their patient, which is the dispatcher's business. Rows behind a
         dead row of their patient are not: they wait for an operator.
         """
+        if kind == EVENT_KIND:
+            return await self._due_events(backend, after_id, limit)
         column = _ROW_SQL.get(kind)
         if column is None:
             raise ValueError(f"no outbox payload for backend kind '{kind}'")
@@ -186,6 +193,28 @@ class SqliteOutbox:
         return [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
                           str(r[6]), self._payload(int(r[0]), column, r[7], r[8:12]))
                 for r in rows]
+
+    async def _due_events(self, backend: str, after_id: int, limit: int) -> list[OutboxRow]:
+        """An event target's pending rows (gateway.store.events): the payload is the event
+        id, a newline, and the body."""
+        rows = await self._db.execute_fetchall(
+            f"SELECT o.id, o.inbox_id, o.backend, o.patient_key, o.attempts, o.next_at, "
+            f"o.trace, e.event_id, e.payload FROM outbox o JOIN event_delivery e "
+            f"ON e.event_seq = -o.inbox_id AND e.backend = o.backend "
+            f"WHERE o.backend = ? AND o.status = 'pending' AND o.id > ? AND {_NOT_HELD} "
+            f"ORDER BY o.id LIMIT ?", (backend, after_id, limit))
+        found = []
+        for r in rows:
+            try:
+                body: bytes | None = str(r[7]).encode() + b"\n" + self._codec.open(
+                    bytes(r[8]), delivery_context(-int(r[1]), str(r[2])))
+            except SealError as exc:
+                log.error("outbox row %d: its payload does not open (%s); it is not sent",
+                          int(r[0]), exc)
+                body = None
+            found.append(OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]),
+                                   float(r[5]), str(r[6]), body))
+        return found
 
     def _payload(self, row_id: int, column: str, value: bytes | None,
                  identity: Sequence[Any]) -> bytes | None:

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition", ("gateway.app", "gateway.cli", "gateway.config", "gateway.__main__")),
     ("edge", ("gateway.edge", "gateway.agent")),
     ("ingest", ("gateway.ingest",)),
-    ("forwarding", ("gateway.forward",)),
+    ("forwarding", ("gateway.forward", "gateway.events")),
     ("audit", ("gateway.audit",)),
     ("policy", ("gateway.policy",)),
     ("mapping", ("gateway.mapping",)),
@@ -115,4 +115,4 @@ def test_tests_live_in_the_folder_of_their_package() -> None:
     assert not loose, f"test files outside a package folder: {loose}"
     folders = {p.parent.name for p in tests.rglob("test_*.py")}
     assert folders <= {"hl7", "mapping", "fhir", "store", "policy", "audit", "forward", "edge",
-                       "ingest", "telemetry", "system", "security", "agent"}, folders
+                       "ingest", "telemetry", "system", "security", "agent", "events"}, folders

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -60,13 +60,17 @@ class SearchRegistry:
 
     # -- indexing (every write) -------------------------------------------------------------
 
-    def index(self, resource_type: str, resource: dict[str, Any]) -> list[IndexEntry]:
-        """The index rows of a resource; what cannot be indexed is skipped, never raised."""
+    def index(self, resource_type: str, resource: dict[str, Any],
+              only: Collection[str] | None = None) -> list[IndexEntry]:
+        """The index rows of a resource (of the `only` parameters, if given); what cannot
+        be indexed is skipped, never raised."""
         params = self._by_type.get(resource_type)
         if params is None or not isinstance(resource, dict):
             return []
         out: list[IndexEntry] = []
         for name, param in params.items():
+            if only is not None and name not in only:
+                continue
             for path in param.paths:
                 for value in values(resource, path.steps):
                     path.emit(name, value, out)

@@ -82,6 +82,32 @@ CREATE INDEX IF NOT EXISTS fhir_quantity_lookup ON fhir_quantity (type, param, v
 CREATE INDEX IF NOT EXISTS fhir_quantity_resource ON fhir_quantity (type, id, param);
 CREATE TABLE IF NOT EXISTS fhir_store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
+-- One change event per new version, made by the triggers below in the statement that
+-- writes the version (so in its transaction): a resend that changes nothing writes no
+-- version and makes no event (gateway.store.events).
+CREATE TABLE IF NOT EXISTS fhir_event (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    at TEXT NOT NULL,
+    UNIQUE (type, id, version)
+);
+CREATE TRIGGER IF NOT EXISTS fhir_resource_event_insert AFTER INSERT ON fhir_resource
+BEGIN
+    INSERT INTO fhir_event (type, id, version, action, at)
+    VALUES (new.type, new.id, new.version,
+            CASE WHEN new.deleted THEN 'deleted' ELSE 'created' END, new.last_updated);
+END;
+CREATE TRIGGER IF NOT EXISTS fhir_resource_event_update AFTER UPDATE ON fhir_resource
+BEGIN
+    INSERT INTO fhir_event (type, id, version, action, at)
+    VALUES (new.type, new.id, new.version,
+            CASE WHEN new.deleted THEN 'deleted' WHEN old.deleted THEN 'created'
+                 ELSE 'updated' END, new.last_updated);
+END;
+
 -- Every current row written is also a version in the history, in the same statement.
 CREATE TRIGGER IF NOT EXISTS fhir_resource_archive_insert AFTER INSERT ON fhir_resource
 BEGIN

@@ -72,7 +72,8 @@ _MUST_BE_EMPTY = ("inbox", "outbox", "fhir_resource", "fhir_version", "audit_rec
 # Identity columns whose sequences continue after the copied ids.
 _IDENTITIES = (("inbox", "id"), ("outbox", "id"), ("fhir_version", "seq"),
                ("audit_checkpoint", "id"))
-_TRIGGERS = (("inbox", "inbox_to_outbox"), ("fhir_resource", "fhir_resource_archive"))
+_TRIGGERS = (("inbox", "inbox_to_outbox"), ("fhir_resource", "fhir_resource_archive"),
+             ("fhir_resource", "fhir_resource_event"))
 _BATCH = 2000
 # The search tables a sealed data dir's rows are not copied from: made from the resources.
 _INDEX_TABLES = ("fhir_token", "fhir_string", "fhir_date", "fhir_reference",

@@ -1,0 +1,194 @@
+"""Change events out: the pump that follows the store's events into the outbox, the rules
+Subscription writes are checked by, and the FHIR edge's read rules that cut what each
+Subscription's owner receives (minimum necessary, as for a read)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway.agent import flatten
+from gateway.app.state import (
+    CODEC,
+    FHIR_FILE,
+    FHIR_STORE,
+    FORWARDING,
+    INBOX_FILE,
+    POOL,
+    SEARCH_REGISTRY,
+    SETTINGS,
+    TELEMETRY,
+)
+from gateway.config import ConfigError, Settings
+from gateway.config.events import (
+    EventsSecretError,
+    WebhookConfig,
+    subscription_secrets,
+    webhook_secrets,
+)
+from gateway.edge.fhir_api import FHIR, FhirApi
+from gateway.events.catalogue import unknown_events
+from gateway.events.delivery import TargetSpec
+from gateway.events.matcher import Webhook
+from gateway.events.payloads import JSON
+from gateway.events.pump import EventPump, PumpSpec
+from gateway.events.subscriptions import Owner, SubscriptionRules
+from gateway.fhir import jsonio
+from gateway.fhir.errors import FhirError
+from gateway.forward.outbox import DeliveryPolicy, Dispatcher
+from gateway.policy import Principal, ScopeSet
+from gateway.store.events import SqliteEventLog, SqliteEventQueue
+from gateway.store.fhir import FhirStore
+from gateway.store.inbox_sqlite import blind_patient
+from gateway.store.sealing import RowCodec
+
+EVENTS = web.AppKey("events", EventPump)
+Json = dict[str, Any]
+
+
+class ReadGate:
+    """What a Subscription's owner may read, judged as the FHIR edge judges a read: its
+    scopes, patient compartment, scope constraints and task profile."""
+
+    def __init__(self, api: FhirApi) -> None:
+        self._api = api
+        self._principals: dict[Owner, Principal] = {}
+
+    def principal(self, owner: Owner) -> Principal:
+        found = self._principals.get(owner)
+        if found is None:
+            found = self._principals[owner] = Principal(
+                owner.client_id, ScopeSet.parse(owner.scopes), "smart", owner.profile,
+                owner.patient)
+        return found
+
+    def may_read(self, principal: Principal, resource_type: str) -> bool:
+        try:
+            self._api.authorize(principal, "read", resource_type)
+        except FhirError:
+            return False
+        return True
+
+    def view(self, owner: Owner, resource_type: str, resource: Json) -> Json | None:
+        principal = self.principal(owner)
+        if owner.profile is not None and self._api.profile(principal) is None:
+            return None  # its profile is no longer configured: fail closed
+        if not self.may_read(principal, resource_type):
+            return None
+        try:
+            visibility = self._api.visibility(principal, "read", resource_type)
+        except FhirError:
+            return None
+        if not visibility.shows(resource):
+            return None
+        return self._api.shaped_resource(principal, resource)
+
+
+class Flattener:
+    """The agent API's flat objects for `payload = "flat"` webhooks, names read from the
+    local store."""
+
+    def __init__(self, store: FhirStore) -> None:
+        self._store = store
+
+    async def __call__(self, resource_type: str, resource: Json) -> Json | None:
+        if resource_type == "Patient":
+            return {"id": resource.get("id"), "name": flatten.display_name(resource)}
+        if resource_type not in ("Appointment", "MedicationRequest"):
+            return {"id": resource.get("id")}
+        names: dict[str, str] = {}
+        for reference in flatten.references(resource):
+            type_, _, id_ = reference.partition("/")
+            stored = await self._store.read(type_, id_)
+            if stored is not None and not stored.deleted:
+                name = flatten.display_name(jsonio.loads(stored.body))
+                if name:
+                    names[reference] = name
+        if resource_type == "Appointment":
+            return flatten.appointment(resource, names)
+        return flatten.medication(resource, [], names)
+
+
+def _secrets(settings: Settings) -> tuple[dict[str, bytes], bytes | None, dict[str, bytes]]:
+    try:
+        hooks = webhook_secrets(settings.webhooks)
+        default, clients = subscription_secrets(settings.events)
+    except EventsSecretError as exc:
+        raise ConfigError(str(exc)) from None
+    return hooks, default, clients
+
+
+def _policy(config: WebhookConfig | Any) -> DeliveryPolicy:
+    return DeliveryPolicy(max_attempts=config.max_attempts, retry_base=config.retry_base,
+                          retry_max_delay=config.retry_max_delay,
+                          concurrency=config.concurrency)
+
+
+def pump_spec(settings: Settings, codec: RowCodec) -> PumpSpec:
+    """The pump's targets and settings; ConfigError (one line) for what cannot work."""
+    hooks, default, clients = _secrets(settings)
+    webhooks = [(Webhook(c.name, frozenset(c.events), c.payload),
+                 TargetSpec(f"webhook:{c.name}", c.url, hooks[c.name], JSON, (), c.timeout),
+                 _policy(c)) for c in settings.webhooks]
+    config = settings.events
+
+    def secret_for(client_id: str) -> bytes | None:
+        return clients.get(client_id, default)
+
+    return PumpSpec(webhooks, secret_for, _policy(config), config.poll_interval,
+                    config.batch, config.handshake_attempts, config.timeout,
+                    config.outbox_poll_interval, config.error_after,
+                    blind=lambda key: blind_patient(key, codec))
+
+
+async def events(app: web.Application) -> AsyncIterator[None]:
+    """Subscription rules on the FHIR API, and the pump (embedded store only, for now)."""
+    settings = app[SETTINGS]
+    config = settings.events
+    api = app[FHIR]
+    gate = ReadGate(api)
+    spec = pump_spec(settings, app[CODEC])
+    registry = app[SEARCH_REGISTRY]
+    unknown = unknown_events([e for c in settings.webhooks for e in c.events],
+                             registry.types())
+    if unknown:
+        raise ConfigError(f"webhooks: unknown event {unknown[0]} (the type is not one the "
+                          "store keeps; see docs/events.md)")
+    if not config.enabled:
+        yield
+        return
+    if POOL in app:
+        if settings.webhooks:
+            raise ConfigError("webhooks: change events are delivered with store.backend = "
+                              "'sqlite' only, for now")
+        yield
+        return
+    api.subscriptions = SubscriptionRules(registry, config.allow_insecure_http,
+                                          lambda client: spec.secret_for(client) is not None,
+                                          gate.may_read)
+    data_dir = settings.store.data_dir
+    forwarding = app[FORWARDING]
+    assert forwarding.outbox is not None
+    own = forwarding.dispatcher is None
+    dispatcher = forwarding.dispatcher or Dispatcher(
+        forwarding.outbox, {}, {}, app[TELEMETRY],
+        poll_interval=settings.forward.poll_interval)
+    if own:
+        await dispatcher.start()
+    log_ = await SqliteEventLog.open(data_dir / FHIR_FILE, app[CODEC])
+    queue = await SqliteEventQueue.open(data_dir / INBOX_FILE, app[CODEC])
+    pump = EventPump(log_, queue, app[FHIR_STORE], registry, dispatcher, gate,
+                     Flattener(app[FHIR_STORE]), spec)
+    try:
+        await pump.start()
+        app[EVENTS] = pump
+        yield
+    finally:
+        await pump.close()
+        if own:
+            await dispatcher.close()
+        await queue.close()
+        await log_.close()
+        api.subscriptions = None
