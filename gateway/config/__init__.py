@@ -28,13 +28,14 @@ from gateway.config.processes import ProcessesConfig
 from gateway.config.settings import Settings
 from gateway.config.store import AuditConfig, AuditReviewer, MappingConfig, StoreConfig
 from gateway.config.telemetry import LogConfig, TelemetryConfig
-from gateway.config.webhooks import WebhookConfig
+from gateway.config.webhooks import InboundWebhookConfig
 
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "LOCAL_BACKEND", "AgentConfig", "AllowedSender",
     "ApiKeyConfig", "AuditConfig", "AuditReviewer", "AuthConfig", "BackendAuthConfig",
     "BackendConfig", "ClientConfig", "ConfigError", "ConsoleConfig", "ConsoleUser",
-    "EncryptionConfig", "EventsConfig", "FhirConfig", "ForwardConfig", "IssuerConfig",
+    "EncryptionConfig", "EventsConfig", "FhirConfig", "ForwardConfig", "InboundWebhookConfig",
+    "IssuerConfig",
     "LogConfig",
     "MappingConfig", "MllpConfig", "ProcessesConfig", "RouteConfig", "RouteMatch",
     "SendConfig", "ServerConfig", "Settings", "StoreConfig", "TelemetryConfig", "TlsConfig",

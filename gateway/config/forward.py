@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from gateway.config.base import Section as _Section
-from gateway.config.webhooks import WebhookConfig
+from gateway.config.webhooks import InboundWebhookConfig
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 LOCAL_BACKEND = "local"
@@ -97,7 +97,7 @@ class BackendConfig(_Section):
     # (counted), "reject" it (502 naming the element).
     validation: Literal["repair", "pass", "reject"] = "pass"
     # fhir: the change notifications it sends to POST /webhooks/<name> (docs/webhooks-in.md).
-    webhook: WebhookConfig | None = None
+    webhook: InboundWebhookConfig | None = None
 
     @model_validator(mode="after")
     def _addressed(self) -> BackendConfig:

@@ -21,7 +21,7 @@ def is_pointer(text: str) -> bool:
     return bool(_POINTER.fullmatch(text))
 
 
-class WebhookConfig(_Section):
+class InboundWebhookConfig(_Section):
     """How a backend's change notifications are checked and read.
 
     `event_id` and `resource` are JSON pointers into the event; `resource` may instead be
@@ -49,7 +49,7 @@ class WebhookConfig(_Section):
     retry_max_delay: float = Field(default=300.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
-    def _readable(self) -> WebhookConfig:
+    def _readable(self) -> InboundWebhookConfig:
         if not _ENV_NAME.fullmatch(self.secret_env):
             raise ValueError("webhook: secret_env is the name of an environment variable")
         if not self.shape and not (self.event_id and self.resource):

@@ -26,7 +26,7 @@ from conftest import RunningGateway
 from gateway.audit import Action, AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.cli import main as cli_main
-from gateway.config import BackendConfig, ConfigError, WebhookConfig
+from gateway.config import BackendConfig, ConfigError, InboundWebhookConfig
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.webhooks_http import WEBHOOKS
 from support.fake_ehr import FakeEhr
@@ -512,7 +512,7 @@ async def test_a_missing_secret_stops_the_start(tmp_path: Path,
 def test_only_a_fhir_backend_may_send_webhooks() -> None:
     with pytest.raises(ValueError, match="only a fhir backend"):
         BackendConfig(name="lab", kind="mllp", host="127.0.0.1", port=2575,
-                      webhook=WebhookConfig(secret_env="X", shape="scheduling"))
+                      webhook=InboundWebhookConfig(secret_env="X", shape="scheduling"))
 
 
 async def test_webhooks_list_shows_events_without_their_resource(

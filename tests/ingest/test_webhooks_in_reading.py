@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import WebhookConfig
+from gateway.config import InboundWebhookConfig
 from gateway.ingest.webhook_events import (
     MalformedEvent,
     direct_rule,
@@ -120,4 +120,4 @@ def test_a_bad_shape_row_is_named_by_file_and_line(tmp_path: Path, row: str,
 ])
 def test_webhook_settings_are_checked(settings: dict[str, str], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
-        WebhookConfig(**settings)  # type: ignore[arg-type]
+        InboundWebhookConfig(**settings)  # type: ignore[arg-type]
