@@ -133,16 +133,20 @@ async def test_claims_and_due_times_per_backend(store_backend: Backend) -> None:
         await events.close()
 
 
-async def test_events_of_a_backend_that_left_the_config_are_failed(
+async def test_events_of_a_backend_that_left_the_config_are_failed_on_sqlite_only(
         store_backend: Backend) -> None:
+    """One process owns an SQLite data dir, so its config is the only one; on the shared
+    database another instance may still have the backend (a config rolling out)."""
     events = await open_events(store_backend)
+    embedded = store_backend.pool is None
     try:
         await events.record("kept", "e1", "resource.updated", "Patient", "Patient/p1")
         await events.record("gone", "e2", "resource.updated", "Patient", "Patient/p2")
-        assert await events.abandon(["kept"], "backend not configured") == 1
+        assert await events.abandon(["kept"], "backend not configured") == int(embedded)
         rows = {r.backend: (r.status, r.reason) for r in await events.rows()}
         assert rows == {"kept": ("pending", ""),
-                        "gone": ("failed", "backend not configured")}
+                        "gone": ("failed", "backend not configured") if embedded
+                        else ("pending", "")}
         assert await events.abandon(["kept"], "backend not configured") == 0
     finally:
         await events.close()
