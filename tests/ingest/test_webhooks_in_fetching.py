@@ -234,3 +234,37 @@ async def test_a_deletion_of_what_was_never_stored_is_gone_with_nothing_deleted(
 
     await eventually(gone)
     assert await two.read("Appointment/a-never") == 404
+
+
+async def test_events_of_a_backend_that_left_the_config_fail_at_the_next_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_FETCH_EHR_SECRET", EHR_SECRET.decode())
+    monkeypatch.setenv("TEST_FETCH_SLOW_SECRET", SLOW_SECRET.decode())
+    async with FakeEhr() as ehr:
+        ehr.fail_all(503)  # nothing is fetched before the restart
+        kept = {"name": "ehr", "kind": "fhir", "base_url": ehr.url, "max_retries": 0,
+                "webhook": {"secret_env": "TEST_FETCH_EHR_SECRET", "shape": "ehr-changed"}}
+        left = {**kept, "name": "old",
+                "webhook": {"secret_env": "TEST_FETCH_SLOW_SECRET", "shape": "ehr-changed"}}
+        running = await start_fhir_gateway(tmp_path / "var", backends=[kept, left])
+        try:
+            for sender, event_id in ((WebhookSender(running.http_url, "ehr", EHR_SECRET),
+                                      "evt-k"),
+                                     (WebhookSender(running.http_url, "old", SLOW_SECRET),
+                                      "evt-o")):
+                assert (await sender.send(changed(event_id, "Appointment/a-o"))).status == 202
+        finally:
+            await running.runner.cleanup()
+        running = await start_fhir_gateway(tmp_path / "var", backends=[kept])
+        try:
+            async def statuses() -> dict[str, tuple[str, str]]:
+                return {r.backend: (r.status, r.reason)
+                        for r in await running.app[WEBHOOKS].events.rows()}
+
+            async def abandoned() -> bool:
+                return (await statuses())["old"] == ("failed", "backend not configured")
+
+            await eventually(abandoned)
+            assert (await statuses())["ehr"][0] == "pending"  # its backend still fails
+        finally:
+            await running.runner.cleanup()
