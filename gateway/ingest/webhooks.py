@@ -58,7 +58,7 @@ _GONE = frozenset({404, 410})
 class WebhookMetrics:
     """One counter of events by backend and outcome (a fixed vocabulary, never a value):
     at the edge accepted, replayed, ignored, refused, malformed; after it done, unchanged,
-    gone, failed, retried."""
+    gone, deleted, failed, retried."""
 
     _by_meter: weakref.WeakKeyDictionary[metrics.Meter, WebhookMetrics] = (
         weakref.WeakKeyDictionary())
@@ -177,16 +177,25 @@ class Webhooks:
         new = await self.events.record(hook.backend, changed.event_id, changed.kind,
                                        changed.resource_type, changed.path)
         if new:
-            self.fetcher.wake()
+            self.fetcher.wake(hook.backend)
         self.count(hook.backend, "accepted" if new else "replayed")
         return new
 
 
-Outcome = Literal["done", "unchanged", "gone", "failed", "retry"]
+Outcome = Literal["done", "unchanged", "gone", "deleted", "failed", "retry"]
+
+
+def is_deletion(kind: str) -> bool:
+    """A kind of event that announces a deletion (`resource.deleted`,
+    `appointment.deleted`): a 404 from the backend then confirms it."""
+    return kind.endswith(".deleted")
 
 
 class Fetcher:
-    """Fetches the resource of each recorded event and stores it, in receipt order."""
+    """Fetches the resource of each recorded event and stores it: one loop per backend,
+    so a backend that is slow or down delays only its own events; within a backend, in
+    receipt order (one event at a time), so two events for one resource apply in the
+    order they came."""
 
     def __init__(self, events: WebhookEvents, sources: Mapping[str, Source],
                  store: FhirStore, *, idle: float = IDLE,
@@ -196,28 +205,47 @@ class Fetcher:
         self._sources = dict(sources)
         self._store = store
         self._idle = idle
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wakes = {name: asyncio.Event() for name in self._sources}
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(),
-                                                            name="webhook-fetcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._abandon(), name="webhook-orphans")]
+        self._tasks += [loop.create_task(self._run(name), name=f"webhook-fetcher-{name}")
+                        for name in self._sources]
 
-    def wake(self) -> None:
-        self._wake.set()
+    def wake(self, backend: str | None = None) -> None:
+        """Look for due events now: one backend's (its loop), or every backend's."""
+        for name, wake in self._wakes.items():
+            if backend is None or name == backend:
+                wake.set()
 
     async def close(self) -> None:
-        """Stop after the event in hand (the others stay pending for the next start)."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop after the events in hand (the others stay pending for the next start)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
 
-    async def _run(self) -> None:
+    async def _abandon(self) -> None:
+        """Events of a backend that left the config: nothing would fetch them; failed, so
+        `isthmus webhooks list --status failed` shows them to an operator."""
+        try:
+            if abandoned := await self._events.abandon(tuple(self._sources),
+                                                       "backend not configured"):
+                log.warning("webhook events: %d of backends no longer configured failed",
+                            abandoned)
+        except StoreUnavailable as exc:
+            log.warning("webhook events: store unavailable (%s)", exc)
+
+    async def _run(self, backend: str) -> None:
+        wake = self._wakes[backend]
         while True:
             try:
-                await self.drain()
-                wait = await self._events.next_due()
+                await self.drain(backend)
+                wait = await self._events.next_due(backend)
             except StoreUnavailable as exc:
                 log.warning("webhook events: store unavailable (%s)", exc)
                 wait = 1.0
@@ -225,15 +253,18 @@ class Fetcher:
                 # The type alone: an exception's text may quote what it was handling.
                 log.error("webhook fetcher failed: %s", type(exc).__name__)
                 wait = 1.0
-            self._wake.clear()
+            wake.clear()
             timeout = self._idle if wait is None else min(max(wait, 0.05), self._idle)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(wake.wait(), timeout)
 
-    async def drain(self) -> int:
-        """Work off every due event; how many were handled."""
+    async def drain(self, backend: str | None = None) -> int:
+        """Work off every due event of one backend (None: of each backend in turn); how
+        many were handled."""
+        if backend is None:
+            return sum([await self.drain(name) for name in self._sources])
         handled = 0
-        while batch := await self._events.claim(BATCH, LEASE):
+        while batch := await self._events.claim(BATCH, LEASE, backend):
             for event in batch:
                 outcome = await self.handle(event)
                 if self._metrics is not None:
@@ -252,8 +283,7 @@ class Fetcher:
         except (BackendUnavailable, BackendTimeout) as exc:
             return await self._retry(event, source, exc.reason, exc.retry_after)
         if response.status in _GONE:
-            await self._events.finish(event.id, "gone", f"HTTP {response.status}")
-            return "gone"
+            return await self._gone(event, source, response.status)
         if response.status in _RETRY_STATUSES or response.status >= 500:
             return await self._retry(event, source, f"HTTP {response.status}",
                                      parse_retry_after(response.headers.get("Retry-After")))
@@ -261,6 +291,29 @@ class Fetcher:
             await self._events.finish(event.id, "failed", f"HTTP {response.status}")
             return "failed"
         return await self._store_answer(event, source, response)
+
+    async def _gone(self, event: WebhookEvent, source: Source, status: int) -> Outcome:
+        """The backend no longer has the resource. A 410 says it was deleted, as does a
+        404 for an event whose kind is a deletion: the local copy is deleted too (a store
+        delete: a deletion version in its history, gone from searches). A bare 404 may be
+        a resource the backend never had (the local copy may have come another way): kept."""
+        if status != 410 and not is_deletion(event.kind):
+            await self._events.finish(event.id, "gone", f"HTTP {status}; local copy kept")
+            return "gone"
+        type_, _, id = event.resource.partition("/")
+        try:
+            current = await self._store.read(type_, id)
+            if current is None or current.deleted:
+                await self._events.finish(event.id, "gone", f"HTTP {status}; no local copy")
+                return "gone"
+            await self._store.transact([WriteRequest("DELETE", type_, id=id)])
+        except StoreUnavailable:
+            return await self._retry(event, source, "local store unavailable", None)
+        except WriteConflict as exc:
+            await self._events.finish(event.id, "failed", f"store refused ({exc.status})")
+            return "failed"
+        await self._events.finish(event.id, "gone", f"HTTP {status}; deleted locally")
+        return "deleted"
 
     async def _store_answer(self, event: WebhookEvent, source: Source,
                             response: FhirResponse) -> Outcome:

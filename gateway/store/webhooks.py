@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,8 +96,15 @@ class WebhookEvents(Protocol):
         """Keep a new event; False if this backend's event id is already kept."""
         ...
 
-    async def claim(self, limit: int, lease: float) -> list[WebhookEvent]:
-        """Due pending events, oldest first, held for `lease` seconds."""
+    async def claim(self, limit: int, lease: float,
+                    backend: str | None = None) -> list[WebhookEvent]:
+        """Due pending events (of one backend, or of any), oldest first, held for `lease`
+        seconds."""
+        ...
+
+    async def abandon(self, keep: Sequence[str], reason: str) -> int:
+        """End as failed the pending events of every backend not in `keep` (one that left
+        the config: nothing fetches them); how many."""
         ...
 
     async def finish(self, id: int, status: Status, reason: str = "") -> None: ...
@@ -105,8 +113,9 @@ class WebhookEvents(Protocol):
         """Count a failed fetch and try again in `delay` seconds."""
         ...
 
-    async def next_due(self) -> float | None:
-        """Seconds until the next pending event is due (0: now), None: none pending."""
+    async def next_due(self, backend: str | None = None) -> float | None:
+        """Seconds until the next pending event (of one backend, or of any) is due (0:
+        now), None: none pending."""
         ...
 
     async def rows(self, status: str | None = None, limit: int = 100) -> list[EventRow]: ...
@@ -149,14 +158,15 @@ class SqliteWebhookEvents:
                                    ) from None
         return cursor.rowcount == 1
 
-    async def claim(self, limit: int, lease: float) -> list[WebhookEvent]:
+    async def claim(self, limit: int, lease: float,
+                    backend: str | None = None) -> list[WebhookEvent]:
         now = time.time()
         rows = await self._db.execute_fetchall(
             "UPDATE webhook_event SET claimed_until = ? WHERE id IN ("
             " SELECT id FROM webhook_event WHERE status = 'pending' AND next_at <= ?"
-            " AND claimed_until <= ? ORDER BY id LIMIT ?) "
+            " AND claimed_until <= ? AND (? IS NULL OR backend = ?) ORDER BY id LIMIT ?) "
             "RETURNING id, backend, event_id, kind, resource_type, resource, attempts",
-            (now + lease, now, now, limit))
+            (now + lease, now, now, backend, backend, limit))
         return sorted((self._event(row) for row in rows), key=lambda e: e.id)
 
     def _event(self, row: aiosqlite.Row) -> WebhookEvent:
@@ -176,10 +186,18 @@ class SqliteWebhookEvents:
             "UPDATE webhook_event SET attempts = attempts + 1, next_at = ?, reason = ?, "
             "claimed_until = 0 WHERE id = ?", (time.time() + delay, reason[:_REASON], id))
 
-    async def next_due(self) -> float | None:
+    async def abandon(self, keep: Sequence[str], reason: str) -> int:
+        marks = ", ".join("?" * len(keep))
+        cursor = await self._db.execute(
+            "UPDATE webhook_event SET status = 'failed', reason = ?, finished_at = ?, "
+            f"claimed_until = 0 WHERE status = 'pending' AND backend NOT IN ({marks})",
+            (reason[:_REASON], now_text(), *keep))
+        return cursor.rowcount
+
+    async def next_due(self, backend: str | None = None) -> float | None:
         rows = list(await self._db.execute_fetchall(
             "SELECT min(max(next_at, claimed_until)) FROM webhook_event "
-            "WHERE status = 'pending'"))
+            "WHERE status = 'pending' AND (? IS NULL OR backend = ?)", (backend, backend)))
         due = rows[0][0] if rows else None
         return None if due is None else max(0.0, float(due) - time.time())
 

@@ -110,3 +110,43 @@ async def test_the_resource_reference_is_sealed(store_backend: Backend) -> None:
     else:
         stored = await store_backend.pool.fetchval("SELECT resource FROM webhook_event")
         assert b"qzxsealcanary" not in bytes(stored)
+
+
+async def test_claims_and_due_times_per_backend(store_backend: Backend) -> None:
+    """One backend's fetcher claims only its own events, in receipt order; the other's
+    wait for theirs (a backend that is down holds nothing of another's)."""
+    events = await open_events(store_backend)
+    try:
+        for n, backend in enumerate(["a", "b", "a", "b"]):
+            await events.record(backend, f"e{n}", "resource.updated", "Patient",
+                                f"Patient/p{n}")
+        mine = await events.claim(10, lease=60, backend="b")
+        assert [(e.backend, e.event_id) for e in mine] == [("b", "e1"), ("b", "e3")]
+        assert await events.claim(10, lease=60, backend="b") == []
+        assert await events.next_due("a") == 0.0
+        due_b = await events.next_due("b")
+        assert due_b is not None and due_b > 30  # held for the lease
+        theirs = await events.claim(10, lease=60, backend="a")
+        assert [e.event_id for e in theirs] == ["e0", "e2"]
+        assert await events.next_due("nobody") is None
+    finally:
+        await events.close()
+
+
+async def test_events_of_a_backend_that_left_the_config_are_failed_on_sqlite_only(
+        store_backend: Backend) -> None:
+    """One process owns an SQLite data dir, so its config is the only one; on the shared
+    database another instance may still have the backend (a config rolling out)."""
+    events = await open_events(store_backend)
+    embedded = store_backend.pool is None
+    try:
+        await events.record("kept", "e1", "resource.updated", "Patient", "Patient/p1")
+        await events.record("gone", "e2", "resource.updated", "Patient", "Patient/p2")
+        assert await events.abandon(["kept"], "backend not configured") == int(embedded)
+        rows = {r.backend: (r.status, r.reason) for r in await events.rows()}
+        assert rows == {"kept": ("pending", ""),
+                        "gone": ("failed", "backend not configured") if embedded
+                        else ("pending", "")}
+        assert await events.abandon(["kept"], "backend not configured") == 0
+    finally:
+        await events.close()

@@ -5,6 +5,7 @@ lease, so an instance that dies holding rows leaves them to the others."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.errors import StoreUnavailable
@@ -46,15 +47,17 @@ class PgWebhookEvents:
             backend, event_id, kind, resource_type, sealed, now_text(), time.time())
         return bool(inserted)
 
-    async def claim(self, limit: int, lease: float) -> list[WebhookEvent]:
+    async def claim(self, limit: int, lease: float,
+                    backend: str | None = None) -> list[WebhookEvent]:
         now = time.time()
         rows = await self._run(
             "fetch",
             "UPDATE webhook_event SET claimed_until = $1 WHERE id IN ("
             " SELECT id FROM webhook_event WHERE status = 'pending' AND next_at <= $2"
-            " AND claimed_until <= $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            " AND claimed_until <= $2 AND ($4::text IS NULL OR backend = $4)"
+            " ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
             "RETURNING id, backend, event_id, kind, resource_type, resource, attempts",
-            now + lease, now, limit)
+            now + lease, now, limit, backend)
         events = []
         for row in rows:
             resource = self._codec.open(bytes(row["resource"]),
@@ -77,10 +80,16 @@ class PgWebhookEvents:
             "UPDATE webhook_event SET attempts = attempts + 1, next_at = $1, reason = $2, "
             "claimed_until = 0 WHERE id = $3", time.time() + delay, reason[:_REASON], id)
 
-    async def next_due(self) -> float | None:
+    async def abandon(self, keep: Sequence[str], reason: str) -> int:
+        """Nothing, on the shared database: while a config change rolls out, instances
+        differ in their backends, and a backend this one lacks may be another's. Such
+        events stay pending (`isthmus webhooks list --status pending`)."""
+        return 0
+
+    async def next_due(self, backend: str | None = None) -> float | None:
         due = await self._run(
             "fetchval", "SELECT min(greatest(next_at, claimed_until)) FROM webhook_event "
-            "WHERE status = 'pending'")
+            "WHERE status = 'pending' AND ($1::text IS NULL OR backend = $1)", backend)
         return None if due is None else max(0.0, float(due) - time.time())
 
     async def rows(self, status: str | None = None, limit: int = 100) -> list[EventRow]:
