@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 Json = dict[str, Any]
 _MATCHED_KEPT = 4096  # wildcard answers kept per vocabulary
+_UNSEEN = ("", "", "")  # compared by identity: no answer kept yet
 
 
 class Vocab:
@@ -51,8 +52,9 @@ class Vocab:
             return hit
         # A sender names the same few namespaces (SYNTHHOSP, HL70203 ...) in every
         # message: the wildcard answer is kept rather than rebuilt each time.
-        if code in self.matched:
-            return self.matched[code]
+        kept = self.matched.get(code, _UNSEEN)  # one read: another thread may clear it
+        if kept is not _UNSEEN:
+            return kept
         hit = self._by_prefix(code)
         if len(self.matched) >= _MATCHED_KEPT:
             self.matched.clear()  # unbounded input must not grow the table without end
