@@ -22,13 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 M = TypeVar("M", bound=BaseModel)
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
 def trusted(cls: type[M], **values: Any) -> M:
     """An instance from values known to be valid: every field given, nothing checked."""
-    instance = cls.__new__(cls)
-    object.__setattr__(instance, "__dict__", values)
-    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
-    object.__setattr__(instance, "__pydantic_extra__", None)
-    object.__setattr__(instance, "__pydantic_private__", None)
+    instance = _new(cls)
+    _set(instance, "__dict__", values)
+    _set(instance, "__pydantic_fields_set__", set(values))
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
     return instance
 
 

@@ -10,6 +10,7 @@ names the source message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +23,8 @@ Json = dict[str, Any]
 PROVENANCE_SENDER_SYSTEM = "urn:isthmus:hl7v2:sender"
 PROVENANCE_MESSAGE_SYSTEM = "urn:isthmus:hl7v2:control-id"
 _SAFE = "/:@!$'()*,;=.-_~"  # what may stay unescaped in a search value (not & + # |)
+# A value made only of what `quote` leaves as is (most systems and MRNs) is its own quoting.
+_UNQUOTED = re.compile(r"[A-Za-z0-9/:@!$'()*,;=._~-]*")
 
 
 def to_bundle(translation: Translation) -> Json:
@@ -38,7 +41,7 @@ def _entry(resource: Resource) -> Json:
     body: Json = {"resourceType": resource.resource_type}
     key = resource.key
     if key is not None and key.system:
-        search = f"identifier={quote(key.system, _SAFE)}|{quote(key.value, _SAFE)}"
+        search = f"identifier={_quote(key.system)}|{_quote(key.value)}"
         if resource.primary:
             request = {"method": "PUT", "url": f"{resource.resource_type}?{search}"}
         else:
@@ -48,6 +51,10 @@ def _entry(resource: Resource) -> Json:
         request = {"method": "PUT", "url": f"{resource.resource_type}/{resource.id}"}
     body.update(resource.content)
     return {"fullUrl": f"urn:uuid:{resource.id}", "resource": body, "request": request}
+
+
+def _quote(text: str) -> str:
+    return text if _UNQUOTED.fullmatch(text) else quote(text, _SAFE)
 
 
 def _provenance_entry(translation: Translation) -> Json:

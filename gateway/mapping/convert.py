@@ -35,6 +35,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+$")
 
 
 Converter = Callable[[str], Any]
+_MONTH_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
 class Converters:
@@ -208,7 +209,9 @@ def _check_date(text: str, year: str, month: str | None, day: str | None) -> Non
     if month is not None and not 1 <= int(month) <= 12:
         raise ConversionError("is not a valid date", text)
     if day is not None and month is not None:
-        last = calendar.monthrange(int(year), int(month))[1]
+        # calendar.monthrange's answer without its weekday arithmetic (hot path).
+        m = int(month)
+        last = 29 if m == 2 and calendar.isleap(int(year)) else _MONTH_DAYS[m]
         if not 1 <= int(day) <= last:
             raise ConversionError("is not a valid date", text)
 

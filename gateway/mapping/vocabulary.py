@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from gateway.mapping.tables import Vocabulary
 
 Json = dict[str, Any]
+_MATCHED_KEPT = 4096  # wildcard answers kept per vocabulary
+_UNSEEN = ("", "", "")  # compared by identity: no answer kept yet
 
 
 class Vocab:
@@ -32,6 +34,7 @@ class Vocab:
                 self.reverse.setdefault(("", row.fhir_code), row.code)
         # Longest prefix first, so 'HL7*' wins over '*'.
         self.prefixes.sort(key=lambda p: -len(p[0]))
+        self.matched: dict[str, tuple[str, str, str] | None] = {}
 
     @classmethod
     def from_parts(cls, name: str, exact: dict[str, tuple[str, str, str]],
@@ -40,12 +43,25 @@ class Vocab:
         """A vocabulary compiled before (the generated source of `mapping.codegen`)."""
         vocab = cls.__new__(cls)
         vocab.name, vocab.exact, vocab.prefixes, vocab.reverse = name, exact, prefixes, reverse
+        vocab.matched = {}
         return vocab
 
     def lookup(self, code: str) -> tuple[str, str, str] | None:
         hit = self.exact.get(code)
-        if hit is not None:
+        if hit is not None or not self.prefixes:
             return hit
+        # A sender names the same few namespaces (SYNTHHOSP, HL70203 ...) in every
+        # message: the wildcard answer is kept rather than rebuilt each time.
+        kept = self.matched.get(code, _UNSEEN)  # one read: another thread may clear it
+        if kept is not _UNSEEN:
+            return kept
+        hit = self._by_prefix(code)
+        if len(self.matched) >= _MATCHED_KEPT:
+            self.matched.clear()  # unbounded input must not grow the table without end
+        self.matched[code] = hit
+        return hit
+
+    def _by_prefix(self, code: str) -> tuple[str, str, str] | None:
         for prefix, (fhir_code, display, system) in self.prefixes:
             if code.startswith(prefix):
                 rest = code[len(prefix):]

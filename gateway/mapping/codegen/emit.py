@@ -446,6 +446,13 @@ class Emitter:
                          if line != "scope.rep = rep")
         if not uses_scope:
             body.remove("scope.rep = rep")
+        # The repetition's tags are for setters of repeating elements; most rows have none.
+        tag_lines = body[body.index("rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'"):][:2]
+        rest = [line for line in body if line not in tag_lines]
+        if not any(re.search(r"\bst\b", line) for line in rest):
+            body.remove(tag_lines[1])
+            if not any(re.search(r"\brt\b", line) for line in rest):
+                body.remove(tag_lines[0])
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",

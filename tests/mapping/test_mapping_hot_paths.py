@@ -1,0 +1,79 @@
+"""The short cuts of the per-resource hot path give what the long way gives: ids are
+uuid5 in the Isthmus namespace, a wildcard vocabulary answer kept for a code is the one
+the wildcard makes (and the kept answers stay bounded), and a Bundle search value is
+percent-encoded exactly as `urllib.parse.quote` does."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import pytest
+
+from gateway.canonical import BusinessKey, Provenance, Resource, Translation
+from gateway.canonical.ids import ID_NAMESPACE, name_uuid
+from gateway.fhir.bundle import to_bundle
+from gateway.mapping.vocabulary import Vocab
+
+NAMES = ["", "Patient|urn:oid:2.999.1|MRN-1", "Location|SYNTH|~{\"name\":\"4E\"}",
+         "Practitioner|Ärztin Müller|€ 5", "x" * 500, "a|b\r\n\t|c"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_name_uuid_is_uuid5_in_the_isthmus_namespace(name: str) -> None:
+    assert name_uuid(name) == str(uuid.uuid5(ID_NAMESPACE, name))
+
+
+def test_every_variant_digit_matches_uuid5() -> None:
+    # The 17th hex digit carries the RFC 4122 variant: all four of its values occur.
+    seen = set()
+    for n in range(400):
+        expected = str(uuid.uuid5(ID_NAMESPACE, f"Observation|{n}"))
+        assert name_uuid(f"Observation|{n}") == expected
+        seen.add(expected[19])
+    assert seen == {"8", "9", "a", "b"}
+
+
+def _naming_systems() -> Vocab:
+    return Vocab.from_parts(
+        "NamingSystem", {"SSA": ("http://hl7.org/fhir/sid/us-ssn", "", "")},
+        [("HL7", ("http://terminology.hl7.org/CodeSystem/v2-{*}", "", "")),
+         ("", ("urn:isthmus:naming-system:{code}", "", ""))], {})
+
+
+def test_a_wildcard_answer_kept_for_a_code_is_the_wildcards_answer() -> None:
+    vocab = _naming_systems()
+    for _ in range(3):
+        assert vocab.lookup("SYNTHHOSP") == ("urn:isthmus:naming-system:SYNTHHOSP", "", "")
+        assert vocab.lookup("HL70203") == (
+            "http://terminology.hl7.org/CodeSystem/v2-0203", "", "")
+        assert vocab.lookup("SSA") == ("http://hl7.org/fhir/sid/us-ssn", "", "")
+    without_wildcards = Vocab.from_parts("Sex", {"F": ("female", "", "")}, [], {})
+    assert without_wildcards.lookup("X") is None
+    assert without_wildcards.lookup("X") is None
+
+
+def test_the_kept_wildcard_answers_stay_bounded() -> None:
+    vocab = _naming_systems()
+    for n in range(10_000):
+        assert vocab.lookup(f"NS{n}") == (f"urn:isthmus:naming-system:NS{n}", "", "")
+    assert 0 < len(vocab.matched) <= 4096
+
+
+VALUES = ["MRN-100001", "urn:oid:2.16.840.1.113883.4.1", "a b", "x|y", "x&y+z#1",
+          "Müller", "100%", "a/b:c@d!$'()*,;=.-_~", "tab\there", "é€\u2028", ""]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_a_bundle_search_value_is_quoted_as_urllib_quotes_it(value: str) -> None:
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    source = Provenance(source_application="APP", source_facility="FAC", control_id="1",
+                        message_type="ADT^A01", received_at=now, last_updated=now)
+    resource = Resource(resource_type="Patient", id=name_uuid(value), primary=True,
+                        key=BusinessKey(system=f"urn:sys:{value}", value=value),
+                        content={}, provenance=source)
+    bundle = to_bundle(Translation(provenance=source, resources=[resource]))
+    safe = "/:@!$'()*,;=.-_~"
+    assert bundle["entry"][0]["request"]["url"] == (
+        f"Patient?identifier={quote(f'urn:sys:{value}', safe)}|{quote(value, safe)}")
