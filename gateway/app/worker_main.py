@@ -90,7 +90,8 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
 
     def report(done: Sequence[tuple[int, str]]) -> None:
         assert follower is not None
-        send(writer, ("done", list(done), follower.depth, follower.batch_seconds * 1000))
+        send(writer, ("done", list(done), follower.depth, follower.batch_seconds * 1000,
+                      store.write_seconds * 1000))
 
     follower = InboxFollower(store, registry, inbox, translator, report, share=index,
                              shares=count,

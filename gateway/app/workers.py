@@ -10,7 +10,8 @@ over a socket pair, one pickled tuple a frame (4-byte length first; both ends ar
                      ("stop",)                     finish the batch in hand and exit
     worker -> edge   ("ready",)                    it takes translations from now on
                      ("translated", seq, wire)     the outcome (`prepare.to_wire`)
-                     ("done", [(inbox id, ""|reason), ...], depth, batch ms)
+                     ("done", [(inbox id, ""|reason), ...], depth, batch ms,
+                      store write ms)
 
 A message is translated for its ACK by the worker whose share holds its patient, which
 keeps the translation to apply once the row commits (no second translation); a large
@@ -86,6 +87,7 @@ class WorkerStats:
     failed: int = 0
     depth: int = 0
     batch_ms: float = 0.0
+    write_ms: float = 0.0  # the FHIR store's last write transaction (its lock held)
     restarts: int = 0
 
 
@@ -142,6 +144,11 @@ class Workers:
             "isthmus.worker.batch_duration", unit="ms",
             callbacks=[by_worker(lambda s: s.batch_ms)],
             description="an apply worker's last batch, read to marked")
+        meter.create_observable_gauge(
+            "isthmus.worker.store_write_duration", unit="ms",
+            callbacks=[by_worker(lambda s: s.write_ms)],
+            description="an apply worker's last FHIR store group commit, the write lock "
+                        "held")
         meter.create_observable_counter(
             "isthmus.worker.applied", callbacks=[by_worker(lambda s: s.applied)],
             description="messages an apply worker applied to the FHIR store")
@@ -250,7 +257,7 @@ class Workers:
                 elif item[0] == "ready":
                     worker.ready = True
                 elif item[0] == "done":
-                    self._reported(worker, item[1], item[2], item[3])
+                    self._reported(worker, item[1], item[2], item[3], item[4])
             except Exception as exc:  # a malformed report must not stop the supervisor
                 log.error("apply worker %d: unreadable report: %s", worker.index,
                           type(exc).__name__)
@@ -272,9 +279,9 @@ class Workers:
                 send(worker.writer, ("wake",))
 
     def _reported(self, worker: _Worker, done: list[tuple[int, str]], depth: int,
-                  batch_ms: float) -> None:
+                  batch_ms: float, write_ms: float) -> None:
         stats = worker.stats
-        stats.depth, stats.batch_ms = depth, batch_ms
+        stats.depth, stats.batch_ms, stats.write_ms = depth, batch_ms, write_ms
         for inbox_id, problem in done:
             if problem:
                 stats.failed += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ Sql = tuple[str, Sequence[object]]
 # SQLite virtual-machine steps a read may take on the event loop thread before it is
 # interrupted and handed to the reader thread (~1 ms of work at the most).
 _QUICK_STEPS = 20_000
+# After this long without a write, the writer's page cache is handed back (see
+# schema.WRITER_CACHE_KIB): a burst's pages do not stay held while nothing is written.
+_IDLE_SHRINK_SECONDS = 2.0
 
 
 def _over_budget() -> int:
@@ -104,6 +108,10 @@ class SqliteFhirStore:
         self._closed = False
         self._groups = 0
         self._jobs = 0
+        self._cache_held = False  # groups written since the page cache was last shrunk
+        # The last group's write transaction on the writer thread, BEGIN to COMMIT (for
+        # /metrics: how long the write lock was held).
+        self.write_seconds = 0.0
 
     @classmethod
     async def open(cls, path: Path, indexer: Indexer,
@@ -303,7 +311,14 @@ class SqliteFhirStore:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if self._cache_held and not self._closing:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), _IDLE_SHRINK_SECONDS)
+                except TimeoutError:
+                    await self._shrink_cache()
+                    continue
+            else:
+                await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
                 group = self._pending[:self._max_batch]
@@ -348,6 +363,7 @@ class SqliteFhirStore:
             return
         self._groups += 1
         self._jobs += len(jobs)
+        self._cache_held = True
         for job in jobs:
             if job.future.done():
                 continue
@@ -378,12 +394,14 @@ class SqliteFhirStore:
         """Writer thread: several callers' writes in one transaction, each in its own
         savepoint, committed or (`commit` False) left open for `_commit_sync`; whether they
         applied (if not, it is rolled back and nothing in the group is durable)."""
+        started = time.perf_counter()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 self._run_job(job)
             if commit:
                 self._db.execute("COMMIT")
+                self.write_seconds = time.perf_counter() - started
         except Exception as exc:  # any database failure: nothing in the group is durable
             log.error("FHIR store write failed for a group of %d: %s", len(jobs),
                       type(exc).__name__)
@@ -400,6 +418,16 @@ class SqliteFhirStore:
             self._rollback()
             return False
         return True
+
+    async def _shrink_cache(self) -> None:
+        """Idle: hand the writer's cached pages back (they are read again when needed)."""
+        self._cache_held = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._db.execute, "PRAGMA shrink_memory")
+        except sqlite3.Error as exc:  # only memory kept longer: the next idle spell retries
+            self._cache_held = True
+            log.warning("FHIR store could not release its page cache: %s", type(exc).__name__)
 
     def _rollback(self) -> None:
         if not self._db.in_transaction:
