@@ -20,6 +20,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from aiohttp import web
 from opentelemetry import metrics
@@ -27,6 +28,7 @@ from opentelemetry import metrics
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
+from gateway.app.memory import return_large_buffers, trim_after_bursts
 from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
@@ -318,9 +320,14 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
     observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
+    budget = server.ingest.budget if isinstance(server.ingest, Ingest) else None
+    trimming = None if budget is None else asyncio.create_task(
+        trim_after_bursts(lambda: budget.held), name="memory-trim")
     try:
         yield
     finally:
+        if trimming is not None:
+            trimming.cancel()
         await server.stop(timeout=settings.server.shutdown_timeout)
         large.shutdown(wait=False, cancel_futures=True)
 
@@ -358,9 +365,15 @@ def large_frames(settings: Settings) -> ProcessPoolExecutor:
     mapping = settings.mapping
     return ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-        initializer=start_child,
+        initializer=_start_large_frames,
         initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
                   mapping.site_dir, mapping.default_offset))
+
+
+def _start_large_frames(tables: Path | None, site: Path | None, default_offset: str) -> None:
+    """The large-frame process's start: its frames' memory goes back once they are done."""
+    return_large_buffers()
+    start_child(tables, site, default_offset)
 
 
 def mllp_server(app: web.Application, translators: Translators | None = None,
