@@ -5,7 +5,8 @@ eight connections pipeline 4 MiB messages at it, more than the budget holds, so 
 answered AR "resend later" and resent. The edge's RSS is read from /proc (its own
 process, not the test's): once every message is applied, the edge has given back at least
 half of what the burst made it grow, where glibc's rising mmap threshold used to keep it
-at its peak (issue 15: 2 GB after 80 messages of 10 MB, and it stayed there).
+at its peak (issue 15: 2 GB after 80 messages of 10 MB, and it stayed there). Then
+SIGTERM stops the edge and every process it started (apply worker, large-frame process).
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def _status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _all_applied(data_dir: Path, count: int) -> bool:
@@ -103,5 +116,12 @@ async def test_the_edge_gives_back_the_memory_of_a_burst_of_large_messages(
         # Once drained, at least half of what the burst added is given back.
         await eventually(lambda: _status_kib(pid, "VmRSS") - start <= (peak - start) / 2,
                          timeout=30, interval=0.5, what="the edge's RSS falling back")
+
+        # SIGTERM stops every process: the apply worker and the large-frame process too.
+        children = _children(pid)
+        assert len(children) >= 2
+        assert gateway.terminate(timeout=60) == 0
+        await eventually(lambda: not any(_alive(c) for c in children), timeout=30,
+                         interval=0.2, what="every child process of the gateway gone")
     finally:
-        gateway.terminate(timeout=60)
+        gateway.kill()
