@@ -20,8 +20,10 @@ from collections.abc import Callable
 # glibc's malloc.h. Setting either turns off the dynamic adjustment of both.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# glibc's own default (128 KiB): a buffer this large or larger is mapped by itself.
-LARGE_BUFFER_BYTES = 128 * 1024
+# A buffer this large or larger is mapped by itself. Above asyncio's read buffer (each
+# socket read allocates 256 KiB, then shrinks it): below it, every read of every
+# connection would map and unmap pages (glibc's starting value, 128 KiB, does that).
+LARGE_BUFFER_BYTES = 1024 * 1024
 
 
 def return_large_buffers() -> bool:
