@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import sys
 from collections.abc import Callable
+from typing import Any
 
 # glibc's malloc.h. Setting either turns off the dynamic adjustment of both.
 _M_TRIM_THRESHOLD = -1
@@ -42,6 +43,13 @@ def return_large_buffers() -> bool:
     # given back only beyond it.
     return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES)
                 and mallopt(_M_TRIM_THRESHOLD, 2 * LARGE_BUFFER_BYTES))
+
+
+def returning_large_buffers(start: Callable[..., None], *args: Any) -> None:
+    """A child process's initializer: `return_large_buffers`, then `start(*args)`. Kept in
+    this small module: the child imports only what its initializer names."""
+    return_large_buffers()
+    start(*args)
 
 
 def trim() -> bool:

@@ -20,7 +20,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from aiohttp import web
 from opentelemetry import metrics
@@ -28,7 +27,7 @@ from opentelemetry import metrics
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
-from gateway.app.memory import return_large_buffers, trim_after_bursts
+from gateway.app.memory import returning_large_buffers, trim_after_bursts
 from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
@@ -365,15 +364,10 @@ def large_frames(settings: Settings) -> ProcessPoolExecutor:
     mapping = settings.mapping
     return ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_large_frames,
-        initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
+        initializer=returning_large_buffers,
+        initargs=(start_child,
+                  (mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
                   mapping.site_dir, mapping.default_offset))
-
-
-def _start_large_frames(tables: Path | None, site: Path | None, default_offset: str) -> None:
-    """The large-frame process's start: its frames' memory goes back once they are done."""
-    return_large_buffers()
-    start_child(tables, site, default_offset)
 
 
 def mllp_server(app: web.Application, translators: Translators | None = None,
