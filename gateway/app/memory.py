@@ -6,17 +6,18 @@ it raises that threshold to the freed size (up to 32 MB), so the next multi-MB b
 from the heap instead, whose top cannot shrink below a live small object. After a burst of
 large messages the process then stays at its peak (issue 15: 2 GB after 80 messages of 10
 MB). A fixed threshold keeps every large buffer mapped on its own, so RSS falls back once
-the load drains. Each gateway process (the edge, apply workers, the large-frame process)
-sets it at start.
+the load drains. The edge sets it at start, and in the environment its child processes
+(apply workers, the large-frame process) inherit, where glibc reads it before their
+first allocation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 # glibc's malloc.h. Setting either turns off the dynamic adjustment of both.
 _M_TRIM_THRESHOLD = -1
@@ -28,10 +29,14 @@ LARGE_BUFFER_BYTES = 1024 * 1024
 
 
 def return_large_buffers() -> bool:
-    """Fix the threshold at which allocations are mapped on their own; False where the C
-    library has no such setting (not Linux, or not glibc): nothing changes there."""
+    """Fix the threshold at which allocations are mapped on their own, here and in the
+    processes started from here; False where the C library has no such setting (not
+    Linux, or not glibc): nothing changes there."""
     if not sys.platform.startswith("linux"):
         return False
+    # Written, not read: for the children (an operator's own values are kept).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(LARGE_BUFFER_BYTES))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2 * LARGE_BUFFER_BYTES))
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -43,13 +48,6 @@ def return_large_buffers() -> bool:
     # given back only beyond it.
     return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES)
                 and mallopt(_M_TRIM_THRESHOLD, 2 * LARGE_BUFFER_BYTES))
-
-
-def returning_large_buffers(start: Callable[..., None], *args: Any) -> None:
-    """A child process's initializer: `return_large_buffers`, then `start(*args)`. Kept in
-    this small module: the child imports only what its initializer names."""
-    return_large_buffers()
-    start(*args)
 
 
 def trim() -> bool:

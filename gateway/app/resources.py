@@ -27,7 +27,7 @@ from opentelemetry import metrics
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.forwarding import open_forwarding
-from gateway.app.memory import returning_large_buffers, trim_after_bursts
+from gateway.app.memory import trim_after_bursts
 from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
@@ -364,9 +364,8 @@ def large_frames(settings: Settings) -> ProcessPoolExecutor:
     mapping = settings.mapping
     return ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-        initializer=returning_large_buffers,
-        initargs=(start_child,
-                  (mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
+        initializer=start_child,
+        initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
                   mapping.site_dir, mapping.default_offset))
 
 
