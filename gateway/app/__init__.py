@@ -20,6 +20,7 @@ from gateway.app.audit import audit_keys, open_audit
 from gateway.app.auth import setup_auth, token_auditor
 from gateway.app.console import setup_console
 from gateway.app.forwarding import Forwarding, open_forwarding
+from gateway.app.memory import return_large_buffers
 from gateway.app.resources import RESOURCES, shutdown_telemetry
 from gateway.app.specs import (
     auth_spec,
@@ -94,6 +95,7 @@ def build_app(settings: Settings, telemetry: Telemetry | None = None) -> web.App
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; print the one `isthmus listening` line once both are up."""
     os.umask(0o077)  # whatever the process creates (stores, WAL files, keys) is owner-only
+    return_large_buffers()  # RSS falls back after a burst of large messages
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

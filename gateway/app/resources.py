@@ -28,6 +28,7 @@ from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.events import events
 from gateway.app.forwarding import open_forwarding
+from gateway.app.memory import trim_after_bursts
 from gateway.app.sealing import store_codec
 from gateway.app.specs import (
     fhir_limits,
@@ -321,9 +322,14 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
     observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
+    budget = server.ingest.budget if isinstance(server.ingest, Ingest) else None
+    trimming = None if budget is None else asyncio.create_task(
+        trim_after_bursts(lambda: budget.held), name="memory-trim")
     try:
         yield
     finally:
+        if trimming is not None:
+            trimming.cancel()
         await server.stop(timeout=settings.server.shutdown_timeout)
         large.shutdown(wait=False, cancel_futures=True)
 

@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from gateway.app.memory import return_large_buffers
 from gateway.app.sealing import store_codec
 from gateway.app.specs import load_translator, search_registry
 from gateway.app.state import FHIR_FILE, INBOX_FILE
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     settings: Settings = pickle.load(sys.stdin.buffer)  # from our own parent
     os.umask(0o077)
+    return_large_buffers()  # a heavy row's buffers go back to the system
     from gateway.policy.redact import install
 
     logging.basicConfig(stream=sys.stderr, level=settings.log.level.upper(),

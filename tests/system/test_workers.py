@@ -128,8 +128,12 @@ async def test_two_workers_apply_each_patients_messages_in_order(tmp_path: Path)
                    if line.startswith("isthmus_worker_applied_total{")}
         assert set(applied) == {'process="worker-0"', 'process="worker-1"'}
         assert sum(applied.values()) == PATIENTS * UPDATES
+        # Taken before: once the edge has exited it has no children to list.
+        workers = _workers_of(gateway.proc.pid)
+        assert len(workers) == 2
         assert gateway.terminate() == 0
-        assert not any(_alive(p) for p in _workers_of(gateway.proc.pid))
+        await eventually(lambda: not any(_alive(p) for p in workers), timeout=30,
+                         what="every worker gone after SIGTERM")
     finally:
         gateway.kill()
 

@@ -1,0 +1,127 @@
+"""The memory of large messages: bounded while held, given back once they are applied.
+
+`isthmus serve` runs as a child process with a 64 MiB `processes.memory_budget_bytes`;
+eight connections pipeline 4 MiB messages at it, more than the budget holds, so some are
+answered AR "resend later" and resent. The edge's RSS is read from /proc (its own
+process, not the test's): once every message is applied, the edge has given back at least
+half of what the burst made it grow, where glibc's rising mmap threshold used to keep it
+at its peak (issue 15: 2 GB after 80 messages of 10 MB, and it stayed there). Then
+SIGTERM stops the edge and every process it started (apply worker, large-frame process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import GatewayProcess, MllpPeer, message, segments, with_control_id
+from support.wait import eventually
+
+ADT = message("adt_a01.hl7")
+MIB = 1024 * 1024
+BUDGET = 64 * MIB
+SIZE = 4 * MIB
+CONNECTIONS = 8
+
+
+def _padded(control_id: str) -> bytes:
+    """ADT^A01 grown to SIZE bytes by a Z-segment (taken, stored, applied as any other)."""
+    raw = with_control_id(ADT, control_id)
+    return raw.rstrip(b"\r") + b"\rZPD|1|" + b"x" * (SIZE - len(raw)) + b"\r"
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _all_applied(data_dir: Path, count: int) -> bool:
+    with sqlite3.connect(data_dir / "inbox.db") as db:
+        statuses = dict(db.execute("SELECT status, count(*) FROM inbox GROUP BY status"))
+    return statuses == {"applied": count}
+
+
+async def _pipeline(port: int, prefix: str, count: int) -> list[str]:
+    """Send `count` frames at once on one connection; resend those answered AR."""
+    peer = await MllpPeer.open(port)
+    codes: list[str] = []
+    pending = [f"{prefix}-{n}" for n in range(count)]
+    try:
+        while pending:
+            for control_id in pending:
+                await peer.send(_padded(control_id))
+            refused = []
+            for control_id in pending:
+                msa = segments(await peer.reply(timeout=300))["MSA"][0]
+                assert msa[2] == control_id
+                codes.append(msa[1])
+                if msa[1] == "AR":
+                    refused.append(control_id)
+            pending = refused
+    finally:
+        await peer.close()
+    return codes
+
+
+async def _burst(port: int, name: str, per_connection: int) -> list[str]:
+    done = await asyncio.gather(*(_pipeline(port, f"{name}{c}", per_connection)
+                                  for c in range(CONNECTIONS)))
+    return [code for codes in done for code in codes]
+
+
+@pytest.mark.slow
+async def test_the_edge_gives_back_the_memory_of_a_burst_of_large_messages(
+        tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    gateway = GatewayProcess(data_dir, env={
+        "ISTHMUS_STORE__SYNCHRONOUS": "normal",
+        "ISTHMUS_MLLP__MAX_FRAME_BYTES": str(16 * MIB),
+        "ISTHMUS_PROCESSES__MEMORY_BUDGET_BYTES": str(BUDGET)}).start(timeout=60)
+    try:
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        # Warm-up of the same shape: the large-frame process, the apply worker, the
+        # stores' caches and the tables are all up before the start is measured.
+        await _burst(gateway.mllp_port, "W", 2)
+        await eventually(lambda: _all_applied(data_dir, 2 * CONNECTIONS), timeout=120,
+                         interval=0.2, what="the warm-up applied")
+        start = _status_kib(pid, "VmRSS")
+
+        codes = await _burst(gateway.mllp_port, "B", 5)
+        # More than the budget was sent at once: some were refused, and taken when resent.
+        assert "AR" in codes
+        assert codes.count("AA") == 5 * CONNECTIONS
+        await eventually(lambda: _all_applied(data_dir, 7 * CONNECTIONS), timeout=180,
+                         interval=0.2, what="every message applied")
+        peak = _status_kib(pid, "VmHWM")
+        assert peak > start  # the burst did cost memory: what follows measures something
+
+        # Once drained, at least half of what the burst added is given back.
+        await eventually(lambda: _status_kib(pid, "VmRSS") - start <= (peak - start) / 2,
+                         timeout=30, interval=0.5, what="the edge's RSS falling back")
+
+        # SIGTERM stops every process: the apply worker and the large-frame process too.
+        children = _children(pid)
+        assert len(children) >= 2
+        assert gateway.terminate(timeout=60) == 0
+        await eventually(lambda: not any(_alive(c) for c in children), timeout=30,
+                         interval=0.2, what="every child process of the gateway gone")
+    finally:
+        gateway.kill()
