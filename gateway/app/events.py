@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -43,7 +44,7 @@ from gateway.fhir.errors import FhirError
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher
 from gateway.policy import Principal, ScopeSet
 from gateway.store.errors import StoreUnavailable
-from gateway.store.events import SqliteEventLog, SqliteEventQueue
+from gateway.store.events import SqliteEventLog, SqliteEventQueue, purge_sqlite_events
 from gateway.store.fhir import FhirStore
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.pg.connect import (
@@ -226,6 +227,19 @@ def pump_spec(settings: Settings, codec: RowCodec) -> PumpSpec:
                     config.batch, config.handshake_attempts, config.timeout,
                     config.outbox_poll_interval, config.error_after,
                     blind=lambda key: blind_patient(key, codec))
+
+
+def event_purger(app: web.Application) -> Callable[[datetime], Awaitable[int]]:
+    """The housekeeping's purge of handled change events older than an instant (the
+    trigger records them whether or not events are enabled)."""
+    if POOL in app:
+        return PgEventLog(app[POOL]).purge
+    data_dir = app[SETTINGS].store.data_dir
+
+    async def purge(before: datetime) -> int:
+        return await purge_sqlite_events(data_dir / FHIR_FILE, data_dir / INBOX_FILE, before)
+
+    return purge
 
 
 async def events(app: web.Application) -> AsyncIterator[None]:

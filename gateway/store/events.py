@@ -247,3 +247,25 @@ def _timestamp(moment: datetime) -> str:
     """As the outbox writes it (gateway.store.outbox)."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(
         timespec="microseconds") + "Z"
+
+
+async def purge_sqlite_events(fhir_path: Path, inbox_path: Path, before: datetime) -> int:
+    """Delete change events older than `before` that the pump has handled (at or behind
+    the cursor in the inbox database; every one when no pump ever ran). Their deliveries
+    live on in the outbox. AUTOINCREMENT: a purged seq is never drawn again."""
+    try:
+        async with aiosqlite.connect(inbox_path) as inbox:
+            await inbox.execute("PRAGMA busy_timeout=10000")
+            rows = list(await inbox.execute_fetchall(
+                "SELECT value FROM store_meta WHERE key = ?", (_CURSOR_KEY,)))
+        through = int(rows[0][0]) if rows else None
+        async with aiosqlite.connect(fhir_path) as db:
+            await db.execute("PRAGMA busy_timeout=10000")
+            cursor = await db.execute(
+                "DELETE FROM fhir_event WHERE at < ? AND (? IS NULL OR seq <= ?)",
+                (_timestamp(before), through, through))
+            await db.commit()
+            return int(cursor.rowcount)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(
+            f"the change events could not be purged: {type(exc).__name__}") from None

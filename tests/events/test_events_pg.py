@@ -4,6 +4,7 @@ and Subscriptions; two instances on one database deliver each event once."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,25 @@ async def test_two_instances_on_one_database_deliver_each_event_once(
     finally:
         await first.runner.cleanup()
         await second.runner.cleanup()
+
+
+async def test_purge_takes_only_handled_events_older_than_the_retention(
+        pg_spec: PgSpec) -> None:
+    pool = await open_pool(pg_spec)
+    connection = await asyncpg.connect(pg_spec.url,
+                                       server_settings={"search_path": pg_spec.schema})
+    try:
+        for id_ in ("a", "b", "c"):
+            await _insert(connection, id_)  # at 2026-01-01
+        await connection.execute("INSERT INTO store_meta (key, value) "
+                                 "VALUES ('events_cursor', '2')")
+        log = PgEventLog(pool)
+        assert await log.purge(datetime(2025, 12, 31, tzinfo=UTC)) == 0  # younger
+        assert await log.purge(datetime(2026, 2, 1, tzinfo=UTC)) == 2
+        left = await log.after(0, 10)
+        assert [e.id for e in left] == ["c"]  # not handled yet: kept
+        await _insert(connection, "d")
+        assert [e.seq for e in await log.after(2, 10)] == [3, 4]  # no seq drawn again
+    finally:
+        await connection.close()
+        await pool.close()

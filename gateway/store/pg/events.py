@@ -65,11 +65,12 @@ class PgEventLog:
 
     async def purge(self, before: datetime) -> int:
         """Delete events older than `before` that the pump has handled (at or behind the
-        cursor); their deliveries live on in the outbox."""
+        cursor; every one when no pump ever ran); their deliveries live on in the
+        outbox. An identity never draws a purged seq again."""
         try:
             status = await self._pool.execute(
                 "DELETE FROM fhir_event WHERE at < $1 AND seq <= coalesce((SELECT "
-                "value::bigint FROM store_meta WHERE key = $2), 0)",
+                "value::bigint FROM store_meta WHERE key = $2), 9223372036854775807)",
                 _timestamp(before), _CURSOR_KEY)
         except DATABASE_ERRORS as exc:
             raise unavailable("the change events could not be purged", exc) from None
