@@ -16,6 +16,7 @@ from gateway.app.audit import audit_keys
 from gateway.app.events import EVENT_LEADER
 from gateway.store.pg.connect import PgSpec, open_pool
 from gateway.store.pg.events import PgEventLog
+from gateway.store.pg.outbox import PgOutbox
 from support import postgres
 from support.audit import settings_for
 from support.fhir import fhir_session, start_fhir_gateway
@@ -179,3 +180,45 @@ async def test_purge_takes_only_handled_events_older_than_the_retention(
     finally:
         await connection.close()
         await pool.close()
+
+
+async def test_a_detached_target_frees_its_outbox_lead_for_another_instance(
+        pg_spec: PgSpec) -> None:
+    pool = await open_pool(pg_spec)
+    first, second = PgOutbox(pool, pg_spec, "a"), PgOutbox(pool, pg_spec, "b")
+    try:
+        assert await first.lead("webhook:crm")
+        assert not await second.lead("webhook:crm")
+        await first.resign("webhook:crm")
+        assert await second.lead("webhook:crm")
+        assert not await first.lead("webhook:crm")
+    finally:
+        await first.close()
+        await second.close()
+        await pool.close()
+
+
+async def test_when_the_leading_instance_stops_the_other_takes_over(
+        tmp_path: Path, pg_spec: PgSpec, subscriber: Subscriber) -> None:
+    keys = tmp_path / "keys-home"
+    audit_keys(settings_for(keys), create=True)
+    hooks = [_hook(subscriber.url)]
+    first = await _pg_gateway(tmp_path, "a", pg_spec, keys, webhooks=hooks)
+    second = await _pg_gateway(tmp_path, "b", pg_spec, keys, webhooks=hooks)
+    stopped = False
+    try:
+        assert first.app[EVENT_LEADER].pump is not None  # the first to start leads
+        assert second.app[EVENT_LEADER].pump is None
+        await _post(second, "/fhir/Observation", _observation("before"))
+        await eventually(lambda: len(subscriber.accepted()) == 1, timeout=20)
+        await first.runner.cleanup()
+        stopped = True
+        await eventually(lambda: second.app[EVENT_LEADER].pump is not None, timeout=20)
+        after = await _post(second, "/fhir/Observation", _observation("after"))
+        await eventually(lambda: len(subscriber.accepted()) == 2, timeout=20)
+        assert subscriber.accepted()[1].event_id == f"Observation/{after['id']}/_history/1"
+        assert len(subscriber.notifications) == 2
+    finally:
+        if not stopped:
+            await first.runner.cleanup()
+        await second.runner.cleanup()

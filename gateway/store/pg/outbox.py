@@ -107,6 +107,22 @@ class PgOutbox:
             log.info("outbox %s: this instance delivers it now", backend)
         return taken
 
+    async def resign(self, backend: str) -> None:
+        """Give up `backend`'s lead (its worker was detached: say, the event lead moved to
+        another instance), so the instance that delivers it now can take it."""
+        async with self._lease_lock:
+            lease = self._lease
+            if backend not in self._held or lease is None or lease.is_closed():
+                return
+            self._held.discard(backend)
+            try:
+                await lease.fetchval("SELECT pg_advisory_unlock($1)", advisory_key(
+                    "isthmus-outbox", self._spec.schema, backend))
+            except BaseException:
+                await self._drop_lease()
+                raise
+            log.info("outbox %s: this instance no longer delivers it", backend)
+
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         # The channel is the database's; the payload names the schema whose rows are new.
         if payload == self._spec.schema and self.on_new_rows is not None:
