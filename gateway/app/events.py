@@ -88,8 +88,13 @@ class PgEventLeader:
                 await asyncio.wait_for(self._closing.wait(), self._retry)
             except TimeoutError:
                 pass
-            if not self._closing.is_set():
+            if self._closing.is_set():
+                break
+            try:
                 await self._step()
+            except Exception as exc:  # a bug must not end the tries: say where, resign
+                log.error("events: taking the lead failed (%s)", type(exc).__name__)
+                await self._resign()
 
     async def _step(self) -> None:
         try:
@@ -102,7 +107,11 @@ class PgEventLeader:
                 return
             if await lease.fetchval("SELECT pg_try_advisory_lock($1)", self._key):
                 pump = self._make()
-                await pump.start()
+                try:
+                    await pump.start()
+                except BaseException:
+                    await pump.close()  # what it attached goes; the lock with the lease
+                    raise
                 self.pump = pump
                 log.info("events: this instance pumps and delivers them now")
         except _LEAD_ERRORS as exc:
