@@ -310,3 +310,29 @@ async def test_a_subscription_in_a_bundle_is_owned_by_its_caller_and_notifies(
             f"Observation/{created['id']}/_history/1"
     finally:
         await gateway.runner.cleanup()
+
+
+async def test_a_batch_refuses_only_the_subscription_it_cannot_act_on(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    gateway = await _gateway(tmp_path)
+    try:
+        batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": subscription("http://insecure.example/hook"),
+             "request": {"method": "POST", "url": "Subscription"}},
+            {"resource": subscription(subscriber.url),
+             "request": {"method": "POST", "url": "Subscription"}}]}
+        async with fhir_session(gateway) as session:
+            async with session.post("/fhir", json=batch) as resp:
+                assert resp.status == 200, await resp.text()
+                answered = (await resp.json())["entry"]
+            assert answered[0]["response"]["status"].startswith("400")
+            assert answered[0]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+            assert answered[1]["response"]["status"].startswith("201")
+            sub_id = answered[1]["response"]["location"].split("/")[-3]
+            async with session.get(f"/fhir/Subscription/{sub_id}") as got:
+                stored = await got.json()
+        assert stored["status"] in ("requested", "active")  # set by the gateway
+        assert any(e.get("url") == "urn:isthmus:subscription-owner"
+                   for e in stored.get("extension", []))
+    finally:
+        await gateway.runner.cleanup()
