@@ -4,7 +4,10 @@ Subscription's owner receives (minimum necessary, as for a read)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +15,7 @@ from aiohttp import web
 from gateway.agent import flatten
 from gateway.app.state import (
     CODEC,
+    DATABASE,
     FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
@@ -39,12 +43,103 @@ from gateway.fhir import jsonio
 from gateway.fhir.errors import FhirError
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher
 from gateway.policy import Principal, ScopeSet
-from gateway.store.events import SqliteEventLog, SqliteEventQueue
+from gateway.store.errors import StoreUnavailable
+from gateway.store.events import SqliteEventLog, SqliteEventQueue, purge_sqlite_events
 from gateway.store.fhir import FhirStore
 from gateway.store.inbox_sqlite import blind_patient
+from gateway.store.pg.connect import (
+    DATABASE_ERRORS,
+    Connection,
+    PgSpec,
+    Pool,
+    advisory_key,
+    connect,
+)
+from gateway.store.pg.events import PgEventLog, PgEventQueue
 from gateway.store.sealing import RowCodec
 
+log = logging.getLogger(__name__)
+_LEAD_ERRORS: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, StoreUnavailable)
+
+
+class PgEventLeader:
+    """On PostgreSQL one instance at a time pumps the events and delivers them: the one
+    holding the events' session-level advisory lock. The others try again every
+    `retry` seconds; a holder's crash or cut connection frees the lock (PostgreSQL
+    releases it) and the next one starts from the shared cursor."""
+
+    def __init__(self, spec: PgSpec, make: Callable[[], EventPump], retry: float) -> None:
+        self._spec = spec
+        self._make = make
+        self._retry = retry
+        self._key = advisory_key("isthmus-events", spec.schema)
+        self._lease: Connection | None = None
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.pump: EventPump | None = None
+
+    async def start(self) -> None:
+        await self._step()  # at once, so a lone instance pumps from its start
+        self._task = asyncio.create_task(self._run(), name="event-leader")
+
+    async def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                await asyncio.wait_for(self._closing.wait(), self._retry)
+            except TimeoutError:
+                pass
+            if self._closing.is_set():
+                break
+            try:
+                await self._step()
+            except Exception as exc:  # a bug must not end the tries: say where, resign
+                log.error("events: taking the lead failed (%s)", type(exc).__name__)
+                await self._resign()
+
+    async def _step(self) -> None:
+        try:
+            lease = self._lease
+            if lease is None or lease.is_closed():
+                await self._resign()
+                lease = self._lease = await connect(self._spec)
+            if self.pump is not None:
+                await lease.fetchval("SELECT 1")  # the session, and so the lock, lives
+                return
+            if await lease.fetchval("SELECT pg_try_advisory_lock($1)", self._key):
+                pump = self._make()
+                try:
+                    await pump.start()
+                except BaseException:
+                    await pump.close()  # what it attached goes; the lock with the lease
+                    raise
+                self.pump = pump
+                log.info("events: this instance pumps and delivers them now")
+        except _LEAD_ERRORS as exc:
+            log.error("events: the lead could not be checked (%s)", type(exc).__name__)
+            await self._resign()
+
+    async def _resign(self) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            await pump.close()
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.is_closed():
+            lease.terminate()
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._task is not None:
+            await self._task
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            await pump.close()
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.is_closed():
+            await lease.close()  # the lock goes with the session: a standby takes over
+
+
 EVENTS = web.AppKey("events", EventPump)
+EVENT_LEADER = web.AppKey("event_leader", PgEventLeader)
 Json = dict[str, Any]
 
 
@@ -143,8 +238,22 @@ def pump_spec(settings: Settings, codec: RowCodec) -> PumpSpec:
                     blind=lambda key: blind_patient(key, codec))
 
 
+def event_purger(app: web.Application) -> Callable[[datetime], Awaitable[int]]:
+    """The housekeeping's purge of handled change events older than an instant (the
+    trigger records them whether or not events are enabled)."""
+    if POOL in app:
+        return PgEventLog(app[POOL]).purge
+    data_dir = app[SETTINGS].store.data_dir
+
+    async def purge(before: datetime) -> int:
+        return await purge_sqlite_events(data_dir / FHIR_FILE, data_dir / INBOX_FILE, before)
+
+    return purge
+
+
 async def events(app: web.Application) -> AsyncIterator[None]:
-    """Subscription rules on the FHIR API, and the pump (embedded store only, for now)."""
+    """Subscription rules on the FHIR API, and the pump (on PostgreSQL, in the one instance
+    that leads)."""
     settings = app[SETTINGS]
     config = settings.events
     api = app[FHIR]
@@ -159,12 +268,6 @@ async def events(app: web.Application) -> AsyncIterator[None]:
     if not config.enabled:
         yield
         return
-    if POOL in app:
-        if settings.webhooks:
-            raise ConfigError("webhooks: change events are delivered with store.backend = "
-                              "'sqlite' only, for now")
-        yield
-        return
     api.subscriptions = SubscriptionRules(registry, config.allow_insecure_http,
                                           lambda client: spec.secret_for(client) is not None,
                                           gate.may_read)
@@ -177,6 +280,21 @@ async def events(app: web.Application) -> AsyncIterator[None]:
         poll_interval=settings.forward.poll_interval)
     if own:
         await dispatcher.start()
+    if POOL in app:
+        pool: Pool = app[POOL]
+        leader = PgEventLeader(app[DATABASE], lambda: EventPump(
+            PgEventLog(pool), PgEventQueue(pool), app[FHIR_STORE], registry, dispatcher,
+            gate, Flattener(app[FHIR_STORE]), spec), config.leader_retry)
+        try:
+            await leader.start()
+            app[EVENT_LEADER] = leader
+            yield
+        finally:
+            await leader.close()
+            if own:
+                await dispatcher.close()
+            api.subscriptions = None
+        return
     log_ = await SqliteEventLog.open(data_dir / FHIR_FILE, app[CODEC])
     queue = await SqliteEventQueue.open(data_dir / INBOX_FILE, app[CODEC])
     pump = EventPump(log_, queue, app[FHIR_STORE], registry, dispatcher, gate,

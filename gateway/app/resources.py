@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -26,7 +26,7 @@ from opentelemetry import metrics
 
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
-from gateway.app.events import events
+from gateway.app.events import event_purger, events
 from gateway.app.forwarding import open_forwarding
 from gateway.app.memory import trim_after_bursts
 from gateway.app.sealing import store_codec
@@ -335,7 +335,8 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
 
 
 async def housekeeping(app: web.Application) -> AsyncIterator[None]:
-    """Periodic tasks: duplicate-key expiry, delivered-row purge, audit retention."""
+    """Periodic tasks: duplicate-key expiry, delivered-row and change-event purges, audit
+    retention."""
     settings = app[SETTINGS]
     tasks = [asyncio.create_task(_expire_dedup_keys(app[http.INBOX]), name="dedup-expiry")]
     outbox = app[FORWARDING].outbox
@@ -343,6 +344,8 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
             and settings.forward.keep_delivered_days):
         tasks.append(asyncio.create_task(_purge_delivered(
             outbox, settings.forward.keep_delivered_days), name="outbox-purge"))
+    tasks.append(asyncio.create_task(_purge_events(
+        event_purger(app), settings.events.keep_days), name="event-purge"))
     audit_log = app.get(audit_http.AUDIT)
     if audit_log is not None and settings.audit.retention_days:
         tasks.append(asyncio.create_task(
@@ -436,6 +439,15 @@ async def _purge_delivered(outbox: OutboxStore, days: float) -> None:
             await outbox.purge_delivered(datetime.now(UTC) - timedelta(days=days))
         except Exception as exc:  # retried in an hour
             log.warning("outbox purge failed: %s", type(exc).__name__)
+        await asyncio.sleep(3600)
+
+
+async def _purge_events(purge: Callable[[datetime], Awaitable[int]], days: float) -> None:
+    while True:
+        try:
+            await purge(datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # retried in an hour
+            log.warning("change event purge failed: %s", type(exc).__name__)
         await asyncio.sleep(3600)
 
 

@@ -77,6 +77,10 @@ class EventsConfig(DeliverySettings):
     # retried or dropped (`isthmus outbox retry`); new rows wake it at once.
     outbox_poll_interval: float = Field(default=10.0, gt=0, le=3600)
     allow_insecure_http: bool = False
+    # PostgreSQL: how often an instance that does not pump tries to take the lead.
+    leader_retry: float = Field(default=2.0, gt=0, le=600)
+    # Change events older than this, once handled, are purged by the housekeeping.
+    keep_days: float = Field(default=7.0, gt=0)
 
 
 def check_webhooks(webhooks: Sequence[WebhookConfig]) -> None:

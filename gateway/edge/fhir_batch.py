@@ -4,6 +4,7 @@ made in one store transaction, each entry answered and recorded."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -23,7 +24,13 @@ from gateway.edge.fhir_request import (
     validated,
 )
 from gateway.edge.fhir_search import search
-from gateway.edge.fhir_writes import checked_write, conflict_reason, target, written
+from gateway.edge.fhir_writes import (
+    checked_write,
+    conflict_reason,
+    owned_subscription,
+    target,
+    written,
+)
 from gateway.fhir.outcome import FhirError, operation_outcome
 from gateway.fhir.transaction import Entry, parse_bundle
 from gateway.policy import Principal
@@ -59,6 +66,9 @@ async def batch_or_transaction(call: Call) -> web.Response:
             if entry.resource is not None:
                 validated(entry.resource, entry.resource_type,
                           f"Bundle.entry[{entry.index}].resource")
+                # A Subscription is owned by the Bundle's caller, as if written alone.
+                entry = replace(entry, resource=owned_subscription(
+                    api, call.principal, entry.resource_type, entry.resource))
             writes.append((entry, await checked_write(call, entry, where)))
         except FhirError as exc:
             if atomic:

@@ -30,6 +30,7 @@ from gateway.events.subscriptions import SubscriptionError
 from gateway.fhir.outcome import FHIR_JSON, FhirError, information
 from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import Entry, query_pairs, write_request
+from gateway.policy import Principal
 from gateway.store.fhir import (
     Match,
     Refusal,
@@ -82,13 +83,19 @@ async def conditional_update(call: Call) -> web.Response:
 
 
 def _subscription(call: Call, resource: dict[str, Any]) -> dict[str, Any]:
-    """A Subscription as the gateway stores it (checked, its status and owner set): the
-    events package decides what it can act on; 400 or 403 when it cannot."""
-    rules = call.api.subscriptions
-    if call.resource_type != "Subscription" or rules is None:
+    return owned_subscription(call.api, call.principal, call.resource_type, resource)
+
+
+def owned_subscription(api: FhirApi, principal: Principal, resource_type: str,
+                       resource: dict[str, Any]) -> dict[str, Any]:
+    """A Subscription as the gateway stores it (checked, its status and owner set: the
+    writing caller, alone or in a Bundle): the events package decides what it can act
+    on; 400 or 403 when it cannot. Other types pass as they are."""
+    rules = api.subscriptions
+    if resource_type != "Subscription" or rules is None:
         return resource
     try:
-        return rules.accept(resource, call.principal)
+        return rules.accept(resource, principal)
     except SubscriptionError as exc:
         raise FhirError(exc.status, exc.reason, exc.element) from None
 

@@ -35,7 +35,7 @@ from gateway.fhir import jsonio
 from gateway.fhir.search import SearchRegistry
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher
 from gateway.store.errors import StoreUnavailable
-from gateway.store.events import ChangeEvent, QueuedDelivery, SqliteEventLog, SqliteEventQueue
+from gateway.store.events import ChangeEvent, EventLog, EventQueue, QueuedDelivery
 from gateway.store.fhir import FhirStore, SearchQuery, WriteConflict, WriteRequest
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PumpSpec:
 class EventPump:
     """Change events → matched targets → outbox rows; the dispatcher delivers them."""
 
-    def __init__(self, events: SqliteEventLog, queue: SqliteEventQueue, store: FhirStore,
+    def __init__(self, events: EventLog, queue: EventQueue, store: FhirStore,
                  registry: SearchRegistry, dispatcher: Dispatcher, gate: Gate,
                  flatten: Flatten, spec: PumpSpec) -> None:
         self._events = events

@@ -508,6 +508,11 @@ class Dispatcher:
         if worker is None:
             return None
         await worker.close(self._close_grace)
+        try:
+            await self._outbox.resign(name)
+        except Exception as exc:  # the lease connection went: the lead went with it
+            log.warning("outbox %s: the lead could not be given up: %s", name,
+                        type(exc).__name__)
         return worker.backend
 
     async def close(self) -> None:

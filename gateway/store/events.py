@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiosqlite
 
@@ -84,6 +84,10 @@ class ChangeEvent:
         return f"{self.resource_type}/{self.id}/_history/{self.version}"
 
 
+def action_of(text: str) -> Action:
+    return _ACTIONS[text]
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedDelivery:
     """One event for one target, ready for the outbox."""
@@ -93,6 +97,34 @@ class QueuedDelivery:
     event_id: str
     patient_key: str  # blinded as the outbox stores it; '' when no patient
     payload: bytes
+
+
+class EventLog(Protocol):
+    """The store's change events in order (SQLite here, PostgreSQL in gateway.store.pg)."""
+
+    async def after(self, seq: int, limit: int) -> list[ChangeEvent]:
+        """Events after `seq`, oldest first, without their bodies."""
+        ...
+
+    async def with_bodies(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
+        """The same events with their bodies (b"" for a version that is not there)."""
+        ...
+
+    async def last_seq(self) -> int:
+        """The last event a reader may take now."""
+        ...
+
+
+class EventQueue(Protocol):
+    """Where event deliveries are queued, with the cursor of events handled."""
+
+    async def cursor(self) -> int | None:
+        """The last event handled; None before the first start."""
+        ...
+
+    async def enqueue(self, deliveries: Sequence[QueuedDelivery], through: int) -> None:
+        """Queue deliveries and move the cursor to `through`, atomically."""
+        ...
 
 
 def delivery_context(event_seq: int, backend: str) -> str:
@@ -215,3 +247,25 @@ def _timestamp(moment: datetime) -> str:
     """As the outbox writes it (gateway.store.outbox)."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(
         timespec="microseconds") + "Z"
+
+
+async def purge_sqlite_events(fhir_path: Path, inbox_path: Path, before: datetime) -> int:
+    """Delete change events older than `before` that the pump has handled (at or behind
+    the cursor in the inbox database; every one when no pump ever ran). Their deliveries
+    live on in the outbox. AUTOINCREMENT: a purged seq is never drawn again."""
+    try:
+        async with aiosqlite.connect(inbox_path) as inbox:
+            await inbox.execute("PRAGMA busy_timeout=10000")
+            rows = list(await inbox.execute_fetchall(
+                "SELECT value FROM store_meta WHERE key = ?", (_CURSOR_KEY,)))
+        through = int(rows[0][0]) if rows else None
+        async with aiosqlite.connect(fhir_path) as db:
+            await db.execute("PRAGMA busy_timeout=10000")
+            cursor = await db.execute(
+                "DELETE FROM fhir_event WHERE at < ? AND (? IS NULL OR seq <= ?)",
+                (_timestamp(before), through, through))
+            await db.commit()
+            return int(cursor.rowcount)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(
+            f"the change events could not be purged: {type(exc).__name__}") from None

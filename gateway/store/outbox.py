@@ -105,6 +105,10 @@ class OutboxStore(Protocol):
         """Whether this process delivers `backend`'s rows now."""
         ...
 
+    async def resign(self, backend: str) -> None:
+        """This process no longer delivers `backend` (detached): another may take it."""
+        ...
+
     async def pending_counts(self) -> dict[str, int]: ...
 
     async def count_pending(self, backend: str, through_id: int | None = None) -> int: ...
@@ -136,6 +140,9 @@ class SqliteOutbox:
     async def lead(self, backend: str) -> bool:
         """Always: the data dir's lock makes this the only gateway on the file."""
         return True
+
+    async def resign(self, backend: str) -> None:
+        """Nothing to give up: no other gateway uses the file."""
 
     # -- what the dispatcher needs ------------------------------------------------------
 

@@ -266,3 +266,73 @@ async def test_deliveries_failing_again_and_again_put_the_subscription_in_error(
         assert len(subscriber.notifications) <= tried + 1  # in error: nothing more queued
     finally:
         await gateway.runner.cleanup()
+
+
+async def test_a_subscription_in_a_bundle_is_owned_by_its_caller_and_notifies(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    gateway = await _gateway(tmp_path)
+    try:
+        good = subscription(subscriber.url)
+        bad = subscription("http://insecure.example/hook")
+        async with fhir_session(gateway) as session:
+            # A transaction with a Subscription the gateway cannot act on: refused whole.
+            refused = {"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": good, "request": {"method": "POST", "url": "Subscription"}},
+                {"resource": bad, "request": {"method": "POST", "url": "Subscription"}}]}
+            async with session.post("/fhir", json=refused) as resp:
+                assert resp.status == 400
+                outcome = await resp.json()
+                assert outcome["resourceType"] == "OperationOutcome"
+                assert "Bundle.entry[1]" in outcome["issue"][0]["diagnostics"]
+            async with session.get("/fhir/Subscription") as resp:
+                assert (await resp.json()).get("total", 0) == 0
+            accepted = {"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": good, "request": {"method": "POST", "url": "Subscription"}}]}
+            async with session.post("/fhir", json=accepted) as resp:
+                assert resp.status == 200, await resp.text()
+                location = (await resp.json())["entry"][0]["response"]["location"]
+            sub_id = location.split("/")[-3]
+
+            async def active() -> bool:
+                async with session.get(f"/fhir/Subscription/{sub_id}") as got:
+                    stored = await got.json()
+                    return bool(stored["status"] == "active")
+
+            await eventually(active, timeout=10, what="the Subscription to become active")
+            async with session.get(f"/fhir/Subscription/{sub_id}") as got:
+                stored = await got.json()
+            owners = [e for e in stored.get("extension", [])
+                      if e.get("url") == "urn:isthmus:subscription-owner"]
+            assert len(owners) == 1  # the Bundle's caller
+        created = await _post(gateway, "/fhir/Observation", observation("laboratory", "Ca"))
+        await eventually(lambda: len(subscriber.notifications) == 1, timeout=10)
+        assert subscriber.notifications[0].event_id == \
+            f"Observation/{created['id']}/_history/1"
+    finally:
+        await gateway.runner.cleanup()
+
+
+async def test_a_batch_refuses_only_the_subscription_it_cannot_act_on(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    gateway = await _gateway(tmp_path)
+    try:
+        batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": subscription("http://insecure.example/hook"),
+             "request": {"method": "POST", "url": "Subscription"}},
+            {"resource": subscription(subscriber.url),
+             "request": {"method": "POST", "url": "Subscription"}}]}
+        async with fhir_session(gateway) as session:
+            async with session.post("/fhir", json=batch) as resp:
+                assert resp.status == 200, await resp.text()
+                answered = (await resp.json())["entry"]
+            assert answered[0]["response"]["status"].startswith("400")
+            assert answered[0]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+            assert answered[1]["response"]["status"].startswith("201")
+            sub_id = answered[1]["response"]["location"].split("/")[-3]
+            async with session.get(f"/fhir/Subscription/{sub_id}") as got:
+                stored = await got.json()
+        assert stored["status"] in ("requested", "active")  # set by the gateway
+        assert any(e.get("url") == "urn:isthmus:subscription-owner"
+                   for e in stored.get("extension", []))
+    finally:
+        await gateway.runner.cleanup()

@@ -3,13 +3,16 @@ an MLLP resend that changes nothing; a bad webhook config is a clear one-line er
 
 from __future__ import annotations
 
+import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import MllpPeer, message, segments, start_gateway, with_control_id
-from gateway.app.events import EVENTS
+from gateway.app.events import EVENTS, event_purger
+from gateway.app.state import FHIR_FILE
 from gateway.config import ConfigError, load_settings
 from support.fhir import fhir_session, start_fhir_gateway
 from support.subscriber import WEBHOOK_SECRET, Subscriber
@@ -107,3 +110,33 @@ async def test_bad_webhook_config_is_a_one_line_startup_error(
             {**hook("https://example.org/hook", ["patient.created"]), **change}])
     text = str(caught.value)
     assert named in text and "\n" not in text
+
+
+async def test_handled_events_are_purged_and_later_ones_still_notify(
+        tmp_path: Path, subscriber: Subscriber) -> None:
+    gateway = await start_fhir_gateway(tmp_path / "var", webhooks=[hook(
+        subscriber.url, ["appointment.created"])], **FAST)
+    body = {"resourceType": "Appointment", "status": "booked",
+            "participant": [{"actor": {"reference": "Patient/p9"}, "status": "accepted"}]}
+    fhir_file = tmp_path / "var" / FHIR_FILE
+
+    def events_kept() -> int:
+        with sqlite3.connect(fhir_file) as db:
+            return int(db.execute("SELECT count(*) FROM fhir_event").fetchone()[0])
+
+    try:
+        async with fhir_session(gateway) as session:
+            for _ in range(2):
+                async with session.post("/fhir/Appointment", json=body) as resp:
+                    assert resp.status == 201
+            await gateway.app[EVENTS].drain(5)
+            purge = event_purger(gateway.app)
+            assert await purge(datetime.now(UTC) - timedelta(days=1)) == 0  # too young
+            assert await purge(datetime.now(UTC) + timedelta(seconds=1)) == 2
+            assert events_kept() == 0
+            async with session.post("/fhir/Appointment", json=body) as resp:
+                assert resp.status == 201
+        await eventually(lambda: len(subscriber.accepted()) == 3, timeout=10)
+        assert events_kept() == 1
+    finally:
+        await gateway.runner.cleanup()

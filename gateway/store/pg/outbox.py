@@ -26,6 +26,13 @@ from gateway.store.pg.connect import Connection, PgSpec, Pool, advisory_key, con
 log = logging.getLogger(__name__)
 
 _PAYLOAD = {"mllp": "i.raw", "fhir": "i.bundle"}
+# Change-event targets (gateway.store.pg.events): the row names an event (inbox_id = -event
+# seq), its payload is in event_delivery; sent as the event id, a newline, the body.
+_EVENT_KIND = "event"
+_SOURCES = {
+    "inbox": "inbox i WHERE i.id = c.inbox_id",
+    "event": "event_delivery i WHERE i.event_seq = -c.inbox_id AND i.backend = c.backend",
+}
 _NOT_HELD = (
     "(o.patient_key = '' OR NOT EXISTS (SELECT 1 FROM outbox d WHERE d.status = 'dead' "
     "AND d.backend = o.backend AND d.patient_key = o.patient_key AND d.id < o.id))")
@@ -50,7 +57,7 @@ _DUE = (
     "free AS (SELECT f.id FROM outbox f WHERE f.id IN (SELECT id FROM candidate) "
     "AND f.status = 'pending' FOR UPDATE SKIP LOCKED), "
     "gap AS (SELECT min(id) AS id FROM candidate WHERE id NOT IN (SELECT id FROM free)) "
-    "UPDATE outbox c SET claimed_by = $4 FROM inbox i WHERE i.id = c.inbox_id "
+    "UPDATE outbox c SET claimed_by = $4 FROM {source} "
     "AND c.id IN (SELECT id FROM free) "
     "AND c.id < coalesce((SELECT id FROM gap), 9223372036854775807) "
     "RETURNING c.id, c.inbox_id, c.backend, c.patient_key, c.attempts, c.next_at, "
@@ -100,6 +107,22 @@ class PgOutbox:
             log.info("outbox %s: this instance delivers it now", backend)
         return taken
 
+    async def resign(self, backend: str) -> None:
+        """Give up `backend`'s lead (its worker was detached: say, the event lead moved to
+        another instance), so the instance that delivers it now can take it."""
+        async with self._lease_lock:
+            lease = self._lease
+            if backend not in self._held or lease is None or lease.is_closed():
+                return
+            self._held.discard(backend)
+            try:
+                await lease.fetchval("SELECT pg_advisory_unlock($1)", advisory_key(
+                    "isthmus-outbox", self._spec.schema, backend))
+            except BaseException:
+                await self._drop_lease()
+                raise
+            log.info("outbox %s: this instance no longer delivers it", backend)
+
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         # The channel is the database's; the payload names the schema whose rows are new.
         if payload == self._spec.schema and self.on_new_rows is not None:
@@ -146,10 +169,15 @@ class PgOutbox:
         """Pending rows of a backend after an id (and any behind it that this instance
         has not claimed: committed late), claimed for this instance, in id order with
         their payloads (rows behind a dead row of their patient are left)."""
-        column = _PAYLOAD.get(kind)
-        if column is None:
-            raise ValueError(f"no outbox payload for backend kind '{kind}'")
-        rows = await self._pool.fetch(_DUE.format(held=_NOT_HELD, payload=column),
+        if kind == _EVENT_KIND:
+            source, column = _SOURCES["event"], "convert_to(i.event_id || E'\\n', 'UTF8') " \
+                "|| i.payload"
+        else:
+            source, column = _SOURCES["inbox"], _PAYLOAD.get(kind, "")
+            if not column:
+                raise ValueError(f"no outbox payload for backend kind '{kind}'")
+        rows = await self._pool.fetch(_DUE.format(held=_NOT_HELD, payload=column,
+                                                  source=source),
                                       backend, after_id, limit, self._instance)
         found = [OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
                            str(r[6]), None if r[7] is None else bytes(r[7])) for r in rows]

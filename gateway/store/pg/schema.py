@@ -272,9 +272,30 @@ CREATE TRIGGER fhir_resource_event AFTER INSERT OR UPDATE ON fhir_resource
     FOR EACH ROW EXECUTE FUNCTION fhir_resource_event();
 """
 
+# Event deliveries' payloads beside the outbox (gateway.store.pg.events); a purged outbox
+# row takes its payload with it.
+_EVENT_DELIVERY = """
+CREATE TABLE event_delivery (
+    event_seq BIGINT NOT NULL,
+    backend TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    PRIMARY KEY (event_seq, backend)
+);
+CREATE FUNCTION outbox_event_purge() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM event_delivery WHERE event_seq = -OLD.inbox_id AND backend = OLD.backend;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER outbox_event_purge AFTER DELETE ON outbox
+    FOR EACH ROW WHEN (OLD.inbox_id < 0) EXECUTE FUNCTION outbox_event_purge();
+CREATE INDEX fhir_event_at ON fhir_event (at);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "inbox, outbox, FHIR store, audit trail, assertion ids",
               _INBOX + _FHIR + _AUDIT),
     Migration(2, "inbound webhook events", _WEBHOOKS),
     Migration(3, "change events", _EVENTS),
+    Migration(4, "change event deliveries", _EVENT_DELIVERY),
 )
