@@ -39,7 +39,8 @@ Without ``--port`` the gateway is started as
 line ``isthmus listening mllp=HOST:PORT http=HOST:PORT`` on its stdout, stops it with
 SIGTERM (SIGKILL after 10 s) at the end and removes the temporary directory.
 
-The target line (">= 20000 msg/s at 8 connections with p99 <= 5 ms") is informational:
+The target line (issue 15: ">= 3000 msg/s at 8 connections with ACK p99 <= 10 ms") is
+informational:
 the exit status is 0 unless something errored (server failed to start, a connection
 failed or stalled), in which case it is 1.
 """
@@ -78,8 +79,8 @@ GATEWAY_READY_RE = re.compile(r"^isthmus listening mllp=(\S+):(\d+) http=(\S+):(
 ECHO_READY_RE = re.compile(r"^isthmus-echo listening mllp=(\S+):(\d+)$")
 
 TARGET_CONNECTIONS = 8
-TARGET_RATE = 20_000.0
-TARGET_P99_MS = 5.0
+TARGET_RATE = 3_000.0
+TARGET_P99_MS = 10.0
 
 
 class BenchError(Exception):
