@@ -445,6 +445,15 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     return Message(text, delimiters, codec, raw)
 
 
+def parse_header(data: bytes, default_charset: str = "utf-8") -> Message:
+    """Just the MSH segment of a message, parsed as `parse_message` parses it (header,
+    delimiters, charset), without decoding the rest: for a large frame whose body was
+    read elsewhere. Raises as `parse_message` does for a broken MSH."""
+    start = _header_offset(data)
+    ends = [i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i >= 0]
+    return parse_message(data[:min(ends)] if ends else data, default_charset)
+
+
 def header_or_none(message: Message | None) -> Header | None:
     """The header of a message that may have none worth reading (for answers and records)."""
     if message is None:

@@ -41,6 +41,7 @@ from gateway.hl7.message import (
     Message,
     check_header,
     content_digest,
+    parse_header,
     parse_message,
     salvage_header,
 )
@@ -227,8 +228,12 @@ class Ingest:
                 return
             self._metrics.since("translate", started)
             errors = [error_from_wire(e) for e in outcome.errors]
+            accepted = not errors and outcome.prepared is not None
             try:
-                message = parse_message(frame, options.default_charset)
+                # Accepted: only MSH is read here (the child read the body). Refused (rare):
+                # all of it, for the refusal's audit record.
+                message = (parse_header if accepted else parse_message)(
+                    frame, options.default_charset)
                 header = message.header
             except Hl7Error as error:
                 self._answers.refuse(span, reply, salvage_header(frame), errors or [error],
@@ -237,10 +242,12 @@ class Ingest:
             self._describe(span, header)
             errors = errors or self._sender_refused(message, peer)
             if errors or outcome.prepared is None:
+                if accepted:  # the sender check refused it: the record names the patient
+                    message = parse_message(frame, options.default_charset)
                 self._answers.refuse(span, reply, message, errors, peer)
                 return
             self._commit(message, frame, peer, span, reply, push, now, self._route(header),
-                         self._noted(from_wire(outcome.prepared), span), outcome.digest)
+                         self._noted(from_wire(outcome.prepared), span), outcome)
 
         self._lanes.then(peer, ready, self._guarded(step, reply, span, frame, peer))
 
@@ -330,9 +337,11 @@ class Ingest:
 
     def _commit(self, message: Message, frame: bytes, peer: Peer, span: trace.Span,
                 reply: asyncio.Future[Reply], push: Push | None, now: datetime,
-                routed: Targets, translated: Prepared, digest: str = "") -> None:
+                routed: Targets, translated: Prepared,
+                inspected: Inspected | None = None) -> None:
         """Commit the message with its ACK (and audit record); answer once both are
-        durable; then hand it on to be applied."""
+        durable; then hand it on to be applied. `inspected`: a large frame, read in the
+        child (`message` is then its MSH only; what is read of the body comes from there)."""
         header = message.header
         status, error = translated.status, translated.error
         targets = routed if translated.translated or self._routing is None else (
@@ -367,10 +376,12 @@ class Ingest:
             status=status,
             error=translated.error_text,
             routes=targets.remote,
-            patient_key=patient_key(message) if targets.remote else "",
+            patient_key=(inspected.patient_key if inspected is not None
+                         else patient_key(message) if targets.remote else ""),
             trace=_traceparent(span) if targets.remote else "",
             bundle=translated.bundle if targets.needs_bundle else None,
-            content_hash=digest or content_digest(message),
+            content_hash=inspected.digest if inspected is not None else content_digest(
+                message),
             conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
         )
         store_span = self._answers.span("inbox.store", span)
@@ -379,10 +390,13 @@ class Ingest:
         audited = None
         if self._audit is not None:
             audit_span = self._answers.span("audit.append", span)
-            audited = self._audit.submit(message_access(
+            record = message_access(
                 message, peer=peer.address, tls_subject=peer.tls_subject,
                 outcome=outcome(code, int(errors[0].code) if errors else None), time=now,
-                trace_id=span.get_span_context().trace_id, detail=_DETAIL.get(status, "")))
+                trace_id=span.get_span_context().trace_id, detail=_DETAIL.get(status, ""))
+            if inspected is not None:
+                record = record._replace(patient=inspected.patient)
+            audited = self._audit.submit(record)
             if self._answers.recording:
                 audited.add_done_callback(lambda _: audit_span.end())
 
@@ -418,7 +432,7 @@ class Ingest:
             set_attributes(span, {"store.inbox_id": result.inbox_id,
                                   "hl7.duplicate": result.duplicate})
             if result.conflict:
-                self._conflicted(span, reply, message, peer, result, len(frame))
+                self._conflicted(span, reply, message, peer, result, len(frame), inspected)
                 return
             send = should_send_accept_ack(header.accept_ack_type, code) or (
                 not header.enhanced_mode)
@@ -437,7 +451,8 @@ class Ingest:
             _when_both(stored, audited, committed)
 
     def _conflicted(self, span: trace.Span, reply: asyncio.Future[Reply], message: Message,
-                    peer: Peer, result: Stored, size: int) -> None:
+                    peer: Peer, result: Stored, size: int,
+                    inspected: Inspected | None = None) -> None:
         """Answer a message kept as a control id conflict with its stored AE/CE; nothing
         is processed or delivered until an operator replays it."""
         header = message.header
@@ -449,10 +464,13 @@ class Ingest:
             # known (it says accepted); this one says how it was answered, so the trail
             # and the inbox agree. The answer does not wait for it: the access is on record.
             try:
-                noted = self._audit.submit(message_access(
+                record = message_access(
                     message, peer=peer.address, tls_subject=peer.tls_subject,
                     outcome=outcome(code, int(ErrorCode.DUPLICATE_KEY)), time=self._clock(),
-                    trace_id=span.get_span_context().trace_id, detail="control id conflict"))
+                    trace_id=span.get_span_context().trace_id, detail="control id conflict")
+                if inspected is not None:  # `message` is its MSH only
+                    record = record._replace(patient=inspected.patient)
+                noted = self._audit.submit(record)
                 noted.add_done_callback(audit_failed)
             except Exception as exc:  # the conflict is kept and answered regardless
                 log.error("could not record a control id conflict: %s at %s",

@@ -24,13 +24,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from gateway.audit.patient import reference_from_v2
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.forward.routes import Router
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Message, check_header, content_digest, parse_message
 from gateway.hl7.validate import validate
-from gateway.ingest.replay import translate
+from gateway.ingest.replay import patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED
 
@@ -200,8 +201,10 @@ def check_content(message: Message, validation: str) -> list[Hl7Error]:
 # A thread would not do: a thread translating 20,000 OBX holds the interpreter lock, and
 # the event loop waits for it at every turn (hundreds of ms per ACK). So a large frame goes
 # to a one-process pool: parse, validation, translation and digest there; back comes only
-# the outcome (the handler parses the frame again for its header, a few ms), and the
-# apply worker translates the stored row again, on its own thread.
+# the outcome, with what the edge's commit reads of the body (the patient key and the audit
+# record's PID-3): the edge parses only the MSH line itself, so nothing on its event loop
+# costs in proportion to the frame's size. The apply worker translates the stored row
+# again, on its own thread.
 
 _CHILD_TRANSLATOR: list[Translator] = []
 
@@ -217,11 +220,14 @@ def start_child(tables: Path | None, site: Path | None, default_offset: str,
 @dataclass(frozen=True, slots=True)
 class Inspected:
     """A large frame inspected in the child: why it is refused (nothing: accepted), its
-    translation outcome (as `to_wire`) and content digest."""
+    translation outcome (as `to_wire`), content digest, and what the commit reads of the
+    body (set when accepted): the patient key and the audit record's patient."""
 
     errors: tuple[tuple[Any, ...], ...]
     prepared: tuple[Any, ...] | None = None
     digest: str = ""
+    patient_key: str = ""
+    patient: str | None = None
 
 
 def inspect(frame: bytes, charset: str, validation: str, translate_it: bool,
@@ -235,14 +241,16 @@ def inspect(frame: bytes, charset: str, validation: str, translate_it: bool,
     errors = check_content(message, validation)
     if errors:
         return Inspected(tuple(error_to_wire(e) for e in errors))
+    key, patient = patient_key(message), reference_from_v2(message)
     if not translate_it or not _CHILD_TRANSLATOR:
-        return Inspected((), to_wire(Prepared(ACCEPTED)), content_digest(message))
+        return Inspected((), to_wire(Prepared(ACCEPTED)), content_digest(message), key,
+                         patient)
     header = message.header
     want_bundle = router is not None and router.for_message(
         header.message_type, header.sending_application, header.sending_facility).needs_bundle
     prepared = prepare_message(_CHILD_TRANSLATOR[0], message, at, keep=False,
                                want_bundle=want_bundle, strict=strict)
-    return Inspected((), to_wire(prepared), content_digest(message))
+    return Inspected((), to_wire(prepared), content_digest(message), key, patient)
 
 
 # Over a pipe between processes an Hl7Error travels as its parts (its constructor's

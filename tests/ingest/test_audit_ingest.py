@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from conftest import (
 from gateway.audit import AuditLog, AuditQuery
 from gateway.audit.sealed import parse_body, reveal
 from gateway.edge.audit_http import AUDIT
+from gateway.hl7.message import content_digest, parse_message
 from gateway.telemetry import configure
 from support.audit import AUDIT_DB, CANARY_FAMILY, CANARY_MRN, run_cli
 from support.pki import Pki, lab
@@ -232,3 +234,29 @@ async def test_replaying_a_stored_message_is_on_record_as_a_translation(
     (replayed,) = [r for r in await records(gateway) if r["action"] == "translate"]
     assert replayed["outcome"] == "success" and replayed["type"] == "hl7v2-message"
     assert replayed["phi"] == f"SYNTHHOSP|{CANARY_MRN}"
+
+
+async def test_a_large_frame_read_in_its_own_process_is_on_record_with_its_patient(
+        tmp_path: Path) -> None:
+    # offload_bytes 0: every frame goes to the large-frame process, and the edge reads only
+    # its MSH; the patient (PID-3) of the record and the content digest come from there.
+    gateway = await start_gateway(tmp_path / "var", **{"processes.offload_bytes": 0})
+    try:
+        peer = await MllpPeer.open(gateway.mllp_port)
+        raw = with_control_id(ADT, "LARGE-AUDIT-1")
+        assert segments(await peer.request(raw))["MSA"][0][1] == "AA"
+        # The same control id, other content: a conflict, on record with its patient too.
+        other = raw.replace(b"CANARYFAMILY", b"OTHERFAMILY")
+        assert segments(await peer.request(other))["MSA"][0][1] == "AE"
+        await peer.close()
+        found = [r for r in await records(gateway) if r["control_id"] == "LARGE-AUDIT-1"]
+        assert [r["phi"] for r in found] == [f"SYNTHHOSP|{CANARY_MRN}"] * 3
+        assert [r["detail"] for r in found][-1] == "control id conflict"
+        with sqlite3.connect(gateway.data_dir / "inbox.db") as db:
+            hashes = [r[0] for r in db.execute(
+                "SELECT content_hash FROM inbox WHERE control_id = 'LARGE-AUDIT-1' "
+                "ORDER BY id")]
+        assert hashes == [content_digest(parse_message(raw)),
+                          content_digest(parse_message(other))]
+    finally:
+        await gateway.runner.cleanup()
