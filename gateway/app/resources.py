@@ -318,6 +318,10 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
     """The MLLP listener; on stop it answers what is in flight before closing."""
     settings = app[SETTINGS]
     large = large_frames(settings)
+    if settings.processes.worker_count() > 0:
+        # Started now, not at the first large frame: its start (imports, tables: a second
+        # or more of CPU) would otherwise compete with every connection beside that frame.
+        large.submit(os.getpid)
     server = mllp_server(app, app.get(WORKERS), large)
     observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
@@ -366,7 +370,8 @@ RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assert
 
 
 def large_frames(settings: Settings) -> ProcessPoolExecutor:
-    """The process that inspects large frames (`prepare.inspect`); started at the first."""
+    """The process that inspects large frames (`prepare.inspect`); started at the first
+    (or at start-up, with worker processes)."""
     mapping = settings.mapping
     return ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
@@ -207,12 +208,18 @@ def check_content(message: Message, validation: str) -> list[Hl7Error]:
 # again, on its own thread.
 
 _CHILD_TRANSLATOR: list[Translator] = []
+_CHILD_NICENESS = 10
 
 
 def start_child(tables: Path | None, site: Path | None, default_offset: str,
                 cache: Path | None = None) -> None:
     """The large-frame process's initializer: load the tables once (None: translation is
-    off, the child only parses and validates), compiled ones from `cache` if there."""
+    off, the child only parses and validates), compiled ones from `cache` if there.
+
+    The process runs at a lower priority: on a machine short of cores, a large frame's
+    work yields the CPU to the edge and the workers, which answer every other message."""
+    with contextlib.suppress(OSError):
+        os.nice(_CHILD_NICENESS)
     if tables is not None:
         _CHILD_TRANSLATOR[:] = [Translator.load(tables, site, default_offset, cache=cache)]
 
