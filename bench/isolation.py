@@ -8,7 +8,8 @@ with ``--rate N`` they are paced to N messages/s in all (each connection sends i
 message at its scheduled time, or at once when the previous ACK came late), so the
 latency is measured below saturation: unpaced, 8 lock-step senders keep the gateway at
 full throughput and their p99 is queueing (30-80 ms here) even with no heavy message.
-Twice, in the same run: first alone for ``--seconds`` (the peer), then while one more
+After ``--warmup`` seconds of the same (printed, not compared), twice, in the same run:
+first alone for ``--seconds`` (the peer), then while one more
 connection sends one legal ORU^R01 of ``--observations`` OBX (20,000: about 5 MB); the
 second phase lasts until that message's ACK. Printed per phase: small-message ACKs/s,
 their p50/p99 latency, and /healthz p50/p99/max; and how long the heavy message took.
@@ -125,6 +126,10 @@ async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
     print(f"heavy message: {len(heavy) / 1e6:.1f} MB, {args.observations} OBX; "
           f"{args.connections} small-message connections, "
           + (f"paced to {args.rate:g} msg/s in all" if args.rate else "lock-step, unpaced"))
+    if args.warmup:
+        # Unrecorded: the first messages pay for lazy imports and caches in every process.
+        warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+        await phase("warm-up", warm, mllp, http, None)
     await phase("alone (peer)", args, mllp, http, None)
     await phase("beside heavy", args, mllp, http, heavy)
     print("target: beside the heavy message, small ACK p99 <= 20 ms and /healthz <= 50 ms")
@@ -135,6 +140,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--observations", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of small messages before the peer phase (printed, "
+                             "not compared)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--rate", type=float, default=None,
                         help="small messages/s across the connections (default: unpaced)")
