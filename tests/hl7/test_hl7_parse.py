@@ -11,7 +11,7 @@ import pytest
 from gateway.hl7.delimiters import Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7ParseError
 from gateway.hl7.location import parse_location
-from gateway.hl7.message import Message, check_header, parse_message
+from gateway.hl7.message import Message, check_header, parse_header, parse_message
 
 MESSAGES = Path(__file__).parents[1] / "messages"
 
@@ -465,3 +465,18 @@ def test_segment_id_is_the_whole_text_before_the_separator() -> None:
     assert [s.get(2) for s in msg.segments("PID")] == ["yes"]
     assert msg.segment_ids == ["MSH", "PIDX", "PID"]
     assert msg.get("PID-2") == "yes"
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf", b"\r\n"])
+def test_parse_header_reads_msh_as_the_whole_parse_does_and_nothing_after(
+        prefix: bytes) -> None:
+    raw = prefix + fixture("adt_a01.hl7")
+    whole, head = parse_message(raw), parse_header(raw)
+    assert head.header == whole.header
+    assert (head.charset, head.delimiters) == (whole.charset, whole.delimiters)
+    assert [s.id for s in head.segments()] == ["MSH"]
+
+
+def test_parse_header_refuses_what_parse_message_refuses() -> None:
+    with pytest.raises(Hl7ParseError):
+        parse_header(b"PID|1||MRN-1\rMSH|^~\\&|A|B\r")
