@@ -64,15 +64,25 @@ def trim() -> bool:
     return bool(malloc_trim(0))
 
 
-async def trim_after_bursts(held: Callable[[], int], interval: float = 1.0) -> None:
-    """Trim once whenever what the edge holds (`held`, bytes) has drained to nothing
-    after a burst: a walk of the heap, a few ms, only when there is something to give."""
+async def trim_after_bursts(held: Callable[[], int], interval: float = 1.0,
+                            again_after: int = 5) -> None:
+    """Trim whenever what the edge holds (`held`, bytes) has drained to nothing after a
+    burst, and once more `again_after` intervals later if it is still drained: buffers
+    the edge let go of just after the drain (a reply still being written, a commit's
+    copy on a store thread, more likely on a busy machine) are given back too. A walk of
+    the heap is a few ms, done only when there is something to give."""
     busy = False
+    quiet = 0  # intervals drained since the last burst; -1 once both trims are done
     while True:
         await asyncio.sleep(interval)
-        now = held()
-        if now:
-            busy = True
-        elif busy:
-            busy = False
+        if held():
+            busy, quiet = True, 0
+            continue
+        if busy:
+            busy, quiet = False, 1
             trim()
+        elif quiet > 0:
+            quiet += 1
+            if quiet > again_after:
+                quiet = -1
+                trim()
