@@ -1,6 +1,7 @@
 """The group committer behind the inbox and audit writers (both backends): concurrent
 submissions share commits, in order; a batch that fails fails only its own callers, with
-the store's answer; a large item closes a batch; nothing is taken once closed."""
+the store's answer; a large item closes a batch; with `settle`, callers a few event-loop
+turns behind join the batch; nothing is taken once closed."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def committer(disk: Disk, **options: object) -> GroupCommitter[str, int]:
     made: GroupCommitter[str, int] = GroupCommitter(
         disk.commit, name="test", logger=log, max_batch=int(str(options.get("max_batch", 64))),
         failure=lambda exc: StoreUnavailable(f"not stored ({type(exc).__name__})"),
-        closed="closing", size=len, max_bytes=int(str(options.get("max_bytes", 1 << 20))))
+        closed="closing", size=len, max_bytes=int(str(options.get("max_bytes", 1 << 20))),
+        settle=int(str(options.get("settle", 0))))
     made.start()
     return made
 
@@ -68,6 +70,24 @@ async def test_a_large_item_closes_its_batch() -> None:
     await asyncio.gather(*(writer.submit(item) for item in ("12345", "123456", "1", "2")))
     await writer.close()
     assert disk.batches == [["12345"], ["123456", "1", "2"]]
+
+
+async def submit_two_turns_apart(writer: GroupCommitter[str, int]) -> list[int]:
+    """'a' now and 'b' two loop turns later, as a second request still being parsed."""
+    first = writer.submit("a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return list(await asyncio.gather(first, writer.submit("b")))
+
+
+@pytest.mark.parametrize(("settle", "batches"), [(0, [["a"], ["b"]]), (5, [["a", "b"]])])
+async def test_settle_turns_let_callers_under_way_join_the_batch(
+        settle: int, batches: list[list[str]]) -> None:
+    disk = Disk()
+    writer = committer(disk, settle=settle)
+    assert await submit_two_turns_apart(writer) == [1, 1]
+    await writer.close()
+    assert disk.batches == batches
 
 
 async def test_nothing_is_taken_once_closed_and_what_was_queued_is_committed() -> None:
