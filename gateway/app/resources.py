@@ -377,7 +377,7 @@ def large_frames(settings: Settings) -> ProcessPoolExecutor:
         max_workers=1, mp_context=multiprocessing.get_context("spawn"),
         initializer=start_child,
         initargs=((mapping.tables_dir or SHIPPED) if mapping.translate_on_ingest else None,
-                  mapping.site_dir, mapping.default_offset, compiled_tables_dir()))
+                  mapping.site_dir, mapping.default_offset, compiled_tables_dir(), os.getpid()))
 
 
 def mllp_server(app: web.Application, translators: Translators | None = None,

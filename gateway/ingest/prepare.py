@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
@@ -209,10 +211,12 @@ def check_content(message: Message, validation: str) -> list[Hl7Error]:
 
 _CHILD_TRANSLATOR: list[Translator] = []
 _CHILD_NICENESS = 10
+# How often the large-frame process checks that the gateway that started it is alive.
+_PARENT_WATCH_SECONDS = 1.0
 
 
 def start_child(tables: Path | None, site: Path | None, default_offset: str,
-                cache: Path | None = None) -> None:
+                cache: Path | None = None, parent: int | None = None) -> None:
     """The large-frame process's initializer: load the tables once (None: translation is
     off, the child only parses and validates), compiled ones from `cache` if there.
 
@@ -220,8 +224,21 @@ def start_child(tables: Path | None, site: Path | None, default_offset: str,
     work yields the CPU to the edge and the workers, which answer every other message."""
     with contextlib.suppress(OSError):
         os.nice(_CHILD_NICENESS)
+    # `parent` is the gateway's pid as it was when it started this process: read here,
+    # the parent could already be gone (killed while this process was importing).
+    threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True,
+                     name="parent-watch").start()
     if tables is not None:
         _CHILD_TRANSLATOR[:] = [Translator.load(tables, site, default_offset, cache=cache)]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The large-frame process ends when the gateway that started it is gone. A pool
+    worker waits on its call queue, whose write end it holds itself, so a gateway killed
+    with SIGKILL (or crashing) would otherwise leave it waiting for ever."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_WATCH_SECONDS)
+    os._exit(0)
 
 
 @dataclass(frozen=True, slots=True)

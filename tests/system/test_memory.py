@@ -125,3 +125,22 @@ async def test_the_edge_gives_back_the_memory_of_a_burst_of_large_messages(
                          interval=0.2, what="every child process of the gateway gone")
     finally:
         gateway.kill()
+
+
+@pytest.mark.slow
+async def test_a_gateway_killed_with_sigkill_leaves_no_child_process_behind(
+        tmp_path: Path) -> None:
+    # The large-frame process starts with the apply worker; a pool worker waits on a queue
+    # whose write end it holds itself, so it would wait for ever once its gateway is gone.
+    gateway = GatewayProcess(tmp_path / "var").start(timeout=60)
+    try:
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        await eventually(lambda: len(_children(pid)) >= 2, timeout=60, interval=0.2,
+                         what="the apply worker and the large-frame process started")
+        children = _children(pid)
+        gateway.kill()
+        await eventually(lambda: not any(_alive(c) for c in children), timeout=30,
+                         interval=0.2, what="every child process of the killed gateway gone")
+    finally:
+        gateway.kill()
