@@ -3,21 +3,18 @@ requests and breaker states, by backend (never by resource or patient)."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.forward.resilience import BREAKER_STATES
+from gateway.telemetry.instruments import PerMeter
 
 
-class ForwardMetrics:
+class ForwardMetrics(PerMeter):
     """The forwarding instruments of one meter, shared by every backend that uses it (an
     instrument name is registered once per meter; observable callbacks read all of them)."""
-
-    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, ForwardMetrics] = (
-        weakref.WeakKeyDictionary())
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.requests = meter.create_counter(
@@ -38,13 +35,6 @@ class ForwardMetrics:
         meter.create_observable_gauge(
             "isthmus.forward.breaker_state", callbacks=[self._observe_states],
             description="Circuit breaker: 0 closed, 1 half-open, 2 open")
-
-    @classmethod
-    def of(cls, meter: metrics.Meter) -> ForwardMetrics:
-        found = cls._by_meter.get(meter)
-        if found is None:
-            found = cls._by_meter[meter] = cls(meter)
-        return found
 
     def watch(self, backend: str, breaker_state: Callable[[], str],
               refreshes: Callable[[], int] | None = None) -> None:
@@ -67,14 +57,11 @@ class ForwardMetrics:
 
 
 
-class FacadeMetrics:
+class FacadeMetrics(PerMeter):
     """The facade's counters of one meter: the hits of every vendor table row (rows that
     never matched show as 0), links to hosts that are not the backend's, dropped, and
     answers that were not valid R4, by what was done with them. Labels: backend, table
     name, row line, a fixed word; never a URL or a value."""
-
-    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, FacadeMetrics] = (
-        weakref.WeakKeyDictionary())
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.links_dropped = meter.create_counter(
@@ -89,13 +76,6 @@ class FacadeMetrics:
         meter.create_observable_counter(
             "isthmus.vendor.rule_hits", callbacks=[self._observe_hits], unit="{hit}",
             description="Times each vendor table row matched, by table and row (line)")
-
-    @classmethod
-    def of(cls, meter: metrics.Meter) -> FacadeMetrics:
-        found = cls._by_meter.get(meter)
-        if found is None:
-            found = cls._by_meter[meter] = cls(meter)
-        return found
 
     def watch_table(self, name: str, hits: Callable[[], dict[int, int]]) -> None:
         """Report a vendor table's row hits (every row, 0 for those never hit)."""

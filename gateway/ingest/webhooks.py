@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import logging
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from gateway.ingest.webhook_events import ChangedResource, EventReader
 from gateway.store.errors import StoreUnavailable, WriteConflict
 from gateway.store.fhir import FhirStore, WriteRequest
 from gateway.store.webhooks import WebhookEvent, WebhookEvents
+from gateway.telemetry.instruments import PerMeter
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,15 @@ _RETRY_STATUSES = frozenset({401, 403, 408, 425, 429})
 _GONE = frozenset({404, 410})
 
 
-class WebhookMetrics:
+class WebhookMetrics(PerMeter):
     """One counter of events by backend and outcome (a fixed vocabulary, never a value):
     at the edge accepted, replayed, ignored, refused, malformed; after it done, unchanged,
     gone, deleted, failed, retried."""
-
-    _by_meter: weakref.WeakKeyDictionary[metrics.Meter, WebhookMetrics] = (
-        weakref.WeakKeyDictionary())
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.events = meter.create_counter(
             "isthmus.webhook.events", unit="{event}",
             description="Backends' change notifications by backend and outcome")
-
-    @classmethod
-    def of(cls, meter: metrics.Meter) -> WebhookMetrics:
-        found = cls._by_meter.get(meter)
-        if found is None:
-            found = cls._by_meter[meter] = cls(meter)
-        return found
 
     def count(self, backend: str, outcome: str) -> None:
         self.events.add(1, {"forward.backend": backend, "outcome": outcome})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Self
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -354,4 +356,25 @@ class FhirMetrics:
         self._requests.add(key)
         self._duration.record(key, (time.perf_counter() - started) * 1000.0)
 
+
+class PerMeter:
+    """A set of instruments made once per meter: an instrument name is registered once
+    per meter, so every user of a meter shares one set (`of`), and a set goes with its
+    meter (held weakly). A subclass makes its instruments in `__init__(meter)`."""
+
+    _by_meter: ClassVar[weakref.WeakKeyDictionary[metrics.Meter, Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._by_meter = weakref.WeakKeyDictionary()  # one registry per subclass
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        pass
+
+    @classmethod
+    def of(cls, meter: metrics.Meter) -> Self:
+        found: Self | None = cls._by_meter.get(meter)
+        if found is None:
+            found = cls._by_meter[meter] = cls(meter)
+        return found
 
