@@ -8,8 +8,6 @@ of the patients to the FHIR store (`gateway.ingest.worker`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -19,56 +17,28 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from gateway.app.memory import return_large_buffers
+from gateway.app.child import begin
 from gateway.app.sealing import store_codec
 from gateway.app.specs import load_translator, search_registry
 from gateway.app.state import FHIR_FILE, INBOX_FILE
 from gateway.app.workers import receive, send
 from gateway.config import Settings
-from gateway.ingest.prepare import Request, prepare, to_wire
 from gateway.ingest.worker import InboxFollower
-from gateway.mapping.engine import Translator
 from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
 
 log = logging.getLogger("gateway.worker")
 
-_PR_SET_PDEATHSIG = 1
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     fd, index, count, parent = (int(a) for a in (argv or sys.argv[1:])[:4])
-    _die_with(parent)
-    # Ctrl-C reaches the whole process group: the edge decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Until it follows the inbox a worker holds nothing: SIGTERM (the edge stopping during
-    # our start) ends it at once instead of after the tables have loaded.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    settings: Settings = pickle.load(sys.stdin.buffer)  # from our own parent
-    os.umask(0o077)
-    return_large_buffers()  # a heavy row's buffers go back to the system
-    from gateway.policy.redact import install
-
-    logging.basicConfig(stream=sys.stderr, level=settings.log.level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: "
-                               "%(message)s")
-    install()  # every log line through the PHI filter, as in the edge
+    settings = begin("worker", index, parent)
     try:
         asyncio.run(_run(settings, fd, index, count))
     except Exception as exc:  # said in one line; the edge starts the worker again
         log.error("apply worker stopped: %s", type(exc).__name__)
         return 1
     return 0
-
-
-def _die_with(parent: int) -> None:
-    """Linux: the kernel kills this process when the edge dies (even by SIGKILL), so a
-    restarted gateway never finds an old worker still applying."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the signal was set
-        os._exit(1)
 
 
 async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
@@ -92,8 +62,9 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
 
     def report(done: Sequence[tuple[int, str]]) -> None:
         assert follower is not None
+        again, follower.translated_again = follower.translated_again, 0
         send(writer, ("done", list(done), follower.depth, follower.batch_seconds * 1000,
-                      store.write_seconds * 1000))
+                      store.write_seconds * 1000, again))
 
     follower = InboxFollower(store, registry, inbox, translator, report, share=index,
                              shares=count,
@@ -112,8 +83,9 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
             if item is None or item[0] == "stop":  # stopped, or the edge is gone
                 follower.stop()
                 break
-            if item[0] == "translate":
-                _translate(translator, follower, writer, item[1], item[2])
+            if item[0] == "keep":
+                # A translator's translation for an ACK, for when its row comes up.
+                follower.keep(item[1], item[2], pickle.loads(item[3]))
             else:
                 follower.wake()
         await following
@@ -122,15 +94,6 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
         await inbox.close()
         writer.close()
         os.close(lock)
-
-
-def _translate(translator: Translator, follower: InboxFollower,
-               writer: asyncio.StreamWriter, seq: int, request: Request) -> None:
-    """Translate for the edge's ACK; keep the translation for when its row commits."""
-    prepared = prepare(translator, request, keep=True)
-    if prepared.translation is not None:
-        follower.keep(request.raw, prepared.translation)
-    send(writer, ("translated", seq, to_wire(prepared)))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,35 @@
-"""The process layout: the edge process supervises the apply workers.
+"""The process layout: the edge process supervises the apply workers and translators.
 
 The edge (this process) owns the listeners, the inbox commit with its ACK and the audit
 trail (the only audit writer: workers apply messages already on record and write none).
-Each worker is `python -m gateway.app.worker_main`, told its settings on stdin and talking
-over a socket pair, one pickled tuple a frame (4-byte length first; both ends are ours):
+Each child is `python -m gateway.app.worker_main` or `gateway.app.translator_main`, told
+its settings on stdin and talking over a socket pair, one pickled tuple a frame (4-byte
+length first; both ends are ours):
 
-    edge -> worker   ("translate", seq, Request)   translate a message for its ACK
-                     ("wake",)                     rows were committed
-                     ("stop",)                     finish the batch in hand and exit
-    worker -> edge   ("ready",)                    it takes translations from now on
-                     ("translated", seq, wire)     the outcome (`prepare.to_wire`)
-                     ("done", [(inbox id, ""|reason), ...], depth, batch ms,
-                      store write ms)
+    edge -> translator ("translate", seq, Request)  translate a message for its ACK
+    translator -> edge ("ready",)                    it takes translations from now on
+                       ("translated", seq, wire, kept)  the outcome (`prepare.to_wire`);
+                                                     kept: (key, bytes, pickled
+                                                     Translation) or None
+    edge -> worker     ("keep", key, bytes, pickled Translation)  for its row
+                       ("wake",)                     rows were committed
+                       ("stop",)                     finish the batch in hand and exit
+    worker -> edge     ("ready",)
+                       ("done", [(inbox id, ""|reason), ...], depth, batch ms,
+                        store write ms, rows translated again)
 
-A message is translated for its ACK by the worker whose share holds its patient, which
-keeps the translation to apply once the row commits (no second translation); a large
-one (`processes.offload_bytes`) on a thread of the edge instead, so it holds up no worker.
+A small message is translated for its ACK by a translator process, which does nothing
+else: in the apply worker it waited behind the applies (their event loop turns, and the
+interpreter lock held by the FHIR store's writer thread). The edge hands the Translation
+on to the worker whose share holds the patient before it commits the row, so the worker
+does not translate it again; a large one (`processes.offload_bytes`) is translated in the
+large-frame process instead, so it holds up no translator.
 
-A worker dies with the edge (its parent-death signal, and the socket's end of file); a
-worker that dies is started again, and its rows wait, committed and marked `translated`,
-until then. Each holds a lock file in the data dir while it runs, so a new worker starts
-applying only once the one it replaces is gone.
+A child dies with the edge (its parent-death signal, and the socket's end of file); one
+that dies is started again; an apply worker's rows wait, committed and marked
+`translated`, until then, and the edge translates for itself while no translator is
+ready. Each apply worker holds a lock file in the data dir while it runs, so a new one
+starts applying only once the one it replaces is gone.
 """
 
 from __future__ import annotations
@@ -50,11 +59,13 @@ log = logging.getLogger(__name__)
 # How long a stopping worker may take to finish its batch before it is killed.
 _STOP_GRACE = 8.0
 _RESTART_DELAY = 1.0
-# Translations one worker may owe the edge before the edge translates for itself.
+# Translations one translator may owe the edge before the edge translates for itself.
 _MAX_ASKED = 16
+_WORKER = "gateway.app.worker_main"
+_TRANSLATOR = "gateway.app.translator_main"
 
 
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 
 
 def send(writer: asyncio.StreamWriter, item: tuple[Any, ...]) -> None:
@@ -63,7 +74,7 @@ def send(writer: asyncio.StreamWriter, item: tuple[Any, ...]) -> None:
         return
     body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        writer.write(_LENGTH.pack(len(body)) + body)
+        writer.write(LENGTH.pack(len(body)) + body)
     except (ConnectionError, RuntimeError):
         pass  # the other end is gone; its supervisor (or the worker's EOF) handles it
 
@@ -71,8 +82,8 @@ def send(writer: asyncio.StreamWriter, item: tuple[Any, ...]) -> None:
 async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
     """The next frame from the other process; None at its end."""
     try:
-        head = await reader.readexactly(_LENGTH.size)
-        item = pickle.loads(await reader.readexactly(_LENGTH.unpack(head)[0]))
+        head = await reader.readexactly(LENGTH.size)
+        item = pickle.loads(await reader.readexactly(LENGTH.unpack(head)[0]))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     assert isinstance(item, tuple)
@@ -89,30 +100,50 @@ class WorkerStats:
     batch_ms: float = 0.0
     write_ms: float = 0.0  # the FHIR store's last write transaction (its lock held)
     restarts: int = 0
+    translated_again: int = 0  # rows it translated: no translation was handed on
 
 
 @dataclass
-class _Worker:
+class _Child:
+    module: str  # _WORKER or _TRANSLATOR
     index: int
     process: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     reader_task: asyncio.Task[None] | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
-    # Translations asked of this worker and not answered yet, by sequence number.
-    asked: dict[int, asyncio.Future[Prepared]] = field(default_factory=dict)
-    # Until a worker has loaded its tables and opened the stores, the edge translates.
+    # A translator's translations asked and not answered yet, by sequence number, with
+    # the apply worker that takes the message's patient.
+    asked: dict[int, tuple[asyncio.Future[Prepared], int]] = field(default_factory=dict)
+    # Until a child has loaded its tables (and opened the stores), the edge translates.
     ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'apply worker' if self.module == _WORKER else 'translator'} {self.index}"
+
+    @property
+    def open(self) -> bool:
+        return self.ready and self.writer is not None and not self.writer.is_closing()
+
+
+def translator_count(workers: int) -> int:
+    """Translator processes beside `workers` apply workers: one translates ADT^A01 at
+    ~4,000/s, more than two workers apply."""
+    return max(1, (workers + 1) // 2)
 
 
 class Workers:
-    """The apply workers, seen from the edge as one applier: `submit` notes a committed
-    translation (the worker translates the stored row again), `drain` waits for what was
-    submitted to be applied, `close` stops every worker after its batch in hand."""
+    """The apply workers and translators, seen from the edge as one applier and one
+    `Translators`: `translate` asks a translator, `submit` notes a committed row (its
+    worker applies it with the translation handed on, or translates the stored row
+    again), `drain` waits for what was submitted to be applied, `close` stops every worker
+    after its batch in hand."""
 
     def __init__(self, settings: Settings, count: int) -> None:
         self._settings = settings
         self._seq = 0
-        self._workers = [_Worker(i) for i in range(count)]
+        self._workers = [_Child(_WORKER, i) for i in range(count)]
+        self._translators = [_Child(_TRANSLATOR, i) for i in range(translator_count(count))]
         self._pending: set[int] = set()
         self._outcomes: dict[int, Outcome] = {}
         self._wake_scheduled = False
@@ -156,6 +187,11 @@ class Workers:
             "isthmus.worker.failed", callbacks=[by_worker(lambda s: s.failed)],
             description="messages an apply worker could not apply")
         meter.create_observable_counter(
+            "isthmus.worker.translated_again",
+            callbacks=[by_worker(lambda s: s.translated_again)],
+            description="inbox rows an apply worker translated itself: no translation "
+                        "made for the ACK was handed on (a restart, no translator ready)")
+        meter.create_observable_counter(
             "isthmus.worker.restarts", callbacks=[by_worker(lambda s: s.restarts)],
             description="times an apply worker exited and was started again")
         meter.create_observable_gauge(
@@ -164,26 +200,26 @@ class Workers:
             description="messages committed by the edge and not yet applied by a worker")
 
     async def start(self) -> None:
-        for worker in self._workers:
-            await self._spawn(worker)
+        for child in (*self._workers, *self._translators):
+            await self._spawn(child)
 
     def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
-        """A translation for the handler, by the worker that applies its patient (None:
-        translate it here: the worker is starting, or everything is stopping)."""
+        """A translation for the handler, by the least busy translator (None: translate
+        it here: none is ready, or each owes `_MAX_ASKED` already, or all is stopping)."""
         if self._closing:
             return None
-        worker = self._workers[share_of(request.patient_key, len(self._workers))]
-        if not worker.ready or worker.writer is None or worker.writer.is_closing():
-            return None  # starting (again): translated here meanwhile
-        if len(worker.asked) >= _MAX_ASKED:
-            # The worker is behind (applying takes it longer than translating takes the
-            # edge): the edge's spare time translates, so ACKs do not wait for applies;
+        translator = min((t for t in self._translators if t.open), default=None,
+                         key=lambda t: len(t.asked))
+        if translator is None or len(translator.asked) >= _MAX_ASKED:
+            # Starting (again), or behind: the edge's spare time translates meanwhile, and
             # the worker translates the row again when it comes up.
             return None
+        assert translator.writer is not None
         self._seq += 1
         future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
-        worker.asked[self._seq] = future
-        send(worker.writer, ("translate", self._seq, request))
+        translator.asked[self._seq] = (future,
+                                       share_of(request.patient_key, len(self._workers)))
+        send(translator.writer, ("translate", self._seq, request))
         return future
 
     def submit(self, inbox_id: int, translation: Translation | None,
@@ -205,83 +241,98 @@ class Workers:
     async def close(self) -> None:
         """Stop every worker after the batch it holds; kill one that overstays."""
         self._closing = True
-        for worker in self._workers:
-            if worker.ready and worker.writer is not None:
-                send(worker.writer, ("stop",))
-            elif worker.process is not None and worker.process.returncode is None:
-                worker.process.terminate()  # still starting: holds nothing yet
-        await asyncio.gather(*(self._stopped(worker) for worker in self._workers))
+        children = (*self._workers, *self._translators)
+        for child in children:
+            if child.ready and child.writer is not None:
+                send(child.writer, ("stop",))
+            elif child.process is not None and child.process.returncode is None:
+                child.process.terminate()  # still starting: holds nothing yet
+        await asyncio.gather(*(self._stopped(child) for child in children))
 
-    async def _stopped(self, worker: _Worker) -> None:
-        process = worker.process
+    async def _stopped(self, child: _Child) -> None:
+        process = child.process
         if process is not None:
             try:
                 await asyncio.wait_for(process.wait(), _STOP_GRACE)
             except TimeoutError:
-                log.warning("apply worker %d did not stop in %g s; killed (its rows are "
-                            "applied at the next start)", worker.index, _STOP_GRACE)
+                log.warning("%s did not stop in %g s; killed (an apply worker's rows are "
+                            "applied at the next start)", child.name, _STOP_GRACE)
                 process.kill()
                 await process.wait()
-        if worker.reader_task is not None:
-            await asyncio.gather(worker.reader_task, return_exceptions=True)
-        if worker.writer is not None:
-            worker.writer.close()
+        if child.reader_task is not None:
+            await asyncio.gather(child.reader_task, return_exceptions=True)
+        if child.writer is not None:
+            child.writer.close()
 
-    # -- one worker ------------------------------------------------------------------------
+    # -- one child process ----------------------------------------------------------------
 
-    async def _spawn(self, worker: _Worker) -> None:
+    async def _spawn(self, child: _Child) -> None:
         ours, theirs = socket.socketpair()
+        share = [str(len(self._workers))] if child.module == _WORKER else []
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.app.worker_main", str(theirs.fileno()),
-                str(worker.index), str(len(self._workers)), str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
+                sys.executable, "-m", child.module, str(theirs.fileno()), str(child.index),
+                *share, str(os.getpid()), stdin=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
         assert process.stdin is not None
         process.stdin.write(pickle.dumps(self._settings))
         process.stdin.close()
         reader, writer = await asyncio.open_connection(sock=ours)
-        worker.process, worker.writer = process, writer
-        worker.reader_task = asyncio.create_task(self._listen(worker, reader),
-                                                 name=f"apply-worker-{worker.index}")
+        child.process, child.writer = process, writer
+        child.reader_task = asyncio.create_task(
+            self._listen(child, reader), name=child.name.replace(" ", "-"))
 
-    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        """Read the worker's reports until it exits; start it again unless stopping."""
+    async def _listen(self, child: _Child, reader: asyncio.StreamReader) -> None:
+        """Read the child's reports until it exits; start it again unless stopping."""
         while (item := await receive(reader)) is not None:
             try:
                 if item[0] == "translated":
-                    future = worker.asked.pop(item[1], None)
-                    if future is not None:
-                        settle(future, from_wire(item[2]))
+                    self._translated(child, item[1], item[2], item[3])
                 elif item[0] == "ready":
-                    worker.ready = True
+                    child.ready = True
                 elif item[0] == "done":
-                    self._reported(worker, item[1], item[2], item[3], item[4])
+                    self._reported(child, *item[1:6])
             except Exception as exc:  # a malformed report must not stop the supervisor
-                log.error("apply worker %d: unreadable report: %s", worker.index,
-                          type(exc).__name__)
-        worker.ready = False
-        # Whatever it was asking is translated here instead (the handler falls back).
-        for future in worker.asked.values():
-            settle(future, ConnectionError("the apply worker is gone"))
-        worker.asked.clear()
-        process = worker.process
+                log.error("%s: unreadable report: %s", child.name, type(exc).__name__)
+        child.ready = False
+        # Whatever it was asked is translated here instead (the handler falls back).
+        for future, _ in child.asked.values():
+            settle(future, ConnectionError("the translator is gone"))
+        child.asked.clear()
+        process = child.process
         code = await process.wait() if process is not None else None
         if self._closing:
             return
-        log.error("apply worker %d exited (code %s); starting it again", worker.index, code)
-        worker.stats.restarts += 1
+        log.error("%s exited (code %s); starting it again", child.name, code)
+        child.stats.restarts += 1
         await asyncio.sleep(_RESTART_DELAY)
         if not self._closing:
-            await self._spawn(worker)
-            if worker.writer is not None:
-                send(worker.writer, ("wake",))
+            await self._spawn(child)
+            if child.writer is not None and child.module == _WORKER:
+                send(child.writer, ("wake",))
 
-    def _reported(self, worker: _Worker, done: list[tuple[int, str]], depth: int,
-                  batch_ms: float, write_ms: float) -> None:
+    def _translated(self, translator: _Child, seq: int, wire: tuple[Any, ...],
+                    kept: tuple[bytes, int, bytes] | None) -> None:
+        """A translator's answer: the Translation to the worker that will apply it (before
+        the row can commit, so its "wake" comes after on the same socket), the outcome to
+        the handler."""
+        asked = translator.asked.pop(seq, None)
+        if asked is None:
+            return
+        future, share = asked
+        worker = self._workers[share]
+        if kept is not None and worker.open and not future.done():
+            assert worker.writer is not None
+            send(worker.writer, ("keep", *kept))
+        settle(future, from_wire(wire))
+
+    def _reported(self, worker: _Child, done: list[tuple[int, str]], depth: int,
+                  batch_ms: float, write_ms: float, again: int) -> None:
         stats = worker.stats
         stats.depth, stats.batch_ms, stats.write_ms = depth, batch_ms, write_ms
+        stats.translated_again += again
         for inbox_id, problem in done:
             if problem:
                 stats.failed += 1

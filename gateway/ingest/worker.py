@@ -1,11 +1,12 @@
 """The inbox follower: an apply worker's loop, in a process of its own beside the edge.
 
 The edge commits each message with its ACK and answers; it no longer applies. A worker
-follows the inbox instead: it reads the rows marked `translated` in inbox order, translates
-each again from the stored bytes (the same `replay` the sweep uses, so the same resources
-and ids as the edge's translation), applies them to the FHIR store in group commits and
-marks them. With several workers each takes the patients whose key falls in its share, so
-one patient's messages are applied by one worker, in inbox order.
+follows the inbox instead: it reads the rows marked `translated` in inbox order, takes each
+one's translation made for its ACK (kept, `keep`) or translates it again from the stored
+bytes (the same `replay` the sweep uses, so the same resources and ids), applies them to
+the FHIR store in group commits and marks them. With several workers each takes the
+patients whose key falls in its share, so one patient's messages are applied by one
+worker, in inbox order.
 
 A crash of the edge or of a worker loses nothing: the row is committed before the ACK and
 stays `translated` until its apply is committed; rows a crash left are found again when a
@@ -85,28 +86,32 @@ class InboxFollower(LocalApplier):
         self._wake = asyncio.Event()
         self._stopping = False
         self._average = 4096  # bytes per row read lately: sizes the next read
-        # Translations this worker made for the edge's ACKs, by the bytes translated, so a
-        # row is not translated twice. Bounded by count and by the bytes of the messages
-        # they came from: when full, new ones are not kept (the rows are applied oldest
-        # first, so evicting the oldest would only miss them all); one never looked up (its
-        # message was refused after translating) is dropped after a minute.
+        # Translations made for the edge's ACKs (by a translator process, handed on by the
+        # edge), by the bytes translated, so a row is not translated twice. Bounded by
+        # count and by the bytes of the messages they came from: when full, new ones are
+        # not kept (the rows are applied oldest first, so evicting the oldest would only
+        # miss them all); one never looked up (its message was refused after translating)
+        # is dropped after a minute.
         self._kept: OrderedDict[bytes, tuple[Translation, int, float]] = OrderedDict()
         self._kept_bytes = 0
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
+        # Rows translated here since the last report: none was kept for them (made before
+        # a restart, by the edge while no translator was ready, or not kept: full).
+        self.translated_again = 0
 
-    def keep(self, raw: bytes, translation: Translation) -> None:
-        """Hold a translation made for the ACK until its row comes up."""
+    def keep(self, key: bytes, size: int, translation: Translation) -> None:
+        """Hold a translation made for the ACK until its row comes up: `key` is the
+        message's `message_key`, `size` its bytes."""
         now = asyncio.get_running_loop().time()
         while self._kept and next(iter(self._kept.values()))[2] < now - _KEPT_SECONDS:
-            _, (_, size, _) = self._kept.popitem(last=False)
-            self._kept_bytes -= size
-        key = _digest(raw)
+            _, (_, held, _) = self._kept.popitem(last=False)
+            self._kept_bytes -= held
         if (key in self._kept or len(self._kept) >= _KEPT_MAX
-                or self._kept_bytes + len(raw) > self._budget // 4):
+                or self._kept_bytes + size > self._budget // 4):
             return
-        self._kept[key] = (translation, len(raw), now)
-        self._kept_bytes += len(raw)
+        self._kept[key] = (translation, size, now)
+        self._kept_bytes += size
 
     def wake(self) -> None:
         self._wake.set()
@@ -169,18 +174,20 @@ class InboxFollower(LocalApplier):
         marks: list[tuple[int, str, str]] = []
         reports: list[tuple[int, str]] = []
         for row_id, raw, received_at in rows:
-            kept = self._kept.pop(_digest(raw), None)
+            kept = self._kept.pop(message_key(raw), None)
             if kept is not None:
                 self._kept_bytes -= kept[1]
                 replayed: Replay | None = Replay(TRANSLATED, kept[0])
             elif len(raw) >= _LARGE_BYTES:
-                # On a thread: the edge's translation requests keep being answered.
+                # On a thread: what the edge sends (kept translations) keeps being read.
                 replayed = await asyncio.to_thread(self._mine, raw, received_at)
             else:
                 replayed = self._mine(raw, received_at)
-                await asyncio.sleep(0)  # the edge's translation requests go first
+                await asyncio.sleep(0)  # what the edge sent (kept translations) goes first
             if replayed is None:
                 continue  # another worker's patient
+            if kept is None:
+                self.translated_again += 1
             translation = replayed.translation
             if translation is None:
                 marks.append((row_id, replayed.status, replayed.error_text))
@@ -224,7 +231,8 @@ class InboxFollower(LocalApplier):
                           reason=reason)
 
 
-def _digest(raw: bytes) -> bytes:
+def message_key(raw: bytes) -> bytes:
+    """What a translation kept for its row is found by: a digest of the bytes received."""
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 

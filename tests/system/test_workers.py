@@ -2,9 +2,9 @@
 
 Each test runs `isthmus serve --workers N` as a child process and reads the FHIR store the
 workers wrote over /fhir: one patient's messages land in the order sent, whatever worker
-takes them; a worker killed with SIGKILL is started again and nothing it held is lost or
-applied twice; a gateway killed with SIGKILL takes its workers with it; SIGTERM stops
-them all.
+takes them; a worker or translator killed with SIGKILL is started again and nothing it
+held is lost or applied twice; a gateway killed with SIGKILL takes them with it; SIGTERM
+stops them all; a translation made for an ACK is the one applied (not made again).
 """
 
 from __future__ import annotations
@@ -46,10 +46,14 @@ def _adt(patient: int, update: int) -> bytes:
                                     5: f"FAMILY{update}^Jane"})
 
 
-def _workers_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "gateway.app.worker_main"],
+def _workers_of(pid: int, module: str = "gateway.app.worker_main") -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", module],
                          capture_output=True, text=True, check=False).stdout
     return [int(p) for p in out.split()]
+
+
+def _translators_of(pid: int) -> list[int]:
+    return _workers_of(pid, "gateway.app.translator_main")
 
 
 def _alive(pid: int) -> bool:
@@ -129,11 +133,11 @@ async def test_two_workers_apply_each_patients_messages_in_order(tmp_path: Path)
         assert set(applied) == {'process="worker-0"', 'process="worker-1"'}
         assert sum(applied.values()) == PATIENTS * UPDATES
         # Taken before: once the edge has exited it has no children to list.
-        workers = _workers_of(gateway.proc.pid)
-        assert len(workers) == 2
+        workers = _workers_of(gateway.proc.pid) + _translators_of(gateway.proc.pid)
+        assert len(workers) == 3
         assert gateway.terminate() == 0
         await eventually(lambda: not any(_alive(p) for p in workers), timeout=30,
-                         what="every worker gone after SIGTERM")
+                         what="every worker and translator gone after SIGTERM")
     finally:
         gateway.kill()
 
@@ -145,18 +149,25 @@ async def test_a_killed_worker_or_gateway_loses_nothing_and_applies_nothing_twic
     try:
         assert gateway.proc is not None
         [worker] = _workers_of(gateway.proc.pid)
+        [translator] = _translators_of(gateway.proc.pid)
         sending = asyncio.create_task(_send_all(gateway.mllp_port, range(UPDATES - 1)))
         await eventually(lambda: sum(_statuses(tmp_path / "var").values()) >= PATIENTS,
                          timeout=30, what="some messages committed")
-        os.kill(worker, signal.SIGKILL)  # the edge keeps answering; the worker comes back
+        # The edge keeps answering (translating for itself); both come back.
+        os.kill(worker, signal.SIGKILL)
+        os.kill(translator, signal.SIGKILL)
         await sending
         await eventually(lambda: [p for p in _workers_of(gateway.proc.pid) if p != worker],
                          timeout=30, what="the worker started again")
+        await eventually(lambda: [p for p in _translators_of(gateway.proc.pid)
+                                  if p != translator],
+                         timeout=30, what="the translator started again")
         [replacement] = _workers_of(gateway.proc.pid)
+        [translator] = _translators_of(gateway.proc.pid)
 
-        gateway.kill()  # SIGKILL: the worker dies with the gateway
-        await eventually(lambda: not _alive(replacement), timeout=10,
-                         what="the worker gone with the gateway")
+        gateway.kill()  # SIGKILL: the worker and translator die with the gateway
+        await eventually(lambda: not _alive(replacement) and not _alive(translator),
+                         timeout=10, what="the worker and translator gone with the gateway")
 
         gateway.start()
         await _send_all(gateway.mllp_port, range(UPDATES - 1, UPDATES))
@@ -169,5 +180,44 @@ async def test_a_killed_worker_or_gateway_loses_nothing_and_applies_nothing_twic
             "applied": PATIENTS * UPDATES}, timeout=30, what="every row marked applied")
         # One Provenance per message: none lost, none applied twice.
         assert await _provenances(gateway.http_port) == PATIENTS * UPDATES
+    finally:
+        gateway.kill()
+
+
+async def _worker_counter(http_port: int, name: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{http_port}/metrics"
+        async with session.get(url) as response:
+            text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f"isthmus_worker_{name}_total{{"))
+
+
+@pytest.mark.slow
+async def test_the_translation_made_for_the_ack_is_applied_not_made_again(
+        tmp_path: Path) -> None:
+    gateway = _gateway(tmp_path, 1).start()
+    try:
+        assert gateway.proc is not None
+        # The edge translates for itself until the translator has loaded its tables (then
+        # the worker translates the row again): a round with none translated again shows
+        # every translation handed on from the translator to the worker.
+        for update in range(UPDATES):
+            again = await _worker_counter(gateway.http_port, "translated_again")
+            await _send_all(gateway.mllp_port, range(update, update + 1))
+
+            async def round_applied(update: int = update) -> bool:
+                return await _worker_counter(gateway.http_port, "applied") == PATIENTS * (
+                    update + 1)
+
+            await eventually(round_applied, timeout=60, interval=0.2,
+                             what="the round applied")
+            if await _worker_counter(gateway.http_port, "translated_again") == again:
+                break
+        else:
+            pytest.fail("every round was translated again by the worker")
+        families = await _families(gateway.http_port)
+        assert families == {f"MRN-W{p:03d}": f"FAMILY{update}" for p in range(PATIENTS)}
+        assert await _provenances(gateway.http_port) == PATIENTS * (update + 1)
     finally:
         gateway.kill()
