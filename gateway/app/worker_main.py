@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -85,7 +84,7 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
                 break
             if item[0] == "keep":
                 # A translator's translation for an ACK, for when its row comes up.
-                follower.keep(item[1], item[2], pickle.loads(item[3]))
+                follower.keep(item[1], item[2])
             else:
                 follower.wake()
         await following

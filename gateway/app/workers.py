@@ -9,9 +9,9 @@ length first; both ends are ours):
     edge -> translator ("translate", seq, Request)  translate a message for its ACK
     translator -> edge ("ready",)                    it takes translations from now on
                        ("translated", seq, wire, kept)  the outcome (`prepare.to_wire`);
-                                                     kept: (key, bytes, pickled
-                                                     Translation) or None
-    edge -> worker     ("keep", key, bytes, pickled Translation)  for its row
+                                                     kept: (key, pickled Translation)
+                                                     or None
+    edge -> worker     ("keep", key, pickled Translation)  for its row
                        ("wake",)                     rows were committed
                        ("stop",)                     finish the batch in hand and exit
     worker -> edge     ("ready",)
@@ -68,13 +68,17 @@ _TRANSLATOR = "gateway.app.translator_main"
 LENGTH = struct.Struct(">I")
 
 
-def send(writer: asyncio.StreamWriter, item: tuple[Any, ...]) -> None:
-    """One frame to the other process (nothing if it is gone)."""
+def frame(item: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return LENGTH.pack(len(body)) + body
+
+
+def send(writer: asyncio.StreamWriter, item: tuple[Any, ...] | bytes) -> None:
+    """One frame (or frames already made) to the other process (nothing if it is gone)."""
     if writer.is_closing():
         return
-    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        writer.write(LENGTH.pack(len(body)) + body)
+        writer.write(item if isinstance(item, bytes) else frame(item))
     except (ConnectionError, RuntimeError):
         pass  # the other end is gone; its supervisor (or the worker's EOF) handles it
 
@@ -116,6 +120,20 @@ class _Child:
     asked: dict[int, tuple[asyncio.Future[Prepared], int]] = field(default_factory=dict)
     # Until a child has loaded its tables (and opened the stores), the edge translates.
     ready: bool = False
+    # Frames posted during this turn of the event loop, written together at its end: one
+    # write (a system call) for what the turn's messages asked, not one each.
+    outgoing: list[bytes] = field(default_factory=list)
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        """Send `item` at the end of this turn, after what was posted before it."""
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outgoing.append(frame(item))
+
+    def _flush(self) -> None:
+        if self.writer is not None:
+            send(self.writer, b"".join(self.outgoing))
+        self.outgoing.clear()
 
     @property
     def name(self) -> str:
@@ -219,7 +237,7 @@ class Workers:
         future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
         translator.asked[self._seq] = (future,
                                        share_of(request.patient_key, len(self._workers)))
-        send(translator.writer, ("translate", self._seq, request))
+        translator.post(("translate", self._seq, request))
         return future
 
     def submit(self, inbox_id: int, translation: Translation | None,
@@ -314,7 +332,7 @@ class Workers:
                 send(child.writer, ("wake",))
 
     def _translated(self, translator: _Child, seq: int, wire: tuple[Any, ...],
-                    kept: tuple[bytes, int, bytes] | None) -> None:
+                    kept: tuple[bytes, bytes] | None) -> None:
         """A translator's answer: the Translation to the worker that will apply it (before
         the row can commit, so its "wake" comes after on the same socket), the outcome to
         the handler."""
@@ -324,8 +342,7 @@ class Workers:
         future, share = asked
         worker = self._workers[share]
         if kept is not None and worker.open and not future.done():
-            assert worker.writer is not None
-            send(worker.writer, ("keep", *kept))
+            worker.post(("keep", *kept))
         settle(future, from_wire(wire))
 
     def _reported(self, worker: _Child, done: list[tuple[int, str]], depth: int,
@@ -350,4 +367,4 @@ class Workers:
         self._wake_scheduled = False
         for worker in self._workers:
             if worker.writer is not None:
-                send(worker.writer, ("wake",))
+                worker.post(("wake",))

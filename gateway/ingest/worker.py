@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 # thread, so that one heavy message does not stop the worker answering the edge.
 _LARGE_BYTES = 64 * 1024
 _LARGE_RESOURCES = 500
-# At most this many translations kept for their rows, none for longer than this.
-_KEPT_MAX = 2_000
+# At most this many translations kept for their rows (and their pickled bytes within a
+# quarter of the budget), none for longer than this: enough for the apply to lag a burst
+# of tens of seconds without translating the rows again.
+_KEPT_MAX = 20_000
 _KEPT_SECONDS = 60.0
 
 # Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
@@ -92,7 +95,9 @@ class InboxFollower(LocalApplier):
         # not kept (the rows are applied oldest first, so evicting the oldest would only
         # miss them all); one never looked up (its message was refused after translating)
         # is dropped after a minute.
-        self._kept: OrderedDict[bytes, tuple[Translation, int, float]] = OrderedDict()
+        # Kept pickled (a few KB for an ADT^A01): a third of the memory of the objects, and
+        # made into them only when applied.
+        self._kept: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._kept_bytes = 0
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
@@ -100,18 +105,18 @@ class InboxFollower(LocalApplier):
         # a restart, by the edge while no translator was ready, or not kept: full).
         self.translated_again = 0
 
-    def keep(self, key: bytes, size: int, translation: Translation) -> None:
-        """Hold a translation made for the ACK until its row comes up: `key` is the
-        message's `message_key`, `size` its bytes."""
+    def keep(self, key: bytes, translation: bytes) -> None:
+        """Hold a translation made for the ACK (pickled) until its row comes up: `key` is
+        the message's `message_key`."""
         now = asyncio.get_running_loop().time()
-        while self._kept and next(iter(self._kept.values()))[2] < now - _KEPT_SECONDS:
-            _, (_, held, _) = self._kept.popitem(last=False)
-            self._kept_bytes -= held
+        while self._kept and next(iter(self._kept.values()))[1] < now - _KEPT_SECONDS:
+            _, (held, _) = self._kept.popitem(last=False)
+            self._kept_bytes -= len(held)
         if (key in self._kept or len(self._kept) >= _KEPT_MAX
-                or self._kept_bytes + size > self._budget // 4):
+                or self._kept_bytes + len(translation) > self._budget // 4):
             return
-        self._kept[key] = (translation, size, now)
-        self._kept_bytes += size
+        self._kept[key] = (translation, now)
+        self._kept_bytes += len(translation)
 
     def wake(self) -> None:
         self._wake.set()
@@ -176,8 +181,9 @@ class InboxFollower(LocalApplier):
         for row_id, raw, received_at in rows:
             kept = self._kept.pop(message_key(raw), None)
             if kept is not None:
-                self._kept_bytes -= kept[1]
-                replayed: Replay | None = Replay(TRANSLATED, kept[0])
+                self._kept_bytes -= len(kept[0])
+                # Pickled by our own translator process, handed on by the edge.
+                replayed: Replay | None = Replay(TRANSLATED, pickle.loads(kept[0]))
             elif len(raw) >= _LARGE_BYTES:
                 # On a thread: what the edge sends (kept translations) keeps being read.
                 replayed = await asyncio.to_thread(self._mine, raw, received_at)
