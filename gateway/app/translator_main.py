@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.app.child import begin
 from gateway.app.specs import load_translator
-from gateway.app.workers import LENGTH, frame
+from gateway.app.workers import LENGTH, frame, request_from_wire
 from gateway.ingest.prepare import Request, prepare, to_wire
 from gateway.ingest.worker import message_key
 from gateway.mapping.engine import Translator
@@ -55,8 +55,9 @@ def _serve(translator: Translator, sock: socket.socket) -> None:
         items = _frames(pending)
         asked = [item for item in items if item[0] == "translate"]
         if asked:
-            sock.sendall(b"".join(frame(_translated(translator, item[1], item[2]))
-                                  for item in asked))
+            sock.sendall(b"".join(
+                frame(_translated(translator, item[1], request_from_wire(item[2])))
+                for item in asked))
         if len(asked) < len(items):
             return  # "stop"
 

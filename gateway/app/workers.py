@@ -6,7 +6,8 @@ Each child is `python -m gateway.app.worker_main` or `gateway.app.translator_mai
 its settings on stdin and talking over a socket pair, one pickled tuple a frame (4-byte
 length first; both ends are ours):
 
-    edge -> translator ("translate", seq, Request)  translate a message for its ACK
+    edge -> translator ("translate", seq, request)  translate a message for its ACK
+                                                     (`request_to_wire`)
     translator -> edge ("ready",)                    it takes translations from now on
                        ("translated", seq, wire, kept)  the outcome (`prepare.to_wire`);
                                                      kept: (key, pickled Translation)
@@ -43,6 +44,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from opentelemetry import metrics
@@ -92,6 +94,19 @@ async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
         return None
     assert isinstance(item, tuple)
     return item
+
+
+def request_to_wire(request: Request) -> tuple[Any, ...]:
+    """A Request as plain values: pickling the dataclass and its aware datetime cost the
+    edge ~15x the time of this tuple (6 % of its CPU at 8 connections)."""
+    return (request.raw, request.received_at.isoformat(), request.charset,
+            request.patient_key, request.want_bundle, request.strict)
+
+
+def request_from_wire(wire: tuple[Any, ...]) -> Request:
+    raw, received_at, charset, key, want_bundle, strict = wire
+    return Request(raw, datetime.fromisoformat(received_at), charset, key, want_bundle,
+                   strict)
 
 
 @dataclass
@@ -237,7 +252,7 @@ class Workers:
         future: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
         translator.asked[self._seq] = (future,
                                        share_of(request.patient_key, len(self._workers)))
-        translator.post(("translate", self._seq, request))
+        translator.post(("translate", self._seq, request_to_wire(request)))
         return future
 
     def submit(self, inbox_id: int, translation: Translation | None,

@@ -19,9 +19,10 @@ def default_workers() -> int:
 
 
 class ProcessesConfig(_Section):
-    # Worker processes that translate committed inbox rows and apply them to the FHIR
-    # store (each takes the patients whose key falls in its share). None: one per core but
-    # the edge's. 0: the edge process applies them itself.
+    # Worker processes that apply committed inbox rows to the FHIR store (each takes the
+    # patients whose key falls in its share); with them run max(1, (N+1)//2) translator
+    # processes for the ACKs. None: one per core but the edge's. 0: the edge process
+    # translates and applies itself.
     workers: int | None = Field(default=None, ge=0, le=64)
     # Bytes of frames the edge holds between receipt and commit (parsing, translating,
     # waiting for the group commit); a frame that would cross it is answered AR ("resend

@@ -3,9 +3,8 @@
 The handler translates a message before it commits it (the original-mode ACK names what
 could not be translated). Done on the event loop, one heavy message (5 MB, 20,000 OBX)
 holds every other connection's ACK and /healthz for seconds. So the translation is handed
-to a `Translators` service, the apply workers (another process, the second core); only
-its outcome comes
-back (`Prepared`). A large frame is parsed, validated and translated in a process of its
+to a `Translators` service, the translator processes (`app/workers.py`); only its outcome
+comes back (`Prepared`). A large frame is parsed, validated and translated in a process of its
 own (`inspect`): that is what costs in proportion to its size.
 
 Two things keep the hand-off safe: `Lanes` commits a connection's frames in the order they
