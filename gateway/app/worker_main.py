@@ -8,6 +8,7 @@ of the patients to the FHIR store (`gateway.ingest.worker`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -28,10 +29,19 @@ from gateway.store.fhir_sqlite import SqliteFhirStore
 
 log = logging.getLogger("gateway.worker")
 
+# Applying may lag (the rows are committed and acknowledged); the ACKs may not. On a
+# machine short of CPU the edge and the translators, at 0, go first: at the same
+# priority the apply, always behind during a burst and so always runnable, took the edge
+# its share (/healthz p99 over 90 ms at 200 msg/s on a loaded 2-core machine). The
+# large-frame process runs at 10 too.
+_NICENESS = 10
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     fd, index, count, parent = (int(a) for a in (argv or sys.argv[1:])[:4])
     settings = begin("worker", index, parent)
+    with contextlib.suppress(OSError):
+        os.nice(_NICENESS)
     try:
         asyncio.run(_run(settings, fd, index, count))
     except Exception as exc:  # said in one line; the edge starts the worker again
