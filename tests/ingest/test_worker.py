@@ -1,11 +1,13 @@
 """The apply workers' loop (`InboxFollower`), in this process on real files: rows marked
 `translated` are applied in inbox order and reported; two workers split the patients
 between them and together apply everything once; a row whose apply committed before a
-crash (its Provenance is in the store) is marked, not applied again."""
+crash (its Provenance is in the store) is marked, not applied again; a translation kept
+for a row (made for its ACK) is the one applied."""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +16,9 @@ import orjson
 
 from conftest import message, with_control_id
 from gateway.fhir.search import TABLE, SearchRegistry
-from gateway.ingest.worker import InboxFollower, share_of
+from gateway.hl7.message import parse_message
+from gateway.ingest.replay import translate
+from gateway.ingest.worker import InboxFollower, message_key, share_of
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
 from gateway.store import InboundMessage, SqliteInbox
@@ -97,7 +101,6 @@ async def test_followers_split_the_patients_and_apply_each_ones_messages_in_orde
 
 
 def _patient_key(patient: int) -> str:
-    from gateway.hl7.message import parse_message
     from gateway.ingest.replay import patient_key
 
     return patient_key(parse_message(adt(patient, 0)))
@@ -137,5 +140,40 @@ async def test_a_row_applied_before_a_crash_but_not_marked_is_not_applied_again(
         assert patient.version == 2  # one version per message, none more
         assert {e.status for e in await inbox.list(10)} == {APPLIED}
     finally:
+        await store.close()
+        await inbox.close()
+
+
+async def test_a_translation_kept_for_its_row_is_applied_instead_of_a_new_one(
+        tmp_path: Path) -> None:
+    registry = SearchRegistry.load(SHIPPED / TABLE)
+    translator = Translator.load(SHIPPED)
+    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
+                                       synchronous="normal")
+    done: list[tuple[int, str]] = []
+    follower = InboxFollower(store, registry, inbox, translator, done.extend)
+    raw = adt(1, 0)
+    # Made "for the ACK" from other bytes than the row's (another family name): what the
+    # store ends up with says which translation was applied.
+    made = translate(translator, parse_message(adt(1, 7)), datetime.now(UTC)).translation
+    assert made is not None
+    follower.keep(message_key(raw), pickle.dumps(made))
+    task = asyncio.create_task(follower.follow())
+    try:
+        await commit(inbox, raw, "F-1-0")
+        follower.wake()
+        await eventually(lambda: len(done) == 1, timeout=60)
+        assert await families(store, 2) == {1: "FAMILY7"}
+        assert follower.translated_again == 0
+        # A row with nothing kept is translated from its bytes.
+        await commit(inbox, adt(0, 2), "F-0-2")
+        follower.wake()
+        await eventually(lambda: len(done) == 2, timeout=60)
+        assert await families(store, 2) == {0: "FAMILY2", 1: "FAMILY7"}
+        assert follower.translated_again == 1
+    finally:
+        follower.stop()
+        await task
         await store.close()
         await inbox.close()
