@@ -233,7 +233,8 @@ class Workers:
             description="messages committed by the edge and not yet applied by a worker")
 
     async def start(self) -> None:
-        for child in (*self._workers, *self._translators):
+        # Translators first: until one is ready the edge translates every ACK itself.
+        for child in (*self._translators, *self._workers):
             await self._spawn(child)
 
     def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
