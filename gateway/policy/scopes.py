@@ -128,8 +128,6 @@ def _shown(text: str) -> str:
 
 
 _MEMO_SIZE = 4096
-# The memo key of the scopes that reach a type at all (not an interaction name).
-_REACHING = "#reaching"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +138,9 @@ class ScopeSet:
     # What the scopes permit per (interaction, type), worked out once: a principal's set
     # lives as long as its API key or cached token, and every request asks again.
     _memo: dict[tuple[str, str], tuple[Scope, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # The scopes that reach a type at all, whatever the interaction.
+    _reaching: dict[str, tuple[Scope, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -176,10 +177,11 @@ class ScopeSet:
 
     def is_patient_context(self, resource_type: str) -> bool:
         """True when only patient/ scopes reach this type: access is limited to one patient."""
-        reaching = self._memo.get((_REACHING, resource_type))
+        reaching = self._reaching.get(resource_type)
         if reaching is None:
-            reaching = self._remember((_REACHING, resource_type), tuple(
-                s for s in self.scopes if s.covers(resource_type)))
+            reaching = tuple(s for s in self.scopes if s.covers(resource_type))
+            if len(self._reaching) < _MEMO_SIZE:
+                self._reaching[resource_type] = reaching
         return bool(reaching) and all(s.context == "patient" for s in reaching)
 
     def _permitting(self, interaction: str, resource_type: str) -> tuple[Scope, ...]:
