@@ -62,6 +62,9 @@ def _derive(secret: bytes, purpose: bytes) -> bytes:
                 info=b"isthmus-audit-" + purpose).derive(secret)
 
 
+_TAGS_KEPT = 8192
+
+
 @dataclass(frozen=True)
 class DataKey:
     """One AES-256 data key and the subkeys derived from it."""
@@ -72,6 +75,9 @@ class DataKey:
     # Associated data of every PHI envelope: binds the ciphertext to its key id.
     aad: bytes = b""
     _index: Any = field(default=None, repr=False)
+    # Tags already computed: an MLLP sender's and a FHIR client's records name the same
+    # patients again and again (two tags a record). Bounded; emptied when full.
+    _tags: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_secret(cls, key_id: str, secret: bytes) -> DataKey:
@@ -87,9 +93,15 @@ class DataKey:
 
     def blind_index(self, text: str) -> bytes:
         """A keyed, deterministic tag of a value (BLAKE2b MAC): equal values, equal tags."""
-        tag = self._index.copy()
-        tag.update(text.encode())
-        digest: bytes = tag.digest()
+        tags = self._tags
+        digest = tags.get(text)
+        if digest is None:
+            tag = self._index.copy()
+            tag.update(text.encode())
+            digest = tag.digest()
+            if len(tags) >= _TAGS_KEPT:
+                tags.clear()
+            tags[text] = digest
         return digest
 
 

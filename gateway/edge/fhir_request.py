@@ -81,7 +81,10 @@ def access(call: Call, action: Action, outcome: str = "success", *,
     """The audit record of this call's access (who, what, whose, why, the trace)."""
     principal = call.principal
     profile = principal.profile or ""
-    span = trace.get_current_span().get_span_context()
+    trace_id = ""
+    if call.api.telemetry.recording:  # no span is made otherwise: nothing to look up
+        span = trace.get_current_span().get_span_context()
+        trace_id = format(span.trace_id, "032x") if span.is_valid else ""
     return AuditRecord(
         action=action, outcome=outcome, client_id=principal.client_id,
         peer=call.request.remote or "",
@@ -89,7 +92,7 @@ def access(call: Call, action: Action, outcome: str = "success", *,
         resource_id=resource_id, patient=patient, query=query, query_shape=query_shape,
         purpose=profile, profile=profile, control_id=call.request.headers.get(
             "X-Request-Id", "")[:64],
-        trace_id=format(span.trace_id, "032x") if span.is_valid else "")
+        trace_id=trace_id)
 
 
 def search_access(call: Call, params: Sequence[tuple[str, str]], parsed: ParsedSearch,
@@ -194,7 +197,9 @@ def parse_search(api: FhirApi, type_: str, params: list[tuple[str, str]],
 def elements_param(call: Call) -> list[str] | None:
     """_elements on a read, checked and expanded as a search does it (a choice element
     such as `effective` keeps effectiveDateTime); checked before anything is read."""
-    raw = call.request.query.get("_elements")
+    request = call.request
+    # Most reads carry no query at all: not parsing one is the cheap answer.
+    raw = request.query.get("_elements") if request.query_string else None
     if not raw:
         return None
     parsed = parse_search(call.api, call.resource_type, [("_elements", raw)], lenient=False)

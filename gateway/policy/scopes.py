@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 from urllib.parse import quote, unquote
 
@@ -127,11 +127,21 @@ def _shown(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_MEMO_SIZE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ScopeSet:
     """The resource scopes a principal holds, and what they permit."""
 
     scopes: tuple[Scope, ...] = ()
+    # What the scopes permit per (interaction, type), worked out once: a principal's set
+    # lives as long as its API key or cached token, and every request asks again.
+    _memo: dict[tuple[str, str], tuple[Scope, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # The scopes that reach a type at all, whatever the interaction.
+    _reaching: dict[str, tuple[Scope, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def parse(cls, scopes: str | Iterable[str]) -> ScopeSet:
@@ -167,16 +177,30 @@ class ScopeSet:
 
     def is_patient_context(self, resource_type: str) -> bool:
         """True when only patient/ scopes reach this type: access is limited to one patient."""
-        reaching = [s for s in self.scopes if s.covers(resource_type)]
+        reaching = self._reaching.get(resource_type)
+        if reaching is None:
+            reaching = tuple(s for s in self.scopes if s.covers(resource_type))
+            if len(self._reaching) < _MEMO_SIZE:
+                self._reaching[resource_type] = reaching
         return bool(reaching) and all(s.context == "patient" for s in reaching)
 
-    def _permitting(self, interaction: str, resource_type: str) -> list[Scope]:
+    def _permitting(self, interaction: str, resource_type: str) -> tuple[Scope, ...]:
+        found = self._memo.get((interaction, resource_type))
+        if found is not None:
+            return found
         needed = INTERACTIONS.get(interaction)
         if needed is None:
             raise ValueError(f"unknown interaction '{interaction}' (known: "
                              + ", ".join(INTERACTIONS) + ")")
-        return [s for s in self.scopes
-                if s.covers(resource_type) and needed <= s.permissions]
+        return self._remember((interaction, resource_type), tuple(
+            s for s in self.scopes if s.covers(resource_type) and needed <= s.permissions))
+
+    def _remember(self, key: tuple[str, str],
+                  scopes: tuple[Scope, ...]) -> tuple[Scope, ...]:
+        # Bounded: a type comes from a URL, and a caller could name any number of them.
+        if len(self._memo) < _MEMO_SIZE:
+            self._memo[key] = scopes
+        return scopes
 
 
 def grant(requested: str, allowed: Sequence[str]) -> list[str]:

@@ -194,6 +194,33 @@ def test_is_patient_context(scopes: str, resource_type: str, expected: bool) -> 
     assert ScopeSet.parse(scopes).is_patient_context(resource_type) is expected
 
 
+def test_one_scope_set_asked_again_answers_as_a_fresh_one() -> None:
+    """A ScopeSet remembers what it permits per (interaction, type): every question,
+    asked in any order and again, answers as a newly parsed set would."""
+    text = ("patient/Observation.rs?category=laboratory patient/Observation.r "
+            "system/Patient.rs user/Appointment.cu")
+    kept = ScopeSet.parse(text)
+    questions = list(product([*LETTER, "history", "vread", "patch"],
+                             ["Observation", "Patient", "Appointment", "Slot"]))
+
+    def answers(scopes: ScopeSet, interaction: str, type_: str) -> tuple[object, ...]:
+        try:
+            constraints: object = scopes.constraints_for(interaction, type_)
+        except ScopeDenied:
+            constraints = "denied"
+        return (scopes.permits(interaction, type_), constraints,
+                scopes.is_patient_context(type_))
+
+    for _ in range(2):
+        for interaction, type_ in questions + questions[::-1]:
+            assert answers(kept, interaction, type_) == answers(
+                ScopeSet.parse(text), interaction, type_), (interaction, type_)
+    # What it remembers is no part of its value, and a bad interaction is still refused.
+    assert kept == ScopeSet.parse(text) and hash(kept) == hash(ScopeSet.parse(text))
+    with pytest.raises(ValueError, match="unknown interaction"):
+        kept.permits("", "Observation")
+
+
 def test_scope_set_text_round_trips() -> None:
     text = "patient/Observation.rs?category=laboratory system/*.cruds user/Patient.r"
     assert ScopeSet.parse(ScopeSet.parse(text).to_text()) == ScopeSet.parse(text)

@@ -196,6 +196,26 @@ async def test_no_phi_reaches_the_metrics(tmp_path: Path) -> None:
         assert canary.lower() not in text.lower(), canary
 
 
+async def test_audit_records_are_counted_by_the_commit_that_makes_them_durable(
+        tmp_path: Path) -> None:
+    """The audit trail's counts are plain numbers observed at collection (not an SDK
+    counter added to after every group commit): each durable read record shows once."""
+    gw = await start_fhir_gateway(tmp_path / "var")
+    try:
+        async with fhir_session(gw) as http:
+            _, before = await scrape(http)
+            for n in range(3):  # reads of ids that do not exist: each is on record first
+                async with http.get(f"/fhir/Patient/prom-unknown-{n}") as answer:
+                    assert answer.status == 404
+            _, after = await scrape(http)
+    finally:
+        await gw.runner.cleanup()
+    assert after.types["isthmus_audit_records_total"] == "counter"
+    assert (after.value("isthmus_audit_records_total")
+            - before.value("isthmus_audit_records_total")) == 3
+    assert after.value("isthmus_audit_failures_total") == 0
+
+
 async def test_metrics_answer_404_when_turned_off(tmp_path: Path) -> None:
     gw = await start_gateway(tmp_path / "var", **{"telemetry.prometheus": False})
     try:

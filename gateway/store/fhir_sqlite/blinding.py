@@ -18,7 +18,6 @@ without the sealed body they name no one (docs/encryption.md, What stays in clea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
 from gateway.store.errors import SearchUnsupported
 from gateway.store.fhir import (
@@ -60,16 +59,19 @@ def blind_query(query: SearchQuery, codec: RowCodec) -> SearchQuery:
     """The query with its token and string values blinded as `blind_entries` stores them."""
     if not codec.sealed:
         return query
-    return replace(query, clauses=tuple(tuple(_blind(m, codec) for m in clause)
-                                        for clause in query.clauses))
+    # Built directly, not by dataclasses.replace (a few microseconds a search, each).
+    return SearchQuery(query.resource_type,
+                       tuple(tuple(_blind(m, codec) for m in clause) for clause in query.clauses),
+                       query.sort, query.count, query.offset)
 
 
 def _blind(match: Match, codec: RowCodec) -> Match:
     match match:
         case TokenMatch(code=code) if code is not None:
-            return replace(match, code=codec.blind(code, "token"))
+            return TokenMatch(match.param, match.system, codec.blind(code, "token"),
+                              match.negate)
         case StringMatch(value=value, mode="exact"):
-            return replace(match, value=codec.blind(value, "exact"))
+            return StringMatch(match.param, codec.blind(value, "exact"), "exact")
         case StringMatch(param=param, mode="contains"):
             # A blind index has no inside to look into: a clear refusal, not a search
             # that quietly finds less.
@@ -78,5 +80,5 @@ def _blind(match: Match, codec: RowCodec) -> Match:
                                     f"{param}:contains")
         case StringMatch(value=value):
             # Blind values are fixed-length hex: the store's LIKE 'value%' is equality.
-            return replace(match, value=codec.blind(value, "prefix"), mode="start")
+            return StringMatch(match.param, codec.blind(value, "prefix"), "start")
     return match
