@@ -108,9 +108,7 @@ class TransactionWriter:
 
     def find(self, query: SearchQuery, limit: int) -> list[StoredResource]:
         """Current resources a search finds (blinded and opened as the store seals them)."""
-        sql, params = select_sql(blind_query(query, self._codec), limit, 0, ordered=False)
-        return [stored_resource(row, self._codec)
-                for row in self._db.execute(sql, params).fetchall()]
+        return self._found(query, limit)
 
     def rewrite(self, resource_type: str, id: str, document: dict[str, Any],
                 current: StoredResource) -> None:
@@ -229,14 +227,22 @@ class TransactionWriter:
         if query.resource_type != entry.request.resource_type:
             raise WriteConflict(400, f"entry {entry.position}: the condition searches "
                                 "another resource type", entry.position)
-        sql, params = select_sql(blind_query(query, self._codec), 2, 0, ordered=False)
-        rows = [stored_resource(row, self._codec)
-                for row in self._db.execute(sql, params).fetchall()]
+        rows = self._found(query, 2)
         if len(rows) > 1:
             rule = "If-None-Exist" if entry.request.method == "POST" else "the condition"
             raise AmbiguousMatch(412, f"entry {entry.position}: {rule} matches more than one "
                                  "resource", entry.position)
         return rows
+
+    def _found(self, query: SearchQuery, limit: int) -> list[StoredResource]:
+        """Up to `limit` current resources a search finds, unordered; on a sealed store
+        long starts-with values are checked before the limit (see blinding)."""
+        blinded = blind_query(query, self._codec)
+        sql, params = select_sql(blinded.query, None if blinded.rechecks else limit, 0,
+                                 ordered=False)
+        found = [stored_resource(row, self._codec)
+                 for row in self._db.execute(sql, params).fetchall()]
+        return blinded.recheck(found, self._indexer)[:limit]
 
     def _current_rows(
         self, keys: Sequence[tuple[str, str]],
