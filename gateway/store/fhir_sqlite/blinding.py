@@ -32,8 +32,8 @@ import orjson
 from gateway.store.errors import SearchUnsupported
 from gateway.store.fhir import (
     Clause,
-    Indexer,
     IndexEntry,
+    Indexer,
     Match,
     SearchQuery,
     StoredResource,
@@ -42,6 +42,7 @@ from gateway.store.fhir import (
     TokenIndex,
     TokenMatch,
 )
+from gateway.store.fhir_sqlite.schema import index_row
 from gateway.store.sealing import RowCodec, SealedCodec
 
 # Prefix rows a string value gets. Longer starts-with values are checked on the opened
@@ -50,24 +51,40 @@ from gateway.store.sealing import RowCodec, SealedCodec
 PREFIX_ROWS = 8
 
 
-def blind_entries(items: Iterable[IndexEntry], codec: RowCodec) -> list[IndexEntry]:
-    """A resource's index rows as a sealed data dir stores them (as they are otherwise)."""
+def index_rows(resource_type: str, id_: str, items: Iterable[IndexEntry], codec: RowCodec
+               ) -> dict[type[IndexEntry], list[tuple[object, ...]]]:
+    """A resource's index rows as the store writes them, by kind: blinded on a sealed
+    store, where a prefix row that another value of the parameter also gives is written
+    once ("springfield" and "st" both start with "s")."""
+    rows: dict[type[IndexEntry], list[tuple[object, ...]]] = {}
     if not isinstance(codec, SealedCodec):
-        return list(items)
-    out: list[IndexEntry] = []
+        for item in items:
+            rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
+        return rows
+    strings: list[tuple[str, list[str], str]] = []
     for item in items:
         match item:
             case TokenIndex(param, system, code):
-                out.append(TokenIndex(param, system, codec.blind(code, "token")))
+                rows.setdefault(TokenIndex, []).append(
+                    (resource_type, id_, param, system or None, codec.blind(code, "token")))
             case StringIndex(param, normalized, exact):
                 prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or [
                     codec.blind(normalized, "prefix")]  # empty text: still its :exact row
-                last = prefixes.pop()
-                out.extend(StringIndex(param, prefix, "") for prefix in prefixes)
-                out.append(StringIndex(param, last, codec.blind(exact, "exact")))
+                strings.append((param, prefixes, codec.blind(exact, "exact")))
             case _:
-                out.append(item)
-    return out
+                rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
+    if strings:
+        out = rows.setdefault(StringIndex, [])
+        # The last prefix row of each value carries its :exact value; a plain prefix row
+        # is needed only where no other row of the parameter holds the same blind value.
+        held = {(param, prefixes[-1]) for param, prefixes, _ in strings}
+        for param, prefixes, exact in strings:
+            out.append((resource_type, id_, param, prefixes[-1], exact))
+            for prefix in prefixes[:-1]:
+                if (param, prefix) not in held:
+                    held.add((param, prefix))
+                    out.append((resource_type, id_, param, prefix, ""))
+    return rows
 
 
 @dataclass(frozen=True, slots=True)
