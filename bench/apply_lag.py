@@ -10,7 +10,8 @@ kept. Meanwhile ``GET /fhir/Provenance?_summary=count`` is polled every ``--poll
 messages are applied in inbox order, which is ACK order to within the connections'
 interleaving, so the k-th ACK's lag is the first poll that saw k applied minus that ACK's
 time. Printed: the ACK rate and p50/p99 ACK latency, the apply rate, the lag's p50, p99
-and max, and the time from the last ACK until everything was applied.
+and max, and the time from the last ACK until everything was applied; and the CPU
+(user+system, from /proc) the edge and the apply workers used over the run, per message.
 
 The peer, in the same run: the poll's own round trip (p50/p99), the floor under any lag
 this can see (a lag below it reads as the poll's resolution).
@@ -44,6 +45,33 @@ TEMPLATE = (
     "PID|1||MRN-{n}^^^BENCHFAC^MR||FAMILY{n}^Given^Middle||19800102|F|||"
     "1 Example Street^^Springfield^ST^12345^USA||^PRN^PH^^1^555^0100001\r"
     "PV1|1|I|WARD1^101^A^BENCHFAC||||1234^Attending^Alex|||MED||||ADM|||||VN-{n}\r")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of one process, from /proc (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the edge and of each apply worker (its children running worker_main)."""
+    found = {"edge": cpu_seconds(pid)}
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"worker_main" in argv:
+            found[f"worker {child}"] = cpu_seconds(int(child))
+    return found
 
 
 def frame(payload: bytes) -> bytes:
@@ -108,7 +136,7 @@ async def poll(session: aiohttp.ClientSession, url: str, seen: list[tuple[float,
         await asyncio.sleep(every)
 
 
-async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
+async def measure(args: argparse.Namespace, mllp: int, http: int, pid: int) -> None:
     prefix = f"L{os.getpid()}-"
     numbers = list(range(args.messages))
     acks: dict[int, float] = {}
@@ -118,6 +146,7 @@ async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
     stop = asyncio.Event()
     url = f"http://127.0.0.1:{http}/fhir/Provenance?_summary=count"
     async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as session:
+        cpu_before = gateway_cpu(pid)
         poller = asyncio.create_task(poll(session, url, seen, rounds, args.messages, stop,
                                           args.poll))
         started = time.perf_counter()
@@ -127,6 +156,7 @@ async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
         acked = time.perf_counter()
         stop.set()
         await asyncio.wait_for(poller, args.timeout)
+        cpu_after = gateway_cpu(pid)
     applied_at = seen[-1][0]
     order = sorted(acks.values())
     lags = []
@@ -147,6 +177,9 @@ async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
           f"p99 {percentile(lags, 99) * 1000:8.1f} ms   max {max(lags) * 1000:8.1f} ms")
     print(f"peer      poll round trip p50 {percentile(rounds, 50) * 1000:.2f} ms   "
           f"p99 {percentile(rounds, 99) * 1000:.2f} ms (the lag's resolution)")
+    for name, after in cpu_after.items():
+        used = after - cpu_before.get(name, 0.0)
+        print(f"cpu       {name}: {used:6.2f} s = {used / args.messages * 1e6:6.0f} us/msg")
     print("target: lag <= 1000 ms at >= 3000 msg/s: "
           f"{'PASS' if max(lags) <= 1 and args.messages / (acked - started) >= 3000 else 'MISS'}")
 
@@ -164,7 +197,7 @@ def main() -> int:
     os.chmod(workdir, 0o700)
     proc, mllp, http = start_gateway(workdir, args.workers)
     try:
-        asyncio.run(measure(args, mllp, http))
+        asyncio.run(measure(args, mllp, http, proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

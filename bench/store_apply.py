@@ -10,8 +10,14 @@ With `--sealed` the store seals bodies and blinds index values as a new data dir
 default (encryption at rest), and the CPU per message and the time the write transaction
 held the lock (`write_seconds` of each group, summed) are printed too.
 
+With `--groups` it measures only what the apply worker's store does with a message of
+`apply_lag.py` (a new patient each, ~10 entries): after 200 warm-up messages, the rest in
+group commits of 64 (as the worker's batches), synchronous=full, printing the process's
+CPU per message (the writer thread's SQLite work and its Python).
+
 How to run:
     python bench/store_apply.py [--messages 400] [--sealed]
+    python bench/store_apply.py --groups --sealed --messages 1500
 """
 
 from __future__ import annotations
@@ -99,13 +105,45 @@ async def run(messages: int, sealed: bool) -> None:
               f"{new_held / messages * 1e3:.2f} ms/msg")
 
 
+async def run_groups(messages: int, sealed: bool) -> None:
+    from apply_lag import TEMPLATE  # bench/ is this script's first path entry
+
+    registry = SearchRegistry.load(SHIPPED / TABLE)
+    translator = Translator.load(SHIPPED)
+    batches = [bundle_writes(registry, to_bundle(translator.translate(parse_message(
+        TEMPLATE.format(cid=f"G{n}", n=f"G{n}").encode()), datetime.now(UTC))))
+        for n in range(messages)]
+    codec: RowCodec = PLAIN
+    if sealed:
+        codec = SealedCodec(KeyRing((DataKey.from_secret("bench", b"k" * 32),)), "bench")
+    warm = min(200, messages // 2)
+    with tempfile.TemporaryDirectory() as directory:
+        store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
+                                           synchronous="full", codec=codec)
+        try:
+            await asyncio.gather(*(store.transact(w) for w in batches[:warm]))
+            cpu, start = time.process_time(), time.perf_counter()
+            for first in range(warm, messages, 64):
+                await asyncio.gather(*(store.transact(w) for w in batches[first:first + 64]))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - start
+        finally:
+            await store.close()
+    measured = messages - warm
+    print(f"groups of 64, {measured} apply_lag ADT^A01 messages, "
+          f"{'sealed' if sealed else 'plain'}: CPU {cpu / measured * 1e6:.0f} us/msg, "
+          f"wall {wall / measured * 1e6:.0f} us/msg")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--sealed", action="store_true",
                         help="seal bodies and blind index values (encryption at rest)")
+    parser.add_argument("--groups", action="store_true",
+                        help="only the apply worker's case: apply_lag.py's message, group "
+                             "commits of 64, CPU per message")
     args = parser.parse_args()
-    asyncio.run(run(args.messages, args.sealed))
+    asyncio.run((run_groups if args.groups else run)(args.messages, args.sealed))
 
 
 if __name__ == "__main__":

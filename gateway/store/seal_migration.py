@@ -31,8 +31,8 @@ from gateway.store.data_keys import (
     write_marker,
 )
 from gateway.store.fhir import IndexEntry, StringIndex, TokenIndex
-from gateway.store.fhir_sqlite.blinding import blind_entries
-from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, index_row
+from gateway.store.fhir_sqlite.blinding import index_rows
+from gateway.store.fhir_sqlite.schema import INDEX_INSERTS
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.sealing import (
     SealedCodec,
@@ -198,9 +198,9 @@ def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec) -> int:
     db.execute("DELETE FROM fhir_string")
     written = 0
     for resource_type, id_, item in rows:
-        for blinded in blind_entries([item], codec):
-            db.execute(INDEX_INSERTS[type(blinded)], index_row(resource_type, id_, blinded))
-            written += 1
+        for kind, values in index_rows(resource_type, id_, [item], codec).items():
+            db.executemany(INDEX_INSERTS[kind], values)
+            written += len(values)
     db.execute("INSERT INTO fhir_store_meta (key, value) VALUES (?, ?)",
                (_BLINDED, codec.index_key_id))
     return written

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import copy
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import date
@@ -318,11 +319,13 @@ async def test_conditional_delete(store: AnyStore) -> None:
 async def test_transaction_rewrites_urn_uuid_references_to_the_new_ids(
         store: AnyStore) -> None:
     urn = "urn:uuid:0b6d0e56-6c5e-4c3b-9d1e-1f1f1f1f1f1f"
+    given = observation(urn, hasMember=[{"reference": urn}])
+    as_given = copy.deepcopy(given)
     outcomes = await store.transact([
-        WriteRequest("POST", "Observation", resource=observation(
-            urn, hasMember=[{"reference": urn}])),
+        WriteRequest("POST", "Observation", resource=given),
         WriteRequest("POST", "Patient", resource=patient("1"), full_url=urn),
     ])
+    assert given == as_given  # the caller's resource, nested references too, unchanged
     obs, pat = outcomes
     assert isinstance(obs, WriteOutcome) and isinstance(pat, WriteOutcome)
     assert pat.status == obs.status == 201 and pat.stored and obs.stored

@@ -4,6 +4,7 @@ row, key rotation, tampering, blind-index search, and the data dir's marker and 
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,15 @@ from gateway.config import load_settings
 from gateway.store import InboundMessage, SqliteFhirStore, SqliteInbox
 from gateway.store.data_keys import KeySource, open_codec, parse_keys, read_marker
 from gateway.store.errors import SearchUnsupported
-from gateway.store.fhir import SearchQuery, StringMatch, TokenMatch, WriteRequest
+from gateway.store.fhir import (
+    SearchQuery,
+    SortKey,
+    StringIndex,
+    StringMatch,
+    TokenMatch,
+    WriteConflict,
+    WriteRequest,
+)
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.sealing import (
     PLAIN,
@@ -235,3 +244,89 @@ async def test_the_fhir_store_seals_bodies_and_searches_blind_indexes(tmp_path: 
     with sqlite3.connect(tmp_path / "fhir.db") as db:
         bodies = [bytes(b) for (b,) in db.execute("SELECT body FROM fhir_version")]
     assert len(bodies) == 2 and all(sealed_key_id(b) == "k1" for b in bodies)
+
+
+# Families around the 8 prefix rows a sealed string gets (blinding.PREFIX_ROWS): longer
+# starts-with values are checked on the opened candidates, and must find exactly what the
+# plaintext store's LIKE finds.
+_LONG = {"A": ("Qzxfhirlongalpha", ["Wqvfirst"]), "B": ("Qzxfhirlongbeta", []),
+         "C": ("Qzxfhirl", []), "D": ("Qzxfhirlo", ["Qzxfhirlongalpha"])}
+_LONG_SEARCHES = [  # (clauses: each a tuple of (param, value)), the letters found
+    ((("family", "qzxfhirlonga"),), "A"),
+    ((("family", "qzxfhirlong"),), "AB"),
+    ((("family", "qzxfhirl"),), "ABCD"),
+    ((("family", "qzxfhirlo"),), "ABD"),
+    ((("family", "qzxfhirlongalphaz"),), ""),
+    ((("family", "qzxfhirlonga"), ("family", "qzxfhirlongb")), "AB"),
+    ((("family", "qzxfhirlonga"), ("family", "qzxfhirl")), "ABCD"),
+    ((("name", "qzxfhirlongalpha"),), "AD"),
+    ((("family", "qzxfhirlo"),), (("given", "wqvfirst"),), "A"),
+]
+
+
+def _old_string_rows(db: sqlite3.Connection, sealed: SealedCodec) -> None:
+    """The string rows as stores sealed before PREFIX_ROWS wrote them: a row for each
+    prefix up to 32 characters and one for the whole text."""
+    db.execute("DELETE FROM fhir_string")
+    registry = search_registry(load_settings(None, environ={}))
+    for resource_type, id_, body in db.execute(
+            "SELECT type, id, body FROM fhir_resource").fetchall():
+        document = json.loads(sealed.open(bytes(body), fhir_context(resource_type, id_, 1)))
+        for entry in registry.index(resource_type, document):
+            if not isinstance(entry, StringIndex):
+                continue
+            rows = [(sealed.blind(entry.normalized, "prefix"), sealed.blind(entry.exact,
+                                                                           "exact"))]
+            prefixes = sealed.blind_prefixes(entry.normalized, "prefix", 32)
+            rows += [(p, "") for p in prefixes[:len(entry.normalized) - 1]]
+            db.executemany("INSERT INTO fhir_string VALUES (?, ?, ?, ?, ?)",
+                           [(resource_type, id_, entry.param, n, e) for n, e in rows])
+
+
+@pytest.mark.parametrize("kind", ["plain", "sealed", "sealed, rows written before"])
+async def test_long_starts_with_values_find_on_a_sealed_store_what_they_find_in_clear(
+        tmp_path: Path, kind: str) -> None:
+    registry = search_registry(load_settings(None, environ={}))
+    sealed = codec(K1)
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
+                                       codec=PLAIN if kind == "plain" else sealed)
+    try:
+        letter = {}
+        for name, (family, given) in _LONG.items():
+            done = await store.transact([WriteRequest("POST", "Patient", resource=patient(
+                f"MRN{name}", family=family, given=given))])
+            assert done[0].stored is not None
+            letter[done[0].stored.id] = name
+    finally:
+        await store.close()
+    if kind == "sealed, rows written before":
+        with sqlite3.connect(tmp_path / "fhir.db") as db:
+            _old_string_rows(db, sealed)
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
+                                       codec=PLAIN if kind == "plain" else sealed)
+    try:
+        for *clauses, expected in _LONG_SEARCHES:
+            query = SearchQuery("Patient", tuple(tuple(StringMatch(p, v) for p, v in clause)
+                                                 for clause in clauses))
+            page = await store.search(query, total=True)
+            assert "".join(sorted(letter[r.id] for r in page.resources)) == expected, clauses
+            assert page.total == len(expected) == await store.count(query)
+        # Paging and the total count only what the check kept.
+        query = SearchQuery("Patient", ((StringMatch("family", "qzxfhirlo"),),),
+                            sort=(SortKey("_id"),), count=2, offset=1)
+        page = await store.search(query, total=True)
+        assert page.total == 3
+        assert [r.id for r in page.resources] == sorted(
+            i for i, n in letter.items() if n in "ABD")[1:]
+        # A conditional create on a long value: found when one matches, 412 when two do.
+        one = SearchQuery("Patient", ((StringMatch("family", "qzxfhirlongbeta"),),))
+        again = await store.transact([WriteRequest("POST", "Patient", resource=patient(
+            "MRNE", family="Qzxfhirlongbeta"), condition=one)])
+        assert again[0].status == 200 and letter[again[0].stored.id] == "B"  # type: ignore[union-attr]
+        two = SearchQuery("Patient", ((StringMatch("family", "qzxfhirlong"),),))
+        with pytest.raises(WriteConflict) as refused:
+            await store.transact([WriteRequest("POST", "Patient", resource=patient(
+                "MRNF", family="Qzxfhirlongbeta"), condition=two)])
+        assert refused.value.status == 412
+    finally:
+        await store.close()

@@ -43,7 +43,7 @@ from gateway.store.fhir import (
     WriteConflict,
     WriteRequest,
 )
-from gateway.store.fhir_sqlite.blinding import blind_query
+from gateway.store.fhir_sqlite.blinding import BlindQuery, blind_query
 from gateway.store.fhir_sqlite.schema import (
     VERSION_COLUMNS,
     Row,
@@ -98,6 +98,7 @@ class SqliteFhirStore:
         self._lookup = lookup
         # The writer thread's alone, like the connection it writes on.
         self._writes = TransactionWriter(db, indexer, last_stamp, codec)
+        self._indexer = indexer  # for the rechecks of long starts-with values (blinding)
         self._codec = codec
         self._max_batch = max_batch
         self._pending: list[_Job] = []
@@ -180,14 +181,29 @@ class SqliteFhirStore:
 
     async def search(self, query: SearchQuery, *, total: bool = False) -> SearchPage:
         """Current, non-deleted versions matching the query."""
-        query = blind_query(query, self._codec)
+        blinded = blind_query(query, self._codec)
+        if blinded.rechecks:
+            found = await self._rechecked(blinded)
+            end = None if query.count is None else query.offset + query.count
+            return SearchPage(found[query.offset:end], len(found) if total else None)
+        query = blinded.query
         rows, count = await self._read(select_sql(query, query.count, query.offset),
                                        count_sql(query) if total else None)
         return SearchPage([stored_resource(row, self._codec) for row in rows], count)
 
     async def count(self, query: SearchQuery) -> int:
-        rows, _ = await self._read(count_sql(blind_query(query, self._codec)))
+        blinded = blind_query(query, self._codec)
+        if blinded.rechecks:
+            return len(await self._rechecked(blinded))
+        rows, _ = await self._read(count_sql(blinded.query))
         return int(rows[0][0])
+
+    async def _rechecked(self, blinded: BlindQuery) -> list[StoredResource]:
+        """Every resource a search with rechecks finds, in order, each checked: paging and
+        the total come after the check, so they count only what matched."""
+        rows, _ = await self._read(select_sql(blinded.query, None, 0))
+        return blinded.recheck([stored_resource(row, self._codec) for row in rows],
+                               self._indexer)
 
     def _quick(self, statement: Sql,
                count: Sql | None) -> tuple[list[Row], int | None] | None:
