@@ -84,9 +84,9 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
             if read:
                 # MSH-1 and MSH-2 are the delimiters, never unmapped.
                 first = 3 if segment_id == "MSH" else 1
-                for number in range(first, len(fields)):
-                    if fields[number] and number not in read:
-                        run.unmapped[f"{segment_id}-{number}"] += 1
+                for number in [n for n in range(first, len(fields))
+                               if fields[n] and n not in read]:
+                    run.unmapped[f"{segment_id}-{number}"] += 1
     return described(translate, "message", by_segment)
 
 
