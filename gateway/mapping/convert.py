@@ -187,8 +187,25 @@ def encode_base64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
+# Answers of `date_time` (a pure function) by its arguments: a message repeats its times
+# (an ORU's OBR-7 and every OBX-14: 23 conversions of 2 values in a 10-result report).
+_DATE_TIMES: dict[tuple[str, str, str], str] = {}
+_DATE_TIMES_KEPT = 4096
+
+
 def date_time(text: str, default_offset: str, kind: str) -> str:
     """DTM to a FHIR dateTime or instant; `default_offset` for a time sent without one."""
+    key = (text, default_offset, kind)
+    value = _DATE_TIMES.get(key)
+    if value is None:
+        value = _date_time(text, default_offset, kind)
+        if len(_DATE_TIMES) >= _DATE_TIMES_KEPT:
+            _DATE_TIMES.clear()  # bounded: the times of recent messages, not of all
+        _DATE_TIMES[key] = value
+    return value
+
+
+def _date_time(text: str, default_offset: str, kind: str) -> str:
     fast = _full_date_time(text, default_offset)
     if fast is not None:
         return fast
