@@ -264,12 +264,26 @@ def read_own(f: int, c: int, s: int) -> Callable[[Scope], str]:
         value = memo.get(key)
         if value is None:
             parts = scope.parts
-            raw = first_repetition(parts[f] if f < len(parts) else "", scope.run)
-            raw = descend(raw, scope.run, c, s)
-            # The explicit null "" is no value: not VALUED, and nothing for a template.
-            value = memo[key] = "" if raw == NULL else scope.run.text(raw)
+            value = memo[key] = own_value(parts[f] if f < len(parts) else "", scope.run, c, s)
         return value
     return described(own, "read_own", f, c, s)
+
+
+def own_value(field: str, run: Run, component: int, subcomponent: int) -> str:
+    """What `read_own` reads of a field that is not the one being repeated over: its first
+    repetition, at the component and subcomponent named (0: not named), unescaped."""
+    rep = run.d.repetition
+    raw = field.split(rep, 1)[0] if rep in field else field
+    if component:
+        parts = raw.split(run.d.component)
+        raw = parts[component - 1] if component <= len(parts) else ""
+        if subcomponent:
+            pieces = raw.split(run.d.subcomponent)
+            raw = pieces[subcomponent - 1] if subcomponent <= len(pieces) else ""
+    # The explicit null "" is no value: not VALUED, and nothing for a template.
+    if raw == NULL:
+        return ""
+    return unescape(raw, run.d, run.charset) if run.d.escape in raw else raw
 
 
 def fill(into: Json, value: Json) -> None:

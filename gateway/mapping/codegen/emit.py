@@ -39,8 +39,8 @@ from gateway.mapping.convert import ConversionError, Converters, date_time, enco
 from gateway.mapping.errors import TranslationError
 from gateway.mapping.produce import primitive, template
 from gateway.mapping.runtime import (
-    NULL, Scope, descend, fill, first_repetition, leaf, part_below, read_component,
-    read_other, read_own, read_repetition, separators_below,
+    NULL, Scope, descend, fill, first_repetition, leaf, own_value, part_below,
+    read_component, read_other, read_own, read_repetition, separators_below,
 )
 from gateway.mapping.steps import Link, MessageStep, message_fn
 from gateway.mapping.vocabulary import Vocab, recoder
@@ -135,7 +135,13 @@ class Emitter:
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
         self._lazy[-1].add(name)
-        return f"({name} if {name} is not None else ({name} := {self._reader(getter)}(scope)))"
+        if kind == "read_own":
+            # `runtime.read_own` without its closure and memo (the variable is the memo).
+            _, f, c, s = spec
+            read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
+        else:
+            read = f"{self._reader(getter)}(scope)"
+        return f"({name} if {name} is not None else ({name} := {read}))"
 
     @staticmethod
     def _converter(name: str) -> str:
