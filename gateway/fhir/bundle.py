@@ -61,8 +61,13 @@ def _provenance_entry(translation: Translation) -> Json:
     source = translation.provenance
     recorded = source.received_at.isoformat(timespec="milliseconds")
     sender = f"{source.source_application}^{source.source_facility}".strip("^ ") or "unknown"
+    # PUT at an id derived from the message: applying the same message again (a crash
+    # between commit and apply) rewrites the same Provenance instead of adding one.
+    provenance_id = _provenance_id(translation)
     provenance: Json = {
-        "target": [{"reference": f"urn:uuid:{r.id}"} for r in translation.resources],
+        "resourceType": "Provenance",
+        "id": provenance_id,
+        "target": [{"reference": "urn:uuid:" + r.id} for r in translation.resources],
         "recorded": recorded,
         "activity": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
@@ -76,10 +81,6 @@ def _provenance_entry(translation: Translation) -> Json:
         }],
         "entity": [{"role": "source", "what": _source_message(source)}],
     }
-    # PUT at an id derived from the message: applying the same message again (a crash
-    # between commit and apply) rewrites the same Provenance instead of adding one.
-    provenance_id = _provenance_id(translation)
-    provenance = {"resourceType": "Provenance", "id": provenance_id, **provenance}
     return {"fullUrl": "urn:uuid:" + provenance_id, "resource": provenance,
             "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
 

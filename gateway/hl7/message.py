@@ -140,7 +140,7 @@ class Message:
         counts: dict[str, int] = {}
         field = self.delimiters.field
         for i, seg in enumerate(self._split()):
-            if _is_blank(seg):
+            if not seg or seg.isspace():
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
@@ -326,14 +326,27 @@ class Message:
         return prefix + self.to_text().encode(self.charset)
 
 
-@dataclass(frozen=True, slots=True)
 class Segment:
-    """A view on one segment of a message."""
+    """A view on one segment of a message (read-only by convention: a plain class, as a
+    frozen dataclass's `__init__` cost a microsecond per segment on the translation path)."""
 
-    message: Message
-    index: int
-    id: str
-    occurrence: int
+    __slots__ = ("message", "index", "id", "occurrence")
+
+    def __init__(self, message: Message, index: int, id: str, occurrence: int) -> None:
+        self.message = message
+        self.index = index
+        self.id = id
+        self.occurrence = occurrence
+
+    def __repr__(self) -> str:
+        return f"Segment({self.id}[{self.occurrence}] at {self.index})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Segment) and other.message is self.message
+                and other.index == self.index)
+
+    def __hash__(self) -> int:
+        return hash((id(self.message), self.index))
 
     def field(self, number: int) -> str:
         """The escaped wire text of a field ('' when absent)."""

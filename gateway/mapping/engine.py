@@ -102,6 +102,7 @@ class Translator:
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     """Give every resource its identity and id, then resolve the references between them."""
     sender = f"{provenance.source_application}|{provenance.source_facility}"
+    control_id = provenance.control_id
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
     for draft in run.drafts:
@@ -112,35 +113,44 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
             seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
             if seen > 1:
                 draft.identity += f"#{seen}"
-        draft.key = _business_key(draft)
-        if draft.key is not None and draft.primary:
+        key = draft.key = _business_key(draft)
+        if key is not None and draft.primary:
             # Two resources of one message claiming one business identifier (a sender
             # reusing a filler id) cannot both be that record: the later ones are kept
             # under their own ids rather than sent as clashing conditional updates.
-            claim = (draft.resource_type, *draft.key)
+            claim = (draft.resource_type, *key)
             if claim in keys:
                 draft.key = None
                 run.unmapped[f"{draft.resource_type}.identifier (repeated)"] += 1
             keys.add(claim)
-        draft.full_url = _resource_id(draft, sender, provenance.control_id)
+        draft.full_url = _resource_id(draft, sender, control_id)
     same = _made_in_full(run)
-    for ref, target in run.pending_refs:
-        ref["reference"] = f"urn:uuid:{same.get(id(target), target).full_url}"
-    return [
-        trusted(
-            Resource, resource_type=d.resource_type, id=d.full_url, primary=d.primary,
-            key=trusted(BusinessKey, system=d.key[0], value=d.key[1]) if d.key else None,
-            content=d.content, provenance=provenance)
-        for d in run.drafts if id(d) not in same
-    ]
+    if same:
+        for ref, target in run.pending_refs:
+            ref["reference"] = "urn:uuid:" + same.get(id(target), target).full_url
+    else:
+        for ref, target in run.pending_refs:
+            ref["reference"] = "urn:uuid:" + target.full_url
+    return [_resource(d, provenance) for d in run.drafts if not same or id(d) not in same]
+
+
+def _resource(draft: Draft, provenance: Provenance) -> Resource:
+    key = draft.key
+    return trusted(
+        Resource, resource_type=draft.resource_type, id=draft.full_url, primary=draft.primary,
+        key=None if key is None else trusted(BusinessKey, system=key[0], value=key[1]),
+        content=draft.content, provenance=provenance)
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:
     """Resources only referred to (a parent specimen named by SPM-3) that the message also
     makes from a segment of their own (that specimen's SPM): the reference goes to the full
     one, and the stub is dropped, so one Bundle never holds one fullUrl twice."""
+    stubs = [d for d in run.drafts if not d.primary]
+    if not stubs:
+        return {}
     made = {(d.resource_type, d.full_url): d for d in run.drafts if d.primary}
-    return {id(d): full for d in run.drafts if not d.primary
+    return {id(d): full for d in stubs
             if (full := made.get((d.resource_type, d.full_url))) is not None}
 
 

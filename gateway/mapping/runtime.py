@@ -44,7 +44,7 @@ class Run:
     """One message's translation: reading helpers and the resources produced so far."""
 
     __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
-                 "_referenced", "pending_refs", "offset", "latest", "_ordinals")
+                 "_referenced", "pending_refs", "offset", "latest", "_ordinals", "_digests")
 
     def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
         self.message = message
@@ -58,6 +58,8 @@ class Run:
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
         self._ordinals: dict[str, int] = {}
+        # identity -> its digest: a message refers to its Patient or Encounter many times.
+        self._digests: dict[str, str] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
         self.offset = _offset_of(message.get("MSH-7")) or default_offset
@@ -67,8 +69,10 @@ class Run:
     def text(self, raw: str) -> str:
         return unescape(raw, self.d, self.charset) if self.d.escape in raw else raw
 
-    def new_draft(self, resource_type: str, primary: bool = True) -> Draft:
-        draft = Draft(resource_type, {}, primary, self._ordinal(resource_type))
+    def new_draft(self, resource_type: str, content: Json | None = None,
+                  primary: bool = True) -> Draft:
+        draft = Draft(resource_type, {} if content is None else content, primary,
+                      self._ordinal(resource_type))
         self.drafts.append(draft)
         return draft
 
@@ -97,7 +101,14 @@ class Run:
         # Until the ids are known the reference holds its target's identity, so a resource
         # that points at another is only the same as one pointing at the same (room 408
         # of ward 4E is not room 408 of ward 5W).
-        ref: Json = {"reference": _digest(target.identity) if target.identity else ""}
+        identity = target.identity
+        if identity:
+            digest = self._digests.get(identity)
+            if digest is None:
+                digest = self._digests[identity] = _digest(identity)
+        else:
+            digest = ""
+        ref: Json = {"reference": digest}
         self.pending_refs.append((ref, target))
         return ref
 
@@ -253,12 +264,26 @@ def read_own(f: int, c: int, s: int) -> Callable[[Scope], str]:
         value = memo.get(key)
         if value is None:
             parts = scope.parts
-            raw = first_repetition(parts[f] if f < len(parts) else "", scope.run)
-            raw = descend(raw, scope.run, c, s)
-            # The explicit null "" is no value: not VALUED, and nothing for a template.
-            value = memo[key] = "" if raw == NULL else scope.run.text(raw)
+            value = memo[key] = own_value(parts[f] if f < len(parts) else "", scope.run, c, s)
         return value
     return described(own, "read_own", f, c, s)
+
+
+def own_value(field: str, run: Run, component: int, subcomponent: int) -> str:
+    """What `read_own` reads of a field that is not the one being repeated over: its first
+    repetition, at the component and subcomponent named (0: not named), unescaped."""
+    rep = run.d.repetition
+    raw = field.split(rep, 1)[0] if rep in field else field
+    if component:
+        parts = raw.split(run.d.component)
+        raw = parts[component - 1] if component <= len(parts) else ""
+        if subcomponent:
+            pieces = raw.split(run.d.subcomponent)
+            raw = pieces[subcomponent - 1] if subcomponent <= len(pieces) else ""
+    # The explicit null "" is no value: not VALUED, and nothing for a template.
+    if raw == NULL:
+        return ""
+    return unescape(raw, run.d, run.charset) if run.d.escape in raw else raw
 
 
 def fill(into: Json, value: Json) -> None:

@@ -62,8 +62,7 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
                     run.unmapped[segment_id] += 1
                 continue
             fields = segment.fields
-            read: set[int] = set()
-            applied = False
+            read: frozenset[int] | None = None
             try:
                 for step in steps:
                     if step.after and step.after != anchor:
@@ -72,23 +71,22 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
                             Scope(fields, "", run)):
                         continue
                     apply_step(step, fields, run)
-                    read |= step.read
-                    applied = True
+                    read = step.read if read is None else read | step.read
             except TranslationError as exc:
                 exc.sequence = segment.occurrence
                 raise
-            if not applied:  # rows exist, but none for this place in the message
+            if read is None:  # rows exist, but none for this place in the message
                 if segment_id.startswith("Z"):
                     run.z_segments += 1
                 else:
                     run.unmapped[segment_id] += 1
                 continue
             if read:
-                for number in range(1, len(fields)):
-                    value = fields[number]
-                    if value and number not in read and not (segment_id == "MSH" and
-                                                             number <= 2):
-                        run.unmapped[f"{segment_id}-{number}"] += 1
+                # MSH-1 and MSH-2 are the delimiters, never unmapped.
+                first = 3 if segment_id == "MSH" else 1
+                for number in [n for n in range(first, len(fields))
+                               if fields[n] and n not in read]:
+                    run.unmapped[f"{segment_id}-{number}"] += 1
     return described(translate, "message", by_segment)
 
 
@@ -104,10 +102,12 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
         # after an empty ORC must not write into the order before it.
         run.current.pop(step.resource, None)
         return
-    draft = run.new_draft(step.resource)
-    draft.content = content
+    draft = run.new_draft(step.resource, content)
     if step.identity is not None:
         draft.identity = step.identity(fields, run)
+    if not step.links:
+        run.current[step.resource] = draft
+        return
     # One instance map per owner: the links of a row that write one owner's repeating
     # element (Patient.link.other and Patient.link.type) fill one instance of it.
     insts: dict[int, dict[str, Json]] = {}

@@ -39,8 +39,8 @@ from gateway.mapping.convert import ConversionError, Converters, date_time, enco
 from gateway.mapping.errors import TranslationError
 from gateway.mapping.produce import primitive, template
 from gateway.mapping.runtime import (
-    NULL, Scope, descend, fill, first_repetition, leaf, part_below, read_component,
-    read_other, read_own, read_repetition, separators_below,
+    NULL, Scope, descend, fill, first_repetition, leaf, own_value, part_below,
+    read_component, read_other, read_own, read_repetition, separators_below,
 )
 from gateway.mapping.steps import Link, MessageStep, message_fn
 from gateway.mapping.vocabulary import Vocab, recoder
@@ -135,7 +135,13 @@ class Emitter:
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
         self._lazy[-1].add(name)
-        return f"({name} if {name} is not None else ({name} := {self._reader(getter)}(scope)))"
+        if kind == "read_own":
+            # `runtime.read_own` without its closure and memo (the variable is the memo).
+            _, f, c, s = spec
+            read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
+        else:
+            read = f"{self._reader(getter)}(scope)"
+        return f"({name} if {name} is not None else ({name} := {read}))"
 
     @staticmethod
     def _converter(name: str) -> str:
@@ -262,21 +268,22 @@ class Emitter:
             raise NotGenerated(f"unknown producer {kind}")
         _, fn, recode, resource_type = spec
         datatype = self.datatype(fn)
-        lines = [f"if {raw} and {raw} != NULL:",
-                 f"    if {seps}:",
-                 f"        v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
-                 "    else:",
-                 f"        v = {datatype}([{raw}], '', run, {location})"]
+        lines = [f"if {seps}:",
+                 f"    v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
+                 "else:",
+                 f"    v = {datatype}([{raw}], '', run, {location})"]
         if recode is not None or resource_type is not None:
-            lines.append("    if v is not None:")
+            lines.append("if v is not None:")
             if recode is not None:
                 vocab_name, element_type = recode
                 recoder_name = self._recoder(vocab_name, element_type)
-                lines.append(f"        v = {recoder_name}(v, {location})")
+                lines.append(f"    v = {recoder_name}(v, {location})")
             if resource_type is not None:
-                lines.append(f"        v = run.reference_to({resource_type!r}, v)")
-        lines += ["else:", "    v = None"]
-        return lines, False
+                lines.append(f"    v = run.reference_to({resource_type!r}, v)")
+        if place.valued:  # checked where the group read it
+            return lines, False
+        return [f"if {raw} and {raw} != NULL:", *indent_lines(lines, 1),
+                "else:", "    v = None"], False
 
     def _primitive(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.primitive` written out for its element: the same steps in order."""
@@ -401,14 +408,17 @@ class Emitter:
                           f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''",
                           "    sp = sp[1:]"]
                 lines += ["else:", f"    raw = raw if {sub} == 1 else ''"]
-            place = Place("raw", "sp", "here", Tags(("#1", src_tag)), rep_field=-1)
+            # The location is only needed for an error or a count (rarely): it is joined
+            # where it is used (in a segment function both parts are constants, which
+            # Python joins when it compiles the module).
+            place = Place("raw", "sp", f"({location} + {suffix!r})", Tags(("#1", src_tag)),
+                          rep_field=-1, valued=True)
             test = "raw != NULL" if guarded == index and not sub else "raw and raw != NULL"
             return lines + [f"if {test}:",
-                            f"    here = {location} + {suffix!r}",
                             *indent_lines(self._rows(rows, place, out), 1)]
         if kind == "elsewhere":
             _, segment_id, f, c, s, where, other_tag, rows = spec
-            place = Place("raw", "sp", repr(where), Tags(("#1", other_tag)))
+            place = Place("raw", "sp", repr(where), Tags(("#1", other_tag)), valued=True)
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
@@ -429,7 +439,7 @@ class Emitter:
                      ) -> list[str]:
         _, f, c, s, where, only, count_unmatched, rows = spec
         place = Place("raw", "sp", repr(where), Tags(None), applied=count_unmatched,
-                       rep_field=f)
+                       rep_field=f, valued=True)
         body = [f"raw = descend(rep, run, {c}, {s})" if c else "raw = rep",
                 "if not raw or raw == NULL:", "    continue",
                 "scope.rep = rep",

@@ -56,8 +56,9 @@ class Place:
     """Where a group's rows read and write: variable names and expressions."""
 
     def __init__(self, raw: str, seps: str, location: str, tags: Tags,
-                 applied: bool = False, rep_field: int = 0) -> None:
+                 applied: bool = False, rep_field: int = 0, valued: bool = False) -> None:
         self.rep_field = rep_field  # the field whose repetition is in `rep`, or 0
+        self.valued = valued  # `raw` is known to be neither empty nor the explicit null
         self.raw = raw
         self.seps = seps
         self.location = location
