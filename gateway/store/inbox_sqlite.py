@@ -134,7 +134,11 @@ class SqliteInbox:
                    synchronous: Literal["normal", "full", "extra"] = "full",
                    dedup_window: timedelta = timedelta(days=7),
                    max_batch: int = 512, codec: RowCodec = PLAIN) -> SqliteInbox:
-        db = await open_database(path, synchronous)
+        # No statement cache: each multi-row INSERT (one per batch size) would keep SQLite's
+        # copy of the messages it last bound (up to _MAX_BATCH_BYTES each) after the commit,
+        # for as long as it stays cached: hundreds of MB after a burst of large messages.
+        # Preparing the statement again costs ~40 us a commit, off the event loop.
+        db = await open_database(path, synchronous, cached_statements=0)
         inbox = cls(db, dedup_window, max_batch, codec)
         try:
             await db.executescript(_SCHEMA)
