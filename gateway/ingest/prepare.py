@@ -9,8 +9,9 @@ back (`Prepared`). A large frame is parsed, validated and translated in a proces
 own (`inspect`): that is what costs in proportion to its size.
 
 Two things keep the hand-off safe: `Lanes` commits a connection's frames in the order they
-came, whichever translation finished first; `Budget` bounds the bytes held between receipt
-and commit (over it, the frame is answered AR "resend later").
+came, whichever translation finished first; `Budget` (`protocol.py`, shared with the
+listener) bounds the bytes held from receipt to commit (over it, the frame is answered AR
+"resend later").
 """
 
 from __future__ import annotations

@@ -184,6 +184,9 @@ class SqliteInbox:
                + ",".join([_ROW_SQL] * len(messages))
                + " ON CONFLICT(dedup_key) DO NOTHING RETURNING id, dedup_key")
         rows = await self._db.execute_fetchall(sql, params)
+        # aiosqlite's thread keeps its last call, this list with it, until the next one
+        # comes: emptied, the messages go now rather than after the next statement.
+        params.clear()
         return {str(key): int(row_id) for row_id, key in rows}
 
     async def _original(self, message: InboundMessage) -> Stored:

@@ -27,10 +27,10 @@ SIZE = 4 * MIB
 CONNECTIONS = 8
 
 
-def _padded(control_id: str) -> bytes:
-    """ADT^A01 grown to SIZE bytes by a Z-segment (taken, stored, applied as any other)."""
+def _padded(control_id: str, size: int = SIZE) -> bytes:
+    """ADT^A01 grown to `size` bytes by a Z-segment (taken, stored, applied as any other)."""
     raw = with_control_id(ADT, control_id)
-    return raw.rstrip(b"\r") + b"\rZPD|1|" + b"x" * (SIZE - len(raw)) + b"\r"
+    return raw.rstrip(b"\r") + b"\rZPD|1|" + b"x" * (size - len(raw)) + b"\r"
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -58,7 +58,7 @@ def _all_applied(data_dir: Path, count: int) -> bool:
     return statuses == {"applied": count}
 
 
-async def _pipeline(port: int, prefix: str, count: int) -> list[str]:
+async def _pipeline(port: int, prefix: str, count: int, size: int = SIZE) -> list[str]:
     """Send `count` frames at once on one connection; resend those answered AR."""
     peer = await MllpPeer.open(port)
     codes: list[str] = []
@@ -66,7 +66,7 @@ async def _pipeline(port: int, prefix: str, count: int) -> list[str]:
     try:
         while pending:
             for control_id in pending:
-                await peer.send(_padded(control_id))
+                await peer.send(_padded(control_id, size))
             refused = []
             for control_id in pending:
                 msa = segments(await peer.reply(timeout=300))["MSA"][0]
@@ -80,8 +80,8 @@ async def _pipeline(port: int, prefix: str, count: int) -> list[str]:
     return codes
 
 
-async def _burst(port: int, name: str, per_connection: int) -> list[str]:
-    done = await asyncio.gather(*(_pipeline(port, f"{name}{c}", per_connection)
+async def _burst(port: int, name: str, per_connection: int, size: int = SIZE) -> list[str]:
+    done = await asyncio.gather(*(_pipeline(port, f"{name}{c}", per_connection, size)
                                   for c in range(CONNECTIONS)))
     return [code for codes in done for code in codes]
 
@@ -123,6 +123,69 @@ async def test_the_edge_gives_back_the_memory_of_a_burst_of_large_messages(
         assert gateway.terminate(timeout=60) == 0
         await eventually(lambda: not any(_alive(c) for c in children), timeout=30,
                          interval=0.2, what="every child process of the gateway gone")
+    finally:
+        gateway.kill()
+
+
+async def _peak_rss(pid: int, stop: asyncio.Event) -> int:
+    """The highest VmRSS (KiB) read every 10 ms until `stop`."""
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, _status_kib(pid, "VmRSS"))
+        await asyncio.sleep(0.01)
+    return peak
+
+
+# What the edge may hold beyond its budget at the peak of a flood: copies the budget does
+# not count, each of one frame at a time (the bytes made of a finished receive buffer;
+# SQLite's record built from a bound blob while a commit runs; the pickled call the
+# large-frame queue's feeder thread holds until its next; a receive buffer's last
+# growth), the socket reads (256 KiB a connection), and the allocator's slack.
+FLOOD_FRAME = 8 * MIB
+FLOOD_MARGIN = 4 * FLOOD_FRAME + 8 * MIB
+
+
+@pytest.mark.slow
+async def test_a_flood_of_large_frames_stays_within_the_budget_and_every_frame_is_answered(
+        tmp_path: Path) -> None:
+    # Eight connections pipeline two 8 MiB frames each at a 32 MiB budget (64 MiB begun
+    # at once, 128 MiB in all): the edge stops reading while it is full and answers AR
+    # "resend later" to what it cannot hold, never closing a connection (`_pipeline`
+    # fails on a close). The edge's RSS is read every 10 ms while the flood runs.
+    budget = 32 * MIB
+    data_dir = tmp_path / "var"
+    gateway = GatewayProcess(data_dir, env={
+        "ISTHMUS_STORE__SYNCHRONOUS": "normal",
+        "ISTHMUS_MLLP__MAX_FRAME_BYTES": str(16 * MIB),
+        "ISTHMUS_PROCESSES__MEMORY_BUDGET_BYTES": str(budget)}).start(timeout=60)
+    try:
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        # Warm-up of the same shape (past the budget too: refusals, their audit records).
+        await _burst(gateway.mllp_port, "W", 1, FLOOD_FRAME)
+        await eventually(lambda: _all_applied(data_dir, CONNECTIONS), timeout=120,
+                         interval=0.2, what="the warm-up applied")
+        start = _status_kib(pid, "VmRSS")
+
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(_peak_rss(pid, stop))
+        try:
+            codes = await _burst(gateway.mllp_port, "F", 2, FLOOD_FRAME)
+        finally:
+            stop.set()
+            peak = await sampling
+        # Every frame answered AA in the end (resent after each AR), none lost.
+        assert codes.count("AA") == 2 * CONNECTIONS
+        assert set(codes) <= {"AA", "AR"}
+        await eventually(lambda: _all_applied(data_dir, 3 * CONNECTIONS), timeout=180,
+                         interval=0.2, what="every message applied")
+        assert (peak - start) * 1024 <= budget + FLOOD_MARGIN, (
+            f"edge RSS rose {(peak - start) / 1024:.0f} MiB over a "
+            f"{budget / MIB:.0f} MiB budget")
+
+        # Drained: the edge is back within 20% of where it started.
+        await eventually(lambda: _status_kib(pid, "VmRSS") <= 1.2 * start, timeout=30,
+                         interval=0.5, what="the edge's RSS back within 20% of its start")
     finally:
         gateway.kill()
 
