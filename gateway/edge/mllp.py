@@ -154,7 +154,9 @@ class MllpServer:
                 other._update_reading()
 
     def _room(self) -> None:
-        """The budget has room again: read every connection."""
+        """The budget has room again, or nothing but unfinished frames fills it (which only
+        reading on can resolve: `mind_budget` drops the frame whose read crosses the line):
+        read every connection."""
         if self.memory_paused:
             self.memory_paused = False
             for conn in list(self._connections):

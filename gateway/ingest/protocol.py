@@ -80,7 +80,9 @@ class Budget:
         # Room kept free for one more read of a socket (set by the listener): `full` once
         # the next read could cross the limit.
         self.headroom = 0
-        # Called when the budget stops being full (the listener reads again).
+        # Called when bytes are given back and the budget has room again, or only
+        # unfinished frames still fill it (waiting would free nothing): the listener reads
+        # again (and drops the frame whose read crosses the line).
         self.on_room: Callable[[], None] | None = None
 
     @property
@@ -115,5 +117,7 @@ class Budget:
         self.held += change
         if change > 0:
             self.peak = max(self.peak, self.held)
-        elif was_full and not self.full and self.on_room is not None:
+            return
+        if self.on_room is not None and (was_full and not self.full
+                                         or self.full and not self.draining):
             self.on_room()
