@@ -408,6 +408,7 @@ def mllp_server(app: web.Application, translators: Translators | None = None,
         reservations=mllp_reservations(settings),
         ssl_context=context,
         meter=app[TELEMETRY].meter,
+        budget=ingest.budget,
     )
 
 

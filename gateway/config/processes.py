@@ -24,9 +24,11 @@ class ProcessesConfig(_Section):
     # processes for the ACKs. None: one per core but the edge's. 0: the edge process
     # translates and applies itself.
     workers: int | None = Field(default=None, ge=0, le=64)
-    # Bytes of frames the edge holds between receipt and commit (parsing, translating,
-    # waiting for the group commit); a frame that would cross it is answered AR ("resend
-    # later") without being parsed. The apply worker reads its batches within it too.
+    # Bytes of frames the edge holds from a frame's first byte to its ACK (receiving,
+    # translating, waiting for the group commit; a whole frame counts twice, for the copy
+    # each stage makes). Full: no connection is read until answered frames give bytes
+    # back; a frame that cannot be held is answered AR ("resend later"). The apply worker
+    # reads its batches within a quarter of it.
     memory_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     # Frames at least this large are parsed, checked and translated off the edge's event
     # loop, so one heavy message cannot hold up other connections' ACKs or /healthz.

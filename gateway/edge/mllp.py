@@ -12,6 +12,11 @@ Slow senders (slow loris) cannot hold the connection slots: a frame must end wit
 bytes outside frames are not activity. Violators are evicted (closed, counted, logged with
 their address and why). With an allow-list that reserves slots, other peers draw only on
 the unreserved ones, so they cannot take the last slot a named sender needs.
+
+Memory: unfinished frames are charged to the edge's `Budget` as they are read, beside the
+whole frames the handler holds. While it is full, no connection is read until answered
+frames give bytes back; when only unfinished frames fill it (nothing would give any back),
+the frame whose read crossed the line is dropped and answered AR instead.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from opentelemetry import metrics
 from gateway.edge.dn import from_certificate
 from gateway.edge.tls import NameKey, Reservations
 from gateway.hl7.mllp import FrameDecoder, FrameTooLarge, frame
-from gateway.ingest.protocol import FrameHandler, Peer, Reply
+from gateway.ingest.protocol import Budget, FrameHandler, Peer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ _EVICTED_BECAUSE = {
     MIN_RATE: "a frame arrived slower than mllp.min_bytes_per_second",
     UNREAD_ACKS: "its ACKs went unread for longer than mllp.idle_timeout",
 }
+# The most one read of a socket returns (asyncio's and uvloop's transports): the room the
+# budget keeps free, so the read that comes after it says "full" cannot cross its limit.
+_READ_BYTES = 256 * 1024
 # The shared pool's name in a connection's slot (a reserve is named by its subject's
 # RDNs; no subject has none).
 _SHARED: NameKey = ()
@@ -65,6 +73,7 @@ class MllpServer:
         reservations: Reservations | None = None,
         ssl_context: ssl.SSLContext | None = None,
         meter: metrics.Meter | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._ingest = ingest
         self.max_frame_bytes = max_frame_bytes
@@ -82,6 +91,13 @@ class MllpServer:
         self._reserve_used: dict[NameKey, int] = {}
         # Bytes of unfinished frames held across all connections (memory bound).
         self.buffered_bytes = 0
+        # The edge's memory budget, shared with the handler; while `memory_paused` no
+        # connection is read.
+        self.budget = budget
+        self.memory_paused = False
+        if budget is not None:
+            budget.headroom = _READ_BYTES
+            budget.on_room = self._room
         self._ssl = ssl_context
         self._server: asyncio.Server | None = None
         self._connections: set[MllpConnection] = set()
@@ -121,6 +137,30 @@ class MllpServer:
     def paused(self) -> None:
         """A connection stopped being read (backpressure)."""
         self._paused.add(1)
+
+    def mind_budget(self, conn: MllpConnection) -> None:
+        """After `conn` read: if the budget is full, stop reading every connection while
+        answered frames will give bytes back; if only unfinished frames hold it, drop the
+        one `conn` is receiving (AR "resend later"): waiting would free nothing."""
+        budget = self.budget
+        if budget is None or not budget.full:
+            return
+        if not budget.draining:
+            conn.drop_partial()
+            return
+        if not self.memory_paused:
+            self.memory_paused = True
+            for other in list(self._connections):
+                other._update_reading()
+
+    def _room(self) -> None:
+        """The budget has room again, or nothing but unfinished frames fills it (which only
+        reading on can resolve: `mind_budget` drops the frame whose read crosses the line):
+        read every connection."""
+        if self.memory_paused:
+            self.memory_paused = False
+            for conn in list(self._connections):
+                conn._update_reading()
 
     @property
     def ingest(self) -> FrameHandler:
@@ -177,6 +217,8 @@ class MllpServer:
         else:
             self._reserve_used[conn.slot] -= 1
         self.buffered_bytes -= conn.decoder.buffered
+        conn.decoder.abandon()
+        conn.recharge()
         self._open_connections.add(-1)
         skipped = conn.decoder.skipped_bytes
         if skipped:
@@ -253,6 +295,8 @@ class MllpConnection(asyncio.Protocol):
         self._window_bytes = 0
         self._paused_at = 0.0
         self._writing_paused_at = 0.0
+        # The bytes of the unfinished frame charged to the server's budget.
+        self._charged = 0
 
     @property
     def peer(self) -> Peer:
@@ -306,8 +350,30 @@ class MllpConnection(asyncio.Protocol):
             if dropped is not None:
                 server.buffered_bytes -= held
                 items.append(dropped)
+        # Before the frames are handed on: a whole frame's bytes move from the listener's
+        # charge to the handler's.
+        self.recharge()
         for item in items:
             self._dispatch(item)
+        server.mind_budget(self)
+
+    def recharge(self) -> None:
+        """Charge the budget for what the unfinished frame now holds."""
+        budget = self._server.budget
+        if budget is not None:
+            held = self.decoder.buffered
+            budget.receive(held - self._charged)
+            self._charged = held
+
+    def drop_partial(self) -> None:
+        """Give up the unfinished frame for memory (the rest of it is discarded); its
+        sender is answered AR "resend later" at once."""
+        held = self.decoder.buffered
+        dropped = self.decoder.abandon()
+        if dropped is not None:
+            self._server.buffered_bytes -= held
+            self.recharge()
+            self._dispatch(dropped)
 
     def pause_writing(self) -> None:
         # The client is not reading its ACKs: stop reading its messages until it does.
@@ -360,7 +426,9 @@ class MllpConnection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._transport is None or self._stopped:
             return
-        should_pause = self._writing_paused or len(self._replies) >= self._server.max_in_flight
+        server = self._server
+        should_pause = (self._writing_paused or len(self._replies) >= server.max_in_flight
+                        or server.memory_paused)
         if should_pause and not self._reading_paused:
             self._transport.pause_reading()
             self._reading_paused = True

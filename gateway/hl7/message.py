@@ -477,14 +477,20 @@ def header_or_none(message: Message | None) -> Header | None:
         return None
 
 
+# How much of a frame `salvage_header` reads: MSH and then some.
+_SALVAGE_BYTES = 64 * 1024
+
+
 def salvage_header(data: bytes) -> Message | None:
     """Just the MSH line of bytes that failed to parse, so a NAK can still echo MSH-10.
 
     Read as ASCII with replacement: MSH fields the ACK echoes are ASCII in practice, and a
     byte that is not comes back as '?' rather than as garbage in the answer.
     """
-    start = len(data) - len(data.lstrip(b"\xef\xbb\xbf \t\r\n"))
-    line = data[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
+    # Only the head: split whole, a refused 10 MB frame would be copied to read one line.
+    head = data[:_SALVAGE_BYTES]
+    start = len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))
+    line = head[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
     if not line.startswith(b"MSH"):
         return None
     text = line.decode("ascii", "replace").replace("\ufffd", "?")

@@ -94,7 +94,8 @@ class FrameDecoder:
             self.skipped_bytes += len(self._buf) + (restart - pos)
             self._open()
             return restart + 1
-        self._append(data[pos:limit], out)
+        # A view, not a slice: the chunk is copied once, into the frame's buffer.
+        self._append(memoryview(data)[pos:limit], out)
         if stop >= 0:
             self._close(out, with_trailing_fs=False)
             return stop + 2
@@ -108,7 +109,7 @@ class FrameDecoder:
         self._discarding = False
         self._pending_fs = False
 
-    def _append(self, chunk: bytes, out: list[bytes | FrameTooLarge]) -> None:
+    def _append(self, chunk: memoryview, out: list[bytes | FrameTooLarge]) -> None:
         if self._discarding:
             return
         if len(self._buf) + len(chunk) > self.max_frame_bytes + 1:
@@ -131,7 +132,9 @@ class FrameDecoder:
 
     def _close(self, out: list[bytes | FrameTooLarge], with_trailing_fs: bool) -> None:
         if not self._discarding:
-            payload = bytes(self._buf[:-1] if with_trailing_fs else self._buf)
+            if with_trailing_fs:
+                del self._buf[-1:]  # in place: a slice would be one more copy of the frame
+            payload = bytes(self._buf)
             if len(payload) > self.max_frame_bytes:
                 out.append(FrameTooLarge(self.max_frame_bytes, payload[:_HEAD_BYTES]))
             else:

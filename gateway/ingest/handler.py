@@ -60,7 +60,7 @@ from gateway.ingest.prepare import (
     from_wire,
     inspect,
 )
-from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck
+from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck, frame_charge
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store import InboundMessage, Stored, StoreUnavailable
@@ -91,8 +91,8 @@ class IngestOptions:
     strict: bool = False
     # With mTLS: whether a certificate subject may send as a message's MSH-3/MSH-4.
     sender_check: SenderCheck | None = None
-    # Bytes of frames held between receipt and commit (processes.memory_budget_bytes);
-    # None: no bound beyond the listener's.
+    # Bytes of frames held between receipt and commit (processes.memory_budget_bytes;
+    # a whole frame counts twice: `frame_charge`); None: no bound beyond the listener's.
     budget_bytes: int | None = None
     # Frames this long or longer are parsed, checked and translated on a thread
     # (processes.offload_bytes); None: never.
@@ -151,7 +151,7 @@ class Ingest:
         started = self._metrics.clock()
         if self._metrics.enabled:
             reply.add_done_callback(lambda _: self._metrics.since("total", started))
-        size = len(frame) if isinstance(frame, bytes) else 0
+        size = frame_charge(len(frame)) if isinstance(frame, bytes) else 0
         if self.budget is not None and isinstance(frame, bytes):
             if not self.budget.take(size):
                 # Over the memory budget: refused unread; the sender keeps it and resends.

@@ -8,8 +8,9 @@ comes back (`Prepared`). A large frame is parsed, validated and translated in a 
 own (`inspect`): that is what costs in proportion to its size.
 
 Two things keep the hand-off safe: `Lanes` commits a connection's frames in the order they
-came, whichever translation finished first; `Budget` bounds the bytes held between receipt
-and commit (over it, the frame is answered AR "resend later").
+came, whichever translation finished first; `Budget` (`protocol.py`, shared with the
+listener) bounds the bytes held from receipt to commit (over it, the frame is answered AR
+"resend later").
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gateway.forward.routes import Router
 from gateway.hl7.errors import ErrorCode, Hl7Error, Location
 from gateway.hl7.message import Message, check_header, content_digest, parse_message
 from gateway.hl7.validate import validate
+from gateway.ingest.protocol import Budget as Budget  # the handler's name for it
 from gateway.ingest.replay import patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED
@@ -123,28 +125,6 @@ class Lanes:
                     del self._tails[lane]
 
         asyncio.create_task(wait_turn())
-
-
-class Budget:
-    """Bytes held between receipt and commit, across every connection."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.peak = 0  # the most ever held (for /metrics and the test that pins the bound)
-        self.refused = 0
-
-    def take(self, size: int) -> bool:
-        """Hold `size` bytes, or refuse (False) if that would cross the limit."""
-        if self.held + size > self.limit:
-            self.refused += 1
-            return False
-        self.held += size
-        self.peak = max(self.peak, self.held)
-        return True
-
-    def give_back(self, size: int) -> None:
-        self.held = max(0, self.held - size)
 
 
 def settle(future: asyncio.Future[Prepared], value: Prepared | BaseException) -> None:

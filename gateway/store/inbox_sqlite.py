@@ -134,7 +134,11 @@ class SqliteInbox:
                    synchronous: Literal["normal", "full", "extra"] = "full",
                    dedup_window: timedelta = timedelta(days=7),
                    max_batch: int = 512, codec: RowCodec = PLAIN) -> SqliteInbox:
-        db = await open_database(path, synchronous)
+        # No statement cache: each multi-row INSERT (one per batch size) would keep SQLite's
+        # copy of the messages it last bound (up to _MAX_BATCH_BYTES each) after the commit,
+        # for as long as it stays cached: hundreds of MB after a burst of large messages.
+        # Preparing the statement again costs ~40 us a commit, off the event loop.
+        db = await open_database(path, synchronous, cached_statements=0)
         inbox = cls(db, dedup_window, max_batch, codec)
         try:
             await db.executescript(_SCHEMA)
@@ -180,6 +184,9 @@ class SqliteInbox:
                + ",".join([_ROW_SQL] * len(messages))
                + " ON CONFLICT(dedup_key) DO NOTHING RETURNING id, dedup_key")
         rows = await self._db.execute_fetchall(sql, params)
+        # aiosqlite's thread keeps its last call, this list with it, until the next one
+        # comes: emptied, the messages go now rather than after the next statement.
+        params.clear()
         return {str(key): int(row_id) for row_id, key in rows}
 
     async def _original(self, message: InboundMessage) -> Stored:

@@ -16,7 +16,8 @@ logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 async def open_database(
-    path: Path, synchronous: Literal["normal", "full", "extra"] = "full"
+    path: Path, synchronous: Literal["normal", "full", "extra"] = "full", *,
+    cached_statements: int = 128,
 ) -> aiosqlite.Connection:
     """Open (creating, owner-only) a WAL database in autocommit mode.
 
@@ -25,11 +26,16 @@ async def open_database(
     checks) run beside the writer. `synchronous` decides when the WAL reaches the disk:
     FULL syncs on every commit (survives power loss), NORMAL only at checkpoints (survives
     a process crash, may lose the last commits on power loss).
+
+    `cached_statements` (sqlite3's statement cache): a cached statement keeps SQLite's copy
+    of every blob last bound to it until it runs again, so a store that binds large blobs
+    (the inbox: whole messages) passes 0 to let each copy go with its statement.
     """
     # Owner-only (PHI): the -wal and -shm files SQLite makes take the database file's mode.
     private_dir(path.parent)
     private_file(path)
-    db = await aiosqlite.connect(path, isolation_level=None)
+    db = await aiosqlite.connect(path, isolation_level=None,
+                                cached_statements=cached_statements)
     try:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
