@@ -116,7 +116,8 @@ class MllpServer:
             description="bytes received outside MLLP frames (discarded)")
         self._paused = meter.create_counter(
             "isthmus.mllp.backpressure_pauses",
-            description="times a connection stopped being read until its ACKs caught up")
+            description="times a connection stopped being read: its ACKs behind, or the memory "
+                        "budget full")
         # Read when metrics are collected, so the hot path pays nothing for them.
         meter.create_observable_gauge(
             "isthmus.mllp.in_flight", callbacks=[self._observe_in_flight],
