@@ -383,6 +383,7 @@ class Ingest:
             content_hash=inspected.digest if inspected is not None else content_digest(
                 message),
             conflict_ack=lambda: self._answers.conflict_ack(span, message, now),
+            packed=inspected.packed if inspected is not None else None,
         )
         store_span = self._answers.span("inbox.store", span)
         store_started = self._metrics.clock()

@@ -38,6 +38,7 @@ from gateway.ingest.protocol import Budget as Budget  # the handler's name for i
 from gateway.ingest.replay import patient_key, translate
 from gateway.mapping.engine import Translator
 from gateway.store.inbox import ACCEPTED, FAILED, TRANSLATED
+from gateway.store.raw_form import packed
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +225,15 @@ def _exit_with_parent(parent: int) -> None:
 class Inspected:
     """A large frame inspected in the child: why it is refused (nothing: accepted), its
     translation outcome (as `to_wire`), content digest, and what the commit reads of the
-    body (set when accepted): the patient key and the audit record's patient."""
+    body (set when accepted): the patient key, the audit record's patient and the frame
+    as the inbox stores it (compressed: store/raw_form.py)."""
 
     errors: tuple[tuple[Any, ...], ...]
     prepared: tuple[Any, ...] | None = None
     digest: str = ""
     patient_key: str = ""
     patient: str | None = None
+    packed: bytes | None = None
 
 
 def inspect(frame: bytes, charset: str, validation: str, translate_it: bool,
@@ -245,15 +248,18 @@ def inspect(frame: bytes, charset: str, validation: str, translate_it: bool,
     if errors:
         return Inspected(tuple(error_to_wire(e) for e in errors))
     key, patient = patient_key(message), reference_from_v2(message)
+    # Compressed here, not on the edge's loop: the commit then writes (and a sealed data dir
+    # encrypts) a tenth of the bytes.
+    stored = packed(frame)
     if not translate_it or not _CHILD_TRANSLATOR:
         return Inspected((), to_wire(Prepared(ACCEPTED)), content_digest(message), key,
-                         patient)
+                         patient, stored)
     header = message.header
     want_bundle = router is not None and router.for_message(
         header.message_type, header.sending_application, header.sending_facility).needs_bundle
     prepared = prepare_message(_CHILD_TRANSLATOR[0], message, at, keep=False,
                                want_bundle=want_bundle, strict=strict)
-    return Inspected((), to_wire(prepared), content_digest(message), key, patient)
+    return Inspected((), to_wire(prepared), content_digest(message), key, patient, stored)
 
 
 # Over a pipe between processes an Hl7Error travels as its parts (its constructor's

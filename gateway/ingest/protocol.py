@@ -49,8 +49,11 @@ class FrameHandler(Protocol):
 # A frame counts twice against the budget once it is whole, until its ACK: at every stage
 # from then on a second copy of it exists for a while (the bytes made of the receive
 # buffer beside the buffer; the pickled copy on its way to the large-frame process or a
-# worker; SQLite's copy of the bound blob while its commit runs). A sealed data dir adds
-# a third during the commit (the ciphertext), which the budget does not count.
+# worker; SQLite's copy of the bound blob while its commit runs). A large frame's
+# compressed form (store/raw_form.py, ~a tenth of it) comes back from the large-frame
+# process and is what SQLite copies and a sealed data dir encrypts, so the second copy
+# still covers it; for a small frame a sealed data dir adds a third during the commit
+# (the ciphertext), which the budget does not count.
 FRAME_COPIES = 2
 
 

@@ -64,6 +64,14 @@ class InboundMessage:
     # Builds the ACK for a control id conflict; called only when there is one (it is rare,
     # and the hot path should not build two ACKs per message).
     conflict_ack: Callable[[], bytes] | None = None
+    # `raw` compressed (store/raw_form.py `packed`), made by the large-frame process: a
+    # SQLite inbox stores this in place of `raw`. None: `raw` is stored as it is.
+    packed: bytes | None = None
+
+    @property
+    def stored_raw(self) -> bytes:
+        """What the inbox's `raw` column holds (before sealing)."""
+        return self.packed if self.packed is not None else self.raw
 
     @property
     def dedup_key(self) -> str:

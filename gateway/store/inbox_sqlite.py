@@ -34,6 +34,7 @@ from gateway.store.inbox import (
     Replayed,
     Stored,
 )
+from gateway.store.raw_form import original
 from gateway.store.sealing import PLAIN, RowCodec, inbox_context
 from gateway.store.sqlite import open_database
 
@@ -330,9 +331,9 @@ async def get_entry(db: aiosqlite.Connection, inbox_id: int,
         return None
     row = rows[0]
     entry = InboxEntry(*row[:11])
-    raw = codec.open(bytes(row[11]), inbox_context(
+    raw = original(codec.open(bytes(row[11]), inbox_context(
         "raw", entry.sending_application, entry.sending_facility, entry.control_id,
-        entry.received_at))
+        entry.received_at)))
     return entry, raw, bytes(row[12])
 
 
@@ -343,7 +344,8 @@ _IDENTITY = "sending_application, sending_facility, control_id, received_at"
 def _row(m: InboundMessage, dedup_key: str | None, codec: RowCodec) -> tuple[object, ...]:
     """One message's values, in _COLUMNS order, its payloads sealed by `codec`."""
     received = _timestamp(m.received_at)
-    raw = codec.seal(m.raw, inbox_context("raw", m.sending_application, m.sending_facility,
+    # The stored form (raw_form.py): compressed when the large-frame process made it.
+    raw = codec.seal(m.stored_raw, inbox_context("raw", m.sending_application, m.sending_facility,
                                           m.control_id, received))
     bundle = None if m.bundle is None else codec.seal(m.bundle, inbox_context(
         "bundle", m.sending_application, m.sending_facility, m.control_id, received))
@@ -362,8 +364,8 @@ def blind_patient(key: str, codec: RowCodec) -> str:
 
 def _raw_rows(rows: Any, codec: RowCodec) -> RawRows:
     """(id, raw, received at) from rows of (id, raw, *_IDENTITY), opened by `codec`."""
-    return [(int(row_id), codec.open(bytes(raw), inbox_context(
-                "raw", str(app), str(facility), str(control), str(received))),
+    return [(int(row_id), original(codec.open(bytes(raw), inbox_context(
+                "raw", str(app), str(facility), str(control), str(received)))),
              _parse_timestamp(str(received)))
             for row_id, raw, app, facility, control, received in rows]
 

@@ -27,6 +27,7 @@ import aiosqlite
 
 from gateway.store.errors import StoreUnavailable
 from gateway.store.events import delivery_context
+from gateway.store.raw_form import original
 from gateway.store.sealing import PLAIN, RowCodec, SealError, inbox_context
 
 PENDING = "pending"
@@ -230,11 +231,12 @@ class SqliteOutbox:
         if value is None:
             return None
         try:
-            return self._codec.open(bytes(value), inbox_context(column, *map(str, identity)))
+            opened = self._codec.open(bytes(value), inbox_context(column, *map(str, identity)))
         except SealError as exc:
             log.error("outbox row %d: its payload does not open (%s); it is not sent", row_id,
                       exc)
             return None
+        return original(opened) if column == "raw" else opened
 
     async def mark_delivered(self, rows: Sequence[tuple[int, str]]) -> None:
         """(id, last status) of rows delivered at their next attempt (`attempts` counts

@@ -40,6 +40,7 @@ from gateway.store.fhir import (
 from gateway.store.fhir_sqlite.schema import index_row
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.pg.connect import Connection
+from gateway.store.raw_form import original
 from gateway.store.sealing import RowCodec, SealError, fhir_context, inbox_context
 
 # (SQLite file, table, columns) in copy order; the columns are PostgreSQL's, all present in
@@ -162,6 +163,8 @@ async def _copy_table(path: Path, table: str, columns: Sequence[str],
             records = [tuple(_value(v) for v in row) for row in rows]
             if opener is not None:
                 records = opener.rows(table, records)
+            elif table == "inbox":  # PostgreSQL stores the message as received
+                records = [(*r[:10], original(_bytes(r[10])), *r[11:]) for r in records]
             await connection.copy_records_to_table(table, records=records,
                                                    columns=list(columns))
             if opener is not None:
@@ -174,6 +177,12 @@ async def _copy_table(path: Path, table: str, columns: Sequence[str],
 
 def _value(value: object) -> object:
     return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise CopyError("an inbox row's raw column holds no bytes")
+    return value
 
 
 class _Opener:
@@ -200,7 +209,7 @@ class _Opener:
         # _TABLES' inbox columns: id 0, received_at 1, application 2, facility 3, control
         # id 4, raw 10, patient_key 15, bundle 17.
         row_id, names = int(str(r[0])), (str(r[2]), str(r[3]), str(r[4]), str(r[1]))
-        raw = self._open(r[10], inbox_context("raw", *names), f"inbox row {row_id}")
+        raw = original(self._open(r[10], inbox_context("raw", *names), f"inbox row {row_id}"))
         bundle = None if r[17] is None else self._open(
             r[17], inbox_context("bundle", *names), f"inbox row {row_id}")
         blind = str(r[15] or "")
