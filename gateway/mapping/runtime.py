@@ -271,7 +271,9 @@ def read_own(f: int, c: int, s: int) -> Callable[[Scope], str]:
 
 def own_value(field: str, run: Run, component: int, subcomponent: int) -> str:
     """What `read_own` reads of a field that is not the one being repeated over: its first
-    repetition, at the component and subcomponent named (0: not named), unescaped."""
+    repetition, at the component and subcomponent named (0: not named), unescaped.
+    `first_repetition` and `descend` written inline: this runs for most values a message
+    has, and the two calls were a measurable share of a translation."""
     rep = run.d.repetition
     raw = field.split(rep, 1)[0] if rep in field else field
     if component:

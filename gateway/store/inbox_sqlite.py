@@ -345,8 +345,8 @@ def _row(m: InboundMessage, dedup_key: str | None, codec: RowCodec) -> tuple[obj
     """One message's values, in _COLUMNS order, its payloads sealed by `codec`."""
     received = _timestamp(m.received_at)
     # The stored form (raw_form.py): compressed when the large-frame process made it.
-    raw = codec.seal(m.stored_raw, inbox_context("raw", m.sending_application, m.sending_facility,
-                                          m.control_id, received))
+    raw = codec.seal(m.stored_raw, inbox_context(
+        "raw", m.sending_application, m.sending_facility, m.control_id, received))
     bundle = None if m.bundle is None else codec.seal(m.bundle, inbox_context(
         "bundle", m.sending_application, m.sending_facility, m.control_id, received))
     return (received, m.sending_application, m.sending_facility,

@@ -9,15 +9,12 @@ from pathlib import Path
 import orjson
 
 from conftest import message, with_control_id
-from gateway.fhir.search import TABLE, SearchRegistry
 from gateway.hl7.message import parse_message
 from gateway.ingest.applier import LocalApplier
-from gateway.mapping.engine import Translator
-from gateway.mapping.tables import SHIPPED
-from gateway.store import InboundMessage, SqliteInbox
+from gateway.store import InboundMessage
 from gateway.store.fhir import SearchQuery, TokenMatch
-from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import ACCEPTED, APPLIED
+from support.apply import open_apply_parts
 
 
 def with_family(raw: bytes, family: bytes) -> bytes:
@@ -33,11 +30,7 @@ def with_family(raw: bytes, family: bytes) -> bytes:
 
 async def test_a_backlog_beyond_what_is_held_is_applied_once_and_in_order(
         tmp_path: Path) -> None:
-    registry = SearchRegistry.load(SHIPPED / TABLE)
-    translator = Translator.load(SHIPPED)
-    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
-    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       synchronous="normal")
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
     applier = LocalApplier(store, registry, inbox, translator, max_held=1)
     try:
         families = [b"FIRSTNAME", b"SECONDNAME", b"THIRDNAME", b"LASTNAME"]

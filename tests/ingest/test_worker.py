@@ -15,16 +15,14 @@ from pathlib import Path
 import orjson
 
 from conftest import message, with_control_id
-from gateway.fhir.search import TABLE, SearchRegistry
 from gateway.hl7.message import parse_message
 from gateway.ingest.replay import translate
 from gateway.ingest.worker import InboxFollower, message_key, share_of
-from gateway.mapping.engine import Translator
-from gateway.mapping.tables import SHIPPED
 from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.fhir import SearchQuery, TokenMatch
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import APPLIED, TRANSLATED
+from support.apply import open_apply_parts
 from support.builders import with_fields
 from support.wait import eventually
 
@@ -56,11 +54,7 @@ async def families(store: SqliteFhirStore, patients: int) -> dict[int, str]:
 
 async def test_followers_split_the_patients_and_apply_each_ones_messages_in_order(
         tmp_path: Path) -> None:
-    registry = SearchRegistry.load(SHIPPED / TABLE)
-    translator = Translator.load(SHIPPED)
-    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
-    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       synchronous="normal")
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
     reports: list[list[tuple[int, str]]] = [[], []]
 
     def reporter(share: int) -> Callable[[Sequence[tuple[int, str]]], None]:
@@ -108,11 +102,7 @@ def _patient_key(patient: int) -> str:
 
 async def test_a_row_applied_before_a_crash_but_not_marked_is_not_applied_again(
         tmp_path: Path) -> None:
-    registry = SearchRegistry.load(SHIPPED / TABLE)
-    translator = Translator.load(SHIPPED)
-    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
-    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       synchronous="normal")
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
     done: list[tuple[int, str]] = []
     try:
         first = InboxFollower(store, registry, inbox, translator, done.extend)
@@ -146,11 +136,7 @@ async def test_a_row_applied_before_a_crash_but_not_marked_is_not_applied_again(
 
 async def test_a_translation_kept_for_its_row_is_applied_instead_of_a_new_one(
         tmp_path: Path) -> None:
-    registry = SearchRegistry.load(SHIPPED / TABLE)
-    translator = Translator.load(SHIPPED)
-    inbox = await SqliteInbox.open(tmp_path / "inbox.db", synchronous="normal")
-    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       synchronous="normal")
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
     done: list[tuple[int, str]] = []
     follower = InboxFollower(store, registry, inbox, translator, done.extend)
     raw = adt(1, 0)
