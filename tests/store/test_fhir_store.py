@@ -218,16 +218,16 @@ async def test_a_resend_with_a_decimal_in_another_key_order_adds_no_version(
 
     first = {"resourceType": "Observation", "status": "final",
              "extension": [{"url": "urn:example:dose", "valueDecimal": Decimal("0.1")}]}
-    created = await write(store, WriteRequest("PUT", "Observation", id="dec-1",
+    created = await write(store, WriteRequest("PUT", "Observation", id="a3-589e-9694",
                                               resource=first))
     assert created.stored is not None
     reordered = {"extension": [{"valueDecimal": Decimal("0.1"), "url": "urn:example:dose"}],
                  "status": "final", "resourceType": "Observation"}
-    outcome = await write(store, WriteRequest("PUT", "Observation", id="dec-1",
+    outcome = await write(store, WriteRequest("PUT", "Observation", id="a3-589e-9694",
                                               resource=reordered,
                                               carry=lambda current, update: None))
     assert (outcome.changed, outcome.stored) == (False, created.stored)
-    stored = await store.read("Observation", "dec-1")
+    stored = await store.read("Observation", "a3-589e-9694")
     assert stored is not None and b'"valueDecimal":0.1' in stored.body
 
 
