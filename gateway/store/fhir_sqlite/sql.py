@@ -5,7 +5,7 @@ written into the statement.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gateway.store.fhir import (
     DateMatch,
@@ -24,10 +24,13 @@ from gateway.store.fhir import (
 from gateway.store.fhir_sqlite.schema import COLUMNS, INDEX_TABLES
 
 
-def current_rows_sql(count: int) -> str:
-    """The current rows of `count` ids of one type (a primary-key search)."""
-    return (f"SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? "
-            f"AND r.id IN ({','.join('?' * count)})")
+def current_rows_sql(counts: Sequence[int]) -> str:
+    """The current rows of several types' ids, `counts[i]` ids of the i-th type, in one
+    statement: a primary-key search per type (`type = ? AND id IN (...)`), joined by
+    UNION ALL (a row-value `(type, id) IN (VALUES ...)` would scan the whole table)."""
+    return " UNION ALL ".join(
+        f"SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? "
+        f"AND r.id IN ({','.join('?' * count)})" for count in counts)
 
 
 def select_sql(query: SearchQuery, limit: int | None, offset: int,
