@@ -16,7 +16,7 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -32,7 +32,7 @@ from gateway.audit.keys import AuditKeyError, AuditKeys, SigningKey
 from gateway.audit.patient import identifier_part, is_bare
 from gateway.audit.publish import FilePublisher, Publisher, PublishError
 from gateway.audit.query import AuditQuery
-from gateway.audit.record import AuditRecord, timestamp
+from gateway.audit.record import AuditRecord, now_timestamp, system_clock, timestamp
 from gateway.audit.sealed import columns_match, parse_body, seal
 from gateway.audit.verify import ChainVerifier, Report
 from gateway.store.audit import AuditFilter, AuditStore, CheckpointRow, StoredAuditRow
@@ -75,6 +75,9 @@ class AuditLog:
         self._chain = chain
         self._server = server
         self._clock = clock
+        # A record's time is the system clock's, read the cheap way, unless a clock is given.
+        self._now: Callable[[], str] = (
+            now_timestamp if clock is system_clock else lambda: timestamp(clock()))
         self._interval = checkpoint_interval
         self._every = checkpoint_every
         self._signed_count = 0
@@ -104,7 +107,7 @@ class AuditLog:
         checkpoint_interval: float = 300.0,
         checkpoint_every: int = 10_000,
         server: str = "isthmus",
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = system_clock,
         meter: metrics.Meter | None = None,
         checkpoints: bool = True,
         publishers: Sequence[Publisher] = (),
@@ -129,7 +132,7 @@ class AuditLog:
         checkpoint_interval: float = 300.0,
         checkpoint_every: int = 10_000,
         server: str = "isthmus",
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = system_clock,
         meter: metrics.Meter | None = None,
         checkpoints: bool = True,
         publishers: Sequence[Publisher] = (),
@@ -183,7 +186,7 @@ class AuditLog:
         A failure (store unavailable, closing) resolves the future with StoreUnavailable:
         the caller must then refuse the access it was about to grant.
         """
-        when = timestamp(record.time if record.time is not None else self._clock())
+        when = self._now() if record.time is None else timestamp(record.time)
         return self._store.submit(seal(record, when, self._ring, self._server))
 
     async def record(self, record: AuditRecord) -> int:

@@ -285,9 +285,17 @@ class SqliteAuditStore:
             for row, (prev, mac) in zip(rows, sealed, strict=True):
                 seq += 1
                 links.append((seq, prev))
-                params.extend((seq, row.recorded_at, row.action, row.client_id, row.outcome,
-                               row.patient_index, row.patient_id_index, row.body, prev,
-                               mac, mac_key))
+                patient_index, patient_id_index = row.patient_index, row.patient_id_index
+                # Bound as bytearray and plain str: sqlite3 binds those directly, while a
+                # bytes or str-enum value goes through its adapter lookup first, whose
+                # failed attribute lookups cost more than the INSERT's own work (~16,000
+                # instructions a blob; 306k against 175k an 8-row batch). Same stored
+                # values (a blob, the action's text).
+                params.extend((
+                    seq, row.recorded_at, str(row.action), row.client_id, row.outcome,
+                    None if patient_index is None else bytearray(patient_index),
+                    None if patient_id_index is None else bytearray(patient_id_index),
+                    bytearray(row.body), bytearray(prev), bytearray(mac), mac_key))
             sql = (f"INSERT INTO audit_record ({','.join(_COLUMNS)}) VALUES "
                    + ",".join([_ROW_SQL] * len(rows)))
             try:
