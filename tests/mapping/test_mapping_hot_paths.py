@@ -1,20 +1,25 @@
 """The short cuts of the per-resource hot path give what the long way gives: ids are
 uuid5 in the Isthmus namespace, a wildcard vocabulary answer kept for a code is the one
-the wildcard makes (and the kept answers stay bounded), and a Bundle search value is
-percent-encoded exactly as `urllib.parse.quote` does."""
+the wildcard makes (and the kept answers stay bounded), a Bundle search value is
+percent-encoded exactly as `urllib.parse.quote` does, and a translation pickled the short
+way (translator to apply worker) comes back as it was."""
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
 
+from conftest import message
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation
 from gateway.canonical.ids import ID_NAMESPACE, name_uuid
 from gateway.fhir.bundle import to_bundle
+from gateway.hl7.message import parse_message
 from gateway.mapping.vocabulary import Vocab
+from support.mapping import translator
 
 NAMES = ["", "Patient|urn:oid:2.999.1|MRN-1", "Location|SYNTH|~{\"name\":\"4E\"}",
          "Practitioner|Ärztin Müller|€ 5", "x" * 500, "a|b\r\n\t|c"]
@@ -77,3 +82,26 @@ def test_a_bundle_search_value_is_quoted_as_urllib_quotes_it(value: str) -> None
     safe = "/:@!$'()*,;=.-_~"
     assert bundle["entry"][0]["request"]["url"] == (
         f"Patient?identifier={quote(f'urn:sys:{value}', safe)}|{quote(value, safe)}")
+
+
+def test_a_pickled_translation_comes_back_equal_with_the_same_fields_set() -> None:
+    made = translator().translate(parse_message(message("mapping_adt_a01.hl7")),
+                                  datetime(2026, 12, 6, tzinfo=UTC))
+    back = pickle.loads(pickle.dumps(made, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == made
+    assert to_bundle(back) == to_bundle(made)
+    for before, after in zip(made.resources, back.resources, strict=True):
+        assert after.model_fields_set == before.model_fields_set
+        assert after.provenance == before.provenance
+    # One Provenance shared by the resources stays one object (pickle's memo).
+    assert len({id(r.provenance) for r in back.resources}) == len(
+        {id(r.provenance) for r in made.resources})
+    # A model built the validating way, defaults unset, keeps what was set; frozen stays.
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    key = pickle.loads(pickle.dumps(BusinessKey(value="MRN-1")))
+    assert key.model_fields_set == {"value"} and key.system == ""
+    with pytest.raises(ValueError, match="frozen"):
+        key.value = "MRN-2"
+    source = Provenance(source_application="APP", source_facility="FAC", control_id="1",
+                        message_type="ADT^A01", received_at=now, last_updated=now)
+    assert pickle.loads(pickle.dumps(source)) == source
