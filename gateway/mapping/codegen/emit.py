@@ -18,6 +18,7 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
+    first_leaf,
     indent,
     indent_lines,
     literal,
@@ -47,6 +48,12 @@ from gateway.mapping.vocabulary import Vocab, recoder
 
 REPETITION_TAGS = tuple(f'#{n}' for n in range(1, 101))
 '''
+# FHIR types whose converter returns the text as it is (`convert.to_string`).
+_AS_IS = frozenset({"string", "markdown"})
+# FHIR types whose converter is a pure function of the text, giving text
+# (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text, at most _KEPT each.
+_KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
+_KEPT = 4096
 _READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
 
 
@@ -60,6 +67,7 @@ class Emitter:
         self._keep: list[object] = []  # ids stay unique while the module is written
         self._count = 0
         self._lazy: list[set[str]] = []  # per table function being written: read once
+        self._seps: list[str] = []  # per table function being written: its separators
 
     # -- the module ---------------------------------------------------------------------
 
@@ -124,14 +132,18 @@ class Emitter:
         if place is None:
             return f"{self._reader(getter)}(scope)"
         kind = spec[0]
-        if kind == "read_component" and not spec[2]:
-            index = spec[1]
-            return text_of(f"(parts[{index}] if {index} < count else '')")
+        if kind == "read_component":
+            # `runtime.read_component` in place: the function's own parts and separators.
+            index, sub = spec[1], spec[2]
+            raw = f"(parts[{index}] if {index} < count else '')"
+            if sub:
+                raw = f"part_below({raw}, {self._seps[-1]}, {sub})"
+            return text_of(raw)
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
             return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
-        if kind == "read_component" or place.rep_field < 0:
-            return f"{self._reader(getter)}(scope)"
+        if place.rep_field < 0:
+            return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
         self._lazy[-1].add(name)
@@ -140,8 +152,13 @@ class Emitter:
             _, f, c, s = spec
             read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
         else:
-            read = f"{self._reader(getter)}(scope)"
+            read = f"{self._reader(getter)}({self._scope()})"
         return f"({name} if {name} is not None else ({name} := {read}))"
+
+    def _scope(self) -> str:
+        """The table function's Scope, made by the first reader that needs one (most calls
+        of most functions read nothing through one)."""
+        return f"(scope if scope is not None else (scope := Scope(parts, {self._seps[-1]}, run)))"
 
     @staticmethod
     def _converter(name: str) -> str:
@@ -215,16 +232,20 @@ class Emitter:
         if spec[0] != "walk":
             raise NotGenerated(f"unknown setter {spec[0]}")
         _, walk, last_key, last_prefix, last_repeats, last_indexed = spec
-        lines = [f"nd = {out}"]
-        for key, prefix, repeats, indexed in walk:
-            if repeats:
-                lines += [f"k = {tags.key(prefix, indexed)}", "c = inst.get(k)",
-                          "if c is None:", "    c = {}",
-                          f"    nd.setdefault({key!r}, []).append(c)", "    inst[k] = c",
-                          "nd = c"]
-            else:
-                lines += [f"if {key!r} in nd:", f"    nd = nd[{key!r}]", "else:",
-                          f"    nd[{key!r}] = nd = {{}}"]
+        repeating = [i for i, step in enumerate(walk) if step[2]]
+        if repeating and len({walk[i][3] for i in repeating}) == 1:
+            # The deepest repeating instance, once made, is found in `inst` without
+            # walking to it: its parents were made with it, under the same keys (a path
+            # prefix names one place), and nothing removes them. Not when its key and a
+            # parent's take different tags (`contact.telecom[1]`): the walk would make
+            # another parent instance of this source before finding the shared one.
+            deepest = repeating[-1]
+            _, prefix, _, indexed = walk[deepest]
+            lines = [f"c = inst.get({tags.key(prefix, indexed)})", "if c is None:",
+                     *indent_lines(self._walk(walk[:deepest + 1], out, tags), 1),
+                     "nd = c", *self._walk(walk[deepest + 1:], "nd", tags)]
+        else:
+            lines = self._walk(walk, out, tags)
         if last_repeats and plain:
             lines.append(f"nd.setdefault({last_key!r}, []).append(v)")
         elif last_repeats:
@@ -236,6 +257,30 @@ class Emitter:
                       f"    nd.setdefault({last_key!r}, []).append(v)"]
         else:
             lines += single("nd", repr(last_key), plain)
+        return lines
+
+    @staticmethod
+    def _walk(walk: Sequence[tuple[str, str, bool, bool]], out: str, tags: Tags
+              ) -> list[str]:
+        """Statements setting `nd` to the node at the end of `walk` below `out`, each
+        missing step made (a repeating one: its instance for these tags, in `c` too)."""
+        lines: list[str] = []
+        node = out
+        for key, prefix, repeats, indexed in walk:
+            if repeats:
+                lines += [f"k = {tags.key(prefix, indexed)}", "c = inst.get(k)",
+                          "if c is None:", "    c = {}",
+                          f"    {node}.setdefault({key!r}, []).append(c)", "    inst[k] = c",
+                          "nd = c"]
+            elif node != "nd":
+                lines += [f"nd = {node}.get({key!r})", "if nd is None:",
+                          f"    {node}[{key!r}] = nd = {{}}"]
+            else:
+                lines += [f"if {key!r} in nd:", f"    nd = nd[{key!r}]", "else:",
+                          f"    nd[{key!r}] = nd = {{}}"]
+            node = "nd"
+        if node != "nd":
+            lines.append(f"nd = {node}")
         return lines
 
     def _setter_function(self, setter: object) -> str:
@@ -258,7 +303,7 @@ class Emitter:
         if kind == "constant":
             return [f"v = {literal(spec[1])}"], True
         if kind == "text":
-            return [f"v = leaf({raw}, {seps}) if {seps} else {raw}",
+            return [f"v = {first_leaf(raw, seps)}",
                     "v = (run.text(v) if esc in v else v) if v and v != NULL else None"], True
         if kind == "primitive":
             return self._primitive(spec, place), True
@@ -289,7 +334,7 @@ class Emitter:
         """`produce.primitive` written out for its element: the same steps in order."""
         _, convert, codes, kind, vocab = spec
         location = place.location
-        lines = [f"v = leaf({place.raw}, {place.seps}) if {place.seps} else {place.raw}",
+        lines = [f"v = {first_leaf(place.raw, place.seps)}",
                  "if not v or v == NULL:", "    v = None", "else:",
                  "    v = run.text(v) if esc in v else v",
                  "    if v.isspace():", "        v = None"]
@@ -299,21 +344,17 @@ class Emitter:
                             "        except ConversionError as exc:",
                             f"            raise TranslationError({location}, exc.reason, v) "
                             "from None"]
-        body = []
-        if vocab is not None:
-            body += [f"h = {self._vocab(vocab)}.lookup(v)", "if h is not None:", "    v = h[0]"]
-        convert_call = ["try:", f"    v = {self._converter_object(convert)}(v)",
-                        "except ConversionError as exc:",
-                        f"    raise TranslationError({location}, exc.reason, v) from None"]
+        body = self._lookup(vocab)
+        convert_call = self._convert(convert, location)
         if codes:
             # A code the element's required binding does not allow cannot be sent as is;
             # it is left out and counted.
             body += [f"if v not in {self._constant(frozenset(codes))}:",
-                     f"    run.unmapped[{location}] += 1", "    v = None", "else:",
-                     *indent_lines(convert_call, 1)]
+                     f"    run.unmapped[{location}] += 1", "    v = None",
+                     *(["else:", *indent_lines(convert_call, 1)] if convert_call else [])]
         else:
             body += convert_call
-        return lines + ["    else:", *indent_lines(body, 2)]
+        return lines + ["    else:", *indent_lines(body or ["pass"], 2)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.template` written out: every quoted value read, then joined."""
@@ -322,15 +363,43 @@ class Emitter:
         lines = [f"{name} = {self._read(g, place)}" for name, g in zip(names, getters, strict=True)]
         joined = " + ".join(repr(p) if i % 2 == 0 else names[i // 2]
                             for i, p in enumerate(pieces) if i % 2 or p)
-        body = [f"v = {joined}"]
-        if vocab is not None:
-            body += [f"h = {self._vocab(vocab)}.lookup(v)", "if h is not None:", "    v = h[0]"]
-        body += ["try:", f"    v = {self._converter_object(convert)}(v)",
-                 "except ConversionError as exc:",
-                 f"    raise TranslationError({place.location}, exc.reason, v) from None"]
+        body = [f"v = {joined}", *self._lookup(vocab), *self._convert(convert, place.location)]
         # A template is only as good as every value it quotes.
         return lines + [f"if {' and '.join(names)}:", *indent_lines(body, 1),
                         "else:", "    v = None"]
+
+    def _lookup(self, vocab: Vocab | None) -> list[str]:
+        """Statements: `v` through the vocabulary (`Vocab.lookup`), its exact codes read
+        in place; the call only for one with wildcards, when no exact code matches."""
+        if vocab is None:
+            return []
+        name = self._vocab(vocab)
+        key = ("exact", name, "")
+        exact = self._recoders.get(key)
+        if exact is None:
+            exact = self._recoders[key] = self._name("VE")
+            self.top.append(f"{exact} = {name}.exact")
+        hit = f"{exact}.get(v)"
+        if vocab.prefixes:
+            hit += f" or {name}.lookup(v)"
+        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
+
+    def _convert(self, convert: str, location: str) -> list[str]:
+        """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
+        if convert in _AS_IS:
+            return []
+        call = ["try:", f"    v = {self._converter_object(convert)}(v)",
+                "except ConversionError as exc:",
+                f"    raise TranslationError({location}, exc.reason, v) from None"]
+        if convert not in _KEPT_BY_TEXT:
+            return call
+        # A pure conversion of text to text: its answers are kept by the text (a sender
+        # sends the same few codes and systems in every message); refusals are not kept.
+        kept = f"{self._converter_object(convert)}_KEPT"
+        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
+                *indent_lines(call, 1), f"    if len({kept}) >= {_KEPT}:",
+                f"        {kept}.clear()  # bounded: the values of recent messages",
+                f"    {kept}[cv] = v", "else:", "    v = cv"]
 
     def _converter_object(self, convert: str) -> str:
         key = ("convert", convert, "")
@@ -339,6 +408,8 @@ class Emitter:
             return known
         name = self._name("F")
         self.top.append(f"{name} = {self._converter(convert)}")
+        if convert in _KEPT_BY_TEXT:
+            self.top.append(f"{name}_KEPT = {{}}")
         self._recoders[key] = name
         return name
 
@@ -360,7 +431,7 @@ class Emitter:
         kind = spec[0]
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
-            return [f"t = leaf({place.raw}, {place.seps}) if {place.seps} else {place.raw}",
+            return [f"t = {first_leaf(place.raw, place.seps)}",
                     "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
                     *indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
         if kind == "row":
@@ -401,17 +472,21 @@ class Emitter:
         if kind == "components":
             _, index, sub, suffix, src_tag, rows = spec
             lines = [f"raw = {parts}[{index}]" if guarded == index else
-                     f"raw = {parts}[{index}] if {index} < len({parts}) else ''",
-                     f"sp = {seps}"]
-            if sub:
-                lines += ["if sp:", "    pc = raw.split(sp[0])",
+                     f"raw = {parts}[{index}] if {index} < len({parts}) else ''"]
+            below = seps  # the separators below `raw`: the function's, or `sp`
+            if sub and seps == "''":
+                # No level below: the value is its own first part (`runtime.part_below`).
+                lines += [] if sub == 1 else ["raw = ''"]
+            elif sub:
+                below = "sp"
+                lines += [f"sp = {seps}", "if sp:", "    pc = raw.split(sp[0])",
                           f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''",
                           "    sp = sp[1:]"]
                 lines += ["else:", f"    raw = raw if {sub} == 1 else ''"]
             # The location is only needed for an error or a count (rarely): it is joined
             # where it is used (in a segment function both parts are constants, which
             # Python joins when it compiles the module).
-            place = Place("raw", "sp", f"({location} + {suffix!r})", Tags(("#1", src_tag)),
+            place = Place("raw", below, f"({location} + {suffix!r})", Tags(("#1", src_tag)),
                           rep_field=-1, valued=True)
             test = "raw != NULL" if guarded == index and not sub else "raw and raw != NULL"
             return lines + [f"if {test}:",
@@ -470,7 +545,8 @@ class Emitter:
                 "    reps = fl.split(rs) if rs in fl else (fl,)",
                 *only_line,
                 f"    sp = {separators(c, s)}",
-                *([f"    scope.rep_field = {f}"] if uses_scope else []),
+                *([f"    scope = {self._scope()}", f"    scope.rep_field = {f}"]
+                  if uses_scope else []),
                 "    for i, rep in enumerate(reps):",
                 *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
@@ -501,10 +577,12 @@ class Emitter:
         _, table_name, primitive, groups = spec
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
         self._lazy.append(set())
+        self._seps.append("seps")
         body = prelude(["out = {}", "inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "seps", "location", "out"),
                          "return out.get('$value')" if primitive else "return out or None"],
-                        "parts", "seps", self._lazy.pop())
+                        self._lazy.pop())
+        self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
         return name
@@ -519,9 +597,11 @@ class Emitter:
         _, table_name, segment_id, groups = spec
         name = self._remember(fn, self._name("S"))
         self._lazy.append(set())
+        self._seps.append("''")
         body = prelude(["inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "''", repr(segment_id), "out")],
-                        "parts", "''", self._lazy.pop())
+                        self._lazy.pop())
+        self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))
         return name
