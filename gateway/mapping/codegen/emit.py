@@ -240,30 +240,37 @@ class Emitter:
             # parent's take different tags (`contact.telecom[1]`): the walk would make
             # another parent instance of this source before finding the shared one.
             deepest = repeating[-1]
-            _, prefix, _, indexed = walk[deepest]
+            key, prefix, _, indexed = walk[deepest]
+            made, parent = self._walk(walk[:deepest], out, tags)
+            rest, node = self._walk(walk[deepest + 1:], "c", tags)
             lines = [f"c = inst.get({tags.key(prefix, indexed)})", "if c is None:",
-                     *indent_lines(self._walk(walk[:deepest + 1], out, tags), 1),
-                     "nd = c", *self._walk(walk[deepest + 1:], "nd", tags)]
+                     *indent_lines(made, 1), "    c = {}",
+                     f"    {parent}.setdefault({key!r}, []).append(c)",
+                     f"    inst[{tags.key(prefix, indexed)}] = c", *rest]
         else:
-            lines = self._walk(walk, out, tags)
+            lines, node = self._walk(walk, out, tags)
+        if node == "c" and not (last_repeats or plain):
+            lines.append("nd = c")  # the single setter below uses `c` for its own
+            node = "nd"
         if last_repeats and plain:
-            lines.append(f"nd.setdefault({last_key!r}, []).append(v)")
+            lines.append(f"{node}.setdefault({last_key!r}, []).append(v)")
         elif last_repeats:
             lines += ["if isinstance(v, dict):",
                       f"    k = {tags.key(last_prefix, last_indexed)}",
                       "    e = inst.get(k)", "    if e is not None:", "        fill(e, v)",
                       "    else:", "        inst[k] = v",
-                      f"        nd.setdefault({last_key!r}, []).append(v)", "else:",
-                      f"    nd.setdefault({last_key!r}, []).append(v)"]
+                      f"        {node}.setdefault({last_key!r}, []).append(v)", "else:",
+                      f"    {node}.setdefault({last_key!r}, []).append(v)"]
         else:
-            lines += single("nd", repr(last_key), plain)
+            lines += single(node, repr(last_key), plain)
         return lines
 
     @staticmethod
     def _walk(walk: Sequence[tuple[str, str, bool, bool]], out: str, tags: Tags
-              ) -> list[str]:
-        """Statements setting `nd` to the node at the end of `walk` below `out`, each
-        missing step made (a repeating one: its instance for these tags, in `c` too)."""
+              ) -> tuple[list[str], str]:
+        """Statements reaching the node at the end of `walk` below `out`, each missing
+        step made (a repeating one: its instance for these tags), and the variable that
+        then holds it (`out` itself for no step)."""
         lines: list[str] = []
         node = out
         for key, prefix, repeats, indexed in walk:
@@ -279,9 +286,7 @@ class Emitter:
                 lines += [f"if {key!r} in nd:", f"    nd = nd[{key!r}]", "else:",
                           f"    nd[{key!r}] = nd = {{}}"]
             node = "nd"
-        if node != "nd":
-            lines.append(f"nd = {node}")
-        return lines
+        return lines, node
 
     def _setter_function(self, setter: object) -> str:
         known = self._known(setter)
@@ -302,11 +307,6 @@ class Emitter:
         raw, seps, location = place.raw, place.seps, place.location
         if kind == "constant":
             return [f"v = {literal(spec[1])}"], True
-        if kind == "text":
-            return [f"v = {first_leaf(raw, seps)}",
-                    "v = (run.text(v) if esc in v else v) if v and v != NULL else None"], True
-        if kind == "primitive":
-            return self._primitive(spec, place), True
         if kind == "template":
             return self._template(spec, place), True
         if kind != "mapped":
@@ -330,31 +330,39 @@ class Emitter:
         return [f"if {raw} and {raw} != NULL:", *indent_lines(lines, 1),
                 "else:", "    v = None"], False
 
-    def _primitive(self, spec: tuple[Any, ...], place: Place) -> list[str]:
-        """`produce.primitive` written out for its element: the same steps in order."""
+    def _primitive(self, spec: tuple[Any, ...], place: Place, write: list[str]
+                   ) -> list[str]:
+        """`produce.primitive` written out for its element, the same steps in order, and
+        `write` where it gives a value (it never gives None, so none is tested for)."""
         _, convert, codes, kind, vocab = spec
         location = place.location
         lines = [f"v = {first_leaf(place.raw, place.seps)}",
-                 "if not v or v == NULL:", "    v = None", "else:",
+                 "if v and v != NULL:",
                  "    v = run.text(v) if esc in v else v",
-                 "    if v.isspace():", "        v = None"]
+                 "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
-            return lines + ["    else:", "        try:",
+            return lines + ["        try:",
                             f"            v = date_time(v, run.offset, {kind!r})",
                             "        except ConversionError as exc:",
                             f"            raise TranslationError({location}, exc.reason, v) "
-                            "from None"]
+                            "from None", *indent_lines(write, 2)]
         body = self._lookup(vocab)
-        convert_call = self._convert(convert, location)
+        then = self._convert(convert, location) + write
         if codes:
             # A code the element's required binding does not allow cannot be sent as is;
             # it is left out and counted.
             body += [f"if v not in {self._constant(frozenset(codes))}:",
-                     f"    run.unmapped[{location}] += 1", "    v = None",
-                     *(["else:", *indent_lines(convert_call, 1)] if convert_call else [])]
+                     f"    run.unmapped[{location}] += 1",
+                     "else:", *indent_lines(then, 1)]
         else:
-            body += convert_call
-        return lines + ["    else:", *indent_lines(body or ["pass"], 2)]
+            body += then
+        return lines + indent_lines(body, 2)
+
+    @staticmethod
+    def _text(place: Place, write: list[str]) -> list[str]:
+        """`produce.text` written out: the value's first part, unescaped, and `write`."""
+        return [f"v = {first_leaf(place.raw, place.seps)}", "if v and v != NULL:",
+                "    v = run.text(v) if esc in v else v", *indent_lines(write, 1)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.template` written out: every quoted value read, then joined."""
@@ -436,12 +444,19 @@ class Emitter:
                     *indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
         if kind == "row":
             _, condition, produce, setter = spec
-            produced, plain = self._produce(produce, place)
-            write = self.setter(setter, out, place.tags, plain)
-            if spec_of(produce)[0] == "constant":
-                body = [*produced, *write, *done]  # a constant is never None
+            made = spec_of(produce)
+            if made[0] in ("text", "primitive"):
+                # Text, or a primitive converted: written where it is made (never None).
+                write = self.setter(setter, out, place.tags, True)
+                body = (self._text(place, write) if made[0] == "text" else
+                        self._primitive(made, place, write)) + done
             else:
-                body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
+                produced, plain = self._produce(produce, place)
+                write = self.setter(setter, out, place.tags, plain)
+                if made[0] == "constant":
+                    body = [*produced, *write, *done]  # a constant is never None
+                else:
+                    body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
             if condition is None:
                 return body
             return [f"if {self.condition(condition, place)}:", *indent_lines(body, 1)]
@@ -562,8 +577,24 @@ class Emitter:
                 lines += body
             else:
                 # An empty component costs one comparison, not a call (most are empty).
-                lines += [f"if {index} < count and {parts}[{index}]:", *indent_lines(body, 1)]
+                lines += self._guarded(body, index, parts)
         return lines
+
+    @staticmethod
+    def _guarded(body: list[str], index: int, parts: str) -> list[str]:
+        """`body` run when part `index` is there and not empty; the part read once, in
+        the test, into the variable `body` would read it into first (and, when `body`
+        goes on only if it is not the explicit null, that too tested there)."""
+        head = body[0].split(" = ", 1)
+        if len(head) != 2 or head[1] != f"{parts}[{index}]":
+            return [f"if {index} < count and {parts}[{index}]:", *indent_lines(body, 1)]
+        name, rest = head[0], body[1:]
+        test = f"{index} < count and ({name} := {parts}[{index}])"
+        if rest and rest[0] == f"if {name} != NULL:" and all(
+                not line or line.startswith("    ") for line in rest[1:]):
+            test += f" and {name} != NULL"
+            rest = [line[4:] for line in rest[1:]]
+        return [f"if {test}:", *indent_lines(rest or ["pass"], 1)]
 
     # -- tables --------------------------------------------------------------------------------
 
