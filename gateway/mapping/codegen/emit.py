@@ -472,9 +472,48 @@ class Emitter:
 
     def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
         lines: list[str] = []
-        for row in rows:
-            lines += self.row(row, place, out)
+        run: list[object] = []  # rows writing constants, one after another
+        for row in [*rows, None]:
+            if row is not None and self._writes_constant(row, place):
+                run.append(row)
+                continue
+            if run:
+                lines += self._constants(run, place, out)
+                run = []
+            if row is not None:
+                lines += self.row(row, place, out)
         return lines or ["pass"]
+
+    @staticmethod
+    def _writes_constant(row: object, place: Place) -> bool:
+        """A row that always writes one text, at a place known when it is generated."""
+        spec = spec_of(row)
+        return (spec[0] == "row" and spec[1] is None and place.tags.static is not None
+                and not place.applied and spec_of(spec[2])[0] == "constant"
+                and isinstance(spec_of(spec[2])[1], str)
+                and spec_of(spec[3])[0] in ("walk", "single", "set_value"))
+
+    def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
+        """Rows that write constants: where none of the elements they write is there yet
+        (the usual case), what they write as one literal; else row by row. The literal is
+        what the rows' own setters make of an empty object (so the same keys in the same
+        order), each repeating instance they make kept in `inst` under its key."""
+        tags = place.tags.static
+        assert tags is not None
+        made: dict[str, Any] = {}
+        inst: dict[str, Any] = {}
+        for row in rows:
+            _, _, produce, setter = spec_of(row)
+            setter(made, inst, tags[0], tags[1], spec_of(produce)[1])
+        slow = [line for row in rows for line in self.row(row, place, out)]
+        if len(rows) < 2 and not inst:
+            return slow  # one plain value: no walk to save
+        names = {id(value): f"n{i}" for i, value in enumerate(inst.values())}
+        writes = [f"{out}[{key!r}] = {_shaped(value, names)}" for key, value in made.items()]
+        kept = [f"inst[{key!r}] = {names[id(value)]}" for key, value in inst.items()]
+        absent = " and ".join(f"{key!r} not in {out}" for key in made)
+        return [f"if {absent}:", *indent_lines(writes + kept, 1), "else:",
+                *indent_lines(slow, 1)]
 
     def group(self, group: object, parts: str, seps: str, location: str, out: str,
               guarded: int = -1) -> list[str]:
@@ -530,7 +569,13 @@ class Emitter:
         _, f, c, s, where, only, count_unmatched, rows = spec
         place = Place("raw", "sp", repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f, valued=True)
-        body = [f"raw = descend(rep, run, {c}, {s})" if c else "raw = rep",
+        # `runtime.descend` written out: the component (and subcomponent) of each one.
+        below = ["pc = rep.split(run.d.component)",
+                 f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"] if c else ["raw = rep"]
+        if c and s:
+            below += ["pc = raw.split(run.d.subcomponent)",
+                      f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        body = [*below,
                 "if not raw or raw == NULL:", "    continue",
                 "scope.rep = rep",
                 "rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'",
@@ -690,6 +735,18 @@ class Emitter:
         self._vocabs_by_name = vocabs
         self._recoders: dict[tuple[str, str, str], str] = {}
         return self
+
+
+def _shaped(value: Any, names: dict[int, str]) -> str:
+    """A literal of what constant rows wrote; a repeating instance kept in `inst` is bound
+    to its name (`names`) where it is made."""
+    if isinstance(value, dict):
+        inner = "{" + ", ".join(f"{k!r}: {_shaped(v, names)}" for k, v in value.items()) + "}"
+        name = names.get(id(value))
+        return f"({name} := {inner})" if name else inner
+    if isinstance(value, list):
+        return "[" + ", ".join(_shaped(v, names) for v in value) + "]"
+    return literal(value)
 
 
 def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow],
