@@ -68,6 +68,7 @@ class Emitter:
         self._count = 0
         self._lazy: list[set[str]] = []  # per table function being written: read once
         self._seps: list[str] = []  # per table function being written: its separators
+        self._readers: dict[tuple[Any, ...], str] = {}  # by what they read
 
     # -- the module ---------------------------------------------------------------------
 
@@ -119,8 +120,11 @@ class Emitter:
         spec = spec_of(getter)
         if spec[0] not in _READERS:
             raise NotGenerated(f"unknown reader {spec[0]}")
-        name = self._name("G")
-        self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
+        # Readers of one location are one (the same tests then read as the same text).
+        name = self._readers.get(spec)
+        if name is None:
+            name = self._readers[spec] = self._name("G")
+            self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
         return self._remember(getter, name)
 
     def _read(self, getter: object, place: Place | None) -> str:
@@ -471,17 +475,30 @@ class Emitter:
         raise NotGenerated(f"unknown row {kind}")
 
     def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
-        lines: list[str] = []
+        chunks: list[list[str]] = []
         run: list[object] = []  # rows writing constants, one after another
         for row in [*rows, None]:
             if row is not None and self._writes_constant(row, place):
                 run.append(row)
                 continue
             if run:
-                lines += self._constants(run, place, out)
+                chunks.append(self._constants(run, place, out))
                 run = []
             if row is not None:
-                lines += self.row(row, place, out)
+                chunks.append(self.row(row, place, out))
+        lines: list[str] = []
+        test = ""
+        for chunk in chunks:
+            # Rows one after another under the same test share it (an OBX-5 row per value
+            # type): a test reads the message, or whether an instance was made, which a
+            # row can only make true, so what held for the first holds for the next.
+            under = bool(chunk) and chunk[0].startswith("if ") and all(
+                not line or line.startswith("    ") for line in chunk[1:])
+            if under and chunk[0] == test:
+                lines += chunk[1:]
+                continue
+            lines += chunk
+            test = chunk[0] if under else ""
         return lines or ["pass"]
 
     @staticmethod
