@@ -22,6 +22,7 @@ from gateway.mapping.codegen.source import (
     indent,
     indent_lines,
     literal,
+    memo,
     prelude,
     separators,
     single,
@@ -66,7 +67,9 @@ class Emitter:
         self._names: dict[int, str] = {}
         self._keep: list[object] = []  # ids stay unique while the module is written
         self._count = 0
-        self._lazy: list[set[str]] = []  # per table function being written: read once
+        # per table function being written: values read once, by variable name (with the
+        # expression read, for those that are read in place when only one row reads them)
+        self._lazy: list[dict[str, str]] = []
         self._seps: list[str] = []  # per table function being written: its separators
         self._readers: dict[tuple[Any, ...], str] = {}  # by what they read
 
@@ -138,11 +141,15 @@ class Emitter:
         kind = spec[0]
         if kind == "read_component":
             # `runtime.read_component` in place: the function's own parts and separators.
+            # Read once per call (the parts do not change while they are mapped, and
+            # conditions read the same one over and over).
             index, sub = spec[1], spec[2]
             raw = f"(parts[{index}] if {index} < count else '')"
             if sub:
                 raw = f"part_below({raw}, {self._seps[-1]}, {sub})"
-            return text_of(raw)
+            name = f"m_c_{index}_{sub}"
+            self._lazy[-1][name] = text_of(raw)
+            return memo(name, text_of(raw))
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
             return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
@@ -150,14 +157,14 @@ class Emitter:
             return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
-        self._lazy[-1].add(name)
+        self._lazy[-1][name] = ""
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
             read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
         else:
             read = f"{self._reader(getter)}({self._scope()})"
-        return f"({name} if {name} is not None else ({name} := {read}))"
+        return memo(name, read)
 
     def _scope(self) -> str:
         """The table function's Scope, made by the first reader that needs one (most calls
@@ -669,7 +676,7 @@ class Emitter:
             raise NotGenerated(f"unknown data-type function {spec[0]}")
         _, table_name, primitive, groups = spec
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
-        self._lazy.append(set())
+        self._lazy.append({})
         self._seps.append("seps")
         body = prelude(["out = {}", "inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "seps", "location", "out"),
@@ -689,7 +696,7 @@ class Emitter:
             raise NotGenerated(f"unknown segment function {spec[0]}")
         _, table_name, segment_id, groups = spec
         name = self._remember(fn, self._name("S"))
-        self._lazy.append(set())
+        self._lazy.append({})
         self._seps.append("''")
         body = prelude(["inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "''", repr(segment_id), "out")],

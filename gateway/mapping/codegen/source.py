@@ -88,14 +88,25 @@ def separators(c: int, s: int) -> str:
 
 def text_of(raw: str) -> str:
     """An expression: the raw text's value as a reader gives it (the explicit null is
-    no value; escapes undone)."""
-    return f"('' if (x := {raw}) == NULL else (run.text(x) if run.d.escape in x else x))"
+    no value; escapes undone; in a table function, which binds `esc`)."""
+    return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
 
 
-def prelude(body: list[str], lazy: set[str]) -> list[str]:
+def memo(name: str, read: str) -> str:
+    """An expression: `read`, evaluated once per call into the variable `name`."""
+    return f"({name} if {name} is not None else ({name} := {read}))"
+
+
+def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     """What a table function's body uses of the run: a Scope for the readers (made when
     first needed), the escape character for inline unescaping, the separators below a
     field and a component."""
+    text = "\n".join(body)
+    for name, read in list(lazy.items()):
+        if read and text.count(memo(name, read)) == 1:
+            # Read by one row only: read in place, no variable to set up in every call.
+            body = [line.replace(memo(name, read), read) for line in body]
+            del lazy[name]
     text = "\n".join(body)
     if not re.search(r"\binst\b", text.replace("inst = {}", "", 1)):
         body = [line for line in body if line != "inst = {}"]  # no repeating element
