@@ -55,6 +55,7 @@ _AS_IS = frozenset({"string", "markdown"})
 # (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text, at most _KEPT each.
 _KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
 _KEPT = 4096
+_KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
 _READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
 
 
@@ -416,9 +417,10 @@ class Emitter:
         # sends the same few codes and systems in every message); refusals are not kept.
         kept = f"{self._converter_object(convert)}_KEPT"
         return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
-                *indent_lines(call, 1), f"    if len({kept}) >= {_KEPT}:",
-                f"        {kept}.clear()  # bounded: the values of recent messages",
-                f"    {kept}[cv] = v", "else:", "    v = cv"]
+                *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
+                f"        if len({kept}) >= {_KEPT}:",
+                f"            {kept}.clear()  # bounded: the values of recent messages",
+                f"        {kept}[cv] = v", "else:", "    v = cv"]
 
     def _converter_object(self, convert: str) -> str:
         key = ("convert", convert, "")
