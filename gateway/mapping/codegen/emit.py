@@ -401,7 +401,9 @@ class Emitter:
             self.top.append(f"{exact} = {name}.exact")
         hit = f"{exact}.get(v)"
         if vocab.prefixes:
-            hit += f" or {name}.lookup(v)"
+            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
+            # read in place too; a code that matched nothing, or none kept, asks lookup.
+            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
         return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
 
     def _convert(self, convert: str, location: str) -> list[str]:
