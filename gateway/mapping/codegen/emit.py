@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
+from gateway.mapping.codegen.paths import guarded, setter_statements, shaped, writes_constant
 from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
@@ -25,7 +27,6 @@ from gateway.mapping.codegen.source import (
     memo,
     prelude,
     separators,
-    single,
     spec_of,
     text_of,
 )
@@ -51,28 +52,21 @@ REPETITION_TAGS = tuple(f'#{n}' for n in range(1, 101))
 '''
 # FHIR types whose converter returns the text as it is (`convert.to_string`).
 _AS_IS = frozenset({"string", "markdown"})
-# FHIR types whose converter is a pure function of the text, giving text
-# (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text, at most _KEPT each.
-_KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
+# Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
 _KEPT = 4096
 _KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
-_READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
 
 
-class Emitter:
-    """Writes one module for a compiled table set."""
+class Emitter(Named):
+    """Writes one module for a compiled table set (its shared objects: `Named`)."""
 
     def __init__(self, default_offset: str) -> None:
-        self.top: list[str] = [f"CONVERT = Converters({default_offset!r})", ""]
+        super().__init__(default_offset)
         self.functions: list[str] = []
-        self._names: dict[int, str] = {}
-        self._keep: list[object] = []  # ids stay unique while the module is written
-        self._count = 0
         # per table function being written: values read once, by variable name (with the
         # expression read, for those that are read in place when only one row reads them)
         self._lazy: list[dict[str, str]] = []
         self._seps: list[str] = []  # per table function being written: its separators
-        self._readers: dict[tuple[Any, ...], str] = {}  # by what they read
 
     # -- the module ---------------------------------------------------------------------
 
@@ -86,50 +80,7 @@ class Emitter:
             for r in merges.values()) + "]")
         return "\n".join(lines) + "\n"
 
-    def _name(self, prefix: str) -> str:
-        self._count += 1
-        return f"{prefix}{self._count}"
-
-    def _known(self, obj: object) -> str | None:
-        return self._names.get(id(obj))
-
-    def _remember(self, obj: object, name: str) -> str:
-        self._names[id(obj)] = name
-        self._keep.append(obj)
-        return name
-
-    def _constant(self, value: object) -> str:
-        name = self._name("K")
-        self.top.append(f"{name} = {literal(value)}")
-        return name
-
-    # -- shared objects: vocabularies, readers, producers --------------------------------
-
-    def _vocab(self, vocab: Vocab | None) -> str:
-        if vocab is None:
-            return "None"
-        known = self._known(vocab)
-        if known:
-            return known
-        name = self._name("V")
-        self.top.append(f"{name} = Vocab.from_parts({literal(vocab.name)}, "
-                        f"{literal(vocab.exact)}, {literal(vocab.prefixes)}, "
-                        f"{literal(vocab.reverse)})")
-        return self._remember(vocab, name)
-
-    def _reader(self, getter: object) -> str:
-        known = self._known(getter)
-        if known:
-            return known
-        spec = spec_of(getter)
-        if spec[0] not in _READERS:
-            raise NotGenerated(f"unknown reader {spec[0]}")
-        # Readers of one location are one (the same tests then read as the same text).
-        name = self._readers.get(spec)
-        if name is None:
-            name = self._readers[spec] = self._name("G")
-            self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
-        return self._remember(getter, name)
+    # -- reading values ---------------------------------------------------------------------
 
     def _read(self, getter: object, place: Place | None) -> str:
         """A reader as an expression. In a table function (`place`): a component of the
@@ -172,30 +123,6 @@ class Emitter:
         of most functions read nothing through one)."""
         return f"(scope if scope is not None else (scope := Scope(parts, {self._seps[-1]}, run)))"
 
-    @staticmethod
-    def _converter(name: str) -> str:
-        return "encode_base64" if name == "encode_base64" else f"CONVERT.for_type({name!r})"
-
-    def _producer_object(self, produce: object) -> str:
-        known = self._known(produce)
-        if known:
-            return known
-        spec = spec_of(produce)
-        name = self._name("P")
-        if spec[0] == "primitive":
-            _, convert, codes, kind, vocab = spec
-            self.top.append(f"{name} = primitive({self._converter(convert)}, {convert!r}, "
-                            f"{literal(frozenset(codes))}, {kind!r}, {self._vocab(vocab)})")
-        elif spec[0] == "template":
-            _, getters, pieces, vocab, convert = spec
-            readers = ", ".join(self._reader(g) for g in getters)
-            self.top.append(f"{name} = template(({readers},), {literal(tuple(pieces))}, "
-                            f"{self._vocab(vocab)}, {self._converter(convert)}, "
-                            f"{convert!r})")
-        else:
-            raise NotGenerated(f"unknown producer {spec[0]}")
-        return self._remember(produce, name)
-
     # -- conditions ------------------------------------------------------------------------
 
     def condition(self, predicate: object, place: Place | None) -> str:
@@ -232,80 +159,12 @@ class Emitter:
 
     # -- setters -----------------------------------------------------------------------------
 
-    def setter(self, setter: object, out: str, tags: Tags, plain: bool = False
-               ) -> list[str]:
-        """Statements writing `v` into `out` as the setter does (`plain`: `v` is known
-        to be text or a number, never a dict)."""
-        spec = spec_of(setter)
-        if spec[0] == "set_value":
-            return [f"{out}.setdefault('$value', v)"]
-        if spec[0] == "single":
-            return single(out, repr(spec[1]), plain)
-        if spec[0] != "walk":
-            raise NotGenerated(f"unknown setter {spec[0]}")
-        _, walk, last_key, last_prefix, last_repeats, last_indexed = spec
-        repeating = [i for i, step in enumerate(walk) if step[2]]
-        if repeating and len({walk[i][3] for i in repeating}) == 1:
-            # The deepest repeating instance, once made, is found in `inst` without
-            # walking to it: its parents were made with it, under the same keys (a path
-            # prefix names one place), and nothing removes them. Not when its key and a
-            # parent's take different tags (`contact.telecom[1]`): the walk would make
-            # another parent instance of this source before finding the shared one.
-            deepest = repeating[-1]
-            key, prefix, _, indexed = walk[deepest]
-            made, parent = self._walk(walk[:deepest], out, tags)
-            rest, node = self._walk(walk[deepest + 1:], "c", tags)
-            lines = [f"c = inst.get({tags.key(prefix, indexed)})", "if c is None:",
-                     *indent_lines(made, 1), "    c = {}",
-                     f"    {parent}.setdefault({key!r}, []).append(c)",
-                     f"    inst[{tags.key(prefix, indexed)}] = c", *rest]
-        else:
-            lines, node = self._walk(walk, out, tags)
-        if node == "c" and not (last_repeats or plain):
-            lines.append("nd = c")  # the single setter below uses `c` for its own
-            node = "nd"
-        if last_repeats and plain:
-            lines.append(f"{node}.setdefault({last_key!r}, []).append(v)")
-        elif last_repeats:
-            lines += ["if isinstance(v, dict):",
-                      f"    k = {tags.key(last_prefix, last_indexed)}",
-                      "    e = inst.get(k)", "    if e is not None:", "        fill(e, v)",
-                      "    else:", "        inst[k] = v",
-                      f"        {node}.setdefault({last_key!r}, []).append(v)", "else:",
-                      f"    {node}.setdefault({last_key!r}, []).append(v)"]
-        else:
-            lines += single(node, repr(last_key), plain)
-        return lines
-
-    @staticmethod
-    def _walk(walk: Sequence[tuple[str, str, bool, bool]], out: str, tags: Tags
-              ) -> tuple[list[str], str]:
-        """Statements reaching the node at the end of `walk` below `out`, each missing
-        step made (a repeating one: its instance for these tags), and the variable that
-        then holds it (`out` itself for no step)."""
-        lines: list[str] = []
-        node = out
-        for key, prefix, repeats, indexed in walk:
-            if repeats:
-                lines += [f"k = {tags.key(prefix, indexed)}", "c = inst.get(k)",
-                          "if c is None:", "    c = {}",
-                          f"    {node}.setdefault({key!r}, []).append(c)", "    inst[k] = c",
-                          "nd = c"]
-            elif node != "nd":
-                lines += [f"nd = {node}.get({key!r})", "if nd is None:",
-                          f"    {node}[{key!r}] = nd = {{}}"]
-            else:
-                lines += [f"if {key!r} in nd:", f"    nd = nd[{key!r}]", "else:",
-                          f"    nd[{key!r}] = nd = {{}}"]
-            node = "nd"
-        return lines, node
-
     def _setter_function(self, setter: object) -> str:
         known = self._known(setter)
         if known:
             return known
         name = self._name("SET")
-        body = self.setter(setter, "out", Tags(None))
+        body = setter_statements(setter, "out", Tags(None))
         self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + indent(body, 1))
         return self._remember(setter, name)
 
@@ -413,7 +272,7 @@ class Emitter:
         call = ["try:", f"    v = {self._converter_object(convert)}(v)",
                 "except ConversionError as exc:",
                 f"    raise TranslationError({location}, exc.reason, v) from None"]
-        if convert not in _KEPT_BY_TEXT:
+        if convert not in KEPT_BY_TEXT:
             return call
         # A pure conversion of text to text: its answers are kept by the text (a sender
         # sends the same few codes and systems in every message); refusals are not kept.
@@ -424,31 +283,6 @@ class Emitter:
                 f"            {kept}.clear()  # bounded: the values of recent messages",
                 f"        {kept}[cv] = v", "else:", "    v = cv"]
 
-    def _converter_object(self, convert: str) -> str:
-        key = ("convert", convert, "")
-        known = self._recoders.get(key)
-        if known:
-            return known
-        name = self._name("F")
-        self.top.append(f"{name} = {self._converter(convert)}")
-        if convert in _KEPT_BY_TEXT:
-            self.top.append(f"{name}_KEPT = {{}}")
-        self._recoders[key] = name
-        return name
-
-    def _recoder(self, vocab_name: str, element_type: str) -> str:
-        vocab = self._vocabs_by_name.get(vocab_name)
-        if vocab is None:
-            raise NotGenerated(f"vocabulary {vocab_name} not found")
-        key = ("recoder", vocab_name, element_type)
-        known = self._recoders.get(key)
-        if known:
-            return known
-        name = self._name("RC")
-        self.top.append(f"{name} = recoder({self._vocab(vocab)}, {element_type!r})")
-        self._recoders[key] = name
-        return name
-
     def row(self, row: object, place: Place, out: str) -> list[str]:
         spec = spec_of(row)
         kind = spec[0]
@@ -456,18 +290,18 @@ class Emitter:
         if kind == "row_text":
             return [f"t = {first_leaf(place.raw, place.seps)}",
                     "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
-                    *indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
+                    *indent_lines(setter_statements(spec[1], out, place.tags, True), 1), *done]
         if kind == "row":
             _, condition, produce, setter = spec
             made = spec_of(produce)
             if made[0] in ("text", "primitive"):
                 # Text, or a primitive converted: written where it is made (never None).
-                write = self.setter(setter, out, place.tags, True)
+                write = setter_statements(setter, out, place.tags, True)
                 body = (self._text(place, write) if made[0] == "text" else
                         self._primitive(made, place, write)) + done
             else:
                 produced, plain = self._produce(produce, place)
-                write = self.setter(setter, out, place.tags, plain)
+                write = setter_statements(setter, out, place.tags, plain)
                 if made[0] == "constant":
                     body = [*produced, *write, *done]  # a constant is never None
                 else:
@@ -489,7 +323,7 @@ class Emitter:
         chunks: list[list[str]] = []
         run: list[object] = []  # rows writing constants, one after another
         for row in [*rows, None]:
-            if row is not None and self._writes_constant(row, place):
+            if row is not None and writes_constant(row, place):
                 run.append(row)
                 continue
             if run:
@@ -512,15 +346,6 @@ class Emitter:
             test = chunk[0] if under else ""
         return lines or ["pass"]
 
-    @staticmethod
-    def _writes_constant(row: object, place: Place) -> bool:
-        """A row that always writes one text, at a place known when it is generated."""
-        spec = spec_of(row)
-        return (spec[0] == "row" and spec[1] is None and place.tags.static is not None
-                and not place.applied and spec_of(spec[2])[0] == "constant"
-                and isinstance(spec_of(spec[2])[1], str)
-                and spec_of(spec[3])[0] in ("walk", "single", "set_value"))
-
     def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
         """Rows that write constants: where none of the elements they write is there yet
         (the usual case), what they write as one literal; else row by row. The literal is
@@ -537,7 +362,7 @@ class Emitter:
         if len(rows) < 2 and not inst:
             return slow  # one plain value: no walk to save
         names = {id(value): f"n{i}" for i, value in enumerate(inst.values())}
-        writes = [f"{out}[{key!r}] = {_shaped(value, names)}" for key, value in made.items()]
+        writes = [f"{out}[{key!r}] = {shaped(value, names)}" for key, value in made.items()]
         kept = [f"inst[{key!r}] = {names[id(value)]}" for key, value in inst.items()]
         absent = " and ".join(f"{key!r} not in {out}" for key in made)
         return [f"if {absent}:", *indent_lines(writes + kept, 1), "else:",
@@ -650,24 +475,8 @@ class Emitter:
                 lines += body
             else:
                 # An empty component costs one comparison, not a call (most are empty).
-                lines += self._guarded(body, index, parts)
+                lines += guarded(body, index, parts)
         return lines
-
-    @staticmethod
-    def _guarded(body: list[str], index: int, parts: str) -> list[str]:
-        """`body` run when part `index` is there and not empty; the part read once, in
-        the test, into the variable `body` would read it into first (and, when `body`
-        goes on only if it is not the explicit null, that too tested there)."""
-        head = body[0].split(" = ", 1)
-        if len(head) != 2 or head[1] != f"{parts}[{index}]":
-            return [f"if {index} < count and {parts}[{index}]:", *indent_lines(body, 1)]
-        name, rest = head[0], body[1:]
-        test = f"{index} < count and ({name} := {parts}[{index}])"
-        if rest and rest[0] == f"if {name} != NULL:" and all(
-                not line or line.startswith("    ") for line in rest[1:]):
-            test += f" and {name} != NULL"
-            rest = [line[4:] for line in rest[1:]]
-        return [f"if {test}:", *indent_lines(rest or ["pass"], 1)]
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -758,24 +567,6 @@ class Emitter:
             for segment, steps in by_segment.items())
         self.functions.append(f"{name} = message_fn({{\n    {entries},\n}})\n")
         return name
-
-    def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Emitter:
-        self._vocabs_by_name = vocabs
-        self._recoders: dict[tuple[str, str, str], str] = {}
-        return self
-
-
-def _shaped(value: Any, names: dict[int, str]) -> str:
-    """A literal of what constant rows wrote; a repeating instance kept in `inst` is bound
-    to its name (`names`) where it is made."""
-    if isinstance(value, dict):
-        inner = "{" + ", ".join(f"{k!r}: {_shaped(v, names)}" for k, v in value.items()) + "}"
-        name = names.get(id(value))
-        return f"({name} := {inner})" if name else inner
-    if isinstance(value, list):
-        return "[" + ", ".join(_shaped(v, names) for v in value) + "]"
-    return literal(value)
-
 
 def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow],
              vocabs: dict[str, Vocab], default_offset: str) -> str:
