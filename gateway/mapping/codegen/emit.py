@@ -14,16 +14,19 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
+from gateway.mapping.codegen.paths import guarded, setter_statements, shaped, writes_constant
 from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
+    first_leaf,
     indent,
     indent_lines,
     literal,
+    memo,
     prelude,
     separators,
-    single,
     spec_of,
     text_of,
 )
@@ -47,19 +50,23 @@ from gateway.mapping.vocabulary import Vocab, recoder
 
 REPETITION_TAGS = tuple(f'#{n}' for n in range(1, 101))
 '''
-_READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
+# FHIR types whose converter returns the text as it is (`convert.to_string`).
+_AS_IS = frozenset({"string", "markdown"})
+# Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
+_KEPT = 4096
+_KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
 
 
-class Emitter:
-    """Writes one module for a compiled table set."""
+class Emitter(Named):
+    """Writes one module for a compiled table set (its shared objects: `Named`)."""
 
     def __init__(self, default_offset: str) -> None:
-        self.top: list[str] = [f"CONVERT = Converters({default_offset!r})", ""]
+        super().__init__(default_offset)
         self.functions: list[str] = []
-        self._names: dict[int, str] = {}
-        self._keep: list[object] = []  # ids stay unique while the module is written
-        self._count = 0
-        self._lazy: list[set[str]] = []  # per table function being written: read once
+        # per table function being written: values read once, by variable name (with the
+        # expression read, for those that are read in place when only one row reads them)
+        self._lazy: list[dict[str, str]] = []
+        self._seps: list[str] = []  # per table function being written: its separators
 
     # -- the module ---------------------------------------------------------------------
 
@@ -73,47 +80,7 @@ class Emitter:
             for r in merges.values()) + "]")
         return "\n".join(lines) + "\n"
 
-    def _name(self, prefix: str) -> str:
-        self._count += 1
-        return f"{prefix}{self._count}"
-
-    def _known(self, obj: object) -> str | None:
-        return self._names.get(id(obj))
-
-    def _remember(self, obj: object, name: str) -> str:
-        self._names[id(obj)] = name
-        self._keep.append(obj)
-        return name
-
-    def _constant(self, value: object) -> str:
-        name = self._name("K")
-        self.top.append(f"{name} = {literal(value)}")
-        return name
-
-    # -- shared objects: vocabularies, readers, producers --------------------------------
-
-    def _vocab(self, vocab: Vocab | None) -> str:
-        if vocab is None:
-            return "None"
-        known = self._known(vocab)
-        if known:
-            return known
-        name = self._name("V")
-        self.top.append(f"{name} = Vocab.from_parts({literal(vocab.name)}, "
-                        f"{literal(vocab.exact)}, {literal(vocab.prefixes)}, "
-                        f"{literal(vocab.reverse)})")
-        return self._remember(vocab, name)
-
-    def _reader(self, getter: object) -> str:
-        known = self._known(getter)
-        if known:
-            return known
-        spec = spec_of(getter)
-        if spec[0] not in _READERS:
-            raise NotGenerated(f"unknown reader {spec[0]}")
-        name = self._name("G")
-        self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
-        return self._remember(getter, name)
+    # -- reading values ---------------------------------------------------------------------
 
     def _read(self, getter: object, place: Place | None) -> str:
         """A reader as an expression. In a table function (`place`): a component of the
@@ -124,48 +91,37 @@ class Emitter:
         if place is None:
             return f"{self._reader(getter)}(scope)"
         kind = spec[0]
-        if kind == "read_component" and not spec[2]:
-            index = spec[1]
-            return text_of(f"(parts[{index}] if {index} < count else '')")
+        if kind == "read_component":
+            # `runtime.read_component` in place: the function's own parts and separators.
+            # Read once per call (the parts do not change while they are mapped, and
+            # conditions read the same one over and over).
+            index, sub = spec[1], spec[2]
+            raw = f"(parts[{index}] if {index} < count else '')"
+            if sub:
+                raw = f"part_below({raw}, {self._seps[-1]}, {sub})"
+            name = f"m_c_{index}_{sub}"
+            self._lazy[-1][name] = text_of(raw)
+            return memo(name, text_of(raw))
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
             return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
-        if kind == "read_component" or place.rep_field < 0:
-            return f"{self._reader(getter)}(scope)"
+        if place.rep_field < 0:
+            return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
-        self._lazy[-1].add(name)
+        self._lazy[-1][name] = ""
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
             read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
         else:
-            read = f"{self._reader(getter)}(scope)"
-        return f"({name} if {name} is not None else ({name} := {read}))"
+            read = f"{self._reader(getter)}({self._scope()})"
+        return memo(name, read)
 
-    @staticmethod
-    def _converter(name: str) -> str:
-        return "encode_base64" if name == "encode_base64" else f"CONVERT.for_type({name!r})"
-
-    def _producer_object(self, produce: object) -> str:
-        known = self._known(produce)
-        if known:
-            return known
-        spec = spec_of(produce)
-        name = self._name("P")
-        if spec[0] == "primitive":
-            _, convert, codes, kind, vocab = spec
-            self.top.append(f"{name} = primitive({self._converter(convert)}, {convert!r}, "
-                            f"{literal(frozenset(codes))}, {kind!r}, {self._vocab(vocab)})")
-        elif spec[0] == "template":
-            _, getters, pieces, vocab, convert = spec
-            readers = ", ".join(self._reader(g) for g in getters)
-            self.top.append(f"{name} = template(({readers},), {literal(tuple(pieces))}, "
-                            f"{self._vocab(vocab)}, {self._converter(convert)}, "
-                            f"{convert!r})")
-        else:
-            raise NotGenerated(f"unknown producer {spec[0]}")
-        return self._remember(produce, name)
+    def _scope(self) -> str:
+        """The table function's Scope, made by the first reader that needs one (most calls
+        of most functions read nothing through one)."""
+        return f"(scope if scope is not None else (scope := Scope(parts, {self._seps[-1]}, run)))"
 
     # -- conditions ------------------------------------------------------------------------
 
@@ -203,47 +159,12 @@ class Emitter:
 
     # -- setters -----------------------------------------------------------------------------
 
-    def setter(self, setter: object, out: str, tags: Tags, plain: bool = False
-               ) -> list[str]:
-        """Statements writing `v` into `out` as the setter does (`plain`: `v` is known
-        to be text or a number, never a dict)."""
-        spec = spec_of(setter)
-        if spec[0] == "set_value":
-            return [f"{out}.setdefault('$value', v)"]
-        if spec[0] == "single":
-            return single(out, repr(spec[1]), plain)
-        if spec[0] != "walk":
-            raise NotGenerated(f"unknown setter {spec[0]}")
-        _, walk, last_key, last_prefix, last_repeats, last_indexed = spec
-        lines = [f"nd = {out}"]
-        for key, prefix, repeats, indexed in walk:
-            if repeats:
-                lines += [f"k = {tags.key(prefix, indexed)}", "c = inst.get(k)",
-                          "if c is None:", "    c = {}",
-                          f"    nd.setdefault({key!r}, []).append(c)", "    inst[k] = c",
-                          "nd = c"]
-            else:
-                lines += [f"if {key!r} in nd:", f"    nd = nd[{key!r}]", "else:",
-                          f"    nd[{key!r}] = nd = {{}}"]
-        if last_repeats and plain:
-            lines.append(f"nd.setdefault({last_key!r}, []).append(v)")
-        elif last_repeats:
-            lines += ["if isinstance(v, dict):",
-                      f"    k = {tags.key(last_prefix, last_indexed)}",
-                      "    e = inst.get(k)", "    if e is not None:", "        fill(e, v)",
-                      "    else:", "        inst[k] = v",
-                      f"        nd.setdefault({last_key!r}, []).append(v)", "else:",
-                      f"    nd.setdefault({last_key!r}, []).append(v)"]
-        else:
-            lines += single("nd", repr(last_key), plain)
-        return lines
-
     def _setter_function(self, setter: object) -> str:
         known = self._known(setter)
         if known:
             return known
         name = self._name("SET")
-        body = self.setter(setter, "out", Tags(None))
+        body = setter_statements(setter, "out", Tags(None))
         self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + indent(body, 1))
         return self._remember(setter, name)
 
@@ -257,11 +178,6 @@ class Emitter:
         raw, seps, location = place.raw, place.seps, place.location
         if kind == "constant":
             return [f"v = {literal(spec[1])}"], True
-        if kind == "text":
-            return [f"v = leaf({raw}, {seps}) if {seps} else {raw}",
-                    "v = (run.text(v) if esc in v else v) if v and v != NULL else None"], True
-        if kind == "primitive":
-            return self._primitive(spec, place), True
         if kind == "template":
             return self._template(spec, place), True
         if kind != "mapped":
@@ -285,35 +201,39 @@ class Emitter:
         return [f"if {raw} and {raw} != NULL:", *indent_lines(lines, 1),
                 "else:", "    v = None"], False
 
-    def _primitive(self, spec: tuple[Any, ...], place: Place) -> list[str]:
-        """`produce.primitive` written out for its element: the same steps in order."""
+    def _primitive(self, spec: tuple[Any, ...], place: Place, write: list[str]
+                   ) -> list[str]:
+        """`produce.primitive` written out for its element, the same steps in order, and
+        `write` where it gives a value (it never gives None, so none is tested for)."""
         _, convert, codes, kind, vocab = spec
         location = place.location
-        lines = [f"v = leaf({place.raw}, {place.seps}) if {place.seps} else {place.raw}",
-                 "if not v or v == NULL:", "    v = None", "else:",
+        lines = [f"v = {first_leaf(place.raw, place.seps)}",
+                 "if v and v != NULL:",
                  "    v = run.text(v) if esc in v else v",
-                 "    if v.isspace():", "        v = None"]
+                 "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
-            return lines + ["    else:", "        try:",
+            return lines + ["        try:",
                             f"            v = date_time(v, run.offset, {kind!r})",
                             "        except ConversionError as exc:",
                             f"            raise TranslationError({location}, exc.reason, v) "
-                            "from None"]
-        body = []
-        if vocab is not None:
-            body += [f"h = {self._vocab(vocab)}.lookup(v)", "if h is not None:", "    v = h[0]"]
-        convert_call = ["try:", f"    v = {self._converter_object(convert)}(v)",
-                        "except ConversionError as exc:",
-                        f"    raise TranslationError({location}, exc.reason, v) from None"]
+                            "from None", *indent_lines(write, 2)]
+        body = self._lookup(vocab)
+        then = self._convert(convert, location) + write
         if codes:
             # A code the element's required binding does not allow cannot be sent as is;
             # it is left out and counted.
             body += [f"if v not in {self._constant(frozenset(codes))}:",
-                     f"    run.unmapped[{location}] += 1", "    v = None", "else:",
-                     *indent_lines(convert_call, 1)]
+                     f"    run.unmapped[{location}] += 1",
+                     "else:", *indent_lines(then, 1)]
         else:
-            body += convert_call
-        return lines + ["    else:", *indent_lines(body, 2)]
+            body += then
+        return lines + indent_lines(body, 2)
+
+    @staticmethod
+    def _text(place: Place, write: list[str]) -> list[str]:
+        """`produce.text` written out: the value's first part, unescaped, and `write`."""
+        return [f"v = {first_leaf(place.raw, place.seps)}", "if v and v != NULL:",
+                "    v = run.text(v) if esc in v else v", *indent_lines(write, 1)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.template` written out: every quoted value read, then joined."""
@@ -322,55 +242,70 @@ class Emitter:
         lines = [f"{name} = {self._read(g, place)}" for name, g in zip(names, getters, strict=True)]
         joined = " + ".join(repr(p) if i % 2 == 0 else names[i // 2]
                             for i, p in enumerate(pieces) if i % 2 or p)
-        body = [f"v = {joined}"]
-        if vocab is not None:
-            body += [f"h = {self._vocab(vocab)}.lookup(v)", "if h is not None:", "    v = h[0]"]
-        body += ["try:", f"    v = {self._converter_object(convert)}(v)",
-                 "except ConversionError as exc:",
-                 f"    raise TranslationError({place.location}, exc.reason, v) from None"]
+        body = [f"v = {joined}", *self._lookup(vocab), *self._convert(convert, place.location)]
         # A template is only as good as every value it quotes.
         return lines + [f"if {' and '.join(names)}:", *indent_lines(body, 1),
                         "else:", "    v = None"]
 
-    def _converter_object(self, convert: str) -> str:
-        key = ("convert", convert, "")
-        known = self._recoders.get(key)
-        if known:
-            return known
-        name = self._name("F")
-        self.top.append(f"{name} = {self._converter(convert)}")
-        self._recoders[key] = name
-        return name
-
-    def _recoder(self, vocab_name: str, element_type: str) -> str:
-        vocab = self._vocabs_by_name.get(vocab_name)
+    def _lookup(self, vocab: Vocab | None) -> list[str]:
+        """Statements: `v` through the vocabulary (`Vocab.lookup`), its exact codes read
+        in place; the call only for one with wildcards, when no exact code matches."""
         if vocab is None:
-            raise NotGenerated(f"vocabulary {vocab_name} not found")
-        key = ("recoder", vocab_name, element_type)
-        known = self._recoders.get(key)
-        if known:
-            return known
-        name = self._name("RC")
-        self.top.append(f"{name} = recoder({self._vocab(vocab)}, {element_type!r})")
-        self._recoders[key] = name
-        return name
+            return []
+        name = self._vocab(vocab)
+        key = ("exact", name, "")
+        exact = self._recoders.get(key)
+        if exact is None:
+            exact = self._recoders[key] = self._name("VE")
+            self.top.append(f"{exact} = {name}.exact")
+        hit = f"{exact}.get(v)"
+        if vocab.prefixes:
+            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
+            # read in place too; a code that matched nothing, or none kept, asks lookup.
+            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
+        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
+
+    def _convert(self, convert: str, location: str) -> list[str]:
+        """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
+        if convert in _AS_IS:
+            return []
+        call = ["try:", f"    v = {self._converter_object(convert)}(v)",
+                "except ConversionError as exc:",
+                f"    raise TranslationError({location}, exc.reason, v) from None"]
+        if convert not in KEPT_BY_TEXT:
+            return call
+        # A pure conversion of text to text: its answers are kept by the text (a sender
+        # sends the same few codes and systems in every message); refusals are not kept.
+        kept = f"{self._converter_object(convert)}_KEPT"
+        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
+                *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
+                f"        if len({kept}) >= {_KEPT}:",
+                f"            {kept}.clear()  # bounded: the values of recent messages",
+                f"        {kept}[cv] = v", "else:", "    v = cv"]
 
     def row(self, row: object, place: Place, out: str) -> list[str]:
         spec = spec_of(row)
         kind = spec[0]
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
-            return [f"t = leaf({place.raw}, {place.seps}) if {place.seps} else {place.raw}",
+            return [f"t = {first_leaf(place.raw, place.seps)}",
                     "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
-                    *indent_lines(self.setter(spec[1], out, place.tags, True), 1), *done]
+                    *indent_lines(setter_statements(spec[1], out, place.tags, True), 1), *done]
         if kind == "row":
             _, condition, produce, setter = spec
-            produced, plain = self._produce(produce, place)
-            write = self.setter(setter, out, place.tags, plain)
-            if spec_of(produce)[0] == "constant":
-                body = [*produced, *write, *done]  # a constant is never None
+            made = spec_of(produce)
+            if made[0] in ("text", "primitive"):
+                # Text, or a primitive converted: written where it is made (never None).
+                write = setter_statements(setter, out, place.tags, True)
+                body = (self._text(place, write) if made[0] == "text" else
+                        self._primitive(made, place, write)) + done
             else:
-                body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
+                produced, plain = self._produce(produce, place)
+                write = setter_statements(setter, out, place.tags, plain)
+                if made[0] == "constant":
+                    body = [*produced, *write, *done]  # a constant is never None
+                else:
+                    body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
             if condition is None:
                 return body
             return [f"if {self.condition(condition, place)}:", *indent_lines(body, 1)]
@@ -385,10 +320,53 @@ class Emitter:
         raise NotGenerated(f"unknown row {kind}")
 
     def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
+        chunks: list[list[str]] = []
+        run: list[object] = []  # rows writing constants, one after another
+        for row in [*rows, None]:
+            if row is not None and writes_constant(row, place):
+                run.append(row)
+                continue
+            if run:
+                chunks.append(self._constants(run, place, out))
+                run = []
+            if row is not None:
+                chunks.append(self.row(row, place, out))
         lines: list[str] = []
-        for row in rows:
-            lines += self.row(row, place, out)
+        test = ""
+        for chunk in chunks:
+            # Rows one after another under the same test share it (an OBX-5 row per value
+            # type): a test reads the message, or whether an instance was made, which a
+            # row can only make true, so what held for the first holds for the next.
+            under = bool(chunk) and chunk[0].startswith("if ") and all(
+                not line or line.startswith("    ") for line in chunk[1:])
+            if under and chunk[0] == test:
+                lines += chunk[1:]
+                continue
+            lines += chunk
+            test = chunk[0] if under else ""
         return lines or ["pass"]
+
+    def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
+        """Rows that write constants: where none of the elements they write is there yet
+        (the usual case), what they write as one literal; else row by row. The literal is
+        what the rows' own setters make of an empty object (so the same keys in the same
+        order), each repeating instance they make kept in `inst` under its key."""
+        tags = place.tags.static
+        assert tags is not None
+        made: dict[str, Any] = {}
+        inst: dict[str, Any] = {}
+        for row in rows:
+            _, _, produce, setter = spec_of(row)
+            setter(made, inst, tags[0], tags[1], spec_of(produce)[1])
+        slow = [line for row in rows for line in self.row(row, place, out)]
+        if len(rows) < 2 and not inst:
+            return slow  # one plain value: no walk to save
+        names = {id(value): f"n{i}" for i, value in enumerate(inst.values())}
+        writes = [f"{out}[{key!r}] = {shaped(value, names)}" for key, value in made.items()]
+        kept = [f"inst[{key!r}] = {names[id(value)]}" for key, value in inst.items()]
+        absent = " and ".join(f"{key!r} not in {out}" for key in made)
+        return [f"if {absent}:", *indent_lines(writes + kept, 1), "else:",
+                *indent_lines(slow, 1)]
 
     def group(self, group: object, parts: str, seps: str, location: str, out: str,
               guarded: int = -1) -> list[str]:
@@ -401,17 +379,21 @@ class Emitter:
         if kind == "components":
             _, index, sub, suffix, src_tag, rows = spec
             lines = [f"raw = {parts}[{index}]" if guarded == index else
-                     f"raw = {parts}[{index}] if {index} < len({parts}) else ''",
-                     f"sp = {seps}"]
-            if sub:
-                lines += ["if sp:", "    pc = raw.split(sp[0])",
+                     f"raw = {parts}[{index}] if {index} < len({parts}) else ''"]
+            below = seps  # the separators below `raw`: the function's, or `sp`
+            if sub and seps == "''":
+                # No level below: the value is its own first part (`runtime.part_below`).
+                lines += [] if sub == 1 else ["raw = ''"]
+            elif sub:
+                below = "sp"
+                lines += [f"sp = {seps}", "if sp:", "    pc = raw.split(sp[0])",
                           f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''",
                           "    sp = sp[1:]"]
                 lines += ["else:", f"    raw = raw if {sub} == 1 else ''"]
             # The location is only needed for an error or a count (rarely): it is joined
             # where it is used (in a segment function both parts are constants, which
             # Python joins when it compiles the module).
-            place = Place("raw", "sp", f"({location} + {suffix!r})", Tags(("#1", src_tag)),
+            place = Place("raw", below, f"({location} + {suffix!r})", Tags(("#1", src_tag)),
                           rep_field=-1, valued=True)
             test = "raw != NULL" if guarded == index and not sub else "raw and raw != NULL"
             return lines + [f"if {test}:",
@@ -440,7 +422,13 @@ class Emitter:
         _, f, c, s, where, only, count_unmatched, rows = spec
         place = Place("raw", "sp", repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f, valued=True)
-        body = [f"raw = descend(rep, run, {c}, {s})" if c else "raw = rep",
+        # `runtime.descend` written out: the component (and subcomponent) of each one.
+        below = ["pc = rep.split(run.d.component)",
+                 f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"] if c else ["raw = rep"]
+        if c and s:
+            below += ["pc = raw.split(run.d.subcomponent)",
+                      f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        body = [*below,
                 "if not raw or raw == NULL:", "    continue",
                 "scope.rep = rep",
                 "rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'",
@@ -470,7 +458,8 @@ class Emitter:
                 "    reps = fl.split(rs) if rs in fl else (fl,)",
                 *only_line,
                 f"    sp = {separators(c, s)}",
-                *([f"    scope.rep_field = {f}"] if uses_scope else []),
+                *([f"    scope = {self._scope()}", f"    scope.rep_field = {f}"]
+                  if uses_scope else []),
                 "    for i, rep in enumerate(reps):",
                 *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
@@ -486,7 +475,7 @@ class Emitter:
                 lines += body
             else:
                 # An empty component costs one comparison, not a call (most are empty).
-                lines += [f"if {index} < count and {parts}[{index}]:", *indent_lines(body, 1)]
+                lines += guarded(body, index, parts)
         return lines
 
     # -- tables --------------------------------------------------------------------------------
@@ -500,11 +489,13 @@ class Emitter:
             raise NotGenerated(f"unknown data-type function {spec[0]}")
         _, table_name, primitive, groups = spec
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
-        self._lazy.append(set())
+        self._lazy.append({})
+        self._seps.append("seps")
         body = prelude(["out = {}", "inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "seps", "location", "out"),
                          "return out.get('$value')" if primitive else "return out or None"],
-                        "parts", "seps", self._lazy.pop())
+                        self._lazy.pop())
+        self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
         return name
@@ -518,10 +509,12 @@ class Emitter:
             raise NotGenerated(f"unknown segment function {spec[0]}")
         _, table_name, segment_id, groups = spec
         name = self._remember(fn, self._name("S"))
-        self._lazy.append(set())
+        self._lazy.append({})
+        self._seps.append("''")
         body = prelude(["inst = {}", "count = len(parts)",
                          *self._groups(groups, "parts", "''", repr(segment_id), "out")],
-                        "parts", "''", self._lazy.pop())
+                        self._lazy.pop())
+        self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))
         return name
@@ -574,12 +567,6 @@ class Emitter:
             for segment, steps in by_segment.items())
         self.functions.append(f"{name} = message_fn({{\n    {entries},\n}})\n")
         return name
-
-    def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Emitter:
-        self._vocabs_by_name = vocabs
-        self._recoders: dict[tuple[str, str, str], str] = {}
-        return self
-
 
 def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow],
              vocabs: dict[str, Vocab], default_offset: str) -> str:

@@ -73,6 +73,14 @@ def single(node: str, key: str, plain: bool = False) -> list[str]:
             "elif isinstance(c, dict) and isinstance(v, dict):", "    fill(c, v)"]
 
 
+def first_leaf(raw: str, seps: str) -> str:
+    """An expression: `runtime.leaf(raw, seps)`, called only when a separator below is in
+    the text (most values have none: a comparison or two, not a call). A level has at most
+    two separators below it; more, and the call decides."""
+    return (f"(leaf({raw}, {seps}) if {seps} and ({seps}[0] in {raw} or {seps}[-1] in {raw}"
+            f" or len({seps}) > 2) else {raw})")
+
+
 def separators(c: int, s: int) -> str:
     """`runtime.separators_below` as the names the prelude binds."""
     return "''" if s else ("sub_sep" if c else "comp_seps")
@@ -80,21 +88,35 @@ def separators(c: int, s: int) -> str:
 
 def text_of(raw: str) -> str:
     """An expression: the raw text's value as a reader gives it (the explicit null is
-    no value; escapes undone)."""
-    return f"('' if (x := {raw}) == NULL else (run.text(x) if run.d.escape in x else x))"
+    no value; escapes undone; in a table function, which binds `esc`)."""
+    return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
 
 
-def prelude(body: list[str], parts: str, seps: str, lazy: set[str]) -> list[str]:
-    """What a table function's body uses of the run: a Scope for the readers, the escape
-    character for inline unescaping, the separators below a field and a component."""
+def memo(name: str, read: str) -> str:
+    """An expression: `read`, evaluated once per call into the variable `name`."""
+    return f"({name} if {name} is not None else ({name} := {read}))"
+
+
+def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
+    """What a table function's body uses of the run: a Scope for the readers (made when
+    first needed), the escape character for inline unescaping, the separators below a
+    field and a component."""
     text = "\n".join(body)
+    for name, read in list(lazy.items()):
+        if read and text.count(memo(name, read)) == 1:
+            # Read by one row only: read in place, no variable to set up in every call.
+            body = [line.replace(memo(name, read), read) for line in body]
+            del lazy[name]
+    text = "\n".join(body)
+    if not re.search(r"\binst\b", text.replace("inst = {}", "", 1)):
+        body = [line for line in body if line != "inst = {}"]  # no repeating element
     head = [f"{name} = None" for name in sorted(lazy)]
     if re.search(r"\bcomp_seps\b", text):
         head.append("comp_seps = run.d.component + run.d.subcomponent")
     if re.search(r"\bsub_sep\b", text):
         head.append("sub_sep = run.d.subcomponent")
     if re.search(r"\bscope\b", text):
-        head.append(f"scope = Scope({parts}, {seps}, run)")
+        head.append("scope = None")  # made by the first reader that needs one (`Emitter._read`)
     if re.search(r"\besc\b", text):
         head.append("esc = run.d.escape")
     return head + body

@@ -1,0 +1,128 @@
+"""The generated module's shared objects (constants, vocabularies, readers, producers,
+converters, recoders): each written once at the module's top, under a name.
+
+A base class of the emitter (`emit.Emitter`): what it writes inside functions refers to
+these by name, so the same object is never written twice.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from gateway.mapping.codegen.source import NotGenerated, literal, spec_of
+from gateway.mapping.vocabulary import Vocab
+
+# FHIR types whose converter is a pure function of the text, giving text
+# (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text (`emit.Emitter._convert`).
+KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
+_READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
+
+
+class Named:
+    """The module's top being written, and the names of what it holds."""
+
+    def __init__(self, default_offset: str) -> None:
+        self.top: list[str] = [f"CONVERT = Converters({default_offset!r})", ""]
+        self._names: dict[int, str] = {}
+        self._keep: list[object] = []  # ids stay unique while the module is written
+        self._count = 0
+        self._readers: dict[tuple[object, ...], str] = {}  # by what they read
+        self._vocabs_by_name: dict[str, Vocab] = {}  # for recoders, by name
+        self._recoders: dict[tuple[str, str, str], str] = {}  # recoders, converters, by key
+
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    def _known(self, obj: object) -> str | None:
+        return self._names.get(id(obj))
+
+    def _remember(self, obj: object, name: str) -> str:
+        self._names[id(obj)] = name
+        self._keep.append(obj)
+        return name
+
+    def _constant(self, value: object) -> str:
+        name = self._name("K")
+        self.top.append(f"{name} = {literal(value)}")
+        return name
+
+    def _vocab(self, vocab: Vocab | None) -> str:
+        if vocab is None:
+            return "None"
+        known = self._known(vocab)
+        if known:
+            return known
+        name = self._name("V")
+        self.top.append(f"{name} = Vocab.from_parts({literal(vocab.name)}, "
+                        f"{literal(vocab.exact)}, {literal(vocab.prefixes)}, "
+                        f"{literal(vocab.reverse)})")
+        return self._remember(vocab, name)
+
+    def _reader(self, getter: object) -> str:
+        known = self._known(getter)
+        if known:
+            return known
+        spec = spec_of(getter)
+        if spec[0] not in _READERS:
+            raise NotGenerated(f"unknown reader {spec[0]}")
+        # Readers of one location are one (the same tests then read as the same text).
+        name = self._readers.get(spec)
+        if name is None:
+            name = self._readers[spec] = self._name("G")
+            self.top.append(f"{name} = {spec[0]}({', '.join(literal(a) for a in spec[1:])})")
+        return self._remember(getter, name)
+
+    @staticmethod
+    def _converter(name: str) -> str:
+        return "encode_base64" if name == "encode_base64" else f"CONVERT.for_type({name!r})"
+
+    def _producer_object(self, produce: object) -> str:
+        known = self._known(produce)
+        if known:
+            return known
+        spec = spec_of(produce)
+        name = self._name("P")
+        if spec[0] == "primitive":
+            _, convert, codes, kind, vocab = spec
+            self.top.append(f"{name} = primitive({self._converter(convert)}, {convert!r}, "
+                            f"{literal(frozenset(codes))}, {kind!r}, {self._vocab(vocab)})")
+        elif spec[0] == "template":
+            _, getters, pieces, vocab, convert = spec
+            readers = ", ".join(self._reader(g) for g in getters)
+            self.top.append(f"{name} = template(({readers},), {literal(tuple(pieces))}, "
+                            f"{self._vocab(vocab)}, {self._converter(convert)}, "
+                            f"{convert!r})")
+        else:
+            raise NotGenerated(f"unknown producer {spec[0]}")
+        return self._remember(produce, name)
+
+    def _converter_object(self, convert: str) -> str:
+        key = ("convert", convert, "")
+        known = self._recoders.get(key)
+        if known:
+            return known
+        name = self._name("F")
+        self.top.append(f"{name} = {self._converter(convert)}")
+        if convert in KEPT_BY_TEXT:
+            self.top.append(f"{name}_KEPT = {{}}")
+        self._recoders[key] = name
+        return name
+
+    def _recoder(self, vocab_name: str, element_type: str) -> str:
+        vocab = self._vocabs_by_name.get(vocab_name)
+        if vocab is None:
+            raise NotGenerated(f"vocabulary {vocab_name} not found")
+        key = ("recoder", vocab_name, element_type)
+        known = self._recoders.get(key)
+        if known:
+            return known
+        name = self._name("RC")
+        self.top.append(f"{name} = recoder({self._vocab(vocab)}, {element_type!r})")
+        self._recoders[key] = name
+        return name
+
+    def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Self:
+        self._vocabs_by_name = vocabs
+        self._recoders = {}
+        return self
