@@ -153,15 +153,14 @@ Row = Sequence[Any]
 # pages were read again within a group. Pages are taken only as needed and handed back
 # when the store goes idle (`PRAGMA shrink_memory`), so RSS returns after a burst.
 WRITER_CACHE_KIB = 32 * 1024
-# WAL frames after which a commit checkpoints (SQLite's default: 1,000). A group commit of
-# new patients writes ~3,000-4,000 frames on a sealed store (each random index key dirties
-# its own page), so at the default every commit checkpointed, copying each page it wrote
-# back into the database file; with this, every 4-5 commits, and a page written by several
-# of them (interior pages, the tables' last pages, a hot prefix's leaf) is copied once:
-# -35 % bytes written, -70 % read (bench/README.md, "The apply worker's CPU"). The price:
-# a WAL file of up to ~64 MiB beside the store, and a longer write lock at the commit
-# that checkpoints (only the apply waits for it; readers never do).
-WAL_AUTOCHECKPOINT_PAGES = 16_384
+# WAL frames after which a commit checkpoints: SQLite's default, kept on purpose. A group
+# commit of new patients writes ~3,000-4,000 frames on a sealed store, so every commit
+# checkpoints. 16,384 cut the apply's bytes written by 35 % and read by 70 %, but each
+# of its fewer checkpoints wrote up to ~64 MiB and synced it on the disk the edge's inbox
+# and audit commits sync on: the small ACK p99 of `bench/isolation.py` went from 25-34 ms
+# to 44-54 ms alone (four alternated runs, bench/README.md "The apply worker's CPU"). The
+# sender's ACK is what must not wait; the apply is behind either way.
+WAL_AUTOCHECKPOINT_PAGES = 1000
 
 
 def open_writer(path: Path, synchronous: Literal["normal", "full", "extra"],
