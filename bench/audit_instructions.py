@@ -18,12 +18,12 @@ archive` of main) so two trees compare exactly. Each child runs ~50x slower than
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+# bench/ is on sys.path when this file runs as a script.
+from translate_instructions import callgrind_total
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,15 +74,7 @@ else:
 
 
 def instructions(tree: Path, what: str, count: int) -> int:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, "-c", CHILD, what, str(count)],
-        cwd=tree, env=env, capture_output=True, text=True, check=True)
-    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if found is None:
-        sys.exit(f"no instruction count from valgrind:\n{done.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    return callgrind_total(tree, [CHILD, what, str(count)], {})
 
 
 def main() -> int:

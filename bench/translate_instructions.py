@@ -42,11 +42,17 @@ for _ in range(20 + int(sys.argv[1])):
 
 def instructions(tree: Path, message: str, count: int) -> int:
     """Instructions valgrind counted for a child translating `message` 20 + count times."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_MESSAGE": message}
+    return callgrind_total(tree, [CHILD, str(count)], {"BENCH_MESSAGE": message})
+
+
+def callgrind_total(tree: Path, child: list[str], env: dict[str, str]) -> int:
+    """Instructions valgrind counted for `python -c *child` run in `tree` (its code first on
+    the path, `env` added to this environment). Shared by the *_instructions benches."""
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, "-c", CHILD, str(count)],
-        cwd=tree, env=env, capture_output=True, text=True, check=True)
+         sys.executable, "-c", *child],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), **env},
+        capture_output=True, text=True, check=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
     if found is None:
         sys.exit(f"no instruction count from valgrind:\n{done.stderr[-2000:]}")
