@@ -34,6 +34,6 @@ def search_registry(settings: Settings) -> SearchRegistry:
 
     mapping = settings.mapping
     site = mapping.site_dir / SEARCH_TABLE if mapping.site_dir is not None else None
-    if site is not None and site.is_file():
-        return SearchRegistry.load(site)
-    return SearchRegistry.load((mapping.tables_dir or SHIPPED) / SEARCH_TABLE)
+    if site is None or not site.is_file():
+        site = (mapping.tables_dir or SHIPPED) / SEARCH_TABLE
+    return SearchRegistry.load(site, facts=facts_file())
