@@ -66,7 +66,9 @@ def _ingest_bench() -> ModuleType:
 
 async def _appends(records: int, producers: int, burst: int, synchronous: str,
                    workdir: Path) -> tuple[float, int]:
-    from gateway.audit import Action, AuditLog, AuditRecord, load_keys
+    from gateway.audit.keys import load_keys
+    from gateway.audit.log import AuditLog
+    from gateway.audit.record import Action, AuditRecord
 
     keys, _ = load_keys(default_dir=workdir / "keys", key_file=None, keys_text=None,
                         signing_key_file=None, signing_key_text=None, create=True)

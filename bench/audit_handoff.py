@@ -42,8 +42,9 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import Action, AuditKeys, AuditLog, AuditRecord, load_keys
-from gateway.audit.record import timestamp
+from gateway.audit.keys import AuditKeys, load_keys
+from gateway.audit.log import AuditLog
+from gateway.audit.record import Action, AuditRecord, timestamp
 from gateway.audit.sealed import seal
 from gateway.store.audit import AuditRow
 

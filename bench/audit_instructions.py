@@ -32,7 +32,9 @@ CHILD = r"""
 import asyncio, sys, tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from gateway.audit import Action, AuditLog, AuditRecord, load_keys
+from gateway.audit.keys import load_keys
+from gateway.audit.log import AuditLog
+from gateway.audit.record import Action, AuditRecord
 from gateway.audit.record import timestamp
 from gateway.audit.sealed import seal
 

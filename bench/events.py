@@ -46,10 +46,10 @@ from gateway.events.subscriptions import OWNER_URL
 from gateway.fhir.search import SearchRegistry
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher
 from gateway.mapping.tables import SHIPPED
-from gateway.store import SqliteInbox
 from gateway.store.events import SqliteEventLog, SqliteEventQueue
 from gateway.store.fhir import WriteRequest
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 from gateway.telemetry import configure
 

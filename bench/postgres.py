@@ -190,7 +190,7 @@ async def commit_ceiling(spec: PgSpec, seconds: float, clients: int,
 
 
 async def main(args: argparse.Namespace) -> None:
-    from gateway.app import audit_keys
+    from gateway.app.audit import audit_keys
     from gateway.config import load_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="isthmus-bench-pg-"))

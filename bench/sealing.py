@@ -35,9 +35,11 @@ from store_apply import MESSAGE, writes_for
 from gateway.fhir.search import TABLE, SearchRegistry
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
-from gateway.store import InboundMessage, SqliteFhirStore, SqliteInbox
 from gateway.store.data_keys import parse_keys
 from gateway.store.fhir import SearchQuery, TokenMatch, WriteRequest
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.sealing import PLAIN, RowCodec, SealedCodec, inbox_context
 
 ADT = (Path(__file__).resolve().parent.parent / "tests" / "messages" / "adt_a01.hl7")

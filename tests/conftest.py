@@ -32,7 +32,7 @@ from support.postgres import pg_pool, pg_spec  # noqa: F401
 from support.subscriber import subscriber  # noqa: F401 - the events tests' receiver
 
 if TYPE_CHECKING:
-    from gateway.store import SqliteInbox
+    from gateway.store.inbox_sqlite import SqliteInbox
     from gateway.telemetry import Telemetry
 
 MESSAGES = Path(__file__).parent / "messages"
@@ -84,7 +84,7 @@ class RunningGateway:
 
     @property
     def mllp(self) -> Any:
-        from gateway.app import MLLP
+        from gateway.app.state import MLLP
 
         return self.app[MLLP]
 
@@ -92,7 +92,8 @@ class RunningGateway:
 async def start_gateway(data_dir: Path, telemetry: Telemetry | None = None,
                         **overrides: Any) -> RunningGateway:
     # Imported here so codec-only test modules do not depend on the whole app importing.
-    from gateway.app import MLLP_ADDRESS, build_app
+    from gateway.app.server import build_app
+    from gateway.app.state import MLLP_ADDRESS
     from gateway.edge.http_server import GatewayRunner
 
     values = {"server.host": "127.0.0.1", "mllp.port": 0, "server.http_port": 0,

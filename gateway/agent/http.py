@@ -30,7 +30,8 @@ from gateway.agent.errors import (
 from gateway.agent.openapi import DOCUMENT
 from gateway.agent.service import AgentService
 from gateway.agent.sessions import Answer, Idempotency, Session
-from gateway.audit import Action, AuditLog, AuditRecord
+from gateway.audit.log import AuditLog
+from gateway.audit.record import Action, AuditRecord
 from gateway.edge.auth import principal_for
 from gateway.edge.errors import AuthError
 from gateway.fhir import jsonio

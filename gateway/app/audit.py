@@ -8,9 +8,9 @@ from pathlib import Path
 
 from opentelemetry import metrics
 
-from gateway.app.state import KEYS_DIR
-from gateway.audit import AUDIT_FILE, AuditKeyError, AuditKeys, AuditLog, load_keys
-from gateway.audit.keys import SIGNING_KEY_FILE
+from gateway.app.files import KEYS_DIR
+from gateway.audit.keys import SIGNING_KEY_FILE, AuditKeyError, AuditKeys, load_keys
+from gateway.audit.log import AUDIT_FILE, AuditLog
 from gateway.audit.publish import FilePublisher, HttpWitness, Publisher
 from gateway.config import Settings
 from gateway.store.pg.audit import PgAuditStore

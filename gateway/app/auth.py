@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.app.files import KEYS_DIR
 from gateway.app.specs import client, issuer
-from gateway.app.state import KEYS_DIR
-from gateway.audit import Action, AuditRecord
+from gateway.audit.record import Action, AuditRecord
 from gateway.config import Settings
 from gateway.edge import audit_http
 from gateway.edge.auth import ApiKey, Authenticator, checked_scopes, install_auth

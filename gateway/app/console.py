@@ -6,19 +6,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.app.audit import audit_keys
-from gateway.app.specs import build_router, load_translator
-from gateway.app.state import (
-    APPLIER,
-    CODEC,
-    DATABASE,
-    FORWARDING,
-    INBOX_FILE,
-    POOL,
-    SETTINGS,
-    TRANSLATOR,
-)
-from gateway.audit import verify_store
-from gateway.audit.log import verify_reader
+from gateway.app.files import INBOX_FILE
+from gateway.app.specs import build_router
+from gateway.app.state import APPLIER, CODEC, DATABASE, FORWARDING, POOL, SETTINGS, TRANSLATOR
+from gateway.app.tables import load_translator
+from gateway.audit.log import verify_reader, verify_store
 from gateway.audit.verify import Report
 from gateway.config import Settings
 from gateway.edge.console import ConsoleSpec, install_console

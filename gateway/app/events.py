@@ -13,13 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.agent import flatten
+from gateway.app.files import FHIR_FILE, INBOX_FILE
 from gateway.app.state import (
     CODEC,
     DATABASE,
-    FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
-    INBOX_FILE,
     POOL,
     SEARCH_REGISTRY,
     SETTINGS,
@@ -42,7 +41,8 @@ from gateway.events.subscriptions import Owner, SubscriptionRules
 from gateway.fhir import jsonio
 from gateway.fhir.errors import FhirError
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher
-from gateway.policy import Principal, ScopeSet
+from gateway.policy.principal import Principal
+from gateway.policy.scopes import ScopeSet
 from gateway.store.errors import StoreUnavailable
 from gateway.store.events import SqliteEventLog, SqliteEventQueue, purge_sqlite_events
 from gateway.store.fhir import FhirStore

@@ -27,27 +27,17 @@ from opentelemetry import metrics
 from gateway.app.agent import agent_api
 from gateway.app.audit import open_audit
 from gateway.app.events import event_purger, events
+from gateway.app.files import AUTH_FILE, FHIR_FILE, INBOX_FILE
 from gateway.app.forwarding import open_forwarding
 from gateway.app.memory import trim_after_bursts
 from gateway.app.sealing import store_codec
-from gateway.app.specs import (
-    fhir_limits,
-    ingest_options,
-    load_translator,
-    mllp_reservations,
-    mllp_tls,
-    pg_spec,
-    search_registry,
-)
+from gateway.app.specs import fhir_limits, ingest_options, mllp_reservations, mllp_tls, pg_spec
 from gateway.app.state import (
     APPLIER,
-    AUTH_FILE,
     CODEC,
     DATABASE,
-    FHIR_FILE,
     FHIR_STORE,
     FORWARDING,
-    INBOX_FILE,
     MLLP,
     MLLP_ADDRESS,
     POOL,
@@ -59,9 +49,10 @@ from gateway.app.state import (
     TRANSLATOR,
     WORKERS,
 )
+from gateway.app.tables import load_translator, search_registry
 from gateway.app.webhooks import webhooks
 from gateway.app.workers import Workers
-from gateway.audit import AuditLog
+from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.config.cache import compiled_tables_dir
 from gateway.edge import audit_http, http
@@ -69,16 +60,18 @@ from gateway.edge.auth_server import AUTH_SERVER
 from gateway.edge.fhir_api import FHIR, FhirApi
 from gateway.edge.mllp import MllpServer
 from gateway.hl7.definitions import preload as preload_definitions
-from gateway.ingest import FrameHandler, Ingest, LocalApplier, Routing
+from gateway.ingest.applier import LocalApplier
+from gateway.ingest.handler import Ingest, Routing
 from gateway.ingest.prepare import Translators, start_child
+from gateway.ingest.protocol import FrameHandler
 from gateway.ingest.worker import Applier
 from gateway.mapping.tables import SHIPPED
 from gateway.policy.profiles import Profile
-from gateway.store import SqliteInbox
 from gateway.store.data_dir import claim
 from gateway.store.fhir import FhirStore
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox import RunningInbox
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import OutboxStore, SqliteOutbox
 from gateway.store.pg.connect import DATABASE_ERRORS, open_pool
 from gateway.store.pg.fhir import PgFhirStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from gateway.app.state import FHIR_FILE, INBOX_FILE, KEYS_DIR
+from gateway.app.files import FHIR_FILE, INBOX_FILE, KEYS_DIR
 from gateway.config import Settings
 from gateway.store.data_keys import KEY_FILE, KeySource, open_codec
 from gateway.store.sealing import RowCodec

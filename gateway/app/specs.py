@@ -1,4 +1,5 @@
-"""Settings turned into what each layer takes: specs, tables, limits and checks.
+"""Settings turned into what each layer takes: specs, limits and checks (the tables:
+`tables`).
 
 Pure conversions (files are read where a setting names one): the layers below never see
 the configuration models, and `gateway.app` only wires what these return.
@@ -15,7 +16,6 @@ from gateway.config import (
     IssuerConfig,
     Settings,
 )
-from gateway.config.cache import compiled_tables_dir, facts_file
 from gateway.edge import audit_http
 from gateway.edge.auth import ExternalIssuer, checked_scopes
 from gateway.edge.auth_server import AuthSetupError, Client
@@ -27,17 +27,15 @@ from gateway.edge.tls import (
     sender_check,
     server_context,
 )
-from gateway.fhir.search import TABLE as SEARCH_TABLE
-from gateway.fhir.search import SearchRegistry
 from gateway.forward.fhir_backend import FhirBackendSpec, client_tls_context
 from gateway.forward.mllp_backend import MllpBackendSpec
 from gateway.forward.outbound_auth import AuthSpec
 from gateway.forward.outbox import DeliveryPolicy
 from gateway.forward.routes import LOCAL, Route, Router
-from gateway.ingest import IngestOptions, SenderCheck
-from gateway.mapping.engine import Translator
-from gateway.mapping.tables import SHIPPED
-from gateway.policy import KeySet, load_jwks, patient_reference, public_key_from_pem
+from gateway.ingest.handler import IngestOptions
+from gateway.ingest.protocol import SenderCheck
+from gateway.policy.jose import KeySet, load_jwks, public_key_from_pem
+from gateway.policy.principal import patient_reference
 from gateway.store.pg.connect import PgSpec, tls_context
 
 # -- the store ---------------------------------------------------------------------------------
@@ -59,23 +57,7 @@ def pg_spec(settings: Settings) -> PgSpec:
                         path(store.sslkey)))
 
 
-# -- mapping and routing ---------------------------------------------------------------------
-
-
-def load_translator(settings: Settings) -> Translator:
-    mapping = settings.mapping
-    return Translator.load(mapping.tables_dir or SHIPPED, mapping.site_dir,
-                           mapping.default_offset, facts=facts_file(),
-                           cache=compiled_tables_dir())
-
-
-def search_registry(settings: Settings) -> SearchRegistry:
-    """The search parameter table: the site's copy if it has one, else the shipped one."""
-    mapping = settings.mapping
-    site = mapping.site_dir / SEARCH_TABLE if mapping.site_dir is not None else None
-    if site is not None and site.is_file():
-        return SearchRegistry.load(site)
-    return SearchRegistry.load((mapping.tables_dir or SHIPPED) / SEARCH_TABLE)
+# -- routing -----------------------------------------------------------------------------------
 
 
 def build_router(settings: Settings) -> Router:

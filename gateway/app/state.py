@@ -1,4 +1,4 @@
-"""What the application holds (typed AppKeys) and where it keeps its files."""
+"""What the application holds (typed AppKeys); its files in the data dir: `files`."""
 
 from __future__ import annotations
 
@@ -39,9 +39,3 @@ DATABASE = web.AppKey("database", PgSpec)
 POOL = web.AppKey("pool", object)
 # How the stores seal PHI at rest (decided with the data dir, before any store opens).
 CODEC: web.AppKey[RowCodec] = web.AppKey("codec")
-
-# In the data dir.
-INBOX_FILE = "inbox.db"
-FHIR_FILE = "fhir.db"
-AUTH_FILE = "auth.db"  # the client assertion ids already used (replay protection)
-KEYS_DIR = "keys"

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.app.child import begin
-from gateway.app.specs import load_translator
-from gateway.app.workers import LENGTH, frame, request_from_wire
-from gateway.ingest.prepare import Request, prepare, to_wire
-from gateway.ingest.worker import message_key
+from gateway.app.tables import load_translator
+from gateway.app.wire import LENGTH, frame, request_from_wire
+from gateway.ingest.prepare import Request, message_key, prepare, to_wire
 from gateway.mapping.engine import Translator
 
 log = logging.getLogger("gateway.translator")

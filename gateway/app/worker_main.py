@@ -19,14 +19,14 @@ import sys
 from collections.abc import Sequence
 
 from gateway.app.child import begin
+from gateway.app.files import FHIR_FILE, INBOX_FILE
 from gateway.app.sealing import store_codec
-from gateway.app.specs import load_translator, search_registry
-from gateway.app.state import FHIR_FILE, INBOX_FILE
-from gateway.app.workers import receive, send
+from gateway.app.tables import load_translator, search_registry
+from gateway.app.wire import receive, send
 from gateway.config import Settings
 from gateway.ingest.worker import InboxFollower
-from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox_sqlite import SqliteInbox
 
 log = logging.getLogger("gateway.worker")
 

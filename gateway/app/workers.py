@@ -3,8 +3,8 @@
 The edge (this process) owns the listeners, the inbox commit with its ACK and the audit
 trail (the only audit writer: workers apply messages already on record and write none).
 Each child is `python -m gateway.app.worker_main` or `gateway.app.translator_main`, told
-its settings on stdin and talking over a socket pair, one pickled tuple a frame (4-byte
-length first; both ends are ours):
+its settings on stdin and talking over a socket pair, one pickled tuple a frame (`wire`;
+4-byte length first; both ends are ours):
 
     edge -> translator ("translate", seq, request)  translate a message for its ACK
                                                      (`request_to_wire`)
@@ -40,19 +40,18 @@ import logging
 import os
 import pickle
 import socket
-import struct
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from opentelemetry import metrics
 
+from gateway.app.wire import frame, receive, request_to_wire, send
 from gateway.canonical import Translation
 from gateway.config import Settings
 from gateway.hl7.errors import ErrorCode, Hl7Error
-from gateway.ingest import Outcome
+from gateway.ingest.applier import Outcome
 from gateway.ingest.prepare import Prepared, Request, from_wire, settle
 from gateway.ingest.worker import share_of
 
@@ -65,48 +64,6 @@ _RESTART_DELAY = 1.0
 _MAX_ASKED = 16
 _WORKER = "gateway.app.worker_main"
 _TRANSLATOR = "gateway.app.translator_main"
-
-
-LENGTH = struct.Struct(">I")
-
-
-def frame(item: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    return LENGTH.pack(len(body)) + body
-
-
-def send(writer: asyncio.StreamWriter, item: tuple[Any, ...] | bytes) -> None:
-    """One frame (or frames already made) to the other process (nothing if it is gone)."""
-    if writer.is_closing():
-        return
-    try:
-        writer.write(item if isinstance(item, bytes) else frame(item))
-    except (ConnectionError, RuntimeError):
-        pass  # the other end is gone; its supervisor (or the worker's EOF) handles it
-
-
-async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
-    """The next frame from the other process; None at its end."""
-    try:
-        head = await reader.readexactly(LENGTH.size)
-        item = pickle.loads(await reader.readexactly(LENGTH.unpack(head)[0]))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    assert isinstance(item, tuple)
-    return item
-
-
-def request_to_wire(request: Request) -> tuple[Any, ...]:
-    """A Request as plain values: pickling the dataclass and its aware datetime cost the
-    edge ~15x the time of this tuple (6 % of its CPU at 8 connections)."""
-    return (request.raw, request.received_at.isoformat(), request.charset,
-            request.patient_key, request.want_bundle, request.strict)
-
-
-def request_from_wire(wire: tuple[Any, ...]) -> Request:
-    raw, received_at, charset, key, want_bundle, strict = wire
-    return Request(raw, datetime.fromisoformat(received_at), charset, key, want_bundle,
-                   strict)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from gateway.cli.shared import audit_settings, database_pool
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditRecord
+    from gateway.audit.record import AuditRecord
 
 
 def who() -> tuple[str, str]:
@@ -29,7 +29,8 @@ def who() -> tuple[str, str]:
 def message_access(action: str, inbox_id: int, raw: bytes, control_id: str = "",
                    outcome: str = "success") -> AuditRecord:
     """The record of an operator's access to a stored message (the patient from PID-3)."""
-    from gateway.audit import Action, AuditRecord, reference_from_v2
+    from gateway.audit.patient import reference_from_v2
+    from gateway.audit.record import Action, AuditRecord
     from gateway.hl7.message import parse_message
 
     try:
@@ -45,9 +46,10 @@ def message_access(action: str, inbox_id: int, raw: bytes, control_id: str = "",
 
 def record_accesses(args: argparse.Namespace, records: list[AuditRecord]) -> str | None:
     """Record operator accesses before they happen; the reason when that is not possible."""
-    from gateway.app import open_audit
-    from gateway.audit import AuditIntegrityError, AuditKeyError
-    from gateway.store import StoreUnavailable
+    from gateway.app.audit import open_audit
+    from gateway.audit.keys import AuditKeyError
+    from gateway.audit.log import AuditIntegrityError
+    from gateway.store.errors import StoreUnavailable
 
     settings = audit_settings(args)
     if not settings.audit.enabled or not records:

@@ -19,9 +19,9 @@ from gateway.config import ConfigError, Settings
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from gateway.audit import AuditQuery
     from gateway.audit.anchor import Head
     from gateway.audit.keys import SigningKey
+    from gateway.audit.query import AuditQuery
     from gateway.audit.verify import Report
     from gateway.cli.shared import Subparsers
 
@@ -78,7 +78,7 @@ def add_parser(sub: Subparsers) -> None:
 
 def _audit_db(settings: Settings) -> Path | None:
     """The audit.db to read; None when the trail is in PostgreSQL (store.backend)."""
-    from gateway.audit import AUDIT_FILE
+    from gateway.audit.log import AUDIT_FILE
 
     if settings.store.backend == "postgresql":
         return None
@@ -90,11 +90,11 @@ def _audit_db(settings: Settings) -> Path | None:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from gateway.app import audit_keys
-    from gateway.audit import AuditKeyError, verify_store
+    from gateway.app.audit import audit_keys
     from gateway.audit.anchor import AnchorError
     from gateway.audit.export import verify_export
-    from gateway.audit.keys import key_id, read_public_keys
+    from gateway.audit.keys import AuditKeyError, key_id, read_public_keys
+    from gateway.audit.log import verify_store
 
     if args.file is not None and not args.public_key:
         print("isthmus audit verify: --file needs --public-key KEY, the public key of the "
@@ -179,7 +179,9 @@ def _expected_heads(args: argparse.Namespace, settings: Settings) -> list[Head]:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from gateway.audit import AuditIntegrityError, AuditKeyError, QueryError, build_query
+    from gateway.audit.keys import AuditKeyError
+    from gateway.audit.log import AuditIntegrityError
+    from gateway.audit.query import QueryError, build_query
 
     settings = audit_settings(args)
     try:
@@ -215,10 +217,10 @@ async def _export(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool
 
 async def _export_from(settings: Settings, query: AuditQuery, fmt: str, decrypt: bool,
                        pool: object | None, user: str, host: str) -> int:
-    from gateway.app import open_audit
-    from gateway.audit import Action, AuditRecord
+    from gateway.app.audit import open_audit
     from gateway.audit.export import export
-    from gateway.store import StoreUnavailable
+    from gateway.audit.record import Action, AuditRecord
+    from gateway.store.errors import StoreUnavailable
 
     audit = await open_audit(settings, gateway=False, pool=pool)
     try:
@@ -255,9 +257,8 @@ def _audit_new_key(args: argparse.Namespace) -> int:
 
 
 def _audit_public_key(args: argparse.Namespace) -> int:
-    from gateway.app import audit_keys
-    from gateway.audit import AuditKeyError
-    from gateway.audit.keys import public_pem
+    from gateway.app.audit import audit_keys
+    from gateway.audit.keys import AuditKeyError, public_pem
 
     try:
         keys = audit_keys(audit_settings(args), need_data_keys=False)

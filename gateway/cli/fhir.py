@@ -22,7 +22,7 @@ from gateway.cli.access import record_accesses, who
 from gateway.cli.shared import settings_from
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditRecord
+    from gateway.audit.record import AuditRecord
     from gateway.cli.shared import Subparsers
     from gateway.config import Settings
     from gateway.store.fhir import Indexer, Merge, MergeOutcome
@@ -76,8 +76,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutcome:
-    from gateway.app import FHIR_FILE, search_registry
+    from gateway.app.files import FHIR_FILE
     from gateway.app.sealing import store_codec
+    from gateway.app.tables import search_registry
     from gateway.store.data_dir import claim
     from gateway.store.fhir import IdMatch, Merge, SearchQuery
     from gateway.store.fhir_sqlite import SqliteFhirStore
@@ -119,7 +120,7 @@ async def _merge_in_database(settings: Settings, merge: Merge, indexer: Indexer
 
 
 def _access(patient_id: str) -> AuditRecord:
-    from gateway.audit import Action, AuditRecord
+    from gateway.audit.record import Action, AuditRecord
 
     user, host = who()
     return AuditRecord(Action.UPDATE, "success", client_id="isthmus-cli", user=user,

@@ -145,7 +145,8 @@ def _readable(raw: bytes) -> str:
 
 
 def _inbox_replay(args: argparse.Namespace) -> int:
-    from gateway.app import build_router, load_translator
+    from gateway.app.specs import build_router
+    from gateway.app.tables import load_translator
     from gateway.ingest.replay import replay_routed
     from gateway.store.inbox import CONFLICT
     from gateway.store.inbox_sqlite import read_raw, record_outcomes

@@ -62,7 +62,7 @@ def _outbox_run(args: argparse.Namespace,
                 ) -> T | Literal[_Outbox.UNUSABLE]:
     """`action(outbox)` on the outbox beside a (possibly running) gateway, or
     _UNUSABLE after saying why the outbox cannot be used."""
-    from gateway.store import StoreUnavailable
+    from gateway.store.errors import StoreUnavailable
     from gateway.store.outbox import open_outbox
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})

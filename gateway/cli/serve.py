@@ -29,8 +29,8 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import serve
-    from gateway.audit import AuditError
+    from gateway.app.server import serve
+    from gateway.audit.errors import AuditError
     from gateway.mapping.errors import TableError, TableErrors
     from gateway.store.errors import DataDirError, StoreUnavailable
     from gateway.store.sealing import SealError

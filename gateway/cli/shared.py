@@ -46,7 +46,7 @@ def configure_logging(level: str) -> None:
 
 def inbox_path(args: argparse.Namespace) -> Path:
     """The inbox database under --data-dir or store.data_dir; ConfigError when absent."""
-    from gateway.app import INBOX_FILE
+    from gateway.app.files import INBOX_FILE
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})
     path = settings.store.data_dir / INBOX_FILE

@@ -68,7 +68,7 @@ def _spec(args: argparse.Namespace, settings: Settings, url: str | None = None) 
 
 
 def _status(args: argparse.Namespace) -> int:
-    from gateway.store import StoreUnavailable
+    from gateway.store.errors import StoreUnavailable
     from gateway.store.pg.migrate import status
 
     settings = settings_from(args, **{"store.data_dir": getattr(args, "data_dir", None)})
@@ -90,7 +90,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from gateway.store import StoreUnavailable
+    from gateway.store.errors import StoreUnavailable
     from gateway.store.pg.migrate import migrate
 
     spec = _spec(args, settings_from(args))
@@ -125,8 +125,8 @@ def _copy(args: argparse.Namespace) -> int:
 
 
 async def _copy_into(data_dir: Path, spec: PgSpec, settings: Settings) -> int:
-    from gateway.store import StoreError, StoreUnavailable
     from gateway.store.data_dir import claim
+    from gateway.store.errors import StoreError, StoreUnavailable
     from gateway.store.pg.connect import DATABASE_ERRORS, connect
     from gateway.store.pg.copy import copy_sqlite
     from gateway.store.pg.migrate import migrate
@@ -165,10 +165,10 @@ async def _copy_into(data_dir: Path, spec: PgSpec, settings: Settings) -> int:
 def _unsealing(settings: Settings) -> Unsealing | None:
     """How a sealed data dir is opened for the copy; None for a plaintext one. Raises
     SealError (a StoreError) when its keys are missing or wrong."""
-    from gateway.app import search_registry
     from gateway.app.sealing import store_codec
+    from gateway.app.tables import search_registry
     from gateway.hl7 import Hl7Error, parse_message
-    from gateway.ingest import patient_key
+    from gateway.ingest.replay import patient_key
     from gateway.store.pg.copy import Unsealing
 
     codec = store_codec(settings)
@@ -185,7 +185,7 @@ def _unsealing(settings: Settings) -> Unsealing | None:
 
 
 def _encrypt(args: argparse.Namespace) -> int:
-    from gateway.app import FHIR_FILE, INBOX_FILE
+    from gateway.app.files import FHIR_FILE, INBOX_FILE
     from gateway.app.sealing import key_source
     from gateway.store.errors import DataDirError
     from gateway.store.seal_migration import seal_data_dir

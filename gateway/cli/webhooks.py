@@ -33,7 +33,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from gateway.store import StoreUnavailable
+    from gateway.store.errors import StoreUnavailable
 
     settings = settings_from(args, **{"store.data_dir": args.data_dir})
     try:

@@ -22,10 +22,12 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from gateway.audit import Action, AuditLog, AuditQuery, AuditRecord, QueryError, build_query
 from gateway.audit.export import ExportResult, export
+from gateway.audit.log import AuditLog
+from gateway.audit.query import AuditQuery, QueryError, build_query
+from gateway.audit.record import Action, AuditRecord
 from gateway.fhir.outcome import FHIR_JSON, FhirError
-from gateway.store import StoreUnavailable
+from gateway.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from gateway.policy.jose import (
 )
 from gateway.policy.principal import Principal, patient_reference
 from gateway.policy.scopes import ScopeError, ScopeSet, grant
-from gateway.store import StoreUnavailable
+from gateway.store.errors import StoreUnavailable
 
 # The logger these lines have always carried (operators filter on it).
 log = logging.getLogger("gateway.edge.auth")

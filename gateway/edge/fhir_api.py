@@ -20,16 +20,17 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 from aiohttp import web
 
-from gateway.audit import AuditLog, AuditRecord
+from gateway.audit.log import AuditLog
+from gateway.audit.record import AuditRecord
 from gateway.events.subscriptions import SubscriptionRules
 from gateway.fhir import jsonio
 from gateway.fhir.capability import capability_statement
 from gateway.fhir.model import is_resource_type, required_elements
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
-from gateway.policy import Principal, Profile
-from gateway.policy.profiles import tag_subsetted
-from gateway.store import StoreUnavailable
+from gateway.policy.principal import Principal
+from gateway.policy.profiles import Profile, tag_subsetted
+from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import (
     Clause,
     FhirStore,

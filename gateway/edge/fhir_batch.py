@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.audit import AuditRecord
+from gateway.audit.record import AuditRecord
 from gateway.edge.fhir_api import Call, FhirApi, Outcomes
 from gateway.edge.fhir_reads import readable
 from gateway.edge.fhir_request import (
@@ -33,7 +33,7 @@ from gateway.edge.fhir_writes import (
 )
 from gateway.fhir.outcome import FhirError, operation_outcome
 from gateway.fhir.transaction import Entry, parse_bundle
-from gateway.policy import Principal
+from gateway.policy.principal import Principal
 from gateway.store.fhir import WriteConflict, WriteOutcome, WriteRequest
 
 

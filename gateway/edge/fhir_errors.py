@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from opentelemetry import trace
 
-from gateway.audit import Action, AuditRecord, QueryError
+from gateway.audit.query import QueryError
+from gateway.audit.record import Action, AuditRecord
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth import PRINCIPAL, AuthError
 from gateway.edge.errors import BackendFailed as BackendFailed  # defined with the edge's root
@@ -25,8 +26,7 @@ from gateway.edge.errors import BackendRefused
 from gateway.edge.errors import Passthrough as Passthrough  # defined with the edge's root
 from gateway.fhir.outcome import FHIR_JSON, FhirError, outcome_bytes
 from gateway.forward.backend import BackendTimeout
-from gateway.store import StoreUnavailable
-from gateway.store.errors import SearchUnsupported
+from gateway.store.errors import SearchUnsupported, StoreUnavailable
 
 # The logger the refusals have always been logged under (operators filter on it).
 log = logging.getLogger("gateway.edge.fhir_http")

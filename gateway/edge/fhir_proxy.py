@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from gateway.audit import Action
+from gateway.audit.record import Action
 from gateway.edge import (
     fhir_proxy_bundle,
     fhir_proxy_operations,

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from gateway.audit import Action
+from gateway.audit.record import Action
 from gateway.edge.fhir_api import Call, Pairs
 from gateway.edge.fhir_proxy_backend import BackendLink, Json, passed_headers
 from gateway.edge.fhir_proxy_bundle import Page, answer_bundle

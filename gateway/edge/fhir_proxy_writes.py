@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from gateway.audit import Action
+from gateway.audit.record import Action
 from gateway.edge.fhir_api import Call, FhirApi, Pairs
 from gateway.edge.fhir_proxy_backend import BackendLink, Json, as_list, passed_headers
 from gateway.edge.fhir_proxy_search import compartment_pairs, constraint_pairs

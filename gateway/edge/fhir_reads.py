@@ -9,7 +9,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from gateway.audit import Action
+from gateway.audit.record import Action
 from gateway.edge.fhir_api import Call, Visibility
 from gateway.edge.fhir_request import (
     access,

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import MultiDict
 from opentelemetry import trace
 
-from gateway.audit import Action, AuditRecord
+from gateway.audit.record import Action, AuditRecord
 from gateway.edge.auth import principal_for
 from gateway.edge.fhir_api import FHIR, Call, FhirApi
 from gateway.fhir.guard import BodyError, check_and_parse, validate_incoming
@@ -26,7 +26,7 @@ from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.fhir.search import ParsedSearch, SearchError, UnsupportedFormat
 from gateway.fhir.transaction import parse_etag
 from gateway.fhir.validate import InvalidResource
-from gateway.policy import Principal
+from gateway.policy.principal import Principal
 from gateway.store.fhir import SearchQuery, StoredResource
 from gateway.telemetry import set_attributes
 

@@ -21,7 +21,7 @@ from gateway.edge.fhir_request import (
     search_access,
 )
 from gateway.fhir.search import ParsedSearch
-from gateway.policy import Principal
+from gateway.policy.principal import Principal
 from gateway.store.fhir import (
     IdMatch,
     Match,

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.audit import AuditRecord
+from gateway.audit.record import AuditRecord
 from gateway.edge.fhir_api import Call, FhirApi, Outcomes
 from gateway.edge.fhir_request import (
     ACTIONS,
@@ -30,7 +30,7 @@ from gateway.events.subscriptions import SubscriptionError
 from gateway.fhir.outcome import FHIR_JSON, FhirError, information
 from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import Entry, query_pairs, write_request
-from gateway.policy import Principal
+from gateway.policy.principal import Principal
 from gateway.store.fhir import (
     Match,
     Refusal,

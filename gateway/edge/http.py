@@ -10,7 +10,7 @@ from opentelemetry import trace
 
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.fhir_api import FHIR
-from gateway.store import StoreUnavailable
+from gateway.store.errors import StoreUnavailable
 from gateway.store.inbox import RunningInbox
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, mark_failed, set_attributes
 

@@ -14,7 +14,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.audit import Action, AuditRecord
+from gateway.audit.record import Action, AuditRecord
 from gateway.edge.audit_http import AUDIT
 from gateway.fhir import jsonio
 from gateway.fhir.outcome import FHIR_JSON, FhirError, operation_outcome

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from gateway.events.endpoints import url_problem
 from gateway.fhir.search import SearchError, SearchRegistry
-from gateway.policy import Principal
+from gateway.policy.principal import Principal
 from gateway.store.fhir import Clause
 
 OWNER_URL = "urn:isthmus:subscription-owner"

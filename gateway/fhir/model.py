@@ -83,6 +83,32 @@ def required_elements(resource_type: str) -> frozenset[str]:
     return frozenset(required)
 
 
+def top_level_elements(resource_type: str) -> dict[str, tuple[str, ...]]:
+    """Element name -> JSON names for _elements; a choice base (`effective`) names every
+    form (`effectiveDateTime`, `effectivePeriod`, ...)."""
+    key = f"elements:{resource_type}"
+    known = FACTS.get(key)
+    if not isinstance(known, dict):
+        known = _read_top_level(resource_type)
+        FACTS.note(key, known)
+    return {name: tuple(forms) for name, forms in known.items()}
+
+
+def _read_top_level(resource_type: str) -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    model = get_fhir_model_class(resource_type)
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if name.endswith("__ext") or extra.get("element_property") is not True:
+            continue
+        json_name = info.alias or name
+        names[json_name] = [json_name]
+        base = extra.get("one_of_many")
+        if isinstance(base, str):
+            names[base] = [*names.get(base, []), json_name]
+    return names
+
+
 @cache
 def is_type(name: str) -> bool:
     """A FHIR data type or resource name the model knows ('HumanName', 'Patient', 'date')."""

@@ -1,5 +1,6 @@
 """The FHIR model's answers kept in a file between runs (what `model.py` reads from the
-fhir.resources models: which names are types and resources, each element's type).
+fhir.resources models: which names are types and resources, each element's type, a
+resource's top-level elements).
 
 Reading them from the models imports pydantic classes, seconds at every start of
 `isthmus translate` or `isthmus serve`; the answers never change for one version of
@@ -35,7 +36,8 @@ def _stamp() -> str:
 
 
 class Facts:
-    """Answers by key ('resource:Patient', 'type:HumanName', 'element:Patient.name')."""
+    """Answers by key ('resource:Patient', 'type:HumanName', 'element:Patient.name',
+    'elements:Patient')."""
 
     def __init__(self) -> None:
         self._known: dict[str, Any] = {}

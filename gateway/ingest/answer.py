@@ -15,8 +15,8 @@ from datetime import datetime
 
 from opentelemetry import trace
 
-from gateway.audit import AuditLog
 from gateway.audit.hl7v2 import message_access, outcome
+from gateway.audit.log import AuditLog
 from gateway.hl7.ack import (
     APPLICATION_ACCEPT,
     APPLICATION_ERROR,

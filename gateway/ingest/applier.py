@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.canonical import Translation
 from gateway.fhir.bundle import to_bundle
@@ -25,11 +25,14 @@ from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.ingest.merges import keep_merge_state, merge_writes
 from gateway.ingest.replay import replay
 from gateway.mapping.engine import Translator
-from gateway.store import StoreUnavailable
-from gateway.store.errors import AmbiguousMatch
+from gateway.store.errors import AmbiguousMatch, StoreUnavailable
 from gateway.store.fhir import FhirStore, Merge, SearchQuery, WriteConflict, WriteRequest
 from gateway.store.inbox import APPLIED, FAILED, IDENTITY_CONFLICT, TRANSLATED, Inbox
-from gateway.telemetry.instruments import IngestMetrics
+
+if TYPE_CHECKING:
+    # Only the edge's applier counts (its telemetry is set up); an apply worker passes
+    # none, and need not import the OpenTelemetry SDK for it.
+    from gateway.telemetry.instruments import IngestMetrics
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from gateway.audit import AuditLog
 from gateway.audit.hl7v2 import message_access, outcome
+from gateway.audit.log import AuditLog
 from gateway.canonical import Translation
 from gateway.fhir.bundle import dumps, to_bundle
 from gateway.forward.backend import OutboxGate
@@ -63,10 +63,19 @@ from gateway.ingest.prepare import (
 from gateway.ingest.protocol import Peer, Push, Reply, SenderCheck, frame_charge
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
-from gateway.store import InboundMessage, Stored, StoreUnavailable
-from gateway.store.inbox import ACCEPTED, FAILED, ROUTED, TRANSLATED, UNSUPPORTED, Inbox
+from gateway.store.errors import StoreUnavailable
+from gateway.store.inbox import (
+    ACCEPTED,
+    FAILED,
+    ROUTED,
+    TRANSLATED,
+    UNSUPPORTED,
+    InboundMessage,
+    Inbox,
+    Stored,
+)
 from gateway.store.refusals_sqlite import Refusal
-from gateway.telemetry import Telemetry, set_attributes
+from gateway.telemetry import Telemetry, set_attributes, traceparent
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +387,7 @@ class Ingest:
             routes=targets.remote,
             patient_key=(inspected.patient_key if inspected is not None
                          else patient_key(message) if targets.remote else ""),
-            trace=_traceparent(span) if targets.remote else "",
+            trace=traceparent(span) if targets.remote else "",
             bundle=translated.bundle if targets.needs_bundle else None,
             content_hash=inspected.digest if inspected is not None else content_digest(
                 message),
@@ -572,14 +581,6 @@ _DETAIL = {TRANSLATED: "translated", ROUTED: "translated", FAILED: "translation 
            UNSUPPORTED: "not mapped"}
 _LOCAL = Targets(local=True)
 _NOT_TRANSLATED = Prepared(ACCEPTED)
-
-
-def _traceparent(span: trace.Span) -> str:
-    """The span as a W3C traceparent, for the delivery spans to hang under; '' untraced."""
-    context = span.get_span_context()
-    if not context.is_valid:
-        return ""
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def _when_both(stored: asyncio.Future[Stored], audited: asyncio.Future[tuple[int, bytes]],

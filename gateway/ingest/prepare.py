@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -146,6 +147,12 @@ def prepare(translator: Translator, request: Request, *, keep: bool) -> Prepared
         return Prepared(FAILED, exc, exc.reason)
     return prepare_message(translator, message, request.received_at, keep=keep,
                            want_bundle=request.want_bundle, strict=request.strict)
+
+
+def message_key(raw: bytes) -> bytes:
+    """What a translation kept for its row is found by (the apply worker's `keep`): a
+    digest of the bytes received."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def prepare_message(translator: Translator, message: Message, at: datetime, *, keep: bool,

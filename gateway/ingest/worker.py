@@ -31,9 +31,10 @@ from gateway.fhir.search import SearchRegistry
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import parse_message
 from gateway.ingest.applier import LocalApplier, Outcome, bundle_writes
+from gateway.ingest.prepare import message_key
 from gateway.ingest.replay import Replay, patient_key, translate
 from gateway.mapping.engine import Translator
-from gateway.store import StoreUnavailable
+from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import FhirStore
 from gateway.store.inbox import APPLIED, FAILED, TRANSLATED, Inbox
 
@@ -235,11 +236,6 @@ class InboxFollower(LocalApplier):
             reason = "internal error while translating"
             return Replay(FAILED, error=Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason),
                           reason=reason)
-
-
-def message_key(raw: bytes) -> bytes:
-    """What a translation kept for its row is found by: a digest of the bytes received."""
-    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _within(rows: Sequence[tuple[int, bytes, datetime]], budget: int

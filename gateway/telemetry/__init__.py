@@ -96,6 +96,14 @@ def parent_context(headers: Mapping[str, str]) -> Context | None:
     return _PROPAGATOR.extract(headers, context=Context(), getter=_GETTER)
 
 
+def traceparent(span: trace.Span) -> str:
+    """The span as a W3C traceparent, for the delivery spans to hang under; '' untraced."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
 
 # -- the app's telemetry -----------------------------------------------------------------
 
@@ -303,5 +311,5 @@ __all__ = [
     "EXPORT_TIMEOUT", "PROMETHEUS_CONTENT_TYPE", "SAFE_ATTRIBUTES", "SHUTDOWN_TIMEOUT",
     "STAGES", "TRACER_NAME", "AttributeValue", "FhirMetrics", "IngestMetrics", "Instruments",
     "Telemetry", "configure", "mark_failed", "parent_context", "render_prometheus",
-    "safe_attributes", "set_attributes",
+    "safe_attributes", "set_attributes", "traceparent",
 ]

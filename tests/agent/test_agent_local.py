@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import MllpPeer, RunningGateway, segments, start_gateway
 from gateway.agent import AGENT
-from gateway.audit import AuditQuery
+from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body, reveal
 from gateway.edge.audit_http import AUDIT
 from gateway.telemetry import configure

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import verify_store
 from gateway.audit.keys import AuditKeyError
-from gateway.store import StoreUnavailable
+from gateway.audit.log import verify_store
+from gateway.store.errors import StoreUnavailable
 from support.audit import (
     AUDIT_DB,
     T0,
@@ -260,7 +260,7 @@ async def test_a_log_sealed_with_another_key_is_not_extended(tmp_path: Path) -> 
 
 
 async def test_verify_store_reports_every_problem_in_order(log_dir: Path) -> None:
-    from gateway.app import audit_keys
+    from gateway.app.audit import audit_keys
     from support.audit import settings_for
 
     with attacker(log_dir) as db:

@@ -16,8 +16,9 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
-from gateway.audit import Action, AuditQuery, AuditRecord
 from gateway.audit.export import CSV_COLUMNS
+from gateway.audit.query import AuditQuery
+from gateway.audit.record import Action, AuditRecord
 from support.audit import (
     CANARY_MRN,
     T0,

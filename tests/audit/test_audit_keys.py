@@ -15,9 +15,8 @@ import orjson
 import pytest
 
 from conftest import MllpPeer, message, start_gateway, with_control_id
-from gateway.app import audit_keys
-from gateway.audit import AuditKeyError
-from gateway.audit.keys import parse_data_keys
+from gateway.app.audit import audit_keys
+from gateway.audit.keys import AuditKeyError, parse_data_keys
 from gateway.audit.sealed import parse_body
 from gateway.config import ConfigError, load_settings
 from support.audit import (

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from gateway.app import audit_keys
-from gateway.audit import AuditKeys, AuditLog
+from gateway.app.audit import audit_keys
+from gateway.audit.keys import AuditKeys
+from gateway.audit.log import AuditLog
 from gateway.store.pg.audit import PgAuditStore
 from gateway.store.pg.connect import PgSpec, connect, open_pool
 from support import postgres

@@ -7,8 +7,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from gateway.audit import Action, AuditRecord
-from gateway.audit.record import now_timestamp, system_clock, timestamp
+from gateway.audit.record import Action, AuditRecord, now_timestamp, system_clock, timestamp
 from support.audit import AUDIT_DB, open_log, run_cli
 
 _FIXED_WIDTH = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")

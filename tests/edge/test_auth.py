@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
-from gateway.app import setup_auth
+from gateway.app.auth import setup_auth
 from gateway.config import Settings
 from gateway.edge.auth import AUTHENTICATOR, AuthError, principal_for
 from gateway.edge.auth_server import AUTH_SERVER, JWT_BEARER, AuthSetupError

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from conftest import MllpPeer, RunningGateway, message, segments
-from gateway.app import audit_keys
+from gateway.app.audit import audit_keys
 from gateway.store.pg.connect import PgSpec
 from support import postgres
 from support.audit import settings_for

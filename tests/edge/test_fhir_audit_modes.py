@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import Action
 from gateway.audit.query import AuditQuery
+from gateway.audit.record import Action
 from gateway.edge.audit_http import AUDIT
 from support.builders import patient
 from support.fhir import API_KEY_NAME, fhir_session, start_fhir_gateway

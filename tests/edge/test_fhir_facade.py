@@ -34,8 +34,9 @@ from joserfc.jwk import ECKey
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import RunningGateway
-from gateway.app import TELEMETRY
-from gateway.audit import Action, AuditQuery
+from gateway.app.state import TELEMETRY
+from gateway.audit.query import AuditQuery
+from gateway.audit.record import Action
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.fhir_api import FHIR

@@ -24,8 +24,8 @@ from fhirpy import AsyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
 
 from conftest import RunningGateway
-from gateway.audit import Action
 from gateway.audit.query import AuditQuery
+from gateway.audit.record import Action
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from support.builders import IDENTIFIER_SYSTEM, LOINC, encounter, observation, patient

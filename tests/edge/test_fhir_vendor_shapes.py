@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import RunningGateway
-from gateway.audit import AuditQuery
+from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.fhir_api import FHIR

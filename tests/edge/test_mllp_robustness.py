@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MESSAGES, MllpPeer, RunningGateway, segments
-from gateway.ingest import Ingest, IngestOptions, Peer
-from gateway.store import SqliteInbox
+from gateway.ingest.handler import Ingest, IngestOptions
+from gateway.ingest.protocol import Peer
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.telemetry import configure
 
 ACK_CODES = {"AA", "AE", "AR", "CA", "CE", "CR"}

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import MllpPeer, message, segments, start_gateway, with_control_id
 from gateway.app.events import EVENTS, event_purger
-from gateway.app.state import FHIR_FILE
+from gateway.app.files import FHIR_FILE
 from gateway.config import ConfigError, load_settings
 from support.fhir import fhir_session, start_fhir_gateway
 from support.subscriber import WEBHOOK_SECRET, Subscriber

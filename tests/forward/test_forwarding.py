@@ -22,7 +22,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import GatewayProcess, MllpPeer, RunningGateway, message, segments, start_gateway
-from gateway.app import FORWARDING
+from gateway.app.state import FORWARDING
 from gateway.forward.outbox import Dispatcher
 from gateway.store.inbox import ROUTED
 from gateway.store.outbox import SqliteOutbox

@@ -24,7 +24,8 @@ from conftest import message, with_control_id
 from gateway.forward.backend import Backend, Delivered, Delivery, Permanent, Retry, Verdict
 from gateway.forward.mllp_backend import MllpBackend, MllpBackendSpec
 from gateway.forward.outbox import DeliveryPolicy, Dispatcher, control_id_for
-from gateway.store import InboundMessage, SqliteInbox
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import OutboxEntry, SqliteOutbox, open_outbox
 from gateway.telemetry import configure
 from support.fake_mllp import FakeMllp

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import message
 from gateway.cli import main
-from gateway.store import InboundMessage, SqliteInbox
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 
 CANARY = message("canary_adt_a01.hl7")

@@ -22,7 +22,8 @@ from conftest import (
     start_gateway,
     with_control_id,
 )
-from gateway.audit import AuditLog, AuditQuery
+from gateway.audit.log import AuditLog
+from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body, reveal
 from gateway.edge.audit_http import AUDIT
 from gateway.hl7.message import content_digest, parse_message

@@ -10,7 +10,8 @@ import aiohttp
 
 from conftest import MllpPeer, RunningGateway, message, segments, start_gateway, with_control_id
 from gateway.hl7.mllp import frame
-from gateway.store import InboundMessage, SqliteInbox
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from support.sealed import inbox_messages
 
 ADT = message("adt_a01.hl7")

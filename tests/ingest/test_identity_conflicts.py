@@ -19,8 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from test_mllp_to_store import deliver, search, send, statuses
 
 from conftest import RunningGateway, message, start_gateway, with_control_id
-from gateway.app import APPLIER
-from gateway.app.state import FHIR_STORE
+from gateway.app.state import APPLIER, FHIR_STORE
 from gateway.store.fhir import WriteRequest
 from gateway.telemetry import configure
 from support.builders import with_fields

@@ -11,9 +11,8 @@ import orjson
 from conftest import message, with_control_id
 from gateway.hl7.message import parse_message
 from gateway.ingest.applier import LocalApplier
-from gateway.store import InboundMessage
 from gateway.store.fhir import SearchQuery, TokenMatch
-from gateway.store.inbox import ACCEPTED, APPLIED
+from gateway.store.inbox import ACCEPTED, APPLIED, InboundMessage
 from support.apply import open_apply_parts
 
 

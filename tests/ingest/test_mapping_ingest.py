@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MllpPeer, RunningGateway, segments, start_gateway
-from gateway.app import INBOX_FILE
+from gateway.app.files import INBOX_FILE
 from gateway.store.inbox_sqlite import read_entries, read_entry
 from support.cli import isthmus
 from support.sealed import codec_of

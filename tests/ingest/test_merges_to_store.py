@@ -16,7 +16,7 @@ import pytest
 from test_mllp_to_store import deliver, search, statuses
 
 from conftest import RunningGateway, message, with_control_id
-from gateway.app import audit_keys
+from gateway.app.audit import audit_keys
 from support import postgres
 from support.audit import settings_for
 from support.builders import with_fields

@@ -21,7 +21,7 @@ from conftest import (
     segments,
     with_control_id,
 )
-from gateway.app import APPLIER
+from gateway.app.state import APPLIER
 from support.fhir import API_KEY, fhir_session, start_fhir_gateway
 from support.wait import eventually
 

@@ -13,10 +13,10 @@ from gateway.hl7.message import parse_message
 from gateway.ingest.applier import LocalApplier
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
-from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.fhir import SearchQuery, TokenMatch
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from gateway.store.inbox import ACCEPTED, APPLIED
+from gateway.store.inbox import ACCEPTED, APPLIED, InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 
 
 async def test_people_message_applies_and_a_resend_updates(tmp_path: Path) -> None:

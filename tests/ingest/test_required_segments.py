@@ -5,7 +5,7 @@ version, and nothing of it is stored."""
 from __future__ import annotations
 
 from conftest import MllpPeer, RunningGateway, segments
-from gateway.app import INBOX_FILE
+from gateway.app.files import INBOX_FILE
 from gateway.store.inbox_sqlite import read_entries
 
 HEADER = (b"MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000+0100||%s|%s|P|2.5.1\r"

@@ -14,7 +14,7 @@ import pytest
 from test_mllp_to_store import deliver, get, search
 
 from conftest import RunningGateway, message, with_control_id
-from gateway.app import APPLIER
+from gateway.app.state import APPLIER
 from support.builders import with_fields
 from support.fhir import fhir_session, start_fhir_gateway
 

@@ -23,7 +23,8 @@ from fhir.resources.R4B.appointment import Appointment
 from fhir.resources.R4B.patient import Patient
 
 from conftest import RunningGateway
-from gateway.audit import Action, AuditQuery
+from gateway.audit.query import AuditQuery
+from gateway.audit.record import Action
 from gateway.audit.sealed import parse_body
 from gateway.cli import main as cli_main
 from gateway.config import BackendConfig, ConfigError, InboundWebhookConfig

@@ -16,12 +16,13 @@ import orjson
 
 from conftest import message, with_control_id
 from gateway.hl7.message import parse_message
+from gateway.ingest.prepare import message_key
 from gateway.ingest.replay import translate
-from gateway.ingest.worker import InboxFollower, message_key, share_of
-from gateway.store import InboundMessage, SqliteInbox
+from gateway.ingest.worker import InboxFollower, share_of
 from gateway.store.fhir import SearchQuery, TokenMatch
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from gateway.store.inbox import APPLIED, TRANSLATED
+from gateway.store.inbox import APPLIED, TRANSLATED, InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from support.apply import open_apply_parts
 from support.builders import with_fields
 from support.wait import eventually

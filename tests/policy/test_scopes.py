@@ -10,7 +10,7 @@ from itertools import combinations, product
 
 import pytest
 
-from gateway.policy import Scope, ScopeDenied, ScopeError, ScopeSet, grant, parse_scope
+from gateway.policy.scopes import Scope, ScopeDenied, ScopeError, ScopeSet, grant, parse_scope
 
 # The spec's table, written out independently of the code under test.
 LETTER = {"read": "r", "vread": "r", "history-instance": "r", "search": "s",

@@ -163,7 +163,7 @@ async def test_a_write_to_a_remote_backend_is_on_record_before_it_is_sent(
 async def signed_log(data_dir: Path, records: int = 12, **overrides: Any) -> None:
     """Records 1..N as the gateway writes them (checkpoints at 5, 10 and on close, each
     published as configured)."""
-    from gateway.app import open_audit
+    from gateway.app.audit import open_audit
     from support.audit import settings_for, write_records
 
     log = await open_audit(settings_for(data_dir, **overrides))
@@ -255,7 +255,7 @@ async def test_an_older_copy_of_audit_db_is_caught_by_the_published_file(
     import shutil
 
     from conftest import start_gateway
-    from gateway.audit import AuditIntegrityError
+    from gateway.audit.log import AuditIntegrityError
 
     data_dir, published = tmp_path / "var", tmp_path / "other-mount" / "heads.log"
     published.parent.mkdir()
@@ -266,7 +266,7 @@ async def test_an_older_copy_of_audit_db_is_caught_by_the_published_file(
     code, out = verify(data_dir, checkpoint_publish=str(published))
     assert code == 0 and "anchored up to record 6 by" in out, out
     # More records later (12 in all), then the older copy put back in place.
-    from gateway.app import open_audit
+    from gateway.app.audit import open_audit
     from support.audit import settings_for, write_records
 
     log = await open_audit(settings_for(data_dir, **config))

@@ -20,7 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import MllpPeer, RunningGateway, message, segments, start_gateway, with_control_id
-from gateway.app import INBOX_FILE
+from gateway.app.files import INBOX_FILE
 from gateway.store.inbox_sqlite import read_entries
 from gateway.telemetry import configure
 from support.cli import isthmus
@@ -273,7 +273,7 @@ async def test_a_different_message_under_a_used_control_id_is_kept_and_answered_
                        (("hl7.ack_code", "AE"), ("hl7.message_type", "ADT^A01")))] == 1
 
         # The audit trail says how the conflict was answered, not only that it arrived.
-        from gateway.audit import AuditQuery
+        from gateway.audit.query import AuditQuery
         from gateway.audit.sealed import parse_body
         from gateway.edge.audit_http import AUDIT
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import MllpPeer, RunningGateway, message, segments, start_gateway
-from gateway.app import FORWARDING
+from gateway.app.state import FORWARDING
 from gateway.forward.outbox import Dispatcher, control_id_for
 from gateway.store.outbox import SqliteOutbox
 from support.cli import isthmus

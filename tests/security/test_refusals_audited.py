@@ -21,7 +21,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from conftest import RunningGateway, start_gateway
-from gateway.audit import AuditQuery
+from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body, reveal
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth_server import JWT_BEARER

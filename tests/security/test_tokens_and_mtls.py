@@ -27,7 +27,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from conftest import RunningGateway, message, start_gateway, with_control_id
-from gateway.audit import AuditQuery
+from gateway.audit.query import AuditQuery
 from gateway.audit.sealed import parse_body
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.auth_server import AUTH_SERVER, JWT_BEARER

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import message
-from gateway.app.specs import search_registry
+from gateway.app.tables import search_registry
 from gateway.config import load_settings
-from gateway.store import InboundMessage, SqliteFhirStore, SqliteInbox
 from gateway.store.data_dir import DataDirLock
 from gateway.store.data_keys import (
     MIGRATING,
@@ -23,6 +22,9 @@ from gateway.store.data_keys import (
 )
 from gateway.store.errors import DataDirInUse
 from gateway.store.fhir import SearchQuery, StringMatch, TokenMatch, WriteRequest
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.seal_migration import seal_data_dir
 from gateway.store.sealing import RowCodec, SealError

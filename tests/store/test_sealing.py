@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import message
-from gateway.app.specs import search_registry
+from gateway.app.tables import search_registry
 from gateway.config import load_settings
-from gateway.store import InboundMessage, SqliteFhirStore, SqliteInbox
 from gateway.store.data_keys import KeySource, open_codec, parse_keys, read_marker
 from gateway.store.errors import SearchUnsupported
 from gateway.store.fhir import (
@@ -26,6 +25,9 @@ from gateway.store.fhir import (
     WriteConflict,
     WriteRequest,
 )
+from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.sealing import (
     PLAIN,

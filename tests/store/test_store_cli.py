@@ -15,9 +15,11 @@ import asyncpg
 import pytest
 
 from conftest import MllpPeer, message, segments, with_control_id, with_fields
-from gateway.app import APPLIER, audit_keys, search_registry
+from gateway.app.audit import audit_keys
+from gateway.app.state import APPLIER
+from gateway.app.tables import search_registry
 from gateway.hl7 import parse_message
-from gateway.ingest import patient_key
+from gateway.ingest.replay import patient_key
 from gateway.store.data_keys import read_marker
 from gateway.store.fhir import WriteRequest
 from gateway.store.pg.connect import PgSpec, open_pool
@@ -261,7 +263,7 @@ async def test_outbox_commands_work_on_the_database(schema: PgSpec) -> None:
 
 
 async def test_inbox_commands_work_on_the_database(schema: PgSpec, tmp_path: Path) -> None:
-    from gateway.app import audit_keys
+    from gateway.app.audit import audit_keys
     from gateway.store.pg.connect import open_pool
     from gateway.store.pg.inbox import PgInbox
     from support.audit import settings_for

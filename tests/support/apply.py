@@ -8,8 +8,8 @@ from pathlib import Path
 from gateway.fhir.search import TABLE, SearchRegistry
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
-from gateway.store import SqliteInbox
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.inbox_sqlite import SqliteInbox
 
 
 async def open_apply_parts(directory: Path

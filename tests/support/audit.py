@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.app import audit_keys
-from gateway.audit import Action, AuditLog, AuditRecord
+from gateway.app.audit import audit_keys
+from gateway.audit.log import AuditLog
+from gateway.audit.record import Action, AuditRecord
 from gateway.cli import main as cli_main
 from gateway.config import Settings, load_settings
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.store import InboundMessage, SqliteInbox
 from gateway.store.audit_sqlite import SqliteAuditStore
+from gateway.store.inbox import InboundMessage
+from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
 from gateway.store.pg.audit import PgAuditStore
 from gateway.store.pg.connect import PgSpec, open_pool

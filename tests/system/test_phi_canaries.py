@@ -174,7 +174,8 @@ def check_answers(traffic: Traffic) -> None:
 @pytest.mark.slow
 async def test_no_canary_in_logs_spans_metrics_errors_or_the_inbox(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from gateway.app import MLLP_ADDRESS, build_app
+    from gateway.app.server import build_app
+    from gateway.app.state import MLLP_ADDRESS
 
     caplog.set_level(logging.DEBUG)
     spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()

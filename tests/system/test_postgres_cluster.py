@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from conftest import GatewayProcess, MllpPeer, message, segments
-from gateway.app import audit_keys
+from gateway.app.audit import audit_keys
 from support import postgres
 from support.audit import run_cli, settings_for
 from support.fake_ehr import FakeEhr

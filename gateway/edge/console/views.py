@@ -18,10 +18,10 @@ from typing import Any
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from gateway.audit import Action, AuditQuery, AuditRecord
 from gateway.audit.export import CSV_COLUMNS, export
 from gateway.audit.patient import reference_from_v2
-from gateway.audit.query import QueryError, build_query
+from gateway.audit.query import AuditQuery, QueryError, build_query
+from gateway.audit.record import Action, AuditRecord
 from gateway.edge.audit_http import AUDIT
 from gateway.edge.console.sessions import Session, csrf_ok
 from gateway.edge.console.spec import CONSOLE, ConsoleSpec

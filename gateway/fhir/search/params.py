@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from fhir.resources.R4B import get_fhir_model_class
-
 from gateway.fhir.errors import SearchTableError, UnknownElement
 from gateway.fhir.model import element, is_resource_type
 from gateway.fhir.search.index import IndexPath, Step, emitter
@@ -134,20 +132,3 @@ def _steps(resource: str, path: str) -> tuple[Step, ...]:
         if key:  # the filtering child must exist on the element
             element(resource, ".".join([*(s.name for s in steps), key]))
     return tuple(steps)
-
-
-def top_level_elements(resource_type: str) -> dict[str, tuple[str, ...]]:
-    """Element name -> JSON names for _elements; a choice base (`effective`) names every
-    form (`effectiveDateTime`, `effectivePeriod`, ...)."""
-    names: dict[str, tuple[str, ...]] = {}
-    model = get_fhir_model_class(resource_type)
-    for name, info in model.model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if name.endswith("__ext") or extra.get("element_property") is not True:
-            continue
-        json_name = info.alias or name
-        names[json_name] = (json_name,)
-        base = extra.get("one_of_many")
-        if isinstance(base, str):
-            names[base] = (*names.get(base, ()), json_name)
-    return names
