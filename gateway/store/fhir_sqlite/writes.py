@@ -31,7 +31,12 @@ from gateway.store.fhir import (
     WriteOutcome,
     WriteRequest,
 )
-from gateway.store.fhir_sqlite.blinding import blind_query, index_rows
+from gateway.store.fhir_sqlite.blinding import (
+    NO_GROUPS,
+    StringLabels,
+    blind_query,
+    index_rows,
+)
 from gateway.store.fhir_sqlite.merge import apply_merge
 from gateway.store.fhir_sqlite.schema import (
     INDEX_INSERTS,
@@ -100,9 +105,10 @@ class TransactionWriter:
     inside the transaction (and savepoint) the store opened."""
 
     def __init__(self, db: WriterConnection, indexer: Indexer, last_stamp: datetime,
-                 codec: RowCodec = PLAIN) -> None:
+                 codec: RowCodec = PLAIN, labels: StringLabels = NO_GROUPS) -> None:
         self._db = db
         self._codec = codec
+        self._labels = labels
         self._indexer = indexer
         self._last_stamp = last_stamp
         self._last_text = format_instant(last_stamp)
@@ -246,9 +252,9 @@ class TransactionWriter:
     def _found(self, query: SearchQuery, limit: int) -> list[StoredResource]:
         """Up to `limit` current resources a search finds, unordered; on a sealed store
         long starts-with values are checked before the limit (see blinding)."""
-        blinded = blind_query(query, self._codec)
+        blinded = blind_query(query, self._codec, self._labels)
         sql, params = select_sql(blinded.query, None if blinded.rechecks else limit, 0,
-                                 ordered=False)
+                                 ordered=False, labels=blinded.labels)
         found = [stored_resource(row, self._codec)
                  for row in self._db.execute(sql, params).fetchall()]
         return blinded.recheck(found, self._indexer)[:limit]
@@ -297,7 +303,7 @@ class TransactionWriter:
                          int(stored.deleted), self._codec.seal(stored.body, fhir_context(
                              stored.resource_type, stored.id, stored.version))))
             for kind, values in index_rows(stored.resource_type, stored.id, entry.index,
-                                           self._codec).items():
+                                           self._codec, self._labels).items():
                 rows_of.setdefault(kind, []).extend(values)
         if not rows:
             return
