@@ -231,6 +231,21 @@ def test_a_value_several_parameters_hold_is_written_once_under_all_their_names()
         entries)
 
 
+def test_the_patient_of_an_adt_a01_takes_43_string_rows_not_80() -> None:
+    # As bench/apply_lag.py's ADT^A01 names it.
+    resource = patient("MRN1", family="FAMILYG0", given=["Given", "Middle"],
+                       address=[{"line": ["1 Example Street"], "city": "Springfield",
+                                 "state": "ST", "postalCode": "12345", "country": "USA"}])
+    sealed = _sealed()
+    rows = _string_rows(resource, sealed, StringLabels(REGISTRY.string_groups()))
+    # familyg0 8, given 5, middle 6; the line 7 (its "1" is the postal code's), springfield
+    # 8 (its "s" named for the state's "st" too), st 1, 12345 5, usa 3.
+    assert len(rows) == 43
+    assert ("Patient", "p1", "address address-city address-state",
+            sealed.blind("s", "prefix"), "") in rows
+    assert len(_string_rows(resource, sealed, StringLabels({}))) == 80
+
+
 def test_the_string_groups_come_from_the_paths_of_the_table() -> None:
     groups = {t: sorted(sorted(g) for g in gs) for t, gs in REGISTRY.string_groups().items()}
     assert groups["Patient"] == [

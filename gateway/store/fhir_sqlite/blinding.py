@@ -122,32 +122,32 @@ def index_rows(resource_type: str, id_: str, items: Iterable[IndexEntry], codec:
                 rows.setdefault(TokenIndex, []).append(
                     (resource_type, id_, param, system or None, codec.blind(code, "token")))
             case StringIndex(param, normalized, exact):
-                group = labels.group(resource_type, param)
+                number = labels.group(resource_type, param)
                 params = shared.setdefault(
-                    (param if group is None else group, normalized, exact), [])
+                    (param if number is None else number, normalized, exact), [])
                 if param not in params:
                     params.append(param)
             case _:
                 rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
     if shared:
         strings: list[tuple[int | str, list[str], list[str], str]] = []
-        for (group, normalized, exact), params in shared.items():
+        for (key, normalized, exact), params in shared.items():
             prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or [
                 codec.blind(normalized, "prefix")]  # empty text: still its :exact row
-            strings.append((group, params, prefixes, codec.blind(exact, "exact")))
+            strings.append((key, params, prefixes, codec.blind(exact, "exact")))
         out = rows.setdefault(StringIndex, [])
         # The last prefix row of each value carries its :exact value; then one plain row
         # per prefix of a group that some parameter does not find yet, naming those.
         held = {(param, prefixes[-1]) for _, params, prefixes, _ in strings
                 for param in params}
         needed: dict[tuple[int | str, str], list[str]] = {}
-        for group, params, prefixes, exact in strings:
+        for key, params, prefixes, exact in strings:
             out.append((resource_type, id_, label(params), prefixes[-1], exact))
             for prefix in prefixes[:-1]:
                 for param in params:
                     if (param, prefix) not in held:
                         held.add((param, prefix))
-                        needed.setdefault((group, prefix), []).append(param)
+                        needed.setdefault((key, prefix), []).append(param)
         out.extend((resource_type, id_, label(params), prefix, "")
                    for (_, prefix), params in needed.items())
     return rows
