@@ -149,8 +149,9 @@ VERSION_COLUMNS = "type, id, version, last_updated, deleted, body"
 Row = Sequence[Any]
 # The writer's page cache, KiB. SQLite's default (2 MiB) is smaller than what one group
 # commit of new patients touches on a sealed store (blind index values are random keys: a
-# string's prefixes, ~80 index rows a message, each lands on its own B-tree page), so
-# pages were read again within a group. Pages are taken only as needed and handed back
+# string's prefixes, 43 string rows of ~60 index rows a message since a value the
+# parameters of one group share is written once (blinding.py; 80 of ~95 before), each
+# lands on its own B-tree page), so pages were read again within a group. Pages are taken only as needed and handed back
 # when the store goes idle (`PRAGMA shrink_memory`), so RSS returns after a burst.
 WRITER_CACHE_KIB = 32 * 1024
 # WAL frames after which a commit checkpoints: SQLite's default, kept on purpose. A group
