@@ -151,8 +151,9 @@ Row = Sequence[Any]
 # commit of new patients touches on a sealed store (blind index values are random keys: a
 # string's prefixes, 43 string rows of ~60 index rows a message since a value the
 # parameters of one group share is written once (blinding.py; 80 of ~95 before), each
-# lands on its own B-tree page), so pages were read again within a group. Pages are taken only as needed and handed back
-# when the store goes idle (`PRAGMA shrink_memory`), so RSS returns after a burst.
+# lands on its own B-tree page), so pages were read again within a group. Pages are taken
+# only as needed and handed back when the store goes idle (`PRAGMA shrink_memory`), so RSS
+# returns after a burst.
 WRITER_CACHE_KIB = 32 * 1024
 # WAL frames after which a commit checkpoints: SQLite's default, kept on purpose. A group
 # commit of new patients writes ~3,000-4,000 frames on a sealed store, so every commit
