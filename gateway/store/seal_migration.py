@@ -31,8 +31,8 @@ from gateway.store.data_keys import (
     write_marker,
 )
 from gateway.store.fhir import IndexEntry, StringGroups, StringIndex, TokenIndex
-from gateway.store.fhir_sqlite.blinding import StringLabels, index_rows
-from gateway.store.fhir_sqlite.schema import INDEX_INSERTS
+from gateway.store.fhir_sqlite.blinding import StringLabels, index_rows, shared_labels
+from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, RECORD_LABELS, STRING_LABEL_TABLE
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.sealing import (
     SealedCodec,
@@ -204,10 +204,13 @@ def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec,
         rows.setdefault((str(t), str(i)), []).append(StringIndex(str(p), str(n), str(e)))
     db.execute("DELETE FROM fhir_token")
     db.execute("DELETE FROM fhir_string")
+    db.execute(STRING_LABEL_TABLE)
     written = 0
     for (resource_type, id_), items in rows.items():
         for kind, values in index_rows(resource_type, id_, items, codec, labels).items():
             db.executemany(INDEX_INSERTS[kind], values)
+            if kind is StringIndex:
+                db.executemany(RECORD_LABELS, shared_labels(values))
             written += len(values)
     db.execute("INSERT INTO fhir_store_meta (key, value) VALUES (?, ?)",
                (_BLINDED, codec.index_key_id))

@@ -16,7 +16,9 @@ import pytest
 
 from gateway.app.specs import search_registry
 from gateway.config import load_settings
+from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
+from gateway.mapping.tables import SHIPPED
 from gateway.store import SqliteFhirStore
 from gateway.store.data_keys import KeySource, open_codec, parse_keys
 from gateway.store.fhir import (
@@ -132,17 +134,19 @@ def _rewrite_old(path: Path, sealed: SealedCodec, letters: Iterable[str],
                            _old_layout(resource_type, id_, entries, sealed))
 
 
-async def _open(path: Path, codec: RowCodec) -> SqliteFhirStore:
-    return await SqliteFhirStore.open(path, REGISTRY.index, codec=codec,
-                                      string_groups=REGISTRY.string_groups())
+async def _open(path: Path, codec: RowCodec, registry: SearchRegistry = REGISTRY
+                ) -> SqliteFhirStore:
+    return await SqliteFhirStore.open(path, registry.index, codec=codec,
+                                      string_groups=registry.string_groups())
 
 
-async def _answers(path: Path, codec: RowCodec, letter_of: dict[str, str]
-                   ) -> list[tuple[str, int]]:
-    store = await _open(path, codec)
+async def _answers(path: Path, codec: RowCodec, letter_of: dict[str, str],
+                   registry: SearchRegistry = REGISTRY,
+                   queries: Iterable[SearchQuery] | None = None) -> list[tuple[str, int]]:
+    store = await _open(path, codec, registry)
     try:
         out = []
-        for query in _queries():
+        for query in _queries() if queries is None else queries:
             page = await store.search(query, total=True)
             found = "".join(sorted(letter_of[r.id] for r in page.resources))
             assert page.total == len(found) == await store.count(query), query
@@ -326,8 +330,37 @@ async def test_store_encrypt_writes_the_shared_rows_and_finds_what_it_found_in_c
         strings = db.execute("SELECT count(*) FROM fhir_string").fetchall()[0][0]
         tokens = db.execute("SELECT count(*) FROM fhir_token").fetchall()[0][0]
     assert "family given name" in labels and "address address-city" in labels
+    with sqlite3.connect(data_dir / "fhir.db") as db:
+        recorded = {str(label) for (label,) in db.execute(
+            "SELECT label FROM fhir_string_label WHERE type = 'Patient'")}
+    assert recorded == {label for label in labels if " " in label}
     assert counts.index_rows == strings + tokens
     # As many rows as the store itself writes for the same patients.
     written = sum(len(_string_rows(resource, codec, StringLabels(REGISTRY.string_groups())))
                   for resource in PATIENTS.values())
     assert strings == written
+
+
+async def test_rows_shared_under_a_larger_group_are_found_after_the_table_drops_a_member(
+        tmp_path: Path) -> None:
+    # Written while `given` and `address-state` were in the groups: "family given name",
+    # "address address-city address-state" (the labels are recorded with the rows).
+    sealed = _sealed()
+    letters = await _filled(tmp_path / "sealed.db", sealed)
+    dropped = ("given", "address-state")
+    kept = [query for query in _queries()
+            if all(m.param not in dropped for clause in query.clauses for m in clause)]
+    expected = await _answers(tmp_path / "sealed.db", sealed, letters, queries=kept)
+    assert {found for found, _ in expected} >= {"A", "AB", "ABD"}
+    # A site's table without them: their rows must still answer `family`, `name`, ...
+    shipped = SHIPPED / SEARCH_TABLE
+    table = tmp_path / "search-parameters.csv"
+    table.write_text("".join(
+        line for line in shipped.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not line.startswith(tuple(f"Patient,{param}," for param in dropped))),
+        encoding="utf-8")
+    smaller = SearchRegistry.load(table)
+    assert sorted(sorted(g) for g in smaller.string_groups()["Patient"]) == [
+        ["address", "address-city", "address-country", "address-postalcode"],
+        ["family", "name"]]
+    assert await _answers(tmp_path / "sealed.db", sealed, letters, smaller, kept) == expected

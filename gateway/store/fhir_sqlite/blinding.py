@@ -73,17 +73,25 @@ class StringLabels:
     that contains it, and its own name alone (a value no other parameter holds, and the
     rows stores wrote before labels, one set per parameter)."""
 
-    def __init__(self, groups: StringGroups) -> None:
+    def __init__(self, groups: StringGroups,
+                 recorded: Iterable[tuple[str, str]] = ()) -> None:
+        """`recorded`: (type, label) of the shared labels the store's rows carry
+        (`fhir_string_label`), so rows written under an earlier search table, whose
+        groups were larger, are still found by each parameter their label names."""
         self._group: dict[tuple[str, str], int] = {}
-        self._labels: dict[tuple[str, str], tuple[str, ...]] = {}
+        labels: dict[tuple[str, str], dict[str, None]] = {}
         for resource_type, type_groups in groups.items():
             for number, members in enumerate(type_groups):
                 for param in members:
                     self._group[(resource_type, param)] = number
                     others = sorted(members - {param})
-                    self._labels[(resource_type, param)] = tuple(
+                    labels[(resource_type, param)] = dict.fromkeys(
                         label([*combination, param]) for size in range(len(others) + 1)
                         for combination in combinations(others, size))
+        for resource_type, recorded_label in recorded:
+            for param in recorded_label.split(LABEL_SEPARATOR):
+                labels.setdefault((resource_type, param), {param: None})[recorded_label] = None
+        self._labels = {key: tuple(names) for key, names in labels.items()}
 
     def group(self, resource_type: str, param: str) -> int | None:
         """Which of its type's groups the parameter is in; None if in none."""
@@ -92,6 +100,17 @@ class StringLabels:
     def labels(self, resource_type: str, param: str) -> tuple[str, ...]:
         """Every label a row the parameter's search must find may carry."""
         return self._labels.get((resource_type, param), (param,))
+
+    def shared(self, resource_type: str, param: str) -> bool:
+        """Whether a row of the parameter may carry a label other than its name."""
+        return (resource_type, param) in self._labels
+
+
+def shared_labels(string_rows: Iterable[tuple[object, ...]]) -> set[tuple[str, str]]:
+    """(type, label) of the shared labels among `index_rows`' string rows: what
+    `fhir_string_label` must hold once they are written."""
+    return {(str(row[0]), str(row[2])) for row in string_rows
+            if LABEL_SEPARATOR in str(row[2])}
 
 
 NO_GROUPS = StringLabels({})
@@ -199,7 +218,7 @@ def blind_query(query: SearchQuery, codec: RowCodec, labels: StringLabels = NO_G
     for param in (*(m.param for clause in query.clauses for m in clause
                     if isinstance(m, StringMatch | MissingMatch)),
                   *(key.param for key in query.sort)):
-        if labels.group(resource_type, param) is not None:
+        if labels.shared(resource_type, param):
             grouped[param] = labels.labels(resource_type, param)
     rechecks = tuple(clause for clause in query.clauses if any(
         isinstance(m, StringMatch) and m.mode == "start" and len(m.value) > PREFIX_ROWS

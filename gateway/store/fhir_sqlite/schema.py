@@ -25,7 +25,16 @@ from gateway.store.fhir import (
 )
 from gateway.store.sealing import PLAIN, RowCodec, fhir_context
 
-SCHEMA = """
+# The shared labels (`param` naming several parameters, "family name") the sealed store's
+# string rows carry, recorded with the rows: a search finds rows by every label holding its
+# parameter, also those a later search table no longer groups (blinding.py). Also made by
+# the seal migration, on a store file older than it.
+STRING_LABEL_TABLE = """
+CREATE TABLE IF NOT EXISTS fhir_string_label (
+    type TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (type, label)
+) WITHOUT ROWID;
+"""
+SCHEMA = STRING_LABEL_TABLE + """
 CREATE TABLE IF NOT EXISTS fhir_resource (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -143,6 +152,9 @@ INDEX_INSERTS = {
     QuantityIndex: "INSERT INTO fhir_quantity (type, id, param, value, system, code) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
 }
+# Every batch records the shared labels of its string rows (a few a batch; the rows and
+# the labels they need commit together, so no row is written under an unrecorded label).
+RECORD_LABELS = "INSERT OR IGNORE INTO fhir_string_label (type, label) VALUES (?, ?)"
 INDEX_TABLES = ("fhir_token", "fhir_string", "fhir_date", "fhir_reference", "fhir_quantity")
 COLUMNS = "r.type, r.id, r.version, r.last_updated, r.deleted, r.body"
 VERSION_COLUMNS = "type, id, version, last_updated, deleted, body"

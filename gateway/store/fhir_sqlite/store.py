@@ -74,6 +74,12 @@ _QUICK_STEPS = 20_000
 _IDLE_SHRINK_SECONDS = 2.0
 
 
+def _recorded_labels(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(type, label) of every shared label the store's string rows carry."""
+    return [(str(t), str(label)) for t, label in
+            db.execute("SELECT type, label FROM fhir_string_label").fetchall()]
+
+
 def _over_budget() -> int:
     return 1  # non-zero: interrupt the statement
 
@@ -132,7 +138,6 @@ class SqliteFhirStore:
         and a search must know them to find them, so no default could be right."""
         if codec.sealed and string_groups is None:
             raise ValueError("a sealed FHIR store needs the search table's string groups")
-        labels = StringLabels(string_groups) if string_groups else NO_GROUPS
         # The writer connection is made on the thread that will use it, and only there.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-writer")
         loop = asyncio.get_running_loop()
@@ -142,6 +147,13 @@ class SqliteFhirStore:
         except BaseException:
             executor.shutdown()
             raise
+        try:
+            recorded = await loop.run_in_executor(executor, _recorded_labels, db)
+        except BaseException:
+            await loop.run_in_executor(executor, db.close)
+            executor.shutdown()
+            raise
+        labels = StringLabels(string_groups or {}, recorded)
         reader: aiosqlite.Connection | None = None
         lookup: sqlite3.Connection | None = None
         try:

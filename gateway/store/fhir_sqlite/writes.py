@@ -27,6 +27,7 @@ from gateway.store.fhir import (
     MergeOutcome,
     SearchQuery,
     StoredResource,
+    StringIndex,
     WriteConflict,
     WriteOutcome,
     WriteRequest,
@@ -36,10 +37,12 @@ from gateway.store.fhir_sqlite.blinding import (
     StringLabels,
     blind_query,
     index_rows,
+    shared_labels,
 )
 from gateway.store.fhir_sqlite.merge import apply_merge
 from gateway.store.fhir_sqlite.schema import (
     INDEX_INSERTS,
+    RECORD_LABELS,
     UPSERT,
     format_instant,
     parse_instant,
@@ -311,6 +314,8 @@ class TransactionWriter:
         self._db.executemany(UPSERT, rows)
         for kind, values in rows_of.items():
             self._db.executemany(INDEX_INSERTS[kind], values)
+        if StringIndex in rows_of:
+            self._db.executemany(RECORD_LABELS, shared_labels(rows_of[StringIndex]))
 
     def _next_version(self, entry: _Entry) -> StoredResource | None:
         """The version this entry writes, its outcome set; None if its content is unchanged."""
