@@ -74,7 +74,8 @@ async def fhir_round(codec: RowCodec, batches: list[list[WriteRequest]],
                      registry: SearchRegistry) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as directory:
         store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
-                                           synchronous="normal", codec=codec)
+                                           synchronous="normal", codec=codec,
+                                           string_groups=registry.string_groups())
         try:
             start = time.perf_counter()
             outcomes = await asyncio.gather(*(store.transact(w) for w in batches))

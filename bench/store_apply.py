@@ -80,7 +80,8 @@ async def run(messages: int, sealed: bool) -> None:
         with tempfile.TemporaryDirectory() as directory:
             store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
                                                synchronous=synchronous,  # type: ignore[arg-type]
-                                               codec=codec)
+                                               codec=codec,
+                                               string_groups=registry.string_groups())
             lock = _LockHeld(store)
             apply = lock.apply
             try:
@@ -119,7 +120,8 @@ async def run_groups(messages: int, sealed: bool) -> None:
     warm = min(200, messages // 2)
     with tempfile.TemporaryDirectory() as directory:
         store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
-                                           synchronous="full", codec=codec)
+                                           synchronous="full", codec=codec,
+                                           string_groups=registry.string_groups())
         try:
             await asyncio.gather(*(store.transact(w) for w in batches[:warm]))
             cpu, start = time.process_time(), time.perf_counter()

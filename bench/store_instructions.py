@@ -41,8 +41,11 @@ async def main():
     registry = SearchRegistry.load(SHIPPED / TABLE)
     codec = SealedCodec(KeyRing((DataKey.from_secret("bench", b"k" * 32),)), "bench")
     with tempfile.TemporaryDirectory() as directory:
+        # A tree from before shared string rows has no string groups to pass.
+        groups = ({"string_groups": registry.string_groups()}
+                  if hasattr(registry, "string_groups") else {})
         store = await SqliteFhirStore.open(Path(directory) / "fhir.db", registry.index,
-                                           synchronous="full", codec=codec)
+                                           synchronous="full", codec=codec, **groups)
         for first in range(0, count, 64):
             await asyncio.gather(*(store.transact(bundle_writes(registry, b))
                                    for b in bundles[first:min(first + 64, count)]))

@@ -230,7 +230,8 @@ async def fhir_store(app: web.Application) -> AsyncIterator[None]:
         opened = await SqliteFhirStore.open(settings.store.data_dir / FHIR_FILE,
                                             registry.index,
                                             synchronous=settings.store.synchronous,
-                                            codec=app[CODEC])
+                                            codec=app[CODEC],
+                                            string_groups=registry.string_groups())
     app[FHIR_STORE] = opened
     try:
         yield

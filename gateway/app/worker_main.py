@@ -67,7 +67,8 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
     inbox = await SqliteInbox.open(store_settings.data_dir / INBOX_FILE,
                                    synchronous=store_settings.synchronous, codec=codec)
     store = await SqliteFhirStore.open(store_settings.data_dir / FHIR_FILE, registry.index,
-                                       synchronous=store_settings.synchronous, codec=codec)
+                                       synchronous=store_settings.synchronous, codec=codec,
+                                       string_groups=registry.string_groups())
     follower: InboxFollower | None = None
 
     def report(done: Sequence[tuple[int, str]]) -> None:

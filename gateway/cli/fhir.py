@@ -91,7 +91,8 @@ async def _run_merge(settings: Settings, source: str, target: str) -> MergeOutco
     lock = claim(data_dir)  # DataDirInUse while the gateway runs: merge on a stopped one
     try:
         store = await SqliteFhirStore.open(data_dir / FHIR_FILE, registry.index,
-                                           codec=store_codec(settings))
+                                           codec=store_codec(settings),
+                                           string_groups=registry.string_groups())
         try:
             return await store.merge(merge)
         finally:

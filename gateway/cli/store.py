@@ -187,6 +187,7 @@ def _unsealing(settings: Settings) -> Unsealing | None:
 def _encrypt(args: argparse.Namespace) -> int:
     from gateway.app.files import FHIR_FILE, INBOX_FILE
     from gateway.app.sealing import key_source
+    from gateway.app.tables import search_registry
     from gateway.store.errors import DataDirError
     from gateway.store.seal_migration import seal_data_dir
     from gateway.store.sealing import SealError
@@ -198,7 +199,8 @@ def _encrypt(args: argparse.Namespace) -> int:
         return 1
     try:
         counts, codec = seal_data_dir(data_dir, data_dir / INBOX_FILE, data_dir / FHIR_FILE,
-                                      key_source(settings))
+                                      key_source(settings),
+                                      search_registry(settings).string_groups())
     except (DataDirError, SealError) as exc:
         print(f"isthmus store encrypt: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ so the store never needs to know FHIR search parameter definitions.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -70,6 +70,11 @@ IndexEntry = TokenIndex | StringIndex | DateIndex | ReferenceIndex | QuantityInd
 
 # Called with (resource_type, resource as a dict, including id and meta) on every write.
 Indexer = Callable[[str, dict[str, Any]], Sequence[IndexEntry]]
+
+# resource type -> its groups of string parameters (two or more each) that read within one
+# element (`name` and `family`, which is `name.family`): a sealed SQLite store writes a
+# value such parameters share once (gateway.store.fhir_sqlite.blinding, `index_rows`).
+StringGroups = Mapping[str, Sequence[frozenset[str]]]
 
 # -- search ---------------------------------------------------------------------------------
 

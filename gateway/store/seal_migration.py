@@ -30,9 +30,9 @@ from gateway.store.data_keys import (
     read_marker,
     write_marker,
 )
-from gateway.store.fhir import IndexEntry, StringIndex, TokenIndex
-from gateway.store.fhir_sqlite.blinding import index_rows
-from gateway.store.fhir_sqlite.schema import INDEX_INSERTS
+from gateway.store.fhir import IndexEntry, StringGroups, StringIndex, TokenIndex
+from gateway.store.fhir_sqlite.blinding import StringLabels, index_rows, shared_labels
+from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, RECORD_LABELS, STRING_LABEL_TABLE
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.sealing import (
     SealedCodec,
@@ -53,10 +53,13 @@ class SealCounts:
     checked: int = 0
 
 
-def seal_data_dir(data_dir: Path, inbox: Path, fhir: Path, source: KeySource) -> tuple[
-        SealCounts, SealedCodec]:
+def seal_data_dir(data_dir: Path, inbox: Path, fhir: Path, source: KeySource,
+                  string_groups: StringGroups | None = None) -> tuple[SealCounts, SealedCodec]:
     """Seal (or re-seal under the newest key) every PHI value in the data dir; raises
-    DataDirInUse while a gateway holds it, SealError when keys do not fit."""
+    DataDirInUse while a gateway holds it, SealError when keys do not fit. The string
+    rows are blinded as the store writes them, shared within `string_groups`
+    (`SearchRegistry.string_groups`); without them, one set per parameter (the layout a
+    sealed store also finds)."""
     lock = DataDirLock.acquire(data_dir)
     try:
         ring, _ = source.load(create=read_marker(data_dir) is None)
@@ -73,7 +76,8 @@ def seal_data_dir(data_dir: Path, inbox: Path, fhir: Path, source: KeySource) ->
             counts.checked += _check(inbox, codec, _INBOX_READS, _inbox_context)
         if _has_file(fhir):
             with _connection(fhir) as db:
-                counts.fhir_bodies, counts.index_rows = _seal_fhir(db, codec)
+                counts.fhir_bodies, counts.index_rows = _seal_fhir(
+                    db, codec, StringLabels(string_groups or {}))
             counts.checked += _check(fhir, codec, _FHIR_READS, _fhir_context)
         write_marker(data_dir, marker_for(ring, SEALED, index_key, read_marker(data_dir)))
         return counts, codec
@@ -151,7 +155,8 @@ def _blinded_with(db: sqlite3.Connection, table: str, codec: SealedCodec) -> boo
     return bool(done)
 
 
-def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec) -> tuple[int, int]:
+def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec, labels: StringLabels
+               ) -> tuple[int, int]:
     reader = codec.reading_plain()
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -176,7 +181,7 @@ def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec) -> tuple[int, int]:
             bodies += len(updates)
         for _, sql in triggers:
             db.execute(sql)
-        index_rows = _blind_index_tables(db, codec)
+        index_rows = _blind_index_tables(db, codec, labels)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -184,22 +189,28 @@ def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec) -> tuple[int, int]:
     return bodies, index_rows
 
 
-def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec) -> int:
+def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec,
+                        labels: StringLabels) -> int:
     """Token and string index rows as blind indexes, once (recorded in the same
-    transaction, so a second run does not blind them twice)."""
+    transaction, so a second run does not blind them twice); each resource's together,
+    so that the values its parameters share are written once (blinding.index_rows)."""
     if _blinded_with(db, "fhir_store_meta", codec):
         return 0
-    rows: list[tuple[str, str, IndexEntry]] = [
-        (str(t), str(i), TokenIndex(str(p), s, str(c))) for t, i, p, s, c in
-        db.execute("SELECT type, id, param, system, code FROM fhir_token")]
-    rows.extend((str(t), str(i), StringIndex(str(p), str(n), str(e))) for t, i, p, n, e in
-                db.execute("SELECT type, id, param, normalized, exact FROM fhir_string"))
+    rows: dict[tuple[str, str], list[IndexEntry]] = {}
+    for t, i, p, s, c in db.execute("SELECT type, id, param, system, code FROM fhir_token"):
+        rows.setdefault((str(t), str(i)), []).append(TokenIndex(str(p), s, str(c)))
+    for t, i, p, n, e in db.execute(
+            "SELECT type, id, param, normalized, exact FROM fhir_string"):
+        rows.setdefault((str(t), str(i)), []).append(StringIndex(str(p), str(n), str(e)))
     db.execute("DELETE FROM fhir_token")
     db.execute("DELETE FROM fhir_string")
+    db.execute(STRING_LABEL_TABLE)
     written = 0
-    for resource_type, id_, item in rows:
-        for kind, values in index_rows(resource_type, id_, [item], codec).items():
+    for (resource_type, id_), items in rows.items():
+        for kind, values in index_rows(resource_type, id_, items, codec, labels).items():
             db.executemany(INDEX_INSERTS[kind], values)
+            if kind is StringIndex:
+                db.executemany(RECORD_LABELS, shared_labels(values))
             written += len(values)
     db.execute("INSERT INTO fhir_store_meta (key, value) VALUES (?, ?)",
                (_BLINDED, codec.index_key_id))

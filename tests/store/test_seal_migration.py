@@ -63,7 +63,8 @@ async def _fhir(data_dir: Path, codec: RowCodec | None) -> SqliteFhirStore:
     registry = search_registry(load_settings(None, environ={}))
     if codec is None:
         return await SqliteFhirStore.open(data_dir / "fhir.db", registry.index)
-    return await SqliteFhirStore.open(data_dir / "fhir.db", registry.index, codec=codec)
+    return await SqliteFhirStore.open(data_dir / "fhir.db", registry.index, codec=codec,
+                                      string_groups=registry.string_groups())
 
 
 def _source(data_dir: Path) -> KeySource:

@@ -214,7 +214,8 @@ async def test_a_sealed_inbox_row_moved_onto_another_fails_loudly(tmp_path: Path
 
 async def test_the_fhir_store_seals_bodies_and_searches_blind_indexes(tmp_path: Path) -> None:
     registry = search_registry(load_settings(None, environ={}))
-    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index, codec=codec(K1))
+    store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index, codec=codec(K1),
+                                       string_groups=registry.string_groups())
     try:
         created = await store.transact([WriteRequest("POST", "Patient", resource=patient(
             "MRNFHIRCANARY", family="Qzxfhircanary", given=["Wqvcanarygiv"]))])
@@ -291,7 +292,8 @@ async def test_long_starts_with_values_find_on_a_sealed_store_what_they_find_in_
     registry = search_registry(load_settings(None, environ={}))
     sealed = codec(K1)
     store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       codec=PLAIN if kind == "plain" else sealed)
+                                       codec=PLAIN if kind == "plain" else sealed,
+                                       string_groups=registry.string_groups())
     try:
         letter = {}
         for name, (family, given) in _LONG.items():
@@ -305,7 +307,8 @@ async def test_long_starts_with_values_find_on_a_sealed_store_what_they_find_in_
         with sqlite3.connect(tmp_path / "fhir.db") as db:
             _old_string_rows(db, sealed)
     store = await SqliteFhirStore.open(tmp_path / "fhir.db", registry.index,
-                                       codec=PLAIN if kind == "plain" else sealed)
+                                       codec=PLAIN if kind == "plain" else sealed,
+                                       string_groups=registry.string_groups())
     try:
         for *clauses, expected in _LONG_SEARCHES:
             query = SearchQuery("Patient", tuple(tuple(StringMatch(p, v) for p, v in clause)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
@@ -132,3 +133,30 @@ def _steps(resource: str, path: str) -> tuple[Step, ...]:
         if key:  # the filtering child must exist on the element
             element(resource, ".".join([*(s.name for s in steps), key]))
     return tuple(steps)
+
+
+def string_groups(params: Iterable[SearchParameter]) -> tuple[frozenset[str], ...]:
+    """One type's string parameters grouped by the element they read: a parameter each of
+    whose paths lies under a path of another (`name.family` under `name`) joins that one's
+    group, transitively. Only groups of two or more. A search for one parameter of a
+    group of n looks up 2 ** (n - 1) labels (the sets of the group that hold it): 16 for
+    Patient's five `address` parameters, one index search each."""
+    strings = [p for p in params if p.type == "string"]
+    group = {p.name: p.name for p in strings}
+
+    def root(name: str) -> str:
+        while group[name] != name:
+            name = group[name]
+        return name
+
+    for child in strings:
+        for parent in strings:
+            if parent is not child and all(
+                    any(len(c.steps) > len(a.steps) and c.steps[:len(a.steps)] == a.steps
+                        for a in parent.paths) for c in child.paths):
+                group[root(child.name)] = root(parent.name)
+    members: dict[str, set[str]] = {}
+    for name in group:
+        members.setdefault(root(name), set()).add(name)
+    return tuple(sorted((frozenset(m) for m in members.values()
+                         if len(m) > 1), key=sorted))

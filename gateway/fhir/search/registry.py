@@ -12,9 +12,9 @@ from gateway.fhir.errors import SearchError
 from gateway.fhir.model import top_level_elements
 from gateway.fhir.model_cache import FACTS
 from gateway.fhir.search.index import judge, reference_target, values
-from gateway.fhir.search.params import SearchParameter, read_table
+from gateway.fhir.search.params import SearchParameter, read_table, string_groups
 from gateway.fhir.search.query import ParsedSearch, parse_query
-from gateway.store.fhir import Clause, IndexEntry, ReferenceIndex
+from gateway.store.fhir import Clause, IndexEntry, ReferenceIndex, StringGroups
 
 # `about`'s stand-in for a reference it cannot resolve to one patient (never a real id:
 # FHIR R4 ids are [A-Za-z0-9-.]).
@@ -34,6 +34,8 @@ class SearchRegistry:
                              for t, ps in by_type.items()}
         self._subject = {t: tuple(p for p in ps.values() if p.subject)
                          for t, ps in by_type.items()}
+        self._string_groups = {t: groups for t, ps in by_type.items()
+                               if (groups := string_groups(ps.values()))}
 
     @classmethod
     def load(cls, path: Path, *, facts: Path | None = None) -> SearchRegistry:
@@ -56,6 +58,11 @@ class SearchRegistry:
     def params(self, resource_type: str) -> Mapping[str, SearchParameter]:
         """name -> definition (empty for a type the table does not list)."""
         return self._by_type.get(resource_type, MappingProxyType({}))
+
+    def string_groups(self) -> StringGroups:
+        """Each type's groups of string parameters reading within one element (`name`,
+        `family`, `given`), for a sealed store's shared index rows."""
+        return MappingProxyType(self._string_groups)
 
     def compartment_params(self, resource_type: str) -> tuple[str, ...]:
         """Reference parameters placing a resource in the Patient compartment (Patient

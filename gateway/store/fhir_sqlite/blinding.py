@@ -13,19 +13,29 @@ unchanged:
   whole value from its opened body (`BlindQuery.recheck`), so the answer is exact. Each
   prefix row is one random key in a B-tree: a row per character of every name and address
   part was ~100 rows a message, most of the apply's cost.
+- a string value several parameters of one group hold (`StringLabels`: `family` and
+  `given` read within `name`, `address-city` within `address`, from the search table) is
+  one set of rows whose `param` is a label naming them all ("family name"); a search for
+  one parameter looks up, `param IN (...)`, every label of its group holding it. The blind
+  value never depended on the parameter, so a new patient's 80 rows (ADT^A01: 38 of them
+  under `family`, `given` and the `address-*` parameters repeated a row of `name` or
+  `address`) became 43.
 - `:exact` is one equality; `:contains` is refused (SearchUnsupported, a 400).
 
 Dates, quantities and references stay in clear: range search needs their order, and
 without the sealed body they name no one (docs/encryption.md, What stays in clear).
 
 Rows written before `PREFIX_ROWS` (a row for each prefix up to 32 characters, and the whole
-text) answer the same queries: a superset of rows, still exact after the recheck.
+text) answer the same queries: a superset of rows, still exact after the recheck. Rows
+written before labels (one set per parameter, `param` its name) are found by that name,
+which every search's labels include: no migration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
 
 import orjson
 
@@ -35,8 +45,10 @@ from gateway.store.fhir import (
     IndexEntry,
     Indexer,
     Match,
+    MissingMatch,
     SearchQuery,
     StoredResource,
+    StringGroups,
     StringIndex,
     StringMatch,
     TokenIndex,
@@ -49,41 +61,114 @@ from gateway.store.sealing import RowCodec, SealedCodec
 # candidates, so this trades the apply's rows against how many candidates a long search
 # value opens: those that share its first 8 characters (the same name, mostly).
 PREFIX_ROWS = 8
+# Joins the parameters of a shared row's label: a parameter name has none (lower-case
+# letters, digits and '-': gateway.fhir.search.params).
+LABEL_SEPARATOR = " "
 
 
-def index_rows(resource_type: str, id_: str, items: Iterable[IndexEntry], codec: RowCodec
+class StringLabels:
+    """The `param` labels of a sealed store's string rows, from the string groups: a value
+    several parameters of one group hold is one row labelled with all of them, sorted
+    ("family given name"); a search for one parameter matches every label of its group
+    that contains it, and its own name alone (a value no other parameter holds, and the
+    rows stores wrote before labels, one set per parameter)."""
+
+    def __init__(self, groups: StringGroups,
+                 recorded: Iterable[tuple[str, str]] = ()) -> None:
+        """`recorded`: (type, label) of the shared labels the store's rows carry
+        (`fhir_string_label`), so rows written under an earlier search table, whose
+        groups were larger, are still found by each parameter their label names."""
+        self._group: dict[tuple[str, str], int] = {}
+        labels: dict[tuple[str, str], dict[str, None]] = {}
+        for resource_type, type_groups in groups.items():
+            for number, members in enumerate(type_groups):
+                for param in members:
+                    self._group[(resource_type, param)] = number
+                    others = sorted(members - {param})
+                    labels[(resource_type, param)] = dict.fromkeys(
+                        label([*combination, param]) for size in range(len(others) + 1)
+                        for combination in combinations(others, size))
+        for resource_type, recorded_label in recorded:
+            for param in recorded_label.split(LABEL_SEPARATOR):
+                labels.setdefault((resource_type, param), {param: None})[recorded_label] = None
+        self._labels = {key: tuple(names) for key, names in labels.items()}
+
+    def group(self, resource_type: str, param: str) -> int | None:
+        """Which of its type's groups the parameter is in; None if in none."""
+        return self._group.get((resource_type, param))
+
+    def labels(self, resource_type: str, param: str) -> tuple[str, ...]:
+        """Every label a row the parameter's search must find may carry."""
+        return self._labels.get((resource_type, param), (param,))
+
+    def shared(self, resource_type: str, param: str) -> bool:
+        """Whether a row of the parameter may carry a label other than its name."""
+        return (resource_type, param) in self._labels
+
+
+def shared_labels(string_rows: Iterable[tuple[object, ...]]) -> set[tuple[str, str]]:
+    """(type, label) of the shared labels among `index_rows`' string rows: what
+    `fhir_string_label` must hold once they are written."""
+    return {(str(row[0]), str(row[2])) for row in string_rows
+            if LABEL_SEPARATOR in str(row[2])}
+
+
+NO_GROUPS = StringLabels({})
+
+
+def label(params: Iterable[str]) -> str:
+    return LABEL_SEPARATOR.join(sorted(params))
+
+
+def index_rows(resource_type: str, id_: str, items: Iterable[IndexEntry], codec: RowCodec,
+               labels: StringLabels = NO_GROUPS,
                ) -> dict[type[IndexEntry], list[tuple[object, ...]]]:
     """A resource's index rows as the store writes them, by kind: blinded on a sealed
-    store, where a prefix row that another value of the parameter also gives is written
-    once ("springfield" and "st" both start with "s")."""
+    store, where a string value several parameters of one group hold (`family` and `name`)
+    has one :exact row labelled with all of them, and a prefix is one row of its group,
+    labelled with the parameters that do not find it among the rows before (none: no row;
+    "springfield" and "st" both start with "s")."""
     rows: dict[type[IndexEntry], list[tuple[object, ...]]] = {}
     if not isinstance(codec, SealedCodec):
         for item in items:
             rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
         return rows
-    strings: list[tuple[str, list[str], str]] = []
+    # (group, or the parameter itself outside any, normalized, exact) -> its parameters
+    shared: dict[tuple[int | str, str, str], list[str]] = {}
     for item in items:
         match item:
             case TokenIndex(param, system, code):
                 rows.setdefault(TokenIndex, []).append(
                     (resource_type, id_, param, system or None, codec.blind(code, "token")))
             case StringIndex(param, normalized, exact):
-                prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or [
-                    codec.blind(normalized, "prefix")]  # empty text: still its :exact row
-                strings.append((param, prefixes, codec.blind(exact, "exact")))
+                number = labels.group(resource_type, param)
+                params = shared.setdefault(
+                    (param if number is None else number, normalized, exact), [])
+                if param not in params:
+                    params.append(param)
             case _:
                 rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
-    if strings:
+    if shared:
+        strings: list[tuple[int | str, list[str], list[str], str]] = []
+        for (key, normalized, exact), params in shared.items():
+            prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or [
+                codec.blind(normalized, "prefix")]  # empty text: still its :exact row
+            strings.append((key, params, prefixes, codec.blind(exact, "exact")))
         out = rows.setdefault(StringIndex, [])
-        # The last prefix row of each value carries its :exact value; a plain prefix row
-        # is needed only where no other row of the parameter holds the same blind value.
-        held = {(param, prefixes[-1]) for param, prefixes, _ in strings}
-        for param, prefixes, exact in strings:
-            out.append((resource_type, id_, param, prefixes[-1], exact))
+        # The last prefix row of each value carries its :exact value; then one plain row
+        # per prefix of a group that some parameter does not find yet, naming those.
+        held = {(param, prefixes[-1]) for _, params, prefixes, _ in strings
+                for param in params}
+        needed: dict[tuple[int | str, str], list[str]] = {}
+        for key, params, prefixes, exact in strings:
+            out.append((resource_type, id_, label(params), prefixes[-1], exact))
             for prefix in prefixes[:-1]:
-                if (param, prefix) not in held:
-                    held.add((param, prefix))
-                    out.append((resource_type, id_, param, prefix, ""))
+                for param in params:
+                    if (param, prefix) not in held:
+                        held.add((param, prefix))
+                        needed.setdefault((key, prefix), []).append(param)
+        out.extend((resource_type, id_, label(params), prefix, "")
+                   for (_, prefix), params in needed.items())
     return rows
 
 
@@ -95,6 +180,9 @@ class BlindQuery:
 
     query: SearchQuery
     rechecks: tuple[Clause, ...] = ()
+    # param -> the fhir_string labels its rows may carry, for the parameters the query
+    # searches, tests for :missing or sorts by that share rows (sql.py reads them).
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def recheck(self, found: Sequence[StoredResource], indexer: Indexer
                 ) -> list[StoredResource]:
@@ -119,11 +207,19 @@ def _string_holds(match: StringMatch, values: Iterable[StringIndex]) -> bool:
     return any(value.normalized.startswith(match.value) for value in values)
 
 
-def blind_query(query: SearchQuery, codec: RowCodec) -> BlindQuery:
-    """The query with its token and string values blinded as `blind_entries` stores them,
-    and what it finds still to be checked."""
+def blind_query(query: SearchQuery, codec: RowCodec, labels: StringLabels = NO_GROUPS
+                ) -> BlindQuery:
+    """The query with its token and string values blinded as `index_rows` stores them,
+    what it finds still to be checked, and the row labels of its grouped parameters."""
     if not codec.sealed:
         return BlindQuery(query)
+    resource_type = query.resource_type
+    grouped: dict[str, tuple[str, ...]] = {}
+    for param in (*(m.param for clause in query.clauses for m in clause
+                    if isinstance(m, StringMatch | MissingMatch)),
+                  *(key.param for key in query.sort)):
+        if labels.shared(resource_type, param):
+            grouped[param] = labels.labels(resource_type, param)
     rechecks = tuple(clause for clause in query.clauses if any(
         isinstance(m, StringMatch) and m.mode == "start" and len(m.value) > PREFIX_ROWS
         for m in clause))
@@ -132,7 +228,7 @@ def blind_query(query: SearchQuery, codec: RowCodec) -> BlindQuery:
                           tuple(tuple(_blind(m, codec) for m in clause)
                                 for clause in query.clauses),
                           query.sort, query.count, query.offset)
-    return BlindQuery(blinded, rechecks)
+    return BlindQuery(blinded, rechecks, grouped)
 
 
 def _blind(match: Match, codec: RowCodec) -> Match:

@@ -25,7 +25,16 @@ from gateway.store.fhir import (
 )
 from gateway.store.sealing import PLAIN, RowCodec, fhir_context
 
-SCHEMA = """
+# The shared labels (`param` naming several parameters, "family name") the sealed store's
+# string rows carry, recorded with the rows: a search finds rows by every label holding its
+# parameter, also those a later search table no longer groups (blinding.py). Also made by
+# the seal migration, on a store file older than it.
+STRING_LABEL_TABLE = """
+CREATE TABLE IF NOT EXISTS fhir_string_label (
+    type TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (type, label)
+) WITHOUT ROWID;
+"""
+SCHEMA = STRING_LABEL_TABLE + """
 CREATE TABLE IF NOT EXISTS fhir_resource (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -143,15 +152,20 @@ INDEX_INSERTS = {
     QuantityIndex: "INSERT INTO fhir_quantity (type, id, param, value, system, code) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
 }
+# Every batch records the shared labels of its string rows (a few a batch; the rows and
+# the labels they need commit together, so no row is written under an unrecorded label).
+RECORD_LABELS = "INSERT OR IGNORE INTO fhir_string_label (type, label) VALUES (?, ?)"
 INDEX_TABLES = ("fhir_token", "fhir_string", "fhir_date", "fhir_reference", "fhir_quantity")
 COLUMNS = "r.type, r.id, r.version, r.last_updated, r.deleted, r.body"
 VERSION_COLUMNS = "type, id, version, last_updated, deleted, body"
 Row = Sequence[Any]
 # The writer's page cache, KiB. SQLite's default (2 MiB) is smaller than what one group
 # commit of new patients touches on a sealed store (blind index values are random keys: a
-# string's prefixes, ~80 index rows a message, each lands on its own B-tree page), so
-# pages were read again within a group. Pages are taken only as needed and handed back
-# when the store goes idle (`PRAGMA shrink_memory`), so RSS returns after a burst.
+# string's prefixes, 43 string rows of ~60 index rows a message since a value the
+# parameters of one group share is written once (blinding.py; 80 of ~95 before), each
+# lands on its own B-tree page), so pages were read again within a group. Pages are taken
+# only as needed and handed back when the store goes idle (`PRAGMA shrink_memory`), so RSS
+# returns after a burst.
 WRITER_CACHE_KIB = 32 * 1024
 # WAL frames after which a commit checkpoints: SQLite's default, kept on purpose. A group
 # commit of new patients writes ~3,000-4,000 frames on a sealed store, so every commit

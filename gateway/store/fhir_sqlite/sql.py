@@ -5,7 +5,7 @@ written into the statement.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.store.fhir import (
     DateMatch,
@@ -33,24 +33,31 @@ def current_rows_sql(counts: Sequence[int]) -> str:
         f"AND r.id IN ({','.join('?' * count)})" for count in counts)
 
 
+# param -> the labels its fhir_string rows may carry, where more than its name (a sealed
+# store's shared rows: blinding.StringLabels); a parameter not in it is its own label.
+Labels = Mapping[str, tuple[str, ...]]
+
+
 def select_sql(query: SearchQuery, limit: int | None, offset: int,
-               ordered: bool = True) -> tuple[str, list[object]]:
+               ordered: bool = True, labels: Labels | None = None
+               ) -> tuple[str, list[object]]:
     """The page's SELECT; unordered for a condition, which only counts up to `limit`."""
     params: list[object] = []
-    where, driven = _where(query, params)
-    order = f" ORDER BY {_order(query.sort, params, driven)}" if ordered else ""
+    labels = labels or {}
+    where, driven = _where(query, params, labels)
+    order = f" ORDER BY {_order(query.sort, params, driven, labels)}" if ordered else ""
     params.extend((-1 if limit is None else limit, offset))
     return (f"SELECT {COLUMNS} FROM fhir_resource r WHERE {where}{order} "
             "LIMIT ? OFFSET ?", params)
 
 
-def count_sql(query: SearchQuery) -> tuple[str, list[object]]:
+def count_sql(query: SearchQuery, labels: Labels | None = None) -> tuple[str, list[object]]:
     params: list[object] = []
-    where, _ = _where(query, params)
+    where, _ = _where(query, params, labels or {})
     return f"SELECT count(*) FROM fhir_resource r WHERE {where}", params
 
 
-def _where(query: SearchQuery, params: list[object]) -> tuple[str, bool]:
+def _where(query: SearchQuery, params: list[object], labels: Labels) -> tuple[str, bool]:
     """Clauses AND-ed, each clause's matches OR-ed; and whether some clause is an
     `r.id IN (...)` that can drive the search (its ids looked up by key)."""
     params.append(query.resource_type)
@@ -61,7 +68,7 @@ def _where(query: SearchQuery, params: list[object]) -> tuple[str, bool]:
             parts.append("1 = 0")  # OR over no values matches nothing
             continue
         clause_params: list[object] = []
-        sql = [_match_sql(query.resource_type, m, clause_params) for m in clause]
+        sql = [_match_sql(query.resource_type, m, clause_params, labels) for m in clause]
         if all(negate is False for negate, _ in sql):
             # One IN over the union, rather than ORs, which SQLite cannot drive from.
             parts.append(f"r.id IN ({' UNION ALL '.join(sub for _, sub in sql)})")
@@ -73,7 +80,8 @@ def _where(query: SearchQuery, params: list[object]) -> tuple[str, bool]:
     return " AND ".join(parts), driven
 
 
-def _match_sql(resource_type: str, match: Match, params: list[object]) -> tuple[bool, str]:
+def _match_sql(resource_type: str, match: Match, params: list[object], labels: Labels
+               ) -> tuple[bool, str]:
     """A subquery for the ids of the resources a match holds for, and whether the match
     is negated (the resource must not be among them)."""
     match match:
@@ -87,12 +95,25 @@ def _match_sql(resource_type: str, match: Match, params: list[object]) -> tuple[
         case MissingMatch(param, missing):
             parts = []
             for table in INDEX_TABLES:
-                parts.append(f"SELECT id FROM {table} WHERE type = ? AND param = ?")
-                params.extend((resource_type, param))
+                params.append(resource_type)
+                named = _param_sql(param, labels if table == "fhir_string" else {}, params)
+                parts.append(f"SELECT id FROM {table} WHERE type = ? AND {named}")
             return missing, " UNION ALL ".join(parts)
-    params.extend((resource_type, match.param))
+    params.append(resource_type)
+    named = _param_sql(match.param, labels if isinstance(match, StringMatch) else {}, params)
     table, condition, negate = _index_condition(match, params)
-    return negate, f"SELECT id FROM {table} WHERE type = ? AND param = ? AND {condition}"
+    return negate, f"SELECT id FROM {table} WHERE type = ? AND {named} AND {condition}"
+
+
+def _param_sql(param: str, labels: Labels, params: list[object]) -> str:
+    """The condition on an index row's param: the parameter's name, or any of its labels
+    (an IN list, which SQLite looks up in the index one value at a time)."""
+    names = labels.get(param)
+    if names is None:
+        params.append(param)
+        return "param = ?"
+    params.extend(names)
+    return f"param IN ({','.join('?' * len(names))})"
 
 
 def _index_condition(match: Match, params: list[object]) -> tuple[str, str, bool]:
@@ -205,7 +226,8 @@ def _half_step(value: float) -> float:
     return 0.5 * 10.0 ** (int(exponent or 0) - len(decimals))
 
 
-def _order(sort: Iterable[SortKey], params: list[object], driven: bool) -> str:
+def _order(sort: Iterable[SortKey], params: list[object], driven: bool, labels: Labels
+           ) -> str:
     terms: list[str] = []
     for key in sort:
         direction = "DESC" if key.descending else "ASC"
@@ -214,7 +236,7 @@ def _order(sort: Iterable[SortKey], params: list[object], driven: bool) -> str:
         elif key.param == "_lastUpdated":
             terms.append(f"r.last_updated {direction}")
         else:
-            terms.append(f"{_sort_value(key, params)} {direction} NULLS LAST")
+            terms.append(f"{_sort_value(key, params, labels)} {direction} NULLS LAST")
     # Always last: a total order, so that paging never repeats or skips a resource. When a
     # clause can drive the search, the unary + keeps SQLite from scanning every resource of
     # the type in last-updated order instead (fine for a few, ruinous for an identifier).
@@ -222,7 +244,7 @@ def _order(sort: Iterable[SortKey], params: list[object], driven: bool) -> str:
     return ", ".join(terms)
 
 
-def _sort_value(key: SortKey, params: list[object]) -> str:
+def _sort_value(key: SortKey, params: list[object], labels: Labels) -> str:
     """The parameter's smallest index value (largest when descending), whichever kind of
     index holds it: strings by normalized text, dates by range, tokens by code."""
     pick = "max" if key.descending else "min"
@@ -232,9 +254,9 @@ def _sort_value(key: SortKey, params: list[object]) -> str:
     for table, column in columns:
         # Without statistics SQLite may pick the lookup index (type, param, ...) and read
         # every row of the parameter for each resource; the resource's own rows are few.
+        named = _param_sql(key.param, labels if table == "fhir_string" else {}, params)
         parts.append(f"(SELECT {pick}({column}) FROM {table} x INDEXED BY {table}_resource "
-                     "WHERE x.type = r.type AND x.id = r.id AND x.param = ?)")
-        params.append(key.param)
+                     f"WHERE x.type = r.type AND x.id = r.id AND x.{named})")
     return f"coalesce({', '.join(parts)})"
 
 

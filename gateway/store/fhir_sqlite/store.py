@@ -40,10 +40,16 @@ from gateway.store.fhir import (
     SearchQuery,
     StoredResource,
     StoreStats,
+    StringGroups,
     WriteConflict,
     WriteRequest,
 )
-from gateway.store.fhir_sqlite.blinding import BlindQuery, blind_query
+from gateway.store.fhir_sqlite.blinding import (
+    NO_GROUPS,
+    BlindQuery,
+    StringLabels,
+    blind_query,
+)
 from gateway.store.fhir_sqlite.schema import (
     VERSION_COLUMNS,
     Row,
@@ -66,6 +72,12 @@ _QUICK_STEPS = 20_000
 # After this long without a write, the writer's page cache is handed back (see
 # schema.WRITER_CACHE_KIB): a burst's pages do not stay held while nothing is written.
 _IDLE_SHRINK_SECONDS = 2.0
+
+
+def _recorded_labels(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(type, label) of every shared label the store's string rows carry."""
+    return [(str(t), str(label)) for t, label in
+            db.execute("SELECT type, label FROM fhir_string_label").fetchall()]
 
 
 def _over_budget() -> int:
@@ -91,13 +103,15 @@ class SqliteFhirStore:
 
     def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor,
                  reader: aiosqlite.Connection, lookup: sqlite3.Connection, indexer: Indexer,
-                 last_stamp: datetime, max_batch: int, codec: RowCodec = PLAIN) -> None:
+                 last_stamp: datetime, max_batch: int, codec: RowCodec = PLAIN,
+                 labels: StringLabels = NO_GROUPS) -> None:
         self._db = db  # used only on the executor's one thread, which made it
         self._executor = executor
         self._reader = reader
         self._lookup = lookup
         # The writer thread's alone, like the connection it writes on.
-        self._writes = TransactionWriter(db, indexer, last_stamp, codec)
+        self._writes = TransactionWriter(db, indexer, last_stamp, codec, labels)
+        self._labels = labels
         self._indexer = indexer  # for the rechecks of long starts-with values (blinding)
         self._codec = codec
         self._max_batch = max_batch
@@ -117,7 +131,13 @@ class SqliteFhirStore:
     @classmethod
     async def open(cls, path: Path, indexer: Indexer,
                    synchronous: Literal["normal", "full", "extra"] = "full",
-                   max_batch: int = 64, codec: RowCodec = PLAIN) -> SqliteFhirStore:
+                   max_batch: int = 64, codec: RowCodec = PLAIN,
+                   string_groups: StringGroups | None = None) -> SqliteFhirStore:
+        """The store on the file at `path`. A sealed one (`codec`) needs `string_groups`
+        (`SearchRegistry.string_groups`): its string rows are shared within those groups,
+        and a search must know them to find them, so no default could be right."""
+        if codec.sealed and string_groups is None:
+            raise ValueError("a sealed FHIR store needs the search table's string groups")
         # The writer connection is made on the thread that will use it, and only there.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-writer")
         loop = asyncio.get_running_loop()
@@ -127,6 +147,13 @@ class SqliteFhirStore:
         except BaseException:
             executor.shutdown()
             raise
+        try:
+            recorded = await loop.run_in_executor(executor, _recorded_labels, db)
+        except BaseException:
+            await loop.run_in_executor(executor, db.close)
+            executor.shutdown()
+            raise
+        labels = StringLabels(string_groups or {}, recorded)
         reader: aiosqlite.Connection | None = None
         lookup: sqlite3.Connection | None = None
         try:
@@ -144,7 +171,8 @@ class SqliteFhirStore:
             await loop.run_in_executor(executor, db.close)
             executor.shutdown()
             raise
-        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch, codec)
+        store = cls(db, executor, reader, lookup, indexer, last_stamp, max_batch, codec,
+                    labels)
         store._writer = asyncio.create_task(store._write_loop(), name="fhir-store-writer")
         return store
 
@@ -181,27 +209,28 @@ class SqliteFhirStore:
 
     async def search(self, query: SearchQuery, *, total: bool = False) -> SearchPage:
         """Current, non-deleted versions matching the query."""
-        blinded = blind_query(query, self._codec)
+        blinded = blind_query(query, self._codec, self._labels)
         if blinded.rechecks:
             found = await self._rechecked(blinded)
             end = None if query.count is None else query.offset + query.count
             return SearchPage(found[query.offset:end], len(found) if total else None)
-        query = blinded.query
-        rows, count = await self._read(select_sql(query, query.count, query.offset),
-                                       count_sql(query) if total else None)
+        query, labels = blinded.query, blinded.labels
+        rows, count = await self._read(
+            select_sql(query, query.count, query.offset, labels=labels),
+            count_sql(query, labels) if total else None)
         return SearchPage([stored_resource(row, self._codec) for row in rows], count)
 
     async def count(self, query: SearchQuery) -> int:
-        blinded = blind_query(query, self._codec)
+        blinded = blind_query(query, self._codec, self._labels)
         if blinded.rechecks:
             return len(await self._rechecked(blinded))
-        rows, _ = await self._read(count_sql(blinded.query))
+        rows, _ = await self._read(count_sql(blinded.query, blinded.labels))
         return int(rows[0][0])
 
     async def _rechecked(self, blinded: BlindQuery) -> list[StoredResource]:
         """Every resource a search with rechecks finds, in order, each checked: paging and
         the total come after the check, so they count only what matched."""
-        rows, _ = await self._read(select_sql(blinded.query, None, 0))
+        rows, _ = await self._read(select_sql(blinded.query, None, 0, labels=blinded.labels))
         return blinded.recheck([stored_resource(row, self._codec) for row in rows],
                                self._indexer)
 

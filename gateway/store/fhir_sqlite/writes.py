@@ -27,14 +27,22 @@ from gateway.store.fhir import (
     MergeOutcome,
     SearchQuery,
     StoredResource,
+    StringIndex,
     WriteConflict,
     WriteOutcome,
     WriteRequest,
 )
-from gateway.store.fhir_sqlite.blinding import blind_query, index_rows
+from gateway.store.fhir_sqlite.blinding import (
+    NO_GROUPS,
+    StringLabels,
+    blind_query,
+    index_rows,
+    shared_labels,
+)
 from gateway.store.fhir_sqlite.merge import apply_merge
 from gateway.store.fhir_sqlite.schema import (
     INDEX_INSERTS,
+    RECORD_LABELS,
     UPSERT,
     format_instant,
     parse_instant,
@@ -100,9 +108,10 @@ class TransactionWriter:
     inside the transaction (and savepoint) the store opened."""
 
     def __init__(self, db: WriterConnection, indexer: Indexer, last_stamp: datetime,
-                 codec: RowCodec = PLAIN) -> None:
+                 codec: RowCodec = PLAIN, labels: StringLabels = NO_GROUPS) -> None:
         self._db = db
         self._codec = codec
+        self._labels = labels
         self._indexer = indexer
         self._last_stamp = last_stamp
         self._last_text = format_instant(last_stamp)
@@ -246,9 +255,9 @@ class TransactionWriter:
     def _found(self, query: SearchQuery, limit: int) -> list[StoredResource]:
         """Up to `limit` current resources a search finds, unordered; on a sealed store
         long starts-with values are checked before the limit (see blinding)."""
-        blinded = blind_query(query, self._codec)
+        blinded = blind_query(query, self._codec, self._labels)
         sql, params = select_sql(blinded.query, None if blinded.rechecks else limit, 0,
-                                 ordered=False)
+                                 ordered=False, labels=blinded.labels)
         found = [stored_resource(row, self._codec)
                  for row in self._db.execute(sql, params).fetchall()]
         return blinded.recheck(found, self._indexer)[:limit]
@@ -297,7 +306,7 @@ class TransactionWriter:
                          int(stored.deleted), self._codec.seal(stored.body, fhir_context(
                              stored.resource_type, stored.id, stored.version))))
             for kind, values in index_rows(stored.resource_type, stored.id, entry.index,
-                                           self._codec).items():
+                                           self._codec, self._labels).items():
                 rows_of.setdefault(kind, []).extend(values)
         if not rows:
             return
@@ -305,6 +314,8 @@ class TransactionWriter:
         self._db.executemany(UPSERT, rows)
         for kind, values in rows_of.items():
             self._db.executemany(INDEX_INSERTS[kind], values)
+        if StringIndex in rows_of:
+            self._db.executemany(RECORD_LABELS, shared_labels(rows_of[StringIndex]))
 
     def _next_version(self, entry: _Entry) -> StoredResource | None:
         """The version this entry writes, its outcome set; None if its content is unchanged."""
