@@ -19,7 +19,6 @@ from gateway.config import load_settings
 from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
 from gateway.mapping.tables import SHIPPED
-from gateway.store import SqliteFhirStore
 from gateway.store.data_keys import KeySource, open_codec, parse_keys
 from gateway.store.fhir import (
     Match,
@@ -30,6 +29,7 @@ from gateway.store.fhir import (
     StringMatch,
     WriteRequest,
 )
+from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.fhir_sqlite.blinding import (
     PREFIX_ROWS,
     StringLabels,
