@@ -314,7 +314,8 @@ class TransactionWriter:
         self._db.executemany(UPSERT, rows)
         for kind, values in rows_of.items():
             self._db.executemany(INDEX_INSERTS[kind], values)
-        if StringIndex in rows_of:
+        # Only a sealed store shares rows (PostgreSQL's writer, this class too, never does).
+        if self._codec.sealed and StringIndex in rows_of:
             self._db.executemany(RECORD_LABELS, shared_labels(rows_of[StringIndex]))
 
     def _next_version(self, entry: _Entry) -> StoredResource | None:
