@@ -100,6 +100,10 @@ class Translator:
             z_segments=run.z_segments)
 
 
+# name -> id of referred-to resources without an identifier, across messages (`_finish`).
+_REFERRED_IDS: dict[str, str] = {}
+
+
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     """Give every resource its identity and id, then resolve the references between them.
 
@@ -142,11 +146,25 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
             stubs = True
         draft.key = key
         if key is not None:
-            draft.full_url = name_uuid(f"{resource_type}|{key[0] or sender}|{key[1]}")
+            name = f"{resource_type}|{key[0] or sender}|{key[1]}"
         elif draft.identity:
-            draft.full_url = name_uuid(f"{sender}|{draft.identity}")
+            name = f"{sender}|{draft.identity}"
         else:
-            draft.full_url = name_uuid(f"{resource_type}|{position}{draft.ordinal}")
+            name = f"{resource_type}|{position}{draft.ordinal}"
+        if draft.primary:
+            draft.full_url = name_uuid(name)
+            continue
+        # A referred-to resource (the attending doctor, the ward, the facility) comes
+        # again in the sender's next messages: its id is kept rather than hashed again.
+        # Bounded, as the generated tables' converted values are.
+        full_url = _REFERRED_IDS.get(name)
+        if full_url is None:
+            full_url = name_uuid(name)
+            if len(name) <= 512:
+                if len(_REFERRED_IDS) >= 4096:
+                    _REFERRED_IDS.clear()
+                _REFERRED_IDS[name] = full_url
+        draft.full_url = full_url
     same = _made_in_full(run) if stubs else None
     if same:
         for ref, target in run.pending_refs:
