@@ -104,7 +104,9 @@ class Run:
             draft = Draft(resource_type, content, False, ordinal, identity)
             self.drafts.append(draft)
             self._referenced[identity] = draft
-            digest = draft.digest = _digest(identity)
+            # The same doctor, ward, facility come again in the sender's next messages.
+            digest = draft.digest = (_REFERRED_DIGESTS.get(identity)
+                                     or _remembered_digest(identity))
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
@@ -135,6 +137,20 @@ def _content_identity(resource_type: str, content: Json) -> str:
 
 def _digest(identity: str) -> str:
     return hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+
+
+# identity -> digest of referred-to resources, across messages (`Run.reference_to`).
+# Bounded, as the generated tables' converted values are.
+_REFERRED_DIGESTS: dict[str, str] = {}
+
+
+def _remembered_digest(identity: str) -> str:
+    digest = _digest(identity)
+    if len(identity) <= 512:
+        if len(_REFERRED_DIGESTS) >= 4096:
+            _REFERRED_DIGESTS.clear()
+        _REFERRED_DIGESTS[identity] = digest
+    return digest
 
 
 def _merge(into: Json, other: Json) -> None:
