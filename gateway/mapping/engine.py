@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class Translator:
-    """Compiled tables, ready to translate any number of messages (thread-safe: no state)."""
+    """Compiled tables, ready to translate any number of messages (thread-safe: no state
+    but bounded maps of referred-to resources' ids and digests, which any thread may fill)."""
 
     def __init__(self, events: dict[str, MessageFn], merges: dict[str, MergeRow],
                  default_offset: str = "+00:00", *, generated: bool = False) -> None:
