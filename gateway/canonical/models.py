@@ -41,6 +41,30 @@ def trusted(cls: type[M], **values: Any) -> M:
     return instance
 
 
+def trusted_resource(resource_type: str, id: str, primary: bool, key: BusinessKey | None,
+                     content: dict[str, Any], provenance: Provenance) -> Resource:
+    """`trusted(Resource, ...)` without the keyword dict and its set of names: the engine
+    makes one per resource of every message (an ADT^A01 has 16)."""
+    instance = _new(Resource)
+    _set(instance, "__dict__", {
+        "resource_type": resource_type, "id": id, "primary": primary, "key": key,
+        "content": content, "provenance": provenance})
+    _set_fields_set(instance, _RESOURCE_FIELDS.copy())
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
+
+
+def trusted_key(system: str, value: str) -> BusinessKey:
+    """`trusted(BusinessKey, system=..., value=...)`, as `trusted_resource` is for Resource."""
+    instance = _new(BusinessKey)
+    _set(instance, "__dict__", {"system": system, "value": value})
+    _set_fields_set(instance, {"system", "value"})
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
+
+
 def _rebuilt(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
     """What `_Record.__reduce_ex__` pickles, made again (the `trusted` way)."""
     instance = _new(cls)
@@ -108,3 +132,8 @@ class Translation(_Record):
     @property
     def unmapped_count(self) -> int:
         return sum(self.unmapped.values())
+
+
+# Every field of a Resource: what `trusted_resource` gives (each instance gets its own copy,
+# as pydantic adds to it on assignment).
+_RESOURCE_FIELDS = set(Resource.model_fields)

@@ -168,6 +168,16 @@ class Message:
             return raw
         return unescape(raw, self.delimiters, self.charset)
 
+    def header_value(self, field: int) -> str:
+        """`get(f"MSH-{field}")` for a field past MSH-2, without parsing a path: what every
+        translation reads of its header (MSH-7's offset)."""
+        fields = self._fields_at(0)
+        if field >= len(fields):
+            return ""
+        d = self.delimiters
+        raw = fields[field].split(d.repetition, 1)[0].split(d.component, 1)[0]
+        return unescape(raw.split(d.subcomponent, 1)[0], d, self.charset)
+
     def get_raw(self, path: str) -> str:
         """The escaped wire text at a terser path, as deep as the path goes.
 

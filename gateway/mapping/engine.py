@@ -6,12 +6,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted
+from gateway.canonical import Provenance, Resource, Translation, trusted
 from gateway.canonical.ids import name_uuid
+from gateway.canonical.models import trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Run
+from gateway.mapping.runtime import Draft, Json, Run
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import SHIPPED, MergeRow
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class Translator:
-    """Compiled tables, ready to translate any number of messages (thread-safe: no state)."""
+    """Compiled tables, ready to translate any number of messages (thread-safe: no state
+    but bounded maps of referred-to resources' ids and digests, which any thread may fill)."""
 
     def __init__(self, events: dict[str, MessageFn], merges: dict[str, MergeRow],
                  default_offset: str = "+00:00", *, generated: bool = False) -> None:
@@ -99,63 +101,95 @@ class Translator:
             z_segments=run.z_segments)
 
 
+# name -> id of referred-to resources without an identifier, across messages (`_finish`).
+_REFERRED_IDS: dict[str, str] = {}
+
+
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
-    """Give every resource its identity and id, then resolve the references between them."""
+    """Give every resource its identity and id, then resolve the references between them.
+
+    Stable ids: by business identifier when there is one, else by source position.
+    Without a system an identifier is only unique at its sender, so the sender is part of
+    the name. A resource only referred to (a ward from PV1-3) without an identifier is named
+    by its content at that sender, so every message naming that ward names the same
+    Location instead of adding one; one an identity rule names (identities.csv: an
+    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender.
+    Otherwise the same message (sender + control id) resent gives the same ids, so a
+    resend updates instead of duplicating.
+    """
     sender = f"{provenance.source_application}|{provenance.source_facility}"
-    control_id = provenance.control_id
+    position = f"{sender}|{provenance.control_id}|"
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
+    stubs = False
+    # One pass, written inline: it runs for every resource of every message.
     for draft in run.drafts:
-        if draft.primary and draft.identity:
-            # Two results of one message with one identity (text lines of a report sent
-            # as OBX segments with one OBX-3 and no OBX-4) stay apart by their order,
-            # which a resend keeps.
-            seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
-            if seen > 1:
-                draft.identity += f"#{seen}"
-        key = draft.key = _business_key(draft)
-        if key is not None and draft.primary:
-            # Two resources of one message claiming one business identifier (a sender
-            # reusing a filler id) cannot both be that record: the later ones are kept
-            # under their own ids rather than sent as clashing conditional updates.
-            claim = (draft.resource_type, *key)
-            if claim in keys:
-                draft.key = None
-                run.unmapped[f"{draft.resource_type}.identifier (repeated)"] += 1
-            keys.add(claim)
-        draft.full_url = _resource_id(draft, sender, control_id)
-    same = _made_in_full(run)
+        resource_type = draft.resource_type
+        key = _business_key(draft.content)
+        if draft.primary:
+            if draft.identity:
+                # Two results of one message with one identity (text lines of a report
+                # sent as OBX segments with one OBX-3 and no OBX-4) stay apart by their
+                # order, which a resend keeps.
+                seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
+                if seen > 1:
+                    draft.identity += f"#{seen}"
+            if key is not None:
+                # Two resources of one message claiming one business identifier (a sender
+                # reusing a filler id) cannot both be that record: the later ones are kept
+                # under their own ids rather than sent as clashing conditional updates.
+                claim = (resource_type, *key)
+                if claim in keys:
+                    key = None
+                    run.unmapped[f"{resource_type}.identifier (repeated)"] += 1
+                keys.add(claim)
+        else:
+            stubs = True
+        draft.key = key
+        if key is not None:
+            name = f"{resource_type}|{key[0] or sender}|{key[1]}"
+        elif draft.identity:
+            name = f"{sender}|{draft.identity}"
+        else:
+            name = f"{resource_type}|{position}{draft.ordinal}"
+        if draft.primary:
+            draft.full_url = name_uuid(name)
+            continue
+        # A referred-to resource (the attending doctor, the ward, the facility) comes
+        # again in the sender's next messages: its id is kept rather than hashed again.
+        # Bounded, as the generated tables' converted values are.
+        full_url = _REFERRED_IDS.get(name)
+        if full_url is None:
+            full_url = name_uuid(name)
+            if len(name) <= 512:
+                if len(_REFERRED_IDS) >= 4096:
+                    _REFERRED_IDS.clear()
+                _REFERRED_IDS[name] = full_url
+        draft.full_url = full_url
+    same = _made_in_full(run) if stubs else None
     if same:
         for ref, target in run.pending_refs:
             ref["reference"] = "urn:uuid:" + same.get(id(target), target).full_url
     else:
         for ref, target in run.pending_refs:
             ref["reference"] = "urn:uuid:" + target.full_url
-    return [_resource(d, provenance) for d in run.drafts if not same or id(d) not in same]
-
-
-def _resource(draft: Draft, provenance: Provenance) -> Resource:
-    key = draft.key
-    return trusted(
-        Resource, resource_type=draft.resource_type, id=draft.full_url, primary=draft.primary,
-        key=None if key is None else trusted(BusinessKey, system=key[0], value=key[1]),
-        content=draft.content, provenance=provenance)
+    return [trusted_resource(
+                d.resource_type, d.full_url, d.primary,
+                None if d.key is None else trusted_key(*d.key), d.content, provenance)
+            for d in run.drafts if not same or id(d) not in same]
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:
     """Resources only referred to (a parent specimen named by SPM-3) that the message also
     makes from a segment of their own (that specimen's SPM): the reference goes to the full
     one, and the stub is dropped, so one Bundle never holds one fullUrl twice."""
-    stubs = [d for d in run.drafts if not d.primary]
-    if not stubs:
-        return {}
     made = {(d.resource_type, d.full_url): d for d in run.drafts if d.primary}
-    return {id(d): full for d in stubs
-            if (full := made.get((d.resource_type, d.full_url))) is not None}
+    return {id(d): full for d in run.drafts
+            if not d.primary and (full := made.get((d.resource_type, d.full_url))) is not None}
 
 
-def _business_key(draft: Draft) -> tuple[str, str] | None:
-    identifiers = draft.content.get("identifier")
+def _business_key(content: Json) -> tuple[str, str] | None:
+    identifiers = content.get("identifier")
     if not identifiers:
         return None
     if isinstance(identifiers, dict):  # a single-valued identifier (e.g. Appointment? no)
@@ -170,23 +204,3 @@ def _business_key(draft: Draft) -> tuple[str, str] | None:
             return system, value
         best = best or ("", value)
     return best
-
-
-def _resource_id(draft: Draft, sender: str, control_id: str) -> str:
-    """Stable ids: by business identifier when there is one, else by source position.
-
-    Without a system an identifier is only unique at its sender, so the sender is part of
-    the name. A resource only referred to (a ward from PV1-3) without an identifier is named
-    by its content at that sender, so every message naming that ward names the same
-    Location instead of adding one; one an identity rule names (identities.csv: an
-    Observation by filler order number, OBX-3 and OBX-4) by that rule at that sender.
-    Otherwise the same message (sender + control id) resent gives the same ids, so a
-    resend updates instead of duplicating.
-    """
-    if draft.key is not None:
-        system, value = draft.key
-        scope = system or sender
-        return name_uuid(f"{draft.resource_type}|{scope}|{value}")
-    if draft.identity:
-        return name_uuid(f"{sender}|{draft.identity}")
-    return name_uuid(f"{draft.resource_type}|{sender}|{control_id}|{draft.ordinal}")

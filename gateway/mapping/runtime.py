@@ -28,23 +28,27 @@ class Draft:
     """A resource being built: its type, content, identity and place in the bundle."""
 
     __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key",
-                 "identity")
+                 "identity", "digest")
 
-    def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int) -> None:
+    def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int,
+                 identity: str = "") -> None:
         self.resource_type = resource_type
         self.content = content
         self.primary = primary
         self.ordinal = ordinal
         self.full_url = ""
         self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
-        self.identity = ""  # a referred-to resource: what makes it the same one next time
+        self.identity = identity  # a referred-to resource: what makes it the same one next time
+        # What a reference to it holds until the ids are known (`Run.reference`), made at
+        # the first one: the identity no longer changes once something points at it.
+        self.digest: str | None = None
 
 
 class Run:
     """One message's translation: reading helpers and the resources produced so far."""
 
     __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
-                 "_referenced", "pending_refs", "offset", "latest", "_ordinals", "_digests")
+                 "_referenced", "pending_refs", "offset", "latest", "_ordinals")
 
     def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
         self.message = message
@@ -58,11 +62,9 @@ class Run:
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
         self._ordinals: dict[str, int] = {}
-        # identity -> its digest: a message refers to its Patient or Encounter many times.
-        self._digests: dict[str, str] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
-        self.offset = _offset_of(message.get("MSH-7")) or default_offset
+        self.offset = _offset_of(message.header_value(7)) or default_offset
         # The latest segment of each id read so far (fields of other segments come from it).
         self.latest: dict[str, Segment] = {}
 
@@ -85,39 +87,48 @@ class Run:
     def reference_to(self, resource_type: str, content: Json) -> Json:
         """Add a resource that another one points at (a Practitioner from an XCN, ...),
         once per identity within the message, and return the reference to it."""
-        identity = _identity_text(resource_type, content)
+        # The identity, `_ordinal` and `reference` written inline: a message refers to
+        # a Practitioner, a Location, an Organization a dozen times.
+        for identifier in content.get("identifier", ()):
+            value = identifier.get("value")
+            if value:
+                identity = f"{resource_type}|{identifier.get('system', '')}|{value}"
+                break
+        else:
+            identity = _content_identity(resource_type, content)
         draft = self._referenced.get(identity)
         if draft is None:
-            draft = Draft(resource_type, content, False, self._ordinal(resource_type))
-            draft.identity = identity
+            ordinals = self._ordinals
+            ordinal = ordinals.get(resource_type, 0)
+            ordinals[resource_type] = ordinal + 1
+            draft = Draft(resource_type, content, False, ordinal, identity)
             self.drafts.append(draft)
             self._referenced[identity] = draft
+            # The same doctor, ward, facility come again in the sender's next messages.
+            digest = draft.digest = (_REFERRED_DIGESTS.get(identity)
+                                     or _remembered_digest(identity))
         else:
             _merge(draft.content, content)
-        return self.reference(draft)
+            digest = draft.digest or _digest(identity)  # set when it was made
+        ref: Json = {"reference": digest}
+        self.pending_refs.append((ref, draft))
+        return ref
 
     def reference(self, target: Draft) -> Json:
         """A Reference to a resource of this message, resolved when the ids are known."""
         # Until the ids are known the reference holds its target's identity, so a resource
         # that points at another is only the same as one pointing at the same (room 408
         # of ward 4E is not room 408 of ward 5W).
-        identity = target.identity
-        if identity:
-            digest = self._digests.get(identity)
-            if digest is None:
-                digest = self._digests[identity] = _digest(identity)
-        else:
-            digest = ""
+        digest = target.digest
+        if digest is None:
+            identity = target.identity
+            digest = target.digest = _digest(identity) if identity else ""
         ref: Json = {"reference": digest}
         self.pending_refs.append((ref, target))
         return ref
 
 
-def _identity_text(resource_type: str, content: Json) -> str:
-    for identifier in content.get("identifier", ()):
-        value = identifier.get("value")
-        if value:
-            return f"{resource_type}|{identifier.get('system', '')}|{value}"
+def _content_identity(resource_type: str, content: Json) -> str:
     # Without an identifier only an identical resource is the same one (two beds of a ward,
     # a facility and a point of care sharing a name, stay apart).
     return f"{resource_type}|~" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS,
@@ -126,6 +137,20 @@ def _identity_text(resource_type: str, content: Json) -> str:
 
 def _digest(identity: str) -> str:
     return hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+
+
+# identity -> digest of referred-to resources, across messages (`Run.reference_to`).
+# Bounded, as the generated tables' converted values are.
+_REFERRED_DIGESTS: dict[str, str] = {}
+
+
+def _remembered_digest(identity: str) -> str:
+    digest = _digest(identity)
+    if len(identity) <= 512:
+        if len(_REFERRED_DIGESTS) >= 4096:
+            _REFERRED_DIGESTS.clear()
+        _REFERRED_DIGESTS[identity] = digest
+    return digest
 
 
 def _merge(into: Json, other: Json) -> None:

@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
-from gateway.mapping.codegen.paths import guarded, setter_statements, shaped, writes_constant
+from gateway.mapping.codegen.paths import (
+    guarded,
+    hoisted_keys,
+    setter_statements,
+    shaped,
+    writes_constant,
+)
 from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
@@ -438,6 +444,7 @@ class Emitter(Named):
                      "if not applied:", f"    run.unmapped[{where!r}] += 1"]
         else:
             body += self._rows(rows, place, out)
+        body = hoisted_keys(body, f"st = {'@' + where!r} + rt")
         only_line = [f"    reps = reps[{only - 1}:{only}]"] if only is not None else []
         # The repetition being mapped is for readers of this field (its conditions).
         uses_scope = any(re.search(r"\bscope\b", line) for line in body

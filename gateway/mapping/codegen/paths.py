@@ -8,6 +8,8 @@ emitter (`emit.py`) inlines them wherever a row writes.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,3 +128,24 @@ def shaped(value: Any, names: dict[int, str]) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(shaped(v, names) for v in value) + "]"
     return literal(value)
+
+
+# An instance key made in a repetition's loop (`Tags.key`): a path prefix joined to the
+# repetition's tags.
+_KEY = re.compile(r"'[^'\\]*' \+ (?:st|rt)\b")
+
+
+def hoisted_keys(body: list[str], after: str) -> list[str]:
+    """A repetition's loop body with each instance key it makes more than once made once,
+    after the line `after` (where its tags are known), into a variable `ik<n>`: every
+    `'participant' + st` otherwise joined a new text and hashed it again for `inst`."""
+    if sum(line.lstrip().startswith("rt = ") for line in body) != 1:
+        return body  # a loop inside the loop would change the tags under the variables
+    counts = Counter(m.group(0) for line in body for m in _KEY.finditer(line))
+    names = {expr: f"ik{n}" for n, expr in enumerate(
+        expr for expr, count in counts.items() if count > 1)}
+    if not names:
+        return body
+    out = [_KEY.sub(lambda m: names.get(m.group(0), m.group(0)), line) for line in body]
+    at = body.index(after) + 1
+    return out[:at] + [f"{name} = {expr}" for expr, name in names.items()] + out[at:]
