@@ -77,26 +77,6 @@ class Named:
     def _converter(name: str) -> str:
         return "encode_base64" if name == "encode_base64" else f"CONVERT.for_type({name!r})"
 
-    def _producer_object(self, produce: object) -> str:
-        known = self._known(produce)
-        if known:
-            return known
-        spec = spec_of(produce)
-        name = self._name("P")
-        if spec[0] == "primitive":
-            _, convert, codes, kind, vocab = spec
-            self.top.append(f"{name} = primitive({self._converter(convert)}, {convert!r}, "
-                            f"{literal(frozenset(codes))}, {kind!r}, {self._vocab(vocab)})")
-        elif spec[0] == "template":
-            _, getters, pieces, vocab, convert = spec
-            readers = ", ".join(self._reader(g) for g in getters)
-            self.top.append(f"{name} = template(({readers},), {literal(tuple(pieces))}, "
-                            f"{self._vocab(vocab)}, {self._converter(convert)}, "
-                            f"{convert!r})")
-        else:
-            raise NotGenerated(f"unknown producer {spec[0]}")
-        return self._remember(produce, name)
-
     def _converter_object(self, convert: str) -> str:
         key = ("convert", convert, "")
         known = self._recoders.get(key)
