@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app.translator_main import _serve
-from gateway.app.workers import LENGTH, frame, request_to_wire
+from gateway.app.wire import LENGTH, frame, request_to_wire
 from gateway.ingest.prepare import Request, from_wire
 from gateway.mapping.engine import Translator
 
