@@ -101,7 +101,8 @@ class Translator:
             z_segments=run.z_segments)
 
 
-# name -> id of referred-to resources without an identifier, across messages (`_finish`).
+# name -> id of referred-to resources (the doctor, the ward: not made from a segment of
+# their own), across messages (`_finish`); bounded, cleared when full.
 _REFERRED_IDS: dict[str, str] = {}
 
 

@@ -105,3 +105,32 @@ def test_a_pickled_translation_comes_back_equal_with_the_same_fields_set() -> No
     source = Provenance(source_application="APP", source_facility="FAC", control_id="1",
                         message_type="ADT^A01", received_at=now, last_updated=now)
     assert pickle.loads(pickle.dumps(source)) == source
+
+
+def _adt_with_doctor(n: int) -> bytes:
+    return ("MSH|^~\\&|SYNTHADT|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000||ADT^A01^ADT_A01|"
+            f"HOT-{n}|P|2.5.1\rEVN|A01|20261126082900\r"
+            f"PID|1||MRN-{n}^^^SYNTHHOSP^MR||SYNTHETIC^Pat||19800102|F\r"
+            f"PV1|1|I|WARD{n % 7}^101^A^SYNTHHOSP||||D{n}^Doctor^Dana^^^Dr\r").encode()
+
+
+def _ids(raw: bytes) -> list[tuple[str, str]]:
+    translation = translator().translate(parse_message(raw))
+    return [(r.resource_type, r.id) for r in translation.resources]
+
+
+def test_ids_of_referred_to_resources_kept_across_messages_are_the_ids_made_anew() -> None:
+    from gateway.mapping import engine, runtime
+
+    # Fill the maps past their bound with doctors and wards seen once each.
+    for n in range(4200):
+        _ids(_adt_with_doctor(n))
+    assert 0 < len(engine._REFERRED_IDS) <= 4096
+    assert 0 < len(runtime._REFERRED_DIGESTS) <= 4096
+    # A doctor and ward seen before give, from the maps, the ids a fresh start makes.
+    warm = [_ids(_adt_with_doctor(n)) for n in (4199, 4198, 3)]
+    engine._REFERRED_IDS.clear()
+    runtime._REFERRED_DIGESTS.clear()
+    cold = [_ids(_adt_with_doctor(n)) for n in (4199, 4198, 3)]
+    assert warm == cold
+    assert {"Practitioner", "Location"} <= {t for ids in cold for t, _ in ids}
