@@ -250,7 +250,14 @@ async def test_a_large_frame_read_in_its_own_process_is_on_record_with_its_patie
         other = raw.replace(b"CANARYFAMILY", b"OTHERFAMILY")
         assert segments(await peer.request(other))["MSA"][0][1] == "AE"
         await peer.close()
-        found = [r for r in await records(gateway) if r["control_id"] == "LARGE-AUDIT-1"]
+        # The conflict's own record (how it was answered) is written after its AE, which
+        # does not wait for it (the access is on record already): read until it is there.
+        found: list[dict[str, Any]] = []
+        for _ in range(100):
+            found = [r for r in await records(gateway) if r["control_id"] == "LARGE-AUDIT-1"]
+            if len(found) >= 3:
+                break
+            await asyncio.sleep(0.05)
         assert [r["phi"] for r in found] == [f"SYNTHHOSP|{CANARY_MRN}"] * 3
         assert [r["detail"] for r in found][-1] == "control id conflict"
         with sqlite3.connect(gateway.data_dir / "inbox.db") as db:
