@@ -33,9 +33,14 @@ _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 def trusted(cls: type[M], **values: Any) -> M:
     """An instance from values known to be valid: every field given, nothing checked."""
+    return _made(cls, values, set(values))
+
+
+def _made(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
+    """An instance holding `values` as they are (also what `_Record` unpickles)."""
     instance = _new(cls)
     _set(instance, "__dict__", values)
-    _set_fields_set(instance, set(values))
+    _set_fields_set(instance, fields_set)
     _set_extra(instance, None)
     _set_private(instance, None)
     return instance
@@ -45,34 +50,14 @@ def trusted_resource(resource_type: str, id: str, primary: bool, key: BusinessKe
                      content: dict[str, Any], provenance: Provenance) -> Resource:
     """`trusted(Resource, ...)` without the keyword dict and its set of names: the engine
     makes one per resource of every message (an ADT^A01 has 16)."""
-    instance = _new(Resource)
-    _set(instance, "__dict__", {
-        "resource_type": resource_type, "id": id, "primary": primary, "key": key,
-        "content": content, "provenance": provenance})
-    _set_fields_set(instance, _RESOURCE_FIELDS.copy())
-    _set_extra(instance, None)
-    _set_private(instance, None)
-    return instance
+    return _made(Resource, {"resource_type": resource_type, "id": id, "primary": primary,
+                            "key": key, "content": content, "provenance": provenance},
+                 _RESOURCE_FIELDS.copy())
 
 
 def trusted_key(system: str, value: str) -> BusinessKey:
     """`trusted(BusinessKey, system=..., value=...)`, as `trusted_resource` is for Resource."""
-    instance = _new(BusinessKey)
-    _set(instance, "__dict__", {"system": system, "value": value})
-    _set_fields_set(instance, {"system", "value"})
-    _set_extra(instance, None)
-    _set_private(instance, None)
-    return instance
-
-
-def _rebuilt(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
-    """What `_Record.__reduce_ex__` pickles, made again (the `trusted` way)."""
-    instance = _new(cls)
-    _set(instance, "__dict__", values)
-    _set_fields_set(instance, fields_set)
-    _set_extra(instance, None)
-    _set_private(instance, None)
-    return instance
+    return _made(BusinessKey, {"system": system, "value": value}, {"system", "value"})
 
 
 class _Record(BaseModel):
@@ -84,7 +69,7 @@ class _Record(BaseModel):
     def __reduce_ex__(self, protocol: Any) -> Any:
         if self.__pydantic_extra__ is not None or self.__pydantic_private__ is not None:
             return super().__reduce_ex__(protocol)  # not one the engine makes
-        return (_rebuilt, (type(self), self.__dict__, self.__pydantic_fields_set__))
+        return (_made, (type(self), self.__dict__, self.__pydantic_fields_set__))
 
 
 class Provenance(_Record):

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ class Facts:
             answers = kept.get("facts")
             if isinstance(answers, dict):
                 self._known = {**answers, **self._known}
+
+    @contextlib.contextmanager
+    def kept_in(self, path: Path | None) -> Iterator[None]:
+        """The answers of `path` taken before the block, and any new ones written back
+        after it (not when it raises); None: neither."""
+        if path is not None:
+            self.load(path)
+        yield
+        if path is not None:
+            self.save(path)
 
     def save(self, path: Path) -> None:
         """Write the answers to `path` if any were new (atomically; errors ignored)."""

@@ -12,7 +12,7 @@ from gateway.canonical.models import trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Json, Run
+from gateway.mapping.runtime import Draft, Json, Run, remember
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import SHIPPED, MergeRow
 
@@ -49,12 +49,8 @@ class Translator:
             from gateway.mapping.convert import Converters
             from gateway.mapping.tables import read_tables
 
-            if facts is not None:
-                FACTS.load(facts)
-            result = compile_tables(read_tables(directory, site), Converters(default_offset))
-            if facts is not None:
-                FACTS.save(facts)
-            return result
+            with FACTS.kept_in(facts):
+                return compile_tables(read_tables(directory, site), Converters(default_offset))
 
         if generate is False or (generate is None and cache is None):
             tables = compiled()
@@ -102,7 +98,7 @@ class Translator:
 
 
 # name -> id of referred-to resources (the doctor, the ward: not made from a segment of
-# their own), across messages (`_finish`); bounded, cleared when full.
+# their own), across messages (`_finish`; bounded: `runtime.remember`).
 _REFERRED_IDS: dict[str, str] = {}
 
 
@@ -158,15 +154,8 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
             continue
         # A referred-to resource (the attending doctor, the ward, the facility) comes
         # again in the sender's next messages: its id is kept rather than hashed again.
-        # Bounded, as the generated tables' converted values are.
-        full_url = _REFERRED_IDS.get(name)
-        if full_url is None:
-            full_url = name_uuid(name)
-            if len(name) <= 512:
-                if len(_REFERRED_IDS) >= 4096:
-                    _REFERRED_IDS.clear()
-                _REFERRED_IDS[name] = full_url
-        draft.full_url = full_url
+        draft.full_url = _REFERRED_IDS.get(name) or remember(_REFERRED_IDS, name,
+                                                             name_uuid(name))
     same = _made_in_full(run) if stubs else None
     if same:
         for ref, target in run.pending_refs:

@@ -105,8 +105,8 @@ class Run:
             self.drafts.append(draft)
             self._referenced[identity] = draft
             # The same doctor, ward, facility come again in the sender's next messages.
-            digest = draft.digest = (_REFERRED_DIGESTS.get(identity)
-                                     or _remembered_digest(identity))
+            digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
+                _REFERRED_DIGESTS, identity, _digest(identity)))
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
@@ -140,17 +140,17 @@ def _digest(identity: str) -> str:
 
 
 # identity -> digest of referred-to resources, across messages (`Run.reference_to`).
-# Bounded, as the generated tables' converted values are.
 _REFERRED_DIGESTS: dict[str, str] = {}
 
 
-def _remembered_digest(identity: str) -> str:
-    digest = _digest(identity)
-    if len(identity) <= 512:
-        if len(_REFERRED_DIGESTS) >= 4096:
-            _REFERRED_DIGESTS.clear()
-        _REFERRED_DIGESTS[identity] = digest
-    return digest
+def remember(kept: dict[str, str], key: str, value: str) -> str:
+    """`value`, kept under `key` for the messages after this one: bounded, as the generated
+    tables' converted values are (keys up to 512 characters; cleared at 4,096)."""
+    if len(key) <= 512:
+        if len(kept) >= 4096:
+            kept.clear()
+        kept[key] = value
+    return value
 
 
 def _merge(into: Json, other: Json) -> None:

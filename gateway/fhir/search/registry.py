@@ -45,12 +45,8 @@ class SearchRegistry:
         (`gateway.fhir.model_cache`), as for the mapping tables: the checks read the
         model's types and elements, and with the answers kept a start imports no FHIR
         model for them (~0.3 s of CPU at an apply worker's start)."""
-        if facts is not None:
-            FACTS.load(facts)
-        registry = cls(read_table(path))
-        if facts is not None:
-            FACTS.save(facts)
-        return registry
+        with FACTS.kept_in(facts):
+            return cls(read_table(path))
 
     def types(self) -> tuple[str, ...]:
         return tuple(sorted(self._by_type))

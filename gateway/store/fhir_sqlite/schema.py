@@ -152,8 +152,8 @@ INDEX_INSERTS = {
     QuantityIndex: "INSERT INTO fhir_quantity (type, id, param, value, system, code) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
 }
-# Every batch records the shared labels of its string rows (a few a batch; the rows and
-# the labels they need commit together, so no row is written under an unrecorded label).
+# Every write records the shared labels of its string rows (a few, most already there; the
+# rows and the labels they need commit together: no row is under an unrecorded label).
 RECORD_LABELS = "INSERT OR IGNORE INTO fhir_string_label (type, label) VALUES (?, ?)"
 INDEX_TABLES = ("fhir_token", "fhir_string", "fhir_date", "fhir_reference", "fhir_quantity")
 COLUMNS = "r.type, r.id, r.version, r.last_updated, r.deleted, r.body"
