@@ -10,7 +10,9 @@ engine before the tables were generated as source, and its fallback). In the sam
 also measures the PyPI package hl7v2-fhir-bridge on the message types it supports (ADT,
 ORM, ORU), installed in its own virtual environment under bench/.peer-venv (created on
 first use; not a dependency of Isthmus), once with its default pipeline (convert +
-fhir.resources validation) and once convert-only, and prints the ratio.
+fhir.resources validation) and once convert-only, and prints the ratio. A last row,
+"ADT^A01, new patients", cycles through 1,000 ADT^A01 for 1,000 different patients (doctors
+and wards from small pools): what is kept across messages helps it only as real traffic would.
 
 Targets (issues 3 and 15): >= 10,000 ADT^A01/s and >= 5,000 ORU^R01 (10 OBX)/s on one core.
 Messages are synthetic.
@@ -111,6 +113,38 @@ MESSAGES: dict[str, str] = {
     "SIU^S12": SIU_S12, "VXU^V04": VXU_V04,
 }
 PEER_SUPPORTS = ("ADT^A01", "ORU^R01 (10 OBX)", "ORM^O01")
+# A row that is not one message repeated: every message a new patient (name, MRN, birth
+# date, address, phone, visit number, control id), its doctors and wards from small pools
+# as a hospital's are. What the engine keeps across messages (converted values, ids of
+# referred-to doctors and wards) hits only as often as real traffic lets it.
+NEW_PATIENTS = "ADT^A01, new patients"
+_FAMILIES = ("ALDERTON", "BRISCOE", "CALLOWAY", "DENHOLM", "EVERLEIGH", "FAIRWEATHER")
+_GIVENS = ("Ash", "Blair", "Corin", "Dana", "Emery", "Finley", "Gale")
+
+
+def new_patient_messages(count: int = 1000) -> list[str]:
+    """`count` ADT^A01 like ADT_A01, each for another synthetic patient."""
+    messages = []
+    for n in range(count):
+        family, given = _FAMILIES[n % 6] + str(n), _GIVENS[n % 7]
+        doctor, ward = 1000 + n % 40, n % 12
+        messages.append("\r".join([
+            MSH.format(type="ADT^A01^ADT_A01", id=f"BENCH-ADT-{n}"),
+            "EVN|A01|20261126082900+0100",
+            f"PID|1||MRN-{200000 + n}^^^SYNTHHOSP^MR~SSN-{n:03d}^^^SSA^SS||{family}^{given}^Q"
+            f"^^Dr^^L||19{50 + n % 50}{1 + n % 12:02d}{1 + n % 28:02d}|{'FM'[n % 2]}|||"
+            f"{n} Example Street^Apt {n % 9}^Springfield^ST^{10000 + n}^USA^H||"
+            f"^PRN^PH^^1^555^{n:07d}~^NET^Internet^p{n}@example.invalid|"
+            f"^WPN^PH^^1^555^{n + 1:07d}|en^English^ISO639|M^Married^HL70002",
+            f"NK1|1|{family}^Kin{n}|SPO^Spouse^HL70063|{n} Example Street^^Springfield^ST"
+            f"^{10000 + n}|^PRN^PH^^1^555^{n + 2:07d}",
+            f"PV1|1|I|WARD{ward}^{100 + n % 30}^A^SYNTHHOSP||||{doctor}^Attending{doctor}"
+            f"^Alex^^^Dr|{doctor + 1}^Referring^Rae|||MED||||ADM|||{doctor + 2}^Admitting^Ari"
+            f"|||VN-{n:06d}^^^SYNTHHOSP^VN|||||||||||||||||||||||||20261126082900+0100",
+            "AL1|1|DA|PCN^Penicillin^L|SV|Hives",
+            "DG1|1||I10^Essential hypertension^I10||20261126|A",
+        ]) + "\r")
+    return messages
 
 
 def rate(work: Callable[[], object], seconds: float) -> tuple[float, float]:
@@ -154,6 +188,13 @@ def measure_isthmus(seconds: float, generated: bool = True
         def work(raw: bytes = raw) -> bytes:
             return dumps(to_bundle(translator.translate(parse_message(raw))))
         results[name] = rate(work, seconds)
+    varied = [text.encode() for text in new_patient_messages()]
+    turn = iter(range(1 << 62))
+
+    def new_patient() -> bytes:
+        raw = varied[next(turn) % len(varied)]
+        return dumps(to_bundle(translator.translate(parse_message(raw))))
+    results[NEW_PATIENTS] = rate(new_patient, seconds)
     return results
 
 
@@ -236,15 +277,15 @@ def main() -> int:
     ours = measure_isthmus(args.seconds)
     closures = {} if args.no_interpreted else measure_isthmus(args.seconds, generated=False)
     peer = {} if args.no_peer else measure_peer(args.seconds)
-    print(f"{'message type':<18} {'isthmus msg/s':>14} {'us/msg':>8} | "
+    print(f"{'message type':<24} {'isthmus msg/s':>14} {'us/msg':>8} | "
           f"{'interpreted':>11} {'x':>5} | "
           f"{'bridge msg/s':>12} {'(no validation)':>15} | {'ratio':>6} {'(vs no val.)':>12}")
-    for name in MESSAGES:
+    for name in [*MESSAGES, NEW_PATIENTS]:
         mine = ours[name]
         if isinstance(mine, str):
-            print(f"{name:<18} {mine}")
+            print(f"{name:<24} {mine}")
             continue
-        line = f"{name:<18} {mine[0]:>14,.0f} {mine[1]:>8.1f} |"
+        line = f"{name:<24} {mine[0]:>14,.0f} {mine[1]:>8.1f} |"
         before = closures.get(name)
         if isinstance(before, tuple):
             line += f" {before[0]:>11,.0f} {mine[0] / before[0]:>5.2f} |"
