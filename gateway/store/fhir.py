@@ -97,6 +97,10 @@ class StringMatch:
     param: str
     value: str  # already normalised for "start"/"contains"; as given for "exact"
     mode: Literal["start", "exact", "contains"] = "start"
+    # ":exact": the `normalized` values the rows holding `value` carry (the value normalised;
+    # blinded on a sealed store), so the lookup index finds them instead of the store
+    # reading every row of the parameter. Empty: `exact` alone decides.
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from gateway.app.tables import search_registry
 from gateway.config import load_settings
 from gateway.fhir.search import TABLE as SEARCH_TABLE
 from gateway.fhir.search import SearchRegistry
+from gateway.fhir.search.index import normalize
 from gateway.mapping.tables import SHIPPED
 from gateway.store.data_keys import KeySource, open_codec, parse_keys
 from gateway.store.fhir import (
@@ -80,14 +81,13 @@ def _queries() -> list[SearchQuery]:
     queries: list[SearchQuery] = []
     for param in STRING_PARAMS:
         queries += [SearchQuery("Patient", ((StringMatch(param, v),),)) for v in STARTS]
-        queries += [SearchQuery("Patient", ((StringMatch(param, v, "exact"),),))
-                    for v in EXACTS]
+        queries += [SearchQuery("Patient", ((_exact(param, v),),)) for v in EXACTS]
         queries += [SearchQuery("Patient", ((MissingMatch(param, m),),)) for m in (True, False)]
     # OR across parameters of one group and of two; AND of a long value and a short one.
     ors: list[tuple[Match, ...]] = [
         (StringMatch("family", "smith"), StringMatch("given", "spring")),
         (StringMatch("family", "springfield"), StringMatch("address-city", "smithv")),
-        (StringMatch("given", "smithson", "exact"), MissingMatch("address-state", True)),
+        (_exact("given", "smithson"), MissingMatch("address-state", True)),
     ]
     queries += [SearchQuery("Patient", (clause,)) for clause in ors]
     queries.append(SearchQuery("Patient", ((StringMatch("name", "smithsonian"),),
@@ -95,6 +95,11 @@ def _queries() -> list[SearchQuery]:
     queries.append(SearchQuery("Patient", ((StringMatch("family", "smithso"),),
                                            (StringMatch("given", "ann"),))))
     return queries
+
+
+def _exact(param: str, value: str) -> StringMatch:
+    """`param:exact=value` as the search parser makes it (with its lookup key)."""
+    return StringMatch(param, value, "exact", (normalize(value),))
 
 
 def _old_layout(resource_type: str, id_: str, entries: Iterable[StringIndex],
@@ -286,7 +291,7 @@ def test_a_search_for_one_parameter_matches_every_label_of_its_group_holding_it(
 
 @pytest.mark.parametrize("match", [StringMatch("family", "smith"),
                                    StringMatch("address-city", "springfield"),
-                                   StringMatch("given", "Ann", "exact")])
+                                   _exact("given", "Ann"), _exact("family", "Smithsonian")])
 def test_a_labelled_string_search_is_driven_from_the_lookup_index(match: Match) -> None:
     blinded = blind_query(SearchQuery("Patient", ((match,),)), _sealed(),
                           StringLabels(REGISTRY.string_groups()))
@@ -303,8 +308,9 @@ def test_a_labelled_string_search_is_driven_from_the_lookup_index(match: Match) 
     if isinstance(match, StringMatch) and match.mode == "start":
         assert ("USING COVERING INDEX fhir_string_lookup (type=? AND param=? AND "
                 "normalized>? AND normalized<?)") in plan, plan
-    else:  # :exact reads the parameter's rows in the index, as it did by name
-        assert "USING INDEX fhir_string_lookup (type=? AND param=?)" in plan, plan
+    else:  # :exact goes to its value's rows in the index, not every row of the parameter
+        assert "USING INDEX fhir_string_lookup (type=? AND param=? AND normalized=?)" in plan, \
+            plan
     assert "SCAN fhir_string" not in plan, plan
 
 
@@ -364,3 +370,21 @@ async def test_rows_shared_under_a_larger_group_are_found_after_the_table_drops_
         ["address", "address-city", "address-country", "address-postalcode"],
         ["family", "name"]]
     assert await _answers(tmp_path / "sealed.db", sealed, letters, smaller, kept) == expected
+
+
+async def test_exact_finds_rows_of_the_first_sealed_layout_the_whole_value_blinded(
+        tmp_path: Path) -> None:
+    """Stores sealed before prefix rows stopped at PREFIX_ROWS carry a long value's :exact
+    blind on the blind of the whole value: :exact still finds it through the index."""
+    sealed = _sealed()
+    letters = await _filled(tmp_path / "sealed.db", sealed)
+    id_ = next(id_ for id_, letter in letters.items() if letter == "D")
+    with sqlite3.connect(tmp_path / "sealed.db") as db:
+        db.execute("DELETE FROM fhir_string WHERE id = ?", (id_,))
+        db.execute("INSERT INTO fhir_string VALUES (?, ?, ?, ?, ?)",
+                   ("Patient", id_, "family", sealed.blind("smithsonian", "prefix"),
+                    sealed.blind("Smithsonian", "exact")))
+    found = await _answers(tmp_path / "sealed.db", sealed, letters, queries=[
+        SearchQuery("Patient", ((_exact("family", "Smithsonian"),),)),
+        SearchQuery("Patient", ((_exact("family", "smithsonian"),),))])
+    assert found == [("D", 1), ("", 0)]

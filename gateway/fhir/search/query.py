@@ -264,7 +264,7 @@ class _Request:
         if param.type == "string":
             text = _unescape(item)
             if modifier == "exact":
-                return [StringMatch(name, text, "exact")]
+                return [StringMatch(name, text, "exact", (normalize(text),))]
             normalized = normalize(text)
             if not normalized:
                 return []

@@ -236,8 +236,14 @@ def _blind(match: Match, codec: RowCodec) -> Match:
         case TokenMatch(code=code) if code is not None:
             return TokenMatch(match.param, match.system, codec.blind(code, "token"),
                               match.negate)
-        case StringMatch(value=value, mode="exact"):
-            return StringMatch(match.param, codec.blind(value, "exact"), "exact")
+        case StringMatch(value=value, mode="exact", keys=keys):
+            # The row carrying a value's :exact blind is its last prefix row: the blind of
+            # its first PREFIX_ROWS characters (`index_rows`); stores sealed before prefix
+            # rows stopped at PREFIX_ROWS put it on the whole value's blind.
+            blinded = {codec.blind(key[:length], "prefix")
+                       for key in keys for length in (PREFIX_ROWS, len(key))}
+            return StringMatch(match.param, codec.blind(value, "exact"), "exact",
+                               tuple(sorted(blinded)))
         case StringMatch(param=param, mode="contains"):
             # A blind index has no inside to look into: a clear refusal, not a search
             # that quietly finds less.

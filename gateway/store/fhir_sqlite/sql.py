@@ -130,10 +130,14 @@ def _index_condition(match: Match, params: list[object]) -> tuple[str, str, bool
                 parts.append("system = ?")
                 params.append(system)
             return "fhir_token", " AND ".join(parts), negate
-        case StringMatch(_, value, mode):
+        case StringMatch(_, value, mode, keys):
             if mode == "exact":
                 params.append(value)
-                return "fhir_string", "exact = ?", False
+                if not keys:
+                    return "fhir_string", "exact = ?", False
+                params.extend(keys)
+                return ("fhir_string",
+                        f"exact = ? AND normalized IN ({','.join('?' * len(keys))})", False)
             pattern = _like_escape(value) + "%"
             params.append(pattern if mode == "start" else "%" + pattern)
             return "fhir_string", "normalized LIKE ? ESCAPE '\\'", False
