@@ -200,9 +200,8 @@ async def test_the_translation_made_for_the_ack_is_applied_not_made_again(
     gateway = _gateway(tmp_path, 1).start()
     try:
         assert gateway.proc is not None
-        # The edge translates for itself until the translator has loaded its tables (then
-        # the worker translates the row again): a round with none translated again shows
-        # every translation handed on from the translator to the worker.
+        # A round with none translated again shows every translation handed on from the
+        # translator to the worker (at start too: the burst test below).
         for update in range(UPDATES):
             again = await _worker_counter(gateway.http_port, "translated_again")
             await _send_all(gateway.mllp_port, range(update, update + 1))
