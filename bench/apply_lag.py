@@ -14,9 +14,10 @@ and max, and the time from the last ACK until everything was applied; and the CP
 (user+system, from /proc) the edge and the apply workers used over the run, per message.
 
 Also printed: how many rows the workers translated again (`isthmus.worker.translated_again`):
-the first messages after start, sent before the translator processes are ready, are
-translated by the edge and again by the worker; `--settle 25` waits that out and measures
-the steady state.
+none kept for them. The edge listens once its translators are ready and holds what they
+translate for an apply worker still starting, so that is 0 from the first message (it
+was hundreds when the children started after the edge listened); `--settle 25` waits
+before the burst anyway (the workers' start off the figures: the steady state).
 
 The peer, in the same run: the poll's own round trip (p50/p99), the floor under any lag
 this can see (a lag below it reads as the poll's resolution).
@@ -216,9 +217,8 @@ def main() -> int:
     os.chmod(workdir, 0o700)
     proc, mllp, http = start_gateway(workdir, args.workers)
     try:
-        # The translators and workers load their tables after the edge listens (seconds,
-        # over 10 s on a loaded machine): until then the edge translates for the ACKs and
-        # the worker translates every row again.
+        # The apply workers may still be starting when the edge listens (seconds, over
+        # 10 s on a loaded machine): their rows wait, so the first lags include that.
         time.sleep(args.settle)
         asyncio.run(measure(args, mllp, http, proc.pid))
     finally:

@@ -94,6 +94,24 @@ async def shutdown_telemetry(app: web.Application) -> None:
     app[TELEMETRY].shutdown()
 
 
+async def child_processes(app: web.Application) -> AsyncIterator[None]:
+    """With apply workers (`worker_processes`), the translator processes: started first, so
+    that they load their tables while this process opens its stores, and are ready when
+    it listens (`mllp`). The applier context starts the apply workers and stops them all;
+    this one closes what a failed start left."""
+    count = worker_processes(app[SETTINGS])
+    if not count:
+        yield
+        return
+    workers = Workers(app[SETTINGS], count)
+    app[WORKERS] = workers
+    try:
+        await workers.start_translators()
+        yield
+    finally:
+        await workers.close()
+
+
 async def data_dir(app: web.Application) -> AsyncIterator[None]:
     """The data directory: created owner-only or refused if others may open it, locked
     for this process before any store in it opens (a second gateway stops here), and its
@@ -284,18 +302,14 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
     if not (settings.fhir.enabled and settings.mapping.translate_on_ingest):
         yield
         return
-    # Worker processes apply what the edge commits to the embedded store; several
-    # instances on PostgreSQL scale out instead (each applies in its own process).
-    count = (0 if settings.store.backend == "postgresql"
-             else settings.processes.worker_count())
     started: Applier
-    if count:
+    if WORKERS in app:
         # Worker processes apply (and translate again) what the edge commits: the second
         # core's work, off this event loop.
-        workers = Workers(settings, count)
+        workers = app[WORKERS]
         await workers.start()
         workers.observe(app[TELEMETRY].meter)
-        app[WORKERS] = started = workers
+        started = workers
     else:
         local = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
                              app[TRANSLATOR], metrics=app[TELEMETRY].ingest)
@@ -316,7 +330,11 @@ async def mllp(app: web.Application) -> AsyncIterator[None]:
         # Started now, not at the first large frame: its start (imports, tables: a second
         # or more of CPU) would otherwise compete with every connection beside that frame.
         large.submit(os.getpid)
-    server = mllp_server(app, app.get(WORKERS), large)
+    workers = app.get(WORKERS)
+    if workers is not None:
+        # What the edge translates itself for an ACK, its apply worker translates again.
+        await workers.translators_ready()
+    server = mllp_server(app, workers, large)
     observe_budget(app[TELEMETRY].meter, server.ingest)
     app[MLLP_ADDRESS] = await server.start(settings.server.host, settings.mllp.port)
     app[MLLP] = server
@@ -357,10 +375,20 @@ async def housekeeping(app: web.Application) -> AsyncIterator[None]:
 
 
 # Start-up order; shutdown runs it backwards.
-RESOURCES: tuple[Resource, ...] = (data_dir, database, translator, audit, assertion_ids,
-                                   inbox, refusals, fhir_store, forwarding, fhir_api,
-                                   events, agent_api, webhooks, applier, mllp,
+RESOURCES: tuple[Resource, ...] = (child_processes, data_dir, database, translator, audit,
+                                   assertion_ids, inbox, refusals, fhir_store, forwarding,
+                                   fhir_api, events, agent_api, webhooks, applier, mllp,
                                    housekeeping)
+
+
+def worker_processes(settings: Settings) -> int:
+    """How many apply worker processes apply what the edge commits (0: the edge applies,
+    or nothing is applied here)."""
+    if not (settings.fhir.enabled and settings.mapping.translate_on_ingest):
+        return 0
+    # Several instances on PostgreSQL scale out instead (each applies in its own process).
+    return (0 if settings.store.backend == "postgresql"
+            else settings.processes.worker_count())
 
 
 def large_frames(settings: Settings) -> ProcessPoolExecutor:

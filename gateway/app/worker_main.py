@@ -80,14 +80,17 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
     follower = InboxFollower(store, registry, inbox, translator, report, share=index,
                              shares=count,
                              budget_bytes=settings.processes.memory_budget_bytes // 4)
-    loop.add_signal_handler(signal.SIGTERM, follower.stop)
     _keep_out_of_collections()
-    following = asyncio.create_task(follower.follow(), name="inbox-follower")
     send(writer, ("ready",))
+    # The edge answers with the translations it held while this worker started, then the
+    # first wake: the inbox is read only after that, so those rows are not made again.
+    # Until then SIGTERM ends the process at once (`child.begin`): it holds nothing yet.
+    following: asyncio.Task[None] | None = None
     try:
-        while not following.done():
+        while following is None or not following.done():
             listening = asyncio.ensure_future(receive(reader))
-            await asyncio.wait({listening, following}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({listening} if following is None else {listening, following},
+                               return_when=asyncio.FIRST_COMPLETED)
             if not listening.done():
                 listening.cancel()
                 break
@@ -99,8 +102,12 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
                 # A translator's translation for an ACK, for when its row comes up.
                 follower.keep(item[1], item[2])
             else:
+                if following is None:
+                    loop.add_signal_handler(signal.SIGTERM, follower.stop)
+                    following = asyncio.create_task(follower.follow(), name="inbox-follower")
                 follower.wake()
-        await following
+        if following is not None:
+            await following
     finally:
         await store.close()
         await inbox.close()

@@ -13,9 +13,11 @@ its settings on stdin and talking over a socket pair, one pickled tuple a frame 
                                                      kept: (key, pickled Translation)
                                                      or None
     edge -> worker     ("keep", key, pickled Translation)  for its row
-                       ("wake",)                     rows were committed
+                       ("wake",)                     rows were committed (the first:
+                                                     start reading the inbox)
                        ("stop",)                     finish the batch in hand and exit
-    worker -> edge     ("ready",)
+    worker -> edge     ("ready",)                    answered by the keeps held for it,
+                                                     then ("wake",)
                        ("done", [(inbox id, ""|reason), ...], depth, batch ms,
                         store write ms, rows translated again)
 
@@ -25,6 +27,12 @@ interpreter lock held by the FHIR store's writer thread). The edge hands the Tra
 on to the worker whose share holds the patient before it commits the row, so the worker
 does not translate it again; a large one (`processes.offload_bytes`) is translated in the
 large-frame process instead, so it holds up no translator.
+
+The translators are started first, while the edge opens its stores, and the edge listens
+once they are ready (`_READY_WAIT` at most): a message it translated itself was
+translated again by its apply worker. A Translation for an apply worker that is not
+ready yet (starting, or started again) is held here, bounded as the worker bounds what it
+keeps, and handed over when it says ready; it reads the inbox only after that.
 
 A child dies with the edge (its parent-death signal, and the socket's end of file); one
 that dies is started again; an apply worker's rows wait, committed and marked
@@ -53,13 +61,16 @@ from gateway.config import Settings
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.ingest.applier import Outcome
 from gateway.ingest.prepare import Prepared, Request, from_wire, settle
-from gateway.ingest.worker import share_of
+from gateway.ingest.worker import KEPT_MAX, share_of
 
 log = logging.getLogger(__name__)
 
 # How long a stopping worker may take to finish its batch before it is killed.
 _STOP_GRACE = 8.0
 _RESTART_DELAY = 1.0
+# How long the edge waits for its translators before it listens anyway (translating for
+# itself meanwhile): a translator's start is 1-2 s, over 10 s on a loaded machine.
+_READY_WAIT = 30.0
 # Translations one translator may owe the edge before the edge translates for itself.
 _MAX_ASKED = 16
 _WORKER = "gateway.app.worker_main"
@@ -90,8 +101,11 @@ class _Child:
     # A translator's translations asked and not answered yet, by sequence number, with
     # the apply worker that takes the message's patient.
     asked: dict[int, tuple[asyncio.Future[Prepared], int]] = field(default_factory=dict)
-    # Until a child has loaded its tables (and opened the stores), the edge translates.
-    ready: bool = False
+    # Set once a child has loaded its tables (and opened the stores); until then the edge
+    # translates, and holds the translations for an apply worker (`held`).
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    held: list[tuple[bytes, bytes]] = field(default_factory=list)
+    held_bytes: int = 0
     # Frames posted during this turn of the event loop, written together at its end: one
     # write (a system call) for what the turn's messages asked, not one each.
     outgoing: list[bytes] = field(default_factory=list)
@@ -110,6 +124,10 @@ class _Child:
     @property
     def name(self) -> str:
         return f"{'apply worker' if self.module == _WORKER else 'translator'} {self.index}"
+
+    @property
+    def ready(self) -> bool:
+        return self.up.is_set()
 
     @property
     def open(self) -> bool:
@@ -132,6 +150,9 @@ class Workers:
     def __init__(self, settings: Settings, count: int) -> None:
         self._settings = settings
         self._seq = 0
+        # Held for an apply worker that is starting: no more than it keeps itself
+        # (`InboxFollower.keep`: a quarter of its quarter of the memory budget).
+        self._held_max_bytes = settings.processes.memory_budget_bytes // 16
         self._workers = [_Child(_WORKER, i) for i in range(count)]
         self._translators = [_Child(_TRANSLATOR, i) for i in range(translator_count(count))]
         self._pending: set[int] = set()
@@ -189,10 +210,29 @@ class Workers:
                 self.pending, {"process": "edge"})]],
             description="messages committed by the edge and not yet applied by a worker")
 
-    async def start(self) -> None:
-        # Translators first: until one is ready the edge translates every ACK itself.
-        for child in (*self._translators, *self._workers):
+    async def start_translators(self) -> None:
+        """Start the translators: first, so that their start (imports, tables) overlaps
+        the edge's own."""
+        for child in self._translators:
             await self._spawn(child)
+
+    async def start(self) -> None:
+        """Start the apply workers (after the edge has opened the stores)."""
+        for child in self._workers:
+            await self._spawn(child)
+
+    async def translators_ready(self) -> bool:
+        """Wait until every translator is ready (`_READY_WAIT` at most): until then the
+        edge translates for the ACKs itself, and its apply worker again. False: not all
+        are (the edge translates for those meanwhile)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(t.up.wait() for t in self._translators)),
+                                   _READY_WAIT)
+        except TimeoutError:
+            log.warning("the translators are not ready after %g s: the edge translates "
+                        "meanwhile", _READY_WAIT)
+            return False
+        return True
 
     def translate(self, request: Request) -> asyncio.Future[Prepared] | None:
         """A translation for the handler, by the least busy translator (None: translate
@@ -230,7 +270,10 @@ class Workers:
         await self._drained.wait()
 
     async def close(self) -> None:
-        """Stop every worker after the batch it holds; kill one that overstays."""
+        """Stop every worker after the batch it holds; kill one that overstays (once:
+        a second call finds them stopped)."""
+        if self._closing:
+            return
         self._closing = True
         children = (*self._workers, *self._translators)
         for child in children:
@@ -282,12 +325,12 @@ class Workers:
                 if item[0] == "translated":
                     self._translated(child, item[1], item[2], item[3])
                 elif item[0] == "ready":
-                    child.ready = True
+                    self._ready(child)
                 elif item[0] == "done":
                     self._reported(child, *item[1:6])
             except Exception as exc:  # a malformed report must not stop the supervisor
                 log.error("%s: unreadable report: %s", child.name, type(exc).__name__)
-        child.ready = False
+        child.up.clear()
         # Whatever it was asked is translated here instead (the handler falls back).
         for future, _ in child.asked.values():
             settle(future, ConnectionError("the translator is gone"))
@@ -300,9 +343,7 @@ class Workers:
         child.stats.restarts += 1
         await asyncio.sleep(_RESTART_DELAY)
         if not self._closing:
-            await self._spawn(child)
-            if child.writer is not None and child.module == _WORKER:
-                send(child.writer, ("wake",))
+            await self._spawn(child)  # an apply worker reads its rows once it is ready
 
     def _translated(self, translator: _Child, seq: int, wire: tuple[Any, ...],
                     kept: tuple[bytes, bytes] | None) -> None:
@@ -314,9 +355,33 @@ class Workers:
             return
         future, share = asked
         worker = self._workers[share]
-        if kept is not None and worker.open and not future.done():
-            worker.post(("keep", *kept))
+        if kept is not None and not future.done():
+            if worker.open:
+                worker.post(("keep", *kept))
+            else:
+                self._hold(worker, kept)
         settle(future, from_wire(wire))
+
+    def _hold(self, worker: _Child, kept: tuple[bytes, bytes]) -> None:
+        """Keep a Translation for an apply worker that is starting, for when it is ready;
+        when full, drop it (the worker translates the row again)."""
+        if (self._closing or len(worker.held) >= KEPT_MAX
+                or worker.held_bytes + len(kept[1]) > self._held_max_bytes):
+            return
+        worker.held.append(kept)
+        worker.held_bytes += len(kept[1])
+
+    def _ready(self, child: _Child) -> None:
+        """A child is ready. An apply worker is handed what was held for it, then its first
+        wake: it reads the inbox only after that, so those rows are not translated twice."""
+        child.up.set()
+        if child.module != _WORKER:
+            return
+        for kept in child.held:
+            child.post(("keep", *kept))
+        child.held.clear()
+        child.held_bytes = 0
+        child.post(("wake",))
 
     def _reported(self, worker: _Child, done: list[tuple[int, str]], depth: int,
                   batch_ms: float, write_ms: float, again: int) -> None:
@@ -339,5 +404,5 @@ class Workers:
     def _wake(self) -> None:
         self._wake_scheduled = False
         for worker in self._workers:
-            if worker.writer is not None:
+            if worker.open:  # one starting is woken when it says ready (`_ready`)
                 worker.post(("wake",))

@@ -47,7 +47,7 @@ _LARGE_RESOURCES = 500
 # At most this many translations kept for their rows (and their pickled bytes within a
 # quarter of the budget), none for longer than this: enough for the apply to lag a burst
 # of tens of seconds without translating the rows again.
-_KEPT_MAX = 20_000
+KEPT_MAX = 20_000
 _KEPT_SECONDS = 60.0
 
 # Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
@@ -113,7 +113,7 @@ class InboxFollower(LocalApplier):
         while self._kept and next(iter(self._kept.values()))[1] < now - _KEPT_SECONDS:
             _, (held, _) = self._kept.popitem(last=False)
             self._kept_bytes -= len(held)
-        if (key in self._kept or len(self._kept) >= _KEPT_MAX
+        if (key in self._kept or len(self._kept) >= KEPT_MAX
                 or self._kept_bytes + len(translation) > self._budget // 4):
             return
         self._kept[key] = (translation, now)

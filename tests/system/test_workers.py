@@ -4,7 +4,8 @@ Each test runs `isthmus serve --workers N` as a child process and reads the FHIR
 workers wrote over /fhir: one patient's messages land in the order sent, whatever worker
 takes them; a worker or translator killed with SIGKILL is started again and nothing it
 held is lost or applied twice; a gateway killed with SIGKILL takes them with it; SIGTERM
-stops them all; a translation made for an ACK is the one applied (not made again).
+stops them all; a translation made for an ACK is the one applied (not made again), also
+for the messages sent the moment the gateway listens, while its apply workers still start.
 """
 
 from __future__ import annotations
@@ -199,9 +200,8 @@ async def test_the_translation_made_for_the_ack_is_applied_not_made_again(
     gateway = _gateway(tmp_path, 1).start()
     try:
         assert gateway.proc is not None
-        # The edge translates for itself until the translator has loaded its tables (then
-        # the worker translates the row again): a round with none translated again shows
-        # every translation handed on from the translator to the worker.
+        # A round with none translated again shows every translation handed on from the
+        # translator to the worker (at start too: the burst test below).
         for update in range(UPDATES):
             again = await _worker_counter(gateway.http_port, "translated_again")
             await _send_all(gateway.mllp_port, range(update, update + 1))
@@ -219,5 +219,25 @@ async def test_the_translation_made_for_the_ack_is_applied_not_made_again(
         families = await _families(gateway.http_port)
         assert families == {f"MRN-W{p:03d}": f"FAMILY{update}" for p in range(PATIENTS)}
         assert await _provenances(gateway.http_port) == PATIENTS * (update + 1)
+    finally:
+        gateway.kill()
+
+
+@pytest.mark.slow
+async def test_a_burst_sent_as_the_gateway_starts_is_translated_once(tmp_path: Path) -> None:
+    # The edge listens once its translator is ready; what it translates for the workers,
+    # still starting, is held until they are ready and read the inbox. Before, the first
+    # messages were translated by the edge (no translator ready yet) or their translation
+    # dropped (no worker ready), and each translated again by its worker.
+    gateway = _gateway(tmp_path, 2).start()
+    try:
+        await _send_all(gateway.mllp_port, range(UPDATES))
+
+        async def applied() -> bool:
+            return await _worker_counter(gateway.http_port, "applied") == PATIENTS * UPDATES
+
+        await eventually(applied, timeout=60, interval=0.2, what="the burst applied")
+        assert await _worker_counter(gateway.http_port, "translated_again") == 0
+        assert await _families(gateway.http_port) == _last_families()
     finally:
         gateway.kill()
