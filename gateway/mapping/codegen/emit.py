@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
 from gateway.mapping.codegen.paths import (
     guarded,
@@ -73,6 +74,7 @@ class Emitter(Named):
         # expression read, for those that are read in place when only one row reads them)
         self._lazy: list[dict[str, str]] = []
         self._seps: list[str] = []  # per table function being written: its separators
+        self._insts: list[Instances] = []  # per table function being written: its instances
 
     # -- the module ---------------------------------------------------------------------
 
@@ -296,18 +298,19 @@ class Emitter(Named):
         if kind == "row_text":
             return [f"t = {first_leaf(place.raw, place.seps)}",
                     "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
-                    *indent_lines(setter_statements(spec[1], out, place.tags, True), 1), *done]
+                    *indent_lines(setter_statements(spec[1], out, place.tags, True,
+                                                    self._insts[-1]), 1), *done]
         if kind == "row":
             _, condition, produce, setter = spec
             made = spec_of(produce)
             if made[0] in ("text", "primitive"):
                 # Text, or a primitive converted: written where it is made (never None).
-                write = setter_statements(setter, out, place.tags, True)
+                write = setter_statements(setter, out, place.tags, True, self._insts[-1])
                 body = (self._text(place, write) if made[0] == "text" else
                         self._primitive(made, place, write)) + done
             else:
                 produced, plain = self._produce(produce, place)
-                write = setter_statements(setter, out, place.tags, plain)
+                write = setter_statements(setter, out, place.tags, plain, self._insts[-1])
                 if made[0] == "constant":
                     body = [*produced, *write, *done]  # a constant is never None
                 else:
@@ -317,8 +320,13 @@ class Emitter(Named):
             return [f"if {self.condition(condition, place)}:", *indent_lines(body, 1)]
         if kind == "only_existing":
             _, inner, prefix, indexed = spec
-            return [f"if {place.tags.key(prefix, indexed)} in inst:",
-                    *indent_lines(self.row(inner, place, out), 1)]
+            use = self._insts[-1].use(place.tags, prefix, indexed)
+            if use is None:
+                return [f"if {place.tags.key(prefix, indexed)} in inst:",
+                        *indent_lines(self.row(inner, place, out), 1)]
+            if use.fresh:
+                return []  # nothing before can have made the instance: it never applies
+            return [f"if {use.var} is not None:", *indent_lines(self.row(inner, place, out), 1)]
         if kind == "applies_when":
             if not place.applied:
                 return []  # writes nothing; only whether it holds counts, and not here
@@ -356,22 +364,38 @@ class Emitter(Named):
         """Rows that write constants: where none of the elements they write is there yet
         (the usual case), what they write as one literal; else row by row. The literal is
         what the rows' own setters make of an empty object (so the same keys in the same
-        order), each repeating instance they make kept in `inst` under its key."""
+        order), each repeating instance they make kept under its key (in a local
+        variable, or in `inst`)."""
         tags = place.tags.static
         assert tags is not None
+        insts = self._insts[-1]
         made: dict[str, Any] = {}
         inst: dict[str, Any] = {}
         for row in rows:
             _, _, produce, setter = spec_of(row)
             setter(made, inst, tags[0], tags[1], spec_of(produce)[1])
-        slow = [line for row in rows for line in self.row(row, place, out)]
         if len(rows) < 2 and not inst:
-            return slow  # one plain value: no walk to save
-        names = {id(value): f"n{i}" for i, value in enumerate(inst.values())}
+            return [line for row in rows for line in self.row(row, place, out)]
+        # Row by row only where an element may be there already (a data-type function's
+        # `out` starts empty: then never).
+        absent = [key for key in made if insts.may_hold(out, key)]
+        slow = [line for row in rows for line in self.row(row, place, out)] if absent else []
+        names: dict[int, str] = {}
+        kept: list[str] = []
+        for n, (key, value) in enumerate(inst.items()):
+            var = insts.known(key)
+            if var is None:
+                names[id(value)] = f"n{n}"
+                kept.append(f"inst[{key!r}] = n{n}")
+            else:
+                names[id(value)] = var
+                insts.holding(var, value)
         writes = [f"{out}[{key!r}] = {shaped(value, names)}" for key, value in made.items()]
-        kept = [f"inst[{key!r}] = {names[id(value)]}" for key, value in inst.items()]
-        absent = " and ".join(f"{key!r} not in {out}" for key in made)
-        return [f"if {absent}:", *indent_lines(writes + kept, 1), "else:",
+        insts.holding(out, made)
+        if not absent:
+            return writes + kept
+        test = " and ".join(f"{key!r} not in {out}" for key in absent)
+        return [f"if {test}:", *indent_lines(writes + kept, 1), "else:",
                 *indent_lines(slow, 1)]
 
     def group(self, group: object, parts: str, seps: str, location: str, out: str,
@@ -434,16 +458,16 @@ class Emitter(Named):
         if c and s:
             below += ["pc = raw.split(run.d.subcomponent)",
                       f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        rows_lines = (["applied = False", *self._rows(rows, place, out),
+                       "if not applied:", f"    run.unmapped[{where!r}] += 1"]
+                      if count_unmatched else self._rows(rows, place, out))
         body = [*below,
                 "if not raw or raw == NULL:", "    continue",
+                # The repetition's own instances (`Instances`) are new at each one.
+                *self._insts[-1].loop_lines(self._insts[-1].group),
                 "scope.rep = rep",
                 "rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'",
-                f"st = {'@' + where!r} + rt"]
-        if count_unmatched:
-            body += ["applied = False", *self._rows(rows, place, out),
-                     "if not applied:", f"    run.unmapped[{where!r}] += 1"]
-        else:
-            body += self._rows(rows, place, out)
+                f"st = {'@' + where!r} + rt", *rows_lines]
         body = hoisted_keys(body, f"st = {'@' + where!r} + rt")
         only_line = [f"    reps = reps[{only - 1}:{only}]"] if only is not None else []
         # The repetition being mapped is for readers of this field (its conditions).
@@ -474,9 +498,10 @@ class Emitter(Named):
     def _groups(self, groups: Sequence[tuple[int, object]], parts: str, seps: str,
                 location: str, out: str) -> list[str]:
         lines: list[str] = []
-        for index, group in groups:
+        for position, (index, group) in enumerate(groups):
             if not spec_of(group)[-1]:
                 continue  # no rows (only documentation rows): nothing to run
+            self._insts[-1].group = position
             body = self.group(group, parts, seps, location, out, index)
             if index < 0:
                 lines += body
@@ -498,10 +523,12 @@ class Emitter(Named):
         name = self._remember(fn, self._name("D"))  # before the body: tables nest
         self._lazy.append({})
         self._seps.append("seps")
-        body = prelude(["out = {}", "inst = {}", "count = len(parts)",
-                         *self._groups(groups, "parts", "seps", "location", "out"),
-                         "return out.get('$value')" if primitive else "return out or None"],
-                        self._lazy.pop())
+        self._insts.append(Instances([g for _, g in groups], out_known=True))
+        lines = self._groups(groups, "parts", "seps", "location", "out")
+        body = prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
+                        "count = len(parts)", *lines,
+                        "return out.get('$value')" if primitive else "return out or None"],
+                       self._lazy.pop())
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
@@ -518,9 +545,11 @@ class Emitter(Named):
         name = self._remember(fn, self._name("S"))
         self._lazy.append({})
         self._seps.append("''")
-        body = prelude(["inst = {}", "count = len(parts)",
-                         *self._groups(groups, "parts", "''", repr(segment_id), "out")],
-                        self._lazy.pop())
+        # `out` may hold what earlier segments wrote (a PD1 into the PID's Patient).
+        self._insts.append(Instances([g for _, g in groups], out_known=False))
+        lines = self._groups(groups, "parts", "''", repr(segment_id), "out")
+        body = prelude(["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
+                        *lines], self._lazy.pop())
         self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))
