@@ -35,6 +35,7 @@ from gateway.mapping.codegen.source import (
     prelude,
     separators,
     spec_of,
+    split_below,
     text_of,
 )
 from gateway.mapping.steps import Link, MessageStep
@@ -75,11 +76,18 @@ class Emitter(Named):
         self._lazy: list[dict[str, str]] = []
         self._seps: list[str] = []  # per table function being written: its separators
         self._insts: list[Instances] = []  # per table function being written: its instances
+        # Segment functions that some step runs into a resource made before (`into_current`:
+        # its `out` may hold what earlier segments wrote); the others start from {}.
+        self._into_current: set[int] = set()
 
     # -- the module ---------------------------------------------------------------------
 
     def module(self, events: dict[str, Callable[..., None]],
                merges: dict[str, MergeRow]) -> str:
+        self._into_current = {id(step.apply) for fn in events.values()
+                              if spec_of(fn)[0] == "message"
+                              for steps in spec_of(fn)[1].values() for step in steps
+                              if step.into_current}
         names = {message_type: self._message(fn) for message_type, fn in events.items()}
         lines = [HEADER, *self.top, "", *self.functions, ""]
         lines.append("EVENTS = {" + ", ".join(f"{k!r}: {v}" for k, v in names.items()) + "}")
@@ -192,10 +200,14 @@ class Emitter(Named):
             raise NotGenerated(f"unknown producer {kind}")
         _, fn, recode, resource_type = spec
         datatype = self.datatype(fn)
-        lines = [f"if {seps}:",
-                 f"    v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
-                 "else:",
-                 f"    v = {datatype}([{raw}], '', run, {location})"]
+        known = split_below(raw, seps)
+        if known is not None:
+            lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location})"]
+        else:
+            lines = [f"if {seps}:",
+                     f"    v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
+                     "else:",
+                     f"    v = {datatype}([{raw}], '', run, {location})"]
         if recode is not None or resource_type is not None:
             lines.append("if v is not None:")
             if recode is not None:
@@ -430,13 +442,13 @@ class Emitter(Named):
                             *indent_lines(self._rows(rows, place, out), 1)]
         if kind == "elsewhere":
             _, segment_id, f, c, s, where, other_tag, rows = spec
-            place = Place("raw", "sp", repr(where), Tags(("#1", other_tag)), valued=True)
+            place = Place("raw", separators(c, s), repr(where), Tags(("#1", other_tag)),
+                          valued=True)
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
                     f"    raw = descend(first_repetition(sg.field({f}), run), run, {c}, {s})",
                     "    if raw and raw != NULL:",
-                    f"        sp = {separators(c, s)}",
                     *indent_lines(self._rows(rows, place, out), 2)]
         if kind == "repetitions":
             return self._repetitions(spec, parts, out, guarded == spec[1])
@@ -450,7 +462,7 @@ class Emitter(Named):
     def _repetitions(self, spec: tuple[Any, ...], parts: str, out: str, guarded: bool
                      ) -> list[str]:
         _, f, c, s, where, only, count_unmatched, rows = spec
-        place = Place("raw", "sp", repr(where), Tags(None), applied=count_unmatched,
+        place = Place("raw", separators(c, s), repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f, valued=True)
         # `runtime.descend` written out: the component (and subcomponent) of each one.
         below = ["pc = rep.split(run.d.component)",
@@ -458,6 +470,7 @@ class Emitter(Named):
         if c and s:
             below += ["pc = raw.split(run.d.subcomponent)",
                       f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        self._insts[-1].repeated(rows, out)
         rows_lines = (["applied = False", *self._rows(rows, place, out),
                        "if not applied:", f"    run.unmapped[{where!r}] += 1"]
                       if count_unmatched else self._rows(rows, place, out))
@@ -482,16 +495,16 @@ class Emitter(Named):
             body.remove(tag_lines[1])
             if not any(re.search(r"\brt\b", line) for line in rest):
                 body.remove(tag_lines[0])
+        # Without the tags the repetition's number is not needed: no enumerate.
+        numbered = any(re.search(r"\bi\b", line) for line in body)
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",
-                "    rs = run.d.repetition",
                 "    reps = fl.split(rs) if rs in fl else (fl,)",
                 *only_line,
-                f"    sp = {separators(c, s)}",
                 *([f"    scope = {self._scope()}", f"    scope.rep_field = {f}"]
                   if uses_scope else []),
-                "    for i, rep in enumerate(reps):",
+                "    for i, rep in enumerate(reps):" if numbered else "    for rep in reps:",
                 *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
 
@@ -545,8 +558,10 @@ class Emitter(Named):
         name = self._remember(fn, self._name("S"))
         self._lazy.append({})
         self._seps.append("''")
-        # `out` may hold what earlier segments wrote (a PD1 into the PID's Patient).
-        self._insts.append(Instances([g for _, g in groups], out_known=False))
+        # `out` may hold what earlier segments wrote (a PD1 into the PID's Patient) when
+        # a step runs this function into a resource made before; else it is a new {}.
+        self._insts.append(Instances([g for _, g in groups],
+                                     out_known=id(fn) not in self._into_current))
         lines = self._groups(groups, "parts", "''", repr(segment_id), "out")
         body = prelude(["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
                         *lines], self._lazy.pop())

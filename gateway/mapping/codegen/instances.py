@@ -14,7 +14,8 @@ It also records which keys each local instance, and a data-type function's own `
 (empty at its start), may hold so far: where none can, a first-write-wins test is left
 out. Everything here follows the order the statements are written in, which is the
 order they run in: a table function has no loop but a field's repetitions, whose
-instances are made again at each repetition (`Instances.loop_lines`).
+instances are made again at each repetition (`Instances.loop_lines`) and whose writes
+into `out` may be there at the next one (`Instances.repeated`).
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ class Instances:
         if keys is not None:
             keys.add(key)
 
+    def repeated(self, rows: Iterable[object], out: str) -> None:
+        """The rows of a field's repetitions are about to be written: each runs once per
+        repetition, so what one writes into `out` may be there at the next one."""
+        for key in _top_keys(rows):
+            self.wrote(out, key)
+
     def filled(self, node: str) -> None:
         """`node` may now hold any key (a data-type function's value went into it)."""
         if node in self._written:
@@ -182,4 +189,23 @@ def _row_instances(rows: Iterable[Any]) -> list[tuple[str, bool]]:
                           if repeats]
                 if last_repeats:
                     found.append((last_prefix, last_indexed))
+    return found
+
+
+def _top_keys(rows: Iterable[object]) -> set[str]:
+    """The keys of the written object that rows may write (their paths' first steps)."""
+    found: set[str] = set()
+    for row in rows:
+        spec = spec_of(row)
+        if spec[0] == "only_existing":
+            found |= _top_keys([spec[1]])
+        elif spec[0] in ("row", "row_text"):
+            setter = spec_of(spec[-1])
+            if setter[0] == "walk":
+                walk, last_key = setter[1], setter[2]
+                found.add(walk[0][0] if walk else last_key)
+            elif setter[0] == "single":
+                found.add(setter[1])
+            else:
+                found.add("$value")
     return found

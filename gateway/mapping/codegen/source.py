@@ -76,13 +76,28 @@ def single(node: str, key: str, plain: bool = False) -> list[str]:
 def first_leaf(raw: str, seps: str) -> str:
     """An expression: `runtime.leaf(raw, seps)`, called only when a separator below is in
     the text (most values have none: a comparison or two, not a call). A level has at most
-    two separators below it; more, and the call decides."""
+    two separators below it; more, and the call decides. Separators known when it is
+    written (`separators`) are tested by name."""
+    if seps == "''":
+        return raw
+    if seps == "comp_seps":
+        return f"(leaf({raw}, comp_seps) if comp_sep in {raw} or sub_sep in {raw} else {raw})"
+    if seps == "sub_sep":
+        return f"(leaf({raw}, sub_sep) if sub_sep in {raw} else {raw})"
     return (f"(leaf({raw}, {seps}) if {seps} and ({seps}[0] in {raw} or {seps}[-1] in {raw}"
             f" or len({seps}) > 2) else {raw})")
 
 
+def split_below(raw: str, seps: str) -> tuple[str, str] | None:
+    """Expressions: the parts of `raw` one level down and the separators below them, for
+    separators known when it is written (`separators`); None for others."""
+    return {"comp_seps": (f"{raw}.split(comp_sep)", "sub_sep"),
+            "sub_sep": (f"{raw}.split(sub_sep)", "''"), "''": (f"[{raw}]", "''")}.get(seps)
+
+
 def separators(c: int, s: int) -> str:
-    """`runtime.separators_below` as the names the prelude binds."""
+    """`runtime.separators_below` as the names the prelude binds (an HL7 message always
+    has both separators, one character each: `Delimiters`)."""
     return "''" if s else ("sub_sep" if c else "comp_seps")
 
 
@@ -99,8 +114,8 @@ def memo(name: str, read: str) -> str:
 
 def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     """What a table function's body uses of the run: a Scope for the readers (made when
-    first needed), the escape character for inline unescaping, the separators below a
-    field and a component."""
+    first needed), the escape character for inline unescaping, the separators of
+    repetitions and below a field and a component."""
     text = "\n".join(body)
     for name, read in list(lazy.items()):
         if read and text.count(memo(name, read)) == 1:
@@ -113,8 +128,12 @@ def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     head = [f"{name} = None" for name in sorted(lazy)]
     if re.search(r"\bcomp_seps\b", text):
         head.append("comp_seps = run.d.component + run.d.subcomponent")
+    if re.search(r"\bcomp_sep\b", text):
+        head.append("comp_sep = run.d.component")
     if re.search(r"\bsub_sep\b", text):
         head.append("sub_sep = run.d.subcomponent")
+    if re.search(r"\brs\b", text):
+        head.append("rs = run.d.repetition")  # a field's repetitions are split by it
     if re.search(r"\bscope\b", text):
         head.append("scope = None")  # made by the first reader that needs one (`Emitter._read`)
     if re.search(r"\besc\b", text):
