@@ -252,7 +252,9 @@ def test_instances_and_first_writes_the_generator_decides_translate_as_the_inter
         tmp_path: Path) -> None:
     # What the generator decides when it writes a table function, on rows made to test
     # it: which instances it may hold in a variable, and where no earlier row can have
-    # written a key (so no first-write-wins test). Each case below gives another answer
+    # written a key (so no first-write-wins test): in a data-type function's `out`, in a
+    # segment function's when no step runs it into an earlier resource (the PID's, not
+    # the PD1's), across a field's repetitions. Each case below gives another answer
     # than the interpreter if it decides wrongly.
     tables, cache = _site_tables(tmp_path), tmp_path / "cache"
     # A data-type function: coding[1].code and text each written again by a later
