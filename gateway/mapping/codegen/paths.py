@@ -221,6 +221,25 @@ def shaped(value: Any, names: dict[int, str]) -> str:
     return literal(value)
 
 
+def literal_writes(made: dict[str, Any], inst: dict[str, Any], out: str, insts: Instances
+                   ) -> list[str]:
+    """What constant rows wrote into an empty object (`made`; their repeating instances
+    in `inst`, by key) as statements writing it into `out` as literals, each instance
+    kept under its key: in its local variable, or in `inst`."""
+    names: dict[int, str] = {}
+    kept: list[str] = []
+    for n, (key, value) in enumerate(inst.items()):
+        var = insts.known(key)
+        if var is None:
+            names[id(value)] = f"n{n}"
+            kept.append(f"inst[{key!r}] = n{n}")
+        else:
+            names[id(value)] = var
+            insts.holding(var, value)
+    insts.holding(out, made)
+    return [f"{out}[{key!r}] = {shaped(value, names)}" for key, value in made.items()] + kept
+
+
 # An instance key made in a repetition's loop (`Tags.key`): a path prefix joined to the
 # repetition's tags.
 _KEY = re.compile(r"'[^'\\]*' \+ (?:st|rt)\b")
