@@ -10,9 +10,10 @@ A key that another expression of the function may also name at run time (an inde
 `address[1]` written by a field's repetitions and by a constant row; two groups of the
 same field) stays in `inst`.
 
-It also records which keys each local instance, and a data-type function's own `out`
-(empty at its start), may hold so far: where none can, a first-write-wins test is left
-out. Everything here follows the order the statements are written in, which is the
+It also records which keys each local instance, and the function's `out` when it is
+empty at its start (a data-type function's; a segment function's unless a step runs it
+into a resource made before), may hold so far: where none can, a first-write-wins test
+is left out. Everything here follows the order the statements are written in, which is the
 order they run in: a table function has no loop but a field's repetitions, whose
 instances are made again at each repetition (`Instances.loop_lines`) and whose writes
 into `out` may be there at the next one (`Instances.repeated`).
@@ -29,8 +30,8 @@ from gateway.mapping.codegen.source import NotGenerated, Tags, spec_of
 # An instance's identity in a function: (-1, its key) for one of fixed tags; (the group's
 # position, path prefix) for one of a field's repetitions (its key changes with each).
 Identity = tuple[int, str]
-# Where keys of one identity may fall at run time (`_family`): identities of one family
-# may name the same instance.
+# Where keys of one identity may fall at run time (`_identities`): identities of one
+# family may name the same instance.
 Family = tuple[str, str]
 
 
@@ -58,7 +59,7 @@ class Instances:
         self._local = {ids.pop() for ids in families.values() if len(ids) == 1}
         self._vars: dict[Identity, str] = {}
         self._touched: set[str] = set()
-        self._read: set[str] = set()  # vars a statement tests: set to None before use
+        self._read: set[str] = set()  # vars a statement tests: set to None first
         # keys a node may hold so far (None: any); nodes not here: any.
         self._written: dict[str, set[str] | None] = {"out": set()} if out_known else {}
 
@@ -96,10 +97,6 @@ class Instances:
             self._written[var] = set()
         self._touched.add(var)
         return var
-
-    def tested(self, var: str) -> None:
-        """`var` is read by a test (it must be set, to None, before)."""
-        self._read.add(var)
 
     def function_lines(self) -> list[str]:
         """The function's local instances of fixed keys, set to None at its start."""

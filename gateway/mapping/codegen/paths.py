@@ -2,8 +2,9 @@
 written out, the walk to its node, constant rows' values as one literal, and a group's
 body guarded by its part.
 
-Pure functions of what they are given (no state of the module being written), so the
-emitter (`emit.py`) inlines them wherever a row writes.
+Functions of what they are given (no state of the module being written), so the
+emitter (`emit.py`) inlines them wherever a row writes; in a table function they are
+given, and tell, what is known there of its instances and keys (`instances.Instances`).
 """
 
 from __future__ import annotations
