@@ -236,3 +236,66 @@ def test_a_site_offset_is_generated_as_the_interpreter_reads_it() -> None:
     assert local
     for raw in local:
         assert _outcome(generated, raw) == _outcome(interpreted, raw)
+
+
+def _with_rows(path: Path, rows: str, *, before: str = "") -> None:
+    """`rows` added to a table file: at its end, or before the line starting `before`."""
+    text = path.read_text()
+    if before:
+        at = text.index("\n" + before) + 1
+        path.write_text(text[:at] + rows + text[at:])
+    else:
+        path.write_text(text + rows)
+
+
+def test_instances_and_first_writes_the_generator_decides_translate_as_the_interpreter(
+        tmp_path: Path) -> None:
+    # What the generator decides when it writes a table function, on rows made to test
+    # it: which instances it may hold in a variable, and where no earlier row can have
+    # written a key (so no first-write-wins test): in a data-type function's `out`, in a
+    # segment function's when no step runs it into an earlier resource (the PID's, not
+    # the PD1's), across a field's repetitions. Each case below gives another answer
+    # than the interpreter if it decides wrongly.
+    tables, cache = _site_tables(tmp_path), tmp_path / "cache"
+    # A data-type function: coding[1].code and text each written again by a later
+    # component (the first row to write wins), into an instance made by an earlier group
+    # and into the function's own `out`.
+    _with_rows(tables / "datatypes" / "CWE-CodeableConcept.csv",
+               "CWE.4,,coding[1].code,code,,,,\nCWE.5,,text,string,,,,\n")
+    # A field's repetitions: each identifier made by a template row, then filled by the
+    # CX's value (which must not replace the template's), then a constant for an existing
+    # instance that the CX's system wins over.
+    _with_rows(tables / "segments" / "PID-Patient.csv",
+               "PID-3,,identifier.value,string,,,made-{PID-3.1},\n",
+               before="PID-3,,identifier,Identifier")
+    _with_rows(tables / "segments" / "PID-Patient.csv",
+               "PID-3,,identifier.system,uri,,,urn:test:after-the-cx,\n")
+    # An indexed instance (reaction[1]) that a constant row makes under a fixed key and a
+    # field's first repetition makes under a key of its own: one instance, the same one.
+    _with_rows(tables / "segments" / "AL1-AllergyIntolerance.csv",
+               ",,reaction[1].description,string,,,made by a constant row,\n")
+    generated = Translator.load(tables, cache=cache)
+    interpreted = Translator.load(tables, generate=False)
+    assert generated.generated and not interpreted.generated
+    message = v2("MSH|^~\\&|A|F|B|G|20261126083000||ADT^A01|C1|P|2.5.1", "EVN|A01",
+                 "PID|1||MRN-1^^^HOSP&1.2.3&ISO^MR~MRN-2^^^^MR||DOE^JANE||19800102|F",
+                 "PV1|1|I", "AL1|1|DA|C1^Peanut^L^C4^Nut^L|SV|hives~wheeze")
+    outcome = _outcome(interpreted, message)
+    assert _outcome(generated, message) == outcome
+    resources = {entry["resource"]["resourceType"]: entry["resource"]
+                 for entry in orjson.loads(outcome.split(b"\n")[0])["entry"]}
+    # The crafted rows matter: the interpreter's answer is the one each case expects.
+    allergy = resources["AllergyIntolerance"]
+    assert allergy["code"]["text"] == "Peanut"
+    assert [c["code"] for c in allergy["code"]["coding"]] == ["C1", "C4"]
+    assert [r.get("description") for r in allergy["reaction"]] == [
+        "made by a constant row", None]
+    assert [r["manifestation"][0]["text"] for r in allergy["reaction"]] == ["hives", "wheeze"]
+    identifiers = resources["Patient"]["identifier"]
+    assert [i["value"] for i in identifiers] == ["made-MRN-1", "made-MRN-2"]
+    assert identifiers[0]["system"] != "urn:test:after-the-cx"
+    assert identifiers[1]["system"] == "urn:test:after-the-cx"
+    # And every message of tests/messages through these tables.
+    for name, raw in MESSAGES:
+        if name.startswith("tests/messages/"):
+            assert _outcome(generated, raw) == _outcome(interpreted, raw), name

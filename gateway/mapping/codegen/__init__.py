@@ -4,6 +4,8 @@ tables' hash, loaded instead of checking and compiling the tables at every start
     emit.py    the compiler's closures, as they describe themselves, written as a module
     named.py   the module's shared objects (vocabularies, readers, converters...), named once
     paths.py   the statements that write a value at a FHIR path (setters written out)
+    instances.py  what a table function being written knows of its repeating instances
+               (held in local variables) and of the keys written so far
     source.py  the pieces of source it writes with (literals, keys, preludes)
     cache.py   the hash that names a table set, and the files kept under it
 """
