@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 try:
-    # CPython's own SHA-1: for a name this short it costs a third of what OpenSSL's (through
-    # hashlib) does to set up, copy and finish; the digest is the same.
-    from _sha1 import sha1
+    # CPython's own SHA-1, hashing namespace and name afresh, costs ~1.4k instructions less
+    # an id than copying and finishing OpenSSL's state through hashlib; same digest.
+    from _sha1 import sha1  # type: ignore[import-not-found]  # no stub; as hashlib.sha1
 except ImportError:  # an interpreter built without it
     from hashlib import sha1
 
