@@ -118,12 +118,15 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     position = f"{sender}|{provenance.control_id}|"
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
-    stubs = False
+    made: set[str] = set()  # the types of the resources made from a segment of their own
+    stubs: set[str] = set()  # the types of the resources only referred to
     # One pass, written inline: it runs for every resource of every message.
     for draft in run.drafts:
         resource_type = draft.resource_type
-        key = _business_key(draft.content)
+        identifiers = draft.content.get("identifier")
+        key = _business_key(identifiers) if identifiers else None
         if draft.primary:
+            made.add(resource_type)
             if draft.identity:
                 # Two results of one message with one identity (text lines of a report
                 # sent as OBX segments with one OBX-3 and no OBX-4) stay apart by their
@@ -141,7 +144,7 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                     run.unmapped[f"{resource_type}.identifier (repeated)"] += 1
                 keys.add(claim)
         else:
-            stubs = True
+            stubs.add(resource_type)
         draft.key = key
         if key is not None:
             name = f"{resource_type}|{key[0] or sender}|{key[1]}"
@@ -156,7 +159,9 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
         # again in the sender's next messages: its id is kept rather than hashed again.
         draft.full_url = _REFERRED_IDS.get(name) or remember(_REFERRED_IDS, name,
                                                              name_uuid(name))
-    same = _made_in_full(run) if stubs else None
+    # Only a type both made and referred to can have a stub to drop (an ADT's doctors and
+    # wards are never made from a segment of their own).
+    same = _made_in_full(run) if not stubs.isdisjoint(made) else None
     if same:
         for ref, target in run.pending_refs:
             ref["reference"] = "urn:uuid:" + same.get(id(target), target).full_url
@@ -178,10 +183,9 @@ def _made_in_full(run: Run) -> dict[int, Draft]:
             if not d.primary and (full := made.get((d.resource_type, d.full_url))) is not None}
 
 
-def _business_key(content: Json) -> tuple[str, str] | None:
-    identifiers = content.get("identifier")
-    if not identifiers:
-        return None
+def _business_key(identifiers: list[Json] | Json) -> tuple[str, str] | None:
+    """(system, value) of the first identifier with a system, else ("", value) of the first
+    with a value; None without one. `identifiers`: a resource's `identifier`, not empty."""
     if isinstance(identifiers, dict):  # a single-valued identifier (e.g. Appointment? no)
         identifiers = [identifiers]
     best: tuple[str, str] | None = None

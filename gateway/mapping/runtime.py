@@ -22,6 +22,7 @@ Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
+_new_dict = dict.__new__
 
 
 class Draft:
@@ -56,7 +57,8 @@ class Run:
         self.charset = message.charset
         self.drafts: list[Draft] = []
         self.current: dict[str, Draft] = {}
-        self.unmapped: Counter[str] = Counter()
+        # An empty Counter without Counter.__init__ (a Python-level update() of nothing).
+        self.unmapped: Counter[str] = _new_dict(Counter)
         self.z_segments = 0
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
@@ -73,21 +75,18 @@ class Run:
 
     def new_draft(self, resource_type: str, content: Json | None = None,
                   primary: bool = True) -> Draft:
-        draft = Draft(resource_type, {} if content is None else content, primary,
-                      self._ordinal(resource_type))
+        # The ordinal: how many resources of this type came before (stable ids by position).
+        ordinals = self._ordinals
+        ordinal = ordinals.get(resource_type, 0)
+        ordinals[resource_type] = ordinal + 1
+        draft = Draft(resource_type, {} if content is None else content, primary, ordinal)
         self.drafts.append(draft)
         return draft
-
-    def _ordinal(self, resource_type: str) -> int:
-        """How many resources of this type came before (stable ids by position)."""
-        ordinal = self._ordinals.get(resource_type, 0)
-        self._ordinals[resource_type] = ordinal + 1
-        return ordinal
 
     def reference_to(self, resource_type: str, content: Json) -> Json:
         """Add a resource that another one points at (a Practitioner from an XCN, ...),
         once per identity within the message, and return the reference to it."""
-        # The identity, `_ordinal` and `reference` written inline: a message refers to
+        # The identity, the ordinal and `reference` written inline: a message refers to
         # a Practitioner, a Location, an Organization a dozen times.
         for identifier in content.get("identifier", ()):
             value = identifier.get("value")
@@ -254,11 +253,12 @@ def read_component(index: int, sub: int) -> Callable[[Scope], str]:
 def read_other(segment_id: str, f: int, c: int, s: int) -> Callable[[Scope], str]:
     """Another segment's field, from its nearest occurrence so far (the OBR above an OBX)."""
     def other(scope: Scope) -> str:
-        segment = scope.run.latest.get(segment_id) or scope.run.message.segment(segment_id)
+        run = scope.run
+        segment = run.latest.get(segment_id) or run.message.segment(segment_id)
         if segment is None:
             return ""
-        raw = descend(first_repetition(segment.field(f), scope.run), scope.run, c, s)
-        return "" if raw == NULL else scope.run.text(raw)
+        # `own_value` reads a field as this does (first repetition, the place, unescaped).
+        return own_value(segment.field(f), run, c, s)
     return described(other, "read_other", segment_id, f, c, s)
 
 

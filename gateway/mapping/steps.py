@@ -44,50 +44,97 @@ class MessageStep:
 
 
 def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
+    # Per segment id: its steps, and the fields they leave unread (`_Place`).
+    places = {segment_id: _Place(segment_id, steps)
+              for segment_id, steps in by_segment.items()}
+
     def translate(run: Run) -> None:
         last_id = ""
         anchor = ""
+        latest = run.latest
+        unmapped = run.unmapped
         for segment in run.message.segments():
             segment_id = segment.id
             # Another segment's field is read from its nearest occurrence so far (the OBR
             # above an OBX), so each occurrence is remembered as it goes by.
-            run.latest[segment_id] = segment
+            latest[segment_id] = segment
             if segment_id != last_id:
                 anchor, last_id = last_id, segment_id
-            steps = by_segment.get(segment_id)
-            if steps is None:
+            place = places.get(segment_id)
+            if place is None:
                 if segment_id.startswith("Z"):
                     run.z_segments += 1
                 elif segment_id != "MSH":
-                    run.unmapped[segment_id] += 1
+                    unmapped[segment_id] += 1
                 continue
             fields = segment.fields
-            read: frozenset[int] | None = None
+            applied = 0  # the bits of the steps applied
+            # One Scope for the segment's conditions: what it remembers (the segment's own
+            # fields) does not change while the segment is mapped.
+            scope: Scope | None = None
             try:
-                for step in steps:
+                for step, bit in place.steps:
                     if step.after and step.after != anchor:
                         continue
-                    if step.condition is not None and not step.condition(
-                            Scope(fields, "", run)):
-                        continue
+                    if step.condition is not None:
+                        if scope is None:
+                            scope = Scope(fields, "", run)
+                        if not step.condition(scope):
+                            continue
                     apply_step(step, fields, run)
-                    read = step.read if read is None else read | step.read
+                    applied |= bit
             except TranslationError as exc:
                 exc.sequence = segment.occurrence
                 raise
-            if read is None:  # rows exist, but none for this place in the message
+            if not applied:  # rows exist, but none for this place in the message
                 if segment_id.startswith("Z"):
                     run.z_segments += 1
                 else:
-                    run.unmapped[segment_id] += 1
+                    unmapped[segment_id] += 1
                 continue
-            if read:
-                # MSH-1 and MSH-2 are the delimiters, never unmapped.
-                first = 3 if segment_id == "MSH" else 1
-                for number in [n for n in range(first, len(fields))
-                               if fields[n] and n not in read]:
-                    run.unmapped[f"{segment_id}-{number}"] += 1
+            for number, label in place.unread(applied, len(fields)):
+                if fields[number]:
+                    unmapped[label] += 1
     return described(translate, "message", by_segment)
+
+
+class _Place:
+    """The steps of one segment id, and which of its fields they leave unread: the same for
+    every segment of that id, that field count and those steps applied, so the field numbers
+    to look at for an unmapped count are worked out once per combination, not per segment."""
+
+    __slots__ = ("segment_id", "steps", "_unread")
+
+    # Field counts up to this are remembered (the standard's segments have well under 100);
+    # a longer segment (a sender's padding) is worked out each time.
+    KEPT_FIELDS = 256
+
+    def __init__(self, segment_id: str, steps: list[MessageStep]) -> None:
+        self.segment_id = segment_id
+        self.steps = [(step, 1 << n) for n, step in enumerate(steps)]
+        self._unread: dict[int, tuple[tuple[int, str], ...]] = {}
+
+    def unread(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
+        """(field number, unmapped label) of every field no applied step reads, for
+        segments of `field_count` fields (the id included); nothing when the applied steps
+        read no field at all (a step that only makes a resource)."""
+        if field_count > self.KEPT_FIELDS:
+            return self._work_out(applied, field_count)
+        key = applied * (self.KEPT_FIELDS + 1) + field_count
+        found = self._unread.get(key)
+        if found is None:
+            found = self._unread[key] = self._work_out(applied, field_count)
+        return found
+
+    def _work_out(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
+        read: frozenset[int] = frozenset().union(
+            *(step.read for step, bit in self.steps if applied & bit))
+        if not read:
+            return ()
+        # MSH-1 and MSH-2 are the delimiters, never unmapped.
+        first = 3 if self.segment_id == "MSH" else 1
+        return tuple((n, f"{self.segment_id}-{n}")
+                     for n in range(first, field_count) if n not in read)
 
 
 def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
