@@ -71,10 +71,7 @@ class Instances:
         identity = self._identity(tags, prefix, indexed)
         if identity not in self._local:
             return None
-        var = self._vars.get(identity)
-        if var is None:
-            var = self._vars[identity] = f"ob{len(self._vars)}"
-            self._written[var] = set()
+        var = self._variable(identity)
         self._left[identity] -= 1
         if self._left[identity] < 0:
             # More statements than `_identities` counted: `keep` would be wrong.
@@ -91,11 +88,16 @@ class Instances:
         identity = (-1, key)
         if identity not in self._local:
             return None
+        var = self._variable(identity)
+        self._touched.add(var)
+        return var
+
+    def _variable(self, identity: Identity) -> str:
+        """The local variable holding the instances of `identity`, named at its first use."""
         var = self._vars.get(identity)
         if var is None:
             var = self._vars[identity] = f"ob{len(self._vars)}"
             self._written[var] = set()
-        self._touched.add(var)
         return var
 
     def function_lines(self) -> list[str]:

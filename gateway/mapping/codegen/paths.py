@@ -97,12 +97,12 @@ def _single(node: str, key: str, plain: bool, insts: Instances | None) -> list[s
 
 def _appended(node: str, key: str, value: str, insts: Instances | None) -> str:
     """A statement appending `value` to the list `key` of `node` (made if missing)."""
-    if insts is not None and not insts.may_hold(node, key):
-        insts.wrote(node, key)
-        return f"{node}[{key!r}] = [{value}]"
-    if insts is not None:
-        insts.wrote(node, key)
-    return f"{node}.setdefault({key!r}, []).append({value})"
+    appended = f"{node}.setdefault({key!r}, []).append({value})"
+    if insts is None:
+        return appended
+    known_absent = not insts.may_hold(node, key)
+    insts.wrote(node, key)
+    return f"{node}[{key!r}] = [{value}]" if known_absent else appended
 
 
 def _into_instance(use: Use, walk: Sequence[tuple[str, str, bool, bool]], out: str,
