@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.exits import with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
 from gateway.mapping.codegen.paths import (
@@ -483,19 +484,16 @@ class Emitter(Named):
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
 
     def _groups(self, groups: Sequence[tuple[int, object]], parts: str, seps: str,
-                location: str, out: str) -> list[str]:
-        lines: list[str] = []
+                location: str, out: str, leave: str) -> list[str]:
+        chunks: list[tuple[int, list[str]]] = []
         for position, (index, group) in enumerate(groups):
             if not spec_of(group)[-1]:
                 continue  # no rows (only documentation rows): nothing to run
             self._insts[-1].group = position
             body = self.group(group, parts, seps, location, out, index)
-            if index < 0:
-                lines += body
-            else:
-                # An empty component costs one comparison, not a call (most are empty).
-                lines += guarded(body, index, parts)
-        return lines
+            # An empty component costs one comparison, not a call (most are empty).
+            chunks.append((index, body if index < 0 else guarded(body, index, parts)))
+        return with_exits(chunks, leave)
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -511,11 +509,10 @@ class Emitter(Named):
         self._lazy.append({})
         self._seps.append("seps")
         self._insts.append(Instances([g for _, g in groups], out_known=True))
-        lines = self._groups(groups, "parts", "seps", "location", "out")
+        leave = "return out.get('$value')" if primitive else "return out or None"
+        lines = self._groups(groups, "parts", "seps", "location", "out", leave)
         body = prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
-                        "count = len(parts)", *lines,
-                        "return out.get('$value')" if primitive else "return out or None"],
-                       self._lazy.pop())
+                        "count = len(parts)", *lines, leave], self._lazy.pop())
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
@@ -536,7 +533,7 @@ class Emitter(Named):
         # a step runs this function into a resource made before; else it is a new {}.
         self._insts.append(Instances([g for _, g in groups],
                                      out_known=id(fn) not in self._into_current))
-        lines = self._groups(groups, "parts", "''", repr(segment_id), "out")
+        lines = self._groups(groups, "parts", "''", repr(segment_id), "out", "return")
         body = prelude(["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
                         *lines], self._lazy.pop())
         self._seps.pop()

@@ -1,0 +1,48 @@
+"""A table function's groups joined with early exits on the number of its parts.
+
+A group that reads part N runs only when `N < count` (`paths.guarded`); most values have
+far fewer parts than their data type has components (a CWE of three, of thirteen), so a
+function tested `N < count` once per group whose part is not there. Where every group
+left reads a part at or past the smallest index k among them, `if count <= k:` returns
+at once: one test instead of one per group left. Below such an exit the parts before k
+are known to be there, and their groups' `N < count` is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# An exit costs one test when it is not taken: it is written only where it spares at
+# least this many groups' tests when it is.
+_SPARED = 2
+
+
+def with_exits(chunks: Sequence[tuple[int, list[str]]], leave: str) -> list[str]:
+    """The statements of `chunks` (a group's statements with the index of the part that
+    guards them, -1 for none) one after another, with `leave` (the function's last
+    statement) run early where no group left can run for want of parts."""
+    lowest: list[int] = []  # the smallest index among the chunks from each on
+    low = 1 << 30
+    for index, _ in reversed(chunks):
+        low = min(low, index) if index >= 0 else -1
+        lowest.append(low)
+    lowest.reverse()
+    lines: list[str] = []
+    known = 0  # parts below this index are there
+    for position, (index, chunk) in enumerate(chunks):
+        low = lowest[position]
+        if low >= max(known, 1) and len(chunks) - position >= _SPARED:
+            lines += [f"if count <= {low}:", f"    {leave}"]
+            known = low + 1
+        if 0 <= index < known:
+            chunk = _unguarded(chunk, index)
+        lines += chunk
+    return lines
+
+
+def _unguarded(chunk: list[str], index: int) -> list[str]:
+    """A group's statements without their test that part `index` is there (it is)."""
+    head = f"if {index} < count and "
+    if not chunk[0].startswith(head):
+        return chunk
+    return [f"if {chunk[0][len(head):]}", *chunk[1:]]
