@@ -94,17 +94,17 @@ def single(node: str, key: str, plain: bool = False) -> list[str]:
 
 def first_leaf(raw: str, seps: str) -> str:
     """An expression: `runtime.leaf(raw, seps)`, called only when a separator below is in
-    the text (most values have none: a comparison or two, not a call). A level has at most
-    two separators below it; more, and the call decides. Separators known when it is
-    written (`separators`) are tested by name."""
+    the text (most values have none: a comparison or two, not a call). Separators known
+    when it is written (`separators`) are tested by name; others, when more than one,
+    by the call."""
     if seps == "''":
         return raw
     if seps == "comp_seps":
         return f"(leaf({raw}, comp_seps) if comp_sep in {raw} or sub_sep in {raw} else {raw})"
     if seps == "sub_sep":
         return f"(leaf({raw}, sub_sep) if sub_sep in {raw} else {raw})"
-    return (f"(leaf({raw}, {seps}) if {seps} and ({seps}[0] in {raw} or {seps}[-1] in {raw}"
-            f" or len({seps}) > 2) else {raw})")
+    # One separator (a data-type function's, below its components): one test.
+    return f"(leaf({raw}, {seps}) if {seps} and ({seps} in {raw} or len({seps}) > 1) else {raw})"
 
 
 def split_below(raw: str, seps: str) -> tuple[str, str] | None:
