@@ -472,6 +472,10 @@ class Emitter(Named):
                 body.remove(tag_lines[0])
         # Without the tags the repetition's number is not needed: no enumerate.
         numbered = any(re.search(r"\bi\b", line) for line in body)
+        # A repetition mapped whole is the loop's own variable.
+        var = "raw" if body[0] == "raw = rep" and not any(
+            re.search(r"\brep\b", line) for line in body[1:]) else "rep"
+        body = body[1:] if var == "raw" else body
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",
@@ -479,7 +483,7 @@ class Emitter(Named):
                 *only_line,
                 *([f"    scope = {self._scope()}", f"    scope.rep_field = {f}"]
                   if uses_scope else []),
-                "    for i, rep in enumerate(reps):" if numbered else "    for rep in reps:",
+                f"    for i, {var} in enumerate(reps):" if numbered else f"    for {var} in reps:",
                 *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
 

@@ -145,6 +145,10 @@ def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     if not re.search(r"\binst\b", text.replace("inst = {}", "", 1)):
         body = [line for line in body if line != "inst = {}"]  # no repeating element
     head = [f"{name} = None" for name in sorted(lazy)]
+    # Where a separator is bound anyway, the run's delimiters are not read again.
+    for name, read in (("comp_sep", "run.d.component"), ("sub_sep", "run.d.subcomponent")):
+        if re.search(rf"\b{name}\b", text):
+            body = [line.replace(read, name) for line in body]
     if re.search(r"\bcomp_seps\b", text):
         head.append("comp_seps = run.d.component + run.d.subcomponent")
     if re.search(r"\bcomp_sep\b", text):
