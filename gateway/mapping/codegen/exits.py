@@ -21,6 +21,7 @@ def with_exits(chunks: Sequence[tuple[int, list[str]]], leave: str) -> list[str]
     """The statements of `chunks` (a group's statements with the index of the part that
     guards them, -1 for none) one after another, with `leave` (the function's last
     statement) run early where no group left can run for want of parts."""
+    chunks = _shared(chunks)
     lowest: list[int] = []  # the smallest index among the chunks from each on
     low = 1 << 30
     for index, _ in reversed(chunks):
@@ -46,3 +47,28 @@ def _unguarded(chunk: list[str], index: int) -> list[str]:
     if not chunk[0].startswith(head):
         return chunk
     return [f"if {chunk[0][len(head):]}", *chunk[1:]]
+
+
+_SPLIT = "    reps = fl.split(rs) if rs in fl else (fl,)"
+
+
+def _shared(chunks: Sequence[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
+    """Chunks with groups of one field's repetitions one after another (a PID-5's names,
+    then its nicknames) joined under one test of the field and one split: each still
+    loops over the repetitions in its turn, so what they write comes in the same order.
+    Not after a group that maps only some of the repetitions (it narrows `reps`)."""
+    joined: list[tuple[int, list[str]]] = []
+    for index, chunk in chunks:
+        if joined and index >= 0 and joined[-1][0] == index and _repeats(chunk) and (
+                _repeats(joined[-1][1]) and chunk[0] == joined[-1][1][0]
+                and not any(line.lstrip().startswith("reps = reps[")
+                            for line in joined[-1][1])):
+            joined[-1] = (index, joined[-1][1] + chunk[2:])
+        else:
+            joined.append((index, chunk))
+    return joined
+
+
+def _repeats(chunk: list[str]) -> bool:
+    """A group of a field's repetitions: its test of the field, then the split."""
+    return len(chunk) > 1 and "(fl := parts[" in chunk[0] and chunk[1] == _SPLIT
