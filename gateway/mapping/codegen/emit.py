@@ -14,8 +14,9 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from gateway.mapping.codegen.exits import with_exits
+from gateway.mapping.codegen.exits import known_parts, with_exits
 from gateway.mapping.codegen.instances import Instances
+from gateway.mapping.codegen.loops import loop_body
 from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
 from gateway.mapping.codegen.paths import (
     guarded,
@@ -463,19 +464,7 @@ class Emitter(Named):
                          if line != "scope.rep = rep")
         if not uses_scope:
             body.remove("scope.rep = rep")
-        # The repetition's tags are for setters of repeating elements; most rows have none.
-        tag_lines = body[body.index("rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'"):][:2]
-        rest = [line for line in body if line not in tag_lines]
-        if not any(re.search(r"\bst\b", line) for line in rest):
-            body.remove(tag_lines[1])
-            if not any(re.search(r"\brt\b", line) for line in rest):
-                body.remove(tag_lines[0])
-        # Without the tags the repetition's number is not needed: no enumerate.
-        numbered = any(re.search(r"\bi\b", line) for line in body)
-        # A repetition mapped whole is the loop's own variable.
-        var = "raw" if body[0] == "raw = rep" and not any(
-            re.search(r"\brep\b", line) for line in body[1:]) else "rep"
-        body = body[1:] if var == "raw" else body
+        body, var, numbered = loop_body(body)
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",
@@ -515,8 +504,9 @@ class Emitter(Named):
         self._insts.append(Instances([g for _, g in groups], out_known=True))
         leave = "return out.get('$value')" if primitive else "return out or None"
         lines = self._groups(groups, "parts", "seps", "location", "out", leave)
-        body = prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
-                        "count = len(parts)", *lines, leave], self._lazy.pop())
+        body = known_parts(prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
+                                    "count = len(parts)", *lines, leave], self._lazy.pop()),
+                           1)  # (its parts are a split's: never empty)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
@@ -538,8 +528,8 @@ class Emitter(Named):
         self._insts.append(Instances([g for _, g in groups],
                                      out_known=id(fn) not in self._into_current))
         lines = self._groups(groups, "parts", "''", repr(segment_id), "out", "return")
-        body = prelude(["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
-                        *lines], self._lazy.pop())
+        body = known_parts(prelude(["inst = {}", *self._insts.pop().function_lines(),
+                                    "count = len(parts)", *lines], self._lazy.pop()), 0)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))

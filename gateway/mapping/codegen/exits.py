@@ -10,6 +10,7 @@ are known to be there, and their groups' `N < count` is left out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 # An exit costs one test when it is not taken: it is written only where it spares at
@@ -29,24 +30,45 @@ def with_exits(chunks: Sequence[tuple[int, list[str]]], leave: str) -> list[str]
         lowest.append(low)
     lowest.reverse()
     lines: list[str] = []
-    known = 0  # parts below this index are there
-    for position, (index, chunk) in enumerate(chunks):
+    known = 1  # no exit at 0: a function is given one part at least
+    for position, (_, chunk) in enumerate(chunks):
         low = lowest[position]
-        if low >= max(known, 1) and len(chunks) - position >= _SPARED:
+        if low >= known and len(chunks) - position >= _SPARED:
             lines += [f"if count <= {low}:", f"    {leave}"]
             known = low + 1
-        if 0 <= index < known:
-            chunk = _unguarded(chunk, index)
         lines += chunk
     return lines
 
 
-def _unguarded(chunk: list[str], index: int) -> list[str]:
-    """A group's statements without their test that part `index` is there (it is)."""
-    head = f"if {index} < count and "
-    if not chunk[0].startswith(head):
-        return chunk
-    return [f"if {chunk[0][len(head):]}", *chunk[1:]]
+_EXIT = re.compile(r"if count <= (\d+):$")
+_GUARD = re.compile(r"if (\d+) < count and (.*)$")
+_TESTED = re.compile(r"if \(?(?:raw|fl) := parts\[(\d+)\]")
+_READ = re.compile(r"parts\[(\d+)\] if \1 < count else ''")
+
+
+def known_parts(body: list[str], known: int) -> list[str]:
+    """A table function's statements without the tests `N < count` of parts known to be
+    there: below an exit, and within a group guarded by part N for parts up to N (`known`:
+    the parts known there from the start)."""
+    lines: list[str] = []
+    here = known  # in the group being read
+    for number, line in enumerate(body):
+        if not line.startswith(" "):
+            if (exit_ := _EXIT.match(line)) and body[number + 1].strip().startswith("return"):
+                known = int(exit_.group(1)) + 1
+            guard = _GUARD.match(line)
+            if guard and int(guard.group(1)) < known:
+                line = "if " + guard.group(2)
+            tested = _GUARD.match(line) or _TESTED.match(line)
+            here = max(known, int(tested.group(1)) + 1) if tested else known
+        lines.append(_read_known(line, here))
+    return lines
+
+
+def _read_known(line: str, known: int) -> str:
+    """`line` reading parts below `known` without testing that they are there."""
+    return _READ.sub(lambda m: f"parts[{m.group(1)}]" if int(m.group(1)) < known
+                     else m.group(0), line)
 
 
 _SPLIT = "    reps = fl.split(rs) if rs in fl else (fl,)"
