@@ -39,6 +39,7 @@ from gateway.mapping.codegen.source import (
     separators,
     spec_of,
     split_below,
+    split_first,
     text_of,
 )
 from gateway.mapping.steps import Link, MessageStep
@@ -191,8 +192,8 @@ class Emitter(Named):
         if known is not None:
             lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location})"]
         else:
-            lines = [f"if {seps}:",
-                     f"    v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
+            split, below = split_first(raw, seps)
+            lines = [f"if {seps}:", f"    v = {datatype}({split}, {below}, run, {location})",
                      "else:",
                      f"    v = {datatype}([{raw}], '', run, {location})"]
         if recode is not None or resource_type is not None:

@@ -103,7 +103,10 @@ def first_leaf(raw: str, seps: str) -> str:
         return f"(leaf({raw}, comp_seps) if comp_sep in {raw} or sub_sep in {raw} else {raw})"
     if seps == "sub_sep":
         return f"(leaf({raw}, sub_sep) if sub_sep in {raw} else {raw})"
-    # One separator (a data-type function's, below its components): one test.
+    if seps == "seps":
+        # A data-type function's: at most one (it is given `sub_sep`, '', or what is
+        # below its own, and a delimiter is one character), so one test.
+        return f"(leaf({raw}, seps) if seps and seps in {raw} else {raw})"
     return f"(leaf({raw}, {seps}) if {seps} and ({seps} in {raw} or len({seps}) > 1) else {raw})"
 
 
@@ -112,6 +115,14 @@ def split_below(raw: str, seps: str) -> tuple[str, str] | None:
     separators known when it is written (`separators`); None for others."""
     return {"comp_seps": (f"{raw}.split(comp_sep)", "sub_sep"),
             "sub_sep": (f"{raw}.split(sub_sep)", "''"), "''": (f"[{raw}]", "''")}.get(seps)
+
+
+def split_first(raw: str, seps: str) -> tuple[str, str]:
+    """Expressions: the parts of `raw` one level down and the separators below them, for
+    separators not empty (a data-type function's `seps`: one, see `first_leaf`)."""
+    if seps == "seps":
+        return f"{raw}.split(seps)", "''"
+    return f"{raw}.split({seps}[0])", f"{seps}[1:]"
 
 
 def separators(c: int, s: int) -> str:
