@@ -40,6 +40,7 @@ from gateway.mapping.codegen.source import (
     spec_of,
     split_below,
     split_first,
+    subcomponent,
     text_of,
 )
 from gateway.mapping.steps import Link, MessageStep
@@ -403,6 +404,8 @@ class Emitter(Named):
             if sub and seps == "''":
                 # No level below: the value is its own first part (`runtime.part_below`).
                 lines += [] if sub == 1 else ["raw = ''"]
+            elif sub and seps == "seps":
+                below, lines = "''", lines + subcomponent(sub)
             elif sub:
                 below = "sp"
                 lines += [f"sp = {seps}", "if sp:", "    pc = raw.split(sp[0])",

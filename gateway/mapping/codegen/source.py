@@ -125,6 +125,15 @@ def split_first(raw: str, seps: str) -> tuple[str, str]:
     return f"{raw}.split({seps}[0])", f"{seps}[1:]"
 
 
+def subcomponent(sub: int) -> list[str]:
+    """Statements: `raw` (a component in a data-type function) made its part `sub` one
+    level down (`runtime.part_below`), at the function's one separator; none below."""
+    if sub == 1:
+        return ["if seps and seps in raw:", "    raw = raw.split(seps, 1)[0]"]
+    return ["if seps:", "    pc = raw.split(seps)",
+            f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''", "else:", "    raw = ''"]
+
+
 def separators(c: int, s: int) -> str:
     """`runtime.separators_below` as the names the prelude binds (an HL7 message always
     has both separators, one character each: `Delimiters`)."""
