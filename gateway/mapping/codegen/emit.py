@@ -30,9 +30,9 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
-    first_leaf,
     indent,
     indent_lines,
+    leaf_valued,
     literal,
     memo,
     prelude,
@@ -216,8 +216,7 @@ class Emitter(Named):
         `write` where it gives a value (it never gives None, so none is tested for)."""
         _, convert, codes, kind, vocab = spec
         location = place.location
-        lines = [f"v = {first_leaf(place.raw, place.seps)}",
-                 "if v and v != NULL:",
+        lines = [*leaf_valued(place.raw, place.seps, "v", place.valued),
                  "    v = run.text(v) if esc in v else v",
                  "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
@@ -241,7 +240,7 @@ class Emitter(Named):
     @staticmethod
     def _text(place: Place, write: list[str]) -> list[str]:
         """`produce.text` written out: the value's first part, unescaped, and `write`."""
-        return [f"v = {first_leaf(place.raw, place.seps)}", "if v and v != NULL:",
+        return [*leaf_valued(place.raw, place.seps, "v", place.valued),
                 "    v = run.text(v) if esc in v else v", *indent_lines(write, 1)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
@@ -297,8 +296,8 @@ class Emitter(Named):
         kind = spec[0]
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
-            return [f"t = {first_leaf(place.raw, place.seps)}",
-                    "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
+            return [*leaf_valued(place.raw, place.seps, "t", place.valued),
+                    "    v = run.text(t) if esc in t else t",
                     *indent_lines(setter_statements(spec[1], out, place.tags, True,
                                                     self._insts[-1]), 1), *done]
         if kind == "row":

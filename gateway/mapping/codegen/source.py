@@ -110,6 +110,21 @@ def first_leaf(raw: str, seps: str) -> str:
     return f"(leaf({raw}, {seps}) if {seps} and ({seps} in {raw} or len({seps}) > 1) else {raw})"
 
 
+def leaf_valued(raw: str, seps: str, var: str, valued: bool) -> list[str]:
+    """Statements: `var` set to the first leaf of `raw` (`first_leaf`), then the test that
+    it is a value (neither empty nor the explicit null), its body to follow. A value known
+    to be one (`valued`) is only tested again when its first leaf is not all of it."""
+    if not valued:
+        return [f"{var} = {first_leaf(raw, seps)}", f"if {var} and {var} != NULL:"]
+    cut = {"''": "", "comp_seps": f"comp_sep in {var} or sub_sep in {var}",
+           "sub_sep": f"sub_sep in {var}", "seps": f"seps and seps in {var}"}.get(
+        seps, f"{seps} and ({seps} in {var} or len({seps}) > 1)")
+    if not cut:
+        return [f"{var} = {raw}", "if True:  # (tested where it was read)"]
+    return [f"{var} = {raw}",
+            f"if not ({cut}) or (({var} := leaf({var}, {seps})) and {var} != NULL):"]
+
+
 def split_below(raw: str, seps: str) -> tuple[str, str] | None:
     """Expressions: the parts of `raw` one level down and the separators below them, for
     separators known when it is written (`separators`); None for others."""
