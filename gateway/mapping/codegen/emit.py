@@ -30,6 +30,7 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
+    descended,
     indent,
     indent_lines,
     leaf_valued,
@@ -426,7 +427,9 @@ class Emitter(Named):
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
-                    f"    raw = descend(first_repetition(sg.field({f}), run), run, {c}, {s})",
+                    # `runtime.first_repetition` and `descend` written out.
+                    f"    raw = sg.field({f})", "    if rs in raw:",
+                    "        raw = raw.split(rs, 1)[0]", *indent_lines(descended(c, s), 1),
                     "    if raw and raw != NULL:",
                     *indent_lines(self._rows(rows, place, out), 2)]
         if kind == "repetitions":
@@ -444,11 +447,7 @@ class Emitter(Named):
         place = Place("raw", separators(c, s), repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f, valued=True)
         # `runtime.descend` written out: the component (and subcomponent) of each one.
-        below = ["pc = rep.split(run.d.component)",
-                 f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"] if c else ["raw = rep"]
-        if c and s:
-            below += ["pc = raw.split(run.d.subcomponent)",
-                      f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        below = ["raw = rep", *descended(c, s)]
         self._insts[-1].repeated(rows, out)
         rows_lines = (["applied = False", *self._rows(rows, place, out),
                        "if not applied:", f"    run.unmapped[{where!r}] += 1"]

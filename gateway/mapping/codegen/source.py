@@ -149,6 +149,17 @@ def subcomponent(sub: int) -> list[str]:
             f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''", "else:", "    raw = ''"]
 
 
+def descended(c: int, s: int) -> list[str]:
+    """Statements: `raw` (a field's repetition) made its component `c` and that one's
+    subcomponent `s` (0: not named), as `runtime.descend`."""
+    lines = []
+    if c:
+        lines += ["pc = raw.split(comp_sep)", f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"]
+    if c and s:
+        lines += ["pc = raw.split(sub_sep)", f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+    return lines
+
+
 def separators(c: int, s: int) -> str:
     """`runtime.separators_below` as the names the prelude binds (an HL7 message always
     has both separators, one character each: `Delimiters`)."""
