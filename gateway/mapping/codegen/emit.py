@@ -119,7 +119,10 @@ class Emitter(Named):
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
-            read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
+            field = f"(parts[{f}] if {f} < count else '')"
+            # A whole field's first repetition (most reads): `own_value` written out.
+            read = (text_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)") if not c
+                    else f"own_value({field[1:-1]}, run, {c}, {s})")
         else:
             read = f"{self._reader(getter)}({self._scope()})"
         return memo(name, read)
