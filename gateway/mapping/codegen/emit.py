@@ -17,6 +17,7 @@ from typing import Any
 from gateway.mapping.codegen.exits import known_parts, with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.loops import loop_body
+from gateway.mapping.codegen.memos import known_memos
 from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
 from gateway.mapping.codegen.paths import (
     guarded,
@@ -509,9 +510,9 @@ class Emitter(Named):
         self._insts.append(Instances([g for _, g in groups], out_known=True))
         leave = "return out.get('$value')" if primitive else "return out or None"
         lines = self._groups(groups, "parts", "seps", "location", "out", leave)
-        body = known_parts(prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
-                                    "count = len(parts)", *lines, leave], self._lazy.pop()),
-                           1)  # (its parts are a split's: never empty)
+        body = known_parts(known_memos(prelude(
+            ["out = {}", "inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
+             *lines, leave], self._lazy.pop())), 1)  # (its parts are a split's: never empty)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
@@ -533,8 +534,9 @@ class Emitter(Named):
         self._insts.append(Instances([g for _, g in groups],
                                      out_known=id(fn) not in self._into_current))
         lines = self._groups(groups, "parts", "''", repr(segment_id), "out", "return")
-        body = known_parts(prelude(["inst = {}", *self._insts.pop().function_lines(),
-                                    "count = len(parts)", *lines], self._lazy.pop()), 0)
+        body = known_parts(known_memos(prelude(
+            ["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)", *lines],
+            self._lazy.pop())), 0)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))
