@@ -100,7 +100,8 @@ def first_leaf(raw: str, seps: str) -> str:
     if seps == "''":
         return raw
     if seps == "comp_seps":
-        return f"(leaf({raw}, comp_seps) if comp_sep in {raw} or sub_sep in {raw} else {raw})"
+        return (f"(leaf({raw}, comp_sep + sub_sep) if comp_sep in {raw} or sub_sep in {raw}"
+                f" else {raw})")
     if seps == "sub_sep":
         return f"(leaf({raw}, sub_sep) if sub_sep in {raw} else {raw})"
     if seps == "seps":
@@ -121,8 +122,10 @@ def leaf_valued(raw: str, seps: str, var: str, valued: bool) -> list[str]:
         seps, f"{seps} and ({seps} in {var} or len({seps}) > 1)")
     if not cut:
         return [f"{var} = {raw}", "if True:  # (tested where it was read)"]
+    # (both separators joined only when the call needs them: values seldom have any)
+    joined = "comp_sep + sub_sep" if seps == "comp_seps" else seps
     return [f"{var} = {raw}",
-            f"if not ({cut}) or (({var} := leaf({var}, {seps})) and {var} != NULL):"]
+            f"if not ({cut}) or (({var} := leaf({var}, {joined})) and {var} != NULL):"]
 
 
 def split_below(raw: str, seps: str) -> tuple[str, str] | None:
