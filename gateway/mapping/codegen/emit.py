@@ -18,7 +18,7 @@ from gateway.mapping.codegen.exits import known_parts, with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.loops import loop_body
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
+from gateway.mapping.codegen.named import Named
 from gateway.mapping.codegen.paths import (
     guarded,
     hoisted_keys,
@@ -48,12 +48,6 @@ from gateway.mapping.codegen.source import (
 from gateway.mapping.steps import Link, MessageStep
 from gateway.mapping.tables import MergeRow
 from gateway.mapping.vocabulary import Vocab
-
-# FHIR types whose converter returns the text as it is (`convert.to_string`).
-_AS_IS = frozenset({"string", "markdown"})
-# Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
-_KEPT = 4096
-_KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
 
 
 class Emitter(Named):
@@ -259,42 +253,6 @@ class Emitter(Named):
         # A template is only as good as every value it quotes.
         return lines + [f"if {' and '.join(names)}:", *indent_lines(body, 1),
                         "else:", "    v = None"]
-
-    def _lookup(self, vocab: Vocab | None) -> list[str]:
-        """Statements: `v` through the vocabulary (`Vocab.lookup`), its exact codes read
-        in place; the call only for one with wildcards, when no exact code matches."""
-        if vocab is None:
-            return []
-        name = self._vocab(vocab)
-        key = ("exact", name, "")
-        exact = self._recoders.get(key)
-        if exact is None:
-            exact = self._recoders[key] = self._name("VE")
-            self.top.append(f"{exact} = {name}.exact")
-        hit = f"{exact}.get(v)"
-        if vocab.prefixes:
-            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
-            # read in place too; a code that matched nothing, or none kept, asks lookup.
-            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
-        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
-
-    def _convert(self, convert: str, location: str) -> list[str]:
-        """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
-        if convert in _AS_IS:
-            return []
-        call = ["try:", f"    v = {self._converter_object(convert)}(v)",
-                "except ConversionError as exc:",
-                f"    raise TranslationError({location}, exc.reason, v) from None"]
-        if convert not in KEPT_BY_TEXT:
-            return call
-        # A pure conversion of text to text: its answers are kept by the text (a sender
-        # sends the same few codes and systems in every message); refusals are not kept.
-        kept = f"{self._converter_object(convert)}_KEPT"
-        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
-                *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
-                f"        if len({kept}) >= {_KEPT}:",
-                f"            {kept}.clear()  # bounded: the values of recent messages",
-                f"        {kept}[cv] = v", "else:", "    v = cv"]
 
     def row(self, row: object, place: Place, out: str) -> list[str]:
         spec = spec_of(row)
