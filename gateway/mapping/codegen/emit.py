@@ -37,6 +37,7 @@ from gateway.mapping.codegen.source import (
     leaf_valued,
     literal,
     memo,
+    own_value,
     prelude,
     separators,
     spec_of,
@@ -114,10 +115,12 @@ class Emitter(Named):
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
-            field = f"(parts[{f}] if {f} < count else '')"
-            # A whole field's first repetition (most reads): `own_value` written out.
-            read = (text_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)") if not c
-                    else f"own_value({field[1:-1]}, run, {c}, {s})")
+            read = own_value(f"(parts[{f}] if {f} < count else '')", c, s)
+        elif kind == "read_other":
+            # `runtime.read_other` written out: the nearest segment so far, or the first.
+            _, segment_id, f, c, s = spec
+            found = f"run.latest.get({segment_id!r}) or run.message.segment({segment_id!r})"
+            read = f"('' if (og := ({found})) is None else {own_value(f'og.field({f})', c, s)})"
         else:
             read = f"{self._reader(getter)}({self._scope()})"
         return memo(name, read)
@@ -511,17 +514,22 @@ class Emitter(Named):
             raise NotGenerated(f"unknown identity function {spec[0]}")
         _, resource, rules = spec
         name = self._remember(fn, self._name("I"))
-        body = ["scope = Scope(fields, '', run)", "comp = run.d.component"]
-        for condition, parts in rules:
-            values = ", ".join(f"{self._reader(p)}(scope).rstrip(comp)" for p in parts)
+        # The segment's fields read as a segment function reads them (once each, in place).
+        place = Place("''", "''", "''", Tags(None))
+        self._lazy.append({})
+        self._seps.append("''")
+        body = ["comp = run.d.component", "count = len(parts)"]
+        for condition, readers in rules:
+            values = ", ".join(f"{self._read(p, place)}.rstrip(comp)" for p in readers)
             rule = [f"values = [{values}]", "if any(values):",
                     f"    return {resource + '|key|'!r} + '|'.join(values)"]
             if condition is None:
                 body += rule
             else:
-                body += [f"if {self.condition(condition, None)}:", *indent_lines(rule, 1)]
-        body.append("return ''")
-        self.functions.append(f"def {name}(fields, run):\n" + indent(body, 1))
+                body += [f"if {self.condition(condition, place)}:", *indent_lines(rule, 1)]
+        body = known_memos(prelude([*body, "return ''"], self._lazy.pop()))
+        self._seps.pop()
+        self.functions.append(f"def {name}(parts, run):\n" + indent(body, 1))
         return name
 
     def _link(self, link: Link) -> str:

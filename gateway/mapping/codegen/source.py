@@ -175,6 +175,14 @@ def text_of(raw: str) -> str:
     return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
 
 
+def own_value(field: str, c: int, s: int) -> str:
+    """An expression: `runtime.own_value` of the field `field` (an expression), written out
+    for a whole field's first repetition (most reads)."""
+    if c:
+        return f"own_value({field}, run, {c}, {s})"
+    return text_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)")
+
+
 def memo(name: str, read: str) -> str:
     """An expression: `read`, evaluated once per call into the variable `name`."""
     return f"({name} if {name} is not None else ({name} := {read}))"
