@@ -38,6 +38,7 @@ from gateway.mapping.codegen.source import (
     literal,
     memo,
     own_value,
+    part_of,
     prelude,
     separators,
     spec_of,
@@ -106,7 +107,7 @@ class Emitter(Named):
             return memo(name, text_of(raw))
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
-            return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
+            return text_of(part_of("rep", c, s))
         if place.rep_field < 0:
             return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)

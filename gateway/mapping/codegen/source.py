@@ -175,6 +175,15 @@ def text_of(raw: str) -> str:
     return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
 
 
+def part_of(raw: str, c: int, s: int) -> str:
+    """An expression: `runtime.descend(raw, run, c, s)` written out (`dc` holds the parts)."""
+    if c:
+        raw = f"(dc[{c - 1}] if {c} <= len(dc := {raw}.split(comp_sep)) else '')"
+    if c and s:
+        raw = f"(dc[{s - 1}] if {s} <= len(dc := {raw}.split(sub_sep)) else '')"
+    return raw
+
+
 def own_value(field: str, c: int, s: int) -> str:
     """An expression: `runtime.own_value` of the field `field` (an expression), written out
     for a whole field's first repetition (most reads)."""
