@@ -185,11 +185,9 @@ def part_of(raw: str, c: int, s: int) -> str:
 
 
 def own_value(field: str, c: int, s: int) -> str:
-    """An expression: `runtime.own_value` of the field `field` (an expression), written out
-    for a whole field's first repetition (most reads)."""
-    if c:
-        return f"own_value({field}, run, {c}, {s})"
-    return text_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)")
+    """An expression: `runtime.own_value` of the field `field` (an expression) written out:
+    its first repetition, at component `c` and subcomponent `s` (0: not named), unescaped."""
+    return text_of(part_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)", c, s))
 
 
 def memo(name: str, read: str) -> str:
