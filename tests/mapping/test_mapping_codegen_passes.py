@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from gateway.mapping.codegen.exits import known_parts, with_exits
+from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.loops import loop_body
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.source import indent_lines
+from gateway.mapping.codegen.source import indent_lines, is_valued, text_of
 from gateway.mapping.runtime import NULL
 
 
@@ -96,3 +96,25 @@ def test_a_repetition_mapped_whole_is_the_loops_variable() -> None:
     body, var, numbered = loop_body(["raw = rep", tags, "st = '@PID-3' + rt",
                                      "scope.rep = rep", "inst['a' + rt] = raw"])
     assert var == "rep" and numbered and body[0] == "raw = rep"
+
+
+def test_a_local_is_set_to_none_just_before_the_first_statement_reading_it() -> None:
+    body = ["ob0 = None", "ob1 = None", "count = len(parts)",
+            "if (raw := parts[0]):", "    ob0 = {'code': raw}", "if count <= 1:", "    return",
+            "if (raw := parts[1]):", "    pass", "else:", "    x = ob1"]
+    assert late_nones(body) == [
+        "count = len(parts)", "ob0 = None", "if (raw := parts[0]):", "    ob0 = {'code': raw}",
+        "if count <= 1:", "    return", "ob1 = None", "if (raw := parts[1]):", "    pass",
+        "else:", "    x = ob1"]
+
+
+class _Run:
+    def text(self, raw: str) -> str:
+        return raw.replace("\\H\\", "").replace("\\T\\", "&")
+
+
+@pytest.mark.parametrize("raw", ["", NULL, "a", "\\H\\", "\\T\\", " "])
+def test_a_valued_test_on_the_raw_text_answers_as_on_its_value(raw: str) -> None:
+    space = {"NULL": NULL, "esc": "\\", "run": _Run(), "raw": raw}
+    value = text_of("raw")
+    assert eval(is_valued(value), space) == eval(f"({value} != '')", space)  # noqa: S307

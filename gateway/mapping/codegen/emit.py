@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from gateway.mapping.codegen.exits import known_parts, with_exits
+from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.loops import loop_body
 from gateway.mapping.codegen.memos import known_memos
@@ -34,6 +34,7 @@ from gateway.mapping.codegen.source import (
     descended,
     indent,
     indent_lines,
+    is_valued,
     leaf_valued,
     literal,
     memo,
@@ -117,6 +118,11 @@ class Emitter(Named):
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
             read = own_value(f"(parts[{f}] if {f} < count else '')", c, s)
+        elif kind == "read_repetition":
+            # `runtime.read_repetition` written out: the field's nth repetition, as it is.
+            _, f, c, s, nth = spec
+            reps = f"(parts[{f}] if {f} < count else '').split(rs)"
+            read = text_of(part_of(f"(rr[{nth - 1}] if {nth} <= len(rr := {reps}) else '')", c, s))
         elif kind == "read_other":
             # `runtime.read_other` written out: the nearest segment so far, or the first.
             _, segment_id, f, c, s = spec
@@ -144,7 +150,7 @@ class Emitter(Named):
             return f"(not {self.condition(spec[1], place)})"
         value = self._read(spec[1], place)
         if kind == "valued":
-            return f"({value} != '')"
+            return is_valued(value)
         if kind == "equals":
             return f"({value} == {literal(spec[2])})"
         if kind == "in":
@@ -475,6 +481,7 @@ class Emitter(Named):
         body = known_parts(known_memos(prelude(
             ["out = {}", "inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
              *lines, leave], self._lazy.pop())), 1)  # (its parts are a split's: never empty)
+        body = late_nones(body)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
                               + indent(body, 1))
@@ -499,6 +506,7 @@ class Emitter(Named):
         body = known_parts(known_memos(prelude(
             ["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)", *lines],
             self._lazy.pop())), 0)
+        body = late_nones(body)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))

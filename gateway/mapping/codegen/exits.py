@@ -94,3 +94,30 @@ def _shared(chunks: Sequence[tuple[int, list[str]]]) -> list[tuple[int, list[str
 def _repeats(chunk: list[str]) -> bool:
     """A group of a field's repetitions: its test of the field, then the split."""
     return len(chunk) > 1 and "(fl := parts[" in chunk[0] and chunk[1] == _SPLIT
+
+
+_NONE = re.compile(r"(m_\w+|ob\d+) = None$")
+_CLAUSES = ("elif ", "else:", "except", "finally:")
+
+
+def late_nones(body: list[str]) -> list[str]:
+    """A function's memos and local instances set to None just before the first statement
+    that reads them, not at its start: an exit before it (or an absent part) then skips
+    them too (a CWE's second and third codings, when it has three parts)."""
+    statements: list[list[str]] = []
+    for line in body:
+        if line.startswith(" ") or line.startswith(_CLAUSES):
+            statements[-1].append(line)
+        else:
+            statements.append([line])
+    waiting = [s[0].split(" = ")[0] for s in statements if len(s) == 1 and _NONE.match(s[0])]
+    lines: list[str] = []
+    for statement in statements:
+        if len(statement) == 1 and _NONE.match(statement[0]):
+            continue
+        text = "\n".join(statement)
+        for name in [n for n in waiting if re.search(rf"\b{n}\b", text)]:
+            lines.append(f"{name} = None")
+            waiting.remove(name)
+        lines += statement
+    return lines

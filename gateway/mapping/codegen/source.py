@@ -172,7 +172,20 @@ def separators(c: int, s: int) -> str:
 def text_of(raw: str) -> str:
     """An expression: the raw text's value as a reader gives it (the explicit null is
     no value; escapes undone; in a table function, which binds `esc`)."""
-    return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
+    return f"{_TEXT_HEAD}{raw}{_TEXT_TAIL}"
+
+
+_TEXT_HEAD = "('' if (x := "
+_TEXT_TAIL = ") == NULL else (run.text(x) if esc in x else x))"
+
+
+def is_valued(value: str) -> str:
+    """A condition: `value` (an expression) is not ''. Of a raw text's value (`text_of`),
+    tested on the raw text: an empty one is not, with no test of the null and escapes."""
+    if not (value.startswith(_TEXT_HEAD) and value.endswith(_TEXT_TAIL)):
+        return f"({value} != '')"
+    raw = value[len(_TEXT_HEAD):-len(_TEXT_TAIL)]
+    return f"((x := {raw}) != '' and x != NULL and (esc not in x or run.text(x) != ''))"
 
 
 def part_of(raw: str, c: int, s: int) -> str:
@@ -203,7 +216,9 @@ def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     for name, read in list(lazy.items()):
         if read and text.count(memo(name, read)) == 1:
             # Read by one row only: read in place, no variable to set up in every call.
-            body = [line.replace(memo(name, read), read) for line in body]
+            tested = f"({memo(name, read)} != '')"
+            body = [line.replace(tested, is_valued(read)).replace(memo(name, read), read)
+                    for line in body]
             del lazy[name]
     text = "\n".join(body)
     if not re.search(r"\binst\b", text.replace("inst = {}", "", 1)):
