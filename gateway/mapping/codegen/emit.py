@@ -200,12 +200,12 @@ class Emitter(Named):
         datatype = self.datatype(fn)
         known = split_below(raw, seps)
         if known is not None:
-            lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location})"]
+            lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location}, esc)"]
         else:
             split, below = split_first(raw, seps)
-            lines = [f"if {seps}:", f"    v = {datatype}({split}, {below}, run, {location})",
+            lines = [f"if {seps}:", f"    v = {datatype}({split}, {below}, run, {location}, esc)",
                      "else:",
-                     f"    v = {datatype}([{raw}], '', run, {location})"]
+                     f"    v = {datatype}([{raw}], '', run, {location}, esc)"]
         if recode is not None or resource_type is not None:
             lines.append("if v is not None:")
             if recode is not None:
@@ -481,9 +481,10 @@ class Emitter(Named):
         body = known_parts(known_memos(prelude(
             ["out = {}", "inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
              *lines, leave], self._lazy.pop())), 1)  # (its parts are a split's: never empty)
-        body = late_nones(body)
+        # The escape character is given by the caller (which has it at hand).
+        body = late_nones([line for line in body if line != "esc = run.d.escape"])
         self._seps.pop()
-        self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
+        self.functions.append(f"def {name}(parts, seps, run, location, esc):  # {table_name}\n"
                               + indent(body, 1))
         return name
 
