@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 from gateway.hl7.charset import UTF8_BOM, codec_for, decode
 from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
@@ -31,9 +32,12 @@ _VERSION_LIKE = re.compile(r"\d\.\d{1,2}(?:\.\d{1,2})?")
 _ACK_LIKE = re.compile(r"[A-Z]{2}")
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The MSH fields the gateway itself acts on, in their wire (escaped) form."""
+class Header(NamedTuple):
+    """The MSH fields the gateway itself acts on, in their wire (escaped) form.
+
+    Immutable as the frozen dataclass it was, but a NamedTuple: made once per message on
+    the MLLP and translation paths, where the dataclass's thirteen frozen slot setters cost
+    ~20 k instructions and a tuple's construction a few hundred."""
 
     sending_application: str
     sending_facility: str
@@ -65,7 +69,7 @@ class Message:
     """One HL7 v2 message, decoded to text, split lazily."""
 
     __slots__ = ("delimiters", "charset", "_raw", "_text", "_segments", "_terminators",
-                 "_fields", "_dirty", "_header")
+                 "_fields", "_dirty", "_header", "_views")
 
     def __init__(self, text: str, delimiters: Delimiters, charset: str,
                  raw: bytes | None = None) -> None:
@@ -78,6 +82,9 @@ class Message:
         self._fields: dict[int, list[str]] = {}
         self._dirty: set[int] = set()
         self._header: Header | None = None
+        # Every segment as a `Segment`, made at the first `segments()` (which a translation
+        # and a validation walk in full) and kept until a segment is appended.
+        self._views: list[Segment] | None = None
 
     # -- segments -----------------------------------------------------------------------
 
@@ -137,22 +144,41 @@ class Message:
 
     def segments(self, name: str | None = None) -> Iterator[Segment]:
         """Every segment (or every one with this id), in message order."""
+        views = self._views
+        if views is None:
+            views = self._views = self._segment_views()
+        if name is None:
+            return iter(views)
+        return (segment for segment in views if segment.id == name)
+
+    def _segment_views(self) -> list[Segment]:
+        """Every segment split into its fields, once: the walks read most of them."""
         counts: dict[str, int] = {}
         field = self.delimiters.field
+        cache = self._fields
+        views: list[Segment] = []
         for i, seg in enumerate(self._split()):
             if not seg or seg.isspace():
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
+            fields = cache.get(i)
+            if fields is None:
+                fields = cache[i] = seg.split(field)
+                if seg.startswith(HEADER_SEGMENTS):
+                    # MSH-1 is the separator itself, so MSH-n sits at split index n-1.
+                    fields.insert(1, field)
             # The id is everything before the first separator: 'PIDX|' is not a PID.
-            seg_id = seg.partition(field)[0]
-            counts[seg_id] = counts.get(seg_id, 0) + 1
-            if name is None or seg_id == name:
-                yield Segment(self, i, seg_id, counts[seg_id])
+            seg_id = fields[0]
+            occurrence = counts[seg_id] = counts.get(seg_id, 0) + 1
+            views.append(Segment(self, i, seg_id, occurrence, fields))
+        return views
 
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
         index = self._index_of(name, occurrence)
-        return None if index is None else Segment(self, index, name, occurrence)
+        if index is None:
+            return None
+        return Segment(self, index, name, occurrence, self._fields_at(index))
 
     # -- terser access ------------------------------------------------------------------
 
@@ -175,8 +201,15 @@ class Message:
         if field >= len(fields):
             return ""
         d = self.delimiters
-        raw = fields[field].split(d.repetition, 1)[0].split(d.component, 1)[0]
-        return unescape(raw.split(d.subcomponent, 1)[0], d, self.charset)
+        raw = fields[field]
+        # Each cut only when there is something to cut: a timestamp has no separator.
+        if d.repetition in raw:
+            raw = raw.split(d.repetition, 1)[0]
+        if d.component in raw:
+            raw = raw.split(d.component, 1)[0]
+        if d.subcomponent in raw:
+            raw = raw.split(d.subcomponent, 1)[0]
+        return unescape(raw, d, self.charset) if d.escape in raw else raw
 
     def get_raw(self, path: str) -> str:
         """The escaped wire text at a terser path, as deep as the path goes.
@@ -300,6 +333,7 @@ class Message:
             index = len(segments) - 1
             self._fields[index] = [name]
             self._dirty.add(index)
+        self._views = None  # the segments kept do not have the new ones
         return len(segments) - 1
 
     # -- header ---------------------------------------------------------------------------
@@ -338,15 +372,22 @@ class Message:
 
 class Segment:
     """A view on one segment of a message (read-only by convention: a plain class, as a
-    frozen dataclass's `__init__` cost a microsecond per segment on the translation path)."""
+    frozen dataclass's `__init__` cost a microsecond per segment on the translation path).
 
-    __slots__ = ("message", "index", "id", "occurrence")
+    `fields` is the escaped wire text of every field, index n holding field n (index 0: the
+    id): the message's own list (which `Message.set` changes in place), so read it, do not
+    change it. A plain attribute, not a property: a translation reads it for every segment.
+    """
 
-    def __init__(self, message: Message, index: int, id: str, occurrence: int) -> None:
+    __slots__ = ("message", "index", "id", "occurrence", "fields")
+
+    def __init__(self, message: Message, index: int, id: str, occurrence: int,
+                 fields: list[str]) -> None:
         self.message = message
         self.index = index
         self.id = id
         self.occurrence = occurrence
+        self.fields = fields
 
     def __repr__(self) -> str:
         return f"Segment({self.id}[{self.occurrence}] at {self.index})"
@@ -360,20 +401,12 @@ class Segment:
 
     def field(self, number: int) -> str:
         """The escaped wire text of a field ('' when absent)."""
-        fields = self.message._fields_at(self.index)
+        fields = self.fields
         return fields[number] if number < len(fields) else ""
 
     @property
     def field_count(self) -> int:
-        return len(self.message._fields_at(self.index)) - 1
-
-    @property
-    def fields(self) -> list[str]:
-        """The escaped wire text of every field, index n holding field n (index 0: the id).
-
-        The list is the message's own cache: read it, do not change it.
-        """
-        return self.message._fields_at(self.index)
+        return len(self.fields) - 1
 
     def get(self, field: int, repetition: int = 1, component: int = 1,
             subcomponent: int = 1) -> str:
@@ -404,8 +437,12 @@ def _is_blank(segment: str) -> bool:
 
 
 def _first_terminator(text: str) -> int:
-    ends = [i for i in (text.find("\r"), text.find("\n")) if i >= 0]
-    return min(ends) if ends else len(text)
+    # The first CR, unless an LF comes before it (looked for only up to the CR).
+    end = text.find("\r")
+    if end < 0:
+        end = len(text)
+    newline = text.find("\n", 0, end)
+    return end if newline < 0 else newline
 
 
 def _read_header(msg: Message) -> Header:
@@ -413,29 +450,31 @@ def _read_header(msg: Message) -> Header:
     if len(fields) < 19:
         fields = fields + [""] * (19 - len(fields))
     d = msg.delimiters
-    msh9 = fields[9].split(d.repetition, 1)[0].split(d.component, 3)
+    repetition = d.repetition
+    component = d.component
+    msh9 = fields[9].split(repetition, 1)[0].split(component, 3)
     msh9 += [""] * (3 - len(msh9))
-    return Header(
-        sending_application=fields[3],
-        sending_facility=fields[4],
-        receiving_application=fields[5],
-        receiving_facility=fields[6],
-        message_code=msh9[0],
-        trigger_event=msh9[1],
-        message_structure=msh9[2],
-        control_id=fields[10],
-        processing_id=_first_component(fields[11], d),
-        version=_first_component(fields[12], d),
+    # Made as the tuple it is, in field order: `Header(...)` would add a Python call.
+    return _new_header(Header, (
+        fields[3],  # sending_application
+        fields[4],  # sending_facility
+        fields[5],  # receiving_application
+        fields[6],  # receiving_facility
+        msh9[0],  # message_code
+        msh9[1],  # trigger_event
+        msh9[2],  # message_structure
+        fields[10],  # control_id
+        fields[11].split(repetition, 1)[0].split(component, 1)[0],  # processing_id
+        fields[12].split(repetition, 1)[0].split(component, 1)[0],  # version
         # A blank acknowledgment type (a sender padding MSH-15 with a space) is not valued:
         # original acknowledgment mode, as when the field is empty.
-        accept_ack_type=fields[15].strip(),
-        application_ack_type=fields[16].strip(),
-        charset=fields[18].split(d.repetition, 1)[0],
-    )
+        fields[15].strip(),  # accept_ack_type
+        fields[16].strip(),  # application_ack_type
+        fields[18].split(repetition, 1)[0],  # charset
+    ))
 
 
-def _first_component(value: str, d: Delimiters) -> str:
-    return value.split(d.repetition, 1)[0].split(d.component, 1)[0]
+_new_header = tuple.__new__
 
 
 def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
@@ -445,27 +484,32 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     a broken MSH-1/MSH-2, an unsupported MSH-18 or bytes that do not decode.
     """
     raw = data
-    if data.startswith(UTF8_BOM):
-        # A UTF-8 byte-order mark says what the bytes are; MSH-18, when valued, still rules.
-        default_charset = "utf-8"
-    start = _header_offset(data)
-    if data[start : start + 3] != b"MSH":
-        raise Hl7ParseError(
-            ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            "message is empty" if start == len(data)
-            else "message does not start with an MSH segment",
-            Location("MSH", 1),
-            reject=True,
-        )
-    data = data[start:]
-    line_end = _first_terminator_bytes(data)
-    first_line = data[:line_end].decode("latin-1")
+    if not data.startswith(b"MSH"):  # else nothing precedes MSH: the common case
+        if data.startswith(UTF8_BOM):
+            # A UTF-8 byte-order mark says what the bytes are; MSH-18, when valued, still
+            # rules.
+            default_charset = "utf-8"
+        start = _header_offset(data)
+        if data[start : start + 3] != b"MSH":
+            raise Hl7ParseError(
+                ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                "message is empty" if start == len(data)
+                else "message does not start with an MSH segment",
+                Location("MSH", 1),
+                reject=True,
+            )
+        data = data[start:]
+    first_line = data[:_first_terminator_bytes(data)].decode("latin-1")
     delimiters = Delimiters.from_header(first_line)
-    msh_fields = first_line.split(delimiters.field)
+    msh_fields = first_line.split(delimiters.field, 18)
     msh18 = msh_fields[17] if len(msh_fields) > 17 else ""
-    codec = codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
-    text = decode(data, codec)
-    return Message(text, delimiters, codec, raw)
+    codec = _codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
+    return Message(decode(data, codec), delimiters, codec, raw)
+
+
+# MSH-18 -> codec, for the few values senders use (`codec_for` is pure; a refusal raises
+# and is not kept).
+_codec_for = lru_cache(maxsize=64)(codec_for)
 
 
 def parse_header(data: bytes, default_charset: str = "utf-8") -> Message:
@@ -570,8 +614,11 @@ def _header_offset(data: bytes) -> int:
 
 
 def _first_terminator_bytes(data: bytes) -> int:
-    ends = [i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0]
-    return min(ends) if ends else len(data)
+    end = data.find(b"\r")
+    if end < 0:
+        end = len(data)
+    newline = data.find(b"\n", 0, end)
+    return end if newline < 0 else newline
 
 
 def is_segment_id(text: str) -> bool:

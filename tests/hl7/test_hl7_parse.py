@@ -292,6 +292,18 @@ def test_set_on_an_absent_segment_appends_it() -> None:
     assert message.segment_ids == ["MSH", "MSA", "NTE", "NTE"]
 
 
+def test_segments_read_before_a_set_see_it_and_the_segments_it_appends() -> None:
+    # The segments are split once and kept: a set changes them in place, an appended
+    # segment is in the next walk.
+    message = parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ACK^A01|C1|P|2.5\rMSA|AA\r")
+    msa = next(message.segments("MSA"))
+    message.set("MSA-2", "C0")
+    message.set("ERR-3", "x")
+    assert msa.fields == ["MSA", "AA", "C0"] and msa.field(2) == "C0"
+    assert [(s.id, s.occurrence, s.fields) for s in message.segments()][1:] == [
+        ("MSA", 1, ["MSA", "AA", "C0"]), ("ERR", 1, ["ERR", "", "", "x"])]
+
+
 def test_appended_segment_follows_the_message_terminator_style() -> None:
     message = parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ACK^A01|C1|P|2.5\nMSA|AA|C0")
     message.set("ERR-3", "x")
