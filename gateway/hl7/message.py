@@ -170,8 +170,15 @@ class Message:
                     fields.insert(1, field)
             # The id is everything before the first separator: 'PIDX|' is not a PID.
             seg_id = fields[0]
-            occurrence = counts[seg_id] = counts.get(seg_id, 0) + 1
-            views.append(Segment(self, i, seg_id, occurrence, fields))
+            # `Segment.__init__` written inline: a Python `__init__` costs a frame per
+            # segment, and a translation walks every segment.
+            view = _new_segment(Segment)
+            view.message = self
+            view.index = i
+            view.id = seg_id
+            view.occurrence = counts[seg_id] = counts.get(seg_id, 0) + 1
+            view.fields = fields
+            views.append(view)
         return views
 
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
@@ -416,6 +423,9 @@ class Segment:
         if field in (1, 2) and self.id in HEADER_SEGMENTS:
             return raw  # the delimiters themselves
         return unescape(raw, self.message.delimiters, self.message.charset)
+
+
+_new_segment = object.__new__
 
 
 def _part(text: str, separator: str, position: int) -> str:
