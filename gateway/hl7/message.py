@@ -69,7 +69,7 @@ class Message:
     """One HL7 v2 message, decoded to text, split lazily."""
 
     __slots__ = ("delimiters", "charset", "_raw", "_text", "_segments", "_terminators",
-                 "_fields", "_dirty", "_header", "_views")
+                 "_fields", "_dirty", "_header")
 
     def __init__(self, text: str, delimiters: Delimiters, charset: str,
                  raw: bytes | None = None) -> None:
@@ -82,9 +82,6 @@ class Message:
         self._fields: dict[int, list[str]] = {}
         self._dirty: set[int] = set()
         self._header: Header | None = None
-        # Every segment as a `Segment`, made at the first `segments()` (which a translation
-        # and a validation walk in full) and kept until a segment is appended.
-        self._views: list[Segment] | None = None
 
     # -- segments -----------------------------------------------------------------------
 
@@ -144,15 +141,15 @@ class Message:
 
     def segments(self, name: str | None = None) -> Iterator[Segment]:
         """Every segment (or every one with this id), in message order."""
-        views = self._views
-        if views is None:
-            views = self._views = self._segment_views()
+        views = self._segment_views()
         if name is None:
             return iter(views)
         return (segment for segment in views if segment.id == name)
 
     def _segment_views(self) -> list[Segment]:
-        """Every segment split into its fields, once: the walks read most of them."""
+        """Every segment, split into its fields (kept: the walks read most of them). The
+        views themselves are not kept: they point at the message, which would then be
+        freed only by the cycle collector."""
         counts: dict[str, int] = {}
         field = self.delimiters.field
         cache = self._fields
@@ -340,7 +337,6 @@ class Message:
             index = len(segments) - 1
             self._fields[index] = [name]
             self._dirty.add(index)
-        self._views = None  # the segments kept do not have the new ones
         return len(segments) - 1
 
     # -- header ---------------------------------------------------------------------------
