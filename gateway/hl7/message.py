@@ -10,56 +10,21 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import lru_cache
 
 from gateway.hl7.charset import UTF8_BOM, codec_for, decode
 from gateway.hl7.delimiters import HEADER_SEGMENTS, Delimiters
 from gateway.hl7.errors import ErrorCode, Hl7Error, Hl7ParseError
 from gateway.hl7.escape import escape, unescape
+from gateway.hl7.header import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+from gateway.hl7.header import VERSIONS as VERSIONS
+from gateway.hl7.header import Header as Header
+from gateway.hl7.header import check_header as check_header
+from gateway.hl7.header import read_header
 from gateway.hl7.location import Location, parse_location
 
 _TERMINATOR = re.compile(r"(\r\n|\r|\n)")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
-
-# Every HL7 v2 version the gateway accepts (MSH-12), oldest first.
-VERSIONS: tuple[str, ...] = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6",
-                             "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
-SUPPORTED_VERSIONS = frozenset(VERSIONS)
-ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})
-# What an MSH-12 version id or an MSH-15/16 code looks like; anything else is not echoed.
-_VERSION_LIKE = re.compile(r"\d\.\d{1,2}(?:\.\d{1,2})?")
-_ACK_LIKE = re.compile(r"[A-Z]{2}")
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The MSH fields the gateway itself acts on, in their wire (escaped) form."""
-
-    sending_application: str
-    sending_facility: str
-    receiving_application: str
-    receiving_facility: str
-    message_code: str
-    trigger_event: str
-    message_structure: str
-    control_id: str
-    processing_id: str
-    version: str
-    accept_ack_type: str
-    application_ack_type: str
-    charset: str
-
-    @property
-    def message_type(self) -> str:
-        return f"{self.message_code}^{self.trigger_event}" if self.trigger_event else (
-            self.message_code
-        )
-
-    @property
-    def enhanced_mode(self) -> bool:
-        """HL7 v2.5.1 §2.9.3: enhanced acknowledgement when MSH-15 or MSH-16 is valued."""
-        return bool(self.accept_ack_type or self.application_ack_type)
-
 
 class Message:
     """One HL7 v2 message, decoded to text, split lazily."""
@@ -137,22 +102,48 @@ class Message:
 
     def segments(self, name: str | None = None) -> Iterator[Segment]:
         """Every segment (or every one with this id), in message order."""
+        views = self._segment_views()
+        if name is None:
+            return iter(views)
+        return (segment for segment in views if segment.id == name)
+
+    def _segment_views(self) -> list[Segment]:
+        """Every segment, split into its fields (kept: the walks read most of them). The
+        views themselves are not kept: they point at the message, which would then be
+        freed only by the cycle collector."""
         counts: dict[str, int] = {}
         field = self.delimiters.field
+        cache = self._fields
+        views: list[Segment] = []
         for i, seg in enumerate(self._split()):
             if not seg or seg.isspace():
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
+            fields = cache.get(i)
+            if fields is None:
+                fields = cache[i] = seg.split(field)
+                if seg.startswith(HEADER_SEGMENTS):
+                    # MSH-1 is the separator itself, so MSH-n sits at split index n-1.
+                    fields.insert(1, field)
             # The id is everything before the first separator: 'PIDX|' is not a PID.
-            seg_id = seg.partition(field)[0]
-            counts[seg_id] = counts.get(seg_id, 0) + 1
-            if name is None or seg_id == name:
-                yield Segment(self, i, seg_id, counts[seg_id])
+            seg_id = fields[0]
+            # `Segment.__init__` written inline: a Python `__init__` costs a frame per
+            # segment, and a translation walks every segment.
+            view = _new_segment(Segment)
+            view.message = self
+            view.index = i
+            view.id = seg_id
+            view.occurrence = counts[seg_id] = counts.get(seg_id, 0) + 1
+            view.fields = fields
+            views.append(view)
+        return views
 
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
         index = self._index_of(name, occurrence)
-        return None if index is None else Segment(self, index, name, occurrence)
+        if index is None:
+            return None
+        return Segment(self, index, name, occurrence, self._fields_at(index))
 
     # -- terser access ------------------------------------------------------------------
 
@@ -175,8 +166,15 @@ class Message:
         if field >= len(fields):
             return ""
         d = self.delimiters
-        raw = fields[field].split(d.repetition, 1)[0].split(d.component, 1)[0]
-        return unescape(raw.split(d.subcomponent, 1)[0], d, self.charset)
+        raw = fields[field]
+        # Each cut only when there is something to cut: a timestamp has no separator.
+        if d.repetition in raw:
+            raw = raw.split(d.repetition, 1)[0]
+        if d.component in raw:
+            raw = raw.split(d.component, 1)[0]
+        if d.subcomponent in raw:
+            raw = raw.split(d.subcomponent, 1)[0]
+        return unescape(raw, d, self.charset) if d.escape in raw else raw
 
     def get_raw(self, path: str) -> str:
         """The escaped wire text at a terser path, as deep as the path goes.
@@ -307,7 +305,7 @@ class Message:
     @property
     def header(self) -> Header:
         if self._header is None:
-            self._header = _read_header(self)
+            self._header = read_header(self._fields_at(0), self.delimiters)
         return self._header
 
     # -- serialisation --------------------------------------------------------------------
@@ -338,15 +336,22 @@ class Message:
 
 class Segment:
     """A view on one segment of a message (read-only by convention: a plain class, as a
-    frozen dataclass's `__init__` cost a microsecond per segment on the translation path)."""
+    frozen dataclass's `__init__` cost a microsecond per segment on the translation path).
 
-    __slots__ = ("message", "index", "id", "occurrence")
+    `fields` is the escaped wire text of every field, index n holding field n (index 0: the
+    id): the message's own list (which `Message.set` changes in place), so read it, do not
+    change it. A plain attribute, not a property: a translation reads it for every segment.
+    """
 
-    def __init__(self, message: Message, index: int, id: str, occurrence: int) -> None:
+    __slots__ = ("message", "index", "id", "occurrence", "fields")
+
+    def __init__(self, message: Message, index: int, id: str, occurrence: int,
+                 fields: list[str]) -> None:
         self.message = message
         self.index = index
         self.id = id
         self.occurrence = occurrence
+        self.fields = fields
 
     def __repr__(self) -> str:
         return f"Segment({self.id}[{self.occurrence}] at {self.index})"
@@ -360,20 +365,12 @@ class Segment:
 
     def field(self, number: int) -> str:
         """The escaped wire text of a field ('' when absent)."""
-        fields = self.message._fields_at(self.index)
+        fields = self.fields
         return fields[number] if number < len(fields) else ""
 
     @property
     def field_count(self) -> int:
-        return len(self.message._fields_at(self.index)) - 1
-
-    @property
-    def fields(self) -> list[str]:
-        """The escaped wire text of every field, index n holding field n (index 0: the id).
-
-        The list is the message's own cache: read it, do not change it.
-        """
-        return self.message._fields_at(self.index)
+        return len(self.fields) - 1
 
     def get(self, field: int, repetition: int = 1, component: int = 1,
             subcomponent: int = 1) -> str:
@@ -383,6 +380,9 @@ class Segment:
         if field in (1, 2) and self.id in HEADER_SEGMENTS:
             return raw  # the delimiters themselves
         return unescape(raw, self.message.delimiters, self.message.charset)
+
+
+_new_segment = object.__new__
 
 
 def _part(text: str, separator: str, position: int) -> str:
@@ -404,38 +404,12 @@ def _is_blank(segment: str) -> bool:
 
 
 def _first_terminator(text: str) -> int:
-    ends = [i for i in (text.find("\r"), text.find("\n")) if i >= 0]
-    return min(ends) if ends else len(text)
-
-
-def _read_header(msg: Message) -> Header:
-    fields = msg._fields_at(0)
-    if len(fields) < 19:
-        fields = fields + [""] * (19 - len(fields))
-    d = msg.delimiters
-    msh9 = fields[9].split(d.repetition, 1)[0].split(d.component, 3)
-    msh9 += [""] * (3 - len(msh9))
-    return Header(
-        sending_application=fields[3],
-        sending_facility=fields[4],
-        receiving_application=fields[5],
-        receiving_facility=fields[6],
-        message_code=msh9[0],
-        trigger_event=msh9[1],
-        message_structure=msh9[2],
-        control_id=fields[10],
-        processing_id=_first_component(fields[11], d),
-        version=_first_component(fields[12], d),
-        # A blank acknowledgment type (a sender padding MSH-15 with a space) is not valued:
-        # original acknowledgment mode, as when the field is empty.
-        accept_ack_type=fields[15].strip(),
-        application_ack_type=fields[16].strip(),
-        charset=fields[18].split(d.repetition, 1)[0],
-    )
-
-
-def _first_component(value: str, d: Delimiters) -> str:
-    return value.split(d.repetition, 1)[0].split(d.component, 1)[0]
+    # The first CR, unless an LF comes before it (looked for only up to the CR).
+    end = text.find("\r")
+    if end < 0:
+        end = len(text)
+    newline = text.find("\n", 0, end)
+    return end if newline < 0 else newline
 
 
 def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
@@ -445,27 +419,32 @@ def parse_message(data: bytes, default_charset: str = "utf-8") -> Message:
     a broken MSH-1/MSH-2, an unsupported MSH-18 or bytes that do not decode.
     """
     raw = data
-    if data.startswith(UTF8_BOM):
-        # A UTF-8 byte-order mark says what the bytes are; MSH-18, when valued, still rules.
-        default_charset = "utf-8"
-    start = _header_offset(data)
-    if data[start : start + 3] != b"MSH":
-        raise Hl7ParseError(
-            ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            "message is empty" if start == len(data)
-            else "message does not start with an MSH segment",
-            Location("MSH", 1),
-            reject=True,
-        )
-    data = data[start:]
-    line_end = _first_terminator_bytes(data)
-    first_line = data[:line_end].decode("latin-1")
+    if not data.startswith(b"MSH"):  # else nothing precedes MSH: the common case
+        if data.startswith(UTF8_BOM):
+            # A UTF-8 byte-order mark says what the bytes are; MSH-18, when valued, still
+            # rules.
+            default_charset = "utf-8"
+        start = _header_offset(data)
+        if data[start : start + 3] != b"MSH":
+            raise Hl7ParseError(
+                ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                "message is empty" if start == len(data)
+                else "message does not start with an MSH segment",
+                Location("MSH", 1),
+                reject=True,
+            )
+        data = data[start:]
+    first_line = data[:_first_terminator_bytes(data)].decode("latin-1")
     delimiters = Delimiters.from_header(first_line)
-    msh_fields = first_line.split(delimiters.field)
+    msh_fields = first_line.split(delimiters.field, 18)
     msh18 = msh_fields[17] if len(msh_fields) > 17 else ""
-    codec = codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
-    text = decode(data, codec)
-    return Message(text, delimiters, codec, raw)
+    codec = _codec_for(msh18.split(delimiters.repetition, 1)[0], default_charset)
+    return Message(decode(data, codec), delimiters, codec, raw)
+
+
+# MSH-18 -> codec, for the few values senders use (`codec_for` is pure; a refusal raises
+# and is not kept).
+_codec_for = lru_cache(maxsize=64)(codec_for)
 
 
 def parse_header(data: bytes, default_charset: str = "utf-8") -> Message:
@@ -511,39 +490,6 @@ def salvage_header(data: bytes) -> Message | None:
     return Message(text, delimiters, "ascii")
 
 
-def check_header(header: Header) -> None:
-    """Refuse a header the gateway cannot acknowledge or route (MSH-9, -10, -12, -15, -16)."""
-    if not header.message_code:
-        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "message type is empty",
-                            Location("MSH", 1, 9), reject=True)
-    if not header.control_id:
-        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING,
-                            "message control id is empty",
-                            Location("MSH", 1, 10), reject=True)
-    if not header.version:
-        raise Hl7ParseError(ErrorCode.REQUIRED_FIELD_MISSING, "version id is empty",
-                            Location("MSH", 1, 12), reject=True)
-    if header.version not in SUPPORTED_VERSIONS:
-        raise Hl7ParseError(ErrorCode.UNSUPPORTED_VERSION_ID,
-                            f"version {_shown(header.version, _VERSION_LIKE)} is not supported",
-                            Location("MSH", 1, 12), reject=True)
-    for number, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
-        if value and value not in ACK_TYPES:
-            raise Hl7ParseError(ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                f"acknowledgment type {_shown(value, _ACK_LIKE)} is not one of "
-                                "AL, NE, ER, SU",
-                                Location("MSH", 1, number))
-
-
-def _shown(value: str, pattern: re.Pattern[str]) -> str:
-    """A header value for an error reason, only when it cannot be anything but what it claims.
-
-    When a sender's segment terminators are broken, the "MSH" line runs on into PID and
-    MSH-12 or MSH-15 can hold a patient's name or identifier: those are never echoed.
-    """
-    return f"'{value}'" if pattern.fullmatch(value) else "(value not shown)"
-
-
 def content_digest(message: Message) -> str:
     """SHA-256 (hex) of the message's bytes with MSH-7 emptied: what tells a resend (the
     same message, perhaps stamped anew in MSH-7) from another message that reuses its
@@ -570,8 +516,11 @@ def _header_offset(data: bytes) -> int:
 
 
 def _first_terminator_bytes(data: bytes) -> int:
-    ends = [i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0]
-    return min(ends) if ends else len(data)
+    end = data.find(b"\r")
+    if end < 0:
+        end = len(data)
+    newline = data.find(b"\n", 0, end)
+    return end if newline < 0 else newline
 
 
 def is_segment_id(text: str) -> bool:

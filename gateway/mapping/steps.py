@@ -73,13 +73,13 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
             # fields) does not change while the segment is mapped.
             scope: Scope | None = None
             try:
-                for step, bit in place.steps:
-                    if step.after and step.after != anchor:
+                for step, bit, after, condition in place.plan:
+                    if after and after != anchor:
                         continue
-                    if step.condition is not None:
+                    if condition is not None:
                         if scope is None:
                             scope = Scope(fields, "", run)
-                        if not step.condition(scope):
+                        if not condition(scope):
                             continue
                     apply_step(step, fields, run)
                     applied |= bit
@@ -92,10 +92,20 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
                 else:
                     unmapped[segment_id] += 1
                 continue
-            for number, label in place.unread(applied, len(fields)):
+            count = len(fields)
+            unread = place.kept.get(applied * _KEY + count) if count <= _KEPT_FIELDS else None
+            if unread is None:
+                unread = place.unread(applied, count)
+            for number, label in unread:
                 if fields[number]:
                     unmapped[label] += 1
     return described(translate, "message", by_segment)
+
+
+# Field counts up to this are remembered per place (the standard's segments have well under
+# 100); a longer segment (a sender's padding) is worked out each time.
+_KEPT_FIELDS = 256
+_KEY = _KEPT_FIELDS + 1  # (applied bits, field count) -> one int key
 
 
 class _Place:
@@ -103,27 +113,27 @@ class _Place:
     every segment of that id, that field count and those steps applied, so the field numbers
     to look at for an unmapped count are worked out once per combination, not per segment."""
 
-    __slots__ = ("segment_id", "steps", "_unread")
-
-    # Field counts up to this are remembered (the standard's segments have well under 100);
-    # a longer segment (a sender's padding) is worked out each time.
-    KEPT_FIELDS = 256
+    __slots__ = ("segment_id", "steps", "plan", "kept")
 
     def __init__(self, segment_id: str, steps: list[MessageStep]) -> None:
         self.segment_id = segment_id
         self.steps = [(step, 1 << n) for n, step in enumerate(steps)]
-        self._unread: dict[int, tuple[tuple[int, str], ...]] = {}
+        # What the walk reads of each step, unpacked once: the step, its bit, its `after`
+        # and its condition.
+        self.plan = [(step, bit, step.after, step.condition) for step, bit in self.steps]
+        # applied * _KEY + field count -> `unread`'s answer (the walk looks here first).
+        self.kept: dict[int, tuple[tuple[int, str], ...]] = {}
 
     def unread(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
         """(field number, unmapped label) of every field no applied step reads, for
         segments of `field_count` fields (the id included); nothing when the applied steps
         read no field at all (a step that only makes a resource)."""
-        if field_count > self.KEPT_FIELDS:
+        if field_count > _KEPT_FIELDS:
             return self._work_out(applied, field_count)
-        key = applied * (self.KEPT_FIELDS + 1) + field_count
-        found = self._unread.get(key)
+        key = applied * _KEY + field_count
+        found = self.kept.get(key)
         if found is None:
-            found = self._unread[key] = self._work_out(applied, field_count)
+            found = self.kept[key] = self._work_out(applied, field_count)
         return found
 
     def _work_out(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
@@ -138,7 +148,9 @@ class _Place:
 
 
 def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
-    draft = run.current.get(step.resource) if step.into_current else None
+    current = run.current
+    resource = step.resource
+    draft = current.get(resource) if step.into_current else None
     if draft is not None:
         step.apply(fields, run, draft.content)
         return
@@ -147,27 +159,28 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
     if not content:
         # An empty segment makes no resource, and ends the previous one's turn: the RXE
         # after an empty ORC must not write into the order before it.
-        run.current.pop(step.resource, None)
+        current.pop(resource, None)
         return
-    draft = run.new_draft(step.resource, content)
+    draft = run.new_draft(resource, content)
     if step.identity is not None:
         draft.identity = step.identity(fields, run)
-    if not step.links:
-        run.current[step.resource] = draft
+    links = step.links
+    if not links:
+        current[resource] = draft
         return
     # One instance map per owner: the links of a row that write one owner's repeating
     # element (Patient.link.other and Patient.link.type) fill one instance of it.
     insts: dict[int, dict[str, Json]] = {}
-    for link in step.links:
-        owner = draft if link.owner is None else run.current.get(link.owner)
+    for link in links:
+        owner = draft if link.owner is None else current.get(link.owner)
         if owner is None:
             continue
         inst = insts.setdefault(id(owner), {})
         if link.refers_to is None:
             link.setter(owner.content, inst, "", "", link.constant)
             continue
-        target = draft if link.refers_to == "this" else run.current.get(link.refers_to)
+        target = draft if link.refers_to == "this" else current.get(link.refers_to)
         if target is None or target is owner:
             continue
         link.setter(owner.content, inst, "", "", run.reference(target))
-    run.current[step.resource] = draft
+    current[resource] = draft

@@ -4,6 +4,7 @@ locations, and no PHI in the error text)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,28 @@ def test_set_on_an_absent_segment_appends_it() -> None:
     message.set("NTE[2]-3", "second note")
     assert message.encode() == data + b"MSA|AA|C0\rNTE\rNTE|||second note\r"
     assert message.segment_ids == ["MSH", "MSA", "NTE", "NTE"]
+
+
+def test_segments_read_before_a_set_see_it_and_the_segments_it_appends() -> None:
+    # Each segment's fields are split once and kept: a set changes them in place, an
+    # appended segment is in the next walk.
+    message = parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ACK^A01|C1|P|2.5\rMSA|AA\r")
+    msa = next(message.segments("MSA"))
+    message.set("MSA-2", "C0")
+    message.set("ERR-3", "x")
+    assert msa.fields == ["MSA", "AA", "C0"] and msa.field(2) == "C0"
+    assert [(s.id, s.occurrence, s.fields) for s in message.segments()][1:] == [
+        ("MSA", 1, ["MSA", "AA", "C0"]), ("ERR", 1, ["ERR", "", "", "x"])]
+
+
+def test_a_walked_message_holds_nothing_that_points_back_at_it() -> None:
+    # Freed as soon as it is dropped, not by the cycle collector (a frame can be 10 MB).
+    message = parse_message(fixture("codec_v2.6_oru_r01.hl7"))
+    before = sys.getrefcount(message)
+    segments = list(message.segments())
+    assert message.header.message_code == "ORU" and segments[1].field(3)
+    del segments
+    assert sys.getrefcount(message) == before
 
 
 def test_appended_segment_follows_the_message_terminator_style() -> None:

@@ -18,6 +18,8 @@ from gateway.canonical import BusinessKey, Provenance, Resource, Translation
 from gateway.canonical.ids import ID_NAMESPACE, name_uuid
 from gateway.fhir.bundle import to_bundle
 from gateway.hl7.message import parse_message
+from gateway.mapping.convert import MSH7_OFFSET
+from gateway.mapping.runtime import _offset_of
 from gateway.mapping.vocabulary import Vocab
 from support.mapping import translator
 
@@ -134,3 +136,18 @@ def test_ids_of_referred_to_resources_kept_across_messages_are_the_ids_made_anew
     cold = [_ids(_adt_with_doctor(n)) for n in (4199, 4198, 3)]
     assert warm == cold
     assert {"Practitioner", "Location"} <= {t for ids in cold for t, _ in ids}
+
+
+MSH7 = ["20261126083000+0100", "20261126083000-0530", "202611260830+0100", "2026+0000",
+        "202+0100", "202611260830001234+0100", "20261126083000.1234+0100",
+        "20261126083000.12345+0100", "20261126083000.+0100", "20261126083000", "+0100",
+        "20261126083000+010", "20261126083000+01000", "20261126083000 +0100",
+        "20261126083000+0100\n", "20261126083000+0100\n\n", "20261126083000+0100\r",
+        "2026112608.30.00+0100", "20261126083000+01a0", "٢٠٢٦١١٢٦+٠١٠٠", "", "\n"]
+
+
+@pytest.mark.parametrize("msh7", MSH7)
+def test_msh7_offset_is_what_the_regex_reads(msh7: str) -> None:
+    match = MSH7_OFFSET.match(msh7)
+    expected = f"{match.group(1)}{match.group(2)}:{match.group(3)}" if match else ""
+    assert _offset_of(msh7) == expected

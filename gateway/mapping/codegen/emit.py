@@ -14,8 +14,11 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
-from gateway.mapping.codegen.named import KEPT_BY_TEXT, Named
+from gateway.mapping.codegen.loops import loop_body
+from gateway.mapping.codegen.memos import known_memos
+from gateway.mapping.codegen.named import Named
 from gateway.mapping.codegen.paths import (
     guarded,
     hoisted_keys,
@@ -28,26 +31,26 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
-    first_leaf,
+    descended,
     indent,
     indent_lines,
+    is_valued,
+    leaf_valued,
     literal,
     memo,
+    own_value,
+    part_of,
     prelude,
     separators,
     spec_of,
     split_below,
+    split_first,
+    subcomponent,
     text_of,
 )
 from gateway.mapping.steps import Link, MessageStep
 from gateway.mapping.tables import MergeRow
 from gateway.mapping.vocabulary import Vocab
-
-# FHIR types whose converter returns the text as it is (`convert.to_string`).
-_AS_IS = frozenset({"string", "markdown"})
-# Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
-_KEPT = 4096
-_KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
 
 
 class Emitter(Named):
@@ -105,7 +108,7 @@ class Emitter(Named):
             return memo(name, text_of(raw))
         if kind == "read_own" and spec[1] == place.rep_field:
             _, _, c, s = spec
-            return text_of(f"descend(rep, run, {c}, {s})" if c else "rep")
+            return text_of(part_of("rep", c, s))
         if place.rep_field < 0:
             return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)
@@ -114,7 +117,17 @@ class Emitter(Named):
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
-            read = f"own_value(parts[{f}] if {f} < count else '', run, {c}, {s})"
+            read = own_value(f"(parts[{f}] if {f} < count else '')", c, s)
+        elif kind == "read_repetition":
+            # `runtime.read_repetition` written out: the field's nth repetition, as it is.
+            _, f, c, s, nth = spec
+            reps = f"(parts[{f}] if {f} < count else '').split(rs)"
+            read = text_of(part_of(f"(rr[{nth - 1}] if {nth} <= len(rr := {reps}) else '')", c, s))
+        elif kind == "read_other":
+            # `runtime.read_other` written out: the nearest segment so far, or the first.
+            _, segment_id, f, c, s = spec
+            found = f"run.latest.get({segment_id!r}) or run.message.segment({segment_id!r})"
+            read = f"('' if (og := ({found})) is None else {own_value(f'og.field({f})', c, s)})"
         else:
             read = f"{self._reader(getter)}({self._scope()})"
         return memo(name, read)
@@ -137,7 +150,7 @@ class Emitter(Named):
             return f"(not {self.condition(spec[1], place)})"
         value = self._read(spec[1], place)
         if kind == "valued":
-            return f"({value} != '')"
+            return is_valued(value)
         if kind == "equals":
             return f"({value} == {literal(spec[2])})"
         if kind == "in":
@@ -187,12 +200,12 @@ class Emitter(Named):
         datatype = self.datatype(fn)
         known = split_below(raw, seps)
         if known is not None:
-            lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location})"]
+            lines = [f"v = {datatype}({known[0]}, {known[1]}, run, {location}, esc)"]
         else:
-            lines = [f"if {seps}:",
-                     f"    v = {datatype}({raw}.split({seps}[0]), {seps}[1:], run, {location})",
+            split, below = split_first(raw, seps)
+            lines = [f"if {seps}:", f"    v = {datatype}({split}, {below}, run, {location}, esc)",
                      "else:",
-                     f"    v = {datatype}([{raw}], '', run, {location})"]
+                     f"    v = {datatype}([{raw}], '', run, {location}, esc)"]
         if recode is not None or resource_type is not None:
             lines.append("if v is not None:")
             if recode is not None:
@@ -212,8 +225,7 @@ class Emitter(Named):
         `write` where it gives a value (it never gives None, so none is tested for)."""
         _, convert, codes, kind, vocab = spec
         location = place.location
-        lines = [f"v = {first_leaf(place.raw, place.seps)}",
-                 "if v and v != NULL:",
+        lines = [*leaf_valued(place.raw, place.seps, "v", place.valued),
                  "    v = run.text(v) if esc in v else v",
                  "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
@@ -237,7 +249,7 @@ class Emitter(Named):
     @staticmethod
     def _text(place: Place, write: list[str]) -> list[str]:
         """`produce.text` written out: the value's first part, unescaped, and `write`."""
-        return [f"v = {first_leaf(place.raw, place.seps)}", "if v and v != NULL:",
+        return [*leaf_valued(place.raw, place.seps, "v", place.valued),
                 "    v = run.text(v) if esc in v else v", *indent_lines(write, 1)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
@@ -252,49 +264,13 @@ class Emitter(Named):
         return lines + [f"if {' and '.join(names)}:", *indent_lines(body, 1),
                         "else:", "    v = None"]
 
-    def _lookup(self, vocab: Vocab | None) -> list[str]:
-        """Statements: `v` through the vocabulary (`Vocab.lookup`), its exact codes read
-        in place; the call only for one with wildcards, when no exact code matches."""
-        if vocab is None:
-            return []
-        name = self._vocab(vocab)
-        key = ("exact", name, "")
-        exact = self._recoders.get(key)
-        if exact is None:
-            exact = self._recoders[key] = self._name("VE")
-            self.top.append(f"{exact} = {name}.exact")
-        hit = f"{exact}.get(v)"
-        if vocab.prefixes:
-            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
-            # read in place too; a code that matched nothing, or none kept, asks lookup.
-            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
-        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
-
-    def _convert(self, convert: str, location: str) -> list[str]:
-        """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
-        if convert in _AS_IS:
-            return []
-        call = ["try:", f"    v = {self._converter_object(convert)}(v)",
-                "except ConversionError as exc:",
-                f"    raise TranslationError({location}, exc.reason, v) from None"]
-        if convert not in KEPT_BY_TEXT:
-            return call
-        # A pure conversion of text to text: its answers are kept by the text (a sender
-        # sends the same few codes and systems in every message); refusals are not kept.
-        kept = f"{self._converter_object(convert)}_KEPT"
-        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
-                *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
-                f"        if len({kept}) >= {_KEPT}:",
-                f"            {kept}.clear()  # bounded: the values of recent messages",
-                f"        {kept}[cv] = v", "else:", "    v = cv"]
-
     def row(self, row: object, place: Place, out: str) -> list[str]:
         spec = spec_of(row)
         kind = spec[0]
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
-            return [f"t = {first_leaf(place.raw, place.seps)}",
-                    "if t and t != NULL:", "    v = run.text(t) if esc in t else t",
+            return [*leaf_valued(place.raw, place.seps, "t", place.valued),
+                    "    v = run.text(t) if esc in t else t",
                     *indent_lines(setter_statements(spec[1], out, place.tags, True,
                                                     self._insts[-1]), 1), *done]
         if kind == "row":
@@ -400,6 +376,8 @@ class Emitter(Named):
             if sub and seps == "''":
                 # No level below: the value is its own first part (`runtime.part_below`).
                 lines += [] if sub == 1 else ["raw = ''"]
+            elif sub and seps == "seps":
+                below, lines = "''", lines + subcomponent(sub)
             elif sub:
                 below = "sp"
                 lines += [f"sp = {seps}", "if sp:", "    pc = raw.split(sp[0])",
@@ -421,7 +399,9 @@ class Emitter(Named):
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
-                    f"    raw = descend(first_repetition(sg.field({f}), run), run, {c}, {s})",
+                    # `runtime.first_repetition` and `descend` written out.
+                    f"    raw = sg.field({f})", "    if rs in raw:",
+                    "        raw = raw.split(rs, 1)[0]", *indent_lines(descended(c, s), 1),
                     "    if raw and raw != NULL:",
                     *indent_lines(self._rows(rows, place, out), 2)]
         if kind == "repetitions":
@@ -439,11 +419,7 @@ class Emitter(Named):
         place = Place("raw", separators(c, s), repr(where), Tags(None), applied=count_unmatched,
                        rep_field=f, valued=True)
         # `runtime.descend` written out: the component (and subcomponent) of each one.
-        below = ["pc = rep.split(run.d.component)",
-                 f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"] if c else ["raw = rep"]
-        if c and s:
-            below += ["pc = raw.split(run.d.subcomponent)",
-                      f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+        below = ["raw = rep", *descended(c, s)]
         self._insts[-1].repeated(rows, out)
         rows_lines = (["applied = False", *self._rows(rows, place, out),
                        "if not applied:", f"    run.unmapped[{where!r}] += 1"]
@@ -462,15 +438,7 @@ class Emitter(Named):
                          if line != "scope.rep = rep")
         if not uses_scope:
             body.remove("scope.rep = rep")
-        # The repetition's tags are for setters of repeating elements; most rows have none.
-        tag_lines = body[body.index("rt = REPETITION_TAGS[i] if i < 100 else f'#{i + 1}'"):][:2]
-        rest = [line for line in body if line not in tag_lines]
-        if not any(re.search(r"\bst\b", line) for line in rest):
-            body.remove(tag_lines[1])
-            if not any(re.search(r"\brt\b", line) for line in rest):
-                body.remove(tag_lines[0])
-        # Without the tags the repetition's number is not needed: no enumerate.
-        numbered = any(re.search(r"\bi\b", line) for line in body)
+        body, var, numbered = loop_body(body)
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",
@@ -478,24 +446,21 @@ class Emitter(Named):
                 *only_line,
                 *([f"    scope = {self._scope()}", f"    scope.rep_field = {f}"]
                   if uses_scope else []),
-                "    for i, rep in enumerate(reps):" if numbered else "    for rep in reps:",
+                f"    for i, {var} in enumerate(reps):" if numbered else f"    for {var} in reps:",
                 *indent_lines(body, 2),
                 *(["    scope.rep_field = 0"] if uses_scope else [])]
 
     def _groups(self, groups: Sequence[tuple[int, object]], parts: str, seps: str,
-                location: str, out: str) -> list[str]:
-        lines: list[str] = []
+                location: str, out: str, leave: str) -> list[str]:
+        chunks: list[tuple[int, list[str]]] = []
         for position, (index, group) in enumerate(groups):
             if not spec_of(group)[-1]:
                 continue  # no rows (only documentation rows): nothing to run
             self._insts[-1].group = position
             body = self.group(group, parts, seps, location, out, index)
-            if index < 0:
-                lines += body
-            else:
-                # An empty component costs one comparison, not a call (most are empty).
-                lines += guarded(body, index, parts)
-        return lines
+            # An empty component costs one comparison, not a call (most are empty).
+            chunks.append((index, body if index < 0 else guarded(body, index, parts)))
+        return with_exits(chunks, leave)
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -511,13 +476,15 @@ class Emitter(Named):
         self._lazy.append({})
         self._seps.append("seps")
         self._insts.append(Instances([g for _, g in groups], out_known=True))
-        lines = self._groups(groups, "parts", "seps", "location", "out")
-        body = prelude(["out = {}", "inst = {}", *self._insts.pop().function_lines(),
-                        "count = len(parts)", *lines,
-                        "return out.get('$value')" if primitive else "return out or None"],
-                       self._lazy.pop())
+        leave = "return out.get('$value')" if primitive else "return out or None"
+        lines = self._groups(groups, "parts", "seps", "location", "out", leave)
+        body = known_parts(known_memos(prelude(
+            ["out = {}", "inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
+             *lines, leave], self._lazy.pop())), 1)  # (its parts are a split's: never empty)
+        # The escape character is given by the caller (which has it at hand).
+        body = late_nones([line for line in body if line != "esc = run.d.escape"])
         self._seps.pop()
-        self.functions.append(f"def {name}(parts, seps, run, location):  # {table_name}\n"
+        self.functions.append(f"def {name}(parts, seps, run, location, esc):  # {table_name}\n"
                               + indent(body, 1))
         return name
 
@@ -536,9 +503,11 @@ class Emitter(Named):
         # a step runs this function into a resource made before; else it is a new {}.
         self._insts.append(Instances([g for _, g in groups],
                                      out_known=id(fn) not in self._into_current))
-        lines = self._groups(groups, "parts", "''", repr(segment_id), "out")
-        body = prelude(["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
-                        *lines], self._lazy.pop())
+        lines = self._groups(groups, "parts", "''", repr(segment_id), "out", "return")
+        body = known_parts(known_memos(prelude(
+            ["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)", *lines],
+            self._lazy.pop())), 0)
+        body = late_nones(body)
         self._seps.pop()
         self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
                               + indent(body, 1))
@@ -555,17 +524,22 @@ class Emitter(Named):
             raise NotGenerated(f"unknown identity function {spec[0]}")
         _, resource, rules = spec
         name = self._remember(fn, self._name("I"))
-        body = ["scope = Scope(fields, '', run)", "comp = run.d.component"]
-        for condition, parts in rules:
-            values = ", ".join(f"{self._reader(p)}(scope).rstrip(comp)" for p in parts)
+        # The segment's fields read as a segment function reads them (once each, in place).
+        place = Place("''", "''", "''", Tags(None))
+        self._lazy.append({})
+        self._seps.append("''")
+        body = ["comp = run.d.component", "count = len(parts)"]
+        for condition, readers in rules:
+            values = ", ".join(f"{self._read(p, place)}.rstrip(comp)" for p in readers)
             rule = [f"values = [{values}]", "if any(values):",
                     f"    return {resource + '|key|'!r} + '|'.join(values)"]
             if condition is None:
                 body += rule
             else:
-                body += [f"if {self.condition(condition, None)}:", *indent_lines(rule, 1)]
-        body.append("return ''")
-        self.functions.append(f"def {name}(fields, run):\n" + indent(body, 1))
+                body += [f"if {self.condition(condition, place)}:", *indent_lines(rule, 1)]
+        body = known_memos(prelude([*body, "return ''"], self._lazy.pop()))
+        self._seps.pop()
+        self.functions.append(f"def {name}(parts, run):\n" + indent(body, 1))
         return name
 
     def _link(self, link: Link) -> str:

@@ -2,19 +2,25 @@
 converters, recoders): each written once at the module's top, under a name.
 
 A base class of the emitter (`emit.Emitter`): what it writes inside functions refers to
-these by name, so the same object is never written twice.
+these by name, so the same object is never written twice; the statements that look a
+code up in a vocabulary and convert a value through these objects are written here too.
 """
 
 from __future__ import annotations
 
 from typing import Self
 
-from gateway.mapping.codegen.source import NotGenerated, literal, spec_of
+from gateway.mapping.codegen.source import NotGenerated, indent_lines, literal, spec_of
 from gateway.mapping.vocabulary import Vocab
 
 # FHIR types whose converter is a pure function of the text, giving text
 # (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text (`emit.Emitter._convert`).
 KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
+# FHIR types whose converter returns the text as it is (`convert.to_string`).
+_AS_IS = frozenset({"string", "markdown"})
+# Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
+_KEPT = 4096
+_KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
 _READERS = frozenset({"read_component", "read_other", "read_own", "read_repetition"})
 
 
@@ -101,6 +107,42 @@ class Named:
         self.top.append(f"{name} = recoder({self._vocab(vocab)}, {element_type!r})")
         self._recoders[key] = name
         return name
+
+    def _lookup(self, vocab: Vocab | None) -> list[str]:
+        """Statements: `v` through the vocabulary (`Vocab.lookup`), its exact codes read
+        in place; the call only for one with wildcards, when no exact code matches."""
+        if vocab is None:
+            return []
+        name = self._vocab(vocab)
+        key = ("exact", name, "")
+        exact = self._recoders.get(key)
+        if exact is None:
+            exact = self._recoders[key] = self._name("VE")
+            self.top.append(f"{exact} = {name}.exact")
+        hit = f"{exact}.get(v)"
+        if vocab.prefixes:
+            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
+            # read in place too; a code that matched nothing, or none kept, asks lookup.
+            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
+        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
+
+    def _convert(self, convert: str, location: str) -> list[str]:
+        """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
+        if convert in _AS_IS:
+            return []
+        call = ["try:", f"    v = {self._converter_object(convert)}(v)",
+                "except ConversionError as exc:",
+                f"    raise TranslationError({location}, exc.reason, v) from None"]
+        if convert not in KEPT_BY_TEXT:
+            return call
+        # A pure conversion of text to text: its answers are kept by the text (a sender
+        # sends the same few codes and systems in every message); refusals are not kept.
+        kept = f"{self._converter_object(convert)}_KEPT"
+        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
+                *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
+                f"        if len({kept}) >= {_KEPT}:",
+                f"            {kept}.clear()  # bounded: the values of recent messages",
+                f"        {kept}[cv] = v", "else:", "    v = cv"]
 
     def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Self:
         self._vocabs_by_name = vocabs

@@ -94,17 +94,38 @@ def single(node: str, key: str, plain: bool = False) -> list[str]:
 
 def first_leaf(raw: str, seps: str) -> str:
     """An expression: `runtime.leaf(raw, seps)`, called only when a separator below is in
-    the text (most values have none: a comparison or two, not a call). A level has at most
-    two separators below it; more, and the call decides. Separators known when it is
-    written (`separators`) are tested by name."""
+    the text (most values have none: a comparison or two, not a call). Separators known
+    when it is written (`separators`) are tested by name; others, when more than one,
+    by the call."""
     if seps == "''":
         return raw
     if seps == "comp_seps":
-        return f"(leaf({raw}, comp_seps) if comp_sep in {raw} or sub_sep in {raw} else {raw})"
+        return (f"(leaf({raw}, comp_sep + sub_sep) if comp_sep in {raw} or sub_sep in {raw}"
+                f" else {raw})")
     if seps == "sub_sep":
         return f"(leaf({raw}, sub_sep) if sub_sep in {raw} else {raw})"
-    return (f"(leaf({raw}, {seps}) if {seps} and ({seps}[0] in {raw} or {seps}[-1] in {raw}"
-            f" or len({seps}) > 2) else {raw})")
+    if seps == "seps":
+        # A data-type function's: at most one (it is given `sub_sep`, '', or what is
+        # below its own, and a delimiter is one character), so one test.
+        return f"(leaf({raw}, seps) if seps and seps in {raw} else {raw})"
+    return f"(leaf({raw}, {seps}) if {seps} and ({seps} in {raw} or len({seps}) > 1) else {raw})"
+
+
+def leaf_valued(raw: str, seps: str, var: str, valued: bool) -> list[str]:
+    """Statements: `var` set to the first leaf of `raw` (`first_leaf`), then the test that
+    it is a value (neither empty nor the explicit null), its body to follow. A value known
+    to be one (`valued`) is only tested again when its first leaf is not all of it."""
+    if not valued:
+        return [f"{var} = {first_leaf(raw, seps)}", f"if {var} and {var} != NULL:"]
+    cut = {"''": "", "comp_seps": f"comp_sep in {var} or sub_sep in {var}",
+           "sub_sep": f"sub_sep in {var}", "seps": f"seps and seps in {var}"}.get(
+        seps, f"{seps} and ({seps} in {var} or len({seps}) > 1)")
+    if not cut:
+        return [f"{var} = {raw}", "if True:  # (tested where it was read)"]
+    # (both separators joined only when the call needs them: values seldom have any)
+    joined = "comp_sep + sub_sep" if seps == "comp_seps" else seps
+    return [f"{var} = {raw}",
+            f"if not ({cut}) or (({var} := leaf({var}, {joined})) and {var} != NULL):"]
 
 
 def split_below(raw: str, seps: str) -> tuple[str, str] | None:
@@ -112,6 +133,34 @@ def split_below(raw: str, seps: str) -> tuple[str, str] | None:
     separators known when it is written (`separators`); None for others."""
     return {"comp_seps": (f"{raw}.split(comp_sep)", "sub_sep"),
             "sub_sep": (f"{raw}.split(sub_sep)", "''"), "''": (f"[{raw}]", "''")}.get(seps)
+
+
+def split_first(raw: str, seps: str) -> tuple[str, str]:
+    """Expressions: the parts of `raw` one level down and the separators below them, for
+    separators not empty (a data-type function's `seps`: one, see `first_leaf`)."""
+    if seps == "seps":
+        return f"{raw}.split(seps)", "''"
+    return f"{raw}.split({seps}[0])", f"{seps}[1:]"
+
+
+def subcomponent(sub: int) -> list[str]:
+    """Statements: `raw` (a component in a data-type function) made its part `sub` one
+    level down (`runtime.part_below`), at the function's one separator; none below."""
+    if sub == 1:
+        return ["if seps and seps in raw:", "    raw = raw.split(seps, 1)[0]"]
+    return ["if seps:", "    pc = raw.split(seps)",
+            f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''", "else:", "    raw = ''"]
+
+
+def descended(c: int, s: int) -> list[str]:
+    """Statements: `raw` (a field's repetition) made its component `c` and that one's
+    subcomponent `s` (0: not named), as `runtime.descend`."""
+    lines = []
+    if c:
+        lines += ["pc = raw.split(comp_sep)", f"raw = pc[{c - 1}] if {c} <= len(pc) else ''"]
+    if c and s:
+        lines += ["pc = raw.split(sub_sep)", f"raw = pc[{s - 1}] if {s} <= len(pc) else ''"]
+    return lines
 
 
 def separators(c: int, s: int) -> str:
@@ -123,7 +172,35 @@ def separators(c: int, s: int) -> str:
 def text_of(raw: str) -> str:
     """An expression: the raw text's value as a reader gives it (the explicit null is
     no value; escapes undone; in a table function, which binds `esc`)."""
-    return f"('' if (x := {raw}) == NULL else (run.text(x) if esc in x else x))"
+    return f"{_TEXT_HEAD}{raw}{_TEXT_TAIL}"
+
+
+_TEXT_HEAD = "('' if (x := "
+_TEXT_TAIL = ") == NULL else (run.text(x) if esc in x else x))"
+
+
+def is_valued(value: str) -> str:
+    """A condition: `value` (an expression) is not ''. Of a raw text's value (`text_of`),
+    tested on the raw text: an empty one is not, with no test of the null and escapes."""
+    if not (value.startswith(_TEXT_HEAD) and value.endswith(_TEXT_TAIL)):
+        return f"({value} != '')"
+    raw = value[len(_TEXT_HEAD):-len(_TEXT_TAIL)]
+    return f"((x := {raw}) != '' and x != NULL and (esc not in x or run.text(x) != ''))"
+
+
+def part_of(raw: str, c: int, s: int) -> str:
+    """An expression: `runtime.descend(raw, run, c, s)` written out (`dc` holds the parts)."""
+    if c:
+        raw = f"(dc[{c - 1}] if {c} <= len(dc := {raw}.split(comp_sep)) else '')"
+    if c and s:
+        raw = f"(dc[{s - 1}] if {s} <= len(dc := {raw}.split(sub_sep)) else '')"
+    return raw
+
+
+def own_value(field: str, c: int, s: int) -> str:
+    """An expression: `runtime.own_value` of the field `field` (an expression) written out:
+    its first repetition, at component `c` and subcomponent `s` (0: not named), unescaped."""
+    return text_of(part_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)", c, s))
 
 
 def memo(name: str, read: str) -> str:
@@ -139,12 +216,18 @@ def prelude(body: list[str], lazy: dict[str, str]) -> list[str]:
     for name, read in list(lazy.items()):
         if read and text.count(memo(name, read)) == 1:
             # Read by one row only: read in place, no variable to set up in every call.
-            body = [line.replace(memo(name, read), read) for line in body]
+            tested = f"({memo(name, read)} != '')"
+            body = [line.replace(tested, is_valued(read)).replace(memo(name, read), read)
+                    for line in body]
             del lazy[name]
     text = "\n".join(body)
     if not re.search(r"\binst\b", text.replace("inst = {}", "", 1)):
         body = [line for line in body if line != "inst = {}"]  # no repeating element
     head = [f"{name} = None" for name in sorted(lazy)]
+    # Where a separator is bound anyway, the run's delimiters are not read again.
+    for name, read in (("comp_sep", "run.d.component"), ("sub_sep", "run.d.subcomponent")):
+        if re.search(rf"\b{name}\b", text):
+            body = [line.replace(read, name) for line in body]
     if re.search(r"\bcomp_seps\b", text):
         head.append("comp_seps = run.d.component + run.d.subcomponent")
     if re.search(r"\bcomp_sep\b", text):
