@@ -14,7 +14,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from gateway.canonical import Provenance, Resource, Translation
+from gateway.canonical import Provenance, Translation
 from gateway.canonical.ids import name_uuid
 from gateway.fhir import jsonio
 
@@ -28,8 +28,31 @@ _UNQUOTED = re.compile(r"[A-Za-z0-9/:@!$'()*,;=._~-]*")
 
 
 def to_bundle(translation: Translation) -> Json:
-    entries = [_entry(resource) for resource in translation.resources]
-    entries.append(_provenance_entry(translation))
+    entries: list[Json] = []
+    targets: list[Json] = []  # the Provenance's: every resource of the Bundle
+    # The entries written out here, in one loop with the Provenance's targets: this runs
+    # for every resource of every message. A model's attribute is read through pydantic's
+    # __getattr__ hook (no fast path), its __dict__ once and then by key.
+    for resource in translation.resources:
+        fields = resource.__dict__
+        resource_type = fields["resource_type"]
+        resource_id = fields["id"]
+        full_url = "urn:uuid:" + resource_id
+        key = fields["key"]
+        if key is not None and (system := key.__dict__["system"]):
+            search = f"identifier={_quote(system)}|{_quote(key.__dict__['value'])}"
+            if fields["primary"]:
+                request = {"method": "PUT", "url": f"{resource_type}?{search}"}
+            else:
+                request = {"method": "POST", "url": resource_type, "ifNoneExist": search}
+            body: Json = {"resourceType": resource_type}
+        else:
+            request = {"method": "PUT", "url": f"{resource_type}/{resource_id}"}
+            body = {"resourceType": resource_type, "id": resource_id}
+        body.update(fields["content"])
+        entries.append({"fullUrl": full_url, "resource": body, "request": request})
+        targets.append({"reference": full_url})
+    entries.append(_provenance_entry(translation.provenance, targets))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -37,37 +60,20 @@ def dumps(document: Json, pretty: bool = False) -> bytes:
     return jsonio.dumps(document, pretty=pretty)
 
 
-def _entry(resource: Resource) -> Json:
-    body: Json = {"resourceType": resource.resource_type}
-    key = resource.key
-    if key is not None and key.system:
-        search = f"identifier={_quote(key.system)}|{_quote(key.value)}"
-        if resource.primary:
-            request = {"method": "PUT", "url": f"{resource.resource_type}?{search}"}
-        else:
-            request = {"method": "POST", "url": resource.resource_type, "ifNoneExist": search}
-    else:
-        body["id"] = resource.id
-        request = {"method": "PUT", "url": f"{resource.resource_type}/{resource.id}"}
-    body.update(resource.content)
-    return {"fullUrl": f"urn:uuid:{resource.id}", "resource": body, "request": request}
-
-
 def _quote(text: str) -> str:
     return text if _UNQUOTED.fullmatch(text) else quote(text, _SAFE)
 
 
-def _provenance_entry(translation: Translation) -> Json:
-    source = translation.provenance
+def _provenance_entry(source: Provenance, targets: list[Json]) -> Json:
     recorded = source.received_at.isoformat(timespec="milliseconds")
     sender = f"{source.source_application}^{source.source_facility}".strip("^ ") or "unknown"
     # PUT at an id derived from the message: applying the same message again (a crash
     # between commit and apply) rewrites the same Provenance instead of adding one.
-    provenance_id = _provenance_id(translation)
+    provenance_id = _provenance_id(source)
     provenance: Json = {
         "resourceType": "Provenance",
         "id": provenance_id,
-        "target": [{"reference": "urn:uuid:" + r.id} for r in translation.resources],
+        "target": targets,
         "recorded": recorded,
         "activity": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
@@ -93,7 +99,6 @@ def _source_message(source: Provenance) -> Json:
     return what
 
 
-def _provenance_id(translation: Translation) -> str:
-    source = translation.provenance
+def _provenance_id(source: Provenance) -> str:
     return name_uuid("Provenance|" + "|".join(
         (source.source_application, source.source_facility, source.control_id)))
