@@ -23,9 +23,9 @@ M = TypeVar("M", bound=BaseModel)
 
 
 _new = object.__new__
-_set = object.__setattr__
-# BaseModel's own slots, written through their descriptors (a little faster than
-# object.__setattr__, which looks each one up by name).
+# The instance's __dict__ and BaseModel's own slots, written through their descriptors
+# (a little faster than object.__setattr__, which looks each one up by name).
+_set_dict = BaseModel.__dict__["__dict__"].__set__
 _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
@@ -39,7 +39,7 @@ def trusted(cls: type[M], **values: Any) -> M:
 def _made(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
     """An instance holding `values` as they are (also what `_Record` unpickles)."""
     instance = _new(cls)
-    _set(instance, "__dict__", values)
+    _set_dict(instance, values)
     _set_fields_set(instance, fields_set)
     _set_extra(instance, None)
     _set_private(instance, None)
@@ -49,15 +49,25 @@ def _made(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
 def trusted_resource(resource_type: str, id: str, primary: bool, key: BusinessKey | None,
                      content: dict[str, Any], provenance: Provenance) -> Resource:
     """`trusted(Resource, ...)` without the keyword dict and its set of names: the engine
-    makes one per resource of every message (an ADT^A01 has 16)."""
-    return _made(Resource, {"resource_type": resource_type, "id": id, "primary": primary,
-                            "key": key, "content": content, "provenance": provenance},
-                 _RESOURCE_FIELDS.copy())
+    makes one per resource of every message (an ADT^A01 has 16), so `_made` is written
+    out here rather than called."""
+    instance = _new(Resource)
+    _set_dict(instance, {"resource_type": resource_type, "id": id, "primary": primary,
+                         "key": key, "content": content, "provenance": provenance})
+    _set_fields_set(instance, _RESOURCE_FIELDS.copy())
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
 
 
 def trusted_key(system: str, value: str) -> BusinessKey:
     """`trusted(BusinessKey, system=..., value=...)`, as `trusted_resource` is for Resource."""
-    return _made(BusinessKey, {"system": system, "value": value}, {"system", "value"})
+    instance = _new(BusinessKey)
+    _set_dict(instance, {"system": system, "value": value})
+    _set_fields_set(instance, {"system", "value"})
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
 
 
 class _Record(BaseModel):

@@ -20,6 +20,7 @@ from gateway.mapping.convert import MSH7_OFFSET
 
 Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
+V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 _new_dict = dict.__new__
@@ -37,7 +38,7 @@ class Draft:
         self.content = content
         self.primary = primary
         self.ordinal = ordinal
-        self.full_url = ""
+        self.full_url = ""  # "urn:uuid:" and its id, once the ids are known
         self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
         self.identity = identity  # a referred-to resource: what makes it the same one next time
         # What a reference to it holds until the ids are known (`Run.reference`), made at
@@ -142,7 +143,7 @@ def _digest(identity: str) -> str:
 _REFERRED_DIGESTS: dict[str, str] = {}
 
 
-def remember(kept: dict[str, str], key: str, value: str) -> str:
+def remember(kept: dict[str, V], key: str, value: V) -> V:
     """`value`, kept under `key` for the messages after this one: bounded, as the generated
     tables' converted values are (keys up to 512 characters; cleared at 4,096)."""
     if len(key) <= 512:
