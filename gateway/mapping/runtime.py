@@ -24,26 +24,41 @@ V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 _new_dict = dict.__new__
+_new_object = object.__new__
 
 
 class Draft:
-    """A resource being built: its type, content, identity and place in the bundle."""
+    """A resource being built: its type, content, identity and place in the bundle.
+    Made by `_draft`."""
 
-    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key",
-                 "identity", "digest")
+    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "identity",
+                 "digest")
 
-    def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int,
-                 identity: str = "") -> None:
-        self.resource_type = resource_type
-        self.content = content
-        self.primary = primary
-        self.ordinal = ordinal
-        self.full_url = ""  # "urn:uuid:" and its id, once the ids are known
-        self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
-        self.identity = identity  # a referred-to resource: what makes it the same one next time
-        # What a reference to it holds until the ids are known (`Run.reference`), made at
-        # the first one: the identity no longer changes once something points at it.
-        self.digest: str | None = None
+    resource_type: str
+    content: Json
+    primary: bool  # made from a segment of its own, not only referred to
+    ordinal: int  # how many resources of its type the message made before it
+    full_url: str  # "urn:uuid:" and its id, once the ids are known (`engine._finish`)
+    identity: str  # a referred-to resource: what makes it the same one next time
+    # What a reference to it holds until the ids are known (`Run.reference`), made at
+    # the first one: the identity no longer changes once something points at it.
+    digest: str | None
+
+
+def _draft(resource_type: str, content: Json, primary: bool, ordinal: int,
+           identity: str = "") -> Draft:
+    # Not a Draft.__init__: calling a class runs __init__ through the type's slot (a C
+    # call and a fresh interpreter frame), a few times dearer than this function; every
+    # resource of every message is one.
+    draft = _new_object(Draft)
+    draft.resource_type = resource_type
+    draft.content = content
+    draft.primary = primary
+    draft.ordinal = ordinal
+    draft.full_url = ""
+    draft.identity = identity
+    draft.digest = None
+    return draft
 
 
 class Run:
@@ -80,7 +95,7 @@ class Run:
         ordinals = self._ordinals
         ordinal = ordinals.get(resource_type, 0)
         ordinals[resource_type] = ordinal + 1
-        draft = Draft(resource_type, {} if content is None else content, primary, ordinal)
+        draft = _draft(resource_type, {} if content is None else content, primary, ordinal)
         self.drafts.append(draft)
         return draft
 
@@ -101,7 +116,7 @@ class Run:
             ordinals = self._ordinals
             ordinal = ordinals.get(resource_type, 0)
             ordinals[resource_type] = ordinal + 1
-            draft = Draft(resource_type, content, False, ordinal, identity)
+            draft = _draft(resource_type, content, False, ordinal, identity)
             self.drafts.append(draft)
             self._referenced[identity] = draft
             # The same doctor, ward, facility come again in the sender's next messages.
