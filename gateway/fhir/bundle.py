@@ -14,7 +14,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from gateway.canonical import Provenance, Translation
+from gateway.canonical import Translation
 from gateway.canonical.ids import name_uuid
 from gateway.fhir import jsonio
 
@@ -40,7 +40,8 @@ def to_bundle(translation: Translation) -> Json:
         full_url = "urn:uuid:" + resource_id
         key = fields["key"]
         if key is not None and (system := key.__dict__["system"]):
-            search = f"identifier={_quote(system)}|{_quote(key.__dict__['value'])}"
+            quoted = _QUOTED_SYSTEMS.get(system) or _quoted_system(system)
+            search = f"identifier={quoted}|{_quote(key.__dict__['value'])}"
             if fields["primary"]:
                 request = {"method": "PUT", "url": f"{resource_type}?{search}"}
             else:
@@ -52,7 +53,7 @@ def to_bundle(translation: Translation) -> Json:
         body.update(fields["content"])
         entries.append({"fullUrl": full_url, "resource": body, "request": request})
         targets.append({"reference": full_url})
-    entries.append(_provenance_entry(translation.provenance, targets))
+    entries.append(_provenance_entry(translation.provenance.__dict__, targets))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -64,12 +65,27 @@ def _quote(text: str) -> str:
     return text if _UNQUOTED.fullmatch(text) else quote(text, _SAFE)
 
 
-def _provenance_entry(source: Provenance, targets: list[Json]) -> Json:
-    recorded = source.received_at.isoformat(timespec="milliseconds")
-    sender = f"{source.source_application}^{source.source_facility}".strip("^ ") or "unknown"
+# Identifier systems as quoted, across messages: a sender uses a few, in every message
+# (values, an MRN, are quoted afresh). Bounded, as systems come from the messages.
+_QUOTED_SYSTEMS: dict[str, str] = {}
+
+
+def _quoted_system(system: str) -> str:
+    quoted = _quote(system)
+    if len(_QUOTED_SYSTEMS) < 1024:
+        _QUOTED_SYSTEMS[system] = quoted
+    return quoted
+
+
+def _provenance_entry(source: Json, targets: list[Json]) -> Json:
+    """The Provenance's entry; `source`: the Provenance's fields (its __dict__)."""
+    recorded = source["received_at"].isoformat(timespec="milliseconds")
+    application = source["source_application"]
+    facility = source["source_facility"]
+    sender = f"{application}^{facility}".strip("^ ") or "unknown"
     # PUT at an id derived from the message: applying the same message again (a crash
     # between commit and apply) rewrites the same Provenance instead of adding one.
-    provenance_id = _provenance_id(source)
+    provenance_id = name_uuid(f"Provenance|{application}|{facility}|{source['control_id']}")
     provenance: Json = {
         "resourceType": "Provenance",
         "id": provenance_id,
@@ -91,14 +107,10 @@ def _provenance_entry(source: Provenance, targets: list[Json]) -> Json:
             "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
 
 
-def _source_message(source: Provenance) -> Json:
-    what: Json = {"display": source.message_type or "HL7 v2 message"}
-    if source.control_id.strip():  # MSH-10 is required, yet some senders leave it empty
-        what["identifier"] = {"system": PROVENANCE_MESSAGE_SYSTEM,
-                              "value": source.control_id.strip()}
+def _source_message(source: Json) -> Json:
+    what: Json = {"display": source["message_type"] or "HL7 v2 message"}
+    # MSH-10 is required, yet some senders leave it empty.
+    if control_id := source["control_id"].strip():
+        what["identifier"] = {"system": PROVENANCE_MESSAGE_SYSTEM, "value": control_id}
     return what
 
-
-def _provenance_id(source: Provenance) -> str:
-    return name_uuid("Provenance|" + "|".join(
-        (source.source_application, source.source_facility, source.control_id)))

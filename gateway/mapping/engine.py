@@ -115,8 +115,9 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     Otherwise the same message (sender + control id) resent gives the same ids, so a
     resend updates instead of duplicating.
     """
-    sender = f"{provenance.source_application}|{provenance.source_facility}"
-    position = f"{sender}|{provenance.control_id}|"
+    source = provenance.__dict__  # read by key: pydantic's __getattr__ hook is slower
+    sender = f"{source['source_application']}|{source['source_facility']}"
+    position = f"{sender}|{source['control_id']}|"
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
     made: set[str] = set()  # the types of the resources made from a segment of their own
