@@ -64,7 +64,7 @@ def trusted_key(system: str, value: str) -> BusinessKey:
     """`trusted(BusinessKey, system=..., value=...)`, as `trusted_resource` is for Resource."""
     instance = _new(BusinessKey)
     _set_dict(instance, {"system": system, "value": value})
-    _set_fields_set(instance, {"system", "value"})
+    _set_fields_set(instance, _KEY_FIELDS)
     _set_extra(instance, None)
     _set_private(instance, None)
     return instance
@@ -134,3 +134,6 @@ class Translation(_Record):
 # name assigned: a Resource's is a field, already in it (extra names are refused), and
 # `model_copy` copies the set before adding. Do not add to a Resource's fields set.
 _RESOURCE_FIELDS = set(Resource.model_fields)
+# A BusinessKey's: one set shared by all the engine makes, as `_RESOURCE_FIELDS` (the model
+# is frozen: no assignment adds to it).
+_KEY_FIELDS = {"system", "value"}
