@@ -46,11 +46,10 @@ def to_bundle(translation: Translation) -> Json:
                 request = {"method": "PUT", "url": f"{resource_type}?{search}"}
             else:
                 request = {"method": "POST", "url": resource_type, "ifNoneExist": search}
-            body: Json = {"resourceType": resource_type}
+            body: Json = {"resourceType": resource_type, **fields["content"]}
         else:
             request = {"method": "PUT", "url": f"{resource_type}/{resource_id}"}
-            body = {"resourceType": resource_type, "id": resource_id}
-        body.update(fields["content"])
+            body = {"resourceType": resource_type, "id": resource_id, **fields["content"]}
         entries.append({"fullUrl": full_url, "resource": body, "request": request})
         targets.append({"reference": full_url})
     entries.append(_provenance_entry(translation.provenance.__dict__, targets))
