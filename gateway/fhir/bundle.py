@@ -11,6 +11,7 @@ names the source message.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -78,7 +79,7 @@ def _quoted_system(system: str) -> str:
 
 def _provenance_entry(source: Json, targets: list[Json]) -> Json:
     """The Provenance's entry; `source`: the Provenance's fields (its __dict__)."""
-    recorded = source["received_at"].isoformat(timespec="milliseconds")
+    recorded = _recorded(source["received_at"])
     application = source["source_application"]
     facility = source["source_facility"]
     sender = f"{application}^{facility}".strip("^ ") or "unknown"
@@ -113,3 +114,20 @@ def _source_message(source: Json) -> Json:
         what["identifier"] = {"system": PROVENANCE_MESSAGE_SYSTEM, "value": control_id}
     return what
 
+
+# A UTC time's ".mmm+00:00" by its millisecond, and the latest second written out.
+_MILLIS = [f".{millis:03d}+00:00" for millis in range(1000)]
+_second: tuple[tuple[int, ...], str] = ((), "")
+
+
+def _recorded(at: datetime) -> str:
+    """`at.isoformat(timespec="milliseconds")`, ~3x cheaper for a UTC time: isoformat
+    cost ~13k instructions (1 % of an ADT^A01), and messages come many a second."""
+    global _second
+    if at.tzinfo is not UTC:
+        return at.isoformat(timespec="milliseconds")
+    second = (at.second, at.minute, at.hour, at.day, at.month, at.year)
+    kept = _second  # read once: another thread may replace it
+    if second != kept[0]:
+        kept = _second = (second, at.isoformat(timespec="seconds")[:19])
+    return kept[1] + _MILLIS[at.microsecond // 1000]
