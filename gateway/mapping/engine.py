@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gateway.canonical import Provenance, Resource, Translation, trusted
 from gateway.canonical.ids import name_uuid
-from gateway.canonical.models import trusted_key, trusted_resource
+from gateway.canonical.models import BusinessKey, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
@@ -168,9 +168,14 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 resource_id = name_uuid(name)
                 kept = remember(_REFERRED_IDS, name, (resource_id, "urn:uuid:" + resource_id))
             resource_id, draft.full_url = kept
+        if key is None:
+            business_key = None
+        elif primary:
+            business_key = trusted_key(key[0], key[1])
+        else:  # the same doctor's key in the sender's next messages (a frozen model)
+            business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
         resources.append(trusted_resource(
-            resource_type, resource_id, primary,
-            None if key is None else trusted_key(key[0], key[1]), content, provenance))
+            resource_type, resource_id, primary, business_key, content, provenance))
     # Only a type both made and referred to can have a stub to drop (an ADT's doctors and
     # wards are never made from a segment of their own).
     same = _made_in_full(run) if not stubs.isdisjoint(made) else None
@@ -182,6 +187,19 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     for ref, target in run.pending_refs:
         ref["reference"] = target.full_url
     return resources
+
+
+# (system, value) -> the BusinessKey of referred-to resources, across messages (making one
+# cost ~4.7k instructions; an ADT^A01 refers to five).
+_REFERRED_KEYS: dict[tuple[str, str], BusinessKey] = {}
+
+
+def _referred_key(key: tuple[str, str]) -> BusinessKey:
+    """A BusinessKey, kept for the next messages: bounded, as `runtime.remember` is."""
+    if len(_REFERRED_KEYS) >= 4096:
+        _REFERRED_KEYS.clear()
+    made = _REFERRED_KEYS[key] = trusted_key(key[0], key[1])
+    return made
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:
