@@ -28,7 +28,11 @@ _new_dict = dict.__new__
 
 class Draft:
     """A resource being built: its type, content, identity and place in the bundle.
-    Made by `_draft`."""
+
+    Made by `Run.new_draft` and `Run.reference_to`, which set every attribute: not a
+    Draft.__init__, as calling a class runs __init__ through the type's slot (a C call and
+    a fresh interpreter frame), dearer than the stores; without one, `Draft()` is all C
+    (and cheaper than object.__new__(Draft), which checks its arguments as a method)."""
 
     __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "identity",
                  "digest")
@@ -42,23 +46,6 @@ class Draft:
     # What a reference to it holds until the ids are known (`Run.reference`), made at
     # the first one: the identity no longer changes once something points at it.
     digest: str | None
-
-
-def _draft(resource_type: str, content: Json, primary: bool, ordinal: int,
-           identity: str = "") -> Draft:
-    # Not a Draft.__init__: calling a class runs __init__ through the type's slot (a C
-    # call and a fresh interpreter frame), a few times dearer than this function; every
-    # resource of every message is one. Without an __init__, `Draft()` is all C (and
-    # cheaper than object.__new__(Draft), which checks its arguments as a method).
-    draft = Draft()
-    draft.resource_type = resource_type
-    draft.content = content
-    draft.primary = primary
-    draft.ordinal = ordinal
-    draft.full_url = ""
-    draft.identity = identity
-    draft.digest = None
-    return draft
 
 
 class Run:
@@ -95,7 +82,14 @@ class Run:
         ordinals = self._ordinals
         ordinal = ordinals.get(resource_type, 0)
         ordinals[resource_type] = ordinal + 1
-        draft = _draft(resource_type, {} if content is None else content, primary, ordinal)
+        draft = Draft()
+        draft.resource_type = resource_type
+        draft.content = {} if content is None else content
+        draft.primary = primary
+        draft.ordinal = ordinal
+        draft.full_url = ""
+        draft.identity = ""
+        draft.digest = None
         self.drafts.append(draft)
         return draft
 
@@ -116,12 +110,18 @@ class Run:
             ordinals = self._ordinals
             ordinal = ordinals.get(resource_type, 0)
             ordinals[resource_type] = ordinal + 1
-            draft = _draft(resource_type, content, False, ordinal, identity)
-            self.drafts.append(draft)
-            self._referenced[identity] = draft
+            draft = Draft()
+            draft.resource_type = resource_type
+            draft.content = content
+            draft.primary = False
+            draft.ordinal = ordinal
+            draft.full_url = ""
+            draft.identity = identity
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
                 _REFERRED_DIGESTS, identity, _digest(identity)))
+            self.drafts.append(draft)
+            self._referenced[identity] = draft
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
