@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from operator import itemgetter
 
 try:
     # CPython's own SHA-1, hashing namespace and name afresh, costs ~1.4k instructions less
@@ -18,8 +19,13 @@ _NAMESPACE = ID_NAMESPACE.bytes
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
+# The hex digest's parts: in one C call, not five slices made and applied one by one.
+_PARTS = itemgetter(slice(0, 8), slice(8, 12), slice(13, 16), 16, slice(17, 20), slice(20, 32))
+
+
 def name_uuid(name: str) -> str:
     """uuid.uuid5(ID_NAMESPACE, name) as text, without building UUID objects (hot path)."""
-    h = sha1(_NAMESPACE + name.encode()).hexdigest()
-    # The 13th hex digit is the version (5).
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+    # The 13th hex digit (left out) is the version: 5.
+    time_low, time_mid, time_high, variant, clock_seq, node = _PARTS(
+        sha1(_NAMESPACE + name.encode()).hexdigest())
+    return f"{time_low}-{time_mid}-5{time_high}-{_VARIANT[variant]}{clock_seq}-{node}"

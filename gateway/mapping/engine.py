@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gateway.canonical import Provenance, Resource, Translation, trusted
 from gateway.canonical.ids import name_uuid
-from gateway.canonical.models import trusted_key, trusted_resource
+from gateway.canonical.models import BusinessKey, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
@@ -97,13 +97,14 @@ class Translator:
             z_segments=run.z_segments)
 
 
-# name -> id of referred-to resources (the doctor, the ward: not made from a segment of
-# their own), across messages (`_finish`; bounded: `runtime.remember`).
-_REFERRED_IDS: dict[str, str] = {}
+# name -> (id, fullUrl) of referred-to resources (the doctor, the ward: not made from a
+# segment of their own), across messages (`_finish`; bounded: `runtime.remember`).
+_REFERRED_IDS: dict[str, tuple[str, str]] = {}
 
 
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
-    """Give every resource its identity and id, then resolve the references between them.
+    """Give every resource its identity and id, resolve the references between them, and
+    make the canonical Resources.
 
     Stable ids: by business identifier when there is one, else by source position.
     Without a system an identifier is only unique at its sender, so the sender is part of
@@ -114,18 +115,23 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     Otherwise the same message (sender + control id) resent gives the same ids, so a
     resend updates instead of duplicating.
     """
-    sender = f"{provenance.source_application}|{provenance.source_facility}"
-    position = f"{sender}|{provenance.control_id}|"
+    source = provenance.__dict__  # read by key: pydantic's __getattr__ hook is slower
+    sender = f"{source['source_application']}|{source['source_facility']}"
+    position = f"{sender}|{source['control_id']}|"
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
     made: set[str] = set()  # the types of the resources made from a segment of their own
     stubs: set[str] = set()  # the types of the resources only referred to
-    # One pass, written inline: it runs for every resource of every message.
+    resources: list[Resource] = []
+    # One pass, written inline: it runs for every resource of every message. A Resource
+    # holds its draft's content dict itself, so the references resolved below are in it.
     for draft in run.drafts:
         resource_type = draft.resource_type
-        identifiers = draft.content.get("identifier")
+        content = draft.content
+        identifiers = content.get("identifier")
         key = _business_key(identifiers) if identifiers else None
-        if draft.primary:
+        primary = draft.primary
+        if primary:
             made.add(resource_type)
             if draft.identity:
                 # Two results of one message with one identity (text lines of a report
@@ -145,33 +151,55 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 keys.add(claim)
         else:
             stubs.add(resource_type)
-        draft.key = key
         if key is not None:
             name = f"{resource_type}|{key[0] or sender}|{key[1]}"
         elif draft.identity:
             name = f"{sender}|{draft.identity}"
         else:
             name = f"{resource_type}|{position}{draft.ordinal}"
-        if draft.primary:
-            draft.full_url = name_uuid(name)
-            continue
-        # A referred-to resource (the attending doctor, the ward, the facility) comes
-        # again in the sender's next messages: its id is kept rather than hashed again.
-        draft.full_url = _REFERRED_IDS.get(name) or remember(_REFERRED_IDS, name,
-                                                             name_uuid(name))
+        if primary:
+            resource_id = name_uuid(name)
+            draft.full_url = "urn:uuid:" + resource_id
+        else:
+            # A referred-to resource (the attending doctor, the ward, the facility) comes
+            # again in the sender's next messages: its id is kept rather than hashed again.
+            kept = _REFERRED_IDS.get(name)
+            if kept is None:
+                resource_id = name_uuid(name)
+                kept = remember(_REFERRED_IDS, name, (resource_id, "urn:uuid:" + resource_id))
+            resource_id, draft.full_url = kept
+        if key is None:
+            business_key = None
+        elif primary:
+            business_key = trusted_key(key[0], key[1])
+        else:  # the same doctor's key in the sender's next messages (a frozen model)
+            business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
+        resources.append(trusted_resource(
+            resource_type, resource_id, primary, business_key, content, provenance))
     # Only a type both made and referred to can have a stub to drop (an ADT's doctors and
     # wards are never made from a segment of their own).
     same = _made_in_full(run) if not stubs.isdisjoint(made) else None
     if same:
         for ref, target in run.pending_refs:
-            ref["reference"] = "urn:uuid:" + same.get(id(target), target).full_url
-    else:
-        for ref, target in run.pending_refs:
-            ref["reference"] = "urn:uuid:" + target.full_url
-    return [trusted_resource(
-                d.resource_type, d.full_url, d.primary,
-                None if d.key is None else trusted_key(*d.key), d.content, provenance)
-            for d in run.drafts if not same or id(d) not in same]
+            ref["reference"] = same.get(id(target), target).full_url
+        return [resource for draft, resource in zip(run.drafts, resources, strict=True)
+                if id(draft) not in same]
+    for ref, target in run.pending_refs:
+        ref["reference"] = target.full_url
+    return resources
+
+
+# (system, value) -> the BusinessKey of referred-to resources, across messages (making one
+# cost ~4.7k instructions; an ADT^A01 refers to five).
+_REFERRED_KEYS: dict[tuple[str, str], BusinessKey] = {}
+
+
+def _referred_key(key: tuple[str, str]) -> BusinessKey:
+    """A BusinessKey, kept for the next messages: bounded, as `runtime.remember` is."""
+    if len(_REFERRED_KEYS) >= 4096:
+        _REFERRED_KEYS.clear()
+    made = _REFERRED_KEYS[key] = trusted_key(key[0], key[1])
+    return made
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:

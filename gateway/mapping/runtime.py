@@ -19,29 +19,32 @@ from gateway.hl7.message import Message, Segment
 
 Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
+V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 _new_dict = dict.__new__
 
 
 class Draft:
-    """A resource being built: its type, content, identity and place in the bundle."""
+    """A resource being built: its type, content, identity and place in the bundle.
 
-    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "key",
-                 "identity", "digest")
+    Made by `Run.new_draft` and `Run.reference_to`, which set every attribute: not a
+    Draft.__init__, as calling a class runs __init__ through the type's slot (a C call and
+    a fresh interpreter frame), dearer than the stores; without one, `Draft()` is all C
+    (and cheaper than object.__new__(Draft), which checks its arguments as a method)."""
 
-    def __init__(self, resource_type: str, content: Json, primary: bool, ordinal: int,
-                 identity: str = "") -> None:
-        self.resource_type = resource_type
-        self.content = content
-        self.primary = primary
-        self.ordinal = ordinal
-        self.full_url = ""
-        self.key: tuple[str, str] | None = None  # (system, value) of the business identifier
-        self.identity = identity  # a referred-to resource: what makes it the same one next time
-        # What a reference to it holds until the ids are known (`Run.reference`), made at
-        # the first one: the identity no longer changes once something points at it.
-        self.digest: str | None = None
+    __slots__ = ("resource_type", "content", "primary", "ordinal", "full_url", "identity",
+                 "digest")
+
+    resource_type: str
+    content: Json
+    primary: bool  # made from a segment of its own, not only referred to
+    ordinal: int  # how many resources of its type the message made before it
+    full_url: str  # "urn:uuid:" and its id, once the ids are known (`engine._finish`)
+    identity: str  # a referred-to resource: what makes it the same one next time
+    # What a reference to it holds until the ids are known (`Run.reference`), made at
+    # the first one: the identity no longer changes once something points at it.
+    digest: str | None
 
 
 class Run:
@@ -78,7 +81,14 @@ class Run:
         ordinals = self._ordinals
         ordinal = ordinals.get(resource_type, 0)
         ordinals[resource_type] = ordinal + 1
-        draft = Draft(resource_type, {} if content is None else content, primary, ordinal)
+        draft = Draft()
+        draft.resource_type = resource_type
+        draft.content = {} if content is None else content
+        draft.primary = primary
+        draft.ordinal = ordinal
+        draft.full_url = ""
+        draft.identity = ""
+        draft.digest = None
         self.drafts.append(draft)
         return draft
 
@@ -99,12 +109,18 @@ class Run:
             ordinals = self._ordinals
             ordinal = ordinals.get(resource_type, 0)
             ordinals[resource_type] = ordinal + 1
-            draft = Draft(resource_type, content, False, ordinal, identity)
-            self.drafts.append(draft)
-            self._referenced[identity] = draft
+            draft = Draft()
+            draft.resource_type = resource_type
+            draft.content = content
+            draft.primary = False
+            draft.ordinal = ordinal
+            draft.full_url = ""
+            draft.identity = identity
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
                 _REFERRED_DIGESTS, identity, _digest(identity)))
+            self.drafts.append(draft)
+            self._referenced[identity] = draft
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
@@ -141,7 +157,7 @@ def _digest(identity: str) -> str:
 _REFERRED_DIGESTS: dict[str, str] = {}
 
 
-def remember(kept: dict[str, str], key: str, value: str) -> str:
+def remember(kept: dict[str, V], key: str, value: V) -> V:
     """`value`, kept under `key` for the messages after this one: bounded, as the generated
     tables' converted values are (keys up to 512 characters; cleared at 4,096)."""
     if len(key) <= 512:
