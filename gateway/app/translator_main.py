@@ -36,8 +36,10 @@ _READ_BYTES = 256 * 1024
 def main(argv: Sequence[str] | None = None) -> int:
     fd, index, parent = (int(a) for a in (argv or sys.argv[1:])[:3])
     settings = begin("translator", index, parent)
-    translator = load_translator(settings)
     try:
+        # A bad table ends this process in one line too: the edge, which loads the same
+        # tables, names the file and line and stops the start.
+        translator = load_translator(settings)
         with socket.socket(fileno=fd) as sock:
             _serve(translator, sock)
     except Exception as exc:  # said in one line; the edge starts the translator again

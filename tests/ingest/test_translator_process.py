@@ -7,9 +7,12 @@ connections, bench/README.md "The ACK path's waits")."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import select
 import socket
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,10 +20,12 @@ from typing import Any
 
 from gateway.app.translator_main import _serve
 from gateway.app.wire import LENGTH, frame, request_to_wire
+from gateway.config.loader import load_settings
 from gateway.ingest.prepare import Request, from_wire
 from gateway.mapping.engine import Translator
 
-MESSAGES = Path(__file__).resolve().parent.parent / "messages"
+ROOT = Path(__file__).resolve().parent.parent.parent
+MESSAGES = ROOT / "tests" / "messages"
 MSH = "MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000||{type}|{id}|P|2.5.1"
 
 
@@ -84,3 +89,27 @@ def test_each_answer_is_written_before_the_next_request_is_translated() -> None:
     assert readable == []
     assert second[:2] == ("translated", 2)
     assert from_wire(second[2]).translated
+
+
+def test_a_bad_table_stops_the_translator_in_one_line_without_a_traceback(
+        tmp_path: Path) -> None:
+    # The edge loads the same tables and names the file and line; a translator it started
+    # first must not print a traceback beside that (it did, when it lost the race).
+    site = tmp_path / "site" / "segments"
+    site.mkdir(parents=True)
+    (site / "ZPI-Patient.csv").write_text(
+        "location,condition,fhir_path,fhir_type,data_type_map,vocabulary,value,note\n"
+        "ZPI-2,,colour,string,,,,\n")
+    settings = load_settings(environ={}, overrides={
+        "mapping.site_dir": str(tmp_path / "site"), "store.data_dir": str(tmp_path / "var")})
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        child = subprocess.run(
+            [sys.executable, "-m", "gateway.app.translator_main", str(theirs.fileno()), "0",
+             str(os.getpid())],
+            input=pickle.dumps(settings), capture_output=True, timeout=60,
+            pass_fds=(theirs.fileno(),), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stderr = child.stderr.decode()
+    assert child.returncode == 1
+    assert "translator stopped: TableErrors" in stderr
+    assert "Traceback" not in stderr
