@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.dispatch import chain, chain_length
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.loops import loop_body
@@ -309,14 +310,24 @@ class Emitter(Named):
     def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
         chunks: list[list[str]] = []
         run: list[object] = []  # rows writing constants, one after another
-        for row in [*rows, None]:
+        rows = [*rows, None]
+        at = 0
+        while at < len(rows):
+            row = rows[at]
+            at += 1
             if row is not None and writes_constant(row, place):
                 run.append(row)
                 continue
             if run:
                 chunks.append(self._constants(run, place, out))
                 run = []
-            if row is not None:
+            if row is None:
+                continue
+            length = chain_length(rows[:-1], at - 1, lambda r: not writes_constant(r, place))
+            if length:
+                chunks.append(self._chain(rows[at - 1:at - 1 + length], place, out))
+                at += length - 1
+            else:
                 chunks.append(self.row(row, place, out))
         lines: list[str] = []
         test = ""
@@ -332,6 +343,19 @@ class Emitter(Named):
             lines += chunk
             test = chunk[0] if under else ""
         return lines or ["pass"]
+
+    def _chain(self, rows: list[object], place: Place, out: str) -> list[str]:
+        """Rows testing one value against disjoint constants first: `dispatch.chain`."""
+        def test(reader: object, values: frozenset[Any]) -> str:
+            value = self._read(reader, place)
+            if len(values) == 1:
+                return f"({value} == {literal(next(iter(values)))})"
+            return f"({value} in {self._constant(values)})"
+
+        def rest(conditions: tuple[object, ...]) -> str:
+            return "(" + " and ".join(self.condition(c, place) for c in conditions) + ")"
+
+        return chain(rows, test, rest, lambda row: self.row(row, place, out))
 
     def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
         """Rows that write constants: where none of the elements they write is there yet
