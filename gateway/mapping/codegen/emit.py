@@ -19,7 +19,7 @@ from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
 from gateway.mapping.codegen.loops import loop_body
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.named import Named
+from gateway.mapping.codegen.named import AS_IS, Named
 from gateway.mapping.codegen.paths import (
     guarded,
     hoisted_keys,
@@ -287,6 +287,9 @@ class Emitter(Named):
                 write = setter_statements(setter, out, place.tags, plain, self._insts[-1])
                 if made[0] == "constant":
                     body = [*produced, *write, *done]  # a constant is never None
+                elif made[0] == "template" and made[4] in AS_IS:
+                    # Joined and kept as text: None only where it is not joined.
+                    body = [*produced[:-2], *indent_lines(write, 1), *done]
                 else:
                     body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
             if condition is None:
@@ -346,16 +349,11 @@ class Emitter(Named):
 
     def _chain(self, rows: list[object], place: Place, out: str) -> list[str]:
         """Rows testing one value against disjoint constants first: `dispatch.chain`."""
-        def test(reader: object, values: frozenset[Any]) -> str:
-            value = self._read(reader, place)
-            if len(values) == 1:
-                return f"({value} == {literal(next(iter(values)))})"
-            return f"({value} in {self._constant(values)})"
-
         def rest(conditions: tuple[object, ...]) -> str:
             return "(" + " and ".join(self.condition(c, place) for c in conditions) + ")"
 
-        return chain(rows, test, rest, lambda row: self.row(row, place, out))
+        return chain(rows, lambda c: self.condition(c, place), rest,
+                     lambda row: self.row(row, place, out))
 
     def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
         """Rows that write constants: where none of the elements they write is there yet
