@@ -348,11 +348,8 @@ class Emitter(Named):
         return lines or ["pass"]
 
     def _chain(self, rows: list[object], place: Place, out: str) -> list[str]:
-        """Rows testing one value against disjoint constants first: `dispatch.chain`."""
-        def rest(conditions: tuple[object, ...]) -> str:
-            return "(" + " and ".join(self.condition(c, place) for c in conditions) + ")"
-
-        return chain(rows, lambda c: self.condition(c, place), rest,
+        """Rows testing one value first: `dispatch.chain`."""
+        return chain(rows, lambda c: self.condition(c, place),
                      lambda row: self.row(row, place, out))
 
     def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
