@@ -17,7 +17,7 @@ from typing import Any
 from gateway.mapping.codegen.dispatch import chain, chain_length
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
-from gateway.mapping.codegen.loops import loop_body
+from gateway.mapping.codegen.loops import loop_body, single_repetition
 from gateway.mapping.codegen.memos import known_memos
 from gateway.mapping.codegen.named import AS_IS, Named
 from gateway.mapping.codegen.paths import (
@@ -458,6 +458,13 @@ class Emitter(Named):
         if not uses_scope:
             body.remove("scope.rep = rep")
         body, var, numbered = loop_body(body)
+        if var == "raw" and not (numbered or uses_scope or only_line):
+            single = single_repetition(body)
+            if single:
+                return [f"fl = {parts}[{f}]" if guarded else
+                        f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
+                        "if fl != NULL:" if guarded else "if fl and fl != NULL:",
+                        *indent_lines(single, 1)]
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",
