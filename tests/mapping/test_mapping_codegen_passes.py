@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
-from gateway.mapping.codegen.loops import loop_body
+from gateway.mapping.codegen.loops import loop_body, single_repetition
 from gateway.mapping.codegen.memos import known_memos
 from gateway.mapping.codegen.source import indent_lines, is_valued, text_of
 from gateway.mapping.runtime import NULL
@@ -118,3 +118,27 @@ def test_a_valued_test_on_the_raw_text_answers_as_on_its_value(raw: str) -> None
     space = {"NULL": NULL, "esc": "\\", "run": _Run(), "raw": raw}
     value = text_of("raw")
     assert eval(is_valued(value), space) == eval(f"({value} != '')", space)  # noqa: S307
+
+
+def _field(statements: list[str], fl: str) -> Any:
+    source = "def f(fl):\n" + "\n".join(indent_lines(
+        ["out = []", "rs = '~'", "if fl and fl != NULL:", *indent_lines(statements, 1),
+         "return out"], 1)) + "\n"
+    space: dict[str, Any] = {"NULL": NULL}
+    exec(source, space)  # noqa: S102 - the statements under test
+    return space["f"](fl)
+
+
+@pytest.mark.parametrize("fl", ["a", "a~b", "~b", "a~", '""', 'a~""~c', "~"])
+def test_one_repetition_is_mapped_as_the_loop_maps_it(fl: str) -> None:
+    body = ["if not raw or raw == NULL:", "    continue", "out.append(raw)"]
+    loop = ["for raw in (fl.split(rs) if rs in fl else (fl,)):", *indent_lines(body, 1)]
+    single = single_repetition(body)
+    assert single[0] == "if rs not in fl:"
+    assert _field(single, fl) == _field(loop, fl)
+
+
+def test_a_loop_left_otherwise_than_for_an_empty_repetition_is_kept() -> None:
+    assert single_repetition(["if not raw or raw == NULL:", "    continue",
+                              "if raw == 'x':", "    break"]) == []
+    assert single_repetition(["raw = raw.split('^')[0]", "if not raw:", "    continue"]) == []

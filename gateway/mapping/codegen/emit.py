@@ -14,11 +14,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway.mapping.codegen.dispatch import chain, chain_length
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.instances import Instances
-from gateway.mapping.codegen.loops import loop_body
+from gateway.mapping.codegen.loops import loop_body, single_repetition
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.named import Named
+from gateway.mapping.codegen.named import AS_IS, Named
 from gateway.mapping.codegen.paths import (
     guarded,
     hoisted_keys,
@@ -286,6 +287,9 @@ class Emitter(Named):
                 write = setter_statements(setter, out, place.tags, plain, self._insts[-1])
                 if made[0] == "constant":
                     body = [*produced, *write, *done]  # a constant is never None
+                elif made[0] == "template" and made[4] in AS_IS:
+                    # Joined and kept as text: None only where it is not joined.
+                    body = [*produced[:-2], *indent_lines(write, 1), *done]
                 else:
                     body = [*produced, "if v is not None:", *indent_lines(write, 1), *done]
             if condition is None:
@@ -309,14 +313,24 @@ class Emitter(Named):
     def _rows(self, rows: Iterable[object], place: Place, out: str) -> list[str]:
         chunks: list[list[str]] = []
         run: list[object] = []  # rows writing constants, one after another
-        for row in [*rows, None]:
+        rows = [*rows, None]
+        at = 0
+        while at < len(rows):
+            row = rows[at]
+            at += 1
             if row is not None and writes_constant(row, place):
                 run.append(row)
                 continue
             if run:
                 chunks.append(self._constants(run, place, out))
                 run = []
-            if row is not None:
+            if row is None:
+                continue
+            length = chain_length(rows[:-1], at - 1, lambda r: not writes_constant(r, place))
+            if length:
+                chunks.append(self._chain(rows[at - 1:at - 1 + length], place, out))
+                at += length - 1
+            else:
                 chunks.append(self.row(row, place, out))
         lines: list[str] = []
         test = ""
@@ -332,6 +346,11 @@ class Emitter(Named):
             lines += chunk
             test = chunk[0] if under else ""
         return lines or ["pass"]
+
+    def _chain(self, rows: list[object], place: Place, out: str) -> list[str]:
+        """Rows testing one value first: `dispatch.chain`."""
+        return chain(rows, lambda c: self.condition(c, place),
+                     lambda row: self.row(row, place, out))
 
     def _constants(self, rows: list[object], place: Place, out: str) -> list[str]:
         """Rows that write constants: where none of the elements they write is there yet
@@ -439,6 +458,13 @@ class Emitter(Named):
         if not uses_scope:
             body.remove("scope.rep = rep")
         body, var, numbered = loop_body(body)
+        if var == "raw" and not (numbered or uses_scope or only_line):
+            single = single_repetition(body)
+            if single:
+                return [f"fl = {parts}[{f}]" if guarded else
+                        f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
+                        "if fl != NULL:" if guarded else "if fl and fl != NULL:",
+                        *indent_lines(single, 1)]
         return [f"fl = {parts}[{f}]" if guarded else
                 f"fl = {parts}[{f}] if {f} < len({parts}) else ''",
                 "if fl != NULL:" if guarded else "if fl and fl != NULL:",

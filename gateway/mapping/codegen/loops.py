@@ -25,3 +25,18 @@ def loop_body(body: list[str]) -> tuple[list[str], str, bool]:
     if body[0] == "raw = rep" and not any(re.search(r"\brep\b", line) for line in body[1:]):
         return body[1:], "raw", numbered
     return body, "rep", numbered
+
+
+_SKIP = ["if not raw or raw == NULL:", "    continue"]
+
+
+def single_repetition(body: list[str]) -> list[str]:
+    """The statements for a field (`fl`, there and not the explicit null) whose
+    repetitions the loop `body` maps whole (`raw`): one repetition (most fields have one)
+    mapped without a loop, or else the loop. [] where `body` has more than its test of
+    an empty repetition to leave early from (it cannot leave a loop that is not there)."""
+    if body[:2] != _SKIP or any(re.search(r"\b(?:continue|break)\b", line)
+                                for line in body[2:]):
+        return []
+    return ["if rs not in fl:", "    raw = fl", *["    " + line for line in body[2:]],
+            "else:", "    for raw in fl.split(rs):", *["        " + line for line in body]]

@@ -17,7 +17,7 @@ from gateway.mapping.vocabulary import Vocab
 # (`convert.to_code`, `to_id`, `to_uri`): answers kept by the text (`emit.Emitter._convert`).
 KEPT_BY_TEXT = frozenset({"code", "id", "uri", "url", "canonical", "oid", "uuid"})
 # FHIR types whose converter returns the text as it is (`convert.to_string`).
-_AS_IS = frozenset({"string", "markdown"})
+AS_IS = frozenset({"string", "markdown"})
 # Answers kept by the text for a type in KEPT_BY_TEXT: at most _KEPT each.
 _KEPT = 4096
 _KEPT_LENGTH = 256  # a longer text is converted each time, not kept (memory stays bounded)
@@ -128,7 +128,7 @@ class Named:
 
     def _convert(self, convert: str, location: str) -> list[str]:
         """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
-        if convert in _AS_IS:
+        if convert in AS_IS:
             return []
         call = ["try:", f"    v = {self._converter_object(convert)}(v)",
                 "except ConversionError as exc:",
