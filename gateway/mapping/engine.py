@@ -128,18 +128,25 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     for draft in run.drafts:
         resource_type = draft.resource_type
         content = draft.content
-        identifiers = content.get("identifier")
-        key = _business_key(identifiers) if identifiers else None
+        key: tuple[str, str] | None = None
+        if identifiers := content.get("identifier"):
+            # The usual case inline: the first identifier has a value and a system.
+            if (type(identifiers) is list and (value := (first := identifiers[0]).get("value"))
+                    and (system := first.get("system"))):
+                key = (system, value)
+            else:
+                key = _business_key(identifiers)
+        identity = draft.identity
         primary = draft.primary
         if primary:
             made.add(resource_type)
-            if draft.identity:
+            if identity:
                 # Two results of one message with one identity (text lines of a report
                 # sent as OBX segments with one OBX-3 and no OBX-4) stay apart by their
                 # order, which a resend keeps.
-                seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
+                seen = identities[identity] = identities.get(identity, 0) + 1
                 if seen > 1:
-                    draft.identity += f"#{seen}"
+                    identity = draft.identity = f"{identity}#{seen}"
             if key is not None:
                 # Two resources of one message claiming one business identifier (a sender
                 # reusing a filler id) cannot both be that record: the later ones are kept
@@ -149,18 +156,24 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                     key = None
                     run.unmapped[f"{resource_type}.identifier (repeated)"] += 1
                 keys.add(claim)
-        else:
-            stubs.add(resource_type)
-        if key is not None:
-            name = f"{resource_type}|{key[0] or sender}|{key[1]}"
-        elif draft.identity:
-            name = f"{sender}|{draft.identity}"
-        else:
-            name = f"{resource_type}|{position}{draft.ordinal}"
-        if primary:
-            resource_id = name_uuid(name)
+            if key is not None:
+                resource_id = name_uuid(f"{resource_type}|{key[0] or sender}|{key[1]}")
+                business_key = trusted_key(key[0], key[1])
+            else:
+                resource_id = name_uuid(f"{sender}|{identity}" if identity else
+                                        f"{resource_type}|{position}{draft.ordinal}")
+                business_key = None
             draft.full_url = "urn:uuid:" + resource_id
         else:
+            stubs.add(resource_type)
+            if key is not None:
+                name = f"{resource_type}|{key[0] or sender}|{key[1]}"
+                # The same doctor's key in the sender's next messages (a frozen model).
+                business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
+            else:
+                name = (f"{sender}|{identity}" if identity else
+                        f"{resource_type}|{position}{draft.ordinal}")
+                business_key = None
             # A referred-to resource (the attending doctor, the ward, the facility) comes
             # again in the sender's next messages: its id is kept rather than hashed again.
             kept = _REFERRED_IDS.get(name)
@@ -168,12 +181,6 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 resource_id = name_uuid(name)
                 kept = remember(_REFERRED_IDS, name, (resource_id, "urn:uuid:" + resource_id))
             resource_id, draft.full_url = kept
-        if key is None:
-            business_key = None
-        elif primary:
-            business_key = trusted_key(key[0], key[1])
-        else:  # the same doctor's key in the sender's next messages (a frozen model)
-            business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
         resources.append(trusted_resource(
             resource_type, resource_id, primary, business_key, content, provenance))
     # Only a type both made and referred to can have a stub to drop (an ADT's doctors and

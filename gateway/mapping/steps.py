@@ -169,17 +169,27 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
         current[resource] = draft
         return
     # One instance map per owner: the links of a row that write one owner's repeating
-    # element (Patient.link.other and Patient.link.type) fill one instance of it.
-    insts: dict[int, dict[str, Json]] = {}
+    # element (Patient.link.other and Patient.link.type) fill one instance of it. The
+    # new resource's (most links write into it) is made once, another owner's when needed.
+    own: dict[str, Json] = {}
+    insts: dict[int, dict[str, Json]] | None = None
     for link in links:
-        owner = draft if link.owner is None else current.get(link.owner)
-        if owner is None:
-            continue
-        inst = insts.setdefault(id(owner), {})
-        if link.refers_to is None:
+        owner_type = link.owner
+        if owner_type is None:
+            owner = draft
+            inst = own
+        else:  # the current resource of that type (this one is not current yet)
+            owner = current.get(owner_type)
+            if owner is None:
+                continue
+            if insts is None:
+                insts = {}
+            inst = insts.setdefault(id(owner), {})
+        refers_to = link.refers_to
+        if refers_to is None:
             link.setter(owner.content, inst, "", "", link.constant)
             continue
-        target = draft if link.refers_to == "this" else current.get(link.refers_to)
+        target = draft if refers_to == "this" else current.get(refers_to)
         if target is None or target is owner:
             continue
         link.setter(owner.content, inst, "", "", run.reference(target))
