@@ -179,9 +179,10 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
             owner = draft
             inst = own
         else:  # the current resource of that type (this one is not current yet)
-            owner = current.get(owner_type)
-            if owner is None:
+            other = current.get(owner_type)
+            if other is None:
                 continue
+            owner = other
             if insts is None:
                 insts = {}
             inst = insts.setdefault(id(owner), {})
