@@ -12,7 +12,7 @@ from gateway.canonical.models import BusinessKey, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Json, Run, remember
+from gateway.mapping.runtime import Draft, Json, Run
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import SHIPPED, MergeRow
 
@@ -97,9 +97,9 @@ class Translator:
             z_segments=run.z_segments)
 
 
-# name -> (id, fullUrl) of referred-to resources (the doctor, the ward: not made from a
-# segment of their own), across messages (`_finish`; bounded: `runtime.remember`).
-_REFERRED_IDS: dict[str, tuple[str, str]] = {}
+# What the name of a referred-to resource (the doctor, the ward: not made from a segment of
+# its own) is made of -> its id, fullUrl and BusinessKey, across messages (`_referred`).
+_REFERRED_IDS: dict[tuple[str, ...], tuple[str, str, BusinessKey | None]] = {}
 
 
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
@@ -166,21 +166,21 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
             draft.full_url = "urn:uuid:" + resource_id
         else:
             stubs.add(resource_type)
-            if key is not None:
-                name = f"{resource_type}|{key[0] or sender}|{key[1]}"
-                # The same doctor's key in the sender's next messages (a frozen model).
-                business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
-            else:
-                name = (f"{sender}|{identity}" if identity else
-                        f"{resource_type}|{position}{draft.ordinal}")
-                business_key = None
             # A referred-to resource (the attending doctor, the ward, the facility) comes
-            # again in the sender's next messages: its id is kept rather than hashed again.
-            kept = _REFERRED_IDS.get(name)
+            # again in the sender's next messages: its id and key are kept rather than made
+            # again, by what its name is made of (no name built to look it up).
+            if key is not None:
+                system, value = key
+                referred: tuple[str, ...] = (resource_type, system, value,
+                                             "" if system else sender)
+            else:
+                referred = (sender, identity) if identity else (
+                    resource_type, position, str(draft.ordinal))
+            kept = _REFERRED_IDS.get(referred)
             if kept is None:
-                resource_id = name_uuid(name)
-                kept = remember(_REFERRED_IDS, name, (resource_id, "urn:uuid:" + resource_id))
-            resource_id, draft.full_url = kept
+                kept = _referred(referred, resource_type, key, sender, identity,
+                                 f"{resource_type}|{position}{draft.ordinal}")
+            resource_id, draft.full_url, business_key = kept
         resources.append(trusted_resource(
             resource_type, resource_id, primary, business_key, content, provenance))
     # Only a type both made and referred to can have a stub to drop (an ADT's doctors and
@@ -196,16 +196,23 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     return resources
 
 
-# (system, value) -> the BusinessKey of referred-to resources, across messages (making one
-# cost ~4.7k instructions; an ADT^A01 refers to five).
-_REFERRED_KEYS: dict[tuple[str, str], BusinessKey] = {}
-
-
-def _referred_key(key: tuple[str, str]) -> BusinessKey:
-    """A BusinessKey, kept for the next messages: bounded, as `runtime.remember` is."""
-    if len(_REFERRED_KEYS) >= 4096:
-        _REFERRED_KEYS.clear()
-    made = _REFERRED_KEYS[key] = trusted_key(key[0], key[1])
+def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str] | None,
+              sender: str, identity: str, by_position: str
+              ) -> tuple[str, str, BusinessKey | None]:
+    """A referred-to resource's id, fullUrl and BusinessKey (a frozen model: making one
+    cost ~4.7k instructions), kept under `referred` for the next messages: bounded, as
+    `runtime.remember` is (a key of a long content identity is not kept)."""
+    if key is not None:
+        name = f"{resource_type}|{key[0] or sender}|{key[1]}"
+    else:
+        name = f"{sender}|{identity}" if identity else by_position
+    resource_id = name_uuid(name)
+    made = (resource_id, "urn:uuid:" + resource_id,
+            None if key is None else trusted_key(key[0], key[1]))
+    if len(name) <= 512:
+        if len(_REFERRED_IDS) >= 4096:
+            _REFERRED_IDS.clear()
+        _REFERRED_IDS[referred] = made
     return made
 
 
