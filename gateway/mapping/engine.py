@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.canonical import Provenance, Resource, Translation, trusted
+from gateway.canonical import Provenance, Resource, Translation
 from gateway.canonical.ids import name_uuid
-from gateway.canonical.models import BusinessKey, trusted_key, trusted_resource
+from gateway.canonical.models import BusinessKey, trusted_full, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
@@ -81,20 +81,18 @@ class Translator:
         run = Run(message, self._default_offset)
         translate(run)
         now = datetime.now(UTC)
-        provenance = trusted(
-            Provenance,
-            source_application=run.text(header.sending_application),
-            source_facility=run.text(header.sending_facility),
-            control_id=run.text(header.control_id),
-            message_type=header.message_type,
-            received_at=received_at or now,
-            last_updated=now,
-        )
+        provenance = trusted_full(Provenance, {
+            "source_application": run.text(header.sending_application),
+            "source_facility": run.text(header.sending_facility),
+            "control_id": run.text(header.control_id),
+            "message_type": header.message_type,
+            "received_at": received_at or now,
+            "last_updated": now,
+        })
         resources = _finish(run, provenance)
-        return trusted(
-            Translation,
-            provenance=provenance, resources=resources, unmapped=dict(run.unmapped),
-            z_segments=run.z_segments)
+        return trusted_full(Translation, {
+            "provenance": provenance, "resources": resources, "unmapped": dict(run.unmapped),
+            "z_segments": run.z_segments})
 
 
 # What the name of a referred-to resource (the doctor, the ward: not made from a segment of
