@@ -133,11 +133,13 @@ class Run:
         """A Reference to a resource of this message, resolved when the ids are known."""
         # Until the ids are known the reference holds its target's identity, so a resource
         # that points at another is only the same as one pointing at the same (room 408
-        # of ward 4E is not room 408 of ward 5W).
+        # of ward 4E is not room 408 of ward 5W). The target is one made from a segment
+        # (`steps.apply_step`'s links), and so is the resource the reference goes into:
+        # no content identity is made of it (`reference_to`'s are), so the identity itself
+        # serves, unhashed (equal exactly when its digest would be).
         digest = target.digest
         if digest is None:
-            identity = target.identity
-            digest = target.digest = _digest(identity) if identity else ""
+            digest = target.digest = target.identity
         ref: Json = {"reference": digest}
         self.pending_refs.append((ref, target))
         return ref
