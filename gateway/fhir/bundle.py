@@ -41,8 +41,9 @@ def to_bundle(translation: Translation) -> Json:
         full_url = "urn:uuid:" + resource_id
         key = fields["key"]
         if key is not None and (system := key.__dict__["system"]):
-            quoted = _QUOTED_SYSTEMS.get(system) or _quoted_system(system)
-            search = f"identifier={quoted}|{_quote(key.__dict__['value'])}"
+            value = key.__dict__["value"]
+            quoted = _QUOTED.get(system) or _quoted(system)
+            search = f"identifier={quoted}|{_QUOTED.get(value) or _quoted(value)}"
             if fields["primary"]:
                 request = {"method": "PUT", "url": f"{resource_type}?{search}"}
             else:
@@ -65,15 +66,18 @@ def _quote(text: str) -> str:
     return text if _UNQUOTED.fullmatch(text) else quote(text, _SAFE)
 
 
-# Identifier systems as quoted, across messages: a sender uses a few, in every message
-# (values, an MRN, are quoted afresh). Bounded, as systems come from the messages.
-_QUOTED_SYSTEMS: dict[str, str] = {}
+# Identifier systems and values as quoted, across messages: a sender uses a few systems, in
+# every message, and names the same doctors, wards and patients again (a value's check
+# cost ~2k instructions, a look-up ~100). Bounded, as both come from the messages.
+_QUOTED: dict[str, str] = {}
 
 
-def _quoted_system(system: str) -> str:
-    quoted = _quote(system)
-    if len(_QUOTED_SYSTEMS) < 1024:
-        _QUOTED_SYSTEMS[system] = quoted
+def _quoted(text: str) -> str:
+    quoted = _quote(text)
+    if len(text) <= 512:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        _QUOTED[text] = quoted
     return quoted
 
 

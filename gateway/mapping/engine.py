@@ -6,13 +6,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.canonical import Provenance, Resource, Translation, trusted
+from gateway.canonical import Provenance, Resource, Translation
 from gateway.canonical.ids import name_uuid
-from gateway.canonical.models import BusinessKey, trusted_key, trusted_resource
+from gateway.canonical.models import BusinessKey, trusted_full, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Json, Run, remember
+from gateway.mapping.runtime import Draft, Json, Run
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import SHIPPED, MergeRow
 
@@ -81,25 +81,23 @@ class Translator:
         run = Run(message, self._default_offset)
         translate(run)
         now = datetime.now(UTC)
-        provenance = trusted(
-            Provenance,
-            source_application=run.text(header.sending_application),
-            source_facility=run.text(header.sending_facility),
-            control_id=run.text(header.control_id),
-            message_type=header.message_type,
-            received_at=received_at or now,
-            last_updated=now,
-        )
+        provenance = trusted_full(Provenance, {
+            "source_application": run.text(header.sending_application),
+            "source_facility": run.text(header.sending_facility),
+            "control_id": run.text(header.control_id),
+            "message_type": header.message_type,
+            "received_at": received_at or now,
+            "last_updated": now,
+        })
         resources = _finish(run, provenance)
-        return trusted(
-            Translation,
-            provenance=provenance, resources=resources, unmapped=dict(run.unmapped),
-            z_segments=run.z_segments)
+        return trusted_full(Translation, {
+            "provenance": provenance, "resources": resources, "unmapped": dict(run.unmapped),
+            "z_segments": run.z_segments})
 
 
-# name -> (id, fullUrl) of referred-to resources (the doctor, the ward: not made from a
-# segment of their own), across messages (`_finish`; bounded: `runtime.remember`).
-_REFERRED_IDS: dict[str, tuple[str, str]] = {}
+# What the name of a referred-to resource (the doctor, the ward: not made from a segment of
+# its own) is made of -> its id, fullUrl and BusinessKey, across messages (`_referred`).
+_REFERRED_IDS: dict[tuple[str, ...], tuple[str, str, BusinessKey | None]] = {}
 
 
 def _finish(run: Run, provenance: Provenance) -> list[Resource]:
@@ -128,18 +126,25 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     for draft in run.drafts:
         resource_type = draft.resource_type
         content = draft.content
-        identifiers = content.get("identifier")
-        key = _business_key(identifiers) if identifiers else None
+        key: tuple[str, str] | None = None
+        if identifiers := content.get("identifier"):
+            # The usual case inline: the first identifier has a value and a system.
+            if (type(identifiers) is list and (value := (first := identifiers[0]).get("value"))
+                    and (system := first.get("system"))):
+                key = (system, value)
+            else:
+                key = _business_key(identifiers)
+        identity = draft.identity
         primary = draft.primary
         if primary:
             made.add(resource_type)
-            if draft.identity:
+            if identity:
                 # Two results of one message with one identity (text lines of a report
                 # sent as OBX segments with one OBX-3 and no OBX-4) stay apart by their
                 # order, which a resend keeps.
-                seen = identities[draft.identity] = identities.get(draft.identity, 0) + 1
+                seen = identities[identity] = identities.get(identity, 0) + 1
                 if seen > 1:
-                    draft.identity += f"#{seen}"
+                    identity = draft.identity = f"{identity}#{seen}"
             if key is not None:
                 # Two resources of one message claiming one business identifier (a sender
                 # reusing a filler id) cannot both be that record: the later ones are kept
@@ -149,31 +154,31 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                     key = None
                     run.unmapped[f"{resource_type}.identifier (repeated)"] += 1
                 keys.add(claim)
-        else:
-            stubs.add(resource_type)
-        if key is not None:
-            name = f"{resource_type}|{key[0] or sender}|{key[1]}"
-        elif draft.identity:
-            name = f"{sender}|{draft.identity}"
-        else:
-            name = f"{resource_type}|{position}{draft.ordinal}"
-        if primary:
-            resource_id = name_uuid(name)
+            if key is not None:
+                resource_id = name_uuid(f"{resource_type}|{key[0] or sender}|{key[1]}")
+                business_key = trusted_key(key[0], key[1])
+            else:
+                resource_id = name_uuid(f"{sender}|{identity}" if identity else
+                                        f"{resource_type}|{position}{draft.ordinal}")
+                business_key = None
             draft.full_url = "urn:uuid:" + resource_id
         else:
+            stubs.add(resource_type)
             # A referred-to resource (the attending doctor, the ward, the facility) comes
-            # again in the sender's next messages: its id is kept rather than hashed again.
-            kept = _REFERRED_IDS.get(name)
+            # again in the sender's next messages: its id and key are kept rather than made
+            # again, by what its name is made of (no name built to look it up).
+            if key is not None:
+                system, value = key
+                referred: tuple[str, ...] = (resource_type, system, value,
+                                             "" if system else sender)
+            else:
+                referred = (sender, identity) if identity else (
+                    resource_type, position, str(draft.ordinal))
+            kept = _REFERRED_IDS.get(referred)
             if kept is None:
-                resource_id = name_uuid(name)
-                kept = remember(_REFERRED_IDS, name, (resource_id, "urn:uuid:" + resource_id))
-            resource_id, draft.full_url = kept
-        if key is None:
-            business_key = None
-        elif primary:
-            business_key = trusted_key(key[0], key[1])
-        else:  # the same doctor's key in the sender's next messages (a frozen model)
-            business_key = _REFERRED_KEYS.get(key) or _referred_key(key)
+                kept = _referred(referred, resource_type, key, sender, identity,
+                                 f"{resource_type}|{position}{draft.ordinal}")
+            resource_id, draft.full_url, business_key = kept
         resources.append(trusted_resource(
             resource_type, resource_id, primary, business_key, content, provenance))
     # Only a type both made and referred to can have a stub to drop (an ADT's doctors and
@@ -189,16 +194,23 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     return resources
 
 
-# (system, value) -> the BusinessKey of referred-to resources, across messages (making one
-# cost ~4.7k instructions; an ADT^A01 refers to five).
-_REFERRED_KEYS: dict[tuple[str, str], BusinessKey] = {}
-
-
-def _referred_key(key: tuple[str, str]) -> BusinessKey:
-    """A BusinessKey, kept for the next messages: bounded, as `runtime.remember` is."""
-    if len(_REFERRED_KEYS) >= 4096:
-        _REFERRED_KEYS.clear()
-    made = _REFERRED_KEYS[key] = trusted_key(key[0], key[1])
+def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str] | None,
+              sender: str, identity: str, by_position: str
+              ) -> tuple[str, str, BusinessKey | None]:
+    """A referred-to resource's id, fullUrl and BusinessKey (a frozen model: making one
+    cost ~4.7k instructions), kept under `referred` for the next messages: bounded, as
+    `runtime.remember` is (a key of a long content identity is not kept)."""
+    if key is not None:
+        name = f"{resource_type}|{key[0] or sender}|{key[1]}"
+    else:
+        name = f"{sender}|{identity}" if identity else by_position
+    resource_id = name_uuid(name)
+    made = (resource_id, "urn:uuid:" + resource_id,
+            None if key is None else trusted_key(key[0], key[1]))
+    if len(name) <= 512:
+        if len(_REFERRED_IDS) >= 4096:
+            _REFERRED_IDS.clear()
+        _REFERRED_IDS[referred] = made
     return made
 
 

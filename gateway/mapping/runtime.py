@@ -51,7 +51,7 @@ class Run:
     """One message's translation: reading helpers and the resources produced so far."""
 
     __slots__ = ("message", "d", "charset", "drafts", "current", "unmapped", "z_segments",
-                 "_referenced", "pending_refs", "offset", "latest", "_ordinals")
+                 "_referenced", "pending_refs", "offset", "latest", "ordinals")
 
     def __init__(self, message: Message, default_offset: str = "+00:00") -> None:
         self.message = message
@@ -65,7 +65,8 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
-        self._ordinals: dict[str, int] = {}
+        # Resource type -> how many the message made so far (`new_draft`, `apply_step`).
+        self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
         self.offset = _offset_of(message.header_value(7)) or default_offset
@@ -78,7 +79,7 @@ class Run:
     def new_draft(self, resource_type: str, content: Json | None = None,
                   primary: bool = True) -> Draft:
         # The ordinal: how many resources of this type came before (stable ids by position).
-        ordinals = self._ordinals
+        ordinals = self.ordinals
         ordinal = ordinals.get(resource_type, 0)
         ordinals[resource_type] = ordinal + 1
         draft = Draft()
@@ -106,7 +107,7 @@ class Run:
             identity = _content_identity(resource_type, content)
         draft = self._referenced.get(identity)
         if draft is None:
-            ordinals = self._ordinals
+            ordinals = self.ordinals
             ordinal = ordinals.get(resource_type, 0)
             ordinals[resource_type] = ordinal + 1
             draft = Draft()
@@ -132,11 +133,13 @@ class Run:
         """A Reference to a resource of this message, resolved when the ids are known."""
         # Until the ids are known the reference holds its target's identity, so a resource
         # that points at another is only the same as one pointing at the same (room 408
-        # of ward 4E is not room 408 of ward 5W).
+        # of ward 4E is not room 408 of ward 5W). The target is one made from a segment
+        # (`steps.apply_step`'s links), and so is the resource the reference goes into:
+        # no content identity is made of it (`reference_to`'s are), so the identity itself
+        # serves, unhashed (equal exactly when its digest would be).
         digest = target.digest
         if digest is None:
-            identity = target.identity
-            digest = target.digest = _digest(identity) if identity else ""
+            digest = target.digest = target.identity
         ref: Json = {"reference": digest}
         self.pending_refs.append((ref, target))
         return ref

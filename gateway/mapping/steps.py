@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.mapping.errors import TranslationError
-from gateway.mapping.runtime import Json, Run, Scope, described
+from gateway.mapping.runtime import Draft, Json, Run, Scope, described
 
 MessageFn = Callable[[Run], None]
 # (the object written into, instances made so far, repetition tag, source tag, value)
@@ -161,25 +161,46 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
         # after an empty ORC must not write into the order before it.
         current.pop(resource, None)
         return
-    draft = run.new_draft(resource, content)
-    if step.identity is not None:
-        draft.identity = step.identity(fields, run)
+    # `run.new_draft` written inline (a resource of every segment that makes one).
+    ordinals = run.ordinals
+    ordinal = ordinals.get(resource, 0)
+    ordinals[resource] = ordinal + 1
+    draft = Draft()
+    draft.resource_type = resource
+    draft.content = content
+    draft.primary = True
+    draft.ordinal = ordinal
+    draft.full_url = ""
+    draft.identity = "" if step.identity is None else step.identity(fields, run)
+    draft.digest = None
+    run.drafts.append(draft)
     links = step.links
     if not links:
         current[resource] = draft
         return
     # One instance map per owner: the links of a row that write one owner's repeating
-    # element (Patient.link.other and Patient.link.type) fill one instance of it.
-    insts: dict[int, dict[str, Json]] = {}
+    # element (Patient.link.other and Patient.link.type) fill one instance of it. The
+    # new resource's (most links write into it) is made once, another owner's when needed.
+    own: dict[str, Json] = {}
+    insts: dict[int, dict[str, Json]] | None = None
     for link in links:
-        owner = draft if link.owner is None else current.get(link.owner)
-        if owner is None:
-            continue
-        inst = insts.setdefault(id(owner), {})
-        if link.refers_to is None:
+        owner_type = link.owner
+        if owner_type is None:
+            owner = draft
+            inst = own
+        else:  # the current resource of that type (this one is not current yet)
+            other = current.get(owner_type)
+            if other is None:
+                continue
+            owner = other
+            if insts is None:
+                insts = {}
+            inst = insts.setdefault(id(owner), {})
+        refers_to = link.refers_to
+        if refers_to is None:
             link.setter(owner.content, inst, "", "", link.constant)
             continue
-        target = draft if link.refers_to == "this" else current.get(link.refers_to)
+        target = draft if refers_to == "this" else current.get(refers_to)
         if target is None or target is owner:
             continue
         link.setter(owner.content, inst, "", "", run.reference(target))
