@@ -12,7 +12,7 @@ from gateway.canonical.models import BusinessKey, trusted_full, trusted_key, tru
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
-from gateway.mapping.runtime import Draft, Json, Run
+from gateway.mapping.runtime import Draft, Json, Run, remember
 from gateway.mapping.steps import MessageFn
 from gateway.mapping.tables import SHIPPED, MergeRow
 
@@ -198,20 +198,16 @@ def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str
               sender: str, identity: str, by_position: str
               ) -> tuple[str, str, BusinessKey | None]:
     """A referred-to resource's id, fullUrl and BusinessKey (a frozen model: making one
-    cost ~4.7k instructions), kept under `referred` for the next messages: bounded, as
-    `runtime.remember` is (a key of a long content identity is not kept)."""
+    cost ~4.7k instructions), kept under `referred` for the next messages
+    (`runtime.remember`: bounded; a long content identity's is not kept)."""
     if key is not None:
         name = f"{resource_type}|{key[0] or sender}|{key[1]}"
     else:
         name = f"{sender}|{identity}" if identity else by_position
     resource_id = name_uuid(name)
-    made = (resource_id, "urn:uuid:" + resource_id,
-            None if key is None else trusted_key(key[0], key[1]))
-    if len(name) <= 512:
-        if len(_REFERRED_IDS) >= 4096:
-            _REFERRED_IDS.clear()
-        _REFERRED_IDS[referred] = made
-    return made
+    return remember(_REFERRED_IDS, referred, (
+        resource_id, "urn:uuid:" + resource_id,
+        None if key is None else trusted_key(key[0], key[1])), len(name))
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:

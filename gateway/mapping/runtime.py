@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import orjson
@@ -19,6 +19,7 @@ from gateway.hl7.message import Message, Segment
 
 Json = dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
@@ -28,7 +29,7 @@ _new_dict = dict.__new__
 class Draft:
     """A resource being built: its type, content, identity and place in the bundle.
 
-    Made by `Run.new_draft` and `Run.reference_to`, which set every attribute: not a
+    Made by `Run.new_draft`, which sets every attribute: not a
     Draft.__init__, as calling a class runs __init__ through the type's slot (a C call and
     a fresh interpreter frame), dearer than the stores; without one, `Draft()` is all C
     (and cheaper than object.__new__(Draft), which checks its arguments as a method)."""
@@ -65,7 +66,7 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
-        # Resource type -> how many the message made so far (`new_draft`, `apply_step`).
+        # Resource type -> how many the message made so far (`new_draft`).
         self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset.
@@ -77,7 +78,9 @@ class Run:
         return unescape(raw, self.d, self.charset) if self.d.escape in raw else raw
 
     def new_draft(self, resource_type: str, content: Json | None = None,
-                  primary: bool = True) -> Draft:
+                  primary: bool = True, identity: str = "") -> Draft:
+        """A resource of this message: made from a segment (`steps.apply_step`), or only
+        referred to (`reference_to`), with its place among the resources of its type."""
         # The ordinal: how many resources of this type came before (stable ids by position).
         ordinals = self.ordinals
         ordinal = ordinals.get(resource_type, 0)
@@ -88,7 +91,7 @@ class Run:
         draft.primary = primary
         draft.ordinal = ordinal
         draft.full_url = ""
-        draft.identity = ""
+        draft.identity = identity
         draft.digest = None
         self.drafts.append(draft)
         return draft
@@ -96,8 +99,8 @@ class Run:
     def reference_to(self, resource_type: str, content: Json) -> Json:
         """Add a resource that another one points at (a Practitioner from an XCN, ...),
         once per identity within the message, and return the reference to it."""
-        # The identity, the ordinal and `reference` written inline: a message refers to
-        # a Practitioner, a Location, an Organization a dozen times.
+        # The identity and `reference` written inline: a message refers to a
+        # Practitioner, a Location, an Organization a dozen times.
         for identifier in content.get("identifier", ()):
             value = identifier.get("value")
             if value:
@@ -107,21 +110,11 @@ class Run:
             identity = _content_identity(resource_type, content)
         draft = self._referenced.get(identity)
         if draft is None:
-            ordinals = self.ordinals
-            ordinal = ordinals.get(resource_type, 0)
-            ordinals[resource_type] = ordinal + 1
-            draft = Draft()
-            draft.resource_type = resource_type
-            draft.content = content
-            draft.primary = False
-            draft.ordinal = ordinal
-            draft.full_url = ""
-            draft.identity = identity
+            draft = self._referenced[identity] = self.new_draft(resource_type, content, False,
+                                                                identity)
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
-                _REFERRED_DIGESTS, identity, _digest(identity)))
-            self.drafts.append(draft)
-            self._referenced[identity] = draft
+                _REFERRED_DIGESTS, identity, _digest(identity), len(identity)))
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
@@ -160,10 +153,11 @@ def _digest(identity: str) -> str:
 _REFERRED_DIGESTS: dict[str, str] = {}
 
 
-def remember(kept: dict[str, V], key: str, value: V) -> V:
+def remember(kept: dict[K, V], key: K, value: V, length: int) -> V:
     """`value`, kept under `key` for the messages after this one: bounded, as the generated
-    tables' converted values are (keys up to 512 characters; cleared at 4,096)."""
-    if len(key) <= 512:
+    tables' converted values are (keys of up to 512 characters, `length` being the key's;
+    cleared at 4,096)."""
+    if length <= 512:
         if len(kept) >= 4096:
             kept.clear()
         kept[key] = value

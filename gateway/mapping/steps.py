@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.mapping.errors import TranslationError
-from gateway.mapping.runtime import Draft, Json, Run, Scope, described
+from gateway.mapping.runtime import Json, Run, Scope, described
 
 MessageFn = Callable[[Run], None]
 # (the object written into, instances made so far, repetition tag, source tag, value)
@@ -161,19 +161,8 @@ def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:
         # after an empty ORC must not write into the order before it.
         current.pop(resource, None)
         return
-    # `run.new_draft` written inline (a resource of every segment that makes one).
-    ordinals = run.ordinals
-    ordinal = ordinals.get(resource, 0)
-    ordinals[resource] = ordinal + 1
-    draft = Draft()
-    draft.resource_type = resource
-    draft.content = content
-    draft.primary = True
-    draft.ordinal = ordinal
-    draft.full_url = ""
-    draft.identity = "" if step.identity is None else step.identity(fields, run)
-    draft.digest = None
-    run.drafts.append(draft)
+    draft = run.new_draft(resource, content, True,
+                          "" if step.identity is None else step.identity(fields, run))
     links = step.links
     if not links:
         current[resource] = draft
