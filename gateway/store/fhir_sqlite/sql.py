@@ -91,7 +91,9 @@ def _match_sql(resource_type: str, match: Match, params: list[object], labels: L
         case LastUpdatedMatch(prefix, low, high):
             params.append(resource_type)
             condition = _range_sql("last_updated", "last_updated", prefix, low, high, params)
-            return False, f"SELECT rid FROM fhir_resource WHERE type = ? AND {condition}"
+            # deleted = 0 as the outer query has it: the index (type, deleted, last_updated).
+            return False, ("SELECT rid FROM fhir_resource WHERE type = ? AND deleted = 0 "
+                           f"AND {condition}")
         case MissingMatch(param, missing):
             parts = []
             for table in INDEX_TABLES:
