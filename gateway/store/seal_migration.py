@@ -32,7 +32,12 @@ from gateway.store.data_keys import (
 )
 from gateway.store.fhir import IndexEntry, StringGroups, StringIndex, TokenIndex
 from gateway.store.fhir_sqlite.blinding import StringLabels, index_rows, shared_labels
-from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, RECORD_LABELS, STRING_LABEL_TABLE
+from gateway.store.fhir_sqlite.schema import (
+    INDEX_INSERTS,
+    RECORD_LABELS,
+    STRING_LABEL_TABLE,
+    key_by_rid,
+)
 from gateway.store.inbox_sqlite import blind_patient
 from gateway.store.sealing import (
     SealedCodec,
@@ -158,6 +163,7 @@ def _blinded_with(db: sqlite3.Connection, table: str, codec: SealedCodec) -> boo
 def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec, labels: StringLabels
                ) -> tuple[int, int]:
     reader = codec.reading_plain()
+    key_by_rid(db)  # a store from before `rid`: its index rows named as the writer names them
     db.execute("BEGIN IMMEDIATE")
     try:
         # The archive triggers would add a version per UPDATE: set aside, then restored.
@@ -197,10 +203,12 @@ def _blind_index_tables(db: sqlite3.Connection, codec: SealedCodec,
     if _blinded_with(db, "fhir_store_meta", codec):
         return 0
     rows: dict[tuple[str, str], list[IndexEntry]] = {}
-    for t, i, p, s, c in db.execute("SELECT type, id, param, system, code FROM fhir_token"):
+    named = "JOIN fhir_resource r ON r.rid = x.rid"
+    for t, i, p, s, c in db.execute(
+            f"SELECT r.type, r.id, x.param, x.system, x.code FROM fhir_token x {named}"):
         rows.setdefault((str(t), str(i)), []).append(TokenIndex(str(p), s, str(c)))
     for t, i, p, n, e in db.execute(
-            "SELECT type, id, param, normalized, exact FROM fhir_string"):
+            f"SELECT r.type, r.id, x.param, x.normalized, x.exact FROM fhir_string x {named}"):
         rows.setdefault((str(t), str(i)), []).append(StringIndex(str(p), str(n), str(e)))
     db.execute("DELETE FROM fhir_token")
     db.execute("DELETE FROM fhir_string")

@@ -26,6 +26,7 @@ from gateway.store.fhir import (
     WriteRequest,
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
+from gateway.store.fhir_sqlite.schema import INDEX_INSERTS
 from gateway.store.inbox import InboundMessage
 from gateway.store.inbox_sqlite import SqliteInbox
 from gateway.store.outbox import SqliteOutbox
@@ -282,7 +283,7 @@ def _old_string_rows(db: sqlite3.Connection, sealed: SealedCodec) -> None:
                                                                            "exact"))]
             prefixes = sealed.blind_prefixes(entry.normalized, "prefix", 32)
             rows += [(p, "") for p in prefixes[:len(entry.normalized) - 1]]
-            db.executemany("INSERT INTO fhir_string VALUES (?, ?, ?, ?, ?)",
+            db.executemany(INDEX_INSERTS[StringIndex],
                            [(resource_type, id_, entry.param, n, e) for n, e in rows])
 
 

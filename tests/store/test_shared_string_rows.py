@@ -37,7 +37,7 @@ from gateway.store.fhir_sqlite.blinding import (
     blind_query,
     index_rows,
 )
-from gateway.store.fhir_sqlite.schema import SCHEMA
+from gateway.store.fhir_sqlite.schema import INDEX_INSERTS, RID_OF, SCHEMA
 from gateway.store.fhir_sqlite.sql import select_sql
 from gateway.store.seal_migration import seal_data_dir
 from gateway.store.sealing import PLAIN, RowCodec, SealedCodec, fhir_context
@@ -133,9 +133,8 @@ def _rewrite_old(path: Path, sealed: SealedCodec, letters: Iterable[str],
                                               fhir_context(resource_type, id_, version)))
             entries = [e for e in REGISTRY.index(resource_type, document)
                        if isinstance(e, StringIndex)]
-            db.execute("DELETE FROM fhir_string WHERE type = ? AND id = ?",
-                       (resource_type, id_))
-            db.executemany("INSERT INTO fhir_string VALUES (?, ?, ?, ?, ?)",
+            db.execute(f"DELETE FROM fhir_string WHERE rid = {RID_OF}", (resource_type, id_))
+            db.executemany(INDEX_INSERTS[StringIndex],
                            _old_layout(resource_type, id_, entries, sealed))
 
 
@@ -380,8 +379,8 @@ async def test_exact_finds_rows_of_the_first_sealed_layout_the_whole_value_blind
     letters = await _filled(tmp_path / "sealed.db", sealed)
     id_ = next(id_ for id_, letter in letters.items() if letter == "D")
     with sqlite3.connect(tmp_path / "sealed.db") as db:
-        db.execute("DELETE FROM fhir_string WHERE id = ?", (id_,))
-        db.execute("INSERT INTO fhir_string VALUES (?, ?, ?, ?, ?)",
+        db.execute(f"DELETE FROM fhir_string WHERE rid = {RID_OF}", ("Patient", id_))
+        db.execute(INDEX_INSERTS[StringIndex],
                    ("Patient", id_, "family", sealed.blind("smithsonian", "prefix"),
                     sealed.blind("Smithsonian", "exact")))
     found = await _answers(tmp_path / "sealed.db", sealed, letters, queries=[

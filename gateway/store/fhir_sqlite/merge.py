@@ -118,7 +118,8 @@ def _move_references(writer: TransactionWriter, source_ref: str, target_ref: str
     """Point every current resource that refers to `source_ref` at `target_ref`; how many
     resources changed."""
     rows = writer.db.execute(
-        "SELECT DISTINCT type, id FROM fhir_reference WHERE target = ?", (source_ref,)
+        "SELECT DISTINCT r.type, r.id FROM fhir_reference x "
+        "JOIN fhir_resource r ON r.rid = x.rid WHERE x.target = ?", (source_ref,)
     ).fetchall()
     moved = 0
     for resource_type, id_ in rows:

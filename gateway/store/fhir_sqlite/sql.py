@@ -59,7 +59,7 @@ def count_sql(query: SearchQuery, labels: Labels | None = None) -> tuple[str, li
 
 def _where(query: SearchQuery, params: list[object], labels: Labels) -> tuple[str, bool]:
     """Clauses AND-ed, each clause's matches OR-ed; and whether some clause is an
-    `r.id IN (...)` that can drive the search (its ids looked up by key)."""
+    `r.rid IN (...)` that can drive the search (its rids looked up by key)."""
     params.append(query.resource_type)
     parts = ["r.type = ?", "r.deleted = 0"]
     driven = False
@@ -71,38 +71,38 @@ def _where(query: SearchQuery, params: list[object], labels: Labels) -> tuple[st
         sql = [_match_sql(query.resource_type, m, clause_params, labels) for m in clause]
         if all(negate is False for negate, _ in sql):
             # One IN over the union, rather than ORs, which SQLite cannot drive from.
-            parts.append(f"r.id IN ({' UNION ALL '.join(sub for _, sub in sql)})")
+            parts.append(f"r.rid IN ({' UNION ALL '.join(sub for _, sub in sql)})")
             driven = True
         else:
             parts.append("(" + " OR ".join(
-                f"r.id {'NOT IN' if negate else 'IN'} ({sub})" for negate, sub in sql) + ")")
+                f"r.rid {'NOT IN' if negate else 'IN'} ({sub})" for negate, sub in sql) + ")")
         params.extend(clause_params)
     return " AND ".join(parts), driven
 
 
 def _match_sql(resource_type: str, match: Match, params: list[object], labels: Labels
                ) -> tuple[bool, str]:
-    """A subquery for the ids of the resources a match holds for, and whether the match
+    """A subquery for the rids of the resources a match holds for, and whether the match
     is negated (the resource must not be among them)."""
     match match:
         case IdMatch(id):
-            params.append(id)
-            return False, "SELECT ?"
+            params.extend((resource_type, id))
+            return False, "SELECT rid FROM fhir_resource WHERE type = ? AND id = ?"
         case LastUpdatedMatch(prefix, low, high):
             params.append(resource_type)
             condition = _range_sql("last_updated", "last_updated", prefix, low, high, params)
-            return False, f"SELECT id FROM fhir_resource WHERE type = ? AND {condition}"
+            return False, f"SELECT rid FROM fhir_resource WHERE type = ? AND {condition}"
         case MissingMatch(param, missing):
             parts = []
             for table in INDEX_TABLES:
                 params.append(resource_type)
                 named = _param_sql(param, labels if table == "fhir_string" else {}, params)
-                parts.append(f"SELECT id FROM {table} WHERE type = ? AND {named}")
+                parts.append(f"SELECT rid FROM {table} WHERE type = ? AND {named}")
             return missing, " UNION ALL ".join(parts)
     params.append(resource_type)
     named = _param_sql(match.param, labels if isinstance(match, StringMatch) else {}, params)
     table, condition, negate = _index_condition(match, params)
-    return negate, f"SELECT id FROM {table} WHERE type = ? AND {named} AND {condition}"
+    return negate, f"SELECT rid FROM {table} WHERE type = ? AND {named} AND {condition}"
 
 
 def _param_sql(param: str, labels: Labels, params: list[object]) -> str:
@@ -260,7 +260,7 @@ def _sort_value(key: SortKey, params: list[object], labels: Labels) -> str:
         # every row of the parameter for each resource; the resource's own rows are few.
         named = _param_sql(key.param, labels if table == "fhir_string" else {}, params)
         parts.append(f"(SELECT {pick}({column}) FROM {table} x INDEXED BY {table}_resource "
-                     f"WHERE x.type = r.type AND x.id = r.id AND x.{named})")
+                     f"WHERE x.rid = r.rid AND x.{named})")
     return f"coalesce({', '.join(parts)})"
 
 
