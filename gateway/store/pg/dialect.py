@@ -3,9 +3,9 @@ runs it, so both backends share one query planner and one transaction writer.
 
 The differences are few and mechanical: placeholders are numbered (`?` in order, `?N` as
 `$N`), SQLite's planner hints (INDEXED BY, a unary + that keeps an index out) go, a LIMIT
-of -1 (no limit) becomes NULL, a bare `SELECT ?` gets its type, and the sort key — which
-SQLite takes from whichever index table holds the parameter, whatever its type — compares
-as JSONB (numbers as numbers, text as text) so that one COALESCE can hold both.
+of -1 (no limit) becomes NULL, and the sort key — which SQLite takes from whichever index
+table holds the parameter, whatever its type — compares as JSONB (numbers as numbers,
+text as text) so that one COALESCE can hold both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ _UNARY_PLUS = re.compile(r"\+(?=r\.\w)")
 _SORT_VALUE = re.compile(
     r"\(SELECT (?:min|max)\(\w+\) FROM fhir_\w+ x WHERE x\.rid = r\.rid "
     r"AND x\.param = \?\)")
-_BARE_PARAMETER = re.compile(r"SELECT \?(?=[\s)]|$)")
 
 
 @lru_cache(maxsize=4096)
@@ -27,7 +26,6 @@ def postgres_sql(sql: str) -> str:
     sql = _INDEXED_BY.sub("", sql)
     sql = _UNARY_PLUS.sub("", sql)
     sql = _SORT_VALUE.sub(lambda m: f"to_jsonb({m.group(0)})", sql)
-    sql = _BARE_PARAMETER.sub("SELECT ?::text", sql)
     sql = sql.replace("LIMIT ?", "LIMIT NULLIF(?::bigint, -1)")
     return _numbered(sql)
 
