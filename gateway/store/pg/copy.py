@@ -15,8 +15,7 @@ resource version is opened with the data dir's keys (a value that does not open 
 copy); the outbox's patient keys, blind indexes in the data dir, are made again from the
 messages (and checked against the blind ones); the token and string search rows, blind
 too, are made again from the resources (named by their rids), with the other search rows
-beside them. The audit
-trail seals its PHI with its own keys and is copied as it is.
+beside them. The audit trail seals its PHI with its own keys and is copied as it is.
 """
 
 from __future__ import annotations

@@ -347,6 +347,9 @@ DELETE FROM fhir_quantity WHERE rid IS NULL;
 ALTER TABLE fhir_quantity ALTER COLUMN rid SET NOT NULL, DROP COLUMN id;
 CREATE INDEX fhir_quantity_lookup ON fhir_quantity (type, param, value, rid);
 CREATE INDEX fhir_quantity_resource ON fhir_quantity (rid, param);
+-- Every row was rewritten: the first searches after the upgrade are planned with figures
+-- for the new column, not with none until autovacuum's next visit.
+ANALYZE fhir_resource, fhir_token, fhir_string, fhir_date, fhir_reference, fhir_quantity;
 
 CREATE OR REPLACE FUNCTION fhir_resource_archive() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
