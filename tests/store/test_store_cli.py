@@ -144,6 +144,12 @@ async def test_copy_opens_a_sealed_data_dir_and_the_copy_serves_it(
         assert [r[0] for r in outbox] == keys
         assert await database.fetchval(
             "SELECT count(*) FROM fhir_token WHERE param = 'identifier' AND code = 'MRN-1'")
+        # The search rows made again name their own resource by its (copied) rid.
+        assert not await database.fetchval(
+            "SELECT count(*) FROM fhir_token x LEFT JOIN fhir_resource r ON r.rid = x.rid "
+            "WHERE x.param = 'identifier' AND (r.rid IS NULL OR r.type <> x.type OR NOT "
+            "r.resource->'identifier' @> jsonb_build_array(jsonb_build_object('value', "
+            "x.code)))")
         assert not await database.fetchval(
             "SELECT count(*) FROM fhir_resource WHERE resource IS NULL AND deleted = 0")
     finally:

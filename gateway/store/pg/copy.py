@@ -1,7 +1,8 @@
 """Moving an embedded deployment to PostgreSQL: every row of the SQLite files copied as it
 is (ids, sequence numbers, chain hashes, MACs, checkpoints, the log's id), so the inbox
 keeps its ACKs and dedup keys, the outbox its pending and dead rows, the FHIR store its
-history, and the audit chain verifies afterwards exactly as before.
+history (and each resource its number, `rid`, which its search rows name it by), and the
+audit chain verifies afterwards exactly as before.
 
 One transaction: the copy is all there or not at all. The triggers that would make rows
 of their own (an inbox row's outbox rows, a resource's version) are off for it, since
@@ -13,8 +14,8 @@ keeps plain values under the database's own encryption. Every sealed message, Bu
 resource version is opened with the data dir's keys (a value that does not open stops the
 copy); the outbox's patient keys, blind indexes in the data dir, are made again from the
 messages (and checked against the blind ones); the token and string search rows, blind
-too, are made again from the resources, with the other search rows beside them. The audit
-trail seals its PHI with its own keys and is copied as it is.
+too, are made again from the resources (named by their rids), with the other search rows
+beside them. The audit trail seals its PHI with its own keys and is copied as it is.
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ _TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("inbox.db", "outbox", (
         "id", "inbox_id", "backend", "patient_key", "status", "attempts", "next_at",
         "created_at", "updated_at", "last_status", "error", "trace")),
-    ("fhir.db", "fhir_resource", ("type", "id", "version", "last_updated", "deleted", "body")),
+    ("fhir.db", "fhir_resource", (
+        "rid", "type", "id", "version", "last_updated", "deleted", "body")),
     ("fhir.db", "fhir_version", (
         "seq", "type", "id", "version", "last_updated", "deleted", "body")),
-    ("fhir.db", "fhir_token", ("type", "id", "param", "system", "code")),
-    ("fhir.db", "fhir_string", ("type", "id", "param", "normalized", "exact")),
-    ("fhir.db", "fhir_date", ("type", "id", "param", "low", "high")),
-    ("fhir.db", "fhir_reference", ("type", "id", "param", "target")),
-    ("fhir.db", "fhir_quantity", ("type", "id", "param", "value", "system", "code")),
+    ("fhir.db", "fhir_token", ("rid", "type", "param", "system", "code")),
+    ("fhir.db", "fhir_string", ("rid", "type", "param", "normalized", "exact")),
+    ("fhir.db", "fhir_date", ("rid", "type", "param", "low", "high")),
+    ("fhir.db", "fhir_reference", ("rid", "type", "param", "target")),
+    ("fhir.db", "fhir_quantity", ("rid", "type", "param", "value", "system", "code")),
     ("audit.db", "audit_record", (
         "seq", "recorded_at", "action", "client_id", "outcome", "patient_index",
         "patient_id_index", "body", "hash", "mac", "mac_key")),
@@ -70,9 +72,10 @@ _TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 # Tables that must be empty before a copy (a copy never merges two deployments).
 _MUST_BE_EMPTY = ("inbox", "outbox", "fhir_resource", "fhir_version", "audit_record")
-# Identity columns whose sequences continue after the copied ids.
-_IDENTITIES = (("inbox", "id"), ("outbox", "id"), ("fhir_version", "seq"),
-               ("audit_checkpoint", "id"))
+# Identity columns whose sequences continue after the copied ids (else the next insert
+# is given a copied one and collides).
+_IDENTITIES = (("inbox", "id"), ("outbox", "id"), ("fhir_resource", "rid"),
+               ("fhir_version", "seq"), ("audit_checkpoint", "id"))
 _TRIGGERS = (("inbox", "inbox_to_outbox"), ("fhir_resource", "fhir_resource_archive"),
              ("fhir_resource", "fhir_resource_event"))
 _BATCH = 2000
@@ -231,24 +234,25 @@ class _Opener:
         return (*r[:3], stored[1], *r[4:])
 
     def _resource(self, table: str, r: _Record) -> _Record:
-        # fhir_resource: type, id, version, last_updated, deleted, body; fhir_version: seq
-        # first, then the same.
-        at = 1 if table == "fhir_version" else 0
-        resource_type, id_, version = str(r[at]), str(r[at + 1]), int(str(r[at + 2]))
-        body = self._open(r[at + 5], fhir_context(resource_type, id_, version),
+        # _TABLES' columns: fhir_resource's rid 0, fhir_version's seq 0, then both type 1,
+        # id 2, version 3, last_updated 4, deleted 5, body 6.
+        resource_type, id_, version = str(r[1]), str(r[2]), int(str(r[3]))
+        body = self._open(r[6], fhir_context(resource_type, id_, version),
                           f"{resource_type}/{id_} version {version}")
-        if table == "fhir_resource" and not r[at + 4]:
-            self._add_index(resource_type, id_, body)
-        return (*r[:at + 5], body)
+        if table == "fhir_resource" and not r[5]:
+            self._add_index(int(str(r[0])), resource_type, id_, body)
+        return (*r[:6], body)
 
-    def _add_index(self, resource_type: str, id_: str, body: bytes) -> None:
-        """The search rows of a current resource, as the store's writer makes them."""
+    def _add_index(self, rid: int, resource_type: str, id_: str, body: bytes) -> None:
+        """The search rows of a current resource, as the store's writer makes them: named
+        by the resource's rid (copied as it is), in `_TABLES`' index columns."""
         entries: list[IndexEntry] = list(dict.fromkeys(
             self._indexer(resource_type, orjson.loads(body))))
         for entry in entries:
-            row = index_row(resource_type, id_, entry)
+            # index_row's (type, id, param, values...), the writer's bound row, as stored.
+            _, _, *named = index_row(resource_type, id_, entry)
             table = _INDEX_TABLE_OF[type(entry)]
-            self._index.setdefault(table, []).append(row)
+            self._index.setdefault(table, []).append((rid, resource_type, *named))
 
     async def write_index(self, connection: Connection) -> None:
         index, self._index = self._index, {}

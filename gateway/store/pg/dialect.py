@@ -1,11 +1,11 @@
 """The embedded store's SQL (gateway.store.fhir_sqlite.sql and .schema) as PostgreSQL
 runs it, so both backends share one query planner and one transaction writer.
 
-The differences are few and mechanical: placeholders are numbered, SQLite's planner hints
-(INDEXED BY, a unary + that keeps an index out) go, a LIMIT of -1 (no limit) becomes NULL,
-a bare `SELECT ?` gets its type, and the sort key — which SQLite takes from whichever
-index table holds the parameter, whatever its type — compares as JSONB (numbers as
-numbers, text as text) so that one COALESCE can hold both.
+The differences are few and mechanical: placeholders are numbered (`?` in order, `?N` as
+`$N`), SQLite's planner hints (INDEXED BY, a unary + that keeps an index out) go, a LIMIT
+of -1 (no limit) becomes NULL, and the sort key — which SQLite takes from whichever index
+table holds the parameter, whatever its type — compares as JSONB (numbers as numbers,
+text as text) so that one COALESCE can hold both.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from functools import lru_cache
 _INDEXED_BY = re.compile(r" INDEXED BY \w+")
 _UNARY_PLUS = re.compile(r"\+(?=r\.\w)")
 _SORT_VALUE = re.compile(
-    r"\(SELECT (?:min|max)\(\w+\) FROM fhir_\w+ x WHERE x\.type = r\.type "
-    r"AND x\.id = r\.id AND x\.param = \?\)")
-_BARE_PARAMETER = re.compile(r"SELECT \?(?=[\s)]|$)")
+    r"\(SELECT (?:min|max)\(\w+\) FROM fhir_\w+ x WHERE x\.rid = r\.rid "
+    r"AND x\.param = \?\)")
 
 
 @lru_cache(maxsize=4096)
@@ -27,23 +26,30 @@ def postgres_sql(sql: str) -> str:
     sql = _INDEXED_BY.sub("", sql)
     sql = _UNARY_PLUS.sub("", sql)
     sql = _SORT_VALUE.sub(lambda m: f"to_jsonb({m.group(0)})", sql)
-    sql = _BARE_PARAMETER.sub("SELECT ?::text", sql)
     sql = sql.replace("LIMIT ?", "LIMIT NULLIF(?::bigint, -1)")
     return _numbered(sql)
 
 
 def _numbered(sql: str) -> str:
-    """'?' placeholders as $1, $2, ... (none occurs inside a quoted literal here; quoted
-    text is copied as it is all the same)."""
+    """'?' placeholders as $1, $2, ... and '?N' as $N (a statement that binds one value
+    twice names it); none occurs inside a quoted literal here, but quoted text is copied
+    as it is all the same."""
     out: list[str] = []
     count = 0
+    numbered = False
     quoted = False
-    for char in sql:
+    for position, char in enumerate(sql):
         if char == "'":
             quoted = not quoted
-        if char == "?" and not quoted:
+        if char != "?" or quoted:
+            out.append(char)
+        elif sql[position + 1:position + 2].isdigit():
+            numbered = True
+            out.append("$")  # the digits that follow are copied as they are
+        else:
             count += 1
             out.append(f"${count}")
-        else:
-            out.append(char)
+    if numbered and count:
+        # `?` counts from 1 whatever `?N` took: mixed, two values would share a number.
+        raise ValueError(f"a statement mixes ? and ?N placeholders: {sql}")
     return "".join(out)
