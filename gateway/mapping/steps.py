@@ -2,7 +2,8 @@
 identity rule) and the one walk over a message's segments that applies them.
 
 The compiler (`compiler/messages.py`) builds the steps from the tables; the generated
-source (`mapping.codegen`) builds the same steps over its own functions.
+source (`mapping.codegen`) writes each segment id's steps out as a function of its own,
+which `message_walk` runs as `message_fn` runs the steps.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ Setter = Callable[[Json, dict[str, Json], str, str, Any], None]
 SegmentFn = Callable[[list[str], Run, Json], None]
 # (the segment's fields, the run) -> the identity text, or "" when no rule gives one.
 IdentityFn = Callable[[list[str], Run], str]
+# (the segment's fields, the run, the id of the segments before it): one segment id's
+# steps written out (`message_walk`).
+SegmentWalk = Callable[[list[str], Run, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
                     unmapped[segment_id] += 1
                 continue
             count = len(fields)
-            unread = place.kept.get(applied * _KEY + count) if count <= _KEPT_FIELDS else None
+            unread = place.kept.get(applied * KEY + count) if count <= KEPT_FIELDS else None
             if unread is None:
                 unread = place.unread(applied, count)
             for number, label in unread:
@@ -102,35 +106,59 @@ def message_fn(by_segment: dict[str, list[MessageStep]]) -> MessageFn:
     return described(translate, "message", by_segment)
 
 
+def message_walk(walks: dict[str, SegmentWalk]) -> MessageFn:
+    """The walk of the generated source (`codegen/walk.py`): `message_fn`'s, with each
+    segment id's steps, conditions, links and unread fields written out as one function."""
+    def translate(run: Run) -> None:
+        last_id = ""
+        anchor = ""
+        latest = run.latest
+        for segment in run.message.segments():
+            segment_id = segment.id
+            latest[segment_id] = segment  # as in `message_fn`
+            if segment_id != last_id:
+                anchor, last_id = last_id, segment_id
+            walk = walks.get(segment_id)
+            if walk is None:
+                if segment_id.startswith("Z"):
+                    run.z_segments += 1
+                elif segment_id != "MSH":
+                    run.unmapped[segment_id] += 1
+                continue
+            try:
+                walk(segment.fields, run, anchor)
+            except TranslationError as exc:
+                exc.sequence = segment.occurrence
+                raise
+    return translate
+
+
 # Field counts up to this are remembered per place (the standard's segments have well under
 # 100); a longer segment (a sender's padding) is worked out each time.
-_KEPT_FIELDS = 256
-_KEY = _KEPT_FIELDS + 1  # (applied bits, field count) -> one int key
+KEPT_FIELDS = 256
+KEY = KEPT_FIELDS + 1  # (applied bits, field count) -> one int key
 
 
-class _Place:
-    """The steps of one segment id, and which of its fields they leave unread: the same for
-    every segment of that id, that field count and those steps applied, so the field numbers
-    to look at for an unmapped count are worked out once per combination, not per segment."""
+class Unread:
+    """Which fields of one segment id its steps leave unread: the same for every segment of
+    that id, that field count and those steps applied, so the field numbers to look at for
+    an unmapped count are worked out once per combination, not per segment."""
 
-    __slots__ = ("segment_id", "steps", "plan", "kept")
+    __slots__ = ("segment_id", "reads", "kept")
 
-    def __init__(self, segment_id: str, steps: list[MessageStep]) -> None:
+    def __init__(self, segment_id: str, reads: list[frozenset[int]]) -> None:
         self.segment_id = segment_id
-        self.steps = [(step, 1 << n) for n, step in enumerate(steps)]
-        # What the walk reads of each step, unpacked once: the step, its bit, its `after`
-        # and its condition.
-        self.plan = [(step, bit, step.after, step.condition) for step, bit in self.steps]
-        # applied * _KEY + field count -> `unread`'s answer (the walk looks here first).
+        self.reads = [(read, 1 << n) for n, read in enumerate(reads)]  # step n: bit n
+        # applied * KEY + field count -> `unread`'s answer (the walks look here first).
         self.kept: dict[int, tuple[tuple[int, str], ...]] = {}
 
     def unread(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
         """(field number, unmapped label) of every field no applied step reads, for
         segments of `field_count` fields (the id included); nothing when the applied steps
         read no field at all (a step that only makes a resource)."""
-        if field_count > _KEPT_FIELDS:
+        if field_count > KEPT_FIELDS:
             return self._work_out(applied, field_count)
-        key = applied * _KEY + field_count
+        key = applied * KEY + field_count
         found = self.kept.get(key)
         if found is None:
             found = self.kept[key] = self._work_out(applied, field_count)
@@ -138,13 +166,26 @@ class _Place:
 
     def _work_out(self, applied: int, field_count: int) -> tuple[tuple[int, str], ...]:
         read: frozenset[int] = frozenset().union(
-            *(step.read for step, bit in self.steps if applied & bit))
+            *(read for read, bit in self.reads if applied & bit))
         if not read:
             return ()
         # MSH-1 and MSH-2 are the delimiters, never unmapped.
         first = 3 if self.segment_id == "MSH" else 1
         return tuple((n, f"{self.segment_id}-{n}")
                      for n in range(first, field_count) if n not in read)
+
+
+class _Place(Unread):
+    """The steps of one segment id, as the walk reads them, and their unread fields."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, segment_id: str, steps: list[MessageStep]) -> None:
+        super().__init__(segment_id, [step.read for step in steps])
+        # What the walk reads of each step, unpacked once: the step, its bit, its `after`
+        # and its condition.
+        self.plan = [(step, 1 << n, step.after, step.condition)
+                     for n, step in enumerate(steps)]
 
 
 def apply_step(step: MessageStep, fields: list[str], run: Run) -> None:

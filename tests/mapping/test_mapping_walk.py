@@ -1,7 +1,8 @@
 """The message walk counts as unmapped every valued field that no step applied to its
 segment reads: the field numbers it looks at are worked out once per segment id, field
 count and steps applied, and kept, so a kept answer must be the one for exactly that
-combination (another width, or another step's condition, gives another answer)."""
+combination (another width, or another step's condition, gives another answer). The walk
+the generator writes out per segment id applies the same steps, links and counts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import Counter
 import pytest
 
 from gateway.hl7.message import parse_message
+from gateway.mapping.engine import Translator
 from gateway.mapping.runtime import Json, Run, Scope, read_own
 from gateway.mapping.steps import MessageStep, message_fn
 from support.builders import hl7
@@ -87,3 +89,38 @@ def test_shipped_tables_count_an_unread_field_only_where_it_is_valued() -> None:
         assert unmapped("AL1|1|DA|PCN^Penicillin^L|SV|Hives|") == {}
         assert unmapped("AL1|1|DA|PCN^Penicillin^L|SV|Hives") == {}
         assert unmapped("AL1|1|DA|PCN^Penicillin^L|SV|Hives||X") == {"AL1-7": 1}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["generated", "interpreted"])
+def either(request: pytest.FixtureRequest) -> Translator:
+    """The shipped tables as the gateway runs them (their walk written out per segment id,
+    `codegen/walk.py`) and as the interpreter does (`message_fn`)."""
+    return Translator.load(generate=request.param)
+
+
+def test_a_step_applies_after_its_anchor_segment_and_nowhere_else(either: Translator) -> None:
+    # ORM^O01 NTE rows: into the order after an OBR (a second NTE too: its anchor is the
+    # segment before the run of NTEs); after the PID no row applies, so the NTE is counted.
+    msh = MSH.replace("ADT^A01", "ORM^O01")
+    data = hl7(msh, "PID|1||MRN-1^^^SYNTHHOSP^MR||DOE^JANE", "NTE|1||before any order",
+               "ORC|NW|ORD-1", "OBR|1|ORD-1||CBC^Blood count^L", "NTE|1||fasting",
+               "NTE|2||second")
+    translation = either.translate(parse_message(data))
+    notes = [r.content.get("note") for r in translation.resources
+             if r.resource_type == "ServiceRequest"]
+    assert notes == [[{"text": "fasting"}, {"text": "second"}]]
+    assert translation.unmapped == {"NTE": 1}
+
+
+def test_conditions_links_and_unread_fields_of_a_segment_walk(either: Translator) -> None:
+    # PID-42 is past every field the PID rows read; PV1's one row applies only to a
+    # visit that is not `N` (or has PV1-19), so this PV1 is counted whole; IN1's row for
+    # a plan that is not self-paid makes a Coverage linked to the Patient.
+    data = hl7(MSH, "PID|1||MRN-1^^^SYNTHHOSP^MR||DOE^JANE" + "|" * 36 + "|X", "PV1|1|N",
+               "IN1|1|PLAN-1")
+    translation = either.translate(parse_message(data))
+    by_type = {r.resource_type: r for r in translation.resources}
+    assert "Encounter" not in by_type
+    assert translation.unmapped == {"PID-42": 1, "PV1": 1}
+    patient_url = f"urn:uuid:{by_type['Patient'].id}"
+    assert by_type["Coverage"].content["beneficiary"] == {"reference": patient_url}

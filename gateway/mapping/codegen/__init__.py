@@ -4,6 +4,7 @@ tables' hash, loaded instead of checking and compiling the tables at every start
     emit.py    the compiler's closures, as they describe themselves, written as a module
     named.py   the module's shared objects (vocabularies, readers, converters...), named once
     paths.py   the statements that write a value at a FHIR path (setters written out)
+    walk.py    a message map's walk over the segments, one function per segment id
     instances.py  what a table function being written knows of its repeating instances
                (held in local variables) and of the keys written so far
     source.py  the pieces of source it writes with (literals, keys, preludes)

@@ -49,7 +49,7 @@ from gateway.mapping.codegen.source import (
     subcomponent,
     text_of,
 )
-from gateway.mapping.steps import Link, MessageStep
+from gateway.mapping.codegen.walk import Walks
 from gateway.mapping.tables import MergeRow
 from gateway.mapping.vocabulary import Vocab
 
@@ -68,6 +68,7 @@ class Emitter(Named):
         # Segment functions that some step runs into a resource made before (`into_current`:
         # its `out` may hold what earlier segments wrote); the others start from {}.
         self._into_current: set[int] = set()
+        self._walks = Walks(self)
 
     # -- the module ---------------------------------------------------------------------
 
@@ -162,19 +163,9 @@ class Emitter(Named):
             return f"(len({value}) < {int(spec[2])})"
         raise NotGenerated(f"unknown condition {kind}")
 
-    def _predicate(self, predicate: object | None) -> str:
-        if predicate is None:
-            return "None"
-        known = self._known(predicate)
-        if known:
-            return known
-        name = self._name("C")
-        self.top.append(f"def {name}(scope):\n    return {self.condition(predicate, None)}\n")
-        return self._remember(predicate, name)
-
     # -- setters -----------------------------------------------------------------------------
 
-    def _setter_function(self, setter: object) -> str:
+    def setter_function(self, setter: object) -> str:
         known = self._known(setter)
         if known:
             return known
@@ -539,9 +530,7 @@ class Emitter(Named):
                               + indent(body, 1))
         return name
 
-    def _identity(self, fn: object | None) -> str:
-        if fn is None:
-            return "None"
+    def identity(self, fn: object) -> str:
         known = self._known(fn)
         if known:
             return known
@@ -550,47 +539,44 @@ class Emitter(Named):
             raise NotGenerated(f"unknown identity function {spec[0]}")
         _, resource, rules = spec
         name = self._remember(fn, self._name("I"))
-        # The segment's fields read as a segment function reads them (once each, in place).
+
+        def lines_of(place: Place) -> list[str]:
+            body = ["comp = run.d.component"]
+            for condition, readers in rules:
+                values = ", ".join(f"{self._read(p, place)}.rstrip(comp)" for p in readers)
+                rule = [f"values = [{values}]", "if any(values):",
+                        f"    return {resource + '|key|'!r} + '|'.join(values)"]
+                if condition is None:
+                    body += rule
+                else:
+                    body += [f"if {self.condition(condition, place)}:", *indent_lines(rule, 1)]
+            return [*body, "return ''"]
+
+        self.functions.append(f"def {name}(parts, run):\n"
+                              + indent(self.reading_fields(lines_of), 1))
+        return name
+
+    def reading_fields(self, lines_of: Callable[[Place], list[str]]) -> list[str]:
+        """The body of a function of a segment's fields (`parts`) and the run: what
+        `lines_of` writes, each field it reads read as a segment function reads them
+        (once each, in place), after the prelude of what it reads."""
         place = Place("''", "''", "''", Tags(None))
         self._lazy.append({})
         self._seps.append("''")
-        body = ["comp = run.d.component", "count = len(parts)"]
-        for condition, readers in rules:
-            values = ", ".join(f"{self._read(p, place)}.rstrip(comp)" for p in readers)
-            rule = [f"values = [{values}]", "if any(values):",
-                    f"    return {resource + '|key|'!r} + '|'.join(values)"]
-            if condition is None:
-                body += rule
-            else:
-                body += [f"if {self.condition(condition, place)}:", *indent_lines(rule, 1)]
-        body = known_memos(prelude([*body, "return ''"], self._lazy.pop()))
+        body = known_memos(prelude(["count = len(parts)", *lines_of(place)],
+                                   self._lazy.pop()))
         self._seps.pop()
-        self.functions.append(f"def {name}(parts, run):\n" + indent(body, 1))
-        return name
+        return body
 
-    def _link(self, link: Link) -> str:
-        return (f"Link({link.owner!r}, {self._setter_function(link.setter)}, "
-                f"{link.refers_to!r}, {literal(link.constant)})")
-
-    def _step(self, step: MessageStep) -> str:
-        links = ", ".join(self._link(link) for link in step.links)
-        return (f"MessageStep({step.resource!r}, {step.into_current!r}, {step.after!r}, "
-                f"{self.segment(step.apply)}, {literal(frozenset(step.read))}, [{links}], "
-                f"{self._predicate(step.condition)}, {self._identity(step.identity)})")
+    def new_name(self, prefix: str) -> str:
+        return self._name(prefix)
 
     def _message(self, fn: object) -> str:
         known = self._known(fn)
         if known:
             return known
-        spec = spec_of(fn)
-        if spec[0] != "message":
-            raise NotGenerated(f"unknown message function {spec[0]}")
-        by_segment: dict[str, list[MessageStep]] = spec[1]
         name = self._remember(fn, self._name("M"))
-        entries = ",\n    ".join(
-            f"{segment!r}: [" + ", ".join(self._step(s) for s in steps) + "]"
-            for segment, steps in by_segment.items())
-        self.functions.append(f"{name} = message_fn({{\n    {entries},\n}})\n")
+        self.functions.append(f"{name} = {self._walks.message(fn)}\n")
         return name
 
 def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow],

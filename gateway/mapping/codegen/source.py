@@ -21,7 +21,7 @@ from gateway.mapping.runtime import (
     NULL, Scope, descend, fill, first_repetition, leaf, own_value, part_below,
     read_component, read_other, read_own, read_repetition, separators_below,
 )
-from gateway.mapping.steps import Link, MessageStep, message_fn
+from gateway.mapping.steps import Unread, message_walk
 from gateway.mapping.vocabulary import Vocab, recoder
 
 REPETITION_TAGS = tuple(f'#{n}' for n in range(1, 101))
