@@ -83,16 +83,31 @@ def _quoted(text: str) -> str:
 
 def _provenance_entry(source: Json, targets: list[Json]) -> Json:
     """The Provenance's entry; `source`: the Provenance's fields (its __dict__)."""
+    provenance = provenance_resource(source, targets)
+    provenance_id = provenance["id"]
+    return {"fullUrl": "urn:uuid:" + provenance_id, "resource": provenance,
+            "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
+
+
+def provenance_id(source: Json) -> str:
+    """The id of the Provenance naming a message; `source`: the canonical Provenance's
+    fields (its __dict__). PUT at an id derived from the message: applying the same message
+    again (a crash between commit and apply) rewrites the same Provenance instead of adding
+    one, and finds it there."""
+    return name_uuid(f"Provenance|{source['source_application']}|"
+                     f"{source['source_facility']}|{source['control_id']}")
+
+
+def provenance_resource(source: Json, targets: list[Json]) -> Json:
+    """The Provenance naming the source message and `targets` (a reference to each
+    resource of the message); `source`: the canonical Provenance's fields (its __dict__)."""
     recorded = _recorded(source["received_at"])
     application = source["source_application"]
     facility = source["source_facility"]
     sender = f"{application}^{facility}".strip("^ ") or "unknown"
-    # PUT at an id derived from the message: applying the same message again (a crash
-    # between commit and apply) rewrites the same Provenance instead of adding one.
-    provenance_id = name_uuid(f"Provenance|{application}|{facility}|{source['control_id']}")
     provenance: Json = {
         "resourceType": "Provenance",
-        "id": provenance_id,
+        "id": provenance_id(source),
         "target": targets,
         "recorded": recorded,
         "activity": {"coding": [{
@@ -107,8 +122,7 @@ def _provenance_entry(source: Json, targets: list[Json]) -> Json:
         }],
         "entity": [{"role": "source", "what": _source_message(source)}],
     }
-    return {"fullUrl": "urn:uuid:" + provenance_id, "resource": provenance,
-            "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
+    return provenance
 
 
 def _source_message(source: Json) -> Json:

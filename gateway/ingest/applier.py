@@ -14,19 +14,20 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.canonical import Translation
-from gateway.fhir.bundle import to_bundle
+from gateway.fhir.bundle import provenance_id
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchError, SearchRegistry
-from gateway.fhir.transaction import parse_bundle, write_request
 from gateway.hl7.errors import ErrorCode, Hl7Error
-from gateway.ingest.merges import keep_merge_state, merge_writes
+from gateway.ingest.merges import merge_writes
 from gateway.ingest.replay import replay
+from gateway.ingest.writes import bundle_writes as bundle_writes  # bench/ imports it here
+from gateway.ingest.writes import translation_writes
 from gateway.mapping.engine import Translator
 from gateway.store.errors import AmbiguousMatch, StoreUnavailable
-from gateway.store.fhir import FhirStore, Merge, SearchQuery, WriteConflict, WriteRequest
+from gateway.store.fhir import FhirStore, Merge, SearchQuery, WriteConflict
 from gateway.store.inbox import APPLIED, FAILED, IDENTITY_CONFLICT, TRANSLATED, Inbox
 
 if TYPE_CHECKING:
@@ -39,9 +40,6 @@ log = logging.getLogger(__name__)
 # Told the result of applying one message: None, or the problem (for the application ACK).
 Outcome = Callable[[Hl7Error | None], None]
 
-_URN = "urn:uuid:"
-
-
 class IdentityConflict(Exception):
     """Two records of the store hold the business identifier a message's write names: the
     store cannot tell which one the message is about."""
@@ -50,28 +48,6 @@ class IdentityConflict(Exception):
         super().__init__(f"two {resource_type} records share the identifier")
         self.resource_type = resource_type
         self.condition = condition
-
-
-def bundle_writes(registry: SearchRegistry, bundle: dict[str, Any]) -> list[WriteRequest]:
-    """The store writes for a translated message's transaction Bundle.
-
-    A conditional update that creates takes the entry's deterministic id (its urn:uuid),
-    so the same message gives the same resource ids on every gateway instance.
-    """
-    _, entries = parse_bundle(bundle, max_entries=100_000)
-    writes = []
-    for entry in entries:
-        write = write_request(registry, entry)
-        create_id = None
-        if (write.method == "PUT" and write.id is None and write.resource is not None
-                and "id" not in write.resource and entry.full_url
-                and entry.full_url.startswith(_URN)):
-            create_id = entry.full_url[len(_URN):]
-        writes.append(WriteRequest(write.method, write.resource_type, write.id,
-                                   write.resource, write.condition, write.if_match,
-                                   write.full_url, carry=keep_merge_state,
-                                   create_id=create_id))
-    return writes
 
 
 class LocalApplier:
@@ -209,9 +185,8 @@ class LocalApplier:
         its Provenance, PUT at an id derived from sender and control id in the same
         transaction, is there. Applying it again would put its older content over what
         later messages wrote, and add versions."""
-        provenance = to_bundle(translation)["entry"][-1]["resource"]
-        return (provenance.get("resourceType") == "Provenance"
-                and await self._store.read("Provenance", str(provenance["id"])) is not None)
+        made_by = provenance_id(translation.provenance.__dict__)
+        return await self._store.read("Provenance", made_by) is not None
 
     async def _held(self, batch: Sequence[tuple[int, Translation | None, Outcome | None]]
                     ) -> list[tuple[int, Translation, Outcome | None]]:
@@ -293,7 +268,7 @@ class LocalApplier:
                     conflict.resource_type, inbox_id)
 
     async def _apply_one(self, translation: Translation) -> None:
-        writes = bundle_writes(self._registry, to_bundle(translation))
+        writes = translation_writes(self._registry, translation)
         merges: list[Merge] = []
         rule = self._translator.merge_rule(translation.provenance.message_type)
         if rule is not None:

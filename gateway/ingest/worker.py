@@ -26,13 +26,13 @@ from datetime import datetime
 from typing import Protocol
 
 from gateway.canonical import Translation
-from gateway.fhir.bundle import to_bundle
 from gateway.fhir.search import SearchRegistry
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import parse_message
-from gateway.ingest.applier import LocalApplier, Outcome, bundle_writes
+from gateway.ingest.applier import LocalApplier, Outcome
 from gateway.ingest.prepare import message_key
 from gateway.ingest.replay import Replay, patient_key, translate
+from gateway.ingest.writes import translation_writes
 from gateway.mapping.engine import Translator
 from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import FhirStore
@@ -215,8 +215,7 @@ class InboxFollower(LocalApplier):
             await super()._apply_one(translation)
             return
         # A heavy message's writes are made on a thread, for the reason above.
-        writes = await asyncio.to_thread(
-            lambda: bundle_writes(self._registry, to_bundle(translation)))
+        writes = await asyncio.to_thread(translation_writes, self._registry, translation)
         await self._store.transact(writes, atomic=True)
 
     def _mine(self, raw: bytes, received_at: datetime) -> Replay | None:

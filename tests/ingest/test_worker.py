@@ -2,12 +2,14 @@
 `translated` are applied in inbox order and reported; two workers split the patients
 between them and together apply everything once; a row whose apply committed before a
 crash (its Provenance is in the store) is marked, not applied again; a translation kept
-for a row (made for its ACK) is the one applied."""
+for a row (made for its ACK) is the one applied; a message of many resources (its writes
+made on a thread) is applied whole."""
 
 from __future__ import annotations
 
 import asyncio
 import pickle
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,9 +38,20 @@ def adt(patient: int, update: int) -> bytes:
                                     5: f"FAMILY{update}^Jane"})
 
 
-async def commit(inbox: SqliteInbox, raw: bytes, control_id: str) -> int:
+def many_results(observations: int) -> bytes:
+    """An ORU^R01 with this many OBX: a translation past the worker's 500 resources."""
+    head = ("MSH|^~\\&|SYNTHLAB|SYNTHHOSP|ISTHMUS|GATEWAY|20261126083000||ORU^R01^ORU_R01|"
+            "MANY-1|P|2.5.1\r"
+            "PID|1||MRN-MANY01^^^SYNTHHOSP^MR||MANYFAMILY^Jane||19800102|F\r"
+            "OBR|1|PL-MANY|FL-MANY|24331-1^Lipid panel^LN|||20261126080000\r")
+    return (head + "".join(f"OBX|{n}|NM|2093-3^Cholesterol^LN|{n}|180|mg/dL|<200|N|||F\r"
+                           for n in range(1, observations + 1))).encode()
+
+
+async def commit(inbox: SqliteInbox, raw: bytes, control_id: str,
+                 message_type: str = "ADT^A01") -> int:
     stored = await inbox.accept(InboundMessage(
-        "SYNTHADT", "SYNTHHOSP", control_id, "ADT^A01", "2.5.1", "test", raw, b"ACK",
+        "SYNTHADT", "SYNTHHOSP", control_id, message_type, "2.5.1", "test", raw, b"ACK",
         datetime.now(UTC), status=TRANSLATED))
     return stored.inbox_id
 
@@ -159,6 +172,31 @@ async def test_a_translation_kept_for_its_row_is_applied_instead_of_a_new_one(
         await eventually(lambda: len(done) == 2, timeout=60)
         assert await families(store, 2) == {0: "FAMILY2", 1: "FAMILY7"}
         assert follower.translated_again == 1
+    finally:
+        follower.stop()
+        await task
+        await store.close()
+        await inbox.close()
+
+
+async def test_a_message_of_many_resources_is_applied_whole(tmp_path: Path) -> None:
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
+    done: list[tuple[int, str]] = []
+    follower = InboxFollower(store, registry, inbox, translator, done.extend)
+    raw = many_results(520)
+    translation = translator.translate(parse_message(raw), datetime.now(UTC))
+    assert len(translation.resources) > 500  # the worker's heavy path
+    task = asyncio.create_task(follower.follow())
+    try:
+        row = await commit(inbox, raw, "MANY-1", "ORU^R01")
+        follower.wake()
+        await eventually(lambda: len(done) == 1, timeout=120)
+        assert done == [(row, "")]
+        made = Counter(r.resource_type for r in translation.resources)
+        assert made["Observation"] == 520
+        for resource_type, count in (made + Counter(["Provenance"])).items():
+            page = await store.search(SearchQuery(resource_type))
+            assert len(page.resources) == count, resource_type
     finally:
         follower.stop()
         await task
