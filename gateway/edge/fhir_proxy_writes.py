@@ -19,6 +19,7 @@ from gateway.edge.fhir_request import access, if_match, read_body, unknown, vali
 from gateway.fhir import jsonio
 from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.fhir.search import SearchError
+from gateway.fhir.search.query import escape_value
 from gateway.fhir.transaction import condition, query_pairs
 from gateway.forward.backend import FhirResponse
 from gateway.store.fhir import Match
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 
 # FHIR R4 §3.1.1.1.8 (search escaping): characters escaped with '\' in a token value.
-_SEARCH_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", ",": "\\,", "$": "\\$"})
 
 
 async def create(link: BackendLink, call: Call) -> web.Response:
@@ -336,8 +336,8 @@ def _identifier_match(call: Call, resource: Json) -> Pairs:
     system, value = first.get("system"), first.get("value")
     if not (isinstance(system, str) and system and isinstance(value, str) and value):
         return []
-    return [("identifier", f"{system.translate(_SEARCH_ESCAPES)}|"
-                           f"{value.translate(_SEARCH_ESCAPES)}")]
+    return [("identifier", f"{escape_value(system)}|"
+                           f"{escape_value(value)}")]
 
 
 def _location_id(location: str, resource_type: str) -> str | None:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from gateway.canonical import Translation
 from gateway.canonical.ids import name_uuid
 from gateway.fhir import jsonio
+from gateway.fhir.search.query import escape_value
 
 Json = dict[str, Any]
 
@@ -26,6 +27,7 @@ PROVENANCE_MESSAGE_SYSTEM = "urn:isthmus:hl7v2:control-id"
 _SAFE = "/:@!$'()*,;=.-_~"  # what may stay unescaped in a search value (not & + # |)
 # A value made only of what `quote` leaves as is (most systems and MRNs) is its own quoting.
 _UNQUOTED = re.compile(r"[A-Za-z0-9/:@!$'()*,;=._~-]*")
+_SEARCH_SPECIAL = frozenset("\\,|$")  # what a search value escapes (escape_value)
 
 
 def to_bundle(translation: Translation) -> Json:
@@ -63,7 +65,12 @@ def dumps(document: Json, pretty: bool = False) -> bytes:
 
 
 def _quote(text: str) -> str:
-    return text if _UNQUOTED.fullmatch(text) else quote(text, _SAFE)
+    """`text` as one token part of a search URL: escaped as a search value (a "," or "|" in
+    an MRN must not split it into two values: the conditional update would name another
+    record), then percent-quoted."""
+    if _SEARCH_SPECIAL.isdisjoint(text) and _UNQUOTED.fullmatch(text):
+        return text
+    return quote(escape_value(text), _SAFE)
 
 
 # Identifier systems and values as quoted, across messages: a sender uses a few systems, in

@@ -16,12 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.fhir.search import SearchRegistry
+from gateway.fhir.search.query import escape_value
 from gateway.fhir.transaction import condition
 from gateway.mapping.tables import MergeRow, merge_kind
 from gateway.store.fhir import Merge, WriteRequest
-
-# FHIR R4 §3.1.1.4.7 (search escaping): what a token value must escape.
-_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "|": "\\|", "$": "\\$"})
 
 
 def merge_writes(registry: SearchRegistry, writes: list[WriteRequest],
@@ -41,7 +39,7 @@ def merge_writes(registry: SearchRegistry, writes: list[WriteRequest],
         identifiers = _identifiers(write) if survivor is not None else []
         if survivor is None or not identifiers or write.full_url is None:
             continue
-        values = ",".join(f"{system.translate(_ESCAPES)}|{value.translate(_ESCAPES)}"
+        values = ",".join(f"{escape_value(system)}|{escape_value(value)}"
                           for system, value in identifiers)
         source = condition(registry, rule.resource, [("identifier", values)])
         retired = tuple(identifiers) if rule.identifiers == "dropped" else ()

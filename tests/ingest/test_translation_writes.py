@@ -185,3 +185,40 @@ async def test_a_message_whose_identifiers_need_quoting_updates_the_record_it_na
         await applier.close()
         await store.close()
         await inbox.close()
+
+
+@pytest.mark.parametrize(("mrn", "value"), [
+    ("123,456", "123,456"), ("123\\F\\456", "123|456"), ("123$456", "123$456"),
+    ("123\\E\\,456", "123\\,456")], ids=["comma", "bar", "dollar", "backslash"])
+async def test_an_identifier_holding_a_search_delimiter_names_only_its_own_record(
+        tmp_path: Path, mrn: str, value: str) -> None:
+    """A "," in an MRN would make the conditional update an OR of two identifiers, one of
+    them another patient's ("456" in any system); a "|" would split system from code, a
+    "\\" start an escape. Escaped as search values, they name the one record."""
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
+    applier = LocalApplier(store, registry, inbox, translator)
+    try:
+        await store.transact([WriteRequest("PUT", "Patient", "someone-else", {
+            "resourceType": "Patient", "id": "someone-else",
+            "identifier": [{"system": "urn:oid:9.9", "value": "456"}]})], atomic=True)
+        applier.start()
+        await applier.drain()
+        raw = quoting_message(f"{mrn}^^^SYNTHHOSP&urn:oid:1.2&ISO^MR",
+                              "1234^DOCTOR^Alex^^^Dr^^^AUTH")
+        now = datetime.now(UTC)
+        stored = await inbox.accept(InboundMessage(
+            "SYNTHADT", "SYNTHHOSP", "DELIM-1", "ADT^A01", "2.5.1", "test", raw, b"ACK",
+            now, status=ACCEPTED))
+        applier.submit(stored.inbox_id, translator.translate(parse_message(raw), now))
+        await applier.drain()
+        assert {e.status for e in await inbox.list(10)} == {APPLIED}
+        page = await store.search(SearchQuery("Patient", ((TokenMatch(
+            "identifier", "urn:oid:1.2", value),),)))
+        [patient] = page.resources
+        assert patient.id != "someone-else" and patient.version == 1
+        other = await store.read("Patient", "someone-else")
+        assert other is not None and other.version == 1
+    finally:
+        await applier.close()
+        await store.close()
+        await inbox.close()

@@ -147,6 +147,16 @@ def _unescape(text: str) -> str:
     return _ESCAPE.sub(r"\1", text) if "\\" in text else text
 
 
+# R4 §3.1.1.1.8: what a search value must escape to be read as one value ("," separates
+# values, "|" a token's system from its code, "$" composite parts).
+_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "|": "\\|", "$": "\\$"})
+
+
+def escape_value(text: str) -> str:
+    """`text` as one search value, read back as it is (what `_unescape` undoes)."""
+    return text.translate(_ESCAPES)
+
+
 def _shown(name: str) -> str:
     """A parameter name fit for an error message (a name, never a value in disguise)."""
     return name if _SHOWN_NAME.fullmatch(name) else "(parameter)"
