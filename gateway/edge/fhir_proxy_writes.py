@@ -17,9 +17,9 @@ from gateway.edge.fhir_proxy_backend import BackendLink, Json, as_list, passed_h
 from gateway.edge.fhir_proxy_search import compartment_pairs, constraint_pairs
 from gateway.edge.fhir_request import access, if_match, read_body, unknown, validated
 from gateway.fhir import jsonio
+from gateway.fhir.escaping import escape_value
 from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.fhir.search import SearchError
-from gateway.fhir.search.query import escape_value
 from gateway.fhir.transaction import condition, query_pairs
 from gateway.forward.backend import FhirResponse
 from gateway.store.fhir import Match

@@ -18,7 +18,7 @@ from urllib.parse import quote
 from gateway.canonical import Translation
 from gateway.canonical.ids import name_uuid
 from gateway.fhir import jsonio
-from gateway.fhir.search.query import escape_value
+from gateway.fhir.escaping import escape_value
 
 Json = dict[str, Any]
 

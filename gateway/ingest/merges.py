@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from gateway.fhir.escaping import escape_value
 from gateway.fhir.search import SearchRegistry
-from gateway.fhir.search.query import escape_value
 from gateway.fhir.transaction import condition
 from gateway.mapping.tables import MergeRow, merge_kind
 from gateway.store.fhir import Merge, WriteRequest

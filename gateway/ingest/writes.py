@@ -14,8 +14,8 @@ from typing import Any
 
 from gateway.canonical import Translation
 from gateway.fhir.bundle import provenance_resource, to_bundle
+from gateway.fhir.escaping import escape_value
 from gateway.fhir.search import SearchRegistry
-from gateway.fhir.search.query import escape_value
 from gateway.fhir.transaction import condition, parse_bundle, write_request
 from gateway.ingest.merges import keep_merge_state
 from gateway.store.fhir import WriteRequest

@@ -17,6 +17,7 @@ from conftest import message
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation
 from gateway.canonical.ids import ID_NAMESPACE, name_uuid
 from gateway.fhir.bundle import to_bundle
+from gateway.fhir.escaping import escape_value
 from gateway.hl7.message import parse_message
 from gateway.mapping.convert import MSH7_OFFSET
 from gateway.mapping.runtime import _offset_of
@@ -68,12 +69,14 @@ def test_the_kept_wildcard_answers_stay_bounded() -> None:
     assert 0 < len(vocab.matched) <= 4096
 
 
-VALUES = ["MRN-100001", "urn:oid:2.16.840.1.113883.4.1", "a b", "x|y", "x&y+z#1",
+VALUES = ["MRN-100001", "urn:oid:2.16.840.1.113883.4.1", "a b", "x|y", "x&y+z#1", "1,2$3\\4",
           "Müller", "100%", "a/b:c@d!$'()*,;=.-_~", "tab\there", "é€\u2028", ""]
 
 
 @pytest.mark.parametrize("value", VALUES)
-def test_a_bundle_search_value_is_quoted_as_urllib_quotes_it(value: str) -> None:
+def test_a_bundle_search_value_is_escaped_and_quoted_as_urllib_quotes_it(value: str) -> None:
+    """The fast path (a value that needs no quoting is its own) agrees with escaping it as
+    a search value ("," "|" "$" "\\" would split it) and quoting that as urllib does."""
     now = datetime(2026, 12, 6, tzinfo=UTC)
     source = Provenance(source_application="APP", source_facility="FAC", control_id="1",
                         message_type="ADT^A01", received_at=now, last_updated=now)
@@ -83,7 +86,8 @@ def test_a_bundle_search_value_is_quoted_as_urllib_quotes_it(value: str) -> None
     bundle = to_bundle(Translation(provenance=source, resources=[resource]))
     safe = "/:@!$'()*,;=.-_~"
     assert bundle["entry"][0]["request"]["url"] == (
-        f"Patient?identifier={quote(f'urn:sys:{value}', safe)}|{quote(value, safe)}")
+        f"Patient?identifier={quote(escape_value(f'urn:sys:{value}'), safe)}|"
+        f"{quote(escape_value(value), safe)}")
 
 
 def test_a_pickled_translation_comes_back_equal_with_the_same_fields_set() -> None:

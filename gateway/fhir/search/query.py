@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import cast, get_args
 
 from gateway.fhir.errors import SearchError, UnsupportedFormat
+from gateway.fhir.escaping import unescape_value
 from gateway.fhir.search.index import date_range, normalize, normalize_contact, reference_target
 from gateway.fhir.search.params import SearchParameter
 from gateway.store.fhir import (
@@ -43,7 +44,6 @@ MAX_TOTAL_VALUES = 1000  # values in all parameters together
 # FHIR R4 §2.24.0.1 id.
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_ESCAPE = re.compile(r"\\([\\,|$])")
 _SHOWN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]{0,63}")
 _DIGITS = re.compile(r"\d{1,9}")
 
@@ -141,20 +141,6 @@ def _split(text: str, separator: str) -> list[str]:
         i += 1
     parts.append("".join(current))
     return parts
-
-
-def _unescape(text: str) -> str:
-    return _ESCAPE.sub(r"\1", text) if "\\" in text else text
-
-
-# R4 §3.1.1.1.8: what a search value must escape to be read as one value ("," separates
-# values, "|" a token's system from its code, "$" composite parts).
-_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "|": "\\|", "$": "\\$"})
-
-
-def escape_value(text: str) -> str:
-    """`text` as one search value, read back as it is (what `_unescape` undoes)."""
-    return text.translate(_ESCAPES)
 
 
 def _shown(name: str) -> str:
@@ -272,7 +258,7 @@ class _Request:
                 code = normalize_contact(code)
             return [TokenMatch(name, system, code, negate=modifier == "not")]
         if param.type == "string":
-            text = _unescape(item)
+            text = unescape_value(item)
             if modifier == "exact":
                 return [StringMatch(name, text, "exact", (normalize(text),))]
             normalized = normalize(text)
@@ -288,11 +274,11 @@ class _Request:
     def _token(self, name: str, item: str) -> tuple[str | None, str | None]:
         parts = _split(item, "|")
         if len(parts) == 1:
-            return None, _unescape(parts[0])
+            return None, unescape_value(parts[0])
         if len(parts) > 2 or parts == ["", ""]:
             raise SearchError(name, "not a valid token; use code, system|code, |code or "
                                     "system|")
-        return _unescape(parts[0]), _unescape(parts[1]) or None
+        return unescape_value(parts[0]), unescape_value(parts[1]) or None
 
     def _date(self, name: str, item: str) -> tuple[Prefix, str, str]:
         prefix: Prefix = "eq"
@@ -318,11 +304,11 @@ class _Request:
             raise SearchError(name, "not a finite number")
         if len(parts) == 1:
             return QuantityMatch(name, prefix, number)
-        system, code = _unescape(parts[1]) or None, _unescape(parts[2]) or None
+        system, code = unescape_value(parts[1]) or None, unescape_value(parts[2]) or None
         return QuantityMatch(name, prefix, number, system, code)
 
     def _references(self, param: SearchParameter, modifier: str, item: str) -> list[str]:
-        text = _unescape(item)
+        text = unescape_value(item)
         if _ID.fullmatch(text):
             types = (modifier,) if modifier else param.targets
             return [f"{t}/{text}" for t in types]
