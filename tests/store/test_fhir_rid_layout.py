@@ -22,6 +22,7 @@ from gateway.store.fhir import (
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.fhir_sqlite.schema import INDEX_TABLES
+from gateway.store.fhir_sqlite.sql import count_sql, select_sql
 from support.builders import IDENTIFIER_SYSTEM, patient
 
 REGISTRY = search_registry(load_settings(None, environ={}))
@@ -181,3 +182,22 @@ async def test_a_store_already_keyed_by_rid_is_left_as_it_is(tmp_path: Path) -> 
             await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*), max(rid) FROM fhir_resource").fetchone() == (1, 1)
+
+
+async def test_a_search_by_identifier_looks_its_rids_up_by_key(tmp_path: Path) -> None:
+    """Every conditional update of an applied message runs one: it must read the few rids
+    the token index gives, not every live Patient of the file (SQLite, without statistics,
+    would rather take the (type, deleted, last_updated) index)."""
+    path = tmp_path / "fhir.db"
+    store = await _open(path)
+    try:
+        for n in range(30):
+            await _write(store, f"MRN-P{n}", f"Family{n}", "1980-01-01")
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        for sql, params in (select_sql(_by_mrn("MRN-P7"), 2, 0), count_sql(_by_mrn("MRN-P7"))):
+            plan = " / ".join(str(row[3]) for row in db.execute(
+                f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "SEARCH r USING INTEGER PRIMARY KEY" in plan, plan
+            assert "fhir_resource_updated" not in plan, plan

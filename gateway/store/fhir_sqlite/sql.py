@@ -77,6 +77,12 @@ def _where(query: SearchQuery, params: list[object], labels: Labels) -> tuple[st
             parts.append("(" + " OR ".join(
                 f"r.rid {'NOT IN' if negate else 'IN'} ({sub})" for negate, sub in sql) + ")")
         params.extend(clause_params)
+    if driven:
+        # The rids the IN finds are looked up by key; the unary + keeps SQLite from taking
+        # the (type, deleted, last_updated) index instead and testing every live resource
+        # of the type against the list (0.4 ms instead of 0.01 for an identifier at 5,000
+        # patients, and growing: every conditional update of an applied message runs one).
+        parts[:2] = ["+r.type = ?", "+r.deleted = 0"]
     return " AND ".join(parts), driven
 
 
