@@ -5,6 +5,7 @@ everything it found before."""
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,7 @@ from typing import Literal
 from gateway.app.tables import search_registry
 from gateway.config import load_settings
 from gateway.fhir.search.index import normalize
+from gateway.store.data_keys import KeySource, open_codec
 from gateway.store.fhir import (
     IdMatch,
     SearchQuery,
@@ -23,6 +25,7 @@ from gateway.store.fhir import (
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.fhir_sqlite.schema import INDEX_TABLES
 from gateway.store.fhir_sqlite.sql import count_sql, select_sql
+from gateway.store.seal_migration import seal_data_dir
 from support.builders import IDENTIFIER_SYSTEM, patient
 
 REGISTRY = search_registry(load_settings(None, environ={}))
@@ -201,3 +204,36 @@ async def test_a_search_by_identifier_looks_its_rids_up_by_key(tmp_path: Path) -
                 f"EXPLAIN QUERY PLAN {sql}", params))
             assert "SEARCH r USING INTEGER PRIMARY KEY" in plan, plan
             assert "fhir_resource_updated" not in plan, plan
+
+
+async def test_store_encrypt_on_a_store_from_before_rid_moves_it_and_finds_the_same(
+        tmp_path: Path) -> None:
+    """`isthmus store encrypt` opens the file itself, not through the store: it moves a
+    file from before rid first, so the blind rows it writes name their resources by rid."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir(mode=0o700)
+    path = data_dir / "fhir.db"
+    store = await _open(path)
+    try:
+        ids = {mrn: await _write(store, mrn, family, born)
+               for mrn, (family, born) in PEOPLE.items()}
+    finally:
+        await store.close()
+    _as_before_rid(path)
+    source = KeySource(default_file=data_dir / "keys" / "store-data.keys",
+                       keys_text="k1 " + base64.b64encode(b"1" * 32).decode())
+    seal_data_dir(data_dir, data_dir / "inbox.db", path, source, REGISTRY.string_groups())
+    assert "rid" in _columns(path, "fhir_string")
+    codec = open_codec(data_dir, source, enabled=True, databases=[path])
+    assert codec.sealed
+    store = await SqliteFhirStore.open(path, REGISTRY.index, codec=codec,
+                                       string_groups=REGISTRY.string_groups())
+    try:
+        for mrn, (family, _) in PEOPLE.items():
+            assert await _found(store, _by_mrn(mrn)) == [ids[mrn]]
+            assert await _found(store, _by_family(family)) == [ids[mrn]]
+        await _write(store, "MRN-R1", "Okafor-Lee", "1961-02-03")  # the triggers are back
+        assert await _found(store, _by_family("Okafor-Lee")) == [ids["MRN-R1"]]
+        assert await _found(store, _by_family("Okafor", "exact")) == []
+    finally:
+        await store.close()
