@@ -266,3 +266,36 @@ async def test_a41_for_an_account_the_store_never_held_only_adds_the_survivor(
     assert only["status"] == "active"
     assert await statuses(gateway) == [("CTRL-A41-0001", "applied", "")]
 
+
+
+async def test_with_two_apply_workers_a_merge_waits_for_the_admit_in_the_other_share(
+        tmp_path: Path) -> None:
+    # Each apply worker takes the patients of its share, by PID-3: this A40 goes to the
+    # survivor's worker (MRN-410002: share 0), the admit of the record it merges away to
+    # the other (MRN-410001: share 1), kept busy with other patients of share 1. Applied
+    # first, the merge found nothing and the admit made a record no merge retired.
+    gateway = await start_fhir_gateway(tmp_path / "var", **{"processes.workers": 2})
+    try:
+        gone, kept = "MRN-410001", "MRN-410002"
+        busy = [admit(f"MRN-4100{n % 4 + 2}1", f"VN-B{n % 4}", f"B-{n}") for n in range(400)]
+        merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
+        merge = with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
+        sent = [*busy, admit(gone, "VN-G", "G-1"), admit(kept, "VN-K", "K-1"),
+                with_control_id(merge, "X-1")]
+        peer = await MllpPeer.open(gateway.mllp_port)
+        try:
+            for raw in sent:
+                await peer.send(raw)
+            codes = [segments(await peer.reply(timeout=30))["MSA"][0][1] for _ in sent]
+        finally:
+            await peer.close()
+        assert set(codes) <= {"AA", "CA"}, codes
+        await gateway.app[APPLIER].drain()
+        async with fhir_session(gateway) as fhir:
+            survivor = await patient(fhir, kept)
+            assert (await patient(fhir, gone))["id"] == survivor["id"]
+            [retired] = await search(fhir, "Patient?active=false")
+            assert retired["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"},
+                                        "type": "replaced-by"}]
+    finally:
+        await gateway.runner.cleanup()
