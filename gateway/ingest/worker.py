@@ -7,7 +7,7 @@ bytes (the same `replay` the sweep uses, so the same resources and ids), applies
 the FHIR store in group commits and marks them. With several workers each takes the
 patients whose key falls in its share, so one patient's messages are applied by one
 worker, in inbox order. A merge (ADT^A40) names two patients, perhaps of two shares: it
-waits until every older row, whoever's, has been applied.
+waits until every older row, whoever's, has been applied (A41 and A47 alike).
 
 A crash of the edge or of a worker loses nothing: the row is committed before the ACK and
 stays `translated` until its apply is committed; rows a crash left are found again when a
