@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -215,10 +215,20 @@ class LocalApplier:
         if not batch:
             return
         outcomes: list[tuple[int, str, str]] = []
-        # Submitted together so the store can group-commit them; it applies them in
-        # submission order, which keeps each patient's messages in arrival order.
-        results = await asyncio.gather(*(self._apply_one(t) for _, t, _ in batch),
-                                       return_exceptions=True)
+        results: list[BaseException | None]
+        if self._store.applies_in_call_order:
+            # Submitted together so the store can group-commit them; it applies them in
+            # submission order, which keeps each patient's messages in arrival order.
+            results = await asyncio.gather(*(self._apply_one(t) for _, t, _ in batch),
+                                           return_exceptions=True)
+        else:
+            # Each its own transaction (PostgreSQL), one after another: run at once, a
+            # message could land before an earlier one about the same patient (an A40
+            # before the survivor's admit, whose older content a resend of the A40 then
+            # writes over again), or two deadlock on the records' locks, one left for
+            # the sweep to apply later still. (Messages naming one ward, practitioner or insurer
+            # already waited for each other there: the writer locks each such record.)
+            results = [await _failure(self._apply_one(t)) for _, t, _ in batch]
         for (inbox_id, _, outcome), result in zip(batch, results, strict=True):
             if isinstance(result, StoreUnavailable):
                 # Not applied and not marked: the next sweep tries again.
@@ -280,6 +290,15 @@ class LocalApplier:
                 writes) else None
             raise IdentityConflict(write.resource_type if write else "resource",
                                    write.condition if write else None) from None
+
+
+async def _failure(work: Awaitable[None]) -> Exception | None:
+    """What `work` raised (None: done), as `gather(return_exceptions=True)` gives it."""
+    try:
+        await work
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -6,7 +6,8 @@ one's translation made for its ACK (kept, `keep`) or translates it again from th
 bytes (the same `replay` the sweep uses, so the same resources and ids), applies them to
 the FHIR store in group commits and marks them. With several workers each takes the
 patients whose key falls in its share, so one patient's messages are applied by one
-worker, in inbox order.
+worker, in inbox order. A merge (ADT^A40) names two patients, perhaps of two shares: it
+waits until every older row, whoever's, has been applied (A41 and A47 alike).
 
 A crash of the edge or of a worker loses nothing: the row is committed before the ACK and
 stays `translated` until its apply is committed; rows a crash left are found again when a
@@ -49,6 +50,10 @@ _LARGE_RESOURCES = 500
 # of tens of seconds without translating the rows again.
 KEPT_MAX = 20_000
 _KEPT_SECONDS = 60.0
+
+# How long a merge waits for older rows in other workers' shares to be applied, polling.
+_MERGE_WAIT = 10.0
+_MERGE_POLL = 0.01
 
 # Told what became of rows: (inbox id, '' when applied, else why not), once per batch.
 Report = Callable[[Sequence[tuple[int, str]]], None]
@@ -204,11 +209,40 @@ class InboxFollower(LocalApplier):
                 marks.append((row_id, APPLIED, ""))
                 reports.append((row_id, ""))
             else:
+                if self._shares > 1 and self._translator.merge_rule(
+                        translation.provenance.message_type) is not None:
+                    # What came before first, then wait for the other workers' rows.
+                    await self._inbox.set_statuses(marks)
+                    await self._apply(batch)
+                    marks, batch = [], []
+                    await self._older_rows_settled(row_id)
                 batch.append((row_id, translation, _reporter(reports, row_id)))
         await self._inbox.set_statuses(marks)
         await self._apply(batch)
         if reports:
             self._tell_edge(reports)
+
+    async def _older_rows_settled(self, row_id: int) -> None:
+        """Wait until no row older than `row_id` is still to be applied, by any worker
+        (`_MERGE_WAIT` at most). A merge names two patients, and the record it merges away
+        may be in another worker's share: applied before that worker reached the admit
+        that makes the record, the merge would find nothing and the admit then make a
+        record no merge ever retires."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _MERGE_WAIT
+        while not self._stopping:
+            try:
+                oldest = await self._inbox.with_status(TRANSLATED, 1)
+            except StoreUnavailable:
+                oldest = []
+            if not oldest or oldest[0][0] >= row_id:
+                return
+            if loop.time() > deadline:
+                # A row the store refused waits for the sweep; the merge does not.
+                log.warning("apply worker: inbox %d (a merge) applied while older inbox "
+                            "%d is still to be applied", row_id, oldest[0][0])
+                return
+            await asyncio.sleep(_MERGE_POLL)
 
     async def _apply_one(self, translation: Translation) -> None:
         if len(translation.resources) < _LARGE_RESOURCES:

@@ -308,6 +308,12 @@ class FhirStore(Protocol):
     concurrently. Writes in one `transact` call are atomic when `atomic` is True (a
     transaction Bundle) and independent otherwise (a batch Bundle)."""
 
+    # True when `transact` calls made at once are applied one after another in the order
+    # they were made (the embedded store's one writer); False when each is a transaction
+    # of its own, run at once and committed in any order (PostgreSQL). A caller whose
+    # calls must land in order (one patient's messages) waits for each on such a store.
+    applies_in_call_order: bool
+
     async def read(self, resource_type: str, id: str) -> StoredResource | None:
         """The current version (possibly a deletion marker), or None if never stored."""
 

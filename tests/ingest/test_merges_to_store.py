@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 from test_mllp_to_store import deliver, search, statuses
 
-from conftest import RunningGateway, message, with_control_id
+from conftest import MllpPeer, RunningGateway, message, segments, with_control_id
 from gateway.app.audit import audit_keys
+from gateway.app.state import APPLIER
 from support import postgres
 from support.audit import settings_for
 from support.builders import with_fields
@@ -146,6 +147,38 @@ async def test_a_merge_resent_changes_nothing_more(gateway: RunningGateway,
     assert len(await search(fhir, "Patient")) == 2
 
 
+async def test_merges_sent_without_waiting_for_acks_land_after_their_admits(
+        gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
+    # Sent down one connection before any ACK is read, the messages are committed close
+    # together and applied as one batch: on PostgreSQL each message is a transaction of
+    # its own, and these ran at once (an A40 before its survivor's admit, or two of them
+    # deadlocked on their records' locks and one was left for the sweep).
+    pairs = [(f"MRN-4100{n}1", f"MRN-4100{n}2") for n in range(3)]
+    sent: list[bytes] = []
+    for n, (gone, kept) in enumerate(pairs):
+        merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
+        merge = with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
+        sent += [admit(gone, f"VN-{gone}", f"M-{n}-1"), admit(kept, f"VN-{kept}", f"M-{n}-2"),
+                 with_control_id(merge, f"M-{n}-3")]
+    peer = await MllpPeer.open(gateway.mllp_port)
+    try:
+        for raw in sent:
+            await peer.send(raw)
+        codes = [segments(await peer.reply(timeout=10))["MSA"][0][1] for _ in sent]
+    finally:
+        await peer.close()
+    assert set(codes) <= {"AA", "CA"}, codes
+    await gateway.app[APPLIER].drain()
+    assert [s for _, s, _ in await statuses(gateway)] == ["applied"] * len(sent)
+    before = {kept: (await patient(fhir, kept))["meta"]["versionId"] for _, kept in pairs}
+    # Each A40 was applied last of its three: sent again, it finds nothing to change.
+    await deliver(gateway, *(with_control_id(raw, f"AGAIN-{n}")
+                             for n, raw in enumerate(sent[2::3])))
+    assert {kept: (await patient(fhir, kept))["meta"]["versionId"]
+            for _, kept in pairs} == before
+    assert len(await search(fhir, "Patient?active=false")) == len(pairs)
+
+
 async def test_a40_for_a_record_the_store_never_held_still_makes_the_survivor(
         gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
     await deliver(gateway, A40)
@@ -232,3 +265,37 @@ async def test_a41_for_an_account_the_store_never_held_only_adds_the_survivor(
     assert [i["value"] for i in only["identifier"]] == ["ACCT-NEW-17"]
     assert only["status"] == "active"
     assert await statuses(gateway) == [("CTRL-A41-0001", "applied", "")]
+
+
+
+async def test_with_two_apply_workers_a_merge_waits_for_the_admit_in_the_other_share(
+        tmp_path: Path) -> None:
+    # Each apply worker takes the patients of its share, by PID-3: this A40 goes to the
+    # survivor's worker (MRN-410002: share 0), the admit of the record it merges away to
+    # the other (MRN-410001: share 1), kept busy with other patients of share 1. Applied
+    # first, the merge found nothing and the admit made a record no merge retired.
+    gateway = await start_fhir_gateway(tmp_path / "var", **{"processes.workers": 2})
+    try:
+        gone, kept = "MRN-410001", "MRN-410002"
+        busy = [admit(f"MRN-4100{n % 4 + 2}1", f"VN-B{n % 4}", f"B-{n}") for n in range(400)]
+        merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
+        merge = with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
+        sent = [*busy, admit(gone, "VN-G", "G-1"), admit(kept, "VN-K", "K-1"),
+                with_control_id(merge, "X-1")]
+        peer = await MllpPeer.open(gateway.mllp_port)
+        try:
+            for raw in sent:
+                await peer.send(raw)
+            codes = [segments(await peer.reply(timeout=30))["MSA"][0][1] for _ in sent]
+        finally:
+            await peer.close()
+        assert set(codes) <= {"AA", "CA"}, codes
+        await gateway.app[APPLIER].drain()
+        async with fhir_session(gateway) as fhir:
+            survivor = await patient(fhir, kept)
+            assert (await patient(fhir, gone))["id"] == survivor["id"]
+            [retired] = await search(fhir, "Patient?active=false")
+            assert retired["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"},
+                                        "type": "replaced-by"}]
+    finally:
+        await gateway.runner.cleanup()

@@ -101,6 +101,8 @@ class _Job:
 class SqliteFhirStore:
     """FhirStore on one SQLite (WAL) file: a group-committing writer and two readers."""
 
+    applies_in_call_order = True  # one writer thread takes the calls as they come
+
     def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor,
                  reader: aiosqlite.Connection, lookup: sqlite3.Connection, indexer: Indexer,
                  last_stamp: datetime, max_batch: int, codec: RowCodec = PLAIN,

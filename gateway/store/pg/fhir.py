@@ -114,6 +114,9 @@ class _LockingWriter(TransactionWriter):
 class PgFhirStore:
     """FhirStore on a PostgreSQL pool: one transaction per transact() call."""
 
+    # Up to `threads` transactions at once: which takes a record's lock first is chance.
+    applies_in_call_order = False
+
     def __init__(self, pool: Pool, indexer: Indexer, last_stamp: datetime,
                  threads: int) -> None:
         self._pool = pool
