@@ -17,7 +17,7 @@ from gateway.edge.fhir_proxy_backend import BackendLink, Json, as_list, passed_h
 from gateway.edge.fhir_proxy_search import compartment_pairs, constraint_pairs
 from gateway.edge.fhir_request import access, if_match, read_body, unknown, validated
 from gateway.fhir import jsonio
-from gateway.fhir.escaping import escape_value
+from gateway.fhir.escaping import token
 from gateway.fhir.outcome import FHIR_JSON, FhirError
 from gateway.fhir.search import SearchError
 from gateway.fhir.transaction import condition, query_pairs
@@ -27,8 +27,6 @@ from gateway.store.fhir import Match
 log = logging.getLogger(__name__)
 # Recorded before a write is sent to a backend; its outcome follows in a record of its own.
 PENDING = "pending"
-
-# FHIR R4 §3.1.1.1.8 (search escaping): characters escaped with '\' in a token value.
 
 
 async def create(link: BackendLink, call: Call) -> web.Response:
@@ -336,8 +334,7 @@ def _identifier_match(call: Call, resource: Json) -> Pairs:
     system, value = first.get("system"), first.get("value")
     if not (isinstance(system, str) and system and isinstance(value, str) and value):
         return []
-    return [("identifier", f"{escape_value(system)}|"
-                           f"{escape_value(value)}")]
+    return [("identifier", token(system, value))]
 
 
 def _location_id(location: str, resource_type: str) -> str | None:

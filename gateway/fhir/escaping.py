@@ -19,3 +19,9 @@ def escape_value(text: str) -> str:
 def unescape_value(text: str) -> str:
     """What one escaped search value says."""
     return _ESCAPED.sub(r"\1", text) if "\\" in text else text
+
+
+def token(system: str, value: str) -> str:
+    """`system|value` as one token search value, each part escaped (a conditional update
+    on an identifier: a "," or "|" in an MRN must not make it name another record)."""
+    return f"{escape_value(system)}|{escape_value(value)}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from gateway.fhir.escaping import escape_value
+from gateway.fhir.escaping import token
 from gateway.fhir.search import SearchRegistry
 from gateway.fhir.transaction import condition
 from gateway.mapping.tables import MergeRow, merge_kind
@@ -39,8 +39,7 @@ def merge_writes(registry: SearchRegistry, writes: list[WriteRequest],
         identifiers = _identifiers(write) if survivor is not None else []
         if survivor is None or not identifiers or write.full_url is None:
             continue
-        values = ",".join(f"{escape_value(system)}|{escape_value(value)}"
-                          for system, value in identifiers)
+        values = ",".join(token(system, value) for system, value in identifiers)
         source = condition(registry, rule.resource, [("identifier", values)])
         retired = tuple(identifiers) if rule.identifiers == "dropped" else ()
         merges.append(Merge(rule.resource, source, survivor, retired, kind))

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.canonical import Translation
 from gateway.fhir.bundle import provenance_resource, to_bundle
-from gateway.fhir.escaping import escape_value
+from gateway.fhir.escaping import token
 from gateway.fhir.search import SearchRegistry
 from gateway.fhir.transaction import condition, parse_bundle, write_request
 from gateway.ingest.merges import keep_merge_state
@@ -54,8 +54,7 @@ def translation_writes(registry: SearchRegistry, translation: Translation
             # The condition the parser makes of `identifier=system|value` once unquoted
             # (the same cached SearchQuery).
             search = condition(registry, resource_type,
-                               (("identifier", f"{escape_value(system)}|"
-                                                 f"{escape_value(key.__dict__['value'])}"),))
+                               (("identifier", token(system, key.__dict__["value"])),))
             body: dict[str, Any] = {"resourceType": resource_type, **content}
             if fields["primary"]:
                 write = WriteRequest("PUT", resource_type, None, body, search, None,

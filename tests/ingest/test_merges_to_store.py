@@ -147,6 +147,23 @@ async def test_a_merge_resent_changes_nothing_more(gateway: RunningGateway,
     assert len(await search(fhir, "Patient")) == 2
 
 
+def merge_into(kept: str, gone: str) -> bytes:
+    """The A40 merging the record under MRN `gone` into the one under `kept`."""
+    merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
+    return with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
+
+
+async def pipelined(port: int, sent: list[bytes], timeout: float) -> list[str]:
+    """Send every message down one connection before reading any ACK; the ACK codes."""
+    peer = await MllpPeer.open(port)
+    try:
+        for raw in sent:
+            await peer.send(raw)
+        return [segments(await peer.reply(timeout=timeout))["MSA"][0][1] for _ in sent]
+    finally:
+        await peer.close()
+
+
 async def test_merges_sent_without_waiting_for_acks_land_after_their_admits(
         gateway: RunningGateway, fhir: aiohttp.ClientSession) -> None:
     # Sent down one connection before any ACK is read, the messages are committed close
@@ -156,17 +173,9 @@ async def test_merges_sent_without_waiting_for_acks_land_after_their_admits(
     pairs = [(f"MRN-4100{n}1", f"MRN-4100{n}2") for n in range(3)]
     sent: list[bytes] = []
     for n, (gone, kept) in enumerate(pairs):
-        merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
-        merge = with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
         sent += [admit(gone, f"VN-{gone}", f"M-{n}-1"), admit(kept, f"VN-{kept}", f"M-{n}-2"),
-                 with_control_id(merge, f"M-{n}-3")]
-    peer = await MllpPeer.open(gateway.mllp_port)
-    try:
-        for raw in sent:
-            await peer.send(raw)
-        codes = [segments(await peer.reply(timeout=10))["MSA"][0][1] for _ in sent]
-    finally:
-        await peer.close()
+                 with_control_id(merge_into(kept, gone), f"M-{n}-3")]
+    codes = await pipelined(gateway.mllp_port, sent, timeout=10)
     assert set(codes) <= {"AA", "CA"}, codes
     await gateway.app[APPLIER].drain()
     assert [s for _, s, _ in await statuses(gateway)] == ["applied"] * len(sent)
@@ -267,7 +276,6 @@ async def test_a41_for_an_account_the_store_never_held_only_adds_the_survivor(
     assert await statuses(gateway) == [("CTRL-A41-0001", "applied", "")]
 
 
-
 async def test_with_two_apply_workers_a_merge_waits_for_the_admit_in_the_other_share(
         tmp_path: Path) -> None:
     # Each apply worker takes the patients of its share, by PID-3: this A40 goes to the
@@ -278,17 +286,9 @@ async def test_with_two_apply_workers_a_merge_waits_for_the_admit_in_the_other_s
     try:
         gone, kept = "MRN-410001", "MRN-410002"
         busy = [admit(f"MRN-4100{n % 4 + 2}1", f"VN-B{n % 4}", f"B-{n}") for n in range(400)]
-        merge = with_fields(A40, "PID", {3: f"{kept}^^^{AUTHORITY}^MR"})
-        merge = with_fields(merge, "MRG", {1: f"{gone}^^^{AUTHORITY}^MR"})
         sent = [*busy, admit(gone, "VN-G", "G-1"), admit(kept, "VN-K", "K-1"),
-                with_control_id(merge, "X-1")]
-        peer = await MllpPeer.open(gateway.mllp_port)
-        try:
-            for raw in sent:
-                await peer.send(raw)
-            codes = [segments(await peer.reply(timeout=30))["MSA"][0][1] for _ in sent]
-        finally:
-            await peer.close()
+                with_control_id(merge_into(kept, gone), "X-1")]
+        codes = await pipelined(gateway.mllp_port, sent, timeout=30)
         assert set(codes) <= {"AA", "CA"}, codes
         await gateway.app[APPLIER].drain()
         async with fhir_session(gateway) as fhir:

@@ -6,6 +6,8 @@ fullUrls, create ids and carry; and what one refuses, the other refuses alike.""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -24,8 +26,8 @@ from gateway.ingest.merges import keep_merge_state
 from gateway.ingest.writes import bundle_writes, translation_writes
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
-from gateway.store.fhir import SearchQuery, TokenMatch, WriteRequest
-from gateway.store.inbox import ACCEPTED, APPLIED, InboundMessage
+from gateway.store.fhir import FhirStore, SearchQuery, TokenMatch, WriteRequest
+from gateway.store.inbox import ACCEPTED, APPLIED, InboundMessage, Inbox
 from support.apply import open_apply_parts
 from support.builders import with_fields
 
@@ -154,37 +156,46 @@ def test_every_write_keeps_merge_state_and_a_conditional_update_creates_at_its_i
         w.full_url for w in writes[:-1]]
 
 
+@asynccontextmanager
+async def applied_over(tmp_path: Path, held_id: str, system: str, value: str, raw: bytes
+                       ) -> AsyncIterator[tuple[Inbox, FhirStore]]:
+    """The inbox and FHIR store after the applier applied `raw` over a store holding one
+    Patient (at `held_id`, identifier `system`|`value`); closed on leaving."""
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
+    applier = LocalApplier(store, registry, inbox, translator)
+    try:
+        await store.transact([WriteRequest("PUT", "Patient", held_id, {
+            "resourceType": "Patient", "id": held_id,
+            "identifier": [{"system": system, "value": value}]})], atomic=True)
+        applier.start()
+        await applier.drain()
+        now = datetime.now(UTC)
+        stored = await inbox.accept(InboundMessage(
+            "SYNTHADT", "SYNTHHOSP", "APPLIED-OVER-1", "ADT^A01", "2.5.1", "test", raw,
+            b"ACK", now, status=ACCEPTED))
+        applier.submit(stored.inbox_id, translator.translate(parse_message(raw), now))
+        await applier.drain()
+        yield inbox, store
+    finally:
+        await applier.close()
+        await store.close()
+        await inbox.close()
+
+
 async def test_a_message_whose_identifiers_need_quoting_updates_the_record_it_names(
         tmp_path: Path) -> None:
     """The Patient the store holds under the message's identifier (at an id of its own)
     is the one updated: the condition names the identifier as it is, unquoted."""
     system, value = "urn:x:a%20b%", "MRN 3&%+é 1"  # the mapping escapes a URI's space
-    registry, translator, inbox, store = await open_apply_parts(tmp_path)
-    applier = LocalApplier(store, registry, inbox, translator)
-    try:
-        await store.transact([WriteRequest("PUT", "Patient", "held-before", {
-            "resourceType": "Patient", "id": "held-before",
-            "identifier": [{"system": system, "value": value}]})], atomic=True)
-        applier.start()
-        await applier.drain()
-        raw = quoting_message("MRN 3\\T\\%+é 1^^^SYNTHHOSP&urn:x:a b%&ISO^MR",
-                              "12 %é^DOCTOR^Alex^^^Dr^^^AUTH A\\T\\B")
-        now = datetime.now(UTC)
-        stored = await inbox.accept(InboundMessage(
-            "SYNTHADT", "SYNTHHOSP", "QUOTED-1", "ADT^A01", "2.5.1", "test", raw, b"ACK",
-            now, status=ACCEPTED))
-        applier.submit(stored.inbox_id, translator.translate(parse_message(raw), now))
-        await applier.drain()
+    raw = quoting_message("MRN 3\\T\\%+é 1^^^SYNTHHOSP&urn:x:a b%&ISO^MR",
+                          "12 %é^DOCTOR^Alex^^^Dr^^^AUTH A\\T\\B")
+    async with applied_over(tmp_path, "held-before", system, value, raw) as (inbox, store):
         page = await store.search(SearchQuery("Patient", ((TokenMatch(
             "identifier", system, value),),)))
         [patient] = page.resources
         assert (patient.id, patient.version) == ("held-before", 2)
         assert orjson.loads(patient.body)["name"][0]["family"] == "CANARYFAMILY"
         assert {e.status for e in await inbox.list(10)} == {APPLIED}
-    finally:
-        await applier.close()
-        await store.close()
-        await inbox.close()
 
 
 @pytest.mark.parametrize(("mrn", "value"), [
@@ -195,22 +206,10 @@ async def test_an_identifier_holding_a_search_delimiter_names_only_its_own_recor
     """A "," in an MRN would make the conditional update an OR of two identifiers, one of
     them another patient's ("456" in any system); a "|" would split system from code, a
     "\\" start an escape. Escaped as search values, they name the one record."""
-    registry, translator, inbox, store = await open_apply_parts(tmp_path)
-    applier = LocalApplier(store, registry, inbox, translator)
-    try:
-        await store.transact([WriteRequest("PUT", "Patient", "someone-else", {
-            "resourceType": "Patient", "id": "someone-else",
-            "identifier": [{"system": "urn:oid:9.9", "value": "456"}]})], atomic=True)
-        applier.start()
-        await applier.drain()
-        raw = quoting_message(f"{mrn}^^^SYNTHHOSP&urn:oid:1.2&ISO^MR",
-                              "1234^DOCTOR^Alex^^^Dr^^^AUTH")
-        now = datetime.now(UTC)
-        stored = await inbox.accept(InboundMessage(
-            "SYNTHADT", "SYNTHHOSP", "DELIM-1", "ADT^A01", "2.5.1", "test", raw, b"ACK",
-            now, status=ACCEPTED))
-        applier.submit(stored.inbox_id, translator.translate(parse_message(raw), now))
-        await applier.drain()
+    raw = quoting_message(f"{mrn}^^^SYNTHHOSP&urn:oid:1.2&ISO^MR",
+                          "1234^DOCTOR^Alex^^^Dr^^^AUTH")
+    async with applied_over(tmp_path, "someone-else", "urn:oid:9.9", "456", raw) as (
+            inbox, store):
         assert {e.status for e in await inbox.list(10)} == {APPLIED}
         page = await store.search(SearchQuery("Patient", ((TokenMatch(
             "identifier", "urn:oid:1.2", value),),)))
@@ -218,7 +217,3 @@ async def test_an_identifier_holding_a_search_delimiter_names_only_its_own_recor
         assert patient.id != "someone-else" and patient.version == 1
         other = await store.read("Patient", "someone-else")
         assert other is not None and other.version == 1
-    finally:
-        await applier.close()
-        await store.close()
-        await inbox.close()

@@ -23,16 +23,12 @@ from gateway.store.fhir import (
     WriteRequest,
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
-from gateway.store.fhir_sqlite.schema import INDEX_TABLES
+from gateway.store.fhir_sqlite.schema import INDEX_TABLES, INDEX_VALUE_COLUMNS
 from gateway.store.fhir_sqlite.sql import count_sql, select_sql
 from gateway.store.seal_migration import seal_data_dir
 from support.builders import IDENTIFIER_SYSTEM, patient
 
 REGISTRY = search_registry(load_settings(None, environ={}))
-# Each index table's value columns, as stores from before rid had them after type, id, param.
-VALUE_COLUMNS = {"fhir_token": "system, code", "fhir_string": "normalized, exact",
-                 "fhir_date": "low, high", "fhir_reference": "target",
-                 "fhir_quantity": "value, system, code"}
 PEOPLE = {"MRN-R1": ("Okafor", "1961-02-03"), "MRN-R2": ("Brandt", "1972-04-05"),
           "MRN-R3": ("Aalto", "1983-06-07")}
 
@@ -47,6 +43,16 @@ async def _write(store: SqliteFhirStore, mrn: str, family: str, born: str) -> st
         condition=_by_mrn(mrn))])
     assert done[0].stored is not None
     return done[0].stored.id
+
+
+async def _people_written(path: Path) -> dict[str, str]:
+    """PEOPLE written to a store at `path` (then closed): MRN -> resource id."""
+    store = await _open(path)
+    try:
+        return {mrn: await _write(store, mrn, family, born)
+                for mrn, (family, born) in PEOPLE.items()}
+    finally:
+        await store.close()
 
 
 def _by_mrn(mrn: str) -> SearchQuery:
@@ -72,7 +78,7 @@ def _index_rows(path: Path) -> set[tuple[object, ...]]:
     rows: set[tuple[object, ...]] = set()
     with sqlite3.connect(path) as db:
         by_rid = "rid" in _columns(path, "fhir_token")
-        for table, values in VALUE_COLUMNS.items():
+        for table, values in INDEX_VALUE_COLUMNS.items():
             picked = ", ".join(f"x.{c.strip()}" for c in values.split(","))
             source = (f"{table} x JOIN fhir_resource r ON r.rid = x.rid" if by_rid
                       else f"{table} x JOIN fhir_resource r ON r.type = x.type AND r.id = x.id")
@@ -89,7 +95,7 @@ def _as_before_rid(path: Path) -> None:
     script += [f"DROP TRIGGER {name};" for name in (
         "fhir_resource_event_insert", "fhir_resource_event_update",
         "fhir_resource_archive_insert", "fhir_resource_archive_update")]
-    for table, values in VALUE_COLUMNS.items():
+    for table, values in INDEX_VALUE_COLUMNS.items():
         picked = ", ".join(f"x.{c.strip()}" for c in values.split(","))
         lookup = "code, system" if table == "fhir_token" else values.split(",")[0]
         script += [
@@ -140,12 +146,7 @@ async def test_a_new_resource_takes_the_next_rid_and_keeps_it_when_updated(
 async def test_a_store_from_before_rid_is_moved_and_finds_what_it_found(
         tmp_path: Path) -> None:
     path = tmp_path / "fhir.db"
-    store = await _open(path)
-    try:
-        ids = {mrn: await _write(store, mrn, family, born)
-               for mrn, (family, born) in PEOPLE.items()}
-    finally:
-        await store.close()
+    ids = await _people_written(path)
     written = _index_rows(path)
     _as_before_rid(path)
     assert "id" in _columns(path, "fhir_string") and "rid" not in _columns(path, "fhir_resource")
@@ -213,12 +214,7 @@ async def test_store_encrypt_on_a_store_from_before_rid_moves_it_and_finds_the_s
     data_dir = tmp_path / "var"
     data_dir.mkdir(mode=0o700)
     path = data_dir / "fhir.db"
-    store = await _open(path)
-    try:
-        ids = {mrn: await _write(store, mrn, family, born)
-               for mrn, (family, born) in PEOPLE.items()}
-    finally:
-        await store.close()
+    ids = await _people_written(path)
     _as_before_rid(path)
     source = KeySource(default_file=data_dir / "keys" / "store-data.keys",
                        keys_text="k1 " + base64.b64encode(b"1" * 32).decode())

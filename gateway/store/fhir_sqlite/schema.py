@@ -228,7 +228,7 @@ def open_writer(path: Path, synchronous: Literal["normal", "full", "extra"],
     return db, parse_instant(str(last)) if last else datetime.min.replace(tzinfo=UTC)
 
 
-_KINDS_COLUMNS = {  # each index table's value columns, after rid, type and param
+INDEX_VALUE_COLUMNS = {  # each index table's value columns, after rid, type and param
     "fhir_token": "system, code", "fhir_string": "normalized, exact",
     "fhir_date": "low, high", "fhir_reference": "target",
     "fhir_quantity": "value, system, code",
@@ -268,7 +268,7 @@ def _key_by_rid(db: sqlite3.Connection) -> None:
     script.append("INSERT INTO fhir_resource (type, id, version, last_updated, deleted, body) "
                   "SELECT type, id, version, last_updated, deleted, body "
                   "FROM fhir_resource_by_id ORDER BY rowid;")
-    for table, columns in _KINDS_COLUMNS.items():
+    for table, columns in INDEX_VALUE_COLUMNS.items():
         values = ", ".join(f"x.{c.strip()}" for c in columns.split(","))
         # A row whose resource is gone (none should be) has nothing to name: left out.
         script.append(
