@@ -30,17 +30,17 @@ _CURSOR_KEY = "events_cursor"
 _ACTIONS: dict[str, Action] = {"created": "created", "updated": "updated",
                                "deleted": "deleted"}
 
-_READ_SQL = "SELECT seq, type, id, version, action, at FROM fhir_event WHERE seq > ? " \
+_READ_SQL = "SELECT seq, type, id, version, action, at, rid FROM fhir_event WHERE seq > ? " \
     "ORDER BY seq LIMIT ?"
-# Versions' bodies by (type, id, version): the version table's unique key.
+# Versions' bodies by (rid, version): the version table's unique key.
 _BODIES_PER_STATEMENT = 300
 
 
 def _bodies_sql(count: int) -> str:
-    values = ",".join(["(?,?,?)"] * count)
-    return (f"WITH k(type, id, version) AS (VALUES {values}) "
-            "SELECT v.type, v.id, v.version, v.body FROM k JOIN fhir_version v "
-            "ON v.type = k.type AND v.id = k.id AND v.version = k.version")
+    values = ",".join(["(?,?)"] * count)
+    return (f"WITH k(rid, version) AS (VALUES {values}) "
+            "SELECT v.rid, v.version, v.body FROM k JOIN fhir_version v "
+            "ON v.rid = k.rid AND v.version = k.version")
 
 # Beside the outbox, in the inbox database. A delivered row's payload goes with its row
 # when the housekeeping purges it.
@@ -69,6 +69,9 @@ class ChangeEvent:
     version: int
     action: Action
     at: str  # the version's lastUpdated
+    # The resource's number in the store that wrote the event (`fhir_resource.rid`): the
+    # body is read by (rid, version), the version table's key. Never sent.
+    rid: int
     # The version's JSON; for a deletion, the deleted version's (b"" if there was none).
     # Read only for the events someone listens to (`SqliteEventLog.bodies`).
     body: bytes = b""
@@ -154,22 +157,24 @@ class SqliteEventLog:
             raise StoreUnavailable(
                 f"the change events could not be read: {type(exc).__name__}") from None
         return [ChangeEvent(int(r[0]), str(r[1]), str(r[2]), int(r[3]), _ACTIONS[str(r[4])],
-                            str(r[5])) for r in rows]
+                            str(r[5]), int(r[6])) for r in rows]
 
     async def with_bodies(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
         """The same events with their bodies (b"" for a version that is not there)."""
         if not events:
             return []
-        keys = [(e.resource_type, e.id, e.body_version) for e in events]
-        unique = list(dict.fromkeys(keys))
-        found: dict[tuple[str, str, int], bytes] = {}
+        keys = [(e.rid, e.body_version) for e in events]
+        named = {key: (e.resource_type, e.id) for e, key in zip(events, keys, strict=True)}
+        unique = list(named)
+        found: dict[tuple[int, int], bytes] = {}
         try:
             for start in range(0, len(unique), _BODIES_PER_STATEMENT):
                 chunk = unique[start:start + _BODIES_PER_STATEMENT]
                 params = [value for key in chunk for value in key]
                 for row in await self._db.execute_fetchall(_bodies_sql(len(chunk)), params):
-                    key = (str(row[0]), str(row[1]), int(row[2]))
-                    found[key] = self._codec.open(bytes(row[3]), fhir_context(*key))
+                    key = (int(row[0]), int(row[1]))
+                    found[key] = self._codec.open(
+                        bytes(row[2]), fhir_context(*named[key], key[1]))
         except sqlite3.Error as exc:
             raise StoreUnavailable(
                 f"the change events could not be read: {type(exc).__name__}") from None

@@ -163,7 +163,9 @@ def _blinded_with(db: sqlite3.Connection, table: str, codec: SealedCodec) -> boo
 def _seal_fhir(db: sqlite3.Connection, codec: SealedCodec, labels: StringLabels
                ) -> tuple[int, int]:
     reader = codec.reading_plain()
-    key_by_rid(db)  # a store from before `rid`: its index rows named as the writer names them
+    # A store from before `rid`: its index rows, versions and events named as the writer
+    # names them.
+    key_by_rid(db)
     db.execute("BEGIN IMMEDIATE")
     try:
         # The archive triggers would add a version per UPDATE: set aside, then restored.

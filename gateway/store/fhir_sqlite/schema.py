@@ -70,6 +70,41 @@ CREATE TABLE IF NOT EXISTS fhir_quantity (
 CREATE INDEX IF NOT EXISTS fhir_quantity_lookup ON fhir_quantity (type, param, value, rid);
 CREATE INDEX IF NOT EXISTS fhir_quantity_resource ON fhir_quantity (rid, param);
 """
+# Every version of every resource, and one change event per version, named by the
+# resource's rid (and the version): a new version's key goes at the right edge of the unique
+# index (or near its resource's other versions), where a (type, uuid id, version) key put
+# each one at a random place, one page dirtied a version (bench/apply_floor.py). type and id
+# stay on the rows: a version and an event are read out with them, and history by type goes
+# by (type, last_updated). Also what the history migration (`_key_history_by_rid`) makes.
+VERSION_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS fhir_version (
+    seq INTEGER PRIMARY KEY,
+    rid INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (rid, version)
+);
+"""
+VERSION_INDEXES_SQL = """
+CREATE INDEX IF NOT EXISTS fhir_version_updated ON fhir_version (last_updated);
+CREATE INDEX IF NOT EXISTS fhir_version_type_updated ON fhir_version (type, last_updated);
+"""
+EVENT_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS fhir_event (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rid INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    at TEXT NOT NULL,
+    UNIQUE (rid, version)
+);
+"""
 SCHEMA = STRING_LABEL_TABLE + """
 -- `rid`: the resource's number in this file, given when it is first written and kept by
 -- every later version; its index rows name it by that. A new resource's is the next
@@ -91,43 +126,23 @@ CREATE TABLE IF NOT EXISTS fhir_resource (
 -- Searches and counts read live resources only (deleted = 0): with it in the index, a count
 -- of a type or its newest first read the index alone, not every row's page.
 CREATE INDEX IF NOT EXISTS fhir_resource_updated ON fhir_resource (type, deleted, last_updated);
-CREATE TABLE IF NOT EXISTS fhir_version (
-    seq INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    last_updated TEXT NOT NULL,
-    deleted INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    UNIQUE (type, id, version)
-);
-CREATE INDEX IF NOT EXISTS fhir_version_updated ON fhir_version (last_updated);
-CREATE INDEX IF NOT EXISTS fhir_version_type_updated ON fhir_version (type, last_updated);
-""" + INDEX_TABLES_SQL + """
+""" + VERSION_TABLE_SQL + VERSION_INDEXES_SQL + INDEX_TABLES_SQL + """
 CREATE TABLE IF NOT EXISTS fhir_store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 -- One change event per new version, made by the triggers below in the statement that
 -- writes the version (so in its transaction): a resend that changes nothing writes no
 -- version and makes no event (gateway.store.events).
-CREATE TABLE IF NOT EXISTS fhir_event (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    type TEXT NOT NULL,
-    id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    action TEXT NOT NULL,
-    at TEXT NOT NULL,
-    UNIQUE (type, id, version)
-);
+""" + EVENT_TABLE_SQL + """
 CREATE TRIGGER IF NOT EXISTS fhir_resource_event_insert AFTER INSERT ON fhir_resource
 BEGIN
-    INSERT INTO fhir_event (type, id, version, action, at)
-    VALUES (new.type, new.id, new.version,
+    INSERT INTO fhir_event (rid, type, id, version, action, at)
+    VALUES (new.rid, new.type, new.id, new.version,
             CASE WHEN new.deleted THEN 'deleted' ELSE 'created' END, new.last_updated);
 END;
 CREATE TRIGGER IF NOT EXISTS fhir_resource_event_update AFTER UPDATE ON fhir_resource
 BEGIN
-    INSERT INTO fhir_event (type, id, version, action, at)
-    VALUES (new.type, new.id, new.version,
+    INSERT INTO fhir_event (rid, type, id, version, action, at)
+    VALUES (new.rid, new.type, new.id, new.version,
             CASE WHEN new.deleted THEN 'deleted' WHEN old.deleted THEN 'created'
                  ELSE 'updated' END, new.last_updated);
 END;
@@ -135,15 +150,15 @@ END;
 -- Every current row written is also a version in the history, in the same statement.
 CREATE TRIGGER IF NOT EXISTS fhir_resource_archive_insert AFTER INSERT ON fhir_resource
 BEGIN
-    INSERT INTO fhir_version (type, id, version, last_updated, deleted, body)
-    VALUES (new.type, new.id, new.version, new.last_updated, new.deleted, new.body);
+    INSERT INTO fhir_version (rid, type, id, version, last_updated, deleted, body)
+    VALUES (new.rid, new.type, new.id, new.version, new.last_updated, new.deleted, new.body);
 END;
 -- A new current version makes the old one's index rows stale: they go before the new
 -- version's rows are inserted (and a deletion has none).
 CREATE TRIGGER IF NOT EXISTS fhir_resource_archive_update AFTER UPDATE ON fhir_resource
 BEGIN
-    INSERT INTO fhir_version (type, id, version, last_updated, deleted, body)
-    VALUES (new.type, new.id, new.version, new.last_updated, new.deleted, new.body);
+    INSERT INTO fhir_version (rid, type, id, version, last_updated, deleted, body)
+    VALUES (new.rid, new.type, new.id, new.version, new.last_updated, new.deleted, new.body);
     DELETE FROM fhir_token WHERE rid = old.rid;
     DELETE FROM fhir_string WHERE rid = old.rid;
     DELETE FROM fhir_date WHERE rid = old.rid;
@@ -161,6 +176,8 @@ UPSERT = (
 # An index row is bound as `index_row` makes it, (type, id, param, values...): the insert
 # finds the resource's rid by its (type, id), written earlier in the same transaction.
 RID_OF = "(SELECT rid FROM fhir_resource WHERE type = ?1 AND id = ?2)"
+# A resource's versions are read by its rid, looked up by (type, id) bound in that order.
+RESOURCE_RID = "(SELECT rid FROM fhir_resource WHERE type = ? AND id = ?)"
 INDEX_INSERTS = {
     TokenIndex: f"INSERT INTO fhir_token (rid, type, param, system, code) "
                 f"VALUES ({RID_OF}, ?1, ?3, ?4, ?5)",
@@ -233,12 +250,19 @@ INDEX_VALUE_COLUMNS = {  # each index table's value columns, after rid, type and
     "fhir_date": "low, high", "fhir_reference": "target",
     "fhir_quantity": "value, system, code",
 }
+# The schema's triggers on fhir_resource: a migration drops them, `SCHEMA` makes them again.
+_TRIGGERS = ("fhir_resource_event_insert", "fhir_resource_event_update",
+             "fhir_resource_archive_insert", "fhir_resource_archive_update")
 
 
 def key_by_rid(db: sqlite3.Connection) -> None:
-    """A store file from before `rid` moved to it (nothing done to any other)."""
+    """A store file from before `rid` moved to it: its index rows first, then its versions
+    and change events (nothing done to a file already there). Each step is one transaction;
+    a file left between them (a crash) is a layout this release opens, and moves on."""
     if _keyed_by_id(db):
         _key_by_rid(db)
+    if _history_keyed_by_id(db):
+        _key_history_by_rid(db)
 
 
 def _keyed_by_id(db: sqlite3.Connection) -> bool:
@@ -253,9 +277,7 @@ def _key_by_rid(db: sqlite3.Connection) -> None:
     its resource by it. The triggers and the last-updated index go with the old table and
     `SCHEMA` makes them again."""
     script = ["BEGIN IMMEDIATE;"]
-    script += [f"DROP TRIGGER IF EXISTS {name};" for name in (
-        "fhir_resource_event_insert", "fhir_resource_event_update",
-        "fhir_resource_archive_insert", "fhir_resource_archive_update")]
+    script += [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
     script.append("DROP INDEX IF EXISTS fhir_resource_updated;")
     script.append("ALTER TABLE fhir_resource RENAME TO fhir_resource_by_id;")
     for table in INDEX_TABLES:
@@ -277,6 +299,52 @@ def _key_by_rid(db: sqlite3.Connection) -> None:
             f"JOIN fhir_resource r ON r.type = x.type AND r.id = x.id ORDER BY x.rowid;")
         script.append(f"DROP TABLE {table}_by_id;")
     script.append("DROP TABLE fhir_resource_by_id;")
+    script.append("COMMIT;")
+    try:
+        db.executescript("\n".join(script))
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _history_keyed_by_id(db: sqlite3.Connection) -> bool:
+    """Whether the file's versions (and change events) are named by (type, id) alone."""
+    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(fhir_version)")}
+    return bool(columns) and "rid" not in columns
+
+
+def _key_history_by_rid(db: sqlite3.Connection) -> None:
+    """Move a store whose versions and change events are named by (type, id) to naming
+    them by rid too, in one transaction: every row is copied, seq kept, with its
+    resource's rid. No statement deletes a current row, so every version has one; a row
+    that had none would fail the NOT NULL and leave the file as it was (a history is not
+    dropped). The event table's AUTOINCREMENT high-water mark moves with it: a purged
+    seq is never drawn again. The triggers go and `SCHEMA` makes them again."""
+    has_events = bool(db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fhir_event'").fetchall())
+    named = "LEFT JOIN fhir_resource r ON r.type = x.type AND r.id = x.id ORDER BY x.seq;"
+    script = ["BEGIN IMMEDIATE;"]
+    script += [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
+    script += ["DROP INDEX IF EXISTS fhir_version_updated;",
+               "DROP INDEX IF EXISTS fhir_version_type_updated;",
+               "ALTER TABLE fhir_version RENAME TO fhir_version_by_id;",
+               VERSION_TABLE_SQL,
+               "INSERT INTO fhir_version (seq, rid, type, id, version, last_updated, deleted, "
+               "body) SELECT x.seq, r.rid, x.type, x.id, x.version, x.last_updated, "
+               f"x.deleted, x.body FROM fhir_version_by_id x {named}",
+               "DROP TABLE fhir_version_by_id;",
+               VERSION_INDEXES_SQL]
+    if has_events:
+        script += ["ALTER TABLE fhir_event RENAME TO fhir_event_by_id;",
+                   EVENT_TABLE_SQL,
+                   "INSERT INTO fhir_event (seq, rid, type, id, version, action, at) "
+                   "SELECT x.seq, r.rid, x.type, x.id, x.version, x.action, x.at "
+                   f"FROM fhir_event_by_id x {named}",
+                   "DELETE FROM sqlite_sequence WHERE name = 'fhir_event';",
+                   "UPDATE sqlite_sequence SET name = 'fhir_event' "
+                   "WHERE name = 'fhir_event_by_id';",
+                   "DROP TABLE fhir_event_by_id;"]
     script.append("COMMIT;")
     try:
         db.executescript("\n".join(script))

@@ -51,6 +51,7 @@ from gateway.store.fhir_sqlite.blinding import (
     blind_query,
 )
 from gateway.store.fhir_sqlite.schema import (
+    RESOURCE_RID,
     VERSION_COLUMNS,
     Row,
     format_instant,
@@ -193,8 +194,8 @@ class SqliteFhirStore:
 
     async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
         return self._lookup_one(
-            f"SELECT {VERSION_COLUMNS} FROM fhir_version "
-            "WHERE type = ? AND id = ? AND version = ?", (resource_type, id, version))
+            f"SELECT {VERSION_COLUMNS} FROM fhir_version WHERE rid = {RESOURCE_RID} "
+            "AND version = ?", (resource_type, id, version))
 
     def _lookup_one(self, sql: str, params: tuple[object, ...]) -> StoredResource | None:
         try:
@@ -267,12 +268,12 @@ class SqliteFhirStore:
             raise ValueError("instance history needs the resource type")
         where: list[str] = []
         params: list[object] = []
-        if query.resource_type is not None:
+        if query.id is not None:
+            where.append(f"rid = {RESOURCE_RID}")
+            params += [query.resource_type, query.id]
+        elif query.resource_type is not None:
             where.append("type = ?")
             params.append(query.resource_type)
-        if query.id is not None:
-            where.append("id = ?")
-            params.append(query.id)
         if query.since is not None:
             where.append("last_updated >= ?")
             params.append(query.since)

@@ -1,8 +1,8 @@
 """Moving an embedded deployment to PostgreSQL: every row of the SQLite files copied as it
 is (ids, sequence numbers, chain hashes, MACs, checkpoints, the log's id), so the inbox
 keeps its ACKs and dedup keys, the outbox its pending and dead rows, the FHIR store its
-history (and each resource its number, `rid`, which its search rows name it by), and the
-audit chain verifies afterwards exactly as before.
+history (and each resource its number, `rid`, which its versions and search rows name it
+by), and the audit chain verifies afterwards exactly as before.
 
 One transaction: the copy is all there or not at all. The triggers that would make rows
 of their own (an inbox row's outbox rows, a resource's version) are off for it, since
@@ -57,7 +57,7 @@ _TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("fhir.db", "fhir_resource", (
         "rid", "type", "id", "version", "last_updated", "deleted", "body")),
     ("fhir.db", "fhir_version", (
-        "seq", "type", "id", "version", "last_updated", "deleted", "body")),
+        "seq", "type", "id", "version", "last_updated", "deleted", "body", "rid")),
     ("fhir.db", "fhir_token", ("rid", "type", "param", "system", "code")),
     ("fhir.db", "fhir_string", ("rid", "type", "param", "normalized", "exact")),
     ("fhir.db", "fhir_date", ("rid", "type", "param", "low", "high")),
@@ -235,13 +235,13 @@ class _Opener:
 
     def _resource(self, table: str, r: _Record) -> _Record:
         # _TABLES' columns: fhir_resource's rid 0, fhir_version's seq 0, then both type 1,
-        # id 2, version 3, last_updated 4, deleted 5, body 6.
+        # id 2, version 3, last_updated 4, deleted 5, body 6 (and fhir_version's rid 7).
         resource_type, id_, version = str(r[1]), str(r[2]), int(str(r[3]))
         body = self._open(r[6], fhir_context(resource_type, id_, version),
                           f"{resource_type}/{id_} version {version}")
         if table == "fhir_resource" and not r[5]:
             self._add_index(int(str(r[0])), resource_type, id_, body)
-        return (*r[:6], body)
+        return (*r[:6], body, *r[7:])
 
     def _add_index(self, rid: int, resource_type: str, id_: str, body: bytes) -> None:
         """The search rows of a current resource, as the store's writer makes them: named

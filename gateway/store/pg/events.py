@@ -20,12 +20,12 @@ from gateway.store.pg.connect import DATABASE_ERRORS, Pool, unavailable
 
 _CURSOR_KEY = "events_cursor"
 _STABLE = "txid < pg_snapshot_xmin(pg_current_snapshot())"
-_READ_SQL = (f"SELECT seq, type, id, version, action, at FROM fhir_event WHERE seq > $1 "
+_READ_SQL = (f"SELECT seq, type, id, version, action, at, rid FROM fhir_event WHERE seq > $1 "
              f"AND {_STABLE} ORDER BY seq LIMIT $2")
+# Versions' bodies by (rid, version): the version table's unique key.
 _BODIES_SQL = (
-    "SELECT v.type, v.id, v.version, v.body FROM unnest($1::text[], $2::text[], "
-    "$3::int[]) AS k(type, id, version) JOIN fhir_version v ON v.type = k.type "
-    "AND v.id = k.id AND v.version = k.version")
+    "SELECT v.rid, v.version, v.body FROM unnest($1::bigint[], $2::int[]) "
+    "AS k(rid, version) JOIN fhir_version v ON v.rid = k.rid AND v.version = k.version")
 
 
 class PgEventLog:
@@ -40,19 +40,19 @@ class PgEventLog:
         except DATABASE_ERRORS as exc:
             raise unavailable("the change events could not be read", exc) from None
         return [ChangeEvent(int(r[0]), str(r[1]), str(r[2]), int(r[3]), action_of(str(r[4])),
-                            str(r[5])) for r in rows]
+                            str(r[5]), int(r[6])) for r in rows]
 
     async def with_bodies(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
         if not events:
             return []
-        keys = [(e.resource_type, e.id, e.body_version) for e in events]
+        keys = [(e.rid, e.body_version) for e in events]
         unique = list(dict.fromkeys(keys))
         try:
             rows = await self._pool.fetch(_BODIES_SQL, [k[0] for k in unique],
-                                          [k[1] for k in unique], [k[2] for k in unique])
+                                          [k[1] for k in unique])
         except DATABASE_ERRORS as exc:
             raise unavailable("the change events could not be read", exc) from None
-        found = {(str(r[0]), str(r[1]), int(r[2])): bytes(r[3]) for r in rows}
+        found = {(int(r[0]), int(r[1])): bytes(r[2]) for r in rows}
         return [replace(e, body=found.get(k, b"")) for e, k in zip(events, keys, strict=True)]
 
     async def last_seq(self) -> int:

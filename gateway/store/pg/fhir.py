@@ -151,8 +151,9 @@ class PgFhirStore:
 
     async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
         return await self._one(
-            f"SELECT {VERSION_COLUMNS} FROM fhir_version "
-            "WHERE type = $1 AND id = $2 AND version = $3", resource_type, id, version)
+            f"SELECT {VERSION_COLUMNS} FROM fhir_version WHERE rid = (SELECT rid FROM "
+            "fhir_resource WHERE type = $1 AND id = $2) AND version = $3",
+            resource_type, id, version)
 
     async def _one(self, sql: str, *args: object) -> StoredResource | None:
         try:
@@ -177,10 +178,12 @@ class PgFhirStore:
             raise ValueError("instance history needs the resource type")
         where: list[str] = []
         params: list[object] = []
-        for column, value in (("type", query.resource_type), ("id", query.id)):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
+        if query.id is not None:  # by the resource's rid, the version table's key
+            params += [query.resource_type, query.id]
+            where.append("rid = (SELECT rid FROM fhir_resource WHERE type = $1 AND id = $2)")
+        elif query.resource_type is not None:
+            params.append(query.resource_type)
+            where.append("type = $1")
         if query.since is not None:
             params.append(query.since)
             where.append(f"last_updated >= ${len(params)}")

@@ -366,6 +366,59 @@ BEGIN
 END $$;
 """
 
+# Versions and change events named by the resource's rid too, as the embedded store's: their
+# unique key (rid, version) instead of (type, id, version), so a new version's entry goes
+# at the right edge (or beside its resource's other versions) instead of at a random place
+# in a uuid-keyed index. type and id stay on the rows (read out with them; history by type
+# goes by (type, last_updated)). Altered in place, as migration 5's tables. No statement
+# deletes a current row, so every version and event has one: a row that had none fails
+# the NOT NULL and the migration, rather than dropping history.
+_HISTORY_RID = """
+ALTER TABLE fhir_version DROP CONSTRAINT fhir_version_type_id_version_key;
+ALTER TABLE fhir_version ADD COLUMN rid BIGINT;
+UPDATE fhir_version v SET rid = r.rid FROM fhir_resource r
+    WHERE r.type = v.type AND r.id = v.id;
+ALTER TABLE fhir_version ALTER COLUMN rid SET NOT NULL;
+ALTER TABLE fhir_version ADD CONSTRAINT fhir_version_rid_version UNIQUE (rid, version);
+
+ALTER TABLE fhir_event DROP CONSTRAINT fhir_event_type_id_version_key;
+ALTER TABLE fhir_event ADD COLUMN rid BIGINT;
+UPDATE fhir_event e SET rid = r.rid FROM fhir_resource r
+    WHERE r.type = e.type AND r.id = e.id;
+ALTER TABLE fhir_event ALTER COLUMN rid SET NOT NULL;
+ALTER TABLE fhir_event ADD CONSTRAINT fhir_event_rid_version UNIQUE (rid, version);
+ANALYZE fhir_version, fhir_event;
+
+CREATE OR REPLACE FUNCTION fhir_resource_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fhir_version (rid, type, id, version, last_updated, deleted, body)
+    VALUES (NEW.rid, NEW.type, NEW.id, NEW.version, NEW.last_updated, NEW.deleted, NEW.body);
+    IF TG_OP = 'UPDATE' THEN
+        DELETE FROM fhir_token WHERE rid = OLD.rid;
+        DELETE FROM fhir_string WHERE rid = OLD.rid;
+        DELETE FROM fhir_date WHERE rid = OLD.rid;
+        DELETE FROM fhir_reference WHERE rid = OLD.rid;
+        DELETE FROM fhir_quantity WHERE rid = OLD.rid;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION fhir_resource_event() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    action TEXT := 'created';
+BEGIN
+    IF NEW.deleted <> 0 THEN
+        action := 'deleted';
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF OLD.deleted = 0 THEN
+            action := 'updated';
+        END IF;
+    END IF;
+    INSERT INTO fhir_event (rid, type, id, version, action, at)
+    VALUES (NEW.rid, NEW.type, NEW.id, NEW.version, action, NEW.last_updated);
+    RETURN NULL;
+END $$;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "inbox, outbox, FHIR store, audit trail, assertion ids",
               _INBOX + _FHIR + _AUDIT),
@@ -373,4 +426,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "change events", _EVENTS),
     Migration(4, "change event deliveries", _EVENT_DELIVERY),
     Migration(5, "index rows keyed by the resource's rid", _RID),
+    Migration(6, "versions and change events keyed by the resource's rid", _HISTORY_RID),
 )
