@@ -1,30 +1,38 @@
-"""The embedded FHIR store's index rows name their resource by its integer rid: a new
-resource's is the next number, and a store file from before rid (index rows named by
-type and id) is moved to it when it is opened, in one transaction, finding afterwards
-everything it found before."""
+"""The embedded FHIR store's index rows, versions and change events name their resource
+by its integer rid: a new resource's is the next number, and a store file from before rid
+(index rows named by type and id), or from before its versions and events were (named by
+type, id and version), is moved to it when it is opened, in one transaction each, finding
+and reading afterwards everything it found and read before."""
 
 from __future__ import annotations
 
 import base64
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import pytest
 
 from gateway.app.tables import search_registry
 from gateway.config import load_settings
 from gateway.fhir.search.index import normalize
 from gateway.store.data_keys import KeySource, open_codec
+from gateway.store.events import ChangeEvent, SqliteEventLog, _bodies_sql
 from gateway.store.fhir import (
+    HistoryQuery,
     IdMatch,
+    SearchPage,
     SearchQuery,
     SortKey,
+    StoredResource,
     StringMatch,
     TokenMatch,
     WriteRequest,
 )
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.fhir_sqlite.schema import INDEX_TABLES, INDEX_VALUE_COLUMNS
-from gateway.store.fhir_sqlite.sql import count_sql, select_sql
+from gateway.store.fhir_sqlite.sql import VREAD_SQL, count_sql, history_sql, select_sql
 from gateway.store.seal_migration import seal_data_dir
 from support.builders import IDENTIFIER_SYSTEM, patient
 
@@ -89,8 +97,9 @@ def _index_rows(path: Path) -> set[tuple[object, ...]]:
 
 def _as_before_rid(path: Path) -> None:
     """Rewrite the store file at `path` in the layout of stores from before rid: resources
-    keyed by (type, id) alone, index rows naming them by type and id, and the triggers that
-    dropped a resource's old index rows by type and id."""
+    keyed by (type, id) alone, index rows, versions and events naming them by type and id,
+    and the triggers that dropped a resource's old index rows by type and id."""
+    _as_before_history_rid(path)
     script = ["BEGIN;"]
     script += [f"DROP TRIGGER {name};" for name in (
         "fhir_resource_event_insert", "fhir_resource_event_update",
@@ -123,6 +132,42 @@ def _as_before_rid(path: Path) -> None:
                    for t in INDEX_TABLES) + " END;",
         "COMMIT;"]
     with sqlite3.connect(path, isolation_level=None) as db:
+        db.executescript("\n".join(script))
+
+
+def _as_before_history_rid(path: Path) -> None:
+    """Rewrite the store file at `path` in the layout of stores whose versions and change
+    events named their resource by (type, id) alone, UNIQUE (type, id, version), with the
+    triggers that wrote them so; the events' AUTOINCREMENT high-water mark kept."""
+    with sqlite3.connect(path, isolation_level=None) as db:
+        triggers = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                              "AND tbl_name = 'fhir_resource'").fetchall()
+        high = db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'fhir_event'").fetchall()
+        script = ["BEGIN;"] + [f"DROP TRIGGER {name};" for name, _ in triggers] + [
+            "CREATE TABLE fhir_version_old (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, "
+            "id TEXT NOT NULL, version INTEGER NOT NULL, last_updated TEXT NOT NULL, "
+            "deleted INTEGER NOT NULL, body BLOB NOT NULL, UNIQUE (type, id, version));",
+            "INSERT INTO fhir_version_old SELECT seq, type, id, version, last_updated, "
+            "deleted, body FROM fhir_version ORDER BY seq;",
+            "DROP TABLE fhir_version;",
+            "ALTER TABLE fhir_version_old RENAME TO fhir_version;",
+            "CREATE INDEX fhir_version_updated ON fhir_version (last_updated);",
+            "CREATE INDEX fhir_version_type_updated ON fhir_version (type, last_updated);",
+            "CREATE TABLE fhir_event_old (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "type TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, "
+            "action TEXT NOT NULL, at TEXT NOT NULL, UNIQUE (type, id, version));",
+            "INSERT INTO fhir_event_old SELECT seq, type, id, version, action, at "
+            "FROM fhir_event ORDER BY seq;",
+            "DROP TABLE fhir_event;",
+            "ALTER TABLE fhir_event_old RENAME TO fhir_event;"]
+        if high:
+            script += ["DELETE FROM sqlite_sequence WHERE name = 'fhir_event';",
+                       f"INSERT INTO sqlite_sequence (name, seq) VALUES ('fhir_event', "
+                       f"{int(high[0][0])});"]
+        script += [str(sql).replace("(rid, type,", "(type,").replace(
+            "(new.rid, new.type,", "(new.type,") + ";" for _, sql in triggers]
+        script.append("COMMIT;")
         db.executescript("\n".join(script))
 
 
@@ -231,5 +276,158 @@ async def test_store_encrypt_on_a_store_from_before_rid_moves_it_and_finds_the_s
         await _write(store, "MRN-R1", "Okafor-Lee", "1961-02-03")  # the triggers are back
         assert await _found(store, _by_family("Okafor-Lee")) == [ids["MRN-R1"]]
         assert await _found(store, _by_family("Okafor", "exact")) == []
+        first = await store.vread("Patient", ids["MRN-R1"], 1)  # sealed by the migration
+        assert first is not None and b'"Okafor"' in first.body
+        history = await store.history(HistoryQuery("Patient", ids["MRN-R1"]))
+        assert [r.version for r in history.resources] == [2, 1]
+        log = await SqliteEventLog.open(path, codec)
+        try:
+            events = await log.with_bodies(await log.after(0, 10))
+        finally:
+            await log.close()
+        assert [(e.id, e.version) for e in events][-1] == (ids["MRN-R1"], 2)
+        assert [e.body for e in events][0] == first.body
     finally:
         await store.close()
+    _assert_history_named_by_rid(path)
+
+
+# -- versions and change events ------------------------------------------------------------
+
+
+async def _history_written(path: Path) -> dict[str, str]:
+    """PEOPLE written to a store at `path` (then closed), with history: MRN-R1 renamed then
+    deleted, MRN-R3 renamed. MRN -> resource id."""
+    ids = await _people_written(path)
+    store = await _open(path)
+    try:
+        await _write(store, "MRN-R1", "Okafor-Lee", "1961-02-03")
+        await store.transact([WriteRequest("DELETE", "Patient", ids["MRN-R1"])])
+        await _write(store, "MRN-R3", "Aalto-Berg", "1983-06-07")
+    finally:
+        await store.close()
+    return ids
+
+
+@dataclass(frozen=True)
+class HistoryRead:
+    """What a store reads of its history."""
+
+    versions: dict[tuple[str, int], StoredResource | None]
+    histories: list[SearchPage]
+    events: list[ChangeEvent]
+
+
+async def _history_read(path: Path, ids: dict[str, str]) -> HistoryRead:
+    """Every version by vread (and one past the last), each instance's history (one also
+    since an instant), the type's and the system's, and the change events with bodies."""
+    store = await _open(path)
+    log = await SqliteEventLog.open(path)
+    try:
+        versions: dict[tuple[str, int], StoredResource | None] = {}
+        for id_ in ids.values():
+            current = await store.read("Patient", id_)
+            assert current is not None
+            for version in range(1, current.version + 2):
+                versions[(id_, version)] = await store.vread("Patient", id_, version)
+        renamed = versions[(ids["MRN-R3"], 2)]
+        assert renamed is not None
+        queries = [HistoryQuery("Patient", id_) for id_ in ids.values()] + [
+            HistoryQuery("Patient", ids["MRN-R3"], since=renamed.last_updated),
+            HistoryQuery("Patient", count=2, offset=1), HistoryQuery("Patient"),
+            HistoryQuery(), HistoryQuery("Patient", "never-written")]
+        histories = [await store.history(query) for query in queries]
+        events = await log.with_bodies(await log.after(0, 100))
+    finally:
+        await log.close()
+        await store.close()
+    return HistoryRead(versions, histories, events)
+
+
+def _assert_history_named_by_rid(path: Path) -> None:
+    """Every version and event names by its rid the resource its type and id name, and the
+    tables' keys are (rid, version) with no index on the uuid."""
+    with sqlite3.connect(path) as db:
+        for table in ("fhir_version", "fhir_event"):
+            assert not db.execute(
+                f"SELECT count(*) FROM {table} x LEFT JOIN fhir_resource r ON r.rid = x.rid "
+                "WHERE r.rid IS NULL OR r.type <> x.type OR r.id <> x.id").fetchone()[0]
+            indexes = [(str(name), bool(unique)) for _, name, unique, *_ in db.execute(
+                f"PRAGMA index_list({table})")]
+            keys = {name: [str(c[2]) for c in db.execute(f"PRAGMA index_info('{name}')")]
+                    for name, _ in indexes}
+            assert [keys[name] for name, unique in indexes if unique] == [["rid", "version"]]
+            assert not any("id" in columns for columns in keys.values()), keys
+
+
+async def test_versions_and_events_name_their_resource_by_rid(tmp_path: Path) -> None:
+    path = tmp_path / "fhir.db"
+    ids = await _history_written(path)
+    _assert_history_named_by_rid(path)
+    read = await _history_read(path, ids)
+    assert [(e.id, e.version, e.action) for e in read.events] == [
+        (ids["MRN-R1"], 1, "created"), (ids["MRN-R2"], 1, "created"),
+        (ids["MRN-R3"], 1, "created"), (ids["MRN-R1"], 2, "updated"),
+        (ids["MRN-R1"], 3, "deleted"), (ids["MRN-R3"], 2, "updated")]
+    # A deletion's event carries the body of the version it deleted.
+    okafor_lee = read.versions[(ids["MRN-R1"], 2)]
+    assert okafor_lee is not None and read.events[4].body == okafor_lee.body
+    assert [r.version for r in read.histories[0].resources] == [3, 2, 1]
+    with sqlite3.connect(path) as db, pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO fhir_version (rid, type, id, version, last_updated, deleted, "
+                   "body) SELECT rid, type, 'another', version, last_updated, deleted, body "
+                   "FROM fhir_version LIMIT 1")
+
+
+async def test_a_store_with_history_named_by_id_is_moved_and_reads_what_it_read(
+        tmp_path: Path) -> None:
+    path = tmp_path / "fhir.db"
+    ids = await _history_written(path)
+    before = await _history_read(path, ids)
+    # The newest event purged (the pump handled it): its seq must not be drawn again.
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM fhir_event WHERE seq = (SELECT max(seq) FROM fhir_event)")
+    purged = before.events[-1].seq
+    _as_before_history_rid(path)
+    assert "rid" not in _columns(path, "fhir_version") + _columns(path, "fhir_event")
+
+    after = await _history_read(path, ids)
+    assert "rid" in _columns(path, "fhir_version") and "rid" in _columns(path, "fhir_event")
+    _assert_history_named_by_rid(path)
+    assert after.versions == before.versions
+    assert after.histories == before.histories
+    assert after.events == before.events[:-1]
+    store = await _open(path)
+    log = await SqliteEventLog.open(path)
+    try:  # the triggers write rids again: a new version, its event after the purged one
+        await _write(store, "MRN-R2", "Brandt-Ruiz", "1972-04-05")
+        [event] = await log.with_bodies(await log.after(purged - 1, 10))
+        renamed = await store.vread("Patient", ids["MRN-R2"], 2)
+        assert renamed is not None and event.seq == purged + 1 and event.body == renamed.body
+        assert await store.vread("Patient", ids["MRN-R2"], 1) == before.versions[
+            (ids["MRN-R2"], 1)]
+    finally:
+        await log.close()
+        await store.close()
+    _assert_history_named_by_rid(path)
+
+
+async def test_a_version_history_and_event_bodies_are_read_by_key(tmp_path: Path) -> None:
+    """vread, instance history and the pump's bodies look the version table up by (rid,
+    version), the resource's rid by (type, id): no scan of the versions."""
+    path = tmp_path / "fhir.db"
+    ids = await _history_written(path)
+    instance = HistoryQuery("Patient", ids["MRN-R1"], since="2000-01-01T00:00:00.000000Z")
+    statements = [(VREAD_SQL, ["Patient", ids["MRN-R1"], 2]), *history_sql(instance),
+                  (_bodies_sql(2), [1, 1, 2, 1])]
+    with sqlite3.connect(path) as db:
+        for sql, params in statements:
+            plan = " / ".join(str(row[3]) for row in db.execute(
+                f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "USING INDEX sqlite_autoindex_fhir_version_1 (rid=?" in plan or (
+                "USING COVERING INDEX sqlite_autoindex_fhir_version_1 (rid=?" in plan), plan
+            assert "SCAN fhir_version" not in plan and "SCAN v" not in plan, plan
+        type_plan = " / ".join(str(row[3]) for row in db.execute(
+            f"EXPLAIN QUERY PLAN {history_sql(HistoryQuery('Patient'))[0][0]}",
+            history_sql(HistoryQuery("Patient"))[0][1]))
+        assert "fhir_version_type_updated" in type_plan, type_plan

@@ -1,6 +1,6 @@
 """The embedded FHIR store's SQL: a `SearchQuery` as a SELECT (or a count) over the index
-tables, and the writer's primary-key read of current rows. Values are always bound, never
-written into the statement.
+tables, a `HistoryQuery` over the versions, and the writer's primary-key read of current
+rows. Values are always bound, never written into the statement.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.store.fhir import (
     DateMatch,
+    HistoryQuery,
     IdMatch,
     LastUpdatedMatch,
     Match,
@@ -21,7 +22,17 @@ from gateway.store.fhir import (
     StringMatch,
     TokenMatch,
 )
-from gateway.store.fhir_sqlite.schema import COLUMNS, INDEX_TABLES
+from gateway.store.fhir_sqlite.schema import (
+    COLUMNS,
+    INDEX_TABLES,
+    RESOURCE_RID,
+    VERSION_COLUMNS,
+)
+
+# One version of a resource, bound (type, id, version): by its rid and version, the version
+# table's unique key.
+VREAD_SQL = (f"SELECT {VERSION_COLUMNS} FROM fhir_version WHERE rid = {RESOURCE_RID} "
+             "AND version = ?")
 
 
 def current_rows_sql(counts: Sequence[int]) -> str:
@@ -31,6 +42,29 @@ def current_rows_sql(counts: Sequence[int]) -> str:
     return " UNION ALL ".join(
         f"SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? "
         f"AND r.id IN ({','.join('?' * count)})" for count in counts)
+
+
+def history_sql(query: HistoryQuery) -> tuple[tuple[str, list[object]],
+                                               tuple[str, list[object]]]:
+    """A page of versions newest first, and the count of them all: one resource's by its
+    rid (the version table's key), a type's by (type, last_updated), or every one."""
+    where: list[str] = []
+    params: list[object] = []
+    if query.id is not None:
+        where.append(f"rid = {RESOURCE_RID}")
+        params += [query.resource_type, query.id]
+    elif query.resource_type is not None:
+        where.append("type = ?")
+        params.append(query.resource_type)
+    if query.since is not None:
+        where.append("last_updated >= ?")
+        params.append(query.since)
+    condition = f" WHERE {' AND '.join(where)}" if where else ""
+    # seq follows commit order, so it breaks ties between equal instants newest first.
+    page = (f"SELECT {VERSION_COLUMNS} FROM fhir_version{condition} "
+            "ORDER BY last_updated DESC, seq DESC LIMIT ? OFFSET ?",
+            [*params, query.count, query.offset])
+    return page, (f"SELECT count(*) FROM fhir_version{condition}", params)
 
 
 # param -> the labels its fhir_string rows may carry, where more than its name (a sealed

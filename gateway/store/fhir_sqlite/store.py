@@ -51,14 +51,12 @@ from gateway.store.fhir_sqlite.blinding import (
     blind_query,
 )
 from gateway.store.fhir_sqlite.schema import (
-    RESOURCE_RID,
-    VERSION_COLUMNS,
     Row,
     format_instant,
     open_writer,
     stored_resource,
 )
-from gateway.store.fhir_sqlite.sql import count_sql, select_sql
+from gateway.store.fhir_sqlite.sql import VREAD_SQL, count_sql, history_sql, select_sql
 from gateway.store.fhir_sqlite.writes import Outcomes, TransactionWriter
 from gateway.store.sealing import PLAIN, RowCodec
 
@@ -193,9 +191,7 @@ class SqliteFhirStore:
             "WHERE type = ? AND id = ?", (resource_type, id))
 
     async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
-        return self._lookup_one(
-            f"SELECT {VERSION_COLUMNS} FROM fhir_version WHERE rid = {RESOURCE_RID} "
-            "AND version = ?", (resource_type, id, version))
+        return self._lookup_one(VREAD_SQL, (resource_type, id, version))
 
     def _lookup_one(self, sql: str, params: tuple[object, ...]) -> StoredResource | None:
         try:
@@ -266,24 +262,8 @@ class SqliteFhirStore:
         """Versions newest first; total always set."""
         if query.id is not None and query.resource_type is None:
             raise ValueError("instance history needs the resource type")
-        where: list[str] = []
-        params: list[object] = []
-        if query.id is not None:
-            where.append(f"rid = {RESOURCE_RID}")
-            params += [query.resource_type, query.id]
-        elif query.resource_type is not None:
-            where.append("type = ?")
-            params.append(query.resource_type)
-        if query.since is not None:
-            where.append("last_updated >= ?")
-            params.append(query.since)
-        condition = f" WHERE {' AND '.join(where)}" if where else ""
-        # seq follows commit order, so it breaks ties between equal instants newest first.
-        page = (f"SELECT {VERSION_COLUMNS} FROM fhir_version{condition} "
-                "ORDER BY last_updated DESC, seq DESC LIMIT ? OFFSET ?",
-                [*params, query.count, query.offset])
-        rows, total = await self._read(
-            page, (f"SELECT count(*) FROM fhir_version{condition}", params))
+        page, count = history_sql(query)
+        rows, total = await self._read(page, count)
         return SearchPage([stored_resource(row, self._codec) for row in rows], total)
 
     async def stats(self) -> StoreStats:
