@@ -412,6 +412,25 @@ async def test_a_store_with_history_named_by_id_is_moved_and_reads_what_it_read(
     _assert_history_named_by_rid(path)
 
 
+async def test_a_version_without_its_resource_stops_the_move_and_leaves_the_file(
+        tmp_path: Path) -> None:
+    """No statement deletes a current row; a version without one (a damaged file) has no
+    rid to take: the move fails as a whole rather than drop it from the history."""
+    path = tmp_path / "fhir.db"
+    await _history_written(path)
+    _as_before_history_rid(path)
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO fhir_version (type, id, version, last_updated, deleted, body) "
+                   "VALUES ('Patient', 'never-current', 1, '2026-01-01T00:00:00.000000Z', "
+                   "0, x'7b7d')")
+    with pytest.raises(sqlite3.IntegrityError):
+        await _open(path)
+    assert "rid" not in _columns(path, "fhir_version") + _columns(path, "fhir_event")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM fhir_version").fetchone()[0] == 7
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'"
+                          ).fetchone()[0] == 4
+
 async def test_a_version_history_and_event_bodies_are_read_by_key(tmp_path: Path) -> None:
     """vread, instance history and the pump's bodies look the version table up by (rid,
     version), the resource's rid by (type, id): no scan of the versions."""
