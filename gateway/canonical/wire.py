@@ -7,11 +7,14 @@ primary flag, business key's system and value, content) in one orjson document, 
 level 1 over it; `decode` gives back an equal Translation, built as the engine builds
 one (`trusted_*`: the same models, the same shared fields sets, one Provenance for all
 the resources). Against pickling the models (`_Record`), an ADT^A01 of 16 resources
-(`bench/translation_wire.py`): 2.2 KB against 7.1 KB, read ~40 us against ~52 (by the
-apply worker, the end-to-end bottleneck), written ~37 us against ~43 (by a translator).
-zlib is ~24 us of the writing and ~10 of the reading, for 3.3x fewer bytes: what lets a
-worker hold a long burst's translations (`ingest/worker.py`, `KEPT_MAX`), and each one
-held is a row not translated again (~1,850 us).
+(`bench/translation_wire.py`): 2.2 KB against 7.1 KB, read in ~43 us against ~51 (by the
+apply worker, the end-to-end bottleneck), written in ~40 against ~40 (by a translator);
+an ORU^R01 of 10 results, its Observations pickled (their Decimals), 2.4 KB against 8.7,
+read in ~63 against ~64, written in ~80 against ~55. zlib is ~24 us of the writing and
+~10 of the reading, for 3.3x fewer bytes: what lets a worker hold a long burst's
+translations (`ingest/worker.py`, `KEPT_MAX`), and each one held is a row not translated
+again (~1,850 us). Of the reading, orjson's parse is ~18 us and building the models
+(`trusted_*`) ~12: without zlib it would be ~30 us, for 7.2 KB.
 
 A content that JSON would not carry exactly (a Decimal, as FHIR decimals are: "1.10" must
 stay "1.10"; a datetime; a subclass of str, int, dict or list; a dataclass) is pickled

@@ -47,10 +47,11 @@ _LARGE_RESOURCES = 500
 # At most this many translations kept for their rows, in at most `kept_bytes_max` bytes,
 # none for longer than this: enough for the apply to lag a long burst without translating
 # the rows again. A burst of 12,000 ADT^A01 ACKed at ~1,450/s and applied at ~450/s leaves
-# ~8,300 waiting when it ends (the 8,000 of `bench/apply_lag.py` ~5,500) and the last one
-# applied ~27 s after it came; in the wire form (`canonical/wire.py`, 1.3-2.2 KB an
-# ADT^A01, against 6-7 KB pickled, which held ~2,800 in 16 MiB: 1,508 of that bench's
-# 8,000 rows were translated again) all 12,000 fit in 32 MiB.
+# ~8,300 waiting when it ends and the last one applied ~18 s after it came. In the wire
+# form (`canonical/wire.py`: 1.3 KB for `bench/apply_lag.py`'s ADT^A01, 2.2 KB for
+# `bench/translate.py`'s, 4.1 and 7.1 KB pickled as models) all 12,000 fit in 32 MiB;
+# pickled in 16 MiB, ~4,000 did, and 1,500-1,850 of that bench's 8,000 rows were
+# translated again (0 now).
 KEPT_MAX = 20_000
 _KEPT_SECONDS = 60.0
 # What a kept translation holds besides its bytes: its key (a 16-byte digest), the bytes
