@@ -118,8 +118,8 @@ class InboxFollower(LocalApplier):
         # not kept (the rows are applied oldest first, so evicting the oldest would only
         # miss them all); one never looked up (its message was refused after translating)
         # is dropped after a minute.
-        # Kept in the wire form (`canonical/wire.py`, ~2 KB an ADT^A01): a tenth of the
-        # memory of the objects, and made into them only when applied.
+        # Kept in the wire form (`canonical/wire.py`, 2.2 KB an ADT^A01 of 16 resources):
+        # a twentieth of the objects' memory (45 KB), made into them only when applied.
         self._kept: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._kept_bytes = 0
         # `budget_bytes` is a quarter of the memory budget (`worker_main`).
