@@ -4,8 +4,9 @@ Started by the edge (`gateway.app.workers`), never by hand. It translates small 
 for their ACKs and nothing else, so an ACK never waits behind an apply: in the apply
 worker's process the request waited for its event loop and for the interpreter lock,
 held for milliseconds at a time by the FHIR store's writer thread (ACK p99 88 ms at 200
-msg/s on a quiet machine). Each answer carries the Translation itself (pickled), which the
-edge hands to the apply worker that owns the patient, so the row is not translated twice.
+msg/s on a quiet machine). Each answer carries the Translation itself (its wire form,
+`canonical/wire.py`), which the edge hands to the apply worker that owns the patient, so
+the row is not translated twice.
 
 On a blocking socket, no event loop: there is nothing to wait for between requests. Each
 answer is written as soon as it is made, in order: answering the requests that came
@@ -25,6 +26,7 @@ from typing import Any
 from gateway.app.child import begin
 from gateway.app.tables import load_translator
 from gateway.app.wire import LENGTH, frame, request_from_wire
+from gateway.canonical import wire
 from gateway.ingest.prepare import Request, message_key, prepare, to_wire
 from gateway.mapping.engine import Translator
 
@@ -79,13 +81,12 @@ def _frames(pending: bytearray) -> list[tuple[Any, ...]]:
 
 
 def _translated(translator: Translator, seq: int, request: Request) -> tuple[Any, ...]:
-    """("translated", seq, the outcome for the ACK, (key, pickled Translation) for the
-    apply worker or None)."""
+    """("translated", seq, the outcome for the ACK, (key, the Translation's wire form) for
+    the apply worker or None)."""
     prepared = prepare(translator, request, keep=True)
     kept = None
     if prepared.translation is not None:
-        kept = (message_key(request.raw),
-                pickle.dumps(prepared.translation, protocol=pickle.HIGHEST_PROTOCOL))
+        kept = (message_key(request.raw), wire.encode(prepared.translation))
     return ("translated", seq, to_wire(prepared), kept)
 
 

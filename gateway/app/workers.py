@@ -10,9 +10,9 @@ its settings on stdin and talking over a socket pair, one pickled tuple a frame 
                                                      (`request_to_wire`)
     translator -> edge ("ready",)                    it takes translations from now on
                        ("translated", seq, wire, kept)  the outcome (`prepare.to_wire`);
-                                                     kept: (key, pickled Translation)
-                                                     or None
-    edge -> worker     ("keep", key, pickled Translation)  for its row
+                                                     kept: (key, the Translation's wire
+                                                     form, `canonical/wire.py`) or None
+    edge -> worker     ("keep", key, Translation's wire form)  for its row
                        ("wake",)                     rows were committed (the first:
                                                      start reading the inbox)
                        ("stop",)                     finish the batch in hand and exit
@@ -61,7 +61,7 @@ from gateway.config import Settings
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.ingest.applier import Outcome
 from gateway.ingest.prepare import Prepared, Request, from_wire, settle
-from gateway.ingest.worker import KEPT_MAX, share_of
+from gateway.ingest.worker import KEPT_ENTRY_BYTES, KEPT_MAX, kept_bytes_max, share_of
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ class Workers:
         self._settings = settings
         self._seq = 0
         # Held for an apply worker that is starting: no more than it keeps itself
-        # (`InboxFollower.keep`: a quarter of its quarter of the memory budget).
-        self._held_max_bytes = settings.processes.memory_budget_bytes // 16
+        # (`InboxFollower.keep`: its share of an eighth of the memory budget).
+        self._held_max_bytes = kept_bytes_max(settings.processes.memory_budget_bytes, count)
         self._workers = [_Child(_WORKER, i) for i in range(count)]
         self._translators = [_Child(_TRANSLATOR, i) for i in range(translator_count(count))]
         self._pending: set[int] = set()
@@ -365,11 +365,12 @@ class Workers:
     def _hold(self, worker: _Child, kept: tuple[bytes, bytes]) -> None:
         """Keep a Translation for an apply worker that is starting, for when it is ready;
         when full, drop it (the worker translates the row again)."""
+        size = len(kept[1]) + KEPT_ENTRY_BYTES  # counted as the worker counts it
         if (self._closing or len(worker.held) >= KEPT_MAX
-                or worker.held_bytes + len(kept[1]) > self._held_max_bytes):
+                or worker.held_bytes + size > self._held_max_bytes):
             return
         worker.held.append(kept)
-        worker.held_bytes += len(kept[1])
+        worker.held_bytes += size
 
     def _ready(self, child: _Child) -> None:
         """A child is ready. An apply worker is handed what was held for it, then its first

@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from gateway.canonical import Translation
+from gateway.canonical import Translation, wire
 from gateway.fhir.search import SearchRegistry
 from gateway.hl7.errors import ErrorCode, Hl7Error
 from gateway.hl7.message import parse_message
@@ -45,11 +44,19 @@ log = logging.getLogger(__name__)
 # thread, so that one heavy message does not stop the worker answering the edge.
 _LARGE_BYTES = 64 * 1024
 _LARGE_RESOURCES = 500
-# At most this many translations kept for their rows (and their pickled bytes within a
-# quarter of the budget), none for longer than this: enough for the apply to lag a burst
-# of tens of seconds without translating the rows again.
+# At most this many translations kept for their rows, in at most `kept_bytes_max` bytes,
+# none for longer than this: enough for the apply to lag a long burst without translating
+# the rows again. A burst of 12,000 ADT^A01 ACKed at ~1,450/s and applied at ~450/s leaves
+# ~8,300 waiting when it ends and the last one applied ~18 s after it came. In the wire
+# form (`canonical/wire.py`: 1.3 KB for `bench/apply_lag.py`'s ADT^A01, 2.2 KB for
+# `bench/translate.py`'s, 4.1 and 7.1 KB pickled as models) all 12,000 fit in 32 MiB;
+# pickled in 16 MiB, ~4,000 did, and 1,500-1,850 of that bench's 8,000 rows were
+# translated again (0 now).
 KEPT_MAX = 20_000
 _KEPT_SECONDS = 60.0
+# What a kept translation holds besides its bytes: its key (a 16-byte digest), the bytes
+# object's header, the (bytes, time) pair and the ordered dict's entry (~240, measured).
+KEPT_ENTRY_BYTES = 256
 
 # How long a merge waits for older rows in other workers' shares to be applied, polling.
 _MERGE_WAIT = 10.0
@@ -68,6 +75,16 @@ class Applier(Protocol):
     async def drain(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def kept_bytes_max(memory_budget_bytes: int, workers: int) -> int:
+    """The bytes of translations one apply worker keeps (`InboxFollower.keep`), and the
+    edge holds for one that is starting: an eighth of `processes.memory_budget_bytes`
+    shared by all the workers (each keeps its share's), so together they hold no more
+    however many there are. At the default 256 MiB, 32 MiB: ~13,000 ADT^A01 in the wire
+    form with what each entry costs besides (see `KEPT_MAX`); the edge's frames have the
+    budget itself, a worker's reads a quarter of it."""
+    return memory_budget_bytes // 8 // max(1, workers)
 
 
 def share_of(key: str, count: int) -> int:
@@ -101,10 +118,12 @@ class InboxFollower(LocalApplier):
         # not kept (the rows are applied oldest first, so evicting the oldest would only
         # miss them all); one never looked up (its message was refused after translating)
         # is dropped after a minute.
-        # Kept pickled (a few KB for an ADT^A01): a third of the memory of the objects, and
-        # made into them only when applied.
+        # Kept in the wire form (`canonical/wire.py`, 2.2 KB an ADT^A01 of 16 resources):
+        # a twentieth of the objects' memory (45 KB), made into them only when applied.
         self._kept: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._kept_bytes = 0
+        # `budget_bytes` is a quarter of the memory budget (`worker_main`).
+        self._kept_max_bytes = kept_bytes_max(4 * budget_bytes, shares)
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
         # Rows translated here since the last report: none was kept for them (made before
@@ -112,17 +131,33 @@ class InboxFollower(LocalApplier):
         self.translated_again = 0
 
     def keep(self, key: bytes, translation: bytes) -> None:
-        """Hold a translation made for the ACK (pickled) until its row comes up: `key` is
-        the message's `message_key`."""
+        """Hold a translation made for the ACK (its wire form) until its row comes up:
+        `key` is the message's `message_key`."""
         now = asyncio.get_running_loop().time()
         while self._kept and next(iter(self._kept.values()))[1] < now - _KEPT_SECONDS:
             _, (held, _) = self._kept.popitem(last=False)
-            self._kept_bytes -= len(held)
+            self._kept_bytes -= len(held) + KEPT_ENTRY_BYTES
+        size = len(translation) + KEPT_ENTRY_BYTES
         if (key in self._kept or len(self._kept) >= KEPT_MAX
-                or self._kept_bytes + len(translation) > self._budget // 4):
+                or self._kept_bytes + size > self._kept_max_bytes):
             return
         self._kept[key] = (translation, now)
-        self._kept_bytes += len(translation)
+        self._kept_bytes += size
+
+    def _kept_for(self, raw: bytes) -> Replay | None:
+        """The translation kept for this row, taken out (None: none, or one that does not
+        read: the row is translated again)."""
+        kept = self._kept.pop(message_key(raw), None)
+        if kept is None:
+            return None
+        self._kept_bytes -= len(kept[0]) + KEPT_ENTRY_BYTES
+        try:
+            # Written by our own translator process, handed on by the edge.
+            return Replay(TRANSLATED, wire.decode(kept[0]))
+        except wire.WireFormError as exc:
+            log.warning("apply worker: a kept translation did not read (%s); the row is "
+                        "translated again", exc)
+            return None
 
     def wake(self) -> None:
         self._wake.set()
@@ -185,11 +220,10 @@ class InboxFollower(LocalApplier):
         marks: list[tuple[int, str, str]] = []
         reports: list[tuple[int, str]] = []
         for row_id, raw, received_at in rows:
-            kept = self._kept.pop(message_key(raw), None)
+            kept = self._kept_for(raw)
+            replayed: Replay | None
             if kept is not None:
-                self._kept_bytes -= len(kept[0])
-                # Pickled by our own translator process, handed on by the edge.
-                replayed: Replay | None = Replay(TRANSLATED, pickle.loads(kept[0]))
+                replayed = kept
             elif len(raw) >= _LARGE_BYTES:
                 # On a thread: what the edge sends (kept translations) keeps being read.
                 replayed = await asyncio.to_thread(self._mine, raw, received_at)

@@ -20,8 +20,10 @@ from typing import Any
 
 from gateway.app.translator_main import _serve
 from gateway.app.wire import LENGTH, frame, request_to_wire
+from gateway.canonical import wire
 from gateway.config.loader import load_settings
-from gateway.ingest.prepare import Request, from_wire
+from gateway.hl7.message import parse_message
+from gateway.ingest.prepare import Request, from_wire, message_key
 from gateway.mapping.engine import Translator
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -86,6 +88,13 @@ def test_each_answer_is_written_before_the_next_request_is_translated() -> None:
     assert not serving.is_alive()
     assert first[:2] == ("translated", 1)
     assert from_wire(first[2]).translated and first[3] is not None
+    # For the apply worker: the message's key and its Translation in the wire form.
+    key, kept = first[3]
+    assert key == message_key(small)
+    handed = wire.decode(kept)
+    again = translator.translate(parse_message(small), handed.provenance.received_at)
+    assert [(r.resource_type, r.id, r.content) for r in handed.resources] == [
+        (r.resource_type, r.id, r.content) for r in again.resources]
     assert readable == []
     assert second[:2] == ("translated", 2)
     assert from_wire(second[2]).translated

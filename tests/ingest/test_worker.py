@@ -2,13 +2,13 @@
 `translated` are applied in inbox order and reported; two workers split the patients
 between them and together apply everything once; a row whose apply committed before a
 crash (its Provenance is in the store) is marked, not applied again; a translation kept
-for a row (made for its ACK) is the one applied; a message of many resources (its writes
-made on a thread) is applied whole."""
+for a row (made for its ACK) is the one applied, and one that does not read (cut short,
+changed) is translated again from the row; a message of many resources (its writes made
+on a thread) is applied whole."""
 
 from __future__ import annotations
 
 import asyncio
-import pickle
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from conftest import message, with_control_id
+from gateway.canonical import wire
 from gateway.hl7.message import parse_message
 from gateway.ingest.prepare import message_key
 from gateway.ingest.replay import translate
@@ -158,7 +159,7 @@ async def test_a_translation_kept_for_its_row_is_applied_instead_of_a_new_one(
     # store ends up with says which translation was applied.
     made = translate(translator, parse_message(adt(1, 7)), datetime.now(UTC)).translation
     assert made is not None
-    follower.keep(message_key(raw), pickle.dumps(made))
+    follower.keep(message_key(raw), wire.encode(made))
     task = asyncio.create_task(follower.follow())
     try:
         await commit(inbox, raw, "F-1-0")
@@ -172,6 +173,38 @@ async def test_a_translation_kept_for_its_row_is_applied_instead_of_a_new_one(
         await eventually(lambda: len(done) == 2, timeout=60)
         assert await families(store, 2) == {0: "FAMILY2", 1: "FAMILY7"}
         assert follower.translated_again == 1
+    finally:
+        follower.stop()
+        await task
+        await store.close()
+        await inbox.close()
+
+
+async def test_a_kept_translation_that_does_not_read_is_translated_again(
+        tmp_path: Path) -> None:
+    registry, translator, inbox, store = await open_apply_parts(tmp_path)
+    done: list[tuple[int, str]] = []
+    # No idle sweep in the test's time: a batch that failed would not be read again.
+    follower = InboxFollower(store, registry, inbox, translator, done.extend,
+                             sweep_interval=3600)
+    made = translate(translator, parse_message(adt(1, 7)), datetime.now(UTC)).translation
+    assert made is not None
+    encoded = wire.encode(made)
+    cut_short, changed = adt(1, 0), adt(2, 0)
+    follower.keep(message_key(cut_short), encoded[:len(encoded) // 2])
+    follower.keep(message_key(changed), encoded[:40] + bytes([encoded[40] ^ 0xFF])
+                  + encoded[41:])
+    task = asyncio.create_task(follower.follow())
+    try:
+        first = await commit(inbox, cut_short, "F-1-0")
+        second = await commit(inbox, changed, "F-2-0")
+        follower.wake()
+        await eventually(lambda: len(done) == 2, timeout=60)
+        # Both applied from their own bytes (FAMILY0), not from what was kept (FAMILY7).
+        assert done == [(first, ""), (second, "")]
+        assert await families(store, 3) == {1: "FAMILY0", 2: "FAMILY0"}
+        assert follower.translated_again == 2
+        assert {e.status for e in await inbox.list(10)} == {APPLIED}
     finally:
         follower.stop()
         await task
