@@ -69,8 +69,14 @@ class Run:
         # Resource type -> how many the message made so far (`new_draft`).
         self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
-        # the sender gave one, else the site's configured offset.
-        self.offset = _offset_of(message.header_value(7)) or default_offset
+        # the sender gave one, else the site's configured offset. Read from MSH-7 as kept
+        # (`_OFFSETS`): working it out cost ~7k instructions a message, and a sender's
+        # messages of one second share MSH-7.
+        msh7 = message.header_value(7)
+        offset = _OFFSETS.get(msh7)
+        if offset is None:
+            offset = remember(_OFFSETS, msh7, _offset_of(msh7), len(msh7))
+        self.offset = offset or default_offset
         # The latest segment of each id read so far (fields of other segments come from it).
         self.latest: dict[str, Segment] = {}
 
@@ -173,6 +179,10 @@ def _merge(into: Json, other: Json) -> None:
             into[key] = value
         elif isinstance(current, list) and isinstance(value, list):
             current.extend(item for item in value if item not in current)
+
+
+# MSH-7 -> its offset (`_offset_of`, "" for none), across messages.
+_OFFSETS: dict[str, str] = {}
 
 
 def _offset_of(msh7: str) -> str:
