@@ -114,13 +114,25 @@ class Run:
                 break
         else:
             identity = _content_identity(resource_type, content)
-        draft = self._referenced.get(identity)
+        referenced = self._referenced
+        draft = referenced.get(identity)
         if draft is None:
-            draft = self._referenced[identity] = self.new_draft(resource_type, content, False,
-                                                                identity)
+            # `new_draft(resource_type, content, False, identity)` written inline: a call
+            # frame less for each resource only referred to.
+            ordinals = self.ordinals
+            ordinal = ordinals.get(resource_type, 0)
+            ordinals[resource_type] = ordinal + 1
+            draft = referenced[identity] = Draft()
+            draft.resource_type = resource_type
+            draft.content = content
+            draft.primary = False
+            draft.ordinal = ordinal
+            draft.full_url = ""
+            draft.identity = identity
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
                 _REFERRED_DIGESTS, identity, _digest(identity), len(identity)))
+            self.drafts.append(draft)
         else:
             _merge(draft.content, content)
             digest = draft.digest or _digest(identity)  # set when it was made
@@ -147,8 +159,8 @@ class Run:
 def _content_identity(resource_type: str, content: Json) -> str:
     # Without an identifier only an identical resource is the same one (two beds of a ward,
     # a facility and a point of care sharing a name, stay apart).
-    return f"{resource_type}|~" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS,
-                                               default=str).decode()
+    text = orjson.dumps(content, option=orjson.OPT_SORT_KEYS, default=str).decode()
+    return f"{resource_type}|~{text}"  # one string made, not two
 
 
 def _digest(identity: str) -> str:
