@@ -43,9 +43,10 @@ class Draft:
     ordinal: int  # how many resources of its type the message made before it
     full_url: str  # "urn:uuid:" and its id, once the ids are known (`engine._finish`)
     identity: str  # a referred-to resource: what makes it the same one next time
-    # What a reference to it holds until the ids are known (`Run.reference`), made at
-    # the first one: the identity no longer changes once something points at it.
-    digest: str | None
+    # What a reference to it holds until the ids are known (`Run.reference`): a resource
+    # made from a segment, its identity as made (only `engine._finish` changes it, once
+    # every reference is made); one only referred to, a digest of its identity.
+    digest: str
 
 
 class Run:
@@ -98,7 +99,7 @@ class Run:
         draft.ordinal = ordinal
         draft.full_url = ""
         draft.identity = identity
-        draft.digest = None
+        draft.digest = identity
         self.drafts.append(draft)
         return draft
 
@@ -135,7 +136,7 @@ class Run:
             self.drafts.append(draft)
         else:
             _merge(draft.content, content)
-            digest = draft.digest or _digest(identity)  # set when it was made
+            digest = draft.digest  # set when it was made
         ref: Json = {"reference": digest}
         self.pending_refs.append((ref, draft))
         return ref
@@ -147,11 +148,8 @@ class Run:
         # of ward 4E is not room 408 of ward 5W). The target is one made from a segment
         # (`steps.apply_step`'s links), and so is the resource the reference goes into:
         # no content identity is made of it (`reference_to`'s are), so the identity itself
-        # serves, unhashed (equal exactly when its digest would be).
-        digest = target.digest
-        if digest is None:
-            digest = target.digest = target.identity
-        ref: Json = {"reference": digest}
+        # serves, unhashed (equal exactly when its digest would be), set by `new_draft`.
+        ref: Json = {"reference": target.digest}
         self.pending_refs.append((ref, target))
         return ref
 
