@@ -136,9 +136,13 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
         key: tuple[str, str] | None = None
         if identifiers := content.get("identifier"):
             # The usual case inline: the first identifier has a value and a system.
-            if (type(identifiers) is list and (value := (first := identifiers[0]).get("value"))
-                    and (system := first.get("system"))):
-                key = (system, value)
+            if type(identifiers) is list and (value := (first := identifiers[0]).get("value")):
+                if system := first.get("system"):
+                    key = (system, value)
+                elif len(identifiers) == 1:  # a doctor's XCN-1 without an authority
+                    key = ("", value)
+                else:
+                    key = _business_key(identifiers)
             else:
                 key = _business_key(identifiers)
         identity = draft.identity

@@ -24,6 +24,8 @@ V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 _new_dict = dict.__new__
+_dumps = orjson.dumps
+_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 
 class Draft:
@@ -114,7 +116,10 @@ class Run:
                 identity = f"{resource_type}|{identifier.get('system', '')}|{value}"
                 break
         else:
-            identity = _content_identity(resource_type, content)
+            # Without an identifier only an identical resource is the same one (two beds
+            # of a ward, a facility and a point of care sharing a name, stay apart).
+            text = _dumps(content, option=_SORT_KEYS, default=str).decode()
+            identity = f"{resource_type}|~{text}"  # one string made, not two
         referenced = self._referenced
         draft = referenced.get(identity)
         if draft is None:
@@ -152,13 +157,6 @@ class Run:
         ref: Json = {"reference": target.digest}
         self.pending_refs.append((ref, target))
         return ref
-
-
-def _content_identity(resource_type: str, content: Json) -> str:
-    # Without an identifier only an identical resource is the same one (two beds of a ward,
-    # a facility and a point of care sharing a name, stay apart).
-    text = orjson.dumps(content, option=orjson.OPT_SORT_KEYS, default=str).decode()
-    return f"{resource_type}|~{text}"  # one string made, not two
 
 
 def _digest(identity: str) -> str:
