@@ -59,8 +59,8 @@ def read_header(fields: list[str], delimiters: Delimiters) -> Header:
     repetition = delimiters.repetition
     component = delimiters.component
     # The first repetition, and its first component, of a field: each cut only when there
-    # is something to cut (a split makes a list and its strings: ~half of this function's
-    # cost when every field was split).
+    # is something to cut (a split makes a list and its strings: splitting every field
+    # cost ~3.5k of this function's ~13k instructions).
     msh9 = fields[9]
     if repetition in msh9:
         msh9 = msh9.split(repetition, 1)[0]

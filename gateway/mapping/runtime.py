@@ -69,7 +69,7 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
-        # Resource type -> how many the message made so far (`new_draft`).
+        # Resource type -> how many the message made so far (`new_draft`, `reference_to`).
         self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset. Read from MSH-7 as kept
