@@ -75,17 +75,24 @@ class Translator:
     def translate(self, message: Message, received_at: datetime | None = None) -> Translation:
         """The canonical form of one message; raises TranslationError naming the location."""
         header = message.header
-        translate = self._events.get(header.message_type)
+        message_type = header.message_type  # a property: made once
+        translate = self._events.get(message_type)
         if translate is None:
-            raise UnsupportedMessage(header.message_type)
+            raise UnsupportedMessage(message_type)
         run = Run(message, self._default_offset)
         translate(run)
         now = datetime.now(UTC)
+        # `run.text` written inline: these are seldom escaped.
+        escape = run.d.escape
+        application = header.sending_application
+        facility = header.sending_facility
+        control_id = header.control_id
         provenance = trusted_full(Provenance, {
-            "source_application": run.text(header.sending_application),
-            "source_facility": run.text(header.sending_facility),
-            "control_id": run.text(header.control_id),
-            "message_type": header.message_type,
+            "source_application":
+                run.text(application) if escape in application else application,
+            "source_facility": run.text(facility) if escape in facility else facility,
+            "control_id": run.text(control_id) if escape in control_id else control_id,
+            "message_type": message_type,
             "received_at": received_at or now,
             "last_updated": now,
         })
@@ -129,9 +136,13 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
         key: tuple[str, str] | None = None
         if identifiers := content.get("identifier"):
             # The usual case inline: the first identifier has a value and a system.
-            if (type(identifiers) is list and (value := (first := identifiers[0]).get("value"))
-                    and (system := first.get("system"))):
-                key = (system, value)
+            if type(identifiers) is list and (value := (first := identifiers[0]).get("value")):
+                if system := first.get("system"):
+                    key = (system, value)
+                elif len(identifiers) == 1:  # a doctor's XCN-1 without an authority
+                    key = ("", value)
+                else:
+                    key = _business_key(identifiers)
             else:
                 key = _business_key(identifiers)
         identity = draft.identity

@@ -24,6 +24,8 @@ V = TypeVar("V")
 
 NULL = '""'  # the HL7 explicit null: "no value", never the two-character text
 _new_dict = dict.__new__
+_dumps = orjson.dumps
+_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 
 class Draft:
@@ -43,9 +45,10 @@ class Draft:
     ordinal: int  # how many resources of its type the message made before it
     full_url: str  # "urn:uuid:" and its id, once the ids are known (`engine._finish`)
     identity: str  # a referred-to resource: what makes it the same one next time
-    # What a reference to it holds until the ids are known (`Run.reference`), made at
-    # the first one: the identity no longer changes once something points at it.
-    digest: str | None
+    # What a reference to it holds until the ids are known (`Run.reference`): a resource
+    # made from a segment, its identity as made (only `engine._finish` changes it, once
+    # every reference is made); one only referred to, a digest of its identity.
+    digest: str
 
 
 class Run:
@@ -66,11 +69,17 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
-        # Resource type -> how many the message made so far (`new_draft`).
+        # Resource type -> how many the message made so far (`new_draft`, `reference_to`).
         self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
-        # the sender gave one, else the site's configured offset.
-        self.offset = _offset_of(message.header_value(7)) or default_offset
+        # the sender gave one, else the site's configured offset. Read from MSH-7 as kept
+        # (`_OFFSETS`): working it out cost ~7k instructions a message, and a sender's
+        # messages of one second share MSH-7.
+        msh7 = message.header_value(7)
+        offset = _OFFSETS.get(msh7)
+        if offset is None:
+            offset = remember(_OFFSETS, msh7, _offset_of(msh7), len(msh7))
+        self.offset = offset or default_offset
         # The latest segment of each id read so far (fields of other segments come from it).
         self.latest: dict[str, Segment] = {}
 
@@ -92,7 +101,7 @@ class Run:
         draft.ordinal = ordinal
         draft.full_url = ""
         draft.identity = identity
-        draft.digest = None
+        draft.digest = identity
         self.drafts.append(draft)
         return draft
 
@@ -107,17 +116,32 @@ class Run:
                 identity = f"{resource_type}|{identifier.get('system', '')}|{value}"
                 break
         else:
-            identity = _content_identity(resource_type, content)
-        draft = self._referenced.get(identity)
+            # Without an identifier only an identical resource is the same one (two beds
+            # of a ward, a facility and a point of care sharing a name, stay apart).
+            text = _dumps(content, option=_SORT_KEYS, default=str).decode()
+            identity = f"{resource_type}|~{text}"  # one string made, not two
+        referenced = self._referenced
+        draft = referenced.get(identity)
         if draft is None:
-            draft = self._referenced[identity] = self.new_draft(resource_type, content, False,
-                                                                identity)
+            # `new_draft(resource_type, content, False, identity)` written inline: a call
+            # frame less for each resource only referred to.
+            ordinals = self.ordinals
+            ordinal = ordinals.get(resource_type, 0)
+            ordinals[resource_type] = ordinal + 1
+            draft = referenced[identity] = Draft()
+            draft.resource_type = resource_type
+            draft.content = content
+            draft.primary = False
+            draft.ordinal = ordinal
+            draft.full_url = ""
+            draft.identity = identity
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
                 _REFERRED_DIGESTS, identity, _digest(identity), len(identity)))
+            self.drafts.append(draft)
         else:
             _merge(draft.content, content)
-            digest = draft.digest or _digest(identity)  # set when it was made
+            digest = draft.digest  # set when it was made
         ref: Json = {"reference": digest}
         self.pending_refs.append((ref, draft))
         return ref
@@ -129,20 +153,10 @@ class Run:
         # of ward 4E is not room 408 of ward 5W). The target is one made from a segment
         # (`steps.apply_step`'s links), and so is the resource the reference goes into:
         # no content identity is made of it (`reference_to`'s are), so the identity itself
-        # serves, unhashed (equal exactly when its digest would be).
-        digest = target.digest
-        if digest is None:
-            digest = target.digest = target.identity
-        ref: Json = {"reference": digest}
+        # serves, unhashed (equal exactly when its digest would be), set by `new_draft`.
+        ref: Json = {"reference": target.digest}
         self.pending_refs.append((ref, target))
         return ref
-
-
-def _content_identity(resource_type: str, content: Json) -> str:
-    # Without an identifier only an identical resource is the same one (two beds of a ward,
-    # a facility and a point of care sharing a name, stay apart).
-    return f"{resource_type}|~" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS,
-                                               default=str).decode()
 
 
 def _digest(identity: str) -> str:
@@ -173,6 +187,10 @@ def _merge(into: Json, other: Json) -> None:
             into[key] = value
         elif isinstance(current, list) and isinstance(value, list):
             current.extend(item for item in value if item not in current)
+
+
+# MSH-7 -> its offset (`_offset_of`, "" for none), across messages.
+_OFFSETS: dict[str, str] = {}
 
 
 def _offset_of(msh7: str) -> str:

@@ -20,7 +20,7 @@ from gateway.fhir.bundle import to_bundle
 from gateway.fhir.escaping import escape_value
 from gateway.hl7.message import parse_message
 from gateway.mapping.convert import MSH7_OFFSET
-from gateway.mapping.runtime import _offset_of
+from gateway.mapping.runtime import Run, _offset_of
 from gateway.mapping.vocabulary import Vocab
 from support.mapping import translator
 
@@ -155,3 +155,23 @@ def test_msh7_offset_is_what_the_regex_reads(msh7: str) -> None:
     match = MSH7_OFFSET.match(msh7)
     expected = f"{match.group(1)}{match.group(2)}:{match.group(3)}" if match else ""
     assert _offset_of(msh7) == expected
+
+
+def _run_offset(msh7: str) -> str:
+    raw = f"MSH|^~\\&|APP|FAC|GW|GW|{msh7}||ADT^A01|1|P|2.5.1\r".encode()
+    return Run(parse_message(raw), "+09:00").offset
+
+
+def test_msh7_offsets_kept_stay_bounded_and_are_each_stamps_own() -> None:
+    from gateway.mapping import runtime
+
+    # Past the bound: every stamp another, its offset another than the one before.
+    for n in range(4200):
+        sign = "-" if n % 2 else "+"
+        assert _run_offset(f"2026112608{n:04d}{sign}0{n % 10}00") == f"{sign}0{n % 10}:00"
+    assert 0 < len(runtime._OFFSETS) <= 4096
+    # Stamps that differ only in their offset, or have none, each read as their own, kept
+    # or not (twice over: the second time from the map).
+    stamps = [msh7 for msh7 in MSH7 if "\r" not in msh7 and "\n" not in msh7]
+    for msh7 in stamps + stamps:
+        assert _run_offset(msh7) == (_offset_of(msh7) or "+09:00")
