@@ -24,7 +24,7 @@ from gateway.app.sealing import store_codec
 from gateway.app.tables import load_translator, search_registry
 from gateway.app.wire import receive, send
 from gateway.config import Settings
-from gateway.ingest.worker import InboxFollower
+from gateway.ingest.worker import InboxFollower, kept_bytes_max
 from gateway.store.fhir_sqlite import SqliteFhirStore
 from gateway.store.inbox_sqlite import SqliteInbox
 
@@ -79,7 +79,9 @@ async def _run(settings: Settings, fd: int, index: int, count: int) -> None:
 
     follower = InboxFollower(store, registry, inbox, translator, report, share=index,
                              shares=count,
-                             budget_bytes=settings.processes.memory_budget_bytes // 4)
+                             budget_bytes=settings.processes.memory_budget_bytes // 4,
+                             kept_bytes=kept_bytes_max(settings.processes.memory_budget_bytes,
+                                                       count))
     _keep_out_of_collections()
     send(writer, ("ready",))
     # The edge answers with the translations it held while this worker started, then the

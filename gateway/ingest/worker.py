@@ -102,7 +102,7 @@ class InboxFollower(LocalApplier):
     def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: Inbox,
                  translator: Translator, report: Report, *, share: int = 0,
                  shares: int = 1, max_batch: int = 64, budget_bytes: int = 64 << 20,
-                 sweep_interval: float = 30.0) -> None:
+                 kept_bytes: int = 32 << 20, sweep_interval: float = 30.0) -> None:
         super().__init__(store, registry, inbox, translator, sweep_interval=sweep_interval,
                          max_batch=max_batch)
         self._tell_edge = report
@@ -122,8 +122,7 @@ class InboxFollower(LocalApplier):
         # a twentieth of the objects' memory (45 KB), made into them only when applied.
         self._kept: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._kept_bytes = 0
-        # `budget_bytes` is a quarter of the memory budget (`worker_main`).
-        self._kept_max_bytes = kept_bytes_max(4 * budget_bytes, shares)
+        self._kept_max_bytes = kept_bytes  # `kept_bytes_max` in `worker_main`
         self.depth = 0  # rows read and not yet applied (for /metrics)
         self.batch_seconds = 0.0  # the last batch, read to marked
         # Rows translated here since the last report: none was kept for them (made before

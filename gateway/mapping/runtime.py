@@ -69,7 +69,7 @@ class Run:
         self._referenced: dict[str, Draft] = {}
         # References whose target's fullUrl is known only once every id is (at the end).
         self.pending_refs: list[tuple[Json, Draft]] = []
-        # Resource type -> how many the message made so far (`new_draft`, `reference_to`).
+        # Resource type -> how many the message made so far (`new_draft`).
         self.ordinals: dict[str, int] = {}
         # A local time without an offset is read in the sender's zone: MSH-7's offset when
         # the sender gave one, else the site's configured offset. Read from MSH-7 as kept
@@ -123,22 +123,11 @@ class Run:
         referenced = self._referenced
         draft = referenced.get(identity)
         if draft is None:
-            # `new_draft(resource_type, content, False, identity)` written inline: a call
-            # frame less for each resource only referred to.
-            ordinals = self.ordinals
-            ordinal = ordinals.get(resource_type, 0)
-            ordinals[resource_type] = ordinal + 1
-            draft = referenced[identity] = Draft()
-            draft.resource_type = resource_type
-            draft.content = content
-            draft.primary = False
-            draft.ordinal = ordinal
-            draft.full_url = ""
-            draft.identity = identity
+            draft = referenced[identity] = self.new_draft(resource_type, content, False,
+                                                          identity)
             # The same doctor, ward, facility come again in the sender's next messages.
             digest = draft.digest = (_REFERRED_DIGESTS.get(identity) or remember(
                 _REFERRED_DIGESTS, identity, _digest(identity), len(identity)))
-            self.drafts.append(draft)
         else:
             _merge(draft.content, content)
             digest = draft.digest  # set when it was made

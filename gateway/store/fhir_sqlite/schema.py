@@ -260,16 +260,26 @@ def key_by_rid(db: sqlite3.Connection) -> None:
     """A store file from before `rid` moved to it: its index rows first, then its versions
     and change events (nothing done to a file already there). Each step is one transaction;
     a file left between them (a crash) is a layout this release opens, and moves on."""
-    if _keyed_by_id(db):
+    if _named_by_id(db, "fhir_resource"):  # index rows named by (type, id)
         _key_by_rid(db)
-    if _history_keyed_by_id(db):
+    if _named_by_id(db, "fhir_version"):  # versions and change events likewise
         _key_history_by_rid(db)
 
 
-def _keyed_by_id(db: sqlite3.Connection) -> bool:
-    """Whether the file is a store from before `rid`: index rows named by (type, id)."""
-    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(fhir_resource)")}
+def _named_by_id(db: sqlite3.Connection, table: str) -> bool:
+    """Whether `table` is there without its `rid` column: a layout from before it."""
+    columns = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
     return bool(columns) and "rid" not in columns
+
+
+def _run_in_one_transaction(db: sqlite3.Connection, script: list[str]) -> None:
+    """`script`'s statements between BEGIN IMMEDIATE and COMMIT: all or nothing."""
+    try:
+        db.executescript("\n".join(["BEGIN IMMEDIATE;", *script, "COMMIT;"]))
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _key_by_rid(db: sqlite3.Connection) -> None:
@@ -277,8 +287,7 @@ def _key_by_rid(db: sqlite3.Connection) -> None:
     resource gets its number in the order it was first written, and every index row names
     its resource by it. The triggers and the last-updated index go with the old table and
     `SCHEMA` makes them again."""
-    script = ["BEGIN IMMEDIATE;"]
-    script += [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
+    script = [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
     script.append("DROP INDEX IF EXISTS fhir_resource_updated;")
     script.append("ALTER TABLE fhir_resource RENAME TO fhir_resource_by_id;")
     for table in INDEX_TABLES:
@@ -300,19 +309,7 @@ def _key_by_rid(db: sqlite3.Connection) -> None:
             f"JOIN fhir_resource r ON r.type = x.type AND r.id = x.id ORDER BY x.rowid;")
         script.append(f"DROP TABLE {table}_by_id;")
     script.append("DROP TABLE fhir_resource_by_id;")
-    script.append("COMMIT;")
-    try:
-        db.executescript("\n".join(script))
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-def _history_keyed_by_id(db: sqlite3.Connection) -> bool:
-    """Whether the file's versions (and change events) are named by (type, id) alone."""
-    columns = {str(row[1]) for row in db.execute("PRAGMA table_info(fhir_version)")}
-    return bool(columns) and "rid" not in columns
+    _run_in_one_transaction(db, script)
 
 
 def _key_history_by_rid(db: sqlite3.Connection) -> None:
@@ -325,8 +322,7 @@ def _key_history_by_rid(db: sqlite3.Connection) -> None:
     has_events = bool(db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fhir_event'").fetchall())
     named = "LEFT JOIN fhir_resource r ON r.type = x.type AND r.id = x.id ORDER BY x.seq;"
-    script = ["BEGIN IMMEDIATE;"]
-    script += [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
+    script = [f"DROP TRIGGER IF EXISTS {name};" for name in _TRIGGERS]
     script += ["DROP INDEX IF EXISTS fhir_version_updated;",
                "DROP INDEX IF EXISTS fhir_version_type_updated;",
                "ALTER TABLE fhir_version RENAME TO fhir_version_by_id;",
@@ -346,13 +342,7 @@ def _key_history_by_rid(db: sqlite3.Connection) -> None:
                    "UPDATE sqlite_sequence SET name = 'fhir_event' "
                    "WHERE name = 'fhir_event_by_id';",
                    "DROP TABLE fhir_event_by_id;"]
-    script.append("COMMIT;")
-    try:
-        db.executescript("\n".join(script))
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    _run_in_one_transaction(db, script)
 
 
 def index_row(resource_type: str, id: str, item: IndexEntry) -> tuple[object, ...]:
