@@ -5,8 +5,8 @@ holds it until the message's inbox row comes up).
 `encode` writes the provenance once and each resource as plain values (its type, id,
 primary flag, business key's system and value, content) in one orjson document, zlib
 level 1 over it; `decode` gives back an equal Translation, built as the engine builds
-one (`trusted_*`: the same models, the same shared fields sets, one Provenance for all
-the resources). Against pickling the models (`_Record`), an ADT^A01 of 16 resources
+one (`trusted_resource`, one Provenance for all the resources). Against pickling the
+models (as pydantic models, before they were plain classes), an ADT^A01 of 16 resources
 (`bench/translation_wire.py`): 2.2 KB against 7.1 KB, read in ~43 us against ~51 (by the
 apply worker, the end-to-end bottleneck), written in ~40 against ~40 (by a translator);
 an ORU^R01 of 10 results, its Observations pickled (their Decimals), 2.4 KB against 8.7,
@@ -14,7 +14,7 @@ read in ~63 against ~64, written in ~80 against ~55. zlib is ~24 us of the writi
 ~10 of the reading, for 3.3x fewer bytes: what lets a worker hold a long burst's
 translations (`ingest/worker.py`, `KEPT_MAX`), and each one held is a row not translated
 again (~1,850 us). Of the reading, orjson's parse is ~18 us and building the models
-(`trusted_*`) ~12: without zlib it would be ~30 us, for 7.2 KB.
+~12: without zlib it would be ~30 us, for 7.2 KB.
 
 A content that JSON would not carry exactly (a Decimal, as FHIR decimals are: "1.10" must
 stay "1.10"; a datetime; a subclass of str, int, dict or list; a dataclass) is pickled
@@ -41,16 +41,11 @@ from typing import Any
 
 import orjson
 
-# The fields sets the engine's models share (`trusted_*`): one compared by identity says
-# the model was made there, so rebuilt the same way it is the same.
 from gateway.canonical.models import (
-    _FULL_FIELDS,
-    _KEY_FIELDS,
-    _RESOURCE_FIELDS,
+    BusinessKey,
     Provenance,
+    Resource,
     Translation,
-    trusted_full,
-    trusted_key,
     trusted_resource,
 )
 
@@ -58,6 +53,7 @@ from gateway.canonical.models import (
 _DOCUMENT = b"J"  # zlib(the document's length, the document, pickled contents or nothing)
 _PICKLED = b"P"  # zlib(the whole Translation pickled)
 _LENGTH = struct.Struct(">I")
+_key = tuple.__new__  # a BusinessKey from its pair, as the engine makes them
 # Level 1: 3.3x fewer bytes for ~24 us; a smaller window or hash saved no time.
 _LEVEL = 1
 # Values orjson would write as something else go to `_refused` instead: datetimes (back as
@@ -116,28 +112,24 @@ def decode(data: bytes) -> Translation:
 
 
 def _rows(translation: Translation) -> list[_Row] | None:
-    """Each resource's plain values, or None when a model is not made as the engine
-    makes them (`_pickled_whole` then)."""
+    """Each resource's plain values, or None when a record is not of the exact types the
+    engine makes (a subclass may hold more than its fields: `_pickled_whole` then)."""
     source = translation.provenance
-    if (type(translation) is not Translation
-            or translation.__pydantic_fields_set__ is not _FULL_FIELDS.get(Translation)
-            or source.__pydantic_fields_set__ is not _FULL_FIELDS.get(Provenance)
+    if (type(translation) is not Translation or type(source) is not Provenance
             or not _exact_iso(source.received_at) or not _exact_iso(source.last_updated)):
         return None
     rows: list[_Row] = []
     append = rows.append
     for resource in translation.resources:
-        # `trusted_resource` and `trusted_key` give these sets, and nothing else does.
-        if (resource.__pydantic_fields_set__ is not _RESOURCE_FIELDS
-                or resource.provenance is not source):
+        if type(resource) is not Resource or resource.provenance is not source:
             return None
         key = resource.key
         if key is None:
             append((resource.resource_type, resource.id, resource.primary, None, None,
                     resource.content))
-        elif key.__pydantic_fields_set__ is _KEY_FIELDS:
-            append((resource.resource_type, resource.id, resource.primary, key.system,
-                    key.value, resource.content))
+        elif type(key) is BusinessKey:
+            append((resource.resource_type, resource.id, resource.primary, key[0], key[1],
+                    resource.content))
         else:
             return None
     return rows
@@ -151,19 +143,16 @@ def _built(body: bytes) -> Translation:
      unmapped, z_segments, rows) = orjson.loads(view[_LENGTH.size:end])
     pickled: Iterator[dict[str, Any]] = iter(
         pickle.loads(view[end:]) if end < len(body) else ())  # from our own process
-    provenance = trusted_full(Provenance, {
-        "source_application": application, "source_facility": facility,
-        "control_id": control_id, "message_type": message_type,
-        "received_at": datetime.fromisoformat(received_at),
-        "last_updated": datetime.fromisoformat(last_updated)})
+    provenance = Provenance(application, facility, control_id, message_type,
+                            datetime.fromisoformat(received_at),
+                            datetime.fromisoformat(last_updated))
     resources = [trusted_resource(resource_type, id, primary,
-                                  None if system is None else trusted_key(system, value),
+                                  None if system is None else _key(BusinessKey, (system, value)),
                                   next(pickled) if content is None else content, provenance)
                  for resource_type, id, primary, system, value, content in rows]
     if next(pickled, None) is not None:
         raise ValueError("more pickled contents than resources")
-    return trusted_full(Translation, {"provenance": provenance, "resources": resources,
-                                      "unmapped": unmapped, "z_segments": z_segments})
+    return Translation(provenance, resources, unmapped, z_segments)
 
 
 def _pickled_whole(translation: Translation) -> bytes:

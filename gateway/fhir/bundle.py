@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from gateway.canonical import Translation
+from gateway.canonical import Provenance, Translation
 from gateway.canonical.ids import name_uuid
 from gateway.fhir import jsonio
 from gateway.fhir.escaping import escape_value
@@ -34,29 +34,27 @@ def to_bundle(translation: Translation) -> Json:
     entries: list[Json] = []
     targets: list[Json] = []  # the Provenance's: every resource of the Bundle
     # The entries written out here, in one loop with the Provenance's targets: this runs
-    # for every resource of every message. A model's attribute is read through pydantic's
-    # __getattr__ hook (no fast path), its __dict__ once and then by key.
+    # for every resource of every message.
     for resource in translation.resources:
-        fields = resource.__dict__
-        resource_type = fields["resource_type"]
-        resource_id = fields["id"]
+        resource_type = resource.resource_type
+        resource_id = resource.id
         full_url = "urn:uuid:" + resource_id
-        key = fields["key"]
-        if key is not None and (system := key.__dict__["system"]):
-            value = key.__dict__["value"]
+        key = resource.key
+        if key is not None and (system := key[0]):
+            value = key[1]
             quoted = _QUOTED.get(system) or _quoted(system)
             search = f"identifier={quoted}|{_QUOTED.get(value) or _quoted(value)}"
-            if fields["primary"]:
+            if resource.primary:
                 request = {"method": "PUT", "url": f"{resource_type}?{search}"}
             else:
                 request = {"method": "POST", "url": resource_type, "ifNoneExist": search}
-            body: Json = {"resourceType": resource_type, **fields["content"]}
+            body: Json = {"resourceType": resource_type, **resource.content}
         else:
             request = {"method": "PUT", "url": f"{resource_type}/{resource_id}"}
-            body = {"resourceType": resource_type, "id": resource_id, **fields["content"]}
+            body = {"resourceType": resource_type, "id": resource_id, **resource.content}
         entries.append({"fullUrl": full_url, "resource": body, "request": request})
         targets.append({"reference": full_url})
-    entries.append(_provenance_entry(translation.provenance.__dict__, targets))
+    entries.append(_provenance_entry(translation.provenance, targets))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -88,29 +86,27 @@ def _quoted(text: str) -> str:
     return quoted
 
 
-def _provenance_entry(source: Json, targets: list[Json]) -> Json:
-    """The Provenance's entry; `source`: the Provenance's fields (its __dict__)."""
+def _provenance_entry(source: Provenance, targets: list[Json]) -> Json:
+    """The Provenance's entry."""
     provenance = provenance_resource(source, targets)
     provenance_id = provenance["id"]
     return {"fullUrl": "urn:uuid:" + provenance_id, "resource": provenance,
             "request": {"method": "PUT", "url": f"Provenance/{provenance_id}"}}
 
 
-def provenance_id(source: Json) -> str:
-    """The id of the Provenance naming a message; `source`: the canonical Provenance's
-    fields (its __dict__). PUT at an id derived from the message: applying the same message
-    again (a crash between commit and apply) rewrites the same Provenance instead of adding
-    one, and finds it there."""
-    return name_uuid(f"Provenance|{source['source_application']}|"
-                     f"{source['source_facility']}|{source['control_id']}")
+def provenance_id(source: Provenance) -> str:
+    """The id of the Provenance naming a message. PUT at an id derived from the message:
+    applying the same message again (a crash between commit and apply) rewrites the same
+    Provenance instead of adding one, and finds it there."""
+    return name_uuid(f"Provenance|{source.source_application}|"
+                     f"{source.source_facility}|{source.control_id}")
 
 
-def provenance_resource(source: Json, targets: list[Json]) -> Json:
+def provenance_resource(source: Provenance, targets: list[Json]) -> Json:
     """The Provenance naming the source message and `targets` (a reference to each
-    resource of the message); `source`: the canonical Provenance's fields (its __dict__)."""
-    recorded = _recorded(source["received_at"])
-    application = source["source_application"]
-    facility = source["source_facility"]
+    resource of the message)."""
+    application, facility, _, _, received_at, _ = source
+    recorded = _recorded(received_at)
     sender = f"{application}^{facility}".strip("^ ") or "unknown"
     provenance: Json = {
         "resourceType": "Provenance",
@@ -132,10 +128,10 @@ def provenance_resource(source: Json, targets: list[Json]) -> Json:
     return provenance
 
 
-def _source_message(source: Json) -> Json:
-    what: Json = {"display": source["message_type"] or "HL7 v2 message"}
+def _source_message(source: Provenance) -> Json:
+    what: Json = {"display": source.message_type or "HL7 v2 message"}
     # MSH-10 is required, yet some senders leave it empty.
-    if control_id := source["control_id"].strip():
+    if control_id := source.control_id.strip():
         what["identifier"] = {"system": PROVENANCE_MESSAGE_SYSTEM, "value": control_id}
     return what
 

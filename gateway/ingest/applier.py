@@ -185,7 +185,7 @@ class LocalApplier:
         its Provenance, PUT at an id derived from sender and control id in the same
         transaction, is there. Applying it again would put its older content over what
         later messages wrote, and add versions."""
-        made_by = provenance_id(translation.provenance.__dict__)
+        made_by = provenance_id(translation.provenance)
         return await self._store.read("Provenance", made_by) is not None
 
     async def _held(self, batch: Sequence[tuple[int, Translation | None, Outcome | None]]

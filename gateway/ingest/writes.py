@@ -36,27 +36,25 @@ def translation_writes(registry: SearchRegistry, translation: Translation
     """
     writes: list[WriteRequest] = []
     targets: list[dict[str, Any]] = []  # the Provenance's: every resource of the message
-    # As in to_bundle: a model's attribute is read through pydantic's __getattr__ hook (no
-    # fast path), its __dict__ once and then by key. Positional arguments: WriteRequest's
-    # order is method, type, id, resource, condition, if_match, full_url.
+    # Positional arguments: WriteRequest's order is method, type, id, resource, condition,
+    # if_match, full_url.
     for resource in translation.resources:
-        fields = resource.__dict__
-        resource_type = fields["resource_type"]
-        resource_id = fields["id"]
-        content = fields["content"]
+        resource_type = resource.resource_type
+        resource_id = resource.id
+        content = resource.content
         if "id" in content or "resourceType" in content:
             # Not made by the engine (content holds no id and no type): the parser's
             # checks and rules (a create drops the id, a mismatch is a 400) apply.
             return bundle_writes(registry, to_bundle(translation))
         full_url = _URN + resource_id
-        key = fields["key"]
-        if key is not None and (system := key.__dict__["system"]):
+        key = resource.key
+        if key is not None and (system := key.system):
             # The condition the parser makes of `identifier=system|value` once unquoted
             # (the same cached SearchQuery).
             search = condition(registry, resource_type,
-                               (("identifier", token(system, key.__dict__["value"])),))
+                               (("identifier", token(system, key.value)),))
             body: dict[str, Any] = {"resourceType": resource_type, **content}
-            if fields["primary"]:
+            if resource.primary:
                 write = WriteRequest("PUT", resource_type, None, body, search, None,
                                      full_url, carry=keep_merge_state,
                                      create_id=resource_id)
@@ -69,7 +67,7 @@ def translation_writes(registry: SearchRegistry, translation: Translation
                                  full_url, carry=keep_merge_state)
         writes.append(write)
         targets.append({"reference": full_url})
-    provenance = provenance_resource(translation.provenance.__dict__, targets)
+    provenance = provenance_resource(translation.provenance, targets)
     provenance_id = provenance["id"]
     writes.append(WriteRequest("PUT", "Provenance", provenance_id, provenance, None, None,
                                _URN + provenance_id, carry=keep_merge_state))

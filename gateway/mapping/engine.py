@@ -6,9 +6,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.canonical import Provenance, Resource, Translation
+from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted_resource
 from gateway.canonical.ids import name_uuid
-from gateway.canonical.models import BusinessKey, trusted_full, trusted_key, trusted_resource
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
@@ -87,20 +86,18 @@ class Translator:
         application = header.sending_application
         facility = header.sending_facility
         control_id = header.control_id
-        provenance = trusted_full(Provenance, {
-            "source_application":
-                run.text(application) if escape in application else application,
-            "source_facility": run.text(facility) if escape in facility else facility,
-            "control_id": run.text(control_id) if escape in control_id else control_id,
-            "message_type": message_type,
-            "received_at": received_at or now,
-            "last_updated": now,
-        })
+        provenance = Provenance(
+            run.text(application) if escape in application else application,
+            run.text(facility) if escape in facility else facility,
+            run.text(control_id) if escape in control_id else control_id,
+            message_type, received_at or now, now)
         resources = _finish(run, provenance)
-        return trusted_full(Translation, {
-            "provenance": provenance, "resources": resources, "unmapped": dict(run.unmapped),
-            "z_segments": run.z_segments})
+        return Translation(provenance, resources, dict(run.unmapped), run.z_segments)
 
+
+# A BusinessKey from a (system, value) pair: the tuple's own C constructor, not the named
+# tuple's Python-level __new__ (called for every identified resource of every message).
+_key = tuple.__new__
 
 # What the name of a referred-to resource (the doctor, the ward: not made from a segment of
 # its own) is made of -> its id, fullUrl and BusinessKey, across messages (`_referred`).
@@ -120,9 +117,9 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
     Otherwise the same message (sender + control id) resent gives the same ids, so a
     resend updates instead of duplicating.
     """
-    source = provenance.__dict__  # read by key: pydantic's __getattr__ hook is slower
-    sender = f"{source['source_application']}|{source['source_facility']}"
-    position = f"{sender}|{source['control_id']}|"
+    application, facility, control_id = provenance[:3]
+    sender = f"{application}|{facility}"
+    position = f"{sender}|{control_id}|"
     keys: set[tuple[str, str, str]] = set()
     identities: dict[str, int] = {}
     made: set[str] = set()  # the types of the resources made from a segment of their own
@@ -167,7 +164,7 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 keys.add(claim)
             if key is not None:
                 resource_id = name_uuid(f"{resource_type}|{key[0] or sender}|{key[1]}")
-                business_key = trusted_key(key[0], key[1])
+                business_key = _key(BusinessKey, key)
             else:
                 resource_id = name_uuid(f"{sender}|{identity}" if identity else
                                         f"{resource_type}|{position}{draft.ordinal}")
@@ -208,9 +205,8 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
 def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str] | None,
               sender: str, identity: str, by_position: str
               ) -> tuple[str, str, BusinessKey | None]:
-    """A referred-to resource's id, fullUrl and BusinessKey (a frozen model: making one
-    cost ~4.7k instructions), kept under `referred` for the next messages
-    (`runtime.remember`: bounded; a long content identity's is not kept)."""
+    """A referred-to resource's id, fullUrl and BusinessKey, kept under `referred` for the
+    next messages (`runtime.remember`: bounded; a long content identity's is not kept)."""
     if key is not None:
         name = f"{resource_type}|{key[0] or sender}|{key[1]}"
     else:
@@ -218,7 +214,7 @@ def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str
     resource_id = name_uuid(name)
     return remember(_REFERRED_IDS, referred, (
         resource_id, "urn:uuid:" + resource_id,
-        None if key is None else trusted_key(key[0], key[1])), len(name))
+        None if key is None else _key(BusinessKey, key)), len(name))
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:
