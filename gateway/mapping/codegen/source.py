@@ -169,14 +169,20 @@ def separators(c: int, s: int) -> str:
     return "''" if s else ("sub_sep" if c else "comp_seps")
 
 
-def text_of(raw: str) -> str:
+def text_of(raw: str, esc: str = "esc") -> str:
     """An expression: the raw text's value as a reader gives it (the explicit null is
-    no value; escapes undone; in a table function, which binds `esc`)."""
-    return f"{_TEXT_HEAD}{raw}{_TEXT_TAIL}"
+    no value; escapes undone). `esc` the escape character where the text was read: in a
+    table function the one it binds, "" for a segment known to hold none (`unescaped`)."""
+    if esc == "esc":
+        return f"{_TEXT_HEAD}{raw}{_TEXT_TAIL}"
+    return f"{_TEXT_HEAD}{raw}{_TEXT_TAIL.replace('esc', esc)}"
 
 
 _TEXT_HEAD = "('' if (x := "
-_TEXT_TAIL = ") == NULL else (run.text(x) if esc in x else x))"
+_TEXT_TAIL = ") == NULL else (run.text(x) if esc and esc in x else x))"
+# Unescaping a value where the escape character is bound, "" where its segment holds none
+# (`Segment.escape`): the search of each value then costs one test of the variable.
+UNESCAPED = {var: f"v = run.text({var}) if esc and esc in {var} else {var}" for var in "vt"}
 
 
 def is_valued(value: str) -> str:
@@ -185,7 +191,13 @@ def is_valued(value: str) -> str:
     if not (value.startswith(_TEXT_HEAD) and value.endswith(_TEXT_TAIL)):
         return f"({value} != '')"
     raw = value[len(_TEXT_HEAD):-len(_TEXT_TAIL)]
-    return f"((x := {raw}) != '' and x != NULL and (esc not in x or run.text(x) != ''))"
+    return (f"((x := {raw}) != '' and x != NULL and "
+            "(not esc or esc not in x or run.text(x) != ''))")
+
+
+def field_of(segment: str, f: int) -> str:
+    """An expression: `Segment.field` of the view `segment` (a variable) written out."""
+    return f"(sf[{f}] if {f} < len(sf := {segment}.fields) else '')"
 
 
 def part_of(raw: str, c: int, s: int) -> str:
@@ -197,10 +209,11 @@ def part_of(raw: str, c: int, s: int) -> str:
     return raw
 
 
-def own_value(field: str, c: int, s: int) -> str:
+def own_value(field: str, c: int, s: int, esc: str = "esc") -> str:
     """An expression: `runtime.own_value` of the field `field` (an expression) written out:
-    its first repetition, at component `c` and subcomponent `s` (0: not named), unescaped."""
-    return text_of(part_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)", c, s))
+    its first repetition, at component `c` and subcomponent `s` (0: not named), unescaped
+    (`esc`: as `text_of`)."""
+    return text_of(part_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)", c, s), esc)
 
 
 def memo(name: str, read: str) -> str:

@@ -68,7 +68,7 @@ class Walks:
         # Named before the body is written (each writes a function of its own).
         applies = [writer.segment(step.apply) for step in steps]
         identities = ["''" if step.identity is None else
-                      f"{writer.identity(step.identity)}(parts, run)" for step in steps]
+                      f"{writer.identity(step.identity)}(parts, run, esc)" for step in steps]
         setters = [[writer.setter_function(link.setter) for link in step.links]
                    for step in steps]
         # The bits of the steps applied are known where every step always applies.
@@ -90,7 +90,7 @@ class Walks:
             return lines + _unread(segment_id, steps, always)
 
         body = writer.reading_fields(lines_of)
-        text = f"(parts, run, anchor):  # {segment_id}\n" + indent(body, 1)
+        text = f"(parts, run, anchor, esc):  # {segment_id}\n" + indent(body, 1)
         name = self._by_text.get(text)
         if name is None:
             name = self._by_text[text] = writer.new_name("W")
@@ -108,7 +108,7 @@ def _applied(step: MessageStep, apply: str, identity: str, setters: list[str]) -
     resource = repr(step.resource)
     new_draft = f"run.new_draft({resource}, content, True, {identity})"
     links = _links(step.links, setters)
-    made = ["content = {}", f"{apply}(parts, run, content)", "if content:",
+    made = ["content = {}", f"{apply}(parts, run, content, esc)", "if content:",
             *([f"    draft = {new_draft}", *indent_lines(links, 1),
                f"    current[{resource}] = draft"] if links else
               [f"    current[{resource}] = {new_draft}"]),
@@ -117,7 +117,8 @@ def _applied(step: MessageStep, apply: str, identity: str, setters: list[str]) -
     if not step.into_current:
         return made
     return [f"draft = current.get({resource})", "if draft is not None:",
-            f"    {apply}(parts, run, draft.content)", "else:", *indent_lines(made, 1)]
+            f"    {apply}(parts, run, draft.content, esc)", "else:",
+            *indent_lines(made, 1)]
 
 
 def _links(links: list[Link], setters: list[str]) -> list[str]:
