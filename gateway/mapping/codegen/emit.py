@@ -167,17 +167,6 @@ class Emitter(Named):
             return f"(len({value}) < {int(spec[2])})"
         raise NotGenerated(f"unknown condition {kind}")
 
-    # -- setters -----------------------------------------------------------------------------
-
-    def setter_function(self, setter: object) -> str:
-        known = self._known(setter)
-        if known:
-            return known
-        name = self._name("SET")
-        body = setter_statements(setter, "out", Tags(None))
-        self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + indent(body, 1))
-        return self._remember(setter, name)
-
     # -- rows and groups ---------------------------------------------------------------------
 
     def _produce(self, produce: object, place: Place) -> tuple[list[str], bool]:
