@@ -137,12 +137,14 @@ class Named:
             return call
         # A pure conversion of text to text: its answers are kept by the text (a sender
         # sends the same few codes and systems in every message); refusals are not kept.
+        # Found by indexing (a `try` costs nothing until it raises, a `get` is a call):
+        # a text not kept raises once, then is kept (unless too long to keep).
         kept = f"{self._converter_object(convert)}_KEPT"
-        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
+        return ["try:", f"    v = {kept}[v]", "except KeyError:", "    cv = v",
                 *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
                 f"        if len({kept}) >= {_KEPT}:",
                 f"            {kept}.clear()  # bounded: the values of recent messages",
-                f"        {kept}[cv] = v", "else:", "    v = cv"]
+                f"        {kept}[cv] = v"]
 
     def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Self:
         self._vocabs_by_name = vocabs
