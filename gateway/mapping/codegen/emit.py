@@ -214,11 +214,15 @@ class Emitter(Named):
                  f"    {UNESCAPED['v']}",
                  "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
+            # `date_time`'s kept answers read in place (no call when kept).
             return lines + ["        try:",
-                            f"            v = date_time(v, run.offset, {kind!r})",
-                            "        except ConversionError as exc:",
-                            f"            raise TranslationError({location}, exc.reason, v) "
-                            "from None", *indent_lines(write, 2)]
+                            f"            v = DATE_TIMES[(v, run.offset, {kind!r})]",
+                            "        except KeyError:",
+                            "            try:",
+                            f"                v = date_time(v, run.offset, {kind!r})",
+                            "            except ConversionError as exc:",
+                            f"                raise TranslationError({location}, exc.reason, "
+                            "v) from None", *indent_lines(write, 2)]
         body = self._lookup(vocab)
         then = self._convert(convert, location) + write
         if codes:
