@@ -118,12 +118,15 @@ class Message:
         dirty = self._dirty
         views: list[Segment] = []
         for i, seg in enumerate(self._split()):
-            if not seg or seg.isspace():
+            # (A segment's first character, a letter, is neither below "!" nor above "~":
+            # only a line starting otherwise is looked at again, without a call for each.)
+            if (seg < "!" or seg > "~") and (not seg or seg.isspace()):
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
-            fields = cache.get(i)
-            if fields is None:
+            if i in cache:  # the header, read before the walk; or a walk before this one
+                fields = cache[i]
+            else:
                 fields = cache[i] = seg.split(field)
                 if seg.startswith(HEADER_SEGMENTS):
                     # MSH-1 is the separator itself, so MSH-n sits at split index n-1.
