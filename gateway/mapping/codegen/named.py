@@ -119,12 +119,16 @@ class Named:
         if exact is None:
             exact = self._recoders[key] = self._name("VE")
             self.top.append(f"{exact} = {name}.exact")
-        hit = f"{exact}.get(v)"
-        if vocab.prefixes:
-            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
-            # read in place too; a code that matched nothing, or none kept, asks lookup.
-            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
-        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
+        # (A test and an index are no call: `get` is one. The exact codes never change.)
+        found = [f"if v in {exact}:", f"    v = {exact}[v][0]"]
+        if not vocab.prefixes:
+            return found
+        # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place, so
+        # indexed once: another thread may clear it) is read in place too; a code that
+        # matched nothing is kept as None; one not kept asks lookup.
+        return [*found, "else:", "    try:", f"        h = {name}.matched[v]",
+                "    except KeyError:", f"        h = {name}.lookup(v)",
+                "    if h is not None:", "        v = h[0]"]
 
     def _convert(self, convert: str, location: str) -> list[str]:
         """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
