@@ -150,7 +150,8 @@ def subcomponent(sub: int) -> list[str]:
     level down (`runtime.part_below`), at the function's one separator; none below."""
     if sub == 1:
         return ["if seps and seps in raw:", "    raw = raw.split(seps, 1)[0]"]
-    return ["if seps:", "    pc = raw.split(seps)",
+    # (Without the separator the part is not there: no split to find so.)
+    return ["if seps and seps in raw:", "    pc = raw.split(seps)",
             f"    raw = pc[{sub - 1}] if {sub} <= len(pc) else ''", "else:", "    raw = ''"]
 
 
