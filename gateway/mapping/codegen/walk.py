@@ -179,8 +179,10 @@ def _unread(segment_id: str, steps: list[MessageStep], always: bool) -> list[str
         return lines  # nothing read: nothing left unread is counted
     key = f"{((1 << len(steps)) - 1) * KEY} + count" if always else f"applied * {KEY} + count"
     applied = str((1 << len(steps)) - 1) if always else "applied"
+    # Found by indexing (no `get` call), but only for a count the keys are made for.
     return lines + [
-        f"unread = {_UNREAD}_K.get({key}) if count <= {KEPT_FIELDS} else None",
-        "if unread is None:", f"    unread = {_UNREAD}.unread({applied}, count)",
+        f"if count > {KEPT_FIELDS}:", f"    unread = {_UNREAD}.unread({applied}, count)",
+        "else:", "    try:", f"        unread = {_UNREAD}_K[{key}]", "    except KeyError:",
+        f"        unread = {_UNREAD}.unread({applied}, count)",
         "if unread:", "    unmapped = run.unmapped", "    for number, label in unread:",
         "        if parts[number]:", "            unmapped[label] += 1"]
