@@ -11,7 +11,7 @@ import pytest
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.loops import loop_body, single_repetition
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.source import indent_lines, is_valued, text_of
+from gateway.mapping.codegen.source import indent_lines, is_valued, null_inline, text_of
 from gateway.mapping.runtime import NULL
 
 
@@ -128,6 +128,18 @@ def test_a_memo_the_first_statement_reading_it_evaluates_first_is_set_there() ->
         space: dict[str, Any] = {"parts": parts}
         exec("\n".join(written), space)  # noqa: S102 - the pass's own output
         assert space["r"] == parts[1] + parts[2] + parts[1]
+
+
+def test_the_explicit_null_is_written_as_its_literal_outside_texts_and_comments() -> None:
+    source = ("def f(raw):\n"
+              "    t = 'NULL != NULL\\'s' + \"NULL\"  # a comment's NULL\n"
+              "    return raw != NULL and t or NULL_OTHER\n")
+    written = null_inline(source)
+    assert written.count("NULL") == source.count("NULL") - 1
+    assert "return raw != '\"\"' and t or NULL_OTHER" in written
+    space: dict[str, Any] = {"NULL_OTHER": "other"}
+    exec(written, space)  # noqa: S102 - the pass's own output
+    assert space["f"](NULL) == "other" and space["f"]("a") == "NULL != NULL's" + "NULL"
 
 class _Run:
     def text(self, raw: str) -> str:

@@ -41,6 +41,7 @@ from gateway.mapping.codegen.source import (
     leaf_valued,
     literal,
     memo,
+    null_inline,
     own_value,
     part_of,
     prelude,
@@ -81,7 +82,7 @@ class Emitter(Named):
                               for steps in spec_of(fn)[1].values() for step in steps
                               if step.into_current}
         names = {message_type: self._message(fn) for message_type, fn in events.items()}
-        lines = [HEADER, *self.top, "", *self.functions, ""]
+        lines = [HEADER, *self.top, "", *map(null_inline, self.functions), ""]
         lines.append("EVENTS = {" + ", ".join(f"{k!r}: {v}" for k, v in names.items()) + "}")
         lines.append("MERGES = [" + ", ".join(literal((
             r.message_type, r.resource, r.identifiers, r.where.file, r.where.line))
