@@ -113,15 +113,20 @@ class Message:
         freed only by the cycle collector."""
         counts: dict[str, int] = {}
         field = self.delimiters.field
+        esc = self.delimiters.escape
         cache = self._fields
+        dirty = self._dirty
         views: list[Segment] = []
         for i, seg in enumerate(self._split()):
-            if not seg or seg.isspace():
+            # (A segment's first character, a letter, is neither below "!" nor above "~":
+            # only a line starting otherwise is looked at again, without a call for each.)
+            if (seg < "!" or seg > "~") and (not seg or seg.isspace()):
                 # Blank lines (e.g. CR LF CR LF between segments) are kept for the byte-exact
                 # round trip but are not segments.
                 continue
-            fields = cache.get(i)
-            if fields is None:
+            if i in cache:  # the header, read before the walk; or a walk before this one
+                fields = cache[i]
+            else:
                 fields = cache[i] = seg.split(field)
                 if seg.startswith(HEADER_SEGMENTS):
                     # MSH-1 is the separator itself, so MSH-n sits at split index n-1.
@@ -136,6 +141,9 @@ class Message:
             view.id = seg_id
             view.occurrence = counts[seg_id] = counts.get(seg_id, 0) + 1
             view.fields = fields
+            # One search of the segment's text spares the walk one per value (most
+            # segments hold no escape sequence); a segment `set` changed is not its text.
+            view.escape = esc if esc in seg or i in dirty else ""
             views.append(view)
         return views
 
@@ -341,9 +349,12 @@ class Segment:
     `fields` is the escaped wire text of every field, index n holding field n (index 0: the
     id): the message's own list (which `Message.set` changes in place), so read it, do not
     change it. A plain attribute, not a property: a translation reads it for every segment.
+
+    `escape` is the message's escape character, or "" when the segment is known to hold
+    none (its values then need no unescaping: `Message.segments` looks once per segment).
     """
 
-    __slots__ = ("message", "index", "id", "occurrence", "fields")
+    __slots__ = ("message", "index", "id", "occurrence", "fields", "escape")
 
     def __init__(self, message: Message, index: int, id: str, occurrence: int,
                  fields: list[str]) -> None:
@@ -352,6 +363,7 @@ class Segment:
         self.id = id
         self.occurrence = occurrence
         self.fields = fields
+        self.escape = message.delimiters.escape
 
     def __repr__(self) -> str:
         return f"Segment({self.id}[{self.occurrence}] at {self.index})"

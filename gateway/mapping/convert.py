@@ -189,19 +189,20 @@ def encode_base64(text: str) -> str:
 
 # Answers of `date_time` (a pure function) by its arguments: a message repeats its times
 # (an ORU's OBR-7 and every OBX-14: 23 conversions of 2 values in a 10-result report).
-_DATE_TIMES: dict[tuple[str, str, str], str] = {}
+# The generated module reads it in place before it calls `date_time`.
+DATE_TIMES: dict[tuple[str, str, str], str] = {}
 _DATE_TIMES_KEPT = 4096
 
 
 def date_time(text: str, default_offset: str, kind: str) -> str:
     """DTM to a FHIR dateTime or instant; `default_offset` for a time sent without one."""
     key = (text, default_offset, kind)
-    value = _DATE_TIMES.get(key)
+    value = DATE_TIMES.get(key)
     if value is None:
         value = _date_time(text, default_offset, kind)
-        if len(_DATE_TIMES) >= _DATE_TIMES_KEPT:
-            _DATE_TIMES.clear()  # bounded: the times of recent messages, not of all
-        _DATE_TIMES[key] = value
+        if len(DATE_TIMES) >= _DATE_TIMES_KEPT:
+            DATE_TIMES.clear()  # bounded: the times of recent messages, not of all
+        DATE_TIMES[key] = value
     return value
 
 

@@ -22,9 +22,10 @@ Setter = Callable[[Json, dict[str, Json], str, str, Any], None]
 SegmentFn = Callable[[list[str], Run, Json], None]
 # (the segment's fields, the run) -> the identity text, or "" when no rule gives one.
 IdentityFn = Callable[[list[str], Run], str]
-# (the segment's fields, the run, the id of the segments before it): one segment id's
-# steps written out (`message_walk`).
-SegmentWalk = Callable[[list[str], Run, str], None]
+# (the segment's fields, the run, the id of the segments before it, the escape character
+# or "" when the segment holds none: `Segment.escape`): one segment id's steps written
+# out (`message_walk`).
+SegmentWalk = Callable[[list[str], Run, str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ def message_walk(walks: dict[str, SegmentWalk]) -> MessageFn:
                     run.unmapped[segment_id] += 1
                 continue
             try:
-                walk(segment.fields, run, anchor)
+                walk(segment.fields, run, anchor, segment.escape)
             except TranslationError as exc:
                 exc.sequence = segment.occurrence
                 raise

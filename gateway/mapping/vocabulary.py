@@ -101,7 +101,10 @@ def recoder(vocab: Vocab, element_type: str) -> Callable[[Any, str], Any] | None
         code = coding.get("code")
         if not code:
             return [coding]
-        hit = vocab.lookup(code)
+        # `lookup`'s exact codes read in place: the call only for one with wildcards.
+        hit = vocab.exact.get(code)
+        if hit is None and vocab.prefixes:
+            hit = vocab.lookup(code)
         if hit is None:
             return [coding]
         fhir_code, display, system = hit
@@ -117,7 +120,11 @@ def recoder(vocab: Vocab, element_type: str) -> Callable[[Any, str], Any] | None
     if element_type == "CodeableConcept":
         def concept(value: Any, location: str) -> Any:
             codings = value.get("coding")
-            if codings:
+            if not codings:
+                return value
+            if len(codings) == 1:  # the usual concept: its one coding's, no comprehension
+                value["coding"] = recode_coding(codings[0])
+            else:
                 value["coding"] = [out for coding in codings for out in recode_coding(coding)]
             return value
         return concept

@@ -503,3 +503,25 @@ def test_parse_header_reads_msh_as_the_whole_parse_does_and_nothing_after(
 def test_parse_header_refuses_what_parse_message_refuses() -> None:
     with pytest.raises(Hl7ParseError):
         parse_header(b"PID|1||MRN-1\rMSH|^~\\&|A|B\r")
+
+
+def test_a_segment_tells_whether_it_may_hold_an_escape_sequence() -> None:
+    # The walk unescapes no value of a segment whose text has no escape character.
+    message = parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|C1|P|2.5\r"
+                            b"PID|1||X||O\\S\\BRIEN^ANN\rPV1|1|I\rNK1|1|DOE\r")
+    views = list(message.segments())
+    assert [(s.id, s.escape) for s in views] == [
+        ("MSH", "\\"), ("PID", "\\"), ("PV1", ""), ("NK1", "")]
+    # A segment changed since it was parsed may now hold one, whatever its text was.
+    message.set("PV1-3", "A^B")
+    assert next(message.segments("PV1")).escape == "\\"
+    # A view made on its own does not look: it says the message's escape character.
+    nk1 = message.segment("NK1")
+    assert nk1 is not None and nk1.escape == "\\"
+
+
+@pytest.mark.parametrize("blank", [b"", b" ", b"\t \t", b"\xc2\xa0", b"\xe3\x80\x80"])
+def test_blank_lines_between_segments_are_no_segments(blank: bytes) -> None:
+    message = parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|C1|P|2.5\r" + blank
+                            + b"\rPID|1\r")
+    assert [s.id for s in message.segments()] == ["MSH", "PID"]

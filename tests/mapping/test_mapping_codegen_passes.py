@@ -11,7 +11,7 @@ import pytest
 from gateway.mapping.codegen.exits import known_parts, late_nones, with_exits
 from gateway.mapping.codegen.loops import loop_body, single_repetition
 from gateway.mapping.codegen.memos import known_memos
-from gateway.mapping.codegen.source import indent_lines, is_valued, text_of
+from gateway.mapping.codegen.source import indent_lines, is_valued, null_inline, text_of
 from gateway.mapping.runtime import NULL
 
 
@@ -107,6 +107,39 @@ def test_a_local_is_set_to_none_just_before_the_first_statement_reading_it() -> 
         "if count <= 1:", "    return", "ob1 = None", "if (raw := parts[1]):", "    pass",
         "else:", "    x = ob1"]
 
+
+
+def test_a_memo_the_first_statement_reading_it_evaluates_first_is_set_there() -> None:
+    # No None before it, and no test of it there: nothing can have set it before.
+    memo_a = "(m_a if m_a is not None else (m_a := parts[1]))"
+    memo_b = "(m_b if m_b is not None else (m_b := parts[2]))"
+    body = ["m_a = None", "m_b = None", f"if (not {memo_a}) and {memo_b} == 'x':",
+            "    y = m_a", f"q0 = {memo_b}"]
+    assert late_nones(body) == [
+        "m_b = None", "if (not ((m_a := parts[1]))) and " + memo_b + " == 'x':",
+        "    y = m_a", f"q0 = {memo_b}"]
+    # Read first in a statement's body, it may not be read there: None before it.
+    body = ["m_a = None", "if parts[0]:", f"    q0 = {memo_a}", f"q1 = {memo_a}"]
+    assert late_nones(body) == body
+    # What it writes runs: the same values.
+    written = late_nones(["m_a = None", "m_b = None", f"r = {memo_a} + {memo_b} + m_a"])
+    assert written[1].startswith("r = ((m_a := parts[1]))")
+    for parts in (["", "a", "x"], ["", "", "x"], ["b", "", "y"]):
+        space: dict[str, Any] = {"parts": parts}
+        exec("\n".join(written), space)  # noqa: S102 - the pass's own output
+        assert space["r"] == parts[1] + parts[2] + parts[1]
+
+
+def test_the_explicit_null_is_written_as_its_literal_outside_texts_and_comments() -> None:
+    source = ("def f(raw):\n"
+              "    t = 'NULL != NULL\\'s' + \"NULL\"  # a comment's NULL\n"
+              "    return raw != NULL and t or NULL_OTHER\n")
+    written = null_inline(source)
+    assert written.count("NULL") == source.count("NULL") - 1
+    assert "return raw != '\"\"' and t or NULL_OTHER" in written
+    space: dict[str, Any] = {"NULL_OTHER": "other"}
+    exec(written, space)  # noqa: S102 - the pass's own output
+    assert space["f"](NULL) == "other" and space["f"]("a") == "NULL != NULL's" + "NULL"
 
 class _Run:
     def text(self, raw: str) -> str:

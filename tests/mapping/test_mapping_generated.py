@@ -299,3 +299,27 @@ def test_instances_and_first_writes_the_generator_decides_translate_as_the_inter
     for name, raw in MESSAGES:
         if name.startswith("tests/messages/"):
             assert _outcome(generated, raw) == _outcome(interpreted, raw), name
+
+
+@pytest.mark.parametrize(("obr", "obx"), [
+    # The OBR holds escapes (read from the OBX's functions: its OBR-3 into the
+    # Observation's identity, OBR-4 and OBR-7), the OBX holds none...
+    ("OBR|1|P\\T\\1|F\\T\\1|G\\S\\1^Glucose \\T\\ more^L|||20261126083000",
+     "OBX|1|ST|2345-7^Glucose^LN||plain text||||||F"),
+    # ...and the other way round; and both.
+    ("OBR|1|P1|F1|G1^Glucose^L|||20261126083000",
+     "OBX|1|ST|2345-7^Glucose \\T\\ co^LN||text \\F\\ more\\E\\||||||F"),
+    ("OBR|1|P\\T\\1|F\\T\\1|G1^Glucose^L|||20261126083000",
+     "OBX|1|ST|2345-7^Glucose \\T\\ co^LN||text \\F\\ more||||||F"),
+])
+def test_values_are_unescaped_by_their_own_segment_whichever_holds_escapes(
+        generated: Translator, interpreted: Translator, obr: str, obx: str) -> None:
+    # A segment without the escape character is walked without a search of each of its
+    # values (`Segment.escape`); a value another segment holds is unescaped as its own.
+    message = v2("MSH|^~\\&|LAB|F|B|G|20261126083000||ORU^R01|C1|P|2.5.1",
+                 "PID|1||MRN-1^^^HOSP^MR||DOE^JANE", "ORC|RE|P1|F1", obr, obx,
+                 "NTE|1||note \\T\\ one")
+    outcome = _outcome(interpreted, message)
+    assert not outcome.startswith((b"parse:", b"refused:"))
+    assert _outcome(generated, message) == outcome
+    assert b"\\T\\" not in outcome.split(b"\n")[0]  # each escape was undone

@@ -21,7 +21,7 @@ from gateway.fhir.escaping import escape_value
 from gateway.hl7.message import parse_message
 from gateway.mapping.convert import MSH7_OFFSET
 from gateway.mapping.runtime import Run, _offset_of
-from gateway.mapping.vocabulary import Vocab
+from gateway.mapping.vocabulary import Vocab, recoder
 from support.mapping import translator
 
 NAMES = ["", "Patient|urn:oid:2.999.1|MRN-1", "Location|SYNTH|~{\"name\":\"4E\"}",
@@ -68,6 +68,34 @@ def test_the_kept_wildcard_answers_stay_bounded() -> None:
         assert vocab.lookup(f"NS{n}") == (f"urn:isthmus:naming-system:NS{n}", "", "")
     assert 0 < len(vocab.matched) <= 4096
 
+
+
+@pytest.mark.parametrize(("codings", "recoded"), [
+    # One coding (read without a comprehension): an exact code, then a wildcard's.
+    ([{"code": "SSA"}], [{"system": "http://hl7.org/fhir/sid/us-ssn", "code": "SSA"},
+                         {"code": "SSA"}]),
+    ([{"code": "HL70203", "display": "Id type"}],
+     [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "HL70203"},
+      {"code": "HL70203", "display": "Id type"}]),
+    # Two: each translated, the sender's own after its translation; none without a code.
+    ([{"system": "http://hl7.org/fhir/sid/us-ssn", "code": "SSA"}, {"display": "x"}],
+     [{"system": "http://hl7.org/fhir/sid/us-ssn", "code": "SSA"}, {"display": "x"}]),
+])
+def test_a_concepts_codings_are_translated_each_before_the_senders(
+        codings: list[dict[str, str]], recoded: list[dict[str, str]]) -> None:
+    vocab = Vocab.from_parts(
+        "NamingSystem", {"SSA": ("SSA", "", "http://hl7.org/fhir/sid/us-ssn")},
+        [("HL7", ("HL7{*}", "", "http://terminology.hl7.org/CodeSystem/v2-{*}"))], {})
+    concept = recoder(vocab, "CodeableConcept")
+    assert concept is not None
+    for _ in range(2):  # the second time the wildcard's answer is a kept one
+        assert concept({"coding": [dict(c) for c in codings]}, "X-1") == {"coding": recoded}
+    exact_only = recoder(Vocab.from_parts("Sex", {"F": ("female", "", "")}, [], {}),
+                         "CodeableConcept")
+    assert exact_only is not None
+    assert exact_only({"coding": [{"code": "X"}]}, "X-1") == {"coding": [{"code": "X"}]}
+    assert exact_only({"coding": [{"code": "F"}]}, "X-1") == {
+        "coding": [{"code": "female"}, {"code": "F"}]}
 
 VALUES = ["MRN-100001", "urn:oid:2.16.840.1.113883.4.1", "a b", "x|y", "x&y+z#1", "1,2$3\\4",
           "Müller", "100%", "a/b:c@d!$'()*,;=.-_~", "tab\there", "é€\u2028", ""]

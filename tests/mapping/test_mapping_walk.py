@@ -124,3 +124,14 @@ def test_conditions_links_and_unread_fields_of_a_segment_walk(either: Translator
     assert translation.unmapped == {"PID-42": 1, "PV1": 1}
     patient_url = f"urn:uuid:{by_type['Patient'].id}"
     assert by_type["Coverage"].content["beneficiary"] == {"reference": patient_url}
+
+
+def test_a_segment_wider_than_the_kept_answers_counts_its_unread_fields_alike(
+        either: Translator) -> None:
+    # 306 fields: past the widths whose answers the walk keeps (worked out each time),
+    # and twice, so a kept answer for another width is never taken for it.
+    al1 = "AL1|1|DA|PCN^Penicillin^L|SV|Hives" + "|" * 300 + "|z"
+    for _ in range(2):
+        data = hl7(MSH, "PID|1||MRN-1^^^SYNTHHOSP^MR||DOE^JANE", al1, "AL1|2|DA|X^Y^L||Z")
+        found = either.translate(parse_message(data)).unmapped
+        assert {k: v for k, v in found.items() if k.startswith("AL1")} == {"AL1-306": 1}

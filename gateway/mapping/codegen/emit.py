@@ -29,16 +29,19 @@ from gateway.mapping.codegen.paths import (
 )
 from gateway.mapping.codegen.source import (
     HEADER,
+    UNESCAPED,
     NotGenerated,
     Place,
     Tags,
     descended,
+    field_of,
     indent,
     indent_lines,
     is_valued,
     leaf_valued,
     literal,
     memo,
+    null_inline,
     own_value,
     part_of,
     prelude,
@@ -79,7 +82,7 @@ class Emitter(Named):
                               for steps in spec_of(fn)[1].values() for step in steps
                               if step.into_current}
         names = {message_type: self._message(fn) for message_type, fn in events.items()}
-        lines = [HEADER, *self.top, "", *self.functions, ""]
+        lines = [HEADER, *self.top, "", *map(null_inline, self.functions), ""]
         lines.append("EVENTS = {" + ", ".join(f"{k!r}: {v}" for k, v in names.items()) + "}")
         lines.append("MERGES = [" + ", ".join(literal((
             r.message_type, r.resource, r.identifiers, r.where.file, r.where.line))
@@ -129,7 +132,9 @@ class Emitter(Named):
             # `runtime.read_other` written out: the nearest segment so far, or the first.
             _, segment_id, f, c, s = spec
             found = f"run.latest.get({segment_id!r}) or run.message.segment({segment_id!r})"
-            read = f"('' if (og := ({found})) is None else {own_value(f'og.field({f})', c, s)})"
+            # Its escape character: the other segment's (`esc` is this one's).
+            read = (f"('' if (og := ({found})) is None else "
+                    f"{own_value(field_of('og', f), c, s, 'og.escape')})")
         else:
             read = f"{self._reader(getter)}({self._scope()})"
         return memo(name, read)
@@ -162,17 +167,6 @@ class Emitter(Named):
         if kind == "shorter":
             return f"(len({value}) < {int(spec[2])})"
         raise NotGenerated(f"unknown condition {kind}")
-
-    # -- setters -----------------------------------------------------------------------------
-
-    def setter_function(self, setter: object) -> str:
-        known = self._known(setter)
-        if known:
-            return known
-        name = self._name("SET")
-        body = setter_statements(setter, "out", Tags(None))
-        self.functions.append(f"def {name}(out, inst, rt, st, v):\n" + indent(body, 1))
-        return self._remember(setter, name)
 
     # -- rows and groups ---------------------------------------------------------------------
 
@@ -218,14 +212,18 @@ class Emitter(Named):
         _, convert, codes, kind, vocab = spec
         location = place.location
         lines = [*leaf_valued(place.raw, place.seps, "v", place.valued),
-                 "    v = run.text(v) if esc in v else v",
+                 f"    {UNESCAPED['v']}",
                  "    if not v.isspace():"]
         if kind in ("dateTime", "instant"):
+            # `date_time`'s kept answers read in place (no call when kept).
             return lines + ["        try:",
-                            f"            v = date_time(v, run.offset, {kind!r})",
-                            "        except ConversionError as exc:",
-                            f"            raise TranslationError({location}, exc.reason, v) "
-                            "from None", *indent_lines(write, 2)]
+                            f"            v = DATE_TIMES[(v, run.offset, {kind!r})]",
+                            "        except KeyError:",
+                            "            try:",
+                            f"                v = date_time(v, run.offset, {kind!r})",
+                            "            except ConversionError as exc:",
+                            f"                raise TranslationError({location}, exc.reason, "
+                            "v) from None", *indent_lines(write, 2)]
         body = self._lookup(vocab)
         then = self._convert(convert, location) + write
         if codes:
@@ -242,7 +240,7 @@ class Emitter(Named):
     def _text(place: Place, write: list[str]) -> list[str]:
         """`produce.text` written out: the value's first part, unescaped, and `write`."""
         return [*leaf_valued(place.raw, place.seps, "v", place.valued),
-                "    v = run.text(v) if esc in v else v", *indent_lines(write, 1)]
+                f"    {UNESCAPED['v']}", *indent_lines(write, 1)]
 
     def _template(self, spec: tuple[Any, ...], place: Place) -> list[str]:
         """`produce.template` written out: every quoted value read, then joined."""
@@ -262,7 +260,7 @@ class Emitter(Named):
         done = ["applied = True"] if place.applied else []
         if kind == "row_text":
             return [*leaf_valued(place.raw, place.seps, "t", place.valued),
-                    "    v = run.text(t) if esc in t else t",
+                    f"    {UNESCAPED['t']}",
                     *indent_lines(setter_statements(spec[1], out, place.tags, True,
                                                     self._insts[-1]), 1), *done]
         if kind == "row":
@@ -409,8 +407,11 @@ class Emitter(Named):
             return [f"sg = run.latest.get({segment_id!r}) or run.message.segment("
                     f"{segment_id!r})",
                     "if sg is not None:",
+                    # Its values are unescaped as any may need (`esc` may be this
+                    # segment's "", which holds none); so are this one's after it.
+                    "    esc = run.d.escape  # (another segment's values)",
                     # `runtime.first_repetition` and `descend` written out.
-                    f"    raw = sg.field({f})", "    if rs in raw:",
+                    f"    raw = {field_of('sg', f)}", "    if rs in raw:",
                     "        raw = raw.split(rs, 1)[0]", *indent_lines(descended(c, s), 1),
                     "    if raw and raw != NULL:",
                     *indent_lines(self._rows(rows, place, out), 2)]
@@ -499,7 +500,7 @@ class Emitter(Named):
             ["out = {}", "inst = {}", *self._insts.pop().function_lines(), "count = len(parts)",
              *lines, leave], self._lazy.pop())), 1)  # (its parts are a split's: never empty)
         # The escape character is given by the caller (which has it at hand).
-        body = late_nones([line for line in body if line != "esc = run.d.escape"])
+        body = late_nones(_given_escape(body))
         self._seps.pop()
         self.functions.append(f"def {name}(parts, seps, run, location, esc):  # {table_name}\n"
                               + indent(body, 1))
@@ -524,9 +525,10 @@ class Emitter(Named):
         body = known_parts(known_memos(prelude(
             ["inst = {}", *self._insts.pop().function_lines(), "count = len(parts)", *lines],
             self._lazy.pop())), 0)
-        body = late_nones(body)
+        # The escape character is given by the walk ("" for a segment that holds none).
+        body = late_nones(_given_escape(body))
         self._seps.pop()
-        self.functions.append(f"def {name}(parts, run, out):  # {table_name}\n"
+        self.functions.append(f"def {name}(parts, run, out, esc):  # {table_name}\n"
                               + indent(body, 1))
         return name
 
@@ -552,21 +554,22 @@ class Emitter(Named):
                     body += [f"if {self.condition(condition, place)}:", *indent_lines(rule, 1)]
             return [*body, "return ''"]
 
-        self.functions.append(f"def {name}(parts, run):\n"
+        self.functions.append(f"def {name}(parts, run, esc):\n"
                               + indent(self.reading_fields(lines_of), 1))
         return name
 
     def reading_fields(self, lines_of: Callable[[Place], list[str]]) -> list[str]:
-        """The body of a function of a segment's fields (`parts`) and the run: what
-        `lines_of` writes, each field it reads read as a segment function reads them
-        (once each, in place), after the prelude of what it reads."""
+        """The body of a function of a segment's fields (`parts`), the run and the
+        segment's escape character (`esc`): what `lines_of` writes, each field it reads
+        read as a segment function reads them (once each, in place), after the prelude
+        of what it reads."""
         place = Place("''", "''", "''", Tags(None))
         self._lazy.append({})
         self._seps.append("''")
         body = known_memos(prelude(["count = len(parts)", *lines_of(place)],
                                    self._lazy.pop()))
         self._seps.pop()
-        return body
+        return _given_escape(body)
 
     def new_name(self, prefix: str) -> str:
         return self._name(prefix)
@@ -578,6 +581,11 @@ class Emitter(Named):
         name = self._remember(fn, self._name("M"))
         self.functions.append(f"{name} = {self._walks.message(fn)}\n")
         return name
+
+def _given_escape(body: list[str]) -> list[str]:
+    """A function's body without the prelude's escape character: its caller gives it."""
+    return [line for line in body if line != "esc = run.d.escape"]
+
 
 def generate(events: dict[str, Callable[..., None]], merges: dict[str, MergeRow],
              vocabs: dict[str, Vocab], default_offset: str) -> str:

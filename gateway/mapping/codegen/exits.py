@@ -97,6 +97,8 @@ def _repeats(chunk: list[str]) -> bool:
 
 
 _NONE = re.compile(r"(m_\w+|ob\d+) = None$")
+# What a statement evaluates before a memo it reads first (as `memos._FIRST`).
+_FIRST = re.compile(r"(?:if |\w+ = )(?:\(|not )*$")
 _CLAUSES = ("elif ", "else:", "except", "finally:")
 
 
@@ -117,7 +119,22 @@ def late_nones(body: list[str]) -> list[str]:
             continue
         text = "\n".join(statement)
         for name in [n for n in waiting if re.search(rf"\b{n}\b", text)]:
-            lines.append(f"{name} = None")
             waiting.remove(name)
+            first = _set_first(statement[0], name)
+            if first is None:
+                lines.append(f"{name} = None")
+            else:
+                statement[0] = first
         lines += statement
     return lines
+
+
+def _set_first(line: str, name: str) -> str | None:
+    """`line` setting the memo `name` without testing it, when the memo is the first
+    thing the statement evaluates (nothing can have set it before: the statement is the
+    first to read it); None otherwise (it is then set to None before the statement)."""
+    memo = f"({name} if {name} is not None else ({name} := "
+    at = line.find(memo)
+    if at < 0 or not _FIRST.match(line[:at]):
+        return None
+    return line[:at] + f"(({name} := " + line[at + len(memo):]

@@ -119,12 +119,16 @@ class Named:
         if exact is None:
             exact = self._recoders[key] = self._name("VE")
             self.top.append(f"{exact} = {name}.exact")
-        hit = f"{exact}.get(v)"
-        if vocab.prefixes:
-            # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place) is
-            # read in place too; a code that matched nothing, or none kept, asks lookup.
-            hit += f" or {name}.matched.get(v) or {name}.lookup(v)"
-        return [f"h = {hit}", "if h is not None:", "    v = h[0]"]
+        # (A test and an index are no call: `get` is one. The exact codes never change.)
+        found = [f"if v in {exact}:", f"    v = {exact}[v][0]"]
+        if not vocab.prefixes:
+            return found
+        # A wildcard answer already kept (`Vocab.matched`, a dict cleared in place, so
+        # indexed once: another thread may clear it) is read in place too; a code that
+        # matched nothing is kept as None; one not kept asks lookup.
+        return [*found, "else:", "    try:", f"        h = {name}.matched[v]",
+                "    except KeyError:", f"        h = {name}.lookup(v)",
+                "    if h is not None:", "        v = h[0]"]
 
     def _convert(self, convert: str, location: str) -> list[str]:
         """Statements: `v` converted to its FHIR type (text is kept as it is: no call)."""
@@ -137,12 +141,14 @@ class Named:
             return call
         # A pure conversion of text to text: its answers are kept by the text (a sender
         # sends the same few codes and systems in every message); refusals are not kept.
+        # Found by indexing (a `try` costs nothing until it raises, a `get` is a call):
+        # a text not kept raises once, then is kept (unless too long to keep).
         kept = f"{self._converter_object(convert)}_KEPT"
-        return [f"cv = {kept}.get(v)", "if cv is None:", "    cv = v",
+        return ["try:", f"    v = {kept}[v]", "except KeyError:", "    cv = v",
                 *indent_lines(call, 1), f"    if len(cv) <= {_KEPT_LENGTH}:",
                 f"        if len({kept}) >= {_KEPT}:",
                 f"            {kept}.clear()  # bounded: the values of recent messages",
-                f"        {kept}[cv] = v", "else:", "    v = cv"]
+                f"        {kept}[cv] = v"]
 
     def with_vocabularies(self, vocabs: dict[str, Vocab]) -> Self:
         self._vocabs_by_name = vocabs

@@ -11,12 +11,15 @@ written alike (the same segment in several message types) are written once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Protocol
 
+from gateway.mapping.codegen.paths import setter_statements
 from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
+    Tags,
     indent,
     indent_lines,
     literal,
@@ -36,8 +39,6 @@ class Writer(Protocol):
     def segment(self, fn: object) -> str: ...
 
     def identity(self, fn: object) -> str: ...
-
-    def setter_function(self, setter: object) -> str: ...
 
     def condition(self, predicate: object, place: Place | None) -> str: ...
 
@@ -68,18 +69,16 @@ class Walks:
         # Named before the body is written (each writes a function of its own).
         applies = [writer.segment(step.apply) for step in steps]
         identities = ["''" if step.identity is None else
-                      f"{writer.identity(step.identity)}(parts, run)" for step in steps]
-        setters = [[writer.setter_function(link.setter) for link in step.links]
-                   for step in steps]
+                      f"{writer.identity(step.identity)}(parts, run, esc)" for step in steps]
         # The bits of the steps applied are known where every step always applies.
         always = not any(step.after or step.condition is not None for step in steps)
 
         def lines_of(place: Place) -> list[str]:
             lines = ["current = run.current"] if always else ["current = run.current",
                                                                "applied = 0"]
-            for bit, (step, apply, identity, names) in enumerate(
-                    zip(steps, applies, identities, setters, strict=True)):
-                body = _applied(step, apply, identity, names)
+            for bit, (step, apply, identity) in enumerate(
+                    zip(steps, applies, identities, strict=True)):
+                body = _applied(step, apply, identity)
                 tests = ([f"anchor == {step.after!r}"] if step.after else []) + (
                     [writer.condition(step.condition, place)] if step.condition else [])
                 if tests:
@@ -90,7 +89,7 @@ class Walks:
             return lines + _unread(segment_id, steps, always)
 
         body = writer.reading_fields(lines_of)
-        text = f"(parts, run, anchor):  # {segment_id}\n" + indent(body, 1)
+        text = f"(parts, run, anchor, esc):  # {segment_id}\n" + indent(body, 1)
         name = self._by_text.get(text)
         if name is None:
             name = self._by_text[text] = writer.new_name("W")
@@ -103,12 +102,12 @@ class Walks:
         return name
 
 
-def _applied(step: MessageStep, apply: str, identity: str, setters: list[str]) -> list[str]:
+def _applied(step: MessageStep, apply: str, identity: str) -> list[str]:
     """`steps.apply_step` written out for `step`."""
     resource = repr(step.resource)
     new_draft = f"run.new_draft({resource}, content, True, {identity})"
-    links = _links(step.links, setters)
-    made = ["content = {}", f"{apply}(parts, run, content)", "if content:",
+    links = _links(step.links)
+    made = ["content = {}", f"{apply}(parts, run, content, esc)", "if content:",
             *([f"    draft = {new_draft}", *indent_lines(links, 1),
                f"    current[{resource}] = draft"] if links else
               [f"    current[{resource}] = {new_draft}"]),
@@ -117,18 +116,21 @@ def _applied(step: MessageStep, apply: str, identity: str, setters: list[str]) -
     if not step.into_current:
         return made
     return [f"draft = current.get({resource})", "if draft is not None:",
-            f"    {apply}(parts, run, draft.content)", "else:", *indent_lines(made, 1)]
+            f"    {apply}(parts, run, draft.content, esc)", "else:",
+            *indent_lines(made, 1)]
 
 
-def _links(links: list[Link], setters: list[str]) -> list[str]:
-    """The links of a new resource (`draft`, its `content`), before it is current.
+def _links(links: list[Link]) -> list[str]:
+    """The links of a new resource (`draft`, its `content`), before it is current, each
+    setter's statements written in place (`v` the value, `inst` the owner's instances).
 
     A type's current resource is one of that type, and the new one is not current yet: a
     link to the resource its owner is never runs, and every other owner or target is
     another resource than the new one (so `apply_step`'s test of it always holds)."""
     lines: list[str] = []
     owners: dict[str, str] = {}  # an owner type -> its variable (its instances': + "_i")
-    for link, setter in zip(links, setters, strict=True):
+    used: set[str] = set()  # the instance maps a setter uses
+    for link in links:
         if link.owner is None:
             owner, inst = "content", "own"
             if "own = {}" not in lines:
@@ -152,9 +154,17 @@ def _links(links: list[Link], setters: list[str]) -> list[str]:
         tests = [] if link.owner is None else [f"{owners[link.owner]} is not None"]
         if value == "run.reference(t)":
             tests.append(f"(t := current.get({link.refers_to!r})) is not None")
-        call = f"{setter}({owner}, {inst}, '', '', {value})"
-        lines += [f"if {' and '.join(tests)}:", f"    {call}"] if tests else [call]
-    return lines
+        # The setter's tags are "" here (`apply_step` gives none): written as constants.
+        written = setter_statements(link.setter, owner, Tags(("", "")))
+        uses_inst = any(re.search(r"\binst\b", line) for line in written)
+        if uses_inst:
+            used.add(inst)
+        call = [f"v = {value}", *([f"inst = {inst}"] if uses_inst else []), *written]
+        lines += [f"if {' and '.join(tests)}:", *indent_lines(call, 1)] if tests else call
+    # An instance map no setter uses is not made.
+    unused = {f"{name} = {{}}" for name in ("own", *(f"{o}_i" for o in owners.values()))
+              if name not in used}
+    return [line for line in lines if line not in unused]
 
 
 def _unread(segment_id: str, steps: list[MessageStep], always: bool) -> list[str]:
@@ -169,8 +179,10 @@ def _unread(segment_id: str, steps: list[MessageStep], always: bool) -> list[str
         return lines  # nothing read: nothing left unread is counted
     key = f"{((1 << len(steps)) - 1) * KEY} + count" if always else f"applied * {KEY} + count"
     applied = str((1 << len(steps)) - 1) if always else "applied"
+    # Found by indexing (no `get` call), but only for a count the keys are made for.
     return lines + [
-        f"unread = {_UNREAD}_K.get({key}) if count <= {KEPT_FIELDS} else None",
-        "if unread is None:", f"    unread = {_UNREAD}.unread({applied}, count)",
+        f"if count > {KEPT_FIELDS}:", f"    unread = {_UNREAD}.unread({applied}, count)",
+        "else:", "    try:", f"        unread = {_UNREAD}_K[{key}]", "    except KeyError:",
+        f"        unread = {_UNREAD}.unread({applied}, count)",
         "if unread:", "    unmapped = run.unmapped", "    for number, label in unread:",
         "        if parts[number]:", "            unmapped[label] += 1"]
