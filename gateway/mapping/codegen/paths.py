@@ -86,6 +86,16 @@ def setter_statements(setter: object, out: str, tags: Tags, plain: bool = False,
     return lines
 
 
+def appended_alone(setter: object, out: str) -> list[str] | None:
+    """Statements appending `v` to the repeating element the setter names directly below
+    `out` when its instances are no one else's (a link's: made empty for it), or None
+    for another setter: no instance is there to fill, and none is looked for later."""
+    spec = spec_of(setter)
+    if spec[0] != "walk" or spec[1] or not spec[4]:
+        return None
+    return [f"{out}.setdefault({spec[2]!r}, []).append(v)"]
+
+
 def _single(node: str, key: str, plain: bool, insts: Instances | None) -> list[str]:
     """A single value written where none is (the first row to write it wins)."""
     if insts is None:

@@ -12,10 +12,11 @@ written alike (the same segment in several message types) are written once.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.mapping.codegen.paths import setter_statements
+from gateway.mapping.codegen.paths import appended_alone, setter_statements
 from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
@@ -130,6 +131,8 @@ def _links(links: list[Link]) -> list[str]:
     lines: list[str] = []
     owners: dict[str, str] = {}  # an owner type -> its variable (its instances': + "_i")
     used: set[str] = set()  # the instance maps a setter uses
+    # An owner's links: one alone finds its (new, empty) instances empty.
+    per_owner = Counter(link.owner for link in links)
     for link in links:
         if link.owner is None:
             owner, inst = "content", "own"
@@ -155,7 +158,8 @@ def _links(links: list[Link]) -> list[str]:
         if value == "run.reference(t)":
             tests.append(f"(t := current.get({link.refers_to!r})) is not None")
         # The setter's tags are "" here (`apply_step` gives none): written as constants.
-        written = setter_statements(link.setter, owner, Tags(("", "")))
+        alone = appended_alone(link.setter, owner) if per_owner[link.owner] == 1 else None
+        written = alone or setter_statements(link.setter, owner, Tags(("", "")))
         uses_inst = any(re.search(r"\binst\b", line) for line in written)
         if uses_inst:
             used.add(inst)
