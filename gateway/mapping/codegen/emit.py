@@ -33,6 +33,7 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
+    counted,
     descended,
     field_of,
     indent,
@@ -230,7 +231,7 @@ class Emitter(Named):
             # A code the element's required binding does not allow cannot be sent as is;
             # it is left out and counted.
             body += [f"if v not in {self._constant(frozenset(codes))}:",
-                     f"    run.unmapped[{location}] += 1",
+                     *indent_lines(counted(location), 1),
                      "else:", *indent_lines(then, 1)]
         else:
             body += then
@@ -433,7 +434,7 @@ class Emitter(Named):
         below = ["raw = rep", *descended(c, s)]
         self._insts[-1].repeated(rows, out)
         rows_lines = (["applied = False", *self._rows(rows, place, out),
-                       "if not applied:", f"    run.unmapped[{where!r}] += 1"]
+                       "if not applied:", *indent_lines(counted(repr(where)), 1)]
                       if count_unmatched else self._rows(rows, place, out))
         body = [*below,
                 "if not raw or raw == NULL:", "    continue",

@@ -237,6 +237,14 @@ def own_value(field: str, c: int, s: int, esc: str = "esc") -> str:
     return text_of(part_of(f"(y.split(rs, 1)[0] if rs in (y := {field}) else y)", c, s), esc)
 
 
+def counted(location: str) -> list[str]:
+    """Statements counting `location` (an expression) as unmapped: `get`, not `+= 1`,
+    whose first count of a location calls the Counter's `__missing__` (Python), and
+    most locations are counted once a message."""
+    return ["unmapped = run.unmapped", f"uk = {location}",
+            "unmapped[uk] = unmapped.get(uk, 0) + 1"]
+
+
 def memo(name: str, read: str) -> str:
     """An expression: `read`, evaluated once per call into the variable `name`."""
     return f"({name} if {name} is not None else ({name} := {read}))"
