@@ -21,6 +21,7 @@ from gateway.mapping.codegen.source import (
     NotGenerated,
     Place,
     Tags,
+    counted,
     indent,
     indent_lines,
     literal,
@@ -176,9 +177,9 @@ def _unread(segment_id: str, steps: list[MessageStep], always: bool) -> list[str
     step reads counted as unmapped (found in the `Unread` object's `kept` first)."""
     lines: list[str] = []
     if not always and all(step.after or step.condition is not None for step in steps):
-        counted = ("run.z_segments += 1" if segment_id.startswith("Z") else
-                   f"run.unmapped[{segment_id!r}] += 1")
-        lines += ["if not applied:", f"    {counted}", "    return"]
+        count_it = (["run.z_segments += 1"] if segment_id.startswith("Z") else
+                    counted(repr(segment_id)))
+        lines += ["if not applied:", *indent_lines(count_it, 1), "    return"]
     if not any(step.read for step in steps):
         return lines  # nothing read: nothing left unread is counted
     key = f"{((1 << len(steps)) - 1) * KEY} + count" if always else f"applied * {KEY} + count"
@@ -189,4 +190,5 @@ def _unread(segment_id: str, steps: list[MessageStep], always: bool) -> list[str
         "else:", "    try:", f"        unread = {_UNREAD}_K[{key}]", "    except KeyError:",
         f"        unread = {_UNREAD}.unread({applied}, count)",
         "if unread:", "    unmapped = run.unmapped", "    for number, label in unread:",
-        "        if parts[number]:", "            unmapped[label] += 1"]
+        # (`get`: see `source.counted`)
+        "        if parts[number]:", "            unmapped[label] = unmapped.get(label, 0) + 1"]
