@@ -119,7 +119,6 @@ class Emitter(Named):
             return f"{self._reader(getter)}({self._scope()})"
         name = "m_" + "_".join(str(a) for a in spec)
         name = re.sub(r"\W", "_", name)
-        self._lazy[-1][name] = ""
         if kind == "read_own":
             # `runtime.read_own` without its closure and memo (the variable is the memo).
             _, f, c, s = spec
@@ -138,6 +137,8 @@ class Emitter(Named):
                     f"{own_value(field_of('og', f), c, s, 'og.escape')})")
         else:
             read = f"{self._reader(getter)}({self._scope()})"
+        # Read by one row only, it is read in place (`prelude`), with no variable.
+        self._lazy[-1][name] = read
         return memo(name, read)
 
     def _scope(self) -> str:
