@@ -163,10 +163,11 @@ class TransactionWriter:
         # FHIR R4 http.html#trules: references to an entry's fullUrl become its final id.
         targets = {e.request.full_url: f"{e.request.resource_type}/{e.id}"
                    for e in entries if e.request.full_url and e.id is not None}
+        writing = [e for e in upserts if e.outcome is None and e.same_as is None]
         if targets:
-            for entry in upserts:
+            for entry in writing:  # a matched If-None-Exist writes nothing: left as it is
                 entry.resource = _rewritten(entry.resource, targets)
-        self._write([e for e in upserts if e.outcome is None and e.same_as is None])
+        self._write(writing)
         for merge in merges:
             outcome = apply_merge(self, merge, targets)
             if merged is not None:
