@@ -28,6 +28,7 @@ from gateway.store.fhir import (
     SearchQuery,
     StoredResource,
     StringIndex,
+    TokenMatch,
     WriteConflict,
     WriteOutcome,
     WriteRequest,
@@ -48,7 +49,7 @@ from gateway.store.fhir_sqlite.schema import (
     parse_instant,
     stored_resource,
 )
-from gateway.store.fhir_sqlite.sql import current_rows_sql, select_sql
+from gateway.store.fhir_sqlite.sql import current_rows_sql, select_sql, token_condition_sql
 from gateway.store.sealing import PLAIN, RowCodec, fhir_context
 
 # FHIR R4 http.html#trules: DELETE, then POST, then PUT.
@@ -256,6 +257,14 @@ class TransactionWriter:
     def _found(self, query: SearchQuery, limit: int) -> list[StoredResource]:
         """Up to `limit` current resources a search finds, unordered; on a sealed store
         long starts-with values are checked before the limit (see blinding)."""
+        token = query.clauses[0][0] if len(query.clauses) == 1 and query.clauses[0] else None
+        if isinstance(token, TokenMatch) and token.code is not None:
+            # An identifier (a conditional write): blinded as `blind_query` blinds it, and
+            # nothing to check again after the SQL.
+            made = token_condition_sql(query, self._codec.blind(token.code, "token"), limit)
+            if made is not None:
+                return [stored_resource(row, self._codec)
+                        for row in self._db.execute(*made).fetchall()]
         blinded = blind_query(query, self._codec, self._labels)
         sql, params = select_sql(blinded.query, None if blinded.rechecks else limit, 0,
                                  ordered=False, labels=blinded.labels)
