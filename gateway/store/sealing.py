@@ -150,6 +150,8 @@ class SealedCodec:
         # emptied when full (values seen once, an MRN, would only age out anyway).
         self._blinded: dict[tuple[str, str], str] = {}
         self._prefixed: dict[tuple[str, str, int], tuple[str, ...]] = {}
+        # The ring's keys by their ids' bytes, as a sealed value names them.
+        self._keys = {key.id.encode(): key for key in ring.keys}
         current = ring.current
         self._header = MAGIC + bytes([len(current.id.encode())]) + current.id.encode()
         self._cipher = current.cipher
@@ -169,7 +171,8 @@ class SealedCodec:
         if len(value) < start + 1:
             raise SealError("a sealed value is cut short")
         end = start + 1 + value[start]
-        key = self.ring.get(value[start + 1:end].decode("utf-8", "replace"))
+        key = self._keys.get(bytes(value[start + 1:end])) or self.ring.get(
+            value[start + 1:end].decode("utf-8", "replace"))
         if key is None:
             raise SealError(f"a stored value is sealed with data key "
                             f"'{value[start + 1:end].decode('utf-8', 'replace')[:40]}', "

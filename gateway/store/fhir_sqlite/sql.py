@@ -5,6 +5,7 @@ rows. Values are always bound, never written into the statement.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.store.fhir import (
@@ -39,6 +40,12 @@ def current_rows_sql(counts: Sequence[int]) -> str:
     """The current rows of several types' ids, `counts[i]` ids of the i-th type, in one
     statement: a primary-key search per type (`type = ? AND id IN (...)`), joined by
     UNION ALL (a row-value `(type, id) IN (VALUES ...)` would scan the whole table)."""
+    return _current_rows_sql(tuple(counts))
+
+
+@functools.lru_cache(maxsize=256)
+def _current_rows_sql(counts: tuple[int, ...]) -> str:
+    # Made once per shape: each message of a kind reads the same counts of the same types.
     return " UNION ALL ".join(
         f"SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? "
         f"AND r.id IN ({','.join('?' * count)})" for count in counts)
