@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.ingest.merges import keep_merge_state
 from gateway.store.errors import StoreUnavailable
 from gateway.store.fhir import (
     Clause,
@@ -207,6 +208,35 @@ async def test_update_with_unchanged_content_adds_no_version(store: AnyStore) ->
     assert (outcome.status, outcome.changed, outcome.stored) == (200, False, v1)
     page = await store.history(HistoryQuery("Patient", v1.id))
     assert page.total == 1
+
+
+async def test_a_carried_update_is_unchanged_when_it_says_what_the_record_says(
+        store: AnyStore) -> None:
+    # The carry (what an update keeps of the record: a merge's link) runs on the resource
+    # as sent, before references to the call's entries are rewritten; an update that
+    # already says what the record says, once rewritten, adds no version.
+    linked = [{"other": {"reference": "Patient/gone"}, "type": "replaces"}]
+    await write(store, WriteRequest("PUT", "Practitioner", id="dr-1",
+                                    resource={"resourceType": "Practitioner"}))
+    v1 = await write(store, WriteRequest("PUT", "Patient", id="kept", resource=patient(
+        "k", generalPractitioner=[{"reference": "Practitioner/dr-1"}], link=linked)))
+
+    def message(family: str) -> list[WriteRequest]:
+        return [WriteRequest("PUT", "Practitioner", id="dr-1", full_url="urn:uuid:dr",
+                             resource={"resourceType": "Practitioner"}),
+                WriteRequest("PUT", "Patient", id="kept", carry=keep_merge_state,
+                             resource=patient("k", family=family, generalPractitioner=[
+                                 {"reference": "urn:uuid:dr"}]))]
+
+    await store.transact(message("Smith"))  # the link carried, the same content again
+    assert await store.read("Patient", "kept") == v1.stored
+    _, changed = await store.transact(message("Jones"))
+    assert isinstance(changed, WriteOutcome) and changed.stored is not None
+    assert changed.stored.version == 2
+    document = body(changed.stored)
+    assert document["link"] == linked
+    assert document["generalPractitioner"] == [{"reference": "Practitioner/dr-1"}]
+    assert document["name"][0]["family"] == "Jones"
 
 
 async def test_a_resend_with_a_decimal_in_another_key_order_adds_no_version(
