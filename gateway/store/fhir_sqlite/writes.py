@@ -75,8 +75,7 @@ class _Entry:
     # A POST whose If-None-Exist repeats an earlier create in the same call: it is that one.
     same_as: _Entry | None = None
     index: list[IndexEntry] = field(default_factory=list)
-    # An update whose carry is still to run (`_carry_unless_same`), and its resource as
-    # resolved, before references were rewritten: what the carry is given.
+    # A carry still to run (`_carry_unless_same`) on the resource before rewriting.
     carry_due: bool = False
     unrewritten: dict[str, Any] | None = None
     _current_document: dict[str, Any] | None = None
@@ -453,12 +452,10 @@ def _due_carry(entry: _Entry) -> None:
 
 
 def _carry_unless_same(entry: _Entry, targets: Mapping[str, str]) -> None:
-    """The update's carry, given the resource as resolved, then its references rewritten
-    again; or, when the rewritten resource already says what the current version says
-    (a resent message, a ward every admission names), the update found unchanged without
-    parsing the current body for a carry that would change nothing (a Carry keeps what the
-    update lacks of the current version: nothing, then). That parse was ~5 % of the
-    apply worker's writer thread."""
+    """The update's carry (given the resource as resolved, its references then rewritten
+    again); none when the rewritten resource already says what the current version says
+    (a resend, a ward every admission names): a Carry keeps what an update lacks of the
+    version, nothing then, and the body's parse was ~5 % of the writer thread."""
     carry, current = entry.request.carry, entry.current
     assert carry is not None and current is not None and entry.id is not None
     assert entry.resource is not None and entry.unrewritten is not None
@@ -507,10 +504,8 @@ def _same_content(entry: _Entry, document: Mapping[str, Any]) -> bool:
 
 
 def _same_bytes(current: StoredResource, document: Mapping[str, Any]) -> bool | None:
-    """Whether `document` serialises to the current version's stored bytes once given its
-    meta: a resend does, and equal bytes are equal content, without parsing the body
-    (different bytes may still be the same content, in another key order). None for a
-    document that is not JSON."""
+    """Whether `document` serialises to the version's stored bytes given its meta (a resend
+    does; other bytes may still be the same content in another key order); None: not JSON."""
     meta = {"versionId": str(current.version), "lastUpdated": current.last_updated,
             **document["meta"]}
     try:
