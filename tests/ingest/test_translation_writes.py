@@ -19,11 +19,13 @@ import pytest
 from conftest import MESSAGES, REFERENCE, message
 from gateway.canonical import Translation
 from gateway.fhir.bundle import to_bundle
+from gateway.fhir.escaping import token
 from gateway.fhir.search import TABLE, SearchRegistry
+from gateway.fhir.transaction import condition
 from gateway.hl7.message import parse_message
 from gateway.ingest.applier import LocalApplier
 from gateway.ingest.merges import keep_merge_state
-from gateway.ingest.writes import bundle_writes, translation_writes
+from gateway.ingest.writes import bundle_writes, identifier_condition, translation_writes
 from gateway.mapping.engine import Translator
 from gateway.mapping.tables import SHIPPED
 from gateway.store.fhir import FhirStore, SearchQuery, TokenMatch, WriteRequest
@@ -140,6 +142,22 @@ def test_identifiers_a_url_must_quote_give_the_parsers_conditions(
     keys = [r.key for r in translation.resources if r.key is not None]
     assert any(k.value.startswith("MRN") for k in keys)  # PID-3 made the Patient's key
     assert_same_writes(registry, translation)
+
+
+IDENTIFIER_VALUES = ["MRN-1", "MRN 1", "mrn-é漢字", "a|b", "a,b", "a$b", "a\\b", "\\", ",",
+                     "x" * 300, " padded ", "%41+"]
+
+
+@pytest.mark.parametrize("value", IDENTIFIER_VALUES)
+@pytest.mark.parametrize(("resource_type", "system"), [
+    ("Patient", "urn:oid:1.2.3"), ("Patient", "urn:x:a|b"), ("Organization", "urn:x:o"),
+    ("Practitioner", "urn:x:a,b$c")])
+def test_an_identifier_condition_made_directly_is_the_parsers(
+        registry: SearchRegistry, resource_type: str, system: str, value: str) -> None:
+    made = identifier_condition(registry, resource_type, system, value)
+    parsed = condition(registry, resource_type, (("identifier", token(system, value)),))
+    assert made == parsed
+    assert made.clauses[0][0] == TokenMatch("identifier", system, value)
 
 
 def test_every_write_keeps_merge_state_and_a_conditional_update_creates_at_its_id(

@@ -4,6 +4,7 @@ row, key rotation, tampering, blind-index search, and the data dir's marker and 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -61,6 +62,27 @@ def test_a_sealed_value_opens_only_on_its_own_row() -> None:
         codec(K1).open(sealed, other_row)
     with pytest.raises(SealError):
         codec(K1).open(sealed, fhir_context("Patient", "p1", 1))
+
+
+def test_blind_values_are_the_keyed_mac_of_purpose_and_value_each_time_asked() -> None:
+    # Kept blinds (a codec remembers those made lately) are the MAC itself, before and
+    # after the codec's memory of them is full and emptied, and never another purpose's.
+    sealed = codec(K1)
+    index_key = sealed.ring.keys[0].index_key
+
+    def mac(value: str, purpose: str) -> str:
+        return hashlib.blake2b(f"{purpose}\x1f{value}".encode(), key=index_key,
+                               digest_size=16).hexdigest()
+
+    values = ["springfield", "st", "", "é漢字", "family12345"] + [f"v{n}" for n in range(9000)]
+    for _ in range(2):
+        for value in values:
+            assert sealed.blind(value, "token") == mac(value, "token")
+            assert sealed.blind(value, "exact") == mac(value, "exact")
+            assert sealed.blind_prefixes(value, "prefix", 8) == tuple(
+                mac(value[:n], "prefix") for n in range(1, min(len(value), 8) + 1))
+    assert sealed.blind_prefixes("family12345", "prefix", 3) == tuple(
+        mac(p, "prefix") for p in ("f", "fa", "fam"))
 
 
 @pytest.mark.parametrize("position", [-1, -20, 30])

@@ -149,10 +149,10 @@ def index_rows(resource_type: str, id_: str, items: Iterable[IndexEntry], codec:
             case _:
                 rows.setdefault(type(item), []).append(index_row(resource_type, id_, item))
     if shared:
-        strings: list[tuple[int | str, list[str], list[str], str]] = []
+        strings: list[tuple[int | str, list[str], tuple[str, ...], str]] = []
         for (key, normalized, exact), params in shared.items():
-            prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or [
-                codec.blind(normalized, "prefix")]  # empty text: still its :exact row
+            prefixes = codec.blind_prefixes(normalized, "prefix", PREFIX_ROWS) or (
+                codec.blind(normalized, "prefix"),)  # empty text: still its :exact row
             strings.append((key, params, prefixes, codec.blind(exact, "exact")))
         out = rows.setdefault(StringIndex, [])
         # The last prefix row of each value carries its :exact value; then one plain row

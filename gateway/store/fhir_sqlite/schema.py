@@ -230,11 +230,13 @@ def open_writer(path: Path, synchronous: Literal["normal", "full", "extra"],
         db.execute("PRAGMA busy_timeout=5000")
         db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
         db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-        # Each call of a group commit runs in a SAVEPOINT, and SQLite keeps the original of
-        # every page a savepoint changes in a sub-journal, by default a temporary *file*:
-        # one pwrite per page, which was 30 % of the writer thread (py-spy --native) and
-        # held the write lock 3-4x longer. In memory it costs at most one call's pages,
-        # freed when the savepoint is released.
+        # A call of a group commit that fails is undone by running the group again with a
+        # SAVEPOINT per call, and a non-atomic call has one per entry. SQLite keeps the
+        # original of every page a savepoint changes in a sub-journal, by default a
+        # temporary *file*: one pwrite per page, which was 30 % of the writer thread
+        # (py-spy --native, when every call had its savepoint) and held the write lock 3-4x
+        # longer. In memory it costs at most one call's pages, freed when the savepoint is
+        # released.
         db.execute("PRAGMA temp_store=MEMORY")
         key_by_rid(db)
         db.executescript(SCHEMA)

@@ -419,14 +419,20 @@ class SqliteFhirStore:
         return refused
 
     def _apply_group_sync(self, jobs: Sequence[_Job], commit: bool) -> bool:
-        """Writer thread: several callers' writes in one transaction, each in its own
-        savepoint, committed or (`commit` False) left open for `_commit_sync`; whether they
-        applied (if not, it is rolled back and nothing in the group is durable)."""
+        """Writer thread: several callers' writes in one transaction, committed or
+        (`commit` False) left open for `_commit_sync`; whether they applied (if not, it is
+        rolled back and nothing in the group is durable). A call that fails has its own
+        writes undone, not the others'."""
         started = time.perf_counter()
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                self._run_job(job)
+            if not self._run_jobs_together(jobs):
+                # A call failed: its writes are undone with everything before them, and
+                # the group runs again with a savepoint per call (nearly never).
+                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                for job in jobs:
+                    self._run_job(job)
             if commit:
                 self._db.execute("COMMIT")
                 self.write_seconds = time.perf_counter() - started
@@ -465,17 +471,37 @@ class SqliteFhirStore:
         except sqlite3.Error as exc:
             log.error("FHIR store rollback failed: %s", type(exc).__name__)
 
+    def _run_jobs_together(self, jobs: Sequence[_Job]) -> bool:
+        """The calls' writes one after another without a savepoint each; False at the
+        first that fails (its error kept), with the transaction holding some of its
+        writes: the caller rolls it back. A savepoint per call made SQLite copy every page
+        a call changed into the sub-journal first (the blind index values are random
+        keys: most of a message's pages), for a rollback nearly no call needs."""
+        for job in jobs:
+            job.outcomes, job.merged, job.error = None, None, None
+            try:
+                self._apply_job(job)
+            except sqlite3.Error:
+                raise
+            except Exception as exc:  # the caller's conflict (or a bug in an indexer)
+                job.error = exc
+                return False
+        return True
+
+    def _apply_job(self, job: _Job) -> None:
+        if job.atomic:
+            job.merged = []
+            job.outcomes = list(self._writes.apply(job.writes, 0, job.merges, job.merged))
+        else:
+            job.outcomes = self._apply_batch(job.writes)
+
     def _run_job(self, job: _Job) -> None:
         """One caller's writes in a savepoint: released if they apply, rolled back if not.
         A database error escapes, failing the whole group."""
+        job.outcomes, job.merged, job.error = None, None, None
         self._db.execute("SAVEPOINT job")
         try:
-            if job.atomic:
-                job.merged = []
-                job.outcomes = list(self._writes.apply(job.writes, 0, job.merges,
-                                                       job.merged))
-            else:
-                job.outcomes = self._apply_batch(job.writes)
+            self._apply_job(job)
         except sqlite3.Error:
             raise
         except Exception as exc:  # the caller's conflict (or a bug in an indexer): theirs
