@@ -18,6 +18,7 @@ engine; the engine uses `trusted_resource`, which does not.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any, NamedTuple
 
 _new = object.__new__
@@ -39,6 +40,12 @@ class BusinessKey(NamedTuple):
 
     system: str = ""
     value: str = ""
+
+
+# A BusinessKey from a (system, value) pair, by the tuple's own C constructor rather than
+# the named tuple's Python-level __new__: the engine and the wire form make one for every
+# identified resource of every message.
+key_of_pair = partial(tuple.__new__, BusinessKey)
 
 
 class Resource:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from gateway.canonical import BusinessKey, Provenance, Resource, Translation, trusted_resource
 from gateway.canonical.ids import name_uuid
+from gateway.canonical.models import key_of_pair
 from gateway.fhir.model_cache import FACTS
 from gateway.hl7.message import Message
 from gateway.mapping.errors import UnsupportedMessage
@@ -95,10 +96,6 @@ class Translator:
         return Translation(provenance, resources, dict(run.unmapped), run.z_segments)
 
 
-# A BusinessKey from a (system, value) pair: the tuple's own C constructor, not the named
-# tuple's Python-level __new__ (called for every identified resource of every message).
-_key = tuple.__new__
-
 # What the name of a referred-to resource (the doctor, the ward: not made from a segment of
 # its own) is made of -> its id, fullUrl and BusinessKey, across messages (`_referred`).
 _REFERRED_IDS: dict[tuple[str, ...], tuple[str, str, BusinessKey | None]] = {}
@@ -164,7 +161,7 @@ def _finish(run: Run, provenance: Provenance) -> list[Resource]:
                 keys.add(claim)
             if key is not None:
                 resource_id = name_uuid(f"{resource_type}|{key[0] or sender}|{key[1]}")
-                business_key = _key(BusinessKey, key)
+                business_key = key_of_pair(key)
             else:
                 resource_id = name_uuid(f"{sender}|{identity}" if identity else
                                         f"{resource_type}|{position}{draft.ordinal}")
@@ -214,7 +211,7 @@ def _referred(referred: tuple[str, ...], resource_type: str, key: tuple[str, str
     resource_id = name_uuid(name)
     return remember(_REFERRED_IDS, referred, (
         resource_id, "urn:uuid:" + resource_id,
-        None if key is None else _key(BusinessKey, key)), len(name))
+        None if key is None else key_of_pair(key)), len(name))
 
 
 def _made_in_full(run: Run) -> dict[int, Draft]:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -37,6 +38,19 @@ _AAD_PREFIX = b"isthmus-store-v1\x1f"
 _BLIND_BYTES = 16
 # Blind values a codec keeps of each kind (see `SealedCodec.__init__`): ~3 MB at most.
 _BLINDS_KEPT = 4096
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def _kept(kept: dict[K, V], key: K, value: V) -> V:
+    """`value`, kept under `key` in a codec's map of blind values: bounded by count,
+    emptied when full (values seen once, an MRN, would only age out anyway)."""
+    if len(kept) >= _BLINDS_KEPT:
+        kept.clear()
+    kept[key] = value
+    return value
 
 
 class SealError(StoreError):
@@ -146,10 +160,9 @@ class SealedCodec:
         self._blind = hashlib.blake2b(key=index.index_key, digest_size=_BLIND_BYTES)
         # Blind values made lately, by (purpose, value): a city, a given name, a state or a
         # code recurs in message after message, and its MACs (a string's 8 prefixes and its
-        # exact value: ~4 us) were a tenth of the apply worker's Python. Bounded by count,
-        # emptied when full (values seen once, an MRN, would only age out anyway).
+        # exact value: ~4 us) were a tenth of the apply worker's Python (`_kept`).
         self._blinded: dict[tuple[str, str], str] = {}
-        self._prefixed: dict[tuple[str, str, int], tuple[str, ...]] = {}
+        self._prefixed: dict[tuple[str, str], tuple[str, ...]] = {}
         # The ring's keys by their ids' bytes, as a sealed value names them.
         self._keys = {key.id.encode(): key for key in ring.keys}
         current = ring.current
@@ -190,17 +203,14 @@ class SealedCodec:
         if blinded is None:
             mac = self._blind.copy()
             mac.update(purpose.encode() + b"\x1f" + value.encode())
-            blinded = mac.hexdigest()
-            if len(self._blinded) >= _BLINDS_KEPT:
-                self._blinded.clear()
-            self._blinded[key] = blinded
+            blinded = _kept(self._blinded, key, mac.hexdigest())
         return blinded
 
     def blind_prefixes(self, value: str, purpose: str, longest: int) -> tuple[str, ...]:
         """`blind(value[:n], purpose)` for n = 1 .. min(len(value), longest), hashed
         incrementally (one update a character, not one MAC a prefix)."""
         value = value[:longest]  # all it depends on: "family12" of every "family12..."
-        key = (purpose, value, longest)
+        key = (purpose, value)
         blinded = self._prefixed.get(key)
         if blinded is None:
             mac = self._blind.copy()
@@ -209,10 +219,7 @@ class SealedCodec:
             for character in value:
                 mac.update(character.encode())
                 made.append(mac.copy().hexdigest())
-            blinded = tuple(made)
-            if len(self._prefixed) >= _BLINDS_KEPT:
-                self._prefixed.clear()
-            self._prefixed[key] = blinded
+            blinded = _kept(self._prefixed, key, tuple(made))
         return blinded
 
     def reading_plain(self) -> SealedCodec:

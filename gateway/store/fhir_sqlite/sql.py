@@ -333,7 +333,6 @@ def _like_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-
 # `token_condition_sql`'s statement: what `select_sql` makes of such a condition, its
 # values bound in the order that function lists them (tests/store hold the two equal).
 _TOKEN_CONDITION = select_sql(SearchQuery("T", ((TokenMatch("p", "s", "c"),),)), 1, 0,
