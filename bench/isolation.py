@@ -5,7 +5,9 @@ What is measured
 The gateway (started here, ``--workers N`` when given) takes small ADT^A01 messages on
 ``--connections`` lock-step MLLP connections while ``/healthz`` is polled every 10 ms;
 with ``--rate N`` they are paced to N messages/s in all (each connection sends its next
-message at its scheduled time, or at once when the previous ACK came late), so the
+message at its scheduled time, or at once when the previous ACK came late; the
+connections' schedules are spread evenly over one interval, so a message arrives every
+1/N s rather than all of them at once: `--burst` keeps them in step instead), so the
 latency is measured below saturation: unpaced, 8 lock-step senders keep the gateway at
 full throughput and their p99 is queueing (30-80 ms here) even with no heavy message.
 After ``--warmup`` seconds of the same (printed, not compared), twice, in the same run:
@@ -17,6 +19,7 @@ their p50/p99 latency, and /healthz p50/p99/max; and how long the heavy message 
     python bench/isolation.py
     python bench/isolation.py --workers 0 --observations 20000
     python bench/isolation.py --rate 200
+    python bench/isolation.py --rate 200 --burst     # the connections sending in step
 """
 
 from __future__ import annotations
@@ -48,11 +51,13 @@ def heavy_oru(observations: int) -> bytes:
 
 
 async def small_sender(port: int, prefix: str, stop: asyncio.Event,
-                       latencies: list[float], interval: float | None) -> None:
-    """`interval`: seconds between this connection's sends (None: lock-step, unpaced)."""
+                       latencies: list[float], interval: float | None,
+                       phase: float = 0.0) -> None:
+    """`interval`: seconds between this connection's sends (None: lock-step, unpaced);
+    `phase`: the share of an interval its schedule starts after the others'."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     n = 0
-    due = time.perf_counter()
+    due = time.perf_counter() + (interval or 0.0) * phase
     try:
         while not stop.is_set():
             if interval is not None:
@@ -101,7 +106,12 @@ async def phase(name: str, args: argparse.Namespace, mllp: int, http: int,
     health: list[float] = []
     prefix = f"I{os.getpid()}{name[0]}-"
     interval = args.connections / args.rate if args.rate else None
-    tasks = [asyncio.create_task(small_sender(mllp, f"{prefix}{c}-", stop, acks, interval))
+    # In step, eight senders' messages came eight at a time and the last of each eight
+    # waited for the seven before it (a p99 of ~20-30 ms at 200 msg/s, none of it the
+    # heavy message's): spread, the latency is the gateway's at that rate.
+    phases = [0.0 if args.burst else c / args.connections for c in range(args.connections)]
+    tasks = [asyncio.create_task(small_sender(mllp, f"{prefix}{c}-", stop, acks, interval,
+                                              phases[c]))
              for c in range(args.connections)]
     tasks.append(asyncio.create_task(health_poller(f"http://127.0.0.1:{http}/healthz",
                                                    stop, health)))
@@ -125,7 +135,9 @@ async def measure(args: argparse.Namespace, mllp: int, http: int) -> None:
     heavy = heavy_oru(args.observations)
     print(f"heavy message: {len(heavy) / 1e6:.1f} MB, {args.observations} OBX; "
           f"{args.connections} small-message connections, "
-          + (f"paced to {args.rate:g} msg/s in all" if args.rate else "lock-step, unpaced"))
+          + (f"paced to {args.rate:g} msg/s in all"
+             + (", the connections in step" if args.burst else "") if args.rate
+             else "lock-step, unpaced"))
     if args.warmup:
         # Unrecorded: the first messages pay for lazy imports and caches in every process.
         warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
@@ -146,6 +158,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--rate", type=float, default=None,
                         help="small messages/s across the connections (default: unpaced)")
+    parser.add_argument("--burst", action="store_true",
+                        help="with --rate: every connection sends at the same moments (the "
+                             "schedule before 2026-12-07: bursts of --connections messages)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="isthmus-isolation-"))
     os.chmod(workdir, 0o700)
