@@ -26,6 +26,7 @@ this can see (a lag below it reads as the poll's resolution).
     python bench/apply_lag.py --workers 0          # the edge applies in its own process
     python bench/apply_lag.py --profile            # and where each process spends its CPU
     python bench/apply_lag.py --mix oru            # ADT^A01 and ORU^R01 alternated
+    python bench/apply_lag.py --postgres postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -107,10 +108,12 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))] if ordered else 0.0
 
 
-def start_gateway(workdir: Path, workers: int | None) -> tuple[subprocess.Popen[str], int, int]:
+def start_gateway(workdir: Path, workers: int | None, store: str = ""
+                  ) -> tuple[subprocess.Popen[str], int, int]:
+    """`store`: more configuration (`postgres_store`'s), before the API key."""
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     config = workdir / "isthmus.toml"
-    config.write_text(f'[[auth.api_keys]]\nname = "bench"\nkey_sha256 = "{digest}"\n'
+    config.write_text(store + f'[[auth.api_keys]]\nname = "bench"\nkey_sha256 = "{digest}"\n'
                       'scopes = ["system/*.rs"]\n')
     data = workdir / "var"
     argv = [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--host",
@@ -126,6 +129,31 @@ def start_gateway(workdir: Path, workers: int | None) -> tuple[subprocess.Popen[
         proc.kill()
         raise SystemExit(f"the gateway did not start: {line!r}; see {workdir}/gateway.log")
     return proc, int(match[1]), int(match[2])
+
+
+def postgres_store(url: str, workdir: Path) -> tuple[str, str]:
+    """(configuration, schema) for a gateway on a new schema of the database at `url`, with
+    audit keys made in `workdir` (the schema is dropped by `drop_schema`)."""
+    from gateway.app.audit import audit_keys
+    from gateway.config import load_settings
+
+    keys = workdir / "keys-home"
+    audit_keys(load_settings(None, environ={}, overrides={"store.data_dir": keys}),
+               create=True)
+    schema = f"bench_lag_{os.getpid()}"
+    return (f'[store]\nbackend = "postgresql"\nurl = "{url}"\nschema = "{schema}"\n'
+            f'[audit]\nkey_file = "{keys}/keys/audit-data.keys"\n'
+            f'signing_key_file = "{keys}/keys/audit-signing.pem"\n'), schema
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await connection.close()
 
 
 async def client(port: int, numbers: list[int], prefix: str, acks: dict[int, float],
@@ -239,13 +267,17 @@ def main() -> int:
     parser.add_argument("--mix", choices=("none", "oru"), default="none",
                         help="oru: every other message an ORU^R01 with 10 OBX (each message "
                              "writes one Provenance either way)")
+    parser.add_argument("--postgres", metavar="URL", default="",
+                        help="store on PostgreSQL at URL (a new schema, dropped after; "
+                             "the edge applies in its own process there)")
     parser.add_argument("--profile", action="store_true",
                         help="sample every gateway process with py-spy over the run and "
                              "print each one's top functions (bench/profiles.py)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="isthmus-lag-"))
     os.chmod(workdir, 0o700)
-    proc, mllp, http = start_gateway(workdir, args.workers)
+    store, schema = postgres_store(args.postgres, workdir) if args.postgres else ("", "")
+    proc, mllp, http = start_gateway(workdir, args.workers, store)
     try:
         # The apply workers may still be starting when the edge listens (seconds, over
         # 10 s on a loaded machine): their rows wait, so the first lags include that.
@@ -257,6 +289,8 @@ def main() -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if schema:
+            asyncio.run(drop_schema(args.postgres, schema))
         if not args.keep_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
