@@ -79,6 +79,7 @@ from gateway.store.pg.inbox import PgInbox
 from gateway.store.pg.migrate import migrate
 from gateway.store.pg.outbox import PgOutbox
 from gateway.store.pg.replay import PgReplayStore
+from gateway.store.pg.turns import PgApplyTurns
 from gateway.store.refusals_sqlite import REFUSALS_FILE, SqliteRefusals
 from gateway.store.replay_sqlite import SqliteReplayStore
 from gateway.store.sealing import PLAIN
@@ -303,6 +304,7 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     started: Applier
+    turns: PgApplyTurns | None = None
     if WORKERS in app:
         # Worker processes apply (and translate again) what the edge commits: the second
         # core's work, off this event loop.
@@ -311,8 +313,11 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
         workers.observe(app[TELEMETRY].meter)
         started = workers
     else:
+        # On PostgreSQL every instance applies what it commits: one patient's rows, in
+        # whichever instances, are applied in inbox order by taking the patient's turn.
+        turns = PgApplyTurns(app[DATABASE]) if POOL in app else None
         local = LocalApplier(app[FHIR_STORE], app[SEARCH_REGISTRY], app[http.INBOX],
-                             app[TRANSLATOR], metrics=app[TELEMETRY].ingest)
+                             app[TRANSLATOR], metrics=app[TELEMETRY].ingest, turns=turns)
         local.start()
         started = local
     app[APPLIER] = started
@@ -320,6 +325,8 @@ async def applier(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await started.close()
+        if turns is not None:
+            await turns.close()
 
 
 async def mllp(app: web.Application) -> AsyncIterator[None]:

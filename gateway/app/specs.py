@@ -105,7 +105,8 @@ def ingest_options(settings: Settings, check: SenderCheck | None = None) -> Inge
     return IngestOptions(validation=mllp.validation, default_charset=mllp.default_charset,
                          strict=settings.mapping.strict, sender_check=check,
                          budget_bytes=settings.processes.memory_budget_bytes,
-                         offload_bytes=settings.processes.offload_bytes)
+                         offload_bytes=settings.processes.offload_bytes,
+                         patient_keys=settings.store.backend == "postgresql")
 
 
 # -- the FHIR API and its callers --------------------------------------------------------------

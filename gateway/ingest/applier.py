@@ -6,6 +6,8 @@ conditional (update on the business identifier, create-if-absent, PUT at a deter
 id), and an update that changes nothing adds no version, so applying a message twice
 (a crash after the store committed but before the inbox row said so) changes nothing.
 Rows still marked `translated` are picked up at start-up and by a periodic sweep.
+Where several instances apply one inbox (PostgreSQL), each row is applied in its
+patient's turn (`ApplyTurns`), after the patient's earlier rows, whoever committed them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from gateway.ingest.writes import translation_writes
 from gateway.mapping.engine import Translator
 from gateway.store.errors import AmbiguousMatch, StoreUnavailable
 from gateway.store.fhir import FhirStore, Merge, SearchQuery, WriteConflict
-from gateway.store.inbox import APPLIED, FAILED, IDENTITY_CONFLICT, TRANSLATED, Inbox
+from gateway.store.inbox import (
+    APPLIED,
+    FAILED,
+    IDENTITY_CONFLICT,
+    TRANSLATED,
+    ApplyTurns,
+    Inbox,
+)
 
 if TYPE_CHECKING:
     # Only the edge's applier counts (its telemetry is set up); an apply worker passes
@@ -56,8 +65,11 @@ class LocalApplier:
     def __init__(self, store: FhirStore, registry: SearchRegistry, inbox: Inbox,
                  translator: Translator, *, sweep_interval: float = 30.0,
                  max_batch: int = 256, max_held: int = 5_000,
-                 metrics: IngestMetrics | None = None) -> None:
+                 metrics: IngestMetrics | None = None,
+                 turns: ApplyTurns | None = None) -> None:
         self._store = store
+        # Several instances apply the inbox: each row in its patient's turn (_in_turn).
+        self._turns = turns
         self._metrics = metrics
         # The conflicts reported so far (by the write's search, kept only in memory): each
         # is logged and counted once, however many messages name it.
@@ -214,7 +226,10 @@ class LocalApplier:
         """Apply each message as its own transaction; record the outcomes in the inbox."""
         if not batch:
             return
-        outcomes: list[tuple[int, str, str]] = []
+        if self._turns is not None:
+            for inbox_id, translation, outcome in batch:
+                await self._in_turn(self._turns, inbox_id, translation, outcome)
+            return
         results: list[BaseException | None]
         if self._store.applies_in_call_order:
             # Submitted together so the store can group-commit them; it applies them in
@@ -229,39 +244,103 @@ class LocalApplier:
             # the sweep to apply later still. (Messages naming one ward, practitioner or insurer
             # already waited for each other there: the writer locks each such record.)
             results = [await _failure(self._apply_one(t)) for _, t, _ in batch]
-        for (inbox_id, _, outcome), result in zip(batch, results, strict=True):
-            if isinstance(result, StoreUnavailable):
-                # Not applied and not marked: the next sweep tries again.
-                log.error("local store unavailable; inbox %d stays translated", inbox_id)
-                continue
-            if isinstance(result, IdentityConflict):
-                self.conflicted += 1
-                self._report(result, inbox_id)
-                reason = (f"two {result.resource_type} records in the FHIR store share the "
-                          "identifier this message names: merge them (isthmus fhir merge), "
-                          "then isthmus inbox replay --failed")
-                outcomes.append((inbox_id, IDENTITY_CONFLICT, reason))
-                if outcome is not None:
-                    outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
-                continue
-            if isinstance(result, BaseException):
-                self.failed += 1
-                reason = _reason(result)
-                log.warning("inbox %d could not be applied to the FHIR store: %s",
-                            inbox_id, reason)
-                outcomes.append((inbox_id, FAILED, reason))
-                if outcome is not None:
-                    outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
+        outcomes = [mark for (inbox_id, _, outcome), result in zip(batch, results, strict=True)
+                    if (mark := self._settle(inbox_id, result, outcome)) is not None]
+        await self._mark(outcomes)
+
+    async def _in_turn(self, turns: ApplyTurns, inbox_id: int, translation: Translation,
+                       outcome: Outcome | None) -> None:
+        """Apply one row in its patient's turn: first the patient's earlier rows still to
+        apply, whichever instance committed them (this instance's own are among them
+        only if a failure left them), so that one patient's rows reach the store in inbox
+        order; each row marked before the turn ends, so the next holder finds it done."""
+        try:
+            async with turns.turn(inbox_id) as pending:
+                if inbox_id not in pending:
+                    # Applied (or refused) in an earlier turn: another instance reached it
+                    # first, as a later row's predecessor or in its sweep.
+                    await self._tell(inbox_id, outcome)
+                    return
+                rows = await self._found([i for i in pending if i != inbox_id])
+                for row_id, row, told in [*rows, (inbox_id, translation, outcome)]:
+                    mark = self._settle(row_id, await _failure(self._apply_one(row)), told)
+                    # Not applied, or applied and not marked: the patient's later rows
+                    # wait (the sweep, or their own turn, comes back to them in order).
+                    if mark is None or not await self._mark([mark]):
+                        return
+        except StoreUnavailable:
+            log.error("local store applier: the inbox is unavailable; inbox %d stays "
+                      "translated", inbox_id)
+        except Exception as exc:  # the inbox's reads: the row waits for the sweep, and
+            # the applier goes on with the next
+            log.error("local store applier: inbox %d stays translated: %s", inbox_id,
+                      type(exc).__name__)
+
+    async def _found(self, ids: Sequence[int]
+                     ) -> list[tuple[int, Translation, Outcome | None]]:
+        """Rows found in the inbox rather than handed on, made again as received; those a
+        crash applied without marking (their Provenance is in the store) are marked."""
+        rows: list[tuple[int, Translation, Outcome | None]] = []
+        done: list[tuple[int, str, str]] = []
+        for row in await self._held([(row_id, None, None) for row_id in ids]):
+            if await self._committed_before(row[1]):
+                done.append((row[0], APPLIED, ""))
             else:
-                self.applied += 1
-                outcomes.append((inbox_id, APPLIED, ""))
-                if outcome is not None:
-                    outcome(None)
+                rows.append(row)
+        await self._inbox.set_statuses(done)
+        return rows
+
+    async def _tell(self, inbox_id: int, outcome: Outcome | None) -> None:
+        """Tell `outcome` what became of a row another instance applied."""
+        if outcome is None:
+            return
+        row = await self._inbox.get(inbox_id)
+        if row is not None and row[0].status == APPLIED:
+            outcome(None)
+        else:
+            reason = row[0].error if row is not None and row[0].error else (
+                "not applied to the FHIR store")
+            outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
+
+    def _settle(self, inbox_id: int, result: BaseException | None,
+                outcome: Outcome | None) -> tuple[int, str, str] | None:
+        """Count and tell one message's result; its (id, status, error) to mark, or None
+        when the store was unavailable (not applied and not marked: the next sweep tries
+        again)."""
+        if isinstance(result, StoreUnavailable):
+            log.error("local store unavailable; inbox %d stays translated", inbox_id)
+            return None
+        if isinstance(result, IdentityConflict):
+            self.conflicted += 1
+            self._report(result, inbox_id)
+            reason = (f"two {result.resource_type} records in the FHIR store share the "
+                      "identifier this message names: merge them (isthmus fhir merge), "
+                      "then isthmus inbox replay --failed")
+            if outcome is not None:
+                outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
+            return inbox_id, IDENTITY_CONFLICT, reason
+        if isinstance(result, BaseException):
+            self.failed += 1
+            reason = _reason(result)
+            log.warning("inbox %d could not be applied to the FHIR store: %s",
+                        inbox_id, reason)
+            if outcome is not None:
+                outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, reason))
+            return inbox_id, FAILED, reason
+        self.applied += 1
+        if outcome is not None:
+            outcome(None)
+        return inbox_id, APPLIED, ""
+
+    async def _mark(self, outcomes: Sequence[tuple[int, str, str]]) -> bool:
+        """Record outcomes in the inbox; False if they could not be."""
         try:
             await self._inbox.set_statuses(outcomes)
         except Exception as exc:  # applied but unmarked: the sweep finds their Provenance
             log.error("could not mark %d inbox rows applied: %s", len(outcomes),
                       type(exc).__name__)
+            return False
+        return True
 
     def _report(self, conflict: IdentityConflict, inbox_id: int) -> None:
         """Log and count a conflict the first time a message runs into it."""

@@ -106,6 +106,8 @@ class IngestOptions:
     # Frames this long or longer are parsed, checked and translated on a thread
     # (processes.offload_bytes); None: never.
     offload_bytes: int | None = None
+    # Every row keeps its patient key (PostgreSQL: for the apply turns, store/pg/turns.py).
+    patient_keys: bool = False
     clock: Callable[[], datetime] = _now
 
 
@@ -385,8 +387,8 @@ class Ingest:
             status=status,
             error=translated.error_text,
             routes=targets.remote,
-            patient_key=(inspected.patient_key if inspected is not None
-                         else patient_key(message) if targets.remote else ""),
+            patient_key=(inspected.patient_key if inspected is not None else patient_key(
+                message) if targets.remote or self._options.patient_keys else ""),
             trace=traceparent(span) if targets.remote else "",
             bundle=translated.bundle if targets.needs_bundle else None,
             content_hash=inspected.digest if inspected is not None else content_digest(

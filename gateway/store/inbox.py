@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -164,4 +165,19 @@ class RunningInbox(Inbox, Protocol):
 
     async def close(self) -> None:
         """Commit what is queued, then stop."""
+        ...
+
+
+class ApplyTurns(Protocol):
+    """One patient's rows applied in inbox order when several instances apply one inbox
+    (PostgreSQL: gateway.store.pg.turns); a single applier needs none."""
+
+    def turn(self, inbox_id: int) -> AbstractAsyncContextManager[list[int]]:
+        """Hold the turn of the row's patient to apply (an apply of another row of theirs,
+        on any instance, waits until it ends); gives the patient's rows up to this one
+        still `translated`, oldest first: this one last, or absent if it was applied (or
+        refused) meanwhile. A row without a patient is its own turn."""
+        ...
+
+    async def close(self) -> None:
         ...

@@ -419,6 +419,12 @@ BEGIN
 END $$;
 """
 
+# One patient's rows still to apply, for an apply's turn (gateway.store.pg.turns): read
+# by patient key in id order, among the few rows not yet applied.
+_PATIENT_PENDING = """
+CREATE INDEX inbox_translated_patient ON inbox (patient_key, id) WHERE status = 'translated';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "inbox, outbox, FHIR store, audit trail, assertion ids",
               _INBOX + _FHIR + _AUDIT),
@@ -427,4 +433,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "change event deliveries", _EVENT_DELIVERY),
     Migration(5, "index rows keyed by the resource's rid", _RID),
     Migration(6, "versions and change events keyed by the resource's rid", _HISTORY_RID),
+    Migration(7, "each patient's rows still to apply, in order", _PATIENT_PENDING),
 )
