@@ -121,6 +121,8 @@ class LocalApplier:
     async def drain(self) -> None:
         """Wait until everything queued so far is applied (tests, shutdown)."""
         while self._queue or self._wakeup.is_set() or self._busy:
+            if self._task is not None and self._task.done():
+                raise RuntimeError("the local store applier has stopped")
             await asyncio.sleep(0.005)
         await asyncio.sleep(0)
 
@@ -154,7 +156,13 @@ class LocalApplier:
                 while self._queue:
                     batch = self._queue[:self._max_batch]
                     del self._queue[:len(batch)]
-                    await self._apply(await self._held(batch))
+                    try:
+                        await self._apply(await self._held(batch))
+                    except Exception as exc:  # a bug or an unreadable inbox costs this
+                        # batch a wait for the sweep (its rows stay translated), never
+                        # the applier: a dead loop would apply nothing until a restart.
+                        log.error("local store applier: a batch of %d failed (%s); its "
+                                  "rows wait for the sweep", len(batch), type(exc).__name__)
                     if self._closing:
                         # Stop after the batch in hand: the rest is committed and marked
                         # translated, for the next start's sweep (a long backlog must not
