@@ -9,7 +9,7 @@ import calendar
 import contextlib
 import copy
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -787,6 +787,22 @@ async def test_a_before_commit_that_raises_rolls_back_only_its_own_call(
     # SQLite: the others shared its group, rolled back with it, and were made again on
     # their own. PostgreSQL: each call is a transaction of its own, hooked once.
     assert calls["kept"] == (2 if isinstance(store, SqliteFhirStore) else 1)
+
+
+async def test_a_before_commit_that_raises_when_called_refuses_its_call_and_no_other(
+        store: AnyStore) -> None:
+    def refuse_at_once(outcomes: list[WriteOutcome | WriteConflict]) -> Awaitable[None]:
+        raise NotRecorded  # before any awaitable is made
+
+    with pytest.raises(NotRecorded):
+        await store.transact([WriteRequest("PUT", "Patient", id="refused",
+                                           resource=patient("r"))],
+                             before_commit=refuse_at_once)
+    assert await store.read("Patient", "refused") is None
+    # The writer goes on: the next call is applied and committed.
+    await asyncio.wait_for(store.transact([WriteRequest(
+        "PUT", "Patient", id="after", resource=patient("a"))]), 10)
+    assert await store.read("Patient", "after") is not None
 
 
 async def test_reopened_file_keeps_everything(tmp_path: Path) -> None:

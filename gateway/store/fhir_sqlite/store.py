@@ -404,14 +404,19 @@ class SqliteFhirStore:
     async def _before_commit(self, jobs: Sequence[_Job]) -> list[_Job]:
         """Await the hooks of the calls whose writes applied, all at once (their audit
         records then share a group commit); the calls whose hook raised."""
-        hooked = [(job, job.before_commit(job.outcomes)) for job in jobs
-                  if job.before_commit is not None and job.error is None
-                  and job.outcomes is not None]
-        if not hooked:
-            return []
+        hooked = []
+        refused = []
+        for job in jobs:
+            if job.before_commit is None or job.error is not None or job.outcomes is None:
+                continue
+            try:
+                hooked.append((job, job.before_commit(job.outcomes)))
+            except Exception as exc:  # raised on the call, not awaited: refused alike (it
+                # would otherwise end the writer, and every later call would wait for ever)
+                job.error = exc
+                refused.append(job)
         results = await asyncio.gather(*(hook for _, hook in hooked),
                                        return_exceptions=True)
-        refused = []
         for (job, _), result in zip(hooked, results, strict=True):
             if isinstance(result, BaseException):
                 job.error = result
