@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from profiles import Profiles, gateway_processes
+from profiles import Profiles, cpu_seconds, gateway_processes
 
 KEY = "bench-apply-lag-key"
 LISTENING = re.compile(r"mllp=[^:]+:(\d+) http=[^:]+:(\d+)")
@@ -66,37 +66,17 @@ ORU_TEMPLATE = (
               "20261126080000\r" for i in range(1, 11)))
 
 
-def message(n: int, cid: str, patient: str, mix: str) -> bytes:
-    """The n-th message of the run: an ADT^A01, or with `--mix oru` every odd one an ORU^R01."""
+def message(n: int, name: str, mix: str) -> bytes:
+    """The n-th message of the run, `name` its control id and its new patient's: an
+    ADT^A01, or with `--mix oru` every odd one an ORU^R01."""
     template = ORU_TEMPLATE if mix == "oru" and n % 2 else TEMPLATE
-    return template.format(cid=cid, n=patient).encode()
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+system CPU seconds of one process, from /proc (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return template.format(cid=name, n=name).encode()
 
 
 def gateway_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of the edge and of each apply worker (its children running worker_main)."""
-    found = {"edge": cpu_seconds(pid)}
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"worker_main" in argv:
-            found[f"worker {child}"] = cpu_seconds(int(child))
-    return found
+    """CPU seconds of the edge and of each apply worker (`profiles.gateway_processes`)."""
+    return {role: cpu_seconds(process) for role, process in gateway_processes(pid)
+            if role == "edge" or role.startswith("worker ")}
 
 
 def frame(payload: bytes) -> bytes:
@@ -161,7 +141,7 @@ async def client(port: int, numbers: list[int], prefix: str, acks: dict[int, flo
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for n in numbers:
-            payload = message(n, f"{prefix}{n}", f"{prefix}{n}", mix)
+            payload = message(n, f"{prefix}{n}", mix)
             sent = time.perf_counter()
             writer.write(frame(payload))
             reply = await reader.readuntil(b"\x1c\r")

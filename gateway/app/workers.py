@@ -73,6 +73,8 @@ _RESTART_DELAY = 1.0
 _READY_WAIT = 30.0
 # Translations one translator may owe the edge before the edge translates for itself.
 _MAX_ASKED = 16
+# Reports kept for rows not yet submitted (`Workers._early`): a burst's worth.
+_EARLY_MAX = 20_000
 _WORKER = "gateway.app.worker_main"
 _TRANSLATOR = "gateway.app.translator_main"
 
@@ -157,6 +159,10 @@ class Workers:
         self._translators = [_Child(_TRANSLATOR, i) for i in range(translator_count(count))]
         self._pending: set[int] = set()
         self._outcomes: dict[int, Outcome] = {}
+        # Rows a worker reported before the edge submitted them: the inbox commit is
+        # visible (and applied) while the edge still waits for the audit commit. Bounded:
+        # rows the edge never submits (a start-up's backlog, replays) are reported too.
+        self._early: dict[int, str] = {}
         self._wake_scheduled = False
         self._closing = False
         self._drained = asyncio.Event()
@@ -256,6 +262,12 @@ class Workers:
     def submit(self, inbox_id: int, translation: Translation | None,
                outcome: Outcome | None = None) -> None:
         if self._closing:
+            return
+        if inbox_id in self._early:
+            problem = self._early.pop(inbox_id)
+            if outcome is not None:
+                outcome(Hl7Error(ErrorCode.APPLICATION_INTERNAL_ERROR, problem)
+                        if problem else None)
             return
         self._pending.add(inbox_id)
         self._drained.clear()
@@ -394,6 +406,11 @@ class Workers:
                 stats.failed += 1
             else:
                 stats.applied += 1
+            if inbox_id not in self._pending:
+                if len(self._early) >= _EARLY_MAX:
+                    del self._early[next(iter(self._early))]
+                self._early[inbox_id] = problem
+                continue
             self._pending.discard(inbox_id)
             outcome = self._outcomes.pop(inbox_id, None)
             if outcome is not None:
